@@ -1,0 +1,1 @@
+"""The Archtree HTTP API: submit pruning jobs, follow them, fetch results, manage agents."""

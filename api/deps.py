@@ -1,0 +1,87 @@
+"""What routes share: settings, Redis, the job and artifact stores, the device registry, Celery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import redis
+from celery import Celery
+from fastapi import Depends, HTTPException, Path, Request
+
+from archtree_cli.settings import ServiceSettings
+from latency.device_registry import DeviceRegistry
+from search.errors import ArchtreeError
+from workers.artifact_store import ArtifactStore
+from workers.job_store import JobStore
+
+# A dead Redis must make /readyz answer quickly, not after minutes of retries.
+REDIS_CONNECT_TIMEOUT_S = 2.0
+REDIS_SOCKET_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Services:
+    """The API process's connections, created once per app."""
+
+    settings: ServiceSettings
+    client: redis.Redis
+    jobs: JobStore
+    artifacts: ArtifactStore
+    registry: DeviceRegistry
+    celery: Celery
+
+    @classmethod
+    def connect(cls, settings: ServiceSettings) -> Services:
+        """Connections for `settings` (lazy: nothing is reached before the first request)."""
+        from workers.celery_app import create_app
+
+        url = settings.resolved_redis_url()
+        if not url:
+            raise ArchtreeError(
+                "the API needs Redis: set ARCHTREE_REDIS_URL (e.g. redis://localhost:6379/0), "
+                "or start the whole stack with `archtree up`"
+            )
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        )
+        return cls(
+            settings=settings,
+            client=client,
+            jobs=JobStore(client),
+            artifacts=ArtifactStore(settings.artifacts_url),
+            registry=DeviceRegistry(client, settings.heartbeat_ttl_s),
+            celery=create_app(settings),
+        )
+
+    def agent_redis_url(self) -> str:
+        """The Redis URL agents registering through the API are told to use."""
+        return self.settings.agent_redis_url or self.settings.resolved_redis_url()
+
+    def close(self) -> None:
+        self.client.close()
+        self.celery.close()
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+JobId = Annotated[str, Path(description="The job's id.", examples=["4f1c2a9be07d"])]
+
+
+def existing_job(job_id: JobId, services: ServicesDep) -> dict[str, Any]:
+    """The job's record; 404 when no job has this id."""
+    job = services.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(
+            status_code=404, detail=f"no job {job_id!r}: list the jobs with GET /v1/jobs"
+        )
+    return job
+
+
+JobDep = Annotated[dict[str, Any], Depends(existing_job)]

@@ -1,0 +1,53 @@
+"""A job's event stream as Server-Sent Events: replayed after Last-Event-ID, then live."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import HTTPException
+from fastapi.sse import ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from workers.job_store import FINAL_STATUSES, JobStore
+
+POLL_S = 0.25
+# A job's final status is written just before its `status` event: once the job has ended,
+# the stream waits this long for that event before it gives up on it.
+END_GRACE_S = 2.0
+_STREAM_ID = re.compile(r"\d+(-\d+)?")
+
+
+def start_after(last_event_id: str | None) -> str:
+    """The stream id to read after: the client's Last-Event-ID, or the beginning."""
+    if not last_event_id:
+        return "0-0"
+    if not _STREAM_ID.fullmatch(last_event_id):
+        raise HTTPException(
+            status_code=422,
+            detail=f"Last-Event-ID {last_event_id!r} is not an event id of this API (like "
+            "1732660000000-0): send the id of the last event received, or none",
+        )
+    return last_event_id
+
+
+async def job_events(jobs: JobStore, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after `after`, following new ones until the job has ended."""
+    ended_at: float | None = None
+    while True:
+        batch = await run_in_threadpool(jobs.read_events, job_id, after)
+        for event_id, event in batch:
+            after = event_id
+            yield ServerSentEvent(data=event, event=event.get("kind"), id=event_id)
+            if event.get("kind") == "status" and event.get("status") in FINAL_STATUSES:
+                return
+        if batch:
+            continue
+        job = await run_in_threadpool(jobs.get, job_id)
+        if job is None or job["status"] in FINAL_STATUSES:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > END_GRACE_S:
+                return
+        await anyio.sleep(POLL_S)

@@ -1,0 +1,89 @@
+"""The FastAPI app: `create_app(settings)`, and `app` for `uvicorn api.main:app`.
+
+`app` is made on first access from the ARCHTREE_* environment, so importing this module
+needs no configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.deps import Services
+from api.routes import devices, health, jobs
+from api.schemas import JobSpecIn
+from api.submission import one_line
+from archtree_cli.settings import ServiceSettings, service_settings
+from search.errors import ArchtreeError
+
+DESCRIPTION = """
+Archtree finds the most accurate structurally pruned version of a PyTorch model that meets a
+latency budget measured on the target device. Submit a job, follow its progress and search
+tree (or its live events), and fetch `arch.json`, `model.safetensors` and `report.json`.
+Device agents register here and time candidates on their hardware.
+
+Every error answers `{"detail": "<one line: what is wrong and what to do>"}`.
+"""
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    """The API for `settings` (default: from the environment)."""
+    services = Services.connect(settings or service_settings())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        services.close()
+
+    app = FastAPI(
+        title="Archtree",
+        version="0.1.0",
+        summary="Latency-aware structured pruning as a service.",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.include_router(jobs.router)
+    app.include_router(devices.router)
+    app.include_router(health.router)
+    app.add_exception_handler(ArchtreeError, _user_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus JobSpecIn: the submission's `spec` part, which no route declares
+    as a parameter because the multipart body is read as it streams."""
+    schema = FastAPI.openapi(app)  # made once, then cached by FastAPI
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    if "JobSpecIn" not in components:
+        spec = JobSpecIn.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(spec.pop("$defs", {}), JobSpecIn=spec)
+    return schema
+
+
+async def _user_error(_: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": str(error)})
+
+
+async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return JSONResponse(status_code=422, content={"detail": one_line(list(error.errors()))})
+
+
+@functools.cache
+def _default_app() -> FastAPI:
+    return create_app()
+
+
+def __getattr__(name: str) -> FastAPI:
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

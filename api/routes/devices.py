@@ -1,0 +1,55 @@
+"""Devices: measurement agents register, are listed with their liveness, and are removed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Path, Response
+
+from api.deps import ServicesDep
+from api.schemas import Device, DeviceIn, DeviceList, DeviceRegistered, ErrorMessage
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Register a device",
+    responses={422: {"model": ErrorMessage, "description": "Invalid device class."}},
+)
+def register_device(device: DeviceIn, services: ServicesDep) -> DeviceRegistered:
+    """Called by `archtree agent`: the answer holds the device's id and the Redis its agent
+    serves measurement requests from."""
+    record = services.registry.register(device.model_dump())
+    return DeviceRegistered(**record, redis_url=services.agent_redis_url())
+
+
+@router.get("", summary="List devices and queue depths")
+def list_devices(services: ServicesDep) -> DeviceList:
+    """Every registered device (online while its heartbeats arrive) and the measurement
+    requests waiting per device class."""
+    by_device = services.registry.measurement_stats()["by_device"]
+    devices = [
+        Device(**record, measurements=by_device.get(record["id"], 0))
+        for record in services.registry.list()
+    ]
+    classes = services.registry.classes()
+    return DeviceList(
+        devices=devices,
+        queue_depth={name: services.registry.queue_depth(name) for name in classes},
+    )
+
+
+@router.delete(
+    "/{device_id}",
+    status_code=204,
+    summary="Remove a device",
+    responses={404: {"model": ErrorMessage, "description": "No device with this id."}},
+)
+def delete_device(
+    services: ServicesDep,
+    device_id: str = Path(description="The device's id.", examples=["9b2e41c0d7aa"]),
+) -> Response:
+    """Take the device out of service: its agent stops at its next heartbeat."""
+    if not services.registry.delete(device_id):
+        raise HTTPException(status_code=404, detail=f"no device {device_id!r}: see GET /v1/devices")
+    return Response(status_code=204)

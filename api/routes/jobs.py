@@ -1,0 +1,180 @@
+"""Jobs: submit, list, follow (status, tree, events), cancel, fetch results."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, BinaryIO
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from api import submission
+from api.deps import JobDep, ServicesDep
+from api.event_stream import job_events, start_after
+from api.schemas import ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
+from api.uploads import MAX_SPEC_BYTES, read_submission
+from search.artifacts import ARTIFACT_NAMES
+from workers.job_store import FINAL_STATUSES
+from workers.tasks import result_name
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND = {404: {"model": ErrorMessage, "description": "No job with this id."}}
+
+SUBMISSION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {
+                        "spec": {
+                            "$ref": "#/components/schemas/JobSpecIn",
+                            "description": f"The job as JSON, at most {MAX_SPEC_BYTES} bytes.",
+                        },
+                        "weights": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Trained weights: .safetensors or a torch state dict.",
+                        },
+                        "data": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".npz or .pt holding x (N,C,H,W or N,H,W) and "
+                            "optionally integer labels y; replaces spec.data.",
+                        },
+                    },
+                },
+                "encoding": {"spec": {"contentType": "application/json"}},
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit a job",
+    openapi_extra=SUBMISSION_BODY,
+    responses={
+        413: {"model": ErrorMessage, "description": "An upload exceeds its size limit."},
+        422: {
+            "model": ErrorMessage,
+            "description": "The job cannot run as given (why, in one line).",
+        },
+    },
+)
+async def submit_job(request: Request, services: ServicesDep) -> JobCreated:
+    """Check the job (budget, search settings, device class, that the model builds, the weights
+    load and a sample runs forward), store its uploads and queue it. Nothing is kept when a
+    check fails."""
+    form = await read_submission(request, services.settings)
+    try:
+        job_id = await run_in_threadpool(submission.submit, services, form)
+    finally:
+        await form.close()
+    return JobCreated(id=job_id, status="queued", links=JobLinks.of(job_id))
+
+
+@router.get("", summary="List jobs, newest first")
+def list_jobs(
+    services: ServicesDep,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=200, description="Jobs in this page.")] = 20,
+) -> JobList:
+    jobs, total = services.jobs.list(offset, limit)
+    return JobList(jobs=[Job.of(job) for job in jobs], total=total, offset=offset, limit=limit)
+
+
+@router.get("/{job_id}", summary="A job's status and progress", responses=NOT_FOUND)
+def get_job(job: JobDep) -> Job:
+    return Job.of(job)
+
+
+@router.get("/{job_id}/tree", summary="The job's search tree so far", responses=NOT_FOUND)
+def get_tree(job: JobDep, services: ServicesDep) -> JobTree:
+    return JobTree.of(job, services.jobs.load_state(job["id"]))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    summary="The job's events, live (Server-Sent Events)",
+    responses=NOT_FOUND,
+)
+async def stream_events(
+    job: JobDep,
+    services: ServicesDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(description="Resume after this event id (sent by EventSource on reconnect)."),
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Every event of the job from the start (or after Last-Event-ID), then new ones as they
+    happen; the stream ends once the job has ended and all its events are sent."""
+    async for event in job_events(services.jobs, job["id"], start_after(last_event_id)):
+        yield event
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    summary="Cancel a job",
+    responses={
+        **NOT_FOUND,
+        409: {"model": ErrorMessage, "description": "The job has already ended."},
+    },
+)
+def cancel_job(job: JobDep, services: ServicesDep) -> Job:
+    """Ask the job to stop; it ends as `cancelled` within one child evaluation."""
+    if not services.jobs.request_cancel(job["id"]):
+        raise HTTPException(
+            status_code=409, detail=f"job {job['id']} has already ended ({job['status']})"
+        )
+    return Job.of(services.jobs.get(job["id"]) or job)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="A result file of a succeeded job",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/json": {}, "application/octet-stream": {}}},
+        **NOT_FOUND,
+    },
+)
+def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResponse:
+    """`report.json`, `arch.json` or `model.safetensors`, once the job has succeeded."""
+    if name not in ARTIFACT_NAMES:
+        raise HTTPException(
+            status_code=404,
+            detail=f"no artifact {name!r}: a job's results are {', '.join(ARTIFACT_NAMES)}",
+        )
+    stored = result_name(job["id"], name)
+    if not services.artifacts.exists(stored):
+        why = (
+            f"it ended {job['status']}, without results"
+            if job["status"] in FINAL_STATUSES
+            else f"it is {job['status']}; results exist once it has succeeded"
+        )
+        raise HTTPException(status_code=404, detail=f"job {job['id']} has no {name} yet: {why}")
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return StreamingResponse(
+        _chunks(services.artifacts.open_stream(stored)),
+        media_type=media,
+        headers={
+            "Content-Length": str(services.artifacts.size(stored)),
+            "Content-Disposition": f'attachment; filename="{name}"',
+        },
+    )
+
+
+def _chunks(stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    with stream:
+        while chunk := stream.read(size):
+            yield chunk

@@ -1,0 +1,316 @@
+"""What the API accepts and answers, apart from how jobs and devices are stored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.job_store import STATUSES
+
+JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+FAST_SEARCH_EXAMPLE = {"width": 2, "branching": 2, "planned_steps": 2, "ft_steps": 5}
+
+
+class ErrorMessage(BaseModel):
+    """Every error answer: one line saying what is wrong and what to do."""
+
+    detail: str = Field(examples=["Cannot read the budget 'fast': give milliseconds like 8ms ..."])
+
+
+class SearchSettingsIn(BaseModel):
+    """Search settings of a job; a setting left out takes the engine's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str | None = Field(
+        None,
+        description="archtree (tree search), greedy (width 1) or uniform",
+        examples=["archtree"],
+    )
+    width: int | None = Field(None, description="Candidates kept alive per depth (K).")
+    branching: int | None = Field(None, description="Moves tried per candidate (B).")
+    planned_steps: int | None = Field(None, description="Depths planned to reach the budget.")
+    max_depth: int | None = Field(None, description="Depth limit of the tree.")
+    ft_steps: int | None = Field(None, description="Fine-tuning steps per child before scoring.")
+    final_epochs: float | None = Field(
+        None, description="Epochs of final fine-tuning of the answer, with distillation."
+    )
+    round_to: int | None = Field(None, description="Keep channel counts multiples of N.")
+    min_width_fraction: float | None = Field(
+        None, description="Smallest share of each channel group kept, in [0, 1)."
+    )
+    importance: str | None = Field(None, description="Channel importance: l2 or taylor.")
+    max_probes: int | None = Field(
+        None, description="Measured probes of the bisection that sizes each move."
+    )
+    seed: int | None = Field(None, description="Random seed (data splits, fine-tuning).")
+
+
+class JobSpecIn(BaseModel):
+    """The `spec` form field of a submission. Files travel as the `weights` and `data` uploads."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "builtin:vgg",
+                    "data": "builtin:digits",
+                    "budget": "60%",
+                    "device_class": "local",
+                    "search": FAST_SEARCH_EXAMPLE,
+                }
+            ]
+        },
+    )
+
+    model: str = Field(
+        description="builtin:NAME (vgg, resnet, mobilenetv2), torchvision:NAME or timm:NAME; "
+        "module:package.module:callable only for packages the operator allowed.",
+        examples=["builtin:vgg"],
+    )
+    data: str | None = Field(
+        None,
+        description="builtin:mnist or builtin:digits; leave out when uploading a `data` file.",
+        examples=["builtin:digits"],
+    )
+    budget: str = Field(
+        description="Latency budget: milliseconds (8ms) or a share of the unpruned model's "
+        "latency on the device (60%).",
+        examples=["60%"],
+    )
+    device_class: str = Field(
+        "local", description="Device class whose agents time the candidates.", examples=["local"]
+    )
+    batch_size: int = Field(1, ge=1, le=4096, description="Batch size timed.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Precision the model is timed in."
+    )
+    num_classes: int | None = Field(
+        None, ge=1, description="Classifier outputs of a builtin model (default: from the data)."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Accept weights that are a pickled whole module. Refused unless the "
+        "operator enabled it: loading a pickle runs arbitrary code.",
+    )
+    search: SearchSettingsIn = Field(
+        default_factory=SearchSettingsIn, description="Search settings (defaults when left out)."
+    )
+
+
+class JobSpec(BaseModel):
+    """A job's spec as stored: uploads appear as `artifact:` paths."""
+
+    model: str = Field(examples=["builtin:vgg"])
+    data: str = Field(examples=["artifact:jobs/4f1c2a9be07d/inputs/data.npz"])
+    weights: str | None = Field(None, examples=[None])
+    allow_pickle: bool = False
+    num_classes: int | None = None
+    budget: str = Field(examples=["60%"])
+    device_class: str = Field(examples=["local"])
+    batch_size: int = 1
+    dtype: str = "float32"
+    search: dict[str, Any] = Field(default_factory=dict, examples=[FAST_SEARCH_EXAMPLE])
+
+
+class JobLinks(BaseModel):
+    """Where to follow a job and fetch its results."""
+
+    job: str = Field(examples=["/v1/jobs/4f1c2a9be07d"])
+    events: str = Field(examples=["/v1/jobs/4f1c2a9be07d/events"])
+    tree: str = Field(examples=["/v1/jobs/4f1c2a9be07d/tree"])
+    cancel: str = Field(examples=["/v1/jobs/4f1c2a9be07d/cancel"])
+    artifacts: dict[str, str] = Field(
+        description="The result files by name; they exist once the job has succeeded.",
+        examples=[{"report.json": "/v1/jobs/4f1c2a9be07d/artifacts/report.json"}],
+    )
+
+    @classmethod
+    def of(cls, job_id: str) -> JobLinks:
+        from search.artifacts import ARTIFACT_NAMES
+
+        base = f"/v1/jobs/{job_id}"
+        return cls(
+            job=base,
+            events=f"{base}/events",
+            tree=f"{base}/tree",
+            cancel=f"{base}/cancel",
+            artifacts={name: f"{base}/artifacts/{name}" for name in ARTIFACT_NAMES},
+        )
+
+
+class JobCreated(BaseModel):
+    """The answer to a submission: the new job's id and where to follow it."""
+
+    id: str = Field(examples=["4f1c2a9be07d"])
+    status: JobStatus = Field(examples=["queued"])
+    links: JobLinks
+
+
+class Candidate(BaseModel):
+    """A candidate sub-model in a progress summary."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(examples=["n7"])
+    latency_ms: float = Field(examples=[0.412])
+    score: float | None = Field(None, examples=[0.93])
+    accuracy: float | None = Field(None, examples=[0.95])
+
+
+class JobProgress(BaseModel):
+    """How far the search is; fields appear as the job reaches them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    depth: int | None = Field(None, description="Depths of the tree completed.", examples=[2])
+    candidates_evaluated: int | None = Field(None, examples=[8])
+    measurements: int | None = Field(None, description="Latency measurements taken on agents.")
+    cache_hits: int | None = Field(None, description="Measurements answered by the cache.")
+    baseline_ms: float | None = Field(None, description="Latency of the unpruned model.")
+    budget_ms: float | None = Field(None, description="The budget resolved in milliseconds.")
+    best: Candidate | None = Field(None, description="Best candidate within budget so far.")
+    final: Candidate | None = Field(None, description="The confirmed answer, once succeeded.")
+
+
+class Job(BaseModel):
+    """A job: its spec, status and progress."""
+
+    id: str = Field(examples=["4f1c2a9be07d"])
+    status: JobStatus = Field(examples=["running"])
+    created_at: float = Field(description="Unix time the job was submitted.")
+    updated_at: float = Field(description="Unix time of the job's last change.")
+    spec: JobSpec
+    progress: JobProgress
+    error: str | None = Field(None, description="Why the job failed, in one line.")
+    cancel_requested: bool = False
+    links: JobLinks
+
+    @classmethod
+    def of(cls, job: dict[str, Any]) -> Job:
+        """From a JobStore record."""
+        return cls(**job, links=JobLinks.of(job["id"]))
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[Job]
+    total: int = Field(description="Jobs in all pages.", examples=[42])
+    offset: int = Field(examples=[0])
+    limit: int = Field(examples=[20])
+
+
+class TreeNode(BaseModel):
+    """A node of the search tree (a candidate sub-model)."""
+
+    id: str = Field(examples=["n3"])
+    parent: str | None = Field(examples=["n0"])
+    depth: int = Field(examples=[1])
+    move: str | None = Field(description="The move that made it from its parent.")
+    fraction: float | None = Field(None, description="Share of channels the move removed.")
+    latency_ms: float
+    ratio: float = Field(description="Latency relative to the unpruned model.")
+    score: float
+    within_budget: bool
+    params: int
+    macs: float
+    arch_hash: str
+
+
+class JobTree(BaseModel):
+    """The search tree so far: nodes, the frontier to expand next, and the budget."""
+
+    job_id: str
+    status: JobStatus
+    depth: int = Field(0, description="Depths completed.")
+    done: bool = False
+    baseline_ms: float | None = None
+    budget_ms: float | None = None
+    root_id: str | None = None
+    frontier: list[str] = Field(default_factory=list, examples=[["n3", "n5"]])
+    best: str | None = Field(None, description="Id of the best node within budget.")
+    nodes: list[TreeNode] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, job: dict[str, Any], state: dict[str, Any] | None) -> JobTree:
+        """From a JobStore record and its stored search state (None before the baseline)."""
+        if state is None:
+            return cls(job_id=job["id"], status=job["status"])
+        from search.tree import SearchState
+
+        tree = SearchState.from_dict(state)
+        best = tree.best_within_budget()
+        return cls(
+            job_id=job["id"],
+            status=job["status"],
+            depth=tree.depth,
+            done=tree.done,
+            baseline_ms=tree.baseline_ms,
+            budget_ms=tree.budget_ms,
+            root_id=tree.root_id,
+            frontier=tree.frontier,
+            best=best.id if best else None,
+            nodes=[TreeNode(**node.summary()) for node in tree.nodes.values()],
+        )
+
+
+class DeviceIn(BaseModel):
+    """What an agent tells about its device when it registers."""
+
+    device_class: str = Field(
+        description="Agents of one class are interchangeable.", examples=["rpi4-cpu"]
+    )
+    host: str = Field(examples=["rpi-07"])
+    runtime: str = Field("torch", examples=["torch"])
+    runtime_version: str = Field("", examples=["2.13.0+cpu"])
+    cpu: str | None = Field(None, examples=["Cortex-A72"])
+    gpu: str | None = Field(None, examples=[None])
+    threads: int = Field(1, ge=1, examples=[1])
+
+
+class Device(DeviceIn):
+    """A registered device, with its liveness."""
+
+    id: str = Field(examples=["9b2e41c0d7aa"])
+    registered_at: float = Field(description="Unix time (Redis clock) of registration.")
+    last_seen: float = Field(description="Unix time (Redis clock) of the last heartbeat.")
+    online: bool = Field(description="Whether a heartbeat came within the heartbeat TTL.")
+    measurements: int = Field(0, description="Measurements this device answered.")
+
+
+class DeviceRegistered(Device):
+    """A new device's record, with the Redis its agent serves requests from."""
+
+    redis_url: str = Field(examples=["redis://redis:6379/0"])
+
+
+class DeviceList(BaseModel):
+    """Registered devices and the requests waiting per device class."""
+
+    devices: list[Device]
+    queue_depth: dict[str, int] = Field(
+        description="Measurement requests not answered yet, per device class.",
+        examples=[{"rpi4-cpu": 3}],
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """Whether the service can take jobs, and who serves them."""
+
+    status: Literal["ready", "unavailable"]
+    redis: bool = Field(description="Whether Redis answered a ping.")
+    workers: list[str] = Field(
+        default_factory=list, description="Celery workers that answered a ping."
+    )
+    agents_online: dict[str, int] = Field(
+        default_factory=dict, description="Online agents per device class."
+    )
+    detail: str | None = Field(None, description="Why the service is unavailable.")

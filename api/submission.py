@@ -1,0 +1,145 @@
+"""Submitting a job: check all it needs, then store its uploads and queue it.
+
+Everything a worker would trip over is checked here, on local copies of the uploads: the
+budget, the search settings, the device class, and that the model builds, its weights load and
+one sample runs forward. A job that fails a check is never created and its uploads never
+reach the artifact store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.deps import Services
+from api.schemas import JobSpecIn
+from api.uploads import Submission
+from archtree_cli.settings import ServiceSettings
+from latency.measurement_protocol import validate_device_class
+from search.budget import parse_budget
+from search.errors import ArchtreeError
+from search.inputs import load_inputs
+from search.settings import SearchSettings
+from workers.job_context import ARTIFACT_PREFIX
+from workers.tasks import submit_job
+
+DATA_SUFFIXES = (".npz", ".pt")
+
+
+def submit(services: Services, submission: Submission) -> str:
+    """Check the submission, store its uploads under the new job, queue it; return its id.
+
+    Raises ArchtreeError (one line) for anything wrong with the submission.
+    """
+    spec = parse_spec(submission.spec)
+    search = check_spec(spec, services.settings)
+    upload_names = {
+        name: upload_name(name, file.filename) for name, file in submission.files.items()
+    }
+    if "data" not in submission.files and not (spec.data or "").startswith("builtin:"):
+        raise ArchtreeError(
+            "give the data as spec.data (builtin:mnist or builtin:digits) or upload a .npz/.pt "
+            "file as `data`"
+        )
+    if "data" in submission.files and spec.data:
+        raise ArchtreeError("give the data either as spec.data or as a `data` upload, not both")
+    work_dir = Path(services.settings.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="submission-") as folder:
+        local = {}
+        for name, upload in submission.files.items():
+            local[name] = Path(folder) / upload_names[name]
+            upload.file.seek(0)
+            with local[name].open("wb") as copy:
+                shutil.copyfileobj(upload.file, copy)
+        try:
+            load_inputs(
+                spec.model,
+                str(local.get("data") or spec.data),
+                weights=str(local["weights"]) if "weights" in local else None,
+                allow_pickle=spec.allow_pickle,
+                num_classes=spec.num_classes,
+                seed=search.seed,
+            )
+        except ArchtreeError as error:
+            raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
+        job_id = uuid.uuid4().hex[:12]
+        stored = {name: f"jobs/{job_id}/inputs/{upload_names[name]}" for name in local}
+        job_spec = {
+            **spec.model_dump(exclude={"search"}),
+            "data": ARTIFACT_PREFIX + stored["data"] if "data" in stored else spec.data,
+            "weights": ARTIFACT_PREFIX + stored["weights"] if "weights" in stored else None,
+            "search": spec.search.model_dump(exclude_none=True),
+        }
+        try:
+            for name, path in local.items():
+                services.artifacts.put_bytes(stored[name], path.read_bytes())
+            submit_job(services.jobs, job_spec, celery=services.celery, job_id=job_id)
+        except BaseException:
+            for name in stored.values():
+                services.artifacts.delete(name)
+            raise
+    return job_id
+
+
+def _name_uploads(message: str, local: dict[str, Path], submission: Submission) -> str:
+    """`message` with the uploads' temporary paths replaced by what the client sent."""
+    for name, path in local.items():
+        sent = f"the {name} upload ({submission.files[name].filename or 'no file name'})"
+        message = message.replace(repr(str(path)), sent).replace(str(path), sent)
+    return message
+
+
+def parse_spec(text: str) -> JobSpecIn:
+    """The `spec` field as a JobSpecIn; ArchtreeError naming the first problem."""
+    try:
+        return JobSpecIn.model_validate_json(text)
+    except ValidationError as error:
+        raise ArchtreeError(f"the job spec is not valid: {one_line(error.errors())}") from None
+
+
+def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:
+    """Check what needs no model or data; return the effective search settings."""
+    parse_budget(spec.budget)
+    validate_device_class(spec.device_class)
+    search = SearchSettings(**spec.search.model_dump(exclude_none=True)).effective()
+    if spec.allow_pickle and not settings.allow_pickle:
+        raise ArchtreeError(
+            "this service does not load pickled weights (they run arbitrary code): save the "
+            "weights as a state dict or .safetensors file"
+        )
+    prefix, _, rest = spec.model.partition(":")
+    package = rest.partition(":")[0]
+    if prefix == "module" and not any(
+        package == name or package.startswith(name + ".") for name in settings.allowed_modules
+    ):
+        raise ArchtreeError(
+            f"this service does not build {spec.model!r}: module: sources run code on the "
+            "service, and the operator has not allowed that package (ARCHTREE_ALLOWED_MODULES)"
+        )
+    return search
+
+
+def upload_name(field: str, filename: str | None) -> str:
+    """The name an upload is stored under: its field and a suffix the loaders understand."""
+    suffix = Path(filename or "").suffix.lower()
+    if field == "data":
+        if suffix not in DATA_SUFFIXES:
+            raise ArchtreeError(
+                f"the data upload must be a .npz or .pt file, got {filename or 'no file name'!r}"
+            )
+        return f"data{suffix}"
+    return "weights.safetensors" if suffix == ".safetensors" else "weights.pt"
+
+
+def one_line(errors: list[Any]) -> str:
+    """Pydantic's validation errors as one line: `where: what` for the first, and a count."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "input"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"

@@ -1,0 +1,1 @@
+"""The archtree command line and its settings."""

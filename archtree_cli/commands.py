@@ -1,0 +1,234 @@
+"""What each `archtree` command does; main.py only parses and reports errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from archtree_cli.paths import archtree_home, latency_cache_dir
+from archtree_cli.progress import ConsoleProgress
+from search.errors import ArchtreeError
+
+
+def _oracle(args: argparse.Namespace):
+    from latency.cache import DiskLatencyCache
+    from latency.local_oracle import LocalOracle, parse_device
+    from search.arch_spec import build_from_spec
+
+    device, device_class = parse_device(args.device)
+    if args.threads < 1 or args.batch_size < 1:
+        raise ArchtreeError("--threads and --batch-size must be at least 1.")
+    return LocalOracle(
+        build_from_spec,
+        device=device,
+        device_class=device_class,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        cache=DiskLatencyCache(latency_cache_dir(args.cache_dir)),
+    )
+
+
+def _check_out_dir(out: str, overwrite: bool) -> None:
+    from search.artifacts import ARTIFACT_NAMES
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ArchtreeError(f"--out {out} is a file: give a folder.")
+    existing = [name for name in ARTIFACT_NAMES if (folder / name).exists()]
+    if existing and not overwrite:
+        raise ArchtreeError(
+            f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
+            "or pass --overwrite to replace it."
+        )
+
+
+def prune(
+    *,
+    model: str,
+    data: str,
+    budget: str,
+    out: str,
+    settings,
+    oracle,
+    weights: str | None = None,
+    allow_pickle: bool = False,
+    num_classes: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run one search in this process and write its artifacts. Returns the report."""
+    from search.artifacts import save_artifacts
+    from search.budget import parse_budget
+    from search.context import SearchContext
+    from search.engine import run_search
+    from search.inputs import load_inputs
+    from search.report import build_report
+
+    parsed_budget = parse_budget(budget)
+    inputs = load_inputs(
+        model,
+        data,
+        weights=weights,
+        allow_pickle=allow_pickle,
+        num_classes=num_classes,
+        seed=settings.seed,
+    )
+    context = SearchContext(
+        model_ref=inputs.model_ref,
+        base_model=inputs.model,
+        data=inputs.data,
+        oracle=oracle,
+        settings=settings,
+        sink=ConsoleProgress(quiet=quiet),
+    )
+    outcome = run_search(context, parsed_budget)
+    report = build_report(
+        context,
+        outcome,
+        inputs={"model": model, "weights": weights, "data": data, "budget": str(parsed_budget)},
+    )
+    save_artifacts(out, outcome.answer.spec, outcome.model, report)
+    return report
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from archtree_cli.main import settings_from
+    from search.budget import parse_budget
+
+    parse_budget(args.budget)
+    settings = settings_from(args)
+    _check_out_dir(args.out, args.overwrite)
+    report = prune(
+        model=args.model,
+        data=args.data,
+        budget=args.budget,
+        out=args.out,
+        settings=settings,
+        oracle=_oracle(args),
+        weights=args.weights,
+        allow_pickle=args.allow_pickle,
+        num_classes=args.num_classes,
+        quiet=args.quiet,
+    )
+    print_summary(report, args.out)
+    return 0
+
+
+def print_summary(report: dict[str, Any], out: str) -> None:
+    base, final, search = report["baseline"], report["final"], report["search"]
+
+    def accuracy(value: float | None) -> str:
+        return "n/a (data-free)" if value is None else f"{value:.4f}"
+
+    rows = [
+        ("latency (ms)", f"{base['latency_ms']:.3f}", f"{final['latency_ms']:.3f}"),
+        ("accuracy (val)", accuracy(base["accuracy"]), accuracy(final["accuracy"])),
+        ("parameters", f"{base['params']:,}", f"{final['params']:,}"),
+        ("MACs", f"{base['macs']:,.0f}", f"{final['macs']:,.0f}"),
+    ]
+    print(f"\n{'':<16} {'unpruned':>16} {'pruned':>16}")
+    for name, before, after in rows:
+        print(f"{name:<16} {before:>16} {after:>16}")
+    print(
+        f"\nbudget {report['budget_ms']:.3f} ms, final at {final['budget_fit']:.1%} of it; "
+        f"{search['strategy']} searched {search['depths']} depths, "
+        f"{search['candidates_evaluated']} candidates, {search['latency_measurements']} "
+        f"measurements ({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
+    )
+    print(f"saved to {out}/ (arch.json, model.safetensors, report.json)")
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    from search.arch_spec import spec_of
+    from search.model_source import ModelRef, build_model, load_weights
+
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ArchtreeError(
+            f"--input-shape {args.input_shape!r} is not C,H,W with positive numbers, e.g. 1,28,28."
+        )
+    ref = ModelRef(source=args.model, num_classes=args.num_classes or 10, in_channels=shape[0])
+    model = build_model(ref)
+    if args.weights:
+        load_weights(model, args.weights, allow_pickle=args.allow_pickle)
+    oracle = _oracle(args)
+    spec = spec_of(model, ref, shape)
+    stats = oracle.measure_reference(spec)
+    fingerprint = oracle.fingerprint()
+    print(f"model      {args.model} (arch {spec.hash})")
+    print(
+        f"device     {fingerprint.get('device_class')} on {fingerprint.get('host')}: "
+        f"{fingerprint.get('cpu_model') or fingerprint.get('cpu')}"
+    )
+    print(f"setup      batch {args.batch_size}, input {shape}, {args.threads} thread(s)")
+    print(f"median     {stats.median_ms:.4f} ms")
+    print(f"p90        {stats.p90_ms:.4f} ms")
+    print(f"IQR        {stats.iqr_ms:.4f} ms")
+    print(f"CV         {stats.cv:.2%}")
+    print(f"runs       {stats.n}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from search.model_source import describe_builtin_models
+
+    print(f"{'name':<14} {'family':<14} {'params':>10}  description")
+    for entry in describe_builtin_models():
+        print(
+            f"builtin:{entry['name']:<6} {entry['family']:<14} {entry['params']:>10,}  "
+            f"{entry['description']}"
+        )
+    return 0
+
+
+DEMO_MODEL = "builtin:resnet"
+DEMO_DATA = "builtin:mnist"
+
+
+def demo_weights(progress=print) -> Path:
+    """A ResNet trained on MNIST, trained once and cached under ARCHTREE_HOME."""
+    from search.data_source import load_data
+    from search.inputs import load_inputs
+    from search.model_source import save_weights
+    from search.training import accuracy, train
+
+    path = archtree_home() / "demo" / "resnet-mnist.safetensors"
+    if path.is_file():
+        return path
+    inputs = load_inputs(DEMO_MODEL, DEMO_DATA)
+    data = load_data(DEMO_DATA)
+    progress("training the demo model (builtin:resnet on builtin:mnist), once; it is cached")
+    train(inputs.model, data.train_x, data.train_y, epochs=3, lr=0.05, seed=0)
+    progress(f"trained: validation accuracy {accuracy(inputs.model, data.val_x, data.val_y):.4f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(inputs.model, path)
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from search.settings import SearchSettings
+
+    def say(text: str) -> None:
+        print(f"archtree demo: {text}", file=sys.stderr, flush=True)
+
+    _check_out_dir(args.out, overwrite=True)
+    weights = demo_weights(say)
+    settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
+    say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")
+    oracle_args = argparse.Namespace(device="local", threads=1, batch_size=1, cache_dir=None)
+    report = prune(
+        model=DEMO_MODEL,
+        data=DEMO_DATA,
+        budget=args.budget,
+        out=args.out,
+        settings=settings.effective(),
+        oracle=_oracle(oracle_args),
+        weights=str(weights),
+    )
+    print_summary(report, args.out)
+    return 0

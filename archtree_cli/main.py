@@ -1,0 +1,226 @@
+"""The `archtree` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from search.errors import ArchtreeError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported on one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="builtin:NAME (see `archtree models`), module:package.module:callable, "
+        "torchvision:NAME or timm:NAME",
+    )
+    parser.add_argument("--weights", help="trained weights: .safetensors or a state dict file")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a weights file that is a pickled whole module (runs arbitrary code: only "
+        "for files you trust)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        help="classifier outputs of a builtin model (default: the data's number of classes, or 10)",
+    )
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="local",
+        help="where latency is measured: local (this CPU) or local:cuda (default: local)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size timed (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads while timing (default 1)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="latency cache folder (default: $ARCHTREE_HOME/latency-cache, "
+        "ARCHTREE_HOME defaults to ~/.cache/archtree)",
+    )
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    from search.settings import STRATEGIES, SearchSettings
+
+    defaults = SearchSettings()
+    group = parser.add_argument_group("search")
+    group.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=defaults.strategy,
+        help="archtree: tree search (default); greedy: width 1; uniform: one ratio everywhere",
+    )
+    group.add_argument(
+        "--width", type=int, default=defaults.width, help="frontier width K (default %(default)s)"
+    )
+    group.add_argument(
+        "--branching",
+        type=int,
+        default=defaults.branching,
+        help="moves tried per frontier node B (default %(default)s)",
+    )
+    group.add_argument(
+        "--planned-steps",
+        type=int,
+        default=defaults.planned_steps,
+        help="depths planned to reach the budget (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-depth",
+        type=int,
+        default=defaults.max_depth,
+        help="depth limit of the tree (default %(default)s)",
+    )
+    group.add_argument(
+        "--ft-steps",
+        type=int,
+        default=defaults.ft_steps,
+        help="fine-tuning steps per child before scoring (default %(default)s)",
+    )
+    group.add_argument(
+        "--final-epochs",
+        type=float,
+        default=defaults.final_epochs,
+        help="epochs of final fine-tuning with distillation (default %(default)s)",
+    )
+    group.add_argument(
+        "--round-to",
+        type=int,
+        default=defaults.round_to,
+        help="keep channel counts multiples of N (default %(default)s)",
+    )
+    group.add_argument(
+        "--min-width",
+        type=float,
+        default=defaults.min_width_fraction,
+        help="smallest share of a group's channels kept (default %(default)s)",
+    )
+    group.add_argument(
+        "--importance",
+        choices=("l2", "taylor"),
+        default=defaults.importance,
+        help="channel importance criterion (default %(default)s)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def settings_from(args: argparse.Namespace):
+    from search.settings import SearchSettings
+
+    return SearchSettings(
+        strategy=args.strategy,
+        width=args.width,
+        branching=args.branching,
+        planned_steps=args.planned_steps,
+        max_depth=args.max_depth,
+        ft_steps=args.ft_steps,
+        final_epochs=args.final_epochs,
+        round_to=args.round_to,
+        min_width_fraction=args.min_width,
+        importance=args.importance,
+        seed=args.seed,
+    ).effective()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="archtree",
+        description="Find the most accurate structurally pruned model that meets a latency "
+        "budget measured on the target device.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser
+    )
+
+    prune = commands.add_parser("prune", help="search for a pruned model that meets a budget")
+    prune.set_defaults(handler="archtree_cli.commands:run_prune")
+    add_model_arguments(prune)
+    prune.add_argument(
+        "--data", required=True, help="builtin:mnist, builtin:digits, or a .npz/.pt file (x, y)"
+    )
+    prune.add_argument(
+        "--budget", required=True, help="latency budget: milliseconds (8ms) or a share (60%%)"
+    )
+    add_device_arguments(prune)
+    add_search_arguments(prune)
+    prune.add_argument(
+        "--out", required=True, help="folder for arch.json, model.safetensors, report.json"
+    )
+    prune.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+    prune.add_argument("--quiet", action="store_true", help="print only the final summary")
+
+    measure = commands.add_parser("measure", help="measure a model's latency on a device")
+    measure.set_defaults(handler="archtree_cli.commands:run_measure")
+    add_model_arguments(measure)
+    measure.add_argument(
+        "--input-shape",
+        default="1,28,28",
+        help="one sample's shape C,H,W (default 1,28,28)",
+    )
+    add_device_arguments(measure)
+
+    models = commands.add_parser("models", help="list the builtin models")
+    models.set_defaults(handler="archtree_cli.commands:run_models")
+
+    demo = commands.add_parser(
+        "demo", help="train a small ResNet on MNIST and prune it to 50%% of its latency"
+    )
+    demo.add_argument(
+        "--out", default="archtree-demo", help="output folder (default archtree-demo)"
+    )
+    demo.add_argument("--budget", default="50%", help="latency budget (default 50%%)")
+    demo.set_defaults(handler="archtree_cli.commands:run_demo")
+
+    from archtree_cli.service_commands import add_service_commands
+
+    add_service_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        module_name, function_name = args.handler.split(":")
+        return getattr(importlib.import_module(module_name), function_name)(args)
+    except ArchtreeError as error:
+        print(f"archtree: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("archtree: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - last line of defence for the user's terminal
+        if args.debug or os.environ.get("ARCHTREE_DEBUG"):
+            raise
+        print(
+            f"archtree: internal error: {type(error).__name__}: {error} "
+            "(rerun with --debug for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

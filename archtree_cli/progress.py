@@ -1,0 +1,67 @@
+"""Live progress of a search on the terminal, rendered from the engine's events."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+class ConsoleProgress:
+    """An event sink that prints one line per meaningful step to stderr."""
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self.children_planned = 0
+        self.children_seen = 0
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            elapsed = time.monotonic() - self.started
+            print(f"[{elapsed:6.1f}s] {text}", file=self.stream, flush=True)
+
+    def emit(self, kind: str, **data: Any) -> None:
+        if kind == "baseline":
+            score = data["score"]
+            self._print(
+                f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}), "
+                f"score {score:.4f}; budget {data['budget_ms']:.3f} ms"
+            )
+        elif kind == "feasibility":
+            self._print(f"smallest reachable {data['smallest_ms']:.3f} ms: budget is reachable")
+        elif kind == "depth_started":
+            self.children_planned, self.children_seen = data["children"], 0
+            self._print(f"depth {data['depth']}: evaluating {data['children']} children")
+        elif kind == "child_merged":
+            self._print(f"  {data['id']:>4} merged: same architecture as a better candidate")
+        elif kind in ("node", "child_skipped"):
+            self.children_seen += 1
+            if kind == "node":
+                mark = "ok  " if data["within_budget"] else "over"
+                self._print(
+                    f"  [{self.children_seen}/{self.children_planned}] {data['id']:>4} "
+                    f"{data['move']:<22} {data['latency_ms']:8.3f} ms {mark} "
+                    f"score {data['score']:.4f}"
+                )
+            elif kind == "child_skipped":
+                self._print(f"  {data['id']:>4} skipped: {data['reason']}")
+        elif kind == "depth_done":
+            best = data["best"]
+            best_text = (
+                f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
+                f"score {best['score']:.4f}"
+                if best
+                else "none within budget yet"
+            )
+            self._print(
+                f"depth {data['depth']} done: frontier {', '.join(data['frontier'])}; {best_text}"
+            )
+        elif kind == "confirmed":
+            self._print(
+                f"confirmed {data['id']} at {data['latency_ms']:.3f} ms "
+                f"with more repeats ({data['trims']} trims)"
+            )
+        elif kind == "final_finetune":
+            self._print(f"final fine-tune: {data['epochs']:g} epochs with distillation")

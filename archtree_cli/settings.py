@@ -1,0 +1,95 @@
+"""Service settings, read from ARCHTREE_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from archtree_cli.paths import archtree_home
+
+
+class ServiceSettings(BaseSettings):
+    """Configuration shared by the API, the Celery workers and the agents.
+
+    Every field can be set from the environment: `redis_url` from ARCHTREE_REDIS_URL (or
+    REDIS_URL), `artifacts_url` from ARCHTREE_ARTIFACTS_URL, and so on.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ARCHTREE_", extra="ignore")
+
+    redis_url: str = Field(
+        default="",
+        description="Redis for jobs, Celery broker and results, agents. Also read from REDIS_URL.",
+    )
+    artifacts_url: str = Field(
+        default_factory=lambda: str(archtree_home() / "artifacts"),
+        description="Folder or fsspec URL (s3://...) for uploads, candidate weights and results.",
+    )
+    max_weights_bytes: int = Field(
+        default=200 * 1024 * 1024, description="Largest weights upload accepted (413 beyond)."
+    )
+    max_data_bytes: int = Field(
+        default=500 * 1024 * 1024, description="Largest data upload accepted (413 beyond)."
+    )
+    device_wait_s: float = Field(
+        default=600.0,
+        description="How long a job waits for a live agent of its device class before failing.",
+    )
+    measurement_timeout_s: float = Field(
+        default=120.0, description="How long a worker waits for one measurement's reply."
+    )
+    heartbeat_ttl_s: float = Field(
+        default=15.0, description="An agent without a heartbeat for this long is offline."
+    )
+    visibility_timeout_s: float = Field(
+        default=300.0,
+        description="Seconds after which a task not acknowledged (its worker died) is handed to "
+        "another worker (Redis visibility timeout). Keep it above the longest task: a task "
+        "still running then is started a second time (harmless, but wasted work).",
+    )
+    search_queue: str = Field(default="search", description="Celery queue of the orchestration.")
+    evaluate_queue: str = Field(
+        default="evaluate", description="Celery queue of child evaluations (e.g. GPU workers)."
+    )
+    agent_redis_url: str = Field(
+        default="",
+        description="Redis URL handed to agents that register through the API, when they reach "
+        "Redis by another address than the API does (default: redis_url).",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Accept jobs with allow_pickle (weights that are pickled whole modules). "
+        "Loading a pickle runs arbitrary code in the API and the workers: only for trusted users.",
+    )
+    allowed_modules: list[str] = Field(
+        default_factory=list,
+        description="Packages whose `module:` model sources jobs may use (JSON list). Building "
+        "one imports and calls code on the API and the workers; none by default.",
+    )
+    work_dir: Path = Field(
+        default_factory=lambda: archtree_home() / "work",
+        description="Local scratch space of workers (copies of remote artifacts).",
+    )
+
+    def resolved_redis_url(self) -> str:
+        """The Redis URL as redis-py takes it (a unix socket as unix://PATH)."""
+        import os
+
+        url = self.redis_url or os.environ.get("REDIS_URL", "")
+        return _swap_scheme(url, "redis+socket://", "unix://")
+
+    def celery_redis_url(self) -> str:
+        """The Redis URL as Celery takes it (kombu names a unix socket redis+socket://PATH)."""
+        return _swap_scheme(self.resolved_redis_url(), "unix://", "redis+socket://")
+
+
+def _swap_scheme(url: str, old: str, new: str) -> str:
+    return new + url.removeprefix(old) if url.startswith(old) else url
+
+
+@lru_cache
+def service_settings() -> ServiceSettings:
+    return ServiceSettings()

@@ -1,0 +1,1 @@
+"""Latency measurement: timing harness, device fingerprint, latency cache and local oracle."""

@@ -1,0 +1,458 @@
+"""Measurement agent: runs on the target device and times the architectures workers send.
+
+The agent reads its device class's request stream as a member of the consumer group (consumer
+name = agent id), times each request with a timer object of its runtime, replies, and
+acknowledges. Entries another agent took and left unacknowledged for `claim_idle_ms` (it died)
+are claimed and timed here. A heartbeat thread keeps the agent online in the DeviceRegistry;
+when the registry no longer knows the agent (its record was deleted), the agent stops.
+
+Runtimes plug in through `RUNTIMES`: each names its version and makes timers, which are
+LatencyOracle objects for one (batch size, dtype). The torch runtime's timer is a LocalOracle;
+an ONNX Runtime or TorchScript one would be another LatencyOracle.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import redis
+
+from latency.device_registry import DeviceRegistry
+from latency.fingerprint import cpu_model
+from latency.harness import TimingSettings
+from latency.measurement_protocol import (
+    CONSUMER_GROUP,
+    MeasurementReply,
+    MeasurementRequest,
+    ProtocolError,
+    ensure_group,
+    send_reply,
+    stream_key,
+    text,
+    validate_device_class,
+)
+from search.errors import ArchtreeError
+from search.interfaces import LatencyOracle
+
+log = logging.getLogger("archtree.agent")
+
+# A request whose timing killed this many agents (OOM, segfault) is answered with an error
+# instead of being claimed again, so that one request cannot take down every agent in turn.
+MAX_DELIVERIES = 3
+# One agent keeps at most this many timers, one per (batch size, dtype) it was asked for.
+TIMERS_KEPT = 4
+# Waiting after Redis went away before trying again.
+RECONNECT_WAIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A way of running models: its version string and a factory of timers."""
+
+    name: str
+    version: Callable[[], str]
+    make_timer: Callable[[str, int, int, str, TimingSettings | None], LatencyOracle]
+    """(device_class, threads, batch_size, dtype, settings) -> timer."""
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _torch_timer(
+    device_class: str, threads: int, batch_size: int, dtype: str, settings: TimingSettings | None
+) -> LatencyOracle:
+    from latency.local_oracle import LocalOracle
+    from search.arch_spec import build_from_spec
+
+    return LocalOracle(
+        build_from_spec,
+        device_class=device_class,
+        threads=threads,
+        batch_size=batch_size,
+        dtype=dtype,
+        settings=settings,
+    )
+
+
+RUNTIMES: dict[str, Runtime] = {"torch": Runtime("torch", _torch_version, _torch_timer)}
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime called `name`, or ArchtreeError listing the supported ones."""
+    try:
+        return RUNTIMES[name]
+    except KeyError:
+        raise ArchtreeError(
+            f"unsupported agent runtime {name!r}; supported runtimes: {', '.join(RUNTIMES)}"
+        ) from None
+
+
+def device_info(device_class: str, runtime: str = "torch", threads: int = 1) -> dict[str, Any]:
+    """What an agent registers: device class, host, runtime and version, cpu, gpu, threads."""
+    import socket
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "device_class": validate_device_class(device_class),
+        "host": socket.gethostname(),
+        "runtime": runtime,
+        "runtime_version": get_runtime(runtime).version(),
+        "cpu": cpu_model(),
+        "gpu": gpu,
+        "threads": threads,
+    }
+
+
+class MeasurementAgent:
+    """Serves the timing requests of one device class from Redis.
+
+    With `agent_id` None the agent registers itself in `registry` when it starts; otherwise
+    it uses the id it was given (registered by the API). Sources `module:PKG...` are built only
+    when PKG is in `allowed_modules`: building one imports and calls code named by whoever can
+    write to Redis. Counters: `processed` (replies sent), `errors` (error replies), `claimed`.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        device_class: str,
+        *,
+        runtime: str = "torch",
+        threads: int = 1,
+        agent_id: str | None = None,
+        claim_idle_ms: int = 30000,
+        block_ms: int = 1000,
+        heartbeat_s: float = 3.0,
+        registry: DeviceRegistry | None = None,
+        settings: TimingSettings | None = None,
+        allowed_modules: Sequence[str] = (),
+    ) -> None:
+        self.runtime = get_runtime(runtime)
+        self.client = client
+        self.device_class = validate_device_class(device_class)
+        self.threads = threads
+        self.agent_id = agent_id
+        self.claim_idle_ms = claim_idle_ms
+        self.block_ms = block_ms
+        self.heartbeat_s = heartbeat_s
+        self.registry = registry if registry is not None else DeviceRegistry(client)
+        self.settings = settings
+        self.allowed_modules = tuple(allowed_modules)
+        self.processed = 0
+        self.errors = 0
+        self.claimed = 0
+        self.deleted = threading.Event()
+        self._stream = stream_key(device_class)
+        self._timers: OrderedDict[tuple[int, str], LatencyOracle] = OrderedDict()
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve requests until `stop` is set or the agent's registry record is deleted."""
+        if self.agent_id is None:
+            info = device_info(self.device_class, self.runtime.name, self.threads)
+            self.agent_id = self.registry.register(info)["id"]
+        ensure_group(self.client, self.device_class)
+        halt = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat_loop, args=(halt,), name="agent-heartbeat", daemon=True
+        )
+        heartbeat.start()
+        log.info("agent %s serving device class %s", self.agent_id, self.device_class)
+        claim_every_s = min(max(self.claim_idle_ms / 2000, 0.05), 5.0)
+        next_claim = 0.0
+        try:
+            while not stop.is_set() and not self.deleted.is_set():
+                try:
+                    if time.monotonic() >= next_claim:
+                        # Claimed one: more may be waiting, look again right away.
+                        next_claim = 0.0 if self.claim_stale() else time.monotonic() + claim_every_s
+                    self.handle_one()
+                except (redis.ConnectionError, redis.TimeoutError) as error:
+                    log.warning("Redis unreachable (%s); retrying", error)
+                    stop.wait(RECONNECT_WAIT_S)
+                except redis.ResponseError as error:
+                    if "NOGROUP" not in str(error):
+                        raise
+                    # The stream was deleted (e.g. FLUSHDB): start over with a new group.
+                    ensure_group(self.client, self.device_class)
+        finally:
+            halt.set()
+            heartbeat.join()
+        if self.deleted.is_set():
+            log.warning("agent %s was deleted from the device registry; stopping", self.agent_id)
+
+    def handle_one(self, block_ms: int | None = None) -> bool:
+        """Read at most one new request (waiting up to `block_ms`) and answer it."""
+        entries = self.client.xreadgroup(
+            CONSUMER_GROUP,
+            self._consumer(),
+            {self._stream: ">"},
+            count=1,  # one at a time, so idle agents of the class share the queue
+            block=self.block_ms if block_ms is None else block_ms,
+        )
+        for _, messages in entries or []:
+            for entry_id, fields in messages:
+                self._serve(str(text(entry_id)), fields or {})
+                return True
+        return False
+
+    def claim_stale(self) -> bool:
+        """Take over one request left unacknowledged longer than `claim_idle_ms`."""
+        _, messages, *_ = self.client.xautoclaim(
+            self._stream, CONSUMER_GROUP, self._consumer(), self.claim_idle_ms, "0-0", count=1
+        )
+        for entry_id, fields in messages:
+            if fields is None:
+                continue  # deleted by its requester, who no longer waits for it
+            entry_id = str(text(entry_id))
+            self.claimed += 1
+            log.info("claimed request %s left by a dead agent", entry_id)
+            if self._deliveries(entry_id) > MAX_DELIVERIES:
+                self._answer_unsafe(entry_id, fields)
+            else:
+                self._serve(entry_id, fields)
+            return True
+        return False
+
+    def timer(self, batch_size: int, dtype: str) -> LatencyOracle:
+        """The timer for (batch size, dtype): its models and results stay cached in memory."""
+        key = (batch_size, dtype)
+        timer = self._timers.get(key)
+        if timer is None:
+            timer = self.runtime.make_timer(
+                self.device_class, self.threads, batch_size, dtype, self.settings
+            )
+            self._timers[key] = timer
+            if len(self._timers) > TIMERS_KEPT:
+                self._timers.popitem(last=False)
+        else:
+            self._timers.move_to_end(key)
+        return timer
+
+    def _serve(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            request = MeasurementRequest.from_fields(fields)
+        except ProtocolError as error:
+            reply_to = text(fields.get(b"reply_to", fields.get("reply_to")))
+            request_id = text(fields.get(b"request_id", fields.get("request_id"))) or "?"
+            log.warning("malformed request %s: %s", entry_id, error)
+            if reply_to:
+                self._reply(reply_to, request_id, error=f"malformed request: {error}")
+            self._ack(entry_id)
+            return
+        started = time.perf_counter()
+        try:
+            result = self._measure(request)
+        # Whatever one request does wrong (bad spec, model that cannot be built, OOM in
+        # torch), the agent answers with the error and goes on serving.
+        except Exception as error:
+            message = (str(error) if isinstance(error, ArchtreeError) else repr(error))[:1000]
+            log.warning("request %s failed: %s", request.request_id, message)
+            self._reply(request.reply_to, request.request_id, error=message)
+        else:
+            self._reply(
+                request.reply_to,
+                request.request_id,
+                result=result,
+                timing_s=time.perf_counter() - started,
+            )
+        self._ack(entry_id)
+
+    def _measure(self, request: MeasurementRequest) -> dict[str, Any]:
+        from search.arch_spec import ArchSpec
+
+        reference = ArchSpec.from_json(request.reference)
+        self._check_source(reference.model.source)
+        timer = self.timer(request.batch_size, request.dtype)
+        if request.kind == "ref":
+            stats = timer.measure_reference(reference, confirm=request.confirm)
+            return {"reference": stats.to_dict(), "fingerprint": self._fingerprint(timer)}
+        candidate = ArchSpec.from_json(request.candidate)
+        self._check_source(candidate.model.source)
+        result = timer.measure(candidate, reference, confirm=request.confirm).to_dict()
+        result["fingerprint"] = {**result["fingerprint"], "agent_id": self.agent_id}
+        return result
+
+    def _check_source(self, source: str) -> None:
+        prefix, _, rest = source.partition(":")
+        if prefix != "module":
+            return
+        package = rest.partition(":")[0]
+        if not any(
+            package == name or package.startswith(name + ".") for name in self.allowed_modules
+        ):
+            raise ArchtreeError(
+                f"this agent does not build {source!r}: module: sources run code on the agent, "
+                f"so start the agent with {package.split('.')[0]!r} among its allowed modules"
+            )
+
+    def _fingerprint(self, timer: LatencyOracle) -> dict[str, Any]:
+        return {**timer.fingerprint(), "agent_id": self.agent_id}
+
+    def _answer_unsafe(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        try:
+            request = MeasurementRequest.from_fields(fields)
+        except ProtocolError:
+            self._ack(entry_id)
+            return
+        self._reply(
+            request.reply_to,
+            request.request_id,
+            error=f"{MAX_DELIVERIES} agents died while timing this request; it is not retried",
+        )
+        self._ack(entry_id)
+
+    def _reply(
+        self,
+        reply_to: str,
+        request_id: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        timing_s: float = 0.0,
+    ) -> None:
+        reply = MeasurementReply(
+            request_id=request_id,
+            agent_id=str(self.agent_id),
+            result=result,
+            error=error,
+            timing_s=timing_s,
+        )
+        send_reply(self.client, reply_to, reply)
+        self.processed += 1
+        if error is not None:
+            self.errors += 1
+
+    def _ack(self, entry_id: str) -> None:
+        # Answered entries are deleted too, so the stream holds only outstanding requests.
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(self._stream, CONSUMER_GROUP, entry_id)
+            pipe.xdel(self._stream, entry_id)
+            pipe.execute()
+
+    def _deliveries(self, entry_id: str) -> int:
+        pending = self.client.xpending_range(
+            self._stream, CONSUMER_GROUP, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    def _consumer(self) -> str:
+        return str(self.agent_id)
+
+    def _heartbeat_loop(self, halt: threading.Event) -> None:
+        # A thread of its own, so a long timing never lets the agent look offline.
+        while not halt.wait(self.heartbeat_s):
+            try:
+                alive = self.registry.heartbeat(self._consumer())
+            except redis.RedisError as error:
+                log.warning("heartbeat failed (%s); retrying", error)
+                continue
+            if not alive:
+                self.deleted.set()
+                return
+
+
+def register_via_api(
+    api_url: str, info: dict[str, Any], *, timeout_s: float = 10
+) -> dict[str, Any]:
+    """Register this device with the Archtree API; return its answer (`id`, `redis_url`, ...)."""
+    url = f"{api_url.rstrip('/')}/v1/devices"
+    try:
+        response = httpx.post(url, json=info, timeout=timeout_s)
+    except httpx.TransportError as error:
+        raise ArchtreeError(
+            f"the Archtree API at {api_url} cannot be reached ({type(error).__name__}: {error}); "
+            "start it with `archtree up` or check --api"
+        ) from None
+    if response.status_code >= 400:
+        raise ArchtreeError(
+            f"the Archtree API at {api_url} refused to register this device "
+            f"(HTTP {response.status_code}: {response.text[:200].strip()})"
+        )
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "id" not in answer or "redis_url" not in answer:
+        raise ArchtreeError(
+            f"{url} did not answer with a device id and redis_url: is {api_url} an Archtree API?"
+        )
+    return answer
+
+
+def agent_main(
+    api_url: str | None,
+    device_class: str,
+    runtime: str = "torch",
+    threads: int = 1,
+    redis_url: str | None = None,
+    *,
+    claim_idle_ms: int = 30000,
+    block_ms: int = 1000,
+    heartbeat_s: float = 3.0,
+    settings: TimingSettings | None = None,
+    allowed_modules: Sequence[str] = (),
+) -> int:
+    """Register this device (through the API, or in Redis directly when only `redis_url` is
+    given) and serve requests until SIGINT or SIGTERM; return the exit status.
+
+    Nothing is deregistered at exit: the missing heartbeats mark the device offline. The agent
+    also stops, returning 0, when its registry record is deleted, so that a supervisor that
+    restarts failed processes does not bring a deleted device back.
+    """
+    get_runtime(runtime)
+    info = device_info(device_class, runtime, threads)
+    answer: dict[str, Any] | None = None
+    if api_url is not None:
+        answer = register_via_api(api_url, info)
+        redis_url = redis_url or str(answer["redis_url"])
+    elif redis_url is None:
+        raise ArchtreeError("give the API URL (--api URL) so the agent can register")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        raise ArchtreeError(
+            f"cannot reach Redis at {redis_url} ({error}); check that the service is up"
+        ) from None
+    registry = DeviceRegistry(client)
+    agent_id = str(answer["id"]) if answer is not None else registry.register(info)["id"]
+    agent = MeasurementAgent(
+        client,
+        device_class,
+        runtime=runtime,
+        threads=threads,
+        agent_id=agent_id,
+        claim_idle_ms=claim_idle_ms,
+        block_ms=block_ms,
+        heartbeat_s=heartbeat_s,
+        registry=registry,
+        settings=settings,
+        allowed_modules=allowed_modules,
+    )
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        agent.run(stop)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        client.close()
+    return 0

@@ -1,0 +1,194 @@
+"""Registry of measurement agents in Redis: who is registered, who is online, what is queued.
+
+Each device is a hash `archtree:device:{id}` (fields `info` as JSON, `registered_at`,
+`last_seen`) listed in the set `archtree:devices`. Times are the Redis server's clock, so
+agents on machines with skewed clocks are judged alike. A device is online while its last
+heartbeat is younger than `heartbeat_ttl_s`; records are never expired, so an offline device
+stays listed until deleted.
+
+Deleting a record takes the device out of service: its agent's next heartbeat returns False
+and the agent stops (see latency/agent.py). It does not re-register, otherwise a delete could
+never remove a running agent.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import redis
+
+from latency.measurement_protocol import (
+    CONSUMER_GROUP,
+    STREAM_PREFIX,
+    stream_id_tuple,
+    stream_key,
+    text,
+    validate_device_class,
+)
+
+DEVICES_KEY = "archtree:devices"
+DEVICE_PREFIX = "archtree:device:"
+# Measurement counters for monitoring: per device class, per device, and the latest round-trip
+# times per class (a capped list), written by the oracles in workers and read by the API.
+MEASUREMENTS_KEY = "archtree:measurements:by_class"
+DEVICE_MEASUREMENTS_KEY = "archtree:measurements:by_device"
+ROUND_TRIP_SUM_KEY = "archtree:measurements:round_trip_sum_s"
+ROUND_TRIPS_PREFIX = "archtree:measurements:round_trips:"
+ROUND_TRIPS_KEPT = 1000
+
+# Checks existence and stamps the server time atomically, so a heartbeat racing a delete
+# cannot resurrect a half-deleted record.
+_HEARTBEAT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'last_seen', now[1] .. '.' .. string.format('%06d', now[2]))
+return 1
+"""
+
+
+class DeviceRegistry:
+    """Registered measurement agents, their liveness, and the request queue per device class."""
+
+    def __init__(self, client: redis.Redis, heartbeat_ttl_s: float = 15.0) -> None:
+        self.client = client
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._heartbeat = client.register_script(_HEARTBEAT)
+
+    def register(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Store a new device (info: device_class, host, runtime, runtime_version, cpu, gpu,
+        threads); return its record with the assigned `id` and `registered_at`."""
+        validate_device_class(info.get("device_class", ""))
+        device_id = uuid.uuid4().hex[:12]
+        now = self._server_time()
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                DEVICE_PREFIX + device_id,
+                mapping={
+                    "info": json.dumps(info, sort_keys=True),
+                    "registered_at": repr(now),
+                    "last_seen": repr(now),
+                },
+            )
+            pipe.sadd(DEVICES_KEY, device_id)
+            pipe.execute()
+        record = self.get(device_id)
+        assert record is not None
+        return record
+
+    def heartbeat(self, device_id: str) -> bool:
+        """Mark the device as seen now; False if it is unknown or was deleted."""
+        return bool(self._heartbeat(keys=[DEVICE_PREFIX + device_id]))
+
+    def get(self, device_id: str) -> dict[str, Any] | None:
+        """The device's record with `online` and `last_seen`, or None."""
+        raw = self.client.hgetall(DEVICE_PREFIX + device_id)
+        if not raw:
+            return None
+        return self._record(device_id, raw, self._server_time())
+
+    def list(self) -> list[dict[str, Any]]:
+        """All registered devices, oldest registration first."""
+        ids = sorted(str(text(member)) for member in self.client.smembers(DEVICES_KEY))
+        with self.client.pipeline(transaction=False) as pipe:
+            for device_id in ids:
+                pipe.hgetall(DEVICE_PREFIX + device_id)
+            raws = pipe.execute()
+        now = self._server_time()
+        records = [
+            self._record(device_id, raw, now)
+            for device_id, raw in zip(ids, raws, strict=True)
+            if raw
+        ]
+        return sorted(records, key=lambda record: (record["registered_at"], record["id"]))
+
+    def delete(self, device_id: str) -> bool:
+        """Remove the device; True if it existed."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(DEVICE_PREFIX + device_id)
+            pipe.srem(DEVICES_KEY, device_id)
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+    def live_agents(self, device_class: str) -> int:
+        """How many devices of `device_class` are online."""
+        return sum(
+            1
+            for record in self.list()
+            if record["online"] and record.get("device_class") == device_class
+        )
+
+    def queue_depth(self, device_class: str) -> int:
+        """Requests of `device_class` not answered yet.
+
+        Counts stream entries not yet delivered to any agent plus entries delivered but not
+        acknowledged (being timed now, or held by an agent that died until another claims
+        them). Answered requests are acknowledged and deleted, so they never count.
+        """
+        key = stream_key(device_class)
+        try:
+            groups = self.client.xinfo_groups(key)
+        except redis.ResponseError:
+            return 0  # no stream: nothing was ever requested
+        group = next((g for g in groups if text(g["name"]) == CONSUMER_GROUP), None)
+        if group is None:
+            return int(self.client.xlen(key))
+        lag = group.get("lag")
+        if lag is None:
+            # Redis cannot tell the lag when entries were deleted in between: count them.
+            last = stream_id_tuple(group["last-delivered-id"])
+            lag = len(self.client.xrange(key, min=f"({last[0]}-{last[1]}", max="+"))
+        return int(group["pending"]) + int(lag)
+
+    def record_measurement(self, device_class: str, device_id: str, round_trip_s: float) -> None:
+        """Count a measurement answered by `device_id` and keep its round-trip time."""
+        recent = ROUND_TRIPS_PREFIX + device_class
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hincrby(MEASUREMENTS_KEY, device_class, 1)
+            pipe.hincrby(DEVICE_MEASUREMENTS_KEY, device_id, 1)
+            pipe.hincrbyfloat(ROUND_TRIP_SUM_KEY, device_class, round_trip_s)
+            pipe.lpush(recent, round_trip_s)
+            pipe.ltrim(recent, 0, ROUND_TRIPS_KEPT - 1)
+            pipe.execute()
+
+    def measurement_stats(self) -> dict[str, dict[str, Any]]:
+        """Measurements per class (`by_class`), per device (`by_device`), the round-trip sum
+        per class (`round_trip_sum_s`) and the latest round-trip times per class (`recent_s`)."""
+
+        def decoded(mapping: dict[Any, Any], kind: type) -> dict[str, Any]:
+            return {str(text(k)): kind(text(v)) for k, v in mapping.items()}
+
+        by_class = decoded(self.client.hgetall(MEASUREMENTS_KEY), int)
+        return {
+            "by_class": by_class,
+            "by_device": decoded(self.client.hgetall(DEVICE_MEASUREMENTS_KEY), int),
+            "round_trip_sum_s": decoded(self.client.hgetall(ROUND_TRIP_SUM_KEY), float),
+            "recent_s": {
+                name: [float(v) for v in self.client.lrange(ROUND_TRIPS_PREFIX + name, 0, -1)]
+                for name in by_class
+            },
+        }
+
+    def classes(self) -> list[str]:
+        """Device classes with a registered device or a request stream."""
+        found = {record.get("device_class") for record in self.list()}
+        for key in self.client.scan_iter(match=STREAM_PREFIX + "*", _type="stream"):
+            found.add(str(text(key))[len(STREAM_PREFIX) :])
+        return sorted(name for name in found if name)
+
+    def _record(self, device_id: str, raw: dict[Any, Any], now: float) -> dict[str, Any]:
+        fields = {text(k): text(v) for k, v in raw.items()}
+        last_seen = float(fields.get("last_seen") or 0.0)
+        record = dict(json.loads(fields.get("info") or "{}"))
+        record.update(
+            id=device_id,
+            registered_at=float(fields.get("registered_at") or 0.0),
+            last_seen=last_seen,
+            online=now - last_seen < self.heartbeat_ttl_s,
+        )
+        return record
+
+    def _server_time(self) -> float:
+        seconds, microseconds = self.client.time()
+        return seconds + microseconds / 1e6

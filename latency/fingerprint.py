@@ -1,0 +1,64 @@
+"""Device fingerprint: what a latency measurement is valid for."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def device_fingerprint(
+    device: str,
+    threads: int,
+    batch_size: int,
+    dtype: str,
+    input_shape: tuple[int, ...] | None,
+    device_class: str | None = None,
+) -> dict[str, Any]:
+    """Device class, host, hardware, runtime and versions, threads, batch, dtype, input shape.
+
+    `device` is a torch device string ("cpu", "cuda"); `device_class` names the target
+    (defaults to "local" for the CPU and "local:<device>" otherwise).
+    """
+    if device_class is None:
+        device_class = "local" if device == "cpu" else f"local:{device}"
+    fingerprint: dict[str, Any] = {
+        "device_class": device_class,
+        "host": socket.gethostname(),
+        "cpu": cpu_model(),
+        "runtime": "torch",
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "threads": threads,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "input_shape": list(input_shape) if input_shape is not None else None,
+    }
+    if device.startswith("cuda"):
+        fingerprint["gpu"] = torch.cuda.get_device_name(device)
+    return fingerprint
+
+
+def fingerprint_key(fingerprint: dict[str, Any]) -> str:
+    """A stable 16-hex-digit key for a fingerprint (sha256 of its canonical JSON)."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

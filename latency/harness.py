@@ -1,0 +1,203 @@
+"""Timing harness: repeated, warmed-up, adaptive wall-clock timing of torch models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from search.interfaces import TimingStats
+
+# IQR of a normal distribution is 1.349 standard deviations; dividing by it makes the robust CV
+# comparable to the usual std / mean.
+_IQR_PER_SIGMA = 1.349
+
+
+@dataclass
+class TimingSettings:
+    """How long and how often to time a model.
+
+    Runs continue until both `min_runs` and `min_time_s` are reached, and stop at `max_runs`.
+    A result whose CV is above `cv_threshold` is re-measured up to `max_remeasures` times.
+    """
+
+    warmup_runs: int = 10
+    warmup_s: float = 0.05
+    min_runs: int = 15
+    max_runs: int = 2000
+    min_time_s: float = 0.25
+    cv_threshold: float = 0.05
+    max_remeasures: int = 2
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.min_runs < 1 or self.max_runs < self.min_runs:
+            raise ValueError(
+                f"need 1 <= min_runs <= max_runs, got {self.min_runs}, {self.max_runs}"
+            )
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.max_remeasures < 0 or self.warmup_runs < 0:
+            raise ValueError("warmup_runs and max_remeasures must be >= 0")
+
+    def scaled(self, factor: float = 4.0) -> TimingSettings:
+        """Settings for a confirm measurement: `factor` times the runs and measuring time."""
+        min_runs = max(1, round(self.min_runs * factor))
+        return replace(
+            self,
+            min_runs=min_runs,
+            min_time_s=self.min_time_s * factor,
+            max_runs=max(self.max_runs, min_runs),
+        )
+
+
+def summarize(durations_ns: Sequence[int]) -> TimingStats:
+    """Median, p90, IQR, robust CV (IQR / 1.349 / median), n and mean of durations in ns."""
+    ms = np.asarray(durations_ns, dtype=np.float64) / 1e6
+    p25, median, p75, p90 = np.percentile(ms, [25, 50, 75, 90])
+    iqr = float(p75 - p25)
+    cv = iqr / _IQR_PER_SIGMA / median if median > 0 else float("inf")
+    return TimingStats(
+        median_ms=float(median),
+        p90_ms=float(p90),
+        iqr_ms=iqr,
+        cv=float(cv),
+        n=len(ms),
+        mean_ms=float(ms.mean()),
+    )
+
+
+def time_model(
+    model: nn.Module, example_input: torch.Tensor, settings: TimingSettings
+) -> TimingStats:
+    """Time `model(example_input)` alone; re-measure while the CV is high, keep the best run."""
+    with _timing_context([model], settings.threads):
+        run = _timed_runner(model, example_input)
+        _warm_up([run], settings)
+        best = summarize(_measure_adaptive(run, settings))
+        for _ in range(settings.max_remeasures):
+            if best.cv <= settings.cv_threshold:
+                break
+            again = summarize(_measure_adaptive(run, settings))
+            if again.cv < best.cv:
+                best = again
+    return best
+
+
+def time_interleaved(
+    candidate: nn.Module,
+    reference: nn.Module,
+    example_input: torch.Tensor,
+    settings: TimingSettings,
+) -> tuple[TimingStats, TimingStats, float]:
+    """Time `candidate` and `reference` alternately; return both stats and their time ratio.
+
+    The ratio is the median of per-pair ratios (candidate / reference), which cancels drift of
+    the machine during the measurement. Re-measures while either model's CV is above the
+    threshold and keeps the attempt whose worse CV is lowest.
+    """
+    with _timing_context([candidate, reference], settings.threads):
+        run_candidate = _timed_runner(candidate, example_input)
+        run_reference = _timed_runner(reference, example_input)
+        _warm_up([run_candidate, run_reference], settings)
+        best = _measure_pairs(run_candidate, run_reference, settings)
+        for _ in range(settings.max_remeasures):
+            if _worse_cv(best) <= settings.cv_threshold:
+                break
+            again = _measure_pairs(run_candidate, run_reference, settings)
+            if _worse_cv(again) < _worse_cv(best):
+                best = again
+    return best
+
+
+@contextmanager
+def _timing_context(models: Sequence[nn.Module], threads: int) -> Iterator[None]:
+    """Inference mode, eval mode and a fixed thread count; previous state restored after."""
+    previous_threads = torch.get_num_threads()
+    was_training = [model.training for model in models]
+    torch.set_num_threads(threads)
+    try:
+        for model in models:
+            model.eval()
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        for model, training in zip(models, was_training, strict=True):
+            model.train(training)
+
+
+def _timed_runner(model: nn.Module, example_input: torch.Tensor) -> Callable[[], int]:
+    """A function running the model once and returning its wall time in ns."""
+    if example_input.is_cuda:
+        device = example_input.device
+
+        def run_cuda() -> int:
+            # Kernels launch asynchronously: without synchronising, the clock would measure
+            # only the launch.
+            torch.cuda.synchronize(device)
+            start = time.perf_counter_ns()
+            model(example_input)
+            torch.cuda.synchronize(device)
+            return time.perf_counter_ns() - start
+
+        return run_cuda
+
+    def run_cpu() -> int:
+        start = time.perf_counter_ns()
+        model(example_input)
+        return time.perf_counter_ns() - start
+
+    return run_cpu
+
+
+def _warm_up(runs: Sequence[Callable[[], int]], settings: TimingSettings) -> None:
+    """Run each model until both the warm-up count and the warm-up time are reached."""
+    start = time.perf_counter()
+    count = 0
+    while count < settings.warmup_runs or time.perf_counter() - start < settings.warmup_s:
+        for run in runs:
+            run()
+        count += 1
+
+
+def _measure_adaptive(run: Callable[[], int], settings: TimingSettings) -> list[int]:
+    durations: list[int] = []
+    start = time.perf_counter()
+    while len(durations) < settings.max_runs and (
+        len(durations) < settings.min_runs or time.perf_counter() - start < settings.min_time_s
+    ):
+        durations.append(run())
+    return durations
+
+
+def _measure_pairs(
+    run_candidate: Callable[[], int],
+    run_reference: Callable[[], int],
+    settings: TimingSettings,
+) -> tuple[TimingStats, TimingStats, float]:
+    candidate_ns: list[int] = []
+    reference_ns: list[int] = []
+    start = time.perf_counter()
+    while len(candidate_ns) < settings.max_runs and (
+        len(candidate_ns) < settings.min_runs or time.perf_counter() - start < settings.min_time_s
+    ):
+        # Alternating which model goes first cancels any advantage of running second (warm
+        # caches, frequency ramp-up).
+        if len(candidate_ns) % 2 == 0:
+            candidate_ns.append(run_candidate())
+            reference_ns.append(run_reference())
+        else:
+            reference_ns.append(run_reference())
+            candidate_ns.append(run_candidate())
+    ratios = np.asarray(candidate_ns, dtype=np.float64) / np.asarray(reference_ns, dtype=np.float64)
+    return summarize(candidate_ns), summarize(reference_ns), float(np.median(ratios))
+
+
+def _worse_cv(result: tuple[TimingStats, TimingStats, float]) -> float:
+    return max(result[0].cv, result[1].cv)

@@ -1,0 +1,194 @@
+"""Latency oracle that times models in this process, on this machine's CPU or GPU."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from latency.cache import LatencyCache, MemoryLatencyCache, cache_key
+from latency.fingerprint import device_fingerprint, fingerprint_key
+from latency.harness import TimingSettings, time_interleaved, time_model
+from search.errors import ArchtreeError
+from search.interfaces import LatencyMeasurement, TimingStats
+
+if TYPE_CHECKING:
+    from search.arch_spec import ArchSpec
+
+CONFIRM_FACTOR = 4.0
+
+_DEVICES = {
+    "local": ("cpu", "local"),
+    "local:cpu": ("cpu", "local"),
+    "local:cuda": ("cuda", "local:cuda"),
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_device(text: str) -> tuple[str, str]:
+    """Map a `--device` value to (torch device, device class)."""
+    try:
+        return _DEVICES[text.strip()]
+    except KeyError:
+        raise ArchtreeError(
+            f"unknown --device {text!r}; use 'local' (this machine's CPU) "
+            "or 'local:cuda' (this machine's GPU)"
+        ) from None
+
+
+class LocalOracle:
+    """Times candidates interleaved with the reference in this process; results are cached.
+
+    `build` turns an architecture spec into a model. `threads` overrides `settings.threads`.
+    Counters: `measurements` (timings actually run) and `cache_hits`.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[ArchSpec], nn.Module],
+        *,
+        device: str = "cpu",
+        device_class: str = "local",
+        threads: int = 1,
+        batch_size: int = 1,
+        dtype: str = "float32",
+        cache: LatencyCache | None = None,
+        settings: TimingSettings | None = None,
+        models_kept: int = 8,
+    ) -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ArchtreeError(
+                "--device local:cuda needs a CUDA GPU; none is visible to torch "
+                f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'}); "
+                "use --device local"
+            )
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ArchtreeError(f"unsupported torch device {device!r}; use 'cpu' or 'cuda'")
+        if dtype not in _DTYPES:
+            raise ArchtreeError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        if threads < 1 or batch_size < 1:
+            raise ArchtreeError(
+                f"threads and batch size must be >= 1, got {threads} and {batch_size}"
+            )
+        self.build = build
+        self.device = device
+        self.device_class = device_class
+        self.threads = threads
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.cache: LatencyCache = cache if cache is not None else MemoryLatencyCache()
+        self.settings = replace(settings or TimingSettings(), threads=threads)
+        self.confirm_settings = self.settings.scaled(CONFIRM_FACTOR)
+        self.measurements = 0
+        self.cache_hits = 0
+        self._models_kept = models_kept
+        self._models: OrderedDict[str, nn.Module] = OrderedDict()
+        self._fingerprints: dict[tuple[int, ...] | None, dict[str, Any]] = {}
+        self._last_input_shape: tuple[int, ...] | None = None
+        # Two timings running at once in one process would slow each other down.
+        self._timing_lock = threading.Lock()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fingerprint of this device, for the input shape measured last (None before)."""
+        return dict(self._fingerprint(self._last_input_shape))
+
+    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
+        """Time the unpruned model alone: the job's baseline L(M0)."""
+        input_shape = tuple(reference.input_shape)
+        self._last_input_shape = input_shape
+        key = self._key(input_shape, reference.hash, reference.hash, "ref", confirm)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            return TimingStats(**cached)
+        with self._timing_lock:
+            stats = time_model(
+                self._model(reference), self._input(input_shape), self._settings(confirm)
+            )
+            self.measurements += 1
+        self.cache.put(key, stats.to_dict())
+        return stats
+
+    def measure(
+        self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
+    ) -> LatencyMeasurement:
+        """Time `candidate` interleaved with `reference`; cached results have `cached=True`."""
+        input_shape = tuple(reference.input_shape)
+        if tuple(candidate.input_shape) != input_shape:
+            raise ValueError(
+                f"candidate input shape {candidate.input_shape} differs from the reference's "
+                f"{reference.input_shape}"
+            )
+        self._last_input_shape = input_shape
+        key = self._key(input_shape, candidate.hash, reference.hash, "pair", confirm)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            return replace(LatencyMeasurement.from_dict(cached), cached=True)
+        with self._timing_lock:
+            candidate_stats, reference_stats, ratio = time_interleaved(
+                self._model(candidate),
+                self._model(reference),
+                self._input(input_shape),
+                self._settings(confirm),
+            )
+            self.measurements += 1
+        result = LatencyMeasurement(
+            arch_hash=candidate.hash,
+            ratio=ratio,
+            candidate=candidate_stats,
+            reference=reference_stats,
+            fingerprint=dict(self._fingerprint(input_shape)),
+        )
+        self.cache.put(key, result.to_dict())
+        return result
+
+    def _settings(self, confirm: bool) -> TimingSettings:
+        return self.confirm_settings if confirm else self.settings
+
+    def _key(
+        self,
+        input_shape: tuple[int, ...],
+        candidate_hash: str,
+        reference_hash: str,
+        kind: str,
+        confirm: bool,
+    ) -> str:
+        device_key = fingerprint_key(self._fingerprint(input_shape))
+        # Confirm results are kept apart so that a confirm request always gets the longer timing.
+        full_kind = f"{kind}-confirm" if confirm else kind
+        return cache_key(device_key, candidate_hash, reference_hash, full_kind)
+
+    def _fingerprint(self, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+        if input_shape not in self._fingerprints:
+            self._fingerprints[input_shape] = device_fingerprint(
+                self.device,
+                self.threads,
+                self.batch_size,
+                self.dtype,
+                input_shape,
+                device_class=self.device_class,
+            )
+        return self._fingerprints[input_shape]
+
+    def _model(self, spec: ArchSpec) -> nn.Module:
+        """The built model for `spec`, from a small LRU so the reference is built once."""
+        model = self._models.get(spec.hash)
+        if model is None:
+            model = self.build(spec).to(device=self.device, dtype=_DTYPES[self.dtype]).eval()
+            self._models[spec.hash] = model
+            if len(self._models) > self._models_kept:
+                self._models.popitem(last=False)
+        else:
+            self._models.move_to_end(spec.hash)
+        return model
+
+    def _input(self, input_shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(
+            self.batch_size, *input_shape, dtype=_DTYPES[self.dtype], device=self.device
+        )

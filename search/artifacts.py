@@ -1,0 +1,57 @@
+"""The files a search leaves: arch.json, model.safetensors and report.json, and reloading them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+from torch import nn
+
+from search.arch_spec import ArchSpec, build_from_spec
+from search.errors import ArchtreeError
+from search.model_source import save_weights
+
+ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_artifacts(
+    out_dir: str | Path, spec: ArchSpec, model: nn.Module, report: dict[str, Any]
+) -> Path:
+    """Write the pruned model's three files into `out_dir` (created if needed)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ArchtreeError(f"Cannot create the output folder {out}: {error.strerror}.") from error
+    save_weights(model, out / "model.safetensors")
+    _write_text(out / "arch.json", json.dumps(spec.to_dict(), indent=1, sort_keys=True))
+    _write_text(out / "report.json", json.dumps(report, indent=2, default=float))
+    return out
+
+
+def load_pruned(directory: str | Path) -> nn.Module:
+    """The pruned model saved in `directory`, ready for inference (eval mode).
+
+    The base model's code must be importable here, as for `module:` sources.
+    """
+    folder = Path(directory)
+    arch_path, weights_path = folder / "arch.json", folder / "model.safetensors"
+    for path in (arch_path, weights_path):
+        if not path.is_file():
+            raise ArchtreeError(f"{path} is missing: point to a folder written by archtree prune.")
+    try:
+        spec = ArchSpec.from_json(arch_path.read_text())
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArchtreeError(f"{arch_path} is not a valid architecture spec ({error}).") from error
+    model = build_from_spec(spec)
+    model.load_state_dict(load_file(str(weights_path)))
+    return model.eval()

@@ -1,0 +1,40 @@
+"""Latency budgets: an absolute time (`8ms`) or a share of the unpruned model's latency (`60%`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from search.errors import ArchtreeError
+
+_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|%)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    value: float
+    unit: str  # "ms" or "%"
+
+    def resolve(self, baseline_ms: float) -> float:
+        """The budget in ms, given the unpruned model's latency on the device."""
+        return self.value if self.unit == "ms" else baseline_ms * self.value / 100.0
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit}"
+
+
+def parse_budget(text: str) -> Budget:
+    match = _PATTERN.match(str(text))
+    if not match:
+        raise ArchtreeError(
+            f"Cannot read the budget {text!r}: give milliseconds like 8ms or a share of the "
+            "unpruned model's latency like 60%."
+        )
+    value, unit = float(match.group(1)), match.group(2)
+    if value <= 0:
+        raise ArchtreeError(f"The budget must be above zero, got {text!r}.")
+    if unit == "%" and value >= 100:
+        raise ArchtreeError(
+            f"A budget of {text} does not ask for any pruning: give a share below 100%, like 60%."
+        )
+    return Budget(value=value, unit=unit)

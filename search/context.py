@@ -1,0 +1,85 @@
+"""What a search needs around the algorithm: the model, data, device oracle and stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from search.arch_spec import ArchSpec, build_from_spec, spec_of
+from search.data_source import DataSplits
+from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNodeStore, NodeStore
+from search.model_source import ModelRef
+from search.settings import SearchSettings
+from search.training import accuracy, fidelity, logits, train
+
+
+@dataclass
+class SearchContext:
+    """One job's fixed inputs. The engine and child evaluation read it, never change it."""
+
+    model_ref: ModelRef
+    base_model: nn.Module
+    data: DataSplits
+    oracle: LatencyOracle
+    settings: SearchSettings
+    store: NodeStore = field(default_factory=MemoryNodeStore)
+    sink: EventSink = field(default_factory=ListEventSink)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.input_shape)
+
+    @cached_property
+    def root_spec(self) -> ArchSpec:
+        return spec_of(self.base_model, self.model_ref, self.input_shape)
+
+    @cached_property
+    def example_input(self) -> torch.Tensor:
+        return self.data.calib_x[:1].clone()
+
+    @cached_property
+    def calib_reference_logits(self) -> torch.Tensor:
+        return logits(self.base_model, self.data.calib_x)
+
+    @cached_property
+    def train_reference_logits(self) -> torch.Tensor:
+        """The unpruned model's outputs on the training split: distillation targets."""
+        return logits(self.base_model, self.data.train_x)
+
+    def build(self, spec: ArchSpec, state_dict: dict | None = None) -> nn.Module:
+        model = build_from_spec(spec)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return model.eval()
+
+    def score(self, model: nn.Module) -> float:
+        """Accuracy on the calibration split, or fidelity to the unpruned model without labels."""
+        if self.data.labelled:
+            return accuracy(model, self.data.calib_x, self.data.calib_y)
+        return fidelity(model, self.calib_reference_logits, self.data.calib_x)
+
+    def validation_accuracy(self, model: nn.Module) -> float | None:
+        if not self.data.labelled:
+            return None
+        return accuracy(model, self.data.val_x, self.data.val_y)
+
+    def finetune(self, model: nn.Module, *, steps: int = 0, epochs: float = 0.0, seed: int) -> None:
+        """Short fine-tune with distillation from the unpruned model."""
+        if steps <= 0 and epochs <= 0:
+            return
+        settings = self.settings
+        train(
+            model,
+            self.data.train_x,
+            self.data.train_y,
+            steps=steps if steps > 0 else None,
+            epochs=epochs if steps <= 0 else None,
+            batch_size=settings.ft_batch_size,
+            lr=settings.ft_lr if steps > 0 else settings.final_lr,
+            seed=seed,
+            teacher_logits=self.train_reference_logits,
+            kd_weight=settings.kd_weight if self.data.labelled else 1.0,
+        )

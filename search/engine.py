@@ -1,0 +1,305 @@
+"""The Archtree tree search.
+
+    state = start()                      # baseline, feasibility, root node
+    while not state.done:
+        tasks = plan(state)              # up to `branching` moves per frontier node
+        results = executor.map(evaluate_child, tasks)   # children of one depth, in parallel
+        state = advance(state, results)  # merge duplicates, keep the best `width`
+    answer = finish(state)               # confirm under budget with more repeats, final tune
+
+`run_search` is that loop. The service runs the same four steps, with the children of a depth
+spread over Celery workers and the state kept in Redis between depths.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from torch import nn
+
+from search.budget import Budget
+from search.context import SearchContext
+from search.errors import ArchtreeError
+from search.expansion import MoveApplier, evaluate_child
+from search.interfaces import Executor, SequentialExecutor
+from search.latency_estimate import LatencyEstimate
+from search.moves import Move, candidate_moves
+from search.pruning import total_macs
+from search.tree import ChildResult, ChildTask, Node, SearchState
+
+
+@dataclass
+class SearchOutcome:
+    """The search's answer: the pruned model, its confirmed numbers and the whole tree."""
+
+    state: SearchState
+    answer: Node
+    model: nn.Module
+    confirmed_latency_ms: float
+    confirmed_ratio: float
+    baseline_accuracy: float | None
+    final_accuracy: float | None
+    wall_s: float
+    trims: int
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def start(context: SearchContext, budget: Budget) -> SearchState:
+    """Measure the unpruned model, check the budget is reachable, and plant the root."""
+    oracle, settings = context.oracle, context.settings
+    reference = oracle.measure_reference(context.root_spec)
+    baseline_ms = reference.median_ms
+    budget_ms = budget.resolve(baseline_ms)
+    baseline_macs = total_macs(context.base_model, context.example_input)
+    root = Node(
+        id="n0",
+        parent=None,
+        depth=0,
+        move=None,
+        spec=context.root_spec,
+        latency_ms=baseline_ms,
+        ratio=1.0,
+        score=context.score(context.base_model),
+        within_budget=baseline_ms <= budget_ms,
+        params=parameter_count(context.base_model),
+        macs=baseline_macs,
+    )
+    context.store.put(root.id, context.base_model.state_dict())
+    state = SearchState(
+        baseline_ms=baseline_ms,
+        baseline_macs=baseline_macs,
+        budget_ms=budget_ms,
+        step_ms=max(0.0, baseline_ms - budget_ms) / settings.planned_steps,
+        root_id=root.id,
+        nodes={root.id: root},
+        frontier=[root.id],
+        measurements=1,
+    )
+    context.sink.emit(
+        "baseline",
+        latency_ms=baseline_ms,
+        budget_ms=budget_ms,
+        score=root.score,
+        params=root.params,
+        macs=baseline_macs,
+        timing=reference.to_dict(),
+    )
+    if root.within_budget:
+        state.done = True
+        return state
+    smallest_ms = _smallest_reachable_ms(context, state)
+    context.sink.emit("feasibility", smallest_ms=smallest_ms, budget_ms=budget_ms)
+    if smallest_ms > budget_ms:
+        raise ArchtreeError(
+            f"The budget of {budget_ms:.3f} ms cannot be met on this device: the smallest "
+            f"model pruning can reach measures {smallest_ms:.3f} ms "
+            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {baseline_ms:.3f} ms). "
+            f"Give a budget of at least {smallest_ms * 1.02:.3f} ms, or lower --min-width."
+        )
+    return state
+
+
+def _smallest_reachable_ms(context: SearchContext, state: SearchState) -> float:
+    """Latency with every group at its minimum width."""
+    estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs)
+    applier = MoveApplier(context, context.base_model, Move("uniform"), estimate)
+    smallest = applier.apply(1.0)
+    measurement = context.oracle.measure(smallest.spec, context.root_spec)
+    _tally(state, measurement.cached)
+    return measurement.ratio * state.baseline_ms
+
+
+def _tally(state: SearchState, cached: bool) -> None:
+    state.measurements += 0 if cached else 1
+    state.cache_hits += 1 if cached else 0
+
+
+def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
+    """The children to evaluate at the next depth: up to `branching` moves per frontier node."""
+    settings = context.settings
+    estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs, state.observations)
+    depth = state.depth + 1
+    tasks = []
+    for node_id in state.frontier:
+        parent = state.nodes[node_id]
+        if parent.within_budget:
+            continue
+        # The last planned step aims at the budget itself, not below it.
+        target_ms = max(state.budget_ms, parent.latency_ms - state.step_ms)
+        if depth >= settings.planned_steps or target_ms - state.budget_ms < 0.25 * state.step_ms:
+            target_ms = state.budget_ms
+        parent_model = context.build(parent.spec, context.store.get(parent.id))
+        applier = MoveApplier(context, parent_model, Move("global"), estimate)
+        moves = candidate_moves(
+            applier.pruner,
+            applier.importance,
+            estimate,
+            settings.move_kinds,
+            settings.branching,
+            needed_ms=parent.latency_ms - target_ms,
+        )
+        for move in moves:
+            tasks.append(
+                ChildTask(
+                    child_id=f"n{state.next_id}",
+                    parent=parent,
+                    move=move,
+                    target_ms=target_ms,
+                    depth=depth,
+                    baseline_ms=state.baseline_ms,
+                    baseline_macs=state.baseline_macs,
+                    budget_ms=state.budget_ms,
+                    observations=list(state.observations),
+                )
+            )
+            state.next_id += 1
+    context.sink.emit("depth_started", depth=depth, children=len(tasks))
+    return tasks
+
+
+def advance(context: SearchContext, state: SearchState, results: list[ChildResult]) -> SearchState:
+    """Add the evaluated children to the tree; the best `width` distinct ones form the frontier."""
+    settings = context.settings
+    state.depth += 1
+    unique: dict[str, Node] = {}
+    known = {node.spec.hash for node in state.nodes.values()}
+    for result in results:
+        state.candidates_evaluated += 1
+        state.measurements += result.measurements
+        state.cache_hits += result.cache_hits
+        state.observations.extend(result.observations)
+        node = result.node
+        if node is None:
+            continue
+        key = node.spec.hash
+        # Identical architectures reached by different moves are merged: the best score stays.
+        if key in known and key not in unique:
+            context.sink.emit("child_merged", id=node.id, arch_hash=key)
+            continue
+        if key in unique and unique[key].score >= node.score:
+            context.sink.emit("child_merged", id=node.id, arch_hash=key)
+            continue
+        unique[key] = node
+    for node in unique.values():
+        state.nodes[node.id] = node
+    ranked = sorted(unique.values(), key=lambda n: (-n.score, n.latency_ms, n.id))
+    state.frontier = [n.id for n in ranked[: settings.width]]
+    best = state.best_within_budget()
+    context.sink.emit(
+        "depth_done",
+        depth=state.depth,
+        frontier=state.frontier,
+        best=best.summary() if best else None,
+        candidates_evaluated=state.candidates_evaluated,
+        measurements=state.measurements,
+    )
+    frontier_nodes = [state.nodes[i] for i in state.frontier]
+    state.done = (
+        not frontier_nodes
+        or all(n.within_budget for n in frontier_nodes)
+        or state.depth >= settings.max_depth
+    )
+    return state
+
+
+def finish(context: SearchContext, state: SearchState, started: float) -> SearchOutcome:
+    """Confirm the best feasible node under budget with more repeats, then final fine-tune."""
+    answer = state.best_within_budget()
+    if answer is None:
+        if state.root.within_budget:
+            answer = state.root
+        else:
+            raise ArchtreeError(
+                f"No candidate met the budget of {state.budget_ms:.3f} ms within "
+                f"{state.depth} depths: raise --max-depth or --planned-steps, or the budget."
+            )
+    model = context.build(answer.spec, context.store.get(answer.id))
+    confirmed = context.oracle.measure(answer.spec, context.root_spec, confirm=True)
+    _tally(state, confirmed.cached)
+    trims = 0
+    while (
+        confirmed.ratio * state.baseline_ms > state.budget_ms
+        and trims < context.settings.confirm_trims
+    ):
+        trims += 1
+        answer, model = _trim(context, state, answer, model, confirmed.ratio * state.baseline_ms)
+        confirmed = context.oracle.measure(answer.spec, context.root_spec, confirm=True)
+        _tally(state, confirmed.cached)
+    latency_ms = confirmed.ratio * state.baseline_ms
+    context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
+    if latency_ms > state.budget_ms:
+        raise ArchtreeError(
+            f"The best candidate measures {latency_ms:.3f} ms on confirmation, above the budget of "
+            f"{state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
+            "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
+        )
+    if context.settings.final_epochs > 0:
+        context.sink.emit("final_finetune", epochs=context.settings.final_epochs)
+        context.finetune(model, epochs=context.settings.final_epochs, seed=context.settings.seed)
+    outcome = SearchOutcome(
+        state=state,
+        answer=answer,
+        model=model,
+        confirmed_latency_ms=latency_ms,
+        confirmed_ratio=confirmed.ratio,
+        baseline_accuracy=context.validation_accuracy(context.base_model),
+        final_accuracy=context.validation_accuracy(model),
+        wall_s=time.monotonic() - started,
+        trims=trims,
+    )
+    context.sink.emit(
+        "done",
+        id=answer.id,
+        latency_ms=latency_ms,
+        accuracy=outcome.final_accuracy,
+        wall_s=outcome.wall_s,
+    )
+    return outcome
+
+
+def _trim(
+    context: SearchContext, state: SearchState, node: Node, model: nn.Module, measured_ms: float
+) -> tuple[Node, nn.Module]:
+    """Remove a few more channels from a node that confirmed above budget."""
+    task = ChildTask(
+        child_id=f"n{state.next_id}",
+        parent=Node(**{**node.__dict__, "latency_ms": measured_ms}),
+        move=Move("global"),
+        target_ms=state.budget_ms * (1.0 - context.settings.fit_tolerance / 2),
+        depth=node.depth + 1,
+        baseline_ms=state.baseline_ms,
+        baseline_macs=state.baseline_macs,
+        budget_ms=state.budget_ms,
+        observations=list(state.observations),
+    )
+    state.next_id += 1
+    context.store.put(node.id, model.state_dict())
+    result = evaluate_child(context, task)
+    state.measurements += result.measurements
+    state.cache_hits += result.cache_hits
+    if result.node is None:
+        raise ArchtreeError(
+            f"The answer confirmed at {measured_ms:.3f} ms, above the budget of "
+            f"{state.budget_ms:.3f} ms, and no further pruning reaches it."
+        )
+    state.nodes[result.node.id] = result.node
+    return result.node, context.build(result.node.spec, context.store.get(result.node.id))
+
+
+def run_search(
+    context: SearchContext, budget: Budget, executor: Executor | None = None
+) -> SearchOutcome:
+    """The whole search in this process; children of a depth go through `executor`."""
+    started = time.monotonic()
+    executor = executor or SequentialExecutor()
+    state = start(context, budget)
+    while not state.done:
+        tasks = plan(context, state)
+        results = executor.map(partial(evaluate_child, context), tasks)
+        state = advance(context, state, results)
+    return finish(context, state, started)

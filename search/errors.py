@@ -1,0 +1,9 @@
+"""The one exception type that reaches users as a plain message."""
+
+
+class ArchtreeError(Exception):
+    """A problem with the user's input or environment.
+
+    The message is one line that says what is wrong and what to do about it; the CLI prints it
+    without a traceback and exits non-zero, the API answers it as a 4xx detail.
+    """

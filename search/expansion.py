@@ -1,0 +1,143 @@
+"""Evaluating one child: apply a move to its parent, sized by measured latency, then score it.
+
+This is the unit of parallel work: a pure function of the job's context and a `ChildTask`, so
+it runs the same in this process, a thread pool, or a Celery worker on another machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from search.amount import find_amount
+from search.arch_spec import ArchSpec, spec_of
+from search.context import SearchContext
+from search.latency_estimate import LatencyEstimate, Observation
+from search.moves import Move, RemovalPlan, predicted_ms_saved, removal_plan
+from search.pruning import PrunableModel, total_macs
+from search.tree import ChildResult, ChildTask, Node
+
+
+@dataclass
+class Pruned:
+    model: nn.Module
+    spec: ArchSpec
+    macs: float
+
+
+@dataclass
+class MoveApplier:
+    """Builds the children of one parent for one move at any fraction, remembering each."""
+
+    context: SearchContext
+    parent_model: nn.Module
+    move: Move
+    estimate: LatencyEstimate
+    pruner: PrunableModel = field(init=False)
+    importance: dict[str, np.ndarray] = field(init=False)
+    _built: dict[tuple, Pruned] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        settings = self.context.settings
+        self.pruner = PrunableModel(
+            self.parent_model,
+            self.context.example_input,
+            round_to=settings.round_to,
+            min_width_fraction=settings.min_width_fraction,
+        )
+        calib = None
+        if settings.importance == "taylor" and self.context.data.labelled:
+            calib = (self.context.data.calib_x[:128], self.context.data.calib_y[:128])
+        self.importance = self.pruner.importance(settings.importance, calib)
+
+    def plan(self, fraction: float) -> RemovalPlan:
+        return removal_plan(self.move, self.pruner, self.importance, fraction, self.estimate)
+
+    def apply(self, fraction: float) -> Pruned:
+        plan = self.plan(fraction)
+        key = tuple(sorted((name, len(idx)) for name, idx in plan.items()))
+        if key not in self._built:
+            pruner = PrunableModel(
+                copy.deepcopy(self.parent_model),
+                self.context.example_input,
+                round_to=self.pruner.round_to,
+                min_width_fraction=0.0,
+                ignored_layers=self.pruner.ignored_layers,
+            )
+            pruner.remove(plan)
+            model = pruner.model.eval()
+            self._built[key] = Pruned(
+                model=model,
+                spec=spec_of(model, self.context.model_ref, self.context.input_shape),
+                macs=total_macs(model, self.context.example_input),
+            )
+        return self._built[key]
+
+    def guess(self, parent_ms: float, target_ms: float) -> float:
+        """Fraction at which the linear latency estimate reaches the target."""
+        needed = parent_ms - target_ms
+        grid = np.linspace(0.0, 1.0, 21)
+        saved = [predicted_ms_saved(self.pruner, self.plan(f), self.estimate) for f in grid]
+        if saved[-1] <= needed:
+            return 1.0
+        return float(np.interp(needed, saved, grid))
+
+
+def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
+    """Prune the parent with the task's move down to its target, fine-tune and score it."""
+    parent = task.parent
+    parent_model = context.build(parent.spec, context.store.get(parent.id))
+    estimate = LatencyEstimate(task.baseline_ms, task.baseline_macs, task.observations)
+    applier = MoveApplier(context, parent_model, task.move, estimate)
+    result = ChildResult(child_id=task.child_id, node=None)
+
+    def measure(fraction: float) -> float:
+        child = applier.apply(fraction)
+        if child.spec.hash == parent.spec.hash:
+            return parent.latency_ms
+        measurement = context.oracle.measure(child.spec, context.root_spec)
+        result.measurements += 0 if measurement.cached else 1
+        result.cache_hits += 1 if measurement.cached else 0
+        latency = measurement.ratio * task.baseline_ms
+        result.observations.append(
+            Observation(task.move.region, parent.macs - child.macs, parent.latency_ms - latency)
+        )
+        return latency
+
+    amount = find_amount(
+        measure,
+        task.target_ms,
+        parent.latency_ms,
+        applier.guess(parent.latency_ms, task.target_ms),
+        max_probes=context.settings.max_probes,
+        tolerance=context.settings.fit_tolerance,
+    )
+    if amount.fraction is None:
+        result.reason = f"{task.move.label} cannot reach {task.target_ms:.3f} ms"
+        context.sink.emit("child_skipped", id=task.child_id, reason=result.reason)
+        return result
+    child = applier.apply(amount.fraction)
+    model = child.model
+    seed = context.settings.seed + zlib.crc32(task.child_id.encode())
+    context.finetune(model, steps=context.settings.ft_steps, seed=seed)
+    context.store.put(task.child_id, model.state_dict())
+    result.node = Node(
+        id=task.child_id,
+        parent=parent.id,
+        depth=task.depth,
+        move=task.move.label,
+        spec=child.spec,
+        latency_ms=amount.latency_ms,
+        ratio=amount.latency_ms / task.baseline_ms,
+        score=context.score(model),
+        within_budget=amount.latency_ms <= task.budget_ms,
+        fraction=round(amount.fraction, 4),
+        params=sum(p.numel() for p in model.parameters()),
+        macs=child.macs,
+    )
+    context.sink.emit("node", **result.node.summary())
+    return result

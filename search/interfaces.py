@@ -1,0 +1,131 @@
+"""The small interfaces the engine needs; other packages implement them.
+
+`search` never imports Redis, Celery or HTTP code. A local run plugs in a local latency
+oracle, an in-process executor and a console event sink; the service plugs in Redis-backed
+ones. The engine code is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from search.arch_spec import ArchSpec
+
+
+@dataclass
+class TimingStats:
+    """Summary of repeated wall-clock timings of one model, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    iqr_ms: float
+    cv: float
+    n: int
+    mean_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LatencyMeasurement:
+    """One candidate timed interleaved with the reference (the unpruned model).
+
+    `ratio` is candidate time over reference time from the same interleaved run; budget
+    decisions use `ratio * baseline_ms`, where baseline_ms is the job's own measurement of the
+    unpruned model, so drift of the machine during a job cancels out.
+    """
+
+    arch_hash: str
+    ratio: float
+    candidate: TimingStats
+    reference: TimingStats
+    fingerprint: dict[str, Any]
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyMeasurement:
+        return cls(
+            arch_hash=data["arch_hash"],
+            ratio=float(data["ratio"]),
+            candidate=TimingStats(**data["candidate"]),
+            reference=TimingStats(**data["reference"]),
+            fingerprint=dict(data["fingerprint"]),
+            cached=bool(data.get("cached", False)),
+        )
+
+
+class LatencyOracle(Protocol):
+    """Measures latency of architectures on one target device."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Device class, host, runtime and versions, threads, batch, dtype."""
+
+    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
+        """Time the unpruned model alone: the job's baseline L(M0)."""
+
+    def measure(
+        self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
+    ) -> LatencyMeasurement:
+        """Time `candidate` interleaved with `reference`. `confirm` asks for more repeats.
+
+        Results are cached under (fingerprint, candidate hash, reference hash); a cached
+        result comes back with `cached=True` and costs no device time.
+        """
+
+
+class Executor(Protocol):
+    """Runs independent tasks (the children of one depth), possibly in parallel."""
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
+        """Results in the order of `tasks`."""
+
+
+class SequentialExecutor:
+    """Runs tasks one after another in this process (the default on a local device)."""
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
+        return [fn(task) for task in tasks]
+
+
+class EventSink(Protocol):
+    """Receives what the engine does: the CLI renders it, the service stores it."""
+
+    def emit(self, kind: str, **data: Any) -> None: ...
+
+
+@dataclass
+class ListEventSink:
+    """Keeps events in memory (tests, reports)."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def emit(self, kind: str, **data: Any) -> None:
+        self.events.append({"kind": kind, **data})
+
+
+class NodeStore(Protocol):
+    """Where candidate weights live between the steps of a search."""
+
+    def put(self, node_id: str, state_dict: dict[str, Any]) -> None: ...
+
+    def get(self, node_id: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class MemoryNodeStore:
+    """Node weights in this process's memory."""
+
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def put(self, node_id: str, state_dict: dict[str, Any]) -> None:
+        self.weights[node_id] = {k: v.detach().clone() for k, v in state_dict.items()}
+
+    def get(self, node_id: str) -> dict[str, Any]:
+        return self.weights[node_id]

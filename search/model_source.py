@@ -1,0 +1,391 @@
+"""Model sources: build a model from a reference string, load and save its weights.
+
+A source is one of `builtin:NAME` (our zoo), `module:package.module:callable` (user code that
+returns an `nn.Module`), `torchvision:NAME` or `timm:NAME` (only where those libraries import).
+Weights are a state dict in a `.safetensors` or torch file; pickled whole modules are refused
+unless the operator opts in, because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import pickletools
+import struct
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from search.errors import ArchtreeError
+from search.zoo import BUILTIN_MODELS, builtin_names
+
+SOURCE_FORMS = "builtin:NAME, module:package.module:callable, torchvision:NAME, timm:NAME"
+# How many offending keys an error message names before summarising the rest.
+KEYS_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model to build: its source string and the classifier / input sizes."""
+
+    source: str
+    num_classes: int
+    in_channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelRef:
+        try:
+            return cls(
+                source=str(data["source"]),
+                num_classes=int(data["num_classes"]),
+                in_channels=int(data["in_channels"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArchtreeError(
+                f"invalid model reference {data!r} ({type(error).__name__}: {error}); "
+                "give source, num_classes and in_channels"
+            ) from None
+
+
+def build_model(ref: ModelRef) -> nn.Module:
+    """Build the randomly initialised model `ref` names, in eval mode.
+
+    Initialisation follows the global torch seed, so callers seed for repeatability.
+    """
+    if ref.num_classes < 1 or ref.in_channels < 1:
+        raise ArchtreeError(
+            f"model {ref.source!r} needs num_classes and in_channels of at least 1, "
+            f"got {ref.num_classes} and {ref.in_channels}"
+        )
+    prefix, _, rest = ref.source.partition(":")
+    builders = {
+        "builtin": _build_builtin,
+        "module": _build_from_module,
+        "torchvision": _build_torchvision,
+        "timm": _build_timm,
+    }
+    if prefix not in builders or not rest:
+        raise ArchtreeError(
+            f"unknown model source {ref.source!r}; accepted forms: {SOURCE_FORMS} "
+            "(see `archtree models` for the builtin names)"
+        )
+    model = builders[prefix](rest, ref)
+    if not isinstance(model, nn.Module):
+        raise ArchtreeError(
+            f"model source {ref.source!r} returned a {type(model).__name__}, not a torch "
+            "nn.Module; make it return the model"
+        )
+    return model.eval()
+
+
+def _build_builtin(name: str, ref: ModelRef) -> nn.Module:
+    if name not in BUILTIN_MODELS:
+        raise ArchtreeError(
+            f"unknown builtin model {name!r}; known: {', '.join(builtin_names())} "
+            "(run `archtree models` to list them)"
+        )
+    return BUILTIN_MODELS[name].constructor(ref.num_classes, ref.in_channels)
+
+
+def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or not attribute or ":" in module_name:
+        raise ArchtreeError(
+            f"malformed model source {ref.source!r}; expected module:package.module:callable, "
+            "e.g. module:mypkg.models:build_net"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ArchtreeError(
+            f"cannot import module {module_name!r} for {ref.source!r} ({error}); it must be "
+            "importable on this machine: install it or add its folder to PYTHONPATH"
+        ) from None
+    except Exception as error:
+        raise ArchtreeError(
+            f"importing module {module_name!r} for {ref.source!r} failed with "
+            f"{type(error).__name__}: {_first_line(error)}; fix that module"
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ArchtreeError(
+                f"module {module_name!r} has no attribute {attribute!r}; "
+                f"check the callable name in {ref.source!r}"
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise ArchtreeError(
+            f"{attribute!r} in module {module_name!r} is a {type(target).__name__}, not "
+            "callable; point the source at a function or class that returns an nn.Module"
+        )
+    try:
+        return target()
+    except Exception as error:
+        raise ArchtreeError(
+            f"calling {attribute}() from {module_name!r} failed with {type(error).__name__}: "
+            f"{_first_line(error)}; it must build the model with no arguments"
+        ) from None
+
+
+def _import_optional(library: str, source: str) -> Any:
+    try:
+        return importlib.import_module(library)
+    # torchvision's CUDA-only wheel fails with RuntimeError, not ImportError.
+    except Exception as error:
+        raise ArchtreeError(
+            f"{library} is not usable here ({type(error).__name__}: {_first_line(error)}), so "
+            f"{source!r} cannot be built; use a builtin: model or a module: source instead"
+        ) from None
+
+
+def _build_torchvision(name: str, ref: ModelRef) -> nn.Module:
+    torchvision = _import_optional("torchvision", ref.source)
+    if ref.in_channels != 3:
+        raise ArchtreeError(
+            f"torchvision models take 3 input channels, but the data has {ref.in_channels}; "
+            "use a builtin: or module: model for this data"
+        )
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=ref.num_classes)
+    except Exception as error:
+        raise ArchtreeError(
+            f"torchvision cannot build {name!r} ({_first_line(error)}); "
+            "see torchvision.models.list_models() for the names"
+        ) from None
+
+
+def _build_timm(name: str, ref: ModelRef) -> nn.Module:
+    timm = _import_optional("timm", ref.source)
+    try:
+        return timm.create_model(
+            name, pretrained=False, num_classes=ref.num_classes, in_chans=ref.in_channels
+        )
+    except Exception as error:
+        raise ArchtreeError(
+            f"timm cannot build {name!r} ({_first_line(error)}); "
+            "see timm.list_models() for the names"
+        ) from None
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    source: str | None = None,
+) -> None:
+    """Load a state dict from `path` into `model` (strict: same keys and shapes).
+
+    `.safetensors` files, torch state dicts, and checkpoints holding one under "state_dict"
+    or "model" are accepted. Pickled whole modules load only with `allow_pickle`. `source`
+    names the model in error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArchtreeError(f"weights file {str(path)!r} does not exist; check the path")
+    if not os.access(path, os.R_OK):
+        raise ArchtreeError(f"weights file {str(path)!r} is not readable; check its permissions")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        state = _read_safetensors(path)
+    else:
+        state = _read_torch_file(path, allow_pickle=allow_pickle)
+    _check_fits(model, state, path, source or type(model).__name__)
+    model.load_state_dict(state, strict=True)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:
+        raise ArchtreeError(
+            f"cannot read {str(path)!r} as safetensors ({_first_line(error)}): the file is "
+            "corrupt or truncated; save the weights again"
+        ) from None
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    # A safetensors file opens with a little-endian u64 header length, then a JSON object.
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    (header_length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and header_length < path.stat().st_size
+
+
+def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        content = _load_refused_file(path, error, allow_pickle=allow_pickle)
+    if isinstance(content, nn.Module):
+        content = content.state_dict()
+    if isinstance(content, dict):
+        for key in ("state_dict", "model"):
+            inner = content.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict()
+            if isinstance(inner, dict):
+                content = inner
+                break
+    if not isinstance(content, dict):
+        raise ArchtreeError(
+            f"{str(path)!r} holds a {type(content).__name__}, not a state dict; "
+            "save the weights with torch.save(model.state_dict(), path)"
+        )
+    not_tensors = [str(k) for k, v in content.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ArchtreeError(
+            f"{str(path)!r} is not a state dict: the values of {_some(not_tensors)} are not "
+            "tensors; save the weights with torch.save(model.state_dict(), path)"
+        )
+    return {str(key): value for key, value in content.items()}
+
+
+def _load_refused_file(path: Path, error: Exception, *, allow_pickle: bool) -> Any:
+    """Explain why a weights-only load failed, or load the pickle when the operator allows."""
+    scan = scan_pickle(path)
+    if scan is None:
+        raise ArchtreeError(
+            f"cannot read {str(path)!r} as a weights file ({type(error).__name__}): it is "
+            "corrupt, truncated or not a torch/safetensors file; save the weights again"
+        ) from None
+    if not allow_pickle:
+        if scan.is_module:
+            raise ArchtreeError(
+                f"{str(path)!r} is a pickled whole model, and loading a pickle runs arbitrary "
+                "code; re-save it as a state dict (torch.save(model.state_dict(), path)) or "
+                "pass --allow-pickle if you trust the file"
+            )
+        raise ArchtreeError(
+            f"{str(path)!r} holds Python objects besides tensors ({_some(scan.globals)}), and "
+            "loading them runs arbitrary code; re-save only the state dict "
+            "(torch.save(model.state_dict(), path)) or pass --allow-pickle if you trust the file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as pickle_error:
+        raise ArchtreeError(
+            f"unpickling {str(path)!r} failed ({type(pickle_error).__name__}: "
+            f"{_first_line(pickle_error)}); the code that defined the model must be importable "
+            "here, or re-save the weights as a state dict"
+        ) from None
+
+
+@dataclass
+class PickleScan:
+    """What a pickle refers to, read without executing it."""
+
+    globals: list[str]
+    is_module: bool
+
+
+def scan_pickle(path: Path) -> PickleScan | None:
+    """Read the pickle's opcodes without executing them; None when it is not a pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return None
+                data = archive.read(names[0])
+        else:
+            data = path.read_bytes()
+        stream = io.BytesIO(data)
+    except (OSError, zipfile.BadZipFile, KeyError, RuntimeError):
+        return None
+    found_globals: list[str] = []
+    strings: set[str] = set()
+    pickles = 0
+    # The legacy torch format is several pickles in a row followed by raw tensor bytes.
+    while stream.tell() < len(data):
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found_globals.append(arg.replace(" ", "."))
+                elif isinstance(arg, str):
+                    strings.add(arg)
+        except Exception:
+            break
+        pickles += 1
+    if pickles == 0:
+        return None
+    # Every pickled nn.Module carries its __dict__, whose keys include these.
+    is_module = {"_modules", "_parameters"} <= strings
+    # Name the globals that made the weights-only load refuse, not the tensor plumbing.
+    plumbing = ("torch.", "collections.", "__builtin__.", "builtins.")
+    unusual = [g for g in dict.fromkeys(found_globals) if not g.startswith(plumbing)]
+    return PickleScan(globals=unusual or found_globals, is_module=is_module)
+
+
+def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, source: str) -> None:
+    expected = model.state_dict()
+    if state and set(state) != set(expected) and all(k.startswith("module.") for k in state):
+        # Saved from a DataParallel wrapper: its keys carry a "module." prefix.
+        for key in list(state):
+            state[key.removeprefix("module.")] = state.pop(key)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    if wrong_shape:
+        problems.append(f"shape mismatch {_some(wrong_shape)}")
+    if problems:
+        raise ArchtreeError(
+            f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; "
+            "use the model (source, num_classes, in_channels) the weights were saved from"
+        )
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Save the model's state dict as safetensors (tied weights are stored once per key)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Cloning gives every key its own contiguous storage, which safetensors requires.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def describe_builtin_models() -> list[dict[str, Any]]:
+    """Name, family, description and parameter count (1x28x28 input, 10 classes) per model."""
+    rows = []
+    for entry in BUILTIN_MODELS.values():
+        model = entry.constructor(10, 1)
+        rows.append(
+            {
+                "name": entry.name,
+                "family": entry.family,
+                "description": entry.description,
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    return rows
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:KEYS_SHOWN])
+    more = len(items) - KEYS_SHOWN
+    return f"{shown} (+{more} more)" if more > 0 else shown
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -1,0 +1,157 @@
+"""Pruning moves: distinct ways to choose which channels a child removes from its parent.
+
+A move plus an amount (a fraction in [0, 1] of the removable channels in the move's scope)
+gives a removal plan: for each coupled group, the indices of the channels to remove. Within a
+group the least important channels always go first; moves differ in how many each group gives.
+
+- `global`: rank the channels of all groups together by importance (normalised per group).
+- `latency`: rank by importance lost per ms saved, ms estimated from the job's measurements.
+- `focused`: like `global`, but only inside one region (a stage, a block).
+- `uniform`: the same fraction of every group (the `uniform` baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from search.latency_estimate import LatencyEstimate
+from search.pruning import ChannelGroup, PrunableModel, keep_rounded
+
+MOVE_KINDS = ("global", "latency", "focused", "uniform")
+
+
+@dataclass(frozen=True)
+class Move:
+    kind: str
+    region: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.region}" if self.region else self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "region": self.region}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Move:
+        return cls(kind=data["kind"], region=data.get("region"))
+
+
+RemovalPlan = dict[str, list[int]]
+
+
+def scope(move: Move, pruner: PrunableModel) -> list[ChannelGroup]:
+    if move.kind == "focused":
+        return [g for g in pruner.groups if g.region == move.region]
+    return list(pruner.groups)
+
+
+def removal_plan(
+    move: Move,
+    pruner: PrunableModel,
+    importance: dict[str, np.ndarray],
+    fraction: float,
+    estimate: LatencyEstimate | None = None,
+) -> RemovalPlan:
+    """Channels to remove for `move` at `fraction` of the removable channels in its scope."""
+    groups = [g for g in scope(move, pruner) if g.removable > 0]
+    fraction = float(np.clip(fraction, 0.0, 1.0))
+    if not groups or fraction == 0.0:
+        return {}
+    if move.kind == "uniform":
+        counts = {g.name: int(round(fraction * g.removable)) for g in groups}
+    else:
+        counts = _ranked_counts(move, groups, importance, fraction, estimate)
+    plan: RemovalPlan = {}
+    for group in groups:
+        count = keep_rounded(group.size, counts.get(group.name, 0), pruner.round_to, group.min_size)
+        if count > 0:
+            order = np.argsort(importance[group.name], kind="stable")
+            plan[group.name] = sorted(int(i) for i in order[:count])
+    return plan
+
+
+def _ranked_counts(
+    move: Move,
+    groups: list[ChannelGroup],
+    importance: dict[str, np.ndarray],
+    fraction: float,
+    estimate: LatencyEstimate | None,
+) -> dict[str, int]:
+    """How many channels each group gives when the whole scope is ranked together."""
+    keys, owners = [], []
+    for index, group in enumerate(groups):
+        # Only a group's least important `removable` channels are candidates at all.
+        candidates = np.sort(importance[group.name])[: group.removable]
+        if move.kind == "latency":
+            ms_per_channel = group.macs_per_channel * _ms_per_mac(estimate, group.region)
+            candidates = candidates / max(ms_per_channel, 1e-12)
+        keys.append(candidates)
+        owners.append(np.full(len(candidates), index))
+    all_keys, all_owners = np.concatenate(keys), np.concatenate(owners)
+    total = int(round(fraction * len(all_keys)))
+    chosen = all_owners[np.argsort(all_keys, kind="stable")[:total]]
+    counts = np.bincount(chosen, minlength=len(groups))
+    return {group.name: int(counts[i]) for i, group in enumerate(groups)}
+
+
+def _ms_per_mac(estimate: LatencyEstimate | None, region: str) -> float:
+    return estimate.ms_per_mac(region) if estimate is not None else 1.0
+
+
+def plan_macs_saved(pruner: PrunableModel, plan: RemovalPlan) -> float:
+    return sum(
+        len(idx) * pruner.groups_by_name[name].macs_per_channel for name, idx in plan.items()
+    )
+
+
+def predicted_ms_saved(
+    pruner: PrunableModel, plan: RemovalPlan, estimate: LatencyEstimate
+) -> float:
+    return sum(
+        len(idx) * g.macs_per_channel * estimate.ms_per_mac(g.region)
+        for name, idx in plan.items()
+        for g in [pruner.groups_by_name[name]]
+    )
+
+
+def importance_lost(plan: RemovalPlan, importance: dict[str, np.ndarray]) -> float:
+    return float(sum(importance[name][idx].sum() for name, idx in plan.items()))
+
+
+def candidate_moves(
+    pruner: PrunableModel,
+    importance: dict[str, np.ndarray],
+    estimate: LatencyEstimate,
+    kinds: tuple[str, ...],
+    branching: int,
+    needed_ms: float = 0.0,
+    probe_fraction: float = 0.3,
+) -> list[Move]:
+    """Up to `branching` distinct moves for a node, in order of preference.
+
+    `global` and `latency` first; then one `focused` move per region, regions ordered by the
+    estimated ms saved per importance lost when `probe_fraction` of their channels go. A
+    region that is estimated to save well under `needed_ms` even at its minimum width is left
+    out: its bisection would only spend measurements to find it cannot reach the target.
+    """
+    moves = [Move(kind) for kind in kinds if kind in ("global", "latency", "uniform")]
+    if "focused" in kinds:
+        ratios = []
+        for region in pruner.regions:
+            move = Move("focused", region)
+            plan = removal_plan(move, pruner, importance, probe_fraction, estimate)
+            if not plan:
+                continue
+            most = predicted_ms_saved(pruner, removal_plan(move, pruner, importance, 1.0), estimate)
+            if most < 0.8 * needed_ms:
+                continue
+            saved = predicted_ms_saved(pruner, plan, estimate)
+            lost = importance_lost(plan, importance)
+            ratios.append((saved / max(lost, 1e-12), region))
+        ratios.sort(key=lambda item: (-item[0], item[1]))
+        moves.extend(Move("focused", region) for _, region in ratios)
+    return moves[:branching]

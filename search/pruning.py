@@ -1,0 +1,236 @@
+"""Coupled channel groups of a model, their importance, and channel removal.
+
+All channel surgery goes through torch-pruning's dependency graph: removing channels of one
+group also removes the coupled channels of every layer that depends on them (batch norms,
+depthwise convs, residual adds, the next layer's inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from search.errors import ArchtreeError
+
+PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class ChannelGroup:
+    """One set of coupled channels, named after the layer whose output channels it roots."""
+
+    name: str
+    size: int
+    min_size: int
+    region: str
+    macs_per_channel: float
+
+    @property
+    def removable(self) -> int:
+        return max(0, self.size - self.min_size)
+
+
+def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Names of the conv/linear layers that produce the model's output (never pruned)."""
+    order: list[str] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order[-1:]
+
+
+def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, float]:
+    """Multiply-accumulates per sample of every conv and linear layer."""
+    macs: dict[nn.Module, float] = {}
+
+    def record(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        per_sample_outputs = output.numel() / output.shape[0]
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kernel = math.prod(module.kernel_size)
+            macs[module] = per_sample_outputs * module.in_channels / module.groups * kernel
+        else:
+            macs[module] = per_sample_outputs * module.in_features
+
+    hooks = [
+        m.register_forward_hook(record) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs
+
+
+def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
+    return float(sum(layer_macs(model, example_input).values()))
+
+
+def _out_width(module: nn.Module) -> int:
+    return module.out_channels if hasattr(module, "out_channels") else module.out_features
+
+
+def region_of(names: Sequence[str]) -> dict[str, str]:
+    """Map each layer name to its network region (a stage or a block).
+
+    Uses the coarsest level of the module hierarchy that splits the layers into at least
+    three regions, so `layer1.0.conv1` lands in `layer1` for a ResNet and `features.3.conv.0`
+    in `features.3` for a net that keeps all its blocks in one `features` container.
+    """
+    depth = max((len(n.split(".")) for n in names), default=1)
+    for level in range(1, depth + 1):
+        regions = {n: ".".join(n.split(".")[:level]) for n in names}
+        if len(set(regions.values())) >= 3:
+            return regions
+    return {n: ".".join(n.split(".")[:-1]) or n for n in names}
+
+
+class PrunableModel:
+    """A model with its dependency graph and coupled channel groups.
+
+    The model is modified in place by `remove`; callers pass a copy when they need the
+    original intact.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        *,
+        round_to: int = 1,
+        min_width_fraction: float = 0.1,
+        ignored_layers: Sequence[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.example_input = example_input
+        self.round_to = max(1, int(round_to))
+        names = {module: name for name, module in model.named_modules()}
+        self._names = names
+        self._modules_by_name = {name: module for module, name in names.items()}
+        ignored_names = list(ignored_layers or output_layer_names(model, example_input))
+        self.ignored_layers = ignored_names
+        ignored = [self._modules_by_name[n] for n in ignored_names]
+        with torch.enable_grad():
+            self.graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, verbose=False
+            )
+        macs = layer_macs(model, example_input)
+        self._handlers: dict[str, object] = {}
+        raw_groups = []
+        for group in self.graph.get_all_groups(
+            ignored_layers=ignored, root_module_types=PRUNABLE_TYPES
+        ):
+            root = group[0].dep.target.module
+            name = names[root]
+            self._handlers[name] = group[0].dep.handler
+            size = _out_width(root)
+            raw_groups.append((name, size, self._macs_per_channel(group, macs)))
+        regions = region_of([name for name, _, _ in raw_groups])
+        self.groups: list[ChannelGroup] = []
+        for name, size, per_channel in raw_groups:
+            floor = max(self.round_to, math.ceil(size * min_width_fraction), 1)
+            self.groups.append(
+                ChannelGroup(
+                    name=name,
+                    size=size,
+                    min_size=min(size, floor),
+                    region=regions[name],
+                    macs_per_channel=per_channel,
+                )
+            )
+        self.groups_by_name = {g.name: g for g in self.groups}
+
+    def _macs_per_channel(self, group: tp.Group, macs: Mapping[nn.Module, float]) -> float:
+        saved: dict[nn.Module, float] = {}
+        for item in group:
+            module = item.dep.target.module
+            if module not in macs:
+                continue
+            if self.graph.is_out_channel_pruning_fn(item.dep.handler):
+                width = _out_width(module)
+            else:
+                width = module.in_channels if hasattr(module, "in_channels") else module.in_features
+            saved[module] = max(saved.get(module, 0.0), macs[module] / max(1, width))
+        return float(sum(saved.values()))
+
+    @property
+    def regions(self) -> list[str]:
+        return sorted({g.region for g in self.groups})
+
+    def importance(
+        self,
+        criterion: str = "l2",
+        calib: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Per-channel importance of every group, normalised to mean 1 within each group."""
+        if criterion == "l2":
+            scorer = tp.importance.GroupMagnitudeImportance(p=2)
+        elif criterion == "taylor":
+            if calib is None:
+                raise ArchtreeError("Taylor importance needs labelled calibration data.")
+            scorer = tp.importance.GroupTaylorImportance()
+            x, y = calib
+            self.model.zero_grad()
+            with torch.enable_grad():
+                loss = nn.functional.cross_entropy(self.model(x), y)
+                loss.backward()
+        else:
+            raise ArchtreeError(f"Unknown importance criterion {criterion!r}: use l2 or taylor.")
+        scores: dict[str, np.ndarray] = {}
+        for group in self.graph.get_all_groups(
+            ignored_layers=[self._modules_by_name[n] for n in self.ignored_layers],
+            root_module_types=PRUNABLE_TYPES,
+        ):
+            name = self._names[group[0].dep.target.module]
+            values = scorer(group)
+            if values is None:
+                values = torch.ones(len(group[0].idxs))
+            values = values.detach().double().abs().cpu().numpy()
+            mean = values.mean()
+            scores[name] = values / mean if mean > 0 else np.ones_like(values)
+        if criterion == "taylor":
+            self.model.zero_grad(set_to_none=True)
+        return scores
+
+    def remove(self, removals: Mapping[str, Sequence[int]]) -> None:
+        """Remove the given channel indices of each named group, with all coupled channels."""
+        for name, indices in removals.items():
+            indices = sorted({int(i) for i in indices})
+            if not indices:
+                continue
+            group_info = self.groups_by_name[name]
+            if len(indices) >= group_info.size:
+                raise ValueError(f"cannot remove all {group_info.size} channels of {name}")
+            module = self._modules_by_name[name]
+            group = self.graph.get_pruning_group(module, self._handlers[name], indices)
+            if not self.graph.check_pruning_group(group):
+                raise ValueError(
+                    f"torch-pruning refused to prune {len(indices)} channels of {name}"
+                )
+            group.prune()
+            group_info.size -= len(indices)
+
+
+def keep_rounded(size: int, remove: int, round_to: int, min_size: int) -> int:
+    """Adjust a removal count so the kept width is a multiple of `round_to` (when possible)."""
+    remove = max(0, min(remove, size - min_size))
+    if round_to <= 1 or remove == 0:
+        return remove
+    keep = size - remove
+    rounded_keep = max(min_size, int(math.ceil(keep / round_to) * round_to))
+    return max(0, size - min(size, rounded_keep))

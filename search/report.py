@@ -1,0 +1,50 @@
+"""The search report: what was asked, what was found, and the tree that was explored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.context import SearchContext
+from search.engine import SearchOutcome, parameter_count
+
+
+def build_report(
+    context: SearchContext, outcome: SearchOutcome, inputs: dict[str, Any]
+) -> dict[str, Any]:
+    """report.json's content. `inputs` records the user's own words (sources, budget)."""
+    state, settings = outcome.state, context.settings
+    root = state.root
+    return {
+        "budget_ms": state.budget_ms,
+        "inputs": inputs,
+        "device": context.oracle.fingerprint(),
+        "baseline": {
+            "latency_ms": state.baseline_ms,
+            "accuracy": outcome.baseline_accuracy,
+            "params": root.params,
+            "macs": root.macs,
+        },
+        "final": {
+            "node": outcome.answer.id,
+            "latency_ms": outcome.confirmed_latency_ms,
+            "latency_ratio": outcome.confirmed_ratio,
+            "budget_fit": outcome.confirmed_latency_ms / state.budget_ms,
+            "accuracy": outcome.final_accuracy,
+            "params": parameter_count(outcome.model),
+            "macs": outcome.answer.macs,
+            "arch_hash": outcome.answer.spec.hash,
+            "trims": outcome.trims,
+        },
+        "search": {
+            "strategy": settings.strategy,
+            "width": settings.width,
+            "branching": settings.branching,
+            "depths": state.depth,
+            "candidates_evaluated": state.candidates_evaluated,
+            "latency_measurements": state.measurements,
+            "cache_hits": state.cache_hits,
+            "wall_s": outcome.wall_s,
+            "settings": settings.to_dict(),
+        },
+        "tree": [node.summary() for node in state.nodes.values()],
+    }

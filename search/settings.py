@@ -1,0 +1,82 @@
+"""Search settings: every number of the method is a setting with a default."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from search.errors import ArchtreeError
+
+STRATEGIES = ("archtree", "greedy", "uniform")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the tree search runs.
+
+    strategy: `archtree` (tree of width K), `greedy` (K = 1, NetAdapt-like) or `uniform` (one
+    pruning ratio for every group, bisected on measured latency).
+    """
+
+    strategy: str = "archtree"
+    width: int = 4
+    branching: int = 4
+    planned_steps: int = 3
+    max_depth: int = 6
+    move_kinds: tuple[str, ...] = ("global", "latency", "focused")
+    importance: str = "l2"
+    round_to: int = 1
+    min_width_fraction: float = 0.1
+    max_probes: int = 5
+    fit_tolerance: float = 0.03
+    ft_steps: int = 20
+    ft_lr: float = 0.01
+    ft_batch_size: int = 32
+    final_epochs: float = 0.0
+    final_lr: float = 0.01
+    kd_weight: float = 0.5
+    confirm_trims: int = 3
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def effective(self) -> SearchSettings:
+        """The settings the engine really runs with, once the strategy is applied."""
+        self.validate()
+        if self.strategy == "greedy":
+            return replace(self, width=1)
+        if self.strategy == "uniform":
+            return replace(self, width=1, branching=1, planned_steps=1, move_kinds=("uniform",))
+        return self
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ArchtreeError(
+                f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
+            )
+        checks = [
+            (self.width >= 1, "--width must be at least 1"),
+            (self.branching >= 1, "--branching must be at least 1"),
+            (self.planned_steps >= 1, "--planned-steps must be at least 1"),
+            (self.max_depth >= self.planned_steps, "--max-depth must be at least --planned-steps"),
+            (self.ft_steps >= 0, "--ft-steps cannot be negative"),
+            (self.final_epochs >= 0, "--final-epochs cannot be negative"),
+            (self.round_to >= 1, "--round-to must be at least 1"),
+            (0.0 <= self.min_width_fraction < 1.0, "--min-width must be in [0, 1)"),
+            (self.importance in ("l2", "taylor"), "--importance must be l2 or taylor"),
+            (self.max_probes >= 1, "--max-probes must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ArchtreeError(message + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["move_kinds"] = list(self.move_kinds)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSettings:
+        data = dict(data)
+        if "move_kinds" in data:
+            data["move_kinds"] = tuple(data["move_kinds"])
+        return cls(**data)

@@ -1,0 +1,156 @@
+"""Training, fine-tuning with knowledge distillation, and scoring (accuracy, fidelity)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.errors import ArchtreeError
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    epochs: float | None = None,
+    steps: int | None = None,
+    batch_size: int = 64,
+    lr: float = 0.01,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    kd_weight: float = 0.5,
+    kd_temperature: float = 4.0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> None:
+    """Train `model` in place with SGD and cosine decay, optionally distilling from `teacher`.
+
+    Give either `epochs` or `steps`. Without labels (`y is None`) the loss is distillation
+    only. `teacher_logits` (the teacher's outputs on `x`, computed once) replaces running the
+    teacher at every step. `progress(step, total_steps, loss)` is called after each step. The
+    model is left in eval mode.
+    """
+    if (epochs is None) == (steps is None):
+        raise ArchtreeError("give exactly one of epochs or steps for training")
+    if teacher_logits is not None and len(teacher_logits) != len(x):
+        raise ValueError("teacher_logits must hold one row per training sample")
+    if y is None and teacher is None and teacher_logits is None:
+        raise ArchtreeError("training without labels needs a teacher model to distil from")
+    if len(x) < 2:
+        # Batch norm cannot normalise a batch of one sample in training mode.
+        raise ArchtreeError(f"cannot train on {len(x)} samples; give at least 2")
+    batch_size = max(1, min(batch_size, len(x)))
+    batches_per_epoch = math.ceil(len(x) / batch_size)
+    total = steps if steps is not None else max(1, round(epochs * batches_per_epoch))
+    if total <= 0:
+        model.eval()
+        return
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if teacher is not None:
+        teacher.eval()
+    # Dropout or other random layers draw from the global generator; seed it for repeatability.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        cursor = 0
+        for step in range(1, total + 1):
+            if cursor + batch_size > len(x):
+                order = torch.randperm(len(x), generator=generator)
+                cursor = 0
+            index = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            batch_x = x[index]
+            student_logits = model(batch_x)
+            if teacher_logits is not None:
+                batch_teacher = teacher_logits[index]
+            elif teacher is not None:
+                with torch.no_grad():
+                    batch_teacher = teacher(batch_x)
+            else:
+                batch_teacher = None
+            loss = _loss(
+                student_logits,
+                None if y is None else y[index],
+                batch_teacher,
+                kd_weight=kd_weight,
+                kd_temperature=kd_temperature,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if progress is not None:
+                progress(step, total, float(loss.detach()))
+    model.eval()
+
+
+def _loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    *,
+    kd_weight: float,
+    kd_temperature: float,
+) -> torch.Tensor:
+    if teacher_logits is None:
+        return F.cross_entropy(student_logits, labels)
+    # T^2 keeps the distillation gradient on the same scale as cross entropy (Hinton et al.).
+    distill = kd_temperature**2 * _kl(teacher_logits, student_logits, kd_temperature)
+    if labels is None:
+        return distill
+    return (1 - kd_weight) * F.cross_entropy(student_logits, labels) + kd_weight * distill
+
+
+def _kl(
+    reference_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean over the batch of KL(softmax(reference / T) || softmax(logits / T))."""
+    return F.kl_div(
+        F.log_softmax(logits / temperature, dim=1),
+        F.log_softmax(reference_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The model's outputs on `x`, computed in eval mode by batches."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        outputs = [model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]
+    model.train(was_training)
+    if not outputs:
+        return torch.empty(0)
+    return torch.cat(outputs)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` on (x, y), in [0, 1]."""
+    if len(x) == 0:
+        return 0.0
+    predictions = logits(model, x, batch_size).argmax(dim=1)
+    return float((predictions == y).float().mean())
+
+
+def fidelity(
+    model: nn.Module, reference_logits: torch.Tensor, x: torch.Tensor, batch_size: int = 256
+) -> float:
+    """Minus the mean KL(softmax(reference) || softmax(model)): 0 is perfect, higher is better."""
+    if len(x) == 0:
+        return 0.0
+    return -float(_kl(reference_logits, logits(model, x, batch_size)))

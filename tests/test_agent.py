@@ -1,0 +1,305 @@
+"""Device agents and the remote oracle: real agent processes on a private Redis server."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+from latency.agent import MeasurementAgent, agent_main, register_via_api
+from latency.device_registry import DeviceRegistry
+from latency.measurement_protocol import (
+    CONSUMER_GROUP,
+    MeasurementReply,
+    MeasurementRequest,
+    ensure_group,
+    send_request,
+    stream_key,
+)
+from latency.remote_oracle import MeasurementCancelled, RemoteOracle
+from search.arch_spec import ArchSpec, spec_of
+from search.errors import ArchtreeError
+from search.model_source import ModelRef, build_model
+from search.pruning import PrunableModel
+from tests.redis_fixtures import wait_until
+
+pytest_plugins = ["tests.redis_fixtures"]
+
+AGENT_START_S = 30.0
+VGG = ModelRef("builtin:vgg", num_classes=10, in_channels=1)
+INPUT_SHAPE = (1, 28, 28)
+
+
+@functools.cache
+def vgg_specs() -> tuple[ArchSpec, list[ArchSpec]]:
+    """The unpruned builtin VGG and four versions with fewer channels in its last conv."""
+    reference = spec_of(build_model(VGG), VGG, INPUT_SHAPE)
+    candidates = []
+    for removed in (16, 32, 48, 64):
+        model = build_model(VGG)
+        pruner = PrunableModel(model, torch.zeros(1, *INPUT_SHAPE))
+        pruner.remove({"features.5.0": range(removed)})
+        candidates.append(spec_of(model, VGG, INPUT_SHAPE))
+    return reference, candidates
+
+
+def blocked_readers(client: redis.Redis) -> int:
+    """How many connections wait inside XREADGROUP right now (agents ready for requests)."""
+    return sum(
+        1
+        for entry in client.client_list()
+        if entry.get("cmd") == "xreadgroup" and "b" in entry.get("flags", "")
+    )
+
+
+def entries_added(client: redis.Redis, device_class: str) -> int:
+    return int(client.xinfo_stream(stream_key(device_class))["entries-added"])
+
+
+def in_thread(function: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run `function(*args)` in a thread; its result or exception lands in the dict."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_two_agents_share_the_requests_and_results_are_cached(redis_client, agents) -> None:
+    device_class = "shared-cpu"
+    agents(device_class)
+    agents(device_class)
+    registry = DeviceRegistry(redis_client)
+    wait_until(lambda: blocked_readers(redis_client) == 2, AGENT_START_S, "two agents")
+    assert registry.live_agents(device_class) == 2
+    reference, candidates = vgg_specs()
+    oracle = RemoteOracle(redis_client, device_class, timeout_s=60, poll_s=0.05)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda spec: oracle.measure(spec, reference), candidates))
+    baseline = oracle.measure_reference(reference)
+
+    assert [r.arch_hash for r in results] == [spec.hash for spec in candidates]
+    assert all(r.ratio > 0 and r.candidate.n > 0 for r in results)
+    assert baseline.n > 0
+    answered_by = {r.fingerprint["agent_id"] for r in results}
+    assert answered_by == {record["id"] for record in registry.list()}
+    assert oracle.measurements == 5 and oracle.cache_hits == 0
+    assert len(oracle.round_trip_s) == 5 and len(oracle.agent_timing_s) == 5
+    assert all(
+        trip >= timing > 0
+        for trip, timing in zip(oracle.round_trip_s, oracle.agent_timing_s, strict=True)
+    )
+    fingerprint = oracle.fingerprint()
+    assert fingerprint["device_class"] == device_class
+    assert fingerprint["input_shape"] == list(INPUT_SHAPE)
+    assert fingerprint["agent_id"] in answered_by and fingerprint["host"]
+
+    sent = entries_added(redis_client, device_class)
+    again = oracle.measure(candidates[0], reference)
+    assert again.cached and again.ratio == results[0].ratio
+    assert oracle.measure_reference(reference) == baseline
+    other_worker = RemoteOracle(redis_client, device_class)
+    assert other_worker.measure(candidates[1], reference).cached
+    assert entries_added(redis_client, device_class) == sent
+    assert oracle.cache_hits == 2 and oracle.measurements == 5
+    wait_until(lambda: registry.queue_depth(device_class) == 0, 10, "the last ack")
+    assert redis_client.xlen(stream_key(device_class)) == 0  # answered entries are deleted
+
+
+def test_request_of_a_killed_agent_is_claimed_by_another(redis_client, agents) -> None:
+    device_class = "claim-cpu"
+    # A long block keeps the first agent waiting inside XREADGROUP, so that stopping it there
+    # makes Redis hand it the next request, which it then holds when it is killed.
+    doomed = agents(device_class, block_ms=120_000)
+    wait_until(lambda: blocked_readers(redis_client) == 1, AGENT_START_S, "the agent to wait")
+    os.kill(doomed.pid, signal.SIGSTOP)
+    reference, candidates = vgg_specs()
+    oracle = RemoteOracle(redis_client, device_class, timeout_s=60, poll_s=0.05)
+    thread, outcome = in_thread(oracle.measure, candidates[0], reference)
+    stream = stream_key(device_class)
+    pending = wait_until(
+        lambda: redis_client.xpending_range(stream, CONSUMER_GROUP, "-", "+", 10),
+        10,
+        "the stopped agent to hold the request",
+    )
+    doomed_id = pending[0]["consumer"].decode()
+    doomed.kill()
+
+    agents(device_class, claim_idle_ms=200)
+    thread.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    claimer_id = outcome["result"].fingerprint["agent_id"]
+    assert claimer_id != doomed_id
+    # The agent acknowledges right after replying, so the ack may trail the reply a little.
+    wait_until(lambda: redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0, 10, "the ack")
+
+
+def test_without_live_agents_the_oracle_waits_then_explains(redis_client) -> None:
+    device_class = "nobody-cpu"
+    reference, _ = vgg_specs()
+    calls: list[bool] = []
+    oracle = RemoteOracle(
+        redis_client,
+        device_class,
+        wait_for_device_s=0.3,
+        poll_s=0.05,
+        on_waiting=calls.append,
+        api_url="http://api:8000",
+    )
+    with pytest.raises(ArchtreeError) as caught:
+        oracle.measure_reference(reference)
+    message = str(caught.value)
+    assert "no agent of device class nobody-cpu has been online for 0.3 s" in message
+    assert "archtree agent --api http://api:8000 --device-class nobody-cpu" in message
+    assert calls == [True]
+    # The withdrawn request would waste an agent's time when one starts.
+    assert redis_client.xlen(stream_key(device_class)) == 0
+
+    stop = threading.Event()
+    cancelling = RemoteOracle(redis_client, device_class, poll_s=0.05, cancelled=stop.is_set)
+    stop.set()
+    with pytest.raises(MeasurementCancelled):
+        cancelling.measure_reference(reference)
+    assert redis_client.xlen(stream_key(device_class)) == 0
+
+
+def test_unanswered_request_is_sent_once_more_then_fails(redis_client) -> None:
+    device_class = "silent-cpu"
+    registry = DeviceRegistry(redis_client)
+    silent = registry.register({"device_class": device_class, "host": "silent"})["id"]
+    reference, _ = vgg_specs()
+    oracle = RemoteOracle(redis_client, device_class, timeout_s=0.2, poll_s=0.05)
+    thread, outcome = in_thread(oracle.measure_reference, reference)
+    ensure_group(redis_client, device_class)
+    stream = stream_key(device_class)
+    taken = []
+    while len(taken) < 2:
+        read = redis_client.xreadgroup(CONSUMER_GROUP, silent, {stream: ">"}, count=1, block=5000)
+        assert read, "the oracle sent no request"
+        taken.append(read[0][1][0][1][b"request_id"])
+    thread.join(timeout=10)
+    assert isinstance(outcome.get("error"), ArchtreeError)
+    assert "sent twice" in str(outcome["error"])
+    assert taken[0] == taken[1]  # the same request, so a late first answer still counts
+    assert entries_added(redis_client, device_class) == 2
+
+
+def test_registry_tracks_heartbeats_deletion_and_queue(redis_client) -> None:
+    registry = DeviceRegistry(redis_client, heartbeat_ttl_s=0.3)
+    info = {
+        "device_class": "jetson-gpu",
+        "host": "bench-1",
+        "runtime": "torch",
+        "runtime_version": torch.__version__,
+        "cpu": "arm",
+        "gpu": "orin",
+        "threads": 4,
+    }
+    record = registry.register(info)
+    device_id = record["id"]
+    assert record["online"] and record["registered_at"] > 0
+    assert {k: record[k] for k in info} == info
+    assert registry.live_agents("jetson-gpu") == 1
+    assert registry.live_agents("other") == 0
+    assert [r["id"] for r in registry.list()] == [device_id]
+
+    wait_until(lambda: not registry.get(device_id)["online"], 5, "the device to go offline")
+    assert registry.live_agents("jetson-gpu") == 0
+    offline_seen = registry.get(device_id)["last_seen"]
+    assert registry.heartbeat(device_id)
+    back = registry.get(device_id)
+    assert back["online"] and back["last_seen"] > offline_seen
+
+    assert registry.queue_depth("jetson-gpu") == 0
+    for number in range(3):
+        send_request(redis_client, "jetson-gpu", MeasurementRequest(f"{number}", "{}"))
+    assert registry.queue_depth("jetson-gpu") == 3
+    stream = stream_key("jetson-gpu")
+    read = redis_client.xreadgroup(CONSUMER_GROUP, device_id, {stream: ">"}, count=1)
+    assert registry.queue_depth("jetson-gpu") == 3  # two waiting plus one being timed
+    entry_id = read[0][1][0][0]
+    redis_client.xack(stream, CONSUMER_GROUP, entry_id)
+    redis_client.xdel(stream, entry_id)
+    assert registry.queue_depth("jetson-gpu") == 2
+    assert registry.classes() == ["jetson-gpu"]
+
+    assert registry.delete(device_id)
+    assert not registry.heartbeat(device_id)
+    assert registry.get(device_id) is None
+    assert not registry.delete(device_id)
+    assert registry.list() == []
+
+
+def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(redis_client, agents) -> None:
+    device_class = "robust-cpu"
+    agent = agents(device_class)
+    wait_until(lambda: blocked_readers(redis_client) == 1, AGENT_START_S, "the agent")
+    stream = stream_key(device_class)
+
+    garbled = MeasurementRequest(candidate="{not json", reference="{not json either")
+    send_request(redis_client, device_class, garbled)
+    _, payload = redis_client.blpop([garbled.reply_to], timeout=30)
+    reply = MeasurementReply.from_json(payload)
+    assert reply.error and reply.request_id == garbled.request_id and reply.result is None
+
+    redis_client.xadd(stream, {"candidate": "{}"})  # no reply_to: nobody to answer
+    wait_until(lambda: redis_client.xlen(stream) == 0, 30, "the agent to drop the entry")
+
+    reference, candidates = vgg_specs()
+    oracle = RemoteOracle(redis_client, device_class, timeout_s=60, poll_s=0.05)
+    unknown = ArchSpec(
+        model=ModelRef("builtin:nope", 10, 1), input_shape=INPUT_SHAPE, layers=reference.layers
+    )
+    with pytest.raises(ArchtreeError, match="could not measure .*unknown builtin model 'nope'"):
+        oracle.measure(unknown, reference)
+    foreign = ArchSpec(
+        model=ModelRef("module:os:getpid", 10, 1), input_shape=INPUT_SHAPE, layers={}
+    )
+    with pytest.raises(ArchtreeError, match="does not build 'module:os:getpid'"):
+        oracle.measure_reference(foreign)
+
+    assert oracle.measure(candidates[0], reference).ratio > 0
+    assert agent.process.poll() is None
+    assert agent.stop() == 0, agent.output()
+    # The agent acknowledges right after replying, so the ack may trail the reply a little.
+    wait_until(lambda: redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0, 10, "the ack")
+
+
+def test_deleted_agent_stops(redis_client) -> None:
+    registry = DeviceRegistry(redis_client)
+    agent = MeasurementAgent(
+        redis_client, "gone-cpu", block_ms=20, heartbeat_s=0.02, registry=registry
+    )
+    stop = threading.Event()
+    thread, outcome = in_thread(agent.run, stop)
+    wait_until(lambda: registry.live_agents("gone-cpu") == 1, 10, "the agent to register")
+    assert registry.delete(str(agent.agent_id))
+    thread.join(timeout=10)
+    assert not thread.is_alive() and "error" not in outcome
+    assert agent.deleted.is_set() and not stop.is_set()
+
+
+def test_unknown_runtime_and_unreachable_api_are_explained() -> None:
+    with pytest.raises(ArchtreeError, match="unsupported agent runtime 'onnx'.*torch"):
+        agent_main("http://127.0.0.1:9", "edge-cpu", runtime="onnx")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    api = f"http://127.0.0.1:{closed_port}"
+    with pytest.raises(ArchtreeError, match=f"API at {api} cannot be reached.*archtree up"):
+        register_via_api(api, {"device_class": "edge-cpu"}, timeout_s=2)

@@ -1,0 +1,241 @@
+"""End to end: the real `archtree` command in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2"]
+
+
+def archtree(
+    *args: str, home: Path, check: bool = True, extra_path: Path | None = None
+) -> subprocess.CompletedProcess:
+    paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
+    env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": os.pathsep.join(paths)}
+    result = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"archtree {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def resnet_weights(tmp_path_factory) -> Path:
+    from search.model_source import ModelRef, build_model, save_weights
+
+    torch.manual_seed(1)
+    model = build_model(ModelRef("builtin:resnet", num_classes=10, in_channels=1))
+    path = tmp_path_factory.mktemp("weights") / "resnet.safetensors"
+    save_weights(model, path)
+    return path
+
+
+def nodes_per_depth(report: dict) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for node in report["tree"]:
+        counts[node["depth"]] = counts.get(node["depth"], 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home, resnet_weights):
+    out = tmp_path / "pruned"
+    archtree(
+        "prune", "--model", "builtin:resnet", "--weights", str(resnet_weights),
+        "--data", "builtin:mnist", "--budget", "60%", "--out", str(out), *FAST, home=home,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["latency_ms"] <= report["budget_ms"]
+    assert report["budget_ms"] == pytest.approx(0.6 * report["baseline"]["latency_ms"])
+    assert report["final"]["params"] < report["baseline"]["params"]
+    assert 0.0 <= report["final"]["accuracy"] <= 1.0
+    for key in ("strategy", "width", "branching", "depths", "candidates_evaluated",
+                "latency_measurements", "cache_hits", "wall_s"):  # fmt: skip
+        assert key in report["search"]
+    for key in ("device_class", "host", "threads", "batch_size", "dtype", "input_shape"):
+        assert key in report["device"]
+    counts = nodes_per_depth(report)
+    assert all(counts[d] > 1 for d in counts if d >= 1)
+    ids = {n["id"] for n in report["tree"]}
+    assert report["final"]["node"] in ids
+    assert all(n["parent"] in ids for n in report["tree"] if n["parent"])
+
+    # The saved model reloads in a fresh process with identical outputs.
+    probe = tmp_path / "probe.pt"
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    torch.save({"x": x}, probe)
+    script = (
+        "import sys, torch; from search import load_pruned; "
+        "m = load_pruned(sys.argv[1]); x = torch.load(sys.argv[2])['x']; "
+        "torch.save({'y': m(x).detach()}, sys.argv[3])"
+    )
+    fresh = tmp_path / "fresh.pt"
+    subprocess.run(
+        [sys.executable, "-c", script, str(out), str(probe), str(fresh)],
+        check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    from search import load_pruned
+
+    here = load_pruned(out)(x).detach()
+    assert torch.equal(torch.load(fresh)["y"], here)
+    spec = json.loads((out / "arch.json").read_text())
+    assert len((out / "arch.json").read_bytes()) < 16_000
+    assert spec["model"]["source"] == "builtin:resnet"
+
+    # An existing result is never overwritten by accident.
+    again = archtree(
+        "prune", "--model", "builtin:resnet", "--data", "builtin:mnist", "--budget", "60%",
+        "--out", str(out), home=home, check=False,
+    )  # fmt: skip
+    assert again.returncode == 2
+    assert "--overwrite" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["greedy", "uniform"])
+def test_baseline_strategies_run_through_the_same_engine(tmp_path, home, strategy):
+    out = tmp_path / strategy
+    archtree(
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+        "--strategy", strategy, "--out", str(out), *FAST, home=home,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["strategy"] == strategy
+    assert report["search"]["width"] == 1
+    assert report["final"]["latency_ms"] <= report["budget_ms"]
+    moves = {n["move"] for n in report["tree"] if n["move"]}
+    if strategy == "uniform":
+        assert moves == {"uniform"}
+    else:
+        assert "global" in moves
+
+
+@pytest.mark.slow
+def test_width_one_equals_greedy(tmp_path, home):
+    common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%", *FAST]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    archtree("prune", *common, *cache, "--strategy", "greedy", "--out", str(tmp_path / "g"),
+             home=home)  # fmt: skip
+    archtree("prune", *common, *cache, "--width", "1", "--out", str(tmp_path / "w"), home=home)
+    greedy = json.loads((tmp_path / "g" / "report.json").read_text())
+    width_one = json.loads((tmp_path / "w" / "report.json").read_text())
+
+    def shape(report):
+        return [(n["id"], n["parent"], n["move"], n["arch_hash"]) for n in report["tree"]]
+
+    assert shape(greedy) == shape(width_one)
+    assert greedy["final"]["arch_hash"] == width_one["final"]["arch_hash"]
+    # The second run found every measurement in the shared cache.
+    assert width_one["search"]["cache_hits"] > 0
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    from search.model_source import ModelRef, build_model
+
+    folder = tmp_path_factory.mktemp("bad")
+    corrupt = folder / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00not a safetensors file at all")
+    corrupt_pt = folder / "corrupt.pt"
+    corrupt_pt.write_bytes(b"garbage")
+    pickled = folder / "whole_module.pt"
+    torch.save(build_model(ModelRef("builtin:resnet", 10, 1)), pickled)
+    odd_shape = folder / "odd.npz"
+    import numpy as np
+
+    np.savez(odd_shape, x=np.zeros((100, 3, 28, 28), dtype="float32"),
+             y=np.arange(100) % 10)  # fmt: skip
+    module_dir = folder / "usercode"
+    module_dir.mkdir()
+    (module_dir / "flat_net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+    )
+    return {"corrupt": corrupt, "corrupt_pt": corrupt_pt, "pickled": pickled,
+            "odd_shape": odd_shape, "module_dir": module_dir}  # fmt: skip
+
+
+def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
+    base = {"--model": "builtin:resnet", "--data": "builtin:digits", "--budget": budget,
+            "--out": str(tmp_path / "out")}  # fmt: skip
+    extra_list = list(extra)
+    for flag in list(base):
+        if any(e == flag or e.startswith(flag + "=") for e in extra_list):
+            base.pop(flag)
+    return ["prune", *[v for kv in base.items() for v in kv], *FAST, *extra_list]
+
+
+@pytest.mark.parametrize(
+    ("extra", "budget", "expected"),
+    [
+        (["--weights", "/nonexistent/w.safetensors"], "60%", "does not exist"),
+        (["--model", "builtin:nosuchnet"], "60%", "archtree models"),
+        (["--budget", "0ms"], None, "above zero"),
+        (["--budget=-3ms"], None, "Cannot read the budget"),
+        (["--budget"], None, "expected one argument"),
+        (["--width", "0"], None, "--width must be at least 1"),
+        (["--strategy", "random"], None, "invalid choice"),
+        (["--budget", "fast"], None, "Cannot read the budget"),
+        (["--budget", "0%"], None, "above zero"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected):
+    args = prune_args(tmp_path, *extra, budget=budget or "60%")
+    line = one_line_error(archtree(*args, home=home, check=False))
+    assert expected.lower() in line.lower()
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_corrupt_weights(tmp_path, home, bad_files):
+    for name in ("corrupt", "corrupt_pt"):
+        args = prune_args(tmp_path, "--weights", str(bad_files[name]))
+        line = one_line_error(archtree(*args, home=home, check=False))
+        assert str(bad_files[name].name) in line
+
+
+def test_pickle_is_refused_without_allow_pickle(tmp_path, home, bad_files):
+    args = prune_args(tmp_path, "--weights", str(bad_files["pickled"]), "--data", "builtin:mnist")
+    line = one_line_error(archtree(*args, home=home, check=False))
+    assert "pickle" in line.lower() and "--allow-pickle" in line
+
+
+def test_data_the_model_rejects(tmp_path, home, bad_files):
+    args = prune_args(tmp_path, "--model", "module:flat_net:build", "--data", "builtin:digits")
+    result = archtree(*args, home=home, check=False, extra_path=bad_files["module_dir"])
+    line = one_line_error(result)
+    assert "rejects inputs of shape" in line
+
+
+@pytest.mark.slow
+def test_unreachable_budget_reports_the_best_reachable_latency(tmp_path, home):
+    args = prune_args(tmp_path, "--min-width", "0.5", budget="3%")
+    line = one_line_error(archtree(*args, home=home, check=False))
+    assert "cannot be met" in line and "smallest model pruning can reach measures" in line

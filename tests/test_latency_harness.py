@@ -1,0 +1,150 @@
+"""Timing harness: statistics, adaptive run count, interleaving, restored state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from latency.harness import TimingSettings, summarize, time_interleaved, time_model
+
+FAST = TimingSettings(warmup_runs=3, warmup_s=0.0, min_runs=10, min_time_s=0.02, max_remeasures=0)
+
+
+def mlp(width: int, depth: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(depth)))
+
+
+class CallLog(nn.Module):
+    """Records its name and the torch thread count at every call."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.name = name
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append((self.name, torch.get_num_threads()))
+        return x * 2
+
+
+class Failing(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def test_summarize_statistics() -> None:
+    stats = summarize([1_000_000 * v for v in range(1, 101)])
+    assert stats.n == 100
+    assert stats.median_ms == pytest.approx(50.5)
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.iqr_ms == pytest.approx(49.5)
+    assert stats.cv == pytest.approx(49.5 / 1.349 / 50.5)
+
+
+def test_time_model_stats_are_consistent() -> None:
+    stats = time_model(mlp(64, 2), torch.randn(1, 64), FAST)
+    assert stats.n >= FAST.min_runs
+    assert 0 < stats.median_ms <= stats.p90_ms
+    assert stats.iqr_ms >= 0 and stats.cv >= 0 and stats.mean_ms > 0
+
+
+def test_run_count_grows_with_min_time() -> None:
+    model, x = mlp(64, 2), torch.randn(1, 64)
+    short = time_model(model, x, TimingSettings(warmup_runs=3, min_runs=5, min_time_s=0.01))
+    long = time_model(model, x, TimingSettings(warmup_runs=3, min_runs=5, min_time_s=0.1))
+    assert long.n >= 2 * short.n
+
+
+def test_max_runs_stops_a_long_measurement() -> None:
+    settings = TimingSettings(warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=20, min_time_s=60)
+    assert time_model(mlp(16, 1), torch.randn(1, 16), settings).n == 20
+
+
+def test_high_cv_triggers_remeasures() -> None:
+    log: list[tuple[str, int]] = []
+    exact = TimingSettings(
+        warmup_runs=2, warmup_s=0.0, min_runs=10, max_runs=10, min_time_s=0, cv_threshold=10.0
+    )
+    time_model(CallLog("m", log), torch.ones(1), exact)
+    assert len(log) == 2 + 10
+    log.clear()
+    # A zero threshold is never met, so every allowed re-measure happens.
+    never_met = replace(exact, cv_threshold=0.0, max_remeasures=2)
+    stats = time_model(CallLog("m", log), torch.ones(1), never_met)
+    assert len(log) == 2 + 3 * 10
+    assert stats.n == 10
+
+
+def test_threads_fixed_during_timing_and_restored() -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        log: list[tuple[str, int]] = []
+        time_model(CallLog("m", log), torch.ones(1), FAST)
+        assert {threads for _, threads in log} == {1}
+        assert torch.get_num_threads() == 2
+        model = Failing().train()
+        with pytest.raises(RuntimeError, match="boom"):
+            time_model(model, torch.ones(1), FAST)
+        assert torch.get_num_threads() == 2
+        assert model.training
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_eval_mode_during_timing_and_training_mode_restored() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).train()
+    seen: list[bool] = []
+    model.register_forward_hook(lambda module, args, out: seen.append(module.training))
+    time_model(model, torch.randn(1, 8), FAST)
+    assert seen and not any(seen)
+    assert model.training
+
+
+def test_interleaving_alternates_which_model_goes_first() -> None:
+    log: list[tuple[str, int]] = []
+    settings = TimingSettings(
+        warmup_runs=2, warmup_s=0.0, min_runs=6, max_runs=6, min_time_s=0, max_remeasures=0
+    )
+    candidate_stats, reference_stats, _ = time_interleaved(
+        CallLog("c", log), CallLog("r", log), torch.ones(1), settings
+    )
+    order = "".join(name for name, _ in log)
+    assert order == "crcr" + "crrc" * 3
+    assert candidate_stats.n == reference_stats.n == 6
+
+
+def test_interleaved_ratio_orders_models_by_work() -> None:
+    x = torch.randn(8, 256)
+    small, large = mlp(256, 1), mlp(256, 8)
+    large_stats, small_stats, ratio = time_interleaved(large, small, x, FAST)
+    assert ratio > 3
+    assert large_stats.median_ms > small_stats.median_ms
+    _, _, inverse = time_interleaved(small, large, x, FAST)
+    assert inverse < 1 / 3
+
+
+def test_same_model_interleaved_has_ratio_near_one() -> None:
+    model = mlp(128, 2)
+    _, _, ratio = time_interleaved(model, model, torch.randn(4, 128), FAST)
+    assert 0.5 < ratio < 2
+
+
+def test_scaled_settings_ask_for_more() -> None:
+    confirm = FAST.scaled()
+    assert confirm.min_runs == 4 * FAST.min_runs
+    assert confirm.min_time_s == pytest.approx(4 * FAST.min_time_s)
+    assert confirm.max_runs >= confirm.min_runs
+    assert TimingSettings(min_runs=600).scaled().max_runs >= 2400
+
+
+def test_invalid_settings_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        TimingSettings(min_runs=10, max_runs=5)
+    with pytest.raises(ValueError):
+        TimingSettings(threads=0)

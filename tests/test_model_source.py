@@ -1,0 +1,300 @@
+"""Model sources and weight files: every user mistake gives a one-line ArchtreeError."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from search.errors import ArchtreeError
+from search.model_source import (
+    ModelRef,
+    build_model,
+    describe_builtin_models,
+    load_weights,
+    save_weights,
+)
+from search.zoo import builtin_names
+
+REF = ModelRef("builtin:vgg", num_classes=10, in_channels=1)
+
+
+def _error(excinfo: pytest.ExceptionInfo[ArchtreeError]) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def _built(ref: ModelRef = REF, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ref)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# Building models
+
+
+def test_model_ref_round_trips_through_a_dict() -> None:
+    assert ModelRef.from_dict(REF.to_dict()) == REF
+    with pytest.raises(ArchtreeError) as excinfo:
+        ModelRef.from_dict({"source": "builtin:vgg"})
+    assert "num_classes" in _error(excinfo)
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_builtin_builds_in_eval_mode_and_deterministically(name: str) -> None:
+    ref = ModelRef(f"builtin:{name}", num_classes=5, in_channels=3)
+    model = _built(ref)
+    assert not model.training
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 5)
+    assert _same_weights(model, _built(ref))
+    assert not _same_weights(model, _built(ref, seed=1))
+
+
+def test_unknown_builtin_lists_the_known_names() -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        build_model(ModelRef("builtin:alexnet", 10, 1))
+    message = _error(excinfo)
+    assert "alexnet" in message and "archtree models" in message
+    assert all(name in message for name in builtin_names())
+
+
+@pytest.mark.parametrize("source", ["keras:resnet", "resnet18", "builtin:", ""])
+def test_unknown_prefix_lists_the_accepted_forms(source: str) -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        build_model(ModelRef(source, 10, 1))
+    message = _error(excinfo)
+    assert "builtin:NAME" in message and "module:package.module:callable" in message
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        build_model(ModelRef("builtin:vgg", 0, 1))
+    assert "num_classes" in _error(excinfo)
+
+
+@pytest.fixture
+def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tiny importable package of user model code under tmp_path."""
+    package = tmp_path / "usernets"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def tiny():
+                return nn.Sequential(
+                    nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                    nn.Linear(4, 10),
+                ).train()
+
+            def not_a_model():
+                return 42
+
+            def broken():
+                raise ValueError("needs a config")
+
+            NOT_CALLABLE = 3
+            """
+        )
+    )
+    (package / "crashes.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "usernets"
+    for name in [m for m in sys.modules if m.startswith("usernets")]:
+        del sys.modules[name]
+
+
+def test_module_source_builds_the_user_model(user_package: str) -> None:
+    model = build_model(ModelRef(f"module:{user_package}.models:tiny", 10, 1))
+    assert not model.training
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("module:usernets.models", ["expected", "module:package.module:callable"]),
+        ("module::tiny", ["expected", "module:package.module:callable"]),
+        ("module:a:b:c", ["expected", "module:package.module:callable"]),
+        ("module:nowhere_pkg_xyz.models:tiny", ["nowhere_pkg_xyz", "PYTHONPATH"]),
+        ("module:usernets.crashes:tiny", ["usernets.crashes", "boom at import"]),
+        ("module:usernets.models:missing", ["no attribute", "missing"]),
+        ("module:usernets.models:NOT_CALLABLE", ["not callable"]),
+        ("module:usernets.models:not_a_model", ["int", "nn.Module"]),
+        ("module:usernets.models:broken", ["needs a config", "no arguments"]),
+    ],
+)
+def test_module_source_errors(user_package: str, source: str, words: list[str]) -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        build_model(ModelRef(source, 10, 1))
+    message = _error(excinfo)
+    assert all(word in message for word in words), message
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_optional_libraries_work_or_say_they_are_not_usable(library: str) -> None:
+    ref = ModelRef(f"{library}:resnet18", num_classes=10, in_channels=3)
+    try:
+        __import__(library)
+    except Exception:
+        with pytest.raises(ArchtreeError) as excinfo:
+            build_model(ref)
+        message = _error(excinfo)
+        assert library in message and "not usable" in message
+        assert "builtin:" in message and "module:" in message
+    else:
+        assert isinstance(build_model(ref), nn.Module)
+
+
+def test_describe_builtin_models() -> None:
+    rows = describe_builtin_models()
+    assert [row["name"] for row in rows] == builtin_names()
+    for row in rows:
+        assert row["family"] and row["description"]
+        assert row["params"] > 1000
+
+
+# Weights
+
+
+def test_safetensors_round_trip(tmp_path: Path) -> None:
+    model = _built(seed=1)
+    path = tmp_path / "sub" / "weights.safetensors"
+    save_weights(model, path)
+    fresh = _built(seed=2)
+    load_weights(fresh, path)
+    assert _same_weights(model, fresh)
+
+
+def test_save_weights_handles_tied_and_non_contiguous_tensors(tmp_path: Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.register_buffer("t", torch.randn(4, 3).t())
+
+    model = Tied()
+    save_weights(model, tmp_path / "tied.safetensors")
+    fresh = Tied()
+    load_weights(fresh, tmp_path / "tied.safetensors")
+    assert torch.equal(fresh.a.weight, model.a.weight)
+    assert torch.equal(fresh.t, model.t)
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_state_dict_round_trip(tmp_path: Path, wrap: str | None) -> None:
+    model = _built(seed=1)
+    state = model.state_dict()
+    torch.save(state if wrap is None else {wrap: state, "epoch": 3}, tmp_path / "w.pt")
+    fresh = _built(seed=2)
+    load_weights(fresh, tmp_path / "w.pt")
+    assert _same_weights(model, fresh)
+
+
+def test_pickled_module_is_refused_without_allow_pickle(tmp_path: Path) -> None:
+    model = _built(seed=1)
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "whole.pt")
+    message = _error(excinfo)
+    assert "pickled" in message and "arbitrary code" in message
+    assert "state_dict()" in message and "--allow-pickle" in message
+    fresh = _built(seed=2)
+    load_weights(fresh, tmp_path / "whole.pt", allow_pickle=True)
+    assert _same_weights(model, fresh)
+
+
+def test_pickle_with_other_objects_is_refused(tmp_path: Path) -> None:
+    torch.save({"x": np.zeros(3)}, tmp_path / "numpy.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "numpy.pt")
+    message = _error(excinfo)
+    assert "numpy" in message and "arbitrary code" in message and "--allow-pickle" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "absent.pt")
+    assert "does not exist" in _error(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("garbage.pt", b"\x93not a pickle at all" * 20), ("empty.pt", b""), ("text.pt", b"hello")],
+)
+def test_garbage_file_is_called_corrupt(tmp_path: Path, name: str, content: bytes) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / name)
+    message = _error(excinfo)
+    assert "corrupt" in message and "pickled" not in message
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_truncated_file_is_called_corrupt(tmp_path: Path, suffix: str) -> None:
+    model = _built()
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), full)
+    else:
+        save_weights(model, full)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(model, cut)
+    assert "corrupt" in _error(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (torch.zeros(3), ["Tensor", "not a state dict"]),
+        ({"features.0.0.weight": torch.zeros(1), "note": "hello"}, ["note", "not tensors"]),
+    ],
+)
+def test_non_tensor_content(tmp_path: Path, content: object, words: list[str]) -> None:
+    torch.save(content, tmp_path / "odd.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "odd.pt")
+    message = _error(excinfo)
+    assert all(word in message for word in words), message
+
+
+def test_mismatched_keys_and_shapes_are_named(tmp_path: Path) -> None:
+    resnet = build_model(ModelRef("builtin:resnet", 10, 1))
+    save_weights(resnet, tmp_path / "resnet.safetensors")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "resnet.safetensors", source="builtin:vgg")
+    message = _error(excinfo)
+    assert "builtin:vgg" in message and "missing" in message and "unexpected" in message
+    assert "more" in message
+
+    twelve = build_model(ModelRef("builtin:vgg", 12, 1))
+    save_weights(twelve, tmp_path / "vgg12.safetensors")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "vgg12.safetensors")
+    message = _error(excinfo)
+    assert "shape mismatch" in message and "classifier.weight" in message and "VGG" in message
+
+
+def test_data_parallel_prefix_is_accepted(tmp_path: Path) -> None:
+    model = _built(seed=1)
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
+    fresh = _built(seed=2)
+    load_weights(fresh, tmp_path / "dp.pt")
+    assert _same_weights(model, fresh)

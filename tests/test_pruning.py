@@ -1,0 +1,83 @@
+import copy
+
+import pytest
+import torch
+
+from search.pruning import PrunableModel, keep_rounded, region_of
+from search.zoo import BUILTIN_MODELS
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_groups_cover_every_prunable_width_and_removal_keeps_the_model_working(name, example_input):
+    model = BUILTIN_MODELS[name].constructor(num_classes=10, in_channels=1).eval()
+    pruner = PrunableModel(model, example_input)
+    assert len(pruner.groups) >= 3
+    assert pruner.ignored_layers == ["classifier"]
+    importance = pruner.importance()
+    for group in pruner.groups:
+        assert importance[group.name].shape == (group.size,)
+        assert importance[group.name].mean() == pytest.approx(1.0)
+        assert group.macs_per_channel > 0
+    # Remove the least important half of every group through torch-pruning.
+    removals = {
+        g.name: list(importance[g.name].argsort()[: g.removable // 2]) for g in pruner.groups
+    }
+    pruner.remove(removals)
+    output = model(example_input)
+    assert output.shape == (1, 10)
+    rebuilt = PrunableModel(model, example_input)
+    for group in rebuilt.groups:
+        original = next(g for g in pruner.groups if g.name == group.name)
+        assert group.size == original.size
+
+
+def test_removal_refuses_to_empty_a_group(example_input):
+    model = BUILTIN_MODELS["vgg"].constructor().eval()
+    pruner = PrunableModel(model, example_input)
+    group = pruner.groups[0]
+    with pytest.raises(ValueError):
+        pruner.remove({group.name: list(range(group.size))})
+
+
+def test_min_width_and_round_to(example_input):
+    model = BUILTIN_MODELS["vgg"].constructor().eval()
+    pruner = PrunableModel(copy.deepcopy(model), example_input, round_to=8, min_width_fraction=0.25)
+    for group in pruner.groups:
+        assert group.min_size >= 8
+        assert group.min_size >= group.size * 0.25
+    assert keep_rounded(64, 10, 8, 8) == 8  # keeps 56, a multiple of 8
+    assert keep_rounded(64, 60, 8, 16) == 48  # never below the minimum width
+    assert keep_rounded(64, 0, 8, 8) == 0
+
+
+def test_regions_split_a_network_into_stages():
+    names = ["stem.0", "stage1.0.conv1", "stage1.1.conv1", "stage2.0.conv1", "classifier"]
+    regions = region_of(names)
+    assert regions["stage1.0.conv1"] == regions["stage1.1.conv1"] == "stage1"
+    assert len(set(regions.values())) == 4
+    nested = region_of(["features.0.0", "features.1.conv.0", "features.2.conv.3"])
+    assert nested["features.1.conv.0"] == "features.1"
+
+
+def test_pruned_model_is_not_much_slower(example_input):
+    import time
+
+    model = BUILTIN_MODELS["resnet"].constructor().eval()
+    pruned = copy.deepcopy(model)
+    pruner = PrunableModel(pruned, example_input)
+    importance = pruner.importance()
+    pruner.remove(
+        {g.name: list(importance[g.name].argsort()[: g.removable]) for g in pruner.groups}
+    )
+
+    def cost(m):
+        with torch.inference_mode():
+            for _ in range(5):
+                m(example_input)
+            start = time.perf_counter()
+            for _ in range(30):
+                m(example_input)
+            return time.perf_counter() - start
+
+    # A generous bound: timing here is noisy, but a model at minimum width is never 2x slower.
+    assert cost(pruned) < 2.0 * cost(model)

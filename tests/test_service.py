@@ -1,0 +1,276 @@
+"""The whole service end to end over HTTP: a real API, two real Celery workers and real agents
+on a private Redis, the Python client and the `archtree` service commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import redis
+import torch
+
+from archtree_cli.client import ArchtreeClient
+from search.artifacts import ARTIFACT_NAMES, load_pruned
+from search.inputs import load_inputs
+from search.model_source import save_weights
+from tests.api_fixtures import ApiProcess, api_env, free_port, start_api
+from tests.redis_fixtures import ROOT, wait_until
+from tests.worker_fixtures import WorkerPool
+
+pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fixtures"]
+
+# The top-level keys of the report `archtree prune` writes (search.report.build_report).
+REPORT_KEYS = {"budget_ms", "inputs", "device", "baseline", "final", "search", "tree"}
+FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
+CLI_SEARCH = ["--width", "2", "--branching", "2", "--ft-steps", "5", "--planned-steps", "2"]
+JOB_S = 180.0
+AGENT_START_S = 60.0
+# Agents claim the requests of a killed agent after this long.
+CLAIM_IDLE_MS = 2000
+
+
+def job_spec(device_class: str, **search: Any) -> dict[str, Any]:
+    return {
+        "model": "builtin:vgg",
+        "data": "builtin:digits",
+        "budget": "60%",
+        "device_class": device_class,
+        "search": {**FAST_SEARCH, **search},
+    }
+
+
+@pytest.fixture(scope="module")
+def api(
+    redis_url: str, worker_pool: WorkerPool, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiProcess]:
+    """The API on the workers' Redis and artifact store, with two workers running."""
+    redis.Redis.from_url(redis_url).flushdb()  # nothing queued by earlier modules
+    worker_pool.ensure(2)
+    base = tmp_path_factory.mktemp("service")
+    env = api_env(
+        redis_url,
+        base,
+        ARCHTREE_ARTIFACTS_URL=worker_pool.settings.artifacts_url,
+    )
+    server = start_api(env, base / "logs")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(api: ApiProcess) -> Iterator[ArchtreeClient]:
+    with ArchtreeClient(api.url) as archtree:
+        yield archtree
+
+
+def start_agents(agents, client: ArchtreeClient, device_class: str, count: int):
+    """`count` agents of `device_class`; returns them with their device ids, once online."""
+    started = [agents(device_class, claim_idle_ms=CLAIM_IDLE_MS) for _ in range(count)]
+
+    def online() -> list[str]:
+        devices = client.devices()["devices"]
+        return [d["id"] for d in devices if d["device_class"] == device_class and d["online"]]
+
+    wait_until(lambda: len(online()) == count, AGENT_START_S, f"{count} agents online")
+    return started, online()
+
+
+def measurements_by_device(client: ArchtreeClient, ids: list[str]) -> dict[str, int]:
+    return {d["id"]: d["measurements"] for d in client.devices()["devices"] if d["id"] in ids}
+
+
+def follow(api: ApiProcess, job_id: str) -> tuple[threading.Thread, list[tuple[str, dict]]]:
+    """Collect the job's SSE events in a thread, until the stream ends."""
+    received: list[tuple[str, dict]] = []
+
+    def run() -> None:
+        with ArchtreeClient(api.url) as own:
+            received.extend(own.events(job_id))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, received
+
+
+def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
+    api: ApiProcess, client: ArchtreeClient, agents, worker_pool: WorkerPool, tmp_path: Path
+):
+    started, device_ids = start_agents(agents, client, "svc-a", 2)
+    job_id = client.submit(job_spec("svc-a"))["id"]
+    thread, events = follow(api, job_id)
+
+    # Both agents take measurements (per-device counters the workers' oracles keep)...
+    wait_until(
+        lambda: all(n > 0 for n in measurements_by_device(client, device_ids).values()),
+        JOB_S,
+        "measurements by both agents",
+    )
+    assert client.job(job_id)["status"] == "running"
+    # ...then one dies mid-job: the other takes its requests over.
+    started[0].kill()
+    thread.join(JOB_S)
+
+    job = client.job(job_id)
+    assert not thread.is_alive(), "the event stream did not end with the job"
+    assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
+    client.fetch(job_id, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["final"]["latency_ms"] <= report["budget_ms"]
+    assert load_pruned(tmp_path)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+    # The SSE stream delivered the job's events in order, ending with its final status.
+    ids = [event_id for event_id, _ in events]
+    kinds = [event["kind"] for _, event in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(
+        ids
+    )
+    assert {"queued", "baseline", "depth_started", "node", "depth_done"} <= set(kinds)
+    assert (events[-1][1]["kind"], events[-1][1]["status"]) == ("status", "succeeded")
+    resumed = list(client.events(job_id, after=ids[2]))
+    assert [event_id for event_id, _ in resumed] == ids[3:]
+
+    tree = client.tree(job_id)
+    assert tree["done"] and tree["budget_ms"] == pytest.approx(report["budget_ms"])
+    assert len(tree["nodes"]) == report["search"]["candidates_evaluated"] + 1
+    assert set(tree["frontier"]) <= {node["id"] for node in tree["nodes"]}
+    metrics = api.client().get("/metrics").text
+    taken = re.search(r'archtree_measurements_total\{device_class="svc-a"\} (\S+)', metrics)
+    assert taken and float(taken.group(1)) >= report["search"]["latency_measurements"]
+    assert 'archtree_measurement_round_trip_seconds_count{device_class="svc-a"}' in metrics
+
+
+def test_cancel_stops_a_running_job(client: ArchtreeClient, agents, worker_pool: WorkerPool):
+    start_agents(agents, client, "svc-b", 1)
+    job_id = client.submit(job_spec("svc-b", planned_steps=3))["id"]
+    stream = client.events(job_id)
+    for _, event in stream:
+        if event["kind"] == "depth_started":
+            break
+
+    asked = time.monotonic()
+    assert client.cancel(job_id)["cancel_requested"]
+    rest = [event for _, event in stream]
+
+    assert rest[-1]["kind"] == "status" and rest[-1]["status"] == "cancelled", worker_pool.logs()
+    assert time.monotonic() - asked < 30
+    assert client.job(job_id)["status"] == "cancelled"
+    missing = client.http.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors")
+    assert missing.status_code == 404 and "ended cancelled" in missing.json()["detail"]
+
+
+def archtree(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+def test_submit_status_watch_and_fetch_from_the_command_line(
+    api: ApiProcess, client: ArchtreeClient, agents, tmp_path: Path
+):
+    start_agents(agents, client, "svc-c", 2)
+    inputs = load_inputs("builtin:vgg", "builtin:digits")
+    save_weights(inputs.model, tmp_path / "vgg.safetensors")
+    splits = inputs.data
+    np.savez(
+        tmp_path / "digits.npz",
+        x=torch.cat([splits.train_x, splits.calib_x, splits.val_x]).numpy(),
+        y=torch.cat([splits.train_y, splits.calib_y, splits.val_y]).numpy(),
+    )
+    common = ["--api", api.url]
+
+    submitted = archtree(
+        "submit", *common, "--device-class", "svc-c", "--model", "builtin:vgg",
+        "--weights", str(tmp_path / "vgg.safetensors"), "--data", str(tmp_path / "digits.npz"),
+        "--budget", "60%", *CLI_SEARCH,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert client.job(job_id)["spec"]["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
+
+    watched = archtree("status", job_id, *common, "--watch", timeout_s=JOB_S)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert "depth 1 done" in watched.stdout and "status succeeded" in watched.stdout
+    assert f"job {job_id} succeeded" in watched.stdout
+
+    out = tmp_path / "pruned"
+    fetched = archtree("fetch", job_id, *common, "--out", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(path.name for path in out.iterdir()) == sorted(ARTIFACT_NAMES)
+    assert load_pruned(out)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert set(json.loads((out / "report.json").read_text())) == REPORT_KEYS
+
+    source = ["--model", "builtin:nope", "--data", "builtin:digits", "--budget", "60%"]
+    refused = archtree("submit", *common, *source)
+    assert refused.returncode == 2 and "unknown builtin model 'nope'" in refused.stderr
+    down = archtree("status", job_id, "--api", f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 2
+    assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
+
+
+def read_lines(stream) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    return lines
+
+
+def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ARCHTREE_HOME": str(tmp_path / "home"),
+    }
+    for name in ("ARCHTREE_REDIS_URL", "REDIS_URL", "ARCHTREE_ARTIFACTS_URL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "archtree_cli.main", "up", "--port", str(free_port())]
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    try:
+        lines = read_lines(up.stdout)
+        line = lines.get(timeout=120)
+        url = re.search(r"API at (\S+)", line).group(1)
+        with ArchtreeClient(url) as running:
+            assert running.http.get("/healthz").json() == {"status": "ok"}
+            wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
+            assert running.devices()["devices"][0]["device_class"] == "local"
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 4  # redis, api, worker (and its pool), agent
+
+        up.send_signal(signal.SIGTERM)
+
+        assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+        wait_until(lambda: not [c for c in children if _alive(c)], 30, "all children gone")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,181 @@
+"""Real Celery worker processes for tests, on the private Redis of tests.redis_fixtures.
+
+`worker_pool` (one per test module) starts workers with
+`python -m celery -A workers.celery_app worker -Q search,evaluate -c 1 -n wN@%h`, configured
+by ARCHTREE_* variables: the private Redis, a temporary artifact folder, a short visibility
+timeout (so the tasks of a killed worker come back quickly) and a short device wait. Use with
+`pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures"]`.
+
+PYTEST_DONT_REWRITE: no asserts here (see tests/redis_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from archtree_cli.settings import ServiceSettings
+from workers.celery_app import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_START_S = 60.0
+# Tasks here take a few seconds: a task still unacknowledged after this long belonged to a
+# worker that died, and goes to another one.
+VISIBILITY_TIMEOUT_S = 12.0
+DEVICE_WAIT_S = 4.0
+
+__all__ = ["WorkerPool", "WorkerProcess", "worker_pool"]
+
+
+@dataclass
+class WorkerProcess:
+    """One Celery worker (its main process leads a process group with its pool child)."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL to the worker and its pool child: the machine is gone, nothing is acked."""
+        if self.alive():
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Celery's warm shutdown (SIGTERM), then SIGKILL if it takes longer than `timeout_s`."""
+        if self.alive():
+            os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process.wait()
+
+
+@dataclass
+class WorkerPool:
+    """Starts, kills and stops worker processes of one test module."""
+
+    settings: ServiceSettings
+    app: Celery
+    env: dict[str, str]
+    log_dir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def alive(self) -> list[WorkerProcess]:
+        return [worker for worker in self.workers if worker.alive()]
+
+    def start(self, count: int = 1) -> list[WorkerProcess]:
+        """Start `count` workers and wait until each answers a ping."""
+        started = [self._spawn(len(self.workers) + 1 + i) for i in range(count)]
+        self.workers.extend(started)
+        deadline = time.monotonic() + WORKER_START_S
+        waiting = {worker.name for worker in started}
+        while waiting:
+            for worker in started:
+                if not worker.alive():
+                    pytest.fail(f"worker {worker.name} exited:\n{worker.output()[-3000:]}")
+            replies = self.app.control.ping(destination=sorted(waiting), timeout=0.5)
+            waiting -= {name for reply in replies for name in reply}
+            if waiting and time.monotonic() > deadline:
+                pytest.fail(f"workers {sorted(waiting)} did not answer within {WORKER_START_S} s")
+        return started
+
+    def ensure(self, count: int) -> list[WorkerProcess]:
+        """Exactly `count` live workers (more are stopped, missing ones started)."""
+        alive = self.alive()
+        for worker in alive[count:]:
+            worker.stop()
+        if len(alive) < count:
+            self.start(count - len(alive))
+        return self.alive()
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.name}\n{w.output()[-4000:]}" for w in self.workers)
+
+    def _spawn(self, number: int) -> WorkerProcess:
+        name = f"w{number}@{socket.gethostname()}"
+        log_path = self.log_dir / f"worker-{number}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            f"{self.settings.search_queue},{self.settings.evaluate_queue}",
+            "-c",
+            "1",
+            "-n",
+            f"w{number}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return WorkerProcess(name, process, log_path)
+
+
+@pytest.fixture(scope="module")
+def worker_pool(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
+    """A pool of worker processes on the private Redis; all are stopped at the module's end."""
+    base = tmp_path_factory.mktemp("workers")
+    settings = ServiceSettings(
+        redis_url=redis_url,
+        artifacts_url=str(base / "artifacts"),
+        work_dir=base / "work",
+        visibility_timeout_s=VISIBILITY_TIMEOUT_S,
+        device_wait_s=DEVICE_WAIT_S,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ARCHTREE_HOME": str(base / "home"),
+        "ARCHTREE_REDIS_URL": redis_url,
+        "ARCHTREE_ARTIFACTS_URL": settings.artifacts_url,
+        "ARCHTREE_WORK_DIR": str(settings.work_dir),
+        "ARCHTREE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+        "ARCHTREE_DEVICE_WAIT_S": str(DEVICE_WAIT_S),
+    }
+    (base / "logs").mkdir()
+    pool = WorkerPool(settings, create_app(settings), env, base / "logs")
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+        pool.app.close()

@@ -1,0 +1,1 @@
+"""Adapters that run the search engine across machines: Celery tasks, Redis job store."""

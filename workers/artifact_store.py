@@ -1,0 +1,115 @@
+"""Files of jobs (uploads, candidate weights, results) in a local folder or any fsspec URL.
+
+A local directory serves one machine; an fsspec URL such as `s3://bucket/archtree` lets API,
+workers and agents on several machines share the same files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import fsspec
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+
+class ArtifactStore:
+    """Read and write files by relative path under one root URL."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        self.fs.makedirs(self._root_path, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        clean = name.strip("/")
+        if not clean or ".." in Path(clean).parts:
+            raise ValueError(f"invalid artifact path {name!r}")
+        return f"{self._root_path}/{clean}"
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        temporary = path + ".partial"
+        with self.fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        self.fs.mv(temporary, path)
+
+    def get_bytes(self, name: str) -> bytes:
+        with self.fs.open(self._path(name), "rb") as handle:
+            return handle.read()
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._path(name))
+
+    def delete(self, name: str) -> None:
+        """Remove a file; nothing happens when it does not exist."""
+        path = self._path(name)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self._path(name)))
+
+    def local_copy(self, name: str, cache_dir: Path) -> Path:
+        """A path on this machine holding the artifact (the file itself when it is local)."""
+        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            return Path(self._path(name))
+        target = cache_dir / name.strip("/")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.get_bytes(name))
+        return target
+
+    def open_stream(self, name: str) -> io.BufferedReader:
+        return self.fs.open(self._path(name), "rb")
+
+
+class ArtifactNodeStore:
+    """Candidate weights of one job in the artifact store, shared by all workers.
+
+    A child evaluated twice (its task redelivered) writes each run's weights under an
+    `attempt` name; `commit` then makes the run whose result was kept the node's weights.
+    """
+
+    def __init__(self, artifacts: ArtifactStore, job_id: str) -> None:
+        self.artifacts = artifacts
+        self.prefix = f"jobs/{job_id}/nodes"
+
+    def _name(self, node_id: str, attempt: str | None = None) -> str:
+        suffix = f".{attempt}" if attempt else ""
+        return f"{self.prefix}/{node_id}{suffix}.safetensors"
+
+    def put(self, node_id: str, state_dict: dict, attempt: str | None = None) -> None:
+        tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+        self.artifacts.put_bytes(self._name(node_id, attempt), save_safetensors(tensors))
+
+    def get(self, node_id: str) -> dict:
+        return load_safetensors(self.artifacts.get_bytes(self._name(node_id)))
+
+    def commit(self, node_id: str, attempt: str) -> None:
+        """Make an attempt's weights the node's; later calls for the node change nothing."""
+        if not self.artifacts.exists(self._name(node_id)):
+            self.artifacts.put_bytes(
+                self._name(node_id), self.artifacts.get_bytes(self._name(node_id, attempt))
+            )
+        self.artifacts.delete(self._name(node_id, attempt))
+
+    def discard(self, node_id: str, attempt: str) -> None:
+        self.artifacts.delete(self._name(node_id, attempt))
+
+
+class AttemptNodeStore:
+    """One evaluation attempt's view: `node_id`'s weights go to the attempt's own file."""
+
+    def __init__(self, nodes: ArtifactNodeStore, node_id: str, attempt: str) -> None:
+        self.nodes = nodes
+        self.node_id = node_id
+        self.attempt = attempt
+
+    def put(self, node_id: str, state_dict: dict) -> None:
+        self.nodes.put(node_id, state_dict, self.attempt if node_id == self.node_id else None)
+
+    def get(self, node_id: str) -> dict:
+        return self.nodes.get(node_id)

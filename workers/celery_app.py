@@ -1,0 +1,96 @@
+"""The Celery app of the service: Redis as broker and result backend, JSON only.
+
+Workers start with `archtree worker` (see `worker_main`) or
+`python -m celery -A workers.celery_app worker -Q search,evaluate`, configured by the
+ARCHTREE_* environment (archtree_cli.settings.ServiceSettings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from archtree_cli.settings import ServiceSettings, service_settings
+from search.errors import ArchtreeError
+
+START_JOB = "archtree.start_job"
+RUN_DEPTH = "archtree.run_depth"
+EVALUATE_CHILD = "archtree.evaluate_child"
+ADVANCE_DEPTH = "archtree.advance_depth"
+FINISH_JOB = "archtree.finish_job"
+ORCHESTRATION_TASKS = (START_JOB, RUN_DEPTH, ADVANCE_DEPTH, FINISH_JOB)
+
+
+def celery_config(settings: ServiceSettings) -> dict[str, Any]:
+    """Celery settings derived from the service settings."""
+    url = settings.celery_redis_url()
+    visibility_s = settings.visibility_timeout_s
+    routes = {name: {"queue": settings.search_queue} for name in ORCHESTRATION_TASKS}
+    routes[EVALUATE_CHILD] = {"queue": settings.evaluate_queue}
+    config: dict[str, Any] = {
+        # Pickle would let whoever can write to Redis run code in every worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A task is acknowledged when it ends, so the tasks of a worker that died are handed
+        # to another one once the visibility timeout has passed.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            "visibility_timeout": visibility_s,
+            # kombu looks for expired tasks every 10 x 10 s by default: far too late for
+            # a short visibility timeout.
+            "unacked_restore_interval": max(1, min(10, round(visibility_s / 5))),
+            "unacked_restore_throttle": 1,
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_routes": routes,
+        "task_default_queue": settings.search_queue,
+    }
+    if url:
+        config.update(broker_url=url, result_backend=url)
+    return config
+
+
+def create_app(settings: ServiceSettings | None = None) -> Celery:
+    """A Celery app for these settings; the tasks are those of workers.tasks."""
+    app = Celery("archtree", include=["workers.tasks"])
+    app.conf.update(celery_config(settings or service_settings()))
+    return app
+
+
+app = create_app()
+
+
+def worker_main(
+    queues: Sequence[str] | None = None,
+    concurrency: int = 1,
+    *,
+    hostname: str | None = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a Celery worker of this service in this process until it is stopped.
+
+    `queues` defaults to both the search queue (orchestration, light) and the evaluate queue
+    (child evaluations: pruning, fine-tuning). A worker on a GPU machine may serve only the
+    evaluate queue. `concurrency` is the number of tasks run at once (one process each);
+    `hostname` names the worker (Celery's `-n`, e.g. `w1@%h`). Redis comes from
+    ARCHTREE_REDIS_URL (or REDIS_URL), files from ARCHTREE_ARTIFACTS_URL.
+    """
+    settings = service_settings()
+    if not settings.resolved_redis_url():
+        raise ArchtreeError(
+            "a worker needs Redis: set ARCHTREE_REDIS_URL (e.g. redis://host:6379/0) to the "
+            "same Redis as the API"
+        )
+    if concurrency < 1:
+        raise ArchtreeError(f"worker concurrency must be at least 1, got {concurrency}")
+    queues = list(queues or (settings.search_queue, settings.evaluate_queue))
+    argv = ["worker", "-Q", ",".join(queues), "-c", str(concurrency), "--loglevel", loglevel]
+    if hostname:
+        argv += ["-n", hostname]
+    app.worker_main(argv)

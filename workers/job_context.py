@@ -1,0 +1,155 @@
+"""A job's SearchContext, built from the spec the API stored, and cached per worker process.
+
+Loading data and model takes seconds, and every task of a job needs them; a worker keeps the
+contexts of the few jobs it served last.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from archtree_cli.settings import ServiceSettings
+from latency.device_registry import DeviceRegistry
+from latency.remote_oracle import RemoteOracle
+from search.budget import Budget, parse_budget
+from search.context import SearchContext
+from search.errors import ArchtreeError
+from search.inputs import load_inputs
+from search.settings import SearchSettings
+from workers.artifact_store import ArtifactNodeStore, ArtifactStore
+from workers.job_store import JobStore, RedisEventSink
+
+ARTIFACT_PREFIX = "artifact:"
+
+
+@dataclass
+class WorkerServices:
+    """What all tasks of a worker process share: settings, Redis, job and artifact stores."""
+
+    settings: ServiceSettings
+    client: redis.Redis
+    jobs: JobStore
+    artifacts: ArtifactStore
+
+    @classmethod
+    def connect(cls, settings: ServiceSettings) -> WorkerServices:
+        client = redis.Redis.from_url(settings.resolved_redis_url())
+        return cls(settings, client, JobStore(client), ArtifactStore(settings.artifacts_url))
+
+
+@dataclass
+class JobContext:
+    """One job's search context, with the rest of its spec."""
+
+    job_id: str
+    spec: dict[str, Any]
+    context: SearchContext
+    budget: Budget
+    nodes: ArtifactNodeStore
+
+    def report_inputs(self) -> dict[str, Any]:
+        """The report's `inputs`: the sources and budget in the user's own words."""
+        return {
+            "model": self.spec["model"],
+            "weights": self.spec.get("weights"),
+            "data": self.spec["data"],
+            "budget": str(self.budget),
+        }
+
+
+def build_job_context(
+    services: WorkerServices, job_id: str, worker: str | None = None
+) -> JobContext:
+    """Load the job's inputs and connect its oracle, node store and event sink.
+
+    `worker` (the Celery worker's name) is recorded in every event the job emits here.
+    """
+    jobs, settings = services.jobs, services.settings
+    job = jobs.get(job_id)
+    if job is None:
+        raise ArchtreeError(f"job {job_id} does not exist")
+    spec = job["spec"]
+    try:
+        search_settings = SearchSettings.from_dict(spec.get("search") or {}).effective()
+    except TypeError as error:
+        raise ArchtreeError(f"the job's search settings are not valid ({error})") from None
+    budget = parse_budget(spec["budget"])
+    inputs = load_inputs(
+        spec["model"],
+        _local_path(services, spec["data"]),
+        weights=_local_path(services, spec.get("weights")),
+        allow_pickle=bool(spec.get("allow_pickle", False)),
+        num_classes=spec.get("num_classes"),
+        seed=search_settings.seed,
+    )
+
+    def on_waiting(waiting: bool) -> None:
+        jobs.set_status_if_active(job_id, "waiting_for_device" if waiting else "running")
+
+    oracle = RemoteOracle(
+        services.client,
+        spec.get("device_class", "local"),
+        batch_size=int(spec.get("batch_size", 1)),
+        dtype=spec.get("dtype", "float32"),
+        timeout_s=settings.measurement_timeout_s,
+        wait_for_device_s=settings.device_wait_s,
+        on_waiting=on_waiting,
+        cancelled=lambda: jobs.cancel_requested(job_id),
+        registry=DeviceRegistry(services.client, settings.heartbeat_ttl_s),
+    )
+    nodes = ArtifactNodeStore(services.artifacts, job_id)
+    sink = RedisEventSink(jobs, job_id, **({"worker": worker} if worker else {}))
+    context = SearchContext(
+        model_ref=inputs.model_ref,
+        base_model=inputs.model,
+        data=inputs.data,
+        oracle=oracle,
+        settings=search_settings,
+        store=nodes,
+        sink=sink,
+    )
+    return JobContext(job_id=job_id, spec=spec, context=context, budget=budget, nodes=nodes)
+
+
+def _local_path(services: WorkerServices, source: str | None) -> str | None:
+    """`artifact:NAME` as a file on this machine; other sources unchanged."""
+    if not source or not source.startswith(ARTIFACT_PREFIX):
+        return source
+    name = source.removeprefix(ARTIFACT_PREFIX)
+    if not services.artifacts.exists(name):
+        raise ArchtreeError(f"the job's input {source} is missing from the artifact store")
+    cache_dir = Path(services.settings.work_dir) / "artifacts"
+    return str(services.artifacts.local_copy(name, cache_dir))
+
+
+class JobContexts:
+    """The contexts of the jobs this process served last, by job id (least recent evicted)."""
+
+    def __init__(self, services: WorkerServices, capacity: int = 4) -> None:
+        self.services = services
+        self.capacity = capacity
+        self._contexts: OrderedDict[str, JobContext] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str, worker: str | None = None) -> JobContext:
+        with self._lock:
+            if job_id in self._contexts:
+                self._contexts.move_to_end(job_id)
+                return self._contexts[job_id]
+        built = build_job_context(self.services, job_id, worker)
+        with self._lock:
+            self._contexts[job_id] = built
+            while len(self._contexts) > self.capacity:
+                self._contexts.popitem(last=False)
+        return built
+
+    def drop(self, job_id: str) -> None:
+        """Forget a job that has ended."""
+        with self._lock:
+            self._contexts.pop(job_id, None)

@@ -1,0 +1,244 @@
+"""Jobs in Redis: their spec, status, progress, search state and event stream.
+
+Keys (prefix `archtree:`):
+- `job:{id}`          hash: spec (JSON), status, created_at, updated_at, error, progress (JSON),
+                      cancel_requested ("0"/"1"), state_depth
+- `jobs`              sorted set of job ids by creation time (newest first when listed)
+- `job:{id}:state`    the engine's SearchState as JSON, written after every depth
+- `job:{id}:events`   a Redis Stream of the engine's events (kind + JSON data)
+- `job:{id}:plan:{d}` the child tasks planned for depth d (JSON list), written once
+- `job:{id}:children` hash: child id -> its first stored evaluation (JSON)
+- `job:{id}:steps`    hash: orchestration steps already sent (so a redelivered task skips them)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+STATUSES = ("queued", "waiting_for_device", "running", "succeeded", "failed", "cancelled")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+# Atomic, so that of two workers ending a job at once (a failure racing a cancel) the first
+# decides, and a late "running" never revives an ended job.
+_SET_STATUS_IF_ACTIVE = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current or current == ARGV[1] then return 0 end
+if current == 'succeeded' or current == 'failed' or current == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+return 1
+"""
+
+
+class JobStore:
+    """One Redis connection's view of all jobs."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "archtree:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._set_status_if_active = client.register_script(_SET_STATUS_IF_ACTIVE)
+
+    def _key(self, job_id: str, suffix: str = "") -> str:
+        return f"{self.prefix}job:{job_id}{suffix}"
+
+    def create(self, spec: dict[str, Any], job_id: str | None = None) -> str:
+        """Store a new queued job; returns its id."""
+        job_id = job_id or uuid.uuid4().hex[:12]
+        now = time.time()
+        with self.client.pipeline() as pipe:
+            pipe.hset(
+                self._key(job_id),
+                mapping={
+                    "spec": json.dumps(spec),
+                    "status": "queued",
+                    "created_at": now,
+                    "updated_at": now,
+                    "error": "",
+                    "progress": json.dumps({}),
+                    "cancel_requested": "0",
+                },
+            )
+            pipe.zadd(f"{self.prefix}jobs", {job_id: now})
+            pipe.execute()
+        self.append_event(job_id, "queued", {})
+        return job_id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.client.hgetall(self._key(job_id))
+        if not raw:
+            return None
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        return {
+            "id": job_id,
+            "status": data["status"],
+            "spec": json.loads(data["spec"]),
+            "created_at": float(data["created_at"]),
+            "updated_at": float(data["updated_at"]),
+            "error": data.get("error") or None,
+            "progress": json.loads(data.get("progress") or "{}"),
+            "cancel_requested": data.get("cancel_requested") == "1",
+        }
+
+    def list(self, offset: int = 0, limit: int = 20) -> tuple[list[dict[str, Any]], int]:
+        """Jobs newest first, and the total count."""
+        key = f"{self.prefix}jobs"
+        ids = self.client.zrevrange(key, offset, offset + limit - 1)
+        jobs = [self.get(i.decode()) for i in ids]
+        return [j for j in jobs if j is not None], int(self.client.zcard(key))
+
+    def set_status(self, job_id: str, status: str, error: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        mapping: dict[str, Any] = {"status": status, "updated_at": time.time()}
+        if error is not None:
+            mapping["error"] = error
+        self.client.hset(self._key(job_id), mapping=mapping)
+        self.append_event(job_id, "status", {"status": status, "error": error})
+
+    def set_status_if_active(self, job_id: str, status: str, error: str | None = None) -> bool:
+        """Move a job that has not ended to `status`; False when it has ended, or is there."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        changed = self._set_status_if_active(
+            keys=[self._key(job_id)], args=[status, time.time(), error or ""]
+        )
+        if changed:
+            self.append_event(job_id, "status", {"status": status, "error": error})
+        return bool(changed)
+
+    def update_progress(self, job_id: str, **progress: Any) -> None:
+        """Merge fields into the job's progress (depth, candidates_evaluated, best, ...)."""
+        current = self.get(job_id)
+        merged = {**(current["progress"] if current else {}), **progress}
+        self.client.hset(
+            self._key(job_id),
+            mapping={"progress": json.dumps(merged, default=float), "updated_at": time.time()},
+        )
+
+    def save_state(self, job_id: str, state: dict[str, Any]) -> None:
+        self.client.set(self._key(job_id, ":state"), json.dumps(state, default=float))
+
+    def load_state(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.client.get(self._key(job_id, ":state"))
+        return json.loads(raw) if raw else None
+
+    def save_state_if(self, job_id: str, state: dict[str, Any], expected_depth: int | None) -> bool:
+        """Write the state only if the stored one is at `expected_depth` (None: no state yet).
+
+        False when another task got there first: of two runs of the same step, one wins.
+        """
+        return self._write_if_depth(job_id, expected_depth, {self._key(job_id, ":state"): state})
+
+    def save_plan(
+        self, job_id: str, depth: int, tasks: list[dict[str, Any]], state: dict[str, Any]
+    ) -> bool:
+        """Store the tasks planned for `depth` with the state planning left, once.
+
+        False (nothing written) when that depth was planned already or the state moved on.
+        """
+        plan_key = self._key(job_id, f":plan:{depth}")
+        values = {plan_key: tasks, self._key(job_id, ":state"): state}
+        return self._write_if_depth(job_id, depth - 1, values, absent=plan_key)
+
+    def load_plan(self, job_id: str, depth: int) -> list[dict[str, Any]] | None:
+        raw = self.client.get(self._key(job_id, f":plan:{depth}"))
+        return json.loads(raw) if raw else None
+
+    def _write_if_depth(
+        self,
+        job_id: str,
+        expected_depth: int | None,
+        values: dict[str, Any],
+        absent: str | None = None,
+    ) -> bool:
+        state_key = self._key(job_id, ":state")
+        watched = [state_key] + ([absent] if absent else [])
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(*watched)
+                raw = pipe.get(state_key)
+                depth = json.loads(raw)["depth"] if raw else None
+                if depth != expected_depth or (absent is not None and pipe.exists(absent)):
+                    pipe.unwatch()
+                    return False
+                pipe.multi()
+                for key, value in values.items():
+                    pipe.set(key, json.dumps(value, default=float))
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
+
+    def save_child_result(self, job_id: str, child_id: str, result: dict[str, Any]) -> bool:
+        """Keep the first evaluation stored for a child; False if one was stored before."""
+        payload = json.dumps(result, default=float)
+        return bool(self.client.hsetnx(self._key(job_id, ":children"), child_id, payload))
+
+    def load_child_result(self, job_id: str, child_id: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self._key(job_id, ":children"), child_id)
+        return json.loads(raw) if raw else None
+
+    def mark_step(self, job_id: str, step: str) -> None:
+        """Remember that an orchestration step (e.g. `run_depth:2`) was sent."""
+        self.client.hset(self._key(job_id, ":steps"), step, time.time())
+
+    def step_done(self, job_id: str, step: str) -> bool:
+        return bool(self.client.hexists(self._key(job_id, ":steps"), step))
+
+    def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
+        payload = json.dumps({"kind": kind, "time": time.time(), **data}, default=float)
+        event_id = self.client.xadd(self._key(job_id, ":events"), {"event": payload})
+        return event_id.decode()
+
+    def read_events(
+        self, job_id: str, after: str = "0-0", block_ms: int | None = None, count: int = 200
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Events after the given stream id, waiting up to `block_ms` for new ones."""
+        answer = self.client.xread(
+            {self._key(job_id, ":events"): after}, count=count, block=block_ms
+        )
+        events = []
+        for _stream, entries in answer or []:
+            for event_id, fields in entries:
+                events.append((event_id.decode(), json.loads(fields[b"event"])))
+        return events
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Ask a job to stop; False when it does not exist or has already ended."""
+        job = self.get(job_id)
+        if job is None or job["status"] in FINAL_STATUSES:
+            return False
+        self.client.hset(self._key(job_id), "cancel_requested", "1")
+        self.append_event(job_id, "cancel_requested", {})
+        return True
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.client.hget(self._key(job_id), "cancel_requested") == b"1"
+
+    def counts_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for job_id in self.client.zrange(f"{self.prefix}jobs", 0, -1):
+            status = self.client.hget(self._key(job_id.decode()), "status")
+            if status:
+                counts[status.decode()] = counts.get(status.decode(), 0) + 1
+        return counts
+
+
+class RedisEventSink:
+    """Engine events into the job's event stream, so the API can stream them live.
+
+    `fields` are added to every event (a worker adds its name as `worker`).
+    """
+
+    def __init__(self, store: JobStore, job_id: str, **fields: Any) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.fields = fields
+
+    def emit(self, kind: str, **data: Any) -> None:
+        self.store.append_event(self.job_id, kind, {**self.fields, **data})

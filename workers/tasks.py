@@ -1,0 +1,290 @@
+"""Celery tasks: thin adapters that run the engine's steps of a job across workers.
+
+    start_job -> run_depth -> chord(evaluate_child per child) -> advance_depth -> run_depth ...
+                                                                      (done) -> finish_job
+
+These are the steps of `search.engine.run_search`, with the children of a depth spread over
+the workers and the SearchState kept in the JobStore between steps. No task waits on another.
+
+A worker may die at any point; its task is then delivered again. So every task is idempotent:
+`start_job` does not restart a job that has a state, `run_depth` plans a depth once,
+`evaluate_child` keeps the first evaluation stored for a child, `advance_depth` applies a depth
+once, and each next step is sent again only if the previous run died before sending it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, chord
+from celery.canvas import Signature
+
+from archtree_cli.settings import service_settings
+from latency.remote_oracle import MeasurementCancelled
+from search import engine, expansion
+from search.artifacts import ARTIFACT_NAMES, save_artifacts
+from search.errors import ArchtreeError
+from search.report import build_report
+from search.tree import ChildResult, ChildTask, SearchState
+from workers.artifact_store import ArtifactNodeStore, AttemptNodeStore
+from workers.celery_app import (
+    ADVANCE_DEPTH,
+    EVALUATE_CHILD,
+    FINISH_JOB,
+    RUN_DEPTH,
+    START_JOB,
+    app,
+)
+from workers.job_context import JobContexts, WorkerServices
+from workers.job_store import FINAL_STATUSES, JobStore
+
+log = logging.getLogger("archtree.worker")
+
+
+def result_name(job_id: str, name: str) -> str:
+    """Where a finished job's file (arch.json, model.safetensors, report.json) is stored."""
+    return f"jobs/{job_id}/result/{name}"
+
+
+def submit_job(
+    store: JobStore,
+    spec: dict[str, Any],
+    *,
+    celery: Celery | None = None,
+    job_id: str | None = None,
+) -> str:
+    """Create a queued job with `spec` and send its start to the workers; returns its id.
+
+    `celery` is the app to send with (default: the one configured from the environment);
+    `job_id` is given when the job's uploads were stored under it beforehand.
+    """
+    job_id = store.create(spec, job_id=job_id)
+    try:
+        (celery or app).send_task(START_JOB, args=[job_id])
+    except Exception as error:
+        store.set_status(job_id, "failed", f"internal error: could not queue the job: {error}")
+        raise
+    return job_id
+
+
+@functools.cache
+def _services() -> WorkerServices:
+    # Created on first use, so each worker process (after the fork) has its own connections.
+    return WorkerServices.connect(service_settings())
+
+
+@functools.cache
+def _contexts() -> JobContexts:
+    return JobContexts(_services())
+
+
+@app.task(name=START_JOB, bind=True)
+def start_job(self, job_id: str) -> None:
+    """Measure the baseline and plant the root (once), then start the first depth."""
+    jobs = _services().jobs
+    with _job_step(job_id):
+        if not _active(job_id):
+            return
+        if jobs.load_state(job_id) is None:
+            jobs.set_status_if_active(job_id, "running")
+            if "started_at" not in jobs.get(job_id)["progress"]:
+                jobs.update_progress(job_id, started_at=time.time())
+            job = _contexts().get(job_id, self.request.hostname)
+            state = engine.start(job.context, job.budget)
+            if jobs.save_state_if(job_id, state.to_dict(), expected_depth=None):
+                _record_progress(jobs, job_id, state)
+        _send_once(jobs, job_id, "run_depth:1", run_depth.si(job_id))
+
+
+@app.task(name=RUN_DEPTH, bind=True)
+def run_depth(self, job_id: str) -> None:
+    """Plan the next depth (once), and evaluate its children in parallel, then advance."""
+    jobs = _services().jobs
+    with _job_step(job_id):
+        if not _active(job_id):
+            return
+        state = _load_state(jobs, job_id)
+        if state.done:
+            _send_once(jobs, job_id, "finish", finish_job.si(job_id))
+            return
+        depth = state.depth + 1
+        planned = jobs.load_plan(job_id, depth)
+        if planned is None:
+            job = _contexts().get(job_id, self.request.hostname)
+            tasks = [task.to_dict() for task in engine.plan(job.context, state)]
+            if jobs.save_plan(job_id, depth, tasks, state.to_dict()):
+                planned = tasks
+            else:
+                planned = jobs.load_plan(job_id, depth)
+        if planned is None:
+            return  # the state moved past this depth: a later step carries the job on
+        callback = advance_depth.s(job_id, depth)
+        children = [evaluate_child.s(job_id, task) for task in planned]
+        step = chord(children, callback) if children else advance_depth.si([], job_id, depth)
+        _send_once(jobs, job_id, f"children:{depth}", step)
+
+
+@app.task(name=EVALUATE_CHILD, bind=True)
+def evaluate_child(self, job_id: str, task: dict[str, Any]) -> dict[str, Any] | None:
+    """Evaluate one child and store the result; a child evaluated before returns that result.
+
+    Two runs of one child (a redelivered task) may find different children: each writes its
+    weights under its own attempt, and the run whose result was stored first provides both.
+    """
+    jobs = _services().jobs
+    child_id = task["child_id"]
+    with _job_step(job_id):
+        stored = jobs.load_child_result(job_id, child_id)
+        if stored is None:
+            if not _active(job_id):
+                return None
+            job = _contexts().get(job_id, self.request.hostname)
+            attempt = uuid.uuid4().hex[:12]
+            context = copy.copy(job.context)
+            context.store = AttemptNodeStore(job.nodes, child_id, attempt)
+            result = expansion.evaluate_child(context, ChildTask.from_dict(task))
+            evaluation = {"attempt": attempt, "result": result.to_dict()}
+            if jobs.save_child_result(job_id, child_id, evaluation):
+                stored = evaluation
+            else:
+                job.nodes.discard(child_id, attempt)
+                stored = jobs.load_child_result(job_id, child_id)
+        if stored["result"]["node"] is not None:
+            ArtifactNodeStore(_services().artifacts, job_id).commit(child_id, stored["attempt"])
+        return stored["result"]
+    return None
+
+
+@app.task(name=ADVANCE_DEPTH, bind=True)
+def advance_depth(self, results: list[dict[str, Any] | None], job_id: str, depth: int) -> None:
+    """Add a depth's evaluated children to the tree (once), then plan the next or finish."""
+    jobs = _services().jobs
+    with _job_step(job_id):
+        if not _active(job_id):
+            return
+        state = _load_state(jobs, job_id)
+        if state.depth < depth:
+            if any(result is None for result in results):
+                raise RuntimeError(f"a child of depth {depth} has no result")
+            job = _contexts().get(job_id, self.request.hostname)
+            children = [ChildResult.from_dict(result) for result in results]
+            state = engine.advance(job.context, state, children)
+            if not jobs.save_state_if(job_id, state.to_dict(), expected_depth=depth - 1):
+                return  # another run of this step applied the depth and carries the job on
+            _record_progress(jobs, job_id, state)
+        if state.done:
+            _send_once(jobs, job_id, "finish", finish_job.si(job_id))
+        else:
+            _send_once(jobs, job_id, f"run_depth:{state.depth + 1}", run_depth.si(job_id))
+
+
+@app.task(name=FINISH_JOB, bind=True)
+def finish_job(self, job_id: str) -> None:
+    """Confirm the answer under budget, store arch.json, model.safetensors and report.json."""
+    services = _services()
+    jobs = services.jobs
+    with _job_step(job_id):
+        if not _active(job_id):
+            return
+        job = _contexts().get(job_id, self.request.hostname)
+        state = _load_state(jobs, job_id)
+        started_at = jobs.get(job_id)["progress"].get("started_at", time.time())
+        # finish() measures wall time on the monotonic clock, which is per machine.
+        started = time.monotonic() - (time.time() - started_at)
+        outcome = engine.finish(job.context, state, started)
+        report = build_report(job.context, outcome, job.report_inputs())
+        work_dir = Path(services.settings.work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work_dir) as folder:
+            save_artifacts(folder, outcome.answer.spec, outcome.model, report)
+            for name in ARTIFACT_NAMES:
+                data = (Path(folder) / name).read_bytes()
+                services.artifacts.put_bytes(result_name(job_id, name), data)
+        jobs.save_state(job_id, outcome.state.to_dict())
+        _record_progress(jobs, job_id, outcome.state)
+        jobs.update_progress(
+            job_id,
+            final={
+                "id": outcome.answer.id,
+                "latency_ms": outcome.confirmed_latency_ms,
+                "accuracy": outcome.final_accuracy,
+            },
+        )
+        jobs.set_status_if_active(job_id, "succeeded")
+        _contexts().drop(job_id)
+
+
+@contextmanager
+def _job_step(job_id: str) -> Iterator[None]:
+    """Ends the job when its step raises: cancelled, or failed with a one-line message."""
+    try:
+        yield
+    except MeasurementCancelled:
+        _end(job_id, "cancelled")
+    except ArchtreeError as error:
+        _end(job_id, "failed", str(error))
+    except Exception as error:
+        log.exception("job %s: internal error", job_id)
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        _end(job_id, "failed", f"internal error: {type(error).__name__}: {detail}"[:500])
+
+
+def _end(job_id: str, status: str, error: str | None = None) -> None:
+    _services().jobs.set_status_if_active(job_id, status, error)
+    _contexts().drop(job_id)
+
+
+def _active(job_id: str) -> bool:
+    """Whether the job still runs; a cancel that was asked for ends it here."""
+    job = _services().jobs.get(job_id)
+    if job is None:
+        log.warning("job %s does not exist: its task is dropped", job_id)
+        return False
+    if job["status"] in FINAL_STATUSES:
+        return False
+    if job["cancel_requested"]:
+        _end(job_id, "cancelled")
+        return False
+    return True
+
+
+def _load_state(jobs: JobStore, job_id: str) -> SearchState:
+    data = jobs.load_state(job_id)
+    if data is None:
+        raise RuntimeError(f"job {job_id} has no saved search state")
+    return SearchState.from_dict(data)
+
+
+def _send_once(jobs: JobStore, job_id: str, step: str, signature: Signature) -> None:
+    """Send the job's next step, unless an earlier run of the current task did."""
+    if jobs.step_done(job_id, step):
+        return
+    # Marked after sending: a worker dying in between means the step is sent twice, which
+    # the receiving task tolerates; marking first could lose the step.
+    signature.apply_async()
+    jobs.mark_step(job_id, step)
+
+
+def _record_progress(jobs: JobStore, job_id: str, state: SearchState) -> None:
+    best = state.best_within_budget()
+    jobs.update_progress(
+        job_id,
+        depth=state.depth,
+        baseline_ms=state.baseline_ms,
+        budget_ms=state.budget_ms,
+        candidates_evaluated=state.candidates_evaluated,
+        measurements=state.measurements,
+        cache_hits=state.cache_hits,
+        best=(
+            {"id": best.id, "latency_ms": best.latency_ms, "score": best.score} if best else None
+        ),
+    )
