@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint system-deps
 
 setup: $(VENV)/.installed
 
@@ -24,5 +24,28 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The tests start their own private Redis servers and drive a headless Chromium.
+system-deps:
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null && \
+		command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server chromium chromium-driver) || \
+		echo "could not install redis-server/chromium: the tests that need them will fail or skip"
+
+test: lint system-deps
 	$(BIN)/pytest -q
+
+# The benchmark suite (bench/): tables on stdout, results in bench/results/ (summary.json,
+# summary.md, PNG plots). matplotlib (plots) and wrk (polling load) are installed when missing.
+.PHONY: bench bench-quick bench-deps
+
+bench-deps: setup
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet -c constraints.txt matplotlib
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || \
+		echo "wrk could not be installed: the polling benchmark will be skipped"
+
+bench: bench-deps
+	PYTHONPATH=. $(BIN)/python -m bench.run
+
+bench-quick: bench-deps
+	PYTHONPATH=. $(BIN)/python -m bench.run --quick --out bench/results-quick

@@ -16,9 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.deps import Services
-from api.routes import devices, health, jobs
-from api.schemas import JobSpecIn
-from api.submission import one_line
+from api.routes import dashboard, devices, health, jobs
+from api.schemas import JobSpecIn, validation_message
 from archtree_cli.settings import ServiceSettings, service_settings
 from search.errors import ArchtreeError
 
@@ -52,6 +51,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(devices.router)
     app.include_router(health.router)
+    dashboard.mount(app)
     app.add_exception_handler(ArchtreeError, _user_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
@@ -75,7 +75,9 @@ async def _user_error(_: Request, error: Exception) -> JSONResponse:
 
 async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    return JSONResponse(status_code=422, content={"detail": one_line(list(error.errors()))})
+    return JSONResponse(
+        status_code=422, content={"detail": validation_message(list(error.errors()))}
+    )
 
 
 @functools.cache

@@ -19,6 +19,9 @@ class ErrorMessage(BaseModel):
     detail: str = Field(examples=["Cannot read the budget 'fast': give milliseconds like 8ms ..."])
 
 
+INVALID = {422: {"model": ErrorMessage, "description": "Invalid request (why, in one line)."}}
+
+
 class SearchSettingsIn(BaseModel):
     """Search settings of a job; a setting left out takes the engine's default."""
 
@@ -219,6 +222,11 @@ class TreeNode(BaseModel):
     params: int
     macs: float
     arch_hash: str
+    widths: dict[str, int] = Field(
+        default_factory=dict,
+        description="Output channels of each conv and linear layer.",
+        examples=[{"features.0": 12, "features.3": 24}],
+    )
 
 
 class JobTree(BaseModel):
@@ -254,8 +262,16 @@ class JobTree(BaseModel):
             root_id=tree.root_id,
             frontier=tree.frontier,
             best=best.id if best else None,
-            nodes=[TreeNode(**node.summary()) for node in tree.nodes.values()],
+            nodes=[
+                TreeNode(**node.summary(), widths=_out_widths(node.spec.layers))
+                for node in tree.nodes.values()
+            ],
         )
+
+
+def _out_widths(layers: dict[str, list[int]]) -> dict[str, int]:
+    """Output width of every conv ([in, out, groups]) and linear ([in, out]) layer of a spec."""
+    return {name: shape[1] for name, shape in layers.items() if len(shape) in (2, 3)}
 
 
 class DeviceIn(BaseModel):
@@ -314,3 +330,11 @@ class Readiness(BaseModel):
         default_factory=dict, description="Online agents per device class."
     )
     detail: str | None = Field(None, description="Why the service is unavailable.")
+
+
+def validation_message(errors: list[Any]) -> str:
+    """Pydantic's validation errors as one line: `where: what` for the first, and a count."""
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "input"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"

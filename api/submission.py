@@ -12,12 +12,11 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
 from api.deps import Services
-from api.schemas import JobSpecIn
+from api.schemas import JobSpecIn, validation_message
 from api.uploads import Submission
 from archtree_cli.settings import ServiceSettings
 from latency.measurement_protocol import validate_device_class
@@ -38,25 +37,16 @@ def submit(services: Services, submission: Submission) -> str:
     """
     spec = parse_spec(submission.spec)
     search = check_spec(spec, services.settings)
-    upload_names = {
-        name: upload_name(name, file.filename) for name, file in submission.files.items()
-    }
-    if "data" not in submission.files and not (spec.data or "").startswith("builtin:"):
-        raise ArchtreeError(
-            "give the data as spec.data (builtin:mnist or builtin:digits) or upload a .npz/.pt "
-            "file as `data`"
-        )
-    if "data" in submission.files and spec.data:
-        raise ArchtreeError("give the data either as spec.data or as a `data` upload, not both")
+    names = upload_names(spec, submission)
     work_dir = Path(services.settings.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="submission-") as folder:
-        local = {}
-        for name, upload in submission.files.items():
-            local[name] = Path(folder) / upload_names[name]
-            upload.file.seek(0)
-            with local[name].open("wb") as copy:
-                shutil.copyfileobj(upload.file, copy)
+        local = {name: Path(folder) / stored_name for name, stored_name in names.items()}
+        for name, path in local.items():
+            upload = submission.files[name].file
+            upload.seek(0)
+            with path.open("wb") as copy:
+                shutil.copyfileobj(upload, copy)
         try:
             load_inputs(
                 spec.model,
@@ -68,22 +58,27 @@ def submit(services: Services, submission: Submission) -> str:
             )
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
-        job_id = uuid.uuid4().hex[:12]
-        stored = {name: f"jobs/{job_id}/inputs/{upload_names[name]}" for name in local}
-        job_spec = {
-            **spec.model_dump(exclude={"search"}),
-            "data": ARTIFACT_PREFIX + stored["data"] if "data" in stored else spec.data,
-            "weights": ARTIFACT_PREFIX + stored["weights"] if "weights" in stored else None,
-            "search": spec.search.model_dump(exclude_none=True),
-        }
-        try:
-            for name, path in local.items():
-                services.artifacts.put_bytes(stored[name], path.read_bytes())
-            submit_job(services.jobs, job_spec, celery=services.celery, job_id=job_id)
-        except BaseException:
-            for name in stored.values():
-                services.artifacts.delete(name)
-            raise
+        return _store_and_queue(services, spec, local)
+
+
+def _store_and_queue(services: Services, spec: JobSpecIn, local: dict[str, Path]) -> str:
+    """Put the checked uploads in the artifact store under a new job id, and queue the job."""
+    job_id = uuid.uuid4().hex[:12]
+    stored = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in local.items()}
+    job_spec = {
+        **spec.model_dump(exclude={"search"}),
+        "data": ARTIFACT_PREFIX + stored["data"] if "data" in stored else spec.data,
+        "weights": ARTIFACT_PREFIX + stored["weights"] if "weights" in stored else None,
+        "search": spec.search.model_dump(exclude_none=True),
+    }
+    try:
+        for name, path in local.items():
+            services.artifacts.put_bytes(stored[name], path.read_bytes())
+        submit_job(services.jobs, job_spec, celery=services.celery, job_id=job_id)
+    except BaseException:
+        for name in stored.values():
+            services.artifacts.delete(name)
+        raise
     return job_id
 
 
@@ -100,7 +95,9 @@ def parse_spec(text: str) -> JobSpecIn:
     try:
         return JobSpecIn.model_validate_json(text)
     except ValidationError as error:
-        raise ArchtreeError(f"the job spec is not valid: {one_line(error.errors())}") from None
+        raise ArchtreeError(
+            f"the job spec is not valid: {validation_message(error.errors())}"
+        ) from None
 
 
 def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:
@@ -125,21 +122,23 @@ def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:
     return search
 
 
-def upload_name(field: str, filename: str | None) -> str:
-    """The name an upload is stored under: its field and a suffix the loaders understand."""
-    suffix = Path(filename or "").suffix.lower()
-    if field == "data":
-        if suffix not in DATA_SUFFIXES:
+def upload_names(spec: JobSpecIn, submission: Submission) -> dict[str, str]:
+    """The file name each upload is stored under: its field and a suffix the loaders know."""
+    if "data" not in submission.files and not (spec.data or "").startswith("builtin:"):
+        raise ArchtreeError(
+            "give the data as spec.data (builtin:mnist or builtin:digits) or upload a .npz/.pt "
+            "file as `data`"
+        )
+    if "data" in submission.files and spec.data:
+        raise ArchtreeError("give the data either as spec.data or as a `data` upload, not both")
+    names = {}
+    for field, upload in submission.files.items():
+        suffix = Path(upload.filename or "").suffix.lower()
+        if field == "data" and suffix not in DATA_SUFFIXES:
             raise ArchtreeError(
-                f"the data upload must be a .npz or .pt file, got {filename or 'no file name'!r}"
+                f"the data upload must be a .npz or .pt file, got {upload.filename or 'no name'!r}"
             )
-        return f"data{suffix}"
-    return "weights.safetensors" if suffix == ".safetensors" else "weights.pt"
-
-
-def one_line(errors: list[Any]) -> str:
-    """Pydantic's validation errors as one line: `where: what` for the first, and a count."""
-    first = errors[0]
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "input"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{more}"
+        if field == "weights":
+            suffix = ".safetensors" if suffix == ".safetensors" else ".pt"
+        names[field] = field + suffix
+    return names

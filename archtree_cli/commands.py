@@ -57,6 +57,7 @@ def prune(
     allow_pickle: bool = False,
     num_classes: int | None = None,
     quiet: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run one search in this process and write its artifacts. Returns the report."""
     from search.artifacts import save_artifacts
@@ -64,6 +65,7 @@ def prune(
     from search.context import SearchContext
     from search.engine import run_search
     from search.inputs import load_inputs
+    from search.interfaces import SequentialExecutor, ThreadExecutor
     from search.report import build_report
 
     parsed_budget = parse_budget(budget)
@@ -83,7 +85,8 @@ def prune(
         settings=settings,
         sink=ConsoleProgress(quiet=quiet),
     )
-    outcome = run_search(context, parsed_budget)
+    executor = ThreadExecutor(jobs) if jobs > 1 else SequentialExecutor()
+    outcome = run_search(context, parsed_budget, executor)
     report = build_report(
         context,
         outcome,
@@ -99,6 +102,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
     parse_budget(args.budget)
     settings = settings_from(args)
+    if args.jobs < 1:
+        raise ArchtreeError("--jobs must be at least 1.")
     _check_out_dir(args.out, args.overwrite)
     report = prune(
         model=args.model,
@@ -111,6 +116,7 @@ def run_prune(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         num_classes=args.num_classes,
         quiet=args.quiet,
+        jobs=args.jobs,
     )
     print_summary(report, args.out)
     return 0

@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="folder for arch.json, model.safetensors, report.json"
     )
     prune.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+    prune.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="children evaluated at once in threads (default 1; more is faster but makes "
+        "timing on this same machine noisier)",
+    )
     prune.add_argument("--quiet", action="store_true", help="print only the final summary")
 
     measure = commands.add_parser("measure", help="measure a model's latency on a device")

@@ -30,7 +30,7 @@ class ConsoleProgress:
                 f"score {score:.4f}; budget {data['budget_ms']:.3f} ms"
             )
         elif kind == "feasibility":
-            self._print(f"smallest reachable {data['smallest_ms']:.3f} ms: budget is reachable")
+            self._print(f"smallest reachable {data['smallest_ms']:.3f} ms")
         elif kind == "depth_started":
             self.children_planned, self.children_seen = data["children"], 0
             self._print(f"depth {data['depth']}: evaluating {data['children']} children")

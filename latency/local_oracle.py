@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -114,6 +115,16 @@ class LocalOracle:
         self.cache.put(key, stats.to_dict())
         return stats
 
+    def offer_model(self, spec: ArchSpec, model: nn.Module) -> None:
+        """Keep a copy of an already built model for `spec`, so timing it needs no rebuild."""
+        if spec.hash not in self._models:
+            self._models[spec.hash] = self._on_device(copy.deepcopy(model))
+            if len(self._models) > self._models_kept:
+                self._models.popitem(last=False)
+
+    def _on_device(self, model: nn.Module) -> nn.Module:
+        return model.to(device=self.device, dtype=_DTYPES[self.dtype]).eval()
+
     def measure(
         self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
     ) -> LatencyMeasurement:
@@ -180,7 +191,7 @@ class LocalOracle:
         """The built model for `spec`, from a small LRU so the reference is built once."""
         model = self._models.get(spec.hash)
         if model is None:
-            model = self.build(spec).to(device=self.device, dtype=_DTYPES[self.dtype]).eval()
+            model = self._on_device(self.build(spec))
             self._models[spec.hash] = model
             if len(self._models) > self._models_kept:
                 self._models.popitem(last=False)

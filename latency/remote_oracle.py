@@ -98,6 +98,9 @@ class RemoteOracle:
         """The class-level fingerprint, completed by what the last answering agent reported."""
         return {**self._last_agent_fingerprint, **self._class_fingerprint(self._last_input_shape)}
 
+    def offer_model(self, spec: ArchSpec, model: object) -> None:
+        """Agents build candidates from the spec on their own device: nothing to keep here."""
+
     def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
         """Time the unpruned model alone on an agent: the job's baseline L(M0)."""
         input_shape = tuple(reference.input_shape)

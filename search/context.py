@@ -12,6 +12,7 @@ from search.arch_spec import ArchSpec, build_from_spec, spec_of
 from search.data_source import DataSplits
 from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNodeStore, NodeStore
 from search.model_source import ModelRef
+from search.pruning import output_positions
 from search.settings import SearchSettings
 from search.training import accuracy, fidelity, logits, train
 
@@ -41,6 +42,11 @@ class SearchContext:
         return self.data.calib_x[:1].clone()
 
     @cached_property
+    def positions(self) -> dict[str, int]:
+        """Output positions of every conv and linear layer (the same for all pruned variants)."""
+        return output_positions(self.base_model, self.example_input)
+
+    @cached_property
     def calib_reference_logits(self) -> torch.Tensor:
         return logits(self.base_model, self.data.calib_x)
 
@@ -48,6 +54,14 @@ class SearchContext:
     def train_reference_logits(self) -> torch.Tensor:
         """The unpruned model's outputs on the training split: distillation targets."""
         return logits(self.base_model, self.data.train_x)
+
+    def prepare(self) -> None:
+        """Compute the shared reference outputs once, before children run in parallel."""
+        _ = self.positions
+        if not self.data.labelled:
+            _ = self.calib_reference_logits
+        if self.settings.ft_steps > 0 or self.settings.final_epochs > 0:
+            _ = self.train_reference_logits
 
     def build(self, spec: ArchSpec, state_dict: dict | None = None) -> nn.Module:
         model = build_from_spec(spec)

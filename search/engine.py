@@ -52,10 +52,11 @@ def parameter_count(model: nn.Module) -> int:
 def start(context: SearchContext, budget: Budget) -> SearchState:
     """Measure the unpruned model, check the budget is reachable, and plant the root."""
     oracle, settings = context.oracle, context.settings
+    context.prepare()
     reference = oracle.measure_reference(context.root_spec)
     baseline_ms = reference.median_ms
     budget_ms = budget.resolve(baseline_ms)
-    baseline_macs = total_macs(context.base_model, context.example_input)
+    baseline_macs = total_macs(context.base_model, context.positions)
     root = Node(
         id="n0",
         parent=None,

@@ -48,6 +48,7 @@ class MoveApplier:
             self.context.example_input,
             round_to=settings.round_to,
             min_width_fraction=settings.min_width_fraction,
+            positions=self.context.positions,
         )
         calib = None
         if settings.importance == "taylor" and self.context.data.labelled:
@@ -67,13 +68,15 @@ class MoveApplier:
                 round_to=self.pruner.round_to,
                 min_width_fraction=0.0,
                 ignored_layers=self.pruner.ignored_layers,
+                positions=self.context.positions,
             )
             pruner.remove(plan)
             model = pruner.model.eval()
+            spec = spec_of(model, self.context.model_ref, self.context.input_shape)
+            # The oracle may time this very model instead of rebuilding it from the spec.
+            self.context.oracle.offer_model(spec, model)
             self._built[key] = Pruned(
-                model=model,
-                spec=spec_of(model, self.context.model_ref, self.context.input_shape),
-                macs=total_macs(model, self.context.example_input),
+                model=model, spec=spec, macs=total_macs(model, self.context.positions)
             )
         return self._built[key]
 

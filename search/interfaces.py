@@ -70,6 +70,10 @@ class LatencyOracle(Protocol):
     def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
         """Time the unpruned model alone: the job's baseline L(M0)."""
 
+    def offer_model(self, spec: ArchSpec, model: Any) -> None:
+        """A model already built for `spec`, which an oracle timing in this process may use
+        instead of rebuilding it; oracles that time elsewhere ignore it."""
+
     def measure(
         self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
     ) -> LatencyMeasurement:
@@ -92,6 +96,23 @@ class SequentialExecutor:
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
         return [fn(task) for task in tasks]
+
+
+class ThreadExecutor:
+    """Runs tasks in a pool of threads of this process (torch releases the GIL).
+
+    On the local device, fine-tuning in one thread slows the timing in another: use it when
+    latency is measured elsewhere, or accept noisier measurements for a faster search.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(fn, tasks))
 
 
 class EventSink(Protocol):

@@ -53,20 +53,22 @@ def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> list[st
     return order[-1:]
 
 
-def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, float]:
-    """Multiply-accumulates per sample of every conv and linear layer."""
-    macs: dict[nn.Module, float] = {}
+def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Output positions per sample (spatial size) of every conv and linear layer, by name.
 
-    def record(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        per_sample_outputs = output.numel() / output.shape[0]
-        if isinstance(module, nn.modules.conv._ConvNd):
-            kernel = math.prod(module.kernel_size)
-            macs[module] = per_sample_outputs * module.in_channels / module.groups * kernel
-        else:
-            macs[module] = per_sample_outputs * module.in_features
+    Pruning changes channel counts, never positions, so one forward pass of the unpruned
+    model gives what every pruned variant's MACs need.
+    """
+    positions: dict[str, int] = {}
+
+    def record(name: str, module: nn.Module, output: torch.Tensor) -> None:
+        channels = module.out_channels if hasattr(module, "out_channels") else module.out_features
+        positions[name] = int(output.numel() // output.shape[0] // channels)
 
     hooks = [
-        m.register_forward_hook(record) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)
+        module.register_forward_hook(lambda m, _i, o, name=name: record(name, m, o))
+        for name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_TYPES)
     ]
     try:
         with torch.no_grad():
@@ -74,11 +76,25 @@ def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module,
     finally:
         for hook in hooks:
             hook.remove()
+    return positions
+
+
+def layer_macs(model: nn.Module, positions: Mapping[str, int]) -> dict[nn.Module, float]:
+    """Multiply-accumulates per sample of every conv and linear layer."""
+    macs: dict[nn.Module, float] = {}
+    for name, module in model.named_modules():
+        if name not in positions:
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            per_output = module.in_channels / module.groups * math.prod(module.kernel_size)
+            macs[module] = positions[name] * module.out_channels * per_output
+        elif isinstance(module, nn.Linear):
+            macs[module] = positions[name] * module.out_features * module.in_features
     return macs
 
 
-def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
-    return float(sum(layer_macs(model, example_input).values()))
+def total_macs(model: nn.Module, positions: Mapping[str, int]) -> float:
+    return float(sum(layer_macs(model, positions).values()))
 
 
 def _out_width(module: nn.Module) -> int:
@@ -115,6 +131,7 @@ class PrunableModel:
         round_to: int = 1,
         min_width_fraction: float = 0.1,
         ignored_layers: Sequence[str] | None = None,
+        positions: Mapping[str, int] | None = None,
     ) -> None:
         self.model = model
         self.example_input = example_input
@@ -129,7 +146,8 @@ class PrunableModel:
             self.graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input, verbose=False
             )
-        macs = layer_macs(model, example_input)
+        self.positions = dict(positions or output_positions(model, example_input))
+        macs = layer_macs(model, self.positions)
         self._handlers: dict[str, object] = {}
         raw_groups = []
         for group in self.graph.get_all_groups(

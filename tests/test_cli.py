@@ -151,9 +151,10 @@ def test_width_one_equals_greedy(tmp_path, home):
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,25 @@ def test_unreachable_budget_reports_the_best_reachable_latency(tmp_path, home):
     args = prune_args(tmp_path, "--min-width", "0.5", budget="3%")
     line = one_line_error(archtree(*args, home=home, check=False))
     assert "cannot be met" in line and "smallest model pruning can reach measures" in line
+
+
+def test_measure_prints_the_statistics(home):
+    result = archtree("measure", "--model", "builtin:vgg", "--input-shape", "1,16,16", home=home)
+    for word in ("median", "p90", "IQR", "CV", "runs"):
+        assert word in result.stdout
+    median = float(next(line for line in result.stdout.splitlines() if line.startswith("median"))
+                   .split()[1])  # fmt: skip
+    assert median > 0
+
+
+def test_models_lists_three_families(home):
+    result = archtree("models", home=home)
+    for name in ("builtin:vgg", "builtin:resnet", "builtin:mobilenetv2"):
+        assert name in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_device_without_a_gpu_says_so(tmp_path, home):
+    line = one_line_error(archtree(*prune_args(tmp_path, "--device", "local:cuda"), home=home,
+                                   check=False))  # fmt: skip
+    assert "CUDA" in line and "--device local" in line

@@ -95,3 +95,29 @@ def test_width_one_is_greedy():
     assert greedy.width == 1 and greedy.branching == 4
     uniform = SearchSettings(strategy="uniform").effective()
     assert uniform.move_kinds == ("uniform",) and uniform.width == 1
+
+
+def test_data_free_search_scores_by_fidelity_and_reports_no_accuracy(tmp_path):
+    import numpy as np
+
+    from search.data_source import load_data
+    from search.interfaces import ThreadExecutor
+
+    digits = load_data("builtin:digits")
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, x=digits.train_x.numpy())
+    context = make_context(data=str(unlabelled), width=2, branching=2)
+    assert not context.data.labelled
+    outcome = run_search(context, parse_budget("70%"), ThreadExecutor(2))
+    assert outcome.final_accuracy is None and outcome.baseline_accuracy is None
+    # Fidelity is minus a KL divergence: 0 for the unpruned model, below 0 for its children.
+    assert outcome.state.root.score == pytest.approx(0.0, abs=1e-6)
+    assert all(n.score <= 1e-6 for n in outcome.state.nodes.values())
+    assert outcome.confirmed_latency_ms <= outcome.state.budget_ms
+
+
+def test_taylor_importance_needs_and_uses_labels():
+    context = make_context(importance="taylor", width=1, branching=2)
+    state = start(context, parse_budget("70%"))
+    tasks = plan(context, state)
+    assert len(tasks) == 2

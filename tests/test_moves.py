@@ -56,7 +56,7 @@ def test_latency_move_prefers_groups_whose_channels_cost_more_ms(pruner):
     estimate = LatencyEstimate(
         1.0,
         1e6,
-        [Observation(cheap, 1e6, 1e-4), Observation(costly, 1e6, 5.0)],
+        [Observation(cheap, 1e6, 1e-6), Observation(costly, 1e3, 50.0)],
     )
     plan = removal_plan(Move("latency"), pruner, importance, 0.3, estimate)
     counts = removed_counts(plan)

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from search.model_source import save_weights
 from tests.api_fixtures import ApiProcess, api_env, free_port, start_api
 from tests.redis_fixtures import ROOT, wait_until
 from tests.worker_fixtures import WorkerPool
+from workers.job_store import FINAL_STATUSES
 
 pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fixtures"]
 
@@ -36,6 +38,9 @@ pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fi
 REPORT_KEYS = {"budget_ms", "inputs", "device", "baseline", "final", "search", "tree"}
 FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
 CLI_SEARCH = ["--width", "2", "--branching", "2", "--ft-steps", "5", "--planned-steps", "2"]
+# On this tiny input the smallest reachable VGG measures 40-55 % of the unpruned one; timing
+# noise on a loaded 2-core machine must not make the budget unreachable.
+BUDGET = "75%"
 JOB_S = 180.0
 AGENT_START_S = 60.0
 # Agents claim the requests of a killed agent after this long.
@@ -46,7 +51,7 @@ def job_spec(device_class: str, **search: Any) -> dict[str, Any]:
     return {
         "model": "builtin:vgg",
         "data": "builtin:digits",
-        "budget": "60%",
+        "budget": BUDGET,
         "device_class": device_class,
         "search": {**FAST_SEARCH, **search},
     }
@@ -111,16 +116,20 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
     api: ApiProcess, client: ArchtreeClient, agents, worker_pool: WorkerPool, tmp_path: Path
 ):
     started, device_ids = start_agents(agents, client, "svc-a", 2)
+    workers = {worker.name for worker in worker_pool.alive()}
+    wait_until(lambda: set(client.http.get("/readyz").json()["workers"]) == workers, 30, "/readyz")
     job_id = client.submit(job_spec("svc-a"))["id"]
     thread, events = follow(api, job_id)
 
+    def both_measured_or_ended() -> str | None:
+        if client.job(job_id)["status"] in FINAL_STATUSES:
+            return "ended"
+        measured = measurements_by_device(client, device_ids).values()
+        return "measured" if all(n > 0 for n in measured) else None
+
     # Both agents take measurements (per-device counters the workers' oracles keep)...
-    wait_until(
-        lambda: all(n > 0 for n in measurements_by_device(client, device_ids).values()),
-        JOB_S,
-        "measurements by both agents",
-    )
-    assert client.job(job_id)["status"] == "running"
+    outcome = wait_until(both_measured_or_ended, JOB_S, "measurements by both agents")
+    assert outcome == "measured", f"{client.job(job_id)['error']}\n{worker_pool.logs()}"
     # ...then one dies mid-job: the other takes its requests over.
     started[0].kill()
     thread.join(JOB_S)
@@ -137,9 +146,7 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
     # The SSE stream delivered the job's events in order, ending with its final status.
     ids = [event_id for event_id, _ in events]
     kinds = [event["kind"] for _, event in events]
-    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(
-        ids
-    )
+    assert ids == sorted(set(ids), key=lambda i: tuple(map(int, i.split("-"))))  # unique, in order
     assert {"queued", "baseline", "depth_started", "node", "depth_done"} <= set(kinds)
     assert (events[-1][1]["kind"], events[-1][1]["status"]) == ("status", "succeeded")
     resumed = list(client.events(job_id, after=ids[2]))
@@ -147,9 +154,9 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
 
     tree = client.tree(job_id)
     assert tree["done"] and tree["budget_ms"] == pytest.approx(report["budget_ms"])
-    assert len(tree["nodes"]) == report["search"]["candidates_evaluated"] + 1
+    assert {node["id"] for node in tree["nodes"]} == {node["id"] for node in report["tree"]}
     assert set(tree["frontier"]) <= {node["id"] for node in tree["nodes"]}
-    metrics = api.client().get("/metrics").text
+    metrics = client.http.get("/metrics").text
     taken = re.search(r'archtree_measurements_total\{device_class="svc-a"\} (\S+)', metrics)
     assert taken and float(taken.group(1)) >= report["search"]["latency_measurements"]
     assert 'archtree_measurement_round_trip_seconds_count{device_class="svc-a"}' in metrics
@@ -159,9 +166,8 @@ def test_cancel_stops_a_running_job(client: ArchtreeClient, agents, worker_pool:
     start_agents(agents, client, "svc-b", 1)
     job_id = client.submit(job_spec("svc-b", planned_steps=3))["id"]
     stream = client.events(job_id)
-    for _, event in stream:
-        if event["kind"] == "depth_started":
-            break
+    started = next((e for _, e in stream if e["kind"] == "depth_started"), None)
+    assert started, f"{client.job(job_id)['error']}\n{worker_pool.logs()}"
 
     asked = time.monotonic()
     assert client.cancel(job_id)["cancel_requested"]
@@ -202,7 +208,7 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     submitted = archtree(
         "submit", *common, "--device-class", "svc-c", "--model", "builtin:vgg",
         "--weights", str(tmp_path / "vgg.safetensors"), "--data", str(tmp_path / "digits.npz"),
-        "--budget", "60%", *CLI_SEARCH,
+        "--budget", BUDGET, *CLI_SEARCH,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
@@ -274,3 +280,29 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def compose_client() -> list[str] | None:
+    """`docker compose` (v2) or `docker-compose` (v1), whichever is installed."""
+    if shutil.which("docker"):
+        version = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if version.returncode == 0:
+            return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def test_the_compose_file_is_valid_with_scalable_workers_and_persistent_redis():
+    compose = compose_client()
+    if compose is None:
+        pytest.skip("no docker compose client on this machine")
+    command = [*compose, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
+
+    services = subprocess.run([*command, "config", "--services"], capture_output=True, text=True)
+    config = subprocess.run([*command, "config"], capture_output=True, text=True)
+
+    assert services.returncode == 0, services.stderr
+    assert set(services.stdout.split()) == {"redis", "api", "worker", "agent"}
+    assert config.returncode == 0, config.stderr
+    assert "container_name" not in config.stdout  # `up --scale worker=3` needs distinct names
+    assert "--appendonly" in config.stdout and "redis-data" in config.stdout
+    assert config.stdout.count("image: archtree:latest") == 3

@@ -17,7 +17,6 @@ from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
 from workers.artifact_store import ArtifactStore
-from workers.celery_app import EVALUATE_CHILD
 from workers.job_store import FINAL_STATUSES, JobStore
 from workers.tasks import result_name, submit_job
 
@@ -39,7 +38,8 @@ def job_spec(device_class: str, **search: Any) -> dict[str, Any]:
         "weights": None,
         "allow_pickle": False,
         "num_classes": None,
-        # The digits VGG is so small that its narrowest version still takes ~60% of the time.
+        # On a loaded 2-core machine the narrowest digits VGG has measured up to 62% of the
+        # unpruned one: a 60% budget could be found unreachable.
         "budget": "70%",
         "device_class": device_class,
         "batch_size": 1,
@@ -110,44 +110,43 @@ def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_dept
     workers: WorkerPool, jobs: JobStore, agents
 ):
     start_agents(agents, jobs, "pool-b", 2)
-    job_id = submit_job(jobs, job_spec("pool-b", planned_steps=3), celery=workers.app)
+    # Small steps, closely fitted, so that the search surely has a depth 2 to kill a worker in.
+    spec = job_spec("pool-b", planned_steps=4, max_probes=4)
+    job_id = submit_job(jobs, spec, celery=workers.app)
     wait_until(lambda: (jobs.load_state(job_id) or {}).get("depth", 0) >= 1, JOB_S, "depth 1")
 
-    # Kill a worker while it evaluates a child of this job, so that child must be redone.
-    victim, task = wait_until(lambda: busy_worker(workers, jobs, job_id), 60, "a busy worker")
+    # Kill the worker that has just started a child of depth 2 or more: that child must be
+    # delivered again, to another worker.
+    started = wait_until(lambda: child_started(jobs, job_id, min_depth=2), 60, "a child")
+    victim = next(w for w in workers.alive() if w.name == started["worker"])
     victim.kill()
     workers.start(1)
     job = wait_for_end(jobs, job_id, workers)
 
     assert job["status"] == "succeeded", f"{job['error']}\n{workers.logs()}"
-    # The victim's child was delivered again to another worker, unless the victim had
-    # finished it in the moment between being seen busy and being killed.
-    redelivered = any(f"[{task['id']}] received" in w.output() for w in workers.alive())
-    assert redelivered or f"[{task['id']}] succeeded" in victim.output()
-    child = task["args"][1]
     happened = events(jobs, job_id)
+    redone_by = {
+        e["worker"] for e in happened if e["kind"] == "child_started" and e["id"] == started["id"]
+    }
+    assert redone_by - {victim.name}
     assert Counter(e["kind"] for e in happened)["baseline"] == 1
-    for depth in range(1, child["depth"]):
+    for depth in range(1, started["depth"]):
         done = [e for e in happened if e["kind"] == "depth_done" and e["depth"] == depth]
         nodes = [e["id"] for e in happened if e["kind"] == "node" and e["depth"] == depth]
         assert len(done) == 1
         assert len(nodes) == len(set(nodes))
-    assert job["progress"]["depth"] >= child["depth"]
+    assert job["progress"]["depth"] >= started["depth"]
 
 
-def busy_worker(pool: WorkerPool, jobs: JobStore, job_id: str):
-    """(worker, Celery task) of a live worker evaluating a child of depth >= 2 of `job_id`."""
-    if jobs.get(job_id)["status"] in FINAL_STATUSES:
-        pytest.fail(f"job {job_id} ended before a worker could be killed in it")
-    # Busy workers answer late on 2 cores: a short timeout would miss their replies.
-    active = pool.app.control.inspect(timeout=1.5).active() or {}
-    for worker in pool.alive():
-        for task in active.get(worker.name, []):
-            if task["name"] != EVALUATE_CHILD or task["args"][0] != job_id:
-                continue
-            if task["args"][1]["depth"] >= 2:
-                return worker, task
-    return None
+def child_started(jobs: JobStore, job_id: str, min_depth: int) -> dict[str, Any] | None:
+    """The first `child_started` event at `min_depth` or deeper (fails if the job ended)."""
+    job = jobs.get(job_id)
+    if job["status"] in FINAL_STATUSES:
+        pytest.fail(f"job {job_id} ended ({job['status']}: {job['error']}) before the kill")
+    happened = events(jobs, job_id)
+    return next(
+        (e for e in happened if e["kind"] == "child_started" and e["depth"] >= min_depth), None
+    )
 
 
 def test_a_cancelled_job_stops_within_a_child_evaluation(
@@ -155,11 +154,8 @@ def test_a_cancelled_job_stops_within_a_child_evaluation(
 ):
     start_agents(agents, jobs, "pool-c", 1)
     job_id = submit_job(jobs, job_spec("pool-c", planned_steps=3), celery=workers.app)
-    wait_until(
-        lambda: any(e["kind"] == "depth_started" for e in events(jobs, job_id)),
-        JOB_S,
-        "the first depth",
-    )
+    # Cancelled while a worker evaluates a child: its measurements stop waiting at once.
+    wait_until(lambda: child_started(jobs, job_id, min_depth=1), JOB_S, "a child")
 
     asked = time.monotonic()
     assert jobs.request_cancel(job_id)

@@ -114,6 +114,9 @@ def build_job_context(
         store=nodes,
         sink=sink,
     )
+    # Each child runs on a shallow copy of the context: the reference outputs computed now
+    # are shared by all of them instead of being recomputed per child.
+    context.prepare()
     return JobContext(job_id=job_id, spec=spec, context=context, budget=budget, nodes=nodes)
 
 

@@ -148,6 +148,7 @@ def evaluate_child(self, job_id: str, task: dict[str, Any]) -> dict[str, Any] | 
             if not _active(job_id):
                 return None
             job = _contexts().get(job_id, self.request.hostname)
+            job.context.sink.emit("child_started", id=child_id, depth=task["depth"])
             attempt = uuid.uuid4().hex[:12]
             context = copy.copy(job.context)
             context.store = AttemptNodeStore(job.nodes, child_id, attempt)

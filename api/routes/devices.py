@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Path, Response
 
 from api.deps import ServicesDep
-from api.schemas import Device, DeviceIn, DeviceList, DeviceRegistered, ErrorMessage
+from api.schemas import INVALID, Device, DeviceIn, DeviceList, DeviceRegistered, ErrorMessage
 
-router = APIRouter(prefix="/v1/devices", tags=["devices"])
+router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=INVALID)
 
 
 @router.post(

@@ -13,13 +13,13 @@ from starlette.concurrency import run_in_threadpool
 from api import submission
 from api.deps import JobDep, ServicesDep
 from api.event_stream import job_events, start_after
-from api.schemas import ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
+from api.schemas import INVALID, ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
 from api.uploads import MAX_SPEC_BYTES, read_submission
 from search.artifacts import ARTIFACT_NAMES
 from workers.job_store import FINAL_STATUSES
 from workers.tasks import result_name
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=INVALID)
 
 NOT_FOUND = {404: {"model": ErrorMessage, "description": "No job with this id."}}
 

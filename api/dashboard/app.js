@@ -1,0 +1,751 @@
+// The Archtree dashboard: jobs, one job (tree, candidates, events, results) and devices, on
+// hash routes. Kept live by the job's event stream and by polling at most every 2 s; no build
+// step. ECharts (vendor/echarts.min.js) is loaded as a classic script and read from `window`.
+
+const POLL_MS = 2000;
+// Event bursts (a replayed stream, several children finishing) trigger one refresh, not many.
+const MIN_REFRESH_GAP_MS = 500;
+const PAGE_SIZE = 20;
+const MAX_EVENT_LINES = 400;
+const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
+// The kinds the engine, the workers and the job store emit (EventSource needs them by name).
+const EVENT_KINDS = [
+  "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
+  "child_skipped", "child_merged", "depth_done", "confirmed", "final_finetune", "done",
+  "cancel_requested",
+];
+// Events after which the job's progress and tree have changed.
+const REFRESH_ON = new Set(["status", "baseline", "depth_done", "confirmed", "done"]);
+const COLORS = { within: "#2e8b57", over: "#d9534f", pending: "#9aa5b1", chosen: "#f0ad00",
+  front: "#3566c8", budget: "#555" };
+
+const echarts = window.echarts;
+
+// What the page shows right now, for tests and curious operators (window.archtree).
+const live = { view: null, status: null, treeNodes: 0, candidates: 0, paretoPoints: 0 };
+window.archtree = live;
+
+// ---------------------------------------------------------------- helpers
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+function el(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "class") element.className = value;
+    else if (name === "text") element.textContent = value;
+    else if (name.startsWith("data-")) element.setAttribute(name, value);
+    else element[name] = value;
+  }
+  element.append(...children.filter((child) => child !== null && child !== undefined));
+  return element;
+}
+
+const escapeHtml = (text) => echarts.format.encodeHTML(String(text ?? ""));
+const ms = (value) =>
+  value == null ? "—" : `${value.toFixed(value < 10 ? 3 : 1)} ms`;
+const percent = (value) => (value == null ? "—" : `${(100 * value).toFixed(1)} %`);
+const decimal = (value, digits = 3) => (value == null ? "—" : value.toFixed(digits));
+const count = (value) => (value == null ? "—" : value.toLocaleString("en-US"));
+
+function compact(value) {
+  if (value == null) return "—";
+  for (const [size, unit] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (Math.abs(value) >= size) return `${(value / size).toFixed(2)} ${unit}`;
+  }
+  return String(Math.round(value));
+}
+
+const signed = (value, text) => `${value > 0 ? "+" : value < 0 ? "−" : "±"}${text}`;
+
+function relativeChange(before, after) {
+  if (before == null || after == null || before === 0) return "—";
+  const relative = (after - before) / before;
+  return signed(relative, `${Math.abs(100 * relative).toFixed(1)} %`);
+}
+
+// Accuracy and score change by points, not relative to themselves.
+function pointChange(before, after, scale = 1, unit = "") {
+  if (before == null || after == null) return "—";
+  const difference = (after - before) * scale;
+  return signed(difference, `${Math.abs(difference).toFixed(scale === 1 ? 3 : 1)}${unit}`);
+}
+
+const when = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleString();
+const clock = (unixSeconds) =>
+  new Date(unixSeconds * 1000).toLocaleTimeString([], { hourCycle: "h23" });
+
+function ago(unixSeconds) {
+  const seconds = Math.max(0, Date.now() / 1000 - unixSeconds);
+  if (seconds < 90) return `${Math.round(seconds)} s ago`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min ago`;
+  return when(unixSeconds);
+}
+
+function statusBadge(status) {
+  return el("span", { class: `status status-${status}`, text: status, "data-status": status });
+}
+
+// Uploaded inputs are stored as `artifact:jobs/<id>/inputs/<file>`: show the file's name.
+const source = (value) =>
+  value?.startsWith("artifact:") ? `uploaded ${value.split("/").pop()}` : value ?? "—";
+
+class ApiError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function setConnection(ok, text) {
+  const badge = $("#connection");
+  badge.classList.toggle("down", !ok);
+  badge.textContent = text;
+}
+
+// Fetch JSON from the API; a failure throws ApiError with the API's one-line `detail`.
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (error) {
+    setConnection(false, "API unreachable");
+    throw new ApiError(`cannot reach the API (${error.message})`, 0);
+  }
+  setConnection(true, `live · ${new Date().toLocaleTimeString()}`);
+  const isJson = (response.headers.get("content-type") ?? "").includes("json");
+  const body = isJson ? await response.json() : await response.text();
+  if (!response.ok) {
+    const detail = isJson && typeof body.detail === "string" ? body.detail : null;
+    throw new ApiError(detail ?? `${response.status} ${response.statusText}`, response.status);
+  }
+  return body;
+}
+
+// Runs `task` now and then every `intervalMs` after it finishes, until it returns false or
+// the poller is stopped; `now()` asks for an early run (never closer than MIN_REFRESH_GAP_MS).
+class Poller {
+  constructor(intervalMs, task, onError) {
+    Object.assign(this, { intervalMs, task, onError, timer: null, running: false });
+    Object.assign(this, { again: false, stopped: false, lastRun: 0 });
+  }
+
+  now() {
+    if (this.stopped) return;
+    if (this.running) {
+      this.again = true;
+      return;
+    }
+    clearTimeout(this.timer);
+    const wait = this.lastRun + MIN_REFRESH_GAP_MS - Date.now();
+    if (wait > 0) {
+      this.timer = setTimeout(() => this.now(), wait);
+      return;
+    }
+    this.run();
+  }
+
+  async run() {
+    this.running = true;
+    this.lastRun = Date.now();
+    let keepGoing = true;
+    try {
+      keepGoing = (await this.task()) !== false;
+    } catch (error) {
+      keepGoing = this.onError ? this.onError(error) !== false : true;
+    }
+    this.running = false;
+    if (this.stopped || !keepGoing) return;
+    if (this.again) {
+      this.again = false;
+      this.now();
+    } else {
+      this.timer = setTimeout(() => this.now(), this.intervalMs);
+    }
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+}
+
+function template(id) {
+  return document.getElementById(id).content.cloneNode(true);
+}
+
+// ---------------------------------------------------------------- jobs
+
+function jobsView(root) {
+  root.append(template("jobs-view"));
+  let offset = 0;
+  const poller = new Poller(POLL_MS, async () => {
+    const page = await api(`v1/jobs?offset=${offset}&limit=${PAGE_SIZE}`);
+    renderJobs(root, page);
+  });
+  $("#newer", root).addEventListener("click", () => {
+    offset = Math.max(0, offset - PAGE_SIZE);
+    poller.now();
+  });
+  $("#older", root).addEventListener("click", () => {
+    offset += PAGE_SIZE;
+    poller.now();
+  });
+  setUpSubmitForm(root);
+  poller.now();
+  return () => poller.stop();
+}
+
+function renderJobs(root, page) {
+  const rows = page.jobs.map((job) => {
+    const { progress, spec } = job;
+    const best = progress.final ?? progress.best;
+    let quality = "—";
+    if (progress.final?.accuracy != null) quality = `${percent(progress.final.accuracy)} acc.`;
+    else if (best?.score != null) quality = `${decimal(best.score)} score`;
+    const budget = progress.budget_ms != null ? `${spec.budget} = ${ms(progress.budget_ms)}` : spec.budget;
+    const model = spec.weights ? `${spec.model} + ${source(spec.weights)}` : spec.model;
+    return el(
+      "tr",
+      { "data-job-id": job.id },
+      el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
+      el("td", { text: when(job.created_at) }),
+      el("td", {}, statusBadge(job.status)),
+      el("td", { text: model }),
+      el("td", { text: source(spec.data) }),
+      el("td", { text: spec.device_class }),
+      el("td", { text: budget }),
+      el("td", { class: "num", text: count(progress.depth) }),
+      el("td", { class: "num", text: count(progress.candidates_evaluated) }),
+      el("td", { class: "num", text: count(progress.measurements) }),
+      el("td", { class: "num", text: ms(best?.latency_ms) }),
+      el("td", { class: "num", text: quality }),
+    );
+  });
+  if (!rows.length) {
+    rows.push(el("tr", {}, el("td", { colSpan: 12, class: "muted", text: "No jobs yet." })));
+  }
+  $("#jobs-table tbody", root).replaceChildren(...rows);
+  const last = Math.min(page.offset + page.jobs.length, page.total);
+  $("#page-info", root).textContent = page.total
+    ? `${page.offset + 1}–${last} of ${page.total}`
+    : "";
+  $("#newer", root).disabled = page.offset === 0;
+  $("#older", root).disabled = last >= page.total;
+}
+
+const SEARCH_FIELDS = ["width", "branching", "planned_steps", "max_depth", "ft_steps", "max_probes"];
+
+function setUpSubmitForm(root) {
+  const form = $("#submit-form", root);
+  const error = $("#submit-error", root);
+  const dataFile = $(".data-file", root);
+  form.elements.data.addEventListener("change", () => {
+    dataFile.hidden = form.elements.data.value !== "upload";
+  });
+  api("v1/devices")
+    .then((list) => {
+      const classes = new Set([...list.devices.map((d) => d.device_class), ...Object.keys(list.queue_depth)]);
+      $("#device-classes", root).replaceChildren(...[...classes].sort().map((name) => el("option", { value: name })));
+    })
+    .catch(() => {});
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const fields = form.elements;
+    const search = { strategy: fields.strategy.value };
+    for (const name of SEARCH_FIELDS) {
+      if (fields[name].value !== "") search[name] = Number(fields[name].value);
+    }
+    const spec = {
+      model: fields.model.value.trim(),
+      budget: fields.budget.value.trim(),
+      device_class: fields.device_class.value.trim(),
+      search,
+    };
+    const body = new FormData();
+    if (fields.data.value === "upload") {
+      const file = fields.data_file.files[0];
+      if (!file) return showError(error, "choose a data file (.npz or .pt), or a builtin data set");
+      body.append("data", file, file.name);
+    } else {
+      spec.data = fields.data.value;
+    }
+    body.set("spec", JSON.stringify(spec));
+    const weights = fields.weights.files[0];
+    if (weights) body.append("weights", weights, weights.name);
+    error.hidden = true;
+    fields["submit-button"].disabled = true;
+    try {
+      const created = await api("v1/jobs", { method: "POST", body });
+      location.hash = `#/jobs/${created.id}`;
+    } catch (failure) {
+      showError(error, failure.message);
+    } finally {
+      fields["submit-button"].disabled = false;
+    }
+  });
+}
+
+function showError(element, message) {
+  element.textContent = message;
+  element.hidden = false;
+}
+
+// ---------------------------------------------------------------- one job
+
+function jobView(root, jobId) {
+  root.append(template("job-view"));
+  $("#job-id", root).textContent = jobId;
+  const view = {
+    id: jobId, root, job: null, tree: null, report: null,
+    // Children evaluated at depths not closed yet come from `node` events before the tree has them.
+    eventNodes: new Map(), merged: new Set(),
+    treeChart: echarts.init($("#tree-chart", root)),
+    scatterChart: echarts.init($("#scatter-chart", root)),
+    renderQueued: false,
+    closed: false,
+  };
+  const resize = () => {
+    view.treeChart.resize();
+    view.scatterChart.resize();
+  };
+  window.addEventListener("resize", resize);
+
+  const poller = new Poller(POLL_MS, () => refreshJob(view), (error) => {
+    showError($("#job-error", root), error.message);
+    return error.status !== 404;
+  });
+  const stream = followEvents(view, poller);
+  $("#cancel", root).addEventListener("click", async () => {
+    $("#cancel", root).disabled = true;
+    try {
+      view.job = await api(`v1/jobs/${jobId}/cancel`, { method: "POST" });
+      scheduleRender(view);
+    } catch (error) {
+      showError($("#job-error", root), error.message);
+    }
+    poller.now();
+  });
+  poller.now();
+  return () => {
+    view.closed = true;
+    poller.stop();
+    stream.close();
+    window.removeEventListener("resize", resize);
+    view.treeChart.dispose();
+    view.scatterChart.dispose();
+  };
+}
+
+// Fetch the job and its tree (and the report once it succeeded); false once nothing can change.
+async function refreshJob(view) {
+  const [job, tree] = await Promise.all([
+    api(`v1/jobs/${view.id}`),
+    api(`v1/jobs/${view.id}/tree`),
+  ]);
+  Object.assign(view, { job, tree });
+  if (job.status === "succeeded" && !view.report) {
+    view.report = await api(`v1/jobs/${view.id}/artifacts/report.json`);
+  }
+  scheduleRender(view);
+  return !FINAL.has(job.status);
+}
+
+function followEvents(view, poller) {
+  const stream = new EventSource(`v1/jobs/${view.id}/events`);
+  const list = $("#events", view.root);
+  const onEvent = (message) => {
+    const event = JSON.parse(message.data);
+    const line = el("li", { "data-kind": event.kind },
+      el("time", { text: event.time ? clock(event.time) : "" }),
+      el("span", { class: "kind", text: event.kind }),
+      el("span", { text: describe(event) }));
+    list.prepend(line);
+    while (list.childElementCount > MAX_EVENT_LINES) list.lastElementChild.remove();
+    if (event.kind === "node") {
+      view.eventNodes.set(event.id, event);
+      scheduleRender(view);
+    } else if (event.kind === "child_merged") {
+      view.merged.add(event.id);
+    }
+    if (REFRESH_ON.has(event.kind)) poller.now();
+    // The stream ends with the job: without this, EventSource would reconnect forever.
+    if (event.kind === "status" && FINAL.has(event.status)) stream.close();
+  };
+  for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
+  stream.onmessage = onEvent;
+  return stream;
+}
+
+function describe(event) {
+  switch (event.kind) {
+    case "queued": return "waiting for a worker";
+    case "status": return event.error ? `${event.status}: ${event.error}` : event.status;
+    case "baseline":
+      return `unpruned ${ms(event.latency_ms)}, budget ${ms(event.budget_ms)}, score ${decimal(event.score)}`;
+    case "feasibility":
+      return `smallest reachable model ${ms(event.smallest_ms)} (budget ${ms(event.budget_ms)})`;
+    case "depth_started": return `depth ${event.depth}: ${event.children} children to evaluate`;
+    case "child_started": return `${event.id} (depth ${event.depth}) evaluating`;
+    case "node":
+      return `${event.id} from ${event.parent} by ${event.move}: ${ms(event.latency_ms)}, ` +
+        `score ${decimal(event.score)}, ${event.within_budget ? "within" : "over"} budget`;
+    case "child_skipped": return `${event.id} skipped: ${event.reason}`;
+    case "child_merged": return `${event.id} merged: same architecture as another node`;
+    case "depth_done":
+      return `depth ${event.depth} done: frontier ${(event.frontier ?? []).join(", ") || "empty"}` +
+        (event.best ? `; best ${event.best.id} at ${ms(event.best.latency_ms)}` : "");
+    case "confirmed":
+      return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
+    case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;
+    case "done":
+      return `answer ${event.id}: ${ms(event.latency_ms)}, accuracy ${percent(event.accuracy)}, ` +
+        `${decimal(event.wall_s, 1)} s`;
+    case "cancel_requested": return "cancel requested";
+    default:
+      return JSON.stringify(Object.fromEntries(
+        Object.entries(event).filter(([name]) => name !== "kind" && name !== "time")));
+  }
+}
+
+function scheduleRender(view) {
+  if (view.renderQueued) return;
+  view.renderQueued = true;
+  requestAnimationFrame(() => {
+    view.renderQueued = false;
+    if (view.job && !view.closed) renderJob(view);
+  });
+}
+
+// The tree's nodes plus evaluated children of the depth in progress (pending).
+function shownNodes(view) {
+  const nodes = new Map((view.tree?.nodes ?? []).map((node) => [node.id, node]));
+  const closedDepth = view.tree?.depth ?? 0;
+  const pending = [...view.eventNodes.values()]
+    .filter((node) => !nodes.has(node.id) && !view.merged.has(node.id) && node.depth > closedDepth)
+    .sort((a, b) => a.depth - b.depth);
+  for (const node of pending) {
+    if (nodes.has(node.parent)) nodes.set(node.id, { ...node, pending: true });
+  }
+  return nodes;
+}
+
+function renderJob(view) {
+  const { job, tree, root } = view;
+  const { progress, spec } = job;
+  live.status = job.status;
+  $("#job-status", root).replaceChildren(statusBadge(job.status));
+  $("#job-summary", root).textContent = [
+    `model ${spec.model}${spec.weights ? ` + ${source(spec.weights)}` : ""}`,
+    `data ${source(spec.data)}`,
+    `device class ${spec.device_class}`,
+    `budget ${spec.budget}`,
+    `strategy ${spec.search.strategy ?? "archtree"}`,
+    `submitted ${when(job.created_at)}`,
+  ].join(" · ");
+  const cancel = $("#cancel", root);
+  cancel.hidden = FINAL.has(job.status);
+  cancel.disabled = job.cancel_requested;
+  cancel.textContent = job.cancel_requested ? "Cancelling…" : "Cancel";
+  const error = $("#job-error", root);
+  error.hidden = !job.error;
+  error.textContent = job.error ?? "";
+
+  const nodes = shownNodes(view);
+  const rootNode = nodes.get(tree.root_id);
+  const chosenId = progress.final?.id ?? tree.best;
+  const chosen = nodes.get(chosenId);
+  const answerLabel = progress.final ? "Answer" : "Best so far";
+  $("#job-stats", root).replaceChildren(
+    stat("Depth", count(progress.depth ?? tree.depth)),
+    stat("Candidates", count(progress.candidates_evaluated)),
+    stat("Measurements", count(progress.measurements)),
+    stat("Cache hits", count(progress.cache_hits)),
+    stat("Unpruned", ms(progress.baseline_ms)),
+    stat("Budget", ms(progress.budget_ms)),
+    stat(answerLabel, chosen ? `${chosen.id} · ${ms(progress.final?.latency_ms ?? chosen.latency_ms)}` : "—"),
+  );
+  renderComparison(view, rootNode, chosen, answerLabel);
+  renderArtifacts(view);
+  renderTree(view, nodes, rootNode, chosenId);
+  renderScatter(view, nodes, chosenId);
+}
+
+function stat(name, value) {
+  return el("div", {}, el("dt", { text: name }), el("dd", { text: value }));
+}
+
+function renderComparison(view, rootNode, chosen, answerLabel) {
+  const { progress } = view.job;
+  const baseline = view.report?.baseline ?? {
+    latency_ms: progress.baseline_ms ?? rootNode?.latency_ms,
+    params: rootNode?.params,
+    macs: rootNode?.macs,
+  };
+  const final = view.report?.final ?? {
+    latency_ms: progress.final?.latency_ms ?? chosen?.latency_ms,
+    accuracy: progress.final?.accuracy,
+    params: chosen?.params,
+    macs: chosen?.macs,
+  };
+  const rows = [
+    ["Latency", baseline.latency_ms, final.latency_ms, ms, relativeChange],
+    ["Accuracy (validation)", baseline.accuracy, final.accuracy, percent,
+      (before, after) => pointChange(before, after, 100, " pts")],
+    ["Score (calibration)", rootNode?.score, chosen?.score, (v) => decimal(v), pointChange],
+    ["Parameters", baseline.params, final.params, compact, relativeChange],
+    ["MACs", baseline.macs, final.macs, compact, relativeChange],
+  ];
+  $("#answer-head", view.root).textContent = answerLabel;
+  $("#comparison tbody", view.root).replaceChildren(
+    ...rows.map(([name, before, after, format, change]) =>
+      el("tr", {},
+        el("th", { text: name }),
+        el("td", { class: "num", text: format(before) }),
+        el("td", { class: "num", text: format(after) }),
+        el("td", { class: "num", text: change(before, after) }))),
+  );
+}
+
+function renderArtifacts(view) {
+  const box = $("#artifacts", view.root);
+  const ready = view.job.status === "succeeded";
+  box.hidden = !ready;
+  if (!ready || box.dataset.filled) return;
+  box.dataset.filled = "yes";
+  $(".downloads", box).replaceChildren(...ARTIFACTS.map((name) =>
+    el("li", {}, el("a", { href: `v1/jobs/${view.id}/artifacts/${name}`, download: name, text: name }))));
+}
+
+// Tooltip of a node: its move, latency, score and the widths it changed from the unpruned model.
+function nodeTooltip(node, rootNode, budgetMs) {
+  if (!node) return "";
+  const lines = [`<b>${escapeHtml(node.id)}</b> · depth ${node.depth}${node.pending ? " · depth in progress" : ""}`];
+  lines.push(node.move
+    ? `move <b>${escapeHtml(node.move)}</b>${node.fraction != null ? ` (fraction ${decimal(node.fraction, 2)})` : ""} from ${escapeHtml(node.parent)}`
+    : "the unpruned model");
+  const fit = budgetMs == null ? "" : node.within_budget ? " · within budget" : ` · over budget by ${ms(node.latency_ms - budgetMs)}`;
+  lines.push(`latency ${ms(node.latency_ms)} (${percent(node.ratio)} of unpruned)${fit}`);
+  lines.push(`score ${decimal(node.score)} · params ${compact(node.params)} · MACs ${compact(node.macs)}`);
+  if (!node.widths) {
+    lines.push("<i>widths once its depth is closed</i>");
+  } else if (node !== rootNode && rootNode?.widths) {
+    const changed = Object.entries(node.widths)
+      .filter(([layer, width]) => rootNode.widths[layer] !== width)
+      .map(([layer, width]) => `${escapeHtml(layer)} ${rootNode.widths[layer]}→${width}`);
+    lines.push(changed.length ? `widths: ${changed.join(", ")}` : "widths unchanged");
+  } else {
+    lines.push(`widths: ${Object.entries(node.widths).map(([l, w]) => `${escapeHtml(l)} ${w}`).join(", ")}`);
+  }
+  return lines.join("<br>");
+}
+
+function renderTree(view, nodes, rootNode, chosenId) {
+  const container = $("#tree-chart", view.root);
+  container.dataset.nodes = String(nodes.size);
+  live.treeNodes = nodes.size;
+  if (!rootNode) {
+    view.treeChart.clear();
+    return;
+  }
+  const children = new Map();
+  for (const node of nodes.values()) {
+    if (node.parent == null || !nodes.has(node.parent)) continue;
+    if (!children.has(node.parent)) children.set(node.parent, []);
+    children.get(node.parent).push(node);
+  }
+  const order = (a, b) => Number(a.id.slice(1)) - Number(b.id.slice(1)) || a.id.localeCompare(b.id);
+  const frontier = new Set(view.tree.frontier);
+  const item = (node) => {
+    const isChosen = node.id === chosenId;
+    const color = node.pending ? COLORS.pending : node.within_budget ? COLORS.within : COLORS.over;
+    return {
+      name: node.id,
+      symbol: isChosen ? "diamond" : "circle",
+      symbolSize: isChosen ? 24 : 13,
+      itemStyle: {
+        color,
+        borderColor: isChosen ? COLORS.chosen : frontier.has(node.id) ? "#1f2933" : "#fff",
+        borderWidth: isChosen ? 4 : frontier.has(node.id) ? 2 : 1,
+      },
+      label: { fontWeight: isChosen ? "bold" : "normal" },
+      children: (children.get(node.id) ?? []).sort(order).map(item),
+    };
+  };
+  const budgetMs = view.tree.budget_ms;
+  view.treeChart.setOption({
+    tooltip: {
+      trigger: "item",
+      confine: true,
+      formatter: (params) => nodeTooltip(nodes.get(params.name), rootNode, budgetMs),
+    },
+    series: [{
+      type: "tree",
+      data: [item(rootNode)],
+      orient: "TB",
+      layout: "orthogonal",
+      top: 30, bottom: 40, left: 30, right: 30,
+      initialTreeDepth: -1,
+      expandAndCollapse: false,
+      roam: true,
+      animation: false,
+      label: { position: "top", distance: 6, fontSize: 11, color: "#1f2933" },
+      leaves: { label: { position: "bottom" } },
+      lineStyle: { color: "#b8c2cc", width: 1.5, curveness: 0.3 },
+    }],
+  }, { replaceMerge: ["series"] });
+}
+
+// Points no other point beats on both latency (lower) and score (higher), by latency.
+function paretoFront(points) {
+  const sorted = [...points].sort((a, b) => a.latency_ms - b.latency_ms || b.score - a.score);
+  const front = [];
+  for (const point of sorted) {
+    if (!front.length || point.score > front[front.length - 1].score) front.push(point);
+  }
+  return front;
+}
+
+function renderScatter(view, nodes, chosenId) {
+  // Every evaluated candidate: the tree's nodes and children merged away as duplicates.
+  const all = new Map(nodes);
+  for (const [id, node] of view.eventNodes) if (!all.has(id)) all.set(id, node);
+  const candidates = [...all.values()];
+  const front = paretoFront(candidates);
+  const container = $("#scatter-chart", view.root);
+  container.dataset.candidates = String(candidates.length);
+  container.dataset.pareto = String(front.length);
+  Object.assign(live, { candidates: candidates.length, paretoPoints: front.length });
+  const budgetMs = view.tree.budget_ms;
+  const rootNode = nodes.get(view.tree.root_id);
+  const point = (node) => [node.latency_ms, node.score, node.id];
+  const unpruned = candidates.filter((n) => n.parent == null);
+  const pruned = candidates.filter((n) => n.parent != null);
+  const latencies = candidates.map((n) => n.latency_ms).concat(budgetMs ?? []);
+  const span = latencies.length ? Math.max(...latencies) - Math.min(...latencies) : 0;
+  const pad = span * 0.08 || 0.01;
+  const chosen = all.get(chosenId);
+  view.scatterChart.setOption({
+    animation: false,
+    grid: { top: 48, left: 56, right: 24, bottom: 48 },
+    legend: { top: 0 },
+    tooltip: {
+      trigger: "item",
+      confine: true,
+      formatter: (params) =>
+        params.seriesName === "Pareto front"
+          ? `Pareto front: ${escapeHtml(params.value[2])}`
+          : nodeTooltip(all.get(params.value[2]), rootNode, budgetMs),
+    },
+    xAxis: {
+      type: "value", name: "latency (ms)", nameLocation: "middle", nameGap: 28,
+      min: latencies.length ? Math.max(0, Math.min(...latencies) - pad) : null,
+      max: latencies.length ? Math.max(...latencies) + pad : null,
+      axisLabel: { formatter: (v) => v.toFixed(3), showMinLabel: false, showMaxLabel: false },
+    },
+    yAxis: { type: "value", name: "score", scale: true },
+    series: [
+      { name: "within budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.within },
+        data: pruned.filter((n) => n.within_budget).map(point) },
+      { name: "over budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.over },
+        data: pruned.filter((n) => !n.within_budget).map(point) },
+      { name: "unpruned", type: "scatter", symbol: "rect", symbolSize: 12,
+        itemStyle: { color: "#52606d" }, data: unpruned.map(point) },
+      { name: "Pareto front", type: "line", step: "end", symbol: "emptyCircle", symbolSize: 16, z: 1,
+        lineStyle: { color: COLORS.front, width: 2 }, itemStyle: { color: COLORS.front },
+        data: front.map(point),
+        markLine: budgetMs == null ? undefined : {
+          silent: true, symbol: "none",
+          lineStyle: { type: "dashed", color: COLORS.budget },
+          label: { formatter: `budget ${ms(budgetMs)}`, position: "end" },
+          data: [{ xAxis: budgetMs }],
+        } },
+      { name: "chosen", type: "scatter", symbol: "diamond", symbolSize: 20, z: 3,
+        itemStyle: { color: COLORS.chosen, borderColor: "#1f2933" },
+        data: chosen ? [point(chosen)] : [] },
+    ],
+  }, { replaceMerge: ["series"] });
+}
+
+// ---------------------------------------------------------------- devices
+
+// Measurement totals per class over time, to count the last minute's; kept across views.
+const measurementHistory = [];
+
+function devicesView(root) {
+  root.append(template("devices-view"));
+  const poller = new Poller(POLL_MS, async () => {
+    renderDevices(root, await api("v1/devices"), measurementHistory);
+  });
+  poller.now();
+  return () => poller.stop();
+}
+
+function renderDevices(root, list, history) {
+  const rows = list.devices.map((device) =>
+    el("tr", { "data-device-id": device.id, "data-device-class": device.device_class },
+      el("td", { text: device.host }),
+      el("td", { class: "mono", text: device.id }),
+      el("td", { text: device.device_class }),
+      el("td", {}, el("span", {
+        class: `status ${device.online ? "status-online" : "status-offline"}`,
+        text: device.online ? "online" : "offline",
+      })),
+      el("td", { text: `${device.runtime} ${device.runtime_version}`.trim() }),
+      el("td", { text: [device.cpu, device.gpu].filter(Boolean).join(" · ") || "—" }),
+      el("td", { class: "num", text: count(device.threads) }),
+      el("td", { class: "num", text: count(device.measurements) }),
+      el("td", { text: ago(device.last_seen) })));
+  if (!rows.length) {
+    rows.push(el("tr", {}, el("td", { colSpan: 9, class: "muted",
+      text: "No device registered: start one with `archtree agent`." })));
+  }
+  $("#devices-table tbody", root).replaceChildren(...rows);
+
+  const classes = new Map();
+  for (const name of Object.keys(list.queue_depth)) classes.set(name, { online: 0, measurements: 0 });
+  for (const device of list.devices) {
+    const entry = classes.get(device.device_class) ?? { online: 0, measurements: 0 };
+    entry.online += device.online ? 1 : 0;
+    entry.measurements += device.measurements;
+    classes.set(device.device_class, entry);
+  }
+  const now = Date.now();
+  history.push({ at: now, totals: Object.fromEntries([...classes].map(([n, e]) => [n, e.measurements])) });
+  while (history.length > 1 && history[1].at <= now - 60_000) history.shift();
+  const since = history[0].totals;
+  $("#classes-table tbody", root).replaceChildren(...[...classes].sort().map(([name, entry]) =>
+    el("tr", { "data-device-class": name },
+      el("td", { text: name }),
+      el("td", { class: "num", text: count(entry.online) }),
+      el("td", { class: "num", text: count(list.queue_depth[name] ?? 0) }),
+      el("td", { class: "num", text: count(entry.measurements) }),
+      el("td", { class: "num", text: count(entry.measurements - (since[name] ?? 0)) }))));
+}
+
+// ---------------------------------------------------------------- routing
+
+let leaveView = () => {};
+
+function route() {
+  leaveView();
+  const root = $("#view");
+  root.replaceChildren();
+  const job = location.hash.match(/^#\/jobs\/([\w-]+)$/);
+  live.view = job ? "job" : location.hash === "#/devices" ? "devices" : "jobs";
+  Object.assign(live, { status: null, treeNodes: 0, candidates: 0, paretoPoints: 0 });
+  for (const link of document.querySelectorAll("[data-nav]")) {
+    const current = link.dataset.nav === (live.view === "job" ? "jobs" : live.view);
+    link.toggleAttribute("aria-current", current);
+  }
+  document.title = job ? `Job ${job[1]} · Archtree` : live.view === "devices" ? "Devices · Archtree" : "Archtree";
+  if (job) leaveView = jobView(root, job[1]);
+  else if (live.view === "devices") leaveView = devicesView(root);
+  else leaveView = jobsView(root);
+}
+
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,192 @@
+"""`python -m bench.run [--quick] [--out DIR] [--only SECTION...]`: run the benchmark suite.
+
+Prints each section's table on stdout as it finishes and progress on stderr; writes
+summary.json (rewritten after every section), summary.md and the PNG plots into --out.
+The process exits 1 when a section crashed; missed targets never change the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench import CACHE_DIR, RESULTS_DIR, measurement_quality, scaling, search_quality
+from bench import service_overhead as service
+from bench.report import (
+    SectionResult,
+    describe_machine,
+    evaluate_targets,
+    markdown,
+    plot_all,
+    skipped,
+    targets_table,
+    text_table,
+    write_json,
+)
+
+SECTIONS = ("search", "measurement", "service", "scaling")
+QUICK_SCALING_NOTE = (
+    "skipped in --quick (two jobs, each on a fresh stack); "
+    "`python -m bench.run --quick --only scaling` runs a tiny one"
+)
+
+
+def log(text: str) -> None:
+    """Progress on stderr, with the wall-clock time."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run: builtin:vgg on builtin:digits, one budget, few measurements; "
+        "skips scaling unless --only names it",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"of {', '.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=CACHE_DIR, help="trained weights (default bench/.cache)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="batch size timed in sections 1 and 2"
+    )
+    parser.add_argument("--verbose", action="store_true", help="the engine's progress too")
+    return parser.parse_args(argv)
+
+
+def section_runners(
+    args: argparse.Namespace, work_dir: Path
+) -> dict[str, tuple[float, Callable[[], SectionResult]]]:
+    """Each section's estimated seconds and the call that runs it."""
+    quick = args.quick
+    search = replace(
+        search_quality.QUICK if quick else search_quality.FULL, batch_size=args.batch_size
+    )
+    measurement = replace(
+        measurement_quality.QUICK if quick else measurement_quality.FULL,
+        batch_size=args.batch_size,
+    )
+    service_config = service.QUICK if quick else service.FULL
+    scaling_config = scaling.QUICK if quick else scaling.FULL
+    return {
+        "search": (
+            search_quality.estimate_s(search, quick),
+            lambda: search_quality.run(
+                search, args.out / "search", args.cache_dir, log, args.verbose
+            ),
+        ),
+        "measurement": (
+            measurement_quality.estimate_s(measurement),
+            lambda: measurement_quality.run(measurement, work_dir / "measurement", log),
+        ),
+        "service": (
+            service.estimate_s(service_config),
+            lambda: service.run(service_config, work_dir / "service", log),
+        ),
+        "scaling": (
+            scaling.estimate_s(scaling_config),
+            lambda: scaling.run(scaling_config, work_dir / "scaling", log),
+        ),
+    }
+
+
+def run_section(name: str, runner: Callable[[], SectionResult]) -> SectionResult:
+    """Run one section; a crash becomes a failed section, so the others still run."""
+    started = time.monotonic()
+    try:
+        return runner()
+    except Exception as error:
+        log(f"section {name} crashed:\n{traceback.format_exc()}")
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return SectionResult(
+            name,
+            name,
+            status="failed",
+            note=f"{type(error).__name__}: {detail}",
+            wall_s=time.monotonic() - started,
+        )
+
+
+def summary_of(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    started_at: str,
+    wall_s: float,
+    results: list[SectionResult],
+) -> dict[str, Any]:
+    rows = [row for result in results for row in result.rows]
+    return {
+        "mode": "quick" if args.quick else "full",
+        "started_at": started_at,
+        "wall_s": wall_s,
+        "batch_size": args.batch_size,
+        "machine": machine,
+        "sections": {result.name: result.to_dict() for result in results},
+        "targets": evaluate_targets(rows),
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        print(
+            "bench: matplotlib is missing, and the plots need it: install it into this "
+            "environment (`pip install matplotlib`; `make bench` does it).",
+            file=sys.stderr,
+        )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    selected = args.only or list(SECTIONS)
+    machine = describe_machine()
+    started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    started = time.monotonic()
+    results: list[SectionResult] = []
+    with tempfile.TemporaryDirectory(prefix="archtree-bench-") as work:
+        runners = section_runners(args, Path(work))
+        estimate = sum(
+            runners[name][0]
+            for name in selected
+            if not (args.quick and not args.only and name == "scaling")
+        )
+        log(
+            f"{'quick' if args.quick else 'full'} run of {', '.join(selected)}: estimated at most "
+            f"{estimate / 60:.0f} min on a quiet 2-core machine (plus training on a cache miss); "
+            f"results in {args.out}"
+        )
+        for name in selected:
+            if args.quick and not args.only and name == "scaling":
+                result = skipped(scaling.NAME, scaling.TITLE, QUICK_SCALING_NOTE)
+            else:
+                log(f"section {name} (about {runners[name][0] / 60:.1f} min) ...")
+                result = run_section(name, runners[name][1])
+            results.append(result)
+            print(text_table(result), flush=True)
+            summary = summary_of(args, machine, started_at, time.monotonic() - started, results)
+            write_json(args.out / "summary.json", summary)
+    machine["load_average_end"] = list(os.getloadavg())
+    summary = summary_of(args, machine, started_at, time.monotonic() - started, results)
+    print(targets_table(summary["targets"]), flush=True)
+    plots = plot_all(results, args.out)
+    write_json(args.out / "summary.json", summary)
+    (args.out / "summary.md").write_text(markdown(summary, results, plots))
+    log(f"done in {summary['wall_s'] / 60:.1f} min: {args.out / 'summary.md'}")
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

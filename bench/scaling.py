@@ -1,0 +1,159 @@
+"""Section 4, parallel scaling: the same evaluation-bound job with 1 and with 2 Celery workers.
+
+Each configuration gets its own private redis-server (so no latency measurement is cached
+from the other run), one agent with short timing settings (measurements are cheap, so the
+job is bound by the children's fine-tuning), and workers with one torch thread each. The job
+is submitted with `workers.tasks.submit_job`, as the API does, and timed from submission to
+its final status. The speedup is wall(1 worker) / wall(2 workers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.report import SectionResult, make_row
+from bench.service_overhead import ServiceStack, missing_prerequisites
+
+NAME, TITLE = "scaling", "Parallel scaling"
+DEVICE_CLASS = "bench-scaling"
+# Short agent timings: the job must be bound by child evaluation, not by the one agent.
+AGENT_TIMING = {"warmup_runs": 3, "warmup_s": 0.01, "min_runs": 10, "min_time_s": 0.03}
+JOB_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """The job run with each worker count."""
+
+    model: str
+    data: str
+    budget: str
+    search: dict[str, Any]
+    workers: tuple[int, ...] = (1, 2)
+    agent_timing: dict[str, Any] = field(default_factory=lambda: dict(AGENT_TIMING))
+
+
+FULL = ScalingConfig(
+    "builtin:resnet",
+    "builtin:mnist",
+    "60%",
+    {"width": 4, "branching": 4, "planned_steps": 2, "max_depth": 3, "ft_steps": 40},
+)
+QUICK = ScalingConfig(
+    "builtin:vgg",
+    "builtin:digits",
+    "70%",
+    {"width": 2, "branching": 2, "planned_steps": 2, "max_depth": 2, "ft_steps": 20},
+)
+
+
+def estimate_s(config: ScalingConfig) -> float:
+    """Rough seconds on a quiet machine for both jobs and the process starts."""
+    per_child = 0.1 * config.search.get("ft_steps", 20) + 1.0
+    children = config.search.get("branching", 4) * (1 + config.search.get("width", 4))
+    one_worker = children * per_child + 20
+    return sum(one_worker / n + 15 for n in config.workers)
+
+
+def run_job(
+    config: ScalingConfig, workers: int, work_dir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The job on a fresh stack with `workers` workers: one row."""
+    import redis
+
+    from archtree_cli.settings import ServiceSettings
+    from workers.celery_app import create_app
+    from workers.job_store import FINAL_STATUSES, JobStore
+    from workers.tasks import submit_job
+
+    spec = {
+        "model": config.model,
+        "data": config.data,
+        "weights": None,
+        "allow_pickle": False,
+        "num_classes": None,
+        "budget": config.budget,
+        "device_class": DEVICE_CLASS,
+        "batch_size": 1,
+        "dtype": "float32",
+        "search": config.search,
+    }
+    with ServiceStack(work_dir, log) as stack:
+        url = stack.start_redis()
+        stack.start_agent(DEVICE_CLASS, config.agent_timing)
+        stack.start_workers(workers)
+        jobs = JobStore(redis.Redis.from_url(url))
+        app = create_app(ServiceSettings(redis_url=url))
+        started = time.monotonic()
+        job_id = submit_job(jobs, spec, celery=app)
+        deadline = started + JOB_TIMEOUT_S
+        job = jobs.get(job_id)
+        while job["status"] not in FINAL_STATUSES and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = jobs.get(job_id)
+        wall_s = time.monotonic() - started
+        app.close()
+        jobs.client.close()
+    progress = job["progress"]
+    return make_row(
+        NAME,
+        config.model,
+        budget_fraction=float(config.budget.rstrip("%")) / 100,
+        strategy="archtree",
+        latency_ms=(progress.get("final") or {}).get("latency_ms"),
+        budget_ms=progress.get("budget_ms"),
+        accuracy=(progress.get("final") or {}).get("accuracy"),
+        candidates=progress.get("candidates_evaluated"),
+        measurements=progress.get("measurements"),
+        wall_s=wall_s,
+        metric="job",
+        workers=workers,
+        status=job["status"],
+        error=job["error"],
+        depth=progress.get("depth"),
+    )
+
+
+def run(
+    config: ScalingConfig,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+) -> SectionResult:
+    """The job with each worker count, then the speedup row."""
+    started = time.monotonic()
+    missing = missing_prerequisites()
+    if missing:
+        return SectionResult(NAME, TITLE, status="skipped", note=missing)
+    result = SectionResult(NAME, TITLE)
+    result.settings = {
+        "job": f"{config.model} on {config.data} at {config.budget}",
+        "search": ", ".join(f"{k} {v}" for k, v in config.search.items()),
+        "agent timing": f"min_time_s {config.agent_timing['min_time_s']}",
+        "torch threads per worker": 1,
+    }
+    walls: dict[int, float] = {}
+    for workers in config.workers:
+        log(f"scaling: the job with {workers} worker(s) ...")
+        row = run_job(config, workers, work_dir / f"workers-{workers}", log)
+        result.rows.append(row)
+        log(f"scaling: {workers} worker(s): {row['details']['status']} in {row['wall_s']:.1f} s")
+        if row["details"]["status"] == "succeeded":
+            walls[workers] = row["wall_s"]
+    if 1 in walls and 2 in walls:
+        result.rows.append(
+            make_row(
+                NAME,
+                config.model,
+                metric="speedup",
+                workers="1 vs 2",
+                speedup=walls[1] / walls[2],
+            )
+        )
+    else:
+        result.note = "no speedup: a job did not succeed (see its status and error)"
+    result.wall_s = time.monotonic() - started
+    return result

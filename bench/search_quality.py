@@ -1,0 +1,300 @@
+"""Section 1, search quality: archtree, greedy and uniform at several budgets, on two models.
+
+Every search runs the engine in this process with a local oracle (one thread), the same
+fine-tuning budget for every strategy (ft_steps per child, final_epochs), and its own
+latency cache, so no strategy profits from another's measurements. After the search the
+benchmark reloads the saved model (load_pruned) and times it itself, interleaved with the
+unpruned model, with 4x the oracle's repeats: `latency_ms` is that ratio times the job's own
+baseline L(M0), and `fit` is latency_ms / budget_ms.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import CACHE_DIR
+from bench.report import SectionResult, make_row
+from bench.train_models import trained_weights
+from latency.harness import TimingSettings, time_interleaved
+from search.interfaces import EventSink
+from search.settings import STRATEGIES, SearchSettings
+
+NAME, TITLE = "search_quality", "Search quality"
+UNREACHABLE_MARK = "cannot be met on this device"
+
+
+@dataclass(frozen=True)
+class SearchQualityConfig:
+    """Models, data, budgets (fractions of each model's latency) and search settings."""
+
+    models: tuple[str, ...]
+    data: str
+    budgets: tuple[float, ...]
+    settings: SearchSettings
+    timing: TimingSettings
+    strategies: tuple[str, ...] = STRATEGIES
+    batch_size: int = 1
+    remeasure_factor: float = 4.0
+
+
+FULL = SearchQualityConfig(
+    models=("builtin:resnet", "builtin:mobilenetv2"),
+    data="builtin:mnist",
+    budgets=(0.70, 0.50, 0.35),
+    settings=SearchSettings(width=3, branching=3, planned_steps=3, ft_steps=20, final_epochs=1.0),
+    timing=TimingSettings(),
+)
+QUICK = SearchQualityConfig(
+    models=("builtin:vgg",),
+    data="builtin:digits",
+    budgets=(0.70,),
+    settings=SearchSettings(
+        width=2,
+        branching=2,
+        planned_steps=2,
+        max_depth=3,
+        max_probes=3,
+        ft_steps=3,
+        final_epochs=0.1,
+    ),
+    timing=TimingSettings(
+        warmup_runs=3, warmup_s=0.01, min_runs=10, min_time_s=0.03, max_remeasures=1
+    ),
+)
+# Seconds per search on a quiet 2-core machine at batch 1 (measured, rounded up), for the
+# estimate printed before a run; an unreachable budget costs a few seconds only.
+SECONDS_PER_SEARCH = {"archtree": 150.0, "greedy": 60.0, "uniform": 25.0}
+SECONDS_PER_SEARCH_QUICK = {"archtree": 12.0, "greedy": 8.0, "uniform": 5.0}
+
+
+def estimate_s(config: SearchQualityConfig, quick: bool) -> float:
+    """Upper estimate of the section's time when every budget is reachable."""
+    per_search = SECONDS_PER_SEARCH_QUICK if quick else SECONDS_PER_SEARCH
+    runs = len(config.models) * len(config.budgets)
+    return runs * sum(per_search.get(s, 60.0) for s in config.strategies) * config.batch_size**0.5
+
+
+class SearchEvents:
+    """Event sink that counts the engine's events and keeps the baseline and feasibility."""
+
+    def __init__(self, forward: EventSink | None = None) -> None:
+        self.counts: Counter[str] = Counter()
+        self.baseline: dict[str, Any] = {}
+        self.feasibility: dict[str, Any] = {}
+        self.forward = forward
+
+    def emit(self, kind: str, **data: Any) -> None:
+        self.counts[kind] += 1
+        if kind == "baseline":
+            self.baseline = data
+        elif kind == "feasibility":
+            self.feasibility = data
+        if self.forward is not None:
+            self.forward.emit(kind, **data)
+
+
+def final_finetune_steps(settings: SearchSettings, train_size: int) -> int:
+    """Steps of the answer's final fine-tune, counted as search.training.train counts them."""
+    if settings.final_epochs <= 0 or train_size < 2:
+        return 0
+    batch = max(1, min(settings.ft_batch_size, train_size))
+    return max(1, round(settings.final_epochs * math.ceil(train_size / batch)))
+
+
+def run_search_once(
+    model: str,
+    data: str,
+    weights: Path,
+    fraction: float,
+    strategy: str,
+    config: SearchQualityConfig,
+    out_dir: Path,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """One search, its artifacts saved in `out_dir`, re-measured and scored here: one row."""
+    from archtree_cli.progress import ConsoleProgress
+    from latency.local_oracle import LocalOracle
+    from search.arch_spec import build_from_spec
+    from search.artifacts import load_pruned, save_artifacts
+    from search.budget import parse_budget
+    from search.context import SearchContext
+    from search.engine import run_search
+    from search.errors import ArchtreeError
+    from search.inputs import load_inputs
+    from search.report import build_report
+    from search.training import accuracy
+
+    settings = replace(config.settings, strategy=strategy).effective()
+    budget = parse_budget(f"{100 * fraction:g}%")
+    oracle = LocalOracle(
+        build_from_spec, threads=1, batch_size=config.batch_size, settings=config.timing
+    )
+    events = SearchEvents(ConsoleProgress(quiet=not verbose))
+    inputs = load_inputs(model, data, weights=str(weights), seed=settings.seed)
+    context = SearchContext(
+        model_ref=inputs.model_ref,
+        base_model=inputs.model,
+        data=inputs.data,
+        oracle=oracle,
+        settings=settings,
+        sink=events,
+    )
+    common = {
+        "budget_fraction": fraction,
+        "strategy": strategy,
+        "ft_steps": settings.ft_steps,
+        "final_epochs": settings.final_epochs,
+        "batch_size": config.batch_size,
+    }
+    started = time.monotonic()
+    try:
+        outcome = run_search(context, budget)
+    except ArchtreeError as error:
+        message = str(error)
+        unreachable = UNREACHABLE_MARK in message
+        return make_row(
+            NAME,
+            model,
+            **common,
+            budget_ms=events.baseline.get("budget_ms"),
+            candidates=0,
+            measurements=oracle.measurements,
+            wall_s=time.monotonic() - started,
+            baseline_ms=events.baseline.get("latency_ms"),
+            smallest_ms=events.feasibility.get("smallest_ms"),
+            ft_steps_total=events.counts["node"] * settings.ft_steps,
+            note="unreachable" if unreachable else "failed",
+            error=message,
+        )
+    wall_s = time.monotonic() - started
+    report = build_report(
+        context,
+        outcome,
+        inputs={"model": model, "weights": str(weights), "data": data, "budget": str(budget)},
+    )
+    save_artifacts(out_dir, outcome.answer.spec, outcome.model, report)
+
+    pruned = load_pruned(out_dir)
+    example = torch.randn(
+        config.batch_size, *inputs.data.input_shape, generator=torch.Generator().manual_seed(0)
+    )
+    remeasure = replace(config.timing, threads=1).scaled(config.remeasure_factor)
+    pruned_stats, reference_stats, ratio = time_interleaved(
+        pruned, inputs.model, example, remeasure
+    )
+    baseline_ms = report["baseline"]["latency_ms"]
+    latency_ms = ratio * baseline_ms
+    fine_tuned = events.counts["node"]
+    final_steps = final_finetune_steps(settings, len(inputs.data.train_x))
+    return make_row(
+        NAME,
+        model,
+        **common,
+        accuracy=accuracy(pruned, inputs.data.val_x, inputs.data.val_y),
+        latency_ms=latency_ms,
+        budget_ms=report["budget_ms"],
+        fit=latency_ms / report["budget_ms"],
+        candidates=report["search"]["candidates_evaluated"],
+        measurements=oracle.measurements,
+        wall_s=wall_s,
+        baseline_ms=baseline_ms,
+        baseline_accuracy=report["baseline"]["accuracy"],
+        smallest_ms=events.feasibility.get("smallest_ms"),
+        remeasured_ratio=ratio,
+        remeasured_ms=pruned_stats.median_ms,
+        remeasured_reference_ms=reference_stats.median_ms,
+        remeasured_cv=max(pruned_stats.cv, reference_stats.cv),
+        report_latency_ms=report["final"]["latency_ms"],
+        report_fit=report["final"]["budget_fit"],
+        report_accuracy=report["final"]["accuracy"],
+        cache_hits=oracle.cache_hits,
+        depths=report["search"]["depths"],
+        trims=report["final"]["trims"],
+        params=report["final"]["params"],
+        macs=report["final"]["macs"],
+        fine_tuned_children=fine_tuned,
+        ft_steps_total=fine_tuned * settings.ft_steps + final_steps,
+        note=None,
+    )
+
+
+def run(
+    config: SearchQualityConfig,
+    out_dir: Path,
+    cache_dir: Path = CACHE_DIR,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> SectionResult:
+    """Train (or load) each model, then search every (budget, strategy); one row per search.
+
+    Strategies run one after another inside each budget, so that a drift of the machine hits
+    them alike.
+    """
+    started = time.monotonic()
+    result = SectionResult(NAME, TITLE)
+    result.settings = {
+        "data": config.data,
+        "strategies": "/".join(config.strategies),
+        "width": config.settings.width,
+        "branching": config.settings.branching,
+        "planned_steps": config.settings.planned_steps,
+        "ft_steps per child": config.settings.ft_steps,
+        "final_epochs": config.settings.final_epochs,
+        "batch": config.batch_size,
+        "oracle min_time_s": config.timing.min_time_s,
+        "re-measure": f"{config.remeasure_factor:g}x repeats, interleaved with the unpruned model",
+    }
+    models: dict[str, dict[str, Any]] = {}
+    for model in config.models:
+        trained = trained_weights(model, config.data, cache_dir, log=log)
+        models[model] = trained.to_dict()
+        for fraction in config.budgets:
+            for strategy in config.strategies:
+                name = f"{model.removeprefix('builtin:')}-{round(100 * fraction)}-{strategy}"
+                log(f"search {name} ...")
+                row = run_search_once(
+                    model,
+                    config.data,
+                    trained.weights,
+                    fraction,
+                    strategy,
+                    config,
+                    out_dir / name,
+                    verbose,
+                )
+                result.rows.append(row)
+                log(f"search {name}: {_describe(row)}")
+        baselines = [
+            r["details"]["baseline_ms"]
+            for r in result.rows
+            if r["model"] == model and r["details"].get("baseline_ms")
+        ]
+        models[model]["baseline_ms"] = statistics.median(baselines) if baselines else None
+    result.data["models"] = models
+    unreachable = [r for r in result.rows if r["details"].get("note") == "unreachable"]
+    if unreachable:
+        result.note = (
+            f"{len(unreachable)} of {len(result.rows)} searches had an unreachable budget on "
+            "this machine (fit null; the engine's message is listed)."
+        )
+    result.wall_s = time.monotonic() - started
+    return result
+
+
+def _describe(row: dict[str, Any]) -> str:
+    if row["fit"] is None:
+        return f"{row['details']['note']} after {row['wall_s']:.0f} s: {row['details']['error']}"
+    return (
+        f"accuracy {row['accuracy']:.4f}, {row['latency_ms']:.3f} ms for a budget of "
+        f"{row['budget_ms']:.3f} ms (fit {row['fit']:.3f}), {row['candidates']} candidates, "
+        f"{row['measurements']} measurements, {row['wall_s']:.0f} s"
+    )

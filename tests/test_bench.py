@@ -1,0 +1,156 @@
+"""The benchmark suite: its quick mode run for real (`python -m bench.run --quick` in a
+subprocess), plus the parsing and target logic on fixed inputs.
+
+The quick run's checks are about the shape of what it writes (summary.json rows, summary.md,
+PNG plots), never the numbers: timings on a shared machine are not reproducible.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import ROW_FIELDS, evaluate_targets, make_row
+from bench.service_overhead import parse_wrk
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 600
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MACHINE_KEYS = {"cpu_model", "cores", "torch_version", "torch_threads", "timing_threads"}
+WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:60113/v1/jobs/0fee7fa74930
+  2 threads and 100 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   294.02ms   73.76ms 525.62ms   72.10%
+    Req/Sec   163.35     89.47   353.00     64.86%
+  Latency Distribution
+     50%  276.60ms
+     75%  330.20ms
+     90%  415.97ms
+     99%    1.49s
+  638 requests in 2.04s, 662.30KB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:    312.69
+Transfer/sec:    324.60KB
+"""
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The results folder of one quick run, and its stdout."""
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.fail(
+            "matplotlib is not installed, and the benchmark's plots need it: add matplotlib to "
+            "the test extras (pip install matplotlib; `make bench` installs it)"
+        )
+    base = tmp_path_factory.mktemp("bench")
+    out = base / "results"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "ARCHTREE_HOME": str(base / "home"),
+    }
+    command = [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)]
+    command += ["--cache-dir", str(base / "cache")]
+    finished = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
+    assert finished.returncode == 0, f"bench.run failed:\n{finished.stderr[-4000:]}"
+    return out, finished.stdout
+
+
+@pytest.mark.slow
+def test_summary_rows_have_the_schema(quick_run: tuple[Path, str]):
+    out, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["machine"].keys() >= MACHINE_KEYS
+    assert summary["mode"] == "quick"
+    assert summary["rows"]
+    for row in summary["rows"]:
+        assert row.keys() >= set(ROW_FIELDS), row
+        assert isinstance(row["details"], dict)
+        for name in ("accuracy", "latency_ms", "budget_ms", "fit", "wall_s"):
+            assert row[name] is None or isinstance(row[name], int | float), (name, row)
+    for target in summary["targets"]:
+        assert target["result"] in ("pass", "miss", "n/a")
+
+
+@pytest.mark.slow
+def test_search_rows_cover_the_three_strategies(quick_run: tuple[Path, str]):
+    out, _ = quick_run
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    search = [r for r in rows if r["benchmark"] == "search_quality"]
+    assert sorted(r["strategy"] for r in search) == ["archtree", "greedy", "uniform"]
+    for row in search:
+        assert row["model"] == "builtin:vgg"
+        if row["fit"] is None:  # an unreachable budget carries the engine's message
+            assert row["details"]["error"]
+            continue
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["latency_ms"] > 0 and row["budget_ms"] > 0
+        assert row["candidates"] >= 1 and row["measurements"] >= 1
+        assert row["details"]["ft_steps_total"] >= 0
+
+
+@pytest.mark.slow
+def test_every_section_ran_or_says_why_not(quick_run: tuple[Path, str]):
+    out, stdout = quick_run
+    sections = json.loads((out / "summary.json").read_text())["sections"]
+    assert set(sections) == {"search_quality", "measurement", "service", "scaling"}
+    for name, section in sections.items():
+        assert section["status"] in ("ok", "skipped"), (name, section)
+        if section["status"] == "skipped":
+            assert section["note"], name
+    assert "== Search quality ==" in stdout and "== Targets ==" in stdout
+
+
+@pytest.mark.slow
+def test_markdown_and_plots_are_written(quick_run: tuple[Path, str]):
+    out, _ = quick_run
+    text = (out / "summary.md").read_text()
+    assert "## Targets" in text and "Search quality" in text
+    plots = sorted(out.glob("*.png"))
+    assert out / "search_vgg.png" in plots
+    for plot in plots:
+        assert plot.read_bytes()[:8] == PNG_MAGIC, plot
+        assert f"]({plot.name})" in text
+
+
+def test_wrk_output_is_parsed_into_milliseconds():
+    stats = parse_wrk(WRK_OUTPUT)
+    assert stats["p50_ms"] == pytest.approx(276.6)
+    assert stats["p99_ms"] == pytest.approx(1490.0)
+    assert stats["requests_per_s"] == pytest.approx(312.69)
+    assert stats["requests"] == 638 and stats["non_2xx"] == 3
+
+
+def test_targets_compare_strategies_at_the_lowest_budget():
+    def search_row(fraction: float, strategy: str, accuracy: float | None, fit: float | None):
+        return make_row(
+            "search_quality",
+            "builtin:resnet",
+            budget_fraction=fraction,
+            strategy=strategy,
+            accuracy=accuracy,
+            fit=fit,
+        )
+
+    rows = [
+        search_row(0.5, "archtree", 0.95, 0.97),
+        search_row(0.5, "greedy", 0.94, 0.99),
+        search_row(0.5, "uniform", 0.90, 0.90),
+        search_row(0.35, "archtree", None, None),
+        search_row(0.35, "greedy", None, None),
+        search_row(0.35, "uniform", None, None),
+    ]
+    targets = {t["target"]: t for t in evaluate_targets(rows)}
+    assert targets["budget fit in [0.93, 1.00]"]["result"] == "miss"
+    assert "3 rows without a result" in targets["budget fit in [0.93, 1.00]"]["value"]
+    assert targets["resnet: archtree >= uniform + 2 points at 35%"]["result"] == "n/a"
+    assert targets["resnet: archtree never below greedy"]["result"] == "pass"
+    assert targets["2 workers >= 1.6x faster than 1"]["result"] == "n/a"

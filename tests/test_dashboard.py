@@ -1,0 +1,273 @@
+"""The dashboard in a real headless Chromium, against a real stack: a private Redis, a Celery
+worker, a measurement agent and the API serving the page. Screenshots go to
+test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.api_fixtures import ApiProcess, api_env, start_api
+from tests.browser_fixtures import console_errors, screenshot, wait_for
+from tests.redis_fixtures import AgentProcess, start_agent, wait_until
+from tests.worker_fixtures import WorkerPool
+
+pytest_plugins = [
+    "tests.redis_fixtures",
+    "tests.worker_fixtures",
+    "tests.api_fixtures",
+    "tests.browser_fixtures",
+]
+
+DEVICE_CLASS = "dashboard-cpu"
+# As in test_service: a job of a few depths that ends in well under a minute here.
+FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
+BUDGET = "75%"
+JOB_S = 180.0
+AGENT_START_S = 60.0
+PAGE_S = 15.0
+
+
+def job_spec(**search: Any) -> dict[str, Any]:
+    return {
+        "model": "builtin:vgg",
+        "data": "builtin:digits",
+        "budget": BUDGET,
+        "device_class": DEVICE_CLASS,
+        "search": {**FAST_SEARCH, **search},
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_url: str, worker_pool: WorkerPool, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiProcess]:
+    """The API (serving the dashboard) with one worker and one agent of DEVICE_CLASS."""
+    redis.Redis.from_url(redis_url).flushdb()
+    worker_pool.ensure(1)
+    base = tmp_path_factory.mktemp("dashboard")
+    env = api_env(redis_url, base, ARCHTREE_ARTIFACTS_URL=worker_pool.settings.artifacts_url)
+    api = start_api(env, base / "logs")
+    agent: AgentProcess = start_agent(redis_url, DEVICE_CLASS, base / "agents")
+    try:
+        with api.client() as client:
+            wait_until(
+                lambda: any(d["online"] for d in client.get("/v1/devices").json()["devices"]),
+                AGENT_START_S,
+                "the agent online",
+            )
+        yield api
+    finally:
+        agent.stop()
+        api.stop()
+
+
+@pytest.fixture
+def page(browser: Any, stack: ApiProcess) -> Iterator[Any]:
+    """The browser; the test fails if the page logged errors in its console."""
+    console_errors(browser)
+    yield browser
+    assert console_errors(browser) == []
+
+
+def js(driver: Any, expression: str) -> Any:
+    return driver.execute_script(f"return {expression};")
+
+
+def text(driver: Any, selector: str) -> str:
+    return js(driver, f"document.querySelector({json.dumps(selector)})?.innerText ?? ''")
+
+
+def visible(driver: Any, selector: str) -> bool:
+    found = js(driver, f"document.querySelector({json.dumps(selector)})")
+    return bool(found) and found.is_displayed()
+
+
+def fill(driver: Any, values: dict[str, str]) -> None:
+    """Type into the submission form's fields by name (selects take an option's value)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    form = driver.find_element(By.ID, "submit-form")
+    for name, value in values.items():
+        field = form.find_element(By.NAME, name)
+        if field.tag_name == "select":
+            Select(field).select_by_value(value)
+        else:
+            field.clear()
+            field.send_keys(value)
+
+
+def open_jobs_page(driver: Any, api: ApiProcess) -> None:
+    driver.get(f"{api.url}/")
+    wait_for(driver, lambda: js(driver, "window.archtree?.view") == "jobs", PAGE_S, "jobs page")
+
+
+def test_the_page_and_its_scripts_are_served_by_the_api(stack: ApiProcess):
+    with stack.client() as client:
+        index = client.get("/")
+        script = client.get("/dashboard/vendor/echarts.min.js")
+        app = client.get("/dashboard/app.js")
+    assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+    assert "http://" not in index.text and "https://" not in index.text  # nothing from outside
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert app.status_code == 200 and "echarts" in app.text
+
+
+def test_the_devices_page_lists_the_running_agent(page: Any, stack: ApiProcess):
+    page.get(f"{stack.url}/#/devices")
+    row = f'#devices-table tr[data-device-class="{DEVICE_CLASS}"]'
+    wait_for(page, lambda: "online" in text(page, row), PAGE_S, "the agent listed online")
+    with stack.client() as client:
+        (device,) = client.get("/v1/devices").json()["devices"]
+    shown = text(page, row)
+    assert device["host"] in shown and device["id"] in shown
+    assert device["runtime_version"] in shown
+    classes = text(page, f'#classes-table tr[data-device-class="{DEVICE_CLASS}"]').split()
+    assert classes[:2] == [DEVICE_CLASS, "1"]  # one agent online
+    screenshot(page, "devices")
+
+
+def test_a_bad_budget_in_the_form_shows_the_api_message(page: Any, stack: ApiProcess):
+    spec = {**job_spec(), "budget": "fast", "search": {"strategy": "archtree"}}
+    with stack.client() as client:
+        expected = client.post("/v1/jobs", data={"spec": json.dumps(spec)})
+        jobs_before = client.get("/v1/jobs").json()["total"]
+    assert expected.status_code == 422
+
+    open_jobs_page(page, stack)
+    fill(page, {"budget": "fast", "device_class": DEVICE_CLASS})
+    page.find_element("id", "submit-button").click()
+
+    wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
+    assert text(page, "#submit-error") == expected.json()["detail"]
+    assert js(page, "location.hash") in ("", "#/")
+    with stack.client() as client:
+        assert client.get("/v1/jobs").json()["total"] == jobs_before
+    screenshot(page, "bad-budget")
+
+
+def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
+    page: Any, stack: ApiProcess, tmp_path: Path
+):
+    open_jobs_page(page, stack)
+    page.find_element("css selector", "#submit-form details summary").click()
+    fill(
+        page,
+        {
+            "model": "builtin:vgg",
+            "data": "builtin:digits",
+            "budget": BUDGET,
+            "device_class": DEVICE_CLASS,
+            "strategy": "archtree",
+            **{name: str(value) for name, value in FAST_SEARCH.items()},
+        },
+    )
+    page.find_element("id", "submit-button").click()
+    job_id = wait_for(
+        page,
+        lambda: js(page, "location.hash.match(/^#\\/jobs\\/(\\w+)$/)?.[1]"),
+        PAGE_S,
+        "the new job's page",
+    )
+    with stack.client() as client:
+        assert client.get(f"/v1/jobs/{job_id}").json()["spec"]["search"] == {
+            "strategy": "archtree",
+            **FAST_SEARCH,
+        }
+
+    # While the job runs, the tree on the page grows without a reload.
+    seen: list[tuple[str | None, int]] = []
+
+    def tree_grew_while_running() -> bool:
+        status, nodes = js(page, "[window.archtree.status, window.archtree.treeNodes]")
+        seen.append((status, nodes))
+        running = [n for s, n in seen if s == "running" and n > 0]
+        return len(running) >= 2 and running[-1] > running[0]
+
+    wait_for(page, tree_grew_while_running, JOB_S, "the tree to grow while the job runs")
+    screenshot(page, "job-running")
+    wait_for(
+        page, lambda: js(page, "window.archtree.status") in {"succeeded", "failed"}, JOB_S, "end"
+    )
+    with stack.client() as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        tree = client.get(f"/v1/jobs/{job_id}/tree").json()
+    assert job["status"] == "succeeded", job["error"]
+
+    # The finished job: the whole tree, the front, the answer and its results.
+    wait_for(page, lambda: visible(page, "#artifacts"), PAGE_S, "the download links")
+    assert js(page, "window.archtree.treeNodes") == len(tree["nodes"])
+    assert js(page, "document.querySelector('#tree-chart').dataset.nodes") == str(
+        len(tree["nodes"])
+    )
+    front = js(
+        page,
+        "echarts.getInstanceByDom(document.querySelector('#scatter-chart')).getOption()"
+        ".series.find(s => s.name === 'Pareto front').data.length",
+    )
+    assert front == js(page, "window.archtree.paretoPoints") >= 1
+    assert js(page, "window.archtree.candidates") >= len(tree["nodes"])
+    assert text(page, "#job-status") == "succeeded"
+    assert not visible(page, "#cancel")
+    comparison = text(page, "#comparison")
+    assert "Answer" in comparison and comparison.count("%") >= 4
+    events = text(page, "#events")
+    assert "depth_done" in events and "done" in events and "succeeded" in events
+
+    links = js(page, "[...document.querySelectorAll('#artifacts a')].map(a => a.href)")
+    assert [link.rsplit("/", 1)[1] for link in links] == [
+        "report.json",
+        "arch.json",
+        "model.safetensors",
+    ]
+    report = httpx.get(links[0]).json()
+    assert report["final"]["node"] == job["progress"]["final"]["id"]
+
+    # Hovering a pruned node shows its move, latency, score and changed widths.
+    pruned = next(node for node in tree["nodes"] if node["parent"] == tree["root_id"])
+    tooltip = js(
+        page,
+        "(() => { const chart = echarts.getInstanceByDom(document.querySelector('#tree-chart'));"
+        f" chart.dispatchAction({{type: 'showTip', seriesIndex: 0, name: '{pruned['id']}'}});"
+        " return chart.getDom().innerText; })()",
+    )
+    assert pruned["move"] in tooltip and "latency" in tooltip and "score" in tooltip
+    assert "→" in tooltip  # at least one layer narrower than in the unpruned model
+    screenshot(page, "job-succeeded")
+
+    # The devices page counts the measurements the job took on the agent.
+    page.get(f"{stack.url}/#/devices")
+    row = f'#classes-table tr[data-device-class="{DEVICE_CLASS}"]'
+    wait_for(page, lambda: text(page, row).split()[3:4] not in ([], ["0"]), PAGE_S, "counts")
+    assert int(text(page, row).split()[3]) >= job["progress"]["measurements"]
+    screenshot(page, "devices-after-job")
+
+    page.get(f"{stack.url}/#/")
+    row = f'#jobs-table tr[data-job-id="{job_id}"]'
+    wait_for(page, lambda: "succeeded" in text(page, row), PAGE_S, "the job listed succeeded")
+    assert "builtin:vgg" in text(page, row) and DEVICE_CLASS in text(page, row)
+    screenshot(page, "jobs")
+
+
+def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):
+    with stack.client() as client:
+        created = client.post("/v1/jobs", data={"spec": json.dumps(job_spec(planned_steps=3))})
+    job_id = created.json()["id"]
+    page.get(f"{stack.url}/#/jobs/{job_id}")
+    wait_for(
+        page,
+        lambda: js(page, "window.archtree.status") == "running" and visible(page, "#cancel"),
+        JOB_S,
+        "the job running",
+    )
+    page.find_element("id", "cancel").click()
+    wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "cancelled")
+    assert not visible(page, "#cancel") and not visible(page, "#artifacts")
+    assert "cancel_requested" in text(page, "#events")
