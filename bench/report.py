@@ -195,12 +195,15 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     )
     speedup = _rows(rows, "scaling", "speedup")
-    value = speedup[0]["details"].get("speedup") if speedup else None
+    value = speedup[0]["details"]["speedup"] if speedup else None
     targets.append(
         _target(
             f"2 workers >= {SPEEDUP_MIN:g}x faster than 1",
             f"{value:.2f}x" if value is not None else "not measured",
             value >= SPEEDUP_MIN if value is not None else None,
+            f"per evaluated candidate; wall-time ratio {speedup[0]['details']['wall_ratio']:.2f}"
+            if speedup
+            else "",
         )
     )
     return targets
@@ -267,6 +270,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("measurements", "measurements", _TEXT),
         ("wall s", "wall_s", _fixed(1)),
         ("speedup", "details.speedup", _fixed(2)),
+        ("wall ratio", "details.wall_ratio", _fixed(2)),
     ],
 }
 
@@ -405,6 +409,10 @@ def plot_all(results: Sequence[SectionResult], out_dir: Path) -> list[str]:
 
 
 def _plot_search(result: SectionResult, out_dir: Path) -> list[str]:
+    """Accuracy against latency as a share of the job's own L(M0), with the budget lines.
+
+    Shares, not milliseconds: the machine's level drifts between jobs, the ratio does not.
+    """
     import matplotlib.pyplot as plt
 
     written = []
@@ -413,36 +421,28 @@ def _plot_search(result: SectionResult, out_dir: Path) -> list[str]:
         figure, axes = plt.subplots(figsize=(7, 4.5))
         for strategy, (marker, colour) in _MARKERS.items():
             points = [r for r in rows if r["strategy"] == strategy and r["fit"] is not None]
+            shares = [r["details"]["remeasured_ratio"] for r in points]
             axes.scatter(
-                [r["latency_ms"] for r in points],
+                shares,
                 [r["accuracy"] for r in points],
                 marker=marker,
                 color=colour,
                 label=strategy,
                 s=50,
             )
-            for r in points:
+            for share, r in zip(shares, points, strict=True):
                 axes.annotate(
                     f"{r['budget_fraction']:.0%}",
-                    (r["latency_ms"], r["accuracy"]),
+                    (share, r["accuracy"]),
                     textcoords="offset points",
                     xytext=(4, 4),
                     fontsize=7,
                 )
         for fraction in sorted({r["budget_fraction"] for r in rows}):
-            budgets = [r["budget_ms"] for r in rows if r["budget_fraction"] == fraction]
-            budgets = [b for b in budgets if b is not None]
-            if not budgets:
-                continue
             reachable = any(r["fit"] is not None for r in rows if r["budget_fraction"] == fraction)
-            axes.axvline(
-                statistics.median(budgets),
-                color="grey",
-                linestyle="--" if reachable else ":",
-                linewidth=1,
-            )
+            axes.axvline(fraction, color="grey", linestyle="--" if reachable else ":", linewidth=1)
             axes.text(
-                statistics.median(budgets),
+                fraction,
                 0.02,
                 f" budget {fraction:.0%}" + ("" if reachable else " (unreachable)"),
                 rotation=90,
@@ -450,17 +450,10 @@ def _plot_search(result: SectionResult, out_dir: Path) -> list[str]:
                 transform=axes.get_xaxis_transform(),
                 color="grey",
             )
-        baseline = result.data.get("models", {}).get(model, {})
-        if baseline.get("baseline_ms") and baseline.get("val_accuracy") is not None:
-            axes.scatter(
-                [baseline["baseline_ms"]],
-                [baseline["val_accuracy"]],
-                marker="*",
-                color="black",
-                s=90,
-                label="unpruned",
-            )
-        axes.set_xlabel("latency (ms, re-measured, reference-anchored)")
+        accuracy = result.data.get("models", {}).get(model, {}).get("val_accuracy")
+        if accuracy is not None:
+            axes.scatter([1.0], [accuracy], marker="*", color="black", s=90, label="unpruned")
+        axes.set_xlabel("latency / unpruned latency (re-measured, interleaved with the unpruned)")
         axes.set_ylabel("validation accuracy")
         axes.set_title(f"{_short(model)}: accuracy against latency")
         axes.grid(alpha=0.3)

@@ -84,7 +84,7 @@ def section_runners(
     scaling_config = scaling.QUICK if quick else scaling.FULL
     return {
         "search": (
-            search_quality.estimate_s(search, quick),
+            search_quality.estimate_s(search, quick, args.cache_dir),
             lambda: search_quality.run(
                 search, args.out / "search", args.cache_dir, log, args.verbose
             ),
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         log(
             f"{'quick' if args.quick else 'full'} run of {', '.join(selected)}: estimated at most "
-            f"{estimate / 60:.0f} min on a quiet 2-core machine (plus training on a cache miss); "
-            f"results in {args.out}"
+            f"{estimate / 60:.0f} min on a quiet 2-core machine if every budget is reachable (an "
+            f"unreachable one takes seconds); results in {args.out}"
         )
         for name in selected:
             if args.quick and not args.only and name == "scaling":

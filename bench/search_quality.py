@@ -23,7 +23,7 @@ import torch
 
 from bench import CACHE_DIR
 from bench.report import SectionResult, make_row
-from bench.train_models import trained_weights
+from bench.train_models import recipe_for, trained_weights, weights_path
 from latency.harness import TimingSettings, time_interleaved
 from search.interfaces import EventSink
 from search.settings import STRATEGIES, SearchSettings
@@ -70,17 +70,27 @@ QUICK = SearchQualityConfig(
         warmup_runs=3, warmup_s=0.01, min_runs=10, min_time_s=0.03, max_remeasures=1
     ),
 )
-# Seconds per search on a quiet 2-core machine at batch 1 (measured, rounded up), for the
-# estimate printed before a run; an unreachable budget costs a few seconds only.
-SECONDS_PER_SEARCH = {"archtree": 150.0, "greedy": 60.0, "uniform": 25.0}
+# Seconds per search on a quiet 2-core machine at batch 1 (half of what a loaded machine took,
+# rounded up), for the estimate printed before a run; an unreachable budget costs 10-20 s.
+SECONDS_PER_SEARCH = {"archtree": 230.0, "greedy": 110.0, "uniform": 45.0}
 SECONDS_PER_SEARCH_QUICK = {"archtree": 12.0, "greedy": 8.0, "uniform": 5.0}
 
 
-def estimate_s(config: SearchQualityConfig, quick: bool) -> float:
+# Seconds to train each model on a quiet 2-core machine, when its weights are not cached.
+TRAINING_SECONDS = {"builtin:resnet": 60.0, "builtin:mobilenetv2": 240.0, "builtin:vgg": 10.0}
+
+
+def estimate_s(config: SearchQualityConfig, quick: bool, cache_dir: Path = CACHE_DIR) -> float:
     """Upper estimate of the section's time when every budget is reachable."""
     per_search = SECONDS_PER_SEARCH_QUICK if quick else SECONDS_PER_SEARCH
     runs = len(config.models) * len(config.budgets)
-    return runs * sum(per_search.get(s, 60.0) for s in config.strategies) * config.batch_size**0.5
+    searching = runs * sum(per_search.get(s, 60.0) for s in config.strategies)
+    training = sum(
+        TRAINING_SECONDS.get(model, 120.0)
+        for model in config.models
+        if not weights_path(cache_dir, model, config.data, recipe_for(model)).is_file()
+    )
+    return searching * config.batch_size**0.5 + training
 
 
 class SearchEvents:

@@ -34,6 +34,11 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def recipe_for(model: str) -> Recipe:
+    """The recipe of `model`: its own, or 3 epochs at the default learning rate."""
+    return RECIPES.get(model, Recipe(epochs=3))
+
+
 @dataclass
 class TrainedModel:
     """Cached weights of a model trained on a dataset, with its validation accuracy."""
@@ -75,7 +80,7 @@ def trained_weights(
     from search.model_source import save_weights
     from search.training import accuracy, train
 
-    recipe = recipe or RECIPES.get(model, Recipe(epochs=3))
+    recipe = recipe or recipe_for(model)
     path = weights_path(Path(cache_dir), model, data, recipe)
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
