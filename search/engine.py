@@ -228,7 +228,7 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
         and trims < context.settings.confirm_trims
     ):
         trims += 1
-        answer, model = _trim(context, state, answer, model, confirmed.ratio * state.baseline_ms)
+        answer, model = _trim(context, state, answer, confirmed.ratio * state.baseline_ms)
         confirmed = context.oracle.measure(answer.spec, context.root_spec, confirm=True)
         _tally(state, confirmed.cached)
     latency_ms = confirmed.ratio * state.baseline_ms
@@ -264,7 +264,7 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
 
 
 def _trim(
-    context: SearchContext, state: SearchState, node: Node, model: nn.Module, measured_ms: float
+    context: SearchContext, state: SearchState, node: Node, measured_ms: float
 ) -> tuple[Node, nn.Module]:
     """Remove a few more channels from a node that confirmed above budget."""
     task = ChildTask(
@@ -279,7 +279,6 @@ def _trim(
         observations=list(state.observations),
     )
     state.next_id += 1
-    context.store.put(node.id, model.state_dict())
     result = evaluate_child(context, task)
     state.measurements += result.measurements
     state.cache_hits += result.cache_hits

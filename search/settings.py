@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from search.errors import ArchtreeError
@@ -37,7 +37,6 @@ class SearchSettings:
     kd_weight: float = 0.5
     confirm_trims: int = 3
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def effective(self) -> SearchSettings:
         """The settings the engine really runs with, once the strategy is applied."""
