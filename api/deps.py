@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio
 from celery import Celery
 from fastapi import Depends, HTTPException, Path, Request
 
+from api.job_reads import read_job
 from archtree_cli.settings import ServiceSettings
 from latency.device_registry import DeviceRegistry
 from search.errors import ArchtreeError
@@ -22,10 +24,15 @@ REDIS_SOCKET_TIMEOUT_S = 10.0
 
 @dataclass
 class Services:
-    """The API process's connections, created once per app."""
+    """The API process's connections, created once per app.
+
+    `async_client` serves the paths clients poll (a job's status, the job list) on the event
+    loop; the rest uses `client` in the thread pool.
+    """
 
     settings: ServiceSettings
     client: redis.Redis
+    async_client: redis.asyncio.Redis
     jobs: JobStore
     artifacts: ArtifactStore
     registry: DeviceRegistry
@@ -42,14 +49,15 @@ class Services:
                 "the API needs Redis: set ARCHTREE_REDIS_URL (e.g. redis://localhost:6379/0), "
                 "or start the whole stack with `archtree up`"
             )
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        )
+        timeouts = {
+            "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+            "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        }
+        client = redis.Redis.from_url(url, **timeouts)
         return cls(
             settings=settings,
             client=client,
+            async_client=redis.asyncio.Redis.from_url(url, **timeouts),
             jobs=JobStore(client),
             artifacts=ArtifactStore(settings.artifacts_url),
             registry=DeviceRegistry(client, settings.heartbeat_ttl_s),
@@ -60,12 +68,17 @@ class Services:
         """The Redis URL agents registering through the API are told to use."""
         return self.settings.agent_redis_url or self.settings.resolved_redis_url()
 
+    async def aclose(self) -> None:
+        await self.async_client.aclose()
+        self.close()
+
     def close(self) -> None:
         self.client.close()
         self.celery.close()
 
 
-def get_services(request: Request) -> Services:
+# Async although it awaits nothing: a sync dependency would cost a thread-pool hop per request.
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -74,9 +87,9 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 JobId = Annotated[str, Path(description="The job's id.", examples=["4f1c2a9be07d"])]
 
 
-def existing_job(job_id: JobId, services: ServicesDep) -> dict[str, Any]:
+async def existing_job(job_id: JobId, services: ServicesDep) -> dict[str, Any]:
     """The job's record; 404 when no job has this id."""
-    job = services.jobs.get(job_id)
+    job = await read_job(services.async_client, services.jobs, job_id)
     if job is None:
         raise HTTPException(
             status_code=404, detail=f"no job {job_id!r}: list the jobs with GET /v1/jobs"

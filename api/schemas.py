@@ -44,6 +44,12 @@ class SearchSettingsIn(BaseModel):
     min_width_fraction: float | None = Field(
         None, description="Smallest share of each channel group kept, in [0, 1)."
     )
+    max_cut: float | None = Field(
+        None, description="Largest share of a channel group one step may remove, in (0, 1]."
+    )
+    margin: float | None = Field(
+        None, description="Share under the budget the search aims at, in [0, 0.5)."
+    )
     importance: str | None = Field(None, description="Channel importance: l2 or taylor.")
     max_probes: int | None = Field(
         None, description="Measured probes of the bisection that sizes each move."

@@ -58,8 +58,12 @@ def prune(
     num_classes: int | None = None,
     quiet: bool = False,
     jobs: int = 1,
+    sink=None,
 ) -> dict[str, Any]:
-    """Run one search in this process and write its artifacts. Returns the report."""
+    """Run one search in this process and write its artifacts. Returns the report.
+
+    Progress goes to the console unless `sink` (an EventSink) is given.
+    """
     from search.artifacts import save_artifacts
     from search.budget import parse_budget
     from search.context import SearchContext
@@ -83,7 +87,7 @@ def prune(
         data=inputs.data,
         oracle=oracle,
         settings=settings,
-        sink=ConsoleProgress(quiet=quiet),
+        sink=sink if sink is not None else ConsoleProgress(quiet=quiet),
     )
     executor = ThreadExecutor(jobs) if jobs > 1 else SequentialExecutor()
     outcome = run_search(context, parsed_budget, executor)

@@ -117,6 +117,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="smallest share of a group's channels kept (default %(default)s)",
     )
     group.add_argument(
+        "--max-cut",
+        type=float,
+        default=defaults.max_cut,
+        help="largest share of a channel group one step may remove (default %(default)s)",
+    )
+    group.add_argument(
+        "--margin",
+        type=float,
+        default=defaults.margin,
+        help="share under the budget the search aims at, so the answer fits when measured "
+        "again (default %(default)s)",
+    )
+    group.add_argument(
         "--importance",
         choices=("l2", "taylor"),
         default=defaults.importance,
@@ -138,6 +151,8 @@ def settings_from(args: argparse.Namespace):
         final_epochs=args.final_epochs,
         round_to=args.round_to,
         min_width_fraction=args.min_width,
+        margin=args.margin,
+        max_cut=args.max_cut,
         importance=args.importance,
         seed=args.seed,
     ).effective()

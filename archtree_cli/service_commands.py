@@ -55,6 +55,12 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     api = commands.add_parser("api", help="run the HTTP API (needs ARCHTREE_REDIS_URL)")
     api.set_defaults(handler="archtree_cli.service_commands:run_api")
     _add_listen_arguments(api)
+    api.add_argument(
+        "--workers",
+        type=int,
+        help="API processes sharing the port (default $ARCHTREE_API_WORKERS or 1): more serve "
+        "more polling clients on a machine with free cores; each takes about 300 MB",
+    )
 
     worker = commands.add_parser("worker", help="run a Celery worker (needs ARCHTREE_REDIS_URL)")
     worker.set_defaults(handler="archtree_cli.service_commands:run_worker")
@@ -138,11 +144,28 @@ def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_api(args: argparse.Namespace) -> int:
+    """Serve the API with uvicorn: in this process, or in `--workers` processes that each
+    build the app from the same ARCHTREE_* environment."""
     import uvicorn
 
     from api.main import create_app
+    from archtree_cli.settings import ServiceSettings
 
-    uvicorn.run(create_app(), host=args.host, port=args.port)
+    workers = args.workers if args.workers is not None else ServiceSettings().api_workers
+    if workers < 1:
+        raise ArchtreeError(
+            f"--workers must be at least 1, not {workers} (its default is ARCHTREE_API_WORKERS)"
+        )
+    # Built here even for several workers: a configuration mistake is then one line, not a
+    # traceback from every worker process.
+    app = create_app()
+    if workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port)
+    else:
+        app.state.services.close()
+        uvicorn.run(
+            "api.main:create_app", factory=True, workers=workers, host=args.host, port=args.port
+        )
     return 0
 
 

@@ -50,6 +50,11 @@ class ServiceSettings(BaseSettings):
         "another worker (Redis visibility timeout). Keep it above the longest task: a task "
         "still running then is started a second time (harmless, but wasted work).",
     )
+    api_workers: int = Field(
+        default=1,
+        description="API processes `archtree api` starts (its --workers default). Each is a "
+        "whole copy of the API, about 300 MB as it imports torch: use about one per free core.",
+    )
     search_queue: str = Field(default="search", description="Celery queue of the orchestration.")
     evaluate_queue: str = Field(
         default="evaluate", description="Celery queue of child evaluations (e.g. GPU workers)."

@@ -131,33 +131,20 @@ def run_search_once(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """One search, its artifacts saved in `out_dir`, re-measured and scored here: one row."""
+    from archtree_cli.commands import prune
     from archtree_cli.progress import ConsoleProgress
     from latency.local_oracle import LocalOracle
     from search.arch_spec import build_from_spec
-    from search.artifacts import load_pruned, save_artifacts
-    from search.budget import parse_budget
-    from search.context import SearchContext
-    from search.engine import run_search
+    from search.artifacts import load_pruned
     from search.errors import ArchtreeError
     from search.inputs import load_inputs
-    from search.report import build_report
     from search.training import accuracy
 
     settings = replace(config.settings, strategy=strategy).effective()
-    budget = parse_budget(f"{100 * fraction:g}%")
     oracle = LocalOracle(
         build_from_spec, threads=1, batch_size=config.batch_size, settings=config.timing
     )
     events = SearchEvents(ConsoleProgress(quiet=not verbose))
-    inputs = load_inputs(model, data, weights=str(weights), seed=settings.seed)
-    context = SearchContext(
-        model_ref=inputs.model_ref,
-        base_model=inputs.model,
-        data=inputs.data,
-        oracle=oracle,
-        settings=settings,
-        sink=events,
-    )
     common = {
         "budget_fraction": fraction,
         "strategy": strategy,
@@ -167,7 +154,16 @@ def run_search_once(
     }
     started = time.monotonic()
     try:
-        outcome = run_search(context, budget)
+        report = prune(
+            model=model,
+            data=data,
+            budget=f"{100 * fraction:g}%",
+            out=str(out_dir),
+            settings=settings,
+            oracle=oracle,
+            weights=str(weights),
+            sink=events,
+        )
     except ArchtreeError as error:
         message = str(error)
         unreachable = UNREACHABLE_MARK in message
@@ -186,12 +182,7 @@ def run_search_once(
             error=message,
         )
     wall_s = time.monotonic() - started
-    report = build_report(
-        context,
-        outcome,
-        inputs={"model": model, "weights": str(weights), "data": data, "budget": str(budget)},
-    )
-    save_artifacts(out_dir, outcome.answer.spec, outcome.model, report)
+    inputs = load_inputs(model, data, weights=str(weights), seed=settings.seed)
 
     pruned = load_pruned(out_dir)
     example = torch.randn(

@@ -75,7 +75,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         baseline_ms=baseline_ms,
         baseline_macs=baseline_macs,
         budget_ms=budget_ms,
-        step_ms=max(0.0, baseline_ms - budget_ms) / settings.planned_steps,
+        step_ms=max(0.0, baseline_ms - settings.aim_ms(budget_ms)) / settings.planned_steps,
         root_id=root.id,
         nodes={root.id: root},
         frontier=[root.id],
@@ -95,12 +95,14 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         return state
     smallest_ms = _smallest_reachable_ms(context, state)
     context.sink.emit("feasibility", smallest_ms=smallest_ms, budget_ms=budget_ms)
-    if smallest_ms > budget_ms:
+    if smallest_ms > settings.aim_ms(budget_ms):
+        enough_ms = smallest_ms / (1.0 - settings.margin) * 1.02
         raise ArchtreeError(
             f"The budget of {budget_ms:.3f} ms cannot be met on this device: the smallest "
             f"model pruning can reach measures {smallest_ms:.3f} ms "
-            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {baseline_ms:.3f} ms). "
-            f"Give a budget of at least {smallest_ms * 1.02:.3f} ms, or lower --min-width."
+            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {baseline_ms:.3f} ms), "
+            f"too close to the budget to keep the {100 * settings.margin:g}% margin. "
+            f"Give a budget of at least {enough_ms:.3f} ms, or lower --min-width or --margin."
         )
     return state
 
@@ -130,10 +132,11 @@ def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
         parent = state.nodes[node_id]
         if parent.within_budget:
             continue
-        # The last planned step aims at the budget itself, not below it.
-        target_ms = max(state.budget_ms, parent.latency_ms - state.step_ms)
-        if depth >= settings.planned_steps or target_ms - state.budget_ms < 0.25 * state.step_ms:
-            target_ms = state.budget_ms
+        # The last planned step aims at the budget less the margin, not further below it.
+        aim_ms = settings.aim_ms(state.budget_ms)
+        target_ms = max(aim_ms, parent.latency_ms - state.step_ms)
+        if depth >= settings.planned_steps or target_ms - aim_ms < 0.25 * state.step_ms:
+            target_ms = aim_ms
         parent_model = context.build(parent.spec, context.store.get(parent.id))
         applier = MoveApplier(context, parent_model, Move("global"), estimate)
         moves = candidate_moves(
@@ -143,6 +146,7 @@ def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
             settings.move_kinds,
             settings.branching,
             needed_ms=parent.latency_ms - target_ms,
+            max_cut=settings.max_cut,
         )
         for move in moves:
             tasks.append(
@@ -271,7 +275,7 @@ def _trim(
         child_id=f"n{state.next_id}",
         parent=Node(**{**node.__dict__, "latency_ms": measured_ms}),
         move=Move("global"),
-        target_ms=state.budget_ms * (1.0 - context.settings.fit_tolerance / 2),
+        target_ms=context.settings.aim_ms(state.budget_ms),
         depth=node.depth + 1,
         baseline_ms=state.baseline_ms,
         baseline_macs=state.baseline_macs,

@@ -56,7 +56,14 @@ class MoveApplier:
         self.importance = self.pruner.importance(settings.importance, calib)
 
     def plan(self, fraction: float) -> RemovalPlan:
-        return removal_plan(self.move, self.pruner, self.importance, fraction, self.estimate)
+        return removal_plan(
+            self.move,
+            self.pruner,
+            self.importance,
+            fraction,
+            self.estimate,
+            self.context.settings.max_cut,
+        )
 
     def apply(self, fraction: float) -> Pruned:
         plan = self.plan(fraction)
@@ -125,7 +132,10 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
         return result
     child = applier.apply(amount.fraction)
     model = child.model
-    seed = context.settings.seed + zlib.crc32(task.child_id.encode())
+    # Seeded by what the child is, not by its id: the same child reached in another search (a
+    # greedy path inside the tree, a re-run) is fine-tuned the same way and scores the same.
+    identity = f"{parent.spec.hash}/{task.move.label}/{child.spec.hash}"
+    seed = context.settings.seed + zlib.crc32(identity.encode())
     context.finetune(model, steps=context.settings.ft_steps, seed=seed)
     context.store.put(task.child_id, model.state_dict())
     result.node = Node(

@@ -3,6 +3,9 @@
 A move plus an amount (a fraction in [0, 1] of the removable channels in the move's scope)
 gives a removal plan: for each coupled group, the indices of the channels to remove. Within a
 group the least important channels always go first; moves differ in how many each group gives.
+A ranked move (all but `uniform`) takes at most `max_cut` of any group's channels in one step:
+a group cut to a few channels at once is a bottleneck that a short fine-tune cannot repair,
+and its child would be scored at chance.
 
 - `global`: rank the channels of all groups together by importance (normalised per group).
 - `latency`: rank by importance lost per ms saved, ms estimated from the job's measurements.
@@ -55,6 +58,7 @@ def removal_plan(
     importance: dict[str, np.ndarray],
     fraction: float,
     estimate: LatencyEstimate | None = None,
+    max_cut: float = 1.0,
 ) -> RemovalPlan:
     """Channels to remove for `move` at `fraction` of the removable channels in its scope."""
     groups = [g for g in scope(move, pruner) if g.removable > 0]
@@ -64,7 +68,7 @@ def removal_plan(
     if move.kind == "uniform":
         counts = {g.name: int(round(fraction * g.removable)) for g in groups}
     else:
-        counts = _ranked_counts(move, groups, importance, fraction, estimate)
+        counts = _ranked_counts(move, groups, importance, fraction, estimate, max_cut)
     plan: RemovalPlan = {}
     for group in groups:
         count = keep_rounded(group.size, counts.get(group.name, 0), pruner.round_to, group.min_size)
@@ -80,12 +84,15 @@ def _ranked_counts(
     importance: dict[str, np.ndarray],
     fraction: float,
     estimate: LatencyEstimate | None,
+    max_cut: float = 1.0,
 ) -> dict[str, int]:
     """How many channels each group gives when the whole scope is ranked together."""
     keys, owners = [], []
     for index, group in enumerate(groups):
-        # Only a group's least important `removable` channels are candidates at all.
-        candidates = np.sort(importance[group.name])[: group.removable]
+        # Only a group's least important `removable` channels, and at most `max_cut` of its
+        # channels, are candidates at all.
+        limit = min(group.removable, int(max_cut * group.size))
+        candidates = np.sort(importance[group.name])[:limit]
         if move.kind == "latency":
             ms_per_channel = group.macs_per_channel * _ms_per_mac(estimate, group.region)
             candidates = candidates / max(ms_per_channel, 1e-12)
@@ -130,6 +137,7 @@ def candidate_moves(
     branching: int,
     needed_ms: float = 0.0,
     probe_fraction: float = 0.3,
+    max_cut: float = 1.0,
 ) -> list[Move]:
     """Up to `branching` distinct moves for a node, in order of preference.
 
@@ -143,10 +151,11 @@ def candidate_moves(
         ratios = []
         for region in pruner.regions:
             move = Move("focused", region)
-            plan = removal_plan(move, pruner, importance, probe_fraction, estimate)
+            plan = removal_plan(move, pruner, importance, probe_fraction, estimate, max_cut)
             if not plan:
                 continue
-            most = predicted_ms_saved(pruner, removal_plan(move, pruner, importance, 1.0), estimate)
+            whole = removal_plan(move, pruner, importance, 1.0, estimate, max_cut)
+            most = predicted_ms_saved(pruner, whole, estimate)
             if most < 0.8 * needed_ms:
                 continue
             saved = predicted_ms_saved(pruner, plan, estimate)

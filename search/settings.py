@@ -16,6 +16,9 @@ class SearchSettings:
 
     strategy: `archtree` (tree of width K), `greedy` (K = 1, NetAdapt-like) or `uniform` (one
     pruning ratio for every group, bisected on measured latency).
+    max_cut: the largest share of a group's channels one step of the tree may remove.
+    margin: the search aims this share under the budget, so that the answer still fits when
+    the device is measured again (timings vary by about a percent between runs).
     """
 
     strategy: str = "archtree"
@@ -27,8 +30,10 @@ class SearchSettings:
     importance: str = "l2"
     round_to: int = 1
     min_width_fraction: float = 0.1
+    max_cut: float = 0.5
     max_probes: int = 5
     fit_tolerance: float = 0.03
+    margin: float = 0.02
     ft_steps: int = 20
     ft_lr: float = 0.01
     ft_batch_size: int = 32
@@ -63,10 +68,16 @@ class SearchSettings:
             (0.0 <= self.min_width_fraction < 1.0, "--min-width must be in [0, 1)"),
             (self.importance in ("l2", "taylor"), "--importance must be l2 or taylor"),
             (self.max_probes >= 1, "--max-probes must be at least 1"),
+            (0.0 <= self.margin < 0.5, "--margin must be in [0, 0.5)"),
+            (0.0 < self.max_cut <= 1.0, "--max-cut must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ArchtreeError(message + ".")
+
+    def aim_ms(self, budget_ms: float) -> float:
+        """The latency the search aims at: `margin` under the budget."""
+        return budget_ms * (1.0 - self.margin)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,10 +1,10 @@
 """The API as a real uvicorn process for tests, on the private Redis of tests.redis_fixtures.
 
-`start_api(env, log_dir)` runs `python -m uvicorn api.main:app` on a free port with the given
-environment and waits until /healthz answers; `api_env(redis_url, base)` is an environment
-with the private Redis, a temporary artifact folder and small upload limits. `api_server` is
-one such API per test module. Use with `pytest_plugins = ["tests.redis_fixtures",
-"tests.api_fixtures"]`.
+`start_api(env, log_dir)` runs `python -m uvicorn api.main:app` (or, given `workers`,
+`archtree api --workers N`) on a free port with the given environment and waits until /healthz
+answers; `api_env(redis_url, base)` is an environment with the private Redis, a temporary
+artifact folder and small upload limits. `api_server` is one such API per test module. Use
+with `pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]`.
 
 PYTEST_DONT_REWRITE: no asserts here (see tests/redis_fixtures.py).
 """
@@ -56,13 +56,14 @@ class ApiProcess:
         return httpx.Client(base_url=self.url, timeout=60)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM by pid (uvicorn shuts down gracefully), SIGKILL if it takes too long."""
+        """SIGTERM by pid (uvicorn shuts down gracefully, its worker processes too), SIGKILL
+        to the process group if it takes too long."""
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
 
@@ -90,20 +91,24 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_api(env: dict[str, str], log_dir: Path) -> ApiProcess:
-    """Start the API with `env` on a free port; fail the test if it does not come up."""
+def start_api(env: dict[str, str], log_dir: Path, workers: int | None = None) -> ApiProcess:
+    """Start the API with `env` on a free port (as `archtree api --workers N` when `workers` is
+    given); fail the test if it does not come up."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"api-{port}.log"
-    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "uvicorn", "api.main:app"]
+    if workers is not None:
+        command = [sys.executable, "-m", "archtree_cli.main", "api", "--workers", str(workers)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*command, "--port", str(port)],
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, so that a stuck one goes with its workers
         )
     api = ApiProcess(url, process, log_path, Path(env["ARCHTREE_ARTIFACTS_URL"]))
     deadline = time.monotonic() + API_START_S

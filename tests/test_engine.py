@@ -52,7 +52,8 @@ def test_search_lands_under_budget_with_a_real_tree():
     by_depth: dict[int, int] = {}
     for node in state.nodes.values():
         by_depth[node.depth] = by_depth.get(node.depth, 0) + 1
-    assert all(count > 1 for depth, count in by_depth.items() if depth >= 1)
+    # Trims made while confirming the answer sit below the searched depths.
+    assert all(count > 1 for depth, count in by_depth.items() if 1 <= depth <= state.depth)
     assert state.candidates_evaluated >= 3
     # Every node's parent is in the tree, one step shallower.
     for node in state.nodes.values():

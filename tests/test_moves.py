@@ -106,3 +106,18 @@ def test_latency_estimate_learns_region_costs_from_observations():
     # Two observations at 0.005 ms/MAC pull the region's estimate well above the prior.
     assert learned.ms_per_mac("a") > 0.004
     assert learned.ms_per_mac("b") == pytest.approx(learned.network_ms_per_mac)
+
+
+@pytest.mark.parametrize("kind", ["global", "latency"])
+def test_a_ranked_move_takes_at_most_max_cut_of_any_group(pruner, kind):
+    importance = pruner.importance()
+    estimate = LatencyEstimate(1.0, 1e6)
+    uncapped = removal_plan(Move(kind), pruner, importance, 1.0, estimate)
+    assert any(len(idx) > 0.5 * pruner.groups_by_name[n].size for n, idx in uncapped.items())
+    capped = removal_plan(Move(kind), pruner, importance, 1.0, estimate, max_cut=0.5)
+    for name, indices in capped.items():
+        assert len(indices) <= 0.5 * pruner.groups_by_name[name].size
+    assert sum(map(len, capped.values())) > 0
+    # The uniform baseline keeps its meaning: the same share of every group, uncapped.
+    uniform = removal_plan(Move("uniform"), pruner, importance, 1.0, estimate, max_cut=0.5)
+    assert uniform == removal_plan(Move("uniform"), pruner, importance, 1.0, estimate)

@@ -68,8 +68,18 @@ class JobStore:
         self.append_event(job_id, "queued", {})
         return job_id
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.client.hgetall(self._key(job_id))
+    def key(self, job_id: str) -> str:
+        """The Redis key of a job's hash (async readers in the API read it directly)."""
+        return self._key(job_id)
+
+    @property
+    def index_key(self) -> str:
+        """The sorted set of job ids by creation time."""
+        return f"{self.prefix}jobs"
+
+    @staticmethod
+    def record(job_id: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """A job hash as Redis answers it, decoded; None when the hash is empty."""
         if not raw:
             return None
         data = {k.decode(): v.decode() for k, v in raw.items()}
@@ -84,12 +94,14 @@ class JobStore:
             "cancel_requested": data.get("cancel_requested") == "1",
         }
 
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        return self.record(job_id, self.client.hgetall(self._key(job_id)))
+
     def list(self, offset: int = 0, limit: int = 20) -> tuple[list[dict[str, Any]], int]:
         """Jobs newest first, and the total count."""
-        key = f"{self.prefix}jobs"
-        ids = self.client.zrevrange(key, offset, offset + limit - 1)
+        ids = self.client.zrevrange(self.index_key, offset, offset + limit - 1)
         jobs = [self.get(i.decode()) for i in ids]
-        return [j for j in jobs if j is not None], int(self.client.zcard(key))
+        return [j for j in jobs if j is not None], int(self.client.zcard(self.index_key))
 
     def set_status(self, job_id: str, status: str, error: str | None = None) -> None:
         if status not in STATUSES:

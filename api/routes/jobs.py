@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api import submission
 from api.deps import JobDep, ServicesDep
 from api.event_stream import job_events, start_after
+from api.job_reads import read_jobs
 from api.schemas import INVALID, ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
 from api.uploads import MAX_SPEC_BYTES, read_submission
 from search.artifacts import ARTIFACT_NAMES
@@ -82,17 +83,17 @@ async def submit_job(request: Request, services: ServicesDep) -> JobCreated:
 
 
 @router.get("", summary="List jobs, newest first")
-def list_jobs(
+async def list_jobs(
     services: ServicesDep,
     offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs in this page.")] = 20,
 ) -> JobList:
-    jobs, total = services.jobs.list(offset, limit)
+    jobs, total = await read_jobs(services.async_client, services.jobs, offset, limit)
     return JobList(jobs=[Job.of(job) for job in jobs], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{job_id}", summary="A job's status and progress", responses=NOT_FOUND)
-def get_job(job: JobDep) -> Job:
+async def get_job(job: JobDep) -> Job:
     return Job.of(job)
 
 

@@ -1,0 +1,38 @@
+"""Reads of the paths clients poll (a job's status, the job list) with redis.asyncio.
+
+The job store (`workers.job_store.JobStore`) is synchronous: called from a route it costs a
+thread-pool hop per request, which dominated the status endpoint's time under load. These read
+the same keys on the event loop and decode them with `JobStore.record`, so they return the
+same records as `JobStore.get` and `JobStore.list` (tests/test_api_serving.py checks that).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio
+
+from workers.job_store import JobStore
+
+
+async def read_job(
+    client: redis.asyncio.Redis, jobs: JobStore, job_id: str
+) -> dict[str, Any] | None:
+    """The job's record as `JobStore.get` returns it; None when there is no such job."""
+    return jobs.record(job_id, await client.hgetall(jobs.key(job_id)))
+
+
+async def read_jobs(
+    client: redis.asyncio.Redis, jobs: JobStore, offset: int, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Jobs newest first and the total count, as `JobStore.list` returns them, in two round
+    trips."""
+    index = jobs.index_key
+    ids = [raw.decode() for raw in await client.zrevrange(index, offset, offset + limit - 1)]
+    async with client.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hgetall(jobs.key(job_id))
+        pipe.zcard(index)
+        *hashes, total = await pipe.execute()
+    records = [jobs.record(job_id, raw) for job_id, raw in zip(ids, hashes, strict=True)]
+    return [record for record in records if record is not None], int(total)

@@ -1,0 +1,155 @@
+"""How the API serves the paths clients poll: the async job reads agree with the job store, and
+`archtree api --workers N` serves from N real processes over real HTTP, on a private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import redis
+import redis.asyncio
+
+from api.job_reads import read_job, read_jobs
+from tests.api_fixtures import api_env, start_api
+from tests.redis_fixtures import ROOT, wait_until
+from workers.job_store import JobStore
+
+pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
+
+# A job's spec as the API stores it (api.schemas.JobSpec).
+SPEC = {
+    "model": "builtin:vgg",
+    "data": "builtin:digits",
+    "budget": "60%",
+    "device_class": "local",
+    "search": {"width": 2},
+}
+STARTUP_LINE = re.compile(r"Started server process \[(\d+)\]")
+
+
+def make_jobs(store: JobStore) -> list[str]:
+    """Jobs in several states: queued, running with progress, failed, cancel requested."""
+    queued = store.create(SPEC)
+    running = store.create({**SPEC, "budget": "8ms"})
+    store.set_status(running, "running")
+    store.update_progress(
+        running, depth=2, best={"id": "n4", "latency_ms": 0.41, "score": 0.9}, budget_ms=0.5
+    )
+    failed = store.create(SPEC)
+    store.set_status(failed, "failed", error="no agent of class local came online")
+    cancelled = store.create(SPEC)
+    store.request_cancel(cancelled)
+    return [queued, running, failed, cancelled]
+
+
+def read_async(redis_url: str, store: JobStore, call: Any, *args: Any) -> Any:
+    """`call(client, store, *args)` with a redis.asyncio client, in an event loop of its own."""
+
+    async def go() -> Any:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await call(client, store, *args)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_async_reads_return_what_the_job_store_returns(redis_client: redis.Redis, redis_url: str):
+    store = JobStore(redis_client)
+    ids = make_jobs(store)
+
+    for job_id in ids:
+        assert read_async(redis_url, store, read_job, job_id) == store.get(job_id)
+    assert read_async(redis_url, store, read_job, "nosuchjob") is None
+    for offset, limit in [(0, 20), (1, 2), (3, 5), (10, 5)]:
+        assert read_async(redis_url, store, read_jobs, offset, limit) == store.list(offset, limit)
+
+
+def test_archtree_api_with_two_workers_serves_then_stops_both(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+):
+    store = JobStore(redis_client)
+    job_id = make_jobs(store)[1]
+    api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs", workers=2)
+    try:
+        servers = wait_until(
+            lambda: (pids := STARTUP_LINE.findall(api.output())) and len(pids) == 2 and pids,
+            30,
+            "two API worker processes",
+        )
+        children = {child.pid for child in psutil.Process(api.process.pid).children()}
+        assert {int(pid) for pid in servers} <= children
+
+        def poll(_: int) -> tuple[int, dict[str, Any]]:
+            # A connection each, so that both processes take some of them.
+            answer = httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=30)
+            return answer.status_code, answer.json()
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(poll, range(40)))
+        assert {status for status, _ in answers} == {200}
+        job = answers[0][1]
+        assert all(body == job for _, body in answers)
+        assert job["status"] == "running" and job["progress"]["best"]["id"] == "n4"
+        assert job["links"]["job"] == f"/v1/jobs/{job_id}"
+        missing = httpx.get(f"{api.url}/v1/jobs/nosuchjob")
+        assert missing.status_code == 404 and "no job 'nosuchjob'" in missing.json()["detail"]
+        listed = httpx.get(f"{api.url}/v1/jobs", params={"limit": 2}).json()
+        assert listed["total"] == 4 and len(listed["jobs"]) == 2
+    finally:
+        api.stop()
+    assert api.process.returncode == 0, api.output()[-3000:]
+    for pid in servers:
+        assert not psutil.pid_exists(int(pid)), f"API worker {pid} outlived its parent"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environment"),
+    [(["--workers", "0"], {}), ([], {"ARCHTREE_API_WORKERS": "0"})],
+    ids=["option", "environment"],
+)
+def test_archtree_api_refuses_zero_workers_in_one_line(
+    arguments: list[str], environment: dict[str, str], redis_url: str, tmp_path: Path
+):
+    command = [sys.executable, "-m", "archtree_cli.main", "api", "--port", "1", *arguments]
+    finished = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**api_env(redis_url, tmp_path), **environment},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2
+    assert finished.stderr == (
+        "archtree: error: --workers must be at least 1, not 0 "
+        "(its default is ARCHTREE_API_WORKERS)\n"
+    )
+
+
+def test_archtree_api_stops_its_workers_on_sigint(redis_url: str, tmp_path: Path):
+    """Ctrl-C in a terminal reaches the whole group; the workers end with the parent."""
+    api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs", workers=2)
+    servers = wait_until(
+        lambda: (pids := STARTUP_LINE.findall(api.output())) and len(pids) == 2 and pids,
+        30,
+        "two API worker processes",
+    )
+    os.killpg(api.process.pid, signal.SIGINT)
+    try:
+        api.process.wait(timeout=20)
+    finally:
+        api.stop()
+    for pid in servers:
+        assert not psutil.pid_exists(int(pid)), f"API worker {pid} outlived its parent"

@@ -1,0 +1,128 @@
+"""Timing on a CUDA GPU (`--device local:cuda`). Skipped where torch sees no GPU.
+
+Self-contained (no conftest fixtures), so it also runs with `pytest --noconftest` on a GPU
+machine that lacks the service's dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def conv_net(channels: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(64, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 10),
+    )
+
+
+def test_gpu_timing_measures_the_kernels_not_their_launch():
+    from latency.harness import TimingSettings, time_interleaved
+
+    torch.manual_seed(0)
+    big, small = conv_net(512).cuda(), conv_net(128).cuda()
+    example = torch.randn(32, 64, 56, 56, device="cuda")
+    small_stats, big_stats, ratio = time_interleaved(
+        small, big, example, TimingSettings(threads=1, min_time_s=0.2)
+    )
+    # The small net does 1/16 of the big one's convolution work. Without synchronising, both
+    # would time only the kernel launches and measure alike.
+    assert ratio < 0.5, (small_stats.median_ms, big_stats.median_ms)
+    assert big_stats.median_ms > small_stats.median_ms
+
+
+def test_local_cuda_oracle_times_pruned_candidates_on_the_gpu():
+    from latency.local_oracle import LocalOracle
+    from search.arch_spec import build_from_spec, spec_of
+    from search.model_source import ModelRef, build_model
+    from search.pruning import PrunableModel
+
+    ref = ModelRef("builtin:resnet", num_classes=10, in_channels=3)
+    model = build_model(ref).eval()
+    example = torch.randn(1, 3, 32, 32)
+    pruner = PrunableModel(model, example, min_width_fraction=0.1)
+    pruner.remove({g.name: list(range(g.removable)) for g in pruner.groups})
+    reference_spec = spec_of(build_model(ref).eval(), ref, (3, 32, 32))
+    small_spec = spec_of(pruner.model, ref, (3, 32, 32))
+
+    oracle = LocalOracle(build_from_spec, device="cuda", device_class="local:cuda", batch_size=512)
+    reference = oracle.measure_reference(reference_spec)
+    measured = oracle.measure(small_spec, reference_spec)
+    assert reference.median_ms > 0
+    assert 0 < measured.ratio < 0.9
+    fingerprint = oracle.fingerprint()
+    assert fingerprint["gpu"] == torch.cuda.get_device_name(0)
+    assert fingerprint["device_class"] == "local:cuda"
+
+
+def test_prune_on_the_gpu_meets_a_budget_measured_there(tmp_path):
+    generator = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(
+        data,
+        x=generator.standard_normal((600, 3, 32, 32)).astype(np.float32),
+        y=generator.integers(0, 10, 600),
+    )
+    out = tmp_path / "out"
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {
+        **os.environ,
+        "ARCHTREE_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "archtree_cli.main",
+            "prune",
+            "--model",
+            "builtin:resnet",
+            "--data",
+            str(data),
+            "--budget",
+            "80%",
+            "--device",
+            "local:cuda",
+            "--batch-size",
+            "512",
+            "--width",
+            "2",
+            "--branching",
+            "2",
+            "--planned-steps",
+            "2",
+            "--ft-steps",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["device"]["gpu"] == torch.cuda.get_device_name(0)
+    assert report["final"]["latency_ms"] <= report["budget_ms"]
+    assert report["final"]["macs"] < report["baseline"]["macs"]
