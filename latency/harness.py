@@ -28,7 +28,7 @@ class TimingSettings:
 
     warmup_runs: int = 10
     warmup_s: float = 0.05
-    min_runs: int = 15
+    min_runs: int = 25
     max_runs: int = 2000
     min_time_s: float = 0.25
     cv_threshold: float = 0.05

@@ -21,6 +21,10 @@ from search.moves import Move, RemovalPlan, predicted_ms_saved, removal_plan
 from search.pruning import PrunableModel, total_macs
 from search.tree import ChildResult, ChildTask, Node
 
+# A child that misses its target is still kept when it is at least this much faster than its
+# parent.
+MIN_PROGRESS = 0.03
+
 
 @dataclass
 class Pruned:
@@ -126,11 +130,18 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
         max_probes=context.settings.max_probes,
         tolerance=context.settings.fit_tolerance,
     )
-    if amount.fraction is None:
-        result.reason = f"{task.move.label} cannot reach {task.target_ms:.3f} ms"
-        context.sink.emit("child_skipped", id=task.child_id, reason=result.reason)
-        return result
-    child = applier.apply(amount.fraction)
+    fraction, latency_ms = amount.fraction, amount.latency_ms
+    if fraction is None:
+        # Short of the target even with all of its scope: keep the fastest probe when it is
+        # real progress, so that the next depth goes on from it (one step may only cut
+        # `max_cut` of a group); otherwise the move is of no use here.
+        fastest = min(amount.probes, key=lambda probe: probe[1], default=None)
+        if fastest is None or fastest[1] > parent.latency_ms * (1.0 - MIN_PROGRESS):
+            result.reason = f"{task.move.label} cannot reach {task.target_ms:.3f} ms"
+            context.sink.emit("child_skipped", id=task.child_id, reason=result.reason)
+            return result
+        fraction, latency_ms = fastest
+    child = applier.apply(fraction)
     model = child.model
     # Seeded by what the child is, not by its id: the same child reached in another search (a
     # greedy path inside the tree, a re-run) is fine-tuned the same way and scores the same.
@@ -144,11 +155,11 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
         depth=task.depth,
         move=task.move.label,
         spec=child.spec,
-        latency_ms=amount.latency_ms,
-        ratio=amount.latency_ms / task.baseline_ms,
+        latency_ms=latency_ms,
+        ratio=latency_ms / task.baseline_ms,
         score=context.score(model),
-        within_budget=amount.latency_ms <= task.budget_ms,
-        fraction=round(amount.fraction, 4),
+        within_budget=latency_ms <= task.budget_ms,
+        fraction=round(fraction, 4),
         params=sum(p.numel() for p in model.parameters()),
         macs=child.macs,
     )

@@ -49,7 +49,16 @@ class SearchSettings:
         if self.strategy == "greedy":
             return replace(self, width=1)
         if self.strategy == "uniform":
-            return replace(self, width=1, branching=1, planned_steps=1, move_kinds=("uniform",))
+            # Its one child is the whole search: its bisection gets at least 8 probes, which
+            # the tree would spend on other children.
+            return replace(
+                self,
+                width=1,
+                branching=1,
+                planned_steps=1,
+                move_kinds=("uniform",),
+                max_probes=max(self.max_probes, 8),
+            )
         return self
 
     def validate(self) -> None:

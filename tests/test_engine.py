@@ -96,6 +96,7 @@ def test_width_one_is_greedy():
     assert greedy.width == 1 and greedy.branching == 4
     uniform = SearchSettings(strategy="uniform").effective()
     assert uniform.move_kinds == ("uniform",) and uniform.width == 1
+    assert uniform.max_probes == 8 and uniform.effective() == uniform  # applied twice: same
 
 
 def test_data_free_search_scores_by_fidelity_and_reports_no_accuracy(tmp_path):
