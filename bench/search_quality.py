@@ -70,10 +70,13 @@ QUICK = SearchQualityConfig(
         warmup_runs=3, warmup_s=0.01, min_runs=10, min_time_s=0.03, max_remeasures=1
     ),
 )
-# Seconds per search on a quiet 2-core machine at batch 1 (half of what a loaded machine took,
-# rounded up), for the estimate printed before a run; an unreachable budget costs 10-20 s.
-SECONDS_PER_SEARCH = {"archtree": 230.0, "greedy": 110.0, "uniform": 45.0}
+# Seconds per search on a quiet 2-core machine at batch 8 (the mean of the two models in the
+# full run of 2026-11-27, rounded up), for the estimate printed before a run; an unreachable
+# budget costs 10-20 s.
+SECONDS_PER_SEARCH = {"archtree": 180.0, "greedy": 100.0, "uniform": 50.0}
 SECONDS_PER_SEARCH_QUICK = {"archtree": 12.0, "greedy": 8.0, "uniform": 5.0}
+# The batch those seconds were taken at: full runs at 8, quick runs at 1.
+ESTIMATE_BATCH = {False: 8, True: 1}
 
 
 # Seconds to train each model on a quiet 2-core machine, when its weights are not cached.
@@ -90,7 +93,7 @@ def estimate_s(config: SearchQualityConfig, quick: bool, cache_dir: Path = CACHE
         for model in config.models
         if not weights_path(cache_dir, model, config.data, recipe_for(model)).is_file()
     )
-    return searching * config.batch_size**0.5 + training
+    return searching * (config.batch_size / ESTIMATE_BATCH[quick]) ** 0.5 + training
 
 
 class SearchEvents:
