@@ -225,8 +225,10 @@ class JobStore:
         job = self.get(job_id)
         if job is None or job["status"] in FINAL_STATUSES:
             return False
-        self.client.hset(self._key(job_id), "cancel_requested", "1")
+        # The event goes first: a worker that sees the flag ends the job with a final `status`
+        # event, and a stream stops there, so the request must already be in it.
         self.append_event(job_id, "cancel_requested", {})
+        self.client.hset(self._key(job_id), "cancel_requested", "1")
         return True
 
     def cancel_requested(self, job_id: str) -> bool:
