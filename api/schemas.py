@@ -37,6 +37,12 @@ class SearchSettingsIn(BaseModel):
     planned_steps: int | None = Field(None, description="Depths planned to reach the budget.")
     max_depth: int | None = Field(None, description="Depth limit of the tree.")
     ft_steps: int | None = Field(None, description="Fine-tuning steps per child before scoring.")
+    select_top: int | None = Field(
+        None, description="Best candidates under budget fine-tuned further and ranked again."
+    )
+    select_steps: int | None = Field(
+        None, description="Fine-tuning steps of that re-ranking, per candidate."
+    )
     final_epochs: float | None = Field(
         None, description="Epochs of final fine-tuning of the answer, with distillation."
     )

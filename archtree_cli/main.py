@@ -99,6 +99,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tuning steps per child before scoring (default %(default)s)",
     )
     group.add_argument(
+        "--select-top",
+        type=int,
+        default=defaults.select_top,
+        help="best candidates under budget fine-tuned further and ranked again before the "
+        "answer is chosen (default %(default)s)",
+    )
+    group.add_argument(
+        "--select-steps",
+        type=int,
+        default=defaults.select_steps,
+        help="fine-tuning steps of that re-ranking, per candidate (default %(default)s)",
+    )
+    group.add_argument(
         "--final-epochs",
         type=float,
         default=defaults.final_epochs,
@@ -148,6 +161,8 @@ def settings_from(args: argparse.Namespace):
         planned_steps=args.planned_steps,
         max_depth=args.max_depth,
         ft_steps=args.ft_steps,
+        select_top=args.select_top,
+        select_steps=args.select_steps,
         final_epochs=args.final_epochs,
         round_to=args.round_to,
         min_width_fraction=args.min_width,

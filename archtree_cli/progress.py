@@ -58,6 +58,14 @@ class ConsoleProgress:
             self._print(
                 f"depth {data['depth']} done: frontier {', '.join(data['frontier'])}; {best_text}"
             )
+        elif kind == "reranked":
+            scores = ", ".join(f"{n['id']} {n['score']:.4f}" for n in data["nodes"])
+            self._print(f"re-ranked after {data['steps']} more fine-tuning steps: {scores}")
+        elif kind == "confirm_failed":
+            self._print(
+                f"{data['id']} measures {data['latency_ms']:.3f} ms on confirmation, above the "
+                "budget: confirming the next best"
+            )
         elif kind == "confirmed":
             self._print(
                 f"confirmed {data['id']} at {data['latency_ms']:.3f} ms "

@@ -43,7 +43,7 @@ FULL = ScalingConfig(
     "builtin:resnet",
     "builtin:mnist",
     "60%",
-    {"width": 4, "branching": 4, "planned_steps": 2, "max_depth": 3, "ft_steps": 100},
+    {"width": 4, "branching": 4, "planned_steps": 2, "max_depth": 3, "ft_steps": 300},
 )
 QUICK = ScalingConfig(
     "builtin:vgg",

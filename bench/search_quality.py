@@ -1,7 +1,8 @@
 """Section 1, search quality: archtree, greedy and uniform at several budgets, on two models.
 
 Every search runs the engine in this process with a local oracle (one thread), the same
-fine-tuning budget for every strategy (ft_steps per child, final_epochs), and its own
+fine-tuning budget for every strategy (ft_steps per child, select_steps for each of the
+best select_top candidates, final_epochs), and its own
 latency cache, so no strategy profits from another's measurements. After the search the
 benchmark reloads the saved model (load_pruned) and times it itself, interleaved with the
 unpruned model, with 4x the oracle's repeats: `latency_ms` is that ratio times the job's own
@@ -103,6 +104,7 @@ class SearchEvents:
         self.counts: Counter[str] = Counter()
         self.baseline: dict[str, Any] = {}
         self.feasibility: dict[str, Any] = {}
+        self.rerank_steps = 0
         self.forward = forward
 
     def emit(self, kind: str, **data: Any) -> None:
@@ -111,6 +113,8 @@ class SearchEvents:
             self.baseline = data
         elif kind == "feasibility":
             self.feasibility = data
+        elif kind == "reranked":
+            self.rerank_steps += data["steps"] * len(data["nodes"])
         if self.forward is not None:
             self.forward.emit(kind, **data)
 
@@ -226,7 +230,7 @@ def run_search_once(
         params=report["final"]["params"],
         macs=report["final"]["macs"],
         fine_tuned_children=fine_tuned,
-        ft_steps_total=fine_tuned * settings.ft_steps + final_steps,
+        ft_steps_total=fine_tuned * settings.ft_steps + events.rerank_steps + final_steps,
         note=None,
     )
 

@@ -23,7 +23,10 @@ class TimingSettings:
     """How long and how often to time a model.
 
     Runs continue until both `min_runs` and `min_time_s` are reached, and stop at `max_runs`.
-    A result whose CV is above `cv_threshold` is re-measured up to `max_remeasures` times.
+    A model timed alone whose CV is above `cv_threshold` is re-measured up to `max_remeasures`
+    times. An interleaved timing goes on for up to `max_remeasures` more rounds of pairs while
+    the standard error of its ratio is above `ratio_error`, and pools every round: a noisy
+    machine gets more pairs, a quiet one no more than one round.
     """
 
     warmup_runs: int = 10
@@ -32,6 +35,7 @@ class TimingSettings:
     max_runs: int = 2000
     min_time_s: float = 0.25
     cv_threshold: float = 0.05
+    ratio_error: float = 0.01
     max_remeasures: int = 2
     threads: int = 1
 
@@ -44,6 +48,8 @@ class TimingSettings:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_remeasures < 0 or self.warmup_runs < 0:
             raise ValueError("warmup_runs and max_remeasures must be >= 0")
+        if self.ratio_error < 0:
+            raise ValueError(f"ratio_error must be >= 0, got {self.ratio_error}")
 
     def scaled(self, factor: float = 4.0) -> TimingSettings:
         """Settings for a confirm measurement: `factor` times the runs and measuring time."""
@@ -98,21 +104,37 @@ def time_interleaved(
     """Time `candidate` and `reference` alternately; return both stats and their time ratio.
 
     The ratio is the median of per-pair ratios (candidate / reference), which cancels drift of
-    the machine during the measurement. Re-measures while either model's CV is above the
-    threshold and keeps the attempt whose worse CV is lowest.
+    the machine during the measurement. While its standard error is above
+    `settings.ratio_error`, up to `max_remeasures` more rounds of pairs are timed, and every
+    round's pairs count: the stats and the ratio are over all of them.
     """
+    candidate_ns: list[int] = []
+    reference_ns: list[int] = []
     with _timing_context([candidate, reference], settings.threads):
         run_candidate = _timed_runner(candidate, example_input)
         run_reference = _timed_runner(reference, example_input)
         _warm_up([run_candidate, run_reference], settings)
-        best = _measure_pairs(run_candidate, run_reference, settings)
-        for _ in range(settings.max_remeasures):
-            if _worse_cv(best) <= settings.cv_threshold:
+        for _ in range(1 + settings.max_remeasures):
+            _measure_pairs(run_candidate, run_reference, settings, candidate_ns, reference_ns)
+            if ratio_standard_error(candidate_ns, reference_ns) <= settings.ratio_error:
                 break
-            again = _measure_pairs(run_candidate, run_reference, settings)
-            if _worse_cv(again) < _worse_cv(best):
-                best = again
-    return best
+    ratios = np.asarray(candidate_ns, dtype=np.float64) / np.asarray(reference_ns, dtype=np.float64)
+    return summarize(candidate_ns), summarize(reference_ns), float(np.median(ratios))
+
+
+def ratio_standard_error(candidate_ns: Sequence[int], reference_ns: Sequence[int]) -> float:
+    """Relative standard error of the median per-pair ratio: 1.2533 x robust sd / sqrt(n).
+
+    The robust sd is the ratios' IQR / 1.349; the median's standard error is 1.2533 times the
+    mean's for normally distributed samples.
+    """
+    ratios = np.asarray(candidate_ns, dtype=np.float64) / np.asarray(reference_ns, dtype=np.float64)
+    if len(ratios) < 2:
+        return float("inf")
+    p25, median, p75 = np.percentile(ratios, [25, 50, 75])
+    if median <= 0:
+        return float("inf")
+    return float(1.2533 * (p75 - p25) / _IQR_PER_SIGMA / median / np.sqrt(len(ratios)))
 
 
 @contextmanager
@@ -180,12 +202,14 @@ def _measure_pairs(
     run_candidate: Callable[[], int],
     run_reference: Callable[[], int],
     settings: TimingSettings,
-) -> tuple[TimingStats, TimingStats, float]:
-    candidate_ns: list[int] = []
-    reference_ns: list[int] = []
+    candidate_ns: list[int],
+    reference_ns: list[int],
+) -> None:
+    """One round of pairs, appended to the lists: `min_runs` pairs and `min_time_s` at least."""
     start = time.perf_counter()
-    while len(candidate_ns) < settings.max_runs and (
-        len(candidate_ns) < settings.min_runs or time.perf_counter() - start < settings.min_time_s
+    count = 0
+    while count < settings.max_runs and (
+        count < settings.min_runs or time.perf_counter() - start < settings.min_time_s
     ):
         # Alternating which model goes first cancels any advantage of running second (warm
         # caches, frequency ramp-up).
@@ -195,9 +219,4 @@ def _measure_pairs(
         else:
             reference_ns.append(run_reference())
             candidate_ns.append(run_candidate())
-    ratios = np.asarray(candidate_ns, dtype=np.float64) / np.asarray(reference_ns, dtype=np.float64)
-    return summarize(candidate_ns), summarize(reference_ns), float(np.median(ratios))
-
-
-def _worse_cv(result: tuple[TimingStats, TimingStats, float]) -> float:
-    return max(result[0].cv, result[1].cv)
+        count += 1

@@ -14,6 +14,7 @@ spread over Celery workers and the state kept in Redis between depths.
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,6 +28,7 @@ from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
 from search.pruning import total_macs
+from search.settings import SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState
 
 
@@ -213,29 +215,40 @@ def advance(context: SearchContext, state: SearchState, results: list[ChildResul
 
 
 def finish(context: SearchContext, state: SearchState, started: float) -> SearchOutcome:
-    """Confirm the best feasible node under budget with more repeats, then final fine-tune."""
-    answer = state.best_within_budget()
-    if answer is None:
-        if state.root.within_budget:
-            answer = state.root
-        else:
+    """Confirm the best feasible node under budget with more repeats, then final fine-tune.
+
+    The best `select_top` feasible nodes are first fine-tuned `select_steps` more and ranked
+    again: a score after a few steps says little about a deeply pruned child. A node whose
+    confirmation lands above the budget is passed over for the next best feasible one (up to
+    `confirm_candidates` in all); only when none confirms is the best one trimmed.
+    """
+    ranked = state.ranked_within_budget()
+    if not ranked:
+        if not state.root.within_budget:
             raise ArchtreeError(
                 f"No candidate met the budget of {state.budget_ms:.3f} ms within "
                 f"{state.depth} depths: raise --max-depth or --planned-steps, or the budget."
             )
-    model = context.build(answer.spec, context.store.get(answer.id))
-    confirmed = context.oracle.measure(answer.spec, context.root_spec, confirm=True)
-    _tally(state, confirmed.cached)
+        ranked = [state.root]
+    else:
+        ranked = _rerank(context, ranked)
+    answer, confirmed_ms = None, None
+    first_ms = None
+    for node in ranked[: context.settings.confirm_candidates]:
+        confirmed_ms = _confirm(context, state, node)
+        first_ms = first_ms if first_ms is not None else confirmed_ms
+        if confirmed_ms <= state.budget_ms:
+            answer = node
+            break
+        context.sink.emit("confirm_failed", id=node.id, latency_ms=confirmed_ms)
     trims = 0
-    while (
-        confirmed.ratio * state.baseline_ms > state.budget_ms
-        and trims < context.settings.confirm_trims
-    ):
-        trims += 1
-        answer, model = _trim(context, state, answer, confirmed.ratio * state.baseline_ms)
-        confirmed = context.oracle.measure(answer.spec, context.root_spec, confirm=True)
-        _tally(state, confirmed.cached)
-    latency_ms = confirmed.ratio * state.baseline_ms
+    if answer is None:
+        answer, confirmed_ms = ranked[0], first_ms
+        while confirmed_ms > state.budget_ms and trims < context.settings.confirm_trims:
+            trims += 1
+            answer = _trim(context, state, answer, confirmed_ms)
+            confirmed_ms = _confirm(context, state, answer)
+    latency_ms = confirmed_ms
     context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
     if latency_ms > state.budget_ms:
         raise ArchtreeError(
@@ -243,6 +256,7 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
             f"{state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
             "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
         )
+    model = context.build(answer.spec, context.store.get(answer.id))
     if context.settings.final_epochs > 0:
         context.sink.emit("final_finetune", epochs=context.settings.final_epochs)
         context.finetune(model, epochs=context.settings.final_epochs, seed=context.settings.seed)
@@ -251,7 +265,7 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
         answer=answer,
         model=model,
         confirmed_latency_ms=latency_ms,
-        confirmed_ratio=confirmed.ratio,
+        confirmed_ratio=latency_ms / state.baseline_ms,
         baseline_accuracy=context.validation_accuracy(context.base_model),
         final_accuracy=context.validation_accuracy(model),
         wall_s=time.monotonic() - started,
@@ -267,14 +281,48 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
     return outcome
 
 
-def _trim(
-    context: SearchContext, state: SearchState, node: Node, measured_ms: float
-) -> tuple[Node, nn.Module]:
+def _rerank(context: SearchContext, ranked: list[Node]) -> list[Node]:
+    """Fine-tune the best `select_top` nodes `select_steps` more, keep those weights, and put
+    them back in the order of their new scores (ahead of the rest).
+
+    A lone candidate is tuned as well, so that every answer gets the same steps whatever the
+    strategy."""
+    settings = context.settings
+    top, rest = ranked[: settings.select_top], ranked[settings.select_top :]
+    if settings.select_steps <= 0:
+        return ranked
+    rescored = []
+    for node in top:
+        model = context.build(node.spec, context.store.get(node.id))
+        seed = settings.seed + zlib.crc32(f"{node.spec.hash}/select".encode())
+        context.finetune(model, steps=settings.select_steps, seed=seed)
+        context.store.put(node.id, model.state_dict())
+        rescored.append({"id": node.id, "score_before": node.score, "score": context.score(model)})
+        node.score = rescored[-1]["score"]
+    context.sink.emit("reranked", steps=settings.select_steps, nodes=rescored)
+    return sorted(top, key=lambda n: (-n.score, -n.latency_ms, n.id)) + rest
+
+
+def _confirm(context: SearchContext, state: SearchState, node: Node) -> float:
+    """The node's latency in ms, measured again with the longer confirm timing."""
+    confirmed = context.oracle.measure(node.spec, context.root_spec, confirm=True)
+    _tally(state, confirmed.cached)
+    return confirmed.ratio * state.baseline_ms
+
+
+def trim_move(settings: SearchSettings) -> Move:
+    """The move that trims an answer confirmed above budget: the strategy's own first move
+    (`uniform` stays uniform), or `global` where that is a region's `focused` move."""
+    kind = settings.move_kinds[0] if settings.move_kinds else "global"
+    return Move(kind if kind in ("global", "latency", "uniform") else "global")
+
+
+def _trim(context: SearchContext, state: SearchState, node: Node, measured_ms: float) -> Node:
     """Remove a few more channels from a node that confirmed above budget."""
     task = ChildTask(
         child_id=f"n{state.next_id}",
         parent=Node(**{**node.__dict__, "latency_ms": measured_ms}),
-        move=Move("global"),
+        move=trim_move(context.settings),
         target_ms=context.settings.aim_ms(state.budget_ms),
         depth=node.depth + 1,
         baseline_ms=state.baseline_ms,
@@ -292,7 +340,7 @@ def _trim(
             f"{state.budget_ms:.3f} ms, and no further pruning reaches it."
         )
     state.nodes[result.node.id] = result.node
-    return result.node, context.build(result.node.spec, context.store.get(result.node.id))
+    return result.node
 
 
 def run_search(

@@ -18,7 +18,11 @@ class SearchSettings:
     pruning ratio for every group, bisected on measured latency).
     max_cut: the largest share of a group's channels one step of the tree may remove.
     margin: the search aims this share under the budget, so that the answer still fits when
-    the device is measured again (timings vary by about a percent between runs).
+    the device is measured again (timings vary by a few percent between runs).
+    select_top, select_steps: the best `select_top` feasible nodes are fine-tuned
+    `select_steps` more and ranked again before the answer is chosen.
+    confirm_candidates: how many of the best feasible nodes are confirmed, best first, before
+    the best one is trimmed (`confirm_trims` times at most) to fit.
     """
 
     strategy: str = "archtree"
@@ -32,14 +36,17 @@ class SearchSettings:
     min_width_fraction: float = 0.1
     max_cut: float = 0.5
     max_probes: int = 5
-    fit_tolerance: float = 0.03
-    margin: float = 0.02
+    fit_tolerance: float = 0.025
+    margin: float = 0.03
     ft_steps: int = 20
     ft_lr: float = 0.01
     ft_batch_size: int = 32
     final_epochs: float = 0.0
     final_lr: float = 0.01
     kd_weight: float = 0.5
+    select_top: int = 3
+    select_steps: int = 100
+    confirm_candidates: int = 3
     confirm_trims: int = 3
     seed: int = 0
 
@@ -79,6 +86,9 @@ class SearchSettings:
             (self.max_probes >= 1, "--max-probes must be at least 1"),
             (0.0 <= self.margin < 0.5, "--margin must be in [0, 0.5)"),
             (0.0 < self.max_cut <= 1.0, "--max-cut must be in (0, 1]"),
+            (self.select_top >= 1, "--select-top must be at least 1"),
+            (self.select_steps >= 0, "--select-steps cannot be negative"),
+            (self.confirm_candidates >= 1, "confirm_candidates must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

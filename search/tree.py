@@ -158,9 +158,14 @@ class SearchState:
     def root(self) -> Node:
         return self.nodes[self.root_id]
 
-    def best_within_budget(self) -> Node | None:
+    def ranked_within_budget(self) -> list[Node]:
+        """The pruned nodes measured under budget, best score first."""
         feasible = [n for n in self.nodes.values() if n.within_budget and n.id != self.root_id]
-        return max(feasible, key=lambda n: (n.score, n.latency_ms), default=None)
+        return sorted(feasible, key=lambda n: (-n.score, -n.latency_ms, n.id))
+
+    def best_within_budget(self) -> Node | None:
+        ranked = self.ranked_within_budget()
+        return ranked[0] if ranked else None
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k not in ("nodes", "observations")}

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from latency.local_oracle import LocalOracle
 from search.arch_spec import build_from_spec
 from search.budget import parse_budget
 from search.context import SearchContext
-from search.engine import advance, plan, run_search, start
+from search.engine import advance, finish, plan, run_search, start, trim_move
 from search.errors import ArchtreeError
 from search.inputs import load_inputs
 from search.interfaces import ListEventSink
+from search.moves import Move
 from search.settings import SearchSettings
 from search.tree import ChildResult, Node
 from tests.conftest import fast_timing
@@ -137,3 +139,107 @@ def test_taylor_importance_needs_and_uses_labels():
     state = start(context, parse_budget("70%"))
     tasks = plan(context, state)
     assert len(tasks) == 2
+
+
+def _plant(state, context, node_id, spec, model, latency_ms, score):
+    """Add a node as if a depth had evaluated it (its latency as recorded, not re-measured)."""
+    node = Node(node_id, state.root_id, 1, "global", spec, latency_ms, 0.0, score, True)
+    node.ratio = latency_ms / state.baseline_ms
+    context.store.put(node_id, model.state_dict())
+    state.nodes[node_id] = node
+    return node
+
+
+def _small_child(context):
+    from search.expansion import MoveApplier
+    from search.latency_estimate import LatencyEstimate
+
+    applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
+    return applier.apply(0.9)
+
+
+def test_an_answer_that_confirms_above_budget_gives_way_to_the_next_best():
+    context = make_context()
+    state = start(context, parse_budget("60%"))
+    # The best-scoring node claims half the baseline but is the unpruned architecture: its
+    # confirmation measures about the baseline, far above the budget.
+    _plant(
+        state, context, "n90", state.root.spec, context.base_model, 0.5 * state.baseline_ms, 0.99
+    )
+    small = _small_child(context)
+    _plant(state, context, "n91", small.spec, small.model, 0.3 * state.baseline_ms, 0.5)
+    state.done = True
+    outcome = finish(context, state, started=0.0)
+    assert outcome.answer.id == "n91"
+    assert outcome.trims == 0
+    assert outcome.confirmed_latency_ms <= state.budget_ms
+    failed = [e for e in context.sink.events if e["kind"] == "confirm_failed"]
+    assert [e["id"] for e in failed] == ["n90"]
+    assert failed[0]["latency_ms"] > state.budget_ms
+
+
+def test_an_answer_no_candidate_confirms_is_trimmed_with_the_strategys_own_move():
+    context = make_context(strategy="uniform", confirm_candidates=1)
+    state = start(context, parse_budget("60%"))
+    _plant(
+        state, context, "n90", state.root.spec, context.base_model, 0.5 * state.baseline_ms, 0.99
+    )
+    small = _small_child(context)
+    _plant(state, context, "n91", small.spec, small.model, 0.3 * state.baseline_ms, 0.5)
+    outcome = finish(context, state, started=0.0)
+    # Only the best node was confirmed (confirm_candidates=1): it was trimmed, uniformly.
+    assert outcome.trims >= 1
+    assert outcome.answer.id not in ("n90", "n91")
+    assert outcome.answer.move == "uniform"
+    assert outcome.confirmed_latency_ms <= state.budget_ms
+    failed = [e["id"] for e in context.sink.events if e["kind"] == "confirm_failed"]
+    assert failed == ["n90"]
+
+
+def test_trims_use_the_strategys_first_move():
+    assert trim_move(SearchSettings(strategy="uniform").effective()) == Move("uniform")
+    assert trim_move(SearchSettings().effective()) == Move("global")
+    assert trim_move(SearchSettings(move_kinds=("focused",))) == Move("global")
+    assert trim_move(SearchSettings(move_kinds=("latency", "global"))) == Move("latency")
+
+
+def test_the_best_candidates_are_tuned_further_and_ranked_again_before_the_answer():
+    from search.expansion import MoveApplier
+    from search.latency_estimate import LatencyEstimate
+
+    context = make_context(select_top=2, select_steps=30)
+    state = start(context, parse_budget("60%"))
+    applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
+    smaller, small = applier.apply(0.9), applier.apply(0.7)
+    # Recorded scores are made up; the re-ranking replaces them with real ones.
+    _plant(state, context, "n90", smaller.spec, smaller.model, 0.3 * state.baseline_ms, 0.9)
+    _plant(state, context, "n91", small.spec, small.model, 0.4 * state.baseline_ms, 0.8)
+    _plant(state, context, "n92", small.spec, small.model, 0.4 * state.baseline_ms, 0.1)
+    outcome = finish(context, state, started=0.0)
+    (event,) = [e for e in context.sink.events if e["kind"] == "reranked"]
+    assert event["steps"] == 30
+    assert [n["id"] for n in event["nodes"]] == ["n90", "n91"]  # n92 is not in the top 2
+    assert [n["score_before"] for n in event["nodes"]] == [0.9, 0.8]
+    for entry in event["nodes"]:
+        node = state.nodes[entry["id"]]
+        tuned = context.build(node.spec, context.store.get(node.id))
+        # The stored weights are the tuned ones, and the tree holds their score.
+        assert context.score(tuned) == pytest.approx(entry["score"])
+        assert node.score == pytest.approx(entry["score"])
+    best = max(event["nodes"], key=lambda n: n["score"])
+    assert outcome.answer.id == best["id"]
+
+
+def test_a_lone_candidate_is_tuned_as_much_as_the_best_of_many():
+    context = make_context(select_steps=10)
+    state = start(context, parse_budget("60%"))
+    small = _small_child(context)
+    _plant(state, context, "n90", small.spec, small.model, 0.3 * state.baseline_ms, 0.5)
+    before = {k: v.clone() for k, v in small.model.state_dict().items()}
+    finish(context, state, started=0.0)
+    (event,) = [e for e in context.sink.events if e["kind"] == "reranked"]
+    assert [n["id"] for n in event["nodes"]] == ["n90"]
+    after = context.store.get("n90")
+    assert any(
+        not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
+    )

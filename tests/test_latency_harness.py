@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from latency.harness import TimingSettings, summarize, time_interleaved, time_model
+from latency.harness import (
+    TimingSettings,
+    ratio_standard_error,
+    summarize,
+    time_interleaved,
+    time_model,
+)
 
 FAST = TimingSettings(warmup_runs=3, warmup_s=0.0, min_runs=10, min_time_s=0.02, max_remeasures=0)
 
@@ -135,6 +141,31 @@ def test_same_model_interleaved_has_ratio_near_one() -> None:
     assert 0.5 < ratio < 2
 
 
+def test_ratio_standard_error_shrinks_with_pairs_and_vanishes_without_noise() -> None:
+    assert ratio_standard_error([2, 2, 2, 2], [1, 1, 1, 1]) == 0.0
+    assert ratio_standard_error([2], [1]) == float("inf")
+    noisy = [100, 120, 90, 110, 105, 95, 115, 85]
+    reference = [100] * len(noisy)
+    few = ratio_standard_error(noisy, reference)
+    assert few > 0
+    # Four times the pairs with the same spread: half the standard error.
+    assert ratio_standard_error(noisy * 4, reference * 4) == pytest.approx(few / 2)
+
+
+def test_imprecise_ratio_pools_more_rounds_of_pairs() -> None:
+    x = torch.randn(4, 64)
+    model = mlp(64, 2)
+    rounds = TimingSettings(
+        warmup_runs=1, warmup_s=0.0, min_runs=10, max_runs=10, min_time_s=0, max_remeasures=2
+    )
+    # An unreachable precision: all three rounds are timed, and all of them count.
+    candidate, reference, _ = time_interleaved(model, model, x, replace(rounds, ratio_error=0.0))
+    assert candidate.n == reference.n == 30
+    # Any precision is enough: one round.
+    candidate, _, _ = time_interleaved(model, model, x, replace(rounds, ratio_error=float("inf")))
+    assert candidate.n == 10
+
+
 def test_scaled_settings_ask_for_more() -> None:
     confirm = FAST.scaled()
     assert confirm.min_runs == 4 * FAST.min_runs
@@ -148,3 +179,5 @@ def test_invalid_settings_are_rejected() -> None:
         TimingSettings(min_runs=10, max_runs=5)
     with pytest.raises(ValueError):
         TimingSettings(threads=0)
+    with pytest.raises(ValueError):
+        TimingSettings(ratio_error=-0.1)

@@ -12,11 +12,11 @@ const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
 // The kinds the engine, the workers and the job store emit (EventSource needs them by name).
 const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
-  "child_skipped", "child_merged", "depth_done", "confirmed", "final_finetune", "done",
-  "cancel_requested",
+  "child_skipped", "child_merged", "depth_done", "reranked", "confirm_failed", "confirmed",
+  "final_finetune", "done", "cancel_requested",
 ];
 // Events after which the job's progress and tree have changed.
-const REFRESH_ON = new Set(["status", "baseline", "depth_done", "confirmed", "done"]);
+const REFRESH_ON = new Set(["status", "baseline", "depth_done", "reranked", "confirmed", "done"]);
 const COLORS = { within: "#2e8b57", over: "#d9534f", pending: "#9aa5b1", chosen: "#f0ad00",
   front: "#3566c8", budget: "#555" };
 
@@ -398,6 +398,11 @@ function describe(event) {
     case "depth_done":
       return `depth ${event.depth} done: frontier ${(event.frontier ?? []).join(", ") || "empty"}` +
         (event.best ? `; best ${event.best.id} at ${ms(event.best.latency_ms)}` : "");
+    case "reranked":
+      return `re-ranked after ${event.steps} more steps: ` +
+        event.nodes.map((node) => `${node.id} ${decimal(node.score)}`).join(", ");
+    case "confirm_failed":
+      return `${event.id} measured ${ms(event.latency_ms)} on confirmation, over budget: next best`;
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
     case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;
