@@ -248,6 +248,9 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
             trims += 1
             answer = _trim(context, state, answer, confirmed_ms)
             confirmed_ms = _confirm(context, state, answer)
+        if trims:
+            # The trimmed answer gets the re-ranking's steps too, as every answer does.
+            _rerank(context, [answer])
     latency_ms = confirmed_ms
     context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
     if latency_ms > state.budget_ms:

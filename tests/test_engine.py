@@ -194,6 +194,9 @@ def test_an_answer_no_candidate_confirms_is_trimmed_with_the_strategys_own_move(
     assert outcome.confirmed_latency_ms <= state.budget_ms
     failed = [e["id"] for e in context.sink.events if e["kind"] == "confirm_failed"]
     assert failed == ["n90"]
+    # The trimmed answer is tuned further, like any answer, after its confirmation.
+    reranked = [e for e in context.sink.events if e["kind"] == "reranked"]
+    assert [n["id"] for n in reranked[-1]["nodes"]] == [outcome.answer.id]
 
 
 def test_trims_use_the_strategys_first_move():
