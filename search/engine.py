@@ -29,7 +29,7 @@ from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
 from search.pruning import total_macs
 from search.settings import SearchSettings
-from search.tree import ChildResult, ChildTask, Node, SearchState
+from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
 
 
 @dataclass
@@ -232,18 +232,17 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
         ranked = [state.root]
     else:
         ranked = _rerank(context, ranked)
-    answer, confirmed_ms = None, None
-    first_ms = None
+    confirmations = []
     for node in ranked[: context.settings.confirm_candidates]:
-        confirmed_ms = _confirm(context, state, node)
-        first_ms = first_ms if first_ms is not None else confirmed_ms
-        if confirmed_ms <= state.budget_ms:
-            answer = node
+        confirmations.append((node, _confirm(context, state, node)))
+        if confirmations[-1][1] <= state.budget_ms:
             break
-        context.sink.emit("confirm_failed", id=node.id, latency_ms=confirmed_ms)
+        context.sink.emit("confirm_failed", id=node.id, latency_ms=confirmations[-1][1])
+    answer, confirmed_ms = confirmations[-1]
     trims = 0
-    if answer is None:
-        answer, confirmed_ms = ranked[0], first_ms
+    if confirmed_ms > state.budget_ms:
+        # None confirmed: trim the best one.
+        answer, confirmed_ms = confirmations[0]
         while confirmed_ms > state.budget_ms and trims < context.settings.confirm_trims:
             trims += 1
             answer = _trim(context, state, answer, confirmed_ms)
@@ -291,19 +290,20 @@ def _rerank(context: SearchContext, ranked: list[Node]) -> list[Node]:
     A lone candidate is tuned as well, so that every answer gets the same steps whatever the
     strategy."""
     settings = context.settings
-    top, rest = ranked[: settings.select_top], ranked[settings.select_top :]
     if settings.select_steps <= 0:
         return ranked
+    top, rest = ranked[: settings.select_top], ranked[settings.select_top :]
     rescored = []
     for node in top:
         model = context.build(node.spec, context.store.get(node.id))
         seed = settings.seed + zlib.crc32(f"{node.spec.hash}/select".encode())
         context.finetune(model, steps=settings.select_steps, seed=seed)
         context.store.put(node.id, model.state_dict())
-        rescored.append({"id": node.id, "score_before": node.score, "score": context.score(model)})
-        node.score = rescored[-1]["score"]
+        score = context.score(model)
+        rescored.append({"id": node.id, "score_before": node.score, "score": score})
+        node.score = score
     context.sink.emit("reranked", steps=settings.select_steps, nodes=rescored)
-    return sorted(top, key=lambda n: (-n.score, -n.latency_ms, n.id)) + rest
+    return sorted(top, key=answer_rank) + rest
 
 
 def _confirm(context: SearchContext, state: SearchState, node: Node) -> float:

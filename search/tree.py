@@ -135,6 +135,12 @@ class ChildResult:
         )
 
 
+def answer_rank(node: Node) -> tuple[float, float, str]:
+    """Sort key of candidate answers: best score first; among equals, the one closest to the
+    budget (the least pruned)."""
+    return (-node.score, -node.latency_ms, node.id)
+
+
 @dataclass
 class SearchState:
     """The tree so far, the frontier to expand next, and the job's running tallies."""
@@ -161,7 +167,7 @@ class SearchState:
     def ranked_within_budget(self) -> list[Node]:
         """The pruned nodes measured under budget, best score first."""
         feasible = [n for n in self.nodes.values() if n.within_budget and n.id != self.root_id]
-        return sorted(feasible, key=lambda n: (-n.score, -n.latency_ms, n.id))
+        return sorted(feasible, key=answer_rank)
 
     def best_within_budget(self) -> Node | None:
         ranked = self.ranked_within_budget()
