@@ -36,6 +36,12 @@ class SearchSettingsIn(BaseModel):
     branching: int | None = Field(None, description="Moves tried per candidate (B).")
     planned_steps: int | None = Field(None, description="Depths planned to reach the budget.")
     max_depth: int | None = Field(None, description="Depth limit of the tree.")
+    move_kinds: list[str] | None = Field(
+        None,
+        description="Moves tried on each candidate, in order of preference: global, latency, "
+        "uniform, focused.",
+        examples=[["global", "latency", "uniform", "focused"]],
+    )
     ft_steps: int | None = Field(None, description="Fine-tuning steps per child before scoring.")
     select_top: int | None = Field(
         None, description="Best candidates under budget fine-tuned further and ranked again."

@@ -104,7 +104,7 @@ def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:
     """Check what needs no model or data; return the effective search settings."""
     parse_budget(spec.budget)
     validate_device_class(spec.device_class)
-    search = SearchSettings(**spec.search.model_dump(exclude_none=True)).effective()
+    search = SearchSettings.from_dict(spec.search.model_dump(exclude_none=True)).effective()
     if spec.allow_pickle and not settings.allow_pickle:
         raise ArchtreeError(
             "this service does not load pickled weights (they run arbitrary code): save the "

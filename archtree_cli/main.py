@@ -60,8 +60,13 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _move_list(text: str) -> tuple[str, ...]:
+    """`global,latency` -> ("global", "latency"); SearchSettings checks the names."""
+    return tuple(kind.strip() for kind in text.split(",") if kind.strip())
+
+
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    from search.settings import STRATEGIES, SearchSettings
+    from search.settings import MOVE_KINDS, STRATEGIES, SearchSettings
 
     defaults = SearchSettings()
     group = parser.add_argument_group("search")
@@ -91,6 +96,14 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.max_depth,
         help="depth limit of the tree (default %(default)s)",
+    )
+    group.add_argument(
+        "--moves",
+        type=_move_list,
+        default=defaults.move_kinds,
+        metavar="KIND,...",
+        help="moves tried on each candidate, in order of preference, --branching of them at "
+        f"most: {', '.join(MOVE_KINDS)} (default {','.join(defaults.move_kinds)})",
     )
     group.add_argument(
         "--ft-steps",
@@ -160,6 +173,7 @@ def settings_from(args: argparse.Namespace):
         branching=args.branching,
         planned_steps=args.planned_steps,
         max_depth=args.max_depth,
+        move_kinds=args.moves,
         ft_steps=args.ft_steps,
         select_top=args.select_top,
         select_steps=args.select_steps,

@@ -51,7 +51,15 @@ FULL = SearchQualityConfig(
     models=("builtin:resnet", "builtin:mobilenetv2"),
     data="builtin:mnist",
     budgets=(0.70, 0.50, 0.35),
-    settings=SearchSettings(width=3, branching=3, planned_steps=3, ft_steps=20, final_epochs=1.0),
+    # Three moves per node keep a full run near half an hour; `focused` is the one left out.
+    settings=SearchSettings(
+        width=3,
+        branching=3,
+        move_kinds=("global", "latency", "uniform"),
+        planned_steps=3,
+        ft_steps=20,
+        final_epochs=1.0,
+    ),
     timing=TimingSettings(),
 )
 QUICK = SearchQualityConfig(
@@ -254,6 +262,7 @@ def run(
         "strategies": "/".join(config.strategies),
         "width": config.settings.width,
         "branching": config.settings.branching,
+        "moves": "/".join(config.settings.move_kinds[: config.settings.branching]),
         "planned_steps": config.settings.planned_steps,
         "ft_steps per child": config.settings.ft_steps,
         "final_epochs": config.settings.final_epochs,

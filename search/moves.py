@@ -10,7 +10,8 @@ and its child would be scored at chance.
 - `global`: rank the channels of all groups together by importance (normalised per group).
 - `latency`: rank by importance lost per ms saved, ms estimated from the job's measurements.
 - `focused`: like `global`, but only inside one region (a stage, a block).
-- `uniform`: the same fraction of every group (the `uniform` baseline).
+- `uniform`: the same fraction of every group. It is the `uniform` baseline's only move, and
+  one of the tree's: a chain of uniform steps is always among Archtree's candidates.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import numpy as np
 
 from search.latency_estimate import LatencyEstimate
 from search.pruning import ChannelGroup, PrunableModel, keep_rounded
-
-MOVE_KINDS = ("global", "latency", "focused", "uniform")
 
 
 @dataclass(frozen=True)
@@ -139,28 +138,44 @@ def candidate_moves(
     probe_fraction: float = 0.3,
     max_cut: float = 1.0,
 ) -> list[Move]:
-    """Up to `branching` distinct moves for a node, in order of preference.
+    """Up to `branching` distinct moves for a node, in the order of `kinds`.
 
-    `global` and `latency` first; then one `focused` move per region, regions ordered by the
-    estimated ms saved per importance lost when `probe_fraction` of their channels go. A
-    region that is estimated to save well under `needed_ms` even at its minimum width is left
-    out: its bisection would only spend measurements to find it cannot reach the target.
+    `focused` stands for one move per region, regions ordered by the estimated ms saved per
+    importance lost when `probe_fraction` of their channels go. A region that is estimated to
+    save well under `needed_ms` even at its minimum width is left out: its bisection would only
+    spend measurements to find it cannot reach the target.
     """
-    moves = [Move(kind) for kind in kinds if kind in ("global", "latency", "uniform")]
-    if "focused" in kinds:
-        ratios = []
-        for region in pruner.regions:
-            move = Move("focused", region)
-            plan = removal_plan(move, pruner, importance, probe_fraction, estimate, max_cut)
-            if not plan:
-                continue
-            whole = removal_plan(move, pruner, importance, 1.0, estimate, max_cut)
-            most = predicted_ms_saved(pruner, whole, estimate)
-            if most < 0.8 * needed_ms:
-                continue
-            saved = predicted_ms_saved(pruner, plan, estimate)
-            lost = importance_lost(plan, importance)
-            ratios.append((saved / max(lost, 1e-12), region))
-        ratios.sort(key=lambda item: (-item[0], item[1]))
-        moves.extend(Move("focused", region) for _, region in ratios)
+    moves: list[Move] = []
+    for kind in kinds:
+        if kind == "focused":
+            moves.extend(
+                _focused_moves(pruner, importance, estimate, needed_ms, probe_fraction, max_cut)
+            )
+        elif Move(kind) not in moves:
+            moves.append(Move(kind))
     return moves[:branching]
+
+
+def _focused_moves(
+    pruner: PrunableModel,
+    importance: dict[str, np.ndarray],
+    estimate: LatencyEstimate,
+    needed_ms: float,
+    probe_fraction: float,
+    max_cut: float,
+) -> list[Move]:
+    ratios = []
+    for region in pruner.regions:
+        move = Move("focused", region)
+        plan = removal_plan(move, pruner, importance, probe_fraction, estimate, max_cut)
+        if not plan:
+            continue
+        whole = removal_plan(move, pruner, importance, 1.0, estimate, max_cut)
+        most = predicted_ms_saved(pruner, whole, estimate)
+        if most < 0.8 * needed_ms:
+            continue
+        saved = predicted_ms_saved(pruner, plan, estimate)
+        lost = importance_lost(plan, importance)
+        ratios.append((saved / max(lost, 1e-12), region))
+    ratios.sort(key=lambda item: (-item[0], item[1]))
+    return [Move("focused", region) for _, region in ratios]

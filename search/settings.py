@@ -8,6 +8,7 @@ from typing import Any
 from search.errors import ArchtreeError
 
 STRATEGIES = ("archtree", "greedy", "uniform")
+MOVE_KINDS = ("global", "latency", "uniform", "focused")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class SearchSettings:
 
     strategy: `archtree` (tree of width K), `greedy` (K = 1, NetAdapt-like) or `uniform` (one
     pruning ratio for every group, bisected on measured latency).
+    move_kinds: the moves tried on each node, in order of preference, `branching` of them at
+    most (`focused` gives one move per promising region).
     max_cut: the largest share of a group's channels one step of the tree may remove.
     margin: the search aims this share under the budget, so that the answer still fits when
     the device is measured again (timings vary by a few percent between runs).
@@ -30,7 +33,7 @@ class SearchSettings:
     branching: int = 4
     planned_steps: int = 3
     max_depth: int = 6
-    move_kinds: tuple[str, ...] = ("global", "latency", "focused")
+    move_kinds: tuple[str, ...] = MOVE_KINDS
     importance: str = "l2"
     round_to: int = 1
     min_width_fraction: float = 0.1
@@ -89,6 +92,19 @@ class SearchSettings:
             (self.select_top >= 1, "--select-top must be at least 1"),
             (self.select_steps >= 0, "--select-steps cannot be negative"),
             (self.confirm_candidates >= 1, "confirm_candidates must be at least 1"),
+        ]
+        unknown = [kind for kind in self.move_kinds if kind not in MOVE_KINDS]
+        checks += [
+            (bool(self.move_kinds), f"--moves needs at least one of {', '.join(MOVE_KINDS)}"),
+            (
+                not unknown,
+                f"--moves: unknown move {', '.join(map(repr, unknown))}; "
+                f"use some of {', '.join(MOVE_KINDS)}",
+            ),
+            (
+                len(set(self.move_kinds)) == len(self.move_kinds),
+                "--moves lists a move twice",
+            ),
         ]
         for ok, message in checks:
             if not ok:

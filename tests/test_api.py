@@ -111,6 +111,11 @@ BAD_SUBMISSIONS = {
     ),
     "bad device class": ({"device_class": "no spaces"}, {}, "invalid device class"),
     "bad search setting": ({"search": {"width": 0}}, {}, "--width must be at least 1"),
+    "unknown move": (
+        {"search": {"move_kinds": ["global", "sideways"]}},
+        {},
+        "unknown move 'sideways'",
+    ),
     "unknown search setting": ({"search": {"widht": 2}}, {}, "search.widht"),
     "pickle not allowed": ({"allow_pickle": True}, {}, "does not load pickled weights"),
     "module source": ({"model": "module:os:getcwd"}, {}, "does not build 'module:os:getcwd'"),

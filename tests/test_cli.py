@@ -113,6 +113,17 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     assert "--overwrite" in again.stderr
 
 
+def test_moves_option_sets_the_moves_in_order():
+    from archtree_cli.main import build_parser, settings_from
+
+    base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+            "--out", "x"]  # fmt: skip
+    chosen = settings_from(build_parser().parse_args([*base, "--moves", "latency, uniform"]))
+    assert chosen.move_kinds == ("latency", "uniform")
+    default = settings_from(build_parser().parse_args(base))
+    assert default.move_kinds == ("global", "latency", "uniform", "focused")
+
+
 @pytest.mark.slow
 def test_uniform_baseline_runs_through_the_same_engine(tmp_path, home):
     strategy = "uniform"
@@ -212,6 +223,8 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
         (["--strategy", "random"], None, "invalid choice"),
         (["--budget", "fast"], None, "Cannot read the budget"),
         (["--budget", "0%"], None, "above zero"),
+        (["--moves", "global,sideways"], None, "unknown move 'sideways'"),
+        (["--moves", ","], None, "--moves needs at least one of"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected):

@@ -97,6 +97,18 @@ def test_candidate_moves_are_distinct_and_bounded_by_branching(pruner):
     assert len(candidate_moves(pruner, importance, estimate, ("global",), 4)) == 1
 
 
+def test_candidate_moves_follow_the_order_of_the_kinds(pruner):
+    importance = pruner.importance()
+    estimate = LatencyEstimate(1.0, 1e6)
+    moves = candidate_moves(pruner, importance, estimate, ("focused", "uniform", "global"), 9)
+    regions = [m for m in moves if m.kind == "focused"]
+    assert regions and moves[: len(regions)] == regions
+    assert moves[len(regions) :] == [Move("uniform"), Move("global")]
+    assert candidate_moves(pruner, importance, estimate, ("uniform", "focused"), 1) == [
+        Move("uniform")
+    ]
+
+
 def test_latency_estimate_learns_region_costs_from_observations():
     estimate = LatencyEstimate(2.0, 1000.0)
     assert estimate.ms_per_mac("anything") == pytest.approx(0.002)
