@@ -147,11 +147,13 @@ def candidate_moves(
     """
     moves: list[Move] = []
     for kind in kinds:
+        if len(moves) >= branching:
+            break  # ranking the regions costs removal plans; skip it when no room is left
         if kind == "focused":
             moves.extend(
                 _focused_moves(pruner, importance, estimate, needed_ms, probe_fraction, max_cut)
             )
-        elif Move(kind) not in moves:
+        else:
             moves.append(Move(kind))
     return moves[:branching]
 

@@ -76,6 +76,7 @@ class SearchSettings:
             raise ArchtreeError(
                 f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
             )
+        unknown = [kind for kind in self.move_kinds if kind not in MOVE_KINDS]
         checks = [
             (self.width >= 1, "--width must be at least 1"),
             (self.branching >= 1, "--branching must be at least 1"),
@@ -92,9 +93,6 @@ class SearchSettings:
             (self.select_top >= 1, "--select-top must be at least 1"),
             (self.select_steps >= 0, "--select-steps cannot be negative"),
             (self.confirm_candidates >= 1, "confirm_candidates must be at least 1"),
-        ]
-        unknown = [kind for kind in self.move_kinds if kind not in MOVE_KINDS]
-        checks += [
             (bool(self.move_kinds), f"--moves needs at least one of {', '.join(MOVE_KINDS)}"),
             (
                 not unknown,
