@@ -69,8 +69,11 @@ def test_search_lands_under_budget_with_a_real_tree():
 def test_children_short_of_their_target_carry_the_search_to_the_budget():
     # One step may cut at most 15% of any group (about 30% of the work), so the single planned
     # step cannot reach 72%: its children fall short, are kept, and the next depths go on from
-    # them. (The smallest reachable model measures about 60%.)
-    context = make_context(max_cut=0.15, planned_steps=1, max_depth=6, width=1, branching=2)
+    # them. (The smallest reachable model measures about 60%.) An 8% margin keeps the answer
+    # under the budget when it is confirmed again at batch 1, where timings vary by a few %.
+    context = make_context(
+        max_cut=0.15, planned_steps=1, max_depth=6, width=1, branching=2, margin=0.08
+    )
     outcome = run_search(context, parse_budget("72%"))
     state = outcome.state
     assert outcome.confirmed_latency_ms <= state.budget_ms
