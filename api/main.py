@@ -7,6 +7,7 @@ needs no configuration.
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,6 +38,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Everything imported so far (torch among it) lives as long as the process. Left to the
+        # collector, each full collection walks those few hundred thousand objects, a pause of
+        # about 0.2 s for every request in flight; frozen, it skips them.
+        gc.collect()
+        gc.freeze()
         yield
         await services.aclose()
 

@@ -153,3 +153,24 @@ def test_archtree_api_stops_its_workers_on_sigint(redis_url: str, tmp_path: Path
         api.stop()
     for pid in servers:
         assert not psutil.pid_exists(int(pid)), f"API worker {pid} outlived its parent"
+
+
+def test_api_startup_freezes_what_it_imported_so_full_collections_skip_it(redis_url: str):
+    """Without the freeze, every full collection walks torch's objects: a pause for every
+    request in flight (bench/service_overhead.py measures the polling latency it costs)."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from archtree_cli.settings import ServiceSettings
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        with TestClient(create_app(ServiceSettings(redis_url=redis_url))) as client:
+            assert client.get("/healthz").status_code == 200
+            frozen = gc.get_freeze_count()
+            assert frozen > 100_000, f"only {frozen} objects frozen"
+    finally:
+        gc.unfreeze()
