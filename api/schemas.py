@@ -53,6 +53,11 @@ class SearchSettingsIn(BaseModel):
         None, description="Epochs of final fine-tuning of the answer, with distillation."
     )
     round_to: int | None = Field(None, description="Keep channel counts multiples of N.")
+    widen_to: int | None = Field(
+        None,
+        description="Try widening each pruned channel group to the next multiple of N; kept "
+        "when the measured latency allows (0 = off).",
+    )
     min_width_fraction: float | None = Field(
         None, description="Smallest share of each channel group kept, in [0, 1)."
     )
@@ -233,6 +238,11 @@ class TreeNode(BaseModel):
     depth: int = Field(examples=[1])
     move: str | None = Field(description="The move that made it from its parent.")
     fraction: float | None = Field(None, description="Share of channels the move removed.")
+    widened_to: int | None = Field(
+        None,
+        description="Its channel groups were then widened to multiples of this, at no latency "
+        "cost (search setting widen_to); null when not.",
+    )
     latency_ms: float
     ratio: float = Field(description="Latency relative to the unpruned model.")
     score: float

@@ -137,6 +137,14 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep channel counts multiples of N (default %(default)s)",
     )
     group.add_argument(
+        "--widen-to",
+        type=int,
+        default=defaults.widen_to,
+        help="try widening each pruned channel group to the next multiple of N, kept when the "
+        "measured latency allows: free channels where kernels work in blocks (default "
+        "%(default)s; 0 = off)",
+    )
+    group.add_argument(
         "--min-width",
         type=float,
         default=defaults.min_width_fraction,
@@ -179,6 +187,7 @@ def settings_from(args: argparse.Namespace):
         select_steps=args.select_steps,
         final_epochs=args.final_epochs,
         round_to=args.round_to,
+        widen_to=args.widen_to,
         min_width_fraction=args.min_width,
         margin=args.margin,
         max_cut=args.max_cut,

@@ -30,6 +30,7 @@ SUBMITTED_SETTINGS = (
     "ft_steps",
     "final_epochs",
     "round_to",
+    "widen_to",
     "min_width_fraction",
     "importance",
     "seed",

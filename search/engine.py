@@ -24,6 +24,7 @@ from search.budget import Budget
 from search.context import SearchContext
 from search.errors import ArchtreeError
 from search.expansion import MoveApplier, evaluate_child
+from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
@@ -170,7 +171,8 @@ def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
 
 
 def advance(context: SearchContext, state: SearchState, results: list[ChildResult]) -> SearchState:
-    """Add the evaluated children to the tree; the best `width` distinct ones form the frontier."""
+    """Add the evaluated children to the tree; the first `width` distinct ones in Pareto order
+    of latency and score (search/frontier.py) form the frontier."""
     settings = context.settings
     state.depth += 1
     unique: dict[str, Node] = {}
@@ -194,7 +196,7 @@ def advance(context: SearchContext, state: SearchState, results: list[ChildResul
         unique[key] = node
     for node in unique.values():
         state.nodes[node.id] = node
-    ranked = sorted(unique.values(), key=lambda n: (-n.score, n.latency_ms, n.id))
+    ranked = rank_children(unique.values(), state.budget_ms)
     state.frontier = [n.id for n in ranked[: settings.width]]
     best = state.best_within_budget()
     context.sink.emit(

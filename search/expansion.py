@@ -1,4 +1,5 @@
-"""Evaluating one child: apply a move to its parent, sized by measured latency, then score it.
+"""Evaluating one child: apply a move to its parent, sized by measured latency, widen its
+groups to whole blocks of channels where that costs no latency, then score it.
 
 This is the unit of parallel work: a pure function of the job's context and a `ChildTask`, so
 it runs the same in this process, a thread pool, or a Celery worker on another machine.
@@ -7,6 +8,7 @@ it runs the same in this process, a thread pool, or a Celery worker on another m
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -70,7 +72,27 @@ class MoveApplier:
         )
 
     def apply(self, fraction: float) -> Pruned:
+        return self.build(self.plan(fraction))
+
+    def widened_plan(self, fraction: float, multiple: int) -> RemovalPlan:
+        """The plan at `fraction` with each group kept wider than `multiple` widened to the
+        next multiple of it, at most its width in the parent: fewer of its least important
+        channels are removed."""
         plan = self.plan(fraction)
+        wider: RemovalPlan = {}
+        for name, removed in plan.items():
+            size = self.pruner.groups_by_name[name].size
+            keep = size - len(removed)
+            if keep > multiple:
+                keep = min(size, math.ceil(keep / multiple) * multiple)
+            count = size - keep
+            if count > 0:
+                order = np.argsort(self.importance[name], kind="stable")
+                wider[name] = sorted(int(i) for i in order[:count])
+        return wider
+
+    def build(self, plan: RemovalPlan) -> Pruned:
+        """The parent with `plan`'s channels removed, built once per distinct plan."""
         key = tuple(sorted((name, len(idx)) for name, idx in plan.items()))
         if key not in self._built:
             pruner = PrunableModel(
@@ -110,7 +132,9 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
     result = ChildResult(child_id=task.child_id, node=None)
 
     def measure(fraction: float) -> float:
-        child = applier.apply(fraction)
+        return measure_child(applier.apply(fraction))
+
+    def measure_child(child: Pruned) -> float:
         if child.spec.hash == parent.spec.hash:
             return parent.latency_ms
         measurement = context.oracle.measure(child.spec, context.root_spec)
@@ -142,6 +166,17 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
             return result
         fraction, latency_ms = fastest
     child = applier.apply(fraction)
+    widened_to = None
+    multiple = context.settings.widen_to
+    if multiple > 1:
+        wider_plan = applier.widened_plan(fraction, multiple)
+        if wider_plan != applier.plan(fraction):
+            wider = applier.build(wider_plan)
+            wider_ms = measure_child(wider)
+            # Kept when no slower than this child was allowed to be: its target, or (short of
+            # the target) the latency it reached.
+            if wider_ms <= max(task.target_ms, latency_ms):
+                child, latency_ms, widened_to = wider, wider_ms, multiple
     model = child.model
     # Seeded by what the child is, not by its id: the same child reached in another search (a
     # greedy path inside the tree, a re-run) is fine-tuned the same way and scores the same.
@@ -160,6 +195,7 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
         score=context.score(model),
         within_budget=latency_ms <= task.budget_ms,
         fraction=round(fraction, 4),
+        widened_to=widened_to,
         params=sum(p.numel() for p in model.parameters()),
         macs=child.macs,
     )

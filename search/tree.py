@@ -30,6 +30,8 @@ class Node:
     fraction: float | None = None
     params: int = 0
     macs: float = 0.0
+    # The multiple its channel groups were widened to after sizing (settings.widen_to), if any.
+    widened_to: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -50,6 +52,7 @@ class Node:
             "depth": self.depth,
             "move": self.move,
             "fraction": self.fraction,
+            "widened_to": self.widened_to,
             "latency_ms": self.latency_ms,
             "ratio": self.ratio,
             "score": self.score,
