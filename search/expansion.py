@@ -19,7 +19,13 @@ from search.amount import find_amount
 from search.arch_spec import ArchSpec, spec_of
 from search.context import SearchContext
 from search.latency_estimate import LatencyEstimate, Observation
-from search.moves import Move, RemovalPlan, predicted_ms_saved, removal_plan
+from search.moves import (
+    Move,
+    RemovalPlan,
+    least_important,
+    predicted_ms_saved,
+    removal_plan,
+)
 from search.pruning import PrunableModel, total_macs
 from search.tree import ChildResult, ChildTask, Node
 
@@ -74,11 +80,10 @@ class MoveApplier:
     def apply(self, fraction: float) -> Pruned:
         return self.build(self.plan(fraction))
 
-    def widened_plan(self, fraction: float, multiple: int) -> RemovalPlan:
-        """The plan at `fraction` with each group kept wider than `multiple` widened to the
-        next multiple of it, at most its width in the parent: fewer of its least important
-        channels are removed."""
-        plan = self.plan(fraction)
+    def widened(self, plan: RemovalPlan, multiple: int) -> RemovalPlan:
+        """`plan` with each group kept wider than `multiple` widened to the next multiple of
+        it, at most its width in the parent: fewer of its least important channels are
+        removed."""
         wider: RemovalPlan = {}
         for name, removed in plan.items():
             size = self.pruner.groups_by_name[name].size
@@ -87,8 +92,7 @@ class MoveApplier:
                 keep = min(size, math.ceil(keep / multiple) * multiple)
             count = size - keep
             if count > 0:
-                order = np.argsort(self.importance[name], kind="stable")
-                wider[name] = sorted(int(i) for i in order[:count])
+                wider[name] = least_important(self.importance[name], count)
         return wider
 
     def build(self, plan: RemovalPlan) -> Pruned:
@@ -165,12 +169,13 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
             context.sink.emit("child_skipped", id=task.child_id, reason=result.reason)
             return result
         fraction, latency_ms = fastest
-    child = applier.apply(fraction)
+    plan = applier.plan(fraction)
+    child = applier.build(plan)
     widened_to = None
     multiple = context.settings.widen_to
     if multiple > 1:
-        wider_plan = applier.widened_plan(fraction, multiple)
-        if wider_plan != applier.plan(fraction):
+        wider_plan = applier.widened(plan, multiple)
+        if wider_plan != plan:
             wider = applier.build(wider_plan)
             wider_ms = measure_child(wider)
             # Kept when no slower than this child was allowed to be: its target, or (short of

@@ -72,9 +72,14 @@ def removal_plan(
     for group in groups:
         count = keep_rounded(group.size, counts.get(group.name, 0), pruner.round_to, group.min_size)
         if count > 0:
-            order = np.argsort(importance[group.name], kind="stable")
-            plan[group.name] = sorted(int(i) for i in order[:count])
+            plan[group.name] = least_important(importance[group.name], count)
     return plan
+
+
+def least_important(importance: np.ndarray, count: int) -> list[int]:
+    """Indices of the `count` least important channels of a group, in channel order."""
+    order = np.argsort(importance, kind="stable")
+    return sorted(int(i) for i in order[:count])
 
 
 def _ranked_counts(

@@ -100,7 +100,8 @@ def test_widened_plan_removes_fewer_of_the_least_important_channels():
     context = make_context(BlockedConvDevice(8))
     context.prepare()
     applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
-    narrow, wide = applier.plan(0.45), applier.widened_plan(0.45, 8)
+    narrow = applier.plan(0.45)
+    wide = applier.widened(narrow, 8)
     assert narrow != wide
     for name, removed in narrow.items():
         group = applier.pruner.groups_by_name[name]
