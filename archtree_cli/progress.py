@@ -66,6 +66,17 @@ class ConsoleProgress:
                 f"{data['id']} measures {data['latency_ms']:.3f} ms on confirmation, above the "
                 "budget: confirming the next best"
             )
+        elif kind == "trim_compared":
+            trimmed = (
+                f"{data['trimmed']} (the best, trimmed) scores {data['trimmed_score']:.4f} at "
+                f"{data['trimmed_latency_ms']:.3f} ms"
+                if data["trimmed"]
+                else "the best cannot be trimmed further"
+            )
+            self._print(
+                f"{trimmed}; {data['confirmed']} scores {data['confirmed_score']:.4f}: "
+                f"{data['chosen']} is the answer"
+            )
         elif kind == "confirmed":
             self._print(
                 f"confirmed {data['id']} at {data['latency_ms']:.3f} ms "

@@ -222,8 +222,12 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
     The best `select_top` feasible nodes are first fine-tuned `select_steps` more and ranked
     again: a score after a few steps says little about a deeply pruned child. A node whose
     confirmation lands above the budget is passed over for the next best feasible one (up to
-    `confirm_candidates` in all); only when none confirms is the best one trimmed.
+    `confirm_candidates` in all). When the best did not confirm, it is also trimmed to fit,
+    and the trimmed node, tuned as much, competes with the one that confirmed: a few channels
+    off the best can cost less accuracy than a candidate points behind, or more, when a
+    deeply pruned model's next latency step is far below the budget.
     """
+    settings = context.settings
     ranked = state.ranked_within_budget()
     if not ranked:
         if not state.root.within_budget:
@@ -235,23 +239,37 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
     else:
         ranked = _rerank(context, ranked)
     confirmations = []
-    for node in ranked[: context.settings.confirm_candidates]:
+    for node in ranked[: settings.confirm_candidates]:
         confirmations.append((node, _confirm(context, state, node)))
         if confirmations[-1][1] <= state.budget_ms:
             break
         context.sink.emit("confirm_failed", id=node.id, latency_ms=confirmations[-1][1])
     answer, confirmed_ms = confirmations[-1]
     trims = 0
-    if confirmed_ms > state.budget_ms:
-        # None confirmed: trim the best one.
-        answer, confirmed_ms = confirmations[0]
-        while confirmed_ms > state.budget_ms and trims < context.settings.confirm_trims:
-            trims += 1
-            answer = _trim(context, state, answer, confirmed_ms)
-            confirmed_ms = _confirm(context, state, answer)
-        if trims:
-            # The trimmed answer gets the re-ranking's steps too, as every answer does.
-            _rerank(context, [answer])
+    best, best_ms = confirmations[0]
+    if best_ms > state.budget_ms:
+        # The best did not confirm: trim it to fit, and keep whichever of the trimmed node and
+        # the one that confirmed instead (if any) scores higher.
+        trimmed, trimmed_ms, count = _trim_to_fit(context, state, best, best_ms)
+        passed_over = confirmed_ms <= state.budget_ms
+        if trimmed is None:
+            if not passed_over:
+                raise ArchtreeError(
+                    f"The answer confirmed at {best_ms:.3f} ms, above the budget of "
+                    f"{state.budget_ms:.3f} ms, and no further pruning reaches it."
+                )
+        elif not passed_over or (trimmed_ms <= state.budget_ms and trimmed.score > answer.score):
+            answer, confirmed_ms, trims = trimmed, trimmed_ms, count
+        if passed_over:
+            context.sink.emit(
+                "trim_compared",
+                trimmed=trimmed.id if trimmed else None,
+                trimmed_score=trimmed.score if trimmed else None,
+                trimmed_latency_ms=trimmed_ms if trimmed else None,
+                confirmed=confirmations[-1][0].id,
+                confirmed_score=confirmations[-1][0].score,
+                chosen=answer.id,
+            )
     latency_ms = confirmed_ms
     context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
     if latency_ms > state.budget_ms:
@@ -261,9 +279,9 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
             "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
         )
     model = context.build(answer.spec, context.store.get(answer.id))
-    if context.settings.final_epochs > 0:
-        context.sink.emit("final_finetune", epochs=context.settings.final_epochs)
-        context.finetune(model, epochs=context.settings.final_epochs, seed=context.settings.seed)
+    if settings.final_epochs > 0:
+        context.sink.emit("final_finetune", epochs=settings.final_epochs)
+        context.finetune(model, epochs=settings.final_epochs, seed=settings.seed)
     outcome = SearchOutcome(
         state=state,
         answer=answer,
@@ -322,8 +340,11 @@ def trim_move(settings: SearchSettings) -> Move:
     return Move(kind if kind in ("global", "latency", "uniform") else "global")
 
 
-def _trim(context: SearchContext, state: SearchState, node: Node, measured_ms: float) -> Node:
-    """Remove a few more channels from a node that confirmed above budget."""
+def _trim(
+    context: SearchContext, state: SearchState, node: Node, measured_ms: float
+) -> Node | None:
+    """Remove a few more channels from a node that confirmed above budget (None when no
+    further pruning reaches its target)."""
     task = ChildTask(
         child_id=f"n{state.next_id}",
         parent=Node(**{**node.__dict__, "latency_ms": measured_ms}),
@@ -339,13 +360,29 @@ def _trim(context: SearchContext, state: SearchState, node: Node, measured_ms: f
     result = evaluate_child(context, task)
     state.measurements += result.measurements
     state.cache_hits += result.cache_hits
-    if result.node is None:
-        raise ArchtreeError(
-            f"The answer confirmed at {measured_ms:.3f} ms, above the budget of "
-            f"{state.budget_ms:.3f} ms, and no further pruning reaches it."
-        )
-    state.nodes[result.node.id] = result.node
+    if result.node is not None:
+        state.nodes[result.node.id] = result.node
     return result.node
+
+
+def _trim_to_fit(
+    context: SearchContext, state: SearchState, node: Node, measured_ms: float
+) -> tuple[Node | None, float, int]:
+    """Trim a node that confirmed above budget until it confirms under (`confirm_trims` times
+    at most); the trimmed node gets the re-ranking's steps, as every answer does. Returns the
+    last trimmed node (None when no further pruning reaches the budget), its confirmed
+    latency and the number of trims."""
+    trimmed, trimmed_ms, trims = node, measured_ms, 0
+    while trimmed_ms > state.budget_ms and trims < context.settings.confirm_trims:
+        candidate = _trim(context, state, trimmed, trimmed_ms)
+        if candidate is None:
+            break
+        trims += 1
+        trimmed, trimmed_ms = candidate, _confirm(context, state, candidate)
+    if trims == 0:
+        return None, measured_ms, 0
+    _rerank(context, [trimmed])
+    return trimmed, trimmed_ms, trims
 
 
 def run_search(

@@ -1,9 +1,9 @@
 """Widening a sized child's channel groups to multiples of `widen_to`, kept only when the
 measured latency allows it.
 
-The device here is a cost model, so that the latency of every width is known exactly: one
-whose convolutions work in blocks of channels (as oneDNN's do on AVX2, in blocks of 8), and one
-whose convolutions cost in proportion to their channels.
+The device here is a cost model (tests/cost_model_device.py), so that the latency of every width
+is known exactly: one whose convolutions work in blocks of channels (as oneDNN's do on AVX2, in
+blocks of 8), and one whose convolutions cost in proportion to their channels.
 """
 
 from __future__ import annotations
@@ -20,49 +20,11 @@ from search.context import SearchContext
 from search.engine import plan, start
 from search.expansion import MoveApplier, evaluate_child
 from search.inputs import load_inputs
-from search.interfaces import LatencyMeasurement, ListEventSink, TimingStats
+from search.interfaces import ListEventSink
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move
 from search.settings import SearchSettings
-
-
-class BlockedConvDevice:
-    """A latency oracle for a device whose convolutions take time in proportion to their input
-    and output channels, each rounded up to a multiple of `block` (1: no blocks)."""
-
-    def __init__(self, block: int) -> None:
-        self.block = block
-
-    def cost_ms(self, spec: ArchSpec) -> float:
-        def blocks(channels: int) -> int:
-            return math.ceil(channels / self.block) * self.block
-
-        convs = [shape for shape in spec.layers.values() if len(shape) == 3]
-        return sum(blocks(c_in) * blocks(c_out) for c_in, c_out, _ in convs) / 1000.0
-
-    def _stats(self, spec: ArchSpec) -> TimingStats:
-        ms = self.cost_ms(spec)
-        return TimingStats(median_ms=ms, p90_ms=ms, iqr_ms=0.0, cv=0.0, n=1, mean_ms=ms)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"device_class": f"blocked-conv-{self.block}"}
-
-    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
-        return self._stats(reference)
-
-    def offer_model(self, spec: ArchSpec, model: Any) -> None:
-        pass
-
-    def measure(
-        self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
-    ) -> LatencyMeasurement:
-        return LatencyMeasurement(
-            arch_hash=candidate.hash,
-            ratio=self.cost_ms(candidate) / self.cost_ms(reference),
-            candidate=self._stats(candidate),
-            reference=self._stats(reference),
-            fingerprint=self.fingerprint(),
-        )
+from tests.cost_model_device import BlockedConvDevice
 
 
 def make_context(device: BlockedConvDevice, **settings: Any) -> SearchContext:

@@ -12,8 +12,8 @@ const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
 // The kinds the engine, the workers and the job store emit (EventSource needs them by name).
 const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
-  "child_skipped", "child_merged", "depth_done", "reranked", "confirm_failed", "confirmed",
-  "final_finetune", "done", "cancel_requested",
+  "child_skipped", "child_merged", "depth_done", "reranked", "confirm_failed", "trim_compared",
+  "confirmed", "final_finetune", "done", "cancel_requested",
 ];
 // Events after which the job's progress and tree have changed.
 const REFRESH_ON = new Set(["status", "baseline", "depth_done", "reranked", "confirmed", "done"]);
@@ -403,6 +403,12 @@ function describe(event) {
         event.nodes.map((node) => `${node.id} ${decimal(node.score)}`).join(", ");
     case "confirm_failed":
       return `${event.id} measured ${ms(event.latency_ms)} on confirmation, over budget: next best`;
+    case "trim_compared":
+      return (event.trimmed
+        ? `best trimmed to ${event.trimmed}: score ${decimal(event.trimmed_score)} at ` +
+          `${ms(event.trimmed_latency_ms)}`
+        : "best cannot be trimmed further") +
+        `; ${event.confirmed} scores ${decimal(event.confirmed_score)}: answer ${event.chosen}`;
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
     case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;
