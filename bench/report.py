@@ -269,6 +269,8 @@ COLUMNS: dict[str, list[Column]] = {
         ("candidates", "candidates", _TEXT),
         ("measurements", "measurements", _TEXT),
         ("wall s", "wall_s", _fixed(1)),
+        ("depths s", "details.search_s", _fixed(1)),
+        ("ending s", "details.ending_s", _fixed(1)),
         ("speedup", "details.speedup", _fixed(2)),
         ("wall ratio", "details.wall_ratio", _fixed(2)),
     ],

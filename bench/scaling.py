@@ -61,6 +61,42 @@ def estimate_s(config: ScalingConfig) -> float:
     return sum(one_worker / n + 15 for n in config.workers)
 
 
+def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a job's time went, from its events: `start_s` (submission to the first depth:
+    queueing, baseline, feasibility), `search_s` (the depths, whose children run in parallel),
+    `ending_s` (after the last depth: re-ranking, confirmation, trims and the final fine-tune,
+    on one worker), and what the ending did: confirmations that failed, and whether the best
+    was trimmed (kept or compared with the next best)."""
+    times = {}
+    failed = trims = 0
+    for event in events:
+        kind = event["kind"]
+        if kind == "depth_started":
+            times.setdefault("first_depth", event["time"])
+        elif kind == "depth_done":
+            times["last_depth_done"] = event["time"]
+        elif kind == "done":
+            times["done"] = event["time"]
+        elif kind == "confirm_failed":
+            failed += 1
+        elif kind == "confirmed":
+            trims = event.get("trims", 0)
+    submitted = events[0]["time"] if events else None
+
+    def span(first: str | None, last: str) -> float | None:
+        begin = submitted if first is None else times.get(first)
+        end = times.get(last)
+        return None if begin is None or end is None else round(end - begin, 1)
+
+    return {
+        "start_s": span(None, "first_depth"),
+        "search_s": span("first_depth", "last_depth_done"),
+        "ending_s": span("last_depth_done", "done"),
+        "confirm_failed": failed,
+        "trimmed": any(event["kind"] == "trim_compared" for event in events) or trims > 0,
+    }
+
+
 def run_job(
     config: ScalingConfig, workers: int, work_dir: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -98,6 +134,7 @@ def run_job(
             time.sleep(0.2)
             job = jobs.get(job_id)
         wall_s = time.monotonic() - started
+        events = [event for _, event in jobs.read_events(job_id, count=100_000)]
         app.close()
         jobs.client.close()
     progress = job["progress"]
@@ -117,6 +154,7 @@ def run_job(
         status=job["status"],
         error=job["error"],
         depth=progress.get("depth"),
+        **job_phases(events),
     )
 
 
@@ -142,7 +180,12 @@ def run(
         log(f"scaling: the job with {workers} worker(s) ...")
         row = run_job(config, workers, work_dir / f"workers-{workers}", log)
         result.rows.append(row)
-        log(f"scaling: {workers} worker(s): {row['details']['status']} in {row['wall_s']:.1f} s")
+        details = row["details"]
+        log(
+            f"scaling: {workers} worker(s): {details['status']} in {row['wall_s']:.1f} s "
+            f"(start {details['start_s']} s, depths {details['search_s']} s, ending "
+            f"{details['ending_s']} s, {details['confirm_failed']} confirmations failed)"
+        )
         if row["details"]["status"] == "succeeded" and row["candidates"]:
             done[workers] = row
     if 1 in done and 2 in done:

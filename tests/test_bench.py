@@ -154,3 +154,40 @@ def test_targets_compare_strategies_at_the_lowest_budget():
     assert targets["resnet: archtree >= uniform + 2 points at 35%"]["result"] == "n/a"
     assert targets["resnet: archtree never below greedy"]["result"] == "pass"
     assert targets["2 workers >= 1.6x faster than 1"]["result"] == "n/a"
+
+
+def test_a_jobs_events_say_where_its_time_went():
+    from bench.scaling import job_phases
+
+    def at(time: float, kind: str, **data: object) -> dict[str, object]:
+        return {"kind": kind, "time": time, **data}
+
+    events = [
+        at(100.0, "queued"),
+        at(104.0, "baseline"),
+        at(106.5, "depth_started", depth=1),
+        at(150.0, "depth_done", depth=1),
+        at(151.0, "depth_started", depth=2),
+        at(190.0, "depth_done", depth=2),
+        at(200.0, "confirm_failed", id="n7"),
+        at(230.0, "trim_compared", trimmed="n9", chosen="n8"),
+        at(231.0, "confirmed", id="n8", trims=0),
+        at(245.5, "done", id="n8"),
+    ]
+    assert job_phases(events) == {
+        "start_s": 6.5,
+        "search_s": 83.5,
+        "ending_s": 55.5,
+        "confirm_failed": 1,
+        "trimmed": True,
+    }
+    quiet_end = [e for e in events if e["kind"] not in ("confirm_failed", "trim_compared")]
+    assert job_phases(quiet_end)["trimmed"] is False
+    # A job that failed before its first depth has no spans to give.
+    assert job_phases(events[:2]) == {
+        "start_s": None,
+        "search_s": None,
+        "ending_s": None,
+        "confirm_failed": 0,
+        "trimmed": False,
+    }
