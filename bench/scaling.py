@@ -68,7 +68,7 @@ def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
     on one worker), and what the ending did: confirmations that failed, and whether the best
     was trimmed (kept or compared with the next best)."""
     times = {}
-    failed = trims = 0
+    failed, trimmed = 0, False
     for event in events:
         kind = event["kind"]
         if kind == "depth_started":
@@ -79,8 +79,8 @@ def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
             times["done"] = event["time"]
         elif kind == "confirm_failed":
             failed += 1
-        elif kind == "confirmed":
-            trims = event.get("trims", 0)
+        elif kind == "trim_compared" or (kind == "confirmed" and event.get("trims", 0) > 0):
+            trimmed = True
     submitted = events[0]["time"] if events else None
 
     def span(first: str | None, last: str) -> float | None:
@@ -93,7 +93,7 @@ def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
         "search_s": span("first_depth", "last_depth_done"),
         "ending_s": span("last_depth_done", "done"),
         "confirm_failed": failed,
-        "trimmed": any(event["kind"] == "trim_compared" for event in events) or trims > 0,
+        "trimmed": trimmed,
     }
 
 
@@ -186,7 +186,7 @@ def run(
             f"(start {details['start_s']} s, depths {details['search_s']} s, ending "
             f"{details['ending_s']} s, {details['confirm_failed']} confirmations failed)"
         )
-        if row["details"]["status"] == "succeeded" and row["candidates"]:
+        if details["status"] == "succeeded" and row["candidates"]:
             done[workers] = row
     if 1 in done and 2 in done:
         one, two = done[1], done[2]
