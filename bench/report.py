@@ -202,11 +202,18 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             f"{value:.2f}x" if value is not None else "not measured",
             value >= SPEEDUP_MIN if value is not None else None,
             f"per evaluated candidate; wall-time ratio {speedup[0]['details']['wall_ratio']:.2f}"
+            + _rounds(speedup[0]["details"].get("round_speedups"))
             if speedup
             else "",
         )
     )
     return targets
+
+
+def _rounds(speedups: list[float] | None) -> str:
+    if not speedups or len(speedups) < 2:
+        return ""
+    return "; per round " + ", ".join(f"{value:.2f}x" for value in speedups)
 
 
 def _short(model: str | None) -> str:
@@ -224,6 +231,10 @@ def _fixed(digits: int) -> Callable[[Any], str]:
 
 def _percent(digits: int = 0) -> Callable[[Any], str]:
     return lambda value: f"{value:.{digits}%}"
+
+
+def _joined(digits: int) -> Callable[[Any], str]:
+    return lambda values: " / ".join(f"{value:.{digits}f}" for value in values)
 
 
 _TEXT: Callable[[Any], str] = str
@@ -264,6 +275,7 @@ COLUMNS: dict[str, list[Column]] = {
     "scaling": [
         ("model", "model", _short),
         ("metric", "details.metric", _TEXT),
+        ("run", "details.run", _TEXT),
         ("workers", "details.workers", _TEXT),
         ("status", "details.status", _TEXT),
         ("candidates", "candidates", _TEXT),
@@ -272,6 +284,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("depths s", "details.search_s", _fixed(1)),
         ("ending s", "details.ending_s", _fixed(1)),
         ("speedup", "details.speedup", _fixed(2)),
+        ("per round", "details.round_speedups", _joined(2)),
         ("wall ratio", "details.wall_ratio", _fixed(2)),
     ],
 }
@@ -502,8 +515,12 @@ def _plot_scaling(result: SectionResult, out_dir: Path) -> list[str]:
     if not runs:
         return []
     figure, axes = plt.subplots(figsize=(5, 3.5))
-    axes.bar([str(r["details"]["workers"]) for r in runs], [r["wall_s"] for r in runs])
-    axes.set_xlabel("Celery workers")
+    labels = [
+        f"run {r['details'].get('run', i + 1)}\n{r['details']['workers']} w"
+        for i, r in enumerate(runs)
+    ]
+    axes.bar(labels, [r["wall_s"] for r in runs])
+    axes.set_xlabel("runs, in order, and their Celery workers")
     axes.set_ylabel("job wall time (s)")
     axes.set_title("Parallel scaling of one job")
     figure.tight_layout()

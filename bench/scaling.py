@@ -35,7 +35,8 @@ class ScalingConfig:
     data: str
     budget: str
     search: dict[str, Any]
-    workers: tuple[int, ...] = (1, 2)
+    # The worker count of each run, in the order run: 1 and 2 each once or more.
+    order: tuple[int, ...] = (1, 2)
     agent_timing: dict[str, Any] = field(default_factory=lambda: dict(AGENT_TIMING))
 
 
@@ -44,6 +45,7 @@ FULL = ScalingConfig(
     "builtin:mnist",
     "60%",
     {"width": 4, "branching": 4, "planned_steps": 2, "max_depth": 3, "ft_steps": 300},
+    order=(1, 2, 2, 1),
 )
 QUICK = ScalingConfig(
     "builtin:vgg",
@@ -58,7 +60,7 @@ def estimate_s(config: ScalingConfig) -> float:
     per_child = 0.05 * config.search.get("ft_steps", 20) + 1.0
     children = config.search.get("branching", 4) * (1 + config.search.get("width", 4))
     one_worker = children * per_child + 20
-    return sum(one_worker / n + 15 for n in config.workers)
+    return sum(one_worker / n + 15 for n in config.order)
 
 
 def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,6 +160,28 @@ def run_job(
     )
 
 
+def per_candidate_s(runs: list[dict[str, Any]]) -> float:
+    """Wall seconds per evaluated candidate, pooled over runs."""
+    return sum(r["wall_s"] for r in runs) / sum(r["candidates"] for r in runs)
+
+
+def speedup_row(model: str, one: list[dict[str, Any]], two: list[dict[str, Any]]) -> dict:
+    """The speedup of 2 workers over 1, pooled over the runs of each count, and per round (the
+    i-th run with 1 worker against the i-th with 2)."""
+    pairs = zip(one, two, strict=False)
+    rounds = [round(per_candidate_s([a]) / per_candidate_s([b]), 3) for a, b in pairs]
+    return make_row(
+        NAME,
+        model,
+        metric="speedup",
+        workers="1 vs 2",
+        speedup=per_candidate_s(one) / per_candidate_s(two),
+        wall_ratio=(sum(r["wall_s"] for r in one) / len(one))
+        / (sum(r["wall_s"] for r in two) / len(two)),
+        round_speedups=rounds,
+    )
+
+
 def run(
     config: ScalingConfig,
     work_dir: Path,
@@ -175,10 +199,11 @@ def run(
         "agent timing": f"min_time_s {config.agent_timing['min_time_s']}",
         "torch threads per worker": 1,
     }
-    done = {}
-    for workers in config.workers:
-        log(f"scaling: the job with {workers} worker(s) ...")
-        row = run_job(config, workers, work_dir / f"workers-{workers}", log)
+    done: dict[int, list[dict[str, Any]]] = {}
+    for index, workers in enumerate(config.order):
+        log(f"scaling: run {index + 1} of {len(config.order)}: {workers} worker(s) ...")
+        row = run_job(config, workers, work_dir / f"run-{index + 1}-workers-{workers}", log)
+        row["details"]["run"] = index + 1
         result.rows.append(row)
         details = row["details"]
         log(
@@ -187,28 +212,15 @@ def run(
             f"{details['ending_s']} s, {details['confirm_failed']} confirmations failed)"
         )
         if details["status"] == "succeeded" and row["candidates"]:
-            done[workers] = row
+            done.setdefault(workers, []).append(row)
     if 1 in done and 2 in done:
-        one, two = done[1], done[2]
-        wall_ratio = one["wall_s"] / two["wall_s"]
-        # The tree depends on measured latencies, so the two runs may evaluate a few candidates
-        # more or less: the speedup compares the time per evaluated candidate.
-        speedup = (one["wall_s"] / one["candidates"]) / (two["wall_s"] / two["candidates"])
-        result.rows.append(
-            make_row(
-                NAME,
-                config.model,
-                metric="speedup",
-                workers="1 vs 2",
-                speedup=speedup,
-                wall_ratio=wall_ratio,
-            )
-        )
-        if one["candidates"] != two["candidates"]:
+        result.rows.append(speedup_row(config.model, done[1], done[2]))
+        counts = {row["candidates"] for row in done[1] + done[2]}
+        if len(counts) > 1:
             result.note = (
-                f"the runs evaluated {one['candidates']} and {two['candidates']} candidates: the "
+                f"the runs evaluated {' and '.join(map(str, sorted(counts)))} candidates: the "
                 f"speedup is per evaluated candidate (the plain wall-time ratio is "
-                f"{wall_ratio:.2f})"
+                f"{result.rows[-1]['details']['wall_ratio']:.2f})"
             )
     else:
         result.note = "no speedup: a job did not succeed (see its status and error)"

@@ -191,3 +191,22 @@ def test_a_jobs_events_say_where_its_time_went():
         "confirm_failed": 0,
         "trimmed": False,
     }
+
+
+def test_the_speedup_pools_the_runs_of_each_worker_count_and_keeps_each_round():
+    from bench.scaling import speedup_row
+
+    def job(wall_s: float, candidates: int) -> dict:
+        return make_row("scaling", "builtin:resnet", wall_s=wall_s, candidates=candidates)
+
+    # Run in the order 1, 2, 2, 1 while the machine slows down: each round alone disagrees.
+    one = [job(400.0, 16), job(480.0, 16)]
+    two = [job(200.0, 16), job(300.0, 20)]
+    row = speedup_row("builtin:resnet", one, two)["details"]
+    assert row["round_speedups"] == [2.0, pytest.approx(2.0, abs=1e-3)]
+    # Pooled: 880 s for 32 candidates against 500 s for 36.
+    assert row["speedup"] == pytest.approx((880 / 32) / (500 / 36))
+    assert row["wall_ratio"] == pytest.approx(440 / 250)
+    targets = {t["target"]: t for t in evaluate_targets([speedup_row("m", one, two)])}
+    target = targets["2 workers >= 1.6x faster than 1"]
+    assert target["result"] == "pass" and "per round 2.00x, 2.00x" in target["detail"]
