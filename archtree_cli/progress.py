@@ -58,6 +58,11 @@ class ConsoleProgress:
             self._print(
                 f"depth {data['depth']} done: frontier {', '.join(data['frontier'])}; {best_text}"
             )
+        elif kind == "retuned":
+            self._print(
+                f"  {data['id']:>4} tuned {data['steps']} more steps: score "
+                f"{data['score']:.4f} (was {data['score_before']:.4f})"
+            )
         elif kind == "reranked":
             scores = ", ".join(f"{n['id']} {n['score']:.4f}" for n in data["nodes"])
             self._print(f"re-ranked after {data['steps']} more fine-tuning steps: {scores}")

@@ -5,10 +5,11 @@
         tasks = plan(state)              # up to `branching` moves per frontier node
         results = executor.map(evaluate_child, tasks)   # children of one depth, in parallel
         state = advance(state, results)  # merge duplicates, keep the best `width`
-    answer = finish(state)               # confirm under budget with more repeats, final tune
+    retuned = executor.map(retune, to_retune(state))   # the best few tuned more, in parallel
+    answer = finish(state, retuned)      # confirm under budget with more repeats, final tune
 
-`run_search` is that loop. The service runs the same four steps, with the children of a depth
-spread over Celery workers and the state kept in Redis between depths.
+`run_search` is that loop. The service runs the same steps, with the children of a depth and
+the candidates to retune spread over Celery workers and the state kept in Redis between steps.
 """
 
 from __future__ import annotations
@@ -216,16 +217,51 @@ def advance(context: SearchContext, state: SearchState, results: list[ChildResul
     return state
 
 
-def finish(context: SearchContext, state: SearchState, started: float) -> SearchOutcome:
+def to_retune(context: SearchContext, state: SearchState) -> list[Node]:
+    """The best `select_top` feasible nodes, which get `select_steps` more fine-tuning before
+    the answer is chosen (none when select_steps is 0 or nothing is feasible). A lone
+    candidate is tuned as well, so that every answer gets the same steps whatever the
+    strategy."""
+    settings = context.settings
+    if settings.select_steps <= 0:
+        return []
+    return state.ranked_within_budget()[: settings.select_top]
+
+
+def retune(context: SearchContext, node: Node, weights_id: str | None = None) -> dict:
+    """Fine-tune a node `select_steps` more, store the weights under `weights_id` (the node's
+    own id by default: a distributed job keeps each attempt apart until one is chosen) and
+    score it. Returns {id, score_before, score, weights_id}: `finish` applies it."""
+    settings = context.settings
+    model = context.build(node.spec, context.store.get(node.id))
+    seed = settings.seed + zlib.crc32(f"{node.spec.hash}/select".encode())
+    context.finetune(model, steps=settings.select_steps, seed=seed)
+    weights_id = weights_id or node.id
+    context.store.put(weights_id, model.state_dict())
+    score = context.score(model)
+    context.sink.emit(
+        "retuned", id=node.id, steps=settings.select_steps, score_before=node.score, score=score
+    )
+    return {"id": node.id, "score_before": node.score, "score": score, "weights_id": weights_id}
+
+
+def finish(
+    context: SearchContext,
+    state: SearchState,
+    started: float,
+    retuned: list[dict] | None = None,
+) -> SearchOutcome:
     """Confirm the best feasible node under budget with more repeats, then final fine-tune.
 
     The best `select_top` feasible nodes are first fine-tuned `select_steps` more and ranked
-    again: a score after a few steps says little about a deeply pruned child. A node whose
-    confirmation lands above the budget is passed over for the next best feasible one (up to
-    `confirm_candidates` in all). When the best did not confirm, it is also trimmed to fit,
-    and the trimmed node, tuned as much, competes with the one that confirmed: a few channels
-    off the best can cost less accuracy than a candidate points behind, or more, when a
-    deeply pruned model's next latency step is far below the budget.
+    again (`retuned`: the results of `retune` for each of `to_retune`, which run here one
+    after another when not given): a score after a few steps says little about a deeply
+    pruned child. A node whose confirmation lands above the budget is passed over for the
+    next best feasible one (up to `confirm_candidates` in all). When the best did not
+    confirm, it is also trimmed to fit, and the trimmed node, tuned as much, competes with
+    the one that confirmed: a few channels off the best can cost less accuracy than a
+    candidate points behind, or more, when a deeply pruned model's next latency step is far
+    below the budget.
     """
     settings = context.settings
     ranked = state.ranked_within_budget()
@@ -237,7 +273,9 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
             )
         ranked = [state.root]
     else:
-        ranked = _rerank(context, ranked)
+        if retuned is None:
+            retuned = [retune(context, node) for node in to_retune(context, state)]
+        ranked = _apply_retuned(context, state, ranked, retuned)
     confirmations = []
     for node in ranked[: settings.confirm_candidates]:
         confirmations.append((node, _confirm(context, state, node)))
@@ -303,26 +341,25 @@ def finish(context: SearchContext, state: SearchState, started: float) -> Search
     return outcome
 
 
-def _rerank(context: SearchContext, ranked: list[Node]) -> list[Node]:
-    """Fine-tune the best `select_top` nodes `select_steps` more, keep those weights, and put
-    them back in the order of their new scores (ahead of the rest).
-
-    A lone candidate is tuned as well, so that every answer gets the same steps whatever the
-    strategy."""
-    settings = context.settings
-    if settings.select_steps <= 0:
+def _apply_retuned(
+    context: SearchContext, state: SearchState, ranked: list[Node], retuned: list[dict]
+) -> list[Node]:
+    """Give the retuned nodes their weights and new scores, and put them back in the order of
+    those scores, ahead of the rest."""
+    if not retuned:
         return ranked
-    top, rest = ranked[: settings.select_top], ranked[settings.select_top :]
-    rescored = []
-    for node in top:
-        model = context.build(node.spec, context.store.get(node.id))
-        seed = settings.seed + zlib.crc32(f"{node.spec.hash}/select".encode())
-        context.finetune(model, steps=settings.select_steps, seed=seed)
-        context.store.put(node.id, model.state_dict())
-        score = context.score(model)
-        rescored.append({"id": node.id, "score_before": node.score, "score": score})
-        node.score = score
-    context.sink.emit("reranked", steps=settings.select_steps, nodes=rescored)
+    by_id = {result["id"]: result for result in retuned}
+    for result in retuned:
+        if result["weights_id"] != result["id"]:
+            context.store.put(result["id"], context.store.get(result["weights_id"]))
+        state.nodes[result["id"]].score = result["score"]
+    context.sink.emit(
+        "reranked",
+        steps=context.settings.select_steps,
+        nodes=[{k: r[k] for k in ("id", "score_before", "score")} for r in retuned],
+    )
+    top = [node for node in ranked if node.id in by_id]
+    rest = [node for node in ranked if node.id not in by_id]
     return sorted(top, key=answer_rank) + rest
 
 
@@ -381,7 +418,8 @@ def _trim_to_fit(
         trimmed, trimmed_ms = candidate, _confirm(context, state, candidate)
     if trims == 0:
         return None, measured_ms, 0
-    _rerank(context, [trimmed])
+    if context.settings.select_steps > 0:
+        _apply_retuned(context, state, [trimmed], [retune(context, trimmed)])
     return trimmed, trimmed_ms, trims
 
 
@@ -396,4 +434,5 @@ def run_search(
         tasks = plan(context, state)
         results = executor.map(partial(evaluate_child, context), tasks)
         state = advance(context, state, results)
-    return finish(context, state, started)
+    retuned = executor.map(partial(retune, context), to_retune(context, state))
+    return finish(context, state, started, retuned)

@@ -13,7 +13,16 @@ from latency.local_oracle import LocalOracle
 from search.arch_spec import build_from_spec
 from search.budget import parse_budget
 from search.context import SearchContext
-from search.engine import advance, finish, plan, run_search, start, trim_move
+from search.engine import (
+    advance,
+    finish,
+    plan,
+    retune,
+    run_search,
+    start,
+    to_retune,
+    trim_move,
+)
 from search.errors import ArchtreeError
 from search.inputs import load_inputs
 from search.interfaces import ListEventSink
@@ -311,6 +320,35 @@ def test_the_best_candidates_are_tuned_further_and_ranked_again_before_the_answe
     assert not [e for e in context.sink.events if e["kind"] == "confirm_failed"]
     best = max(event["nodes"], key=lambda n: n["score"])
     assert outcome.answer.id == best["id"]
+
+
+def test_candidates_retuned_elsewhere_are_ranked_by_those_results_without_tuning_again():
+    # As on the service: each candidate is retuned by its own task, its weights kept apart
+    # (under an attempt's id) until finish takes the results.
+    context = make_context(select_top=2, select_steps=20)
+    state = start(context, parse_budget("90%"))
+    small = _small_child(context)
+    _plant(state, context, "n90", small.spec, small.model, 0.3 * state.baseline_ms, 0.9)
+    _plant(state, context, "n91", small.spec, small.model, 0.3 * state.baseline_ms, 0.8)
+    _plant(state, context, "n92", small.spec, small.model, 0.3 * state.baseline_ms, 0.1)
+    planted = {k: v.clone() for k, v in context.store.get("n90").items()}
+    assert [n.id for n in to_retune(context, state)] == ["n90", "n91"]
+    results = [retune(context, n, weights_id=f"{n.id}.a") for n in to_retune(context, state)]
+    # Retuning leaves the node's own weights alone.
+    assert all(torch.equal(planted[k], context.store.get("n90")[k]) for k in planted)
+    tuned = {k: v.clone() for k, v in context.store.get("n90.a").items()}
+    assert any(not torch.equal(planted[k], tuned[k]) for k in planted)
+    # Made-up results decide the order: n91 is now the best, and is the answer.
+    results[0]["score"], results[1]["score"] = 0.5, 0.95
+    outcome = finish(context, state, started=0.0, retuned=results)
+    assert outcome.answer.id == "n91"
+    assert state.nodes["n90"].score == 0.5 and state.nodes["n91"].score == 0.95
+    # finish gave each node its retuned weights, and tuned nothing again.
+    assert all(torch.equal(tuned[k], context.store.get("n90")[k]) for k in tuned)
+    kinds = [e["kind"] for e in context.sink.events]
+    assert kinds.count("retuned") == 2 and kinds.count("reranked") == 1
+    (event,) = [e for e in context.sink.events if e["kind"] == "reranked"]
+    assert [(n["id"], n["score"]) for n in event["nodes"]] == [("n90", 0.5), ("n91", 0.95)]
 
 
 def test_a_lone_candidate_is_tuned_as_much_as_the_best_of_many():

@@ -16,7 +16,7 @@ from latency.device_registry import DeviceRegistry
 from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
-from workers.artifact_store import ArtifactStore
+from workers.artifact_store import ArtifactNodeStore, ArtifactStore
 from workers.job_store import FINAL_STATUSES, JobStore
 from workers.tasks import result_name, submit_job
 
@@ -104,6 +104,17 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     # Each worker names itself (Celery's -n) in the events it emits.
     evaluated_by = {e["worker"] for e in events(jobs, job_id) if e["kind"] == "node"}
     assert evaluated_by == {w.name for w in workers.alive()}
+    # The best candidates were retuned by tasks of their own, and each node now holds the
+    # weights of the run whose result was kept.
+    (reranked,) = [e for e in events(jobs, job_id) if e["kind"] == "reranked"]
+    retuned = [e["id"] for e in events(jobs, job_id) if e["kind"] == "retuned"]
+    assert sorted(retuned) == sorted(n["id"] for n in reranked["nodes"]) and retuned
+    nodes = ArtifactNodeStore(artifacts, job_id)
+    for entry in reranked["nodes"]:
+        result = jobs.load_child_result(job_id, f"{entry['id']}/retune")
+        assert result["score"] == entry["score"] and result["weights_id"] != entry["id"]
+        kept, node = nodes.get(result["weights_id"]), nodes.get(entry["id"])
+        assert kept.keys() == node.keys() and all(torch.equal(kept[k], node[k]) for k in kept)
 
 
 def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_depths(

@@ -99,6 +99,11 @@ class ArtifactNodeStore:
     def discard(self, node_id: str, attempt: str) -> None:
         self.artifacts.delete(self._name(node_id, attempt))
 
+    @staticmethod
+    def attempt_id(node_id: str, attempt: str) -> str:
+        """The id under which `put` and `get` reach an attempt's weights of a node."""
+        return f"{node_id}.{attempt}"
+
 
 class AttemptNodeStore:
     """One evaluation attempt's view: `node_id`'s weights go to the attempt's own file."""

@@ -19,6 +19,7 @@ START_JOB = "archtree.start_job"
 RUN_DEPTH = "archtree.run_depth"
 EVALUATE_CHILD = "archtree.evaluate_child"
 ADVANCE_DEPTH = "archtree.advance_depth"
+RETUNE_CANDIDATE = "archtree.retune_candidate"
 FINISH_JOB = "archtree.finish_job"
 ORCHESTRATION_TASKS = (START_JOB, RUN_DEPTH, ADVANCE_DEPTH, FINISH_JOB)
 
@@ -28,7 +29,9 @@ def celery_config(settings: ServiceSettings) -> dict[str, Any]:
     url = settings.celery_redis_url()
     visibility_s = settings.visibility_timeout_s
     routes = {name: {"queue": settings.search_queue} for name in ORCHESTRATION_TASKS}
+    # Retuning a candidate is fine-tuning, as evaluating a child is: both spread over workers.
     routes[EVALUATE_CHILD] = {"queue": settings.evaluate_queue}
+    routes[RETUNE_CANDIDATE] = {"queue": settings.evaluate_queue}
     config: dict[str, Any] = {
         # Pickle would let whoever can write to Redis run code in every worker.
         "task_serializer": "json",

@@ -1,7 +1,7 @@
 """Celery tasks: thin adapters that run the engine's steps of a job across workers.
 
     start_job -> run_depth -> chord(evaluate_child per child) -> advance_depth -> run_depth ...
-                                                                      (done) -> finish_job
+                   (done) -> chord(retune_candidate per candidate to retune) -> finish_job
 
 These are the steps of `search.engine.run_search`, with the children of a depth spread over
 the workers and the SearchState kept in the JobStore between steps. No task waits on another.
@@ -9,7 +9,8 @@ the workers and the SearchState kept in the JobStore between steps. No task wait
 A worker may die at any point; its task is then delivered again. So every task is idempotent:
 `start_job` does not restart a job that has a state, `run_depth` plans a depth once,
 `evaluate_child` keeps the first evaluation stored for a child, `advance_depth` applies a depth
-once, and each next step is sent again only if the previous run died before sending it.
+once, `retune_candidate` keeps the first retuning stored for a candidate (and the weights of
+that run), and each next step is sent again only if the previous run died before sending it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from workers.celery_app import (
     ADVANCE_DEPTH,
     EVALUATE_CHILD,
     FINISH_JOB,
+    RETUNE_CANDIDATE,
     RUN_DEPTH,
     START_JOB,
     app,
@@ -114,7 +116,7 @@ def run_depth(self, job_id: str) -> None:
             return
         state = _load_state(jobs, job_id)
         if state.done:
-            _send_once(jobs, job_id, "finish", finish_job.si(job_id))
+            _send_ending(jobs, job_id, state, self.request.hostname)
             return
         depth = state.depth + 1
         planned = jobs.load_plan(job_id, depth)
@@ -183,25 +185,65 @@ def advance_depth(self, results: list[dict[str, Any] | None], job_id: str, depth
                 return  # another run of this step applied the depth and carries the job on
             _record_progress(jobs, job_id, state)
         if state.done:
-            _send_once(jobs, job_id, "finish", finish_job.si(job_id))
+            _send_ending(jobs, job_id, state, self.request.hostname)
         else:
             _send_once(jobs, job_id, f"run_depth:{state.depth + 1}", run_depth.si(job_id))
 
 
+def _send_ending(jobs: JobStore, job_id: str, state: SearchState, worker: str | None) -> None:
+    """After the last depth: retune the best candidates in parallel, then finish."""
+    if jobs.step_done(job_id, "finish"):
+        return
+    job = _contexts().get(job_id, worker)
+    retunes = [retune_candidate.s(job_id, n.id) for n in engine.to_retune(job.context, state)]
+    step = chord(retunes, finish_job.s(job_id)) if retunes else finish_job.si([], job_id)
+    _send_once(jobs, job_id, "finish", step)
+
+
+@app.task(name=RETUNE_CANDIDATE, bind=True)
+def retune_candidate(self, job_id: str, node_id: str) -> dict[str, Any] | None:
+    """Fine-tune one of the best candidates more and score it (`engine.retune`); a candidate
+    retuned before returns that result. Each run writes its weights under its own attempt,
+    and the run whose result was stored first provides them."""
+    jobs = _services().jobs
+    key = f"{node_id}/retune"
+    with _job_step(job_id):
+        stored = jobs.load_child_result(job_id, key)
+        if stored is None:
+            if not _active(job_id):
+                return None
+            job = _contexts().get(job_id, self.request.hostname)
+            node = _load_state(jobs, job_id).nodes[node_id]
+            attempt = uuid.uuid4().hex[:12]
+            result = engine.retune(
+                job.context, node, weights_id=job.nodes.attempt_id(node_id, attempt)
+            )
+            if jobs.save_child_result(job_id, key, result):
+                stored = result
+            else:
+                job.nodes.discard(node_id, attempt)
+                stored = jobs.load_child_result(job_id, key)
+        return stored
+    return None
+
+
 @app.task(name=FINISH_JOB, bind=True)
-def finish_job(self, job_id: str) -> None:
-    """Confirm the answer under budget, store arch.json, model.safetensors and report.json."""
+def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
+    """Choose and confirm the answer under budget, store arch.json, model.safetensors and
+    report.json. `retuned`: the results of retune_candidate, in the order sent."""
     services = _services()
     jobs = services.jobs
     with _job_step(job_id):
         if not _active(job_id):
             return
+        if any(result is None for result in retuned):
+            raise RuntimeError("a candidate to retune has no result")
         job = _contexts().get(job_id, self.request.hostname)
         state = _load_state(jobs, job_id)
         started_at = jobs.get(job_id)["progress"].get("started_at", time.time())
         # finish() measures wall time on the monotonic clock, which is per machine.
         started = time.monotonic() - (time.time() - started_at)
-        outcome = engine.finish(job.context, state, started)
+        outcome = engine.finish(job.context, state, started, retuned)
         report = build_report(job.context, outcome, job.report_inputs())
         work_dir = Path(services.settings.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
 // The kinds the engine, the workers and the job store emit (EventSource needs them by name).
 const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
-  "child_skipped", "child_merged", "depth_done", "reranked", "confirm_failed", "trim_compared",
+  "child_skipped", "child_merged", "depth_done", "retuned", "reranked", "confirm_failed",
+  "trim_compared",
   "confirmed", "final_finetune", "done", "cancel_requested",
 ];
 // Events after which the job's progress and tree have changed.
@@ -398,6 +399,9 @@ function describe(event) {
     case "depth_done":
       return `depth ${event.depth} done: frontier ${(event.frontier ?? []).join(", ") || "empty"}` +
         (event.best ? `; best ${event.best.id} at ${ms(event.best.latency_ms)}` : "");
+    case "retuned":
+      return `${event.id} tuned ${event.steps} more steps: score ${decimal(event.score)} ` +
+        `(was ${decimal(event.score_before)})`;
     case "reranked":
       return `re-ranked after ${event.steps} more steps: ` +
         event.nodes.map((node) => `${node.id} ${decimal(node.score)}`).join(", ");
