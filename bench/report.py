@@ -519,7 +519,8 @@ def _plot_scaling(result: SectionResult, out_dir: Path) -> list[str]:
         f"run {r['details'].get('run', i + 1)}\n{r['details']['workers']} w"
         for i, r in enumerate(runs)
     ]
-    axes.bar(labels, [r["wall_s"] for r in runs])
+    colors = ["#4c72b0" if r["details"]["workers"] == 1 else "#dd8452" for r in runs]
+    axes.bar(labels, [r["wall_s"] for r in runs], color=colors)
     axes.set_xlabel("runs, in order, and their Celery workers")
     axes.set_ylabel("job wall time (s)")
     axes.set_title("Parallel scaling of one job")

@@ -21,7 +21,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -144,27 +144,47 @@ def evaluate_child(self, job_id: str, task: dict[str, Any]) -> dict[str, Any] | 
     """
     jobs = _services().jobs
     child_id = task["child_id"]
+
+    def evaluate(attempt: str) -> dict[str, Any]:
+        job = _contexts().get(job_id, self.request.hostname)
+        job.context.sink.emit("child_started", id=child_id, depth=task["depth"])
+        context = copy.copy(job.context)
+        context.store = AttemptNodeStore(job.nodes, child_id, attempt)
+        result = expansion.evaluate_child(context, ChildTask.from_dict(task))
+        return {"attempt": attempt, "result": result.to_dict()}
+
     with _job_step(job_id):
-        stored = jobs.load_child_result(job_id, child_id)
+        stored = _stored_once(jobs, job_id, child_id, child_id, evaluate)
         if stored is None:
-            if not _active(job_id):
-                return None
-            job = _contexts().get(job_id, self.request.hostname)
-            job.context.sink.emit("child_started", id=child_id, depth=task["depth"])
-            attempt = uuid.uuid4().hex[:12]
-            context = copy.copy(job.context)
-            context.store = AttemptNodeStore(job.nodes, child_id, attempt)
-            result = expansion.evaluate_child(context, ChildTask.from_dict(task))
-            evaluation = {"attempt": attempt, "result": result.to_dict()}
-            if jobs.save_child_result(job_id, child_id, evaluation):
-                stored = evaluation
-            else:
-                job.nodes.discard(child_id, attempt)
-                stored = jobs.load_child_result(job_id, child_id)
+            return None
         if stored["result"]["node"] is not None:
             ArtifactNodeStore(_services().artifacts, job_id).commit(child_id, stored["attempt"])
         return stored["result"]
     return None
+
+
+def _stored_once(
+    jobs: JobStore,
+    job_id: str,
+    key: str,
+    node_id: str,
+    compute: Callable[[str], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The result stored under `key`, computed by `compute(attempt)` when none is yet (None
+    when the job has ended). A redelivered task may run twice: each run writes the weights of
+    `node_id` under its own attempt, the result stored first wins, and a run that lost
+    discards its attempt's weights."""
+    stored = jobs.load_child_result(job_id, key)
+    if stored is not None:
+        return stored
+    if not _active(job_id):
+        return None
+    attempt = uuid.uuid4().hex[:12]
+    result = compute(attempt)
+    if jobs.save_child_result(job_id, key, result):
+        return result
+    ArtifactNodeStore(_services().artifacts, job_id).discard(node_id, attempt)
+    return jobs.load_child_result(job_id, key)
 
 
 @app.task(name=ADVANCE_DEPTH, bind=True)
@@ -206,24 +226,15 @@ def retune_candidate(self, job_id: str, node_id: str) -> dict[str, Any] | None:
     retuned before returns that result. Each run writes its weights under its own attempt,
     and the run whose result was stored first provides them."""
     jobs = _services().jobs
-    key = f"{node_id}/retune"
+
+    def retune(attempt: str) -> dict[str, Any]:
+        job = _contexts().get(job_id, self.request.hostname)
+        node = _load_state(jobs, job_id).nodes[node_id]
+        weights_id = job.nodes.attempt_id(node_id, attempt)
+        return engine.retune(job.context, node, weights_id=weights_id)
+
     with _job_step(job_id):
-        stored = jobs.load_child_result(job_id, key)
-        if stored is None:
-            if not _active(job_id):
-                return None
-            job = _contexts().get(job_id, self.request.hostname)
-            node = _load_state(jobs, job_id).nodes[node_id]
-            attempt = uuid.uuid4().hex[:12]
-            result = engine.retune(
-                job.context, node, weights_id=job.nodes.attempt_id(node_id, attempt)
-            )
-            if jobs.save_child_result(job_id, key, result):
-                stored = result
-            else:
-                job.nodes.discard(node_id, attempt)
-                stored = jobs.load_child_result(job_id, key)
-        return stored
+        return _stored_once(jobs, job_id, f"{node_id}/retune", node_id, retune)
     return None
 
 
