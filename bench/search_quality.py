@@ -113,6 +113,10 @@ class SearchEvents:
         self.baseline: dict[str, Any] = {}
         self.feasibility: dict[str, Any] = {}
         self.rerank_steps = 0
+        # What the search's ending did: (id, confirmed ms) of candidates above the budget on
+        # confirmation, and the trimmed best against the one that confirmed, if compared.
+        self.confirm_failed: list[tuple[str, float]] = []
+        self.trim_compared: dict[str, Any] | None = None
         self.forward = forward
 
     def emit(self, kind: str, **data: Any) -> None:
@@ -123,6 +127,10 @@ class SearchEvents:
             self.feasibility = data
         elif kind == "reranked":
             self.rerank_steps += data["steps"] * len(data["nodes"])
+        elif kind == "confirm_failed":
+            self.confirm_failed.append((data["id"], data["latency_ms"]))
+        elif kind == "trim_compared":
+            self.trim_compared = data
         if self.forward is not None:
             self.forward.emit(kind, **data)
 
@@ -235,6 +243,11 @@ def run_search_once(
         cache_hits=oracle.cache_hits,
         depths=report["search"]["depths"],
         trims=report["final"]["trims"],
+        confirm_failed=[
+            {"id": node_id, "fit": latency_ms / report["budget_ms"]}
+            for node_id, latency_ms in events.confirm_failed
+        ],
+        trim_compared=events.trim_compared,
         params=report["final"]["params"],
         macs=report["final"]["macs"],
         fine_tuned_children=fine_tuned,

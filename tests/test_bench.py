@@ -210,3 +210,20 @@ def test_the_speedup_pools_the_runs_of_each_worker_count_and_keeps_each_round():
     targets = {t["target"]: t for t in evaluate_targets([speedup_row("m", one, two)])}
     target = targets["2 workers >= 1.6x faster than 1"]
     assert target["result"] == "pass" and "per round 2.00x, 2.00x" in target["detail"]
+
+
+def test_a_searchs_events_keep_what_its_ending_did():
+    from bench.search_quality import SearchEvents
+    from search.interfaces import ListEventSink
+
+    forward = ListEventSink()
+    events = SearchEvents(forward)
+    events.emit("baseline", latency_ms=10.0, budget_ms=3.5)
+    events.emit("reranked", steps=100, nodes=[{"id": "n4"}, {"id": "n5"}])
+    events.emit("confirm_failed", id="n4", latency_ms=3.6)
+    chosen = {"trimmed": "n9", "trimmed_score": 0.9, "confirmed": "n5", "chosen": "n9"}
+    events.emit("trim_compared", **chosen)
+    assert events.confirm_failed == [("n4", 3.6)]
+    assert events.trim_compared == chosen
+    assert events.rerank_steps == 200 and events.baseline["budget_ms"] == 3.5
+    assert [e["kind"] for e in forward.events][-2:] == ["confirm_failed", "trim_compared"]

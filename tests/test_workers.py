@@ -105,10 +105,11 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     evaluated_by = {e["worker"] for e in events(jobs, job_id) if e["kind"] == "node"}
     assert evaluated_by == {w.name for w in workers.alive()}
     # The best candidates were retuned by tasks of their own, and each node now holds the
-    # weights of the run whose result was kept.
-    (reranked,) = [e for e in events(jobs, job_id) if e["kind"] == "reranked"]
-    retuned = [e["id"] for e in events(jobs, job_id) if e["kind"] == "retuned"]
-    assert sorted(retuned) == sorted(n["id"] for n in reranked["nodes"]) and retuned
+    # weights of the run whose result was kept. (A best that fails confirmation is trimmed,
+    # and the trimmed node retuned and re-ranked again, later.)
+    reranked = [e for e in events(jobs, job_id) if e["kind"] == "reranked"][0]
+    retuned = {e["id"] for e in events(jobs, job_id) if e["kind"] == "retuned"}
+    assert reranked["nodes"] and {n["id"] for n in reranked["nodes"]} <= retuned
     nodes = ArtifactNodeStore(artifacts, job_id)
     for entry in reranked["nodes"]:
         result = jobs.load_child_result(job_id, f"{entry['id']}/retune")
