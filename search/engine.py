@@ -348,7 +348,7 @@ def _apply_retuned(
     those scores, ahead of the rest."""
     if not retuned:
         return ranked
-    by_id = {result["id"]: result for result in retuned}
+    retuned_ids = {result["id"] for result in retuned}
     for result in retuned:
         if result["weights_id"] != result["id"]:
             context.store.put(result["id"], context.store.get(result["weights_id"]))
@@ -358,8 +358,8 @@ def _apply_retuned(
         steps=context.settings.select_steps,
         nodes=[{k: r[k] for k in ("id", "score_before", "score")} for r in retuned],
     )
-    top = [node for node in ranked if node.id in by_id]
-    rest = [node for node in ranked if node.id not in by_id]
+    top = [node for node in ranked if node.id in retuned_ids]
+    rest = [node for node in ranked if node.id not in retuned_ids]
     return sorted(top, key=answer_rank) + rest
 
 

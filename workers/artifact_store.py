@@ -78,8 +78,8 @@ class ArtifactNodeStore:
         self.prefix = f"jobs/{job_id}/nodes"
 
     def _name(self, node_id: str, attempt: str | None = None) -> str:
-        suffix = f".{attempt}" if attempt else ""
-        return f"{self.prefix}/{node_id}{suffix}.safetensors"
+        name = self.attempt_id(node_id, attempt) if attempt else node_id
+        return f"{self.prefix}/{name}.safetensors"
 
     def put(self, node_id: str, state_dict: dict, attempt: str | None = None) -> None:
         tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
