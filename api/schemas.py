@@ -49,6 +49,11 @@ class SearchSettingsIn(BaseModel):
     select_steps: int | None = Field(
         None, description="Fine-tuning steps of that re-ranking, per candidate."
     )
+    fill_probes: int | None = Field(
+        None,
+        description="An answer well under the aim is given channels back a group at a time, "
+        "each widening measured, this many at most (0 = off).",
+    )
     final_epochs: float | None = Field(
         None, description="Epochs of final fine-tuning of the answer, with distillation."
     )
@@ -242,6 +247,11 @@ class TreeNode(BaseModel):
         None,
         description="Its channel groups were then widened to multiples of this, at no latency "
         "cost (search setting widen_to); null when not.",
+    )
+    filled_from: str | None = Field(
+        None,
+        description="The answer it was made from by giving channels back, a group at a time, "
+        "to use the budget that answer left (search setting fill_probes); null when not.",
     )
     latency_ms: float
     ratio: float = Field(description="Latency relative to the unpruned model.")

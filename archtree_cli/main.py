@@ -125,6 +125,13 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tuning steps of that re-ranking, per candidate (default %(default)s)",
     )
     group.add_argument(
+        "--fill-probes",
+        type=int,
+        default=defaults.fill_probes,
+        help="an answer well under the aim is given channels back a group at a time, each "
+        "widening measured, this many at most (0 = off; default %(default)s)",
+    )
+    group.add_argument(
         "--final-epochs",
         type=float,
         default=defaults.final_epochs,
@@ -185,6 +192,7 @@ def settings_from(args: argparse.Namespace):
         ft_steps=args.ft_steps,
         select_top=args.select_top,
         select_steps=args.select_steps,
+        fill_probes=args.fill_probes,
         final_epochs=args.final_epochs,
         round_to=args.round_to,
         widen_to=args.widen_to,

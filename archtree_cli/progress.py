@@ -40,8 +40,14 @@ class ConsoleProgress:
             self.children_seen += 1
             if kind == "node":
                 mark = "ok  " if data["within_budget"] else "over"
+                # Nodes of the ending (a trim, a widening) come after the last depth's children.
+                count = (
+                    f"[{self.children_seen}/{self.children_planned}]"
+                    if self.children_seen <= self.children_planned
+                    else "[end]"
+                )
                 self._print(
-                    f"  [{self.children_seen}/{self.children_planned}] {data['id']:>4} "
+                    f"  {count} {data['id']:>4} "
                     f"{data['move']:<22} {data['latency_ms']:8.3f} ms {mark} "
                     f"score {data['score']:.4f}"
                 )
@@ -82,6 +88,19 @@ class ConsoleProgress:
                 f"{trimmed}; {data['confirmed']} scores {data['confirmed_score']:.4f}: "
                 f"{data['chosen']} is the answer"
             )
+        elif kind == "filled":
+            if data["id"] is None:
+                self._print(
+                    f"{data['answer']} is well under the aim, but no group could be widened "
+                    f"within it ({data['probes']} probes)"
+                )
+            else:
+                self._print(
+                    f"{data['id']}: {data['answer']} widened in {', '.join(data['groups'])} "
+                    f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), score "
+                    f"{data['score']:.4f} (was {data['answer_score']:.4f}): {data['chosen']} "
+                    "is the answer"
+                )
         elif kind == "confirmed":
             self._print(
                 f"confirmed {data['id']} at {data['latency_ms']:.3f} ms "

@@ -67,10 +67,11 @@ def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Where a job's time went, from its events: `start_s` (submission to the first depth:
     queueing, baseline, feasibility), `search_s` (the depths, whose children run in parallel),
     `ending_s` (after the last depth: re-ranking, confirmation, trims and the final fine-tune,
-    on one worker), and what the ending did: confirmations that failed, and whether the best
-    was trimmed (kept or compared with the next best)."""
+    on one worker), and what the ending did: confirmations that failed, whether the best
+    was trimmed (kept or compared with the next best), and whether the answer was replaced by
+    a widened one to fill the budget's slack."""
     times = {}
-    failed, trimmed = 0, False
+    failed, trimmed, filled = 0, False, False
     for event in events:
         kind = event["kind"]
         if kind == "depth_started":
@@ -83,6 +84,8 @@ def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
             failed += 1
         elif kind == "trim_compared" or (kind == "confirmed" and event.get("trims", 0) > 0):
             trimmed = True
+        elif kind == "filled":
+            filled = event.get("id") is not None and event.get("chosen") == event["id"]
     submitted = events[0]["time"] if events else None
 
     def span(first: str | None, last: str) -> float | None:
@@ -96,6 +99,7 @@ def job_phases(events: list[dict[str, Any]]) -> dict[str, Any]:
         "ending_s": span("last_depth_done", "done"),
         "confirm_failed": failed,
         "trimmed": trimmed,
+        "filled": filled,
     }
 
 

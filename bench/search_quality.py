@@ -114,9 +114,11 @@ class SearchEvents:
         self.feasibility: dict[str, Any] = {}
         self.rerank_steps = 0
         # What the search's ending did: (id, confirmed ms) of candidates above the budget on
-        # confirmation, and the trimmed best against the one that confirmed, if compared.
+        # confirmation, the trimmed best against the one that confirmed, if compared, and the
+        # answer widened to fill the budget's slack, if tried.
         self.confirm_failed: list[tuple[str, float]] = []
         self.trim_compared: dict[str, Any] | None = None
+        self.filled: dict[str, Any] | None = None
         self.forward = forward
 
     def emit(self, kind: str, **data: Any) -> None:
@@ -131,6 +133,8 @@ class SearchEvents:
             self.confirm_failed.append((data["id"], data["latency_ms"]))
         elif kind == "trim_compared":
             self.trim_compared = data
+        elif kind == "filled":
+            self.filled = data
         if self.forward is not None:
             self.forward.emit(kind, **data)
 
@@ -248,6 +252,7 @@ def run_search_once(
             for node_id, latency_ms in events.confirm_failed
         ],
         trim_compared=events.trim_compared,
+        filled=events.filled,
         params=report["final"]["params"],
         macs=report["final"]["macs"],
         fine_tuned_children=fine_tuned,

@@ -6,7 +6,8 @@
         results = executor.map(evaluate_child, tasks)   # children of one depth, in parallel
         state = advance(state, results)  # merge duplicates, keep the best `width`
     retuned = executor.map(retune, to_retune(state))   # the best few tuned more, in parallel
-    answer = finish(state, retuned)      # confirm under budget with more repeats, final tune
+    answer = finish(state, retuned)      # confirm under budget with more repeats, fill the
+                                         # slack below a latency step, final tune
 
 `run_search` is that loop. The service runs the same steps, with the children of a depth and
 the candidates to retune spread over Celery workers and the state kept in Redis between steps.
@@ -24,14 +25,18 @@ from torch import nn
 from search.budget import Budget
 from search.context import SearchContext
 from search.errors import ArchtreeError
-from search.expansion import MoveApplier, evaluate_child
+from search.expansion import MoveApplier, evaluate_child, tuned_child
+from search.fill import RemovalCounts, fill, widenings
 from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
-from search.moves import Move, candidate_moves
+from search.moves import Move, candidate_moves, least_important
 from search.pruning import total_macs
 from search.settings import SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
+
+# Channels given back at a time when filling the slack, where widen_to is off.
+FILL_BLOCK = 8
 
 
 @dataclass
@@ -261,7 +266,8 @@ def finish(
     confirm, it is also trimmed to fit, and the trimmed node, tuned as much, competes with
     the one that confirmed: a few channels off the best can cost less accuracy than a
     candidate points behind, or more, when a deeply pruned model's next latency step is far
-    below the budget.
+    below the budget. An answer confirmed well under the aim is then widened a group at a
+    time to use what it left of the budget (`_fill_slack`).
     """
     settings = context.settings
     ranked = state.ranked_within_budget()
@@ -308,14 +314,15 @@ def finish(
                 confirmed_score=confirmations[-1][0].score,
                 chosen=answer.id,
             )
-    latency_ms = confirmed_ms
-    context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
-    if latency_ms > state.budget_ms:
+    if confirmed_ms > state.budget_ms:
+        context.sink.emit("confirmed", id=answer.id, latency_ms=confirmed_ms, trims=trims)
         raise ArchtreeError(
-            f"The best candidate measures {latency_ms:.3f} ms on confirmation, above the budget of "
-            f"{state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
+            f"The best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
+            f"of {state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
             "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
         )
+    answer, latency_ms = _fill_slack(context, state, answer, confirmed_ms)
+    context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
     model = context.build(answer.spec, context.store.get(answer.id))
     if settings.final_epochs > 0:
         context.sink.emit("final_finetune", epochs=settings.final_epochs)
@@ -421,6 +428,104 @@ def _trim_to_fit(
     if context.settings.select_steps > 0:
         _apply_retuned(context, state, [trimmed], [retune(context, trimmed)])
     return trimmed, trimmed_ms, trims
+
+
+def _fill_slack(
+    context: SearchContext, state: SearchState, answer: Node, answer_ms: float
+) -> tuple[Node, float]:
+    """An answer confirmed more than `fit_tolerance` under the aim is rebuilt from its parent
+    with channels given back one group at a time (search/fill.py), each widening measured.
+    The widened node is tuned as the answer was (`ft_steps`, then `select_steps`) and
+    confirmed; it replaces the answer when it confirms under the budget and scores no lower.
+    Returns the answer and its confirmed latency, widened or not."""
+    settings = context.settings
+    aim_ms = settings.aim_ms(state.budget_ms)
+    if (
+        settings.fill_probes <= 0
+        or answer.parent is None
+        or answer_ms >= aim_ms * (1.0 - settings.fit_tolerance)
+    ):
+        return answer, answer_ms
+    parent = state.nodes[answer.parent]
+    estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs, state.observations)
+    move = Move.from_label(answer.move)
+    parent_model = context.build(parent.spec, context.store.get(parent.id))
+    applier = MoveApplier(context, parent_model, move, estimate)
+    groups = applier.pruner.groups_by_name
+    removed = {
+        name: group.size - answer.spec.width(name)
+        for name, group in groups.items()
+        if group.size > answer.spec.width(name)
+    }
+    steps = widenings(
+        {name: group.size for name, group in groups.items()},
+        removed,
+        applier.importance,
+        {name: g.macs_per_channel * estimate.ms_per_mac(g.region) for name, g in groups.items()},
+        settings.widen_to if settings.widen_to > 1 else FILL_BLOCK,
+    )
+
+    def build(counts: RemovalCounts):
+        return applier.build(
+            {name: least_important(applier.importance[name], n) for name, n in counts.items() if n}
+        )
+
+    def measure(counts: RemovalCounts) -> float:
+        measurement = context.oracle.measure(build(counts).spec, context.root_spec)
+        _tally(state, measurement.cached)
+        return measurement.ratio * state.baseline_ms
+
+    filled = fill(
+        removed,
+        answer_ms,
+        steps,
+        measure,
+        aim_ms,
+        tolerance=settings.fit_tolerance,
+        max_probes=settings.fill_probes,
+    )
+    if not filled.widened:
+        context.sink.emit("filled", answer=answer.id, id=None, probes=len(filled.probes))
+        return answer, answer_ms
+    task = ChildTask(
+        child_id=f"n{state.next_id}",
+        parent=parent,
+        move=move,
+        target_ms=aim_ms,
+        depth=answer.depth,
+        baseline_ms=state.baseline_ms,
+        baseline_macs=state.baseline_macs,
+        budget_ms=state.budget_ms,
+        observations=list(state.observations),
+    )
+    state.next_id += 1
+    node = tuned_child(
+        context,
+        task,
+        build(filled.counts),
+        filled.latency_ms,
+        fraction=answer.fraction,
+        widened_to=answer.widened_to,
+        filled_from=answer.id,
+    )
+    state.nodes[node.id] = node
+    if settings.select_steps > 0:
+        _apply_retuned(context, state, [node], [retune(context, node)])
+    confirmed_ms = _confirm(context, state, node)
+    kept = confirmed_ms <= state.budget_ms and node.score >= answer.score
+    context.sink.emit(
+        "filled",
+        answer=answer.id,
+        id=node.id,
+        probes=len(filled.probes),
+        groups=filled.widened,
+        latency_ms=confirmed_ms,
+        score=node.score,
+        answer_latency_ms=answer_ms,
+        answer_score=answer.score,
+        chosen=node.id if kept else answer.id,
+    )
+    return (node, confirmed_ms) if kept else (answer, answer_ms)
 
 
 def run_search(

@@ -182,14 +182,29 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
             # the target) the latency it reached.
             if wider_ms <= max(task.target_ms, latency_ms):
                 child, latency_ms, widened_to = wider, wider_ms, multiple
-    model = child.model
+    result.node = tuned_child(
+        context, task, child, latency_ms, fraction=round(fraction, 4), widened_to=widened_to
+    )
+    return result
+
+
+def tuned_child(
+    context: SearchContext,
+    task: ChildTask,
+    child: Pruned,
+    latency_ms: float,
+    **sizing,
+) -> Node:
+    """Fine-tune a sized child `ft_steps`, store its weights under the task's id and score
+    it. `sizing`: the node's fraction, widened_to and filled fields."""
+    parent, model = task.parent, child.model
     # Seeded by what the child is, not by its id: the same child reached in another search (a
     # greedy path inside the tree, a re-run) is fine-tuned the same way and scores the same.
     identity = f"{parent.spec.hash}/{task.move.label}/{child.spec.hash}"
     seed = context.settings.seed + zlib.crc32(identity.encode())
     context.finetune(model, steps=context.settings.ft_steps, seed=seed)
     context.store.put(task.child_id, model.state_dict())
-    result.node = Node(
+    node = Node(
         id=task.child_id,
         parent=parent.id,
         depth=task.depth,
@@ -199,10 +214,9 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
         ratio=latency_ms / task.baseline_ms,
         score=context.score(model),
         within_budget=latency_ms <= task.budget_ms,
-        fraction=round(fraction, 4),
-        widened_to=widened_to,
         params=sum(p.numel() for p in model.parameters()),
         macs=child.macs,
+        **sizing,
     )
-    context.sink.emit("node", **result.node.summary())
-    return result
+    context.sink.emit("node", **node.summary())
+    return node

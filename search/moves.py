@@ -41,6 +41,11 @@ class Move:
     def from_dict(cls, data: dict[str, Any]) -> Move:
         return cls(kind=data["kind"], region=data.get("region"))
 
+    @classmethod
+    def from_label(cls, label: str) -> Move:
+        kind, _, region = label.partition(":")
+        return cls(kind=kind, region=region or None)
+
 
 RemovalPlan = dict[str, list[int]]
 

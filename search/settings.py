@@ -31,6 +31,10 @@ class SearchSettings:
     `select_steps` more and ranked again before the answer is chosen.
     confirm_candidates: how many of the best feasible nodes are confirmed, best first, before
     the best one is trimmed (`confirm_trims` times at most) to fit.
+    fill_probes: an answer confirmed more than `fit_tolerance` under the aim (a latency step
+    below it) is given channels back one group at a time, each widening measured, `fill_probes`
+    measurements at most; the widened answer, tuned as much, replaces it unless it scores
+    lower. 0 turns it off.
     """
 
     strategy: str = "archtree"
@@ -57,6 +61,7 @@ class SearchSettings:
     select_steps: int = 100
     confirm_candidates: int = 3
     confirm_trims: int = 3
+    fill_probes: int = 6
     seed: int = 0
 
     def effective(self) -> SearchSettings:
@@ -99,6 +104,7 @@ class SearchSettings:
             (0.0 < self.max_cut <= 1.0, "--max-cut must be in (0, 1]"),
             (self.select_top >= 1, "--select-top must be at least 1"),
             (self.select_steps >= 0, "--select-steps cannot be negative"),
+            (self.fill_probes >= 0, "--fill-probes cannot be negative (0 turns it off)"),
             (self.confirm_candidates >= 1, "confirm_candidates must be at least 1"),
             (bool(self.move_kinds), f"--moves needs at least one of {', '.join(MOVE_KINDS)}"),
             (

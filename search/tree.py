@@ -32,6 +32,8 @@ class Node:
     macs: float = 0.0
     # The multiple its channel groups were widened to after sizing (settings.widen_to), if any.
     widened_to: int | None = None
+    # The answer it was widened from to fill the budget's slack (engine `_fill_slack`), if any.
+    filled_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -53,6 +55,7 @@ class Node:
             "move": self.move,
             "fraction": self.fraction,
             "widened_to": self.widened_to,
+            "filled_from": self.filled_from,
             "latency_ms": self.latency_ms,
             "ratio": self.ratio,
             "score": self.score,

@@ -171,8 +171,9 @@ def test_a_jobs_events_say_where_its_time_went():
         at(190.0, "depth_done", depth=2),
         at(200.0, "confirm_failed", id="n7"),
         at(230.0, "trim_compared", trimmed="n9", chosen="n8"),
-        at(231.0, "confirmed", id="n8", trims=0),
-        at(245.5, "done", id="n8"),
+        at(236.0, "filled", answer="n8", id="n10", chosen="n10"),
+        at(237.0, "confirmed", id="n10", trims=0),
+        at(245.5, "done", id="n10"),
     ]
     assert job_phases(events) == {
         "start_s": 6.5,
@@ -180,9 +181,13 @@ def test_a_jobs_events_say_where_its_time_went():
         "ending_s": 55.5,
         "confirm_failed": 1,
         "trimmed": True,
+        "filled": True,
     }
     quiet_end = [e for e in events if e["kind"] not in ("confirm_failed", "trim_compared")]
     assert job_phases(quiet_end)["trimmed"] is False
+    # A widened answer that scored lower was not taken.
+    kept_answer = [{**e, "chosen": "n8"} if e["kind"] == "filled" else e for e in events]
+    assert job_phases(kept_answer)["filled"] is False
     # A job that failed before its first depth has no spans to give.
     assert job_phases(events[:2]) == {
         "start_s": None,
@@ -190,6 +195,7 @@ def test_a_jobs_events_say_where_its_time_went():
         "ending_s": None,
         "confirm_failed": 0,
         "trimmed": False,
+        "filled": False,
     }
 
 
@@ -223,7 +229,10 @@ def test_a_searchs_events_keep_what_its_ending_did():
     events.emit("confirm_failed", id="n4", latency_ms=3.6)
     chosen = {"trimmed": "n9", "trimmed_score": 0.9, "confirmed": "n5", "chosen": "n9"}
     events.emit("trim_compared", **chosen)
+    widened = {"answer": "n9", "id": "n10", "groups": ["conv1"], "chosen": "n10"}
+    events.emit("filled", **widened)
     assert events.confirm_failed == [("n4", 3.6)]
     assert events.trim_compared == chosen
+    assert events.filled == widened
     assert events.rerank_steps == 200 and events.baseline["budget_ms"] == 3.5
-    assert [e["kind"] for e in forward.events][-2:] == ["confirm_failed", "trim_compared"]
+    assert [e["kind"] for e in forward.events][-3:] == ["confirm_failed", "trim_compared", "filled"]

@@ -208,8 +208,10 @@ def _small_child(context):
 
 def _confirm_scene(next_best_score: float):
     """A finished search whose best node cannot confirm and whose next best can."""
-    # No re-ranking steps: the planted scores stay as they are.
-    context = make_context(select_steps=0)
+    # No re-ranking steps: the planted scores stay as they are. Here and in the tests below
+    # that plant nodes, no widening of the answer (tests/test_fill.py): the planted nodes sit
+    # far under their budgets.
+    context = make_context(select_steps=0, fill_probes=0)
     state = start(context, parse_budget("80%"))
     # The best-scoring node claims half the baseline but is the unpruned architecture: its
     # confirmation measures about the baseline, far above the budget. The small one times at
@@ -265,7 +267,7 @@ def test_the_best_trimmed_to_fit_is_taken_over_a_next_best_that_scores_lower():
 
 
 def test_an_answer_no_candidate_confirms_is_trimmed_with_the_strategys_own_move():
-    context = make_context(strategy="uniform", confirm_candidates=1)
+    context = make_context(strategy="uniform", confirm_candidates=1, fill_probes=0)
     state = start(context, parse_budget("80%"))
     _plant(
         state, context, "n90", state.root.spec, context.base_model, 0.5 * state.baseline_ms, 0.99
@@ -296,7 +298,7 @@ def test_the_best_candidates_are_tuned_further_and_ranked_again_before_the_answe
     from search.expansion import MoveApplier
     from search.latency_estimate import LatencyEstimate
 
-    context = make_context(select_top=2, select_steps=30)
+    context = make_context(select_top=2, select_steps=30, fill_probes=0)
     # Both planted architectures time at 0.5-0.6 of the unpruned model at batch 1: a 90 %
     # budget lets each confirm, so the answer is decided by the re-ranking alone.
     state = start(context, parse_budget("90%"))
@@ -325,7 +327,7 @@ def test_the_best_candidates_are_tuned_further_and_ranked_again_before_the_answe
 def test_candidates_retuned_elsewhere_are_ranked_by_those_results_without_tuning_again():
     # As on the service: each candidate is retuned by its own task, its weights kept apart
     # (under an attempt's id) until finish takes the results.
-    context = make_context(select_top=2, select_steps=20)
+    context = make_context(select_top=2, select_steps=20, fill_probes=0)
     state = start(context, parse_budget("90%"))
     small = _small_child(context)
     _plant(state, context, "n90", small.spec, small.model, 0.3 * state.baseline_ms, 0.9)
@@ -352,7 +354,7 @@ def test_candidates_retuned_elsewhere_are_ranked_by_those_results_without_tuning
 
 
 def test_a_lone_candidate_is_tuned_as_much_as_the_best_of_many():
-    context = make_context(select_steps=10)
+    context = make_context(select_steps=10, fill_probes=0)
     state = start(context, parse_budget("90%"))
     small = _small_child(context)
     _plant(state, context, "n90", small.spec, small.model, 0.3 * state.baseline_ms, 0.5)

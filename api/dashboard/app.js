@@ -13,7 +13,7 @@ const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
 const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
   "child_skipped", "child_merged", "depth_done", "retuned", "reranked", "confirm_failed",
-  "trim_compared",
+  "trim_compared", "filled",
   "confirmed", "final_finetune", "done", "cancel_requested",
 ];
 // Events after which the job's progress and tree have changed.
@@ -413,6 +413,12 @@ function describe(event) {
           `${ms(event.trimmed_latency_ms)}`
         : "best cannot be trimmed further") +
         `; ${event.confirmed} scores ${decimal(event.confirmed_score)}: answer ${event.chosen}`;
+    case "filled":
+      return event.id === null
+        ? `${event.answer} well under the aim; no group could be widened within it`
+        : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}): ` +
+          `${ms(event.latency_ms)}, score ${decimal(event.score)} ` +
+          `(was ${decimal(event.answer_score)}): answer ${event.chosen}`;
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
     case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;

@@ -1,0 +1,98 @@
+"""Filling the slack: give channels back to an answer that landed well under its target.
+
+A convolution's latency jumps with its width (kernels compute in blocks of channels), and a
+move sizes every group of its scope at once, so the last step of a path can land far under
+its target: the next fraction up crosses a step in several groups together and is over it.
+Given back one group at a time, a block of channels at a time, the widths in between are
+found by measuring: each widening that stays under the target is kept, until the answer is
+within `tolerance` of the target or the probes are spent.
+
+Pure algorithm: the caller builds and measures the candidates (`measure` takes the removal
+counts per group of the parent and returns a latency in ms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RemovalCounts = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Widening:
+    """One group given back channels: from `removed` removed to `removed_after`."""
+
+    group: str
+    removed: int
+    removed_after: int
+    value: float  # importance given back per predicted ms it costs
+
+
+@dataclass
+class FillResult:
+    counts: RemovalCounts
+    latency_ms: float
+    # (group, measured ms, kept) for each widening measured, in order.
+    probes: list[tuple[str, float, bool]] = field(default_factory=list)
+
+    @property
+    def widened(self) -> list[str]:
+        return [group for group, _, kept in self.probes if kept]
+
+
+def widenings(
+    sizes: Mapping[str, int],
+    removed: Mapping[str, int],
+    importance: Mapping[str, np.ndarray],
+    ms_per_channel: Mapping[str, float],
+    block: int,
+) -> list[Widening]:
+    """For each group that lost channels, its width raised to the next multiple of `block`
+    (by at most what it lost), most importance given back per predicted ms first.
+
+    `importance` is the parent's, per channel; a group gives back its most important removed
+    channels first, as it removed its least important first."""
+    steps = []
+    for name, count in removed.items():
+        if count <= 0:
+            continue
+        keep = sizes[name] - count
+        wider = (keep // block + 1) * block if block > 1 else keep + 1
+        removed_after = max(0, sizes[name] - wider)
+        order = np.sort(importance[name])
+        given_back = float(order[removed_after:count].sum())
+        cost = (count - removed_after) * ms_per_channel.get(name, 0.0)
+        value = given_back / cost if cost > 0 else math.inf
+        steps.append(Widening(name, count, removed_after, value))
+    return sorted(steps, key=lambda step: -step.value)
+
+
+def fill(
+    removed: Mapping[str, int],
+    latency_ms: float,
+    steps: list[Widening],
+    measure: Callable[[RemovalCounts], float],
+    target_ms: float,
+    *,
+    tolerance: float,
+    max_probes: int,
+) -> FillResult:
+    """Apply `steps` in order, keeping each whose measured latency stays at or under
+    `target_ms`; stop once within `tolerance` under it or after `max_probes` measurements.
+    Returns the counts reached (those given when no widening fits) and their latency."""
+    counts = dict(removed)
+    result = FillResult(counts=counts, latency_ms=latency_ms)
+    for step in steps:
+        if len(result.probes) >= max_probes or result.latency_ms >= target_ms * (1 - tolerance):
+            break
+        trial = {**result.counts, step.group: step.removed_after}
+        trial_ms = measure(trial)
+        kept = trial_ms <= target_ms
+        result.probes.append((step.group, trial_ms, kept))
+        if kept:
+            result.counts, result.latency_ms = trial, trial_ms
+    return result

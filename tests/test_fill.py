@@ -1,0 +1,121 @@
+"""Filling the slack an answer leaves under its budget: channels given back a group at a time.
+
+The planning (search/fill.py) is tested on its own numbers; the engine's use of it on a real
+ResNet timed by a cost model of a device whose convolutions work in blocks of 8 channels
+(tests/cost_model_device.py), so that the latency of every width is known exactly.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from archtree_cli.progress import ConsoleProgress
+from search.budget import parse_budget
+from search.engine import run_search
+from search.fill import Widening, fill, widenings
+from tests.cost_model_device import BlockedConvDevice
+from tests.test_widening import conv_widths, make_context
+
+
+def test_each_group_is_given_back_up_to_its_next_block_most_importance_per_ms_first():
+    sizes = {"a": 32, "b": 16, "c": 24, "d": 8}
+    # a keeps 20 (to 24), b keeps 13 (to 16), c keeps 16 (to 24), d lost nothing.
+    removed = {"a": 12, "b": 3, "c": 8, "d": 0}
+    importance = {name: np.arange(1.0, size + 1.0) for name, size in sizes.items()}
+    ms_per_channel = {"a": 1.0, "b": 0.1, "c": 1.0, "d": 1.0}
+    steps = widenings(sizes, removed, importance, ms_per_channel, block=8)
+    # Importance given back per predicted ms: b 1+2+3 for 0.3 ms (20), a its channels 9-12
+    # (the most important of those it removed) for 4 ms (10.5), c 1-8 for 8 ms (4.5).
+    assert [(s.group, s.removed, s.removed_after) for s in steps] == [
+        ("b", 3, 0),
+        ("a", 12, 8),
+        ("c", 8, 0),
+    ]
+    assert [s.value for s in steps] == pytest.approx([20.0, 10.5, 4.5])
+    # A block of 1 gives back one channel at a time.
+    (one,) = widenings({"a": 32}, {"a": 12}, importance, ms_per_channel, block=1)
+    assert one.removed_after == 11
+
+
+def test_widenings_are_kept_only_under_the_target_until_the_answer_is_near_it():
+    cost = {"a": 1.0, "b": 5.0, "c": 2.0, "d": 0.5}
+    steps = [Widening(name, 4, 0, 1.0) for name in "abcd"]
+    measured = []
+
+    def measure(counts):
+        measured.append(dict(counts))
+        return 10.0 + sum(cost[name] for name, n in counts.items() if n == 0)
+
+    result = fill(
+        {name: 4 for name in "abcd"}, 10.0, steps, measure, 13.5, tolerance=0.05, max_probes=6
+    )
+    # a fits (11), b does not (16), c fits (13, within 5 % of 13.5): d is never tried.
+    assert result.counts == {"a": 0, "b": 4, "c": 0, "d": 4}
+    assert result.latency_ms == 13.0
+    assert result.widened == ["a", "c"]
+    assert [group for group, _, _ in result.probes] == ["a", "b", "c"]
+    assert len(measured) == 3
+
+    few = fill(
+        {name: 4 for name in "abcd"}, 10.0, steps, measure, 13.5, tolerance=0.05, max_probes=2
+    )
+    assert few.counts == {"a": 0, "b": 4, "c": 4, "d": 4} and len(few.probes) == 2
+    # Nothing fits: the answer stays as it was.
+    none = fill({"b": 4}, 10.0, steps[1:2], measure, 13.5, tolerance=0.05, max_probes=6)
+    assert none.counts == {"b": 4} and none.latency_ms == 10.0 and none.widened == []
+
+
+def _search(budget: str, **settings):
+    context = make_context(BlockedConvDevice(8), select_steps=2, **settings)
+    return context, run_search(context, parse_budget(budget))
+
+
+def test_an_answer_under_a_latency_step_is_widened_a_group_at_a_time_within_the_budget():
+    # At 60 % a uniform cut lands at 0.85 of the budget on this device: one more channel in
+    # every group crosses a block in several of them at once.
+    context, outcome = _search("60%")
+    state = outcome.state
+    (filled,) = [e for e in context.sink.events if e["kind"] == "filled"]
+    answer, widened = state.nodes[filled["answer"]], state.nodes[filled["id"]]
+    assert filled["answer_latency_ms"] < 0.9 * state.budget_ms
+    assert widened.filled_from == answer.id and widened.parent == answer.parent
+    # Wider in the groups it names and nowhere narrower; faster than the budget, slower than
+    # the answer it was widened from.
+    before, after = conv_widths(answer.spec), conv_widths(widened.spec)
+    assert all(after[name] >= width for name, width in before.items())
+    assert filled["groups"] and all(after[g] > before[g] for g in filled["groups"])
+    assert all(
+        after[g] % 8 == 0 or after[g] == conv_widths(state.root.spec)[g] for g in filled["groups"]
+    )
+    assert filled["answer_latency_ms"] < filled["latency_ms"] <= state.budget_ms * (1 - 0.03)
+    # Tuned as the answer was, and taken unless it scores lower.
+    assert any(
+        e["kind"] == "reranked" and [n["id"] for n in e["nodes"]] == [widened.id]
+        for e in context.sink.events
+    )
+    taken = filled["score"] >= filled["answer_score"]
+    assert filled["chosen"] == outcome.answer.id == (widened.id if taken else answer.id)
+    assert outcome.confirmed_latency_ms == (
+        filled["latency_ms"] if taken else filled["answer_latency_ms"]
+    )
+    stream = io.StringIO()
+    ConsoleProgress(stream).emit(**filled)
+    assert f"{widened.id}: {answer.id} widened in {filled['groups'][0]}" in stream.getvalue()
+
+    # Turned off, the search ends on the answer below the step.
+    context, outcome = _search("60%", fill_probes=0)
+    assert not [e for e in context.sink.events if e["kind"] == "filled"]
+    assert outcome.answer.id == answer.id
+    assert outcome.confirmed_latency_ms == filled["answer_latency_ms"]
+
+
+def test_an_answer_near_its_aim_is_not_widened():
+    # At 40 % the uniform cut lands within the fit tolerance of the aim.
+    context, outcome = _search("40%")
+    aim_ms = outcome.state.budget_ms * (1 - 0.03)
+    assert outcome.confirmed_latency_ms >= aim_ms * (1 - 0.01)
+    assert not [e for e in context.sink.events if e["kind"] == "filled"]
+    assert outcome.answer.filled_from is None
