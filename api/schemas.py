@@ -51,7 +51,7 @@ class SearchSettingsIn(BaseModel):
     )
     fill_probes: int | None = Field(
         None,
-        description="An answer well under the aim is given channels back a group at a time, "
+        description="An answer well under the aim is given channels back group by group, "
         "each widening measured, this many at most (0 = off).",
     )
     final_epochs: float | None = Field(
@@ -250,7 +250,7 @@ class TreeNode(BaseModel):
     )
     filled_from: str | None = Field(
         None,
-        description="The answer it was made from by giving channels back, a group at a time, "
+        description="The answer it was made from by giving channels back, group by group, "
         "to use the budget that answer left (search setting fill_probes); null when not.",
     )
     latency_ms: float

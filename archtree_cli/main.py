@@ -128,7 +128,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "--fill-probes",
         type=int,
         default=defaults.fill_probes,
-        help="an answer well under the aim is given channels back a group at a time, each "
+        help="an answer well under the aim is given channels back group by group, each "
         "widening measured, this many at most (0 = off; default %(default)s)",
     )
     group.add_argument(

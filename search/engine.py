@@ -35,8 +35,10 @@ from search.pruning import total_macs
 from search.settings import SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
 
-# Channels given back at a time when filling the slack, where widen_to is off.
+# Filling the slack: channels given back at a time where widen_to is off, and how much lower
+# than the answer's the widened answer's score may be and still replace it.
 FILL_BLOCK = 8
+FILL_SCORE_SLACK = 0.005
 
 
 @dataclass
@@ -434,9 +436,11 @@ def _fill_slack(
     context: SearchContext, state: SearchState, answer: Node, answer_ms: float
 ) -> tuple[Node, float]:
     """An answer confirmed more than `fit_tolerance` under the aim is rebuilt from its parent
-    with channels given back one group at a time (search/fill.py), each widening measured.
-    The widened node is tuned as the answer was (`ft_steps`, then `select_steps`) and
-    confirmed; it replaces the answer when it confirms under the budget and scores no lower.
+    with channels given back group by group (search/fill.py), each widening measured. The
+    widened node is tuned as the answer was (`ft_steps`, then `select_steps`) and confirmed;
+    it replaces the answer when it confirms under the budget and scores no more than
+    `FILL_SCORE_SLACK` lower: it holds every channel the answer does, and two scores on the
+    calibration split differ by that much by chance.
     Returns the answer and its confirmed latency, widened or not."""
     settings = context.settings
     aim_ms = settings.aim_ms(state.budget_ms)
@@ -512,7 +516,7 @@ def _fill_slack(
     if settings.select_steps > 0:
         _apply_retuned(context, state, [node], [retune(context, node)])
     confirmed_ms = _confirm(context, state, node)
-    kept = confirmed_ms <= state.budget_ms and node.score >= answer.score
+    kept = confirmed_ms <= state.budget_ms and node.score >= answer.score - FILL_SCORE_SLACK
     context.sink.emit(
         "filled",
         answer=answer.id,

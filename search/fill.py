@@ -3,9 +3,11 @@
 A convolution's latency jumps with its width (kernels compute in blocks of channels), and a
 move sizes every group of its scope at once, so the last step of a path can land far under
 its target: the next fraction up crosses a step in several groups together and is over it.
-Given back one group at a time, a block of channels at a time, the widths in between are
-found by measuring: each widening that stays under the target is kept, until the answer is
-within `tolerance` of the target or the probes are spent.
+Given back group by group, a block of channels in each, the widths in between are found
+by measuring. The widenings are ordered by importance given back per predicted ms; the
+longest run of them that stays under the target is found by bisection on its length, so a
+model with many groups needs few probes, and the ones after it are then tried alone, until
+the answer is within `tolerance` of the target or the probes are spent.
 
 Pure algorithm: the caller builds and measures the candidates (`measure` takes the removal
 counts per group of the parent and returns a latency in ms).
@@ -36,12 +38,12 @@ class Widening:
 class FillResult:
     counts: RemovalCounts
     latency_ms: float
-    # (group, measured ms, kept) for each widening measured, in order.
-    probes: list[tuple[str, float, bool]] = field(default_factory=list)
+    # (groups widened together, measured ms, kept) for each probe, in order.
+    probes: list[tuple[list[str], float, bool]] = field(default_factory=list)
 
     @property
     def widened(self) -> list[str]:
-        return [group for group, _, kept in self.probes if kept]
+        return [group for groups, _, kept in self.probes if kept for group in groups]
 
 
 def widenings(
@@ -81,18 +83,35 @@ def fill(
     tolerance: float,
     max_probes: int,
 ) -> FillResult:
-    """Apply `steps` in order, keeping each whose measured latency stays at or under
-    `target_ms`; stop once within `tolerance` under it or after `max_probes` measurements.
-    Returns the counts reached (those given when no widening fits) and their latency."""
-    counts = dict(removed)
-    result = FillResult(counts=counts, latency_ms=latency_ms)
-    for step in steps:
-        if len(result.probes) >= max_probes or result.latency_ms >= target_ms * (1 - tolerance):
-            break
-        trial = {**result.counts, step.group: step.removed_after}
+    """Give back the longest run of `steps`, in order, that measures at or under `target_ms`,
+    found by bisection on its length (more groups widened cost more, give or take a latency
+    step), then try the steps after the one that broke it one at a time. Stops once within
+    `tolerance` under the target or after `max_probes` measurements. Returns the counts
+    reached (those given when no widening fits) and their latency."""
+    result = FillResult(counts=dict(removed), latency_ms=latency_ms)
+
+    def searching() -> bool:
+        return len(result.probes) < max_probes and result.latency_ms < target_ms * (1 - tolerance)
+
+    def probe(widened: list[Widening]) -> bool:
+        trial = {**result.counts, **{step.group: step.removed_after for step in widened}}
         trial_ms = measure(trial)
         kept = trial_ms <= target_ms
-        result.probes.append((step.group, trial_ms, kept))
+        result.probes.append(([step.group for step in widened], trial_ms, kept))
         if kept:
             result.counts, result.latency_ms = trial, trial_ms
+        return kept
+
+    # The first `low` steps are given back; `high` or more are known to be over the target.
+    low, high = 0, len(steps) + 1
+    while high - low > 1 and searching():
+        length = len(steps) if high > len(steps) else (low + high) // 2
+        if probe(steps[low:length]):
+            low = length
+        else:
+            high = length
+    for step in steps[high:]:
+        if not searching():
+            break
+        probe([step])
     return result

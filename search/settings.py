@@ -32,9 +32,9 @@ class SearchSettings:
     confirm_candidates: how many of the best feasible nodes are confirmed, best first, before
     the best one is trimmed (`confirm_trims` times at most) to fit.
     fill_probes: an answer confirmed more than `fit_tolerance` under the aim (a latency step
-    below it) is given channels back one group at a time, each widening measured, `fill_probes`
+    below it) is given channels back group by group, each widening measured, `fill_probes`
     measurements at most; the widened answer, tuned as much, replaces it unless it scores
-    lower. 0 turns it off.
+    more than half a point lower. 0 turns it off.
     """
 
     strategy: str = "archtree"
@@ -61,7 +61,7 @@ class SearchSettings:
     select_steps: int = 100
     confirm_candidates: int = 3
     confirm_trims: int = 3
-    fill_probes: int = 6
+    fill_probes: int = 8
     seed: int = 0
 
     def effective(self) -> SearchSettings:
