@@ -193,10 +193,13 @@ def tuned_child(
     task: ChildTask,
     child: Pruned,
     latency_ms: float,
-    **sizing,
+    *,
+    fraction: float | None,
+    widened_to: int | None = None,
+    filled_from: str | None = None,
 ) -> Node:
     """Fine-tune a sized child `ft_steps`, store its weights under the task's id and score
-    it. `sizing`: the node's fraction, widened_to and filled fields."""
+    it; the keywords are the Node fields of how it was sized."""
     parent, model = task.parent, child.model
     # Seeded by what the child is, not by its id: the same child reached in another search (a
     # greedy path inside the tree, a re-run) is fine-tuned the same way and scores the same.
@@ -216,7 +219,9 @@ def tuned_child(
         within_budget=latency_ms <= task.budget_ms,
         params=sum(p.numel() for p in model.parameters()),
         macs=child.macs,
-        **sizing,
+        fraction=fraction,
+        widened_to=widened_to,
+        filled_from=filled_from,
     )
     context.sink.emit("node", **node.summary())
     return node
