@@ -159,23 +159,29 @@ def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
             needed_ms=parent.latency_ms - target_ms,
             max_cut=settings.max_cut,
         )
-        for move in moves:
-            tasks.append(
-                ChildTask(
-                    child_id=f"n{state.next_id}",
-                    parent=parent,
-                    move=move,
-                    target_ms=target_ms,
-                    depth=depth,
-                    baseline_ms=state.baseline_ms,
-                    baseline_macs=state.baseline_macs,
-                    budget_ms=state.budget_ms,
-                    observations=list(state.observations),
-                )
-            )
-            state.next_id += 1
+        tasks.extend(_child_task(state, parent, move, target_ms, depth) for move in moves)
     context.sink.emit("depth_started", depth=depth, children=len(tasks))
     return tasks
+
+
+def _child_task(
+    state: SearchState, parent: Node, move: Move, target_ms: float, depth: int
+) -> ChildTask:
+    """A task for a new child of `parent`, under the next node id, with the job's baseline,
+    budget and latency observations."""
+    task = ChildTask(
+        child_id=f"n{state.next_id}",
+        parent=parent,
+        move=move,
+        target_ms=target_ms,
+        depth=depth,
+        baseline_ms=state.baseline_ms,
+        baseline_macs=state.baseline_macs,
+        budget_ms=state.budget_ms,
+        observations=list(state.observations),
+    )
+    state.next_id += 1
+    return task
 
 
 def advance(context: SearchContext, state: SearchState, results: list[ChildResult]) -> SearchState:
@@ -391,18 +397,13 @@ def _trim(
 ) -> Node | None:
     """Remove a few more channels from a node that confirmed above budget (None when no
     further pruning reaches its target)."""
-    task = ChildTask(
-        child_id=f"n{state.next_id}",
-        parent=Node(**{**node.__dict__, "latency_ms": measured_ms}),
-        move=trim_move(context.settings),
-        target_ms=context.settings.aim_ms(state.budget_ms),
-        depth=node.depth + 1,
-        baseline_ms=state.baseline_ms,
-        baseline_macs=state.baseline_macs,
-        budget_ms=state.budget_ms,
-        observations=list(state.observations),
+    task = _child_task(
+        state,
+        Node(**{**node.__dict__, "latency_ms": measured_ms}),
+        trim_move(context.settings),
+        context.settings.aim_ms(state.budget_ms),
+        node.depth + 1,
     )
-    state.next_id += 1
     result = evaluate_child(context, task)
     state.measurements += result.measurements
     state.cache_hits += result.cache_hits
@@ -491,18 +492,7 @@ def _fill_slack(
     if not filled.widened:
         context.sink.emit("filled", answer=answer.id, id=None, probes=len(filled.probes))
         return answer, answer_ms
-    task = ChildTask(
-        child_id=f"n{state.next_id}",
-        parent=parent,
-        move=move,
-        target_ms=aim_ms,
-        depth=answer.depth,
-        baseline_ms=state.baseline_ms,
-        baseline_macs=state.baseline_macs,
-        budget_ms=state.budget_ms,
-        observations=list(state.observations),
-    )
-    state.next_id += 1
+    task = _child_task(state, parent, move, aim_ms, answer.depth)
     node = tuned_child(
         context,
         task,
