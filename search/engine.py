@@ -274,8 +274,8 @@ def finish(
     confirm, it is also trimmed to fit, and the trimmed node, tuned as much, competes with
     the one that confirmed: a few channels off the best can cost less accuracy than a
     candidate points behind, or more, when a deeply pruned model's next latency step is far
-    below the budget. An answer confirmed well under the aim is then widened a group at a
-    time to use what it left of the budget (`_fill_slack`).
+    below the budget. An answer confirmed well under the aim is then widened group by group
+    to use what it left of the budget (`_fill_slack`).
     """
     settings = context.settings
     ranked = state.ranked_within_budget()
