@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from latency.allocator import steady_allocator
+
 
 def device_fingerprint(
     device: str,
@@ -21,7 +23,8 @@ def device_fingerprint(
     input_shape: tuple[int, ...] | None,
     device_class: str | None = None,
 ) -> dict[str, Any]:
-    """Device class, host, hardware, runtime and versions, threads, batch, dtype, input shape.
+    """Device class, host, hardware, runtime and versions, threads, allocator, batch, dtype and
+    input shape.
 
     `device` is a torch device string ("cpu", "cuda"); `device_class` names the target
     (defaults to "local" for the CPU and "local:<device>" otherwise).
@@ -36,6 +39,7 @@ def device_fingerprint(
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "threads": threads,
+        "allocator": steady_allocator(),
         "batch_size": batch_size,
         "dtype": dtype,
         "input_shape": list(input_shape) if input_shape is not None else None,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from latency.allocator import steady_allocator
 from search.interfaces import TimingStats
 
 # IQR of a normal distribution is 1.349 standard deviations; dividing by it makes the robust CV
@@ -139,7 +140,9 @@ def ratio_standard_error(candidate_ns: Sequence[int], reference_ns: Sequence[int
 
 @contextmanager
 def _timing_context(models: Sequence[nn.Module], threads: int) -> Iterator[None]:
-    """Inference mode, eval mode and a fixed thread count; previous state restored after."""
+    """Inference mode, eval mode, a fixed thread count and a steady allocator; the thread count
+    and modes are restored after."""
+    steady_allocator()
     previous_threads = torch.get_num_threads()
     was_training = [model.training for model in models]
     torch.set_num_threads(threads)
