@@ -112,6 +112,27 @@ def test_eval_mode_during_timing_and_training_mode_restored() -> None:
     assert model.training
 
 
+def test_garbage_collector_off_during_timing_and_restored() -> None:
+    import gc
+
+    model = nn.Linear(4, 4)
+    seen: list[bool] = []
+    model.register_forward_hook(lambda *_: seen.append(gc.isenabled()))
+    assert gc.isenabled()
+    time_interleaved(model, model, torch.randn(1, 4), FAST)
+    assert seen and not any(seen)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        time_model(model, torch.randn(1, 4), FAST)
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="boom"):
+        time_model(Failing(), torch.ones(1), FAST)
+    assert gc.isenabled()
+
+
 def test_interleaving_alternates_which_model_goes_first() -> None:
     log: list[tuple[str, int]] = []
     settings = TimingSettings(
