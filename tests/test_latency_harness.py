@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from latency.allocator import steady_allocator
 from latency.harness import (
     TimingSettings,
     ratio_standard_error,
@@ -113,8 +118,6 @@ def test_eval_mode_during_timing_and_training_mode_restored() -> None:
 
 
 def test_garbage_collector_off_during_timing_and_restored() -> None:
-    import gc
-
     model = nn.Linear(4, 4)
     seen: list[bool] = []
     model.register_forward_hook(lambda *_: seen.append(gc.isenabled()))
@@ -228,10 +231,6 @@ print(sorted(per_run)[3])
 
 
 def _page_faults_per_run(mode: str) -> float:
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-c", _PAGE_FAULTS_PER_RUN, mode],
@@ -247,8 +246,6 @@ def _page_faults_per_run(mode: str) -> float:
 def test_timing_reuses_activation_memory_between_runs() -> None:
     """In a fresh process glibc maps a model's activations afresh at every run, a page fault
     per 4 KiB; once the harness has timed, runs reuse the memory and barely fault."""
-    from latency.allocator import steady_allocator
-
     if steady_allocator() != "glibc-steady":
         pytest.skip("the C library is not glibc: its allocator is left as it is")
     # 4 x 32 x 64 x 64 floats: 2 MiB of activations per layer, 512 pages. The median over
