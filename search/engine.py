@@ -466,7 +466,7 @@ def _fill_slack(
         {name: group.size for name, group in groups.items()},
         removed,
         applier.importance,
-        {name: g.macs_per_channel * estimate.ms_per_mac(g.region) for name, g in groups.items()},
+        {name: estimate.ms_per_channel(group) for name, group in groups.items()},
         settings.widen_to if settings.widen_to > 1 else FILL_BLOCK,
     )
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search.pruning import ChannelGroup
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class LatencyEstimate:
         if region is None:
             return self.network_ms_per_mac
         return self._region_ms_per_mac.get(region, self.network_ms_per_mac)
+
+    def ms_per_channel(self, group: ChannelGroup) -> float:
+        """Predicted ms one channel of `group` costs."""
+        return group.macs_per_channel * self.ms_per_mac(group.region)
 
 
 def _ratio(observations: list[Observation], prior: float) -> float:

@@ -103,7 +103,9 @@ def _ranked_counts(
         limit = min(group.removable, int(max_cut * group.size))
         candidates = np.sort(importance[group.name])[:limit]
         if move.kind == "latency":
-            ms_per_channel = group.macs_per_channel * _ms_per_mac(estimate, group.region)
+            ms_per_channel = (
+                estimate.ms_per_channel(group) if estimate is not None else group.macs_per_channel
+            )
             candidates = candidates / max(ms_per_channel, 1e-12)
         keys.append(candidates)
         owners.append(np.full(len(candidates), index))
@@ -112,10 +114,6 @@ def _ranked_counts(
     chosen = all_owners[np.argsort(all_keys, kind="stable")[:total]]
     counts = np.bincount(chosen, minlength=len(groups))
     return {group.name: int(counts[i]) for i, group in enumerate(groups)}
-
-
-def _ms_per_mac(estimate: LatencyEstimate | None, region: str) -> float:
-    return estimate.ms_per_mac(region) if estimate is not None else 1.0
 
 
 def plan_macs_saved(pruner: PrunableModel, plan: RemovalPlan) -> float:
@@ -128,9 +126,8 @@ def predicted_ms_saved(
     pruner: PrunableModel, plan: RemovalPlan, estimate: LatencyEstimate
 ) -> float:
     return sum(
-        len(idx) * g.macs_per_channel * estimate.ms_per_mac(g.region)
+        len(idx) * estimate.ms_per_channel(pruner.groups_by_name[name])
         for name, idx in plan.items()
-        for g in [pruner.groups_by_name[name]]
     )
 
 
