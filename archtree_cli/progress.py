@@ -98,8 +98,8 @@ class ConsoleProgress:
                 self._print(
                     f"{data['id']}: {data['answer']} widened in {', '.join(data['groups'])} "
                     f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), score "
-                    f"{data['score']:.4f} (was {data['answer_score']:.4f}): {data['chosen']} "
-                    "is the answer"
+                    f"{data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
+                    f"{data['chosen']} is the answer"
                 )
         elif kind == "confirmed":
             self._print(
@@ -108,3 +108,10 @@ class ConsoleProgress:
             )
         elif kind == "final_finetune":
             self._print(f"final fine-tune: {data['epochs']:g} epochs with distillation")
+
+
+def _gap(data: dict[str, Any]) -> str:
+    """The widened answer's paired score gap, in points with two standard errors."""
+    if data.get("score_gap") is None or data.get("score_gap_se") is None:
+        return ""
+    return f"; {100 * data['score_gap']:+.1f} +- {200 * data['score_gap_se']:.1f} points"

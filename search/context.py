@@ -14,7 +14,7 @@ from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNod
 from search.model_source import ModelRef
 from search.pruning import output_positions
 from search.settings import SearchSettings
-from search.training import accuracy, fidelity, logits, train
+from search.training import accuracy, correct, logits, sample_fidelity, train
 
 
 @dataclass
@@ -71,9 +71,14 @@ class SearchContext:
 
     def score(self, model: nn.Module) -> float:
         """Accuracy on the calibration split, or fidelity to the unpruned model without labels."""
+        return float(self.sample_scores(model).mean())
+
+    def sample_scores(self, model: nn.Module) -> torch.Tensor:
+        """The score of each calibration sample (correct or not, or minus its divergence from
+        the unpruned model without labels): `score` is their mean."""
         if self.data.labelled:
-            return accuracy(model, self.data.calib_x, self.data.calib_y)
-        return fidelity(model, self.calib_reference_logits, self.data.calib_x)
+            return correct(model, self.data.calib_x, self.data.calib_y)
+        return sample_fidelity(model, self.calib_reference_logits, self.data.calib_x)
 
     def validation_accuracy(self, model: nn.Module) -> float | None:
         if not self.data.labelled:

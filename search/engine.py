@@ -32,13 +32,16 @@ from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves, least_important
 from search.pruning import total_macs
+from search.score_gap import paired_gap
 from search.settings import SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
 
-# Filling the slack: channels given back at a time where widen_to is off, and how much lower
-# than the answer's the widened answer's score may be and still replace it.
+# Filling the slack: channels given back at a time where widen_to is off. The widened answer
+# replaces the answer unless it scores lower by more than FILL_SCORE_SLACK and by more than
+# FILL_SCORE_Z standard errors of the paired difference (search/score_gap.py).
 FILL_BLOCK = 8
 FILL_SCORE_SLACK = 0.005
+FILL_SCORE_Z = 2.0
 
 
 @dataclass
@@ -439,9 +442,10 @@ def _fill_slack(
     """An answer confirmed more than `fit_tolerance` under the aim is rebuilt from its parent
     with channels given back group by group (search/fill.py), each widening measured. The
     widened node is tuned as the answer was (`ft_steps`, then `select_steps`) and confirmed;
-    it replaces the answer when it confirms under the budget and scores no more than
-    `FILL_SCORE_SLACK` lower: it holds every channel the answer does, and two scores on the
-    calibration split differ by that much by chance.
+    it replaces the answer when it confirms under the budget and does not score clearly lower
+    (by more than `FILL_SCORE_SLACK` and than `FILL_SCORE_Z` standard errors, judged sample by
+    sample on the calibration split): it holds every channel the answer does, and two models'
+    scores on a few hundred images differ by a point or more by chance.
     Returns the answer and its confirmed latency, widened or not."""
     settings = context.settings
     aim_ms = settings.aim_ms(state.budget_ms)
@@ -506,7 +510,11 @@ def _fill_slack(
     if settings.select_steps > 0:
         _apply_retuned(context, state, [node], [retune(context, node)])
     confirmed_ms = _confirm(context, state, node)
-    kept = confirmed_ms <= state.budget_ms and node.score >= answer.score - FILL_SCORE_SLACK
+    gap = paired_gap(
+        context.sample_scores(context.build(node.spec, context.store.get(node.id))),
+        context.sample_scores(context.build(answer.spec, context.store.get(answer.id))),
+    )
+    kept = confirmed_ms <= state.budget_ms and not gap.clearly_below(FILL_SCORE_SLACK, FILL_SCORE_Z)
     context.sink.emit(
         "filled",
         answer=answer.id,
@@ -517,6 +525,8 @@ def _fill_slack(
         score=node.score,
         answer_latency_ms=answer_ms,
         answer_score=answer.score,
+        score_gap=gap.difference,
+        score_gap_se=gap.standard_error,
         chosen=node.id if kept else answer.id,
     )
     return (node, confirmed_ms) if kept else (answer, answer_ms)

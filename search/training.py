@@ -143,8 +143,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy of `model` on (x, y), in [0, 1]."""
     if len(x) == 0:
         return 0.0
-    predictions = logits(model, x, batch_size).argmax(dim=1)
-    return float((predictions == y).float().mean())
+    return float(correct(model, x, y, batch_size).mean())
+
+
+def correct(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """1.0 where `model`'s top-1 prediction on a sample of `x` is its label in `y`, else 0.0."""
+    return (logits(model, x, batch_size).argmax(dim=1) == y).float()
 
 
 def fidelity(
@@ -154,3 +160,12 @@ def fidelity(
     if len(x) == 0:
         return 0.0
     return -float(_kl(reference_logits, logits(model, x, batch_size)))
+
+
+def sample_fidelity(
+    model: nn.Module, reference_logits: torch.Tensor, x: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """Minus each sample's KL(softmax(reference) || softmax(model)): their mean is `fidelity`."""
+    log_p = F.log_softmax(logits(model, x, batch_size), dim=1)
+    log_q = F.log_softmax(reference_logits, dim=1)
+    return -(log_q.exp() * (log_q - log_p)).sum(dim=1)

@@ -50,6 +50,12 @@ const ms = (value) =>
 const percent = (value) => (value == null ? "—" : `${(100 * value).toFixed(1)} %`);
 const decimal = (value, digits = 3) => (value == null ? "—" : value.toFixed(digits));
 const count = (value) => (value == null ? "—" : value.toLocaleString("en-US"));
+// A widened answer's score gap to the answer, in points with two standard errors.
+const scoreGap = (event) =>
+  event.score_gap == null || event.score_gap_se == null
+    ? ""
+    : `; ${event.score_gap >= 0 ? "+" : "−"}${Math.abs(100 * event.score_gap).toFixed(1)} ± ` +
+      `${(200 * event.score_gap_se).toFixed(1)} points`;
 
 function compact(value) {
   if (value == null) return "—";
@@ -418,7 +424,7 @@ function describe(event) {
         ? `${event.answer} well under the aim; no group could be widened within it`
         : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}): ` +
           `${ms(event.latency_ms)}, score ${decimal(event.score)} ` +
-          `(was ${decimal(event.answer_score)}): answer ${event.chosen}`;
+          `(was ${decimal(event.answer_score)}${scoreGap(event)}): answer ${event.chosen}`;
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
     case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;
