@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from search.score_gap import ScoreGap, paired_gap
+
 ROW_FIELDS = (
     "benchmark",
     "model",
@@ -36,6 +40,8 @@ ANCHORED_CV_MAX = 0.02
 OVERHEAD_MS_MAX = 5.0
 POLLING_P99_MS_MAX = 20.0
 SPEEDUP_MIN = 1.6
+# Standard errors either side of a difference for a 95 % interval.
+Z95 = 1.96
 # The issue's numbering of the sections.
 SECTION_NUMBERS = {"search_quality": 1, "measurement": 2, "service": 3, "scaling": 4}
 
@@ -81,8 +87,6 @@ def skipped(name: str, title: str, note: str) -> SectionResult:
 
 def describe_machine() -> dict[str, Any]:
     """CPU model, cores, torch version and threads, Python, host and load."""
-    import torch
-
     from latency.fingerprint import cpu_model
 
     return {
@@ -138,36 +142,41 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     models = sorted({r["model"] for r in search})
     lowest = min((r["budget_fraction"] for r in search), default=None)
     for model in models:
-        accuracy = {
-            (r["budget_fraction"], r["strategy"]): r["accuracy"]
+        by_key = {
+            (r["budget_fraction"], r["strategy"]): r
             for r in search
-            if r["model"] == model
+            if r["model"] == model and r["accuracy"] is not None
         }
-        tree, uniform = accuracy.get((lowest, "archtree")), accuracy.get((lowest, "uniform"))
+        tree, uniform = by_key.get((lowest, "archtree")), by_key.get((lowest, "uniform"))
         if tree is None or uniform is None:
-            value, passed = "no result at that budget", None
+            value, passed, detail = "no result at that budget", None, ""
         else:
-            value = f"{100 * (tree - uniform):+.1f} points"
-            passed = tree >= uniform + ARCHTREE_MARGIN
+            value = f"{100 * (tree['accuracy'] - uniform['accuracy']):+.1f} points"
+            passed = tree["accuracy"] >= uniform["accuracy"] + ARCHTREE_MARGIN
+            detail = _interval_note([(lowest, tree, uniform)])
         targets.append(
             _target(
                 f"{_short(model)}: archtree >= uniform + {100 * ARCHTREE_MARGIN:g} points at "
                 f"{lowest:.0%}",
                 value,
                 passed,
+                detail,
             )
         )
         pairs = [
-            (fraction, accuracy[(fraction, "archtree")], accuracy[(fraction, "greedy")])
-            for fraction in sorted({f for f, _ in accuracy}, reverse=True)
-            if accuracy.get((fraction, "archtree")) is not None
-            and accuracy.get((fraction, "greedy")) is not None
+            (fraction, by_key[(fraction, "archtree")], by_key[(fraction, "greedy")])
+            for fraction in sorted({f for f, _ in by_key}, reverse=True)
+            if (fraction, "archtree") in by_key and (fraction, "greedy") in by_key
         ]
         targets.append(
             _target(
                 f"{_short(model)}: archtree never below greedy",
-                ", ".join(f"{f:.0%}: {100 * (t - g):+.1f}" for f, t, g in pairs) or "no pairs",
-                all(t >= g for _, t, g in pairs) if pairs else None,
+                ", ".join(
+                    f"{f:.0%}: {100 * (t['accuracy'] - g['accuracy']):+.1f}" for f, t, g in pairs
+                )
+                or "no pairs",
+                all(t["accuracy"] >= g["accuracy"] for _, t, g in pairs) if pairs else None,
+                _interval_note(pairs),
             )
         )
     anchored = _rows(rows, "measurement", "anchored")
@@ -208,6 +217,36 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     )
     return targets
+
+
+def accuracy_gap(row: dict[str, Any], other: dict[str, Any]) -> ScoreGap | None:
+    """The paired gap in validation accuracy between two search rows of one model, from the
+    images each answer got wrong (None when a row does not list them)."""
+    wrong, other_wrong = row["details"].get("val_wrong"), other["details"].get("val_wrong")
+    samples = row["details"].get("val_samples")
+    if wrong is None or other_wrong is None or not samples:
+        return None
+    if other["details"].get("val_samples") != samples:
+        return None
+    return paired_gap(_correct(wrong, samples), _correct(other_wrong, samples))
+
+
+def _correct(wrong: Sequence[int], samples: int) -> torch.Tensor:
+    correct = torch.ones(samples)
+    correct[list(wrong)] = 0.0
+    return correct
+
+
+def _interval_note(pairs: Sequence[tuple[float, dict[str, Any], dict[str, Any]]]) -> str:
+    """Each pair's gap with its 95 % interval, paired image by image on the validation split."""
+    gaps = [(fraction, accuracy_gap(a, b)) for fraction, a, b in pairs]
+    known = [(fraction, gap) for fraction, gap in gaps if gap is not None]
+    if not known:
+        return ""
+    return f"95 % intervals, paired on the {known[0][1].samples:,} validation images: " + ", ".join(
+        f"{fraction:.0%}: {100 * gap.difference:+.1f} +- {100 * Z95 * gap.standard_error:.1f}"
+        for fraction, gap in known
+    )
 
 
 def _rounds(speedups: list[float] | None) -> str:

@@ -165,7 +165,7 @@ def run_search_once(
     from search.artifacts import load_pruned
     from search.errors import ArchtreeError
     from search.inputs import load_inputs
-    from search.training import accuracy
+    from search.training import correct
 
     settings = replace(config.settings, strategy=strategy).effective()
     oracle = LocalOracle(
@@ -221,13 +221,14 @@ def run_search_once(
     )
     baseline_ms = report["baseline"]["latency_ms"]
     latency_ms = ratio * baseline_ms
+    val_correct = correct(pruned, inputs.data.val_x, inputs.data.val_y)
     fine_tuned = events.counts["node"]
     final_steps = final_finetune_steps(settings, len(inputs.data.train_x))
     return make_row(
         NAME,
         model,
         **common,
-        accuracy=accuracy(pruned, inputs.data.val_x, inputs.data.val_y),
+        accuracy=float(val_correct.mean()),
         latency_ms=latency_ms,
         budget_ms=report["budget_ms"],
         fit=latency_ms / report["budget_ms"],
@@ -244,6 +245,9 @@ def run_search_once(
         report_latency_ms=report["final"]["latency_ms"],
         report_fit=report["final"]["budget_fit"],
         report_accuracy=report["final"]["accuracy"],
+        # The validation images the answer gets wrong: strategies are compared image by image.
+        val_wrong=(val_correct == 0).nonzero().flatten().tolist(),
+        val_samples=len(val_correct),
         cache_hits=oracle.cache_hits,
         depths=report["search"]["depths"],
         trims=report["final"]["trims"],

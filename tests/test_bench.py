@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import ROW_FIELDS, evaluate_targets, make_row
+from bench.report import ROW_FIELDS, accuracy_gap, evaluate_targets, make_row
 from bench.service_overhead import parse_wrk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,10 @@ def test_search_rows_cover_the_three_strategies(quick_run: tuple[Path, str]):
         assert row["latency_ms"] > 0 and row["budget_ms"] > 0
         assert row["candidates"] >= 1 and row["measurements"] >= 1
         assert row["details"]["ft_steps_total"] >= 0
+        # The images it got wrong, for paired comparisons: as many as its accuracy says.
+        wrong, samples = row["details"]["val_wrong"], row["details"]["val_samples"]
+        assert len(set(wrong)) == len(wrong) and all(0 <= i < samples for i in wrong)
+        assert row["accuracy"] == pytest.approx(1 - len(wrong) / samples)
 
 
 @pytest.mark.slow
@@ -154,6 +158,55 @@ def test_targets_compare_strategies_at_the_lowest_budget():
     assert targets["resnet: archtree >= uniform + 2 points at 35%"]["result"] == "n/a"
     assert targets["resnet: archtree never below greedy"]["result"] == "pass"
     assert targets["2 workers >= 1.6x faster than 1"]["result"] == "n/a"
+
+
+def test_strategies_are_compared_image_by_image_with_an_interval():
+    def search_row(fraction: float, strategy: str, wrong: list[int]):
+        return make_row(
+            "search_quality",
+            "builtin:resnet",
+            budget_fraction=fraction,
+            strategy=strategy,
+            accuracy=1 - len(wrong) / 100,
+            fit=0.97,
+            val_wrong=wrong,
+            val_samples=100,
+        )
+
+    # At 50 % archtree and greedy err on the same 5 images: equal, and no doubt about it.
+    # At 35 % archtree errs on 6 of its own, greedy on 4 others and uniform on 10 others.
+    rows = [
+        search_row(0.5, "archtree", [0, 1, 2, 3, 4]),
+        search_row(0.5, "greedy", [0, 1, 2, 3, 4]),
+        search_row(0.5, "uniform", list(range(10))),
+        search_row(0.35, "archtree", list(range(6))),
+        search_row(0.35, "greedy", list(range(10, 14))),
+        search_row(0.35, "uniform", list(range(20, 30))),
+    ]
+    gap = accuracy_gap(rows[3], rows[4])
+    assert gap.difference == pytest.approx(-0.02) and gap.samples == 100
+    # Per-image differences: -1 six times, +1 four times, 0 ninety times.
+    sd = ((6 * 0.98**2 + 4 * 1.02**2 + 90 * 0.02**2) / 99) ** 0.5
+    assert gap.standard_error == pytest.approx(sd / 10)
+    assert accuracy_gap(rows[0], rows[1]).standard_error == 0.0
+    targets = {t["target"]: t for t in evaluate_targets(rows)}
+    below = targets["resnet: archtree never below greedy"]
+    assert below["result"] == "miss" and below["value"] == "50%: +0.0, 35%: -2.0"
+    assert below["detail"] == (
+        "95 % intervals, paired on the 100 validation images: "
+        f"50%: +0.0 +- 0.0, 35%: -2.0 +- {196 * sd / 10:.1f}"
+    )
+    uniform = targets["resnet: archtree >= uniform + 2 points at 35%"]
+    assert uniform["result"] == "pass" and uniform["value"] == "+4.0 points"
+    assert uniform["detail"].endswith(
+        "35%: +4.0 +- " + f"{196 * accuracy_gap(rows[3], rows[5]).standard_error:.1f}"
+    )
+    # Rows of an older run, without the images, still give the targets, without intervals.
+    for row in rows:
+        del row["details"]["val_wrong"]
+    assert accuracy_gap(rows[3], rows[4]) is None
+    targets = {t["target"]: t for t in evaluate_targets(rows)}
+    assert targets["resnet: archtree never below greedy"]["detail"] == ""
 
 
 def test_a_jobs_events_say_where_its_time_went():
