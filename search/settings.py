@@ -34,7 +34,7 @@ class SearchSettings:
     fill_probes: an answer confirmed more than `fit_tolerance` under the aim (a latency step
     below it) is given channels back group by group, each widening measured, `fill_probes`
     measurements at most; the widened answer, tuned as much, replaces it unless it scores
-    more than half a point lower. 0 turns it off.
+    clearly lower (search/score_gap.py). 0 turns it off.
     """
 
     strategy: str = "archtree"
