@@ -8,6 +8,7 @@ when plots are drawn.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -142,17 +143,17 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     models = sorted({r["model"] for r in search})
     lowest = min((r["budget_fraction"] for r in search), default=None)
     for model in models:
-        by_key = {
-            (r["budget_fraction"], r["strategy"]): r
-            for r in search
-            if r["model"] == model and r["accuracy"] is not None
-        }
+        # Each (budget, strategy) holds one row per seed; accuracies are compared as means.
+        by_key: dict[tuple[float, str], list[dict[str, Any]]] = {}
+        for r in search:
+            if r["model"] == model and r["accuracy"] is not None:
+                by_key.setdefault((r["budget_fraction"], r["strategy"]), []).append(r)
         tree, uniform = by_key.get((lowest, "archtree")), by_key.get((lowest, "uniform"))
         if tree is None or uniform is None:
             value, passed, detail = "no result at that budget", None, ""
         else:
-            value = f"{100 * (tree['accuracy'] - uniform['accuracy']):+.1f} points"
-            passed = tree["accuracy"] >= uniform["accuracy"] + ARCHTREE_MARGIN
+            value = f"{100 * (mean_accuracy(tree) - mean_accuracy(uniform)):+.1f} points"
+            passed = mean_accuracy(tree) >= mean_accuracy(uniform) + ARCHTREE_MARGIN
             detail = _interval_note([(lowest, tree, uniform)])
         targets.append(
             _target(
@@ -172,10 +173,11 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             _target(
                 f"{_short(model)}: archtree never below greedy",
                 ", ".join(
-                    f"{f:.0%}: {100 * (t['accuracy'] - g['accuracy']):+.1f}" for f, t, g in pairs
+                    f"{f:.0%}: {100 * (mean_accuracy(t) - mean_accuracy(g)):+.1f}"
+                    for f, t, g in pairs
                 )
                 or "no pairs",
-                all(t["accuracy"] >= g["accuracy"] for _, t, g in pairs) if pairs else None,
+                all(mean_accuracy(t) >= mean_accuracy(g) for _, t, g in pairs) if pairs else None,
                 _interval_note(pairs),
             )
         )
@@ -219,16 +221,44 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return targets
 
 
+def mean_accuracy(rows: Sequence[dict[str, Any]]) -> float:
+    """The mean accuracy of one (budget, strategy)'s rows, one per seed."""
+    return statistics.fmean(r["accuracy"] for r in rows)
+
+
 def accuracy_gap(row: dict[str, Any], other: dict[str, Any]) -> ScoreGap | None:
-    """The paired gap in validation accuracy between two search rows of one model, from the
-    images each answer got wrong (None when a row does not list them)."""
+    """The paired gap in validation accuracy between two search rows of one model and seed,
+    from the images each answer got wrong (None when a row does not list them)."""
     wrong, other_wrong = row["details"].get("val_wrong"), other["details"].get("val_wrong")
     samples = row["details"].get("val_samples")
     if wrong is None or other_wrong is None or not samples:
         return None
-    if other["details"].get("val_samples") != samples:
+    if other["details"].get("val_samples") != samples or _seed(row) != _seed(other):
         return None
     return paired_gap(_correct(wrong, samples), _correct(other_wrong, samples))
+
+
+def seeds_gap(
+    rows: Sequence[dict[str, Any]], others: Sequence[dict[str, Any]]
+) -> tuple[ScoreGap, list[ScoreGap]] | None:
+    """The mean of the per-seed paired gaps between two (budget, strategy)s, its standard error
+    from each seed's validation images, and the per-seed gaps (None when no seed has both)."""
+    others_by_seed = {_seed(other): other for other in others}
+    gaps = [
+        gap
+        for row in rows
+        if _seed(row) in others_by_seed
+        and (gap := accuracy_gap(row, others_by_seed[_seed(row)])) is not None
+    ]
+    if not gaps:
+        return None
+    error = math.sqrt(sum(gap.standard_error**2 for gap in gaps)) / len(gaps)
+    difference = statistics.fmean(gap.difference for gap in gaps)
+    return ScoreGap(difference, error, gaps[0].samples), gaps
+
+
+def _seed(row: dict[str, Any]) -> int:
+    return row["details"].get("seed") or 0
 
 
 def _correct(wrong: Sequence[int], samples: int) -> torch.Tensor:
@@ -237,15 +267,29 @@ def _correct(wrong: Sequence[int], samples: int) -> torch.Tensor:
     return correct
 
 
-def _interval_note(pairs: Sequence[tuple[float, dict[str, Any], dict[str, Any]]]) -> str:
-    """Each pair's gap with its 95 % interval, paired image by image on the validation split."""
-    gaps = [(fraction, accuracy_gap(a, b)) for fraction, a, b in pairs]
-    known = [(fraction, gap) for fraction, gap in gaps if gap is not None]
+def _interval_note(
+    pairs: Sequence[tuple[float, Sequence[dict[str, Any]], Sequence[dict[str, Any]]]],
+) -> str:
+    """Each pair's gap with its 95 % interval, paired image by image on the validation split
+    (with several seeds: the mean gap, from each seed's images, and the gap of each seed)."""
+    known = [(fraction, gap) for fraction, a, b in pairs if (gap := seeds_gap(a, b)) is not None]
     if not known:
         return ""
-    return f"95 % intervals, paired on the {known[0][1].samples:,} validation images: " + ", ".join(
-        f"{fraction:.0%}: {100 * gap.difference:+.1f} +- {100 * Z95 * gap.standard_error:.1f}"
-        for fraction, gap in known
+    seeds = max(len(per_seed) for _, (_, per_seed) in known)
+    where = f"the {known[0][1][0].samples:,} validation images" + (
+        f" of each of {seeds} seeds" if seeds > 1 else ""
+    )
+
+    def one(fraction: float, gap: ScoreGap, per_seed: list[ScoreGap]) -> str:
+        text = (
+            f"{fraction:.0%}: {100 * gap.difference:+.1f} +- {100 * Z95 * gap.standard_error:.1f}"
+        )
+        if len(per_seed) > 1:
+            text += " (" + ", ".join(f"{100 * g.difference:+.1f}" for g in per_seed) + ")"
+        return text
+
+    return f"95 % intervals, paired on {where}: " + ", ".join(
+        one(fraction, gap, per_seed) for fraction, (gap, per_seed) in known
     )
 
 
@@ -283,6 +327,7 @@ COLUMNS: dict[str, list[Column]] = {
         ("model", "model", _short),
         ("budget", "budget_fraction", _percent()),
         ("strategy", "strategy", _TEXT),
+        ("seed", "details.seed", _TEXT),
         ("accuracy", "accuracy", _fixed(4)),
         ("latency ms", "latency_ms", _fixed(3)),
         ("budget ms", "budget_ms", _fixed(3)),
@@ -338,8 +383,17 @@ def _lookup(row: dict[str, Any], path: str) -> Any:
     return value
 
 
+# Columns left out when no row has a value there other than these (seed: a one-seed run).
+_QUIET_COLUMNS = {"details.seed": (None, 0)}
+
+
 def _cells(result: SectionResult) -> tuple[list[str], list[list[str]]]:
-    columns = COLUMNS[result.name]
+    columns = [
+        column
+        for column in COLUMNS[result.name]
+        if column[1] not in _QUIET_COLUMNS
+        or any(_lookup(row, column[1]) not in _QUIET_COLUMNS[column[1]] for row in result.rows)
+    ]
     headers = [header for header, _, _ in columns]
     body = []
     for row in result.rows:

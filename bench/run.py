@@ -73,12 +73,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"batch size timed in sections 1 and 2 (default {FULL_BATCH_SIZE}, 1 with --quick)",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="replicates of section 1: each seed splits the data, trains the models and "
+        "fine-tunes its own way; accuracy targets use the mean over seeds (default 1)",
+    )
     parser.add_argument("--verbose", action="store_true", help="the engine's progress too")
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 1 if args.quick else FULL_BATCH_SIZE
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     return args
 
 
@@ -88,7 +97,9 @@ def section_runners(
     """Each section's estimated seconds and the call that runs it."""
     quick = args.quick
     search = replace(
-        search_quality.QUICK if quick else search_quality.FULL, batch_size=args.batch_size
+        search_quality.QUICK if quick else search_quality.FULL,
+        batch_size=args.batch_size,
+        seeds=args.seeds,
     )
     measurement = replace(
         measurement_quality.QUICK if quick else measurement_quality.FULL,
@@ -148,6 +159,7 @@ def summary_of(
         "started_at": started_at,
         "wall_s": wall_s,
         "batch_size": args.batch_size,
+        "seeds": args.seeds,
         "machine": machine,
         "sections": {result.name: result.to_dict() for result in results},
         "targets": evaluate_targets(rows),

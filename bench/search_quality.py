@@ -7,10 +7,15 @@ latency cache, so no strategy profits from another's measurements. After the sea
 benchmark reloads the saved model (load_pruned) and times it itself, interleaved with the
 unpruned model, with 4x the oracle's repeats: `latency_ms` is that ratio times the job's own
 baseline L(M0), and `fit` is latency_ms / budget_ms.
+
+With `seeds` above 1, every search is repeated on replicates: seed s splits the data its own
+way, trains the unpruned model on that split and seeds the search's fine-tuning. An answer's
+accuracy moves by a point or so from one seed to the next, as much as strategies differ.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -24,7 +29,7 @@ import torch
 
 from bench import CACHE_DIR
 from bench.report import SectionResult, make_row
-from bench.train_models import recipe_for, trained_weights, weights_path
+from bench.train_models import seeded_recipe, trained_weights, weights_path
 from latency.harness import TimingSettings, time_interleaved
 from search.interfaces import EventSink
 from search.settings import STRATEGIES, SearchSettings
@@ -45,6 +50,10 @@ class SearchQualityConfig:
     strategies: tuple[str, ...] = STRATEGIES
     batch_size: int = 1
     remeasure_factor: float = 4.0
+    # Each search runs once per seed (0, 1, ...), each seed a replicate of its own: the data
+    # split, the unpruned model trained on it and the search's fine-tuning. Targets use the
+    # mean over seeds.
+    seeds: int = 1
 
 
 FULL = SearchQualityConfig(
@@ -95,12 +104,13 @@ TRAINING_SECONDS = {"builtin:resnet": 60.0, "builtin:mobilenetv2": 240.0, "built
 def estimate_s(config: SearchQualityConfig, quick: bool, cache_dir: Path = CACHE_DIR) -> float:
     """Upper estimate of the section's time when every budget is reachable."""
     per_search = SECONDS_PER_SEARCH_QUICK if quick else SECONDS_PER_SEARCH
-    runs = len(config.models) * len(config.budgets)
+    runs = len(config.models) * len(config.budgets) * config.seeds
     searching = runs * sum(per_search.get(s, 60.0) for s in config.strategies)
     training = sum(
         TRAINING_SECONDS.get(model, 120.0)
         for model in config.models
-        if not weights_path(cache_dir, model, config.data, recipe_for(model)).is_file()
+        for seed in range(config.seeds)
+        if not weights_path(cache_dir, model, config.data, seeded_recipe(model, seed)).is_file()
     )
     return searching * (config.batch_size / ESTIMATE_BATCH[quick]) ** 0.5 + training
 
@@ -156,6 +166,7 @@ def run_search_once(
     config: SearchQualityConfig,
     out_dir: Path,
     verbose: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """One search, its artifacts saved in `out_dir`, re-measured and scored here: one row."""
     from archtree_cli.commands import prune
@@ -167,7 +178,7 @@ def run_search_once(
     from search.inputs import load_inputs
     from search.training import correct
 
-    settings = replace(config.settings, strategy=strategy).effective()
+    settings = replace(config.settings, strategy=strategy, seed=seed).effective()
     oracle = LocalOracle(
         build_from_spec, threads=1, batch_size=config.batch_size, settings=config.timing
     )
@@ -175,6 +186,7 @@ def run_search_once(
     common = {
         "budget_fraction": fraction,
         "strategy": strategy,
+        "seed": seed,
         "ft_steps": settings.ft_steps,
         "final_epochs": settings.final_epochs,
         "batch_size": config.batch_size,
@@ -274,8 +286,8 @@ def run(
 ) -> SectionResult:
     """Train (or load) each model, then search every (budget, strategy); one row per search.
 
-    Strategies run one after another inside each budget, so that a drift of the machine hits
-    them alike.
+    Strategies run one after another inside each budget (and seed), so that a drift of the
+    machine hits them alike.
     """
     started = time.monotonic()
     result = SectionResult(NAME, TITLE)
@@ -291,24 +303,38 @@ def run(
         "batch": config.batch_size,
         "oracle min_time_s": config.timing.min_time_s,
         "re-measure": f"{config.remeasure_factor:g}x repeats, interleaved with the unpruned model",
+        "seeds": config.seeds,
     }
     models: dict[str, dict[str, Any]] = {}
     for model in config.models:
-        trained = trained_weights(model, config.data, cache_dir, log=log)
-        models[model] = trained.to_dict()
+        trained = [
+            trained_weights(
+                model, config.data, cache_dir, recipe=seeded_recipe(model, seed), log=log
+            )
+            for seed in range(config.seeds)
+        ]
+        models[model] = trained[0].to_dict()
+        if config.seeds > 1:
+            # The unpruned models' mean, each on its own seed's validation split.
+            accuracies = [t.val_accuracy for t in trained]
+            models[model]["val_accuracy"] = statistics.fmean(accuracies)
+            models[model]["val_accuracy_by_seed"] = accuracies
         for fraction in config.budgets:
-            for strategy in config.strategies:
+            for seed, strategy in itertools.product(range(config.seeds), config.strategies):
                 name = f"{model.removeprefix('builtin:')}-{round(100 * fraction)}-{strategy}"
+                if config.seeds > 1:
+                    name += f"-s{seed}"
                 log(f"search {name} ...")
                 row = run_search_once(
                     model,
                     config.data,
-                    trained.weights,
+                    trained[seed].weights,
                     fraction,
                     strategy,
                     config,
                     out_dir / name,
                     verbose,
+                    seed,
                 )
                 result.rows.append(row)
                 log(f"search {name}: {_describe(row)}")

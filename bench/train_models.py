@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench import CACHE_DIR
@@ -37,6 +37,11 @@ RECIPES: dict[str, Recipe] = {
 def recipe_for(model: str) -> Recipe:
     """The recipe of `model`: its own, or 3 epochs at the default learning rate."""
     return RECIPES.get(model, Recipe(epochs=3))
+
+
+def seeded_recipe(model: str, seed: int) -> Recipe:
+    """The recipe of `model` for the replicate `seed`: trained on that seed's split."""
+    return replace(recipe_for(model), seed=seed)
 
 
 @dataclass
@@ -114,14 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train_models", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the quick mode's model only")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="weights cache")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="one model per seed's split, as bench.run --seeds"
+    )
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     config = QUICK if args.quick else FULL
     for model in config.models:
-        trained = trained_weights(
-            model, config.data, args.cache_dir, log=lambda text: print(text, file=sys.stderr)
-        )
-        accuracy = trained.val_accuracy
-        print(f"{model:<22} {config.data:<16} val accuracy {accuracy:.4f}  {trained.weights}")
+        for seed in range(args.seeds):
+            trained = trained_weights(
+                model,
+                config.data,
+                args.cache_dir,
+                recipe=seeded_recipe(model, seed),
+                log=lambda text: print(text, file=sys.stderr),
+            )
+            accuracy = trained.val_accuracy
+            print(
+                f"{model:<22} {config.data:<16} seed {seed}  val accuracy {accuracy:.4f}  "
+                f"{trained.weights}"
+            )
     return 0
 
 

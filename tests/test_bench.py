@@ -55,7 +55,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "PYTHONPATH": str(ROOT),
         "ARCHTREE_HOME": str(base / "home"),
     }
-    command = [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)]
+    # Two seeds: every search twice, each seed on its own split and its own trained model.
+    command = [sys.executable, "-m", "bench.run", "--quick", "--seeds", "2", "--out", str(out)]
     command += ["--cache-dir", str(base / "cache")]
     finished = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
@@ -83,9 +84,22 @@ def test_summary_rows_have_the_schema(quick_run: tuple[Path, str]):
 @pytest.mark.slow
 def test_search_rows_cover_the_three_strategies(quick_run: tuple[Path, str]):
     out, _ = quick_run
-    rows = json.loads((out / "summary.json").read_text())["rows"]
-    search = [r for r in rows if r["benchmark"] == "search_quality"]
-    assert sorted(r["strategy"] for r in search) == ["archtree", "greedy", "uniform"]
+    summary = json.loads((out / "summary.json").read_text())
+    search = [r for r in summary["rows"] if r["benchmark"] == "search_quality"]
+    assert summary["seeds"] == 2
+    assert sorted((r["details"]["seed"], r["strategy"]) for r in search) == [
+        (seed, strategy) for seed in (0, 1) for strategy in ("archtree", "greedy", "uniform")
+    ]
+    # One unpruned model per seed, each trained and validated on that seed's split.
+    unpruned = summary["sections"]["search_quality"]["data"]["models"]["builtin:vgg"]
+    assert len(unpruned["val_accuracy_by_seed"]) == 2
+    assert unpruned["val_accuracy"] == pytest.approx(sum(unpruned["val_accuracy_by_seed"]) / 2)
+    # Each seed's searches ran with that seed (it splits the data and orders the fine-tuning).
+    for row in search:
+        if row["fit"] is not None:
+            name = f"vgg-70-{row['strategy']}-s{row['details']['seed']}"
+            report = json.loads((out / "search" / name / "report.json").read_text())
+            assert report["search"]["settings"]["seed"] == row["details"]["seed"]
     for row in search:
         assert row["model"] == "builtin:vgg"
         if row["fit"] is None:  # an unreachable budget carries the engine's message
@@ -207,6 +221,46 @@ def test_strategies_are_compared_image_by_image_with_an_interval():
     assert accuracy_gap(rows[3], rows[4]) is None
     targets = {t["target"]: t for t in evaluate_targets(rows)}
     assert targets["resnet: archtree never below greedy"]["detail"] == ""
+
+
+def test_with_several_seeds_targets_compare_mean_accuracies_and_pair_each_seed():
+    def search_row(strategy: str, seed: int, wrong: list[int]):
+        return make_row(
+            "search_quality",
+            "builtin:resnet",
+            budget_fraction=0.35,
+            strategy=strategy,
+            accuracy=1 - len(wrong) / 100,
+            fit=0.97,
+            seed=seed,
+            val_wrong=wrong,
+            val_samples=100,
+        )
+
+    # Seed 0: archtree errs on 2 images fewer than greedy; seed 1: on 4 more (other images).
+    rows = [
+        search_row("archtree", 0, [0, 1, 2]),
+        search_row("greedy", 0, [0, 1, 2, 3, 4]),
+        search_row("uniform", 0, list(range(10))),
+        search_row("archtree", 1, [50, 51, 52, 53, 54, 55]),
+        search_row("greedy", 1, [50, 51]),
+        search_row("uniform", 1, list(range(50, 60))),
+    ]
+    targets = {t["target"]: t for t in evaluate_targets(rows)}
+    below = targets["resnet: archtree never below greedy"]
+    # Means: archtree 0.955, greedy 0.965.
+    assert below["result"] == "miss" and below["value"] == "35%: -1.0"
+    seed0, seed1 = accuracy_gap(rows[0], rows[1]), accuracy_gap(rows[3], rows[4])
+    assert (seed0.difference, seed1.difference) == pytest.approx((0.02, -0.04))
+    error = (seed0.standard_error**2 + seed1.standard_error**2) ** 0.5 / 2
+    assert below["detail"] == (
+        "95 % intervals, paired on the 100 validation images of each of 2 seeds: "
+        f"35%: -1.0 +- {196 * error:.1f} (+2.0, -4.0)"
+    )
+    # Rows of different seeds are never paired: their validation images differ.
+    assert accuracy_gap(rows[0], rows[4]) is None
+    uniform = targets["resnet: archtree >= uniform + 2 points at 35%"]
+    assert uniform["result"] == "pass" and uniform["value"] == "+5.5 points"
 
 
 def test_a_jobs_events_say_where_its_time_went():
