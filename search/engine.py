@@ -26,7 +26,7 @@ from search.budget import Budget
 from search.context import SearchContext
 from search.errors import ArchtreeError
 from search.expansion import MoveApplier, evaluate_child, tuned_child
-from search.fill import RemovalCounts, fill, widenings
+from search.fill import RemovalCounts, fill_in_rounds, widenings
 from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
@@ -466,13 +466,12 @@ def _fill_slack(
         for name, group in groups.items()
         if group.size > answer.spec.width(name)
     }
-    steps = widenings(
-        {name: group.size for name, group in groups.items()},
-        removed,
-        applier.importance,
-        {name: estimate.ms_per_channel(group) for name, group in groups.items()},
-        settings.widen_to if settings.widen_to > 1 else FILL_BLOCK,
-    )
+    sizes = {name: group.size for name, group in groups.items()}
+    ms_per_channel = {name: estimate.ms_per_channel(group) for name, group in groups.items()}
+    block = settings.widen_to if settings.widen_to > 1 else FILL_BLOCK
+
+    def steps_for(counts: RemovalCounts):
+        return widenings(sizes, counts, applier.importance, ms_per_channel, block)
 
     def build(counts: RemovalCounts):
         return applier.build(
@@ -484,10 +483,10 @@ def _fill_slack(
         _tally(state, measurement.cached)
         return measurement.ratio * state.baseline_ms
 
-    filled = fill(
+    filled = fill_in_rounds(
         removed,
         answer_ms,
-        steps,
+        steps_for,
         measure,
         aim_ms,
         tolerance=settings.fit_tolerance,

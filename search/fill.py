@@ -7,7 +7,8 @@ Given back group by group, a block of channels in each, the widths in between ar
 by measuring. The widenings are ordered by importance given back per predicted ms; the
 longest run of them that stays under the target is found by bisection on its length, so a
 model with many groups needs few probes, and the ones after it are then tried alone, until
-the answer is within `tolerance` of the target or the probes are spent.
+the answer is within `tolerance` of the target or the probes are spent. While the answer is
+still well under, another round gives each group one more block (`fill_in_rounds`).
 
 Pure algorithm: the caller builds and measures the candidates (`measure` takes the removal
 counts per group of the parent and returns a latency in ms).
@@ -43,7 +44,10 @@ class FillResult:
 
     @property
     def widened(self) -> list[str]:
-        return [group for groups, _, kept in self.probes if kept for group in groups]
+        """The groups given channels back, each once, in the order first widened."""
+        return list(
+            dict.fromkeys(group for groups, _, kept in self.probes if kept for group in groups)
+        )
 
 
 def widenings(
@@ -114,4 +118,44 @@ def fill(
         if not searching():
             break
         probe([step])
+    return result
+
+
+def fill_in_rounds(
+    removed: Mapping[str, int],
+    latency_ms: float,
+    steps_for: Callable[[RemovalCounts], list[Widening]],
+    measure: Callable[[RemovalCounts], float],
+    target_ms: float,
+    *,
+    tolerance: float,
+    max_probes: int,
+) -> FillResult:
+    """`fill` round after round: each round gives groups one more block (`steps_for` the
+    counts reached so far), while the last round widened something, the answer is still more
+    than `tolerance` under the target and probes remain. One block per group falls short when
+    a move cut several blocks off each group, as a uniform step deep in a tree does. A group
+    whose block, tried alone, measured over the target is not tried again: on a wider model
+    its next block costs no less."""
+    result = FillResult(counts=dict(removed), latency_ms=latency_ms)
+    while len(result.probes) < max_probes and result.latency_ms < target_ms * (1 - tolerance):
+        too_costly = {
+            groups[0] for groups, _, kept in result.probes if len(groups) == 1 and not kept
+        }
+        steps = [step for step in steps_for(result.counts) if step.group not in too_costly]
+        if not steps:
+            break
+        round_result = fill(
+            result.counts,
+            result.latency_ms,
+            steps,
+            measure,
+            target_ms,
+            tolerance=tolerance,
+            max_probes=max_probes - len(result.probes),
+        )
+        result.probes += round_result.probes
+        if round_result.counts == result.counts:
+            break
+        result.counts, result.latency_ms = round_result.counts, round_result.latency_ms
     return result

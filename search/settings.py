@@ -32,9 +32,10 @@ class SearchSettings:
     confirm_candidates: how many of the best feasible nodes are confirmed, best first, before
     the best one is trimmed (`confirm_trims` times at most) to fit.
     fill_probes: an answer confirmed more than `fit_tolerance` under the aim (a latency step
-    below it) is given channels back group by group, each widening measured, `fill_probes`
-    measurements at most; the widened answer, tuned as much, replaces it unless it scores
-    clearly lower (search/score_gap.py). 0 turns it off.
+    below it) is given channels back group by group, a block at a time in rounds while it
+    stays well under, each widening measured, `fill_probes` measurements at most; the
+    widened answer, tuned as much, replaces it unless it scores clearly lower
+    (search/score_gap.py). 0 turns it off.
     """
 
     strategy: str = "archtree"
@@ -61,7 +62,7 @@ class SearchSettings:
     select_steps: int = 100
     confirm_candidates: int = 3
     confirm_trims: int = 3
-    fill_probes: int = 8
+    fill_probes: int = 12
     seed: int = 0
 
     def effective(self) -> SearchSettings:

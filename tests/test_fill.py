@@ -15,7 +15,7 @@ import pytest
 from archtree_cli.progress import ConsoleProgress
 from search.budget import parse_budget
 from search.engine import FILL_SCORE_SLACK, FILL_SCORE_Z, run_search
-from search.fill import Widening, fill, widenings
+from search.fill import Widening, fill, fill_in_rounds, widenings
 from search.score_gap import ScoreGap
 from tests.cost_model_device import BlockedConvDevice
 from tests.test_widening import conv_widths, make_context
@@ -73,6 +73,43 @@ def test_the_longest_run_of_widenings_under_the_target_is_bisected_then_the_rest
     # Nothing fits: the answer stays as it was.
     none = fill({"b": 4}, 10.0, steps[1:2], measure, 13.5, tolerance=0.05, max_probes=6)
     assert none.counts == {"b": 4} and none.latency_ms == 10.0 and none.widened == []
+
+
+def test_rounds_give_each_group_another_block_while_the_answer_stays_well_under():
+    # Two groups of 32 cut to 8 each; every channel given back costs 0.1 ms. One block (8)
+    # per group reaches 10 + 1.6 = 11.6 ms, far under 14; a second round, 13.2 ms.
+    sizes = {"a": 32, "b": 32}
+    importance = {name: np.arange(1.0, 33.0) for name in sizes}
+    rate = {"a": 0.1, "b": 0.1}
+
+    def steps_for(counts):
+        return widenings(sizes, counts, importance, rate, block=8)
+
+    def measure(counts):
+        return 10.0 + 0.1 * sum(24 - counts[name] for name in sizes)
+
+    result = fill_in_rounds(
+        {"a": 24, "b": 24}, 10.0, steps_for, measure, 14.0, tolerance=0.03, max_probes=8
+    )
+    # Round 1 gives both groups a block in one probe, round 2 another: 13.2 ms, within 6 % of
+    # 14 but not 3 %; round 3 (both: 14.8 ms, then one: 14.0 ms) lands on the target.
+    assert [ms for _, ms, _ in result.probes] == pytest.approx([11.6, 13.2, 14.8, 14.0])
+    assert result.latency_ms == pytest.approx(14.0) and result.widened == ["a", "b"]
+    assert sorted(result.counts.values()) == [0, 8]
+    # A single round stops after one block per group.
+    once = fill({"a": 24, "b": 24}, 10.0, steps_for({"a": 24, "b": 24}), measure, 14.0,
+                tolerance=0.03, max_probes=8)  # fmt: skip
+    assert once.latency_ms == pytest.approx(11.6)
+    # Probes are shared by the rounds; a round that widens nothing ends them.
+    short = fill_in_rounds(
+        {"a": 24, "b": 24}, 10.0, steps_for, measure, 14.0, tolerance=0.03, max_probes=2
+    )
+    assert len(short.probes) == 2 and short.latency_ms == pytest.approx(13.2)
+    stuck = fill_in_rounds(
+        {"a": 24, "b": 24}, 10.0, steps_for, measure, 10.5, tolerance=0.03, max_probes=8
+    )
+    assert stuck.latency_ms == 10.0 and stuck.widened == []
+    assert [ms for _, ms, kept in stuck.probes if not kept] == pytest.approx([11.6, 10.8, 10.8])
 
 
 def _search(budget: str, **settings):
@@ -139,7 +176,7 @@ def test_fill_probes_is_an_option_and_cannot_be_negative():
 
     base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
             "--out", "x"]  # fmt: skip
-    assert settings_from(build_parser().parse_args(base)).fill_probes == 8
+    assert settings_from(build_parser().parse_args(base)).fill_probes == 12
     off = settings_from(build_parser().parse_args([*base, "--fill-probes", "0"]))
     assert off.fill_probes == 0
     with pytest.raises(ArchtreeError, match="--fill-probes cannot be negative"):
