@@ -89,7 +89,14 @@ class ConsoleProgress:
                 f"{data['chosen']} is the answer"
             )
         elif kind == "filled":
-            if data["id"] is None:
+            if data["id"] is None and data.get("unconfirmed_ms"):
+                self._print(
+                    f"{data['answer']} is well under the aim, but its widenings confirmed above "
+                    "the budget ("
+                    + ", ".join(f"{ms:.3f}" for ms in data["unconfirmed_ms"])
+                    + " ms)"
+                )
+            elif data["id"] is None:
                 self._print(
                     f"{data['answer']} is well under the aim, but no group could be widened "
                     f"within it ({data['probes']} probes)"

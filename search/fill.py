@@ -41,6 +41,8 @@ class FillResult:
     latency_ms: float
     # (groups widened together, measured ms, kept) for each probe, in order.
     probes: list[tuple[list[str], float, bool]] = field(default_factory=list)
+    # The counts and ms after each kept probe, in order: `counts` is the last.
+    reached: list[tuple[RemovalCounts, float]] = field(default_factory=list)
 
     @property
     def widened(self) -> list[str]:
@@ -104,6 +106,7 @@ def fill(
         result.probes.append(([step.group for step in widened], trial_ms, kept))
         if kept:
             result.counts, result.latency_ms = trial, trial_ms
+            result.reached.append((trial, trial_ms))
         return kept
 
     # The first `low` steps are given back; `high` or more are known to be over the target.
@@ -155,6 +158,7 @@ def fill_in_rounds(
             max_probes=max_probes - len(result.probes),
         )
         result.probes += round_result.probes
+        result.reached += round_result.reached
         if round_result.counts == result.counts:
             break
         result.counts, result.latency_ms = round_result.counts, round_result.latency_ms

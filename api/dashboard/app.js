@@ -420,6 +420,10 @@ function describe(event) {
         : "best cannot be trimmed further") +
         `; ${event.confirmed} scores ${decimal(event.confirmed_score)}: answer ${event.chosen}`;
     case "filled":
+      if (event.id === null && event.unconfirmed_ms && event.unconfirmed_ms.length) {
+        return `${event.answer} well under the aim; its widenings confirmed above the budget ` +
+          `(${event.unconfirmed_ms.map(ms).join(", ")})`;
+      }
       return event.id === null
         ? `${event.answer} well under the aim; no group could be widened within it`
         : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}): ` +
