@@ -37,12 +37,21 @@ class Widening:
 
 @dataclass
 class FillResult:
-    counts: RemovalCounts
-    latency_ms: float
-    # (groups widened together, measured ms, kept) for each probe, in order.
-    probes: list[tuple[list[str], float, bool]] = field(default_factory=list)
-    # The counts and ms after each kept probe, in order: `counts` is the last.
+    """Where filling started, the counts and ms after each kept probe (`reached`), and every
+    probe as (groups widened together, measured ms, kept), in order."""
+
+    start: tuple[RemovalCounts, float]
     reached: list[tuple[RemovalCounts, float]] = field(default_factory=list)
+    probes: list[tuple[list[str], float, bool]] = field(default_factory=list)
+
+    @property
+    def counts(self) -> RemovalCounts:
+        """The removal counts reached: the start's when no widening fit."""
+        return (self.reached[-1] if self.reached else self.start)[0]
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.reached[-1] if self.reached else self.start)[1]
 
     @property
     def widened(self) -> list[str]:
@@ -94,7 +103,7 @@ def fill(
     step), then try the steps after the one that broke it one at a time. Stops once within
     `tolerance` under the target or after `max_probes` measurements. Returns the counts
     reached (those given when no widening fits) and their latency."""
-    result = FillResult(counts=dict(removed), latency_ms=latency_ms)
+    result = FillResult(start=(dict(removed), latency_ms))
 
     def searching() -> bool:
         return len(result.probes) < max_probes and result.latency_ms < target_ms * (1 - tolerance)
@@ -105,7 +114,6 @@ def fill(
         kept = trial_ms <= target_ms
         result.probes.append(([step.group for step in widened], trial_ms, kept))
         if kept:
-            result.counts, result.latency_ms = trial, trial_ms
             result.reached.append((trial, trial_ms))
         return kept
 
@@ -140,7 +148,7 @@ def fill_in_rounds(
     a move cut several blocks off each group, as a uniform step deep in a tree does. A group
     whose block, tried alone, measured over the target is not tried again: on a wider model
     its next block costs no less."""
-    result = FillResult(counts=dict(removed), latency_ms=latency_ms)
+    result = FillResult(start=(dict(removed), latency_ms))
     while len(result.probes) < max_probes and result.latency_ms < target_ms * (1 - tolerance):
         too_costly = {
             groups[0] for groups, _, kept in result.probes if len(groups) == 1 and not kept
@@ -158,8 +166,7 @@ def fill_in_rounds(
             max_probes=max_probes - len(result.probes),
         )
         result.probes += round_result.probes
-        result.reached += round_result.reached
-        if round_result.counts == result.counts:
+        if not round_result.reached:
             break
-        result.counts, result.latency_ms = round_result.counts, round_result.latency_ms
+        result.reached += round_result.reached
     return result
