@@ -30,7 +30,15 @@ class ConsoleProgress:
                 f"score {score:.4f}; budget {data['budget_ms']:.3f} ms"
             )
         elif kind == "feasibility":
-            self._print(f"smallest reachable {data['smallest_ms']:.3f} ms")
+            widen_to = data.get("widen_to")
+            block = data.get("channel_block")
+            widening = (
+                "widening off"
+                if not widen_to or widen_to <= 1
+                else f"widening to multiples of {widen_to}"
+                + (" (the device's channel block)" if block == widen_to else "")
+            )
+            self._print(f"smallest reachable {data['smallest_ms']:.3f} ms; {widening}")
         elif kind == "depth_started":
             self.children_planned, self.children_seen = data["children"], 0
             self._print(f"depth {data['depth']}: evaluating {data['children']} children")

@@ -23,8 +23,8 @@ def device_fingerprint(
     input_shape: tuple[int, ...] | None,
     device_class: str | None = None,
 ) -> dict[str, Any]:
-    """Device class, host, hardware, runtime and versions, threads, allocator, batch, dtype and
-    input shape.
+    """Device class, host, hardware, runtime and versions, threads, allocator, batch, dtype,
+    input shape and the channel block of the device's kernels (`channel_block`).
 
     `device` is a torch device string ("cpu", "cuda"); `device_class` names the target
     (defaults to "local" for the CPU and "local:<device>" otherwise).
@@ -43,6 +43,7 @@ def device_fingerprint(
         "batch_size": batch_size,
         "dtype": dtype,
         "input_shape": list(input_shape) if input_shape is not None else None,
+        "channel_block": channel_block(device),
     }
     if device.startswith("cuda"):
         fingerprint["gpu"] = torch.cuda.get_device_name(device)
@@ -53,6 +54,20 @@ def fingerprint_key(fingerprint: dict[str, Any]) -> str:
     """A stable 16-hex-digit key for a fingerprint (sha256 of its canonical JSON)."""
     canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+# Channels a CPU convolution kernel computes together, by the vector extension torch dispatches
+# to: one 512-bit or 256-bit register of float32 (oneDNN's nChw16c and nChw8c layouts).
+_CPU_CHANNEL_BLOCKS = {"AVX512": 16, "AVX2": 8}
+
+
+def channel_block(device: str) -> int | None:
+    """How many channels the device's convolution kernels compute at once, where known: a
+    group of 17 channels then takes as long as one of 32 on an AVX-512 CPU. None for GPUs
+    and CPUs without a known block (the search then assumes 8)."""
+    if device != "cpu":
+        return None
+    return _CPU_CHANNEL_BLOCKS.get(torch.backends.cpu.get_cpu_capability())
 
 
 @functools.cache

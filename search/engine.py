@@ -111,7 +111,16 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         state.done = True
         return state
     smallest_ms = _smallest_reachable_ms(context, state)
-    context.sink.emit("feasibility", smallest_ms=smallest_ms, budget_ms=budget_ms)
+    # Read after two measurements: a remote device reports its block with its answers.
+    channel_block = oracle.fingerprint().get("channel_block")
+    state.widen_to = settings.widen_multiple(channel_block)
+    context.sink.emit(
+        "feasibility",
+        smallest_ms=smallest_ms,
+        budget_ms=budget_ms,
+        channel_block=channel_block,
+        widen_to=state.widen_to,
+    )
     if smallest_ms > settings.aim_ms(budget_ms):
         enough_ms = smallest_ms / (1.0 - settings.margin) * 1.02
         raise ArchtreeError(
@@ -185,6 +194,7 @@ def _child_task(
         baseline_macs=state.baseline_macs,
         budget_ms=state.budget_ms,
         observations=list(state.observations),
+        widen_to=state.widen_to,
     )
     state.next_id += 1
     return task
@@ -477,7 +487,7 @@ def _fill_slack(
     }
     sizes = {name: group.size for name, group in groups.items()}
     ms_per_channel = {name: estimate.ms_per_channel(group) for name, group in groups.items()}
-    block = settings.widen_to if settings.widen_to > 1 else FILL_BLOCK
+    block = state.widen_to if state.widen_to > 1 else FILL_BLOCK
 
     def steps_for(counts: RemovalCounts):
         return widenings(sizes, counts, applier.importance, ms_per_channel, block)

@@ -172,7 +172,7 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
     plan = applier.plan(fraction)
     child = applier.build(plan)
     widened_to = None
-    multiple = context.settings.widen_to
+    multiple = task.widen_to
     if multiple > 1:
         wider_plan = applier.widened(plan, multiple)
         if wider_plan != plan:

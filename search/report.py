@@ -45,6 +45,8 @@ def build_report(
             "cache_hits": state.cache_hits,
             "wall_s": outcome.wall_s,
             "settings": settings.to_dict(),
+            # The multiple groups were widened to: settings.widen_to, or the device's block.
+            "widen_to": state.widen_to,
         },
         "tree": [node.summary() for node in state.nodes.values()],
     }

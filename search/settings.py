@@ -9,6 +9,8 @@ from search.errors import ArchtreeError
 
 STRATEGIES = ("archtree", "greedy", "uniform")
 MOVE_KINDS = ("global", "latency", "uniform", "focused")
+# The channel block assumed where the device does not report one (latency/fingerprint.py).
+DEFAULT_CHANNEL_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,9 @@ class SearchSettings:
     widen_to: once a child is sized, each of its channel groups kept wider than `widen_to` is
     tried widened to the next multiple of it, and the wider child is kept when its measured
     latency is no higher than the child's target allows. Kernels that work in blocks of
-    channels (8 on AVX2 CPUs) take as long for 17 channels as for 24: the extra ones are free.
-    0 or 1 turns it off.
+    channels take as long for 17 channels as for a whole number of blocks: the extra ones are
+    free. None (the default) takes the block the device reports (16 on AVX-512 CPUs, 8 on
+    AVX2), else `DEFAULT_CHANNEL_BLOCK`; 0 or 1 turns it off.
     margin: the search aims this share under the budget, so that the answer still fits when
     the device is measured again (timings vary by a few percent between runs).
     select_top, select_steps: the best `select_top` feasible nodes are fine-tuned
@@ -46,7 +49,7 @@ class SearchSettings:
     move_kinds: tuple[str, ...] = MOVE_KINDS
     importance: str = "l2"
     round_to: int = 1
-    widen_to: int = 8
+    widen_to: int | None = None
     min_width_fraction: float = 0.1
     max_cut: float = 0.5
     max_probes: int = 5
@@ -97,7 +100,10 @@ class SearchSettings:
             (self.ft_steps >= 0, "--ft-steps cannot be negative"),
             (self.final_epochs >= 0, "--final-epochs cannot be negative"),
             (self.round_to >= 1, "--round-to must be at least 1"),
-            (self.widen_to >= 0, "--widen-to cannot be negative (0 turns it off)"),
+            (
+                self.widen_to is None or self.widen_to >= 0,
+                "--widen-to cannot be negative (0 turns it off)",
+            ),
             (0.0 <= self.min_width_fraction < 1.0, "--min-width must be in [0, 1)"),
             (self.importance in ("l2", "taylor"), "--importance must be l2 or taylor"),
             (self.max_probes >= 1, "--max-probes must be at least 1"),
@@ -121,6 +127,13 @@ class SearchSettings:
         for ok, message in checks:
             if not ok:
                 raise ArchtreeError(message + ".")
+
+    def widen_multiple(self, device_block: int | None) -> int:
+        """The multiple channel groups are widened to: `widen_to` when set, else the device's
+        channel block (`DEFAULT_CHANNEL_BLOCK` when the device does not report one)."""
+        if self.widen_to is not None:
+            return self.widen_to
+        return device_block if device_block and device_block > 1 else DEFAULT_CHANNEL_BLOCK
 
     def aim_ms(self, budget_ms: float) -> float:
         """The latency the search aims at: `margin` under the budget."""

@@ -12,6 +12,7 @@ from typing import Any
 from search.arch_spec import ArchSpec
 from search.latency_estimate import Observation
 from search.moves import Move
+from search.settings import DEFAULT_CHANNEL_BLOCK
 
 
 @dataclass
@@ -79,6 +80,8 @@ class ChildTask:
     baseline_macs: float
     budget_ms: float
     observations: list[Observation] = field(default_factory=list)
+    # The multiple a sized child's groups are tried widened to (SearchState.widen_to).
+    widen_to: int = DEFAULT_CHANNEL_BLOCK
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +94,7 @@ class ChildTask:
             "baseline_macs": self.baseline_macs,
             "budget_ms": self.budget_ms,
             "observations": [o.to_dict() for o in self.observations],
+            "widen_to": self.widen_to,
         }
 
     @classmethod
@@ -105,6 +109,7 @@ class ChildTask:
             baseline_macs=data["baseline_macs"],
             budget_ms=data["budget_ms"],
             observations=[Observation(**o) for o in data["observations"]],
+            widen_to=data.get("widen_to", DEFAULT_CHANNEL_BLOCK),
         )
 
 
@@ -165,6 +170,9 @@ class SearchState:
     measurements: int = 0
     cache_hits: int = 0
     next_id: int = 1
+    # The multiple channel groups are widened to, once the device is known
+    # (SearchSettings.widen_multiple); 0 or 1 when widening is off.
+    widen_to: int = DEFAULT_CHANNEL_BLOCK
 
     @property
     def root(self) -> Node:

@@ -12,10 +12,12 @@ from search.interfaces import LatencyMeasurement, TimingStats
 
 class BlockedConvDevice:
     """A latency oracle for a device whose convolutions take time in proportion to their input
-    and output channels, each rounded up to a multiple of `block` (1: no blocks)."""
+    and output channels, each rounded up to a multiple of `block` (1: no blocks). It reports
+    `reported_block` as its channel block, as a real device reports its own (none by default)."""
 
-    def __init__(self, block: int) -> None:
+    def __init__(self, block: int, reported_block: int | None = None) -> None:
         self.block = block
+        self.reported_block = reported_block
 
     def cost_ms(self, spec: ArchSpec) -> float:
         def blocks(channels: int) -> int:
@@ -29,7 +31,7 @@ class BlockedConvDevice:
         return TimingStats(median_ms=ms, p90_ms=ms, iqr_ms=0.0, cv=0.0, n=1, mean_ms=ms)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"device_class": f"blocked-conv-{self.block}"}
+        return {"device_class": f"blocked-conv-{self.block}", "channel_block": self.reported_block}
 
     def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
         return self._stats(reference)

@@ -16,6 +16,7 @@ import torch
 
 from latency.agent import MeasurementAgent, agent_main, register_via_api
 from latency.device_registry import DeviceRegistry
+from latency.fingerprint import channel_block
 from latency.measurement_protocol import (
     CONSUMER_GROUP,
     MeasurementReply,
@@ -108,6 +109,8 @@ def test_two_agents_share_the_requests_and_results_are_cached(redis_client, agen
     assert fingerprint["device_class"] == device_class
     assert fingerprint["input_shape"] == list(INPUT_SHAPE)
     assert fingerprint["agent_id"] in answered_by and fingerprint["host"]
+    # The agent's channel block reaches the search through its answers (search/engine.py).
+    assert fingerprint["channel_block"] == channel_block("cpu")
 
     sent = entries_added(redis_client, device_class)
     again = oracle.measure(candidates[0], reference)

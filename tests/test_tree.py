@@ -21,11 +21,15 @@ def through_json(data: dict) -> dict:
 
 def test_state_task_and_result_survive_json():
     root = root_node()
-    state = SearchState(1.5, 100.0, 0.9, 0.2, "n0", nodes={"n0": root}, frontier=["n0"])
+    state = SearchState(
+        1.5, 100.0, 0.9, 0.2, "n0", nodes={"n0": root}, frontier=["n0"], widen_to=16
+    )
     state.observations.append(Observation("features.0", 10.0, 0.1))
     again = SearchState.from_dict(through_json(state.to_dict()))
     assert again == state
-    task = ChildTask("n1", root, Move("focused", "features.4"), 1.2, 1, 1.5, 100.0, 0.9)
+    task = ChildTask(
+        "n1", root, Move("focused", "features.4"), 1.2, 1, 1.5, 100.0, 0.9, widen_to=16
+    )
     assert ChildTask.from_dict(through_json(task.to_dict())) == task
     result = ChildResult("n1", root, [Observation(None, 1.0, 0.01)], measurements=3)
     assert ChildResult.from_dict(through_json(result.to_dict())) == result

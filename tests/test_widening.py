@@ -23,7 +23,7 @@ from search.inputs import load_inputs
 from search.interfaces import ListEventSink
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move
-from search.settings import SearchSettings
+from search.settings import DEFAULT_CHANNEL_BLOCK, SearchSettings
 from tests.cost_model_device import BlockedConvDevice
 
 
@@ -109,3 +109,46 @@ def test_negative_widen_to_is_refused_in_one_line():
 
     with pytest.raises(ArchtreeError, match="--widen-to cannot be negative"):
         SearchSettings(widen_to=-8).validate()
+
+
+def test_groups_are_widened_to_the_channel_block_the_device_reports():
+    # On a device computing 16 channels at a time, 20 channels cost as much as 32: widening to
+    # multiples of 8 would stop at 24 and leave 8 free channels unused.
+    context = make_context(BlockedConvDevice(16, reported_block=16))
+    task, node = first_child(context, "45%")
+    feasibility = next(e for e in context.sink.events if e["kind"] == "feasibility")
+    assert feasibility["channel_block"] == 16 and feasibility["widen_to"] == 16
+    assert task.widen_to == 16
+    assert node is not None and node.widened_to == 16
+    widths = conv_widths(node.spec)
+    assert all(width <= 16 or width % 16 == 0 for width in widths.values()), widths
+    assert node.latency_ms <= task.target_ms
+    # A device that does not report its block is widened to the default multiple.
+    unreported = make_context(BlockedConvDevice(16))
+    task, node = first_child(unreported, "45%")
+    assert task.widen_to == DEFAULT_CHANNEL_BLOCK
+    assert node is not None and node.widened_to == DEFAULT_CHANNEL_BLOCK
+
+
+def test_an_explicit_widen_to_overrides_the_device_block():
+    settings = SearchSettings(widen_to=8)
+    assert settings.widen_multiple(16) == 8
+    assert SearchSettings(widen_to=0).widen_multiple(16) == 0
+    assert SearchSettings().widen_multiple(16) == 16
+    assert SearchSettings().widen_multiple(None) == DEFAULT_CHANNEL_BLOCK
+    context = make_context(BlockedConvDevice(16, reported_block=16), widen_to=0)
+    _, node = first_child(context, "45%")
+    assert node is not None and node.widened_to is None
+
+
+@pytest.mark.parametrize(("capability", "block"), [("AVX512", 16), ("AVX2", 8), ("DEFAULT", None)])
+def test_a_cpu_reports_the_channel_block_of_its_vector_extension(monkeypatch, capability, block):
+    import torch
+
+    from latency.fingerprint import channel_block, device_fingerprint
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert channel_block("cpu") == block
+    assert device_fingerprint("cpu", 1, 1, "float32", (1, 8, 8))["channel_block"] == block
+    # A GPU's kernels are not blocked this way: no block is claimed for it.
+    assert channel_block("cuda") is None

@@ -394,7 +394,8 @@ function describe(event) {
     case "baseline":
       return `unpruned ${ms(event.latency_ms)}, budget ${ms(event.budget_ms)}, score ${decimal(event.score)}`;
     case "feasibility":
-      return `smallest reachable model ${ms(event.smallest_ms)} (budget ${ms(event.budget_ms)})`;
+      return `smallest reachable model ${ms(event.smallest_ms)} (budget ${ms(event.budget_ms)})` +
+        (event.widen_to > 1 ? `; widening to multiples of ${event.widen_to}` : "");
     case "depth_started": return `depth ${event.depth}: ${event.children} children to evaluate`;
     case "child_started": return `${event.id} (depth ${event.depth}) evaluating`;
     case "node":
