@@ -44,8 +44,11 @@ bench-deps: setup
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || \
 		echo "wrk could not be installed: the polling benchmark will be skipped"
 
+# Options of bench.run go in BENCH_ARGS, as in `make bench BENCH_ARGS="--seeds 2"`.
+BENCH_ARGS ?=
+
 bench: bench-deps
-	PYTHONPATH=. $(BIN)/python -m bench.run
+	PYTHONPATH=. $(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-quick: bench-deps
 	PYTHONPATH=. $(BIN)/python -m bench.run --quick --out bench/results-quick
