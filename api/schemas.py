@@ -61,8 +61,8 @@ class SearchSettingsIn(BaseModel):
     widen_to: int | None = Field(
         None,
         description="Try widening each pruned channel group to the next multiple of N; kept "
-        "when the measured latency allows (0 = off; default: the device's channel block, 16 on "
-        "AVX-512 CPUs, 8 elsewhere).",
+        "when the measured latency allows, else half of N is tried, down to 8 (0 = off; "
+        "default: the device's channel block, 16 on AVX-512 CPUs, 8 elsewhere).",
     )
     min_width_fraction: float | None = Field(
         None, description="Smallest share of each channel group kept, in [0, 1)."

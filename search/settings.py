@@ -26,8 +26,9 @@ class SearchSettings:
     tried widened to the next multiple of it, and the wider child is kept when its measured
     latency is no higher than the child's target allows. Kernels that work in blocks of
     channels take as long for 17 channels as for a whole number of blocks: the extra ones are
-    free. None (the default) takes the block the device reports (16 on AVX-512 CPUs, 8 on
-    AVX2), else `DEFAULT_CHANNEL_BLOCK`; 0 or 1 turns it off.
+    free. Where that costs time, half the multiple is tried, down to `DEFAULT_CHANNEL_BLOCK`
+    (search/expansion.py). None (the default) takes the block the device reports (16 on
+    AVX-512 CPUs, 8 on AVX2), else `DEFAULT_CHANNEL_BLOCK`; 0 or 1 turns it off.
     margin: the search aims this share under the budget, so that the answer still fits when
     the device is measured again (timings vary by a few percent between runs).
     select_top, select_steps: the best `select_top` feasible nodes are fine-tuned

@@ -18,7 +18,7 @@ from search.arch_spec import ArchSpec
 from search.budget import parse_budget
 from search.context import SearchContext
 from search.engine import plan, start
-from search.expansion import MoveApplier, evaluate_child
+from search.expansion import MoveApplier, evaluate_child, widening_multiples
 from search.inputs import load_inputs
 from search.interfaces import ListEventSink
 from search.latency_estimate import LatencyEstimate
@@ -152,3 +152,25 @@ def test_a_cpu_reports_the_channel_block_of_its_vector_extension(monkeypatch, ca
     assert device_fingerprint("cpu", 1, 1, "float32", (1, 8, 8))["channel_block"] == block
     # A GPU's kernels are not blocked this way: no block is claimed for it.
     assert channel_block("cuda") is None
+
+
+def test_a_widening_that_costs_time_falls_back_to_half_the_multiple():
+    # The device reports 16 but computes in blocks of 8: widening to multiples of 16 costs
+    # time, to multiples of 8 it is free, and that one is kept.
+    context = make_context(BlockedConvDevice(8, reported_block=16))
+    task, node = first_child(context, "45%")
+    assert task.widen_to == 16
+    assert node is not None and node.widened_to == 8
+    widths = conv_widths(node.spec)
+    assert all(width <= 8 or width % 8 == 0 for width in widths.values()), widths
+    assert any(width > 16 and width % 16 for width in widths.values()), widths
+    assert node.latency_ms <= task.target_ms
+
+
+def test_widening_multiples_halve_down_to_the_default_block():
+    assert widening_multiples(16) == [16, 8]
+    assert widening_multiples(32) == [32, 16, 8]
+    assert widening_multiples(8) == [8]
+    assert widening_multiples(12) == [12]
+    assert widening_multiples(4) == [4]
+    assert widening_multiples(1) == [] and widening_multiples(0) == []
