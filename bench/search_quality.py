@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import statistics
 import time
 from collections import Counter
@@ -290,6 +291,7 @@ def run(
     machine hits them alike.
     """
     started = time.monotonic()
+    clear_previous_answers(out_dir)
     result = SectionResult(NAME, TITLE)
     result.settings = {
         "data": config.data,
@@ -353,6 +355,16 @@ def run(
         )
     result.wall_s = time.monotonic() - started
     return result
+
+
+def clear_previous_answers(out_dir: Path) -> None:
+    """Remove the answers an earlier run saved in `out_dir` (folders holding an arch.json), so
+    that it holds this run's only: a run with another number of seeds names them otherwise."""
+    if not out_dir.is_dir():
+        return
+    for folder in out_dir.iterdir():
+        if folder.is_dir() and (folder / "arch.json").is_file():
+            shutil.rmtree(folder)
 
 
 def _describe(row: dict[str, Any]) -> str:

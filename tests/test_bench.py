@@ -50,6 +50,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         )
     base = tmp_path_factory.mktemp("bench")
     out = base / "results"
+    # What an earlier run with one seed left: its answer goes, the rest of the folder stays.
+    stale = out / "search" / "vgg-70-archtree"
+    stale.mkdir(parents=True)
+    (stale / "arch.json").write_text("{}")
+    (out / "search" / "notes.txt").write_text("kept")
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -116,6 +121,13 @@ def test_search_rows_cover_the_three_strategies(quick_run: tuple[Path, str]):
 
 
 @pytest.mark.slow
+def test_a_run_replaces_the_answers_of_the_run_before(quick_run: tuple[Path, str]):
+    out, _ = quick_run
+    answers = sorted(p.name for p in (out / "search").iterdir() if p.is_dir())
+    assert answers and all(name.endswith(("-s0", "-s1")) for name in answers), answers
+    assert (out / "search" / "notes.txt").read_text() == "kept"
+
+
 def test_every_section_ran_or_says_why_not(quick_run: tuple[Path, str]):
     out, stdout = quick_run
     sections = json.loads((out / "summary.json").read_text())["sections"]
