@@ -150,8 +150,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="try widening each pruned channel group to the next multiple of N, kept when the "
         "measured latency allows, else half of N, down to 8: free channels where kernels work "
-        "in blocks (default: the "
-        "device's channel block, 16 on AVX-512 CPUs, 8 on AVX2 CPUs and elsewhere; 0 = off)",
+        "in blocks (default: the device's channel block, 16 on AVX-512 CPUs, 8 on AVX2 CPUs "
+        "and elsewhere; 0 = off)",
     )
     group.add_argument(
         "--min-width",
