@@ -34,13 +34,13 @@ from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves, least_important
 from search.pruning import total_macs
 from search.score_gap import paired_gap
-from search.settings import SearchSettings
+from search.settings import DEFAULT_CHANNEL_BLOCK, SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
 
-# Filling the slack: channels given back at a time where widen_to is off. The widened answer
-# replaces the answer unless it scores lower by more than FILL_SCORE_SLACK and by more than
-# FILL_SCORE_Z standard errors of the paired difference (search/score_gap.py).
-FILL_BLOCK = 8
+# Filling the slack: channels are given back a block at a time (DEFAULT_CHANNEL_BLOCK where
+# widen_to is off). The widened answer replaces the answer unless it scores lower by more than
+# FILL_SCORE_SLACK and by more than FILL_SCORE_Z standard errors of the paired difference
+# (search/score_gap.py).
 FILL_SCORE_SLACK = 0.005
 FILL_SCORE_Z = 2.0
 # How many of the widenings reached, widest first, are confirmed before the answer stays.
@@ -308,7 +308,7 @@ def finish(
         ranked = _apply_retuned(context, state, ranked, retuned)
     confirmations = []
     for node in ranked[: settings.confirm_candidates]:
-        confirmations.append((node, _confirm(context, state, node)))
+        confirmations.append((node, _confirm(context, state, node.spec)))
         if confirmations[-1][1] <= state.budget_ms:
             break
         context.sink.emit("confirm_failed", id=node.id, latency_ms=confirmations[-1][1])
@@ -394,12 +394,8 @@ def _apply_retuned(
     return sorted(top, key=answer_rank) + rest
 
 
-def _confirm(context: SearchContext, state: SearchState, node: Node) -> float:
-    """The node's latency in ms, measured again with the longer confirm timing."""
-    return _confirm_spec(context, state, node.spec)
-
-
-def _confirm_spec(context: SearchContext, state: SearchState, spec: ArchSpec) -> float:
+def _confirm(context: SearchContext, state: SearchState, spec: ArchSpec) -> float:
+    """The architecture's latency in ms, measured again with the longer confirm timing."""
     confirmed = context.oracle.measure(spec, context.root_spec, confirm=True)
     _tally(state, confirmed.cached)
     return confirmed.ratio * state.baseline_ms
@@ -445,7 +441,7 @@ def _trim_to_fit(
         if candidate is None:
             break
         trims += 1
-        trimmed, trimmed_ms = candidate, _confirm(context, state, candidate)
+        trimmed, trimmed_ms = candidate, _confirm(context, state, candidate.spec)
     if trims == 0:
         return None, measured_ms, 0
     if context.settings.select_steps > 0:
@@ -487,7 +483,7 @@ def _fill_slack(
     }
     sizes = {name: group.size for name, group in groups.items()}
     ms_per_channel = {name: estimate.ms_per_channel(group) for name, group in groups.items()}
-    block = state.widen_to if state.widen_to > 1 else FILL_BLOCK
+    block = state.widen_to if state.widen_to > 1 else DEFAULT_CHANNEL_BLOCK
 
     def steps_for(counts: RemovalCounts):
         return widenings(sizes, counts, applier.importance, ms_per_channel, block)
@@ -515,7 +511,7 @@ def _fill_slack(
     widened = None
     for counts, _ in reversed(filled.reached[-FILL_CONFIRMATIONS:]):
         candidate = build(counts)
-        candidate_ms = _confirm_spec(context, state, candidate.spec)
+        candidate_ms = _confirm(context, state, candidate.spec)
         if candidate_ms <= state.budget_ms:
             widened = candidate, candidate_ms
             break
