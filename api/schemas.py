@@ -52,7 +52,8 @@ class SearchSettingsIn(BaseModel):
     fill_probes: int | None = Field(
         None,
         description="An answer well under the aim is given channels back group by group, "
-        "each widening measured, this many at most (0 = off).",
+        "each widening measured: first the groups its last move cut, then any group cut since "
+        "the unpruned model, this many measurements at most in each pass (0 = off).",
     )
     final_epochs: float | None = Field(
         None, description="Epochs of final fine-tuning of the answer, with distillation."

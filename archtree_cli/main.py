@@ -129,7 +129,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.fill_probes,
         help="an answer well under the aim is given channels back group by group, each "
-        "widening measured, this many at most (0 = off; default %(default)s)",
+        "widening measured: first the groups its last move cut, then any group cut since the "
+        "unpruned model, this many measurements at most in each pass "
+        "(0 = off; default %(default)s)",
     )
     group.add_argument(
         "--final-epochs",

@@ -110,10 +110,12 @@ class ConsoleProgress:
                     f"within it ({data['probes']} probes)"
                 )
             else:
+                source = data.get("rebuilt_from")
                 self._print(
                     f"{data['id']}: {data['answer']} widened in {', '.join(data['groups'])} "
-                    f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), score "
-                    f"{data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
+                    + (f"(rebuilt from {source}) " if source else "")
+                    + f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), "
+                    f"score {data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
                     f"{data['chosen']} is the answer"
                 )
         elif kind == "confirmed":

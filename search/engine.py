@@ -31,8 +31,9 @@ from search.fill import RemovalCounts, fill_in_rounds, widenings
 from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
-from search.moves import Move, candidate_moves, least_important
+from search.moves import Move, candidate_moves
 from search.pruning import total_macs
+from search.rebuild import AncestorRebuilds, Widths, widths_of
 from search.score_gap import paired_gap
 from search.settings import DEFAULT_CHANNEL_BLOCK, SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
@@ -452,16 +453,16 @@ def _trim_to_fit(
 def _fill_slack(
     context: SearchContext, state: SearchState, answer: Node, answer_ms: float
 ) -> tuple[Node, float]:
-    """An answer confirmed more than `fit_tolerance` under the aim is rebuilt from its parent
-    with channels given back group by group (search/fill.py), each widening measured. The
-    widest widening reached is confirmed with the longer timing, and while it confirms above
-    the budget the one reached before it (`FILL_CONFIRMATIONS` in all): its probe measured it
-    under the aim, but a shared machine drifts. The one that confirms is tuned as the answer
-    was (`ft_steps`, then `select_steps`), and replaces the answer unless it scores clearly lower
-    (by more than `FILL_SCORE_SLACK` and than `FILL_SCORE_Z` standard errors, judged sample by
-    sample on the calibration split): it holds every channel the answer does, and two models'
-    scores on a few hundred images differ by a point or more by chance.
-    Returns the answer and its confirmed latency, widened or not."""
+    """An answer confirmed more than `fit_tolerance` under the aim is widened group by group
+    (`_fill_widths`), each widening measured. The widest widening reached is confirmed with
+    the longer timing, and while it confirms above the budget the one reached before it
+    (`FILL_CONFIRMATIONS` in all): its probe measured it under the aim, but a shared machine
+    drifts. The one that confirms is built from the nearest ancestor at least as wide, tuned
+    as the answer was (`ft_steps`, then `select_steps`), and replaces the answer unless it
+    scores clearly lower (by more than `FILL_SCORE_SLACK` and than `FILL_SCORE_Z` standard
+    errors, judged sample by sample on the calibration split): it holds as many channels as
+    the answer in every group, and two models' scores on a few hundred images differ by a
+    point or more by chance. Returns the answer and its confirmed latency, widened or not."""
     settings = context.settings
     aim_ms = settings.aim_ms(state.budget_ms)
     if (
@@ -470,69 +471,34 @@ def _fill_slack(
         or answer_ms >= aim_ms * (1.0 - settings.fit_tolerance)
     ):
         return answer, answer_ms
-    parent = state.nodes[answer.parent]
     estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs, state.observations)
-    move = Move.from_label(answer.move)
-    parent_model = context.build(parent.spec, context.store.get(parent.id))
-    applier = MoveApplier(context, parent_model, move, estimate)
-    groups = applier.pruner.groups_by_name
-    removed = {
-        name: group.size - answer.spec.width(name)
-        for name, group in groups.items()
-        if group.size > answer.spec.width(name)
-    }
-    sizes = {name: group.size for name, group in groups.items()}
-    ms_per_channel = {name: estimate.ms_per_channel(group) for name, group in groups.items()}
-    block = state.widen_to if state.widen_to > 1 else DEFAULT_CHANNEL_BLOCK
-
-    def steps_for(counts: RemovalCounts):
-        return widenings(sizes, counts, applier.importance, ms_per_channel, block)
-
-    def build(counts: RemovalCounts):
-        return applier.build(
-            {name: least_important(applier.importance[name], n) for name, n in counts.items() if n}
-        )
-
-    def measure(counts: RemovalCounts) -> float:
-        measurement = context.oracle.measure(build(counts).spec, context.root_spec)
-        _tally(state, measurement.cached)
-        return measurement.ratio * state.baseline_ms
-
-    filled = fill_in_rounds(
-        removed,
-        answer_ms,
-        steps_for,
-        measure,
-        aim_ms,
-        tolerance=settings.fit_tolerance,
-        max_probes=settings.fill_probes,
-    )
+    rebuilds = AncestorRebuilds(context, state, answer, estimate)
+    reached, probes = _fill_widths(context, state, rebuilds, answer, answer_ms, aim_ms)
     unconfirmed_ms: list[float] = []
     widened = None
-    for counts, _ in reversed(filled.reached[-FILL_CONFIRMATIONS:]):
-        candidate = build(counts)
+    for widths, _ in reversed(reached[-FILL_CONFIRMATIONS:]):
+        source = rebuilds.covering(widths)
+        candidate = rebuilds.build(source, widths)
         candidate_ms = _confirm(context, state, candidate.spec)
         if candidate_ms <= state.budget_ms:
-            widened = candidate, candidate_ms
+            widened = source, candidate, candidate_ms
             break
         unconfirmed_ms.append(candidate_ms)
     if widened is None:
         context.sink.emit(
-            "filled",
-            answer=answer.id,
-            id=None,
-            probes=len(filled.probes),
-            unconfirmed_ms=unconfirmed_ms,
+            "filled", answer=answer.id, id=None, probes=probes, unconfirmed_ms=unconfirmed_ms
         )
         return answer, answer_ms
-    model, confirmed_ms = widened
-    task = _child_task(state, parent, move, aim_ms, answer.depth)
+    source, model, confirmed_ms = widened
+    from_parent = source.id == answer.parent
+    move = Move.from_label(answer.move) if from_parent else Move("global")
+    task = _child_task(state, source, move, aim_ms, source.depth + 1)
     node = tuned_child(
         context,
         task,
         model,
         confirmed_ms,
-        fraction=answer.fraction,
+        fraction=answer.fraction if from_parent else None,
         widened_to=answer.widened_to,
         filled_from=answer.id,
     )
@@ -548,8 +514,13 @@ def _fill_slack(
         "filled",
         answer=answer.id,
         id=node.id,
-        probes=len(filled.probes),
-        groups=[name for name in removed if node.spec.width(name) > answer.spec.width(name)],
+        rebuilt_from=source.id,
+        probes=probes,
+        groups=[
+            name
+            for name in rebuilds.sizes(rebuilds.ancestors[-1])
+            if node.spec.width(name) > answer.spec.width(name)
+        ],
         unconfirmed_ms=unconfirmed_ms,
         latency_ms=confirmed_ms,
         score=node.score,
@@ -560,6 +531,67 @@ def _fill_slack(
         chosen=node.id if kept else answer.id,
     )
     return (node, confirmed_ms) if kept else (answer, answer_ms)
+
+
+def _fill_widths(
+    context: SearchContext,
+    state: SearchState,
+    rebuilds: AncestorRebuilds,
+    answer: Node,
+    answer_ms: float,
+    aim_ms: float,
+) -> tuple[list[tuple[Widths, float]], int]:
+    """The widths reached by giving channels back to the answer (search/fill.py), with their
+    measured ms, in order, and the number of probes measured.
+
+    First the groups its last move cut, a block each (`widen_to`), as its parent had them;
+    the last move sized them all at once, so they are the likeliest to sit just under a
+    latency step. While the answer is still more than `fit_tolerance` under the aim, then
+    any group cut since the root: a deep path's earlier moves cut groups that its last move
+    left alone. Each pass measures `fill_probes` widenings at most, and the second leaves out
+    the groups whose block the first measured over the aim."""
+    settings = context.settings
+    block = state.widen_to if state.widen_to > 1 else DEFAULT_CHANNEL_BLOCK
+    parent, root = rebuilds.ancestors[0], rebuilds.ancestors[-1]
+    widths = widths_of(answer, list(rebuilds.sizes(root)))
+    latency_ms = answer_ms
+    reached: list[tuple[Widths, float]] = []
+    probes, too_costly = 0, frozenset[str]()
+    for source in [parent] if parent is root else [parent, root]:
+        if latency_ms >= aim_ms * (1.0 - settings.fit_tolerance):
+            break
+        applier = rebuilds.applier(source)
+        sizes = rebuilds.sizes(source)
+        groups = applier.pruner.groups_by_name
+        ms_per_channel = {name: rebuilds.estimate.ms_per_channel(g) for name, g in groups.items()}
+
+        def widths_after(counts: RemovalCounts, sizes: Widths = sizes) -> Widths:
+            return {name: size - counts.get(name, 0) for name, size in sizes.items()}
+
+        def steps_for(counts: RemovalCounts, applier=applier, sizes=sizes, costs=ms_per_channel):
+            return widenings(sizes, counts, applier.importance, costs, block)
+
+        def measure(counts: RemovalCounts, source: Node = source, after=widths_after) -> float:
+            spec = rebuilds.build(source, after(counts)).spec
+            measurement = context.oracle.measure(spec, context.root_spec)
+            _tally(state, measurement.cached)
+            return measurement.ratio * state.baseline_ms
+
+        filled = fill_in_rounds(
+            {name: size - widths[name] for name, size in sizes.items() if size > widths[name]},
+            latency_ms,
+            steps_for,
+            measure,
+            aim_ms,
+            tolerance=settings.fit_tolerance,
+            max_probes=settings.fill_probes,
+            skip=too_costly,
+        )
+        probes += len(filled.probes)
+        too_costly |= filled.too_costly
+        reached += [(widths_after(counts), ms) for counts, ms in filled.reached]
+        widths, latency_ms = reached[-1] if reached else (widths, latency_ms)
+    return reached, probes
 
 
 def run_search(

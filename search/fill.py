@@ -54,6 +54,11 @@ class FillResult:
         return (self.reached[-1] if self.reached else self.start)[1]
 
     @property
+    def too_costly(self) -> set[str]:
+        """The groups whose widening, tried alone, measured over the target."""
+        return {groups[0] for groups, _, kept in self.probes if len(groups) == 1 and not kept}
+
+    @property
     def widened(self) -> list[str]:
         """The groups given channels back, each once, in the order first widened."""
         return list(
@@ -141,19 +146,18 @@ def fill_in_rounds(
     *,
     tolerance: float,
     max_probes: int,
+    skip: frozenset[str] = frozenset(),
 ) -> FillResult:
     """`fill` round after round: each round gives groups one more block (`steps_for` the
     counts reached so far), while the last round widened something, the answer is still more
     than `tolerance` under the target and probes remain. One block per group falls short when
     a move cut several blocks off each group, as a uniform step deep in a tree does. A group
     whose block, tried alone, measured over the target is not tried again: on a wider model
-    its next block costs no less."""
+    its next block costs no less; nor are the groups in `skip`, known to be so already."""
     result = FillResult(start=(dict(removed), latency_ms))
     while len(result.probes) < max_probes and result.latency_ms < target_ms * (1 - tolerance):
-        too_costly = {
-            groups[0] for groups, _, kept in result.probes if len(groups) == 1 and not kept
-        }
-        steps = [step for step in steps_for(result.counts) if step.group not in too_costly]
+        left_out = skip | result.too_costly
+        steps = [step for step in steps_for(result.counts) if step.group not in left_out]
         if not steps:
             break
         round_result = fill(

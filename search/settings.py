@@ -37,9 +37,10 @@ class SearchSettings:
     the best one is trimmed (`confirm_trims` times at most) to fit.
     fill_probes: an answer confirmed more than `fit_tolerance` under the aim (a latency step
     below it) is given channels back group by group, a block at a time in rounds while it
-    stays well under, each widening measured, `fill_probes` measurements at most; the
-    widened answer, tuned as much, replaces it unless it scores clearly lower
-    (search/score_gap.py). 0 turns it off.
+    stays well under, each widening measured: first the groups its last move cut, then any
+    group cut since the root, `fill_probes` measurements at most in each pass; the widened
+    answer, rebuilt from the nearest ancestor as wide and tuned as much, replaces it unless
+    it scores clearly lower (search/score_gap.py). 0 turns it off.
     """
 
     strategy: str = "archtree"

@@ -17,6 +17,7 @@ from archtree_cli.progress import ConsoleProgress
 from search.budget import parse_budget
 from search.engine import FILL_CONFIRMATIONS, FILL_SCORE_SLACK, FILL_SCORE_Z, run_search
 from search.fill import Widening, fill, fill_in_rounds, widenings
+from search.latency_estimate import LatencyEstimate
 from search.score_gap import ScoreGap
 from tests.cost_model_device import BlockedConvDevice
 from tests.test_widening import conv_widths, make_context
@@ -127,6 +128,7 @@ def test_an_answer_under_a_latency_step_is_widened_group_by_group_within_the_bud
     answer, widened = state.nodes[filled["answer"]], state.nodes[filled["id"]]
     assert filled["answer_latency_ms"] < 0.9 * state.budget_ms
     assert widened.filled_from == answer.id and widened.parent == answer.parent
+    assert filled["rebuilt_from"] == answer.parent
     # Wider in the groups it names and nowhere narrower; faster than the budget, slower than
     # the answer it was widened from.
     before, after = conv_widths(answer.spec), conv_widths(widened.spec)
@@ -224,3 +226,71 @@ def test_fill_probes_is_an_option_and_cannot_be_negative():
     assert off.fill_probes == 0
     with pytest.raises(ArchtreeError, match="--fill-probes cannot be negative"):
         SearchSettings(fill_probes=-1).validate()
+
+
+def _cut_child(context, state, parent, cuts: dict[str, int]):
+    """A node of the tree: `parent` with the least important `cuts[group]` channels of each
+    named group removed, tuned and scored as a search's child is."""
+    from search.engine import _child_task
+    from search.expansion import MoveApplier, tuned_child
+    from search.latency_estimate import LatencyEstimate
+    from search.moves import Move, least_important
+
+    model = context.build(parent.spec, context.store.get(parent.id))
+    estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs)
+    applier = MoveApplier(context, model, Move("global"), estimate)
+    child = applier.build(
+        {name: least_important(applier.importance[name], n) for name, n in cuts.items()}
+    )
+    latency_ms = context.oracle.cost_ms(child.spec)
+    task = _child_task(state, parent, Move("global"), latency_ms, parent.depth + 1)
+    node = tuned_child(context, task, child, latency_ms, fraction=None)
+    state.nodes[node.id] = node
+    return node
+
+
+def test_groups_cut_by_earlier_moves_are_given_back_from_the_nearest_ancestor_that_has_them():
+    # root -> n1 cuts stage1.0.conv1 24 -> 8 -> n2 cuts stage3.0.shortcut.0 96 -> 40. A block
+    # of 8 back in the shortcut's group costs 1.152 ms on this device, one in stage1.0.conv1
+    # 0.384 ms; with 0.8 ms of slack under the aim, only the group n2's parent already had
+    # cut can take channels back, so the widening is rebuilt from the root.
+    from search.engine import _fill_slack, start
+    from search.rebuild import AncestorRebuilds
+
+    device = BlockedConvDevice(8)
+    context = make_context(device, select_steps=2)
+    state = start(context, parse_budget("90%"))
+    n1 = _cut_child(context, state, state.root, {"stage1.0.conv1": 16})
+    n2 = _cut_child(context, state, n1, {"stage3.0.shortcut.0": 56})
+    answer_ms = n2.latency_ms
+    state.budget_ms = (answer_ms + 0.8) / (1 - context.settings.margin)
+    assert context.settings.aim_ms(state.budget_ms) == pytest.approx(answer_ms + 0.8)
+
+    answer, latency_ms = _fill_slack(context, state, n2, answer_ms)
+
+    (filled,) = [e for e in context.sink.events if e["kind"] == "filled"]
+    assert filled["answer"] == n2.id and filled["rebuilt_from"] == state.root.id
+    assert filled["groups"] == ["stage1.0.conv1"]
+    widened = state.nodes[filled["id"]]
+    assert widened.parent == state.root.id and widened.filled_from == n2.id
+    before, after = conv_widths(n2.spec), conv_widths(widened.spec)
+    assert after["stage1.0.conv1"] in (16, 24) and after["stage3.0.shortcut.0"] == 40
+    assert {k: v for k, v in after.items() if k != "stage1.0.conv1"} == {
+        k: v for k, v in before.items() if k != "stage1.0.conv1"
+    }
+    assert answer_ms < filled["latency_ms"] == device.cost_ms(widened.spec) <= state.budget_ms
+    # The parent's groups were tried first: the shortcut's block alone, over the aim.
+    assert filled["probes"] >= 2
+    assert (answer.id, latency_ms) in {(widened.id, filled["latency_ms"]), (n2.id, answer_ms)}
+    stream = io.StringIO()
+    ConsoleProgress(stream).emit(**filled)
+    assert f"{widened.id}: {n2.id} widened in stage1.0.conv1 (rebuilt from n0) to" in (
+        stream.getvalue()
+    )
+
+    # Widths the parent holds are rebuilt from the parent; wider ones from an older ancestor.
+    rebuilds = AncestorRebuilds(context, state, n2, LatencyEstimate(state.baseline_ms, 1.0))
+    assert [a.id for a in rebuilds.ancestors] == [n1.id, state.root.id]
+    assert rebuilds.covering({"stage3.0.shortcut.0": 48}).id == n1.id
+    assert rebuilds.covering({"stage1.0.conv1": 16}).id == state.root.id
+    assert rebuilds.covering({"stage3.0.shortcut.0": 48, "stage1.0.conv1": 8}).id == n1.id

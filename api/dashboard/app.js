@@ -427,7 +427,8 @@ function describe(event) {
       }
       return event.id === null
         ? `${event.answer} well under the aim; no group could be widened within it`
-        : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}): ` +
+        : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}` +
+          `${event.rebuilt_from ? `; rebuilt from ${event.rebuilt_from}` : ""}): ` +
           `${ms(event.latency_ms)}, score ${decimal(event.score)} ` +
           `(was ${decimal(event.answer_score)}${scoreGap(event)}): answer ${event.chosen}`;
     case "confirmed":
