@@ -26,8 +26,8 @@ from search.arch_spec import ArchSpec
 from search.budget import Budget
 from search.context import SearchContext
 from search.errors import ArchtreeError
-from search.expansion import MoveApplier, evaluate_child, tuned_child
-from search.fill import RemovalCounts, fill_in_rounds, widenings
+from search.expansion import MoveApplier, evaluate_child, tuned_child, widening_multiples
+from search.fill import RemovalCounts, Widening, fill_in_rounds, widenings
 from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
@@ -38,10 +38,10 @@ from search.score_gap import paired_gap
 from search.settings import DEFAULT_CHANNEL_BLOCK, SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
 
-# Filling the slack: channels are given back a block at a time (DEFAULT_CHANNEL_BLOCK where
-# widen_to is off). The widened answer replaces the answer unless it scores lower by more than
-# FILL_SCORE_SLACK and by more than FILL_SCORE_Z standard errors of the paired difference
-# (search/score_gap.py).
+# Filling the slack: channels are given back a block of widen_to at a time, then of its halves
+# (DEFAULT_CHANNEL_BLOCK where widen_to is off). The widened answer replaces the answer unless
+# it scores lower by more than FILL_SCORE_SLACK and by more than FILL_SCORE_Z standard errors
+# of the paired difference (search/score_gap.py).
 FILL_SCORE_SLACK = 0.005
 FILL_SCORE_Z = 2.0
 # How many of the widenings reached, widest first, are confirmed before the answer stays.
@@ -544,53 +544,67 @@ def _fill_widths(
     """The widths reached by giving channels back to the answer (search/fill.py), with their
     measured ms, in order, and the number of probes measured.
 
-    First the groups its last move cut, a block each (`widen_to`), as its parent had them;
-    the last move sized them all at once, so they are the likeliest to sit just under a
-    latency step. While the answer is still more than `fit_tolerance` under the aim, then
-    any group cut since the root: a deep path's earlier moves cut groups that its last move
-    left alone. Each pass measures `fill_probes` widenings at most, and the second leaves out
-    the groups whose block the first measured over the aim."""
+    First the groups its last move cut, as its parent had them: the last move sized them all
+    at once, so they are the likeliest to sit just under a latency step. While the answer is
+    still more than `fit_tolerance` under the aim, then any group cut since the root: a deep
+    path's earlier moves cut groups that its last move left alone. Each pass measures
+    `fill_probes` widenings at most, a block of `widen_to` channels per group, then of its
+    halves down to the default block (`widening_multiples`) for the groups whose block
+    measured over the aim; a block measured over the aim is not tried again on that group."""
     settings = context.settings
-    block = state.widen_to if state.widen_to > 1 else DEFAULT_CHANNEL_BLOCK
+    blocks = widening_multiples(state.widen_to) or [DEFAULT_CHANNEL_BLOCK]
     parent, root = rebuilds.ancestors[0], rebuilds.ancestors[-1]
     widths = widths_of(answer, list(rebuilds.sizes(root)))
     latency_ms = answer_ms
     reached: list[tuple[Widths, float]] = []
-    probes, too_costly = 0, frozenset[str]()
+    probes = 0
+    too_costly: dict[int, frozenset[str]] = {block: frozenset() for block in blocks}
     for source in [parent] if parent is root else [parent, root]:
-        if latency_ms >= aim_ms * (1.0 - settings.fit_tolerance):
-            break
         applier = rebuilds.applier(source)
         sizes = rebuilds.sizes(source)
         groups = applier.pruner.groups_by_name
         ms_per_channel = {name: rebuilds.estimate.ms_per_channel(g) for name, g in groups.items()}
+        pass_probes = 0
+        for block in blocks:
+            if (
+                latency_ms >= aim_ms * (1.0 - settings.fit_tolerance)
+                or pass_probes >= settings.fill_probes
+            ):
+                break
 
-        def widths_after(counts: RemovalCounts, sizes: Widths = sizes) -> Widths:
-            return {name: size - counts.get(name, 0) for name, size in sizes.items()}
+            def widths_after(counts: RemovalCounts, sizes: Widths = sizes) -> Widths:
+                return {name: size - counts.get(name, 0) for name, size in sizes.items()}
 
-        def steps_for(counts: RemovalCounts, applier=applier, sizes=sizes, costs=ms_per_channel):
-            return widenings(sizes, counts, applier.importance, costs, block)
+            def steps_for(
+                counts: RemovalCounts,
+                applier: MoveApplier = applier,
+                sizes: Widths = sizes,
+                costs: dict[str, float] = ms_per_channel,
+                block: int = block,
+            ) -> list[Widening]:
+                return widenings(sizes, counts, applier.importance, costs, block)
 
-        def measure(counts: RemovalCounts, source: Node = source, after=widths_after) -> float:
-            spec = rebuilds.build(source, after(counts)).spec
-            measurement = context.oracle.measure(spec, context.root_spec)
-            _tally(state, measurement.cached)
-            return measurement.ratio * state.baseline_ms
+            def measure(counts: RemovalCounts, source: Node = source, after=widths_after) -> float:
+                spec = rebuilds.build(source, after(counts)).spec
+                measurement = context.oracle.measure(spec, context.root_spec)
+                _tally(state, measurement.cached)
+                return measurement.ratio * state.baseline_ms
 
-        filled = fill_in_rounds(
-            {name: size - widths[name] for name, size in sizes.items() if size > widths[name]},
-            latency_ms,
-            steps_for,
-            measure,
-            aim_ms,
-            tolerance=settings.fit_tolerance,
-            max_probes=settings.fill_probes,
-            skip=too_costly,
-        )
-        probes += len(filled.probes)
-        too_costly |= filled.too_costly
-        reached += [(widths_after(counts), ms) for counts, ms in filled.reached]
-        widths, latency_ms = reached[-1] if reached else (widths, latency_ms)
+            filled = fill_in_rounds(
+                {name: size - widths[name] for name, size in sizes.items() if size > widths[name]},
+                latency_ms,
+                steps_for,
+                measure,
+                aim_ms,
+                tolerance=settings.fit_tolerance,
+                max_probes=settings.fill_probes - pass_probes,
+                skip=too_costly[block],
+            )
+            pass_probes += len(filled.probes)
+            too_costly[block] |= filled.too_costly
+            reached += [(widths_after(counts), ms) for counts, ms in filled.reached]
+            widths, latency_ms = reached[-1] if reached else (widths, latency_ms)
+        probes += pass_probes
     return reached, probes
 
 

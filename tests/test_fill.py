@@ -294,3 +294,26 @@ def test_groups_cut_by_earlier_moves_are_given_back_from_the_nearest_ancestor_th
     assert rebuilds.covering({"stage3.0.shortcut.0": 48}).id == n1.id
     assert rebuilds.covering({"stage1.0.conv1": 16}).id == state.root.id
     assert rebuilds.covering({"stage3.0.shortcut.0": 48, "stage1.0.conv1": 8}).id == n1.id
+
+
+def test_a_block_too_costly_for_the_slack_is_given_back_by_halves():
+    # The device reports blocks of 16 but computes in blocks of 8. n1 keeps 4 of
+    # stage1.0.conv1's 24 channels: back to 16 costs 0.384 ms here, back to 8 nothing, and
+    # the slack is 0.3 ms. The shortcut's group, cut last, costs 1.152 ms a block.
+    from search.engine import _fill_slack, start
+
+    device = BlockedConvDevice(8, reported_block=16)
+    context = make_context(device, select_steps=2)
+    state = start(context, parse_budget("90%"))
+    assert state.widen_to == 16
+    n1 = _cut_child(context, state, state.root, {"stage1.0.conv1": 20})
+    n2 = _cut_child(context, state, n1, {"stage3.0.shortcut.0": 56})
+    state.budget_ms = (n2.latency_ms + 0.3) / (1 - context.settings.margin)
+
+    _fill_slack(context, state, n2, n2.latency_ms)
+
+    (filled,) = [e for e in context.sink.events if e["kind"] == "filled"]
+    widened = state.nodes[filled["id"]]
+    assert filled["groups"] == ["stage1.0.conv1"] and filled["rebuilt_from"] == state.root.id
+    assert conv_widths(widened.spec)["stage1.0.conv1"] == 8
+    assert conv_widths(widened.spec)["stage3.0.shortcut.0"] == 40
