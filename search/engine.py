@@ -27,13 +27,13 @@ from search.budget import Budget
 from search.context import SearchContext
 from search.errors import ArchtreeError
 from search.expansion import MoveApplier, evaluate_child, tuned_child, widening_multiples
-from search.fill import RemovalCounts, Widening, fill_in_rounds, widenings
+from search.fill import FillResult, RemovalCounts, Widening, fill_in_rounds, widenings
 from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
 from search.pruning import total_macs
-from search.rebuild import AncestorRebuilds, Widths, widths_of
+from search.rebuild import AncestorRebuilds, Widths
 from search.score_gap import paired_gap
 from search.settings import DEFAULT_CHANNEL_BLOCK, SearchSettings
 from search.tree import ChildResult, ChildTask, Node, SearchState, answer_rank
@@ -554,16 +554,12 @@ def _fill_widths(
     settings = context.settings
     blocks = widening_multiples(state.widen_to) or [DEFAULT_CHANNEL_BLOCK]
     parent, root = rebuilds.ancestors[0], rebuilds.ancestors[-1]
-    widths = widths_of(answer, list(rebuilds.sizes(root)))
+    widths = {name: answer.spec.width(name) for name in rebuilds.sizes(root)}
     latency_ms = answer_ms
     reached: list[tuple[Widths, float]] = []
     probes = 0
     too_costly: dict[int, frozenset[str]] = {block: frozenset() for block in blocks}
     for source in [parent] if parent is root else [parent, root]:
-        applier = rebuilds.applier(source)
-        sizes = rebuilds.sizes(source)
-        groups = applier.pruner.groups_by_name
-        ms_per_channel = {name: rebuilds.estimate.ms_per_channel(g) for name, g in groups.items()}
         pass_probes = 0
         for block in blocks:
             if (
@@ -571,41 +567,69 @@ def _fill_widths(
                 or pass_probes >= settings.fill_probes
             ):
                 break
-
-            def widths_after(counts: RemovalCounts, sizes: Widths = sizes) -> Widths:
-                return {name: size - counts.get(name, 0) for name, size in sizes.items()}
-
-            def steps_for(
-                counts: RemovalCounts,
-                applier: MoveApplier = applier,
-                sizes: Widths = sizes,
-                costs: dict[str, float] = ms_per_channel,
-                block: int = block,
-            ) -> list[Widening]:
-                return widenings(sizes, counts, applier.importance, costs, block)
-
-            def measure(counts: RemovalCounts, source: Node = source, after=widths_after) -> float:
-                spec = rebuilds.build(source, after(counts)).spec
-                measurement = context.oracle.measure(spec, context.root_spec)
-                _tally(state, measurement.cached)
-                return measurement.ratio * state.baseline_ms
-
-            filled = fill_in_rounds(
-                {name: size - widths[name] for name, size in sizes.items() if size > widths[name]},
+            filled = _fill_from(
+                context,
+                state,
+                rebuilds,
+                source,
+                widths,
                 latency_ms,
-                steps_for,
-                measure,
                 aim_ms,
-                tolerance=settings.fit_tolerance,
+                block=block,
                 max_probes=settings.fill_probes - pass_probes,
                 skip=too_costly[block],
             )
             pass_probes += len(filled.probes)
             too_costly[block] |= filled.too_costly
-            reached += [(widths_after(counts), ms) for counts, ms in filled.reached]
+            sizes = rebuilds.sizes(source)
+            reached += [
+                ({name: size - counts.get(name, 0) for name, size in sizes.items()}, ms)
+                for counts, ms in filled.reached
+            ]
             widths, latency_ms = reached[-1] if reached else (widths, latency_ms)
         probes += pass_probes
     return reached, probes
+
+
+def _fill_from(
+    context: SearchContext,
+    state: SearchState,
+    rebuilds: AncestorRebuilds,
+    source: Node,
+    widths: Widths,
+    latency_ms: float,
+    aim_ms: float,
+    *,
+    block: int,
+    max_probes: int,
+    skip: frozenset[str],
+) -> FillResult:
+    """One pass of `fill_in_rounds` from `widths` (measured at `latency_ms`), channels given
+    back `block` at a time in the groups that `source` has wider, each widening measured."""
+    applier = rebuilds.applier(source)
+    sizes = rebuilds.sizes(source)
+    groups = applier.pruner.groups_by_name
+    ms_per_channel = {name: rebuilds.estimate.ms_per_channel(g) for name, g in groups.items()}
+
+    def steps_for(counts: RemovalCounts) -> list[Widening]:
+        return widenings(sizes, counts, applier.importance, ms_per_channel, block)
+
+    def measure(counts: RemovalCounts) -> float:
+        after = {name: size - counts.get(name, 0) for name, size in sizes.items()}
+        measurement = context.oracle.measure(rebuilds.build(source, after).spec, context.root_spec)
+        _tally(state, measurement.cached)
+        return measurement.ratio * state.baseline_ms
+
+    return fill_in_rounds(
+        {name: size - widths[name] for name, size in sizes.items() if size > widths[name]},
+        latency_ms,
+        steps_for,
+        measure,
+        aim_ms,
+        tolerance=context.settings.fit_tolerance,
+        max_probes=max_probes,
+        skip=skip,
+    )
 
 
 def run_search(

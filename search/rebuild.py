@@ -63,7 +63,3 @@ class AncestorRebuilds:
                 if size > widths.get(name, size)
             }
         )
-
-
-def widths_of(node: Node, groups: list[str]) -> Widths:
-    return {name: node.spec.width(name) for name in groups}
