@@ -581,10 +581,8 @@ def _fill_widths(
             )
             pass_probes += len(filled.probes)
             too_costly[block] |= filled.too_costly
-            sizes = rebuilds.sizes(source)
             reached += [
-                ({name: size - counts.get(name, 0) for name, size in sizes.items()}, ms)
-                for counts, ms in filled.reached
+                (rebuilds.widths_after(source, counts), ms) for counts, ms in filled.reached
             ]
             widths, latency_ms = reached[-1] if reached else (widths, latency_ms)
         probes += pass_probes
@@ -615,8 +613,8 @@ def _fill_from(
         return widenings(sizes, counts, applier.importance, ms_per_channel, block)
 
     def measure(counts: RemovalCounts) -> float:
-        after = {name: size - counts.get(name, 0) for name, size in sizes.items()}
-        measurement = context.oracle.measure(rebuilds.build(source, after).spec, context.root_spec)
+        spec = rebuilds.build(source, rebuilds.widths_after(source, counts)).spec
+        measurement = context.oracle.measure(spec, context.root_spec)
         _tally(state, measurement.cached)
         return measurement.ratio * state.baseline_ms
 

@@ -46,6 +46,10 @@ class AncestorRebuilds:
         groups = self.applier(ancestor).pruner.groups_by_name
         return {name: group.size for name, group in groups.items()}
 
+    def widths_after(self, ancestor: Node, removed: dict[str, int]) -> Widths:
+        """The ancestor's widths with `removed` channels taken off each group named there."""
+        return {name: size - removed.get(name, 0) for name, size in self.sizes(ancestor).items()}
+
     def covering(self, widths: Widths) -> Node:
         """The nearest ancestor at least as wide as `widths` in every group."""
         for ancestor in self.ancestors:
