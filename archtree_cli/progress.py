@@ -103,6 +103,7 @@ class ConsoleProgress:
                     "the budget ("
                     + ", ".join(f"{ms:.3f}" for ms in data["unconfirmed_ms"])
                     + " ms)"
+                    + _refilled(data)
                 )
             elif data["id"] is None:
                 self._print(
@@ -116,7 +117,7 @@ class ConsoleProgress:
                     + (f"(rebuilt from {source}) " if source else "")
                     + f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), "
                     f"score {data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
-                    f"{data['chosen']} is the answer"
+                    f"{data['chosen']} is the answer" + _refilled(data)
                 )
         elif kind == "confirmed":
             self._print(
@@ -132,3 +133,11 @@ def _gap(data: dict[str, Any]) -> str:
     if data.get("score_gap") is None or data.get("score_gap_se") is None:
         return ""
     return f"; {100 * data['score_gap']:+.1f} +- {200 * data['score_gap_se']:.1f} points"
+
+
+def _refilled(data: dict[str, Any]) -> str:
+    """Where the fill was tried again with a lower aim, after its widenings confirmed over."""
+    aims = data.get("aims_ms") or []
+    if len(aims) < 2:
+        return ""
+    return "; filled again aiming at " + ", ".join(f"{ms:.3f}" for ms in aims[1:]) + " ms"

@@ -40,7 +40,9 @@ class SearchSettings:
     stays well under, each widening measured: first the groups its last move cut, then any
     group cut since the root, `fill_probes` measurements at most in each pass; the widened
     answer, rebuilt from the nearest ancestor as wide and tuned as much, replaces it unless
-    it scores clearly lower (search/score_gap.py). 0 turns it off.
+    it scores clearly lower (search/score_gap.py). When every widening confirmed is over the
+    budget, the fill is tried once more with its aim lowered by the share they were over.
+    0 turns it off.
     """
 
     strategy: str = "archtree"
