@@ -481,7 +481,7 @@ def _fill_slack(
     if (
         settings.fill_probes <= 0
         or answer.parent is None
-        or answer_ms >= aim_ms * (1.0 - settings.fit_tolerance)
+        or not settings.well_under(answer_ms, aim_ms)
     ):
         return answer, answer_ms
     estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs, state.observations)
@@ -492,7 +492,7 @@ def _fill_slack(
     probes = 0
     widened = None
     fill_aim_ms = aim_ms
-    while len(aims_ms) < FILL_ATTEMPTS and answer_ms < fill_aim_ms * (1.0 - settings.fit_tolerance):
+    while len(aims_ms) < FILL_ATTEMPTS and settings.well_under(answer_ms, fill_aim_ms):
         aims_ms.append(fill_aim_ms)
         reached, attempt_probes = _fill_widths(
             context, state, rebuilds, answer, answer_ms, fill_aim_ms
@@ -613,10 +613,7 @@ def _fill_widths(
     for source in [parent] if parent is root else [parent, root]:
         pass_probes = 0
         for block in blocks:
-            if (
-                latency_ms >= aim_ms * (1.0 - settings.fit_tolerance)
-                or pass_probes >= settings.fill_probes
-            ):
+            if not settings.well_under(latency_ms, aim_ms) or pass_probes >= settings.fill_probes:
                 break
             filled = _fill_from(
                 context,

@@ -143,6 +143,10 @@ class SearchSettings:
         """The latency the search aims at: `margin` under the budget."""
         return budget_ms * (1.0 - self.margin)
 
+    def well_under(self, latency_ms: float, aim_ms: float) -> bool:
+        """More than `fit_tolerance` under the aim: below a latency step, slack to fill."""
+        return latency_ms < aim_ms * (1.0 - self.fit_tolerance)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["move_kinds"] = list(self.move_kinds)
