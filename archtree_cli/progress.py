@@ -106,14 +106,17 @@ class ConsoleProgress:
                     + _refilled(data)
                 )
             elif data["id"] is None:
+                trades = len(data.get("trades") or [])
                 self._print(
                     f"{data['answer']} is well under the aim, but no group could be widened "
-                    f"within it ({data['probes']} probes)"
+                    + ("or traded for another's block " if trades else "")
+                    + f"within it ({data['probes']} probes)"
                 )
             else:
                 source = data.get("rebuilt_from")
                 self._print(
                     f"{data['id']}: {data['answer']} widened in {', '.join(data['groups'])} "
+                    + _narrowed(data)
                     + (f"(rebuilt from {source}) " if source else "")
                     + f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), "
                     f"score {data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
@@ -133,6 +136,12 @@ def _gap(data: dict[str, Any]) -> str:
     if data.get("score_gap") is None or data.get("score_gap_se") is None:
         return ""
     return f"; {100 * data['score_gap']:+.1f} +- {200 * data['score_gap_se']:.1f} points"
+
+
+def _narrowed(data: dict[str, Any]) -> str:
+    """The groups a trade narrowed while it widened others, if any."""
+    narrowed = data.get("narrowed") or []
+    return f"and narrowed in {', '.join(narrowed)} " if narrowed else ""
 
 
 def _refilled(data: dict[str, Any]) -> str:

@@ -33,7 +33,14 @@ from search.expansion import (
     tuned_child,
     widening_multiples,
 )
-from search.fill import FillResult, RemovalCounts, Widening, fill_in_rounds, widenings
+from search.fill import (
+    FillResult,
+    RemovalCounts,
+    Widening,
+    exchanges,
+    fill_in_rounds,
+    widenings,
+)
 from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
@@ -55,6 +62,8 @@ FILL_CONFIRMATIONS = 3
 # How many times the slack is filled: when every widening confirmed was over the budget, the
 # next attempt aims lower by the share the narrowest of them was over.
 FILL_ATTEMPTS = 2
+# Trades (one group widened, another narrowed) measured for an answer no widening fills.
+EXCHANGE_PROBES = 4
 
 
 @dataclass
@@ -489,13 +498,14 @@ def _fill_slack(
     unconfirmed_ms: list[float] = []
     aims_ms: list[float] = []
     confirmed_before: set[tuple[tuple[str, int], ...]] = set()
+    trades: list[dict] = []
     probes = 0
     widened = None
     fill_aim_ms = aim_ms
     while len(aims_ms) < FILL_ATTEMPTS and settings.well_under(answer_ms, fill_aim_ms):
         aims_ms.append(fill_aim_ms)
         reached, attempt_probes = _fill_widths(
-            context, state, rebuilds, answer, answer_ms, fill_aim_ms
+            context, state, rebuilds, answer, answer_ms, fill_aim_ms, trades
         )
         probes += attempt_probes
         widened, over_ms = _confirm_widest(context, state, rebuilds, reached, confirmed_before)
@@ -511,6 +521,7 @@ def _fill_slack(
             probes=probes,
             unconfirmed_ms=unconfirmed_ms,
             aims_ms=aims_ms,
+            trades=trades,
         )
         return answer, answer_ms
     source, model, confirmed_ms = widened
@@ -545,8 +556,14 @@ def _fill_slack(
             for name in rebuilds.sizes(rebuilds.ancestors[-1])
             if node.spec.width(name) > answer.spec.width(name)
         ],
+        narrowed=[
+            name
+            for name in rebuilds.sizes(rebuilds.ancestors[-1])
+            if node.spec.width(name) < answer.spec.width(name)
+        ],
         unconfirmed_ms=unconfirmed_ms,
         aims_ms=aims_ms,
+        trades=trades,
         latency_ms=confirmed_ms,
         score=node.score,
         answer_latency_ms=answer_ms,
@@ -591,9 +608,11 @@ def _fill_widths(
     answer: Node,
     answer_ms: float,
     aim_ms: float,
+    trades: list[dict],
 ) -> tuple[list[tuple[Widths, float]], int]:
     """The widths reached by giving channels back to the answer (search/fill.py), with their
-    measured ms, in order, and the number of probes measured.
+    measured ms, in order, and the number of probes measured; the trades tried (`_exchange`)
+    are added to `trades`.
 
     First the groups its last move cut, as its parent had them: the last move sized them all
     at once, so they are the likeliest to sit just under a latency step. While the answer is
@@ -610,6 +629,7 @@ def _fill_widths(
     reached: list[tuple[Widths, float]] = []
     probes = 0
     too_costly: dict[int, frozenset[str]] = {block: frozenset() for block in blocks}
+    measured: list[tuple[Widths, float]] = []
     for source in [parent] if parent is root else [parent, root]:
         pass_probes = 0
         for block in blocks:
@@ -626,6 +646,7 @@ def _fill_widths(
                 block=block,
                 max_probes=settings.fill_probes - pass_probes,
                 skip=too_costly[block],
+                measured=measured,
             )
             pass_probes += len(filled.probes)
             too_costly[block] |= filled.too_costly
@@ -634,7 +655,83 @@ def _fill_widths(
             ]
             widths, latency_ms = reached[-1] if reached else (widths, latency_ms)
         probes += pass_probes
+    if settings.well_under(latency_ms, aim_ms):
+        over = [(trial, ms) for trial, ms in measured if ms > aim_ms]
+        tried = _exchange(
+            context, state, rebuilds, answer, widths, latency_ms, aim_ms, over, block=blocks[-1]
+        )
+        reached += [(trial, ms) for trial, ms, kept in tried if kept]
+        probes += len(tried)
+        trades += [
+            {
+                "widened": [name for name in trial if trial[name] > widths[name]],
+                "narrowed": [name for name in trial if trial[name] < widths[name]],
+                "latency_ms": ms,
+                "kept": kept,
+            }
+            for trial, ms, kept in tried
+        ]
     return reached, probes
+
+
+def _exchange(
+    context: SearchContext,
+    state: SearchState,
+    rebuilds: AncestorRebuilds,
+    answer: Node,
+    widths: Widths,
+    latency_ms: float,
+    aim_ms: float,
+    over: list[tuple[Widths, float]],
+    *,
+    block: int,
+) -> list[tuple[Widths, float, bool]]:
+    """For an answer still well under the aim once no widening fits: a group whose widening
+    measured over the aim is widened while another loses a block (search/fill.py `exchanges`;
+    first among the groups the answer's last move cut), `EXCHANGE_PROBES` such trades
+    measured at most. The first that measures above the answer and at or under the aim is
+    kept: the answer sat below a latency step of one group that it crosses by stepping back
+    in another. Returns each trade measured, its ms and whether it was kept."""
+    root = rebuilds.ancestors[-1]
+    applier = rebuilds.applier(root)
+    groups = applier.pruner.groups_by_name
+    trials = exchanges(
+        widths,
+        over,
+        rebuilds.sizes(root),
+        {name: group.min_size for name, group in groups.items()},
+        applier.importance,
+        {name: rebuilds.estimate.ms_per_channel(group) for name, group in groups.items()},
+        block,
+        aim_ms,
+        preferred=[
+            name
+            for name, size in rebuilds.sizes(rebuilds.ancestors[0]).items()
+            if answer.spec.width(name) < size
+        ],
+    )
+    tried = []
+    for trial in trials[:EXCHANGE_PROBES]:
+        trial_ms = _measure_widths(context, state, rebuilds, trial)
+        tried.append((trial, trial_ms, latency_ms < trial_ms <= aim_ms))
+        if tried[-1][2]:
+            break
+    return tried
+
+
+def _measure_widths(
+    context: SearchContext,
+    state: SearchState,
+    rebuilds: AncestorRebuilds,
+    widths: Widths,
+    source: Node | None = None,
+) -> float:
+    """The latency in ms of `source` (by default the nearest ancestor of the answer that is
+    wide enough) pruned to `widths`, one measurement."""
+    spec = rebuilds.build(source or rebuilds.covering(widths), widths).spec
+    measurement = context.oracle.measure(spec, context.root_spec)
+    _tally(state, measurement.cached)
+    return measurement.ratio * state.baseline_ms
 
 
 def _fill_from(
@@ -649,6 +746,7 @@ def _fill_from(
     block: int,
     max_probes: int,
     skip: frozenset[str],
+    measured: list[tuple[Widths, float]],
 ) -> FillResult:
     """One pass of `fill_in_rounds` from `widths` (measured at `latency_ms`), channels given
     back `block` at a time in the groups that `source` has wider, each widening measured."""
@@ -661,10 +759,10 @@ def _fill_from(
         return widenings(sizes, counts, applier.importance, ms_per_channel, block)
 
     def measure(counts: RemovalCounts) -> float:
-        spec = rebuilds.build(source, rebuilds.widths_after(source, counts)).spec
-        measurement = context.oracle.measure(spec, context.root_spec)
-        _tally(state, measurement.cached)
-        return measurement.ratio * state.baseline_ms
+        widths = rebuilds.widths_after(source, counts)
+        latency_ms = _measure_widths(context, state, rebuilds, widths, source)
+        measured.append((widths, latency_ms))
+        return latency_ms
 
     return fill_in_rounds(
         {name: size - widths[name] for name, size in sizes.items() if size > widths[name]},

@@ -17,8 +17,9 @@ counts per group of the parent and returns a latency in ms).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -174,3 +175,91 @@ def fill_in_rounds(
             break
         result.reached += round_result.reached
     return result
+
+
+def exchanges(
+    widths: Mapping[str, int],
+    over: list[tuple[Mapping[str, int], float]],
+    sizes: Mapping[str, int],
+    min_sizes: Mapping[str, int],
+    importance: Mapping[str, np.ndarray],
+    ms_per_channel: Mapping[str, float],
+    block: int,
+    target_ms: float,
+    preferred: Collection[str] = (),
+) -> list[dict[str, int]]:
+    """Widths to try when every widening alone measured over the target: each of those
+    widenings (`over`: widths and measured ms; a widening is one group wider than `widths`,
+    none narrower) paired with a block taken off another group, so that the answer crosses a
+    latency step in one group and steps back in another. Each group is widened to the width
+    it was measured at with the least overshoot (its ms over the target).
+
+    The groups to narrow are ranked, for each widening: first the `preferred` (the groups
+    the answer's last move sized together, where a trade is likeliest to pay), then the
+    rest; within each, those predicted to save at least the overshoot, least importance
+    lost per predicted ms saved first, then the others, most ms saved first. The trials go
+    rank by rank: every widening with its first choice, the least overshoot first, then
+    with its second, and so on. `sizes` and `importance` (per channel, ascending is least
+    important) are one model's, at least as wide as `widths` in every group; a group keeps
+    its most important channels."""
+    ranked: list[tuple[str, int, list[_Narrowing]]] = []
+    for wider, wider_ms in sorted(over, key=lambda item: item[1]):
+        grown = [name for name in widths if wider.get(name, widths[name]) > widths[name]]
+        shrunk = [name for name in widths if wider.get(name, widths[name]) < widths[name]]
+        if len(grown) != 1 or shrunk or grown[0] in {group for group, _, _ in ranked}:
+            continue
+        widened = grown[0]
+        narrowings = [
+            narrowing
+            for name, width in widths.items()
+            if name != widened
+            and (narrowing := _narrowing(name, width, sizes, min_sizes, importance,
+                                         ms_per_channel, block))
+        ]  # fmt: skip
+        overshoot = max(wider_ms - target_ms, 0.0)
+        narrowings.sort(key=partial(_narrowing_rank, overshoot, preferred))
+        ranked.append((widened, wider[widened], narrowings))
+    return [
+        {**widths, widened: width, narrowings[rank].group: narrowings[rank].width}
+        for rank in range(max((len(n) for _, _, n in ranked), default=0))
+        for widened, width, narrowings in ranked
+        if rank < len(narrowings)
+    ]
+
+
+@dataclass(frozen=True)
+class _Narrowing:
+    """A group narrowed by a block: the importance it loses and the ms it is predicted to save."""
+
+    group: str
+    width: int
+    lost: float
+    saved_ms: float
+
+
+def _narrowing_rank(
+    overshoot: float, preferred: Collection[str], option: _Narrowing
+) -> tuple[bool, bool, float]:
+    """Lowest first: preferred groups, then those predicted to save the overshoot, by least
+    importance lost per ms saved; then those that fall short, most ms saved first."""
+    saves_enough = option.saved_ms > 0 and option.saved_ms >= overshoot
+    per_ms = option.lost / option.saved_ms if saves_enough else -option.saved_ms
+    return option.group not in preferred, not saves_enough, per_ms
+
+
+def _narrowing(
+    name: str,
+    width: int,
+    sizes: Mapping[str, int],
+    min_sizes: Mapping[str, int],
+    importance: Mapping[str, np.ndarray],
+    ms_per_channel: Mapping[str, float],
+    block: int,
+) -> _Narrowing | None:
+    """The group cut to the multiple of `block` below `width` (None when at its minimum)."""
+    narrower = max(min_sizes[name], (width - 1) // block * block)
+    if narrower >= width:
+        return None
+    order = np.sort(importance[name])
+    lost = float(order[sizes[name] - width : sizes[name] - narrower].sum())
+    return _Narrowing(name, narrower, lost, (width - narrower) * ms_per_channel.get(name, 0.0))
