@@ -482,7 +482,8 @@ def _fill_slack(
     from the nearest ancestor at least as wide, tuned as the answer was (`ft_steps`, then
     `select_steps`), and replaces the answer unless it scores clearly lower (by more than
     `FILL_SCORE_SLACK` and than `FILL_SCORE_Z` standard errors, judged sample by sample on
-    the calibration split): it holds as many channels as the answer in every group, and two
+    the calibration split): a widening holds as many channels as the answer in every group
+    (a trade, `_exchange`, gives a block up in one group for one in another), and two
     models' scores on a few hundred images differ by a point or more by chance. Returns the
     answer and its confirmed latency, widened or not."""
     settings = context.settings

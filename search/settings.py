@@ -42,7 +42,8 @@ class SearchSettings:
     answer, rebuilt from the nearest ancestor as wide and tuned as much, replaces it unless
     it scores clearly lower (search/score_gap.py). When every widening confirmed is over the
     budget, the fill is tried once more with its aim lowered by the share they were over.
-    0 turns it off.
+    When no group's block fits alone, one group is widened while another is narrowed
+    (`EXCHANGE_PROBES` trades at most, search/engine.py). 0 turns it off.
     """
 
     strategy: str = "archtree"
