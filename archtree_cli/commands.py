@@ -28,6 +28,7 @@ def _oracle(args: argparse.Namespace):
         threads=args.threads,
         batch_size=args.batch_size,
         cache=DiskLatencyCache(latency_cache_dir(args.cache_dir)),
+        fresh_process=True,
     )
 
 

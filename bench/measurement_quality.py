@@ -157,7 +157,9 @@ def measure_agreement(
         remote = RemoteOracle(
             client, AGREEMENT_CLASS, batch_size=config.batch_size, cache=MemoryLatencyCache()
         )
-        local = LocalOracle(build_from_spec, threads=1, batch_size=config.batch_size)
+        local = LocalOracle(
+            build_from_spec, threads=1, batch_size=config.batch_size, fresh_process=True
+        )
         absolute, anchored = [], []
         for index, spec in enumerate(specs):
             oracles = (local, remote) if index % 2 == 0 else (remote, local)
@@ -167,6 +169,7 @@ def measure_agreement(
                 pair = {id(o): o.measure(spec, reference).ratio for o in oracles}
                 anchored.append(pair[id(remote)] / pair[id(local)])
         client.close()
+        local.close()
     wall_s = time.monotonic() - started
     rows = []
     for metric, ratios in (("agreement-absolute", absolute), ("agreement-anchored", anchored)):

@@ -15,6 +15,7 @@ accuracy moves by a point or so from one seed to the next, as much as strategies
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import shutil
@@ -31,7 +32,8 @@ import torch
 from bench import CACHE_DIR
 from bench.report import SectionResult, make_row
 from bench.train_models import seeded_recipe, trained_weights, weights_path
-from latency.harness import TimingSettings, time_interleaved
+from latency.fresh_process import FreshProcessTimer, TimingJob
+from latency.harness import TimingSettings
 from search.interfaces import EventSink
 from search.settings import STRATEGIES, SearchSettings
 
@@ -158,6 +160,13 @@ def final_finetune_steps(settings: SearchSettings, train_size: int) -> int:
     return max(1, round(settings.final_epochs * math.ceil(train_size / batch)))
 
 
+def trained_model(model: str, data: str, weights: str, seed: int) -> torch.nn.Module:
+    """The trained unpruned model of a seed: the reference of the re-measurement."""
+    from search.inputs import load_inputs
+
+    return load_inputs(model, data, weights=weights, seed=seed).model
+
+
 def run_search_once(
     model: str,
     data: str,
@@ -181,7 +190,11 @@ def run_search_once(
 
     settings = replace(config.settings, strategy=strategy, seed=seed).effective()
     oracle = LocalOracle(
-        build_from_spec, threads=1, batch_size=config.batch_size, settings=config.timing
+        build_from_spec,
+        threads=1,
+        batch_size=config.batch_size,
+        settings=config.timing,
+        fresh_process=True,
     )
     events = SearchEvents(ConsoleProgress(quiet=not verbose))
     common = {
@@ -225,13 +238,25 @@ def run_search_once(
     inputs = load_inputs(model, data, weights=str(weights), seed=settings.seed)
 
     pruned = load_pruned(out_dir)
-    example = torch.randn(
-        config.batch_size, *inputs.data.input_shape, generator=torch.Generator().manual_seed(0)
-    )
+    oracle.close()
+    # Timed in a fresh process, as the search's own measurements were (latency/fresh_process.py):
+    # the saved answer against the trained unpruned model.
     remeasure = replace(config.timing, threads=1).scaled(config.remeasure_factor)
-    pruned_stats, reference_stats, ratio = time_interleaved(
-        pruned, inputs.model, example, remeasure
-    )
+    timer = FreshProcessTimer()
+    try:
+        pruned_stats, reference_stats, ratio = timer.run(
+            TimingJob(
+                candidate=functools.partial(load_pruned, str(out_dir)),
+                reference=functools.partial(trained_model, model, data, str(weights), seed),
+                input_shape=tuple(inputs.data.input_shape),
+                batch_size=config.batch_size,
+                dtype="float32",
+                settings=remeasure,
+            )
+        )
+    finally:
+        timer.close()
+    assert reference_stats is not None and ratio is not None
     baseline_ms = report["baseline"]["latency_ms"]
     latency_ms = ratio * baseline_ms
     val_correct = correct(pruned, inputs.data.val_x, inputs.data.val_y)

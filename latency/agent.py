@@ -82,6 +82,7 @@ def _torch_timer(
         batch_size=batch_size,
         dtype=dtype,
         settings=settings,
+        fresh_process=True,
     )
 
 

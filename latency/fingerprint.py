@@ -22,9 +22,11 @@ def device_fingerprint(
     dtype: str,
     input_shape: tuple[int, ...] | None,
     device_class: str | None = None,
+    fresh_process: bool = False,
 ) -> dict[str, Any]:
     """Device class, host, hardware, runtime and versions, threads, allocator, batch, dtype,
-    input shape and the channel block of the device's kernels (`channel_block`).
+    input shape, the channel block of the device's kernels (`channel_block`) and whether
+    each timing ran in a fresh process (`process`: "fresh" or "shared").
 
     `device` is a torch device string ("cpu", "cuda"); `device_class` names the target
     (defaults to "local" for the CPU and "local:<device>" otherwise).
@@ -44,6 +46,7 @@ def device_fingerprint(
         "dtype": dtype,
         "input_shape": list(input_shape) if input_shape is not None else None,
         "channel_block": channel_block(device),
+        "process": "fresh" if fresh_process else "shared",
     }
     if device.startswith("cuda"):
         fingerprint["gpu"] = torch.cuda.get_device_name(device)

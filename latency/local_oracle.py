@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from torch import nn
 
 from latency.cache import LatencyCache, MemoryLatencyCache, cache_key
 from latency.fingerprint import device_fingerprint, fingerprint_key
+from latency.fresh_process import FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
@@ -46,6 +49,8 @@ class LocalOracle:
     """Times candidates interleaved with the reference in this process; results are cached.
 
     `build` turns an architecture spec into a model. `threads` overrides `settings.threads`.
+    With `fresh_process` (CPU only), every timing runs in a new child process that builds the
+    models with `build`, which must then be picklable (latency/fresh_process.py says why).
     Counters: `measurements` (timings actually run) and `cache_hits`.
     """
 
@@ -61,6 +66,7 @@ class LocalOracle:
         cache: LatencyCache | None = None,
         settings: TimingSettings | None = None,
         models_kept: int = 8,
+        fresh_process: bool = False,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ArchtreeError(
@@ -93,6 +99,25 @@ class LocalOracle:
         self._last_input_shape: tuple[int, ...] | None = None
         # Two timings running at once in one process would slow each other down.
         self._timing_lock = threading.Lock()
+        self._fresh: FreshProcessTimer | None = None
+        if fresh_process and device == "cpu":
+            try:
+                pickle.dumps(build)
+            except (pickle.PicklingError, AttributeError, TypeError) as error:
+                raise ArchtreeError(
+                    f"timing in a fresh process needs a picklable model builder, got {build!r}"
+                ) from error
+            self._fresh = FreshProcessTimer()
+
+    @property
+    def fresh_process(self) -> bool:
+        """Whether timings run in a new child process each (CPU only)."""
+        return self._fresh is not None
+
+    def close(self) -> None:
+        """Stop the timing child process, if any (a later timing starts a new one)."""
+        if self._fresh is not None:
+            self._fresh.close()
 
     def fingerprint(self) -> dict[str, Any]:
         """The fingerprint of this device, for the input shape measured last (None before)."""
@@ -108,16 +133,20 @@ class LocalOracle:
             self.cache_hits += 1
             return TimingStats(**cached)
         with self._timing_lock:
-            stats = time_model(
-                self._model(reference), self._input(input_shape), self._settings(confirm)
-            )
+            if self._fresh is not None:
+                stats = self._fresh.run(self._job(reference, None, input_shape, confirm))[0]
+            else:
+                stats = time_model(
+                    self._model(reference), self._input(input_shape), self._settings(confirm)
+                )
             self.measurements += 1
         self.cache.put(key, stats.to_dict())
         return stats
 
     def offer_model(self, spec: ArchSpec, model: nn.Module) -> None:
-        """Keep a copy of an already built model for `spec`, so timing it needs no rebuild."""
-        if spec.hash not in self._models:
+        """Keep a copy of an already built model for `spec`, so timing it needs no rebuild
+        (not kept when timings run in a fresh process, which builds its own)."""
+        if self._fresh is None and spec.hash not in self._models:
             self._models[spec.hash] = self._on_device(copy.deepcopy(model))
             if len(self._models) > self._models_kept:
                 self._models.popitem(last=False)
@@ -142,12 +171,19 @@ class LocalOracle:
             self.cache_hits += 1
             return replace(LatencyMeasurement.from_dict(cached), cached=True)
         with self._timing_lock:
-            candidate_stats, reference_stats, ratio = time_interleaved(
-                self._model(candidate),
-                self._model(reference),
-                self._input(input_shape),
-                self._settings(confirm),
-            )
+            if self._fresh is not None:
+                candidate_stats, fresh_reference, fresh_ratio = self._fresh.run(
+                    self._job(candidate, reference, input_shape, confirm)
+                )
+                assert fresh_reference is not None and fresh_ratio is not None
+                reference_stats, ratio = fresh_reference, fresh_ratio
+            else:
+                candidate_stats, reference_stats, ratio = time_interleaved(
+                    self._model(candidate),
+                    self._model(reference),
+                    self._input(input_shape),
+                    self._settings(confirm),
+                )
             self.measurements += 1
         result = LatencyMeasurement(
             arch_hash=candidate.hash,
@@ -158,6 +194,22 @@ class LocalOracle:
         )
         self.cache.put(key, result.to_dict())
         return result
+
+    def _job(
+        self,
+        candidate: ArchSpec,
+        reference: ArchSpec | None,
+        input_shape: tuple[int, ...],
+        confirm: bool,
+    ) -> TimingJob:
+        return TimingJob(
+            candidate=functools.partial(self.build, candidate),
+            reference=None if reference is None else functools.partial(self.build, reference),
+            input_shape=input_shape,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            settings=self._settings(confirm),
+        )
 
     def _settings(self, confirm: bool) -> TimingSettings:
         return self.confirm_settings if confirm else self.settings
@@ -184,6 +236,7 @@ class LocalOracle:
                 self.dtype,
                 input_shape,
                 device_class=self.device_class,
+                fresh_process=self.fresh_process,
             )
         return self._fingerprints[input_shape]
 

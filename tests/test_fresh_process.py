@@ -1,0 +1,104 @@
+"""Timing in a fresh process: each measurement in a new child, the models built there."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+from test_local_oracle import FAST, REFERENCE, SMALL, Builder
+from torch import nn
+
+from latency.cache import DiskLatencyCache
+from latency.fresh_process import FreshProcessTimer, TimingJob
+from latency.harness import TimingSettings
+from latency.local_oracle import LocalOracle
+from search.errors import ArchtreeError
+
+
+def model_recording_pid(path: str) -> nn.Module:
+    """A small model; the process that builds it appends its pid to `path`."""
+    with open(path, "a") as out:
+        out.write(f"{os.getpid()}\n")
+    return nn.Sequential(nn.Linear(16, 16))
+
+
+def job(candidate, reference=None) -> TimingJob:
+    return TimingJob(candidate, reference, (16,), batch_size=4, dtype="float32", settings=FAST)
+
+
+def test_each_timing_runs_in_a_new_child_process(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    factory = functools.partial(model_recording_pid, str(pids))
+    timer = FreshProcessTimer()
+    try:
+        alone, reference, ratio = timer.run(job(factory))
+        assert alone.n >= FAST.min_runs and reference is None and ratio is None
+        candidate, reference, ratio = timer.run(job(factory, factory))
+        assert reference is not None and ratio is not None and ratio > 0
+    finally:
+        timer.close()
+    built_in = [int(line) for line in pids.read_text().split()]
+    # Three builds, in two children: one per timing, none in this process.
+    assert len(built_in) == 3
+    assert os.getpid() not in built_in
+    assert built_in[0] != built_in[1] == built_in[2]
+
+
+def test_a_fresh_process_oracle_measures_without_building_here() -> None:
+    builder = Builder()
+    oracle = LocalOracle(builder, batch_size=8, settings=FAST, fresh_process=True)  # type: ignore[arg-type]
+    try:
+        assert oracle.fresh_process
+        result = oracle.measure(SMALL, REFERENCE)  # type: ignore[arg-type]
+        assert result.ratio < 1 / 3
+        assert result.candidate.median_ms < result.reference.median_ms
+        assert result.fingerprint["process"] == "fresh"
+        assert oracle.measure_reference(REFERENCE).n >= FAST.min_runs  # type: ignore[arg-type]
+        assert oracle.measure(SMALL, REFERENCE).cached  # type: ignore[arg-type]
+        assert oracle.measurements == 2
+    finally:
+        oracle.close()
+    assert builder.builds == 0
+
+
+def test_fresh_and_shared_timings_are_cached_apart(tmp_path: Path) -> None:
+    cache = DiskLatencyCache(tmp_path)
+    shared = LocalOracle(Builder(), batch_size=8, settings=FAST, cache=cache)  # type: ignore[arg-type]
+    assert shared.fingerprint()["process"] == "shared"
+    shared.measure(SMALL, REFERENCE)  # type: ignore[arg-type]
+    fresh = LocalOracle(Builder(), batch_size=8, settings=FAST, cache=cache, fresh_process=True)  # type: ignore[arg-type]
+    try:
+        assert not fresh.measure(SMALL, REFERENCE).cached  # type: ignore[arg-type]
+    finally:
+        fresh.close()
+
+
+def test_an_unpicklable_builder_is_refused_with_a_clear_error() -> None:
+    with pytest.raises(ArchtreeError, match="picklable"):
+        LocalOracle(lambda spec: nn.Linear(4, 4), fresh_process=True)
+
+
+def test_a_child_that_dies_is_reported_not_awaited_forever() -> None:
+    timer = FreshProcessTimer()
+    try:
+        with pytest.raises(ArchtreeError, match="timing process died"):
+            timer.run(job(functools.partial(os._exit, 3)))
+        # The timer recovers: the next job gets a new child.
+        alone, _, _ = timer.run(job(functools.partial(nn.Linear, 16, 16)))
+        assert alone.n >= FAST.min_runs
+    finally:
+        timer.close()
+
+
+def test_timing_settings_travel_to_the_child() -> None:
+    timer = FreshProcessTimer()
+    many = TimingSettings(warmup_runs=1, warmup_s=0.0, min_runs=60, min_time_s=0.0, max_runs=60)
+    try:
+        stats, _, _ = timer.run(
+            TimingJob(functools.partial(nn.Linear, 8, 8), None, (8,), 2, "float32", many)
+        )
+    finally:
+        timer.close()
+    assert stats.n == 60
