@@ -14,7 +14,8 @@ had confirmed. An inference server runs one model: the new process is the right 
 So the oracle's timings run in children of a `forkserver`: a server process started once,
 which imports torch and the harness and never runs a model; every measurement forks a child
 from it, builds the models there from their picklable factories, times them and exits. The
-child costs about 0.1-0.3 s (the fork, building the two models) on top of the timing.
+child costs about 0.3-0.5 s on the benchmark's models (the fork, and mostly rebuilding the two
+models through torch-pruning) on top of the timing.
 """
 
 from __future__ import annotations
