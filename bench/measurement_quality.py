@@ -169,7 +169,6 @@ def measure_agreement(
                 pair = {id(o): o.measure(spec, reference).ratio for o in oracles}
                 anchored.append(pair[id(remote)] / pair[id(local)])
         client.close()
-        local.close()
     wall_s = time.monotonic() - started
     rows = []
     for metric, ratios in (("agreement-absolute", absolute), ("agreement-anchored", anchored)):

@@ -238,24 +238,19 @@ def run_search_once(
     inputs = load_inputs(model, data, weights=str(weights), seed=settings.seed)
 
     pruned = load_pruned(out_dir)
-    oracle.close()
     # Timed in a fresh process, as the search's own measurements were (latency/fresh_process.py):
     # the saved answer against the trained unpruned model.
     remeasure = replace(config.timing, threads=1).scaled(config.remeasure_factor)
-    timer = FreshProcessTimer()
-    try:
-        pruned_stats, reference_stats, ratio = timer.run(
-            TimingJob(
-                candidate=functools.partial(load_pruned, str(out_dir)),
-                reference=functools.partial(trained_model, model, data, str(weights), seed),
-                input_shape=tuple(inputs.data.input_shape),
-                batch_size=config.batch_size,
-                dtype="float32",
-                settings=remeasure,
-            )
+    pruned_stats, reference_stats, ratio = FreshProcessTimer().run(
+        TimingJob(
+            candidate=functools.partial(load_pruned, str(out_dir)),
+            reference=functools.partial(trained_model, model, data, str(weights), seed),
+            input_shape=tuple(inputs.data.input_shape),
+            batch_size=config.batch_size,
+            dtype="float32",
+            settings=remeasure,
         )
-    finally:
-        timer.close()
+    )
     assert reference_stats is not None and ratio is not None
     baseline_ms = report["baseline"]["latency_ms"]
     latency_ms = ratio * baseline_ms

@@ -23,9 +23,8 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import torch
 from torch import nn
@@ -64,41 +63,52 @@ def run_timing_job(job: TimingJob) -> tuple[TimingStats, TimingStats | None, flo
     return time_interleaved(candidate, reference, example, job.settings)
 
 
+def _serve(job: TimingJob, sender: Connection) -> None:
+    """The child's entry: run the job, send back its result or the error it raised."""
+    try:
+        outcome: tuple[str, object] = ("ok", run_timing_job(job))
+    except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
+        outcome = ("error", error)
+    try:
+        sender.send(outcome)
+    except Exception as error:  # noqa: BLE001 - an error that does not pickle
+        sender.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+    finally:
+        sender.close()
+
+
 class FreshProcessTimer:
-    """Runs `TimingJob`s one at a time, each in a new child of a forkserver."""
+    """Runs `TimingJob`s one at a time, each in a new child of a forkserver.
+
+    Each job is one `Process`, joined before `run` returns: nothing is left running between
+    jobs but the server, which exits with this process.
+    """
 
     def __init__(self) -> None:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
-        self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def run(self, job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
         """Time `job` in a new process; one job at a time, as two would slow each other."""
         with self._lock:
-            for attempt in range(2):
-                try:
-                    return self._executor().submit(run_timing_job, job).result()
-                except BrokenProcessPool as error:
-                    # A child killed from outside (out of memory, a signal): start afresh once.
-                    self._pool = None
-                    if attempt == 1:
-                        raise ArchtreeError(
-                            "the timing process died while timing a model (out of memory?); "
-                            "free memory or lower --batch-size, then run again"
-                        ) from error
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        """Stop the child; the next job starts a new one."""
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=self._context, max_tasks_per_child=1
+            receiver, sender = self._context.Pipe(duplex=False)
+            child = self._context.Process(target=_serve, args=(job, sender), daemon=True)
+            child.start()
+            sender.close()
+            try:
+                status, result = receiver.recv()
+            except EOFError:
+                status, result = "died", None
+            finally:
+                receiver.close()
+                child.join()
+        if status == "died":
+            raise ArchtreeError(
+                f"the timing process died while timing a model (exit code {child.exitcode}; "
+                "out of memory?): free memory or lower --batch-size, then run again"
             )
-        return self._pool
+        if status == "error":
+            assert isinstance(result, BaseException)
+            raise result
+        return result  # type: ignore[return-value]

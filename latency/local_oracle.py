@@ -114,11 +114,6 @@ class LocalOracle:
         """Whether timings run in a new child process each (CPU only)."""
         return self._fresh is not None
 
-    def close(self) -> None:
-        """Stop the timing child process, if any (a later timing starts a new one)."""
-        if self._fresh is not None:
-            self._fresh.close()
-
     def fingerprint(self) -> dict[str, Any]:
         """The fingerprint of this device, for the input shape measured last (None before)."""
         return dict(self._fingerprint(self._last_input_shape))

@@ -32,13 +32,10 @@ def test_each_timing_runs_in_a_new_child_process(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     factory = functools.partial(model_recording_pid, str(pids))
     timer = FreshProcessTimer()
-    try:
-        alone, reference, ratio = timer.run(job(factory))
-        assert alone.n >= FAST.min_runs and reference is None and ratio is None
-        candidate, reference, ratio = timer.run(job(factory, factory))
-        assert reference is not None and ratio is not None and ratio > 0
-    finally:
-        timer.close()
+    alone, reference, ratio = timer.run(job(factory))
+    assert alone.n >= FAST.min_runs and reference is None and ratio is None
+    candidate, reference, ratio = timer.run(job(factory, factory))
+    assert reference is not None and ratio is not None and ratio > 0
     built_in = [int(line) for line in pids.read_text().split()]
     # Three builds, in two children: one per timing, none in this process.
     assert len(built_in) == 3
@@ -49,17 +46,14 @@ def test_each_timing_runs_in_a_new_child_process(tmp_path: Path) -> None:
 def test_a_fresh_process_oracle_measures_without_building_here() -> None:
     builder = Builder()
     oracle = LocalOracle(builder, batch_size=8, settings=FAST, fresh_process=True)  # type: ignore[arg-type]
-    try:
-        assert oracle.fresh_process
-        result = oracle.measure(SMALL, REFERENCE)  # type: ignore[arg-type]
-        assert result.ratio < 1 / 3
-        assert result.candidate.median_ms < result.reference.median_ms
-        assert result.fingerprint["process"] == "fresh"
-        assert oracle.measure_reference(REFERENCE).n >= FAST.min_runs  # type: ignore[arg-type]
-        assert oracle.measure(SMALL, REFERENCE).cached  # type: ignore[arg-type]
-        assert oracle.measurements == 2
-    finally:
-        oracle.close()
+    assert oracle.fresh_process
+    result = oracle.measure(SMALL, REFERENCE)  # type: ignore[arg-type]
+    assert result.ratio < 1 / 3
+    assert result.candidate.median_ms < result.reference.median_ms
+    assert result.fingerprint["process"] == "fresh"
+    assert oracle.measure_reference(REFERENCE).n >= FAST.min_runs  # type: ignore[arg-type]
+    assert oracle.measure(SMALL, REFERENCE).cached  # type: ignore[arg-type]
+    assert oracle.measurements == 2
     assert builder.builds == 0
 
 
@@ -69,10 +63,7 @@ def test_fresh_and_shared_timings_are_cached_apart(tmp_path: Path) -> None:
     assert shared.fingerprint()["process"] == "shared"
     shared.measure(SMALL, REFERENCE)  # type: ignore[arg-type]
     fresh = LocalOracle(Builder(), batch_size=8, settings=FAST, cache=cache, fresh_process=True)  # type: ignore[arg-type]
-    try:
-        assert not fresh.measure(SMALL, REFERENCE).cached  # type: ignore[arg-type]
-    finally:
-        fresh.close()
+    assert not fresh.measure(SMALL, REFERENCE).cached  # type: ignore[arg-type]
 
 
 def test_an_unpicklable_builder_is_refused_with_a_clear_error() -> None:
@@ -82,23 +73,32 @@ def test_an_unpicklable_builder_is_refused_with_a_clear_error() -> None:
 
 def test_a_child_that_dies_is_reported_not_awaited_forever() -> None:
     timer = FreshProcessTimer()
-    try:
-        with pytest.raises(ArchtreeError, match="timing process died"):
-            timer.run(job(functools.partial(os._exit, 3)))
-        # The timer recovers: the next job gets a new child.
-        alone, _, _ = timer.run(job(functools.partial(nn.Linear, 16, 16)))
-        assert alone.n >= FAST.min_runs
-    finally:
-        timer.close()
+    with pytest.raises(ArchtreeError, match="timing process died .*exit code 3"):
+        timer.run(job(functools.partial(os._exit, 3)))
+    # The next job gets a new child.
+    alone, _, _ = timer.run(job(functools.partial(nn.Linear, 16, 16)))
+    assert alone.n >= FAST.min_runs
+
+
+def failing_model(message: str) -> nn.Module:
+    raise ArchtreeError(message)
+
+
+def test_an_error_in_the_child_is_raised_here_with_its_message() -> None:
+    with pytest.raises(ArchtreeError, match="the spec does not match"):
+        FreshProcessTimer().run(job(functools.partial(failing_model, "the spec does not match")))
+
+
+def test_no_process_is_left_running_after_a_timing() -> None:
+    import multiprocessing
+
+    FreshProcessTimer().run(job(functools.partial(nn.Linear, 16, 16)))
+    assert multiprocessing.active_children() == []
 
 
 def test_timing_settings_travel_to_the_child() -> None:
-    timer = FreshProcessTimer()
     many = TimingSettings(warmup_runs=1, warmup_s=0.0, min_runs=60, min_time_s=0.0, max_runs=60)
-    try:
-        stats, _, _ = timer.run(
-            TimingJob(functools.partial(nn.Linear, 8, 8), None, (8,), 2, "float32", many)
-        )
-    finally:
-        timer.close()
+    stats, _, _ = FreshProcessTimer().run(
+        TimingJob(functools.partial(nn.Linear, 8, 8), None, (8,), 2, "float32", many)
+    )
     assert stats.n == 60
