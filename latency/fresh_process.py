@@ -35,7 +35,8 @@ from search.interfaces import TimingStats
 
 # What the server imports before it forks: the children then start with torch loaded.
 _PRELOAD = ["torch", "latency.harness", "search.arch_spec"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dtypes a model can be timed in, by name.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class TimingJob:
 
 def run_timing_job(job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
     """In the child: build the models, time them (interleaved when there is a reference)."""
-    dtype = _DTYPES[job.dtype]
+    dtype = DTYPES[job.dtype]
     example = torch.randn(
         job.batch_size, *job.input_shape, generator=torch.Generator().manual_seed(0)
     ).to(dtype)

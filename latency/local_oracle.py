@@ -16,7 +16,7 @@ from torch import nn
 
 from latency.cache import LatencyCache, MemoryLatencyCache, cache_key
 from latency.fingerprint import device_fingerprint, fingerprint_key
-from latency.fresh_process import FreshProcessTimer, TimingJob
+from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
@@ -31,7 +31,6 @@ _DEVICES = {
     "local:cpu": ("cpu", "local"),
     "local:cuda": ("cuda", "local:cuda"),
 }
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_device(text: str) -> tuple[str, str]:
@@ -76,8 +75,8 @@ class LocalOracle:
             )
         if device != "cpu" and not device.startswith("cuda"):
             raise ArchtreeError(f"unsupported torch device {device!r}; use 'cpu' or 'cuda'")
-        if dtype not in _DTYPES:
-            raise ArchtreeError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ArchtreeError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if threads < 1 or batch_size < 1:
             raise ArchtreeError(
                 f"threads and batch size must be >= 1, got {threads} and {batch_size}"
@@ -147,7 +146,7 @@ class LocalOracle:
                 self._models.popitem(last=False)
 
     def _on_device(self, model: nn.Module) -> nn.Module:
-        return model.to(device=self.device, dtype=_DTYPES[self.dtype]).eval()
+        return model.to(device=self.device, dtype=DTYPES[self.dtype]).eval()
 
     def measure(
         self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
@@ -167,11 +166,9 @@ class LocalOracle:
             return replace(LatencyMeasurement.from_dict(cached), cached=True)
         with self._timing_lock:
             if self._fresh is not None:
-                candidate_stats, fresh_reference, fresh_ratio = self._fresh.run(
+                candidate_stats, reference_stats, ratio = self._fresh.run(  # type: ignore[assignment]
                     self._job(candidate, reference, input_shape, confirm)
                 )
-                assert fresh_reference is not None and fresh_ratio is not None
-                reference_stats, ratio = fresh_reference, fresh_ratio
             else:
                 candidate_stats, reference_stats, ratio = time_interleaved(
                     self._model(candidate),
@@ -249,5 +246,5 @@ class LocalOracle:
 
     def _input(self, input_shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(
-            self.batch_size, *input_shape, dtype=_DTYPES[self.dtype], device=self.device
+            self.batch_size, *input_shape, dtype=DTYPES[self.dtype], device=self.device
         )
