@@ -43,6 +43,11 @@ class SearchSettingsIn(BaseModel):
         examples=[["global", "latency", "uniform", "focused"]],
     )
     ft_steps: int | None = Field(None, description="Fine-tuning steps per child before scoring.")
+    bn_samples: int | None = Field(
+        None,
+        description="Training inputs on which batch-norm statistics are recomputed after each "
+        "fine-tune, before scoring (0 = off).",
+    )
     select_top: int | None = Field(
         None, description="Best candidates under budget fine-tuned further and ranked again."
     )

@@ -112,6 +112,13 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tuning steps per child before scoring (default %(default)s)",
     )
     group.add_argument(
+        "--bn-samples",
+        type=int,
+        default=defaults.bn_samples,
+        help="training inputs on which batch-norm statistics are recomputed after each "
+        "fine-tune, before scoring (0 = off; default %(default)s)",
+    )
+    group.add_argument(
         "--select-top",
         type=int,
         default=defaults.select_top,
@@ -194,6 +201,7 @@ def settings_from(args: argparse.Namespace):
         max_depth=args.max_depth,
         move_kinds=args.moves,
         ft_steps=args.ft_steps,
+        bn_samples=args.bn_samples,
         select_top=args.select_top,
         select_steps=args.select_steps,
         fill_probes=args.fill_probes,

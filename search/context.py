@@ -14,7 +14,14 @@ from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNod
 from search.model_source import ModelRef
 from search.pruning import output_positions
 from search.settings import SearchSettings
-from search.training import accuracy, correct, logits, sample_fidelity, train
+from search.training import (
+    accuracy,
+    correct,
+    logits,
+    recalibrate_batch_norm,
+    sample_fidelity,
+    train,
+)
 
 
 @dataclass
@@ -86,9 +93,14 @@ class SearchContext:
         return accuracy(model, self.data.val_x, self.data.val_y)
 
     def finetune(self, model: nn.Module, *, steps: int = 0, epochs: float = 0.0, seed: int) -> None:
-        """Short fine-tune with distillation from the unpruned model."""
-        if steps <= 0 and epochs <= 0:
-            return
+        """Short fine-tune with distillation from the unpruned model, then batch-norm
+        statistics recomputed on `bn_samples` training inputs (also with no fine-tuning)."""
+        settings = self.settings
+        if steps > 0 or epochs > 0:
+            self._train(model, steps=steps, epochs=epochs, seed=seed)
+        recalibrate_batch_norm(model, self.data.train_x, samples=settings.bn_samples, seed=seed)
+
+    def _train(self, model: nn.Module, *, steps: int, epochs: float, seed: int) -> None:
         settings = self.settings
         train(
             model,

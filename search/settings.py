@@ -31,6 +31,11 @@ class SearchSettings:
     AVX-512 CPUs, 8 on AVX2), else `DEFAULT_CHANNEL_BLOCK`; 0 or 1 turns it off.
     margin: the search aims this share under the budget, so that the answer still fits when
     the device is measured again (timings vary by a few percent between runs).
+    bn_samples: after every fine-tune, and after pruning when there is none, the running
+    statistics of batch-norm layers are recomputed on this many training inputs before the
+    model is scored: a few steps move the weights faster than the running averages follow,
+    and a child scored with stale statistics can read near chance (search/training.py).
+    0 turns it off.
     select_top, select_steps: the best `select_top` feasible nodes are fine-tuned
     `select_steps` more and ranked again before the answer is chosen.
     confirm_candidates: how many of the best feasible nodes are confirmed, best first, before
@@ -63,6 +68,7 @@ class SearchSettings:
     ft_steps: int = 20
     ft_lr: float = 0.01
     ft_batch_size: int = 32
+    bn_samples: int = 512
     final_epochs: float = 0.0
     final_lr: float = 0.01
     kd_weight: float = 0.5
@@ -103,6 +109,7 @@ class SearchSettings:
             (self.planned_steps >= 1, "--planned-steps must be at least 1"),
             (self.max_depth >= self.planned_steps, "--max-depth must be at least --planned-steps"),
             (self.ft_steps >= 0, "--ft-steps cannot be negative"),
+            (self.bn_samples >= 0, "--bn-samples cannot be negative (0 turns it off)"),
             (self.final_epochs >= 0, "--final-epochs cannot be negative"),
             (self.round_to >= 1, "--round-to must be at least 1"),
             (

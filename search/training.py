@@ -98,6 +98,49 @@ def train(
     model.eval()
 
 
+def recalibrate_batch_norm(
+    model: nn.Module, x: torch.Tensor, *, samples: int, batch_size: int = 64, seed: int = 0
+) -> None:
+    """Recompute the running statistics of `model`'s batch-norm layers on `samples` inputs
+    drawn from `x` (by `seed`), leaving the model in eval mode.
+
+    A pruned child's running statistics are those of its parent, and a few fine-tuning steps
+    move its weights faster than the running averages follow, so its score in eval mode
+    measures how stale they are as much as what the child can do (adaptive batch norm, Li et
+    al., EagleEye, 2020). On the MobileNetV2 of the benchmark, pruned to 35 % and tuned 20
+    steps with three seeds, one child scored 0.56, 0.56 and 0.27 on the calibration split,
+    and 0.73-0.74 with statistics recomputed; after 120 steps both read the same.
+    """
+    norms = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+    ]
+    if not norms or samples <= 0 or len(x) == 0:
+        model.eval()
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(x), generator=generator)[: min(samples, len(x))]
+    # Batch norm cannot normalise a batch of one sample in training mode.
+    batch_size = max(2, batch_size)
+    model.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(chosen), batch_size):
+                batch = chosen[start : start + batch_size]
+                if len(batch) < 2:
+                    break
+                model(x[batch])
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        model.eval()
+
+
 def _loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor | None,

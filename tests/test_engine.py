@@ -366,3 +366,44 @@ def test_a_lone_candidate_is_tuned_as_much_as_the_best_of_many():
     assert any(
         not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
     )
+
+
+def test_a_child_is_scored_with_batch_norm_statistics_recomputed_after_its_fine_tune():
+    context = make_context(bn_samples=256)
+    model = context.build(context.root_spec, context.base_model.state_dict())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms, "the test model has batch norm"
+    for norm in norms:
+        norm.running_mean.fill_(3.0)
+    context.finetune(model, steps=2, seed=5)
+    assert not any(
+        torch.allclose(n.running_mean, torch.full_like(n.running_mean, 3.0)) for n in norms
+    )
+    # Recomputed from scratch: the same as recalibrating a copy with the statistics reset.
+    from search.training import recalibrate_batch_norm
+
+    again = context.build(context.root_spec, model.state_dict())
+    recalibrate_batch_norm(again, context.data.train_x, samples=256, seed=5)
+    for first, second in zip(
+        norms, [m for m in again.modules() if isinstance(m, torch.nn.BatchNorm2d)], strict=True
+    ):
+        assert torch.allclose(first.running_mean, second.running_mean, atol=1e-5)
+
+    off = make_context(bn_samples=0)
+    untuned = off.build(off.root_spec, off.base_model.state_dict())
+    first = next(m for m in untuned.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first.running_mean.fill_(3.0)
+    off.finetune(untuned, steps=0, seed=5)
+    assert torch.equal(first.running_mean, torch.full_like(first.running_mean, 3.0))
+
+
+def test_bn_samples_is_an_option_and_cannot_be_negative():
+    from archtree_cli.main import build_parser, settings_from
+
+    base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+            "--out", "x"]  # fmt: skip
+    assert settings_from(build_parser().parse_args(base)).bn_samples == 512
+    off = settings_from(build_parser().parse_args([*base, "--bn-samples", "0"]))
+    assert off.bn_samples == 0
+    with pytest.raises(ArchtreeError, match="--bn-samples cannot be negative"):
+        SearchSettings(bn_samples=-1).validate()

@@ -25,7 +25,7 @@ from search.engine import (
 )
 from search.fill import Widening, exchanges, fill, fill_in_rounds, widenings
 from search.latency_estimate import LatencyEstimate
-from search.score_gap import ScoreGap
+from search.score_gap import ScoreGap, paired_gap
 from tests.cost_model_device import BlockedConvDevice
 from tests.test_widening import conv_widths, make_context
 
@@ -152,7 +152,13 @@ def test_an_answer_under_a_latency_step_is_widened_group_by_group_within_the_bud
         for e in context.sink.events
     )
     assert filled["score_gap"] == pytest.approx(filled["score"] - filled["answer_score"], abs=1e-6)
-    assert filled["score_gap_se"] > 0
+    # The gap and its standard error are those of the two stored models' per-image scores.
+    paired = paired_gap(
+        context.sample_scores(context.build(widened.spec, context.store.get(widened.id))),
+        context.sample_scores(context.build(answer.spec, context.store.get(answer.id))),
+    )
+    assert filled["score_gap"] == pytest.approx(paired.difference, abs=1e-9)
+    assert filled["score_gap_se"] == pytest.approx(paired.standard_error, abs=1e-9)
     gap = ScoreGap(filled["score_gap"], filled["score_gap_se"], len(context.data.calib_x))
     taken = not gap.clearly_below(FILL_SCORE_SLACK, FILL_SCORE_Z)
     assert filled["chosen"] == outcome.answer.id == (widened.id if taken else answer.id)

@@ -8,7 +8,7 @@ from torch import nn
 
 from search.data_source import DataSplits, load_data
 from search.errors import ArchtreeError
-from search.training import accuracy, fidelity, logits, train
+from search.training import accuracy, fidelity, logits, recalibrate_batch_norm, train
 
 
 def _tiny_cnn(seed: int = 0) -> nn.Module:
@@ -113,3 +113,65 @@ def test_accuracy_and_logits_leave_training_mode_alone(digits: DataSplits) -> No
     out = logits(model, digits.val_x[:10], batch_size=3)
     assert out.shape == (10, 10) and model.training
     assert 0.0 <= accuracy(model, digits.val_x, digits.val_y) <= 1.0
+
+
+def _first_layer_activations(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model[0](x)
+
+
+def test_recalibration_sets_running_statistics_to_those_of_the_chosen_samples(
+    digits: DataSplits,
+) -> None:
+    model = _tiny_cnn(seed=1)
+    norm = model[1]
+    norm.running_mean.fill_(5.0)
+    norm.running_var.fill_(9.0)
+    recalibrate_batch_norm(model, digits.train_x, samples=len(digits.train_x), batch_size=4096)
+    # One batch holding every sample: the running statistics are that batch's statistics.
+    activations = _first_layer_activations(model, digits.train_x)
+    assert torch.allclose(norm.running_mean, activations.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(
+        norm.running_var, activations.var(dim=(0, 2, 3), unbiased=True), rtol=1e-3
+    )
+    assert norm.momentum == 0.1, "the layer's momentum is put back"
+    assert not model.training
+
+
+def test_recalibration_averages_over_batches_and_uses_the_requested_sample_count(
+    digits: DataSplits,
+) -> None:
+    model = _tiny_cnn(seed=2)
+    recalibrate_batch_norm(model, digits.train_x, samples=256, batch_size=64, seed=3)
+    chosen = torch.randperm(len(digits.train_x), generator=torch.Generator().manual_seed(3))[:256]
+    activations = _first_layer_activations(model, digits.train_x[chosen])
+    # Equal batches: the cumulative average of batch means is the mean of the 256 samples.
+    assert torch.allclose(model[1].running_mean, activations.mean(dim=(0, 2, 3)), atol=1e-4)
+    everything = _first_layer_activations(model, digits.train_x).mean(dim=(0, 2, 3))
+    assert not torch.allclose(model[1].running_mean, everything, atol=1e-4)
+
+
+def test_recalibration_off_or_without_batch_norm_changes_nothing(digits: DataSplits) -> None:
+    model = _tiny_cnn(seed=1)
+    model[1].running_mean.fill_(5.0)
+    recalibrate_batch_norm(model, digits.train_x, samples=0)
+    assert torch.equal(model[1].running_mean, torch.full((8,), 5.0))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain.train()
+    recalibrate_batch_norm(plain, digits.train_x, samples=64)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+    assert not plain.training
+
+
+def test_recalibration_repairs_statistics_left_stale_by_a_few_large_steps(
+    teacher: nn.Module, digits: DataSplits
+) -> None:
+    # A few steps at a large learning rate move the weights faster than the running
+    # averages (momentum 0.1) follow: scored in eval mode the model reads worse than it is.
+    stale = _tiny_cnn()
+    stale.load_state_dict(teacher.state_dict())
+    train(stale, digits.train_x, digits.train_y, steps=3, lr=0.5, seed=4)
+    stale_score = accuracy(stale, digits.val_x, digits.val_y)
+    recalibrate_batch_norm(stale, digits.train_x, samples=512)
+    assert accuracy(stale, digits.val_x, digits.val_y) > stale_score
