@@ -124,6 +124,26 @@ def test_moves_option_sets_the_moves_in_order():
     assert default.move_kinds == ("global", "latency", "uniform", "focused")
 
 
+@pytest.mark.parametrize(
+    ("option", "field", "default"),
+    [("--fill-probes", "fill_probes", 12), ("--bn-samples", "bn_samples", 512)],
+)
+def test_a_count_option_has_its_default_turns_off_at_zero_and_cannot_be_negative(
+    option: str, field: str, default: int
+) -> None:
+    from archtree_cli.main import build_parser, settings_from
+    from search.errors import ArchtreeError
+    from search.settings import SearchSettings
+
+    base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+            "--out", "x"]  # fmt: skip
+    assert getattr(settings_from(build_parser().parse_args(base)), field) == default
+    off = settings_from(build_parser().parse_args([*base, option, "0"]))
+    assert getattr(off, field) == 0
+    with pytest.raises(ArchtreeError, match=f"{option} cannot be negative"):
+        SearchSettings(**{field: -1}).validate()
+
+
 @pytest.mark.slow
 def test_uniform_baseline_runs_through_the_same_engine(tmp_path, home):
     strategy = "uniform"

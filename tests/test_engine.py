@@ -395,15 +395,3 @@ def test_a_child_is_scored_with_batch_norm_statistics_recomputed_after_its_fine_
     first.running_mean.fill_(3.0)
     off.finetune(untuned, steps=0, seed=5)
     assert torch.equal(first.running_mean, torch.full_like(first.running_mean, 3.0))
-
-
-def test_bn_samples_is_an_option_and_cannot_be_negative():
-    from archtree_cli.main import build_parser, settings_from
-
-    base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
-            "--out", "x"]  # fmt: skip
-    assert settings_from(build_parser().parse_args(base)).bn_samples == 512
-    off = settings_from(build_parser().parse_args([*base, "--bn-samples", "0"]))
-    assert off.bn_samples == 0
-    with pytest.raises(ArchtreeError, match="--bn-samples cannot be negative"):
-        SearchSettings(bn_samples=-1).validate()

@@ -248,20 +248,6 @@ def test_an_answer_near_its_aim_is_not_widened():
     assert outcome.answer.filled_from is None
 
 
-def test_fill_probes_is_an_option_and_cannot_be_negative():
-    from archtree_cli.main import build_parser, settings_from
-    from search.errors import ArchtreeError
-    from search.settings import SearchSettings
-
-    base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
-            "--out", "x"]  # fmt: skip
-    assert settings_from(build_parser().parse_args(base)).fill_probes == 12
-    off = settings_from(build_parser().parse_args([*base, "--fill-probes", "0"]))
-    assert off.fill_probes == 0
-    with pytest.raises(ArchtreeError, match="--fill-probes cannot be negative"):
-        SearchSettings(fill_probes=-1).validate()
-
-
 def _cut_child(context, state, parent, cuts: dict[str, int]):
     """A node of the tree: `parent` with the least important `cuts[group]` channels of each
     named group removed, tuned and scored as a search's child is."""
