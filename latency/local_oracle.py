@@ -1,4 +1,4 @@
-"""Latency oracle that times models in this process, on this machine's CPU or GPU."""
+"""Latency oracle that times models on this machine's CPU or GPU."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def parse_device(text: str) -> tuple[str, str]:
 
 
 class LocalOracle:
-    """Times candidates interleaved with the reference in this process; results are cached.
+    """Times candidates interleaved with the reference on this machine; results are cached.
 
     `build` turns an architecture spec into a model. `threads` overrides `settings.threads`.
     With `fresh_process` (CPU only), every timing runs in a new child process that builds the
@@ -127,12 +127,7 @@ class LocalOracle:
             self.cache_hits += 1
             return TimingStats(**cached)
         with self._timing_lock:
-            if self._fresh is not None:
-                stats = self._fresh.run(self._job(reference, None, input_shape, confirm))[0]
-            else:
-                stats = time_model(
-                    self._model(reference), self._input(input_shape), self._settings(confirm)
-                )
+            stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
         self.cache.put(key, stats.to_dict())
         return stats
@@ -165,17 +160,9 @@ class LocalOracle:
             self.cache_hits += 1
             return replace(LatencyMeasurement.from_dict(cached), cached=True)
         with self._timing_lock:
-            if self._fresh is not None:
-                candidate_stats, reference_stats, ratio = self._fresh.run(  # type: ignore[assignment]
-                    self._job(candidate, reference, input_shape, confirm)
-                )
-            else:
-                candidate_stats, reference_stats, ratio = time_interleaved(
-                    self._model(candidate),
-                    self._model(reference),
-                    self._input(input_shape),
-                    self._settings(confirm),
-                )
+            candidate_stats, reference_stats, ratio = self._time(  # type: ignore[assignment]
+                candidate, reference, input_shape, confirm
+            )
             self.measurements += 1
         result = LatencyMeasurement(
             arch_hash=candidate.hash,
@@ -186,6 +173,22 @@ class LocalOracle:
         )
         self.cache.put(key, result.to_dict())
         return result
+
+    def _time(
+        self,
+        candidate: ArchSpec,
+        reference: ArchSpec | None,
+        input_shape: tuple[int, ...],
+        confirm: bool,
+    ) -> tuple[TimingStats, TimingStats | None, float | None]:
+        """Time `candidate` (interleaved with `reference`, when given) in a fresh process or
+        in this one."""
+        if self._fresh is not None:
+            return self._fresh.run(self._job(candidate, reference, input_shape, confirm))
+        example, settings = self._input(input_shape), self._settings(confirm)
+        if reference is None:
+            return time_model(self._model(candidate), example, settings), None, None
+        return time_interleaved(self._model(candidate), self._model(reference), example, settings)
 
     def _job(
         self,

@@ -97,20 +97,16 @@ class SearchContext:
         statistics recomputed on `bn_samples` training inputs (also with no fine-tuning)."""
         settings = self.settings
         if steps > 0 or epochs > 0:
-            self._train(model, steps=steps, epochs=epochs, seed=seed)
+            train(
+                model,
+                self.data.train_x,
+                self.data.train_y,
+                steps=steps if steps > 0 else None,
+                epochs=epochs if steps <= 0 else None,
+                batch_size=settings.ft_batch_size,
+                lr=settings.ft_lr if steps > 0 else settings.final_lr,
+                seed=seed,
+                teacher_logits=self.train_reference_logits,
+                kd_weight=settings.kd_weight if self.data.labelled else 1.0,
+            )
         recalibrate_batch_norm(model, self.data.train_x, samples=settings.bn_samples, seed=seed)
-
-    def _train(self, model: nn.Module, *, steps: int, epochs: float, seed: int) -> None:
-        settings = self.settings
-        train(
-            model,
-            self.data.train_x,
-            self.data.train_y,
-            steps=steps if steps > 0 else None,
-            epochs=epochs if steps <= 0 else None,
-            batch_size=settings.ft_batch_size,
-            lr=settings.ft_lr if steps > 0 else settings.final_lr,
-            seed=seed,
-            teacher_logits=self.train_reference_logits,
-            kd_weight=settings.kd_weight if self.data.labelled else 1.0,
-        )
