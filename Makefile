@@ -36,7 +36,7 @@ test: lint system-deps
 
 # The benchmark suite (bench/): tables on stdout, results in bench/results/ (summary.json,
 # summary.md, PNG plots). matplotlib (plots) and wrk (polling load) are installed when missing.
-.PHONY: bench bench-quick bench-deps
+.PHONY: bench bench-quick bench-deps bench-longer
 
 bench-deps: setup
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || \
@@ -52,3 +52,7 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	PYTHONPATH=. $(BIN)/python -m bench.run --quick --out bench/results-quick
+
+# After `make bench`: its search answers fine-tuned further, stage by stage (bench/longer_finetune.py).
+bench-longer: setup
+	PYTHONPATH=. $(BIN)/python -m bench.longer_finetune

@@ -343,9 +343,7 @@ def run(
             models[model]["val_accuracy_by_seed"] = accuracies
         for fraction in config.budgets:
             for seed, strategy in itertools.product(range(config.seeds), config.strategies):
-                name = f"{model.removeprefix('builtin:')}-{round(100 * fraction)}-{strategy}"
-                if config.seeds > 1:
-                    name += f"-s{seed}"
+                name = answer_folder(model, fraction, strategy, seed, config.seeds)
                 log(f"search {name} ...")
                 row = run_search_once(
                     model,
@@ -375,6 +373,12 @@ def run(
         )
     result.wall_s = time.monotonic() - started
     return result
+
+
+def answer_folder(model: str, fraction: float, strategy: str, seed: int, seeds: int) -> str:
+    """The folder, under the section's output, that one search's answer is saved in."""
+    name = f"{model.removeprefix('builtin:')}-{round(100 * fraction)}-{strategy}"
+    return f"{name}-s{seed}" if seeds > 1 else name
 
 
 def clear_previous_answers(out_dir: Path) -> None:

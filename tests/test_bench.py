@@ -345,3 +345,60 @@ def test_a_searchs_events_keep_what_its_ending_did():
     assert events.filled == widened
     assert events.rerank_steps == 200 and events.baseline["budget_ms"] == 3.5
     assert [e["kind"] for e in forward.events][-3:] == ["confirm_failed", "trim_compared", "filled"]
+
+
+@pytest.mark.slow
+def test_longer_finetune_follows_every_saved_answer(quick_run: tuple[Path, str]):
+    out, _ = quick_run
+    command = [sys.executable, "-m", "bench.longer_finetune", "--results", str(out)]
+    command += ["--cache-dir", str(out.parent / "cache"), "--epochs", "0.5", "0.5"]
+    command += ["--threads", "1"]
+    finished = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    searches = [r for r in summary["rows"] if r["benchmark"] == "search_quality"]
+    rows = json.loads((out / "longer-finetune.json").read_text())["rows"]
+    assert len(rows) == 3 * len(searches)
+    for search in searches:
+        seed = search["details"]["seed"]
+        stages = sorted(
+            (r for r in rows if (r["strategy"], r["seed"]) == (search["strategy"], seed)),
+            key=lambda r: r["stage"],
+        )
+        # The saved answer, reloaded, scores what the run recorded; each stage adds its epochs.
+        assert stages[0]["accuracy"] == pytest.approx(search["accuracy"], abs=1e-6)
+        first = search["details"]["final_epochs"]
+        assert [r["epochs"] for r in stages] == pytest.approx([first, first + 0.5, first + 1.0])
+    # Fine-tuning went on: some answer now gets other images wrong than it did.
+    assert any(
+        r["details"]["val_wrong"] != s["details"]["val_wrong"]
+        for r in rows
+        for s in rows
+        if r["stage"] == 2
+        and s["stage"] == 0
+        and (r["strategy"], r["seed"]) == (s["strategy"], s["seed"])
+    )
+    table = (out / "longer-finetune.md").read_text()
+    assert "| vgg | 70% |" in table and "archtree - uniform" in table
+    assert finished.stdout.count("| vgg | 70% |") == 3
+
+
+def test_longer_finetune_without_a_run_says_what_to_do(tmp_path: Path):
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.longer_finetune", "--results", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2
+    assert "run the benchmark first" in finished.stderr
+    assert "Traceback" not in finished.stderr
