@@ -32,7 +32,6 @@ import torch
 from bench import CACHE_DIR, RESULTS_DIR
 from bench.report import Z95, seeds_gap
 from bench.search_quality import FULL, NAME, QUICK, answer_folder
-from bench.train_models import seeded_recipe, trained_weights
 
 DEFAULT_EPOCHS = (1.0, 1.0, 2.0)
 STRATEGY_ORDER = ("archtree", "greedy", "uniform")
@@ -75,8 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_answers(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The run's summary and its search rows that saved an answer, each with its folder."""
+def load_answers(results: Path, cache_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's summary and its search rows that saved an answer, each with its folder and
+    the unpruned weights it was searched from."""
     summary_path = results / "summary.json"
     if not summary_path.is_file():
         raise UsageError(
@@ -102,17 +102,37 @@ def load_answers(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 f"{folder} holds no saved answer: the results folder is incomplete; run the "
                 "benchmark's search section again (python -m bench.run --only search)"
             )
-        answers.append({**row, "folder": folder, "seed": seed})
+        weights = run_weights(folder, cache_dir)
+        answers.append({**row, "folder": folder, "seed": seed, "weights": weights})
     if not answers:
         raise UsageError(f"{summary_path} has no search answers: run the search section first")
     return summary, answers
+
+
+def run_weights(folder: Path, cache_dir: Path) -> Path:
+    """The unpruned weights the answer in `folder` was searched from (its report names them),
+    found where the run left them or by name in `cache_dir`."""
+    report_path = folder / "report.json"
+    try:
+        weights = Path(json.loads(report_path.read_text())["inputs"]["weights"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(
+            f"{report_path} does not name the unpruned weights ({error}): the results folder "
+            "is incomplete; run the benchmark's search section again"
+        ) from None
+    for candidate in (weights, cache_dir / weights.name):
+        if candidate.is_file():
+            return candidate
+    raise UsageError(
+        f"the unpruned weights {weights.name} that {folder.name} was searched from are neither "
+        f"at {weights.parent} nor in {cache_dir}: pass the folder holding them with --cache-dir"
+    )
 
 
 def fine_tune_further(
     summary: dict[str, Any],
     answers: Sequence[dict[str, Any]],
     epochs: Sequence[float],
-    cache_dir: Path,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Each answer's validation accuracy as saved, then after each stage of `epochs` more of
@@ -128,10 +148,7 @@ def fine_tune_further(
     for answer in answers:
         model, seed = answer["model"], answer["seed"]
         if (model, seed) not in contexts:
-            weights = trained_weights(
-                model, config.data, cache_dir, recipe=seeded_recipe(model, seed), log=log
-            )
-            inputs = load_inputs(model, config.data, weights=str(weights.weights), seed=seed)
+            inputs = load_inputs(model, config.data, weights=str(answer["weights"]), seed=seed)
             # No oracle: nothing here is timed, only fine-tuned and scored.
             contexts[model, seed] = SearchContext(
                 model_ref=inputs.model_ref,
@@ -221,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        summary, answers = load_answers(args.results)
+        summary, answers = load_answers(args.results, args.cache_dir)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -231,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         f"further: stages of {', '.join(f'{e:g}' for e in args.epochs)} epochs",
         flush=True,
     )
-    rows = fine_tune_further(summary, answers, args.epochs, args.cache_dir)
+    rows = fine_tune_further(summary, answers, args.epochs)
     lines = table(rows)
     mismatched = [
         r for r in rows if r["stage"] == 0 and abs(r["accuracy"] - r["run_accuracy"]) > 1e-6

@@ -101,7 +101,7 @@ ESTIMATE_BATCH = {False: 8, True: 1}
 
 
 # Seconds to train each model on a quiet 2-core machine, when its weights are not cached.
-TRAINING_SECONDS = {"builtin:resnet": 60.0, "builtin:mobilenetv2": 240.0, "builtin:vgg": 10.0}
+TRAINING_SECONDS = {"builtin:resnet": 70.0, "builtin:mobilenetv2": 300.0, "builtin:vgg": 10.0}
 
 
 def estimate_s(config: SearchQualityConfig, quick: bool, cache_dir: Path = CACHE_DIR) -> float:

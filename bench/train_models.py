@@ -26,10 +26,13 @@ class Recipe:
     seed: int = 0
 
 
-# MobileNetV2's depthwise layers converge more slowly than the ResNet's plain convs.
+# Trained until validation accuracy stops rising, so that pruning is judged against a
+# converged model. At 3 epochs (ResNet) and 5 (MobileNetV2) the unpruned models scored 0.956
+# and 0.960-0.963, and their pruned answers, fine-tuned with distillation for 5 epochs, ended
+# above them at every budget; at 12 epochs they score 0.976-0.977 and 0.974.
 RECIPES: dict[str, Recipe] = {
-    "builtin:resnet": Recipe(epochs=3),
-    "builtin:mobilenetv2": Recipe(epochs=5),
+    "builtin:resnet": Recipe(epochs=12),
+    "builtin:mobilenetv2": Recipe(epochs=12),
     "builtin:vgg": Recipe(epochs=2),
 }
 

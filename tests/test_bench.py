@@ -402,3 +402,27 @@ def test_longer_finetune_without_a_run_says_what_to_do(tmp_path: Path):
     assert finished.returncode == 2
     assert "run the benchmark first" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_longer_finetune_names_the_unpruned_weights_it_cannot_find(tmp_path: Path):
+    row = make_row("search_quality", "builtin:vgg", budget_fraction=0.7, strategy="archtree")
+    row.update(accuracy=0.9, details={"seed": 0})
+    (tmp_path / "summary.json").write_text(json.dumps({"seeds": 1, "rows": [row]}))
+    answer = tmp_path / "search" / "vgg-70-archtree"
+    answer.mkdir(parents=True)
+    (answer / "arch.json").write_text("{}")
+    missing = tmp_path / "gone" / "vgg-digits-e2-lr0.05-s0.safetensors"
+    (answer / "report.json").write_text(json.dumps({"inputs": {"weights": str(missing)}}))
+    command = [sys.executable, "-m", "bench.longer_finetune", "--results", str(tmp_path)]
+    command += ["--cache-dir", str(tmp_path / "cache")]
+    finished = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2
+    assert "vgg-digits-e2-lr0.05-s0.safetensors" in finished.stderr
+    assert "--cache-dir" in finished.stderr and "Traceback" not in finished.stderr
