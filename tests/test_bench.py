@@ -347,18 +347,27 @@ def test_a_searchs_events_keep_what_its_ending_did():
     assert [e["kind"] for e in forward.events][-3:] == ["confirm_failed", "trim_compared", "filled"]
 
 
-@pytest.mark.slow
-def test_longer_finetune_follows_every_saved_answer(quick_run: tuple[Path, str]):
-    out, _ = quick_run
-    command = [sys.executable, "-m", "bench.longer_finetune", "--results", str(out)]
-    command += ["--cache-dir", str(out.parent / "cache"), "--epochs", "0.5", "0.5"]
-    command += ["--threads", "1"]
-    finished = subprocess.run(
+def run_longer_finetune(
+    results: Path, *options: str, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """`python -m bench.longer_finetune --results RESULTS OPTIONS...`, as a user runs it."""
+    command = [sys.executable, "-m", "bench.longer_finetune", "--results", str(results), *options]
+    return subprocess.run(
         command,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_longer_finetune_follows_every_saved_answer(quick_run: tuple[Path, str]):
+    out, _ = quick_run
+    finished = run_longer_finetune(
+        out,
+        *("--cache-dir", str(out.parent / "cache"), "--epochs", "0.5", "0.5", "--threads", "1"),
         timeout=RUN_TIMEOUT_S,
     )
     assert finished.returncode == 0, finished.stderr[-4000:]
@@ -391,14 +400,7 @@ def test_longer_finetune_follows_every_saved_answer(quick_run: tuple[Path, str])
 
 
 def test_longer_finetune_without_a_run_says_what_to_do(tmp_path: Path):
-    finished = subprocess.run(
-        [sys.executable, "-m", "bench.longer_finetune", "--results", str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    finished = run_longer_finetune(tmp_path)
     assert finished.returncode == 2
     assert "run the benchmark first" in finished.stderr
     assert "Traceback" not in finished.stderr
@@ -413,16 +415,7 @@ def test_longer_finetune_names_the_unpruned_weights_it_cannot_find(tmp_path: Pat
     (answer / "arch.json").write_text("{}")
     missing = tmp_path / "gone" / "vgg-digits-e2-lr0.05-s0.safetensors"
     (answer / "report.json").write_text(json.dumps({"inputs": {"weights": str(missing)}}))
-    command = [sys.executable, "-m", "bench.longer_finetune", "--results", str(tmp_path)]
-    command += ["--cache-dir", str(tmp_path / "cache")]
-    finished = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    finished = run_longer_finetune(tmp_path, "--cache-dir", str(tmp_path / "cache"))
     assert finished.returncode == 2
     assert "vgg-digits-e2-lr0.05-s0.safetensors" in finished.stderr
     assert "--cache-dir" in finished.stderr and "Traceback" not in finished.stderr
