@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -16,6 +17,12 @@ from latency.device_registry import DeviceRegistry
 from search.errors import ArchtreeError
 from workers.artifact_store import ArtifactStore
 from workers.job_store import JobStore
+
+# How JobStore.create and the submission make job ids (uuid4().hex[:12]). Anything else names
+# no job, and must not reach the job's other Redis keys (`{id}:state`, `{id}:events`, ...).
+JOB_ID = re.compile(r"[0-9a-f]{12}")
+# Values a client sent are echoed in error messages at most this long.
+ECHO_CHARS = 80
 
 # A dead Redis must make /readyz answer quickly, not after minutes of retries.
 REDIS_CONNECT_TIMEOUT_S = 2.0
@@ -87,12 +94,21 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 JobId = Annotated[str, Path(description="The job's id.", examples=["4f1c2a9be07d"])]
 
 
+def quoted(value: str) -> str:
+    """`value` as a Python literal for an error message, cut to ECHO_CHARS characters."""
+    if len(value) > ECHO_CHARS:
+        return repr(value[: ECHO_CHARS - 3]) + "..."
+    return repr(value)
+
+
 async def existing_job(job_id: JobId, services: ServicesDep) -> dict[str, Any]:
     """The job's record; 404 when no job has this id."""
-    job = await read_job(services.async_client, services.jobs, job_id)
+    job = None
+    if JOB_ID.fullmatch(job_id):
+        job = await read_job(services.async_client, services.jobs, job_id)
     if job is None:
         raise HTTPException(
-            status_code=404, detail=f"no job {job_id!r}: list the jobs with GET /v1/jobs"
+            status_code=404, detail=f"no job {quoted(job_id)}: list the jobs with GET /v1/jobs"
         )
     return job
 

@@ -5,29 +5,44 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import anyio
-from fastapi import HTTPException
+from fastapi import Header, HTTPException
 from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import quoted
 from workers.job_store import FINAL_STATUSES, JobStore
 
 POLL_S = 0.25
 # A job's final status is written just before its `status` event: once the job has ended,
 # the stream waits this long for that event before it gives up on it.
 END_GRACE_S = 2.0
-_STREAM_ID = re.compile(r"\d+(-\d+)?")
+# A Redis stream id: milliseconds, optionally a sequence number, each a 64-bit unsigned integer.
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_STREAM_ID_PART_MAX = 2**64 - 1
 
 
-def start_after(last_event_id: str | None) -> str:
-    """The stream id to read after: the client's Last-Event-ID, or the beginning."""
+def start_after(
+    last_event_id: Annotated[
+        str | None,
+        Header(description="Resume after this event id (sent by EventSource on reconnect)."),
+    ] = None,
+) -> str:
+    """The stream id to read after: the client's Last-Event-ID, or the beginning.
+
+    A dependency of the events route, so that a bad id is refused (422) before the stream's
+    200 headers are sent.
+    """
     if not last_event_id:
         return "0-0"
-    if not _STREAM_ID.fullmatch(last_event_id):
+    if not _STREAM_ID.fullmatch(last_event_id) or any(
+        int(part) > _STREAM_ID_PART_MAX for part in last_event_id.split("-")
+    ):
         raise HTTPException(
             status_code=422,
-            detail=f"Last-Event-ID {last_event_id!r} is not an event id of this API (like "
+            detail=f"Last-Event-ID {quoted(last_event_id)} is not an event id of this API (like "
             "1732660000000-0): send the id of the last event received, or none",
         )
     return last_event_id

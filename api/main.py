@@ -12,15 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from api.deps import Services
+from api.error_handlers import add_error_handlers
 from api.routes import dashboard, devices, health, jobs
-from api.schemas import JobSpecIn, validation_message
+from api.schemas import JobSpecIn
 from archtree_cli.settings import ServiceSettings, service_settings
-from search.errors import ArchtreeError
 
 DESCRIPTION = """
 Archtree finds the most accurate structurally pruned version of a PyTorch model that meets a
@@ -58,8 +56,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(health.router)
     dashboard.mount(app)
-    app.add_exception_handler(ArchtreeError, _user_error)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
+    add_error_handlers(app)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 
@@ -73,17 +70,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         spec = JobSpecIn.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(spec.pop("$defs", {}), JobSpecIn=spec)
     return schema
-
-
-async def _user_error(_: Request, error: Exception) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": str(error)})
-
-
-async def _invalid_request(_: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
-    return JSONResponse(
-        status_code=422, content={"detail": validation_message(list(error.errors()))}
-    )
 
 
 @functools.cache

@@ -10,6 +10,11 @@ from workers.job_store import STATUSES
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 
+# Bounds of a device registration: a host name is at most 255 characters (RFC 1035), and so is
+# any other text an agent reports.
+MAX_DEVICE_TEXT = 255
+MAX_DEVICE_THREADS = 1024
+
 FAST_SEARCH_EXAMPLE = {"width": 2, "branching": 2, "planned_steps": 2, "ft_steps": 5}
 
 
@@ -319,7 +324,7 @@ def _out_widths(layers: dict[str, list[int]]) -> dict[str, int]:
     return {name: shape[1] for name, shape in layers.items() if len(shape) in (2, 3)}
 
 
-class DeviceIn(BaseModel):
+class DeviceInfo(BaseModel):
     """What an agent tells about its device when it registers."""
 
     device_class: str = Field(
@@ -330,10 +335,27 @@ class DeviceIn(BaseModel):
     runtime_version: str = Field("", examples=["2.13.0+cpu"])
     cpu: str | None = Field(None, examples=["Cortex-A72"])
     gpu: str | None = Field(None, examples=[None])
-    threads: int = Field(1, ge=1, examples=[1])
+    threads: int = Field(1, examples=[1])
 
 
-class Device(DeviceIn):
+class DeviceIn(DeviceInfo):
+    """A registration: the device's info, bounded, and nothing else. (Records already stored
+    are listed as `Device`, unbounded, so that an old one never breaks the list.)"""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"device_class": "rpi4-cpu", "host": "rpi-07"}]},
+    )
+
+    host: str = Field(min_length=1, max_length=MAX_DEVICE_TEXT, examples=["rpi-07"])
+    runtime: str = Field("torch", max_length=MAX_DEVICE_TEXT, examples=["torch"])
+    runtime_version: str = Field("", max_length=MAX_DEVICE_TEXT, examples=["2.13.0+cpu"])
+    cpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=["Cortex-A72"])
+    gpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=[None])
+    threads: int = Field(1, ge=1, le=MAX_DEVICE_THREADS, examples=[1])
+
+
+class Device(DeviceInfo):
     """A registered device, with its liveness."""
 
     id: str = Field(examples=["9b2e41c0d7aa"])

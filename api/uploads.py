@@ -6,22 +6,32 @@ counted as they arrive and the body is refused as soon as one exceeds its limit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from api.deps import quoted
 from archtree_cli.settings import ServiceSettings
 
 SPEC_FIELD = "spec"
 MAX_SPEC_BYTES = 64 * 1024
-# Multipart boundaries and part headers, on top of the uploads themselves.
+# Multipart boundaries and part headers, on top of the parts themselves.
 ENVELOPE_BYTES = 64 * 1024
 # Once a limit is exceeded, up to this much of the rest is read and dropped, so that a client
 # still sending gets the 413 answer instead of a connection reset.
 DRAIN_BYTES = 64 * 1024 * 1024
+# A url-encoded spec: each of its bytes is sent as at most 3 (%XX).
+MAX_URL_ENCODED_BYTES = 3 * MAX_SPEC_BYTES + len(SPEC_FIELD) + 1
+FORM_HINT = (
+    "send the job as multipart/form-data: `spec` as one form field holding the job's JSON, and "
+    "optional `weights` and `data` as files (curl -F 'spec=<job.json' -F weights=@model.pt "
+    "-F data=@data.npz)"
+)
 
 
 @dataclass
@@ -37,7 +47,7 @@ class Submission:
 
 
 class UploadTooLarge(Exception):
-    """An upload exceeded its limit."""
+    """A part exceeded its limit."""
 
 
 def upload_limits(settings: ServiceSettings) -> dict[str, int]:
@@ -46,6 +56,13 @@ def upload_limits(settings: ServiceSettings) -> dict[str, int]:
 
 
 def too_large(name: str, limit: int) -> HTTPException:
+    """413 for the part `name` over its `limit`."""
+    if name == SPEC_FIELD:
+        return HTTPException(
+            status_code=413,
+            detail=f"the spec is too large: at most {MAX_SPEC_BYTES} bytes of JSON; send a "
+            "smaller spec, with weights and data as the `weights` and `data` files, not in it",
+        )
     setting = f"ARCHTREE_MAX_{name.upper()}_BYTES"
     return HTTPException(
         status_code=413,
@@ -54,65 +71,85 @@ def too_large(name: str, limit: int) -> HTTPException:
     )
 
 
+def request_too_large(declared: int, limits: dict[str, int]) -> HTTPException:
+    """413 for a request that declares more bytes than any submission may hold."""
+    uploads = ", ".join(f"{name} up to {limit} bytes" for name, limit in limits.items())
+    settings = " or ".join(f"ARCHTREE_MAX_{name.upper()}_BYTES" for name in limits)
+    return HTTPException(
+        status_code=413,
+        detail=f"the request declares {declared} bytes, more than a submission may hold (a spec "
+        f"up to {MAX_SPEC_BYTES} bytes, {uploads}); send smaller files, or ask the operator "
+        f"to raise {settings}",
+    )
+
+
+def check_part(name: str, is_file: bool, seen: Collection[str], uploads: Collection[str]) -> None:
+    """422 unless the part is the `spec` (a field or a file) or an upload file, and its name
+    is new."""
+    if name in seen:
+        message = f"the form field {quoted(name)} is given twice: send it once"
+    elif name != SPEC_FIELD and name not in uploads:
+        message = f"unexpected form field {quoted(name)}: {FORM_HINT}"
+    elif name != SPEC_FIELD and not is_file:
+        message = f"`{name}` must be a file, not a text field (curl -F '{name}=@FILE'); {FORM_HINT}"
+    else:
+        return
+    raise HTTPException(status_code=422, detail=message)
+
+
 class _LimitedParser(MultiPartParser):
-    """Starlette's parser, counting each upload's bytes and dropping them past its limit."""
+    """Starlette's parser taking `spec` and the uploads once each, counting each part's bytes
+    and dropping them past its limit."""
 
     def __init__(self, request: Request, stream: AsyncIterator[bytes], limits: dict[str, int]):
+        # check_part takes each known name once, which bounds the parts: Starlette's own
+        # counts would refuse first, with messages that do not say what to send.
         super().__init__(
             request.headers,
             stream,  # type: ignore[arg-type]
-            max_files=len(limits),
-            max_fields=1,
+            max_files=math.inf,
+            max_fields=math.inf,
             max_part_size=MAX_SPEC_BYTES,
         )
-        self.limits = limits
+        self.uploads = set(limits)
+        self.limits = {SPEC_FIELD: MAX_SPEC_BYTES, **limits}
         self.received: dict[str, int] = {}
         self.exceeded: str | None = None
-        self.seen: set[str] = set()
+        self.started: list[str] = []
+        self.ended: set[str] = set()
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
         part = self._current_part
-        if part.field_name in self.seen:
-            raise MultiPartException(f"the form field {part.field_name!r} is given twice")
-        self.seen.add(part.field_name)
-        if part.file is None and part.field_name != SPEC_FIELD:
-            raise MultiPartException(f"unexpected form field {part.field_name!r}: send `spec`")
-        if part.file is not None and part.field_name not in self.limits:
-            expected = " or ".join(f"`{name}`" for name in self.limits)
-            raise MultiPartException(
-                f"unexpected upload {part.field_name!r}: upload files as {expected}"
-            )
+        check_part(part.field_name, part.file is not None, self.started, self.uploads)
+        self.started.append(part.field_name)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        part = self._current_part
-        if part.file is not None:
-            name = part.field_name
-            self.received[name] = self.received.get(name, 0) + end - start
-            if self.received[name] > self.limits[name] and self.exceeded is None:
-                self.exceeded = name
-            if self.exceeded is not None:
-                return
+        name = self._current_part.field_name
+        self.received[name] = self.received.get(name, 0) + end - start
+        if self.received[name] > self.limits[name] and self.exceeded is None:
+            self.exceeded = name
+        if self.exceeded is not None:
+            return
         super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        super().on_part_end()
+        self.ended.add(self._current_part.field_name)
 
 
 async def read_submission(request: Request, settings: ServiceSettings) -> Submission:
-    """The submission in `request`; 413 when an upload is too large, 422 when malformed."""
+    """The submission in `request`; 413 when a part is too large, 422 when malformed."""
     limits = upload_limits(settings)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("application/x-www-form-urlencoded"):  # a spec, no uploads
-        form = await request.form(max_files=0, max_fields=1, max_part_size=MAX_SPEC_BYTES)
-        return _checked(Submission(spec=str(form.get(SPEC_FIELD) or "")))
+        return _checked(Submission(spec=await _url_encoded_spec(request, limits)))
     if not content_type.startswith("multipart/form-data"):
-        raise HTTPException(
-            status_code=422,
-            detail="send the job as multipart/form-data: a `spec` field (JSON) and optional "
-            "`weights` and `data` files",
-        )
+        raise HTTPException(status_code=422, detail=FORM_HINT)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > sum(limits.values()) + MAX_SPEC_BYTES + DRAIN_BYTES:
-        name = max(limits, key=lambda n: limits[n])
-        raise too_large(name, limits[name])
+    largest = MAX_SPEC_BYTES + sum(limits.values()) + ENVELOPE_BYTES + DRAIN_BYTES
+    if declared.isdigit() and int(declared) > largest:
+        raise request_too_large(int(declared), limits)
 
     async def body() -> AsyncIterator[bytes]:
         dropped = 0
@@ -127,20 +164,65 @@ async def read_submission(request: Request, settings: ServiceSettings) -> Submis
     try:
         form = await parser.parse()
     except UploadTooLarge as error:
-        raise too_large(str(error), limits[str(error)]) from None
-    except MultiPartException as error:
-        raise HTTPException(status_code=422, detail=str(error)) from None
+        raise too_large(str(error), parser.limits[str(error)]) from None
+    except MultiPartException as error:  # Starlette's: the body is no valid multipart form
+        raise HTTPException(
+            status_code=422, detail=f"{str(error).rstrip('.')}: {FORM_HINT}"
+        ) from None
     files = {name: value for name, value in form.multi_items() if isinstance(value, UploadFile)}
-    submission = Submission(spec=str(form.get(SPEC_FIELD) or ""), files=files)
-    if parser.exceeded is not None:
+    submission = Submission(spec="", files=files)
+    try:
+        if parser.exceeded is not None:
+            raise too_large(parser.exceeded, parser.limits[parser.exceeded])
+        cut = [name for name in parser.started if name not in parser.ended]
+        if cut:
+            raise HTTPException(
+                status_code=422,
+                detail=f"the form ends inside its {quoted(cut[0])} part, without the closing "
+                "boundary: the upload was cut off; send it again",
+            )
+        spec = form.get(SPEC_FIELD)
+        if isinstance(spec, UploadFile):  # sent as a file: curl -F spec=@job.json
+            spec = _decoded_spec(await spec.read())
+            await submission.files.pop(SPEC_FIELD).close()
+        submission.spec = spec or ""
+        return _checked(submission)
+    except BaseException:
         await submission.close()
-        raise too_large(parser.exceeded, limits[parser.exceeded])
-    if not submission.spec:
-        await submission.close()
-    return _checked(submission)
+        raise
+
+
+def _decoded_spec(raw: bytes) -> str:
+    """The text of a spec sent as a file."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise HTTPException(
+            status_code=422, detail="the spec file is not UTF-8 text: send the job's JSON"
+        ) from None
+
+
+async def _url_encoded_spec(request: Request, limits: dict[str, int]) -> str:
+    """The `spec` of a url-encoded form (curl -d spec=...), which can hold nothing else."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_URL_ENCODED_BYTES:
+            raise too_large(SPEC_FIELD, MAX_SPEC_BYTES)
+    fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    seen: list[str] = []
+    for name, _ in fields:
+        check_part(name, False, seen, limits)
+        seen.append(name)
+    spec = next((value for name, value in fields if name == SPEC_FIELD), "")
+    if len(spec.encode()) > MAX_SPEC_BYTES:
+        raise too_large(SPEC_FIELD, MAX_SPEC_BYTES)
+    return spec
 
 
 def _checked(submission: Submission) -> Submission:
     if not submission.spec:
-        raise HTTPException(status_code=422, detail="the form has no `spec` field (job JSON)")
+        raise HTTPException(
+            status_code=422, detail=f"the form has no `spec` field (job JSON): {FORM_HINT}"
+        )
     return submission

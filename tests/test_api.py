@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from tests.api_fixtures import (
     start_api,
 )
 from tests.redis_fixtures import ROOT, wait_until
+from workers.job_store import JobStore
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
 
@@ -41,6 +44,15 @@ SPEC = {
     "search": {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3},
 }
 AGENT_START_S = 60.0
+# Every route under a job id: (method, path after /v1/jobs/{id}).
+JOB_ROUTES = [
+    ("GET", ""),
+    ("GET", "/tree"),
+    ("GET", "/events"),
+    ("POST", "/cancel"),
+    ("GET", "/artifacts/report.json"),
+]
+DEVICE_EXAMPLE = '{"device_class": "rpi4-cpu", "host": "rpi-07"}'
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,9 +92,35 @@ def uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     }
 
 
+@pytest.fixture(scope="module")
+def job_store(redis_url: str) -> JobStore:
+    """The API's job store, to put jobs (and their internal keys) in Redis directly."""
+    return JobStore(redis.Redis.from_url(redis_url))
+
+
 def submit(http: httpx.Client, spec: dict[str, Any] | str, **files: tuple[str, bytes]):
     text = spec if isinstance(spec, str) else json.dumps(spec)
     return http.post("/v1/jobs", data={"spec": text}, files=files or None)
+
+
+def post_multipart(
+    http: httpx.Client, parts: list[tuple[str | None, str | None, bytes]], closed: bool = True
+) -> httpx.Response:
+    """POST /v1/jobs with a multipart body built by hand from (name, file name, content) parts
+    (None leaves the name or file name out); `closed` False leaves out the closing boundary."""
+    boundary = "archtree-test-boundary"
+    body = b""
+    for name, filename, content in parts:
+        disposition = "form-data" + (f'; name="{name}"' if name is not None else "")
+        disposition += f'; filename="{filename}"' if filename is not None else ""
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        body += content + b"\r\n"
+    body += f"--{boundary}--\r\n".encode() if closed else b""
+    return http.post(
+        "/v1/jobs",
+        content=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
 
 
 def job_total(http: httpx.Client) -> int:
@@ -103,18 +141,33 @@ BAD_SUBMISSIONS = {
     "bad budget": ({"budget": "fast"}, {}, "Cannot read the budget 'fast'"),
     "unknown builtin": ({"model": "builtin:nope"}, {}, "unknown builtin model 'nope'"),
     "corrupt weights": ({}, {"weights": ("w.safetensors", "corrupt")}, "corrupt or truncated"),
-    "pickled module": ({}, {"weights": ("model.pt", "pickled")}, "pickled whole model"),
+    "pickled module": (
+        {},
+        {"weights": ("model.pt", "pickled")},
+        "or pass `allow_pickle: true` in the spec (the operator must also enable "
+        "ARCHTREE_ALLOW_PICKLE)",
+    ),
     "data the model rejects": (
         {"data": None},
         {"data": ("tiny.npz", "tiny")},
         "rejects inputs of shape (1, 1, 1)",
     ),
     "bad device class": ({"device_class": "no spaces"}, {}, "invalid device class"),
-    "bad search setting": ({"search": {"width": 0}}, {}, "--width must be at least 1"),
+    "bad search setting": ({"search": {"width": 0}}, {}, "search.width must be at least 1"),
+    "renamed search setting": (
+        {"search": {"min_width_fraction": 1.5}},
+        {},
+        "search.min_width_fraction must be in [0, 1)",
+    ),
+    "two search settings": (
+        {"search": {"max_depth": 1, "planned_steps": 2}},
+        {},
+        "search.max_depth must be at least search.planned_steps",
+    ),
     "unknown move": (
         {"search": {"move_kinds": ["global", "sideways"]}},
         {},
-        "unknown move 'sideways'",
+        "search.move_kinds: unknown move 'sideways'",
     ),
     "unknown search setting": ({"search": {"widht": 2}}, {}, "search.widht"),
     "pickle not allowed": ({"allow_pickle": True}, {}, "does not load pickled weights"),
@@ -138,6 +191,7 @@ def test_a_bad_submission_answers_422_in_one_line_and_creates_nothing(
     detail = one_line_detail(answer)
     assert expected in detail
     assert "submission-" not in detail  # the API's temporary paths are not shown
+    assert "--" not in detail  # spec fields, not the CLI's options
     assert job_total(http) == before_jobs
     assert stored_files(api_server) == before_files
 
@@ -147,6 +201,90 @@ def test_a_spec_that_is_not_json_answers_422(http: httpx.Client):
 
     assert answer.status_code == 422
     assert one_line_detail(answer).startswith("the job spec is not valid")
+
+
+def test_a_spec_sent_as_a_file_is_read_as_the_spec(http: httpx.Client):
+    answer = http.post("/v1/jobs", files={"spec": ("spec.json", json.dumps(SPEC).encode())})
+
+    assert answer.status_code == 202, answer.text
+    job = http.get(f"/v1/jobs/{answer.json()['id']}").json()
+    assert job["spec"]["search"] == SPEC["search"]
+
+
+SPEC_TEXT = json.dumps(SPEC).encode()
+BAD_FORMS = {
+    "spec twice": ([("spec", None, SPEC_TEXT), ("spec", None, SPEC_TEXT)], "given twice"),
+    "weights as a text field": (
+        [("spec", None, SPEC_TEXT), ("weights", None, b"hello")],
+        "`weights` must be a file, not a text field",
+    ),
+    "an unknown upload": (
+        [("spec", None, SPEC_TEXT), ("model", "m.pt", b"x")],
+        "unexpected form field 'model'",
+    ),
+    "a part without a name": (
+        [(None, None, SPEC_TEXT)],
+        '"name" must be provided: send the job as multipart/form-data',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FORMS, ids=list(BAD_FORMS))
+def test_a_malformed_form_answers_422_saying_what_to_send(case: str, http: httpx.Client):
+    parts, expected = BAD_FORMS[case]
+
+    answer = post_multipart(http, parts)
+
+    assert answer.status_code == 422, answer.text
+    detail = one_line_detail(answer)
+    assert expected in detail
+    assert "Maximum number" not in detail
+
+
+def test_framework_form_errors_say_what_to_send(http: httpx.Client):
+    hint = "`spec` as one form field holding the job's JSON, and optional `weights` and `data`"
+    no_boundary = http.post(
+        "/v1/jobs", content=b"x", headers={"Content-Type": "multipart/form-data"}
+    )
+    url_encoded = http.post(
+        "/v1/jobs",
+        content=b"spec=1&x=1",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    cut_off = post_multipart(http, [("spec", None, SPEC_TEXT)], closed=False)
+
+    assert no_boundary.status_code == 422 and hint in one_line_detail(no_boundary)
+    assert url_encoded.status_code == 422
+    assert "unexpected form field 'x'" in one_line_detail(url_encoded)
+    assert cut_off.status_code == 422
+    assert "the upload was cut off" in one_line_detail(cut_off)
+
+
+def test_a_spec_over_its_limit_answers_413_naming_the_spec(http: httpx.Client):
+    big = json.dumps({**SPEC, "padding": "x" * 70_000})
+
+    for answer in [post_multipart(http, [("spec", None, big.encode())]), submit(http, big)]:
+        assert answer.status_code == 413, answer.text
+        assert "the spec is too large: at most 65536 bytes" in one_line_detail(answer)
+
+
+def test_a_declared_size_over_the_limit_blames_the_request_not_an_upload(api_server: ApiProcess):
+    host, port = api_server.url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 99999999999999\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(head.encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+
+    status, _, body = answer.decode().partition("\r\n\r\n")
+    assert status.startswith("HTTP/1.1 413")
+    detail = json.loads(body)["detail"]
+    assert "the request declares 99999999999999 bytes" in detail
+    assert "the data upload" not in detail
 
 
 def test_an_oversized_weights_upload_answers_413_naming_the_limit(
@@ -252,6 +390,52 @@ def test_unknown_jobs_answer_404_with_a_message(http: httpx.Client):
         assert "no job 'nosuchjob'" in one_line_detail(answer)
 
 
+def test_ids_that_name_a_jobs_internal_keys_answer_404_and_change_nothing(
+    http: httpx.Client, job_store: JobStore
+):
+    job_id = job_store.create(SPEC)
+    key = job_store.key(job_id)
+    job_store.client.set(f"{key}:state", "{}")
+    job_store.client.set(f"{key}:plan:1", "[]")
+    job_store.client.hset(f"{key}:children", "n1", "{}")
+    job_store.client.hset(f"{key}:steps", "depth-1", "1")
+    keys = sorted(job_store.client.scan_iter(match=f"{key}*"))
+    before = [job_store.client.dump(name) for name in keys]
+
+    for suffix in [":events", ":state", ":plan:1", ":children", ":steps"]:
+        for method, route in JOB_ROUTES:
+            answer = http.request(method, f"/v1/jobs/{job_id}{suffix}{route}")
+            assert answer.status_code == 404, (suffix, route, answer.text)
+            assert f"no job '{job_id}{suffix}'" in one_line_detail(answer)
+    assert [job_store.client.dump(name) for name in keys] == before
+
+
+def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
+    for method, path in [
+        *((method, "/v1/jobs/" + "a" * 20_000 + route) for method, route in JOB_ROUTES),
+        ("DELETE", "/v1/devices/" + "b" * 5_000),
+    ]:
+        answer = http.request(method, path)
+        assert answer.status_code == 404, path
+        detail = one_line_detail(answer)
+        assert len(detail) < 200 and "..." in detail
+
+
+BAD_EVENT_IDS = ["abc", "99999999999999999999999-0", "18446744073709551616-0", "1-2-3", "-1"]
+
+
+@pytest.mark.parametrize("event_id", [*BAD_EVENT_IDS, "1-18446744073709551616"])
+def test_a_bad_last_event_id_answers_422_before_the_stream_starts(
+    event_id: str, http: httpx.Client, job_store: JobStore
+):
+    job_id = job_store.create(SPEC)
+
+    answer = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": event_id})
+
+    assert answer.status_code == 422
+    assert f"Last-Event-ID {event_id!r} is not an event id" in one_line_detail(answer)
+
+
 def test_jobs_are_listed_newest_first_in_pages(http: httpx.Client):
     created = [submit(http, SPEC).json()["id"] for _ in range(3)]
 
@@ -263,6 +447,19 @@ def test_jobs_are_listed_newest_first_in_pages(http: httpx.Client):
     assert first["total"] == second["total"] >= 3
     bad = http.get("/v1/jobs", params={"limit": 0})
     assert bad.status_code == 422 and "limit" in one_line_detail(bad)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"offset": 2**63 - 1}, {"offset": 10**20}, {"offset": 2**63 - 2, "limit": 200}],
+    ids=["2**63-1", "10**20", "overflowing the page end"],
+)
+def test_an_offset_past_its_bound_answers_422(params: dict[str, int], http: httpx.Client):
+    answer = http.get("/v1/jobs", params=params)
+
+    assert answer.status_code == 422
+    assert "offset: Input should be less than or equal to 1000000000" in one_line_detail(answer)
+    assert http.get("/v1/jobs", params={"offset": 10**9}).json()["jobs"] == []
 
 
 def start_cli_agent(api: ApiProcess, device_class: str, log_dir: Path) -> subprocess.Popen:
@@ -326,6 +523,51 @@ def test_a_device_with_a_bad_class_is_refused(http: httpx.Client):
     assert "invalid device class" in one_line_detail(answer)
 
 
+BAD_DEVICES = {
+    "an unknown field": ({"evil": 1}, "evil: Extra inputs are not permitted"),
+    "a chosen id": ({"id": "fixed", "online": False}, "Extra inputs are not permitted"),
+    "threads past 64 bits": ({"threads": 99999999999999999999}, "threads: "),
+    "threads over 1024": ({"threads": 1025}, "threads: Input should be less than or equal"),
+    "an empty host": ({"host": ""}, "host: String should have at least 1 character"),
+    "a long host": ({"host": "h" * 256}, "host: String should have at most 255 characters"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DEVICES, ids=list(BAD_DEVICES))
+def test_a_device_registration_is_refused_past_its_bounds(case: str, http: httpx.Client):
+    changes, expected = BAD_DEVICES[case]
+    before = len(http.get("/v1/devices").json()["devices"])
+
+    answer = http.post("/v1/devices", json={"device_class": "api-cpu", "host": "h", **changes})
+
+    assert answer.status_code == 422, answer.text
+    assert expected in one_line_detail(answer)
+    assert len(http.get("/v1/devices").json()["devices"]) == before
+
+
+BAD_DEVICE_BODIES = {
+    "JSON cut short": (b'{"device_class":', "application/json", "not valid JSON"),
+    "form-encoded": (
+        b'{"device_class": "x", "host": "h"}',
+        "application/x-www-form-urlencoded",
+        "not a JSON object",
+    ),
+    "a list": (b"[]", "application/json", "not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DEVICE_BODIES, ids=list(BAD_DEVICE_BODIES))
+def test_a_device_body_that_is_no_json_object_says_to_send_one(case: str, http: httpx.Client):
+    body, content_type, expected = BAD_DEVICE_BODIES[case]
+
+    answer = http.post("/v1/devices", content=body, headers={"Content-Type": content_type})
+
+    assert answer.status_code == 422
+    detail = one_line_detail(answer)
+    assert expected in detail
+    assert f"send a JSON object like {DEVICE_EXAMPLE}" in detail
+
+
 def test_health_readiness_and_metrics(http: httpx.Client):
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz")
@@ -352,6 +594,89 @@ def test_the_api_is_unready_while_redis_is_unreachable(tmp_path: Path, redis_url
             assert "archtree_redis_up 0.0" in client.get("/metrics").text
     finally:
         api.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private redis-server for one test, which the test may stop (started as
+    tests/redis_fixtures.py starts the session's)."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not on the PATH")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with open(tmp_path / "redis.log", "wb") as log:
+        server = subprocess.Popen(
+            [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def answers_ping() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_until(answers_ping, 10, "a private redis-server")
+        yield url, server
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_data_routes_answer_503_while_redis_is_down(
+    own_redis: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+):
+    url, server = own_redis
+    api = start_api(api_env(url, tmp_path), tmp_path / "logs")
+    try:
+        with api.client() as client:
+            job_id = JobStore(redis.Redis.from_url(url)).create(SPEC)
+            device = client.post("/v1/devices", json={"device_class": "api-cpu", "host": "h"})
+            assert device.status_code == 201
+            os.kill(server.pid, signal.SIGTERM)
+            server.wait(timeout=10)
+
+            for method, path, body in [
+                *((method, f"/v1/jobs/{job_id}{route}", {}) for method, route in JOB_ROUTES),
+                ("GET", "/v1/jobs", {}),
+                ("POST", "/v1/jobs", {"data": {"spec": json.dumps(SPEC)}}),
+                ("GET", "/v1/devices", {}),
+                ("POST", "/v1/devices", {"json": {"device_class": "api-cpu", "host": "h"}}),
+                ("DELETE", f"/v1/devices/{device.json()['id']}", {}),
+            ]:
+                answer = client.request(method, path, **body)
+                assert answer.status_code == 503, (method, path, answer.text)
+                detail = one_line_detail(answer)
+                assert detail.startswith("the service cannot reach its Redis (ConnectionError: ")
+                assert "ask the operator to check ARCHTREE_REDIS_URL" in detail
+            assert client.get("/readyz").status_code == 503
+    finally:
+        api.stop()
+
+
+def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_store: JobStore):
+    job_id = job_store.create(SPEC)
+
+    for path in ["/nope", "/dashboard/nope.js", "/v1/jobs/a%2Fb"]:
+        answer = http.get(path)
+        assert answer.status_code == 404, path
+        assert "see /docs for the endpoints" in one_line_detail(answer)
+    for method, path, allowed in [
+        ("DELETE", f"/v1/jobs/{job_id}", "GET"),
+        ("GET", f"/v1/jobs/{job_id}/cancel", "POST"),
+        ("DELETE", "/v1/devices", "GET, POST"),
+    ]:
+        answer = http.request(method, path)
+        assert answer.status_code == 405, path
+        assert answer.headers["allow"] == allowed
+        detail = one_line_detail(answer)
+        assert f"use {allowed.replace(', ', ' or ')}; see /docs for the endpoints" in detail
+    assert http.head("/").status_code == 200
 
 
 def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):

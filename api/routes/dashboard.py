@@ -17,7 +17,8 @@ DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "dashboard"
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+# HEAD too: uptime checkers probe the page with it.
+@router.api_route("/", methods=["GET", "HEAD"])
 def index() -> FileResponse:
     page = DASHBOARD_DIR / "index.html"
     if not page.is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Path, Response
 
-from api.deps import ServicesDep
+from api.deps import ServicesDep, quoted
 from api.schemas import INVALID, Device, DeviceIn, DeviceList, DeviceRegistered, ErrorMessage
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=INVALID)
@@ -51,5 +51,7 @@ def delete_device(
 ) -> Response:
     """Take the device out of service: its agent stops at its next heartbeat."""
     if not services.registry.delete(device_id):
-        raise HTTPException(status_code=404, detail=f"no device {device_id!r}: see GET /v1/devices")
+        raise HTTPException(
+            status_code=404, detail=f"no device {quoted(device_id)}: see GET /v1/devices"
+        )
     return Response(status_code=204)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api import submission
-from api.deps import JobDep, ServicesDep
+from api.deps import JobDep, ServicesDep, quoted
 from api.event_stream import job_events, start_after
 from api.job_reads import read_jobs
 from api.schemas import INVALID, ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
@@ -21,6 +21,9 @@ from workers.job_store import FINAL_STATUSES
 from workers.tasks import result_name
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=INVALID)
+
+# Far beyond any real job list, and far below the 64-bit range Redis takes.
+MAX_OFFSET = 10**9
 
 NOT_FOUND = {404: {"model": ErrorMessage, "description": "No job with this id."}}
 
@@ -35,7 +38,8 @@ SUBMISSION_BODY = {
                     "properties": {
                         "spec": {
                             "$ref": "#/components/schemas/JobSpecIn",
-                            "description": f"The job as JSON, at most {MAX_SPEC_BYTES} bytes.",
+                            "description": f"The job as JSON (a form field, or a file), at most "
+                            f"{MAX_SPEC_BYTES} bytes.",
                         },
                         "weights": {
                             "type": "string",
@@ -85,7 +89,7 @@ async def submit_job(request: Request, services: ServicesDep) -> JobCreated:
 @router.get("", summary="List jobs, newest first")
 async def list_jobs(
     services: ServicesDep,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs in this page.")] = 20,
 ) -> JobList:
     jobs, total = await read_jobs(services.async_client, services.jobs, offset, limit)
@@ -114,14 +118,11 @@ def get_tree(job: JobDep, services: ServicesDep) -> JobTree:
 async def stream_events(
     job: JobDep,
     services: ServicesDep,
-    last_event_id: Annotated[
-        str | None,
-        Header(description="Resume after this event id (sent by EventSource on reconnect)."),
-    ] = None,
+    after: Annotated[str, Depends(start_after)],
 ) -> AsyncIterator[ServerSentEvent]:
     """Every event of the job from the start (or after Last-Event-ID), then new ones as they
     happen; the stream ends once the job has ended and all its events are sent."""
-    async for event in job_events(services.jobs, job["id"], start_after(last_event_id)):
+    async for event in job_events(services.jobs, job["id"], after):
         yield event
 
 
@@ -157,7 +158,7 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
     if name not in ARTIFACT_NAMES:
         raise HTTPException(
             status_code=404,
-            detail=f"no artifact {name!r}: a job's results are {', '.join(ARTIFACT_NAMES)}",
+            detail=f"no artifact {quoted(name)}: a job's results are {', '.join(ARTIFACT_NAMES)}",
         )
     stored = result_name(job["id"], name)
     if not services.artifacts.exists(stored):

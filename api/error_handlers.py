@@ -1,0 +1,124 @@
+"""Every error as `{"detail": "<one line: what is wrong and what to do>"}`.
+
+Besides the API's own HTTPExceptions: the engine's errors (422, worded for a REST client), the
+request checks (422), Redis unreachable (503), and the framework's bare "Not Found" and
+"Method Not Allowed" (which then say what exists).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+
+from api.deps import quoted
+from api.schemas import validation_message
+from api.spec_terms import in_spec_terms
+from search.errors import ArchtreeError
+
+ENDPOINTS_HINT = "see /docs for the endpoints"
+PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+# Seconds a client is asked to wait before retrying while Redis is unreachable.
+REDIS_RETRY_AFTER_S = 5
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer every error of `app` in one line that says what to do."""
+    app.add_exception_handler(ArchtreeError, _user_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    # redis.asyncio raises these same classes.
+    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_unreachable)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_unreachable)
+    app.add_exception_handler(HTTPException, _http_error)
+
+
+async def _user_error(_: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": in_spec_terms(str(error))})
+
+
+async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = list(error.errors())
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        position = first.get("loc", ())[-1]
+        reason = first.get("ctx", {}).get("error", "JSON decode error")
+        detail = f"the body is not valid JSON ({reason} at character {position}): "
+        detail += _send_json_object(request)
+    elif tuple(first.get("loc", ())) == ("body",):
+        what = "missing" if first.get("type") == "missing" else "not a JSON object"
+        detail = f"the body is {what}: {_send_json_object(request)}"
+    else:
+        detail = validation_message(errors)
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _send_json_object(request: Request) -> str:
+    """What to send instead of a body that is no JSON object: the route's body model's
+    example."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = field.field_info.annotation if field is not None else None
+    examples: list[Any] = []
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        examples = model.model_json_schema().get("examples", [])
+    like = f" like {json.dumps(examples[0])}" if examples else f" ({ENDPOINTS_HINT})"
+    return f"send a JSON object{like} with Content-Type: application/json"
+
+
+async def _redis_unreachable(_: Request, error: Exception) -> JSONResponse:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+    return JSONResponse(
+        status_code=503,
+        headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+        content={
+            "detail": f"the service cannot reach its Redis ({type(error).__name__}: {reason}); "
+            "try again shortly, or ask the operator to check ARCHTREE_REDIS_URL"
+        },
+    )
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    """HTTPExceptions as FastAPI answers them, the framework's bare 404 and 405 made to say
+    what exists."""
+    assert isinstance(error, HTTPException)
+    path = quoted(request.url.path)
+    if error.status_code == 404 and error.detail == "Not Found":
+        error = HTTPException(
+            404,
+            f"nothing at {path}: jobs and devices are under /v1/jobs and /v1/devices, the "
+            f"dashboard at /; {ENDPOINTS_HINT}",
+        )
+    elif error.status_code == 405 and error.detail == "Method Not Allowed":
+        # A mount (the dashboard's files) gives its own Allow header.
+        given = (error.headers or {}).get("Allow", "")
+        allowed = _methods_at(request) or [method.strip() for method in given.split(",")]
+        use = f": use {' or '.join(allowed)}" if any(allowed) else ""
+        error = HTTPException(
+            405,
+            f"{request.method} is not allowed on {path}{use}; {ENDPOINTS_HINT}",
+            headers={"Allow": ", ".join(allowed)},
+        )
+    return await http_exception_handler(request, error)
+
+
+def _methods_at(request: Request) -> list[str]:
+    """The methods the app's routes take at the request's path: Starlette's Allow header names
+    only those of the first route there (POST, not GET, on /v1/devices)."""
+
+    def routes_taking(method: str) -> set[int]:
+        scope = {**request.scope, "method": method}
+        routes = request.app.router.routes
+        return {
+            index for index, route in enumerate(routes) if route.matches(scope)[0] is Match.FULL
+        }
+
+    every_method = routes_taking("NO-SUCH-METHOD")  # mounts (the dashboard's files) take any
+    return [method for method in PROBED_METHODS if routes_taking(method) - every_method]
