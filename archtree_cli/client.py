@@ -6,16 +6,24 @@
         print(event["kind"])
     client.fetch(job["id"], "pruned/")
 
-Errors the API answers (4xx) become ArchtreeError with the API's own message.
+Every failure is an ArchtreeError with a one-line message: the API's own message for what it
+refuses (4xx), and a message naming the URL for a server that is not an Archtree API, one that
+cannot be reached or does not answer in time (ARCHTREE_API_TIMEOUT_S), and a malformed URL.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import ExitStack
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -23,16 +31,64 @@ from search.errors import ArchtreeError
 
 # search.artifacts.ARTIFACT_NAMES, not imported: that module needs torch, this client does not.
 ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
-# Reconnections of an event stream that broke off before the job ended.
+EXAMPLE_API_URL = "http://127.0.0.1:8000"
+API_TIMEOUT_VARIABLE = "ARCHTREE_API_TIMEOUT_S"
+# Above the 15 s between the keep-alive pings of the API's event stream, so that a job that
+# is quiet for a while is not taken for an API that stalled.
+DEFAULT_API_TIMEOUT_S = 30.0
+# Consecutive failed attempts to resume an event stream before giving up.
 EVENT_RECONNECTS = 5
+# The wait before resuming an event stream that was refused or broke off doubles from this,
+# up to the longest, to ride out an API that restarts (a stalled one has waited a timeout).
+RECONNECT_DELAY_S = 1.0
+LONGEST_RECONNECT_DELAY_S = 8.0
+# The start of a plain-text error body that a message quotes.
+QUOTED_BODY_CHARS = 80
+
+
+def api_timeout_s() -> float:
+    """Seconds to wait for the API to accept a connection, to answer, or to send the next part
+    of an answer: $ARCHTREE_API_TIMEOUT_S, else DEFAULT_API_TIMEOUT_S (30)."""
+    text = os.environ.get(API_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_API_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ArchtreeError(
+            f"{API_TIMEOUT_VARIABLE} must be a number of seconds above 0, like "
+            f"{DEFAULT_API_TIMEOUT_S:g}, not {text!r}"
+        )
+    return seconds
+
+
+def checked_api_url(api_url: str) -> str:
+    """`api_url` without a trailing slash, once it is an http(s) URL with a host."""
+    try:
+        url = httpx.URL(api_url.strip())
+        well_formed = (
+            url.scheme in ("http", "https")
+            and bool(url.host)
+            and (url.port is None or 0 < url.port < 65536)
+        )
+    except (httpx.InvalidURL, ValueError):
+        well_formed = False
+    if not well_formed:
+        raise ArchtreeError(
+            f"--api must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
+        )
+    return api_url.strip().rstrip("/")
 
 
 class ArchtreeClient:
     """Calls to one Archtree API; every method raises ArchtreeError with a one-line message."""
 
-    def __init__(self, api_url: str, timeout_s: float = 60.0) -> None:
-        self.api_url = api_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.api_url, timeout=timeout_s)
+    def __init__(self, api_url: str, timeout_s: float | None = None) -> None:
+        self.api_url = checked_api_url(api_url)
+        self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
+        self.http = httpx.Client(base_url=self.api_url, timeout=self.timeout_s)
 
     def __enter__(self) -> ArchtreeClient:
         return self
@@ -58,13 +114,15 @@ class ArchtreeClient:
             for name, path in (("weights", weights), ("data", data)):
                 if path is not None:
                     uploads[name] = (Path(path).name, files.enter_context(_open(path, name)))
-            return self._json(
+            answer = self._json(
                 "POST", "/v1/jobs", data={"spec": json.dumps(spec)}, files=uploads or None
             )
+        return self._with_keys(answer, ("id", "status"))
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job's status, progress and spec."""
-        return self._json("GET", f"/v1/jobs/{job_id}")
+        answer = self._json("GET", _job_path(job_id))
+        return self._with_keys(answer, ("id", "status", "spec", "progress"))
 
     def jobs(self, offset: int = 0, limit: int = 20) -> dict[str, Any]:
         """A page of jobs, newest first: `jobs`, `total`, `offset`, `limit`."""
@@ -72,92 +130,188 @@ class ArchtreeClient:
 
     def tree(self, job_id: str) -> dict[str, Any]:
         """The job's search tree so far."""
-        return self._json("GET", f"/v1/jobs/{job_id}/tree")
+        return self._json("GET", _job_path(job_id, "tree"))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask the job to stop; returns the job."""
-        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._json("POST", _job_path(job_id, "cancel"))
 
     def devices(self) -> dict[str, Any]:
         """Registered devices (`devices`) and the queue depth per device class."""
         return self._json("GET", "/v1/devices")
 
-    def events(self, job_id: str, after: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    def events(
+        self,
+        job_id: str,
+        after: str | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """The job's events (id, event) from the start or after `after`, live, until it ends.
 
-        A stream that breaks off is resumed where it stopped (Last-Event-ID).
+        A stream that stalls or breaks off is resumed where it stopped (Last-Event-ID), up to
+        EVENT_RECONNECTS times in a row; `on_retry` gets a line saying so each time. An API
+        that refuses the very first connection is reported at once.
         """
-        reconnects = 0
+        path = _job_path(job_id, "events")
+        answered = False
+        failures = 0
         while True:
             headers = {"Last-Event-ID": after} if after else {}
             try:
-                with self._stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as answer:
+                with self._stream("GET", path, headers=headers) as answer:
+                    if _media_type(answer) != "text/event-stream":
+                        raise self._not_archtree(f"got {_media_type(answer)} for the events")
+                    answered = True
                     for event_id, event in _server_sent_events(answer.iter_lines()):
+                        if not isinstance(event, dict):
+                            raise self._not_archtree("an event is not a JSON object")
                         after = event_id
-                        reconnects = 0
+                        failures = 0
                         yield event_id, event
                 return
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout):
-                reconnects += 1
-                if reconnects > EVENT_RECONNECTS:
-                    raise ArchtreeError(
-                        f"the event stream of job {job_id} at {self.api_url} keeps breaking off"
-                    ) from None
+            except ValueError:
+                raise self._not_archtree("the events are not JSON") from None
+            except httpx.RequestError as error:
+                refused = isinstance(error, httpx.ConnectError)
+                if (refused and not answered) or not isinstance(error, httpx.TransportError):
+                    raise self._failure(error) from None
+                failures += 1
+                if failures > EVENT_RECONNECTS:
+                    raise self._stream_failure(job_id, error, answered) from None
+                if on_retry is not None:
+                    on_retry(
+                        f"the events of job {job_id} at {self.api_url} {self._stall(error)}; "
+                        f"retrying ({failures} of {EVENT_RECONNECTS})"
+                    )
+                if not isinstance(error, httpx.TimeoutException):
+                    delay_s = RECONNECT_DELAY_S * 2 ** (failures - 1)
+                    time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
 
-    def fetch(self, job_id: str, out_dir: str | Path) -> list[Path]:
-        """Write the job's arch.json, model.safetensors and report.json into `out_dir`."""
+    def fetch(self, job_id: str, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+        """Write the job's arch.json, model.safetensors and report.json into `out_dir`.
+
+        All three are downloaded into a temporary folder beside them and checked first, then
+        moved in; a result already there is replaced only with `overwrite`. On any failure
+        `out_dir` is left as it was.
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = []
-        for name in ARTIFACT_NAMES:
-            target = out / name
-            partial = target.with_name(name + ".partial")
-            url = f"/v1/jobs/{job_id}/artifacts/{name}"
-            with self._stream("GET", url) as answer, partial.open("wb") as handle:
+        staging = _staging_folder(out)
+        try:
+            for name in ARTIFACT_NAMES:
+                self._download(_job_path(job_id, "artifacts", name), staging / name)
+                problem = _artifact_problem(staging / name)
+                if problem:
+                    raise self._not_archtree(problem, sent="result")
+            return _move_into(staging, out, overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _download(self, path: str, target: Path) -> None:
+        name = target.name
+        try:
+            with self._stream("GET", path) as answer, target.open("wb") as handle:
+                media = _media_type(answer)
+                if not _fits_artifact(name, media):
+                    raise self._not_archtree(f"got {media} for {name}", sent="result")
                 for chunk in answer.iter_bytes():
                     handle.write(chunk)
-            partial.replace(target)
-            written.append(target)
-        return written
+        except httpx.RequestError as error:
+            raise self._failure(error) from None
+        except OSError as error:
+            raise ArchtreeError(f"cannot write {target}: {error.strerror}") from None
 
     def _json(self, method: str, path: str, **options: Any) -> Any:
         try:
             answer = self.http.request(method, path, **options)
-        except httpx.TransportError as error:
-            raise self._unreachable(error) from None
-        _raise_for_status(answer, self.api_url)
-        return answer.json() if answer.content else None
+        except httpx.RequestError as error:
+            raise self._failure(error) from None
+        self._raise_for_status(answer)
+        if not answer.content:
+            return None
+        if not _is_json(_media_type(answer)):
+            raise self._not_archtree(f"got {_media_type(answer)}")
+        try:
+            return answer.json()
+        except ValueError:
+            raise self._not_archtree("its JSON does not parse") from None
 
-    def _stream(self, method: str, path: str, **options: Any) -> _Stream:
-        return _Stream(self, method, path, options)
+    def _with_keys(self, answer: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(answer, dict) or any(key not in answer for key in keys):
+            raise self._not_archtree(f"expected a JSON object with {', '.join(keys)}")
+        return answer
 
-    def _unreachable(self, error: Exception) -> ArchtreeError:
+    @contextmanager
+    def _stream(self, method: str, path: str, **options: Any) -> Iterator[httpx.Response]:
+        """A streamed answer, once its status is a success; httpx's errors pass through."""
+        with self.http.stream(method, path, **options) as answer:
+            if answer.status_code >= 300:
+                answer.read()
+                self._raise_for_status(answer)
+            yield answer
+
+    def _raise_for_status(self, answer: httpx.Response) -> None:
+        """ArchtreeError for an answer that is no success: the API's own `detail` where the
+        body is the API's JSON error, else what the server sent."""
+        status = answer.status_code
+        if status < 300:
+            return
+        if status < 400:
+            where = answer.headers.get("location", "elsewhere")
+            raise ArchtreeError(
+                f"the server at {self.api_url} redirects to {where} (HTTP {status}): check "
+                "--api, an Archtree API answers directly"
+            )
+        detail = _json_detail(answer)
+        if detail is None:
+            sent = f"HTTP {status}, {_media_type(answer)}{_quoted_text(answer)}"
+            raise self._not_archtree(sent, also=", or the service's log" if status >= 500 else "")
+        if status < 500:
+            raise ArchtreeError(detail)
+        raise ArchtreeError(f"the API at {self.api_url} failed (HTTP {status}: {detail})")
+
+    def _failure(self, error: httpx.RequestError) -> ArchtreeError:
+        """What an httpx error means to the user."""
+        if isinstance(error, httpx.TimeoutException):
+            return ArchtreeError(
+                f"the API at {self.api_url} did not answer within {self.timeout_s:g} s; check "
+                f"--api, and that the service is running ({API_TIMEOUT_VARIABLE} sets the wait)"
+            )
+        if isinstance(error, httpx.TransportError):
+            return ArchtreeError(
+                f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
+                "with `archtree up`, or check --api"
+            )
+        return self._not_archtree(type(error).__name__)
+
+    def _stream_failure(
+        self, job_id: str, error: httpx.TransportError, answered: bool
+    ) -> ArchtreeError:
+        if answered and isinstance(error, (httpx.ReadError, httpx.RemoteProtocolError)):
+            return ArchtreeError(
+                f"the event stream of job {job_id} at {self.api_url} keeps breaking off "
+                f"({type(error).__name__}); check that the service is running"
+            )
+        return self._failure(error)
+
+    def _stall(self, error: httpx.TransportError) -> str:
+        if isinstance(error, httpx.TimeoutException):
+            return f"sent nothing for {self.timeout_s:g} s"
+        if isinstance(error, httpx.ConnectError):
+            return "cannot be reached"
+        return f"broke off ({type(error).__name__})"
+
+    def _not_archtree(self, what: str, sent: str = "answer", also: str = "") -> ArchtreeError:
         return ArchtreeError(
-            f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it with "
-            "`archtree up`, or check --api"
+            f"the server at {self.api_url} did not send an Archtree {sent} ({what}): check "
+            f"--api{also}"
         )
 
 
-class _Stream:
-    """A streamed request whose errors are reported like those of the other calls."""
-
-    def __init__(self, client: ArchtreeClient, method: str, path: str, options: dict[str, Any]):
-        self.client = client
-        self.context = client.http.stream(method, path, **options)
-
-    def __enter__(self) -> httpx.Response:
-        try:
-            answer = self.context.__enter__()
-        except httpx.ConnectError as error:
-            raise self.client._unreachable(error) from None
-        if answer.status_code >= 400:
-            answer.read()
-            self.context.__exit__(None, None, None)
-            _raise_for_status(answer, self.client.api_url)
-        return answer
-
-    def __exit__(self, *exc: Any) -> None:
-        self.context.__exit__(*exc)
+def _job_path(job_id: str, *rest: str) -> str:
+    """/v1/jobs/ID/...: the id quoted, so that no id reaches another route."""
+    if job_id.strip(".") == "":
+        raise ArchtreeError(f"{job_id!r} is not a job id: give the id `archtree submit` printed")
+    return "/".join(("/v1/jobs", quote(job_id, safe=""), *rest))
 
 
 def _open(path: str | Path, name: str):
@@ -167,23 +321,86 @@ def _open(path: str | Path, name: str):
         raise ArchtreeError(f"cannot read the {name} file {path}: {error.strerror}") from None
 
 
-def _raise_for_status(answer: httpx.Response, api_url: str) -> None:
-    if answer.status_code < 400:
-        return
+def _media_type(answer: httpx.Response) -> str:
+    media = answer.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media or "no content type"
+
+
+def _is_json(media: str) -> bool:
+    return media == "application/json" or media.endswith("+json")
+
+
+def _fits_artifact(name: str, media: str) -> bool:
+    """Whether an artifact may come as `media`: JSON files as JSON, the weights as no text."""
+    if name.endswith(".json"):
+        return _is_json(media)
+    return not (media.startswith("text/") or _is_json(media))
+
+
+def _json_detail(answer: httpx.Response) -> str | None:
+    """The `detail` of an error the API answered as JSON; None for any other body."""
     try:
-        detail = answer.json().get("detail")
-    except (ValueError, AttributeError):
-        detail = None
-    if not isinstance(detail, str):
-        detail = (
-            answer.text.strip().splitlines()[0] if answer.text.strip() else answer.reason_phrase
-        )
-    if answer.status_code < 500:
-        raise ArchtreeError(detail)
-    raise ArchtreeError(f"the API at {api_url} failed (HTTP {answer.status_code}: {detail})")
+        body = answer.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "detail" not in body:
+        return None
+    detail = body["detail"]
+    return detail if isinstance(detail, str) else json.dumps(detail)
 
 
-def _server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _quoted_text(answer: httpx.Response) -> str:
+    """`: first line` of a plain-text body, which says what failed; nothing for markup."""
+    if _media_type(answer) != "text/plain" or not answer.text.strip():
+        return ""
+    return ": " + answer.text.strip().splitlines()[0][:QUOTED_BODY_CHARS]
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new temporary folder on the file system of `out`: inside it when it exists, else in
+    its nearest existing parent."""
+    nearest = next(folder for folder in (out, *out.parents) if folder.is_dir())
+    try:
+        return Path(tempfile.mkdtemp(prefix=".archtree-fetch-", dir=nearest))
+    except OSError as error:
+        raise ArchtreeError(f"cannot write into {nearest}: {error.strerror}") from None
+
+
+def _artifact_problem(path: Path) -> str | None:
+    """Why the downloaded file is not the artifact its name says, or None."""
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_bytes())
+        except ValueError:
+            return f"{path.name} is not JSON"
+        return None if isinstance(content, dict) else f"{path.name} is not a JSON object"
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except SafetensorError as error:
+        return f"{path.name} is not a safetensors file: {error}"
+
+
+def _move_into(staging: Path, out: Path, overwrite: bool) -> list[Path]:
+    """Move the checked artifacts from `staging` into `out`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
+        if existing and not overwrite:
+            raise ArchtreeError(
+                f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
+                "or pass --overwrite to replace it"
+            )
+        for name in ARTIFACT_NAMES:
+            (staging / name).replace(out / name)
+    except OSError as error:
+        raise ArchtreeError(f"cannot write the result into {out}: {error.strerror}") from None
+    return [out / name for name in ARTIFACT_NAMES]
+
+
+def _server_sent_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
     """(id, decoded data) of each event in a text/event-stream; comments are skipped."""
     event_id, data = "", []
     for line in lines:

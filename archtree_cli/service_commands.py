@@ -20,18 +20,26 @@ from typing import Any
 from search.errors import ArchtreeError
 
 DEFAULT_API = "http://127.0.0.1:8000"
-# The search settings `archtree submit` sends: those `archtree prune` takes as options.
+# The search settings `archtree submit` sends: every search option `archtree prune` takes, by
+# its SearchSettings name (tests/test_cli.py checks that none is left out).
 SUBMITTED_SETTINGS = (
     "strategy",
     "width",
     "branching",
     "planned_steps",
     "max_depth",
+    "move_kinds",
     "ft_steps",
+    "bn_samples",
+    "select_top",
+    "select_steps",
+    "fill_probes",
     "final_epochs",
     "round_to",
     "widen_to",
     "min_width_fraction",
+    "margin",
+    "max_cut",
     "importance",
     "seed",
 )
@@ -150,9 +158,10 @@ def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.main import create_app
-    from archtree_cli.settings import ServiceSettings
+    from archtree_cli.settings import load_service_settings
 
-    workers = args.workers if args.workers is not None else ServiceSettings().api_workers
+    settings = load_service_settings()
+    workers = args.workers if args.workers is not None else settings.api_workers
     if workers < 1:
         raise ArchtreeError(
             f"--workers must be at least 1, not {workers} (its default is ARCHTREE_API_WORKERS)"
@@ -206,7 +215,7 @@ def run_submit(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "num_classes": args.num_classes,
         "allow_pickle": args.allow_pickle,
-        "search": {name: getattr(settings, name) for name in SUBMITTED_SETTINGS},
+        "search": submitted_search(settings),
     }
     data_file = None
     if args.data.startswith("builtin:"):
@@ -220,6 +229,13 @@ def run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def submitted_search(settings: Any) -> dict[str, Any]:
+    """The `search` part of a job spec: the SearchSettings the prune options make, as JSON
+    (the moves as a list)."""
+    values = {name: getattr(settings, name) for name in SUBMITTED_SETTINGS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 def run_status(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
     from archtree_cli.progress import ConsoleProgress
@@ -227,7 +243,7 @@ def run_status(args: argparse.Namespace) -> int:
     with ArchtreeClient(args.api) as client:
         if args.watch:
             progress = ConsoleProgress(stream=sys.stdout)
-            for _event_id, event in client.events(args.job):
+            for _event_id, event in client.events(args.job, on_retry=_say_retrying):
                 kind = event.pop("kind", "")
                 if kind == "status":
                     print(f"status {event['status']}", flush=True)
@@ -236,6 +252,11 @@ def run_status(args: argparse.Namespace) -> int:
         job = client.job(args.job)
     print_job(job)
     return 0 if job["status"] == "succeeded" or not args.watch else 1
+
+
+def _say_retrying(note: str) -> None:
+    """`status --watch` tells why it is quiet while the API stalls or restarts."""
+    print(f"archtree: {note}", file=sys.stderr, flush=True)
 
 
 def print_job(job: dict[str, Any]) -> None:
@@ -263,9 +284,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
     from archtree_cli.commands import _check_out_dir, print_summary
 
-    _check_out_dir(args.out, args.overwrite)
     with ArchtreeClient(args.api) as client:
-        files = client.fetch(args.job, args.out)
+        _check_out_dir(args.out, args.overwrite)
+        files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = json.loads(next(path for path in files if path.name == "report.json").read_text())
     print_summary(report, args.out)
     return 0
@@ -355,7 +376,7 @@ def run_up(args: argparse.Namespace) -> int:
     """Start Redis (unless one is configured), the API, a worker and a local agent, and keep
     them running until Ctrl-C or SIGTERM, or until one of them exits."""
     from archtree_cli.paths import archtree_home
-    from archtree_cli.settings import ServiceSettings
+    from archtree_cli.settings import load_service_settings
 
     if args.workers < 1:
         raise ArchtreeError("--workers must be at least 1")
@@ -373,7 +394,7 @@ def run_up(args: argparse.Namespace) -> int:
     local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     api_url = f"http://{local_host}:{args.port}"
     try:
-        redis_url = ServiceSettings().resolved_redis_url()
+        redis_url = load_service_settings().resolved_redis_url()
         if not redis_url:
             socket_dir = tempfile.mkdtemp(prefix="archtree-")
             redis_url = _start_embedded_redis(stack, Path(socket_dir), home / "redis", stop)

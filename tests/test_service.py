@@ -208,11 +208,15 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     submitted = archtree(
         "submit", *common, "--device-class", "svc-c", "--model", "builtin:vgg",
         "--weights", str(tmp_path / "vgg.safetensors"), "--data", str(tmp_path / "digits.npz"),
-        "--budget", BUDGET, *CLI_SEARCH,
+        "--budget", BUDGET, *CLI_SEARCH, "--moves", "global,uniform", "--margin", "0.04",
+        "--select-top", "2",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
-    assert client.job(job_id)["spec"]["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
+    spec = client.job(job_id)["spec"]
+    assert spec["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
+    assert spec["search"]["move_kinds"] == ["global", "uniform"]
+    assert (spec["search"]["margin"], spec["search"]["select_top"]) == (0.04, 2)
 
     watched = archtree("status", job_id, *common, "--watch", timeout_s=JOB_S)
     assert watched.returncode == 0, watched.stdout + watched.stderr

@@ -1,0 +1,391 @@
+"""`archtree submit`, `status` and `fetch` against servers that are no Archtree API: real HTTP
+servers in threads of this process, the real command line in subprocesses.
+
+Each failure must be one line naming the URL (exit 2, never a traceback or "internal error"),
+and a failed `fetch` must leave the destination folder exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from archtree_cli.client import API_TIMEOUT_VARIABLE, ARTIFACT_NAMES, EVENT_RECONNECTS
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "4f1c2a9be07d"
+# Seconds the client waits for an answer in these tests: the servers here answer at once, or
+# never.
+API_TIMEOUT_S = "1"
+HTML_PAGE = b"<!DOCTYPE html><html><body>Welcome to nginx! Please log in.</body></html>"
+TINY_PRUNE = [
+    "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "80%",
+    "--ft-steps", "1", "--final-epochs", "0", "--select-steps", "1", "--select-top", "1",
+    "--fill-probes", "0", "--bn-samples", "0", "--widen-to", "0", "--strategy", "greedy",
+    "--branching", "1", "--planned-steps", "1",
+]  # fmt: skip
+SUBMIT = ["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
+
+# status, content type, body
+Answer = tuple[int, str, bytes]
+
+
+def archtree(
+    *args: str, home: Path, api_timeout_s: str = API_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "ARCHTREE_HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+        API_TIMEOUT_VARIABLE: api_timeout_s,
+    }
+    env.pop("ARCHTREE_API_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess, *words: str, notes: bool = False) -> str:
+    """The single `archtree: error:` line of a failed command, once it holds every word;
+    `notes` allows other `archtree:` lines (what `status --watch` says while it retries)."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and "internal error" not in output, output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("archtree: error:")]
+    assert len(errors) == 1, output
+    if not notes:
+        assert lines == errors, output
+    assert all(line.startswith("archtree: ") for line in lines), output
+    assert all(word in errors[0] for word in words), errors[0]
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, hidden ones included, by relative path."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on a free port in a thread; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def answering(answer_for: Callable[[str], Answer]) -> type[BaseHTTPRequestHandler]:
+    """A handler that answers every GET and POST with `answer_for(path)`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, media, body = answer_for(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", media)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def result_dir(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Path:
+    """A real result of `archtree prune`, from the smallest search it runs."""
+    out = tmp_path_factory.mktemp("result") / "pruned"
+    pruned = archtree("prune", *TINY_PRUNE, "--out", str(out), home=home)
+    assert pruned.returncode == 0, pruned.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def html_api() -> Iterator[str]:
+    """Answers 200 with an HTML page to everything, like a login page or a proxy."""
+    with serving(answering(lambda _: (200, "text/html", HTML_PAGE))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def html_404_api() -> Iterator[str]:
+    """Answers 404 with an HTML page to everything, like `python -m http.server`."""
+    with serving(answering(lambda _: (404, "text/html", HTML_PAGE))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def silent_api() -> Iterator[str]:
+    """Accepts connections and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join()
+        for connection in held:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def result_api(result_dir: Path) -> Iterator[str]:
+    """Serves the result of job JOB as the Archtree API does, under /good; under /truncated
+    with the weights cut short, under /garbled with a report.json that is no JSON; and a JSON
+    404 like the API's for anything else."""
+    files = {name: (result_dir / name).read_bytes() for name in ARTIFACT_NAMES}
+    variants = {
+        "good": files,
+        "truncated": {**files, "model.safetensors": files["model.safetensors"][:-100]},
+        "garbled": {**files, "report.json": b'{"baseline": '},
+    }
+
+    def answer_for(path: str) -> Answer:
+        variant, _, rest = path.lstrip("/").partition("/")
+        name = rest.removeprefix(f"v1/jobs/{JOB}/artifacts/")
+        if variant in variants and name in ARTIFACT_NAMES:
+            media = "application/json" if name.endswith(".json") else "application/octet-stream"
+            return 200, media, variants[variant][name]
+        detail = {"detail": f"no job at {path}: submit one with POST /v1/jobs"}
+        return 404, "application/json", json.dumps(detail).encode()
+
+    with serving(answering(answer_for)) as url:
+        yield url
+
+
+def test_fetch_writes_the_three_files_the_api_serves(
+    result_api: str, result_dir: Path, home: Path, tmp_path: Path
+):
+    out = tmp_path / "fetched"
+    fetched = archtree("fetch", JOB, "--api", f"{result_api}/good", "--out", str(out), home=home)
+
+    assert fetched.returncode == 0, fetched.stderr
+    assert f"saved to {out}/" in fetched.stdout
+    assert snapshot(out) == snapshot(result_dir)
+    assert [path.name for path in tmp_path.iterdir()] == ["fetched"]
+
+
+# (the API fixture, the path under it, words the error line must hold)
+REFUSED_RESULTS = {
+    "html-200": ("html_api", "", ["did not send an Archtree result", "text/html", "check --api"]),
+    "html-404": ("html_404_api", "", ["HTTP 404", "text/html", "check --api"]),
+    "truncated": ("result_api", "/truncated", ["model.safetensors is not a safetensors file"]),
+    "garbled": ("result_api", "/garbled", ["report.json is not JSON", "check --api"]),
+    "silent": ("silent_api", "", [f"did not answer within {API_TIMEOUT_S} s", "check --api"]),
+}
+
+
+@pytest.mark.parametrize("server", REFUSED_RESULTS)
+def test_failed_fetch_overwrite_leaves_the_old_result_byte_for_byte(
+    server: str, request: pytest.FixtureRequest, result_dir: Path, home: Path, tmp_path: Path
+):
+    fixture, under, words = REFUSED_RESULTS[server]
+    api = request.getfixturevalue(fixture) + under
+    victim = tmp_path / "victim"
+    shutil.copytree(result_dir, victim)
+    before = snapshot(victim)
+
+    fetched = archtree("fetch", JOB, "--api", api, "--out", str(victim), "--overwrite", home=home)
+
+    one_error_line(fetched, api, *words)
+    assert snapshot(victim) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["victim"]
+
+
+@pytest.mark.parametrize("server", ["html-200", "truncated"])
+def test_failed_fetch_into_a_new_folder_leaves_nothing_behind(
+    server: str, request: pytest.FixtureRequest, home: Path, tmp_path: Path
+):
+    fixture, under, words = REFUSED_RESULTS[server]
+    api = request.getfixturevalue(fixture) + under
+    out = tmp_path / "new" / "pruned"
+
+    fetched = archtree("fetch", JOB, "--api", api, "--out", str(out), home=home)
+
+    one_error_line(fetched, api, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+COMMANDS = {
+    "submit": SUBMIT,
+    "status": ["status", JOB],
+    "status --watch": ["status", JOB, "--watch"],
+    "fetch": ["fetch", JOB, "--out", "OUT"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("fixture", ["html_api", "html_404_api"])
+def test_a_server_that_is_no_archtree_api_gets_one_line_naming_it(
+    command: str, fixture: str, request: pytest.FixtureRequest, home: Path, tmp_path: Path
+):
+    api = request.getfixturevalue(fixture)
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+
+    result = archtree(*args, "--api", api, home=home)
+
+    line = one_error_line(result, f"the server at {api}", "text/html", "check --api")
+    assert "DOCTYPE" not in result.stderr and "<" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_apis_own_error_detail_is_shown(
+    command: str, result_api: str, home: Path, tmp_path: Path
+):
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+
+    result = archtree(*args, "--api", f"{result_api}/elsewhere", home=home)
+
+    one_error_line(result, "no job at /elsewhere/v1/jobs", "submit one with POST /v1/jobs")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("api", ["ftp://x", "notaurl", "http://[::1"])
+def test_a_malformed_api_url_is_refused_before_any_request(
+    command: str, api: str, home: Path, tmp_path: Path
+):
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+
+    result = archtree(*args, "--api", api, home=home)
+
+    one_error_line(
+        result, "--api must be an http:// or https:// URL like http://127.0.0.1:8000", repr(api)
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["submit", "status", "fetch"])
+def test_an_api_that_never_answers_is_reported_after_the_timeout(
+    command: str, silent_api: str, home: Path, tmp_path: Path
+):
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+
+    result = archtree(*args, "--api", silent_api, home=home)
+
+    one_error_line(
+        result,
+        f"the API at {silent_api} did not answer within {API_TIMEOUT_S} s",
+        "check --api",
+        "that the service is running",
+    )
+
+
+def test_status_watch_says_it_is_retrying_an_api_that_never_answers(silent_api: str, home: Path):
+    started = time.monotonic()
+    watched = archtree("status", JOB, "--watch", "--api", silent_api, home=home)
+
+    one_error_line(watched, f"did not answer within {API_TIMEOUT_S} s", notes=True)
+    notes = [line for line in watched.stderr.splitlines() if "retrying" in line]
+    assert len(notes) == EVENT_RECONNECTS, watched.stderr
+    assert f"at {silent_api} sent nothing for {API_TIMEOUT_S} s" in notes[0]
+    assert f"retrying (1 of {EVENT_RECONNECTS})" in notes[0]
+    # One wait of the timeout per attempt, not minutes.
+    assert time.monotonic() - started < 60
+
+
+def test_an_invalid_timeout_setting_is_one_line(html_api: str, home: Path):
+    result = archtree("status", JOB, "--api", html_api, home=home, api_timeout_s="soon")
+
+    one_error_line(result, f"{API_TIMEOUT_VARIABLE} must be a number of seconds above 0", "soon")
+
+
+class BreakingEventStream(BaseHTTPRequestHandler):
+    """Job JOB's events, whose stream breaks off after the first event as when the API
+    restarts; the stream resumed after it sends the last. Records each Last-Event-ID."""
+
+    resumed_after: list[str | None] = []
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/events"):
+            after = self.headers.get("Last-Event-ID")
+            type(self).resumed_after.append(after)
+            status = "succeeded" if after else "running"
+            data = json.dumps({"kind": "status", "status": status})
+            event = f"id: {len(self.resumed_after)}-0\ndata: {data}\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            if not after:  # promise more than is sent, then hang up
+                self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(event.encode())
+            return
+        job = {
+            "id": JOB,
+            "status": "succeeded",
+            "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%",
+                     "device_class": "local"},
+            "progress": {},
+        }  # fmt: skip
+        body = json.dumps(job).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_status_watch_resumes_an_event_stream_that_breaks_off(home: Path):
+    BreakingEventStream.resumed_after.clear()
+    with serving(BreakingEventStream) as api:
+        watched = archtree("status", JOB, "--watch", "--api", api, home=home)
+
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert watched.stdout.splitlines()[:2] == ["status running", "status succeeded"]
+    assert f"job {JOB} succeeded" in watched.stdout
+    assert BreakingEventStream.resumed_after == [None, "1-0"]
+    assert watched.stderr.splitlines() == [
+        f"archtree: the events of job {JOB} at {api} broke off (RemoteProtocolError); "
+        f"retrying (1 of {EVENT_RECONNECTS})"
+    ]
