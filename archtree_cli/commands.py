@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,18 +23,22 @@ def _oracle(args: argparse.Namespace):
     device, device_class = parse_device(args.device)
     if args.threads < 1 or args.batch_size < 1:
         raise ArchtreeError("--threads and --batch-size must be at least 1.")
+    cache_dir = latency_cache_dir(args.cache_dir)
+    _check_writable(cache_dir, "--cache-dir" if args.cache_dir else "the latency cache")
     return LocalOracle(
         build_from_spec,
         device=device,
         device_class=device_class,
         threads=args.threads,
         batch_size=args.batch_size,
-        cache=DiskLatencyCache(latency_cache_dir(args.cache_dir)),
+        cache=DiskLatencyCache(cache_dir),
         fresh_process=True,
     )
 
 
 def _check_out_dir(out: str, overwrite: bool) -> None:
+    """Before any work: --out is a folder this process can write, holding no result unless
+    `overwrite`."""
     from search.artifacts import ARTIFACT_NAMES
 
     folder = Path(out)
@@ -44,6 +50,26 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
             f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
             "or pass --overwrite to replace it."
         )
+    _check_writable(folder, "--out")
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Create `folder` if needed and write a file in it, so that a search never ends unable to
+    save; a folder created only for the check is removed again."""
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ArchtreeError(
+            f"cannot write to {option} {folder} ({error.strerror or error}): give a folder you "
+            "can write to."
+        ) from None
+    finally:
+        for parent in created:  # deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def prune(
@@ -148,11 +174,20 @@ def print_summary(report: dict[str, Any], out: str) -> None:
         f"{search['candidates_evaluated']} candidates, {search['latency_measurements']} "
         f"measurements ({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
     )
+    if final["params"] == base["params"] and final["macs"] == base["macs"]:
+        print(
+            "the unpruned model already meets the budget: nothing was pruned (give a smaller "
+            "budget to trade accuracy for latency)"
+        )
     print(f"saved to {out}/ (arch.json, model.safetensors, report.json)")
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    import torch
+
     from search.arch_spec import spec_of
+    from search.data_source import MAX_CLASSES
+    from search.inputs import check_forward
     from search.model_source import ModelRef, build_model, load_weights
 
     try:
@@ -163,11 +198,16 @@ def run_measure(args: argparse.Namespace) -> int:
         raise ArchtreeError(
             f"--input-shape {args.input_shape!r} is not C,H,W with positive numbers, e.g. 1,28,28."
         )
-    ref = ModelRef(source=args.model, num_classes=args.num_classes or 10, in_channels=shape[0])
+    classes = 10 if args.num_classes is None else args.num_classes
+    if not 1 <= classes <= MAX_CLASSES:
+        raise ArchtreeError(f"--num-classes must be between 1 and {MAX_CLASSES}, not {classes}.")
+    ref = ModelRef(source=args.model, num_classes=classes, in_channels=shape[0])
     model = build_model(ref)
     if args.weights:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
+    sample = torch.zeros(args.batch_size, *shape)
+    check_forward(model, sample, args.model, f"--input-shape {args.input_shape}")
     spec = spec_of(model, ref, shape)
     stats = oracle.measure_reference(spec)
     fingerprint = oracle.fingerprint()
@@ -221,13 +261,29 @@ def demo_weights(progress=print) -> Path:
     return path
 
 
+def _holds_a_demo(folder: Path) -> bool:
+    """Whether `folder` holds nothing, or an earlier demo's result, which a demo replaces."""
+    import json
+
+    report = folder / "report.json"
+    if not report.exists():
+        return True
+    try:
+        inputs = json.loads(report.read_text()).get("inputs", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return inputs.get("model") == DEMO_MODEL and inputs.get("data") == DEMO_DATA
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    from search.budget import parse_budget
     from search.settings import SearchSettings
 
     def say(text: str) -> None:
         print(f"archtree demo: {text}", file=sys.stderr, flush=True)
 
-    _check_out_dir(args.out, overwrite=True)
+    parse_budget(args.budget)
+    _check_out_dir(args.out, overwrite=_holds_a_demo(Path(args.out)))
     weights = demo_weights(say)
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")

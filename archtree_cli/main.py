@@ -28,7 +28,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="builtin:NAME (see `archtree models`), module:package.module:callable, "
         "torchvision:NAME or timm:NAME",
     )
-    parser.add_argument("--weights", help="trained weights: .safetensors or a state dict file")
+    parser.add_argument(
+        "--weights",
+        type=non_empty("--weights"),
+        help="trained weights: .safetensors or a state dict file",
+    )
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -40,6 +44,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="classifier outputs of a builtin model (default: the data's number of classes, or 10)",
     )
+
+
+def non_empty(option: str):
+    """An argparse type: the text as given, refused when empty (an unset shell variable)."""
+
+    def check(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(
+                f"{option} is empty: give a path (is the shell variable it came from unset?)"
+            )
+        return text
+
+    return check
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(prune)
     add_search_arguments(prune)
     prune.add_argument(
-        "--out", required=True, help="folder for arch.json, model.safetensors, report.json"
+        "--out",
+        required=True,
+        type=non_empty("--out"),
+        help="folder for arch.json, model.safetensors, report.json",
     )
     prune.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     prune.add_argument(
@@ -268,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a small ResNet on MNIST and prune it to 50%% of its latency"
     )
     demo.add_argument(
-        "--out", default="archtree-demo", help="output folder (default archtree-demo)"
+        "--out",
+        default="archtree-demo",
+        type=non_empty("--out"),
+        help="output folder (default archtree-demo); an earlier demo's result there is replaced",
     )
     demo.add_argument("--budget", default="50%", help="latency budget (default 50%%)")
     demo.set_defaults(handler="archtree_cli.commands:run_demo")
@@ -276,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     from archtree_cli.service_commands import add_service_commands
 
     add_service_commands(commands)
+    for command in commands.choices.values():
+        # Also after the command (`archtree measure ... --debug`); SUPPRESS keeps a --debug
+        # given before it.
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks of internal errors",
+        )
     return parser
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from archtree_cli.paths import archtree_home
+from search.errors import ArchtreeError
 
 
 class ServiceSettings(BaseSettings):
@@ -69,15 +72,32 @@ class ServiceSettings(BaseSettings):
         description="Accept jobs with allow_pickle (weights that are pickled whole modules). "
         "Loading a pickle runs arbitrary code in the API and the workers: only for trusted users.",
     )
-    allowed_modules: list[str] = Field(
+    allowed_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Packages whose `module:` model sources jobs may use (JSON list). Building "
-        "one imports and calls code on the API and the workers; none by default.",
+        description="Packages whose `module:` model sources jobs may use, comma-separated or a "
+        "JSON list. Building one imports and calls code on the API and the workers; none by "
+        "default.",
     )
     work_dir: Path = Field(
         default_factory=lambda: archtree_home() / "work",
         description="Local scratch space of workers (copies of remote artifacts).",
     )
+
+    @field_validator("allowed_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        """`a,b` or `["a", "b"]` from the environment; a list as it is."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    'give package names separated by commas (a,b) or as a JSON list (["a", "b"])'
+                ) from None
+        return [name.strip() for name in text.split(",") if name.strip()]
 
     def resolved_redis_url(self) -> str:
         """The Redis URL as redis-py takes it (a unix socket as unix://PATH)."""
@@ -95,6 +115,30 @@ def _swap_scheme(url: str, old: str, new: str) -> str:
     return new + url.removeprefix(old) if url.startswith(old) else url
 
 
+def load_service_settings() -> ServiceSettings:
+    """The settings from the environment; a bad value is an ArchtreeError that names its
+    variable and says what it should be."""
+    try:
+        return ServiceSettings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{_variable(problem['loc'])}={problem.get('input')!r}: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ArchtreeError(f"bad setting in the environment: {problems}") from None
+    except SettingsError as error:
+        # Raised before validation, when a value cannot be decoded at all (malformed JSON).
+        raise ArchtreeError(
+            f"bad setting in the environment: {error}; see README.md, Settings (environment)"
+        ) from None
+
+
+def _variable(location: tuple[Any, ...]) -> str:
+    """The environment variable a field is read from, e.g. ARCHTREE_MAX_DATA_BYTES."""
+    field = str(location[0]) if location else "?"
+    return f"ARCHTREE_{field.upper()}"
+
+
 @lru_cache
 def service_settings() -> ServiceSettings:
-    return ServiceSettings()
+    return load_service_settings()

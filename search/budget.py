@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ def parse_budget(text: str) -> Budget:
             "unpruned model's latency like 60%."
         )
     value, unit = float(match.group(1)), match.group(2)
+    if not math.isfinite(value):
+        raise ArchtreeError(f"The budget {text!r} is too large: give milliseconds like 8ms.")
     if value <= 0:
         raise ArchtreeError(f"The budget must be above zero, got {text!r}.")
     if unit == "%" and value >= 100:

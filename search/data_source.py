@@ -27,6 +27,9 @@ USER_EXTENSIONS = (".npz", ".pt")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Below this many samples no split leaves enough to train, calibrate and validate on.
 MIN_SAMPLES = 30
+# The most classes a dataset or a model's classifier may have: a label or a num_classes far
+# beyond any real task would only allocate a classifier of gigabytes.
+MAX_CLASSES = 100_000
 # When a dataset is too small for the requested calib/val sizes, they shrink to these shares.
 SMALL_CALIB_SHARE, SMALL_VAL_SHARE = 0.1, 0.2
 
@@ -176,11 +179,17 @@ def _read_pt(path: Path) -> dict[str, object]:
 
 def _as_tensor(value: object, name: str, path: Path) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise ArchtreeError(
+                f"`{name}` in {str(path)!r} is a {value.layout} tensor; save it dense "
+                "(tensor.to_dense())"
+            )
         return value
-    if isinstance(value, np.ndarray) and value.dtype != object:
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
         return torch.from_numpy(value)
+    kind = f"{type(value).__name__} of {value.dtype}" if isinstance(value, np.ndarray) else None
     raise ArchtreeError(
-        f"`{name}` in {str(path)!r} is a {type(value).__name__}, not a numeric array; "
+        f"`{name}` in {str(path)!r} is a {kind or type(value).__name__}, not a numeric array; "
         "save it as a tensor or numpy array"
     )
 
@@ -202,6 +211,11 @@ def _as_inputs(value: object, path: Path) -> torch.Tensor:
 
 
 def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biu":
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} holds {value.dtype} values; labels must be integers 0..K-1 "
+            "(map class names to indices first)"
+        )
     y = _as_tensor(value, "y", path).reshape(-1)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise ArchtreeError(
@@ -215,6 +229,11 @@ def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
     if len(y) and int(y.min()) < 0:
         raise ArchtreeError(
             f"`y` in {str(path)!r} has negative labels; labels must be integers 0..K-1"
+        )
+    if len(y) and int(y.max()) >= MAX_CLASSES:
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} has a label of {int(y.max())}; labels must be class indices "
+            f"0..K-1 with K at most {MAX_CLASSES}"
         )
     return y.long()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from search.data_source import DataSplits, load_data
+from search.data_source import MAX_CLASSES, DataSplits, load_data
 from search.errors import ArchtreeError
 from search.model_source import ModelRef, build_model, load_weights
 
@@ -31,34 +31,59 @@ def load_inputs(
     """Load data and model, apply the weights, and check one sample runs forward."""
     data = load_data(data_source, seed=seed)
     classes = num_classes or data.num_classes or 10
+    if not 1 <= classes <= MAX_CLASSES:
+        raise ArchtreeError(
+            f"the model's number of classes (--num-classes, or num_classes in a job spec) must be "
+            f"between 1 and {MAX_CLASSES}, not {classes}"
+        )
     ref = ModelRef(source=model_source, num_classes=classes, in_channels=data.input_shape[0])
     torch.manual_seed(seed)
     model = build_model(ref)
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
     model.eval()
-    check_forward(model, data, model_source, data_source)
+    output = check_forward(model, data.calib_x[:2], model_source, data_source)
+    if data.labelled and output.shape[1] < (data.num_classes or 0):
+        fix = (
+            f"give --num-classes {data.num_classes} or leave it out"
+            if num_classes
+            else f"give weights for a model with {data.num_classes} outputs"
+        )
+        raise ArchtreeError(
+            f"{data_source} has {data.num_classes} classes but the model {model_source} outputs "
+            f"{output.shape[1]}: {fix}."
+        )
     return JobInputs(model_ref=ref, model=model, data=data)
 
 
-def check_forward(model: nn.Module, data: DataSplits, model_source: str, data_source: str) -> None:
-    sample = data.calib_x[:2]
-    try:
-        with torch.inference_mode():
-            output = model(sample)
-    except Exception as error:  # any failure here means the model rejects this input
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def check_forward(
+    model: nn.Module, samples: torch.Tensor, model_source: str, inputs_label: str
+) -> torch.Tensor:
+    """Run `model` on `samples`, and on the first alone (batches of one are timed by default);
+    return its outputs. Any failure is the user's model or inputs: an ArchtreeError."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if dtypes:
         raise ArchtreeError(
-            f"The model {model_source} rejects inputs of shape {tuple(sample.shape[1:])} from "
-            f"{data_source} ({detail}): give data of the shape the model expects."
-        ) from None
+            f"The model {model_source} has {', '.join(dtypes)} parameters: build it in float32 "
+            "(model.float()); the timing dtype is a setting of its own."
+        )
+    outputs = []
+    for batch in (samples, samples[:1]):
+        try:
+            with torch.inference_mode():
+                outputs.append(model(batch))
+        except Exception as error:  # any failure here means the model rejects this input
+            text = str(error).strip()
+            detail = text.splitlines()[0] if text else type(error).__name__
+            what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
+            raise ArchtreeError(
+                f"The model {model_source} rejects {what} of shape {tuple(batch.shape[1:])} "
+                f"from {inputs_label} ({detail}): give inputs of the shape the model expects."
+            ) from None
+    output = outputs[0]
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         raise ArchtreeError(
             f"The model {model_source} must return a (batch, classes) tensor of logits; it "
             f"returned {type(output).__name__} {tuple(getattr(output, 'shape', ()))}."
         )
-    if data.labelled and output.shape[1] < (data.num_classes or 0):
-        raise ArchtreeError(
-            f"{data_source} has {data.num_classes} classes but the model {model_source} outputs "
-            f"{output.shape[1]}: give weights for a model with {data.num_classes} outputs."
-        )
+    return output

@@ -110,6 +110,12 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
             f"cannot import module {module_name!r} for {ref.source!r} ({error}); it must be "
             "importable on this machine: install it or add its folder to PYTHONPATH"
         ) from None
+    except SystemExit as error:
+        raise ArchtreeError(
+            f"importing module {module_name!r} for {ref.source!r} ran a script that exits "
+            f"(SystemExit: {error.code}); put the script's code under "
+            '`if __name__ == "__main__":` so that importing only defines the model'
+        ) from None
     except Exception as error:
         raise ArchtreeError(
             f"importing module {module_name!r} for {ref.source!r} failed with "
@@ -130,7 +136,7 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
         )
     try:
         return target()
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise ArchtreeError(
             f"calling {attribute}() from {module_name!r} failed with {type(error).__name__}: "
             f"{_first_line(error)}; it must build the model with no arguments"
@@ -200,7 +206,25 @@ def load_weights(
     else:
         state = _read_torch_file(path, allow_pickle=allow_pickle)
     _check_fits(model, state, path, source or type(model).__name__)
+    _check_finite(state, path)
     model.load_state_dict(state, strict=True)
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights holding NaN or infinity give a model that predicts one class whatever it sees."""
+    broken = [
+        name
+        for name, tensor in state.items()
+        if isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise ArchtreeError(
+            f"weights file {str(path)!r} has NaN or infinite values in {', '.join(broken[:3])}"
+            f"{more}: the training that saved it diverged; save weights from a finite model"
+        )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

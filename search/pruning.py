@@ -200,7 +200,10 @@ class PrunableModel:
             scorer = tp.importance.GroupMagnitudeImportance(p=2)
         elif criterion == "taylor":
             if calib is None:
-                raise ArchtreeError("Taylor importance needs labelled calibration data.")
+                raise ArchtreeError(
+                    "Taylor importance needs labelled data: use --importance l2, or give "
+                    "data with labels (y)."
+                )
             scorer = tp.importance.GroupTaylorImportance()
             x, y = calib
             self.model.zero_grad()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from search.errors import ArchtreeError
 
 STRATEGIES = ("archtree", "greedy", "uniform")
 MOVE_KINDS = ("global", "latency", "uniform", "focused")
+# Settings whose `archtree prune` option is not the name in kebab case.
+OPTION_NAMES = {"min_width_fraction": "--min-width", "move_kinds": "--moves"}
 # The channel block assumed where the device does not report one (latency/fingerprint.py).
 DEFAULT_CHANNEL_BLOCK = 8
 
@@ -98,6 +101,11 @@ class SearchSettings:
         return self
 
     def validate(self) -> None:
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                option = OPTION_NAMES.get(setting.name, "--" + setting.name.replace("_", "-"))
+                raise ArchtreeError(f"{option} must be a finite number, not {value}")
         if self.strategy not in STRATEGIES:
             raise ArchtreeError(
                 f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
@@ -112,6 +120,7 @@ class SearchSettings:
             (self.bn_samples >= 0, "--bn-samples cannot be negative (0 turns it off)"),
             (self.final_epochs >= 0, "--final-epochs cannot be negative"),
             (self.round_to >= 1, "--round-to must be at least 1"),
+            (0 <= self.seed < 2**32, "--seed must be in [0, 4294967295]"),
             (
                 self.widen_to is None or self.widen_to >= 0,
                 "--widen-to cannot be negative (0 turns it off)",

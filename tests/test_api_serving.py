@@ -138,6 +138,42 @@ def test_archtree_api_refuses_zero_workers_in_one_line(
     )
 
 
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "expected"),
+    [
+        ("api", "ARCHTREE_MAX_DATA_BYTES", "lots", "should be a valid integer"),
+        ("worker", "ARCHTREE_DEVICE_WAIT_S", "soon", "should be a valid number"),
+        ("api", "ARCHTREE_ALLOWED_MODULES", "[mypkg", "separated by commas (a,b) or as a JSON"),
+    ],
+)
+def test_a_bad_setting_in_the_environment_is_one_line_naming_it(
+    command: str, variable: str, value: str, expected: str, redis_url: str, tmp_path: Path
+):
+    finished = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", command],
+        cwd=ROOT,
+        env={**api_env(redis_url, tmp_path), variable: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.startswith(
+        f"archtree: error: bad setting in the environment: {variable}={value!r}: "
+    )
+    assert expected in finished.stderr and len(finished.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["mypkg, other", '["mypkg", "other"]'])
+def test_allowed_modules_are_read_comma_separated_or_as_json(
+    value: str, monkeypatch: pytest.MonkeyPatch
+):
+    from archtree_cli.settings import load_service_settings
+
+    monkeypatch.setenv("ARCHTREE_ALLOWED_MODULES", value)
+    assert load_service_settings().allowed_modules == ["mypkg", "other"]
+
+
 def test_archtree_api_stops_its_workers_on_sigint(redis_url: str, tmp_path: Path):
     """Ctrl-C in a terminal reaches the whole group; the workers end with the parent."""
     api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs", workers=2)

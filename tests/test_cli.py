@@ -124,6 +124,54 @@ def test_moves_option_sets_the_moves_in_order():
     assert default.move_kinds == ("global", "latency", "uniform", "focused")
 
 
+# A value other than the default for every search option of `archtree prune`.
+CHANGED_SEARCH_OPTIONS = {
+    "--strategy": "greedy",
+    "--width": "2",
+    "--branching": "2",
+    "--planned-steps": "2",
+    "--max-depth": "4",
+    "--moves": "global,uniform",
+    "--ft-steps": "7",
+    "--bn-samples": "64",
+    "--select-top": "2",
+    "--select-steps": "9",
+    "--fill-probes": "3",
+    "--final-epochs": "0.5",
+    "--round-to": "4",
+    "--widen-to": "0",
+    "--min-width": "0.2",
+    "--margin": "0.05",
+    "--max-cut": "0.3",
+    "--importance": "taylor",
+    "--seed": "3",
+}
+
+
+def test_submit_sends_every_search_option_prune_takes():
+    from archtree_cli.main import build_parser
+    from archtree_cli.service_commands import submitted_search
+
+    parser = build_parser()
+    prune = parser._subparsers._group_actions[0].choices["prune"]
+    group = next(g for g in prune._action_groups if g.title == "search")
+    options = {action.option_strings[0] for action in group._group_actions}
+    assert options == set(CHANGED_SEARCH_OPTIONS)
+
+    base = ["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
+    default = submitted_search(settings_of(parser, base))
+    for option, value in CHANGED_SEARCH_OPTIONS.items():
+        changed = submitted_search(settings_of(parser, [*base, option, value]))
+        assert changed != default, f"archtree submit does not send {option}"
+    assert json.loads(json.dumps(default)) == default
+
+
+def settings_of(parser, argv: list[str]):
+    from archtree_cli.main import settings_from
+
+    return settings_from(parser.parse_args(argv))
+
+
 @pytest.mark.parametrize(
     ("option", "field", "default"),
     [("--fill-probes", "fill_probes", 12), ("--bn-samples", "bn_samples", 512)],
@@ -212,6 +260,19 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
              y=np.arange(100) % 10)  # fmt: skip
     module_dir = folder / "usercode"
     module_dir.mkdir()
+    (module_dir / "script_net.py").write_text("import sys\nsys.exit(3)\n")
+    (module_dir / "odd_nets.py").write_text(
+        "import torch.nn as nn\n"
+        "class OneAtATimeFails(nn.Sequential):\n"
+        "    def forward(self, x):\n"
+        "        if len(x) == 1:\n"
+        "            raise ValueError('batches of one are not supported')\n"
+        "        return super().forward(x)\n"
+        "def single():\n"
+        "    return OneAtATimeFails(nn.Flatten(), nn.Linear(64, 10))\n"
+        "def double():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()\n"
+    )
     (module_dir / "flat_net.py").write_text(
         "import torch.nn as nn\n"
         "def build():\n"
@@ -245,6 +306,12 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
         (["--budget", "0%"], None, "above zero"),
         (["--moves", "global,sideways"], None, "unknown move 'sideways'"),
         (["--moves", ","], None, "--moves needs at least one of"),
+        (["--seed", "-1"], None, "--seed must be in [0, 4294967295]"),
+        (["--final-epochs", "inf"], None, "--final-epochs must be a finite number"),
+        (["--margin", "nan"], None, "--margin must be a finite number"),
+        (["--weights", ""], None, "--weights is empty"),
+        (["--out="], None, "--out is empty"),
+        (["--num-classes", "200000"], None, "between 1 and 100000, not 200000"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected):
@@ -272,6 +339,64 @@ def test_data_the_model_rejects(tmp_path, home, bad_files):
     result = archtree(*args, home=home, check=False, extra_path=bad_files["module_dir"])
     line = one_line_error(result)
     assert "rejects inputs of shape" in line
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("module:script_net:build", "ran a script that exits (SystemExit: 3)"),
+        ("module:odd_nets:single", "rejects a batch of one input of shape (1, 8, 8)"),
+        ("module:odd_nets:double", "has torch.float64 parameters: build it in float32"),
+    ],
+)
+def test_a_model_that_exits_or_fails_on_one_input_is_named(
+    tmp_path, home, bad_files, source, expected
+):
+    args = prune_args(tmp_path, "--model", source, "--data", "builtin:digits")
+    result = archtree(*args, home=home, check=False, extra_path=bad_files["module_dir"])
+    assert expected in one_line_error(result)
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_path, home):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = prune_args(tmp_path, "--out", str(blocker / "sub"))
+    result = archtree(*args, home=home, check=False)
+    assert "cannot write to --out" in one_line_error(result)
+    assert "depth" not in result.stderr  # refused before any search work
+    cache = prune_args(tmp_path, "--cache-dir", str(blocker))
+    assert "cannot write to --cache-dir" in one_line_error(archtree(*cache, home=home, check=False))
+    assert not (tmp_path / "out").exists()  # the probe of a new --out folder leaves nothing
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
+    folder = tmp_path / "result"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"inputs": {"model": "builtin:vgg"}}))
+    refused = archtree("demo", "--out", str(folder), home=home, check=False)
+    assert "already holds a result" in one_line_error(refused)
+    assert "training" not in refused.stderr
+    bad_budget = archtree("demo", "--budget", "soon", "--out", str(tmp_path / "d"), home=home,
+                          check=False)  # fmt: skip
+    assert "Cannot read the budget" in one_line_error(bad_budget)
+    assert "training" not in bad_budget.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--input-shape", "1,1,1"], "rejects inputs of shape (1, 1, 1)"),
+        (["--num-classes", "100000000"], "--num-classes must be between 1 and 100000"),
+    ],
+)
+def test_measure_bad_input_gives_one_clear_line(home, extra, expected):
+    result = archtree("measure", "--model", "builtin:vgg", *extra, home=home, check=False)
+    assert expected in one_line_error(result)
+
+
+def test_debug_is_taken_after_the_command_too(home):
+    result = archtree("models", "--debug", home=home)
+    assert "builtin:vgg" in result.stdout
 
 
 @pytest.mark.slow

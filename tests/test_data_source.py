@@ -117,6 +117,12 @@ def _save(path: Path, **arrays: object) -> str:
         ("few.npz", {"x": _images(12)}, ["12 samples", "at least 30"]),
         ("nan.pt", {"x": torch.full((50, 1, 4, 4), float("nan"))}, ["NaN"]),
         ("strings.pt", {"x": "pictures"}, ["str", "numeric"]),
+        ("text.npz", {"x": np.array(["a", "b"])}, ["ndarray of <U1", "numeric"]),
+        ("textlabels.npz", {"x": _images(50), "y": np.array(["cat"] * 50)},
+         ["`y`", "<U3", "integers"]),
+        ("sparse.pt", {"x": torch.rand(50, 1, 4, 4).to_sparse()}, ["sparse", "to_dense"]),
+        ("hugelabel.npz", {"x": _images(50), "y": np.full(50, 10**9)},
+         ["label of 1000000000", "at most 100000"]),
     ],
 )  # fmt: skip
 def test_user_file_errors(tmp_path: Path, name: str, arrays: dict, words: list[str]) -> None:

@@ -292,6 +292,18 @@ def test_mismatched_keys_and_shapes_are_named(tmp_path: Path) -> None:
     assert "shape mismatch" in message and "classifier.weight" in message and "VGG" in message
 
 
+def test_weights_with_nan_are_refused_and_named(tmp_path: Path) -> None:
+    model = _built()
+    state = model.state_dict()
+    state["classifier.weight"] = torch.full_like(state["classifier.weight"], float("nan"))
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "diverged.pt")
+    message = _error(excinfo)
+    assert "NaN or infinite" in message and "classifier.weight" in message
+    assert "more" not in message
+
+
 def test_data_parallel_prefix_is_accepted(tmp_path: Path) -> None:
     model = _built(seed=1)
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
