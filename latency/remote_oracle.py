@@ -30,14 +30,14 @@ from latency.measurement_protocol import (
     validate_device_class,
 )
 from latency.redis_cache import RedisLatencyCache
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, SearchCancelled
 from search.interfaces import LatencyMeasurement, TimingStats
 
 if TYPE_CHECKING:
     from search.arch_spec import ArchSpec
 
 
-class MeasurementCancelled(Exception):
+class MeasurementCancelled(SearchCancelled):
     """The caller cancelled (its job was cancelled) while a measurement was outstanding."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -10,6 +12,7 @@ from torch import nn
 
 from search.arch_spec import ArchSpec, build_from_spec, spec_of
 from search.data_source import DataSplits
+from search.errors import SearchCancelled
 from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNodeStore, NodeStore
 from search.model_source import ModelRef
 from search.pruning import output_positions
@@ -23,6 +26,9 @@ from search.training import (
     train,
 )
 
+# How often a fine-tune asks whether its job was cancelled.
+CANCEL_CHECK_S = 1.0
+
 
 @dataclass
 class SearchContext:
@@ -35,6 +41,9 @@ class SearchContext:
     settings: SearchSettings
     store: NodeStore = field(default_factory=MemoryNodeStore)
     sink: EventSink = field(default_factory=ListEventSink)
+    # Whether the job was cancelled: asked every CANCEL_CHECK_S while fine-tuning, which can
+    # run for long (many steps, a large dataset), so that a cancel stops it there.
+    cancelled: Callable[[], bool] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -92,6 +101,24 @@ class SearchContext:
             return None
         return accuracy(model, self.data.val_x, self.data.val_y)
 
+    def _stop_when_cancelled(self) -> Callable[[int, int, float], None] | None:
+        """A training progress callback that raises SearchCancelled once the job is
+        cancelled, asking at most every CANCEL_CHECK_S."""
+        cancelled = self.cancelled
+        if cancelled is None:
+            return None
+        last = time.monotonic()
+
+        def check(step: int, total: int, loss: float) -> None:
+            nonlocal last
+            if time.monotonic() - last < CANCEL_CHECK_S:
+                return
+            last = time.monotonic()
+            if cancelled():
+                raise SearchCancelled(f"cancelled while fine-tuning, at step {step} of {total}")
+
+        return check
+
     def finetune(self, model: nn.Module, *, steps: int = 0, epochs: float = 0.0, seed: int) -> None:
         """Short fine-tune with distillation from the unpruned model, then batch-norm
         statistics recomputed on `bn_samples` training inputs (also with no fine-tuning)."""
@@ -108,5 +135,6 @@ class SearchContext:
                 seed=seed,
                 teacher_logits=self.train_reference_logits,
                 kd_weight=settings.kd_weight if self.data.labelled else 1.0,
+                progress=self._stop_when_cancelled(),
             )
         recalibrate_batch_norm(model, self.data.train_x, samples=settings.bn_samples, seed=seed)

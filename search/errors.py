@@ -1,4 +1,10 @@
-"""The one exception type that reaches users as a plain message."""
+"""The exception that reaches users as a plain message, and the one a cancelled search stops
+with."""
+
+
+class SearchCancelled(Exception):
+    """The search's job was cancelled; raised from inside long work (a measurement, a
+    fine-tune) so that it stops there."""
 
 
 class ArchtreeError(Exception):

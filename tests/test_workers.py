@@ -179,6 +179,31 @@ def test_a_cancelled_job_stops_within_a_child_evaluation(
     assert not artifacts.exists(result_name(job_id, "report.json"))
 
 
+def test_a_job_cancelled_while_fine_tuning_stops_there(workers: WorkerPool, jobs: JobStore, agents):
+    # One worker, busy with the fine-tune: no other task can see the cancel and end the job.
+    workers.ensure(1)
+    start_agents(agents, jobs, "pool-c", 1)
+    # A final fine-tune of a million epochs: only a cancel inside the fine-tune ends it.
+    spec = job_spec("pool-c", planned_steps=1, max_depth=1, final_epochs=1e6)
+    job_id = submit_job(jobs, spec, celery=workers.app)
+    wait_until(
+        lambda: (
+            any(e["kind"] == "final_finetune" for e in events(jobs, job_id))
+            or jobs.get(job_id)["status"] in FINAL_STATUSES
+        ),
+        JOB_S,
+        "the final fine-tune",
+    )
+    assert jobs.get(job_id)["status"] not in FINAL_STATUSES, jobs.get(job_id)["error"]
+
+    assert jobs.request_cancel(job_id)
+    job = wait_for_end(jobs, job_id, workers, timeout_s=60)
+
+    assert job["status"] == "cancelled", f"{job['error']}\n{workers.logs()}"
+    artifacts = ArtifactStore(workers.settings.artifacts_url)
+    assert not artifacts.exists(result_name(job_id, "report.json"))
+
+
 def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
     workers: WorkerPool, jobs: JobStore
 ):

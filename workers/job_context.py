@@ -113,6 +113,7 @@ def build_job_context(
         settings=search_settings,
         store=nodes,
         sink=sink,
+        cancelled=lambda: jobs.cancel_requested(job_id),
     )
     # Each child runs on a shallow copy of the context: the reference outputs computed now
     # are shared by all of them instead of being recomputed per child.

@@ -30,10 +30,9 @@ from celery import Celery, chord
 from celery.canvas import Signature
 
 from archtree_cli.settings import service_settings
-from latency.remote_oracle import MeasurementCancelled
 from search import engine, expansion
 from search.artifacts import ARTIFACT_NAMES, save_artifacts
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, SearchCancelled
 from search.report import build_report
 from search.tree import ChildResult, ChildTask, SearchState
 from workers.artifact_store import ArtifactNodeStore, AttemptNodeStore
@@ -282,7 +281,7 @@ def _job_step(job_id: str) -> Iterator[None]:
     """Ends the job when its step raises: cancelled, or failed with a one-line message."""
     try:
         yield
-    except MeasurementCancelled:
+    except SearchCancelled:  # in a measurement or a fine-tune
         _end(job_id, "cancelled")
     except ArchtreeError as error:
         _end(job_id, "failed", str(error))
