@@ -234,8 +234,14 @@ class Job(BaseModel):
 
     @classmethod
     def of(cls, job: dict[str, Any]) -> Job:
-        """From a JobStore record."""
-        return cls(**job, links=JobLinks.of(job["id"]))
+        """From a JobStore record; its error in spec terms (`search.width`, not `--width`)."""
+        from api.spec_terms import in_spec_terms
+
+        error = job.get("error")
+        return cls(
+            **{**job, "error": in_spec_terms(error) if error else error},
+            links=JobLinks.of(job["id"]),
+        )
 
 
 class JobList(BaseModel):

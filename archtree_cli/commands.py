@@ -86,8 +86,11 @@ def prune(
     quiet: bool = False,
     jobs: int = 1,
     sink=None,
-) -> dict[str, Any]:
-    """Run one search in this process and write its artifacts. Returns the report.
+    overwrite: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Run one search in this process and write its artifacts. Returns the report and the
+    folder they were written to: `out`, unless `overwrite` is off and another run wrote a
+    result there meanwhile, which is then kept and this one goes to a new folder beside it.
 
     Progress goes to the console unless `sink` (an EventSink) is given.
     """
@@ -123,8 +126,30 @@ def prune(
         outcome,
         inputs={"model": model, "weights": weights, "data": data, "budget": str(parsed_budget)},
     )
-    save_artifacts(out, outcome.answer.spec, outcome.model, report)
-    return report
+    folder = Path(out) if overwrite else _folder_without_result(Path(out))
+    save_artifacts(folder, outcome.answer.spec, outcome.model, report)
+    return report, folder
+
+
+def _folder_without_result(folder: Path) -> Path:
+    """`folder`, or when it holds a result by now, the first `folder-N` that holds none."""
+    from search.artifacts import ARTIFACT_NAMES
+
+    def holds_result(path: Path) -> bool:
+        return any((path / name).exists() for name in ARTIFACT_NAMES)
+
+    if not holds_result(folder):
+        return folder
+    number = 2
+    while holds_result(folder.with_name(f"{folder.name}-{number}")):
+        number += 1
+    free = folder.with_name(f"{folder.name}-{number}")
+    print(
+        f"archtree: note: {folder} received another result while this search ran; it is kept, "
+        f"and this one is saved to {free}",
+        file=sys.stderr,
+    )
+    return free
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -136,7 +161,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ArchtreeError("--jobs must be at least 1.")
     _check_out_dir(args.out, args.overwrite)
-    report = prune(
+    report, folder = prune(
         model=args.model,
         data=args.data,
         budget=args.budget,
@@ -148,8 +173,9 @@ def run_prune(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         quiet=args.quiet,
         jobs=args.jobs,
+        overwrite=args.overwrite,
     )
-    print_summary(report, args.out)
+    print_summary(report, str(folder))
     return 0
 
 
@@ -288,7 +314,7 @@ def run_demo(args: argparse.Namespace) -> int:
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")
     oracle_args = argparse.Namespace(device="local", threads=1, batch_size=1, cache_dir=None)
-    report = prune(
+    report, folder = prune(
         model=DEMO_MODEL,
         data=DEMO_DATA,
         budget=args.budget,
@@ -297,5 +323,5 @@ def run_demo(args: argparse.Namespace) -> int:
         oracle=_oracle(oracle_args),
         weights=str(weights),
     )
-    print_summary(report, args.out)
+    print_summary(report, str(folder))
     return 0

@@ -208,9 +208,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace):
+    """The search settings the options give, as the strategy runs them; options the strategy
+    overrides are named on stderr."""
     from search.settings import SearchSettings
 
-    return SearchSettings(
+    given = SearchSettings(
         strategy=args.strategy,
         width=args.width,
         branching=args.branching,
@@ -230,7 +232,11 @@ def settings_from(args: argparse.Namespace):
         max_cut=args.max_cut,
         importance=args.importance,
         seed=args.seed,
-    ).effective()
+    )
+    settings = given.effective()
+    for ignored in given.ignored_by_strategy():
+        print(f"archtree: note: {ignored}", file=sys.stderr)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -207,7 +207,7 @@ def run_search_once(
     }
     started = time.monotonic()
     try:
-        report = prune(
+        report, _ = prune(
             model=model,
             data=data,
             budget=f"{100 * fraction:g}%",

@@ -119,6 +119,8 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             "give a .npz or .pt file holding `x` (N,C,H,W) and optional `y`, "
             "or builtin:mnist / builtin:digits"
         )
+    if path.exists() and not path.is_file():
+        raise ArchtreeError(f"data {str(path)!r} is a folder or a device, not a file; give a file")
     if not path.is_file():
         raise ArchtreeError(f"data file {str(path)!r} does not exist; check the path")
     if not os.access(path, os.R_OK):
@@ -229,6 +231,12 @@ def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
     if len(y) and int(y.min()) < 0:
         raise ArchtreeError(
             f"`y` in {str(path)!r} has negative labels; labels must be integers 0..K-1"
+        )
+    if len(y) and len(torch.unique(y)) < 2:
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} holds one class only ({int(y[0])}): a classifier needs "
+            "labels of at least two classes; give such labels, or leave out `y` to prune by "
+            "fidelity to the unpruned model"
         )
     if len(y) and int(y.max()) >= MAX_CLASSES:
         raise ArchtreeError(

@@ -157,6 +157,18 @@ def _smallest_reachable_ms(context: SearchContext, state: SearchState) -> float:
     estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs)
     applier = MoveApplier(context, context.base_model, Move("uniform"), estimate)
     smallest = applier.apply(1.0)
+    if smallest.spec.hash == context.root_spec.hash:
+        settings = context.settings
+        why = (
+            f"--round-to {settings.round_to} keeps every channel group whole"
+            if settings.round_to > 1
+            else "it has no channel group pruning can narrow (convolutions or linear layers "
+            "followed by another layer)"
+        )
+        raise ArchtreeError(
+            f"Nothing in {context.model_ref.source} can be pruned: {why}. Give a model with "
+            "such layers" + (", or a smaller --round-to." if settings.round_to > 1 else ".")
+        )
     measurement = context.oracle.measure(smallest.spec, context.root_spec)
     _tally(state, measurement.cached)
     return measurement.ratio * state.baseline_ms

@@ -197,6 +197,10 @@ def load_weights(
     names the model in error messages.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ArchtreeError(
+            f"weights {str(path)!r} is a folder or a device, not a file: give the weights file"
+        )
     if not path.is_file():
         raise ArchtreeError(f"weights file {str(path)!r} does not exist; check the path")
     if not os.access(path, os.R_OK):
@@ -268,6 +272,13 @@ def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tenso
             "save the weights with torch.save(model.state_dict(), path)"
         )
     not_tensors = [str(k) for k, v in content.items() if not isinstance(v, torch.Tensor)]
+    nested = [key for key in not_tensors if isinstance(content[key], dict)]
+    if nested:
+        raise ArchtreeError(
+            f"{str(path)!r} is a checkpoint with its tensors under {_some(nested)}; the weights "
+            "are read from a state dict, or from one under 'state_dict' or 'model': save "
+            "torch.save(checkpoint[KEY], path) or torch.save(model.state_dict(), path)"
+        )
     if not_tensors:
         raise ArchtreeError(
             f"{str(path)!r} is not a state dict: the values of {_some(not_tensors)} are not "

@@ -100,6 +100,24 @@ class SearchSettings:
             )
         return self
 
+    def ignored_by_strategy(self) -> list[str]:
+        """The settings changed from their defaults that the strategy then overrides, as the
+        options that set them, e.g. `--width 8 is not used: --strategy greedy runs with 1`."""
+        effective, defaults = self.effective(), SearchSettings()
+        ignored = []
+        for setting in fields(self):
+            name = setting.name
+            given, used = getattr(self, name), getattr(effective, name)
+            if given != used and given != getattr(defaults, name):
+                option = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+                shown = ",".join(given) if isinstance(given, tuple) else given
+                used_shown = ",".join(used) if isinstance(used, tuple) else used
+                ignored.append(
+                    f"{option} {shown} is not used: --strategy {self.strategy} runs with "
+                    f"{used_shown}"
+                )
+        return ignored
+
     def validate(self) -> None:
         for setting in fields(self):
             value = getattr(self, setting.name)

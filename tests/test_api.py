@@ -410,6 +410,17 @@ def test_ids_that_name_a_jobs_internal_keys_answer_404_and_change_nothing(
     assert [job_store.client.dump(name) for name in keys] == before
 
 
+def test_a_failed_jobs_error_names_spec_fields(http: httpx.Client, job_store: JobStore):
+    job_id = job_store.create(SPEC)
+    job_store.set_status_if_active(
+        job_id, "failed", "Give a budget of at least 0.137 ms, or lower --min-width or --margin."
+    )
+    for answer in (http.get(f"/v1/jobs/{job_id}"), http.get("/v1/jobs")):
+        assert answer.status_code == 200
+        text = answer.text
+        assert "lower search.min_width_fraction or search.margin" in text and "--" not in text
+
+
 def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
     for method, path in [
         *((method, "/v1/jobs/" + "a" * 20_000 + route) for method, route in JOB_ROUTES),

@@ -148,6 +148,23 @@ CHANGED_SEARCH_OPTIONS = {
 }
 
 
+def test_options_the_strategy_overrides_are_named(capsys):
+    from archtree_cli.main import build_parser
+
+    base = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+            "--out", "x", "--strategy"]  # fmt: skip
+    parser = build_parser()
+    settings = settings_of(parser, [*base, "uniform", "--width", "8", "--moves", "global"])
+    assert (settings.width, settings.move_kinds) == (1, ("uniform",))
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        "archtree: note: --width 8 is not used: --strategy uniform runs with 1",
+        "archtree: note: --moves global is not used: --strategy uniform runs with uniform",
+    ]
+    settings_of(parser, [*base, "greedy"])  # only defaults overridden: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_submit_sends_every_search_option_prune_takes():
     from archtree_cli.main import build_parser
     from archtree_cli.service_commands import submitted_search
@@ -270,6 +287,8 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         "        return super().forward(x)\n"
         "def single():\n"
         "    return OneAtATimeFails(nn.Flatten(), nn.Linear(64, 10))\n"
+        "def linear():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
         "def double():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()\n"
     )
@@ -308,6 +327,7 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
         (["--moves", ","], None, "--moves needs at least one of"),
         (["--seed", "-1"], None, "--seed must be in [0, 4294967295]"),
         (["--final-epochs", "inf"], None, "--final-epochs must be a finite number"),
+        (["--round-to", "1000"], None, "--round-to 1000 keeps every channel group whole"),
         (["--margin", "nan"], None, "--margin must be a finite number"),
         (["--weights", ""], None, "--weights is empty"),
         (["--out="], None, "--out is empty"),
@@ -347,6 +367,7 @@ def test_data_the_model_rejects(tmp_path, home, bad_files):
         ("module:script_net:build", "ran a script that exits (SystemExit: 3)"),
         ("module:odd_nets:single", "rejects a batch of one input of shape (1, 8, 8)"),
         ("module:odd_nets:double", "has torch.float64 parameters: build it in float32"),
+        ("module:odd_nets:linear", "Nothing in module:odd_nets:linear can be pruned"),
     ],
 )
 def test_a_model_that_exits_or_fails_on_one_input_is_named(
@@ -367,6 +388,28 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_p
     cache = prune_args(tmp_path, "--cache-dir", str(blocker))
     assert "cannot write to --cache-dir" in one_line_error(archtree(*cache, home=home, check=False))
     assert not (tmp_path / "out").exists()  # the probe of a new --out folder leaves nothing
+
+
+def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
+    out = tmp_path / "out"
+    env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    args = prune_args(tmp_path, "--model", "builtin:vgg")
+    search = subprocess.Popen(
+        [sys.executable, "-m", "archtree_cli.main", *args],
+        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    lines = []
+    for line in search.stderr:  # the search has started, past the check of --out
+        lines.append(line)
+        if "depth 1" in line:
+            break
+    out.mkdir(exist_ok=True)
+    (out / "report.json").write_text('{"from": "another run"}')
+    _, rest = search.communicate(timeout=600)
+    assert search.returncode == 0, "".join(lines) + rest
+    assert (out / "report.json").read_text() == '{"from": "another run"}'
+    assert json.loads((tmp_path / "out-2" / "report.json").read_text())["final"]
+    assert f"this one is saved to {tmp_path / 'out-2'}" in rest
 
 
 def test_demo_replaces_only_an_earlier_demo(tmp_path, home):

@@ -121,7 +121,8 @@ def _save(path: Path, **arrays: object) -> str:
         ("textlabels.npz", {"x": _images(50), "y": np.array(["cat"] * 50)},
          ["`y`", "<U3", "integers"]),
         ("sparse.pt", {"x": torch.rand(50, 1, 4, 4).to_sparse()}, ["sparse", "to_dense"]),
-        ("hugelabel.npz", {"x": _images(50), "y": np.full(50, 10**9)},
+        ("oneclass.npz", {"x": _images(50), "y": np.full(50, 3)}, ["one class only (3)"]),
+        ("hugelabel.npz", {"x": _images(50), "y": np.append(np.arange(49) % 10, 10**9)},
          ["label of 1000000000", "at most 100000"]),
     ],
 )  # fmt: skip
@@ -137,6 +138,13 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ArchtreeError) as excinfo:
         load_data(str(tmp_path / "absent.npz"))
     assert "does not exist" in _error(excinfo)
+
+
+def test_a_folder_named_like_data_is_called_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "images.npz").mkdir()
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "images.npz"))
+    assert "is a folder or a device, not a file" in _error(excinfo)
 
 
 def test_wrong_extension(tmp_path: Path) -> None:

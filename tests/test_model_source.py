@@ -304,6 +304,17 @@ def test_weights_with_nan_are_refused_and_named(tmp_path: Path) -> None:
     assert "more" not in message
 
 
+def test_a_checkpoint_with_its_tensors_under_another_key_names_it(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "weights_ema": _built().state_dict()}, tmp_path / "ckpt.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "ckpt.pt")
+    message = _error(excinfo)
+    assert "checkpoint with its tensors under weights_ema" in message
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path)
+    assert "is a folder or a device, not a file" in _error(excinfo)
+
+
 def test_data_parallel_prefix_is_accepted(tmp_path: Path) -> None:
     model = _built(seed=1)
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
