@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from bench.service_overhead import QUICK, parse_wrk, run_wrk, think_time_script
+from tests.http_servers import serving
 
 CLIENTS = 10
 DURATION_S = 2.0
@@ -32,14 +32,8 @@ class _Ok(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Ok) as url:
+        yield f"{url}/"
 
 
 def test_the_think_time_script_spaces_each_clients_requests(server_url: str):

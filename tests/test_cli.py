@@ -11,23 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli_process import ROOT, run_archtree
+
 FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2"]
 
 
 def archtree(
     *args: str, home: Path, check: bool = True, extra_path: Path | None = None
 ) -> subprocess.CompletedProcess:
-    paths = [str(ROOT)] + ([str(extra_path)] if extra_path else [])
-    env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": os.pathsep.join(paths)}
-    result = subprocess.run(
-        [sys.executable, "-m", "archtree_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    result = run_archtree(*args, home=home, extra_path=extra_path)
     if check and result.returncode != 0:
         raise AssertionError(f"archtree {' '.join(args)} failed:\n{result.stderr}")
     return result

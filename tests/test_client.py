@@ -8,23 +8,21 @@ and a failed `fetch` must leave the destination folder exactly as it was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from archtree_cli.client import API_TIMEOUT_VARIABLE, ARTIFACT_NAMES, EVENT_RECONNECTS
+from tests.cli_process import run_archtree
+from tests.http_servers import serving
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = "4f1c2a9be07d"
 # Seconds the client waits for an answer in these tests: the servers here answer at once, or
 # never.
@@ -42,24 +40,18 @@ SUBMIT = ["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--bud
 Answer = tuple[int, str, bytes]
 
 
-def archtree(
-    *args: str, home: Path, api_timeout_s: str = API_TIMEOUT_S
-) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "ARCHTREE_HOME": str(home),
-        "PYTHONPATH": str(ROOT),
-        API_TIMEOUT_VARIABLE: api_timeout_s,
-    }
-    env.pop("ARCHTREE_API_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "archtree_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
+def archtree(*args: str, home: Path, api_timeout_s: str = API_TIMEOUT_S):
+    return run_archtree(
+        *args,
+        home=home,
+        env={API_TIMEOUT_VARIABLE: api_timeout_s},
+        drop=("ARCHTREE_API_URL",),
     )
+
+
+def command_args(command: str, tmp_path: Path) -> list[str]:
+    """The arguments of `command` in COMMANDS, its OUT a folder under `tmp_path`."""
+    return [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
 
 
 def one_error_line(result: subprocess.CompletedProcess, *words: str, notes: bool = False) -> str:
@@ -85,21 +77,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
-
-
-@contextmanager
-def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A real HTTP server on a free port in a thread; yields its URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def answering(answer_for: Callable[[str], Answer]) -> type[BaseHTTPRequestHandler]:
@@ -268,7 +245,7 @@ def test_a_server_that_is_no_archtree_api_gets_one_line_naming_it(
     command: str, fixture: str, request: pytest.FixtureRequest, home: Path, tmp_path: Path
 ):
     api = request.getfixturevalue(fixture)
-    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+    args = command_args(command, tmp_path)
 
     result = archtree(*args, "--api", api, home=home)
 
@@ -281,7 +258,7 @@ def test_a_server_that_is_no_archtree_api_gets_one_line_naming_it(
 def test_the_apis_own_error_detail_is_shown(
     command: str, result_api: str, home: Path, tmp_path: Path
 ):
-    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+    args = command_args(command, tmp_path)
 
     result = archtree(*args, "--api", f"{result_api}/elsewhere", home=home)
 
@@ -293,7 +270,7 @@ def test_the_apis_own_error_detail_is_shown(
 def test_a_malformed_api_url_is_refused_before_any_request(
     command: str, api: str, home: Path, tmp_path: Path
 ):
-    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+    args = command_args(command, tmp_path)
 
     result = archtree(*args, "--api", api, home=home)
 
@@ -307,7 +284,7 @@ def test_a_malformed_api_url_is_refused_before_any_request(
 def test_an_api_that_never_answers_is_reported_after_the_timeout(
     command: str, silent_api: str, home: Path, tmp_path: Path
 ):
-    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in COMMANDS[command]]
+    args = command_args(command, tmp_path)
 
     result = archtree(*args, "--api", silent_api, home=home)
 
