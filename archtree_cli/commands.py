@@ -87,6 +87,7 @@ def prune(
     jobs: int = 1,
     sink=None,
     overwrite: bool = True,
+    command: str = "prune",
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
     folder they were written to: `out`, unless `overwrite` is off and another run wrote a
@@ -124,7 +125,13 @@ def prune(
     report = build_report(
         context,
         outcome,
-        inputs={"model": model, "weights": weights, "data": data, "budget": str(parsed_budget)},
+        inputs={
+            "command": command,
+            "model": model,
+            "weights": weights,
+            "data": data,
+            "budget": str(parsed_budget),
+        },
     )
     folder = Path(out) if overwrite else _folder_without_result(Path(out))
     save_artifacts(folder, outcome.answer.spec, outcome.model, report)
@@ -288,17 +295,14 @@ def demo_weights(progress=print) -> Path:
 
 
 def _holds_a_demo(folder: Path) -> bool:
-    """Whether `folder` holds nothing, or an earlier demo's result, which a demo replaces."""
+    """Whether `folder` holds an earlier demo's result, which a demo replaces."""
     import json
 
-    report = folder / "report.json"
-    if not report.exists():
-        return True
     try:
-        inputs = json.loads(report.read_text()).get("inputs", {})
+        inputs = json.loads((folder / "report.json").read_text()).get("inputs", {})
     except (OSError, ValueError, AttributeError):
         return False
-    return inputs.get("model") == DEMO_MODEL and inputs.get("data") == DEMO_DATA
+    return inputs.get("command") == "demo"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -309,7 +313,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"archtree demo: {text}", file=sys.stderr, flush=True)
 
     parse_budget(args.budget)
-    _check_out_dir(args.out, overwrite=_holds_a_demo(Path(args.out)))
+    _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
     weights = demo_weights(say)
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")
@@ -322,6 +326,7 @@ def run_demo(args: argparse.Namespace) -> int:
         settings=settings.effective(),
         oracle=_oracle(oracle_args),
         weights=str(weights),
+        command="demo",
     )
     print_summary(report, str(folder))
     return 0

@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default archtree-demo); an earlier demo's result there is replaced",
     )
     demo.add_argument("--budget", default="50%", help="latency budget (default 50%%)")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="replace a result in --out that no demo wrote"
+    )
     demo.set_defaults(handler="archtree_cli.commands:run_demo")
 
     from archtree_cli.service_commands import add_service_commands

@@ -407,9 +407,16 @@ def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
 def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     folder = tmp_path / "result"
     folder.mkdir()
-    (folder / "report.json").write_text(json.dumps({"inputs": {"model": "builtin:vgg"}}))
+    from archtree_cli.commands import _holds_a_demo
+
+    report = {"inputs": {"command": "prune", "model": "builtin:resnet", "data": "builtin:mnist"}}
+    (folder / "report.json").write_text(json.dumps(report))
     refused = archtree("demo", "--out", str(folder), home=home, check=False)
     assert "already holds a result" in one_line_error(refused)
+    assert not _holds_a_demo(folder)
+    report["inputs"]["command"] = "demo"
+    (folder / "report.json").write_text(json.dumps(report))
+    assert _holds_a_demo(folder) and not _holds_a_demo(tmp_path / "nothing-here")
     assert "training" not in refused.stderr
     bad_budget = archtree("demo", "--budget", "soon", "--out", str(tmp_path / "d"), home=home,
                           check=False)  # fmt: skip
