@@ -26,6 +26,16 @@ from search.errors import ArchtreeError
 
 ENDPOINTS_HINT = "see /docs for the endpoints"
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+# Redis errors that say the store cannot serve now, not that the request is wrong: unreachable,
+# out of memory, a read-only replica after a failover, still loading its data.
+REDIS_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ExecAbortError,
+)
 # Seconds a client is asked to wait before retrying while Redis is unreachable.
 REDIS_RETRY_AFTER_S = 5
 
@@ -35,8 +45,8 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ArchtreeError, _user_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     # redis.asyncio raises these same classes.
-    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_unreachable)
-    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_unreachable)
+    for unavailable in REDIS_UNAVAILABLE:
+        app.add_exception_handler(unavailable, _redis_unavailable)
     app.add_exception_handler(HTTPException, _http_error)
 
 
@@ -73,14 +83,16 @@ def _send_json_object(request: Request) -> str:
     return f"send a JSON object{like} with Content-Type: application/json"
 
 
-async def _redis_unreachable(_: Request, error: Exception) -> JSONResponse:
+async def _redis_unavailable(_: Request, error: Exception) -> JSONResponse:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+    reached = not isinstance(error, (redis.ConnectionError, redis.TimeoutError))
+    problem = "has a Redis that cannot serve now" if reached else "cannot reach its Redis"
     return JSONResponse(
         status_code=503,
         headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
         content={
-            "detail": f"the service cannot reach its Redis ({type(error).__name__}: {reason}); "
-            "try again shortly, or ask the operator to check ARCHTREE_REDIS_URL"
+            "detail": f"the service {problem} ({type(error).__name__}: {reason}); try again "
+            "shortly, or ask the operator to check ARCHTREE_REDIS_URL"
         },
     )
 

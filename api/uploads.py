@@ -141,7 +141,7 @@ class _LimitedParser(MultiPartParser):
 async def read_submission(request: Request, settings: ServiceSettings) -> Submission:
     """The submission in `request`; 413 when a part is too large, 422 when malformed."""
     limits = upload_limits(settings)
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type", "").lower()  # a media type's case
     if content_type.startswith("application/x-www-form-urlencoded"):  # a spec, no uploads
         return _checked(Submission(spec=await _url_encoded_spec(request, limits)))
     if not content_type.startswith("multipart/form-data"):
@@ -221,6 +221,7 @@ async def _url_encoded_spec(request: Request, limits: dict[str, int]) -> str:
 
 
 def _checked(submission: Submission) -> Submission:
+    submission.spec = submission.spec.removeprefix("\ufeff")  # a byte order mark, as in a file
     if not submission.spec:
         raise HTTPException(
             status_code=422, detail=f"the form has no `spec` field (job JSON): {FORM_HINT}"

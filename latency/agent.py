@@ -4,7 +4,8 @@ The agent reads its device class's request stream as a member of the consumer gr
 name = agent id), times each request with a timer object of its runtime, replies, and
 acknowledges. Entries another agent took and left unacknowledged for `claim_idle_ms` (it died)
 are claimed and timed here. A heartbeat thread keeps the agent online in the DeviceRegistry;
-when the registry no longer knows the agent (its record was deleted), the agent stops.
+when its record was deleted the agent stops, and when the record was lost with Redis's data
+(no delete asked for it) the agent writes it again and goes on.
 
 Runtimes plug in through `RUNTIMES`: each names its version and makes timers, which are
 LatencyOracle objects for one (batch size, dtype). The torch runtime's timer is a LocalOracle;
@@ -356,11 +357,19 @@ class MeasurementAgent:
         # A thread of its own, so a long timing never lets the agent look offline.
         while not halt.wait(self.heartbeat_s):
             try:
-                alive = self.registry.heartbeat(self._consumer())
+                status = self.registry.heartbeat_status(self._consumer())
+                if status == "lost":
+                    log.warning(
+                        "agent %s: its registry record is gone (Redis lost its data?); "
+                        "registering again",
+                        self.agent_id,
+                    )
+                    info = device_info(self.device_class, self.runtime.name, self.threads)
+                    self.registry.restore(self._consumer(), info)
             except redis.RedisError as error:
                 log.warning("heartbeat failed (%s); retrying", error)
                 continue
-            if not alive:
+            if status == "deleted":
                 self.deleted.set()
                 return
 

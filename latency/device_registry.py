@@ -30,6 +30,10 @@ from latency.measurement_protocol import (
 
 DEVICES_KEY = "archtree:devices"
 DEVICE_PREFIX = "archtree:device:"
+# Left by `delete` for a day: an agent whose record is gone stops only when it was deleted;
+# a record lost with Redis's data (a restart without persistence, a failover) is written again.
+DELETED_PREFIX = "archtree:device-deleted:"
+DELETED_KEPT_S = 24 * 3600
 # Measurement counters for monitoring: per device class, per device, and the latest round-trip
 # times per class (a capped list), written by the oracles in workers and read by the API.
 MEASUREMENTS_KEY = "archtree:measurements:by_class"
@@ -41,7 +45,10 @@ ROUND_TRIPS_KEPT = 1000
 # Checks existence and stamps the server time atomically, so a heartbeat racing a delete
 # cannot resurrect a half-deleted record.
 _HEARTBEAT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+  return -1
+end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'last_seen', now[1] .. '.' .. string.format('%06d', now[2]))
 return 1
@@ -61,6 +68,27 @@ class DeviceRegistry:
         threads); return its record with the assigned `id` and `registered_at`."""
         validate_device_class(info.get("device_class", ""))
         device_id = uuid.uuid4().hex[:12]
+        self._write(device_id, info)
+        record = self.get(device_id)
+        assert record is not None
+        return record
+
+    def heartbeat(self, device_id: str) -> bool:
+        """Mark the device as seen now; False if it is unknown or was deleted."""
+        return self.heartbeat_status(device_id) == "alive"
+
+    def heartbeat_status(self, device_id: str) -> str:
+        """Mark the device as seen now: `alive`; else `deleted` (by `delete`), or `lost` (its
+        record is gone, and no delete asked for that)."""
+        keys = [DEVICE_PREFIX + device_id, DELETED_PREFIX + device_id]
+        return {1: "alive", 0: "deleted", -1: "lost"}[int(self._heartbeat(keys=keys))]
+
+    def restore(self, device_id: str, info: dict[str, Any]) -> None:
+        """Write a lost device's record again, under its id (see heartbeat_status)."""
+        self._write(device_id, info)
+
+    def _write(self, device_id: str, info: dict[str, Any]) -> None:
+        """The device's record, registered and seen now."""
         now = self._server_time()
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -73,13 +101,6 @@ class DeviceRegistry:
             )
             pipe.sadd(DEVICES_KEY, device_id)
             pipe.execute()
-        record = self.get(device_id)
-        assert record is not None
-        return record
-
-    def heartbeat(self, device_id: str) -> bool:
-        """Mark the device as seen now; False if it is unknown or was deleted."""
-        return bool(self._heartbeat(keys=[DEVICE_PREFIX + device_id]))
 
     def get(self, device_id: str) -> dict[str, Any] | None:
         """The device's record with `online` and `last_seen`, or None."""
@@ -108,7 +129,8 @@ class DeviceRegistry:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(DEVICE_PREFIX + device_id)
             pipe.srem(DEVICES_KEY, device_id)
-            deleted, _ = pipe.execute()
+            pipe.set(DELETED_PREFIX + device_id, "1", ex=DELETED_KEPT_S)
+            deleted, _, _ = pipe.execute()
         return bool(deleted)
 
     def live_agents(self, device_class: str) -> int:

@@ -219,6 +219,8 @@ def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
             "(map class names to indices first)"
         )
     y = _as_tensor(value, "y", path).reshape(-1)
+    if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch's min/max skip these
+        y = y.to(torch.int64)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise ArchtreeError(
             f"`y` in {str(path)!r} has dtype {y.dtype}; labels must be integers 0..K-1"

@@ -86,4 +86,9 @@ def check_forward(
             f"The model {model_source} must return a (batch, classes) tensor of logits; it "
             f"returned {type(output).__name__} {tuple(getattr(output, 'shape', ()))}."
         )
+    if not bool(torch.isfinite(output).all()):
+        raise ArchtreeError(
+            f"The model {model_source} outputs NaN or infinite values on {inputs_label}: its "
+            "weights are broken (a training run that diverged?); give weights of a finite model."
+        )
     return output

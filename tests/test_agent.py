@@ -15,7 +15,7 @@ import redis
 import torch
 
 from latency.agent import MeasurementAgent, agent_main, register_via_api
-from latency.device_registry import DeviceRegistry
+from latency.device_registry import DEVICE_PREFIX, DEVICES_KEY, DeviceRegistry
 from latency.fingerprint import channel_block
 from latency.measurement_protocol import (
     CONSUMER_GROUP,
@@ -243,7 +243,14 @@ def test_registry_tracks_heartbeats_deletion_and_queue(redis_client) -> None:
 
     assert registry.delete(device_id)
     assert not registry.heartbeat(device_id)
+    assert registry.heartbeat_status(device_id) == "deleted"
     assert registry.get(device_id) is None
+    lost = registry.register(info)["id"]
+    redis_client.delete(DEVICE_PREFIX + lost)  # gone with Redis's data, not deleted
+    assert registry.heartbeat_status(lost) == "lost"
+    registry.restore(lost, info)
+    assert registry.heartbeat_status(lost) == "alive" and registry.get(lost)["online"]
+    assert registry.delete(lost)
     assert not registry.delete(device_id)
     assert registry.list() == []
 
@@ -295,6 +302,28 @@ def test_deleted_agent_stops(redis_client) -> None:
     thread.join(timeout=10)
     assert not thread.is_alive() and "error" not in outcome
     assert agent.deleted.is_set() and not stop.is_set()
+
+
+def test_an_agent_whose_record_redis_lost_registers_again(redis_client) -> None:
+    registry = DeviceRegistry(redis_client)
+    agent = MeasurementAgent(
+        redis_client, "amnesia-cpu", block_ms=20, heartbeat_s=0.02, registry=registry
+    )
+    stop = threading.Event()
+    thread, outcome = in_thread(agent.run, stop)
+    wait_until(lambda: registry.live_agents("amnesia-cpu") == 1, 10, "the agent to register")
+    device_id = str(agent.agent_id)
+    # What a Redis restarted without persistence looks like to the agent: no record, no delete.
+    redis_client.delete(DEVICE_PREFIX + device_id)
+    redis_client.srem(DEVICES_KEY, device_id)
+    wait_until(lambda: registry.live_agents("amnesia-cpu") == 1, 10, "the record written again")
+    assert [record["id"] for record in registry.list()] == [device_id]
+    assert thread.is_alive() and not agent.deleted.is_set()
+
+    assert registry.delete(device_id)
+    assert registry.heartbeat_status(device_id) == "deleted"
+    thread.join(timeout=10)
+    assert not thread.is_alive() and "error" not in outcome and agent.deleted.is_set()
 
 
 def test_unknown_runtime_and_unreachable_api_are_explained() -> None:

@@ -104,7 +104,10 @@ def submit(http: httpx.Client, spec: dict[str, Any] | str, **files: tuple[str, b
 
 
 def post_multipart(
-    http: httpx.Client, parts: list[tuple[str | None, str | None, bytes]], closed: bool = True
+    http: httpx.Client,
+    parts: list[tuple[str | None, str | None, bytes]],
+    closed: bool = True,
+    media_type: str = "multipart/form-data",
 ) -> httpx.Response:
     """POST /v1/jobs with a multipart body built by hand from (name, file name, content) parts
     (None leaves the name or file name out); `closed` False leaves out the closing boundary."""
@@ -119,7 +122,7 @@ def post_multipart(
     return http.post(
         "/v1/jobs",
         content=body,
-        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        headers={"Content-Type": f"{media_type}; boundary={boundary}"},
     )
 
 
@@ -212,6 +215,15 @@ def test_a_spec_sent_as_a_file_is_read_as_the_spec(http: httpx.Client):
 
 
 SPEC_TEXT = json.dumps(SPEC).encode()
+
+
+def test_a_spec_with_a_byte_order_mark_or_an_upper_case_media_type_is_read(http: httpx.Client):
+    bom = post_multipart(http, [("spec", None, "\ufeff".encode() + SPEC_TEXT)])
+    assert bom.status_code == 202, bom.text
+    upper = post_multipart(http, [("spec", None, SPEC_TEXT)], media_type="Multipart/Form-Data")
+    assert upper.status_code == 202, upper.text
+
+
 BAD_FORMS = {
     "spec twice": ([("spec", None, SPEC_TEXT), ("spec", None, SPEC_TEXT)], "given twice"),
     "weights as a text field": (
@@ -666,6 +678,31 @@ def test_data_routes_answer_503_while_redis_is_down(
                 assert detail.startswith("the service cannot reach its Redis (ConnectionError: ")
                 assert "ask the operator to check ARCHTREE_REDIS_URL" in detail
             assert client.get("/readyz").status_code == 503
+    finally:
+        api.stop()
+
+
+def test_writes_a_full_redis_refuses_answer_503(
+    own_redis: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+):
+    url, _ = own_redis
+    api = start_api(api_env(url, tmp_path), tmp_path / "logs")
+    try:
+        with api.client() as client:
+            store = redis.Redis.from_url(url)
+            store.config_set("maxmemory-policy", "noeviction")
+            store.config_set("maxmemory", 1)  # every write is now refused: out of memory
+            for method, path, body in [
+                ("POST", "/v1/jobs", {"data": {"spec": json.dumps(SPEC)}}),
+                ("POST", "/v1/devices", {"json": {"device_class": "api-cpu", "host": "h"}}),
+            ]:
+                answer = client.request(method, path, **body)
+                assert answer.status_code == 503, (method, path, answer.text)
+                detail = one_line_detail(answer)
+                assert detail.startswith("the service has a Redis that cannot serve now (")
+                assert "OutOfMemoryError" in detail or "ExecAbortError" in detail
+            store.config_set("maxmemory", 0)
+            assert client.post("/v1/jobs", data={"spec": json.dumps(SPEC)}).status_code == 202
     finally:
         api.stop()
 

@@ -79,6 +79,13 @@ def test_npz_with_labels(tmp_path: Path) -> None:
     assert splits.calib_y.dtype == torch.int64
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int16])
+def test_labels_of_any_integer_type(tmp_path: Path, dtype: type) -> None:
+    path = _save(tmp_path / "labels.npz", x=_images(60), y=(np.arange(60) % 10).astype(dtype))
+    splits = load_data(path)
+    assert splits.num_classes == 10 and splits.train_y.dtype == torch.int64
+
+
 def test_pt_file_without_channel_dim(tmp_path: Path) -> None:
     path = tmp_path / "data.pt"
     x = torch.from_numpy(_images(100, (5, 5)))

@@ -304,6 +304,17 @@ def test_weights_with_nan_are_refused_and_named(tmp_path: Path) -> None:
     assert "more" not in message
 
 
+def test_finite_weights_whose_outputs_overflow_are_refused(tmp_path: Path) -> None:
+    from search.inputs import load_inputs
+
+    model = build_model(ModelRef("builtin:vgg", 10, 1))
+    huge = {k: v * 1e30 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(huge, tmp_path / "huge.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_inputs("builtin:vgg", "builtin:digits", weights=str(tmp_path / "huge.pt"))
+    assert "outputs NaN or infinite values on builtin:digits" in _error(excinfo)
+
+
 def test_a_checkpoint_with_its_tensors_under_another_key_names_it(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "weights_ema": _built().state_dict()}, tmp_path / "ckpt.pt")
     with pytest.raises(ArchtreeError) as excinfo:
