@@ -31,6 +31,11 @@ from search.errors import ArchtreeError
 
 # search.artifacts.ARTIFACT_NAMES, not imported: that module needs torch, this client does not.
 ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
+# What `fetch` checks the JSON artifacts hold before it moves any into place.
+ARTIFACT_KEYS = {
+    "arch.json": ("model", "input_shape", "layers"),
+    "report.json": ("budget_ms", "inputs", "baseline", "final", "search"),
+}
 EXAMPLE_API_URL = "http://127.0.0.1:8000"
 API_TIMEOUT_VARIABLE = "ARCHTREE_API_TIMEOUT_S"
 # Above the 15 s between the keep-alive pings of the API's event stream, so that a job that
@@ -373,7 +378,10 @@ def _artifact_problem(path: Path) -> str | None:
             content = json.loads(path.read_bytes())
         except ValueError:
             return f"{path.name} is not JSON"
-        return None if isinstance(content, dict) else f"{path.name} is not a JSON object"
+        if not isinstance(content, dict):
+            return f"{path.name} is not a JSON object"
+        missing = [key for key in ARTIFACT_KEYS[path.name] if key not in content]
+        return f"{path.name} has no {', '.join(missing)}" if missing else None
     from safetensors import SafetensorError, safe_open
 
     try:

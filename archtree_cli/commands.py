@@ -14,6 +14,12 @@ from archtree_cli.paths import archtree_home, latency_cache_dir
 from archtree_cli.progress import ConsoleProgress
 from search.errors import ArchtreeError
 
+# Bounds of the timing options: far above any device, far below what overflows the kernels.
+MAX_THREADS = 1024
+MAX_BATCH_SIZE = 65536
+# The largest input batch `measure` builds, in bytes (float32).
+MAX_INPUT_BYTES = 2 * 1024**3
+
 
 def _oracle(args: argparse.Namespace):
     from latency.cache import DiskLatencyCache
@@ -21,8 +27,11 @@ def _oracle(args: argparse.Namespace):
     from search.arch_spec import build_from_spec
 
     device, device_class = parse_device(args.device)
-    if args.threads < 1 or args.batch_size < 1:
-        raise ArchtreeError("--threads and --batch-size must be at least 1.")
+    if not 1 <= args.threads <= MAX_THREADS or not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise ArchtreeError(
+            f"--threads must be between 1 and {MAX_THREADS}, and --batch-size between 1 and "
+            f"{MAX_BATCH_SIZE}."
+        )
     cache_dir = latency_cache_dir(args.cache_dir)
     _check_writable(cache_dir, "--cache-dir" if args.cache_dir else "the latency cache")
     return LocalOracle(
@@ -231,6 +240,12 @@ def run_measure(args: argparse.Namespace) -> int:
         raise ArchtreeError(
             f"--input-shape {args.input_shape!r} is not C,H,W with positive numbers, e.g. 1,28,28."
         )
+    input_bytes = 4 * args.batch_size * shape[0] * shape[1] * shape[2]
+    if input_bytes > MAX_INPUT_BYTES:
+        raise ArchtreeError(
+            f"--input-shape {args.input_shape} at --batch-size {args.batch_size} is an input of "
+            f"{input_bytes / 1024**3:.3g} GiB: give a smaller shape or batch size."
+        )
     classes = 10 if args.num_classes is None else args.num_classes
     if not 1 <= classes <= MAX_CLASSES:
         raise ArchtreeError(f"--num-classes must be between 1 and {MAX_CLASSES}, not {classes}.")
@@ -314,6 +329,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     parse_budget(args.budget)
     _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
+    _check_writable(archtree_home() / "demo", "ARCHTREE_HOME's")
     weights = demo_weights(say)
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")

@@ -240,7 +240,7 @@ def run_status(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
     from archtree_cli.progress import ConsoleProgress
 
-    with ArchtreeClient(args.api) as client:
+    with ArchtreeClient(args.api) as client, _readable(args.api):
         if args.watch:
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
@@ -250,8 +250,22 @@ def run_status(args: argparse.Namespace) -> int:
                 else:
                     progress.emit(kind, **event)
         job = client.job(args.job)
-    print_job(job)
+        print_job(job)
     return 0 if job["status"] == "succeeded" or not args.watch else 1
+
+
+@contextlib.contextmanager
+def _readable(api: str):
+    """A job or event without the fields this version reads is the server's fault, said in
+    one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ArchtreeError(
+            f"the server at {api} sent a job or event this archtree cannot read ("
+            f"{type(error).__name__}: {error}): check --api, and that the service runs the "
+            "same version of archtree"
+        ) from None
 
 
 def _say_retrying(note: str) -> None:
@@ -288,7 +302,8 @@ def run_fetch(args: argparse.Namespace) -> int:
         _check_out_dir(args.out, args.overwrite)
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = json.loads(next(path for path in files if path.name == "report.json").read_text())
-    print_summary(report, args.out)
+    with _readable(args.api):
+        print_summary(report, args.out)
     return 0
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
@@ -32,23 +34,33 @@ class ServiceSettings(BaseSettings):
         description="Folder or fsspec URL (s3://...) for uploads, candidate weights and results.",
     )
     max_weights_bytes: int = Field(
-        default=200 * 1024 * 1024, description="Largest weights upload accepted (413 beyond)."
+        default=200 * 1024 * 1024, gt=0, description="Largest weights upload accepted (413 beyond)."
     )
     max_data_bytes: int = Field(
-        default=500 * 1024 * 1024, description="Largest data upload accepted (413 beyond)."
+        default=500 * 1024 * 1024, gt=0, description="Largest data upload accepted (413 beyond)."
     )
     device_wait_s: float = Field(
         default=600.0,
+        gt=0,
+        allow_inf_nan=False,
         description="How long a job waits for a live agent of its device class before failing.",
     )
     measurement_timeout_s: float = Field(
-        default=120.0, description="How long a worker waits for one measurement's reply."
+        default=120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="How long a worker waits for one measurement's reply.",
     )
     heartbeat_ttl_s: float = Field(
-        default=15.0, description="An agent without a heartbeat for this long is offline."
+        default=15.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="An agent without a heartbeat for this long is offline.",
     )
     visibility_timeout_s: float = Field(
         default=300.0,
+        gt=0,
+        allow_inf_nan=False,
         description="Seconds after which a task not acknowledged (its worker died) is handed to "
         "another worker (Redis visibility timeout). Keep it above the longest task: a task "
         "still running then is started a second time (harmless, but wasted work).",
@@ -83,6 +95,12 @@ class ServiceSettings(BaseSettings):
         description="Local scratch space of workers (copies of remote artifacts).",
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, value: str) -> str:
+        check_redis_url(value)
+        return value
+
     @field_validator("allowed_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
@@ -115,11 +133,30 @@ def _swap_scheme(url: str, old: str, new: str) -> str:
     return new + url.removeprefix(old) if url.startswith(old) else url
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+
+
+def check_redis_url(url: str) -> None:
+    """ValueError unless `url` is empty or a Redis URL redis-py and Celery take."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"the port of {url!r} is not a number") from None
+    if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
+        raise ValueError(
+            f"{url!r} is not a Redis URL: give one like redis://HOST:6379/0 (or rediss://, "
+            "unix:///path/to/socket)"
+        )
+
+
 def load_service_settings() -> ServiceSettings:
     """The settings from the environment; a bad value is an ArchtreeError that names its
     variable and says what it should be."""
     try:
-        return ServiceSettings()
+        settings = ServiceSettings()
     except ValidationError as error:
         problems = "; ".join(
             f"{_variable(problem['loc'])}={problem.get('input')!r}: {problem['msg']}"
@@ -131,6 +168,12 @@ def load_service_settings() -> ServiceSettings:
         raise ArchtreeError(
             f"bad setting in the environment: {error}; see README.md, Settings (environment)"
         ) from None
+    fallback = "" if settings.redis_url else os.environ.get("REDIS_URL", "")
+    try:
+        check_redis_url(fallback)
+    except ValueError as error:
+        raise ArchtreeError(f"bad setting in the environment: REDIS_URL: {error}") from None
+    return settings
 
 
 def _variable(location: tuple[Any, ...]) -> str:

@@ -9,9 +9,11 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+T = TypeVar("T")
 _SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,150}")
 
 
@@ -80,3 +82,14 @@ class DiskLatencyCache:
         if _SAFE_FILE_NAME.fullmatch(key) and not key.startswith("."):
             return self.directory / f"{key}.json"
         return self.directory / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()}.json"
+
+
+def decoded(cached: dict[str, Any] | None, decode: Callable[..., T]) -> T | None:
+    """`decode(cached)` for a cache hit, None for a miss or an entry of another shape (written
+    by another version, or edited by hand): the caller measures again and replaces it."""
+    if cached is None:
+        return None
+    try:
+        return decode(cached)
+    except (TypeError, KeyError, ValueError):
+        return None

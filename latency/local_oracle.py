@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from latency.cache import LatencyCache, MemoryLatencyCache, cache_key
+from latency.cache import LatencyCache, MemoryLatencyCache, cache_key, decoded
 from latency.fingerprint import device_fingerprint, fingerprint_key
 from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
@@ -122,10 +122,10 @@ class LocalOracle:
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(input_shape, reference.hash, reference.hash, "ref", confirm)
-        cached = self.cache.get(key)
-        if cached is not None:
+        stats = decoded(self.cache.get(key), lambda entry: TimingStats(**entry))
+        if stats is not None:
             self.cache_hits += 1
-            return TimingStats(**cached)
+            return stats
         with self._timing_lock:
             stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
@@ -155,10 +155,10 @@ class LocalOracle:
             )
         self._last_input_shape = input_shape
         key = self._key(input_shape, candidate.hash, reference.hash, "pair", confirm)
-        cached = self.cache.get(key)
-        if cached is not None:
+        hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
+        if hit is not None:
             self.cache_hits += 1
-            return replace(LatencyMeasurement.from_dict(cached), cached=True)
+            return replace(hit, cached=True)
         with self._timing_lock:
             candidate_stats, reference_stats, ratio = self._time(  # type: ignore[assignment]
                 candidate, reference, input_shape, confirm

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from latency.cache import LatencyCache, cache_key
+from latency.cache import LatencyCache, cache_key, decoded
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import fingerprint_key
 from latency.measurement_protocol import (
@@ -106,10 +106,10 @@ class RemoteOracle:
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(input_shape, reference.hash, reference.hash, "ref", confirm)
-        cached = self.cache.get(key)
-        if cached is not None:
+        stats = decoded(self.cache.get(key), lambda entry: TimingStats(**entry))
+        if stats is not None:
             self._count_hit()
-            return TimingStats(**cached)
+            return stats
         spec_json = reference.to_json()
         result = self._round_trip(
             MeasurementRequest(
@@ -145,10 +145,10 @@ class RemoteOracle:
             )
         self._last_input_shape = input_shape
         key = self._key(input_shape, candidate.hash, reference.hash, "pair", confirm)
-        cached = self.cache.get(key)
-        if cached is not None:
+        hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
+        if hit is not None:
             self._count_hit()
-            return replace(LatencyMeasurement.from_dict(cached), cached=True)
+            return replace(hit, cached=True)
         result = self._round_trip(
             MeasurementRequest(
                 candidate=candidate.to_json(),

@@ -189,9 +189,13 @@ def _as_tensor(value: object, name: str, path: Path) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
         return torch.from_numpy(value)
-    kind = f"{type(value).__name__} of {value.dtype}" if isinstance(value, np.ndarray) else None
+    if isinstance(value, np.ndarray):
+        raise ArchtreeError(
+            f"`{name}` in {str(path)!r} holds {value.dtype} values, not numbers; save "
+            + ("images as a float array" if name == "x" else "it as a numeric array")
+        )
     raise ArchtreeError(
-        f"`{name}` in {str(path)!r} is a {kind or type(value).__name__}, not a numeric array; "
+        f"`{name}` in {str(path)!r} is a {type(value).__name__}, not a numeric array; "
         "save it as a tensor or numpy array"
     )
 

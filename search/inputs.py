@@ -30,7 +30,7 @@ def load_inputs(
 ) -> JobInputs:
     """Load data and model, apply the weights, and check one sample runs forward."""
     data = load_data(data_source, seed=seed)
-    classes = num_classes or data.num_classes or 10
+    classes = num_classes if num_classes is not None else (data.num_classes or 10)
     if not 1 <= classes <= MAX_CLASSES:
         raise ArchtreeError(
             f"the model's number of classes (--num-classes, or num_classes in a job spec) must be "

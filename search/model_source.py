@@ -8,6 +8,7 @@ unless the operator opts in, because unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
@@ -103,17 +104,23 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
             f"malformed model source {ref.source!r}; expected module:package.module:callable, "
             "e.g. module:mypkg.models:build_net"
         )
+    printed = io.StringIO()
     try:
-        module = importlib.import_module(module_name)
+        # A training script parsing its own arguments at import prints a usage of its own:
+        # kept out of the user's terminal, and quoted when the import exits.
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            module = importlib.import_module(module_name)
     except ImportError as error:
         raise ArchtreeError(
             f"cannot import module {module_name!r} for {ref.source!r} ({error}); it must be "
             "importable on this machine: install it or add its folder to PYTHONPATH"
         ) from None
     except SystemExit as error:
+        said = printed.getvalue().strip().splitlines()
+        quoted = f", after printing {said[-1][:120]!r}" if said else ""
         raise ArchtreeError(
             f"importing module {module_name!r} for {ref.source!r} ran a script that exits "
-            f"(SystemExit: {error.code}); put the script's code under "
+            f"(SystemExit: {error.code}{quoted}); put the script's code under "
             '`if __name__ == "__main__":` so that importing only defines the model'
         ) from None
     except Exception as error:

@@ -144,6 +144,9 @@ def test_archtree_api_refuses_zero_workers_in_one_line(
         ("api", "ARCHTREE_MAX_DATA_BYTES", "lots", "should be a valid integer"),
         ("worker", "ARCHTREE_DEVICE_WAIT_S", "soon", "should be a valid number"),
         ("api", "ARCHTREE_ALLOWED_MODULES", "[mypkg", "separated by commas (a,b) or as a JSON"),
+        ("worker", "ARCHTREE_REDIS_URL", "notaurl", "is not a Redis URL: give one like redis://"),
+        ("api", "ARCHTREE_MAX_WEIGHTS_BYTES", "-1", "should be greater than 0"),
+        ("worker", "ARCHTREE_HEARTBEAT_TTL_S", "nan", "should be a finite number"),
     ],
 )
 def test_a_bad_setting_in_the_environment_is_one_line_naming_it(
@@ -162,6 +165,29 @@ def test_a_bad_setting_in_the_environment_is_one_line_naming_it(
         f"archtree: error: bad setting in the environment: {variable}={value!r}: "
     )
     assert expected in finished.stderr and len(finished.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "environment", "expected"),
+    [
+        (["api"], {"ARCHTREE_ARTIFACTS_URL": "/proc/archtree"}, "cannot use '/proc/archtree' as"),
+        (["worker", "--queues", "evalute"], {}, "--queues: no queue 'evalute'"),
+    ],
+)
+def test_an_unusable_artifact_store_or_queue_is_one_line(
+    command: list[str], environment: dict[str, str], expected: str, redis_url: str, tmp_path: Path
+):
+    finished = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", *command],
+        cwd=ROOT,
+        env={**api_env(redis_url, tmp_path), **environment},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.startswith(f"archtree: error: {expected}"), finished.stderr
+    assert len(finished.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("value", ["mypkg, other", '["mypkg", "other"]'])

@@ -270,6 +270,12 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     module_dir = folder / "usercode"
     module_dir.mkdir()
     (module_dir / "script_net.py").write_text("import sys\nsys.exit(3)\n")
+    (module_dir / "train_script.py").write_text(
+        "import argparse\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--lr', required=True)\n"
+        "parser.parse_args()\n"
+    )
     (module_dir / "odd_nets.py").write_text(
         "import torch.nn as nn\n"
         "class OneAtATimeFails(nn.Sequential):\n"
@@ -324,6 +330,8 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
         (["--weights", ""], None, "--weights is empty"),
         (["--out="], None, "--out is empty"),
         (["--num-classes", "200000"], None, "between 1 and 100000, not 200000"),
+        (["--num-classes", "0"], None, "between 1 and 100000, not 0"),
+        (["--threads", "99999"], None, "--threads must be between 1 and 1024"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected):
@@ -357,6 +365,7 @@ def test_data_the_model_rejects(tmp_path, home, bad_files):
     ("source", "expected"),
     [
         ("module:script_net:build", "ran a script that exits (SystemExit: 3)"),
+        ("module:train_script:build", "the following arguments are required: --lr"),
         ("module:odd_nets:single", "rejects a batch of one input of shape (1, 8, 8)"),
         ("module:odd_nets:double", "has torch.float64 parameters: build it in float32"),
         ("module:odd_nets:linear", "Nothing in module:odd_nets:linear can be pruned"),
@@ -418,6 +427,10 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     (folder / "report.json").write_text(json.dumps(report))
     assert _holds_a_demo(folder) and not _holds_a_demo(tmp_path / "nothing-here")
     assert "training" not in refused.stderr
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    no_home = archtree("demo", "--out", str(tmp_path / "d"), home=blocker, check=False)
+    assert "cannot write to ARCHTREE_HOME's" in one_line_error(no_home)
     bad_budget = archtree("demo", "--budget", "soon", "--out", str(tmp_path / "d"), home=home,
                           check=False)  # fmt: skip
     assert "Cannot read the budget" in one_line_error(bad_budget)
@@ -429,6 +442,7 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     [
         (["--input-shape", "1,1,1"], "rejects inputs of shape (1, 1, 1)"),
         (["--num-classes", "100000000"], "--num-classes must be between 1 and 100000"),
+        (["--input-shape", "1,100000,100000"], "GiB: give a smaller shape or batch size"),
     ],
 )
 def test_measure_bad_input_gives_one_clear_line(home, extra, expected):

@@ -156,13 +156,15 @@ def silent_api() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def result_api(result_dir: Path) -> Iterator[str]:
     """Serves the result of job JOB as the Archtree API does, under /good; under /truncated
-    with the weights cut short, under /garbled with a report.json that is no JSON; and a JSON
+    with the weights cut short, under /garbled with a report.json that is no JSON, under
+    /foreign with one that is no Archtree report; and a JSON
     404 like the API's for anything else."""
     files = {name: (result_dir / name).read_bytes() for name in ARTIFACT_NAMES}
     variants = {
         "good": files,
         "truncated": {**files, "model.safetensors": files["model.safetensors"][:-100]},
         "garbled": {**files, "report.json": b'{"baseline": '},
+        "foreign": {**files, "report.json": b"{}"},
     }
 
     def answer_for(path: str) -> Answer:
@@ -196,6 +198,7 @@ REFUSED_RESULTS = {
     "html-404": ("html_404_api", "", ["HTTP 404", "text/html", "check --api"]),
     "truncated": ("result_api", "/truncated", ["model.safetensors is not a safetensors file"]),
     "garbled": ("result_api", "/garbled", ["report.json is not JSON", "check --api"]),
+    "foreign": ("result_api", "/foreign", ["report.json has no budget_ms, inputs, baseline"]),
     "silent": ("silent_api", "", [f"did not answer within {API_TIMEOUT_S} s", "check --api"]),
 }
 

@@ -124,7 +124,7 @@ def _save(path: Path, **arrays: object) -> str:
         ("few.npz", {"x": _images(12)}, ["12 samples", "at least 30"]),
         ("nan.pt", {"x": torch.full((50, 1, 4, 4), float("nan"))}, ["NaN"]),
         ("strings.pt", {"x": "pictures"}, ["str", "numeric"]),
-        ("text.npz", {"x": np.array(["a", "b"])}, ["ndarray of <U1", "numeric"]),
+        ("text.npz", {"x": np.array(["a", "b"])}, ["<U1 values, not numbers", "float array"]),
         ("textlabels.npz", {"x": _images(50), "y": np.array(["cat"] * 50)},
          ["`y`", "<U3", "integers"]),
         ("sparse.pt", {"x": torch.rand(50, 1, 4, 4).to_sparse()}, ["sparse", "to_dense"]),

@@ -108,6 +108,19 @@ def test_disk_cache_serves_a_new_oracle(tmp_path: Path) -> None:
     assert second.measurements == 0 and second.cache_hits == 1
 
 
+def test_a_cache_entry_of_another_shape_is_measured_again(tmp_path: Path) -> None:
+    first = make_oracle(cache=DiskLatencyCache(tmp_path))
+    first.measure(SMALL, REFERENCE)
+    first.measure_reference(REFERENCE)
+    for entry in tmp_path.glob("*.json"):  # valid JSON, but not what this version wrote
+        entry.write_text('{"median": "fast"}', encoding="utf-8")
+    second = make_oracle(cache=DiskLatencyCache(tmp_path))
+    assert not second.measure(SMALL, REFERENCE).cached
+    assert second.measure_reference(REFERENCE).median_ms > 0
+    assert second.measurements == 2 and second.cache_hits == 0
+    assert make_oracle(cache=DiskLatencyCache(tmp_path)).measure(SMALL, REFERENCE).cached
+
+
 def test_settings_differing_in_threads_or_batch_do_not_share_results() -> None:
     shared = make_oracle().cache
     make_oracle(cache=shared).measure(SMALL, REFERENCE)

@@ -13,14 +13,26 @@ import fsspec
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from search.errors import ArchtreeError
+
 
 class ArtifactStore:
     """Read and write files by relative path under one root URL."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
-        self.fs.makedirs(self._root_path, exist_ok=True)
+        try:
+            self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+            self.fs.makedirs(self._root_path, exist_ok=True)
+        except ImportError as error:  # fsspec names the package its protocol needs
+            raise ArchtreeError(
+                f"the artifact store {root!r} needs a package that is not installed ({error})"
+            ) from None
+        except (OSError, ValueError) as error:
+            raise ArchtreeError(
+                f"cannot use {root!r} as the artifact store ({type(error).__name__}: {error}): "
+                "set ARCHTREE_ARTIFACTS_URL to a folder or fsspec URL the service can write"
+            ) from None
 
     def _path(self, name: str) -> str:
         clean = name.strip("/")

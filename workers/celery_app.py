@@ -92,7 +92,14 @@ def worker_main(
         )
     if concurrency < 1:
         raise ArchtreeError(f"worker concurrency must be at least 1, got {concurrency}")
-    queues = list(queues or (settings.search_queue, settings.evaluate_queue))
+    known = (settings.search_queue, settings.evaluate_queue)
+    queues = [queue.strip() for queue in queues or known if queue.strip()] or list(known)
+    unknown = [queue for queue in queues if queue not in known]
+    if unknown:
+        raise ArchtreeError(
+            f"--queues: no queue {', '.join(map(repr, unknown))}; this service's queues are "
+            f"{' and '.join(known)} (ARCHTREE_SEARCH_QUEUE, ARCHTREE_EVALUATE_QUEUE)"
+        )
     argv = ["worker", "-Q", ",".join(queues), "-c", str(concurrency), "--loglevel", loglevel]
     if hostname:
         argv += ["-n", hostname]
