@@ -290,14 +290,21 @@ def test_bad_requests_get_error_replies_and_the_agent_keeps_serving(redis_client
     wait_until(lambda: redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0, 10, "the ack")
 
 
-def test_deleted_agent_stops(redis_client) -> None:
+def registered_agent(redis_client, device_class: str):
+    """An agent serving `device_class` in a thread, once registered: (registry, agent,
+    thread, outcome, stop)."""
     registry = DeviceRegistry(redis_client)
     agent = MeasurementAgent(
-        redis_client, "gone-cpu", block_ms=20, heartbeat_s=0.02, registry=registry
+        redis_client, device_class, block_ms=20, heartbeat_s=0.02, registry=registry
     )
     stop = threading.Event()
     thread, outcome = in_thread(agent.run, stop)
-    wait_until(lambda: registry.live_agents("gone-cpu") == 1, 10, "the agent to register")
+    wait_until(lambda: registry.live_agents(device_class) == 1, 10, "the agent to register")
+    return registry, agent, thread, outcome, stop
+
+
+def test_deleted_agent_stops(redis_client) -> None:
+    registry, agent, thread, outcome, stop = registered_agent(redis_client, "gone-cpu")
     assert registry.delete(str(agent.agent_id))
     thread.join(timeout=10)
     assert not thread.is_alive() and "error" not in outcome
@@ -305,13 +312,7 @@ def test_deleted_agent_stops(redis_client) -> None:
 
 
 def test_an_agent_whose_record_redis_lost_registers_again(redis_client) -> None:
-    registry = DeviceRegistry(redis_client)
-    agent = MeasurementAgent(
-        redis_client, "amnesia-cpu", block_ms=20, heartbeat_s=0.02, registry=registry
-    )
-    stop = threading.Event()
-    thread, outcome = in_thread(agent.run, stop)
-    wait_until(lambda: registry.live_agents("amnesia-cpu") == 1, 10, "the agent to register")
+    registry, agent, thread, outcome, _ = registered_agent(redis_client, "amnesia-cpu")
     device_id = str(agent.agent_id)
     # What a Redis restarted without persistence looks like to the agent: no record, no delete.
     redis_client.delete(DEVICE_PREFIX + device_id)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -651,60 +652,63 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         server.wait()
 
 
+@contextmanager
+def client_of_api_on(url: str, tmp_path: Path) -> Iterator[httpx.Client]:
+    """A client of an API process of its own on the Redis at `url`."""
+    api = start_api(api_env(url, tmp_path), tmp_path / "logs")
+    try:
+        with api.client() as client:
+            yield client
+    finally:
+        api.stop()
+
+
 def test_data_routes_answer_503_while_redis_is_down(
     own_redis: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ):
     url, server = own_redis
-    api = start_api(api_env(url, tmp_path), tmp_path / "logs")
-    try:
-        with api.client() as client:
-            job_id = JobStore(redis.Redis.from_url(url)).create(SPEC)
-            device = client.post("/v1/devices", json={"device_class": "api-cpu", "host": "h"})
-            assert device.status_code == 201
-            os.kill(server.pid, signal.SIGTERM)
-            server.wait(timeout=10)
+    with client_of_api_on(url, tmp_path) as client:
+        job_id = JobStore(redis.Redis.from_url(url)).create(SPEC)
+        device = client.post("/v1/devices", json={"device_class": "api-cpu", "host": "h"})
+        assert device.status_code == 201
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
 
-            for method, path, body in [
-                *((method, f"/v1/jobs/{job_id}{route}", {}) for method, route in JOB_ROUTES),
-                ("GET", "/v1/jobs", {}),
-                ("POST", "/v1/jobs", {"data": {"spec": json.dumps(SPEC)}}),
-                ("GET", "/v1/devices", {}),
-                ("POST", "/v1/devices", {"json": {"device_class": "api-cpu", "host": "h"}}),
-                ("DELETE", f"/v1/devices/{device.json()['id']}", {}),
-            ]:
-                answer = client.request(method, path, **body)
-                assert answer.status_code == 503, (method, path, answer.text)
-                detail = one_line_detail(answer)
-                assert detail.startswith("the service cannot reach its Redis (ConnectionError: ")
-                assert "ask the operator to check ARCHTREE_REDIS_URL" in detail
-            assert client.get("/readyz").status_code == 503
-    finally:
-        api.stop()
+        for method, path, body in [
+            *((method, f"/v1/jobs/{job_id}{route}", {}) for method, route in JOB_ROUTES),
+            ("GET", "/v1/jobs", {}),
+            ("POST", "/v1/jobs", {"data": {"spec": json.dumps(SPEC)}}),
+            ("GET", "/v1/devices", {}),
+            ("POST", "/v1/devices", {"json": {"device_class": "api-cpu", "host": "h"}}),
+            ("DELETE", f"/v1/devices/{device.json()['id']}", {}),
+        ]:
+            answer = client.request(method, path, **body)
+            assert answer.status_code == 503, (method, path, answer.text)
+            detail = one_line_detail(answer)
+            assert detail.startswith("the service cannot reach its Redis (ConnectionError: ")
+            assert "ask the operator to check ARCHTREE_REDIS_URL" in detail
+        assert client.get("/readyz").status_code == 503
 
 
 def test_writes_a_full_redis_refuses_answer_503(
     own_redis: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
 ):
     url, _ = own_redis
-    api = start_api(api_env(url, tmp_path), tmp_path / "logs")
-    try:
-        with api.client() as client:
-            store = redis.Redis.from_url(url)
-            store.config_set("maxmemory-policy", "noeviction")
-            store.config_set("maxmemory", 1)  # every write is now refused: out of memory
-            for method, path, body in [
-                ("POST", "/v1/jobs", {"data": {"spec": json.dumps(SPEC)}}),
-                ("POST", "/v1/devices", {"json": {"device_class": "api-cpu", "host": "h"}}),
-            ]:
-                answer = client.request(method, path, **body)
-                assert answer.status_code == 503, (method, path, answer.text)
-                detail = one_line_detail(answer)
-                assert detail.startswith("the service has a Redis that cannot serve now (")
-                assert "OutOfMemoryError" in detail or "ExecAbortError" in detail
-            store.config_set("maxmemory", 0)
-            assert client.post("/v1/jobs", data={"spec": json.dumps(SPEC)}).status_code == 202
-    finally:
-        api.stop()
+    with client_of_api_on(url, tmp_path) as client:
+        store = redis.Redis.from_url(url)
+        store.config_set("maxmemory-policy", "noeviction")
+        store.config_set("maxmemory", 1)  # every write is now refused: out of memory
+        for method, path, body in [
+            ("POST", "/v1/jobs", {"data": {"spec": json.dumps(SPEC)}}),
+            ("POST", "/v1/devices", {"json": {"device_class": "api-cpu", "host": "h"}}),
+        ]:
+            answer = client.request(method, path, **body)
+            assert answer.status_code == 503, (method, path, answer.text)
+            detail = one_line_detail(answer)
+            assert detail.startswith("the service has a Redis that cannot serve now (")
+            assert "OutOfMemoryError" in detail or "ExecAbortError" in detail
+        store.config_set("maxmemory", 0)
+        assert client.post("/v1/jobs", data={"spec": json.dumps(SPEC)}).status_code == 202
 
 
 def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_store: JobStore):
