@@ -320,9 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def joined_values(argv: Sequence[str]) -> list[str]:
+    """`--budget -5ms` as `--budget=-5ms`: argparse takes a value that starts with `-` for
+    an option, and would answer "expected one argument" instead of what is wrong with it."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in VALUE_OPTIONS and arg[:1] == "-" and arg[:2] != "--":
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+# Options whose value may start with a minus sign.
+VALUE_OPTIONS = ("--budget",)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
     try:
         module_name, function_name = args.handler.split(":")
         return getattr(importlib.import_module(module_name), function_name)(args)

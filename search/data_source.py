@@ -208,6 +208,11 @@ def _as_inputs(value: object, path: Path) -> torch.Tensor:
         raise ArchtreeError(
             f"`x` in {str(path)!r} has shape {tuple(x.shape)}; expected N,C,H,W or N,H,W images"
         )
+    if 0 in x.shape[1:]:
+        raise ArchtreeError(
+            f"`x` in {str(path)!r} has shape {tuple(x.shape)}: images need at least one channel, "
+            "row and column"
+        )
     if x.dtype == torch.bool or x.is_complex():
         raise ArchtreeError(f"`x` in {str(path)!r} has dtype {x.dtype}; save it as float")
     x = x.float().contiguous()

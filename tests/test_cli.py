@@ -316,6 +316,7 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
         (["--model", "builtin:nosuchnet"], "60%", "archtree models"),
         (["--budget", "0ms"], None, "above zero"),
         (["--budget=-3ms"], None, "Cannot read the budget"),
+        (["--budget", "-5ms"], None, "Cannot read the budget '-5ms'"),
         (["--budget"], None, "expected one argument"),
         (["--width", "0"], None, "--width must be at least 1"),
         (["--strategy", "random"], None, "invalid choice"),

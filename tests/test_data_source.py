@@ -128,6 +128,8 @@ def _save(path: Path, **arrays: object) -> str:
         ("textlabels.npz", {"x": _images(50), "y": np.array(["cat"] * 50)},
          ["`y`", "<U3", "integers"]),
         ("sparse.pt", {"x": torch.rand(50, 1, 4, 4).to_sparse()}, ["sparse", "to_dense"]),
+        ("nochannels.npz", {"x": np.zeros((50, 0, 6, 6), np.float32)},
+         ["shape (50, 0, 6, 6)", "at least one channel"]),
         ("oneclass.npz", {"x": _images(50), "y": np.full(50, 3)}, ["one class only (3)"]),
         ("hugelabel.npz", {"x": _images(50), "y": np.append(np.arange(49) % 10, 10**9)},
          ["label of 1000000000", "at most 100000"]),
