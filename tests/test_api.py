@@ -728,7 +728,8 @@ def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_stor
         assert answer.headers["allow"] == allowed
         detail = one_line_detail(answer)
         assert f"use {allowed.replace(', ', ' or ')}; see /docs for the endpoints" in detail
-    assert http.head("/").status_code == 200
+    for path in ("/", "/healthz", "/readyz"):
+        assert http.head(path).status_code == 200, path
 
 
 def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):

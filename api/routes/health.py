@@ -12,13 +12,15 @@ from api.schemas import Health, Readiness
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The API process is up")
+# HEAD too: uptime checkers and load balancers probe with it.
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="The API process is up")
 def healthz() -> Health:
     return Health()
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     summary="The service can take jobs",
     responses={503: {"model": Readiness, "description": "Redis is not reachable."}},
 )
