@@ -27,6 +27,14 @@ class ErrorMessage(BaseModel):
 INVALID = {422: {"model": ErrorMessage, "description": "Invalid request (why, in one line)."}}
 
 
+# Upper bounds of a job's search settings: far above any useful search, they keep one job
+# from holding a worker for days (a cancel still stops it within a second).
+MAX_TREE_SIZE = 64
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 10_000
+MAX_PROBES = 1_000
+
+
 class SearchSettingsIn(BaseModel):
     """Search settings of a job; a setting left out takes the engine's default."""
 
@@ -37,36 +45,49 @@ class SearchSettingsIn(BaseModel):
         description="archtree (tree search), greedy (width 1) or uniform",
         examples=["archtree"],
     )
-    width: int | None = Field(None, description="Candidates kept alive per depth (K).")
-    branching: int | None = Field(None, description="Moves tried per candidate (B).")
-    planned_steps: int | None = Field(None, description="Depths planned to reach the budget.")
-    max_depth: int | None = Field(None, description="Depth limit of the tree.")
+    width: int | None = Field(
+        None, le=MAX_TREE_SIZE, description="Candidates kept alive per depth (K)."
+    )
+    branching: int | None = Field(
+        None, le=MAX_TREE_SIZE, description="Moves tried per candidate (B)."
+    )
+    planned_steps: int | None = Field(
+        None, le=MAX_TREE_SIZE, description="Depths planned to reach the budget."
+    )
+    max_depth: int | None = Field(None, le=MAX_TREE_SIZE, description="Depth limit of the tree.")
     move_kinds: list[str] | None = Field(
         None,
         description="Moves tried on each candidate, in order of preference: global, latency, "
         "uniform, focused.",
         examples=[["global", "latency", "uniform", "focused"]],
     )
-    ft_steps: int | None = Field(None, description="Fine-tuning steps per child before scoring.")
+    ft_steps: int | None = Field(
+        None, le=MAX_STEPS, description="Fine-tuning steps per child before scoring."
+    )
     bn_samples: int | None = Field(
         None,
         description="Training inputs on which batch-norm statistics are recomputed after each "
         "fine-tune, before scoring (0 = off).",
     )
     select_top: int | None = Field(
-        None, description="Best candidates under budget fine-tuned further and ranked again."
+        None,
+        le=MAX_TREE_SIZE,
+        description="Best candidates under budget fine-tuned further and ranked again.",
     )
     select_steps: int | None = Field(
-        None, description="Fine-tuning steps of that re-ranking, per candidate."
+        None, le=MAX_STEPS, description="Fine-tuning steps of that re-ranking, per candidate."
     )
     fill_probes: int | None = Field(
         None,
+        le=MAX_PROBES,
         description="An answer well under the aim is given channels back group by group, "
         "each widening measured: first the groups its last move cut, then any group cut since "
         "the unpruned model, this many measurements at most in each pass (0 = off).",
     )
     final_epochs: float | None = Field(
-        None, description="Epochs of final fine-tuning of the answer, with distillation."
+        None,
+        le=MAX_EPOCHS,
+        description="Epochs of final fine-tuning of the answer, with distillation.",
     )
     round_to: int | None = Field(None, description="Keep channel counts multiples of N.")
     widen_to: int | None = Field(
@@ -86,7 +107,7 @@ class SearchSettingsIn(BaseModel):
     )
     importance: str | None = Field(None, description="Channel importance: l2 or taylor.")
     max_probes: int | None = Field(
-        None, description="Measured probes of the bisection that sizes each move."
+        None, le=MAX_PROBES, description="Measured probes of the bisection that sizes each move."
     )
     seed: int | None = Field(None, description="Random seed (data splits, fine-tuning).")
 

@@ -158,6 +158,11 @@ BAD_SUBMISSIONS = {
     ),
     "bad device class": ({"device_class": "no spaces"}, {}, "invalid device class"),
     "bad search setting": ({"search": {"width": 0}}, {}, "search.width must be at least 1"),
+    "a search setting past its bound": (
+        {"search": {"final_epochs": 1e300}},
+        {},
+        "final_epochs: Input should be less than or equal to 10000",
+    ),
     "renamed search setting": (
         {"search": {"min_width_fraction": 1.5}},
         {},
