@@ -9,13 +9,10 @@ from __future__ import annotations
 import re
 
 from api.schemas import SearchSettingsIn
-
-# CLI options whose spec field is not the option's name in snake_case.
-_RENAMED_OPTIONS = {"--min-width": "min_width_fraction", "--moves": "move_kinds"}
+from search.settings import option_of
 
 SPEC_FIELD_OF_OPTION = {
-    **{"--" + name.replace("_", "-"): f"search.{name}" for name in SearchSettingsIn.model_fields},
-    **{option: f"search.{name}" for option, name in _RENAMED_OPTIONS.items()},
+    **{option_of(name): f"search.{name}" for name in SearchSettingsIn.model_fields},
     "--allow-pickle": "`allow_pickle: true` in the spec (the operator must also enable "
     "ARCHTREE_ALLOW_PICKLE)",
 }

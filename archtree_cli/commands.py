@@ -45,15 +45,20 @@ def _oracle(args: argparse.Namespace):
     )
 
 
+def _result_files(folder: Path) -> list[str]:
+    """The names of the result files `folder` holds."""
+    from search.artifacts import ARTIFACT_NAMES
+
+    return [name for name in ARTIFACT_NAMES if (folder / name).exists()]
+
+
 def _check_out_dir(out: str, overwrite: bool) -> None:
     """Before any work: --out is a folder this process can write, holding no result unless
     `overwrite`."""
-    from search.artifacts import ARTIFACT_NAMES
-
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ArchtreeError(f"--out {out} is a file: give a folder.")
-    existing = [name for name in ARTIFACT_NAMES if (folder / name).exists()]
+    existing = _result_files(folder)
     if existing and not overwrite:
         raise ArchtreeError(
             f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
@@ -149,15 +154,10 @@ def prune(
 
 def _folder_without_result(folder: Path) -> Path:
     """`folder`, or when it holds a result by now, the first `folder-N` that holds none."""
-    from search.artifacts import ARTIFACT_NAMES
-
-    def holds_result(path: Path) -> bool:
-        return any((path / name).exists() for name in ARTIFACT_NAMES)
-
-    if not holds_result(folder):
+    if not _result_files(folder):
         return folder
     number = 2
-    while holds_result(folder.with_name(f"{folder.name}-{number}")):
+    while _result_files(folder.with_name(f"{folder.name}-{number}")):
         number += 1
     free = folder.with_name(f"{folder.name}-{number}")
     print(

@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with a minus sign.
+VALUE_OPTIONS = ("--budget",)
+
+
 def joined_values(argv: Sequence[str]) -> list[str]:
     """`--budget -5ms` as `--budget=-5ms`: argparse takes a value that starts with `-` for
     an option, and would answer "expected one argument" instead of what is wrong with it."""
@@ -330,10 +334,6 @@ def joined_values(argv: Sequence[str]) -> list[str]:
         else:
             joined.append(arg)
     return joined
-
-
-# Options whose value may start with a minus sign.
-VALUE_OPTIONS = ("--budget",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

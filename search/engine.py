@@ -158,17 +158,17 @@ def _smallest_reachable_ms(context: SearchContext, state: SearchState) -> float:
     applier = MoveApplier(context, context.base_model, Move("uniform"), estimate)
     smallest = applier.apply(1.0)
     if smallest.spec.hash == context.root_spec.hash:
-        settings = context.settings
-        why = (
-            f"--round-to {settings.round_to} keeps every channel group whole"
-            if settings.round_to > 1
-            else "it has no channel group pruning can narrow (convolutions or linear layers "
-            "followed by another layer)"
+        round_to = context.settings.round_to
+        why, fix = (
+            (f"--round-to {round_to} keeps every channel group whole", "give a smaller --round-to")
+            if round_to > 1
+            else (
+                "it has no channel group pruning can narrow (convolutions or linear layers "
+                "followed by another layer)",
+                "give a model with such layers",
+            )
         )
-        raise ArchtreeError(
-            f"Nothing in {context.model_ref.source} can be pruned: {why}. Give a model with "
-            "such layers" + (", or a smaller --round-to." if settings.round_to > 1 else ".")
-        )
+        raise ArchtreeError(f"Nothing in {context.model_ref.source} can be pruned: {why}; {fix}.")
     measurement = context.oracle.measure(smallest.spec, context.root_spec)
     _tally(state, measurement.cached)
     return measurement.ratio * state.baseline_ms

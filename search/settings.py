@@ -12,6 +12,13 @@ STRATEGIES = ("archtree", "greedy", "uniform")
 MOVE_KINDS = ("global", "latency", "uniform", "focused")
 # Settings whose `archtree prune` option is not the name in kebab case.
 OPTION_NAMES = {"min_width_fraction": "--min-width", "move_kinds": "--moves"}
+
+
+def option_of(setting: str) -> str:
+    """The `archtree prune` option that sets `setting`, e.g. --max-cut for max_cut."""
+    return OPTION_NAMES.get(setting, "--" + setting.replace("_", "-"))
+
+
 # The channel block assumed where the device does not report one (latency/fingerprint.py).
 DEFAULT_CHANNEL_BLOCK = 8
 
@@ -109,7 +116,7 @@ class SearchSettings:
             name = setting.name
             given, used = getattr(self, name), getattr(effective, name)
             if given != used and given != getattr(defaults, name):
-                option = OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+                option = option_of(name)
                 shown = ",".join(given) if isinstance(given, tuple) else given
                 used_shown = ",".join(used) if isinstance(used, tuple) else used
                 ignored.append(
@@ -122,7 +129,7 @@ class SearchSettings:
         for setting in fields(self):
             value = getattr(self, setting.name)
             if isinstance(value, float) and not math.isfinite(value):
-                option = OPTION_NAMES.get(setting.name, "--" + setting.name.replace("_", "-"))
+                option = option_of(setting.name)
                 raise ArchtreeError(f"{option} must be a finite number, not {value}")
         if self.strategy not in STRATEGIES:
             raise ArchtreeError(
