@@ -30,10 +30,12 @@ def load_inputs(
 ) -> JobInputs:
     """Load data and model, apply the weights, and check one sample runs forward."""
     data = load_data(data_source, seed=seed)
+    if num_classes is None:
+        check_labels_dense(data, data_source)
     classes = num_classes if num_classes is not None else (data.num_classes or 10)
     if not 1 <= classes <= MAX_CLASSES:
         raise ArchtreeError(
-            f"the model's number of classes (--num-classes, or num_classes in a job spec) must be "
+            f"the model's number of classes (--num-classes) must be "
             f"between 1 and {MAX_CLASSES}, not {classes}"
         )
     ref = ModelRef(source=model_source, num_classes=classes, in_channels=data.input_shape[0])
@@ -54,6 +56,27 @@ def load_inputs(
             f"{output.shape[1]}: {fix}."
         )
     return JobInputs(model_ref=ref, model=model, data=data)
+
+
+def check_labels_dense(data: DataSplits, data_source: str) -> None:
+    """Refuse labels that leave most of 0..K-1 unused, as a stray label does (100 among the
+    labels 0-9 would make a 101-class model): the number of classes is read off the largest
+    label only when --num-classes does not give it."""
+    splits = [y for y in (data.train_y, data.calib_y, data.val_y) if y is not None and len(y)]
+    if not splits or data.num_classes is None:
+        return
+    labels = torch.cat(splits)
+    present = len(torch.unique(labels))
+    classes = data.num_classes
+    if 2 * present >= classes:
+        return
+    stray = int((labels >= present).sum())
+    raise ArchtreeError(
+        f"{data_source}'s labels run to {classes - 1}, but only {present} of the classes "
+        f"0..{classes - 1} occur ({stray} sample{'s' if stray != 1 else ''} labelled "
+        f"{present} or more): labels must be class indices 0..K-1. Fix the stray labels, or "
+        f"give --num-classes {classes} if the model really has {classes} classes."
+    )
 
 
 def check_forward(

@@ -84,12 +84,15 @@ def uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     np.savez(data, x=x, y=y)
     tiny = io.BytesIO()
     np.savez(tiny, x=np.zeros((100, 1, 1, 1), np.float32), y=np.arange(100) % 10)
+    stray = io.BytesIO()
+    np.savez(stray, x=x, y=np.where(np.arange(len(y)) == 5, 100, y))
     return {
         "weights": (folder / "vgg.safetensors").read_bytes(),
         "corrupt": os.urandom(4096),
         "pickled": pickled.getvalue(),
         "data": data.getvalue(),
         "tiny": tiny.getvalue(),
+        "stray label": stray.getvalue(),
     }
 
 
@@ -182,6 +185,11 @@ BAD_SUBMISSIONS = {
     "pickle not allowed": ({"allow_pickle": True}, {}, "does not load pickled weights"),
     "module source": ({"model": "module:os:getcwd"}, {}, "does not build 'module:os:getcwd'"),
     "data twice": ({}, {"data": ("d.npz", "data")}, "not both"),
+    "a stray label": (
+        {"data": None},
+        {"data": ("d.npz", "stray label")},
+        "Fix the stray labels, or give num_classes 101",
+    ),
     "data not npz": ({"data": None}, {"data": ("d.csv", "data")}, "must be a .npz or .pt"),
 }
 

