@@ -6,6 +6,12 @@ agents on machines with skewed clocks are judged alike. A device is online while
 heartbeat is younger than `heartbeat_ttl_s`; records are never expired, so an offline device
 stays listed until deleted.
 
+An agent restarted on the same machine registers anew. Once its earlier record has gone
+offline, `list` merges that record into the newest one of the same device (the same `info`:
+class, host, runtime, cpu, gpu, threads), carrying its measurement count over, so restarts do
+not pile up offline duplicates. An earlier agent that was only paused and comes back finds its
+record gone and writes it again (`restore`): two live agents are two records.
+
 Deleting a record takes the device out of service: its agent's next heartbeat returns False
 and the agent stops (see latency/agent.py). It does not re-register, otherwise a delete could
 never remove a running agent.
@@ -54,6 +60,22 @@ redis.call('HSET', KEYS[1], 'last_seen', now[1] .. '.' .. string.format('%06d', 
 return 1
 """
 
+# Merges an offline record (KEYS[1], id ARGV[1]) into a newer one of the same device (KEYS[2],
+# id ARGV[2]) in one step, so that a heartbeat in between keeps it, and two merges of the same
+# record count its measurements once. KEYS[3]: the device set; KEYS[4]: counts per device.
+_MERGE = """
+local seen = tonumber(redis.call('HGET', KEYS[1], 'last_seen'))
+if seen == nil or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local now = redis.call('TIME')
+if tonumber(now[1]) + tonumber(now[2]) / 1e6 - seen < tonumber(ARGV[3]) then return 0 end
+local counted = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+if counted > 0 then redis.call('HINCRBY', KEYS[4], ARGV[2], counted) end
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 class DeviceRegistry:
     """Registered measurement agents, their liveness, and the request queue per device class."""
@@ -62,6 +84,7 @@ class DeviceRegistry:
         self.client = client
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._merge = client.register_script(_MERGE)
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
         """Store a new device (info: device_class, host, runtime, runtime_version, cpu, gpu,
@@ -110,7 +133,8 @@ class DeviceRegistry:
         return self._record(device_id, raw, self._server_time())
 
     def list(self) -> list[dict[str, Any]]:
-        """All registered devices, oldest registration first."""
+        """All registered devices, oldest registration first; offline records of a device
+        that registered again since are merged into its newest record (see the module)."""
         ids = sorted(str(text(member)) for member in self.client.smembers(DEVICES_KEY))
         with self.client.pipeline(transaction=False) as pipe:
             for device_id in ids:
@@ -122,7 +146,36 @@ class DeviceRegistry:
             for device_id, raw in zip(ids, raws, strict=True)
             if raw
         ]
-        return sorted(records, key=lambda record: (record["registered_at"], record["id"]))
+        records.sort(key=lambda record: (record["registered_at"], record["id"]))
+        merged = self._merge_superseded(records)
+        return [record for record in records if record["id"] not in merged]
+
+    def _merge_superseded(self, records: list[dict[str, Any]]) -> set[str]:
+        """Merge each offline record into the newest record of the same device, registered
+        after it; return the ids merged. `records`: oldest registration first."""
+        newest: dict[str, dict[str, Any]] = {}
+        for record in records:
+            newest[self._identity(record)] = record
+        merged = set()
+        for record in records:
+            latest = newest[self._identity(record)]
+            if record is latest or record["online"]:
+                continue
+            keys = [
+                DEVICE_PREFIX + record["id"],
+                DEVICE_PREFIX + latest["id"],
+                DEVICES_KEY,
+                DEVICE_MEASUREMENTS_KEY,
+            ]
+            if self._merge(keys=keys, args=[record["id"], latest["id"], self.heartbeat_ttl_s]):
+                merged.add(record["id"])
+        return merged
+
+    @staticmethod
+    def _identity(record: dict[str, Any]) -> str:
+        """What tells devices apart: everything an agent registered."""
+        stored = ("id", "registered_at", "last_seen", "online")
+        return json.dumps({k: v for k, v in record.items() if k not in stored}, sort_keys=True)
 
     def delete(self, device_id: str) -> bool:
         """Remove the device; True if it existed."""

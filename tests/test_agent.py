@@ -327,6 +327,36 @@ def test_an_agent_whose_record_redis_lost_registers_again(redis_client) -> None:
     assert not thread.is_alive() and "error" not in outcome and agent.deleted.is_set()
 
 
+def test_a_restarted_agent_replaces_its_offline_record_and_keeps_its_count(
+    redis_client, agents
+) -> None:
+    registry = DeviceRegistry(redis_client, heartbeat_ttl_s=1.0)
+    first = agents("restart-cpu", heartbeat_s=0.1)
+    wait_until(lambda: registry.live_agents("restart-cpu") == 1, AGENT_START_S, "the agent")
+    reference, candidates = vgg_specs()
+    RemoteOracle(redis_client, "restart-cpu", timeout_s=60).measure(candidates[0], reference)
+    (old,) = registry.list()
+    counts = registry.measurement_stats()["by_device"]
+    assert counts[old["id"]] == 1
+
+    first.kill()  # no goodbye: only its missing heartbeats tell
+    second = agents("restart-cpu", heartbeat_s=0.1)
+    wait_until(lambda: len(registry.list()) == 1 and registry.list()[0]["id"] != old["id"],
+               AGENT_START_S, "the old record merged into the new one")  # fmt: skip
+    (new,) = registry.list()
+    assert new["online"] and new["host"] == old["host"]
+    assert registry.measurement_stats()["by_device"] == {new["id"]: 1}
+    assert redis_client.sismember(DEVICES_KEY, old["id"]) == 0
+
+    # Another device class on the same host is another device: its offline record stays.
+    other = agents("other-cpu", heartbeat_s=0.1)
+    wait_until(lambda: registry.live_agents("other-cpu") == 1, AGENT_START_S, "the other agent")
+    other.kill()
+    wait_until(lambda: registry.live_agents("other-cpu") == 0, 10, "the other to go offline")
+    assert sorted(r["device_class"] for r in registry.list()) == ["other-cpu", "restart-cpu"]
+    assert second.process.poll() is None
+
+
 def test_unknown_runtime_and_unreachable_api_are_explained() -> None:
     with pytest.raises(ArchtreeError, match="unsupported agent runtime 'onnx'.*torch"):
         agent_main("http://127.0.0.1:9", "edge-cpu", runtime="onnx")
