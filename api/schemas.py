@@ -238,6 +238,12 @@ class JobProgress(BaseModel):
     budget_ms: float | None = Field(None, description="The budget resolved in milliseconds.")
     best: Candidate | None = Field(None, description="Best candidate within budget so far.")
     final: Candidate | None = Field(None, description="The confirmed answer, once succeeded.")
+    notes: list[str] | None = Field(
+        None,
+        description="What to know about the answer beyond its numbers, one line each, once "
+        "succeeded (the same as report.json's `notes`).",
+        examples=[["the unpruned model already meets the budget: nothing was pruned"]],
+    )
 
 
 class Job(BaseModel):

@@ -216,11 +216,8 @@ def print_summary(report: dict[str, Any], out: str) -> None:
         f"{search['candidates_evaluated']} candidates, {search['latency_measurements']} "
         f"measurements ({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
     )
-    if final["params"] == base["params"] and final["macs"] == base["macs"]:
-        print(
-            "the unpruned model already meets the budget: nothing was pruned (give a smaller "
-            "budget to trade accuracy for latency)"
-        )
+    for note in report.get("notes", []):  # reports of earlier versions have none
+        print(f"note: {note}")
     print(f"saved to {out}/ (arch.json, model.safetensors, report.json)")
 
 

@@ -290,6 +290,8 @@ def print_job(job: dict[str, Any]) -> None:
     final = progress.get("final")
     if final:
         print(f"final: {final['id']} at {final['latency_ms']:.3f} ms")
+    for note in progress.get("notes") or []:
+        print(f"note: {note}")
     if job.get("error"):
         print(f"error: {job['error']}")
 

@@ -16,6 +16,7 @@ def build_report(
     root = state.root
     return {
         "budget_ms": state.budget_ms,
+        "notes": answer_notes(outcome),
         "inputs": inputs,
         "device": context.oracle.fingerprint(),
         "baseline": {
@@ -50,3 +51,16 @@ def build_report(
         },
         "tree": [node.summary() for node in state.nodes.values()],
     }
+
+
+NOTHING_PRUNED = (
+    "the unpruned model already meets the budget: nothing was pruned (give a smaller budget "
+    "to trade accuracy for latency)"
+)
+
+
+def answer_notes(outcome: SearchOutcome) -> list[str]:
+    """What a user should know about the answer beyond its numbers, one line each."""
+    answer, root = outcome.answer, outcome.state.root
+    unpruned = answer.spec.hash == root.spec.hash
+    return [NOTHING_PRUNED] if unpruned else []

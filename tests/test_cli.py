@@ -60,6 +60,7 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     assert report["final"]["latency_ms"] <= report["budget_ms"]
     assert report["budget_ms"] == pytest.approx(0.6 * report["baseline"]["latency_ms"])
     assert report["final"]["params"] < report["baseline"]["params"]
+    assert report["notes"] == []
     assert 0.0 <= report["final"]["accuracy"] <= 1.0
     for key in ("strategy", "width", "branching", "depths", "candidates_evaluated",
                 "latency_measurements", "cache_hits", "wall_s"):  # fmt: skip
@@ -103,6 +104,21 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     )  # fmt: skip
     assert again.returncode == 2
     assert "--overwrite" in again.stderr
+
+
+def test_a_budget_the_unpruned_model_meets_returns_it_with_a_note(tmp_path, home):
+    out = tmp_path / "unpruned"
+    result = archtree(
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "1000ms",
+        "--out", str(out), "--final-epochs", "0", home=home,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["params"] == report["baseline"]["params"]
+    assert report["notes"] == [
+        "the unpruned model already meets the budget: nothing was pruned (give a smaller "
+        "budget to trade accuracy for latency)"
+    ]
+    assert f"note: {report['notes'][0]}" in result.stdout
 
 
 def test_moves_option_sets_the_moves_in_order():

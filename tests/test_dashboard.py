@@ -216,6 +216,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert js(page, "window.archtree.candidates") >= len(tree["nodes"])
     assert text(page, "#job-status") == "succeeded"
     assert not visible(page, "#cancel")
+    assert not visible(page, "#job-notes")  # a pruned answer: nothing to remark
     comparison = text(page, "#comparison")
     assert "Answer" in comparison and comparison.count("%") >= 4
     # The event log follows the job's event stream, which may deliver the last status event
@@ -257,6 +258,23 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     wait_for(page, lambda: "succeeded" in text(page, row), PAGE_S, "the job listed succeeded")
     assert "builtin:vgg" in text(page, row) and DEVICE_CLASS in text(page, row)
     screenshot(page, "jobs")
+
+
+def test_a_job_whose_budget_the_unpruned_model_meets_shows_its_note(page: Any, stack: ApiProcess):
+    with stack.client() as client:
+        answer = client.post(
+            "/v1/jobs", data={"spec": json.dumps(job_spec() | {"budget": "1000ms"})}
+        )
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+    page.get(f"{stack.url}/#/jobs/{job_id}")
+    wait_for(page, lambda: js(page, "window.archtree.status") == "succeeded", JOB_S, "the job")
+    wait_for(page, lambda: visible(page, "#job-notes"), PAGE_S, "the note")
+    with stack.client() as client:
+        (note,) = client.get(f"/v1/jobs/{job_id}").json()["progress"]["notes"]
+    assert text(page, "#job-notes") == note
+    assert note.startswith("the unpruned model already meets the budget")
+    screenshot(page, "job-nothing-pruned")
 
 
 def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):

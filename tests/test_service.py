@@ -35,7 +35,7 @@ from workers.job_store import FINAL_STATUSES
 pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fixtures"]
 
 # The top-level keys of the report `archtree prune` writes (search.report.build_report).
-REPORT_KEYS = {"budget_ms", "inputs", "device", "baseline", "final", "search", "tree"}
+REPORT_KEYS = {"budget_ms", "notes", "inputs", "device", "baseline", "final", "search", "tree"}
 FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
 CLI_SEARCH = ["--width", "2", "--branching", "2", "--ft-steps", "5", "--planned-steps", "2"]
 # On this tiny input the smallest reachable VGG measures 40-55 % of the unpruned one; timing
@@ -141,6 +141,7 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == REPORT_KEYS
     assert report["final"]["latency_ms"] <= report["budget_ms"]
+    assert report["notes"] == [] and job["progress"]["notes"] == []
     assert load_pruned(tmp_path)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
     # The SSE stream delivered the job's events in order, ending with its final status.
@@ -178,6 +179,22 @@ def test_cancel_stops_a_running_job(client: ArchtreeClient, agents, worker_pool:
     assert client.job(job_id)["status"] == "cancelled"
     missing = client.http.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors")
     assert missing.status_code == 404 and "ended cancelled" in missing.json()["detail"]
+
+
+def test_a_budget_the_unpruned_model_meets_says_so_in_the_job_and_its_report(
+    api: ApiProcess, client: ArchtreeClient, agents, tmp_path: Path
+):
+    start_agents(agents, client, "svc-e", 1)
+    job_id = client.submit({**job_spec("svc-e"), "budget": "1000ms"})["id"]
+    wait_until(lambda: client.job(job_id)["status"] in FINAL_STATUSES, JOB_S, "the job")
+    job = client.job(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    (note,) = job["progress"]["notes"]
+    assert note.startswith("the unpruned model already meets the budget: nothing was pruned")
+    client.fetch(job_id, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["notes"] == [note]
+    shown = archtree("status", job_id, "--api", api.url)
+    assert shown.returncode == 0 and f"note: {note}" in shown.stdout
 
 
 def archtree(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60):

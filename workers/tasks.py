@@ -271,6 +271,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
                 "latency_ms": outcome.confirmed_latency_ms,
                 "accuracy": outcome.final_accuracy,
             },
+            notes=report["notes"],
         )
         jobs.set_status_if_active(job_id, "succeeded")
         _contexts().drop(job_id)

@@ -486,6 +486,10 @@ function renderJob(view) {
   const error = $("#job-error", root);
   error.hidden = !job.error;
   error.textContent = job.error ?? "";
+  const notes = progress.notes ?? [];
+  const notesList = $("#job-notes", root);
+  notesList.hidden = notes.length === 0;
+  notesList.replaceChildren(...notes.map((note) => el("li", { text: note })));
 
   const nodes = shownNodes(view);
   const rootNode = nodes.get(tree.root_id);
