@@ -29,6 +29,8 @@ class ConsoleProgress:
                 f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}), "
                 f"score {score:.4f}; budget {data['budget_ms']:.3f} ms"
             )
+        elif kind == "note":
+            self._print(f"note: {data['message']}")
         elif kind == "feasibility":
             widen_to = data.get("widen_to")
             block = data.get("channel_block")

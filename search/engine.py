@@ -45,6 +45,7 @@ from search.frontier import rank_children
 from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
+from search.notes import near_chance
 from search.pruning import total_macs
 from search.rebuild import AncestorRebuilds, Widths
 from search.score_gap import paired_gap
@@ -126,6 +127,10 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         macs=baseline_macs,
         timing=reference.to_dict(),
     )
+    if context.data.labelled:
+        untrained = near_chance(root.score, context.data.calib_y, "calibration")
+        if untrained:
+            context.sink.emit("note", message=untrained)
     if root.within_budget:
         state.done = True
         return state

@@ -6,6 +6,7 @@ from typing import Any
 
 from search.context import SearchContext
 from search.engine import SearchOutcome, parameter_count
+from search.notes import NOTHING_PRUNED, near_chance
 
 
 def build_report(
@@ -16,7 +17,7 @@ def build_report(
     root = state.root
     return {
         "budget_ms": state.budget_ms,
-        "notes": answer_notes(outcome),
+        "notes": answer_notes(context, outcome),
         "inputs": inputs,
         "device": context.oracle.fingerprint(),
         "baseline": {
@@ -53,14 +54,13 @@ def build_report(
     }
 
 
-NOTHING_PRUNED = (
-    "the unpruned model already meets the budget: nothing was pruned (give a smaller budget "
-    "to trade accuracy for latency)"
-)
-
-
-def answer_notes(outcome: SearchOutcome) -> list[str]:
+def answer_notes(context: SearchContext, outcome: SearchOutcome) -> list[str]:
     """What a user should know about the answer beyond its numbers, one line each."""
-    answer, root = outcome.answer, outcome.state.root
-    unpruned = answer.spec.hash == root.spec.hash
-    return [NOTHING_PRUNED] if unpruned else []
+    notes = []
+    if context.data.labelled and outcome.baseline_accuracy is not None:
+        untrained = near_chance(outcome.baseline_accuracy, context.data.val_y, "validation")
+        if untrained:
+            notes.append(untrained)
+    if outcome.answer.spec.hash == outcome.state.root.spec.hash:
+        notes.append(NOTHING_PRUNED)
+    return notes

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from search.notes import NOTHING_PRUNED
 from tests.cli_process import ROOT, run_archtree
 
 FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2"]
@@ -60,7 +61,7 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     assert report["final"]["latency_ms"] <= report["budget_ms"]
     assert report["budget_ms"] == pytest.approx(0.6 * report["baseline"]["latency_ms"])
     assert report["final"]["params"] < report["baseline"]["params"]
-    assert report["notes"] == []
+    assert NOTHING_PRUNED not in report["notes"]
     assert 0.0 <= report["final"]["accuracy"] <= 1.0
     for key in ("strategy", "width", "branching", "depths", "candidates_evaluated",
                 "latency_measurements", "cache_hits", "wall_s"):  # fmt: skip
@@ -106,7 +107,7 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     assert "--overwrite" in again.stderr
 
 
-def test_a_budget_the_unpruned_model_meets_returns_it_with_a_note(tmp_path, home):
+def test_an_untrained_model_and_a_budget_it_already_meets_get_notes(tmp_path, home):
     out = tmp_path / "unpruned"
     result = archtree(
         "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "1000ms",
@@ -114,11 +115,13 @@ def test_a_budget_the_unpruned_model_meets_returns_it_with_a_note(tmp_path, home
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["final"]["params"] == report["baseline"]["params"]
-    assert report["notes"] == [
-        "the unpruned model already meets the budget: nothing was pruned (give a smaller "
-        "budget to trade accuracy for latency)"
-    ]
-    assert f"note: {report['notes'][0]}" in result.stdout
+    untrained, nothing_pruned = report["notes"]
+    assert nothing_pruned == NOTHING_PRUNED
+    # No --weights: the builtin VGG is untrained, which the search says as soon as it knows.
+    assert untrained.startswith("the unpruned model scores") and "weights missing" in untrained
+    assert "on the calibration split, no better than always answering" in result.stderr
+    for note in report["notes"]:
+        assert f"note: {note}" in result.stdout
 
 
 def test_moves_option_sets_the_moves_in_order():

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis
 
+from search.notes import NOTHING_PRUNED
 from tests.api_fixtures import ApiProcess, api_env, start_api
 from tests.browser_fixtures import console_errors, screenshot, wait_for
 from tests.redis_fixtures import AgentProcess, start_agent, wait_until
@@ -216,7 +217,11 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert js(page, "window.archtree.candidates") >= len(tree["nodes"])
     assert text(page, "#job-status") == "succeeded"
     assert not visible(page, "#cancel")
-    assert not visible(page, "#job-notes")  # a pruned answer: nothing to remark
+    # The untrained VGG scores at chance: the page says so, as the job does.
+    wait_for(page, lambda: visible(page, "#job-notes"), PAGE_S, "the job's notes")
+    assert text(page, "#job-notes").splitlines() == job["progress"]["notes"]
+    assert "no better than always answering" in text(page, "#job-notes")
+    assert NOTHING_PRUNED not in job["progress"]["notes"]
     comparison = text(page, "#comparison")
     assert "Answer" in comparison and comparison.count("%") >= 4
     # The event log follows the job's event stream, which may deliver the last status event
@@ -271,9 +276,9 @@ def test_a_job_whose_budget_the_unpruned_model_meets_shows_its_note(page: Any, s
     wait_for(page, lambda: js(page, "window.archtree.status") == "succeeded", JOB_S, "the job")
     wait_for(page, lambda: visible(page, "#job-notes"), PAGE_S, "the note")
     with stack.client() as client:
-        (note,) = client.get(f"/v1/jobs/{job_id}").json()["progress"]["notes"]
-    assert text(page, "#job-notes") == note
-    assert note.startswith("the unpruned model already meets the budget")
+        notes = client.get(f"/v1/jobs/{job_id}").json()["progress"]["notes"]
+    assert text(page, "#job-notes").splitlines() == notes
+    assert notes[-1] == NOTHING_PRUNED
     screenshot(page, "job-nothing-pruned")
 
 

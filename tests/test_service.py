@@ -27,6 +27,7 @@ from archtree_cli.client import ArchtreeClient
 from search.artifacts import ARTIFACT_NAMES, load_pruned
 from search.inputs import load_inputs
 from search.model_source import save_weights
+from search.notes import NOTHING_PRUNED
 from tests.api_fixtures import ApiProcess, api_env, free_port, start_api
 from tests.redis_fixtures import ROOT, wait_until
 from tests.worker_fixtures import WorkerPool
@@ -141,7 +142,8 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == REPORT_KEYS
     assert report["final"]["latency_ms"] <= report["budget_ms"]
-    assert report["notes"] == [] and job["progress"]["notes"] == []
+    assert job["progress"]["notes"] == report["notes"]
+    assert NOTHING_PRUNED not in report["notes"]
     assert load_pruned(tmp_path)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
     # The SSE stream delivered the job's events in order, ending with its final status.
@@ -189,12 +191,12 @@ def test_a_budget_the_unpruned_model_meets_says_so_in_the_job_and_its_report(
     wait_until(lambda: client.job(job_id)["status"] in FINAL_STATUSES, JOB_S, "the job")
     job = client.job(job_id)
     assert job["status"] == "succeeded", job["error"]
-    (note,) = job["progress"]["notes"]
-    assert note.startswith("the unpruned model already meets the budget: nothing was pruned")
+    notes = job["progress"]["notes"]
+    assert notes[-1] == NOTHING_PRUNED
     client.fetch(job_id, tmp_path)
-    assert json.loads((tmp_path / "report.json").read_text())["notes"] == [note]
+    assert json.loads((tmp_path / "report.json").read_text())["notes"] == notes
     shown = archtree("status", job_id, "--api", api.url)
-    assert shown.returncode == 0 and f"note: {note}" in shown.stdout
+    assert shown.returncode == 0 and f"note: {NOTHING_PRUNED}" in shown.stdout
 
 
 def archtree(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60):

@@ -433,6 +433,7 @@ function describe(event) {
           `(was ${decimal(event.answer_score)}${scoreGap(event)}): answer ${event.chosen}`;
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
+    case "note": return event.message;
     case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;
     case "done":
       return `answer ${event.id}: ${ms(event.latency_ms)}, accuracy ${percent(event.accuracy)}, ` +
