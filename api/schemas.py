@@ -240,8 +240,9 @@ class JobProgress(BaseModel):
     final: Candidate | None = Field(None, description="The confirmed answer, once succeeded.")
     notes: list[str] | None = Field(
         None,
-        description="What to know about the answer beyond its numbers, one line each, once "
-        "succeeded (the same as report.json's `notes`).",
+        description="What the numbers do not say by themselves, one line each: while the job "
+        "runs, the search's notes so far (e.g. an unpruned model that scores at chance); once "
+        "succeeded, report.json's `notes`.",
         examples=[["the unpruned model already meets the budget: nothing was pruned"]],
     )
 

@@ -131,6 +131,10 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
     # Both agents take measurements (per-device counters the workers' oracles keep)...
     outcome = wait_until(both_measured_or_ended, JOB_S, "measurements by both agents")
     assert outcome == "measured", f"{client.job(job_id)['error']}\n{worker_pool.logs()}"
+    # The untrained VGG scores at chance: the job says so while it runs, not only at its end.
+    running = client.job(job_id)
+    assert running["status"] == "running"
+    assert "on the calibration split, no better than" in running["progress"]["notes"][0]
     # ...then one dies mid-job: the other takes its requests over.
     started[0].kill()
     thread.join(JOB_S)

@@ -256,3 +256,6 @@ class RedisEventSink:
 
     def emit(self, kind: str, **data: Any) -> None:
         self.store.append_event(self.job_id, kind, {**self.fields, **data})
+        if kind == "note":  # shown with the job while it runs; the report's notes replace them
+            notes = (self.store.get(self.job_id) or {}).get("progress", {}).get("notes") or []
+            self.store.update_progress(self.job_id, notes=[*notes, data["message"]])
