@@ -390,17 +390,19 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert "no report.json yet: it is queued" in one_line_detail(missing)
     assert http.get(f"/v1/jobs/{job_id}/artifacts/secrets.txt").status_code == 404
 
+    # No worker runs here: a queued job is cancelled at once, not when a worker takes it.
     cancelled = http.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 202 and cancelled.json()["cancel_requested"]
+    assert cancelled.json()["status"] == "cancelled"
     with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
-        kinds = []
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                kinds.append(line.removeprefix("event: "))
-            if len(kinds) == 2:
-                break
-    assert kinds == ["queued", "cancel_requested"]
+        kinds = [
+            line.removeprefix("event: ")
+            for line in stream.iter_lines()
+            if line.startswith("event: ")
+        ]
+    assert kinds == ["queued", "cancel_requested", "status"]
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
 
 
 def test_unknown_jobs_answer_404_with_a_message(http: httpx.Client):
@@ -414,6 +416,21 @@ def test_unknown_jobs_answer_404_with_a_message(http: httpx.Client):
         answer = http.request(method, path)
         assert answer.status_code == 404, path
         assert "no job 'nosuchjob'" in one_line_detail(answer)
+
+
+def test_a_partial_job_record_answers_404_like_a_missing_job(
+    http: httpx.Client, job_store: JobStore
+):
+    # What a late progress write leaves when Redis lost the job: no status, no spec.
+    job_id = "0123456789ab"
+    job_store.client.hset(job_store.key(job_id), mapping={"progress": "{}", "updated_at": 1})
+    job_store.update_progress(job_id, depth=1)  # and no worker writes into it either
+    assert job_store.client.hkeys(job_store.key(job_id)) == [b"progress", b"updated_at"]
+    for path in ("", "/tree", "/events", "/artifacts/report.json"):
+        answer = http.get(f"/v1/jobs/{job_id}{path}")
+        assert answer.status_code == 404, path
+        assert f"no job '{job_id}'" in one_line_detail(answer)
+    job_store.client.delete(job_store.key(job_id))
 
 
 def test_ids_that_name_a_jobs_internal_keys_answer_404_and_change_nothing(

@@ -80,9 +80,9 @@ class JobStore:
     @staticmethod
     def record(job_id: str, raw: dict[bytes, bytes]) -> dict[str, Any] | None:
         """A job hash as Redis answers it, decoded; None when the hash is empty."""
-        if not raw:
-            return None
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        data = {k.decode(): v.decode() for k, v in (raw or {}).items()}
+        if "status" not in data or "spec" not in data:
+            return None  # none, or a partial hash left by a write racing the job's loss
         return {
             "id": job_id,
             "status": data["status"],
@@ -126,7 +126,9 @@ class JobStore:
     def update_progress(self, job_id: str, **progress: Any) -> None:
         """Merge fields into the job's progress (depth, candidates_evaluated, best, ...)."""
         current = self.get(job_id)
-        merged = {**(current["progress"] if current else {}), **progress}
+        if current is None:
+            return  # the job is gone (Redis lost its data): do not write a partial record
+        merged = {**current["progress"], **progress}
         self.client.hset(
             self._key(job_id),
             mapping={"progress": json.dumps(merged, default=float), "updated_at": time.time()},
@@ -229,6 +231,10 @@ class JobStore:
         # event, and a stream stops there, so the request must already be in it.
         self.append_event(job_id, "cancel_requested", {})
         self.client.hset(self._key(job_id), "cancel_requested", "1")
+        if job["status"] == "queued":
+            # No worker has it yet (maybe none runs): it ends now, and a worker that takes
+            # it later drops it as ended.
+            self.set_status_if_active(job_id, "cancelled")
         return True
 
     def cancel_requested(self, job_id: str) -> bool:

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, chord
+import redis
+from celery import Celery, Task, chord
 from celery.canvas import Signature
 
 from archtree_cli.settings import service_settings
@@ -49,6 +50,12 @@ from workers.job_context import JobContexts, WorkerServices
 from workers.job_store import FINAL_STATUSES, JobStore
 
 log = logging.getLogger("archtree.worker")
+
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+# How long a step waits for an unreachable Redis before it gives up, and how many times one
+# step is run again for it.
+REDIS_WAIT_S = 600.0
+REDIS_RETRIES = 10
 
 
 def result_name(job_id: str, name: str) -> str:
@@ -92,7 +99,7 @@ def _contexts() -> JobContexts:
 def start_job(self, job_id: str) -> None:
     """Measure the baseline and plant the root (once), then start the first depth."""
     jobs = _services().jobs
-    with _job_step(job_id):
+    with _job_step(self, job_id):
         if not _active(job_id):
             return
         if jobs.load_state(job_id) is None:
@@ -110,7 +117,7 @@ def start_job(self, job_id: str) -> None:
 def run_depth(self, job_id: str) -> None:
     """Plan the next depth (once), and evaluate its children in parallel, then advance."""
     jobs = _services().jobs
-    with _job_step(job_id):
+    with _job_step(self, job_id):
         if not _active(job_id):
             return
         state = _load_state(jobs, job_id)
@@ -152,7 +159,7 @@ def evaluate_child(self, job_id: str, task: dict[str, Any]) -> dict[str, Any] | 
         result = expansion.evaluate_child(context, ChildTask.from_dict(task))
         return {"attempt": attempt, "result": result.to_dict()}
 
-    with _job_step(job_id):
+    with _job_step(self, job_id):
         stored = _stored_once(jobs, job_id, child_id, child_id, evaluate)
         if stored is None:
             return None
@@ -190,7 +197,7 @@ def _stored_once(
 def advance_depth(self, results: list[dict[str, Any] | None], job_id: str, depth: int) -> None:
     """Add a depth's evaluated children to the tree (once), then plan the next or finish."""
     jobs = _services().jobs
-    with _job_step(job_id):
+    with _job_step(self, job_id):
         if not _active(job_id):
             return
         state = _load_state(jobs, job_id)
@@ -232,7 +239,7 @@ def retune_candidate(self, job_id: str, node_id: str) -> dict[str, Any] | None:
         weights_id = job.nodes.attempt_id(node_id, attempt)
         return engine.retune(job.context, node, weights_id=weights_id)
 
-    with _job_step(job_id):
+    with _job_step(self, job_id):
         return _stored_once(jobs, job_id, f"{node_id}/retune", node_id, retune)
     return None
 
@@ -243,7 +250,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
     report.json. `retuned`: the results of retune_candidate, in the order sent."""
     services = _services()
     jobs = services.jobs
-    with _job_step(job_id):
+    with _job_step(self, job_id):
         if not _active(job_id):
             return
         if any(result is None for result in retuned):
@@ -278,18 +285,39 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
 
 
 @contextmanager
-def _job_step(job_id: str) -> Iterator[None]:
-    """Ends the job when its step raises: cancelled, or failed with a one-line message."""
+def _job_step(task: Task, job_id: str) -> Iterator[None]:
+    """Ends the job when its step raises: cancelled, or failed with a one-line message. When
+    Redis cannot be reached (restarted, failed over), the step waits for it and runs again."""
     try:
         yield
     except SearchCancelled:  # in a measurement or a fine-tune
         _end(job_id, "cancelled")
     except ArchtreeError as error:
         _end(job_id, "failed", str(error))
+    except REDIS_UNREACHABLE as error:
+        log.warning(
+            "job %s: Redis unreachable (%s); the step runs again once it answers", job_id, error
+        )
+        if not _redis_answers_within(REDIS_WAIT_S):
+            raise
+        # The same task id again: a child of a depth still counts for its depth's next step.
+        raise task.retry(countdown=0, max_retries=REDIS_RETRIES) from None
     except Exception as error:
         log.exception("job %s: internal error", job_id)
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         _end(job_id, "failed", f"internal error: {type(error).__name__}: {detail}"[:500])
+
+
+def _redis_answers_within(limit_s: float) -> bool:
+    """Whether the job store's Redis answers a ping within `limit_s`, asking every second."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return bool(_services().jobs.client.ping())
+        except REDIS_UNREACHABLE:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
 
 def _end(job_id: str, status: str, error: str | None = None) -> None:

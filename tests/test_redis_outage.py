@@ -1,0 +1,97 @@
+"""Redis restarted under a running job: a real redis-server with an append-only file (as the
+compose file runs it), stopped and started again on the same port, real workers and agents."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.redis_fixtures import _free_port, wait_until
+from tests.test_workers import job_spec, start_agents, wait_for_end
+from tests.worker_fixtures import WorkerPool
+from workers.job_store import JobStore
+from workers.tasks import submit_job
+
+pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures"]
+
+OUTAGE_S = 5.0
+
+
+class PersistentRedis:
+    """A redis-server that keeps its data in an append-only file across restarts."""
+
+    def __init__(self, directory: Path) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.skip("redis-server is not on the PATH")
+        self.command = [
+            executable, "--port", str(_free_port()), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory),
+        ]  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.command[2]}/0"
+        self.log = directory / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 30, "redis-server to answer")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def persistent_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PersistentRedis]:
+    server = PersistentRedis(tmp_path_factory.mktemp("persistent-redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(persistent_redis: PersistentRedis) -> str:
+    """This module's workers, agents and job store use the restartable server."""
+    return persistent_redis.url
+
+
+def test_a_job_goes_on_after_redis_restarts_under_it(
+    persistent_redis: PersistentRedis, worker_pool: WorkerPool, agents
+):
+    worker_pool.ensure(2)
+    jobs = JobStore(redis.Redis.from_url(persistent_redis.url))
+    start_agents(agents, jobs, "outage-cpu", 1)
+    # Long fine-tunes: a child is surely running, asking Redis whether it was cancelled
+    # every second, when Redis goes away.
+    job_id = submit_job(jobs, job_spec("outage-cpu", ft_steps=300), celery=worker_pool.app)
+
+    def child_running() -> bool:
+        events = [event for _id, event in jobs.read_events(job_id, count=100_000)]
+        return any(event["kind"] == "child_started" for event in events)
+
+    wait_until(child_running, 120, "a child evaluation")
+    persistent_redis.stop()
+    time.sleep(OUTAGE_S)  # the outage itself: nothing to poll while Redis is down
+    persistent_redis.start()
+
+    job = wait_for_end(jobs, job_id, worker_pool, timeout_s=240)
+    assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
+    assert any("Redis unreachable" in worker.output() for worker in worker_pool.workers)
