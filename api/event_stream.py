@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
+import redis
 from fastapi import Header, HTTPException
 from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +20,10 @@ POLL_S = 0.25
 # A job's final status is written just before its `status` event: once the job has ended,
 # the stream waits this long for that event before it gives up on it.
 END_GRACE_S = 2.0
+# While Redis cannot be reached, a stream asks again every REDIS_RETRY_S, for REDIS_GRACE_S.
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+REDIS_RETRY_S = 1.0
+REDIS_GRACE_S = 60.0
 # A Redis stream id: milliseconds, optionally a sequence number, each a 64-bit unsigned integer.
 _STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 _STREAM_ID_PART_MAX = 2**64 - 1
@@ -51,8 +56,19 @@ def start_after(
 async def job_events(jobs: JobStore, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
     """The job's events after `after`, following new ones until the job has ended."""
     ended_at: float | None = None
+    unreachable_since: float | None = None
     while True:
-        batch = await run_in_threadpool(jobs.read_events, job_id, after)
+        try:
+            batch = await run_in_threadpool(jobs.read_events, job_id, after)
+            job = None if batch else await run_in_threadpool(jobs.get, job_id)
+        except REDIS_UNREACHABLE:
+            # Redis restarting: the stream waits for it (keep-alive pings go on meanwhile).
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > REDIS_GRACE_S:
+                raise
+            await anyio.sleep(REDIS_RETRY_S)
+            continue
+        unreachable_since = None
         for event_id, event in batch:
             after = event_id
             yield ServerSentEvent(data=event, event=event.get("kind"), id=event_id)
@@ -60,7 +76,6 @@ async def job_events(jobs: JobStore, job_id: str, after: str) -> AsyncIterator[S
                 return
         if batch:
             continue
-        job = await run_in_threadpool(jobs.get, job_id)
         if job is None or job["status"] in FINAL_STATUSES:
             ended_at = ended_at or time.monotonic()
             if time.monotonic() - ended_at > END_GRACE_S:

@@ -47,6 +47,9 @@ EVENT_RECONNECTS = 5
 # up to the longest, to ride out an API that restarts (a stalled one has waited a timeout).
 RECONNECT_DELAY_S = 1.0
 LONGEST_RECONNECT_DELAY_S = 8.0
+# A job's statuses once it has ended (workers.job_store.FINAL_STATUSES; not imported, as
+# this client needs neither redis nor the workers).
+ENDED = ("succeeded", "failed", "cancelled")
 # The start of a plain-text error body that a message quotes.
 QUOTED_BODY_CHARS = 80
 
@@ -167,13 +170,36 @@ class ArchtreeClient:
                     if _media_type(answer) != "text/event-stream":
                         raise self._not_archtree(f"got {_media_type(answer)} for the events")
                     answered = True
+                    ended = False
                     for event_id, event in _server_sent_events(answer.iter_lines()):
                         if not isinstance(event, dict):
                             raise self._not_archtree("an event is not a JSON object")
                         after = event_id
                         failures = 0
+                        ended = event.get("kind") == "status" and event.get("status") in ENDED
                         yield event_id, event
-                return
+                if ended:
+                    return
+                # A stream that stops before the job's final status broke off: resume it.
+                failures += 1
+                if failures > EVENT_RECONNECTS:
+                    raise ArchtreeError(
+                        f"the event stream of job {job_id} at {self.api_url} keeps ending "
+                        "before the job does; check the service's log"
+                    )
+                if on_retry is not None:
+                    on_retry(
+                        f"the events of job {job_id} at {self.api_url} stopped before the job "
+                        f"ended; retrying ({failures} of {EVENT_RECONNECTS})"
+                    )
+                time.sleep(min(RECONNECT_DELAY_S * 2 ** (failures - 1), LONGEST_RECONNECT_DELAY_S))
+            except Unavailable as error:
+                failures += 1
+                if failures > EVENT_RECONNECTS:
+                    raise
+                if on_retry is not None:
+                    on_retry(f"{error}; retrying ({failures} of {EVENT_RECONNECTS})")
+                time.sleep(min(error.retry_after_s, LONGEST_RECONNECT_DELAY_S))
             except ValueError:
                 raise self._not_archtree("the events are not JSON") from None
             except httpx.RequestError as error:
@@ -272,7 +298,10 @@ class ArchtreeClient:
             raise self._not_archtree(sent, also=", or the service's log" if status >= 500 else "")
         if status < 500:
             raise ArchtreeError(detail)
-        raise ArchtreeError(f"the API at {self.api_url} failed (HTTP {status}: {detail})")
+        message = f"the API at {self.api_url} failed (HTTP {status}: {detail})"
+        if status == 503:
+            raise Unavailable(message, _retry_after_s(answer))
+        raise ArchtreeError(message)
 
     def _failure(self, error: httpx.RequestError) -> ArchtreeError:
         """What an httpx error means to the user."""
@@ -310,6 +339,22 @@ class ArchtreeClient:
             f"the server at {self.api_url} did not send an Archtree {sent} ({what}): check "
             f"--api{also}"
         )
+
+
+class Unavailable(ArchtreeError):
+    """The API answered 503 (its Redis cannot be reached): worth asking again later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after_s(answer: httpx.Response) -> float:
+    """The answer's Retry-After in seconds (RECONNECT_DELAY_S when absent or a date)."""
+    try:
+        return max(0.0, float(answer.headers.get("retry-after", "")))
+    except ValueError:
+        return RECONNECT_DELAY_S
 
 
 def _job_path(job_id: str, *rest: str) -> str:

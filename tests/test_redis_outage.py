@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from archtree_cli.client import ArchtreeClient
+from tests.api_fixtures import api_env, start_api
 from tests.redis_fixtures import _free_port, wait_until
 from tests.test_workers import job_spec, start_agents, wait_for_end
 from tests.worker_fixtures import WorkerPool
@@ -73,25 +76,54 @@ def redis_url(persistent_redis: PersistentRedis) -> str:
     return persistent_redis.url
 
 
-def test_a_job_goes_on_after_redis_restarts_under_it(
-    persistent_redis: PersistentRedis, worker_pool: WorkerPool, agents
+def test_a_job_and_its_followers_go_on_after_redis_restarts_under_it(
+    persistent_redis: PersistentRedis, worker_pool: WorkerPool, agents, tmp_path: Path
 ):
     worker_pool.ensure(2)
     jobs = JobStore(redis.Redis.from_url(persistent_redis.url))
+    api = start_api(
+        api_env(
+            persistent_redis.url,
+            tmp_path,
+            ARCHTREE_ARTIFACTS_URL=worker_pool.settings.artifacts_url,
+        ),
+        tmp_path / "logs",
+    )
     start_agents(agents, jobs, "outage-cpu", 1)
     # Long fine-tunes: a child is surely running, asking Redis whether it was cancelled
     # every second, when Redis goes away.
     job_id = submit_job(jobs, job_spec("outage-cpu", ft_steps=300), celery=worker_pool.app)
+    followed: list[tuple[str, dict]] = []
+    retries: list[str] = []
+    outcome: dict[str, BaseException] = {}
 
-    def child_running() -> bool:
-        events = [event for _id, event in jobs.read_events(job_id, count=100_000)]
-        return any(event["kind"] == "child_started" for event in events)
+    def follow() -> None:
+        try:
+            with ArchtreeClient(api.url) as client:
+                followed.extend(client.events(job_id, on_retry=retries.append))
+        except BaseException as error:
+            outcome["error"] = error
 
-    wait_until(child_running, 120, "a child evaluation")
-    persistent_redis.stop()
-    time.sleep(OUTAGE_S)  # the outage itself: nothing to poll while Redis is down
-    persistent_redis.start()
+    follower = threading.Thread(target=follow, daemon=True)
+    try:
+        follower.start()
 
-    job = wait_for_end(jobs, job_id, worker_pool, timeout_s=240)
+        def child_running() -> bool:
+            return any(event["kind"] == "child_started" for _id, event in followed)
+
+        wait_until(child_running, 120, "a child evaluation")
+        persistent_redis.stop()
+        time.sleep(OUTAGE_S)  # the outage itself: nothing to poll while Redis is down
+        persistent_redis.start()
+
+        job = wait_for_end(jobs, job_id, worker_pool, timeout_s=240)
+        follower.join(60)
+    finally:
+        api.stop()
     assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
     assert any("Redis unreachable" in worker.output() for worker in worker_pool.workers)
+    # The follower saw the whole job, each event once, to its final status.
+    assert not follower.is_alive() and "error" not in outcome, outcome
+    ids = [event_id for event_id, _ in followed]
+    assert ids == sorted(set(ids), key=lambda i: tuple(map(int, i.split("-"))))
+    assert (followed[-1][1]["kind"], followed[-1][1]["status"]) == ("status", "succeeded")
