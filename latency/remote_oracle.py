@@ -266,11 +266,7 @@ class RemoteOracle:
             self.on_waiting(waiting)
 
     def _no_agent_message(self) -> str:
-        return (
-            f"no agent of device class {self.device_class} has been online for "
-            f"{self.wait_for_device_s:g} s: start one with `archtree agent --api "
-            f"{self.api_url or 'URL'} --device-class {self.device_class}`"
-        )
+        return no_agent_message(self.device_class, self.wait_for_device_s, self.api_url)
 
     def _count_hit(self) -> None:
         with self._lock:
@@ -295,3 +291,11 @@ class RemoteOracle:
         device_key = fingerprint_key(self._class_fingerprint(input_shape))
         full_kind = f"{kind}-confirm" if confirm else kind
         return cache_key(device_key, candidate_hash, reference_hash, full_kind)
+
+
+def no_agent_message(device_class: str, waited_s: float, api_url: str | None = None) -> str:
+    """Why a job failed for want of an agent of its device class, and how to start one."""
+    return (
+        f"no agent of device class {device_class} has been online for {waited_s:g} s: start "
+        f"one with `archtree agent --api {api_url or 'URL'} --device-class {device_class}`"
+    )

@@ -217,5 +217,23 @@ def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
     assert "\n" not in job["error"]
 
 
+def test_a_job_waiting_for_its_device_does_not_hold_up_the_next_on_one_worker(
+    worker_pool: WorkerPool, jobs: JobStore, agents
+):
+    worker_pool.ensure(1)
+    start_agents(agents, jobs, "pool-here", 1)
+    waiting = submit_job(jobs, job_spec("nowhere-else"), celery=worker_pool.app)
+    wait_until(lambda: jobs.get(waiting)["status"] == "waiting_for_device", 60, "the wait")
+    served = submit_job(jobs, job_spec("pool-here"), celery=worker_pool.app)
+
+    wait_until(lambda: jobs.get(served)["status"] != "queued", 60, "the next job to start")
+    # The only worker took the next job while the first still waited for its device.
+    assert jobs.get(waiting)["status"] == "waiting_for_device"
+    assert wait_for_end(jobs, served, worker_pool)["status"] == "succeeded"
+    failed = wait_for_end(jobs, waiting, worker_pool)
+    assert failed["status"] == "failed"
+    assert "no agent of device class nowhere-else has been online for 4 s" in failed["error"]
+
+
 def json_file(artifacts: ArtifactStore, name: str) -> dict[str, Any]:
     return json.loads(artifacts.get_bytes(name))

@@ -31,6 +31,8 @@ from celery import Celery, Task, chord
 from celery.canvas import Signature
 
 from archtree_cli.settings import service_settings
+from latency.device_registry import DeviceRegistry
+from latency.remote_oracle import no_agent_message
 from search import engine, expansion
 from search.artifacts import ARTIFACT_NAMES, save_artifacts
 from search.errors import ArchtreeError, SearchCancelled
@@ -56,6 +58,8 @@ REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 # step is run again for it.
 REDIS_WAIT_S = 600.0
 REDIS_RETRIES = 10
+# How often a job that waits for an agent of its device class to come online looks again.
+DEVICE_POLL_S = 2.0
 
 
 def result_name(job_id: str, name: str) -> str:
@@ -103,6 +107,8 @@ def start_job(self, job_id: str) -> None:
         if not _active(job_id):
             return
         if jobs.load_state(job_id) is None:
+            if _waits_for_device(self, job_id):
+                return
             jobs.set_status_if_active(job_id, "running")
             if "started_at" not in jobs.get(job_id)["progress"]:
                 jobs.update_progress(job_id, started_at=time.time())
@@ -111,6 +117,28 @@ def start_job(self, job_id: str) -> None:
             if jobs.save_state_if(job_id, state.to_dict(), expected_depth=None):
                 _record_progress(jobs, job_id, state)
         _send_once(jobs, job_id, "run_depth:1", run_depth.si(job_id))
+
+
+def _waits_for_device(task: Task, job_id: str) -> bool:
+    """Whether the job has no agent of its device class online yet: then it waits as
+    `waiting_for_device` without holding a worker, `start_job` being sent again in
+    DEVICE_POLL_S, and fails once it has waited ARCHTREE_DEVICE_WAIT_S."""
+    services = _services()
+    job = services.jobs.get(job_id)
+    device_class = job["spec"].get("device_class", "local")
+    registry = DeviceRegistry(services.client, services.settings.heartbeat_ttl_s)
+    if registry.live_agents(device_class) > 0:
+        return False
+    now = time.time()
+    since = job["progress"].get("device_wait_since")
+    if since is None:
+        since = now
+        services.jobs.update_progress(job_id, device_wait_since=since)
+        services.jobs.set_status_if_active(job_id, "waiting_for_device")
+    if now - since >= services.settings.device_wait_s:
+        raise ArchtreeError(no_agent_message(device_class, services.settings.device_wait_s))
+    task.apply_async((job_id,), countdown=DEVICE_POLL_S)
+    return True
 
 
 @app.task(name=RUN_DEPTH, bind=True)
