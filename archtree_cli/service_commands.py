@@ -340,6 +340,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches `archtree up`, which stops all in order
+                preexec_fn=_terminate_with_parent,
             )
         child = Child(name, process, log_path)
         self.children.append(child)
@@ -393,13 +394,24 @@ def run_up(args: argparse.Namespace) -> int:
     """Start Redis (unless one is configured), the API, a worker and a local agent, and keep
     them running until Ctrl-C or SIGTERM, or until one of them exits."""
     from archtree_cli.paths import archtree_home
-    from archtree_cli.settings import load_service_settings
 
     if args.workers < 1:
         raise ArchtreeError("--workers must be at least 1")
     home = archtree_home() / "up"
     log_dir = home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    lock = _hold_up_lock(home)
+    try:
+        _check_port_free(args.host, args.port)
+        return _run_stack(args, home, log_dir)
+    finally:
+        lock.close()
+
+
+def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
+    """`run_up` once its folder and port are its own."""
+    from archtree_cli.settings import load_service_settings
+
     stack = Stack(log_dir, {**os.environ, "PYTHONUNBUFFERED": "1"})
     stop = threading.Event()
     previous = {
@@ -441,6 +453,58 @@ def run_up(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _terminate_with_parent() -> None:
+    """In a child of `archtree up`, before it runs: SIGTERM when `up` dies, even by SIGKILL,
+    so that no child is left running alone (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _hold_up_lock(home: Path) -> Any:
+    """An exclusive lock on `home`/up.lock for as long as the returned file stays open (the
+    system drops it when the process dies); ArchtreeError when another `up` holds it."""
+    import fcntl
+
+    lock = (home / "up.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ArchtreeError(
+            f"another `archtree up` is running on {home}: stop it first, or give this one its "
+            "own ARCHTREE_HOME"
+        ) from None
+    return lock
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """ArchtreeError when `host`:`port` cannot be bound (another process serves there)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ArchtreeError(
+            f"--host {host!r} is not an address of this machine ({error})"
+        ) from None
+    family, kind, protocol, _, address = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ArchtreeError(
+                f"port {port} on {host} is taken ({error.strerror}): stop what serves there "
+                "(another `archtree up` or API?), or give --port"
+            ) from None
 
 
 def _start_embedded_redis(

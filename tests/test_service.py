@@ -302,6 +302,48 @@ def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Pat
             up.wait()
 
 
+def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp_path: Path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ARCHTREE_HOME": str(tmp_path / "home"),
+    }
+    for name in ("ARCHTREE_REDIS_URL", "REDIS_URL", "ARCHTREE_ARTIFACTS_URL"):
+        env.pop(name, None)
+    port = str(free_port())
+    command = [sys.executable, "-m", "archtree_cli.main", "up", "--port", port]
+    with open(tmp_path / "up.log", "wb") as log:
+        up = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    try:
+        assert "API at" in read_lines(up.stdout).get(timeout=120)
+        first_log = (tmp_path / "home" / "up" / "logs" / "api.log").read_bytes()
+
+        again = archtree("up", "--port", str(free_port()), env=env)
+        assert again.returncode == 2
+        assert "another `archtree up` is running on" in again.stderr
+        other_home = {**env, "ARCHTREE_HOME": str(tmp_path / "other")}
+        same_port = archtree("up", "--port", port, env=other_home)
+        assert same_port.returncode == 2
+        assert f"port {port} on 127.0.0.1 is taken" in same_port.stderr
+        # Refused before starting anything: the first one's logs are untouched.
+        assert (tmp_path / "home" / "up" / "logs" / "api.log").read_bytes()[: len(first_log)] == (
+            first_log
+        )
+
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 4
+        up.kill()  # no chance to stop its children itself
+        up.wait()
+        wait_until(lambda: not [c for c in children if _alive(c)], 60, "all children gone")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
 def _alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
