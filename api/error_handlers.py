@@ -23,6 +23,7 @@ from api.deps import quoted
 from api.schemas import validation_message
 from api.spec_terms import in_spec_terms
 from search.errors import ArchtreeError
+from workers.artifact_store import ArtifactStoreError
 
 ENDPOINTS_HINT = "see /docs for the endpoints"
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -43,6 +44,7 @@ REDIS_RETRY_AFTER_S = 5
 def add_error_handlers(app: FastAPI) -> None:
     """Answer every error of `app` in one line that says what to do."""
     app.add_exception_handler(ArchtreeError, _user_error)
+    app.add_exception_handler(ArtifactStoreError, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     # redis.asyncio raises these same classes.
     for unavailable in REDIS_UNAVAILABLE:
@@ -52,6 +54,14 @@ def add_error_handlers(app: FastAPI) -> None:
 
 async def _user_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": in_spec_terms(str(error))})
+
+
+async def _store_unavailable(_: Request, error: Exception) -> JSONResponse:
+    return JSONResponse(
+        status_code=503,
+        headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
+        content={"detail": f"the service cannot use its files now: {error}"},
+    )
 
 
 async def _invalid_request(request: Request, error: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,7 @@ from latency.device_registry import DeviceRegistry
 from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
-from workers.artifact_store import ArtifactNodeStore, ArtifactStore
+from workers.artifact_store import ArtifactNodeStore, ArtifactStore, ArtifactStoreError
 from workers.job_store import FINAL_STATUSES, JobStore
 from workers.tasks import result_name, submit_job
 
@@ -104,18 +105,50 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     # Each worker names itself (Celery's -n) in the events it emits.
     evaluated_by = {e["worker"] for e in events(jobs, job_id) if e["kind"] == "node"}
     assert evaluated_by == {w.name for w in workers.alive()}
-    # The best candidates were retuned by tasks of their own, and each node now holds the
-    # weights of the run whose result was kept. (A best that fails confirmation is trimmed,
-    # and the trimmed node retuned and re-ranked again, later.)
+    # The best candidates were retuned by tasks of their own, each result naming the weights
+    # of its run. (A best that fails confirmation is trimmed, and the trimmed node retuned and
+    # re-ranked again, later.)
     reranked = [e for e in events(jobs, job_id) if e["kind"] == "reranked"][0]
     retuned = {e["id"] for e in events(jobs, job_id) if e["kind"] == "retuned"}
     assert reranked["nodes"] and {n["id"] for n in reranked["nodes"]} <= retuned
-    nodes = ArtifactNodeStore(artifacts, job_id)
     for entry in reranked["nodes"]:
         result = jobs.load_child_result(job_id, f"{entry['id']}/retune")
         assert result["score"] == entry["score"] and result["weights_id"] != entry["id"]
-        kept, node = nodes.get(result["weights_id"]), nodes.get(entry["id"])
-        assert kept.keys() == node.keys() and all(torch.equal(kept[k], node[k]) for k in kept)
+    # The ended job's candidate weights are gone; its inputs and results stay.
+    assert not artifacts.exists(f"jobs/{job_id}/nodes")
+    assert all(artifacts.exists(result_name(job_id, name)) for name in ARTIFACT_NAMES)
+
+
+def test_a_node_keeps_the_weights_of_the_attempt_committed_first(tmp_path: Path):
+    nodes = ArtifactNodeStore(ArtifactStore(str(tmp_path / "store")), "0123456789ab")
+    first, second = {"w": torch.ones(3)}, {"w": torch.zeros(3)}
+    nodes.put("n4", first, attempt="a1")
+    nodes.put("n4", second, attempt="a2")
+    assert torch.equal(nodes.get(nodes.attempt_id("n4", "a2"))["w"], second["w"])
+
+    nodes.commit("n4", "a1")
+    nodes.commit("n4", "a2")  # a redelivered run that lost: changes nothing
+
+    assert torch.equal(nodes.get("n4")["w"], first["w"])
+    with pytest.raises(ArtifactStoreError, match="n4.a1.safetensors is missing"):
+        nodes.get(nodes.attempt_id("n4", "a1"))
+    nodes.clear()
+    with pytest.raises(ArtifactStoreError, match="removed while the job ran"):
+        nodes.get("n4")
+
+
+def test_an_artifact_store_that_cannot_be_written_is_named(tmp_path: Path):
+    root = tmp_path / "store"
+    store = ArtifactStore(str(root))
+    shutil.rmtree(root)
+    root.write_text("not a folder")
+    with pytest.raises(ArtifactStoreError) as excinfo:
+        store.put_bytes("jobs/0123456789ab/nodes/n1.safetensors", b"weights")
+    message = str(excinfo.value)
+    assert f"cannot write jobs/0123456789ab/nodes/n1.safetensors in the artifact store {root}" in (
+        message
+    )
+    assert "ARCHTREE_ARTIFACTS_URL" in message
 
 
 def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_depths(

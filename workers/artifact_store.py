@@ -16,6 +16,10 @@ from safetensors.torch import save as save_safetensors
 from search.errors import ArchtreeError
 
 
+class ArtifactStoreError(ArchtreeError):
+    """The artifact store cannot be read or written: the operator's to fix, not the user's."""
+
+
 class ArtifactStore:
     """Read and write files by relative path under one root URL."""
 
@@ -42,15 +46,39 @@ class ArtifactStore:
 
     def put_bytes(self, name: str, data: bytes) -> None:
         path = self._path(name)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        temporary = path + ".partial"
-        with self.fs.open(temporary, "wb") as handle:
-            handle.write(data)
-        self.fs.mv(temporary, path)
+        try:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            temporary = path + ".partial"
+            with self.fs.open(temporary, "wb") as handle:
+                handle.write(data)
+            self.fs.mv(temporary, path)
+        except OSError as error:
+            raise self._failure("write", name, error) from None
 
     def get_bytes(self, name: str) -> bytes:
-        with self.fs.open(self._path(name), "rb") as handle:
-            return handle.read()
+        try:
+            with self.fs.open(self._path(name), "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise ArtifactStoreError(
+                f"{name} is missing from the artifact store {self.root} (was the store, or this "
+                "job's folder in it, removed while the job ran?); check ARCHTREE_ARTIFACTS_URL"
+            ) from None
+        except OSError as error:
+            raise self._failure("read", name, error) from None
+
+    def _failure(self, doing: str, name: str, error: OSError) -> ArtifactStoreError:
+        reason = error.strerror or type(error).__name__
+        return ArtifactStoreError(
+            f"cannot {doing} {name} in the artifact store {self.root} ({reason}): check that "
+            "ARCHTREE_ARTIFACTS_URL is a folder or fsspec URL the service can write"
+        )
+
+    def delete_folder(self, name: str) -> None:
+        """Remove a folder and all it holds; nothing happens when it does not exist."""
+        path = self._path(name)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(self._path(name))
@@ -110,6 +138,10 @@ class ArtifactNodeStore:
 
     def discard(self, node_id: str, attempt: str) -> None:
         self.artifacts.delete(self._name(node_id, attempt))
+
+    def clear(self) -> None:
+        """Remove every candidate's weights: once the job has ended, only its results count."""
+        self.artifacts.delete_folder(self.prefix)
 
     @staticmethod
     def attempt_id(node_id: str, attempt: str) -> str:

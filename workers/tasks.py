@@ -310,6 +310,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
         )
         jobs.set_status_if_active(job_id, "succeeded")
         _contexts().drop(job_id)
+        _clear_nodes(job_id)
 
 
 @contextmanager
@@ -351,6 +352,16 @@ def _redis_answers_within(limit_s: float) -> bool:
 def _end(job_id: str, status: str, error: str | None = None) -> None:
     _services().jobs.set_status_if_active(job_id, status, error)
     _contexts().drop(job_id)
+    _clear_nodes(job_id)
+
+
+def _clear_nodes(job_id: str) -> None:
+    """Remove the ended job's candidate weights (a job's tree can hold gigabytes of them);
+    its inputs and result files stay."""
+    try:
+        ArtifactNodeStore(_services().artifacts, job_id).clear()
+    except OSError as error:
+        log.warning("job %s: its candidates' weights could not be removed (%s)", job_id, error)
 
 
 def _active(job_id: str) -> bool:
