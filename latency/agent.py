@@ -358,11 +358,15 @@ class MeasurementAgent:
         while not halt.wait(self.heartbeat_s):
             try:
                 status = self.registry.heartbeat_status(self._consumer())
-                if status == "lost":
+                if status in ("lost", "merged"):
+                    why = (
+                        "was merged into a newer agent's of this device while it was silent "
+                        "(paused, or cut off)"
+                        if status == "merged"
+                        else "is gone (Redis lost its data?)"
+                    )
                     log.warning(
-                        "agent %s: its registry record is gone (Redis lost its data?); "
-                        "registering again",
-                        self.agent_id,
+                        "agent %s: its registry record %s; registering again", self.agent_id, why
                     )
                     info = device_info(self.device_class, self.runtime.name, self.threads)
                     self.registry.restore(self._consumer(), info)

@@ -40,6 +40,8 @@ DEVICE_PREFIX = "archtree:device:"
 # a record lost with Redis's data (a restart without persistence, a failover) is written again.
 DELETED_PREFIX = "archtree:device-deleted:"
 DELETED_KEPT_S = 24 * 3600
+# Left by a merge for a day: an agent of the merged record that was only paused is told so.
+MERGED_PREFIX = "archtree:device-merged:"
 # Measurement counters for monitoring: per device class, per device, and the latest round-trip
 # times per class (a capped list), written by the oracles in workers and read by the API.
 MEASUREMENTS_KEY = "archtree:measurements:by_class"
@@ -53,6 +55,7 @@ ROUND_TRIPS_KEPT = 1000
 _HEARTBEAT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+  if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
   return -1
 end
 local now = redis.call('TIME')
@@ -62,7 +65,8 @@ return 1
 
 # Merges an offline record (KEYS[1], id ARGV[1]) into a newer one of the same device (KEYS[2],
 # id ARGV[2]) in one step, so that a heartbeat in between keeps it, and two merges of the same
-# record count its measurements once. KEYS[3]: the device set; KEYS[4]: counts per device.
+# record count its measurements once. KEYS[3]: the device set; KEYS[4]: counts per device;
+# KEYS[5]: the merged record's marker, kept ARGV[4] seconds.
 _MERGE = """
 local seen = tonumber(redis.call('HGET', KEYS[1], 'last_seen'))
 if seen == nil or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
@@ -73,6 +77,7 @@ if counted > 0 then redis.call('HINCRBY', KEYS[4], ARGV[2], counted) end
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[4])
 return 1
 """
 
@@ -101,10 +106,12 @@ class DeviceRegistry:
         return self.heartbeat_status(device_id) == "alive"
 
     def heartbeat_status(self, device_id: str) -> str:
-        """Mark the device as seen now: `alive`; else `deleted` (by `delete`), or `lost` (its
-        record is gone, and no delete asked for that)."""
-        keys = [DEVICE_PREFIX + device_id, DELETED_PREFIX + device_id]
-        return {1: "alive", 0: "deleted", -1: "lost"}[int(self._heartbeat(keys=keys))]
+        """Mark the device as seen now: `alive`; else `deleted` (by `delete`), `merged` (its
+        record, offline, was merged into a newer one of the same device: see the module), or
+        `lost` (its record is gone, and neither asked for that)."""
+        keys = [DEVICE_PREFIX + device_id, DELETED_PREFIX + device_id, MERGED_PREFIX + device_id]
+        status = int(self._heartbeat(keys=keys))
+        return {1: "alive", 0: "deleted", -1: "lost", -2: "merged"}[status]
 
     def restore(self, device_id: str, info: dict[str, Any]) -> None:
         """Write a lost device's record again, under its id (see heartbeat_status)."""
@@ -166,8 +173,10 @@ class DeviceRegistry:
                 DEVICE_PREFIX + latest["id"],
                 DEVICES_KEY,
                 DEVICE_MEASUREMENTS_KEY,
+                MERGED_PREFIX + record["id"],
             ]
-            if self._merge(keys=keys, args=[record["id"], latest["id"], self.heartbeat_ttl_s]):
+            arguments = [record["id"], latest["id"], self.heartbeat_ttl_s, DELETED_KEPT_S]
+            if self._merge(keys=keys, args=arguments):
                 merged.add(record["id"])
         return merged
 

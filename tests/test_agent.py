@@ -347,6 +347,9 @@ def test_a_restarted_agent_replaces_its_offline_record_and_keeps_its_count(
     assert new["online"] and new["host"] == old["host"]
     assert registry.measurement_stats()["by_device"] == {new["id"]: 1}
     assert redis_client.sismember(DEVICES_KEY, old["id"]) == 0
+    # Were the old agent only paused, its next heartbeat would be told why its record went.
+    assert registry.heartbeat_status(old["id"]) == "merged"
+    assert [record["id"] for record in registry.list()] == [new["id"]]
 
     # Another device class on the same host is another device: its offline record stays.
     other = agents("other-cpu", heartbeat_s=0.1)

@@ -464,6 +464,20 @@ def test_a_failed_jobs_error_names_spec_fields(http: httpx.Client, job_store: Jo
         assert "lower search.min_width_fraction or search.margin" in text and "--" not in text
 
 
+def test_a_succeeded_jobs_result_lost_by_the_store_answers_503_naming_it(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess
+):
+    job_id = job_store.create(SPEC)
+    job_store.set_status_if_active(job_id, "succeeded")  # its result files are not there
+
+    answer = http.get(f"/v1/jobs/{job_id}/artifacts/report.json")
+
+    assert answer.status_code == 503 and answer.headers["retry-after"]
+    detail = one_line_detail(answer)
+    assert f"jobs/{job_id}/result/report.json is missing from the artifact store" in detail
+    assert str(api_server.artifacts) in detail and "ARCHTREE_ARTIFACTS_URL" in detail
+
+
 def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
     for method, path in [
         *((method, "/v1/jobs/" + "a" * 20_000 + route) for method, route in JOB_ROUTES),

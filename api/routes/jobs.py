@@ -17,6 +17,7 @@ from api.job_reads import read_jobs
 from api.schemas import INVALID, ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
 from api.uploads import MAX_SPEC_BYTES, read_submission
 from search.artifacts import ARTIFACT_NAMES
+from workers.artifact_store import ArtifactStoreError
 from workers.job_store import FINAL_STATUSES
 from workers.tasks import result_name
 
@@ -163,6 +164,11 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
         )
     stored = result_name(job["id"], name)
     if not services.artifacts.exists(stored):
+        if job["status"] == "succeeded":  # its results were written: the store lost them
+            raise ArtifactStoreError(
+                f"{stored} is missing from the artifact store {services.artifacts.root}, though "
+                f"job {job['id']} succeeded; check ARCHTREE_ARTIFACTS_URL"
+            )
         why = (
             f"it ended {job['status']}, without results"
             if job["status"] in FINAL_STATUSES
