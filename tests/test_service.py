@@ -267,20 +267,35 @@ def read_lines(stream) -> queue.Queue:
     return lines
 
 
-def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Path):
+def up_env(home: Path) -> dict[str, str]:
+    """The environment of an `archtree up` on its own home, with its embedded Redis."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
-        "ARCHTREE_HOME": str(tmp_path / "home"),
+        "ARCHTREE_HOME": str(home),
     }
     for name in ("ARCHTREE_REDIS_URL", "REDIS_URL", "ARCHTREE_ARTIFACTS_URL"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "archtree_cli.main", "up", "--port", str(free_port())]
+    return env
+
+
+def start_up(tmp_path: Path, port: str) -> subprocess.Popen[str]:
+    """`archtree up --port PORT` with its home in tmp_path/home, stderr in tmp_path/up.log."""
+    command = [sys.executable, "-m", "archtree_cli.main", "up", "--port", port]
     with open(tmp_path / "up.log", "wb") as log:
-        up = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=up_env(tmp_path / "home"),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
         )
+
+
+def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Path):
+    up = start_up(tmp_path, str(free_port()))
     try:
         lines = read_lines(up.stdout)
         line = lines.get(timeout=120)
@@ -303,20 +318,9 @@ def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Pat
 
 
 def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp_path: Path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "ARCHTREE_HOME": str(tmp_path / "home"),
-    }
-    for name in ("ARCHTREE_REDIS_URL", "REDIS_URL", "ARCHTREE_ARTIFACTS_URL"):
-        env.pop(name, None)
     port = str(free_port())
-    command = [sys.executable, "-m", "archtree_cli.main", "up", "--port", port]
-    with open(tmp_path / "up.log", "wb") as log:
-        up = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True
-        )
+    up = start_up(tmp_path, port)
+    env = up_env(tmp_path / "home")
     try:
         assert "API at" in read_lines(up.stdout).get(timeout=120)
         first_log = (tmp_path / "home" / "up" / "logs" / "api.log").read_bytes()
@@ -324,8 +328,7 @@ def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp
         again = archtree("up", "--port", str(free_port()), env=env)
         assert again.returncode == 2
         assert "another `archtree up` is running on" in again.stderr
-        other_home = {**env, "ARCHTREE_HOME": str(tmp_path / "other")}
-        same_port = archtree("up", "--port", port, env=other_home)
+        same_port = archtree("up", "--port", port, env=up_env(tmp_path / "other"))
         assert same_port.returncode == 2
         assert f"port {port} on 127.0.0.1 is taken" in same_port.stderr
         # Refused before starting anything: the first one's logs are untouched.
