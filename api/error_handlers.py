@@ -24,14 +24,14 @@ from api.schemas import validation_message
 from api.spec_terms import in_spec_terms
 from search.errors import ArchtreeError
 from workers.artifact_store import ArtifactStoreError
+from workers.job_store import REDIS_UNREACHABLE
 
 ENDPOINTS_HINT = "see /docs for the endpoints"
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # Redis errors that say the store cannot serve now, not that the request is wrong: unreachable,
 # out of memory, a read-only replica after a failover, still loading its data.
 REDIS_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
+    *REDIS_UNREACHABLE,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.BusyLoadingError,
@@ -95,7 +95,7 @@ def _send_json_object(request: Request) -> str:
 
 async def _redis_unavailable(_: Request, error: Exception) -> JSONResponse:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
-    reached = not isinstance(error, (redis.ConnectionError, redis.TimeoutError))
+    reached = not isinstance(error, REDIS_UNREACHABLE)
     problem = "has a Redis that cannot serve now" if reached else "cannot reach its Redis"
     return JSONResponse(
         status_code=503,

@@ -8,20 +8,18 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-import redis
 from fastapi import Header, HTTPException
 from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import quoted
-from workers.job_store import FINAL_STATUSES, JobStore
+from workers.job_store import FINAL_STATUSES, REDIS_UNREACHABLE, JobStore
 
 POLL_S = 0.25
 # A job's final status is written just before its `status` event: once the job has ended,
 # the stream waits this long for that event before it gives up on it.
 END_GRACE_S = 2.0
 # While Redis cannot be reached, a stream asks again every REDIS_RETRY_S, for REDIS_GRACE_S.
-REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 REDIS_RETRY_S = 1.0
 REDIS_GRACE_S = 60.0
 # A Redis stream id: milliseconds, optionally a sequence number, each a 64-bit unsigned integer.

@@ -163,8 +163,13 @@ class ArchtreeClient:
         path = _job_path(job_id, "events")
         answered = False
         failures = 0
+        stream = f"the events of job {job_id} at {self.api_url}"
         while True:
             headers = {"Last-Event-ID": after} if after else {}
+            # On a failure worth retrying: the error to give up with, the line saying what
+            # happened, and the wait before retrying (None: doubling from RECONNECT_DELAY_S).
+            give_up: ArchtreeError
+            delay_s: float | None = None
             try:
                 with self._stream("GET", path, headers=headers) as answer:
                     if _media_type(answer) != "text/event-stream":
@@ -181,42 +186,31 @@ class ArchtreeClient:
                 if ended:
                     return
                 # A stream that stops before the job's final status broke off: resume it.
-                failures += 1
-                if failures > EVENT_RECONNECTS:
-                    raise ArchtreeError(
-                        f"the event stream of job {job_id} at {self.api_url} keeps ending "
-                        "before the job does; check the service's log"
-                    )
-                if on_retry is not None:
-                    on_retry(
-                        f"the events of job {job_id} at {self.api_url} stopped before the job "
-                        f"ended; retrying ({failures} of {EVENT_RECONNECTS})"
-                    )
-                time.sleep(min(RECONNECT_DELAY_S * 2 ** (failures - 1), LONGEST_RECONNECT_DELAY_S))
+                give_up = ArchtreeError(
+                    f"the event stream of job {job_id} at {self.api_url} keeps ending before "
+                    "the job does; check the service's log"
+                )
+                what = f"{stream} stopped before the job ended"
             except Unavailable as error:
-                failures += 1
-                if failures > EVENT_RECONNECTS:
-                    raise
-                if on_retry is not None:
-                    on_retry(f"{error}; retrying ({failures} of {EVENT_RECONNECTS})")
-                time.sleep(min(error.retry_after_s, LONGEST_RECONNECT_DELAY_S))
+                give_up, what, delay_s = error, str(error), error.retry_after_s
             except ValueError:
                 raise self._not_archtree("the events are not JSON") from None
             except httpx.RequestError as error:
                 refused = isinstance(error, httpx.ConnectError)
                 if (refused and not answered) or not isinstance(error, httpx.TransportError):
                     raise self._failure(error) from None
-                failures += 1
-                if failures > EVENT_RECONNECTS:
-                    raise self._stream_failure(job_id, error, answered) from None
-                if on_retry is not None:
-                    on_retry(
-                        f"the events of job {job_id} at {self.api_url} {self._stall(error)}; "
-                        f"retrying ({failures} of {EVENT_RECONNECTS})"
-                    )
-                if not isinstance(error, httpx.TimeoutException):
-                    delay_s = RECONNECT_DELAY_S * 2 ** (failures - 1)
-                    time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
+                give_up = self._stream_failure(job_id, error, answered)
+                what = f"{stream} {self._stall(error)}"
+                if isinstance(error, httpx.TimeoutException):
+                    delay_s = 0.0  # a stalled stream has waited a timeout already
+            failures += 1
+            if failures > EVENT_RECONNECTS:
+                raise give_up from None
+            if on_retry is not None:
+                on_retry(f"{what}; retrying ({failures} of {EVENT_RECONNECTS})")
+            if delay_s is None:
+                delay_s = RECONNECT_DELAY_S * 2 ** (failures - 1)
+            time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
 
     def fetch(self, job_id: str, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
         """Write the job's arch.json, model.safetensors and report.json into `out_dir`.

@@ -20,6 +20,9 @@ from typing import Any
 
 import redis
 
+# Redis errors that say it cannot be reached now (restarting, failing over), not that a
+# request was wrong: whoever meets one waits for Redis and tries again.
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 STATUSES = ("queued", "waiting_for_device", "running", "succeeded", "failed", "cancelled")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery, Task, chord
 from celery.canvas import Signature
 
@@ -49,11 +48,10 @@ from workers.celery_app import (
     app,
 )
 from workers.job_context import JobContexts, WorkerServices
-from workers.job_store import FINAL_STATUSES, JobStore
+from workers.job_store import FINAL_STATUSES, REDIS_UNREACHABLE, JobStore
 
 log = logging.getLogger("archtree.worker")
 
-REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 # How long a step waits for an unreachable Redis before it gives up, and how many times one
 # step is run again for it.
 REDIS_WAIT_S = 600.0
@@ -308,9 +306,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
             },
             notes=report["notes"],
         )
-        jobs.set_status_if_active(job_id, "succeeded")
-        _contexts().drop(job_id)
-        _clear_nodes(job_id)
+        _end(job_id, "succeeded")
 
 
 @contextmanager
