@@ -14,6 +14,7 @@ from fastapi import Depends, HTTPException, Path, Request
 from api.job_reads import read_job
 from archtree_cli.settings import ServiceSettings
 from latency.device_registry import DeviceRegistry
+from latency.redis_connection import async_redis_client, redis_client
 from search.errors import ArchtreeError
 from workers.artifact_store import ArtifactStore
 from workers.job_store import JobStore
@@ -60,11 +61,11 @@ class Services:
             "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
             "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
         }
-        client = redis.Redis.from_url(url, **timeouts)
+        client = redis_client(url, **timeouts)
         return cls(
             settings=settings,
             client=client,
-            async_client=redis.asyncio.Redis.from_url(url, **timeouts),
+            async_client=async_redis_client(url, **timeouts),
             jobs=JobStore(client),
             artifacts=ArtifactStore(settings.artifacts_url),
             registry=DeviceRegistry(client, settings.heartbeat_ttl_s),

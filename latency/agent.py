@@ -40,6 +40,7 @@ from latency.measurement_protocol import (
     text,
     validate_device_class,
 )
+from latency.redis_connection import redis_client
 from search.errors import ArchtreeError
 from search.interfaces import LatencyOracle
 
@@ -434,7 +435,7 @@ def agent_main(
         redis_url = redis_url or str(answer["redis_url"])
     elif redis_url is None:
         raise ArchtreeError("give the API URL (--api URL) so the agent can register")
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         client.ping()
     except redis.RedisError as error:

@@ -127,3 +127,22 @@ def test_a_job_and_its_followers_go_on_after_redis_restarts_under_it(
     ids = [event_id for event_id, _ in followed]
     assert ids == sorted(set(ids), key=lambda i: tuple(map(int, i.split("-"))))
     assert (followed[-1][1]["kind"], followed[-1][1]["status"]) == ("status", "succeeded")
+
+
+def test_the_first_requests_after_redis_restarts_are_served(
+    persistent_redis: PersistentRedis, tmp_path: Path
+):
+    """Each pooled connection died with the old server; the first command on it must reconnect
+    rather than answer 503 to a client that arrived after Redis came back."""
+    api = start_api(api_env(persistent_redis.url, tmp_path), tmp_path / "logs")
+    paths = ("/v1/jobs", "/v1/devices", "/readyz", "/v1/jobs/0123456789ab")
+    try:
+        with api.client() as client:
+            before = {path: client.get(path).status_code for path in paths}
+            persistent_redis.stop()
+            persistent_redis.start()
+            after = {path: client.get(path).status_code for path in paths}
+    finally:
+        api.stop()
+    assert before == after, api.output()
+    assert after["/v1/jobs"] == 200
