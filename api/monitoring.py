@@ -25,6 +25,10 @@ from api.deps import Services
 from api.schemas import Readiness
 
 WORKER_PING_TIMEOUT_S = 0.5
+NO_WORKER = (
+    f"no Celery worker answered a ping within {WORKER_PING_TIMEOUT_S} s: jobs are accepted but "
+    "wait in the queue until one starts (`archtree worker`, or `archtree up` for the whole stack)"
+)
 ROUND_TRIP_QUANTILES = (0.5, 0.9, 0.99)
 
 __all__ = ["CONTENT_TYPE_LATEST", "metrics_text", "readiness"]
@@ -44,11 +48,14 @@ def readiness(services: Services) -> Readiness:
         replies = services.celery.control.ping(timeout=WORKER_PING_TIMEOUT_S)
     except (OSError, redis.RedisError, OperationalError):
         replies = []
+    workers = sorted(name for reply in replies for name in reply)
     return Readiness(
         status="ready",
         redis=True,
-        workers=sorted(name for reply in replies for name in reply),
+        workers=workers,
         agents_online=_online_per_class(services),
+        # Still ready: the API takes jobs and queues them. The operator is told who is missing.
+        detail=None if workers else NO_WORKER,
     )
 
 

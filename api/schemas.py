@@ -430,7 +430,11 @@ class Readiness(BaseModel):
     agents_online: dict[str, int] = Field(
         default_factory=dict, description="Online agents per device class."
     )
-    detail: str | None = Field(None, description="Why the service is unavailable.")
+    detail: str | None = Field(
+        None,
+        description="Why the service is unavailable; when ready, what it lacks to run jobs "
+        "(no Celery worker answered, so jobs wait in the queue).",
+    )
 
 
 def validation_message(errors: list[Any]) -> str:

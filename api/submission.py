@@ -74,6 +74,8 @@ def _store_and_queue(services: Services, spec: JobSpecIn, local: dict[str, Path]
     try:
         for name, path in local.items():
             services.artifacts.put_bytes(stored[name], path.read_bytes())
+        if not local:  # the uploads' writes check the store; without any, so does this
+            services.artifacts.check_writable()
         submit_job(services.jobs, job_spec, celery=services.celery, job_id=job_id)
     except BaseException:
         for name in stored.values():

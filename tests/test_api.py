@@ -478,6 +478,28 @@ def test_a_succeeded_jobs_result_lost_by_the_store_answers_503_naming_it(
     assert str(api_server.artifacts) in detail and "ARCHTREE_ARTIFACTS_URL" in detail
 
 
+def test_a_submission_the_store_cannot_take_answers_503_and_creates_nothing(
+    http: httpx.Client, api_server: ApiProcess
+):
+    """A spec without uploads writes nothing at submission, yet the job would fail on its
+    first write: the store is checked before the job is queued."""
+    before = job_total(http)
+    aside = api_server.artifacts.with_name("artifacts-aside")
+    api_server.artifacts.rename(aside)
+    api_server.artifacts.write_text("a file where the store's folder was")
+    try:
+        answer = submit(http, SPEC)
+    finally:
+        api_server.artifacts.unlink()
+        aside.rename(api_server.artifacts)
+
+    assert answer.status_code == 503, answer.text
+    detail = one_line_detail(answer)
+    assert "cannot write" in detail and str(api_server.artifacts) in detail
+    assert job_total(http) == before
+    assert submit(http, SPEC).status_code == 202  # and the store works again once restored
+
+
 def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
     for method, path in [
         *((method, "/v1/jobs/" + "a" * 20_000 + route) for method, route in JOB_ROUTES),
@@ -641,6 +663,8 @@ def test_health_readiness_and_metrics(http: httpx.Client):
     ready = http.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["redis"] is True and ready.json()["workers"] == []
+    # Ready, since jobs can be queued; but whoever looks is told that none would run.
+    assert "no Celery worker answered" in ready.json()["detail"]
 
     metrics = http.get("/metrics")
 

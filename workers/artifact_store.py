@@ -7,6 +7,7 @@ workers and agents on several machines share the same files.
 from __future__ import annotations
 
 import io
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -54,6 +55,15 @@ class ArtifactStore:
             self.fs.mv(temporary, path)
         except OSError as error:
             raise self._failure("write", name, error) from None
+
+    def check_writable(self) -> None:
+        """Write and remove a small file; ArtifactStoreError when the store refuses."""
+        name = f"write-checks/{uuid.uuid4().hex}"
+        self.put_bytes(name, b"")
+        try:
+            self.fs.rm(self._path(name))
+        except OSError as error:
+            raise self._failure("remove", name, error) from None
 
     def get_bytes(self, name: str) -> bytes:
         try:
