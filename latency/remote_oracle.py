@@ -41,12 +41,23 @@ class MeasurementCancelled(SearchCancelled):
     """The caller cancelled (its job was cancelled) while a measurement was outstanding."""
 
 
+class DeviceAbsent(Exception):
+    """No agent of the device class has been online for `release_after_s`: the caller chose to
+    give its thread back and wait elsewhere rather than hold it while the device is away."""
+
+    def __init__(self, device_class: str, absent_s: float) -> None:
+        super().__init__(f"no agent of device class {device_class} online for {absent_s:.0f} s")
+        self.device_class = device_class
+
+
 class RemoteOracle:
     """LatencyOracle whose timings are done by the agents of one device class.
 
     Each measurement not in the cache is one stream entry and one reply. While no agent of
     the class is online, `on_waiting(True)` is called (and `on_waiting(False)` once one is),
-    and the oracle waits up to `wait_for_device_s`. The reply timeout `timeout_s` runs from
+    and the oracle waits up to `wait_for_device_s`; or, given `release_after_s`, raises
+    DeviceAbsent once the class has had no agent online for that long, so that a caller that
+    can wait without a thread (a Celery task) does so. The reply timeout `timeout_s` runs from
     the moment an agent takes the request (a long queue is not a failure); a request not
     answered within it is sent once more, then ArchtreeError. `cancelled()` is checked every
     `poll_s` seconds.
@@ -66,6 +77,7 @@ class RemoteOracle:
         cache: LatencyCache | None = None,
         timeout_s: float = 120.0,
         wait_for_device_s: float = 600.0,
+        release_after_s: float | None = None,
         poll_s: float = 0.5,
         on_waiting: Callable[[bool], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
@@ -81,6 +93,7 @@ class RemoteOracle:
         self.cache: LatencyCache = cache if cache is not None else RedisLatencyCache(client)
         self.timeout_s = timeout_s
         self.wait_for_device_s = wait_for_device_s
+        self.release_after_s = release_after_s
         self.poll_s = poll_s
         self.on_waiting = on_waiting
         self.cancelled = cancelled
@@ -211,6 +224,11 @@ class RemoteOracle:
                         self._notify_waiting(True)
                     elif now - waiting_since >= self.wait_for_device_s:
                         raise ArchtreeError(self._no_agent_message())
+                    elif (
+                        self.release_after_s is not None
+                        and now - waiting_since >= self.release_after_s
+                    ):
+                        raise DeviceAbsent(self.device_class, now - waiting_since)
                 elif waiting_since is not None:
                     waiting_since = None
                     taken_at = None

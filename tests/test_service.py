@@ -118,7 +118,12 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
 ):
     started, device_ids = start_agents(agents, client, "svc-a", 2)
     workers = {worker.name for worker in worker_pool.alive()}
-    wait_until(lambda: set(client.http.get("/readyz").json()["workers"]) == workers, 30, "/readyz")
+
+    def all_workers_ready() -> bool:
+        ready = client.http.get("/readyz").json()
+        return set(ready["workers"]) == workers and ready["detail"] is None
+
+    wait_until(all_workers_ready, 30, "/readyz")
     job_id = client.submit(job_spec("svc-a"))["id"]
     thread, events = follow(api, job_id)
 

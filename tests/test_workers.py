@@ -268,5 +268,40 @@ def test_a_job_waiting_for_its_device_does_not_hold_up_the_next_on_one_worker(
     assert "no agent of device class nowhere-else has been online for 4 s" in failed["error"]
 
 
+def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes(
+    worker_pool: WorkerPool, jobs: JobStore, agents
+):
+    """The agent dies while the job's children are measured: the job waits for its device
+    class without holding the only worker (another job runs meanwhile), and goes on once an
+    agent of the class is back."""
+    with worker_pool.reconfigured(ARCHTREE_DEVICE_WAIT_S="300"):
+        worker_pool.ensure(1)
+        lost = agents("lost-a", settings=AGENT_TIMING)
+        start_agents(agents, jobs, "lost-b", 1)
+        registry = DeviceRegistry(jobs.client)
+        wait_until(lambda: registry.live_agents("lost-a") == 1, AGENT_START_S, "agent online")
+        job_id = submit_job(jobs, job_spec("lost-a"), celery=worker_pool.app)
+        wait_until(lambda: child_started(jobs, job_id, min_depth=1), JOB_S, "a child")
+        # The machine is gone: its agent dies, and its record is removed (as the heartbeat's
+        # expiry would, a little later).
+        lost.kill()
+        [record] = [d for d in registry.list() if d.get("device_class") == "lost-a"]
+        registry.delete(record["id"])
+        wait_until(
+            lambda: jobs.get(job_id)["status"] == "waiting_for_device", 60, "the job to wait"
+        )
+
+        other = submit_job(jobs, job_spec("lost-b"), celery=worker_pool.app)
+        assert wait_for_end(jobs, other, worker_pool)["status"] == "succeeded"
+        assert jobs.get(job_id)["status"] == "waiting_for_device"
+
+        start_agents(agents, jobs, "lost-a", 1)
+        job = wait_for_end(jobs, job_id, worker_pool)
+    assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
+    assert job["progress"]["device_wait_since"] is None
+    happened = events(jobs, job_id)
+    assert any(e["kind"] == "status" and e["status"] == "waiting_for_device" for e in happened)
+
+
 def json_file(artifacts: ArtifactStore, name: str) -> dict[str, Any]:
     return json.loads(artifacts.get_bytes(name))

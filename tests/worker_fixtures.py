@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,20 @@ class WorkerPool:
         if len(alive) < count:
             self.start(count - len(alive))
         return self.alive()
+
+    @contextmanager
+    def reconfigured(self, **env: str) -> Iterator[None]:
+        """Workers started inside run with `env` added (ARCHTREE_* settings); those running
+        are stopped on entry, and those started inside are stopped on exit."""
+        self.ensure(0)
+        saved = dict(self.env)
+        self.env.update(env)
+        try:
+            yield
+        finally:
+            self.ensure(0)
+            self.env.clear()
+            self.env.update(saved)
 
     def stop_all(self) -> None:
         for worker in self.workers:

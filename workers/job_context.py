@@ -16,6 +16,7 @@ import redis
 
 from archtree_cli.settings import ServiceSettings
 from latency.device_registry import DeviceRegistry
+from latency.redis_connection import redis_client
 from latency.remote_oracle import RemoteOracle
 from search.budget import Budget, parse_budget
 from search.context import SearchContext
@@ -26,6 +27,9 @@ from workers.artifact_store import ArtifactNodeStore, ArtifactStore
 from workers.job_store import JobStore, RedisEventSink
 
 ARTIFACT_PREFIX = "artifact:"
+# How long a measurement waits for its device class to have an agent online again before the
+# task gives its worker back (tasks.py then waits for the device without holding one).
+DEVICE_RELEASE_S = 2.0
 
 
 @dataclass
@@ -39,7 +43,7 @@ class WorkerServices:
 
     @classmethod
     def connect(cls, settings: ServiceSettings) -> WorkerServices:
-        client = redis.Redis.from_url(settings.resolved_redis_url())
+        client = redis_client(settings.resolved_redis_url())
         return cls(settings, client, JobStore(client), ArtifactStore(settings.artifacts_url))
 
 
@@ -99,6 +103,7 @@ def build_job_context(
         dtype=spec.get("dtype", "float32"),
         timeout_s=settings.measurement_timeout_s,
         wait_for_device_s=settings.device_wait_s,
+        release_after_s=DEVICE_RELEASE_S,
         on_waiting=on_waiting,
         cancelled=lambda: jobs.cancel_requested(job_id),
         registry=DeviceRegistry(services.client, settings.heartbeat_ttl_s),

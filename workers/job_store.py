@@ -9,6 +9,7 @@ Keys (prefix `archtree:`):
 - `job:{id}:plan:{d}` the child tasks planned for depth d (JSON list), written once
 - `job:{id}:children` hash: child id -> its first stored evaluation (JSON)
 - `job:{id}:steps`    hash: orchestration steps already sent (so a redelivered task skips them)
+- `job:{id}:reruns`   hash: task id -> how many times the task was run again for a Redis outage
 """
 
 from __future__ import annotations
@@ -206,6 +207,10 @@ class JobStore:
 
     def step_done(self, job_id: str, step: str) -> bool:
         return bool(self.client.hexists(self._key(job_id, ":steps"), step))
+
+    def count_rerun(self, job_id: str, task_id: str) -> int:
+        """Count one more re-run of the job's task `task_id`; return how many there were."""
+        return int(self.client.hincrby(self._key(job_id, ":reruns"), task_id, 1))
 
     def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
         payload = json.dumps({"kind": kind, "time": time.time(), **data}, default=float)

@@ -31,7 +31,7 @@ from celery.canvas import Signature
 
 from archtree_cli.settings import service_settings
 from latency.device_registry import DeviceRegistry
-from latency.remote_oracle import no_agent_message
+from latency.remote_oracle import DeviceAbsent, no_agent_message
 from search import engine, expansion
 from search.artifacts import ARTIFACT_NAMES, save_artifacts
 from search.errors import ArchtreeError, SearchCancelled
@@ -105,8 +105,7 @@ def start_job(self, job_id: str) -> None:
         if not _active(job_id):
             return
         if jobs.load_state(job_id) is None:
-            if _waits_for_device(self, job_id):
-                return
+            _require_device(job_id)
             jobs.set_status_if_active(job_id, "running")
             if "started_at" not in jobs.get(job_id)["progress"]:
                 jobs.update_progress(job_id, started_at=time.time())
@@ -117,26 +116,51 @@ def start_job(self, job_id: str) -> None:
         _send_once(jobs, job_id, "run_depth:1", run_depth.si(job_id))
 
 
-def _waits_for_device(task: Task, job_id: str) -> bool:
-    """Whether the job has no agent of its device class online yet: then it waits as
-    `waiting_for_device` without holding a worker, `start_job` being sent again in
-    DEVICE_POLL_S, and fails once it has waited ARCHTREE_DEVICE_WAIT_S."""
+def _require_device(job_id: str) -> None:
+    """DeviceAbsent while the job's device class has no agent online (`_job_step` then waits
+    for one without holding a worker); once one is back, the job runs again."""
     services = _services()
     job = services.jobs.get(job_id)
+    if job is None:
+        return
     device_class = job["spec"].get("device_class", "local")
     registry = DeviceRegistry(services.client, services.settings.heartbeat_ttl_s)
-    if registry.live_agents(device_class) > 0:
-        return False
+    if registry.live_agents(device_class) == 0:
+        raise DeviceAbsent(device_class, 0.0)
+    if job["progress"].get("device_wait_since") is not None:
+        services.jobs.update_progress(job_id, device_wait_since=None)
+        services.jobs.set_status_if_active(job_id, "running")
+
+
+def _wait_for_device(task: Task, job_id: str, device_class: str) -> None:
+    """Wait as `waiting_for_device` without holding a worker: the step runs again in
+    DEVICE_POLL_S, and the job fails once it has waited ARCHTREE_DEVICE_WAIT_S in all."""
+    services = _services()
+    job = services.jobs.get(job_id)
+    if job is None or job["status"] in FINAL_STATUSES:
+        return
     now = time.time()
     since = job["progress"].get("device_wait_since")
     if since is None:
         since = now
         services.jobs.update_progress(job_id, device_wait_since=since)
-        services.jobs.set_status_if_active(job_id, "waiting_for_device")
+        log.warning(
+            "job %s: no agent of device class %s online; waiting without a worker",
+            job_id,
+            device_class,
+        )
+    services.jobs.set_status_if_active(job_id, "waiting_for_device")
     if now - since >= services.settings.device_wait_s:
-        raise ArchtreeError(no_agent_message(device_class, services.settings.device_wait_s))
-    task.apply_async((job_id,), countdown=DEVICE_POLL_S)
-    return True
+        _end(job_id, "failed", no_agent_message(device_class, services.settings.device_wait_s))
+        return
+    _run_again(task, countdown=DEVICE_POLL_S)
+
+
+def _run_again(task: Task, countdown: float) -> None:
+    """Send the task again with the same id (so a child still counts for its depth's next
+    step) in `countdown` seconds. Its callers bound how often: Celery's own count of retries
+    would mix device waits with Redis outages."""
+    raise task.retry(countdown=countdown, max_retries=task.request.retries + 1)
 
 
 @app.task(name=RUN_DEPTH, bind=True)
@@ -211,6 +235,7 @@ def _stored_once(
         return stored
     if not _active(job_id):
         return None
+    _require_device(job_id)
     attempt = uuid.uuid4().hex[:12]
     result = compute(attempt)
     if jobs.save_child_result(job_id, key, result):
@@ -281,6 +306,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
             return
         if any(result is None for result in retuned):
             raise RuntimeError("a candidate to retune has no result")
+        _require_device(job_id)  # the answer's latency is confirmed on it
         job = _contexts().get(job_id, self.request.hostname)
         state = _load_state(jobs, job_id)
         started_at = jobs.get(job_id)["progress"].get("started_at", time.time())
@@ -317,6 +343,8 @@ def _job_step(task: Task, job_id: str) -> Iterator[None]:
         yield
     except SearchCancelled:  # in a measurement or a fine-tune
         _end(job_id, "cancelled")
+    except DeviceAbsent as absent:  # before the step, or in one of its measurements
+        _wait_for_device(task, job_id, absent.device_class)
     except ArchtreeError as error:
         _end(job_id, "failed", str(error))
     except REDIS_UNREACHABLE as error:
@@ -325,8 +353,10 @@ def _job_step(task: Task, job_id: str) -> Iterator[None]:
         )
         if not _redis_answers_within(REDIS_WAIT_S):
             raise
-        # The same task id again: a child of a depth still counts for its depth's next step.
-        raise task.retry(countdown=0, max_retries=REDIS_RETRIES) from None
+        if _services().jobs.count_rerun(job_id, task.request.id) > REDIS_RETRIES:
+            _end(job_id, "failed", f"Redis failed this job's step {REDIS_RETRIES} times ({error})")
+            return
+        _run_again(task, countdown=0)
     except Exception as error:
         log.exception("job %s: internal error", job_id)
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
