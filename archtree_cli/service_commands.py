@@ -242,15 +242,16 @@ def run_status(args: argparse.Namespace) -> int:
 
     with ArchtreeClient(args.api) as client, _readable(args.api):
         if args.watch:
+            device_class = client.job(args.job)["spec"]["device_class"]
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
                 kind = event.pop("kind", "")
                 if kind == "status":
-                    print(f"status {event['status']}", flush=True)
+                    print(status_line(event["status"], device_class, args.api), flush=True)
                 else:
                     progress.emit(kind, **event)
         job = client.job(args.job)
-        print_job(job)
+        print_job(job, args.api)
     return 0 if job["status"] == "succeeded" or not args.watch else 1
 
 
@@ -273,13 +274,25 @@ def _say_retrying(note: str) -> None:
     print(f"archtree: {note}", file=sys.stderr, flush=True)
 
 
-def print_job(job: dict[str, Any]) -> None:
+def status_line(status: str, device_class: str, api: str) -> str:
+    """A status event as `status --watch` prints it; a wait for a device says what to do."""
+    if status == "waiting_for_device":
+        return (
+            f"status waiting_for_device: no agent of device class {device_class} is online; "
+            f"start one with `archtree agent --api {api} --device-class {device_class}`"
+        )
+    return f"status {status}"
+
+
+def print_job(job: dict[str, Any], api: str) -> None:
     """A few lines on a job: its status, what it prunes, how far it is."""
     spec, progress = job["spec"], job["progress"]
     print(
         f"job {job['id']} {job['status']}: {spec['model']} on {spec['data']}, budget "
         f"{spec['budget']} on device class {spec['device_class']}"
     )
+    if job["status"] == "waiting_for_device":
+        print(status_line(job["status"], spec["device_class"], api).removeprefix("status "))
     if progress.get("depth") is not None:
         best = progress.get("best")
         best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms" if best else ""

@@ -266,6 +266,41 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
 
 
+def test_status_says_how_to_start_the_agent_a_waiting_job_needs(
+    api: ApiProcess, client: ArchtreeClient, worker_pool: WorkerPool
+):
+    common = ["--api", api.url]
+    hint = f"start one with `archtree agent --api {api.url} --device-class svc-absent`"
+    # A long device wait, so that the job is still waiting when looked at.
+    with worker_pool.reconfigured(ARCHTREE_DEVICE_WAIT_S="300"):
+        worker_pool.ensure(1)
+        job_id = client.submit(job_spec("svc-absent"))["id"]
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "archtree_cli.main", "status", job_id, *common, "--watch"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines = read_lines(watch.stdout)
+            line = lines.get(timeout=60)
+            while not line.startswith("status waiting_for_device"):
+                line = lines.get(timeout=60)
+            assert "no agent of device class svc-absent is online" in line and hint in line
+
+            shown = archtree("status", job_id, *common)
+            assert shown.returncode == 0
+            assert f"job {job_id} waiting_for_device" in shown.stdout and hint in shown.stdout
+            client.cancel(job_id)
+            while not line.startswith("status cancelled"):
+                line = lines.get(timeout=60)
+            assert watch.wait(timeout=60) == 1
+        finally:
+            watch.kill()
+    worker_pool.ensure(2)  # as the module's other tests expect
+
+
 def read_lines(stream) -> queue.Queue:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
