@@ -297,3 +297,27 @@ def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):
     wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "cancelled")
     assert not visible(page, "#cancel") and not visible(page, "#artifacts")
     assert "cancel_requested" in text(page, "#events")
+
+
+def test_a_job_waiting_for_its_device_says_which_agent_to_start(
+    page: Any, stack: ApiProcess, worker_pool: WorkerPool
+):
+    # A long device wait, so that the job is still waiting when looked at.
+    with worker_pool.reconfigured(ARCHTREE_DEVICE_WAIT_S="300"):
+        worker_pool.ensure(1)
+        with stack.client() as client:
+            spec = job_spec() | {"device_class": "dashboard-absent"}
+            job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}).json()["id"]
+            page.get(f"{stack.url}/#/jobs/{job_id}")
+            wait_for(page, lambda: visible(page, "#job-waiting"), JOB_S, "the wait shown")
+            shown = text(page, "#job-waiting")
+            assert js(page, "window.archtree.status") == "waiting_for_device"
+            assert "No agent of device class dashboard-absent is online" in shown
+            command = f"archtree agent --api {stack.url} --device-class dashboard-absent"
+            assert text(page, "#job-waiting code") == command
+            screenshot(page, "job-waiting-for-device")
+
+            client.post(f"/v1/jobs/{job_id}/cancel")
+            wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "end")
+            assert not visible(page, "#job-waiting")
+    worker_pool.ensure(1)  # as the module's other tests expect

@@ -467,6 +467,15 @@ function shownNodes(view) {
   return nodes;
 }
 
+// What a job waiting for its device class needs: an agent of that class, started so.
+function waitingForDevice(deviceClass) {
+  const command = `archtree agent --api ${location.origin} --device-class ${deviceClass}`;
+  return [
+    `No agent of device class ${deviceClass} is online; the job goes on once one is. Start one with `,
+    el("code", { text: command }),
+  ];
+}
+
 function renderJob(view) {
   const { job, tree, root } = view;
   const { progress, spec } = job;
@@ -487,6 +496,9 @@ function renderJob(view) {
   const error = $("#job-error", root);
   error.hidden = !job.error;
   error.textContent = job.error ?? "";
+  const waiting = $("#job-waiting", root);
+  waiting.hidden = job.status !== "waiting_for_device";
+  waiting.replaceChildren(...(waiting.hidden ? [] : waitingForDevice(spec.device_class)));
   const notes = progress.notes ?? [];
   const notesList = $("#job-notes", root);
   notesList.hidden = notes.length === 0;
