@@ -161,6 +161,11 @@ class RemoteOracle:
         hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
         if hit is not None:
             self._count_hit()
+            with self._lock:
+                # An agent of this class measured it: what it reported about its device (the
+                # channel block the search widens to) holds for a job served from the cache.
+                if not self._last_agent_fingerprint and isinstance(hit.fingerprint, dict):
+                    self._last_agent_fingerprint = dict(hit.fingerprint)
             return replace(hit, cached=True)
         result = self._round_trip(
             MeasurementRequest(

@@ -118,6 +118,9 @@ def test_two_agents_share_the_requests_and_results_are_cached(redis_client, agen
     assert oracle.measure_reference(reference) == baseline
     other_worker = RemoteOracle(redis_client, device_class)
     assert other_worker.measure(candidates[1], reference).cached
+    # A job served from the cache alone still knows the device it was measured on.
+    served = other_worker.fingerprint()
+    assert served["channel_block"] == channel_block("cpu") and served["agent_id"] in answered_by
     assert entries_added(redis_client, device_class) == sent
     assert oracle.cache_hits == 2 and oracle.measurements == 5
     wait_until(lambda: registry.queue_depth(device_class) == 0, 10, "the last ack")
