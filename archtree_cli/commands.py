@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -27,13 +28,24 @@ def _oracle(args: argparse.Namespace):
     from search.arch_spec import build_from_spec
 
     device, device_class = parse_device(args.device)
-    if not 1 <= args.threads <= MAX_THREADS or not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+    if not 1 <= args.threads <= MAX_THREADS:
+        raise ArchtreeError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         raise ArchtreeError(
-            f"--threads must be between 1 and {MAX_THREADS}, and --batch-size between 1 and "
-            f"{MAX_BATCH_SIZE}."
+            f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}"
+        )
+    cores = len(os.sched_getaffinity(0))
+    if args.threads > cores:
+        print(
+            f"archtree: warning: --threads {args.threads} is more than the {cores} cores this "
+            "process may use: the threads take turns, and timings come out slow and noisy",
+            file=sys.stderr,
         )
     cache_dir = latency_cache_dir(args.cache_dir)
-    _check_writable(cache_dir, "--cache-dir" if args.cache_dir else "the latency cache")
+    if args.cache_dir:
+        _check_writable(cache_dir, "--cache-dir")
+    else:
+        _check_writable(cache_dir, "the latency cache", fix=HOME_FIX + ", or give --cache-dir")
     return LocalOracle(
         build_from_spec,
         device=device,
@@ -67,7 +79,10 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
     _check_writable(folder, "--out")
 
 
-def _check_writable(folder: Path, option: str) -> None:
+HOME_FIX = "set ARCHTREE_HOME to a folder you can write to"
+
+
+def _check_writable(folder: Path, option: str, fix: str = "give a folder you can write to") -> None:
     """Create `folder` if needed and write a file in it, so that a search never ends unable to
     save; a folder created only for the check is removed again."""
     created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
@@ -77,8 +92,7 @@ def _check_writable(folder: Path, option: str) -> None:
             pass
     except OSError as error:
         raise ArchtreeError(
-            f"cannot write to {option} {folder} ({error.strerror or error}): give a folder you "
-            "can write to."
+            f"cannot write to {option} {folder} ({error.strerror or error}): {fix}."
         ) from None
     finally:
         for parent in created:  # deepest first
@@ -273,10 +287,13 @@ def run_measure(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from search.model_source import describe_builtin_models
 
-    print(f"{'name':<14} {'family':<14} {'params':>10}  description")
-    for entry in describe_builtin_models():
+    entries = describe_builtin_models()
+    names = [f"builtin:{entry['name']}" for entry in entries]
+    width = max(len(name) for name in [*names, "name"])
+    print(f"{'name':<{width}} {'family':<10} {'params':>10}  description")
+    for name, entry in zip(names, entries, strict=True):
         print(
-            f"builtin:{entry['name']:<6} {entry['family']:<14} {entry['params']:>10,}  "
+            f"{name:<{width}} {entry['family']:<10} {entry['params']:>10,}  "
             f"{entry['description']}"
         )
     return 0
@@ -326,7 +343,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     parse_budget(args.budget)
     _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
-    _check_writable(archtree_home() / "demo", "ARCHTREE_HOME's")
+    _check_writable(archtree_home() / "demo", "ARCHTREE_HOME's", fix=HOME_FIX)
     weights = demo_weights(say)
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")

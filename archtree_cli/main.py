@@ -21,7 +21,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser,
+    classes_default: str = "the data's number of classes, or 10 for data without labels",
+) -> None:
     parser.add_argument(
         "--model",
         required=True,
@@ -42,7 +45,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-classes",
         type=int,
-        help="classifier outputs of a builtin model (default: the data's number of classes, or 10)",
+        help=f"classifier outputs of a builtin model (default: {classes_default})",
     )
 
 
@@ -161,7 +164,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "--final-epochs",
         type=float,
         default=defaults.final_epochs,
-        help="epochs of final fine-tuning with distillation (default %(default)s)",
+        help="epochs of final fine-tuning with distillation (default %(default)g)",
     )
     group.add_argument(
         "--round-to",
@@ -279,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure = commands.add_parser("measure", help="measure a model's latency on a device")
     measure.set_defaults(handler="archtree_cli.commands:run_measure")
-    add_model_arguments(measure)
+    add_model_arguments(measure, classes_default="10")
     measure.add_argument(
         "--input-shape",
         default="1,28,28",
@@ -336,20 +339,52 @@ def joined_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
+def interrupted_note(args: argparse.Namespace) -> str | None:
+    """What an interrupted command kept, and what goes on without it."""
+    if args.command in ("prune", "demo"):
+        return (
+            f"nothing was written to {args.out}; the latencies measured so far are in the "
+            "latency cache, so running the same command again does not measure them again"
+        )
+    if args.command == "status" and args.watch:
+        return (
+            f"job {args.job} goes on on the service; stop it with "
+            f"`archtree cancel {args.job} --api {args.api}`"
+        )
+    return None
+
+
+DEBUG_ON = ("1", "true", "yes", "on")
+DEBUG_OFF = ("", "0", "false", "no", "off")
+
+
+def debug_from_environment() -> bool:
+    """ARCHTREE_DEBUG as a switch: 1/true/yes/on or 0/false/no/off (or unset)."""
+    value = os.environ.get("ARCHTREE_DEBUG", "").strip().lower()
+    if value not in DEBUG_ON + DEBUG_OFF:
+        raise ArchtreeError(
+            f"ARCHTREE_DEBUG={value!r} is not a switch: set it to 1 (tracebacks of internal "
+            "errors) or 0, or unset it"
+        )
+    return value in DEBUG_ON
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
     try:
+        debug_from_environment()  # a bad value is refused before any work
         module_name, function_name = args.handler.split(":")
         return getattr(importlib.import_module(module_name), function_name)(args)
     except ArchtreeError as error:
         print(f"archtree: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("archtree: interrupted", file=sys.stderr)
+        note = interrupted_note(args)
+        print(f"archtree: interrupted{f': {note}' if note else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - last line of defence for the user's terminal
-        if args.debug or os.environ.get("ARCHTREE_DEBUG"):
+        if args.debug or debug_from_environment():
             raise
         print(
             f"archtree: internal error: {type(error).__name__}: {error} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -114,7 +115,9 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
         "--budget", required=True, help="latency budget: milliseconds (8ms) or a share (60%%)"
     )
     submit.add_argument("--batch-size", type=int, default=1, help="batch size timed (default 1)")
-    submit.add_argument("--dtype", choices=DTYPES, default="float32", help="precision timed")
+    submit.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="precision timed (default %(default)s)"
+    )
     add_search_arguments(submit)
 
     status = commands.add_parser("status", help="show a job's status, or follow it to the end")
@@ -136,6 +139,18 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     )
     fetch.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
 
+    cancel = commands.add_parser("cancel", help="stop a queued or running job")
+    cancel.set_defaults(handler="archtree_cli.service_commands:run_cancel")
+    cancel.add_argument("job", help="the job id")
+    _add_api_argument(cancel)
+
+    jobs = commands.add_parser("jobs", help="list the service's jobs, newest first")
+    jobs.set_defaults(handler="archtree_cli.service_commands:run_jobs")
+    _add_api_argument(jobs)
+    jobs.add_argument(
+        "--limit", type=int, default=20, help="how many jobs to list, 1-200 (default 20)"
+    )
+
 
 def _add_api_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -149,7 +164,18 @@ def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
     )
-    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    parser.add_argument("--port", type=tcp_port, default=8000, help="port (default %(default)s)")
+
+
+def tcp_port(text: str) -> int:
+    """argparse type of --port: a number from 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to 65535, got {text!r}")
+    return port
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -309,6 +335,39 @@ def print_job(job: dict[str, Any], api: str) -> None:
         print(f"error: {job['error']}")
 
 
+def run_cancel(args: argparse.Namespace) -> int:
+    from archtree_cli.client import ArchtreeClient
+
+    with ArchtreeClient(args.api) as client, _readable(args.api):
+        job = client.cancel(args.job)
+    if job["status"] == "cancelled":
+        print(f"job {job['id']} cancelled")
+    else:
+        print(f"job {job['id']} is stopping: it ends within a second or so of its current step")
+    return 0
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    from archtree_cli.client import ArchtreeClient
+
+    if not 1 <= args.limit <= 200:
+        raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
+    with ArchtreeClient(args.api) as client, _readable(args.api):
+        page = client.jobs(limit=args.limit)
+        for job in page["jobs"]:
+            spec = job["spec"]
+            print(
+                f"{job['id']}  {job['status']:<18}  {spec['model']} on {spec['data']}, budget "
+                f"{spec['budget']}, device class {spec['device_class']}"
+            )
+    shown = len(page["jobs"])
+    if shown < page["total"]:
+        print(f"({shown} newest of {page['total']} jobs; --limit shows more)", file=sys.stderr)
+    elif shown == 0:
+        print("no jobs yet: submit one with `archtree submit`", file=sys.stderr)
+    return 0
+
+
 def run_fetch(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
     from archtree_cli.commands import _check_out_dir, print_summary
@@ -406,12 +465,14 @@ def _signal_group(child: Child, signum: int) -> None:
 def run_up(args: argparse.Namespace) -> int:
     """Start Redis (unless one is configured), the API, a worker and a local agent, and keep
     them running until Ctrl-C or SIGTERM, or until one of them exits."""
+    from archtree_cli.commands import HOME_FIX, _check_writable
     from archtree_cli.paths import archtree_home
 
     if args.workers < 1:
         raise ArchtreeError("--workers must be at least 1")
     home = archtree_home() / "up"
     log_dir = home / "logs"
+    _check_writable(log_dir, "ARCHTREE_HOME's logs folder", fix=HOME_FIX)
     log_dir.mkdir(parents=True, exist_ok=True)
     lock = _hold_up_lock(home)
     try:
@@ -514,6 +575,11 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as error:
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise ArchtreeError(
+                    f"--host {host} is not an address of this machine: give one of its own, "
+                    "127.0.0.1 for this machine only, or 0.0.0.0 for all its interfaces"
+                ) from None
             raise ArchtreeError(
                 f"port {port} on {host} is taken ({error.strerror}): stop what serves there "
                 "(another `archtree up` or API?), or give --port"

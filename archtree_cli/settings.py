@@ -67,6 +67,7 @@ class ServiceSettings(BaseSettings):
     )
     api_workers: int = Field(
         default=1,
+        ge=1,
         description="API processes `archtree api` starts (its --workers default). Each is a "
         "whole copy of the API, about 300 MB as it imports torch: use about one per free core.",
     )

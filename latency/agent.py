@@ -434,8 +434,17 @@ def agent_main(
         answer = register_via_api(api_url, info)
         redis_url = redis_url or str(answer["redis_url"])
     elif redis_url is None:
-        raise ArchtreeError("give the API URL (--api URL) so the agent can register")
-    client = redis_client(redis_url)
+        raise ArchtreeError(
+            "give the API URL (--api URL) so the agent can register, or the service's Redis "
+            "(--redis-url URL)"
+        )
+    try:
+        client = redis_client(redis_url)
+    except ValueError as error:  # redis-py names the schemes it takes
+        raise ArchtreeError(
+            f"cannot use {redis_url!r} as the Redis URL ({error}): give one like "
+            "redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
+        ) from None
     try:
         client.ping()
     except redis.RedisError as error:

@@ -21,6 +21,7 @@ child costs 0.2-0.5 s on the benchmark's models on top of the timing: 0.04 s to 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ def run_timing_job(job: TimingJob) -> tuple[TimingStats, TimingStats | None, flo
 
 def _serve(job: TimingJob, sender: Connection) -> None:
     """The child's entry: run the job, send back its result or the error it raised."""
+    # Ctrl-C reaches the whole process group: the parent stops this child, which must not
+    # print a KeyboardInterrupt traceback of its own under the parent's one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         outcome: tuple[str, object] = ("ok", run_timing_job(job))
     except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
@@ -101,6 +105,9 @@ class FreshProcessTimer:
                 status, result = receiver.recv()
             except EOFError:
                 status, result = "died", None
+            except BaseException:  # the parent stops (Ctrl-C): the timing is not wanted
+                child.terminate()
+                raise
             finally:
                 receiver.close()
                 child.join()

@@ -227,7 +227,15 @@ def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
             f"`y` in {str(path)!r} holds {value.dtype} values; labels must be integers 0..K-1 "
             "(map class names to indices first)"
         )
-    y = _as_tensor(value, "y", path).reshape(-1)
+    y = _as_tensor(value, "y", path)
+    if y.dim() == 2 and y.shape[1] == 1:  # a column of labels
+        y = y.reshape(-1)
+    if y.dim() > 1:
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} has shape {tuple(y.shape)}; labels must be one class index "
+            f"per sample, shape ({count},) (for one-hot or score rows, save their argmax)"
+        )
+    y = y.reshape(-1)
     if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch's min/max skip these
         y = y.to(torch.int64)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():

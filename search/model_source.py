@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from search.errors import ArchtreeError
@@ -403,7 +403,9 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Cloning gives every key its own contiguous storage, which safetensors requires.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    # Written as any file is, so it gets the same permissions as arch.json and report.json
+    # (save_file leaves it readable by its owner only).
+    path.write_bytes(save(state, metadata={"format": "pt"}))
 
 
 def describe_builtin_models() -> list[dict[str, Any]]:

@@ -147,6 +147,7 @@ def test_archtree_api_refuses_zero_workers_in_one_line(
         ("worker", "ARCHTREE_REDIS_URL", "notaurl", "is not a Redis URL: give one like redis://"),
         ("api", "ARCHTREE_MAX_WEIGHTS_BYTES", "-1", "should be greater than 0"),
         ("worker", "ARCHTREE_HEARTBEAT_TTL_S", "nan", "should be a finite number"),
+        ("api", "ARCHTREE_API_WORKERS", "0", "should be greater than or equal to 1"),
     ],
 )
 def test_a_bad_setting_in_the_environment_is_one_line_naming_it(

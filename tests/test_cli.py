@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
+from archtree_cli.main import debug_from_environment
 from search.notes import NOTHING_PRUNED
 from tests.cli_process import ROOT, run_archtree
+from tests.redis_fixtures import wait_until
 
 FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2"]
 
@@ -470,6 +476,86 @@ def test_measure_bad_input_gives_one_clear_line(home, extra, expected):
     assert expected in one_line_error(result)
 
 
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["up", "--port", "99999"], {}, "--port: must be a number from 1 to 65535, got '99999'"),
+        (["up", "--host", "10.255.255.1", "--port", _free_port()], {},
+         "--host 10.255.255.1 is not an address of this machine"),
+        (["up"], {"ARCHTREE_HOME": "/dev/null/home"},
+         "set ARCHTREE_HOME to a folder you can write to"),
+        (["measure", "--model", "builtin:vgg"], {"ARCHTREE_HOME": "/dev/null/home"},
+         "set ARCHTREE_HOME to a folder you can write to, or give --cache-dir"),
+        (["measure", "--model", "builtin:vgg", "--batch-size", "0"], {},
+         "--batch-size must be between 1 and 65536, got 0"),
+        (["agent", "--redis-url", "http://x", "--device-class", "x"], {},
+         "cannot use 'http://x' as the Redis URL"),
+        (["jobs", "--limit", "0"], {}, "--limit must be from 1 to 200"),
+        (["models"], {"ARCHTREE_DEBUG": "maybe"}, "ARCHTREE_DEBUG='maybe' is not a switch"),
+    ],
+)  # fmt: skip
+def test_bad_service_and_environment_input_gives_one_clear_line(home, args, env, expected):
+    result = run_archtree(*args, home=home, env=env)
+    assert expected in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("", False), ("0", False), ("off", False), ("1", True), ("True", True)]
+)
+def test_archtree_debug_is_a_switch(monkeypatch, value, on):
+    monkeypatch.setenv("ARCHTREE_DEBUG", value)
+    assert debug_from_environment() is on
+
+
+def test_more_threads_than_cores_are_warned_about(home):
+    threads = len(os.sched_getaffinity(0)) + 1
+    result = archtree(
+        "measure", "--model", "builtin:vgg", "--input-shape", "1,8,8", "--threads",
+        str(threads), home=home,
+    )  # fmt: skip
+    assert f"--threads {threads} is more than the" in result.stderr
+
+
+def test_ctrl_c_during_a_timing_says_what_was_kept_without_a_traceback(tmp_path, home):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "archtree_cli.main", "prune", "--model", "builtin:resnet",
+         "--data", "builtin:digits", "--budget", "50%", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+    )  # fmt: skip
+    try:
+        archtree_process = psutil.Process(process.pid)
+
+        def timing() -> bool:
+            # The timings run in children of the fork server, a child of archtree.
+            try:
+                children = archtree_process.children(recursive=True)
+                return any(child.ppid() != process.pid for child in children)
+            except psutil.NoSuchProcess:
+                return False
+
+        wait_until(timing, 120, "a timing process", poll_s=0.01)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert f"archtree: interrupted: nothing was written to {out}" in stderr
+    assert not out.exists()
+
+
 def test_debug_is_taken_after_the_command_too(home):
     result = archtree("models", "--debug", home=home)
     assert "builtin:vgg" in result.stdout
@@ -495,6 +581,10 @@ def test_models_lists_three_families(home):
     result = archtree("models", home=home)
     for name in ("builtin:vgg", "builtin:resnet", "builtin:mobilenetv2"):
         assert name in result.stdout
+    header, *rows = result.stdout.splitlines()
+    # A table: every row's description starts under the header's.
+    starts = {re.search(r"\d[\d,]*  ", row).end() for row in rows}
+    assert starts == {header.index("description")}, result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -86,6 +86,12 @@ def test_labels_of_any_integer_type(tmp_path: Path, dtype: type) -> None:
     assert splits.num_classes == 10 and splits.train_y.dtype == torch.int64
 
 
+def test_a_column_of_labels_is_read_as_one_label_per_sample(tmp_path: Path) -> None:
+    path = _save(tmp_path / "column.npz", x=_images(60), y=(np.arange(60) % 3).reshape(60, 1))
+    splits = load_data(path)
+    assert splits.num_classes == 3 and splits.train_y.dim() == 1
+
+
 def test_pt_file_without_channel_dim(tmp_path: Path) -> None:
     path = tmp_path / "data.pt"
     x = torch.from_numpy(_images(100, (5, 5)))
@@ -118,6 +124,10 @@ def _save(path: Path, **arrays: object) -> str:
         ("noinputs.npz", {"images": _images(50)}, ["no array named `x`", "images"]),
         ("rank.npz", {"x": np.zeros((50, 4), np.float32)}, ["shape (50, 4)", "N,C,H,W"]),
         ("count.npz", {"x": _images(50), "y": np.arange(40)}, ["40 labels", "50 samples"]),
+        ("onehot.npz", {"x": _images(50), "y": np.eye(2, dtype=np.int64)[np.arange(50) % 2]},
+         ["shape (50, 2)", "shape (50,)", "argmax"]),
+        ("pairs.npz", {"x": _images(50), "y": (np.arange(50) % 5).reshape(25, 2)},
+         ["shape (25, 2)", "one class index per sample"]),
         ("float.npz", {"x": _images(50), "y": np.zeros(50)}, ["float64", "integers"]),
         ("negative.pt", {"x": torch.zeros(50, 1, 4, 4), "y": -torch.ones(50, dtype=torch.long)},
          ["negative"]),

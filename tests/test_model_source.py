@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import sys
 import textwrap
 from pathlib import Path
@@ -193,6 +194,13 @@ def test_save_weights_handles_tied_and_non_contiguous_tensors(tmp_path: Path) ->
     load_weights(fresh, tmp_path / "tied.safetensors")
     assert torch.equal(fresh.a.weight, model.a.weight)
     assert torch.equal(fresh.t, model.t)
+
+
+def test_saved_weights_get_the_permissions_of_any_new_file(tmp_path: Path) -> None:
+    save_weights(_built(seed=1), tmp_path / "model.safetensors")
+    (tmp_path / "report.json").write_text("{}")
+    mode = stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "report.json").stat().st_mode)
 
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])

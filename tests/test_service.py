@@ -266,7 +266,7 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
 
 
-def test_status_says_how_to_start_the_agent_a_waiting_job_needs(
+def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
     api: ApiProcess, client: ArchtreeClient, worker_pool: WorkerPool
 ):
     common = ["--api", api.url]
@@ -280,6 +280,7 @@ def test_status_says_how_to_start_the_agent_a_waiting_job_needs(
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         try:
@@ -292,12 +293,26 @@ def test_status_says_how_to_start_the_agent_a_waiting_job_needs(
             shown = archtree("status", job_id, *common)
             assert shown.returncode == 0
             assert f"job {job_id} waiting_for_device" in shown.stdout and hint in shown.stdout
-            client.cancel(job_id)
-            while not line.startswith("status cancelled"):
-                line = lines.get(timeout=60)
-            assert watch.wait(timeout=60) == 1
+            # Ctrl-C stops the watch, not the job: it says so, and how to stop the job.
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(timeout=60) == 130
         finally:
             watch.kill()
+        stderr = watch.stderr.read()
+        assert f"job {job_id} goes on on the service" in stderr
+        assert f"stop it with `archtree cancel {job_id} --api {api.url}`" in stderr
+        listed = archtree("jobs", *common)
+        assert listed.returncode == 0
+        assert any(
+            line.split()[:2] == [job_id, "waiting_for_device"]
+            for line in listed.stdout.splitlines()
+        ), listed.stdout
+
+        cancelled = archtree("cancel", job_id, *common)
+        assert cancelled.returncode == 0 and job_id in cancelled.stdout, cancelled.stderr
+        wait_until(lambda: client.job(job_id)["status"] == "cancelled", 60, "the cancel")
+        again = archtree("cancel", job_id, *common)
+        assert again.returncode == 2 and "has already ended (cancelled)" in again.stderr
     worker_pool.ensure(2)  # as the module's other tests expect
 
 
