@@ -293,8 +293,7 @@ def run_models(args: argparse.Namespace) -> int:
     print(f"{'name':<{width}} {'family':<10} {'params':>10}  description")
     for name, entry in zip(names, entries, strict=True):
         print(
-            f"{name:<{width}} {entry['family']:<10} {entry['params']:>10,}  "
-            f"{entry['description']}"
+            f"{name:<{width}} {entry['family']:<10} {entry['params']:>10,}  {entry['description']}"
         )
     return 0
 

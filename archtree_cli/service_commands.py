@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archtree_cli.cli_terms import errors_in_cli_terms
 from search.errors import ArchtreeError
 
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -248,10 +249,19 @@ def run_submit(args: argparse.Namespace) -> int:
         spec["data"] = args.data
     else:
         data_file = args.data
-    with ArchtreeClient(args.api) as client:
+    with ArchtreeClient(args.api) as client, errors_in_cli_terms():
         job = client.submit(spec, weights=args.weights, data=data_file)
+        devices = client.devices()["devices"]
     print(job["id"])
     print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)
+    device_class = args.device_class
+    if not any(d["online"] and d["device_class"] == device_class for d in devices):
+        print(
+            f"archtree: warning: no agent of device class {device_class} is online, so the job "
+            f"waits for one: start it with `archtree agent --api {args.api} --device-class "
+            f"{device_class}` (or check --device-class for a typo)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -266,7 +276,7 @@ def run_status(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
     from archtree_cli.progress import ConsoleProgress
 
-    with ArchtreeClient(args.api) as client, _readable(args.api):
+    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
         if args.watch:
             device_class = client.job(args.job)["spec"]["device_class"]
             progress = ConsoleProgress(stream=sys.stdout)
@@ -338,7 +348,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
 def run_cancel(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
 
-    with ArchtreeClient(args.api) as client, _readable(args.api):
+    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
         job = client.cancel(args.job)
     if job["status"] == "cancelled":
         print(f"job {job['id']} cancelled")
@@ -352,7 +362,7 @@ def run_jobs(args: argparse.Namespace) -> int:
 
     if not 1 <= args.limit <= 200:
         raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
-    with ArchtreeClient(args.api) as client, _readable(args.api):
+    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
         page = client.jobs(limit=args.limit)
         for job in page["jobs"]:
             spec = job["spec"]
@@ -372,7 +382,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
     from archtree_cli.commands import _check_out_dir, print_summary
 
-    with ArchtreeClient(args.api) as client:
+    with ArchtreeClient(args.api) as client, errors_in_cli_terms():
         _check_out_dir(args.out, args.overwrite)
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = json.loads(next(path for path in files if path.name == "report.json").read_text())

@@ -240,6 +240,7 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
         "--select-top", "2",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
+    assert "warning" not in submitted.stderr  # its agents are online
     job_id = submitted.stdout.strip()
     spec = client.job(job_id)["spec"]
     assert spec["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
@@ -261,6 +262,13 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     source = ["--model", "builtin:nope", "--data", "builtin:digits", "--budget", "60%"]
     refused = archtree("submit", *common, *source)
     assert refused.returncode == 2 and "unknown builtin model 'nope'" in refused.stderr
+    # The service's limits and hints, in the options and commands of the command line.
+    vgg = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
+    too_wide = archtree("submit", *common, *vgg, "--width", "100")
+    assert too_wide.returncode == 2
+    assert "--width: Input should be less than or equal to 64" in too_wide.stderr
+    unknown = archtree("status", "0123456789ab", *common)
+    assert unknown.returncode == 2 and "list the jobs with `archtree jobs`" in unknown.stderr
     down = archtree("status", job_id, "--api", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 2
     assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
@@ -274,7 +282,13 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
     # A long device wait, so that the job is still waiting when looked at.
     with worker_pool.reconfigured(ARCHTREE_DEVICE_WAIT_S="300"):
         worker_pool.ensure(1)
-        job_id = client.submit(job_spec("svc-absent"))["id"]
+        submitted = archtree(
+            "submit", *common, "--device-class", "svc-absent", "--model", "builtin:vgg",
+            "--data", "builtin:digits", "--budget", BUDGET, *CLI_SEARCH,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        assert "warning: no agent of device class svc-absent is online" in submitted.stderr
         watch = subprocess.Popen(
             [sys.executable, "-m", "archtree_cli.main", "status", job_id, *common, "--watch"],
             cwd=ROOT,

@@ -1,0 +1,42 @@
+"""The service's messages in the terms of the command line that sent the request.
+
+The API words its errors for a REST client: spec fields (`search.width`, `num_classes`) and
+endpoints (`GET /v1/jobs`). `archtree submit`, `status`, `fetch` and `cancel` show them with
+the options and commands a user of the CLI types instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from search.errors import ArchtreeError
+from search.settings import option_of
+
+_SEARCH_FIELD = re.compile(r"\bsearch\.([a-z_]+)\b")
+_TERMS = (
+    ("`allow_pickle: true` in the spec", "--allow-pickle"),
+    ("allow_pickle", "--allow-pickle"),
+    ("num_classes", "--num-classes"),
+    ("batch_size", "--batch-size"),
+    ("device_class", "--device-class"),
+    ("list the jobs with GET /v1/jobs", "list the jobs with `archtree jobs`"),
+)
+
+
+def in_cli_terms(message: str) -> str:
+    """`message` with the job spec's fields and the API's endpoints as the CLI names them."""
+    message = _SEARCH_FIELD.sub(lambda field: option_of(field[1]), message)
+    for spec_term, cli_term in _TERMS:
+        message = re.sub(rf"(?<![\w-]){re.escape(spec_term)}(?![\w-])", cli_term, message)
+    return message
+
+
+@contextlib.contextmanager
+def errors_in_cli_terms() -> Iterator[None]:
+    """Re-raise an ArchtreeError from the service in CLI terms."""
+    try:
+        yield
+    except ArchtreeError as error:
+        raise ArchtreeError(in_cli_terms(str(error))) from None
