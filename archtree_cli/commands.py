@@ -227,8 +227,9 @@ def print_summary(report: dict[str, Any], out: str) -> None:
     print(
         f"\nbudget {report['budget_ms']:.3f} ms, final at {final['budget_fit']:.1%} of it; "
         f"{search['strategy']} searched {search['depths']} depths, "
-        f"{search['candidates_evaluated']} candidates, {search['latency_measurements']} "
-        f"measurements ({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
+        f"{counted(search['candidates_evaluated'], 'candidate')}, "
+        f"{counted(search['latency_measurements'], 'measurement')} "
+        f"({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
     )
     for note in report.get("notes", []):  # reports of earlier versions have none
         print(f"note: {note}")
@@ -282,6 +283,11 @@ def run_measure(args: argparse.Namespace) -> int:
     print(f"CV         {stats.cv:.2%}")
     print(f"runs       {stats.n}")
     return 0
+
+
+def counted(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -322,6 +322,8 @@ def status_line(status: str, device_class: str, api: str) -> str:
 
 def print_job(job: dict[str, Any], api: str) -> None:
     """A few lines on a job: its status, what it prunes, how far it is."""
+    from archtree_cli.commands import counted
+
     spec, progress = job["spec"], job["progress"]
     print(
         f"job {job['id']} {job['status']}: {spec['model']} on {spec['data']}, budget "
@@ -333,8 +335,9 @@ def print_job(job: dict[str, Any], api: str) -> None:
         best = progress.get("best")
         best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms" if best else ""
         print(
-            f"progress: depth {progress['depth']}, {progress.get('candidates_evaluated', 0)} "
-            f"candidates, {progress.get('measurements', 0)} measurements{best_text}"
+            f"progress: depth {progress['depth']}, "
+            f"{counted(progress.get('candidates_evaluated', 0), 'candidate')}, "
+            f"{counted(progress.get('measurements', 0), 'measurement')}{best_text}"
         )
     final = progress.get("final")
     if final:

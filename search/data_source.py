@@ -277,8 +277,8 @@ def _split(
     total = len(x)
     if total < MIN_SAMPLES:
         raise ArchtreeError(
-            f"dataset {name!r} has {total} samples; at least {MIN_SAMPLES} are needed "
-            "to train, calibrate and validate"
+            f"{name!r} holds {total} samples; at least {MIN_SAMPLES} are needed to train, "
+            "calibrate and validate"
         )
     if calib_size < 1 or val_size < 1:
         raise ArchtreeError("calibration and validation sizes must be at least 1")

@@ -403,6 +403,8 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
         ]
     assert kinds == ["queued", "cancel_requested", "status"]
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    ended = one_line_detail(http.get(f"/v1/jobs/{job_id}/artifacts/report.json"))
+    assert ended.endswith("has no report.json: it ended cancelled, without results")
 
 
 def test_unknown_jobs_answer_404_with_a_message(http: httpx.Client):

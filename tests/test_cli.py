@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from archtree_cli.commands import counted
 from archtree_cli.main import debug_from_environment
 from search.notes import NOTHING_PRUNED
 from tests.cli_process import ROOT, run_archtree
@@ -554,6 +555,11 @@ def test_ctrl_c_during_a_timing_says_what_was_kept_without_a_traceback(tmp_path,
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert f"archtree: interrupted: nothing was written to {out}" in stderr
     assert not out.exists()
+
+
+def test_counts_are_singular_for_one():
+    assert counted(1, "measurement") == "1 measurement"
+    assert [counted(n, "candidate") for n in (0, 2)] == ["0 candidates", "2 candidates"]
 
 
 def test_debug_is_taken_after_the_command_too(home):

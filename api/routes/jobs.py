@@ -169,12 +169,13 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
                 f"{stored} is missing from the artifact store {services.artifacts.root}, though "
                 f"job {job['id']} succeeded; check ARCHTREE_ARTIFACTS_URL"
             )
-        why = (
-            f"it ended {job['status']}, without results"
+        detail = (
+            f"job {job['id']} has no {name}: it ended {job['status']}, without results"
             if job["status"] in FINAL_STATUSES
-            else f"it is {job['status']}; results exist once it has succeeded"
+            else f"job {job['id']} has no {name} yet: it is {job['status']}; results exist once "
+            "it has succeeded"
         )
-        raise HTTPException(status_code=404, detail=f"job {job['id']} has no {name} yet: {why}")
+        raise HTTPException(status_code=404, detail=detail)
     media = "application/json" if name.endswith(".json") else "application/octet-stream"
     return StreamingResponse(
         _chunks(services.artifacts.open_stream(stored)),
