@@ -16,13 +16,23 @@ class ConsoleProgress:
         self.started = time.monotonic()
         self.children_planned = 0
         self.children_seen = 0
+        # Events from the service carry the wall time they happened at (`time`): a replay of
+        # a job's past events is stamped from its first event, as it happened, not as printed.
+        self.first_event_time: float | None = None
+        self.event_time: float | None = None
 
     def _print(self, text: str) -> None:
         if not self.quiet:
-            elapsed = time.monotonic() - self.started
+            if self.event_time is not None and self.first_event_time is not None:
+                elapsed = self.event_time - self.first_event_time
+            else:
+                elapsed = time.monotonic() - self.started
             print(f"[{elapsed:6.1f}s] {text}", file=self.stream, flush=True)
 
     def emit(self, kind: str, **data: Any) -> None:
+        self.event_time = data.pop("time", None)
+        if self.first_event_time is None:
+            self.first_event_time = self.event_time
         if kind == "baseline":
             score = data["score"]
             self._print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 
 from archtree_cli.commands import counted
 from archtree_cli.main import debug_from_environment
+from archtree_cli.progress import ConsoleProgress
 from search.notes import NOTHING_PRUNED
 from tests.cli_process import ROOT, run_archtree
 from tests.redis_fixtures import wait_until
@@ -598,3 +600,13 @@ def test_cuda_device_without_a_gpu_says_so(tmp_path, home):
     line = one_line_error(archtree(*prune_args(tmp_path, "--device", "local:cuda"), home=home,
                                    check=False))  # fmt: skip
     assert "CUDA" in line and "--device local" in line
+
+
+def test_replayed_service_events_are_stamped_when_they_happened():
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream)
+    progress.emit("queued", time=1000.0)
+    progress.emit("note", message="first", time=1002.5)
+    progress.emit("note", message="second", time=1010.0)
+    stamps = [line.split("]")[0].strip("[ s") for line in stream.getvalue().splitlines()]
+    assert stamps == ["2.5", "10.0"]
