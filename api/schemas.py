@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.job_store import STATUSES
 
@@ -163,6 +163,23 @@ class JobSpecIn(BaseModel):
     search: SearchSettingsIn = Field(
         default_factory=SearchSettingsIn, description="Search settings (defaults when left out)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_are_uploads(cls, spec: Any) -> Any:
+        if isinstance(spec, dict) and "weights" in spec:
+            raise ValueError(
+                "`weights` is not a spec field: send the weights file as the `weights` upload "
+                "(curl -F weights=@model.safetensors)"
+            )
+        return spec
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_is_text(cls, budget: Any) -> Any:
+        if isinstance(budget, int | float) and not isinstance(budget, bool):
+            raise ValueError(f'give the budget as text with its unit: "{budget}ms" or "{budget}%"')
+        return budget
 
 
 class JobSpec(BaseModel):
@@ -440,6 +457,8 @@ class Readiness(BaseModel):
 def validation_message(errors: list[Any]) -> str:
     """Pydantic's validation errors as one line: `where: what` for the first, and a count."""
     first = errors[0]
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "input"
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    # Our own validators' messages say what to do; pydantic prefixes them with their kind.
+    what = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{more}"
+    return f"{where}: {what}{more}" if where else f"{what}{more}"

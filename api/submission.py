@@ -35,7 +35,7 @@ def submit(services: Services, submission: Submission) -> str:
 
     Raises ArchtreeError (one line) for anything wrong with the submission.
     """
-    spec = parse_spec(submission.spec)
+    spec = parse_spec(submission.spec or "")  # never None: the upload checks refused that
     search = check_spec(spec, services.settings)
     names = upload_names(spec, submission)
     work_dir = Path(services.settings.work_dir)

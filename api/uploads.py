@@ -36,9 +36,10 @@ FORM_HINT = (
 
 @dataclass
 class Submission:
-    """The `spec` field's text and the uploaded files by field name (weights, data)."""
+    """The `spec` field's text (None while the form has none) and the uploaded files by
+    field name (weights, data)."""
 
-    spec: str
+    spec: str | None
     files: dict[str, UploadFile] = field(default_factory=dict)
 
     async def close(self) -> None:
@@ -170,7 +171,7 @@ async def read_submission(request: Request, settings: ServiceSettings) -> Submis
             status_code=422, detail=f"{str(error).rstrip('.')}: {FORM_HINT}"
         ) from None
     files = {name: value for name, value in form.multi_items() if isinstance(value, UploadFile)}
-    submission = Submission(spec="", files=files)
+    submission = Submission(spec=None, files=files)
     try:
         if parser.exceeded is not None:
             raise too_large(parser.exceeded, parser.limits[parser.exceeded])
@@ -185,7 +186,7 @@ async def read_submission(request: Request, settings: ServiceSettings) -> Submis
         if isinstance(spec, UploadFile):  # sent as a file: curl -F spec=@job.json
             spec = _decoded_spec(await spec.read())
             await submission.files.pop(SPEC_FIELD).close()
-        submission.spec = spec or ""
+        submission.spec = spec
         return _checked(submission)
     except BaseException:
         await submission.close()
@@ -202,7 +203,7 @@ def _decoded_spec(raw: bytes) -> str:
         ) from None
 
 
-async def _url_encoded_spec(request: Request, limits: dict[str, int]) -> str:
+async def _url_encoded_spec(request: Request, limits: dict[str, int]) -> str | None:
     """The `spec` of a url-encoded form (curl -d spec=...), which can hold nothing else."""
     body = bytearray()
     async for chunk in request.stream():
@@ -214,16 +215,21 @@ async def _url_encoded_spec(request: Request, limits: dict[str, int]) -> str:
     for name, _ in fields:
         check_part(name, False, seen, limits)
         seen.append(name)
-    spec = next((value for name, value in fields if name == SPEC_FIELD), "")
-    if len(spec.encode()) > MAX_SPEC_BYTES:
+    spec = next((value for name, value in fields if name == SPEC_FIELD), None)
+    if spec is not None and len(spec.encode()) > MAX_SPEC_BYTES:
         raise too_large(SPEC_FIELD, MAX_SPEC_BYTES)
     return spec
 
 
 def _checked(submission: Submission) -> Submission:
-    submission.spec = submission.spec.removeprefix("\ufeff")  # a byte order mark, as in a file
-    if not submission.spec:
+    if submission.spec is None:
         raise HTTPException(
             status_code=422, detail=f"the form has no `spec` field (job JSON): {FORM_HINT}"
+        )
+    submission.spec = submission.spec.removeprefix("\ufeff")  # a byte order mark, as in a file
+    if not submission.spec.strip():
+        raise HTTPException(
+            status_code=422,
+            detail=f"the `spec` field is empty: give the job's JSON in it; {FORM_HINT}",
         )
     return submission

@@ -113,6 +113,11 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if path.is_dir():
+        raise ArchtreeError(
+            f"data {str(path)!r} is a folder; give a .npz or .pt file holding `x` (N,C,H,W) "
+            "and optional `y`"
+        )
     if path.suffix not in USER_EXTENSIONS:
         raise ArchtreeError(
             f"data file {str(path)!r} has extension {path.suffix or '(none)'!r}; "

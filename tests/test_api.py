@@ -191,6 +191,16 @@ BAD_SUBMISSIONS = {
         "Fix the stray labels, or give num_classes 101",
     ),
     "data not npz": ({"data": None}, {"data": ("d.csv", "data")}, "must be a .npz or .pt"),
+    "a budget without its unit": (
+        {"budget": 60},
+        {},
+        'budget: give the budget as text with its unit: "60ms" or "60%"',
+    ),
+    "weights in the spec": (
+        {"weights": "model.safetensors"},
+        {},
+        "`weights` is not a spec field: send the weights file as the `weights` upload",
+    ),
 }
 
 
@@ -252,6 +262,8 @@ BAD_FORMS = {
         [(None, None, SPEC_TEXT)],
         '"name" must be provided: send the job as multipart/form-data',
     ),
+    "no spec": ([("weights", "w.pt", b"x")], "the form has no `spec` field"),
+    "an empty spec": ([("spec", None, b" ")], "the `spec` field is empty: give the job's JSON"),
 }
 
 

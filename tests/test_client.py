@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from archtree_cli.client import API_TIMEOUT_VARIABLE, ARTIFACT_NAMES, EVENT_RECONNECTS
+from archtree_cli.client import (
+    API_TIMEOUT_VARIABLE,
+    ARTIFACT_NAMES,
+    EVENT_RECONNECTS,
+    ArchtreeClient,
+)
+from search.errors import ArchtreeError
 from tests.cli_process import run_archtree
 from tests.http_servers import serving
 
@@ -281,6 +287,13 @@ def test_a_malformed_api_url_is_refused_before_any_request(
         result, "--api must be an http:// or https:// URL like http://127.0.0.1:8000", repr(api)
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("job_id", ["..", "../../etc", "a/b"])
+def test_a_path_given_as_a_job_id_is_refused_before_any_request(job_id: str):
+    with pytest.raises(ArchtreeError) as refused:
+        ArchtreeClient("http://127.0.0.1:9").job(job_id)
+    assert "is not a job id: give the id `archtree submit` printed" in str(refused.value)
 
 
 @pytest.mark.parametrize("command", ["submit", "status", "fetch"])

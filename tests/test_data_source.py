@@ -159,11 +159,12 @@ def test_missing_file(tmp_path: Path) -> None:
     assert "does not exist" in _error(excinfo)
 
 
-def test_a_folder_named_like_data_is_called_a_folder(tmp_path: Path) -> None:
-    (tmp_path / "images.npz").mkdir()
+@pytest.mark.parametrize("name", ["images.npz", "images"])
+def test_a_folder_given_as_data_is_called_a_folder(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).mkdir()
     with pytest.raises(ArchtreeError) as excinfo:
-        load_data(str(tmp_path / "images.npz"))
-    assert "is a folder or a device, not a file" in _error(excinfo)
+        load_data(str(tmp_path / name))
+    assert f"{name}' is a folder; give a .npz or .pt file" in _error(excinfo)
 
 
 def test_wrong_extension(tmp_path: Path) -> None:
