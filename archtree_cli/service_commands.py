@@ -278,11 +278,11 @@ def run_status(args: argparse.Namespace) -> int:
 
     with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
         if args.watch:
-            device_class = client.job(args.job)["spec"]["device_class"]
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
                 kind = event.pop("kind", "")
                 if kind == "status":
+                    device_class = _device_class(client, args.job, event["status"])
                     print(status_line(event["status"], device_class, args.api), flush=True)
                 else:
                     progress.emit(kind, **event)
@@ -310,9 +310,20 @@ def _say_retrying(note: str) -> None:
     print(f"archtree: {note}", file=sys.stderr, flush=True)
 
 
-def status_line(status: str, device_class: str, api: str) -> str:
+def _device_class(client: Any, job_id: str, status: str) -> str | None:
+    """The job's device class when `status` is a wait for it (None if the API cannot say
+    now: the stream goes on without the hint)."""
+    if status != "waiting_for_device":
+        return None
+    try:
+        return client.job(job_id)["spec"]["device_class"]
+    except ArchtreeError:
+        return None
+
+
+def status_line(status: str, device_class: str | None, api: str) -> str:
     """A status event as `status --watch` prints it; a wait for a device says what to do."""
-    if status == "waiting_for_device":
+    if status == "waiting_for_device" and device_class is not None:
         return (
             f"status waiting_for_device: no agent of device class {device_class} is online; "
             f"start one with `archtree agent --api {api} --device-class {device_class}`"
@@ -512,7 +523,7 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     try:
         redis_url = load_service_settings().resolved_redis_url()
         if not redis_url:
-            socket_dir = tempfile.mkdtemp(prefix="archtree-")
+            socket_dir = _new_socket_dir(home)
             redis_url = _start_embedded_redis(stack, Path(socket_dir), home / "redis", stop)
             stack.env["ARCHTREE_REDIS_URL"] = redis_url
         _say(f"Redis at {redis_url}")
@@ -540,6 +551,21 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
             signal.signal(signum, handler)
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _new_socket_dir(home: Path) -> str:
+    """A new private folder for the embedded Redis's socket, in the temporary folder (a unix
+    socket's path must be short). Its path is kept under `home`, so that the folder of an `up`
+    that was killed before it could remove it is removed by the next one (which holds the
+    same lock)."""
+    record = home / "socket-dir"
+    with contextlib.suppress(OSError):
+        stale = Path(record.read_text().strip())
+        if stale.name.startswith("archtree-") and stale.stat().st_uid == os.getuid():
+            shutil.rmtree(stale, ignore_errors=True)
+    socket_dir = tempfile.mkdtemp(prefix="archtree-")
+    record.write_text(socket_dir)
+    return socket_dir
 
 
 def _terminate_with_parent() -> None:

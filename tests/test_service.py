@@ -410,6 +410,17 @@ def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp
         up.kill()  # no chance to stop its children itself
         up.wait()
         wait_until(lambda: not [c for c in children if _alive(c)], 60, "all children gone")
+
+        # Nor to remove its Redis socket's folder: the next `up` on this home does.
+        stale = Path((tmp_path / "home" / "up" / "socket-dir").read_text())
+        assert stale.is_dir()
+        up = start_up(tmp_path, port)
+        assert "API at" in read_lines(up.stdout).get(timeout=120)
+        assert not stale.exists()
+        current = Path((tmp_path / "home" / "up" / "socket-dir").read_text())
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+        assert not current.exists()
     finally:
         if up.poll() is None:
             up.kill()
