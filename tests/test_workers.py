@@ -249,6 +249,12 @@ def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
     assert "no agent of device class nowhere" in job["error"]
     assert "\n" not in job["error"]
 
+    # One cancelled while it waits to start ends at once: no worker is on it.
+    waiting = submit_job(jobs, job_spec("nowhere"), celery=workers.app)
+    wait_until(lambda: jobs.get(waiting)["status"] == "waiting_for_device", 60, "the wait")
+    assert jobs.request_cancel(waiting)
+    assert jobs.get(waiting)["status"] == "cancelled"
+
 
 def test_a_job_waiting_for_its_device_does_not_hold_up_the_next_on_one_worker(
     worker_pool: WorkerPool, jobs: JobStore, agents

@@ -239,9 +239,12 @@ class JobStore:
         # event, and a stream stops there, so the request must already be in it.
         self.append_event(job_id, "cancel_requested", {})
         self.client.hset(self._key(job_id), "cancel_requested", "1")
-        if job["status"] == "queued":
-            # No worker has it yet (maybe none runs): it ends now, and a worker that takes
-            # it later drops it as ended.
+        waiting_to_start = job["status"] == "waiting_for_device" and not self.client.exists(
+            self._key(job_id, ":state")
+        )
+        if job["status"] == "queued" or waiting_to_start:
+            # No worker is on it (none has taken it, or it waits for its device before its
+            # first step): it ends now, and a worker that takes it later drops it as ended.
             self.set_status_if_active(job_id, "cancelled")
         return True
 

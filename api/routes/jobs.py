@@ -137,8 +137,9 @@ async def stream_events(
     },
 )
 def cancel_job(job: JobDep, services: ServicesDep) -> Job:
-    """Ask the job to stop: a queued job ends as `cancelled` at once, a running one within a
-    second or so (at its next check, inside a measurement or a fine-tune)."""
+    """Ask the job to stop: a queued job, or one waiting for its device before its first
+    step, ends as `cancelled` at once; a running one within a second or so (at its next check,
+    inside a measurement or a fine-tune)."""
     if not services.jobs.request_cancel(job["id"]):
         raise HTTPException(
             status_code=409, detail=f"job {job['id']} has already ended ({job['status']})"
