@@ -55,7 +55,7 @@ class ConsoleProgress:
             self.children_planned, self.children_seen = data["children"], 0
             self._print(f"depth {data['depth']}: evaluating {data['children']} children")
         elif kind == "child_merged":
-            self._print(f"  {data['id']:>4} merged: same architecture as a better candidate")
+            self._print(f"  {data['id']:>4} merged: {merged_reason(data.get('into'))}")
         elif kind in ("node", "child_skipped"):
             self.children_seen += 1
             if kind == "node":
@@ -162,3 +162,11 @@ def _refilled(data: dict[str, Any]) -> str:
     if len(aims) < 2:
         return ""
     return "; filled again aiming at " + ", ".join(f"{ms:.3f}" for ms in aims[1:]) + " ms"
+
+
+def merged_reason(into: str | None) -> str:
+    """Why a child left the tree: a sibling of the same architecture scored better, or its
+    architecture is already in the tree."""
+    if into:
+        return f"same architecture as {into}, which scored better"
+    return "same architecture as a node already in the tree"

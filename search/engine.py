@@ -252,12 +252,17 @@ def advance(context: SearchContext, state: SearchState, results: list[ChildResul
         if node is None:
             continue
         key = node.spec.hash
-        # Identical architectures reached by different moves are merged: the best score stays.
+        # Identical architectures reached by different moves are merged: the best score stays,
+        # and the one merged away is said either way (a node already in the tree stays).
         if key in known and key not in unique:
             context.sink.emit("child_merged", id=node.id, arch_hash=key)
             continue
-        if key in unique and unique[key].score >= node.score:
-            context.sink.emit("child_merged", id=node.id, arch_hash=key)
+        if key in unique:
+            kept, merged = (unique[key], node)
+            if node.score > kept.score:
+                kept, merged = merged, kept
+            context.sink.emit("child_merged", id=merged.id, arch_hash=key, into=kept.id)
+            unique[key] = kept
             continue
         unique[key] = node
     for node in unique.values():

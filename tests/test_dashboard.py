@@ -5,6 +5,7 @@ test-artifacts/screenshots/."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,21 @@ def open_jobs_page(driver: Any, api: ApiProcess) -> None:
     wait_for(driver, lambda: js(driver, "window.archtree?.view") == "jobs", PAGE_S, "jobs page")
 
 
+def test_the_page_listens_for_every_event_kind_the_service_emits():
+    """EventSource delivers named events only to listeners of their kind: a kind missing from
+    the page's list never reaches its log."""
+    root = Path(__file__).resolve().parents[1]
+    emitted = set()
+    for folder in ("search", "workers"):
+        for source in (root / folder).glob("*.py"):
+            code = source.read_text()
+            emitted |= set(re.findall(r'emit\(\s*"([a-z_]+)"', code))
+            emitted |= set(re.findall(r'append_event\([^,]+,\s*"([a-z_]+)"', code))
+    script = (root / "api" / "dashboard" / "app.js").read_text()
+    listed = re.search(r"const EVENT_KINDS = \[(.*?)\];", script, re.DOTALL).group(1)
+    assert emitted and emitted <= set(re.findall(r'"([a-z_]+)"', listed)), emitted
+
+
 def test_the_page_and_its_scripts_are_served_by_the_api(stack: ApiProcess):
     with stack.client() as client:
         index = client.get("/")
@@ -152,6 +168,30 @@ def test_a_bad_budget_in_the_form_shows_the_api_message(page: Any, stack: ApiPro
     with stack.client() as client:
         assert client.get("/v1/jobs").json()["total"] == jobs_before
     screenshot(page, "bad-budget")
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"width": "1e400"}, "Width: not a number; give one, or leave it empty for the default"),
+        ({"width": "100"}, "Width: Input should be less than or equal to 64"),
+        ({"planned_steps": "2", "max_depth": "1"}, "Max depth must be at least Planned steps."),
+    ],
+)
+def test_a_bad_search_setting_in_the_form_is_named_by_its_label(
+    page: Any, stack: ApiProcess, values: dict[str, str], expected: str
+):
+    with stack.client() as client:
+        jobs_before = client.get("/v1/jobs").json()["total"]
+    open_jobs_page(page, stack)
+    js(page, "document.querySelector('#submit-form details').open = true")
+    fill(page, {"device_class": DEVICE_CLASS, **values})
+    page.find_element("id", "submit-button").click()
+
+    wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
+    assert text(page, "#submit-error") == expected
+    with stack.client() as client:
+        assert client.get("/v1/jobs").json()["total"] == jobs_before
 
 
 def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
@@ -229,6 +269,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     wait_for(page, lambda: "succeeded" in text(page, "#events"), PAGE_S, "the last event")
     events = text(page, "#events")
     assert "depth_done" in events and "done" in events
+    assert "no better than always answering" in events  # the note, in the log too
 
     links = js(page, "[...document.querySelectorAll('#artifacts a')].map(a => a.href)")
     assert [link.rsplit("/", 1)[1] for link in links] == [

@@ -129,6 +129,9 @@ def test_frontier_keeps_the_best_distinct_children():
     state = advance(context, state, results)
     assert state.frontier == ["n2"]
     assert "n1" not in state.nodes and "n4" not in state.nodes
+    # Each child merged away is said, also the one a later, better duplicate replaced.
+    merged = [e for e in context.sink.events if e["kind"] == "child_merged"]
+    assert [(e["id"], e.get("into")) for e in merged] == [("n1", "n2"), ("n4", None)]
     assert state.candidates_evaluated == 4
     assert state.done  # the only frontier node is within budget
 

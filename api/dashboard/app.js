@@ -13,7 +13,7 @@ const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
 const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
   "child_skipped", "child_merged", "depth_done", "retuned", "reranked", "confirm_failed",
-  "trim_compared", "filled",
+  "trim_compared", "filled", "note",
   "confirmed", "final_finetune", "done", "cancel_requested",
 ];
 // Events after which the job's progress and tree have changed.
@@ -243,7 +243,10 @@ function renderJobs(root, page) {
   $("#older", root).disabled = last >= page.total;
 }
 
-const SEARCH_FIELDS = ["width", "branching", "planned_steps", "max_depth", "ft_steps", "max_probes"];
+const SEARCH_FIELDS = [
+  "width", "branching", "planned_steps", "max_depth", "ft_steps", "max_probes",
+  "select_top", "select_steps", "fill_probes", "final_epochs", "seed",
+];
 
 function setUpSubmitForm(root) {
   const form = $("#submit-form", root);
@@ -264,7 +267,12 @@ function setUpSubmitForm(root) {
     const fields = form.elements;
     const search = { strategy: fields.strategy.value };
     for (const name of SEARCH_FIELDS) {
-      if (fields[name].value !== "") search[name] = Number(fields[name].value);
+      const input = fields[name];
+      // The browser empties a number it cannot read (1e400, "1e"): say so, not the default.
+      if (input.validity.badInput) {
+        return showError(error, `${labelOf(input)}: not a number; give one, or leave it empty for the default`);
+      }
+      if (input.value !== "") search[name] = Number(input.value);
     }
     const spec = {
       model: fields.model.value.trim(),
@@ -289,11 +297,35 @@ function setUpSubmitForm(root) {
       const created = await api("v1/jobs", { method: "POST", body });
       location.hash = `#/jobs/${created.id}`;
     } catch (failure) {
-      showError(error, failure.message);
+      showError(error, inFormTerms(failure.message, form));
     } finally {
       fields["submit-button"].disabled = false;
     }
   });
+}
+
+// The text of the label around a form field, without the field's own text.
+function labelOf(input) {
+  const label = input.closest("label");
+  if (!label) return input.name;
+  return [...label.childNodes]
+    .filter((node) => node.nodeType === Node.TEXT_NODE)
+    .map((node) => node.textContent.trim())
+    .join(" ")
+    .trim() || input.name;
+}
+
+// The API's message in the form's terms: its field labels, not spec fields (search.width), cut
+// to a readable length (the API echoes what was sent).
+const MAX_MESSAGE_CHARS = 400;
+function inFormTerms(message, form) {
+  const labelled = (name) => (form.elements[name] ? labelOf(form.elements[name]) : null);
+  let text = message
+    .replace(/^the job spec is not valid: /, "")
+    .replace(/\bsearch\.([a-z_]+)/g, (field, name) => labelled(name) ?? field)
+    .replace(/^(budget|model|device_class):/, (field, name) => `${labelled(name) ?? name}:`);
+  if (text.length > MAX_MESSAGE_CHARS) text = `${text.slice(0, MAX_MESSAGE_CHARS - 1)}…`;
+  return text;
 }
 
 function showError(element, message) {
@@ -402,7 +434,10 @@ function describe(event) {
       return `${event.id} from ${event.parent} by ${event.move}: ${ms(event.latency_ms)}, ` +
         `score ${decimal(event.score)}, ${event.within_budget ? "within" : "over"} budget`;
     case "child_skipped": return `${event.id} skipped: ${event.reason}`;
-    case "child_merged": return `${event.id} merged: same architecture as another node`;
+    case "child_merged":
+      return event.into
+        ? `${event.id} merged: same architecture as ${event.into}, which scored better`
+        : `${event.id} merged: same architecture as a node already in the tree`;
     case "depth_done":
       return `depth ${event.depth} done: frontier ${(event.frontier ?? []).join(", ") || "empty"}` +
         (event.best ? `; best ${event.best.id} at ${ms(event.best.latency_ms)}` : "");
