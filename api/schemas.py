@@ -257,10 +257,17 @@ class JobProgress(BaseModel):
     final: Candidate | None = Field(None, description="The confirmed answer, once succeeded.")
     notes: list[str] | None = Field(
         None,
-        description="What the numbers do not say by themselves, one line each: while the job "
-        "runs, the search's notes so far (e.g. an unpruned model that scores at chance); once "
-        "succeeded, report.json's `notes`.",
+        description="What the numbers do not say by themselves, one line each: the "
+        "submission's notes (settings the strategy overrides), then, while the job runs, the "
+        "search's notes so far (e.g. an unpruned model that scores at chance), and once "
+        "succeeded report.json's `notes`.",
         examples=[["the unpruned model already meets the budget: nothing was pruned"]],
+    )
+    submission_notes: list[str] | None = Field(
+        None,
+        description="The notes of the submission alone: search settings given that the "
+        "strategy overrides, e.g. `search.width 3 is not used: search.strategy greedy runs "
+        "with 1`.",
     )
 
 

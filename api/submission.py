@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from api.deps import Services
 from api.schemas import JobSpecIn, validation_message
+from api.spec_terms import in_spec_terms
 from api.uploads import Submission
 from archtree_cli.settings import ServiceSettings
 from latency.measurement_protocol import validate_device_class
@@ -76,7 +77,13 @@ def _store_and_queue(services: Services, spec: JobSpecIn, local: dict[str, Path]
             services.artifacts.put_bytes(stored[name], path.read_bytes())
         if not local:  # the uploads' writes check the store; without any, so does this
             services.artifacts.check_writable()
-        submit_job(services.jobs, job_spec, celery=services.celery, job_id=job_id)
+        submit_job(
+            services.jobs,
+            job_spec,
+            celery=services.celery,
+            job_id=job_id,
+            notes=strategy_notes(spec),
+        )
     except BaseException:
         for name in stored.values():
             services.artifacts.delete(name)
@@ -100,6 +107,12 @@ def parse_spec(text: str) -> JobSpecIn:
         raise ArchtreeError(
             f"the job spec is not valid: {validation_message(error.errors())}"
         ) from None
+
+
+def strategy_notes(spec: JobSpecIn) -> list[str]:
+    """The search settings given that the strategy overrides, said as the spec names them."""
+    given = SearchSettings.from_dict(spec.search.model_dump(exclude_none=True))
+    return [in_spec_terms(note) for note in given.ignored_by_strategy()]
 
 
 def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:

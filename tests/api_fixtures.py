@@ -91,10 +91,12 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_api(env: dict[str, str], log_dir: Path, workers: int | None = None) -> ApiProcess:
-    """Start the API with `env` on a free port (as `archtree api --workers N` when `workers` is
-    given); fail the test if it does not come up."""
-    port = free_port()
+def start_api(
+    env: dict[str, str], log_dir: Path, workers: int | None = None, port: int | None = None
+) -> ApiProcess:
+    """Start the API with `env` on `port` (default: a free one; as `archtree api --workers N`
+    when `workers` is given); fail the test if it does not come up."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"api-{port}.log"

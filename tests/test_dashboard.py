@@ -362,3 +362,60 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "end")
             assert not visible(page, "#job-waiting")
     worker_pool.ensure(1)  # as the module's other tests expect
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("#/jobs/0123456789ab", "No job 0123456789ab on this service."),
+        ("#/nowhere", "Nothing is at #/nowhere"),
+    ],
+)
+def test_an_address_that_names_nothing_says_so_with_the_way_back(
+    page: Any, stack: ApiProcess, address: str, expected: str
+):
+    page.get(f"{stack.url}/{address}")
+    wait_for(page, lambda: visible(page, ".not-found"), PAGE_S, "the not-found page")
+    assert expected in text(page, ".not-found")
+    page.find_element("css selector", ".not-found a").click()
+    wait_for(page, lambda: js(page, "window.archtree?.view") == "jobs", PAGE_S, "the jobs")
+
+
+def test_the_page_says_when_the_api_is_unreachable_and_recovers(
+    page: Any, redis_url: str, tmp_path: Path
+):
+    env = api_env(redis_url, tmp_path)
+    api = start_api(env, tmp_path / "logs")
+    try:
+        page.get(f"{api.url}/#/devices")
+        wait_for(page, lambda: js(page, "window.archtree?.view") == "devices", PAGE_S, "devices")
+        assert not visible(page, "#offline")
+        port = int(api.url.rsplit(":", 1)[1])
+        api.stop()
+        wait_for(page, lambda: visible(page, "#offline"), PAGE_S, "the outage said")
+        assert "The API is unreachable since" in text(page, "#offline")
+        assert "stale" in js(page, "document.querySelector('#view').className")
+        screenshot(page, "api-unreachable")
+        api = start_api(env, tmp_path / "logs", port=port)
+        wait_for(page, lambda: not visible(page, "#offline"), PAGE_S, "the recovery")
+        assert "stale" not in js(page, "document.querySelector('#view').className")
+    finally:
+        api.stop()
+    console_errors(page)  # the failed fetches of the outage, expected here
+
+
+def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProcess):
+    with stack.client() as client:
+        spec = job_spec() | {"budget": "1000ms"}
+        job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}).json()["id"]
+    size = page.get_window_size()
+    page.set_window_size(420, 900)
+    try:
+        for address, view in ((f"#/jobs/{job_id}", "job"), ("#/devices", "devices")):
+            page.get(f"{stack.url}/{address}")
+            wait_for(page, lambda v=view: js(page, "window.archtree?.view") == v, PAGE_S, view)
+            wait_for(page, lambda: js(page, "document.querySelector('tbody tr')"), PAGE_S, "rows")
+            overflow = js(page, "document.documentElement.scrollWidth - innerWidth")
+            assert overflow <= 0, (address, overflow)
+    finally:
+        page.set_window_size(size["width"], size["height"])

@@ -196,14 +196,18 @@ def test_a_budget_the_unpruned_model_meets_says_so_in_the_job_and_its_report(
     api: ApiProcess, client: ArchtreeClient, agents, tmp_path: Path
 ):
     start_agents(agents, client, "svc-e", 1)
-    job_id = client.submit({**job_spec("svc-e"), "budget": "1000ms"})["id"]
+    # Greedy with a width: the width is not used, which the job says from its submission on.
+    spec = job_spec("svc-e", strategy="greedy", width=3)
+    job_id = client.submit({**spec, "budget": "1000ms"})["id"]
+    overridden = "search.width 3 is not used: search.strategy greedy runs with 1"
+    assert client.job(job_id)["progress"]["notes"] == [overridden]
     wait_until(lambda: client.job(job_id)["status"] in FINAL_STATUSES, JOB_S, "the job")
     job = client.job(job_id)
     assert job["status"] == "succeeded", job["error"]
     notes = job["progress"]["notes"]
-    assert notes[-1] == NOTHING_PRUNED
+    assert notes[0] == overridden and notes[-1] == NOTHING_PRUNED
     client.fetch(job_id, tmp_path)
-    assert json.loads((tmp_path / "report.json").read_text())["notes"] == notes
+    assert json.loads((tmp_path / "report.json").read_text())["notes"] == notes[1:]
     shown = archtree("status", job_id, "--api", api.url)
     assert shown.returncode == 0 and f"note: {NOTHING_PRUNED}" in shown.stdout
 

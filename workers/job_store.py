@@ -50,8 +50,10 @@ class JobStore:
     def _key(self, job_id: str, suffix: str = "") -> str:
         return f"{self.prefix}job:{job_id}{suffix}"
 
-    def create(self, spec: dict[str, Any], job_id: str | None = None) -> str:
-        """Store a new queued job; returns its id."""
+    def create(
+        self, spec: dict[str, Any], job_id: str | None = None, notes: list[str] | None = None
+    ) -> str:
+        """Store a new queued job (with `notes` in its progress, when given); returns its id."""
         job_id = job_id or uuid.uuid4().hex[:12]
         now = time.time()
         with self.client.pipeline() as pipe:
@@ -63,7 +65,9 @@ class JobStore:
                     "created_at": now,
                     "updated_at": now,
                     "error": "",
-                    "progress": json.dumps({}),
+                    "progress": json.dumps(
+                        {"notes": list(notes), "submission_notes": list(notes)} if notes else {}
+                    ),
                     "cancel_requested": "0",
                 },
             )

@@ -71,13 +71,15 @@ def submit_job(
     *,
     celery: Celery | None = None,
     job_id: str | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """Create a queued job with `spec` and send its start to the workers; returns its id.
 
     `celery` is the app to send with (default: the one configured from the environment);
-    `job_id` is given when the job's uploads were stored under it beforehand.
+    `job_id` is given when the job's uploads were stored under it beforehand; `notes` are
+    remarks on the submission the job shows from the start (settings its strategy overrides).
     """
-    job_id = store.create(spec, job_id=job_id)
+    job_id = store.create(spec, job_id=job_id, notes=notes)
     try:
         (celery or app).send_task(START_JOB, args=[job_id])
     except Exception as error:
@@ -330,9 +332,14 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
                 "latency_ms": outcome.confirmed_latency_ms,
                 "accuracy": outcome.final_accuracy,
             },
-            notes=report["notes"],
+            notes=_with_submission_notes(jobs, job_id, report["notes"]),
         )
         _end(job_id, "succeeded")
+
+
+def _with_submission_notes(jobs: JobStore, job_id: str, report_notes: list[str]) -> list[str]:
+    """The submission's notes, then the report's (which replace those the run said)."""
+    return [*jobs.get(job_id)["progress"].get("submission_notes", []), *report_notes]
 
 
 @contextmanager

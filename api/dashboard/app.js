@@ -106,11 +106,33 @@ class ApiError extends Error {
   }
 }
 
+// While the API is unreachable every page says so above what it shows, which is then only
+// what the API last said; a ping every few seconds keeps this true on pages that stopped
+// polling (a finished job).
+const connection = { lastContact: 0, downSince: null };
+const PING_MS = 5000;
+
 function setConnection(ok, text) {
   const badge = $("#connection");
   badge.classList.toggle("down", !ok);
   badge.textContent = text;
+  if (ok) connection.lastContact = Date.now();
+  if (ok === (connection.downSince === null)) return;
+  connection.downSince = ok ? null : new Date();
+  const banner = $("#offline");
+  banner.hidden = ok;
+  banner.textContent = ok ? "" :
+    `The API is unreachable since ${connection.downSince.toLocaleTimeString()}: this page ` +
+    "shows what it last said, and updates again once it answers (it retries every few seconds).";
+  $("#view").classList.toggle("stale", !ok);
 }
+
+setInterval(() => {
+  if (connection.downSince === null && Date.now() - connection.lastContact < PING_MS) return;
+  fetch("healthz", { method: "HEAD" })
+    .then((response) => setConnection(response.ok, response.ok ? `live · ${new Date().toLocaleTimeString()}` : "API unreachable"))
+    .catch(() => setConnection(false, "API unreachable"));
+}, PING_MS);
 
 // Fetch JSON from the API; a failure throws ApiError with the API's one-line `detail`.
 async function api(path, options = {}) {
@@ -205,6 +227,15 @@ function jobsView(root) {
   return () => poller.stop();
 }
 
+// A polled table's rows, replaced only when they changed, and not while the user selects text
+// in them (a job id to copy): the next poll brings them up to date.
+function replaceRows(tbody, rows) {
+  if (rows.map((row) => row.outerHTML).join("") === tbody.innerHTML) return;
+  const selection = window.getSelection();
+  if (selection && !selection.isCollapsed && tbody.contains(selection.anchorNode)) return;
+  tbody.replaceChildren(...rows);
+}
+
 function renderJobs(root, page) {
   const rows = page.jobs.map((job) => {
     const { progress, spec } = job;
@@ -234,7 +265,7 @@ function renderJobs(root, page) {
   if (!rows.length) {
     rows.push(el("tr", {}, el("td", { colSpan: 12, class: "muted", text: "No jobs yet." })));
   }
-  $("#jobs-table tbody", root).replaceChildren(...rows);
+  replaceRows($("#jobs-table tbody", root), rows);
   const last = Math.min(page.offset + page.jobs.length, page.total);
   $("#page-info", root).textContent = page.total
     ? `${page.offset + 1}–${last} of ${page.total}`
@@ -354,7 +385,12 @@ function jobView(root, jobId) {
   window.addEventListener("resize", resize);
 
   const poller = new Poller(POLL_MS, () => refreshJob(view), (error) => {
-    showError($("#job-error", root), error.message);
+    if (error.status === 404 && !view.job) {
+      root.replaceChildren(notFound(`No job ${jobId} on this service.`));
+      return false;
+    }
+    // An unreachable API is said once for the whole page, above it (setConnection).
+    if (error.status !== 0) showError($("#job-error", root), error.message);
     return error.status !== 404;
   });
   const stream = followEvents(view, poller);
@@ -709,7 +745,11 @@ function renderScatter(view, nodes, chosenId) {
   const point = (node) => [node.latency_ms, node.score, node.id];
   const unpruned = candidates.filter((n) => n.parent == null);
   const pruned = candidates.filter((n) => n.parent != null);
-  const latencies = candidates.map((n) => n.latency_ms).concat(budgetMs ?? []);
+  const measured = candidates.map((n) => n.latency_ms);
+  // A budget far above every candidate (one the unpruned model meets many times over) would
+  // squash them all against the axis: the range then leaves it out, and its line with it.
+  const budgetShown = budgetMs != null && (!measured.length || budgetMs <= 2 * Math.max(...measured));
+  const latencies = measured.concat(budgetShown ? [budgetMs] : []);
   const span = latencies.length ? Math.max(...latencies) - Math.min(...latencies) : 0;
   const pad = span * 0.08 || 0.01;
   const chosen = all.get(chosenId);
@@ -742,10 +782,11 @@ function renderScatter(view, nodes, chosenId) {
       { name: "Pareto front", type: "line", step: "end", symbol: "emptyCircle", symbolSize: 16, z: 1,
         lineStyle: { color: COLORS.front, width: 2 }, itemStyle: { color: COLORS.front },
         data: front.map(point),
-        markLine: budgetMs == null ? undefined : {
+        markLine: !budgetShown ? undefined : {
           silent: true, symbol: "none",
           lineStyle: { type: "dashed", color: COLORS.budget },
-          label: { formatter: `budget ${ms(budgetMs)}`, position: "end" },
+          // Along the line, inside the plot: above it, the label met the y axis's name.
+          label: { formatter: `budget ${ms(budgetMs)}`, position: "insideEndTop" },
           data: [{ xAxis: budgetMs }],
         } },
       { name: "chosen", type: "scatter", symbol: "diamond", symbolSize: 20, z: 3,
@@ -788,7 +829,7 @@ function renderDevices(root, list, history) {
     rows.push(el("tr", {}, el("td", { colSpan: 9, class: "muted",
       text: "No device registered: start one with `archtree agent`." })));
   }
-  $("#devices-table tbody", root).replaceChildren(...rows);
+  replaceRows($("#devices-table tbody", root), rows);
 
   const classes = new Map();
   for (const name of Object.keys(list.queue_depth)) classes.set(name, { online: 0, measurements: 0 });
@@ -802,7 +843,7 @@ function renderDevices(root, list, history) {
   history.push({ at: now, totals: Object.fromEntries([...classes].map(([n, e]) => [n, e.measurements])) });
   while (history.length > 1 && history[1].at <= now - 60_000) history.shift();
   const since = history[0].totals;
-  $("#classes-table tbody", root).replaceChildren(...[...classes].sort().map(([name, entry]) =>
+  replaceRows($("#classes-table tbody", root), [...classes].sort().map(([name, entry]) =>
     el("tr", { "data-device-class": name },
       el("td", { text: name }),
       el("td", { class: "num", text: count(entry.online) }),
@@ -815,11 +856,29 @@ function renderDevices(root, list, history) {
 
 let leaveView = () => {};
 
+// A page for an address that names nothing here, with the way back.
+function notFound(message) {
+  return el("section", { class: "panel not-found" },
+    el("h1", { text: "Not found" }),
+    el("p", { text: message }),
+    el("p", {}, el("a", { href: "#/", text: "All jobs" })));
+}
+
+const JOBS_ROUTES = new Set(["", "#", "#/", "#/jobs", "#/jobs/"]);
+
 function route() {
   leaveView();
   const root = $("#view");
   root.replaceChildren();
-  const job = location.hash.match(/^#\/jobs\/([\w-]+)$/);
+  const job = location.hash.match(/^#\/jobs\/([\w-]+)\/?$/);
+  if (!job && !JOBS_ROUTES.has(location.hash) && location.hash !== "#/devices") {
+    live.view = "not-found";
+    document.title = "Not found · Archtree";
+    root.append(notFound(`Nothing is at ${location.hash}: the dashboard has the jobs, one job ` +
+      "(#/jobs/ID) and the devices."));
+    leaveView = () => {};
+    return;
+  }
   live.view = job ? "job" : location.hash === "#/devices" ? "devices" : "jobs";
   Object.assign(live, { status: null, treeNodes: 0, candidates: 0, paretoPoints: 0 });
   for (const link of document.querySelectorAll("[data-nav]")) {
