@@ -356,6 +356,8 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             assert "No agent of device class dashboard-absent is online" in shown
             command = f"archtree agent --api {stack.url} --device-class dashboard-absent"
             assert text(page, "#job-waiting code") == command
+            # Nothing measured yet: no depth either.
+            assert js(page, "document.querySelector('#job-stats dd').innerText") == "—"
             screenshot(page, "job-waiting-for-device")
 
             client.post(f"/v1/jobs/{job_id}/cancel")
@@ -419,3 +421,24 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
             assert overflow <= 0, (address, overflow)
     finally:
         page.set_window_size(size["width"], size["height"])
+
+
+def test_the_list_page_and_the_form_draft_survive_a_visit_elsewhere(page: Any, stack: ApiProcess):
+    with stack.client() as client:
+        while client.get("/v1/jobs").json()["total"] <= 20:  # a second page of jobs
+            spec = job_spec() | {"device_class": "dashboard-nowhere"}
+            answer = client.post("/v1/jobs", data={"spec": json.dumps(spec)})
+            client.post(f"/v1/jobs/{answer.json()['id']}/cancel")
+    open_jobs_page(page, stack)
+    fill(page, {"budget": "7ms", "device_class": "somewhere"})
+    page.find_element("id", "older").click()
+    wait_for(page, lambda: text(page, "#page-info").startswith("21–"), PAGE_S, "page 2")
+    first = js(page, "document.querySelector('#jobs-table tbody a').getAttribute('href')")
+    page.find_element("css selector", "#jobs-table tbody a").click()
+    wait_for(page, lambda: js(page, "window.archtree?.view") == "job", PAGE_S, "the job")
+    assert js(page, "location.hash") == first
+
+    page.back()
+    wait_for(page, lambda: text(page, "#page-info").startswith("21–"), PAGE_S, "page 2 again")
+    assert js(page, "document.querySelector('[name=budget]').value") == "7ms"
+    assert js(page, "document.querySelector('[name=device_class]').value") == "somewhere"

@@ -209,19 +209,19 @@ function template(id) {
 
 function jobsView(root) {
   root.append(template("jobs-view"));
-  let offset = 0;
+  // The page of the list is kept in this history entry: Back from a job returns to it.
+  let offset = history.state?.jobsOffset ?? 0;
+  const turnTo = (next) => {
+    offset = next;
+    history.replaceState({ ...history.state, jobsOffset: offset }, "");
+    poller.now();
+  };
   const poller = new Poller(POLL_MS, async () => {
     const page = await api(`v1/jobs?offset=${offset}&limit=${PAGE_SIZE}`);
     renderJobs(root, page);
   });
-  $("#newer", root).addEventListener("click", () => {
-    offset = Math.max(0, offset - PAGE_SIZE);
-    poller.now();
-  });
-  $("#older", root).addEventListener("click", () => {
-    offset += PAGE_SIZE;
-    poller.now();
-  });
+  $("#newer", root).addEventListener("click", () => turnTo(Math.max(0, offset - PAGE_SIZE)));
+  $("#older", root).addEventListener("click", () => turnTo(offset + PAGE_SIZE));
   setUpSubmitForm(root);
   poller.now();
   return () => poller.stop();
@@ -279,13 +279,26 @@ const SEARCH_FIELDS = [
   "select_top", "select_steps", "fill_probes", "final_epochs", "seed",
 ];
 
+// What was typed in the form, kept while the dashboard is open (files cannot be kept).
+const formDraft = new Map();
+
 function setUpSubmitForm(root) {
   const form = $("#submit-form", root);
   const error = $("#submit-error", root);
-  const dataFile = $(".data-file", root);
-  form.elements.data.addEventListener("change", () => {
-    dataFile.hidden = form.elements.data.value !== "upload";
+  for (const [name, value] of formDraft) {
+    if (form.elements[name]) form.elements[name].value = value;
+  }
+  form.addEventListener("input", (event) => {
+    if (event.target.name && event.target.type !== "file") {
+      formDraft.set(event.target.name, event.target.value);
+    }
   });
+  const dataFile = $(".data-file", root);
+  const showDataFile = () => {
+    dataFile.hidden = form.elements.data.value !== "upload";
+  };
+  form.elements.data.addEventListener("change", showDataFile);
+  showDataFile();  // as the draft left it
   api("v1/devices")
     .then((list) => {
       const classes = new Set([...list.devices.map((d) => d.device_class), ...Object.keys(list.queue_depth)]);
@@ -581,7 +594,8 @@ function renderJob(view) {
   const chosen = nodes.get(chosenId);
   const answerLabel = progress.final ? "Answer" : "Best so far";
   $("#job-stats", root).replaceChildren(
-    stat("Depth", count(progress.depth ?? tree.depth)),
+    // No depth before the root is measured (a job queued or waiting for its device).
+    stat("Depth", count(progress.depth ?? (rootNode ? tree.depth : null))),
     stat("Candidates", count(progress.candidates_evaluated)),
     stat("Measurements", count(progress.measurements)),
     stat("Cache hits", count(progress.cache_hits)),
