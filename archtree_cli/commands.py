@@ -34,7 +34,9 @@ def _oracle(args: argparse.Namespace):
         raise ArchtreeError(
             f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}"
         )
-    cores = len(os.sched_getaffinity(0))
+    # The cores this process may use (Linux); elsewhere, the machine's.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     if args.threads > cores:
         print(
             f"archtree: warning: --threads {args.threads} is more than the {cores} cores this "

@@ -257,9 +257,8 @@ def run_submit(args: argparse.Namespace) -> int:
     device_class = args.device_class
     if not any(d["online"] and d["device_class"] == device_class for d in devices):
         print(
-            f"archtree: warning: no agent of device class {device_class} is online, so the job "
-            f"waits for one: start it with `archtree agent --api {args.api} --device-class "
-            f"{device_class}` (or check --device-class for a typo)",
+            f"archtree: warning: {no_agent_hint(device_class, args.api)}; the job waits for "
+            "one (or check --device-class for a typo)",
             file=sys.stderr,
         )
     return 0
@@ -321,13 +320,18 @@ def _device_class(client: Any, job_id: str, status: str) -> str | None:
         return None
 
 
+def no_agent_hint(device_class: str, api: str) -> str:
+    """That no agent of `device_class` is online, and the command that starts one."""
+    return (
+        f"no agent of device class {device_class} is online; start one with "
+        f"`archtree agent --api {api} --device-class {device_class}`"
+    )
+
+
 def status_line(status: str, device_class: str | None, api: str) -> str:
     """A status event as `status --watch` prints it; a wait for a device says what to do."""
     if status == "waiting_for_device" and device_class is not None:
-        return (
-            f"status waiting_for_device: no agent of device class {device_class} is online; "
-            f"start one with `archtree agent --api {api} --device-class {device_class}`"
-        )
+        return f"status waiting_for_device: {no_agent_hint(device_class, api)}"
     return f"status {status}"
 
 
@@ -341,7 +345,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
         f"{spec['budget']} on device class {spec['device_class']}"
     )
     if job["status"] == "waiting_for_device":
-        print(status_line(job["status"], spec["device_class"], api).removeprefix("status "))
+        print(f"waiting_for_device: {no_agent_hint(spec['device_class'], api)}")
     if progress.get("depth") is not None:
         best = progress.get("best")
         best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms" if best else ""

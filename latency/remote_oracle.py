@@ -45,8 +45,8 @@ class DeviceAbsent(Exception):
     """No agent of the device class has been online for `release_after_s`: the caller chose to
     give its thread back and wait elsewhere rather than hold it while the device is away."""
 
-    def __init__(self, device_class: str, absent_s: float) -> None:
-        super().__init__(f"no agent of device class {device_class} online for {absent_s:.0f} s")
+    def __init__(self, device_class: str) -> None:
+        super().__init__(f"no agent of device class {device_class} online")
         self.device_class = device_class
 
 
@@ -233,7 +233,7 @@ class RemoteOracle:
                         self.release_after_s is not None
                         and now - waiting_since >= self.release_after_s
                     ):
-                        raise DeviceAbsent(self.device_class, now - waiting_since)
+                        raise DeviceAbsent(self.device_class)
                 elif waiting_since is not None:
                     waiting_since = None
                     taken_at = None

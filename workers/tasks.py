@@ -128,7 +128,7 @@ def _require_device(job_id: str) -> None:
     device_class = job["spec"].get("device_class", "local")
     registry = DeviceRegistry(services.client, services.settings.heartbeat_ttl_s)
     if registry.live_agents(device_class) == 0:
-        raise DeviceAbsent(device_class, 0.0)
+        raise DeviceAbsent(device_class)
     if job["progress"].get("device_wait_since") is not None:
         services.jobs.update_progress(job_id, device_wait_since=None)
         services.jobs.set_status_if_active(job_id, "running")
