@@ -255,6 +255,18 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     )
     assert front == js(page, "window.archtree.paretoPoints") >= 1
     assert js(page, "window.archtree.candidates") >= len(tree["nodes"])
+    # The answer is drawn a second time at the latency it was confirmed at, which the stats
+    # give and say so; the candidates stay at their search latency.
+    final = job["progress"]["final"]
+    confirmed = js(
+        page,
+        "echarts.getInstanceByDom(document.querySelector('#scatter-chart')).getOption()"
+        ".series.find(s => s.name === 'chosen, confirmed').data",
+    )
+    assert [(x, node_id) for x, _, node_id in confirmed] == [(final["latency_ms"], final["id"])]
+    assert f"{final['id']} · " in text(page, "#job-stats") and "confirmed" in text(
+        page, "#job-stats"
+    )
     assert text(page, "#job-status") == "succeeded"
     assert not visible(page, "#cancel")
     # The untrained VGG scores at chance: the page says so, as the job does.

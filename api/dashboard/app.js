@@ -20,6 +20,8 @@ const EVENT_KINDS = [
 const REFRESH_ON = new Set(["status", "baseline", "depth_done", "reranked", "confirmed", "done"]);
 const COLORS = { within: "#2e8b57", over: "#d9534f", pending: "#9aa5b1", chosen: "#f0ad00",
   front: "#3566c8", budget: "#555" };
+// The scatter series of the answer at the latency it was confirmed at, after the search.
+const CONFIRMED_SERIES = "chosen, confirmed";
 
 const echarts = window.echarts;
 
@@ -601,12 +603,15 @@ function renderJob(view) {
     stat("Cache hits", count(progress.cache_hits)),
     stat("Unpruned", ms(progress.baseline_ms)),
     stat("Budget", ms(progress.budget_ms)),
-    stat(answerLabel, chosen ? `${chosen.id} · ${ms(progress.final?.latency_ms ?? chosen.latency_ms)}` : "—"),
+    // The answer's latency as confirmed after the search, once it is; until then, as searched.
+    stat(answerLabel, !chosen ? "—" : progress.final
+      ? `${chosen.id} · ${ms(progress.final.latency_ms)} confirmed`
+      : `${chosen.id} · ${ms(chosen.latency_ms)}`),
   );
   renderComparison(view, rootNode, chosen, answerLabel);
   renderArtifacts(view);
   renderTree(view, nodes, rootNode, chosenId);
-  renderScatter(view, nodes, chosenId);
+  renderScatter(view, nodes, chosenId, progress.final);
 }
 
 function stat(name, value) {
@@ -744,7 +749,9 @@ function paretoFront(points) {
   return front;
 }
 
-function renderScatter(view, nodes, chosenId) {
+// Candidates sit at the latency the search measured. The answer is re-measured once the search
+// ends: that confirmed latency, which the stats give, is drawn apart and said so.
+function renderScatter(view, nodes, chosenId, final) {
   // Every evaluated candidate: the tree's nodes and children merged away as duplicates.
   const all = new Map(nodes);
   for (const [id, node] of view.eventNodes) if (!all.has(id)) all.set(id, node);
@@ -759,14 +766,15 @@ function renderScatter(view, nodes, chosenId) {
   const point = (node) => [node.latency_ms, node.score, node.id];
   const unpruned = candidates.filter((n) => n.parent == null);
   const pruned = candidates.filter((n) => n.parent != null);
-  const measured = candidates.map((n) => n.latency_ms);
+  const chosen = all.get(chosenId);
+  const confirmed = chosen && final?.latency_ms != null ? [final.latency_ms, chosen.score, chosen.id] : null;
+  const measured = candidates.map((n) => n.latency_ms).concat(confirmed ? [confirmed[0]] : []);
   // A budget far above every candidate (one the unpruned model meets many times over) would
   // squash them all against the axis: the range then leaves it out, and its line with it.
   const budgetShown = budgetMs != null && (!measured.length || budgetMs <= 2 * Math.max(...measured));
   const latencies = measured.concat(budgetShown ? [budgetMs] : []);
   const span = latencies.length ? Math.max(...latencies) - Math.min(...latencies) : 0;
   const pad = span * 0.08 || 0.01;
-  const chosen = all.get(chosenId);
   view.scatterChart.setOption({
     animation: false,
     grid: { top: 48, left: 56, right: 24, bottom: 48 },
@@ -774,10 +782,14 @@ function renderScatter(view, nodes, chosenId) {
     tooltip: {
       trigger: "item",
       confine: true,
-      formatter: (params) =>
-        params.seriesName === "Pareto front"
-          ? `Pareto front: ${escapeHtml(params.value[2])}`
-          : nodeTooltip(all.get(params.value[2]), rootNode, budgetMs),
+      formatter: (params) => {
+        if (params.seriesName === "Pareto front") return `Pareto front: ${escapeHtml(params.value[2])}`;
+        if (params.seriesName === CONFIRMED_SERIES) {
+          return `<b>${escapeHtml(chosen.id)}</b>, the answer, re-measured after the search:<br>` +
+            `${ms(confirmed[0])} confirmed (${ms(chosen.latency_ms)} during the search)`;
+        }
+        return nodeTooltip(all.get(params.value[2]), rootNode, budgetMs);
+      },
     },
     xAxis: {
       type: "value", name: "latency (ms)", nameLocation: "middle", nameGap: 28,
@@ -806,6 +818,9 @@ function renderScatter(view, nodes, chosenId) {
       { name: "chosen", type: "scatter", symbol: "diamond", symbolSize: 20, z: 3,
         itemStyle: { color: COLORS.chosen, borderColor: "#1f2933" },
         data: chosen ? [point(chosen)] : [] },
+      { name: CONFIRMED_SERIES, type: "scatter", symbol: "emptyDiamond", symbolSize: 20, z: 4,
+        itemStyle: { color: COLORS.chosen, borderWidth: 2 },
+        data: confirmed ? [confirmed] : [] },
     ],
   }, { replaceMerge: ["series"] });
 }
