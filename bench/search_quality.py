@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from archtree_cli.commands import counted
 from bench import CACHE_DIR
 from bench.report import SectionResult, make_row
 from bench.train_models import seeded_recipe, trained_weights, weights_path
@@ -396,6 +397,7 @@ def _describe(row: dict[str, Any]) -> str:
         return f"{row['details']['note']} after {row['wall_s']:.0f} s: {row['details']['error']}"
     return (
         f"accuracy {row['accuracy']:.4f}, {row['latency_ms']:.3f} ms for a budget of "
-        f"{row['budget_ms']:.3f} ms (fit {row['fit']:.3f}), {row['candidates']} candidates, "
-        f"{row['measurements']} measurements, {row['wall_s']:.0f} s"
+        f"{row['budget_ms']:.3f} ms (fit {row['fit']:.3f}), "
+        f"{counted(row['candidates'], 'candidate')}, "
+        f"{counted(row['measurements'], 'measurement')}, {row['wall_s']:.0f} s"
     )
