@@ -30,12 +30,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The tests start their own private Redis servers and drive a headless Chromium.
+# The tests start their own private Redis servers, drive a headless Chromium and check the
+# compose file with docker-compose (no image is built or pulled).
 system-deps:
 	@command -v redis-server >/dev/null && command -v chromium >/dev/null && \
-		command -v chromedriver >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq redis-server chromium chromium-driver) || \
-		echo "could not install redis-server/chromium: the tests that need them will fail or skip"
+		command -v chromedriver >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server chromium chromium-driver \
+			docker-compose) || \
+		echo "could not install redis-server/chromium/docker-compose: the tests that need them will fail or skip"
 
 test: lint system-deps
 	$(BIN)/pytest -q

@@ -25,6 +25,14 @@ class ErrorMessage(BaseModel):
 
 
 INVALID = {422: {"model": ErrorMessage, "description": "Invalid request (why, in one line)."}}
+# Every route that needs Redis: it answers so, with Retry-After, while Redis is unreachable.
+UNAVAILABLE = {
+    503: {
+        "model": ErrorMessage,
+        "description": "Redis (or, for a submission, the artifact store) is unreachable; "
+        "Retry-After says when to try again.",
+    }
+}
 
 
 # Upper bounds of a job's search settings: far above any useful search, they keep one job
@@ -33,6 +41,7 @@ MAX_TREE_SIZE = 64
 MAX_STEPS = 1_000_000
 MAX_EPOCHS = 10_000
 MAX_PROBES = 1_000
+MAX_CHANNEL_MULTIPLE = 4_096
 
 
 class SearchSettingsIn(BaseModel):
@@ -89,9 +98,12 @@ class SearchSettingsIn(BaseModel):
         le=MAX_EPOCHS,
         description="Epochs of final fine-tuning of the answer, with distillation.",
     )
-    round_to: int | None = Field(None, description="Keep channel counts multiples of N.")
+    round_to: int | None = Field(
+        None, le=MAX_CHANNEL_MULTIPLE, description="Keep channel counts multiples of N."
+    )
     widen_to: int | None = Field(
         None,
+        le=MAX_CHANNEL_MULTIPLE,
         description="Try widening each pruned channel group to the next multiple of N; kept "
         "when the measured latency allows, else half of N is tried, down to 8 (0 = off; "
         "default: the device's channel block, 16 on AVX-512 CPUs, 8 elsewhere).",

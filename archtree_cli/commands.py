@@ -228,14 +228,14 @@ def print_summary(report: dict[str, Any], out: str) -> None:
         print(f"{name:<16} {before:>16} {after:>16}")
     print(
         f"\nbudget {report['budget_ms']:.3f} ms, final at {final['budget_fit']:.1%} of it; "
-        f"{search['strategy']} searched {search['depths']} depths, "
+        f"{search['strategy']} searched {counted(search['depths'], 'depth')}, "
         f"{counted(search['candidates_evaluated'], 'candidate')}, "
         f"{counted(search['latency_measurements'], 'measurement')} "
         f"({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
     )
     for note in report.get("notes", []):  # reports of earlier versions have none
         print(f"note: {note}")
-    print(f"saved to {out}/ (arch.json, model.safetensors, report.json)")
+    print(f"saved to {Path(out)}/ (arch.json, model.safetensors, report.json)")
 
 
 def run_measure(args: argparse.Namespace) -> int:

@@ -45,7 +45,8 @@ def add_model_arguments(
     parser.add_argument(
         "--num-classes",
         type=int,
-        help=f"classifier outputs of a builtin model (default: {classes_default})",
+        help="classifier outputs of a builtin:, torchvision: or timm: model "
+        f"(default: {classes_default})",
     )
 
 
@@ -192,7 +193,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-cut",
         type=float,
         default=defaults.max_cut,
-        help="largest share of a channel group one step may remove (default %(default)s)",
+        help="largest share of a channel group one step may remove; uniform steps are not "
+        "limited (default %(default)s)",
     )
     group.add_argument(
         "--margin",
@@ -242,22 +244,54 @@ def settings_from(args: argparse.Namespace):
     return settings
 
 
+MAIN_EXAMPLES = """\
+examples:
+  archtree demo                                  train a small ResNet, prune it to 50 %
+  archtree prune --model builtin:resnet --weights resnet.safetensors \\
+      --data builtin:mnist --budget 8ms --out pruned/
+  archtree up                                    the service on this machine
+  archtree submit --model builtin:vgg --data builtin:digits --budget 60%
+  archtree status ID --watch
+
+`archtree COMMAND --help` gives each command's options; the README gives them all.
+"""
+
+PRUNE_EXAMPLES = """\
+examples:
+  archtree prune --model builtin:resnet --weights resnet.safetensors \\
+      --data builtin:mnist --budget 60% --out pruned/
+  archtree prune --model module:mypkg.nets:make_net --weights net.pt \\
+      --data calibration.npz --budget 8ms --device local:cuda --out pruned/
+  archtree prune ... --strategy greedy            one candidate per depth, the baseline
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="archtree",
         description="Find the most accurate structurally pruned model that meets a latency "
         "budget measured on the target device.",
+        epilog=MAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser
     )
 
-    prune = commands.add_parser("prune", help="search for a pruned model that meets a budget")
+    prune = commands.add_parser(
+        "prune",
+        help="search for a pruned model that meets a budget",
+        epilog=PRUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     prune.set_defaults(handler="archtree_cli.commands:run_prune")
     add_model_arguments(prune)
     prune.add_argument(
-        "--data", required=True, help="builtin:mnist, builtin:digits, or a .npz/.pt file (x, y)"
+        "--data",
+        required=True,
+        help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x and optionally y "
+        "(labels; without them the search is data-free)",
     )
     prune.add_argument(
         "--budget", required=True, help="latency budget: milliseconds (8ms) or a share (60%%)"
@@ -268,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         type=non_empty("--out"),
-        help="folder for arch.json, model.safetensors, report.json",
+        help="folder for arch.json, model.safetensors, report.json; if another result lands "
+        "there while the search runs, this one goes to OUT-2",
     )
     prune.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     prune.add_argument(

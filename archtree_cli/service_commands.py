@@ -63,7 +63,9 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=1, help="tasks the Celery worker runs at once (default 1)"
     )
 
-    api = commands.add_parser("api", help="run the HTTP API (needs ARCHTREE_REDIS_URL)")
+    api = commands.add_parser(
+        "api", help="run the HTTP API (needs ARCHTREE_REDIS_URL or REDIS_URL)"
+    )
     api.set_defaults(handler="archtree_cli.service_commands:run_api")
     _add_listen_arguments(api)
     api.add_argument(
@@ -73,7 +75,9 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
         "more polling clients on a machine with free cores; each takes about 300 MB",
     )
 
-    worker = commands.add_parser("worker", help="run a Celery worker (needs ARCHTREE_REDIS_URL)")
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker (needs ARCHTREE_REDIS_URL or REDIS_URL)"
+    )
     worker.set_defaults(handler="archtree_cli.service_commands:run_worker")
     worker.add_argument("--concurrency", type=int, default=1, help="tasks run at once (default 1)")
     worker.add_argument(
@@ -83,9 +87,16 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 
     agent = commands.add_parser("agent", help="time candidates on this device for the service")
     agent.set_defaults(handler="archtree_cli.service_commands:run_agent")
-    agent.add_argument("--api", help="the API to register with, e.g. http://host:8000")
     agent.add_argument(
-        "--device-class", required=True, help="agents of one class are interchangeable"
+        "--api",
+        help="the API to register with, e.g. http://host:8000 (no default: give --api, "
+        "--redis-url or both)",
+    )
+    agent.add_argument(
+        "--device-class",
+        required=True,
+        help="required: the class jobs name to be measured here; agents of one class are "
+        "interchangeable",
     )
     agent.add_argument("--runtime", default="torch", help="timing runtime (default torch)")
     agent.add_argument("--threads", type=int, default=1, help="threads while timing (default 1)")
@@ -110,7 +121,8 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--data",
         required=True,
-        help="builtin:mnist, builtin:digits, or a .npz/.pt file (x, y), which is uploaded",
+        help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x and optionally y "
+        "(labels), which is uploaded",
     )
     submit.add_argument(
         "--budget", required=True, help="latency budget: milliseconds (8ms) or a share (60%%)"

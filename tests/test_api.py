@@ -166,6 +166,11 @@ BAD_SUBMISSIONS = {
         {},
         "final_epochs: Input should be less than or equal to 10000",
     ),
+    "a channel multiple past its bound": (
+        {"search": {"widen_to": 1_000_000}},
+        {},
+        "widen_to: Input should be less than or equal to 4096",
+    ),
     "renamed search setting": (
         {"search": {"min_width_fraction": 1.5}},
         {},
@@ -836,3 +841,12 @@ def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert set(body["schema"]["properties"]) == {"spec", "weights", "data"}
     assert http.get("/docs").status_code == 200
+
+
+def test_the_schema_declares_the_answer_while_redis_is_unreachable(http: httpx.Client):
+    paths = http.get("/openapi.json").json()["paths"]
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/devices"):
+        for operation in paths[path].values():
+            assert "503" in operation["responses"], (path, operation["summary"])
+    cancel = paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
+    assert "409" in cancel

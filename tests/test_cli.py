@@ -610,3 +610,26 @@ def test_replayed_service_events_are_stamped_when_they_happened():
     progress.emit("note", message="second", time=1010.0)
     stamps = [line.split("]")[0].strip("[ s") for line in stream.getvalue().splitlines()]
     assert stamps == ["2.5", "10.0"]
+
+
+def test_the_help_examples_parse_as_given():
+    from archtree_cli.main import MAIN_EXAMPLES, PRUNE_EXAMPLES, build_parser
+
+    examples = []
+    for text in (MAIN_EXAMPLES, PRUNE_EXAMPLES):
+        joined = re.sub(r"\\\n\s*", "", text)
+        for line in joined.splitlines():
+            if line.strip().startswith("archtree ") and "..." not in line:
+                # The command is what stands before a run of spaces and the comment.
+                examples.append(re.split(r"\s{3,}", line.strip())[0].split()[1:])
+    assert len(examples) >= 6
+    parser = build_parser()
+    for words in examples:
+        parsed = parser.parse_args(words)  # exits with the usage error otherwise
+        assert parsed.command == words[0]
+
+
+def test_help_shows_examples(tmp_path: Path):
+    finished = run_archtree("--help", home=tmp_path)
+    assert finished.returncode == 0
+    assert "examples:" in finished.stdout and "archtree prune --model" in finished.stdout

@@ -190,10 +190,11 @@ def test_fetch_writes_the_three_files_the_api_serves(
     result_api: str, result_dir: Path, home: Path, tmp_path: Path
 ):
     out = tmp_path / "fetched"
-    fetched = archtree("fetch", JOB, "--api", f"{result_api}/good", "--out", str(out), home=home)
+    # Given with a trailing slash, as the README writes it: said with one.
+    fetched = archtree("fetch", JOB, "--api", f"{result_api}/good", "--out", f"{out}/", home=home)
 
     assert fetched.returncode == 0, fetched.stderr
-    assert f"saved to {out}/" in fetched.stdout
+    assert f"saved to {out}/ (" in fetched.stdout
     assert snapshot(out) == snapshot(result_dir)
     assert [path.name for path in tmp_path.iterdir()] == ["fetched"]
 

@@ -455,6 +455,9 @@ def test_the_compose_file_is_valid_with_scalable_workers_and_persistent_redis():
 
     services = subprocess.run([*command, "config", "--services"], capture_output=True, text=True)
     config = subprocess.run([*command, "config"], capture_output=True, text=True)
+    # The API's process count, as documented, comes from the caller's environment.
+    env = {**os.environ, "ARCHTREE_API_WORKERS": "3"}
+    scaled = subprocess.run([*command, "config"], capture_output=True, text=True, env=env)
 
     assert services.returncode == 0, services.stderr
     assert set(services.stdout.split()) == {"redis", "api", "worker", "agent"}
@@ -462,3 +465,7 @@ def test_the_compose_file_is_valid_with_scalable_workers_and_persistent_redis():
     assert "container_name" not in config.stdout  # `up --scale worker=3` needs distinct names
     assert "--appendonly" in config.stdout and "redis-data" in config.stdout
     assert config.stdout.count("image: archtree:latest") == 3
+    assert scaled.returncode == 0, scaled.stderr
+    assert re.findall(r"ARCHTREE_API_WORKERS: ['\"]?(\d+)", scaled.stdout) == ["3"]
+    # The API's own environment still holds the settings every service shares.
+    assert scaled.stdout.count("ARCHTREE_REDIS_URL: redis://redis:6379/0") == 3

@@ -5,9 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Path, Response
 
 from api.deps import ServicesDep, quoted
-from api.schemas import INVALID, Device, DeviceIn, DeviceList, DeviceRegistered, ErrorMessage
+from api.schemas import (
+    INVALID,
+    UNAVAILABLE,
+    Device,
+    DeviceIn,
+    DeviceList,
+    DeviceRegistered,
+    ErrorMessage,
+)
 
-router = APIRouter(prefix="/v1/devices", tags=["devices"], responses=INVALID)
+router = APIRouter(prefix="/v1/devices", tags=["devices"], responses={**INVALID, **UNAVAILABLE})
 
 
 @router.post(

@@ -14,14 +14,23 @@ from api import submission
 from api.deps import JobDep, ServicesDep, quoted
 from api.event_stream import job_events, start_after
 from api.job_reads import read_jobs
-from api.schemas import INVALID, ErrorMessage, Job, JobCreated, JobLinks, JobList, JobTree
+from api.schemas import (
+    INVALID,
+    UNAVAILABLE,
+    ErrorMessage,
+    Job,
+    JobCreated,
+    JobLinks,
+    JobList,
+    JobTree,
+)
 from api.uploads import MAX_SPEC_BYTES, read_submission
 from search.artifacts import ARTIFACT_NAMES
 from workers.artifact_store import ArtifactStoreError
 from workers.job_store import FINAL_STATUSES
 from workers.tasks import result_name
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=INVALID)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={**INVALID, **UNAVAILABLE})
 
 # Far beyond any real job list, and far below the 64-bit range Redis takes.
 MAX_OFFSET = 10**9
