@@ -41,8 +41,10 @@ API_TIMEOUT_VARIABLE = "ARCHTREE_API_TIMEOUT_S"
 # Above the 15 s between the keep-alive pings of the API's event stream, so that a job that
 # is quiet for a while is not taken for an API that stalled.
 DEFAULT_API_TIMEOUT_S = 30.0
-# Consecutive failed attempts to resume an event stream before giving up.
-EVENT_RECONNECTS = 5
+# Consecutive failed attempts to resume an event stream before giving up: with the delays
+# below, about 45 s of an API that is down, enough for one to restart. A stream that sent
+# anything (an event or a keep-alive ping) before it failed starts the count again.
+EVENT_RECONNECTS = 8
 # The wait before resuming an event stream that was refused or broke off doubles from this,
 # up to the longest, to ride out an API that restarts (a stalled one has waited a timeout).
 RECONNECT_DELAY_S = 1.0
@@ -157,15 +159,25 @@ class ArchtreeClient:
         """The job's events (id, event) from the start or after `after`, live, until it ends.
 
         A stream that stalls or breaks off is resumed where it stopped (Last-Event-ID), up to
-        EVENT_RECONNECTS times in a row; `on_retry` gets a line saying so each time. An API
-        that refuses the very first connection is reported at once.
+        EVENT_RECONNECTS times in a row (a stream that sent anything ends the row); `on_retry`
+        gets a line saying so each time. An API that refuses the very first connection is
+        reported at once.
         """
         path = _job_path(job_id, "events")
         answered = False
         failures = 0
         stream = f"the events of job {job_id} at {self.api_url}"
+        heard = False
+
+        def hearing(lines: Iterator[str]) -> Iterator[str]:
+            nonlocal heard
+            for line in lines:
+                heard = True
+                yield line
+
         while True:
             headers = {"Last-Event-ID": after} if after else {}
+            heard = False
             # On a failure worth retrying: the error to give up with, the line saying what
             # happened, and the wait before retrying (None: doubling from RECONNECT_DELAY_S).
             give_up: ArchtreeError
@@ -176,11 +188,10 @@ class ArchtreeClient:
                         raise self._not_archtree(f"got {_media_type(answer)} for the events")
                     answered = True
                     ended = False
-                    for event_id, event in _server_sent_events(answer.iter_lines()):
+                    for event_id, event in _server_sent_events(hearing(answer.iter_lines())):
                         if not isinstance(event, dict):
                             raise self._not_archtree("an event is not a JSON object")
                         after = event_id
-                        failures = 0
                         ended = event.get("kind") == "status" and event.get("status") in ENDED
                         yield event_id, event
                 if ended:
@@ -203,7 +214,8 @@ class ArchtreeClient:
                 what = f"{stream} {self._stall(error)}"
                 if isinstance(error, httpx.TimeoutException):
                     delay_s = 0.0  # a stalled stream has waited a timeout already
-            failures += 1
+            # An API that served this stream for a while is not the one that keeps failing.
+            failures = 1 if heard else failures + 1
             if failures > EVENT_RECONNECTS:
                 raise give_up from None
             if on_retry is not None:

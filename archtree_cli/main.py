@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -12,6 +13,7 @@ from search.errors import ArchtreeError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + 13  # as a command stopped by SIGPIPE exits
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -410,10 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         debug_from_environment()  # a bad value is refused before any work
         module_name, function_name = args.handler.split(":")
-        return getattr(importlib.import_module(module_name), function_name)(args)
+        code = getattr(importlib.import_module(module_name), function_name)(args)
+        sys.stdout.flush()  # a write that fails fails here, where it is reported
+        return code
     except ArchtreeError as error:
         print(f"archtree: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # Whoever read the output stopped (`archtree jobs | head -1`): stop quietly, and keep
+        # the interpreter's last flush from failing again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         note = interrupted_note(args)
         print(f"archtree: interrupted{f': {note}' if note else ''}", file=sys.stderr)
@@ -421,6 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - last line of defence for the user's terminal
         if args.debug or debug_from_environment():
             raise
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {error.filename}" if error.filename else ""
+            print(
+                f"archtree: error: no space left{where} ({error.strerror}): free some space, "
+                "or write elsewhere, and run again",
+                file=sys.stderr,
+            )
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_USER_ERROR
         print(
             f"archtree: internal error: {type(error).__name__}: {error} "
             "(rerun with --debug for the traceback, and report it)",

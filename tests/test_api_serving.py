@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -231,3 +234,38 @@ def test_api_startup_freezes_what_it_imported_so_full_collections_skip_it(redis_
             assert frozen > 100_000, f"only {frozen} objects frozen"
     finally:
         gc.unfreeze()
+
+
+def test_archtree_api_stops_on_sigterm_while_an_event_stream_is_open(
+    redis_url: str, tmp_path: Path
+):
+    """A client following a quiet job keeps its stream open; SIGTERM still stops the API."""
+    api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs", workers=1)
+    try:
+        spec = {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%"}
+        with api.client() as client:
+            answer = client.post("/v1/jobs", data={"spec": json.dumps(spec)})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        opened = threading.Event()
+
+        def follow() -> None:
+            with (
+                httpx.Client(base_url=api.url, timeout=120) as client,
+                client.stream("GET", f"/v1/jobs/{job_id}/events") as stream,
+            ):
+                opened.set()
+                with contextlib.suppress(httpx.RemoteProtocolError):  # cut mid-stream
+                    for _ in stream.iter_raw():
+                        pass
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        assert opened.wait(30), "the event stream did not open"
+        os.kill(api.process.pid, signal.SIGTERM)
+        api.process.wait(timeout=30)  # held until the stream ends without a shutdown grace
+        follower.join(10)
+        assert not follower.is_alive(), "the stream stayed open after the API stopped"
+    finally:
+        api.stop()
+        redis.Redis.from_url(redis_url).flushdb()

@@ -633,3 +633,24 @@ def test_help_shows_examples(tmp_path: Path):
     finished = run_archtree("--help", home=tmp_path)
     assert finished.returncode == 0
     assert "examples:" in finished.stdout and "archtree prune --model" in finished.stdout
+
+
+def test_output_to_a_closed_pipe_or_a_full_disk_is_no_internal_error(tmp_path: Path):
+    command = [sys.executable, "-m", "archtree_cli.main", "models"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ARCHTREE_HOME": str(tmp_path)}
+    # The reader is gone before the command writes (`archtree models | head -0`).
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141, stderr
+    assert stderr.decode() == ""
+
+    with open("/dev/full", "w") as full:
+        finished = subprocess.run(
+            command, cwd=ROOT, env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    assert finished.returncode == 2
+    assert finished.stderr.startswith("archtree: error: no space left")
+    assert "internal error" not in finished.stderr and "Exception" not in finished.stderr

@@ -383,3 +383,38 @@ def test_status_watch_resumes_an_event_stream_that_breaks_off(home: Path):
         f"archtree: the events of job {JOB} at {api} broke off (RemoteProtocolError); "
         f"retrying (1 of {EVENT_RECONNECTS})"
     ]
+
+
+class PingingThenBreakingStream(BreakingEventStream):
+    """A quiet job's stream on an API that restarts more often than the retries in a row: each
+    stream sends a keep-alive ping and breaks off, until the last one ends the job."""
+
+    breaks = EVENT_RECONNECTS + 2
+    connections = 0
+
+    def do_GET(self) -> None:
+        if not self.path.endswith("/events"):
+            return super().do_GET()
+        type(self).connections += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if type(self).connections <= self.breaks:
+            self.send_header("Content-Length", "100000")  # promise more, then hang up
+            self.end_headers()
+            self.wfile.write(b": ping\n\n")
+            return
+        self.end_headers()
+        data = json.dumps({"kind": "status", "status": "succeeded"})
+        self.wfile.write(f"id: 1-0\ndata: {data}\n\n".encode())
+
+
+def test_status_watch_counts_only_failures_in_a_row_of_streams_that_sent_nothing(home: Path):
+    PingingThenBreakingStream.connections = 0
+    with serving(PingingThenBreakingStream) as api:
+        watched = archtree("status", JOB, "--watch", "--api", api, home=home)
+
+    assert watched.returncode == 0, watched.stderr
+    assert f"job {JOB} succeeded" in watched.stdout
+    notes = [line for line in watched.stderr.splitlines() if "retrying" in line]
+    assert len(notes) == PingingThenBreakingStream.breaks
+    assert all(note.endswith(f"retrying (1 of {EVENT_RECONNECTS})") for note in notes)
