@@ -146,6 +146,11 @@ class ArchtreeClient:
         """Ask the job to stop; returns the job."""
         return self._json("POST", _job_path(job_id, "cancel"))
 
+    def readiness(self) -> dict[str, Any]:
+        """GET /readyz: `status`, the Celery `workers` that answered, `agents_online` per
+        device class and, when something is missing, a `detail` that says what."""
+        return self._with_keys(self._json("GET", "/readyz"), ("status", "workers"))
+
     def devices(self) -> dict[str, Any]:
         """Registered devices (`devices`) and the queue depth per device class."""
         return self._json("GET", "/v1/devices")

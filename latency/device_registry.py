@@ -219,11 +219,15 @@ class DeviceRegistry:
         if group is None:
             return int(self.client.xlen(key))
         lag = group.get("lag")
-        if lag is None:
-            # Redis cannot tell the lag when entries were deleted in between: count them.
+        if lag is None or lag > 0:
+            # Redis cannot tell the lag when entries were deleted in between, and counts a
+            # request deleted before delivery (its requester gave up) as still to deliver:
+            # count the entries after the last delivered one.
             last = stream_id_tuple(group["last-delivered-id"])
             lag = len(self.client.xrange(key, min=f"({last[0]}-{last[1]}", max="+"))
-        return int(group["pending"]) + int(lag)
+        # Entries pending in the group but deleted (held by an agent that died, then given
+        # up) are no longer requests: nothing counts beyond what the stream holds.
+        return min(int(group["pending"]) + int(lag), int(self.client.xlen(key)))
 
     def record_measurement(self, device_class: str, device_id: str, round_trip_s: float) -> None:
         """Count a measurement answered by `device_id` and keep its round-trip time."""

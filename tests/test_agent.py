@@ -242,6 +242,10 @@ def test_registry_tracks_heartbeats_deletion_and_queue(redis_client) -> None:
     redis_client.xack(stream, CONSUMER_GROUP, entry_id)
     redis_client.xdel(stream, entry_id)
     assert registry.queue_depth("jetson-gpu") == 2
+    # Requests withdrawn before any agent took them (their requester gave up) count no more.
+    for waiting_id, _ in redis_client.xrange(stream):
+        redis_client.xdel(stream, waiting_id)
+    assert registry.queue_depth("jetson-gpu") == 0
     assert registry.classes() == ["jetson-gpu"]
 
     assert registry.delete(device_id)

@@ -850,3 +850,19 @@ def test_the_schema_declares_the_answer_while_redis_is_unreachable(http: httpx.C
             assert "503" in operation["responses"], (path, operation["summary"])
     cancel = paths["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
     assert "409" in cancel
+
+
+def test_submit_warns_when_no_worker_will_run_the_job(api_server: ApiProcess, tmp_path: Path):
+    """No worker runs beside this module's API: the job is accepted and waits in the queue."""
+    submitted = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", "submit", "--api", api_server.url,
+         "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ARCHTREE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    assert "warning: no worker of the service answered" in submitted.stderr
+    assert "`archtree worker`" in submitted.stderr
