@@ -140,7 +140,12 @@ class SearchSettings:
             (self.width >= 1, "--width must be at least 1"),
             (self.branching >= 1, "--branching must be at least 1"),
             (self.planned_steps >= 1, "--planned-steps must be at least 1"),
-            (self.max_depth >= self.planned_steps, "--max-depth must be at least --planned-steps"),
+            (
+                self.max_depth >= self.planned_steps,
+                f"--max-depth must be at least --planned-steps ({self.max_depth} is below "
+                f"{self.planned_steps}; give both, or a --max-depth of {self.planned_steps} or "
+                "more)",
+            ),
             (self.ft_steps >= 0, "--ft-steps cannot be negative"),
             (self.bn_samples >= 0, "--bn-samples cannot be negative (0 turns it off)"),
             (self.final_epochs >= 0, "--final-epochs cannot be negative"),

@@ -179,7 +179,7 @@ BAD_SUBMISSIONS = {
     "two search settings": (
         {"search": {"max_depth": 1, "planned_steps": 2}},
         {},
-        "search.max_depth must be at least search.planned_steps",
+        "search.max_depth must be at least search.planned_steps (1 is below 2; give both",
     ),
     "unknown move": (
         {"search": {"move_kinds": ["global", "sideways"]}},
