@@ -60,7 +60,8 @@ class RemoteOracle:
     can wait without a thread (a Celery task) does so. The reply timeout `timeout_s` runs from
     the moment an agent takes the request (a long queue is not a failure); a request not
     answered within it is sent once more, then ArchtreeError. `cancelled()` is checked every
-    `poll_s` seconds.
+    `poll_s` seconds. `on_measured(agent_id)` is called for each reply, with the agent that
+    answered it.
 
     Counters: `measurements` (replies received) and `cache_hits`; `round_trip_s` (request
     sent to reply received) and `agent_timing_s` (time the agent spent timing) hold one value
@@ -80,6 +81,7 @@ class RemoteOracle:
         release_after_s: float | None = None,
         poll_s: float = 0.5,
         on_waiting: Callable[[bool], None] | None = None,
+        on_measured: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         registry: DeviceRegistry | None = None,
         api_url: str | None = None,
@@ -96,6 +98,7 @@ class RemoteOracle:
         self.release_after_s = release_after_s
         self.poll_s = poll_s
         self.on_waiting = on_waiting
+        self.on_measured = on_measured
         self.cancelled = cancelled
         self.registry = registry if registry is not None else DeviceRegistry(client)
         self.api_url = api_url
@@ -200,6 +203,8 @@ class RemoteOracle:
         result = reply.result or {}
         round_trip_s = time.monotonic() - started
         self.registry.record_measurement(self.device_class, reply.agent_id, round_trip_s)
+        if self.on_measured is not None:
+            self.on_measured(reply.agent_id)
         with self._lock:
             self.measurements += 1
             self.round_trip_s.append(round_trip_s)

@@ -105,6 +105,7 @@ def build_job_context(
         wait_for_device_s=settings.device_wait_s,
         release_after_s=DEVICE_RELEASE_S,
         on_waiting=on_waiting,
+        on_measured=lambda agent_id: jobs.count_agent_measurement(job_id, agent_id),
         cancelled=lambda: jobs.cancel_requested(job_id),
         registry=DeviceRegistry(services.client, settings.heartbeat_ttl_s),
     )

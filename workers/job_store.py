@@ -10,6 +10,7 @@ Keys (prefix `archtree:`):
 - `job:{id}:children` hash: child id -> its first stored evaluation (JSON)
 - `job:{id}:steps`    hash: orchestration steps already sent (so a redelivered task skips them)
 - `job:{id}:reruns`   hash: task id -> how many times the task was run again for a Redis outage
+- `job:{id}:agents`   hash: agent id -> measurements it answered for the job
 """
 
 from __future__ import annotations
@@ -215,6 +216,16 @@ class JobStore:
     def count_rerun(self, job_id: str, task_id: str) -> int:
         """Count one more re-run of the job's task `task_id`; return how many there were."""
         return int(self.client.hincrby(self._key(job_id, ":reruns"), task_id, 1))
+
+    def count_agent_measurement(self, job_id: str, agent_id: str) -> None:
+        """Count one measurement of the job answered by the agent `agent_id`."""
+        self.client.hincrby(self._key(job_id, ":agents"), agent_id, 1)
+
+    def agent_measurements(self, job_id: str) -> dict[str, int]:
+        """The job's measurements per agent that answered them, most first."""
+        counts = self.client.hgetall(self._key(job_id, ":agents"))
+        tally = {key.decode(): int(value) for key, value in counts.items()}
+        return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
 
     def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
         payload = json.dumps({"kind": kind, "time": time.time(), **data}, default=float)

@@ -316,6 +316,10 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
         started = time.monotonic() - (time.time() - started_at)
         outcome = engine.finish(job.context, state, started, retuned)
         report = build_report(job.context, outcome, job.report_inputs())
+        # Every agent of the class that answered the job's measurements, not only the one
+        # whose fingerprint the device section holds (it confirmed the answer, or served
+        # the cache).
+        report["device"]["agents"] = jobs.agent_measurements(job_id)
         work_dir = Path(services.settings.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_dir) as folder:
