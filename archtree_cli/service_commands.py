@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
@@ -89,8 +90,9 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     agent.set_defaults(handler="archtree_cli.service_commands:run_agent")
     agent.add_argument(
         "--api",
-        help="the API to register with, e.g. http://host:8000 (no default: give --api, "
-        "--redis-url or both)",
+        help="the API to register with, e.g. http://host:8000 (default $ARCHTREE_API_URL when "
+        "neither --api nor --redis-url is given); an API or Redis not up yet is waited for, up "
+        "to $ARCHTREE_AGENT_START_WAIT_S (default 60 s)",
     )
     agent.add_argument(
         "--device-class",
@@ -101,7 +103,9 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     agent.add_argument("--runtime", default="torch", help="timing runtime (default torch)")
     agent.add_argument("--threads", type=int, default=1, help="threads while timing (default 1)")
     agent.add_argument(
-        "--redis-url", help="Redis to serve from (default: the one the API hands out)"
+        "--redis-url",
+        help="Redis to serve from (default: the one the API hands out, asked for again when it "
+        "stays unreachable; with no API: $ARCHTREE_REDIS_URL or $REDIS_URL)",
     )
     agent.add_argument(
         "--allow-module",
@@ -191,6 +195,10 @@ def tcp_port(text: str) -> int:
     return port
 
 
+# Seconds a stopping API waits for open requests (event streams above all) before it cuts them.
+API_STOP_GRACE_S = 3
+
+
 def run_api(args: argparse.Namespace) -> int:
     """Serve the API with uvicorn: in this process, or in `--workers` processes that each
     build the app from the same ARCHTREE_* environment."""
@@ -208,13 +216,14 @@ def run_api(args: argparse.Namespace) -> int:
     # Built here even for several workers: a configuration mistake is then one line, not a
     # traceback from every worker process.
     app = create_app()
+    # Open event streams would hold a graceful stop forever: they are cut after a short
+    # grace, and their clients resume them from the last event id on the next API.
+    served = {"host": args.host, "port": args.port, "timeout_graceful_shutdown": API_STOP_GRACE_S}
     if workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port)
+        uvicorn.run(app, **served)
     else:
         app.state.services.close()
-        uvicorn.run(
-            "api.main:create_app", factory=True, workers=workers, host=args.host, port=args.port
-        )
+        uvicorn.run("api.main:create_app", factory=True, workers=workers, **served)
     return 0
 
 
@@ -263,14 +272,22 @@ def run_submit(args: argparse.Namespace) -> int:
         data_file = args.data
     with ArchtreeClient(args.api) as client, errors_in_cli_terms():
         job = client.submit(spec, weights=args.weights, data=data_file)
-        devices = client.devices()["devices"]
+        ready = client.readiness()
+        if not ready["workers"]:  # asked again: a busy machine may answer a ping late
+            ready = client.readiness()
     print(job["id"])
     print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)
     device_class = args.device_class
-    if not any(d["online"] and d["device_class"] == device_class for d in devices):
+    if not ready.get("agents_online", {}).get(device_class):
         print(
             f"archtree: warning: {no_agent_hint(device_class, args.api)}; the job waits for "
             "one (or check --device-class for a typo)",
+            file=sys.stderr,
+        )
+    if not ready["workers"]:
+        print(
+            "archtree: warning: no worker of the service answered: the job waits in the queue "
+            "until one runs (`archtree worker` on a machine that reaches the service's Redis)",
             file=sys.stderr,
         )
     return 0
@@ -436,10 +453,12 @@ class Child:
 
 @dataclass
 class Stack:
-    """The children of `archtree up`, started in order and stopped in reverse."""
+    """The children of `archtree up`, started in order and stopped in reverse, and the guard
+    that kills their process groups if `up` dies without stopping them."""
 
     log_dir: Path
     env: dict[str, str]
+    guard: subprocess.Popen[bytes]
     children: list[Child] = field(default_factory=list)
 
     def start(self, name: str, command: list[str]) -> Child:
@@ -452,8 +471,11 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches `archtree up`, which stops all in order
-                preexec_fn=_terminate_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
+        assert self.guard.stdin is not None
+        self.guard.stdin.write(f"{process.pid}\n".encode())
+        self.guard.stdin.flush()
         child = Child(name, process, log_path)
         self.children.append(child)
         return child
@@ -495,6 +517,10 @@ class Stack:
                     child.process.wait()
                 # The group's other members (a worker's pool processes) go with their leader.
                 _signal_group(child, signal.SIGKILL)
+        # Every group is stopped: the guard has nothing left to do (and must not signal
+        # group ids that the system may give to other processes from now on).
+        self.guard.kill()
+        self.guard.wait()
 
 
 def _signal_group(child: Child, signum: int) -> None:
@@ -517,6 +543,7 @@ def run_up(args: argparse.Namespace) -> int:
     lock = _hold_up_lock(home)
     try:
         _check_port_free(args.host, args.port)
+        _keep_previous_logs(log_dir)
         return _run_stack(args, home, log_dir)
     finally:
         lock.close()
@@ -526,7 +553,8 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     """`run_up` once its folder and port are its own."""
     from archtree_cli.settings import load_service_settings
 
-    stack = Stack(log_dir, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    stack = Stack(log_dir, env, _start_guard(env))
     stop = threading.Event()
     previous = {
         signum: signal.signal(signum, lambda *_: stop.set())
@@ -584,15 +612,52 @@ def _new_socket_dir(home: Path) -> str:
     return socket_dir
 
 
-def _terminate_with_parent() -> None:
-    """In a child of `archtree up`, before it runs: SIGTERM when `up` dies, even by SIGKILL,
-    so that no child is left running alone (Linux; elsewhere a no-op)."""
+def _keep_previous_logs(log_dir: Path) -> None:
+    """Move the previous run's NAME.log to NAME.log.1 (one run kept), so that this run's logs
+    start empty and a process of that run still writing writes to the old file."""
+    for log_path in log_dir.glob("*.log"):
+        log_path.replace(log_path.with_name(f"{log_path.name}.1"))
+
+
+def _die_with_parent(up_pid: int) -> None:
+    """In a child of `archtree up`, before it runs: SIGKILL when `up` dies, even by SIGKILL
+    (Linux; elsewhere a no-op). Not SIGTERM: a graceful stop need not end, as a worker's warm
+    shutdown waits for its running task, which waits forever for the embedded Redis that died
+    with `up`. A task killed so is handed out again (its acknowledgement comes at its end)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != up_pid:  # `up` died before the line above took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _start_guard(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The guard of `archtree up`'s children (`guard_process_groups` in its own process and
+    session, beyond Ctrl-C's reach): `Stack.start` hands it each child's process group."""
+    code = "from archtree_cli.service_commands import guard_process_groups; guard_process_groups()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def guard_process_groups() -> None:
+    """Read process group ids from stdin until it ends, then SIGKILL those groups.
+
+    Stdin ends when `archtree up` exits; it kills this guard first when it stopped its
+    children itself, so the groups are killed only when `up` died without stopping them. The
+    children's own parent-death signal stops only them: this stops what they started too
+    (Celery's pool processes, the API's uvicorn processes, the agent's forkserver).
+    """
+    for group in sys.stdin.buffer.read().split():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(group), signal.SIGKILL)
 
 
 def _hold_up_lock(home: Path) -> Any:

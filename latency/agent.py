@@ -7,6 +7,11 @@ are claimed and timed here. A heartbeat thread keeps the agent online in the Dev
 when its record was deleted the agent stops, and when the record was lost with Redis's data
 (no delete asked for it) the agent writes it again and goes on.
 
+An agent registered through the API serves from the Redis the API named. When that Redis stays
+unreachable (`archtree up` restarted, with its Redis at a new address), the agent registers again
+through the API and serves from the Redis the API names now. At its start, an agent waits a
+while for an API or a Redis that is not up yet.
+
 Runtimes plug in through `RUNTIMES`: each names its version and makes timers, which are
 LatencyOracle objects for one (batch size, dtype). The torch runtime's timer is a LocalOracle;
 an ONNX Runtime or TorchScript one would be another LatencyOracle.
@@ -15,17 +20,20 @@ an ONNX Runtime or TorchScript one would be another LatencyOracle.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis
 
+from archtree_cli.client import checked_api_url
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
@@ -53,6 +61,32 @@ MAX_DELIVERIES = 3
 TIMERS_KEPT = 4
 # Waiting after Redis went away before trying again.
 RECONNECT_WAIT_S = 1.0
+# Redis unreachable this long, an agent registered through the API asks it again where Redis
+# is: a restarted `archtree up` runs its Redis at a new address.
+ASK_API_AFTER_S = 5.0
+# Each answer that did not bring Redis back doubles the wait before the next question, up to
+# this, as every registration adds a record to the API's Redis.
+ASK_API_LONGEST_WAIT_S = 60.0
+# How long an agent waits at its start for an API or a Redis that is not up yet.
+START_WAIT_VARIABLE = "ARCHTREE_AGENT_START_WAIT_S"
+DEFAULT_START_WAIT_S = 60.0
+# The API's answers that say it is starting, restarting or without its Redis for now.
+UNAVAILABLE_STATUSES = (502, 503, 504)
+
+T = TypeVar("T")
+
+
+class ServiceUnreachable(ArchtreeError):
+    """The API or Redis cannot be reached, or not serve, for now: waiting may heal it."""
+
+
+@dataclass
+class RedisOutage:
+    """Since when the agent's Redis has been unreachable, and when to ask the API again."""
+
+    since: float
+    next_ask: float
+    ask_wait_s: float = ASK_API_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -123,9 +157,12 @@ class MeasurementAgent:
     """Serves the timing requests of one device class from Redis.
 
     With `agent_id` None the agent registers itself in `registry` when it starts; otherwise
-    it uses the id it was given (registered by the API). Sources `module:PKG...` are built only
-    when PKG is in `allowed_modules`: building one imports and calls code named by whoever can
-    write to Redis. Counters: `processed` (replies sent), `errors` (error replies), `claimed`.
+    it uses the id it was given (registered by the API). `register_again`, for an agent whose
+    Redis the API named, registers it anew and returns (agent id, Redis URL): the agent calls
+    it when Redis has been unreachable for ASK_API_AFTER_S, and serves from there. Sources
+    `module:PKG...` are built only when PKG is in `allowed_modules`: building one imports and
+    calls code named by whoever can write to Redis. Counters: `processed` (replies sent),
+    `errors` (error replies), `claimed`.
     """
 
     def __init__(
@@ -142,6 +179,7 @@ class MeasurementAgent:
         registry: DeviceRegistry | None = None,
         settings: TimingSettings | None = None,
         allowed_modules: Sequence[str] = (),
+        register_again: Callable[[], tuple[str, str]] | None = None,
     ) -> None:
         self.runtime = get_runtime(runtime)
         self.client = client
@@ -154,12 +192,16 @@ class MeasurementAgent:
         self.registry = registry if registry is not None else DeviceRegistry(client)
         self.settings = settings
         self.allowed_modules = tuple(allowed_modules)
+        self.register_again = register_again
         self.processed = 0
         self.errors = 0
         self.claimed = 0
         self.deleted = threading.Event()
         self._stream = stream_key(device_class)
         self._timers: OrderedDict[tuple[int, str], LatencyOracle] = OrderedDict()
+        # Held while the agent moves to another Redis, so that the heartbeat thread reads a
+        # registry and an id of the same place.
+        self._moving = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
         """Serve requests until `stop` is set or the agent's registry record is deleted."""
@@ -175,6 +217,7 @@ class MeasurementAgent:
         log.info("agent %s serving device class %s", self.agent_id, self.device_class)
         claim_every_s = min(max(self.claim_idle_ms / 2000, 0.05), 5.0)
         next_claim = 0.0
+        outage: RedisOutage | None = None
         try:
             while not stop.is_set() and not self.deleted.is_set():
                 try:
@@ -182,8 +225,13 @@ class MeasurementAgent:
                         # Claimed one: more may be waiting, look again right away.
                         next_claim = 0.0 if self.claim_stale() else time.monotonic() + claim_every_s
                     self.handle_one()
+                    outage = None
                 except (redis.ConnectionError, redis.TimeoutError) as error:
                     log.warning("Redis unreachable (%s); retrying", error)
+                    now = time.monotonic()
+                    outage = outage or RedisOutage(since=now, next_ask=now + ASK_API_AFTER_S)
+                    if self.register_again is not None and now >= outage.next_ask:
+                        self._move_to_the_service(outage)
                     stop.wait(RECONNECT_WAIT_S)
                 except redis.ResponseError as error:
                     if "NOGROUP" not in str(error):
@@ -195,6 +243,47 @@ class MeasurementAgent:
             heartbeat.join()
         if self.deleted.is_set():
             log.warning("agent %s was deleted from the device registry; stopping", self.agent_id)
+
+    def _move_to_the_service(self, outage: RedisOutage) -> None:
+        """Register again through the API and serve from the Redis it names now."""
+        assert self.register_again is not None
+        now = time.monotonic()
+        lost_for_s = now - outage.since
+        try:
+            agent_id, redis_url = self.register_again()
+        except ArchtreeError as error:
+            outage.next_ask = now + ASK_API_AFTER_S
+            log.warning(
+                "Redis unreachable for %.0f s, and registering again through the API failed: "
+                "%s; retrying both",
+                lost_for_s,
+                error,
+            )
+            return
+        try:
+            client = redis_client(redis_url)
+        except ValueError as error:
+            outage.next_ask = now + ASK_API_AFTER_S
+            log.warning(
+                "the API named %r as its Redis, which is not a Redis URL (%s); check its "
+                "ARCHTREE_AGENT_REDIS_URL; retrying",
+                redis_url,
+                error,
+            )
+            return
+        outage.ask_wait_s = min(2 * outage.ask_wait_s, ASK_API_LONGEST_WAIT_S)
+        outage.next_ask = now + outage.ask_wait_s
+        previous = self.client
+        with self._moving:
+            self.client, self.registry, self.agent_id = client, DeviceRegistry(client), agent_id
+        previous.close()
+        log.warning(
+            "Redis unreachable for %.0f s: registered again through the API as agent %s; "
+            "serving from Redis at %s now",
+            lost_for_s,
+            agent_id,
+            redis_url,
+        )
 
     def handle_one(self, block_ms: int | None = None) -> bool:
         """Read at most one new request (waiting up to `block_ms`) and answer it."""
@@ -357,8 +446,10 @@ class MeasurementAgent:
     def _heartbeat_loop(self, halt: threading.Event) -> None:
         # A thread of its own, so a long timing never lets the agent look offline.
         while not halt.wait(self.heartbeat_s):
+            with self._moving:
+                registry, agent_id = self.registry, self._consumer()
             try:
-                status = self.registry.heartbeat_status(self._consumer())
+                status = registry.heartbeat_status(agent_id)
                 if status in ("lost", "merged"):
                     why = (
                         "was merged into a newer agent's of this device while it was silent "
@@ -367,14 +458,15 @@ class MeasurementAgent:
                         else "is gone (Redis lost its data?)"
                     )
                     log.warning(
-                        "agent %s: its registry record %s; registering again", self.agent_id, why
+                        "agent %s: its registry record %s; registering again", agent_id, why
                     )
                     info = device_info(self.device_class, self.runtime.name, self.threads)
-                    self.registry.restore(self._consumer(), info)
+                    registry.restore(agent_id, info)
             except redis.RedisError as error:
                 log.warning("heartbeat failed (%s); retrying", error)
                 continue
-            if status == "deleted":
+            # A deletion told by the Redis the agent has just left is not this agent's.
+            if status == "deleted" and registry is self.registry:
                 self.deleted.set()
                 return
 
@@ -382,15 +474,30 @@ class MeasurementAgent:
 def register_via_api(
     api_url: str, info: dict[str, Any], *, timeout_s: float = 10
 ) -> dict[str, Any]:
-    """Register this device with the Archtree API; return its answer (`id`, `redis_url`, ...)."""
-    url = f"{api_url.rstrip('/')}/v1/devices"
+    """Register this device with the Archtree API; return its answer (`id`, `redis_url`, ...).
+
+    ServiceUnreachable when the API cannot be reached or answers that it cannot serve for now
+    (502, 503, 504); ArchtreeError for an answer that waiting will not change.
+    """
+    url = f"{checked_api_url(api_url)}/v1/devices"
     try:
         response = httpx.post(url, json=info, timeout=timeout_s)
     except httpx.TransportError as error:
-        raise ArchtreeError(
+        raise ServiceUnreachable(
             f"the Archtree API at {api_url} cannot be reached ({type(error).__name__}: {error}); "
             "start it with `archtree up` or check --api"
         ) from None
+    except httpx.HTTPError as error:  # an answer that cannot be read: redirects, encoding
+        raise ArchtreeError(
+            f"the Archtree API at {api_url} answered in a way this agent cannot read "
+            f"({type(error).__name__}: {error}); check --api"
+        ) from None
+    if response.status_code in UNAVAILABLE_STATUSES:
+        raise ServiceUnreachable(
+            f"the Archtree API at {api_url} cannot register this device now "
+            f"(HTTP {response.status_code}: {response.text[:200].strip()}); check that the "
+            "service and its Redis are up"
+        )
     if response.status_code >= 400:
         raise ArchtreeError(
             f"the Archtree API at {api_url} refused to register this device "
@@ -407,6 +514,74 @@ def register_via_api(
     return answer
 
 
+def agent_start_wait_s() -> float:
+    """How long an agent waits at its start for an API or a Redis that is not up yet:
+    $ARCHTREE_AGENT_START_WAIT_S, else DEFAULT_START_WAIT_S (60)."""
+    text = os.environ.get(START_WAIT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_START_WAIT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ArchtreeError(
+            f"{START_WAIT_VARIABLE} must be a number of seconds, 0 or more (0: do not wait), "
+            f"like {DEFAULT_START_WAIT_S:g}, not {text!r}"
+        )
+    return seconds
+
+
+def service_from_environment() -> tuple[str | None, str | None]:
+    """(API URL, Redis URL) for an agent given neither: $ARCHTREE_API_URL, else
+    $ARCHTREE_REDIS_URL or $REDIS_URL. The API comes first, as the Redis address it hands out
+    follows the service when it moves."""
+    api_url = os.environ.get("ARCHTREE_API_URL", "").strip()
+    if api_url:
+        return api_url, None
+    redis_url = (os.environ.get("ARCHTREE_REDIS_URL") or os.environ.get("REDIS_URL") or "").strip()
+    return None, redis_url or None
+
+
+def when_reachable(attempt: Callable[[], T], deadline: float) -> T:
+    """`attempt()`, tried again while it raises ServiceUnreachable until `deadline`
+    (time.monotonic()), after which that error is raised; says once that it waits."""
+    waiting = False
+    while True:
+        try:
+            return attempt()
+        except ServiceUnreachable as error:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise
+            if not waiting:
+                log.warning(
+                    "waiting up to %.0f s (%s) for the service: %s",
+                    left_s,
+                    START_WAIT_VARIABLE,
+                    error,
+                )
+                waiting = True
+            time.sleep(min(RECONNECT_WAIT_S, left_s))
+
+
+def ping_redis(client: redis.Redis, redis_url: str) -> None:
+    """Check that `client` reaches Redis: ServiceUnreachable while it cannot connect,
+    ArchtreeError for a refusal (a wrong password, a database that does not exist)."""
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
+        raise ArchtreeError(
+            f"Redis at {redis_url} refused this agent ({error}); check the URL's credentials"
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise ServiceUnreachable(
+            f"cannot reach Redis at {redis_url} ({error}); check that the service is up"
+        ) from None
+    except redis.RedisError as error:
+        raise ArchtreeError(f"Redis at {redis_url} cannot serve this agent ({error})") from None
+
+
 def agent_main(
     api_url: str | None,
     device_class: str,
@@ -419,25 +594,47 @@ def agent_main(
     heartbeat_s: float = 3.0,
     settings: TimingSettings | None = None,
     allowed_modules: Sequence[str] = (),
+    start_wait_s: float | None = None,
 ) -> int:
     """Register this device (through the API, or in Redis directly when only `redis_url` is
     given) and serve requests until SIGINT or SIGTERM; return the exit status.
 
+    Given neither `api_url` nor `redis_url`, they come from the environment (see
+    `service_from_environment`). An API or a Redis that cannot be reached yet is waited for,
+    up to `start_wait_s` in all (default: `agent_start_wait_s()`); a refusal fails at once.
     Nothing is deregistered at exit: the missing heartbeats mark the device offline. The agent
     also stops, returning 0, when its registry record is deleted, so that a supervisor that
     restarts failed processes does not bring a deleted device back.
     """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     get_runtime(runtime)
+    if api_url is None and redis_url is None:
+        api_url, redis_url = service_from_environment()
+    if api_url is None and redis_url is None:
+        raise ArchtreeError(
+            "give the API URL (--api URL, or ARCHTREE_API_URL) so the agent can register, or "
+            "the service's Redis (--redis-url URL, or ARCHTREE_REDIS_URL)"
+        )
+    if api_url is not None:
+        api_url = checked_api_url(api_url)
+    deadline = time.monotonic() + (
+        start_wait_s if start_wait_s is not None else agent_start_wait_s()
+    )
     info = device_info(device_class, runtime, threads)
     answer: dict[str, Any] | None = None
+    register_again: Callable[[], tuple[str, str]] | None = None
     if api_url is not None:
-        answer = register_via_api(api_url, info)
-        redis_url = redis_url or str(answer["redis_url"])
-    elif redis_url is None:
-        raise ArchtreeError(
-            "give the API URL (--api URL) so the agent can register, or the service's Redis "
-            "(--redis-url URL)"
-        )
+        registered_at = api_url
+        answer = when_reachable(lambda: register_via_api(registered_at, info), deadline)
+        if redis_url is None:
+            redis_url = str(answer["redis_url"])
+
+            def register_again() -> tuple[str, str]:
+                again = register_via_api(registered_at, info)
+                return str(again["id"]), str(again["redis_url"])
+
+    assert redis_url is not None
     try:
         client = redis_client(redis_url)
     except ValueError as error:  # redis-py names the schemes it takes
@@ -445,12 +642,7 @@ def agent_main(
             f"cannot use {redis_url!r} as the Redis URL ({error}): give one like "
             "redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
         ) from None
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        raise ArchtreeError(
-            f"cannot reach Redis at {redis_url} ({error}); check that the service is up"
-        ) from None
+    when_reachable(lambda: ping_redis(client, redis_url), deadline)
     registry = DeviceRegistry(client)
     agent_id = str(answer["id"]) if answer is not None else registry.register(info)["id"]
     agent = MeasurementAgent(
@@ -465,18 +657,17 @@ def agent_main(
         registry=registry,
         settings=settings,
         allowed_modules=allowed_modules,
+        register_again=register_again,
     )
     stop = threading.Event()
     previous = {
         signum: signal.signal(signum, lambda *_: stop.set())
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         agent.run(stop)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        client.close()
+        agent.client.close()
     return 0

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import torch
@@ -30,9 +39,10 @@ from search.arch_spec import ArchSpec, spec_of
 from search.errors import ArchtreeError
 from search.model_source import ModelRef, build_model
 from search.pruning import PrunableModel
-from tests.redis_fixtures import wait_until
+from tests.api_fixtures import ROOT, ApiProcess, api_env, free_port, start_api
+from tests.redis_fixtures import AgentProcess, wait_until
 
-pytest_plugins = ["tests.redis_fixtures"]
+pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
 
 AGENT_START_S = 30.0
 VGG = ModelRef("builtin:vgg", num_classes=10, in_channels=1)
@@ -376,3 +386,200 @@ def test_unknown_runtime_and_unreachable_api_are_explained() -> None:
     api = f"http://127.0.0.1:{closed_port}"
     with pytest.raises(ArchtreeError, match=f"API at {api} cannot be reached.*archtree up"):
         register_via_api(api, {"device_class": "edge-cpu"}, timeout_s=2)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of one test on a unix socket in a fresh folder of the temporary folder,
+    as `archtree up` runs its embedded Redis: a new address each time."""
+
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.folder}/redis.sock"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", "0", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder),
+             "--unixsocket", str(self.folder / "redis.sock"), "--unixsocketperm", "700"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_until(self._answers, 10, f"redis-server at {self.url}")
+
+    def stop(self) -> None:
+        """Stop the server and remove its folder, as `archtree up` does when it stops."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _answers(self) -> bool:
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+
+@pytest.fixture
+def redis_servers() -> Iterator[Callable[[], RedisServer]]:
+    """Makes RedisServer objects, not started yet; stops them all at the test's end."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on the PATH")
+    made: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        made.append(RedisServer(Path(tempfile.mkdtemp(prefix="archtree-"))))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def cli_agents(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Starts `archtree agent ARGS` with `cli_agents(*args, **environment)`, in an environment
+    without the service's variables but those given; stops them all at the test's end."""
+    started: list[AgentProcess] = []
+    log_dir = tmp_path / "cli-agents"
+    log_dir.mkdir()
+    service_variables = ("ARCHTREE_API_URL", "ARCHTREE_REDIS_URL", "REDIS_URL")
+
+    def start(*args: str, **environment: str) -> AgentProcess:
+        env = {k: v for k, v in os.environ.items() if k not in service_variables}
+        env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", ARCHTREE_HOME=str(tmp_path / "home"))
+        log_path = log_dir / f"agent-{len(started)}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "archtree_cli.main", "agent", *args],
+                cwd=ROOT,
+                env={**env, **environment},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(AgentProcess(process, log_path))
+        return started[-1]
+
+    yield start
+    for agent in started:
+        agent.request_stop()
+    for agent in started:
+        agent.stop()
+
+
+def online_devices(api: ApiProcess, device_class: str) -> list[dict[str, Any]]:
+    """The devices of `device_class` that the API lists online."""
+    try:
+        devices = httpx.get(f"{api.url}/v1/devices", timeout=5).json()["devices"]
+    except httpx.TransportError:
+        return []
+    return [d for d in devices if d["device_class"] == device_class and d["online"]]
+
+
+def test_an_agent_registered_through_the_api_follows_the_service_to_its_new_redis(
+    redis_servers, cli_agents, tmp_path
+) -> None:
+    old_redis, new_redis = redis_servers(), redis_servers()
+    old_redis.start()
+    new_redis.start()
+    port = free_port()
+    api = start_api(api_env(old_redis.url, tmp_path / "old"), tmp_path / "old" / "logs", port=port)
+    agent = cli_agents("--api", api.url, "--device-class", "moving-cpu")
+    try:
+        (first,) = wait_until(
+            lambda: online_devices(api, "moving-cpu"), AGENT_START_S, "the agent on the old Redis"
+        )
+        # What a restart of `archtree up` does: its Redis comes back at another address, and
+        # the API on the same port hands that one out.
+        api.stop()
+        old_redis.stop()
+        wait_until(
+            lambda: "registering again through the API failed" in agent.output(),
+            AGENT_START_S,
+            "the agent to ask the API while it is down",
+        )
+        api = start_api(
+            api_env(new_redis.url, tmp_path / "new"), tmp_path / "new" / "logs", port=port
+        )
+        with new_redis.client() as client:
+            (moved,) = wait_until(
+                lambda: blocked_readers(client) == 1 and online_devices(api, "moving-cpu"),
+                AGENT_START_S + 30,
+                "the agent to register again and serve from the new Redis",
+            )
+    finally:
+        api.stop()
+    assert agent.process.poll() is None, agent.output()
+    assert moved["host"] == first["host"]
+    assert f"serving from Redis at {new_redis.url} now" in agent.output()
+
+
+def test_an_agent_started_before_the_api_waits_for_it(
+    redis_url, redis_client, cli_agents, tmp_path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # No --api: ARCHTREE_API_URL names it, as for `archtree submit`.
+    agent = cli_agents("--device-class", "early-cpu", ARCHTREE_API_URL=url)
+    wait_until(lambda: "waiting up to" in agent.output(), AGENT_START_S, "the agent to wait")
+    assert agent.process.poll() is None, agent.output()
+    api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs", port=port)
+    try:
+        wait_until(lambda: online_devices(api, "early-cpu"), AGENT_START_S, "the agent online")
+        wait_until(lambda: blocked_readers(redis_client) == 1, AGENT_START_S, "it to serve")
+    finally:
+        api.stop()
+    assert agent.output().count("waiting up to") == 1
+    assert f"the Archtree API at {url} cannot be reached" in agent.output()
+
+
+def test_an_agent_started_before_its_redis_waits_for_it(redis_servers, cli_agents) -> None:
+    server = redis_servers()
+    agent = cli_agents("--device-class", "patient-cpu", ARCHTREE_REDIS_URL=server.url)
+    wait_until(lambda: "waiting up to" in agent.output(), AGENT_START_S, "the agent to wait")
+    assert agent.process.poll() is None, agent.output()
+    server.start()
+    with server.client() as client:
+        registry = DeviceRegistry(client)
+        wait_until(lambda: registry.live_agents("patient-cpu") == 1, 30, "the agent online")
+        wait_until(lambda: blocked_readers(client) == 1, 30, "the agent to serve")
+    assert f"cannot reach Redis at {server.url}" in agent.output()
+
+
+def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> None:
+    def fails_at_once(expected: str, *args: Any, **options: Any) -> None:
+        started = time.monotonic()
+        with pytest.raises(ArchtreeError, match=expected):
+            agent_main(*args, **options)
+        assert time.monotonic() - started < 10, "it waited for what cannot heal"
+
+    fails_at_once("--api must be an http:// or https:// URL", "api:8000", "edge-cpu")
+    fails_at_once(
+        f"API at {api_server.url}/nope refused to register this device \\(HTTP 404",
+        f"{api_server.url}/nope",
+        "edge-cpu",
+    )
+    fails_at_once(
+        "cannot use 'http://x' as the Redis URL", None, "edge-cpu", "torch", 1, "http://x"
+    )
+    monkeypatch.setenv("ARCHTREE_AGENT_START_WAIT_S", "soon")
+    fails_at_once("ARCHTREE_AGENT_START_WAIT_S must be a number of seconds", api_server.url, "e")
+
+    # What may heal is waited for as long as asked, then explained as before.
+    closed = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ArchtreeError, match=f"API at {closed} cannot be reached.*archtree up"):
+        agent_main(closed, "edge-cpu", start_wait_s=1.0)
+    assert time.monotonic() - started >= 1.0
+    monkeypatch.delenv("ARCHTREE_AGENT_START_WAIT_S")
+    for variable in ("ARCHTREE_API_URL", "ARCHTREE_REDIS_URL", "REDIS_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    fails_at_once("give the API URL \\(--api URL, or ARCHTREE_API_URL\\)", None, "edge-cpu")

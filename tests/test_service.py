@@ -3,6 +3,7 @@ on a private Redis, the Python client and the `archtree` service commands."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -154,6 +156,10 @@ def test_a_job_over_http_uses_both_agents_and_survives_losing_one(
     assert job["progress"]["notes"] == report["notes"]
     assert NOTHING_PRUNED not in report["notes"]
     assert load_pruned(tmp_path)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    # The report names both agents that measured for the job, with their counts.
+    by_agent = report["device"]["agents"]
+    assert set(by_agent) == set(device_ids), by_agent
+    assert sum(by_agent.values()) >= report["search"]["latency_measurements"]
 
     # The SSE stream delivered the job's events in order, ending with its final status.
     ids = [event_id for event_id, _ in events]
@@ -244,7 +250,7 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
         "--select-top", "2",
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
-    assert "warning" not in submitted.stderr  # its agents are online
+    assert "no agent" not in submitted.stderr  # its agents are online
     job_id = submitted.stdout.strip()
     spec = client.job(job_id)["spec"]
     assert spec["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
@@ -353,14 +359,15 @@ def up_env(home: Path) -> dict[str, str]:
     return env
 
 
-def start_up(tmp_path: Path, port: str) -> subprocess.Popen[str]:
-    """`archtree up --port PORT` with its home in tmp_path/home, stderr in tmp_path/up.log."""
+def start_up(tmp_path: Path, port: str, **env: str) -> subprocess.Popen[str]:
+    """`archtree up --port PORT` with its home in tmp_path/home, stderr in tmp_path/up.log;
+    `env`: more environment variables."""
     command = [sys.executable, "-m", "archtree_cli.main", "up", "--port", port]
     with open(tmp_path / "up.log", "wb") as log:
         return subprocess.Popen(
             command,
             cwd=ROOT,
-            env=up_env(tmp_path / "home"),
+            env={**up_env(tmp_path / "home"), **env},
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -429,6 +436,69 @@ def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_its_logs(
+    tmp_path: Path,
+):
+    port = str(free_port())
+    # Two API processes: uvicorn's own children, which nothing but `up` stops.
+    up = start_up(tmp_path, port, ARCHTREE_API_WORKERS="2")
+    logs = tmp_path / "home" / "up" / "logs"
+    descendants: list[psutil.Process] = []
+    try:
+        url = re.search(r"API at (\S+)", read_lines(up.stdout).get(timeout=120)).group(1)
+        with ArchtreeClient(url) as running:
+            wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
+            job_id = running.submit(job_spec("local"))["id"]
+            wait_until(lambda: running.job(job_id)["status"] != "queued", JOB_S, "the job")
+            streaming = hold_events(url, job_id)
+            wait_until(streaming.is_set, 30, "the job's event stream")
+            assert running.job(job_id)["status"] == "running"
+        descendants = psutil.Process(up.pid).children(recursive=True)
+        workers = [p for p in descendants if "worker" in p.cmdline()]
+        assert len(workers) >= 2  # the worker and its pool process
+        api = next(p for p in descendants if "api" in p.cmdline())
+        assert len(api.children()) >= 2
+
+        up.kill()  # with a job running and a client on its event stream
+        up.wait()
+
+        wait_until(lambda: not [p for p in descendants if _alive(p)], 20, "all descendants gone")
+        first_run = {path.name: path.read_bytes() for path in logs.glob("*.log")}
+        assert set(first_run) == {"redis.log", "api.log", "worker.log", "agent.log"}
+        # The next `up` on the same home and port starts; the previous run's logs are kept.
+        up = start_up(tmp_path, port)
+        assert "API at" in read_lines(up.stdout).get(timeout=120)
+        for name, content in first_run.items():
+            assert (logs / f"{name}.1").read_bytes() == content, name
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for process in descendants:  # none, unless the test failed
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def hold_events(url: str, job_id: str) -> threading.Event:
+    """Hold the job's event stream open in a thread, until the API ends it; the event is set
+    once the first event has arrived."""
+    streaming = threading.Event()
+
+    def run() -> None:
+        events = f"{url}/v1/jobs/{job_id}/events"
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream("GET", events, timeout=60) as answer,
+        ):
+            for _ in answer.iter_lines():
+                streaming.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return streaming
 
 
 def _alive(process: psutil.Process) -> bool:
