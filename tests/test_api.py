@@ -618,6 +618,10 @@ def test_agents_register_are_listed_online_and_are_deleted(
         wait_until(lambda: not online(), 30, "the killed agent to show offline")
         listed = {d["id"]: d for d in http.get("/v1/devices").json()["devices"]}
         assert listed[registered[1]["id"]]["online"] is False
+
+        # With its last device deleted and nothing waiting, the class is no longer listed.
+        assert http.delete(f"/v1/devices/{registered[1]['id']}").status_code == 204
+        assert "api-cpu" not in http.get("/v1/devices").json()["queue_depth"]
     finally:
         for agent in agents:
             if agent.poll() is None:

@@ -34,16 +34,18 @@ def register_device(device: DeviceIn, services: ServicesDep) -> DeviceRegistered
 @router.get("", summary="List devices and queue depths")
 def list_devices(services: ServicesDep) -> DeviceList:
     """Every registered device (online while its heartbeats arrive) and the measurement
-    requests waiting per device class."""
+    requests waiting per device class: each class with a device, or with requests waiting
+    (a class whose devices were all deleted and that nobody waits for is not listed)."""
     by_device = services.registry.measurement_stats()["by_device"]
     devices = [
         Device(**record, measurements=by_device.get(record["id"], 0))
         for record in services.registry.list()
     ]
-    classes = services.registry.classes()
+    registered = {device.device_class for device in devices}
+    depths = {name: services.registry.queue_depth(name) for name in services.registry.classes()}
     return DeviceList(
         devices=devices,
-        queue_depth={name: services.registry.queue_depth(name) for name in classes},
+        queue_depth={name: depth for name, depth in depths.items() if depth or name in registered},
     )
 
 
