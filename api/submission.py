@@ -31,8 +31,9 @@ from workers.tasks import submit_job
 DATA_SUFFIXES = (".npz", ".pt")
 
 
-def submit(services: Services, submission: Submission) -> str:
+def submit(services: Services, submission: Submission, api_url: str | None = None) -> str:
     """Check the submission, store its uploads under the new job, queue it; return its id.
+    `api_url`: the API's address as the client reached it, which the job's messages name.
 
     Raises ArchtreeError (one line) for anything wrong with the submission.
     """
@@ -59,10 +60,12 @@ def submit(services: Services, submission: Submission) -> str:
             )
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
-        return _store_and_queue(services, spec, local)
+        return _store_and_queue(services, spec, local, api_url)
 
 
-def _store_and_queue(services: Services, spec: JobSpecIn, local: dict[str, Path]) -> str:
+def _store_and_queue(
+    services: Services, spec: JobSpecIn, local: dict[str, Path], api_url: str | None
+) -> str:
     """Put the checked uploads in the artifact store under a new job id, and queue the job."""
     job_id = uuid.uuid4().hex[:12]
     stored = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in local.items()}
@@ -83,6 +86,7 @@ def _store_and_queue(services: Services, spec: JobSpecIn, local: dict[str, Path]
             celery=services.celery,
             job_id=job_id,
             notes=strategy_notes(spec),
+            api_url=api_url,
         )
     except BaseException:
         for name in stored.values():

@@ -856,7 +856,9 @@ def test_the_schema_declares_the_answer_while_redis_is_unreachable(http: httpx.C
     assert "409" in cancel
 
 
-def test_submit_warns_when_no_worker_will_run_the_job(api_server: ApiProcess, tmp_path: Path):
+def test_submit_warns_when_no_worker_will_run_the_job(
+    api_server: ApiProcess, job_store: JobStore, tmp_path: Path
+):
     """No worker runs beside this module's API: the job is accepted and waits in the queue."""
     submitted = subprocess.run(
         [sys.executable, "-m", "archtree_cli.main", "submit", "--api", api_server.url,
@@ -870,3 +872,5 @@ def test_submit_warns_when_no_worker_will_run_the_job(api_server: ApiProcess, tm
     assert submitted.returncode == 0, submitted.stderr
     assert "warning: no worker of the service answered" in submitted.stderr
     assert "`archtree worker`" in submitted.stderr
+    # The job keeps the address its client reached the API at, for the commands it suggests.
+    assert job_store.get(submitted.stdout.strip())["api_url"] == api_server.url

@@ -241,7 +241,8 @@ def test_a_job_cancelled_while_fine_tuning_stops_there(workers: WorkerPool, jobs
 def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
     workers: WorkerPool, jobs: JobStore
 ):
-    job_id = submit_job(jobs, job_spec("nowhere"), celery=workers.app)
+    api_url = "http://archtree.example:8000"
+    job_id = submit_job(jobs, job_spec("nowhere"), celery=workers.app, api_url=api_url)
 
     wait_until(lambda: jobs.get(job_id)["status"] == "waiting_for_device", 60, "waiting_for_device")
     job = wait_for_end(jobs, job_id, workers, timeout_s=60)
@@ -249,6 +250,8 @@ def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
     assert job["status"] == "failed"
     assert "no agent of device class nowhere" in job["error"]
     assert "\n" not in job["error"]
+    # The command to start one names the API the job was submitted to.
+    assert f"`archtree agent --api {api_url} --device-class nowhere`" in job["error"]
 
     # One cancelled while it waits to start ends at once: no worker is on it.
     waiting = submit_job(jobs, job_spec("nowhere"), celery=workers.app)

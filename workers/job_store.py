@@ -2,6 +2,7 @@
 
 Keys (prefix `archtree:`):
 - `job:{id}`          hash: spec (JSON), status, created_at, updated_at, error, progress (JSON),
+                      api_url (the API it was submitted to, as its client reached it),
                       cancel_requested ("0"/"1"), state_depth
 - `jobs`              sorted set of job ids by creation time (newest first when listed)
 - `job:{id}:state`    the engine's SearchState as JSON, written after every depth
@@ -52,9 +53,14 @@ class JobStore:
         return f"{self.prefix}job:{job_id}{suffix}"
 
     def create(
-        self, spec: dict[str, Any], job_id: str | None = None, notes: list[str] | None = None
+        self,
+        spec: dict[str, Any],
+        job_id: str | None = None,
+        notes: list[str] | None = None,
+        api_url: str | None = None,
     ) -> str:
-        """Store a new queued job (with `notes` in its progress, when given); returns its id."""
+        """Store a new queued job (with `notes` in its progress, when given, and the address
+        of the API it was submitted to); returns its id."""
         job_id = job_id or uuid.uuid4().hex[:12]
         now = time.time()
         with self.client.pipeline() as pipe:
@@ -70,6 +76,7 @@ class JobStore:
                         {"notes": list(notes), "submission_notes": list(notes)} if notes else {}
                     ),
                     "cancel_requested": "0",
+                    "api_url": api_url or "",
                 },
             )
             pipe.zadd(f"{self.prefix}jobs", {job_id: now})
@@ -101,6 +108,7 @@ class JobStore:
             "error": data.get("error") or None,
             "progress": json.loads(data.get("progress") or "{}"),
             "cancel_requested": data.get("cancel_requested") == "1",
+            "api_url": data.get("api_url") or None,
         }
 
     def get(self, job_id: str) -> dict[str, Any] | None:

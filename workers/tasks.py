@@ -72,14 +72,16 @@ def submit_job(
     celery: Celery | None = None,
     job_id: str | None = None,
     notes: list[str] | None = None,
+    api_url: str | None = None,
 ) -> str:
     """Create a queued job with `spec` and send its start to the workers; returns its id.
 
     `celery` is the app to send with (default: the one configured from the environment);
     `job_id` is given when the job's uploads were stored under it beforehand; `notes` are
-    remarks on the submission the job shows from the start (settings its strategy overrides).
+    remarks on the submission the job shows from the start (settings its strategy overrides);
+    `api_url` is the API it was submitted to, which the job's messages name.
     """
-    job_id = store.create(spec, job_id=job_id, notes=notes)
+    job_id = store.create(spec, job_id=job_id, notes=notes, api_url=api_url)
     try:
         (celery or app).send_task(START_JOB, args=[job_id])
     except Exception as error:
@@ -153,7 +155,8 @@ def _wait_for_device(task: Task, job_id: str, device_class: str) -> None:
         )
     services.jobs.set_status_if_active(job_id, "waiting_for_device")
     if now - since >= services.settings.device_wait_s:
-        _end(job_id, "failed", no_agent_message(device_class, services.settings.device_wait_s))
+        waited_s = services.settings.device_wait_s
+        _end(job_id, "failed", no_agent_message(device_class, waited_s, job.get("api_url")))
         return
     _run_again(task, countdown=DEVICE_POLL_S)
 

@@ -90,7 +90,9 @@ async def submit_job(request: Request, services: ServicesDep) -> JobCreated:
     check fails."""
     form = await read_submission(request, services.settings)
     try:
-        job_id = await run_in_threadpool(submission.submit, services, form)
+        # The address the client reached the API at: messages to it name the API so.
+        api_url = str(request.base_url).rstrip("/")
+        job_id = await run_in_threadpool(submission.submit, services, form, api_url)
     finally:
         await form.close()
     return JobCreated(id=job_id, status="queued", links=JobLinks.of(job_id))
