@@ -175,7 +175,11 @@ def test_a_bad_budget_in_the_form_shows_the_api_message(page: Any, stack: ApiPro
     [
         ({"width": "1e400"}, "Width: not a number; give one, or leave it empty for the default"),
         ({"width": "100"}, "Width: Input should be less than or equal to 64"),
-        ({"planned_steps": "2", "max_depth": "1"}, "Max depth must be at least Planned steps."),
+        (
+            {"planned_steps": "2", "max_depth": "1"},
+            "Max depth must be at least Planned steps (1 is below 2; give both, or a Max depth "
+            "of 2 or more).",
+        ),
     ],
 )
 def test_a_bad_search_setting_in_the_form_is_named_by_its_label(
