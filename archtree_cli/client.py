@@ -14,8 +14,6 @@ cannot be reached or does not answer in time (ARCHTREE_API_TIMEOUT_S), and a mal
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
+from archtree_cli.environment import seconds_from_environment
 from search.errors import ArchtreeError
 
 # search.artifacts.ARTIFACT_NAMES, not imported: that module needs torch, this client does not.
@@ -59,19 +58,7 @@ QUOTED_BODY_CHARS = 80
 def api_timeout_s() -> float:
     """Seconds to wait for the API to accept a connection, to answer, or to send the next part
     of an answer: $ARCHTREE_API_TIMEOUT_S, else DEFAULT_API_TIMEOUT_S (30)."""
-    text = os.environ.get(API_TIMEOUT_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_API_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ArchtreeError(
-            f"{API_TIMEOUT_VARIABLE} must be a number of seconds above 0, like "
-            f"{DEFAULT_API_TIMEOUT_S:g}, not {text!r}"
-        )
-    return seconds
+    return seconds_from_environment(API_TIMEOUT_VARIABLE, DEFAULT_API_TIMEOUT_S, zero_allowed=False)
 
 
 def checked_api_url(api_url: str) -> str:

@@ -20,7 +20,6 @@ an ONNX Runtime or TorchScript one would be another LatencyOracle.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -34,6 +33,7 @@ import httpx
 import redis
 
 from archtree_cli.client import checked_api_url
+from archtree_cli.environment import seconds_from_environment
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
@@ -517,19 +517,7 @@ def register_via_api(
 def agent_start_wait_s() -> float:
     """How long an agent waits at its start for an API or a Redis that is not up yet:
     $ARCHTREE_AGENT_START_WAIT_S, else DEFAULT_START_WAIT_S (60)."""
-    text = os.environ.get(START_WAIT_VARIABLE, "").strip()
-    if not text:
-        return DEFAULT_START_WAIT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ArchtreeError(
-            f"{START_WAIT_VARIABLE} must be a number of seconds, 0 or more (0: do not wait), "
-            f"like {DEFAULT_START_WAIT_S:g}, not {text!r}"
-        )
-    return seconds
+    return seconds_from_environment(START_WAIT_VARIABLE, DEFAULT_START_WAIT_S, zero_allowed=True)
 
 
 def service_from_environment() -> tuple[str | None, str | None]:

@@ -421,6 +421,18 @@ def test_longer_finetune_names_the_unpruned_weights_it_cannot_find(tmp_path: Pat
     assert "--cache-dir" in finished.stderr and "Traceback" not in finished.stderr
 
 
+def redraw(out: Path) -> subprocess.CompletedProcess:
+    """`python -m bench.run --redraw --out OUT`, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", "--redraw", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.slow
 def test_redraw_writes_the_plots_and_markdown_again_from_the_summary(
     quick_run: tuple[Path, str], tmp_path: Path
@@ -429,28 +441,14 @@ def test_redraw_writes_the_plots_and_markdown_again_from_the_summary(
     copy = tmp_path / "results"
     copy.mkdir()
     (copy / "summary.json").write_text((out / "summary.json").read_text())
-    finished = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--redraw", "--out", str(copy)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    finished = redraw(copy)
     assert finished.returncode == 0, finished.stderr
     assert sorted(p.name for p in copy.glob("*.png")) == sorted(p.name for p in out.glob("*.png"))
     assert (copy / "summary.md").read_text() == (out / "summary.md").read_text()
 
 
 def test_redraw_without_a_summary_says_what_to_do(tmp_path: Path):
-    finished = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--redraw", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    finished = redraw(tmp_path)
     assert finished.returncode == 2
     assert "run the benchmark first" in finished.stderr
     assert "Traceback" not in finished.stderr
