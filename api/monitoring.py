@@ -6,6 +6,7 @@ keep the latest round-trip times, in Redis through the device registry.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterator
 from statistics import quantiles
@@ -25,8 +26,11 @@ from api.deps import Services
 from api.schemas import Readiness
 
 WORKER_PING_TIMEOUT_S = 0.5
+# Pings sent before no worker is said to answer: a busy machine may answer the first late.
+WORKER_PINGS = 2
 NO_WORKER = (
-    f"no Celery worker answered a ping within {WORKER_PING_TIMEOUT_S} s: jobs are accepted but "
+    f"no Celery worker answered {WORKER_PINGS} pings of {WORKER_PING_TIMEOUT_S} s: jobs are "
+    "accepted but "
     "wait in the queue until one starts (`archtree worker`, or `archtree up` for the whole stack)"
 )
 ROUND_TRIP_QUANTILES = (0.5, 0.9, 0.99)
@@ -44,11 +48,7 @@ def readiness(services: Services) -> Readiness:
             redis=False,
             detail=f"Redis is not reachable ({type(error).__name__}: {error})",
         )
-    try:
-        replies = services.celery.control.ping(timeout=WORKER_PING_TIMEOUT_S)
-    except (OSError, redis.RedisError, OperationalError):
-        replies = []
-    workers = sorted(name for reply in replies for name in reply)
+    workers = _workers_answering(services)
     return Readiness(
         status="ready",
         redis=True,
@@ -57,6 +57,16 @@ def readiness(services: Services) -> Readiness:
         # Still ready: the API takes jobs and queues them. The operator is told who is missing.
         detail=None if workers else NO_WORKER,
     )
+
+
+def _workers_answering(services: Services) -> list[str]:
+    """The Celery workers that answer a ping, asked up to WORKER_PINGS times."""
+    for _ in range(WORKER_PINGS):
+        with contextlib.suppress(OSError, redis.RedisError, OperationalError):
+            replies = services.celery.control.ping(timeout=WORKER_PING_TIMEOUT_S)
+            if replies:
+                return sorted(name for reply in replies for name in reply)
+    return []
 
 
 def _online_per_class(services: Services) -> dict[str, int]:

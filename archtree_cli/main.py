@@ -406,6 +406,12 @@ def debug_from_environment() -> bool:
     return value in DEBUG_ON
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, where it cannot be written: so that the interpreter's last
+    flush does not fail again on a closed pipe or a full disk."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
@@ -419,9 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"archtree: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:
-        # Whoever read the output stopped (`archtree jobs | head -1`): stop quietly, and keep
-        # the interpreter's last flush from failing again on the closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # Whoever read the output stopped (`archtree jobs | head -1`): stop quietly.
+        _drop_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         note = interrupted_note(args)
@@ -437,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "or write elsewhere, and run again",
                 file=sys.stderr,
             )
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _drop_stdout()
             return EXIT_USER_ERROR
         print(
             f"archtree: internal error: {type(error).__name__}: {error} "

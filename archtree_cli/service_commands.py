@@ -273,8 +273,6 @@ def run_submit(args: argparse.Namespace) -> int:
     with ArchtreeClient(args.api) as client, errors_in_cli_terms():
         job = client.submit(spec, weights=args.weights, data=data_file)
         ready = client.readiness()
-        if not ready["workers"]:  # asked again: a busy machine may answer a ping late
-            ready = client.readiness()
     print(job["id"])
     print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)
     device_class = args.device_class
