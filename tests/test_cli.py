@@ -24,6 +24,10 @@ from tests.cli_process import ROOT, run_archtree
 from tests.redis_fixtures import wait_until
 
 FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2"]
+# A budget every small test model can reach on a loaded 2-core machine with the default 3%
+# margin: their narrowest versions have measured up to 62% (digits VGG) and 72% (digits
+# ResNet) of the unpruned latency, where the per-layer overhead of tiny convolutions dominates.
+REACHABLE = "80%"
 
 
 def archtree(
@@ -234,7 +238,7 @@ def test_uniform_baseline_runs_through_the_same_engine(tmp_path, home):
     strategy = "uniform"
     out = tmp_path / strategy
     archtree(
-        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
         "--strategy", strategy, "--out", str(out), *FAST, home=home,
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
@@ -249,7 +253,7 @@ def test_uniform_baseline_runs_through_the_same_engine(tmp_path, home):
 
 @pytest.mark.slow
 def test_width_one_equals_greedy(tmp_path, home):
-    common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%", *FAST]
+    common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE, *FAST]
     cache = ["--cache-dir", str(tmp_path / "cache")]
     archtree("prune", *common, *cache, "--strategy", "greedy", "--out", str(tmp_path / "g"),
              home=home)  # fmt: skip
@@ -327,7 +331,7 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
             "odd_shape": odd_shape, "module_dir": module_dir}  # fmt: skip
 
 
-def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
+def prune_args(tmp_path: Path, *extra: str, budget: str = REACHABLE) -> list[str]:
     base = {"--model": "builtin:resnet", "--data": "builtin:digits", "--budget": budget,
             "--out": str(tmp_path / "out")}  # fmt: skip
     extra_list = list(extra)
@@ -364,7 +368,7 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = "60%") -> list[str]:
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected):
-    args = prune_args(tmp_path, *extra, budget=budget or "60%")
+    args = prune_args(tmp_path, *extra, budget=budget or REACHABLE)
     line = one_line_error(archtree(*args, home=home, check=False))
     assert expected.lower() in line.lower()
     assert not (tmp_path / "out" / "report.json").exists()

@@ -60,8 +60,10 @@ def test_unreachable_budget_stops_before_searching_and_names_the_best_reachable_
 
 
 def test_search_lands_under_budget_with_a_real_tree():
+    # The narrowest digits VGG has measured up to 62% of the unpruned one on a loaded 2-core
+    # machine: 80% leaves the real timing room to reach it.
     context = make_context()
-    outcome = run_search(context, parse_budget("60%"))
+    outcome = run_search(context, parse_budget("80%"))
     state = outcome.state
     assert outcome.confirmed_latency_ms <= state.budget_ms
     # A candidate of the tree is measured under budget; an answer trimmed because none
@@ -107,7 +109,7 @@ def test_children_short_of_their_target_carry_the_search_to_the_budget():
 
 
 def test_frontier_keeps_the_best_distinct_children():
-    context = make_context(width=2)
+    context = make_context(oracle=BlockedConvDevice(1), width=2)
     state = start(context, parse_budget("60%"))
     tasks = plan(context, state)
     assert len(tasks) == 3
@@ -137,7 +139,7 @@ def test_frontier_keeps_the_best_distinct_children():
 
 
 def test_frontier_takes_a_faster_child_over_a_slower_and_worse_one():
-    context = make_context(width=2)
+    context = make_context(oracle=BlockedConvDevice(1), width=2)
     state = start(context, parse_budget("60%"))
     root, over = state.root, state.budget_ms * 1.2
 

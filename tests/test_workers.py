@@ -40,8 +40,8 @@ def job_spec(device_class: str, **search: Any) -> dict[str, Any]:
         "allow_pickle": False,
         "num_classes": None,
         # On a loaded 2-core machine the narrowest digits VGG has measured up to 62% of the
-        # unpruned one: a 60% budget could be found unreachable.
-        "budget": "70%",
+        # unpruned one: a 60% budget could be found unreachable, and 70% leaves little room.
+        "budget": "80%",
         "device_class": device_class,
         "batch_size": 1,
         "dtype": "float32",
@@ -97,7 +97,7 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     report = json_file(artifacts, result_name(job_id, "report.json"))
     assert set(report) == REPORT_KEYS
     assert report["final"]["latency_ms"] <= report["budget_ms"]
-    assert report["inputs"]["budget"] == "70%"
+    assert report["inputs"]["budget"] == "80%"
     assert job["progress"]["candidates_evaluated"] == report["search"]["candidates_evaluated"]
     for name in ARTIFACT_NAMES:
         (tmp_path / name).write_bytes(artifacts.get_bytes(result_name(job_id, name)))
