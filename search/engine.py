@@ -90,6 +90,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     """Measure the unpruned model, check the budget is reachable, and plant the root."""
     oracle, settings = context.oracle, context.settings
     context.prepare()
+    smallest = _smallest_spec(context)  # before any timing: a model with nothing to prune fails
     reference = oracle.measure_reference(context.root_spec)
     baseline_ms = reference.median_ms
     budget_ms = budget.resolve(baseline_ms)
@@ -134,7 +135,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     if root.within_budget:
         state.done = True
         return state
-    smallest_ms = _smallest_reachable_ms(context, state)
+    smallest_ms = _smallest_reachable_ms(context, state, smallest)
     # Read after two measurements: a remote device reports its block with its answers.
     channel_block = oracle.fingerprint().get("channel_block")
     state.widen_to = settings.widen_multiple(channel_block)
@@ -157,10 +158,11 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     return state
 
 
-def _smallest_reachable_ms(context: SearchContext, state: SearchState) -> float:
-    """Latency with every group at its minimum width."""
-    estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs)
-    applier = MoveApplier(context, context.base_model, Move("uniform"), estimate)
+def _smallest_spec(context: SearchContext) -> ArchSpec:
+    """The architecture with every group at its minimum width; refused when that is the
+    unpruned one."""
+    # A uniform cut of everything does not consult the latency estimate: any will do.
+    applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
     smallest = applier.apply(1.0)
     if smallest.spec.hash == context.root_spec.hash:
         round_to = context.settings.round_to
@@ -174,7 +176,12 @@ def _smallest_reachable_ms(context: SearchContext, state: SearchState) -> float:
             )
         )
         raise ArchtreeError(f"Nothing in {context.model_ref.source} can be pruned: {why}; {fix}.")
-    measurement = context.oracle.measure(smallest.spec, context.root_spec)
+    return smallest.spec
+
+
+def _smallest_reachable_ms(context: SearchContext, state: SearchState, smallest: ArchSpec) -> float:
+    """Latency with every group at its minimum width."""
+    measurement = context.oracle.measure(smallest, context.root_spec)
     _tally(state, measurement.cached)
     return measurement.ratio * state.baseline_ms
 

@@ -59,6 +59,33 @@ def test_unreachable_budget_stops_before_searching_and_names_the_best_reachable_
     assert "depth_started" not in kinds
 
 
+class TimingsCountedDevice(BlockedConvDevice):
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.timings = 0
+
+    def measure_reference(self, reference, *, confirm=False):
+        self.timings += 1
+        return super().measure_reference(reference, confirm=confirm)
+
+    def measure(self, candidate, reference, *, confirm=False):
+        self.timings += 1
+        return super().measure(candidate, reference, confirm=confirm)
+
+
+def test_a_round_to_that_keeps_every_group_whole_is_refused_before_any_timing():
+    device = TimingsCountedDevice()
+    context = make_context(oracle=device, round_to=1000)
+    with pytest.raises(ArchtreeError, match="--round-to 1000 keeps every channel group whole"):
+        start(context, parse_budget("80%"))
+    assert device.timings == 0
+    assert context.sink.events == []
+    # The same model with room to prune is timed: the baseline and its narrowest version.
+    counted = TimingsCountedDevice()
+    start(make_context(oracle=counted), parse_budget("80%"))
+    assert counted.timings == 2
+
+
 def test_search_lands_under_budget_with_a_real_tree():
     # The narrowest digits VGG has measured up to 62% of the unpruned one on a loaded 2-core
     # machine: 80% leaves the real timing room to reach it.
