@@ -18,6 +18,7 @@ from latency.redis_connection import async_redis_client, redis_client
 from search.errors import ArchtreeError
 from workers.artifact_store import ArtifactStore
 from workers.job_store import JobStore
+from workers.task_leases import TaskLeases
 
 # How JobStore.create and the submission make job ids (uuid4().hex[:12]). Anything else names
 # no job, and must not reach the job's other Redis keys (`{id}:state`, `{id}:events`, ...).
@@ -45,6 +46,7 @@ class Services:
     artifacts: ArtifactStore
     registry: DeviceRegistry
     celery: Celery
+    leases: TaskLeases
 
     @classmethod
     def connect(cls, settings: ServiceSettings) -> Services:
@@ -70,6 +72,7 @@ class Services:
             artifacts=ArtifactStore(settings.artifacts_url),
             registry=DeviceRegistry(client, settings.heartbeat_ttl_s),
             celery=create_app(settings),
+            leases=TaskLeases.of(client, settings),
         )
 
     def agent_redis_url(self) -> str:

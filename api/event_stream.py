@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import quoted
 from workers.job_store import FINAL_STATUSES, REDIS_UNREACHABLE, JobStore
+from workers.task_leases import TaskLeases
 
 POLL_S = 0.25
 # A job's final status is written just before its `status` event: once the job has ended,
@@ -22,6 +23,8 @@ END_GRACE_S = 2.0
 # While Redis cannot be reached, a stream asks again every REDIS_RETRY_S, for REDIS_GRACE_S.
 REDIS_RETRY_S = 1.0
 REDIS_GRACE_S = 60.0
+# How often a stream looks for tasks whose worker was lost.
+LEASE_CHECK_S = 2.0
 # A Redis stream id: milliseconds, optionally a sequence number, each a 64-bit unsigned integer.
 _STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 _STREAM_ID_PART_MAX = 2**64 - 1
@@ -51,14 +54,23 @@ def start_after(
     return last_event_id
 
 
-async def job_events(jobs: JobStore, job_id: str, after: str) -> AsyncIterator[ServerSentEvent]:
-    """The job's events after `after`, following new ones until the job has ended."""
+async def job_events(
+    jobs: JobStore, job_id: str, after: str, leases: TaskLeases
+) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after `after`, following new ones until the job has ended. While it
+    runs, a task whose worker was lost is said in a `task_lost` event (added to the job's
+    events, once)."""
     ended_at: float | None = None
     unreachable_since: float | None = None
+    leases_checked = 0.0
     while True:
         try:
             batch = await run_in_threadpool(jobs.read_events, job_id, after)
             job = None if batch else await run_in_threadpool(jobs.get, job_id)
+            running = job is not None and job["status"] not in FINAL_STATUSES
+            if running and time.monotonic() - leases_checked > LEASE_CHECK_S:
+                leases_checked = time.monotonic()
+                await run_in_threadpool(leases.announce_lost, jobs, job_id)
         except REDIS_UNREACHABLE:
             # Redis restarting: the stream waits for it (keep-alive pings go on meanwhile).
             unreachable_since = unreachable_since or time.monotonic()

@@ -13,6 +13,7 @@ from typing import Any
 import redis.asyncio
 
 from workers.job_store import JobStore
+from workers.task_leases import LostTask, TaskLeases
 
 
 async def read_job(
@@ -36,3 +37,17 @@ async def read_jobs(
         *hashes, total = await pipe.execute()
     records = [jobs.record(job_id, raw) for job_id, raw in zip(ids, hashes, strict=True)]
     return [record for record in records if record is not None], int(total)
+
+
+async def read_lost_tasks(
+    client: redis.asyncio.Redis, leases: TaskLeases, job_id: str
+) -> list[LostTask]:
+    """The job's tasks whose worker was lost, as `TaskLeases.lost` returns them."""
+    running = await client.hgetall(leases.tasks_key(job_id))
+    if not running:
+        return []
+    async with client.pipeline(transaction=False) as pipe:
+        for raw_id in running:
+            pipe.exists(leases.lease_key(job_id, raw_id.decode()))
+        held = await pipe.execute()
+    return leases.lost_among(running, held)

@@ -283,6 +283,21 @@ class JobProgress(BaseModel):
     )
 
 
+class LostTask(BaseModel):
+    """A task of the job whose worker stopped renewing its lease: killed, or its machine lost.
+    The broker hands it to another worker once its visibility timeout has passed."""
+
+    task_id: str = Field(description="The Celery task id.")
+    name: str = Field(examples=["archtree.evaluate_child"])
+    worker: str = Field(description="The worker that ran it.", examples=["celery@gpu-3"])
+    started_at: float = Field(description="Unix time the lost worker started it.")
+    silent_s: float = Field(description="Seconds since the worker last renewed its lease.")
+    back_by: float = Field(
+        description="Unix time by which another worker gets it: ARCHTREE_VISIBILITY_TIMEOUT_S "
+        "after it was handed to the lost worker."
+    )
+
+
 class Job(BaseModel):
     """A job: its spec, status and progress."""
 
@@ -294,16 +309,22 @@ class Job(BaseModel):
     progress: JobProgress
     error: str | None = Field(None, description="Why the job failed, in one line.")
     cancel_requested: bool = False
+    lost_tasks: list[LostTask] = Field(
+        default_factory=list,
+        description="Running tasks whose worker was lost, until another worker takes them: "
+        "the job is stalled meanwhile. Given by GET /v1/jobs/{id}; empty in the job list.",
+    )
     links: JobLinks
 
     @classmethod
-    def of(cls, job: dict[str, Any]) -> Job:
+    def of(cls, job: dict[str, Any], lost_tasks: list[dict[str, Any]] | None = None) -> Job:
         """From a JobStore record; its error in spec terms (`search.width`, not `--width`)."""
         from api.spec_terms import in_spec_terms
 
         error = job.get("error")
         return cls(
             **{**job, "error": in_spec_terms(error) if error else error},
+            lost_tasks=lost_tasks or [],
             links=JobLinks.of(job["id"]),
         )
 

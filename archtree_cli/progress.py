@@ -141,6 +141,8 @@ class ConsoleProgress:
             )
         elif kind == "final_finetune":
             self._print(f"final fine-tune: {data['epochs']:g} epochs with distillation")
+        elif kind == "task_lost":
+            self._print(f"lost: {lost_task_text(data)}")
 
 
 def _gap(data: dict[str, Any]) -> str:
@@ -170,3 +172,14 @@ def merged_reason(into: str | None) -> str:
     if into:
         return f"same architecture as {into}, which scored better"
     return "same architecture as a node already in the tree"
+
+
+def lost_task_text(task: dict[str, Any]) -> str:
+    """A task whose worker was lost, and when another worker takes it."""
+    name = task["name"].removeprefix("archtree.")
+    back_by = time.strftime("%H:%M:%S", time.localtime(task["back_by"]))
+    return (
+        f"worker {task['worker']} stopped answering in {name} (silent {task['silent_s']:.0f} s); "
+        f"another worker takes the task by about {back_by}, ARCHTREE_VISIBILITY_TIMEOUT_S after "
+        "it was handed out"
+    )

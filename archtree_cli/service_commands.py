@@ -365,6 +365,7 @@ def status_line(status: str, device_class: str | None, api: str) -> str:
 def print_job(job: dict[str, Any], api: str) -> None:
     """A few lines on a job: its status, what it prunes, how far it is."""
     from archtree_cli.commands import counted
+    from archtree_cli.progress import lost_task_text
 
     spec, progress = job["spec"], job["progress"]
     print(
@@ -373,6 +374,8 @@ def print_job(job: dict[str, Any], api: str) -> None:
     )
     if job["status"] == "waiting_for_device":
         print(f"waiting_for_device: {no_agent_hint(spec['device_class'], api)}")
+    for task in job.get("lost_tasks") or []:
+        print(f"lost: {lost_task_text(task)}")
     if progress.get("depth") is not None:
         best = progress.get("best")
         best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms" if best else ""

@@ -65,6 +65,13 @@ class ServiceSettings(BaseSettings):
         "another worker (Redis visibility timeout). Keep it above the longest task: a task "
         "still running then is started a second time (harmless, but wasted work).",
     )
+    task_lease_s: float = Field(
+        default=15.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="A worker renews a lease on each task it runs; a task whose lease is this "
+        "old is shown as lost (its worker died) until it is handed to another worker.",
+    )
     api_workers: int = Field(
         default=1,
         ge=1,

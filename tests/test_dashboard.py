@@ -54,7 +54,14 @@ def stack(
     redis.Redis.from_url(redis_url).flushdb()
     worker_pool.ensure(1)
     base = tmp_path_factory.mktemp("dashboard")
-    env = api_env(redis_url, base, ARCHTREE_ARTIFACTS_URL=worker_pool.settings.artifacts_url)
+    settings = worker_pool.settings
+    env = api_env(
+        redis_url,
+        base,
+        ARCHTREE_ARTIFACTS_URL=settings.artifacts_url,
+        ARCHTREE_TASK_LEASE_S=str(settings.task_lease_s),
+        ARCHTREE_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
+    )
     api = start_api(env, base / "logs")
     agent: AgentProcess = start_agent(redis_url, DEVICE_CLASS, base / "agents")
     try:
@@ -380,6 +387,29 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "end")
             assert not visible(page, "#job-waiting")
     worker_pool.ensure(1)  # as the module's other tests expect
+
+
+def test_a_job_whose_worker_is_lost_says_so_until_another_worker_takes_over(
+    page: Any, stack: ApiProcess, worker_pool: WorkerPool
+):
+    (worker,) = worker_pool.ensure(1)
+    with stack.client() as client:
+        created = client.post("/v1/jobs", data={"spec": json.dumps(job_spec(planned_steps=3))})
+    job_id = created.json()["id"]
+    page.get(f"{stack.url}/#/jobs/{job_id}")
+    wait_for(page, lambda: "evaluating" in text(page, "#events"), JOB_S, "a child evaluated")
+    worker.kill()  # the only worker: the job stalls until another takes its task
+    wait_for(page, lambda: visible(page, "#job-lost"), 30, "the lost worker shown")
+    shown = text(page, "#job-lost")
+    assert f"Worker {worker.name} stopped answering in " in shown
+    assert "another worker takes the task by about" in shown
+    assert js(page, "window.archtree.status") == "running"
+    screenshot(page, "job-worker-lost")
+
+    worker_pool.start(1)
+    wait_for(page, lambda: js(page, "window.archtree.status") == "succeeded", JOB_S, "success")
+    assert not visible(page, "#job-lost")
+    assert f"Worker {worker.name} stopped answering" in text(page, "#events")
 
 
 @pytest.mark.parametrize(

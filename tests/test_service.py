@@ -68,10 +68,13 @@ def api(
     redis.Redis.from_url(redis_url).flushdb()  # nothing queued by earlier modules
     worker_pool.ensure(2)
     base = tmp_path_factory.mktemp("service")
+    settings = worker_pool.settings
     env = api_env(
         redis_url,
         base,
-        ARCHTREE_ARTIFACTS_URL=worker_pool.settings.artifacts_url,
+        ARCHTREE_ARTIFACTS_URL=settings.artifacts_url,
+        ARCHTREE_TASK_LEASE_S=str(settings.task_lease_s),
+        ARCHTREE_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
     )
     server = start_api(env, base / "logs")
     try:
@@ -282,6 +285,48 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     down = archtree("status", job_id, "--api", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 2
     assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
+
+
+def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_another_takes_over(
+    api: ApiProcess, client: ArchtreeClient, agents, worker_pool: WorkerPool
+):
+    worker_pool.ensure(2)
+    start_agents(agents, client, "svc-lost", 1)
+    # Small steps, so that the search surely has a child to kill a worker in.
+    job_id = client.submit(job_spec("svc-lost", planned_steps=4, max_probes=4))["id"]
+    thread, events = follow(api, job_id)
+
+    def child_started() -> dict[str, Any] | None:
+        job = client.job(job_id)
+        assert job["status"] not in FINAL_STATUSES, job["error"]
+        return next((e for _, e in events if e["kind"] == "child_started"), None)
+
+    started = wait_until(child_started, JOB_S, "a child started")
+    victim = next(w for w in worker_pool.alive() if w.name == started["worker"])
+    victim.kill()
+
+    def lost() -> list[dict[str, Any]]:
+        return client.job(job_id)["lost_tasks"]
+
+    (task,) = wait_until(lost, 30, "the lost task in the job")
+    assert (task["worker"], task["name"]) == (victim.name, "archtree.evaluate_child")
+    assert task["silent_s"] >= worker_pool.settings.task_lease_s
+    assert task["back_by"] > task["started_at"] + worker_pool.settings.visibility_timeout_s
+    status = archtree("status", job_id, "--api", api.url)
+    assert status.returncode == 0, status.stderr
+    said = f"lost: worker {victim.name} stopped answering in evaluate_child"
+    assert said in status.stdout and "another worker takes the task by about" in status.stdout
+
+    worker_pool.start(1)
+    thread.join(JOB_S)
+    job = client.job(job_id)
+    assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
+    assert job["lost_tasks"] == []
+    announced = [e for _, e in events if e["kind"] == "task_lost"]
+    assert [(e["worker"], e["task_id"]) for e in announced] == [(victim.name, task["task_id"])]
+    # `status --watch` replays the events: the loss is one line among them.
+    watched = archtree("status", job_id, "--api", api.url, "--watch")
+    assert watched.stdout.count(said) == 1, watched.stdout
 
 
 def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(

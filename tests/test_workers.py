@@ -18,7 +18,9 @@ from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
 from workers.artifact_store import ArtifactNodeStore, ArtifactStore, ArtifactStoreError
+from workers.celery_app import EVALUATE_CHILD, redelivery_s
 from workers.job_store import FINAL_STATUSES, JobStore
+from workers.task_leases import TaskLeases
 from workers.tasks import result_name, submit_job
 
 pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures"]
@@ -165,6 +167,13 @@ def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_dept
     started = wait_until(lambda: child_started(jobs, job_id, min_depth=2), 60, "a child")
     victim = next(w for w in workers.alive() if w.name == started["worker"])
     victim.kill()
+    # Its lease expires within seconds: the task is seen lost long before it is handed out
+    # again, and said once in the job's events however often the job is read.
+    leases = TaskLeases.of(jobs.client, workers.settings)
+    lost = wait_until(lambda: leases.announce_lost(jobs, job_id), 30, "the lost task")
+    assert [(task.worker, task.name) for task in lost] == [(victim.name, EVALUATE_CHILD)]
+    assert lost[0].back_by == pytest.approx(lost[0].started_at + redelivery_s(workers.settings))
+    assert [task.task_id for task in leases.announce_lost(jobs, job_id)] == [lost[0].task_id]
     workers.start(1)
     job = wait_for_end(jobs, job_id, workers)
 
@@ -174,6 +183,9 @@ def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_dept
         e["worker"] for e in happened if e["kind"] == "child_started" and e["id"] == started["id"]
     }
     assert redone_by - {victim.name}
+    announced = [e for e in happened if e["kind"] == "task_lost"]
+    assert [(e["worker"], e["task_id"]) for e in announced] == [(victim.name, lost[0].task_id)]
+    assert leases.lost(job_id) == []  # taken by another worker, and done
     assert Counter(e["kind"] for e in happened)["baseline"] == 1
     for depth in range(1, started["depth"]):
         done = [e for e in happened if e["kind"] == "depth_done" and e["depth"] == depth]

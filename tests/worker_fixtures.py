@@ -3,7 +3,8 @@
 `worker_pool` (one per test module) starts workers with
 `python -m celery -A workers.celery_app worker -Q search,evaluate -c 1 -n wN@%h`, configured
 by ARCHTREE_* variables: the private Redis, a temporary artifact folder, a short visibility
-timeout (so the tasks of a killed worker come back quickly) and a short device wait. Use with
+timeout (so the tasks of a killed worker come back quickly), a short task lease (so they are
+seen lost at once) and a short device wait. Use with
 `pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures"]`.
 
 PYTEST_DONT_REWRITE: no asserts here (see tests/redis_fixtures.py).
@@ -33,6 +34,8 @@ WORKER_START_S = 60.0
 # Tasks here take a few seconds: a task still unacknowledged after this long belonged to a
 # worker that died, and goes to another one.
 VISIBILITY_TIMEOUT_S = 12.0
+# Short, so that a killed worker's task is shown lost well before it goes to another worker.
+TASK_LEASE_S = 3.0
 DEVICE_WAIT_S = 4.0
 
 __all__ = ["WorkerPool", "WorkerProcess", "worker_pool"]
@@ -175,6 +178,7 @@ def worker_pool(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         work_dir=base / "work",
         visibility_timeout_s=VISIBILITY_TIMEOUT_S,
         device_wait_s=DEVICE_WAIT_S,
+        task_lease_s=TASK_LEASE_S,
     )
     env = {
         **os.environ,
@@ -186,6 +190,7 @@ def worker_pool(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "ARCHTREE_WORK_DIR": str(settings.work_dir),
         "ARCHTREE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
         "ARCHTREE_DEVICE_WAIT_S": str(DEVICE_WAIT_S),
+        "ARCHTREE_TASK_LEASE_S": str(TASK_LEASE_S),
     }
     (base / "logs").mkdir()
     pool = WorkerPool(settings, create_app(settings), env, base / "logs")

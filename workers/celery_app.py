@@ -24,6 +24,16 @@ FINISH_JOB = "archtree.finish_job"
 ORCHESTRATION_TASKS = (START_JOB, RUN_DEPTH, ADVANCE_DEPTH, FINISH_JOB)
 
 
+def restore_interval_s(visibility_s: float) -> int:
+    """How often workers look for tasks whose visibility timeout has passed."""
+    return max(1, min(10, round(visibility_s / 5)))
+
+
+def redelivery_s(settings: ServiceSettings) -> float:
+    """At most how long after its delivery the task of a lost worker goes to another one."""
+    return settings.visibility_timeout_s + restore_interval_s(settings.visibility_timeout_s)
+
+
 def celery_config(settings: ServiceSettings) -> dict[str, Any]:
     """Celery settings derived from the service settings."""
     url = settings.celery_redis_url()
@@ -47,7 +57,7 @@ def celery_config(settings: ServiceSettings) -> dict[str, Any]:
             "visibility_timeout": visibility_s,
             # kombu looks for expired tasks every 10 x 10 s by default: far too late for
             # a short visibility timeout.
-            "unacked_restore_interval": max(1, min(10, round(visibility_s / 5))),
+            "unacked_restore_interval": restore_interval_s(visibility_s),
             "unacked_restore_throttle": 1,
         },
         "broker_connection_retry_on_startup": True,

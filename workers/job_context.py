@@ -25,6 +25,7 @@ from search.inputs import load_inputs
 from search.settings import SearchSettings
 from workers.artifact_store import ArtifactNodeStore, ArtifactStore
 from workers.job_store import JobStore, RedisEventSink
+from workers.task_leases import TaskLeases
 
 ARTIFACT_PREFIX = "artifact:"
 # How long a measurement waits for its device class to have an agent online again before the
@@ -40,11 +41,18 @@ class WorkerServices:
     client: redis.Redis
     jobs: JobStore
     artifacts: ArtifactStore
+    leases: TaskLeases
 
     @classmethod
     def connect(cls, settings: ServiceSettings) -> WorkerServices:
         client = redis_client(settings.resolved_redis_url())
-        return cls(settings, client, JobStore(client), ArtifactStore(settings.artifacts_url))
+        return cls(
+            settings,
+            client,
+            JobStore(client),
+            ArtifactStore(settings.artifacts_url),
+            TaskLeases.of(client, settings),
+        )
 
 
 @dataclass

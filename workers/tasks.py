@@ -352,9 +352,12 @@ def _with_submission_notes(jobs: JobStore, job_id: str, report_notes: list[str])
 @contextmanager
 def _job_step(task: Task, job_id: str) -> Iterator[None]:
     """Ends the job when its step raises: cancelled, or failed with a one-line message. When
-    Redis cannot be reached (restarted, failed over), the step waits for it and runs again."""
+    Redis cannot be reached (restarted, failed over), the step waits for it and runs again.
+    The step holds a lease meanwhile, which says the task is lost if its worker dies."""
     try:
-        yield
+        leases = _services().leases
+        with leases.hold(job_id, task.request.id, task.name, task.request.hostname or ""):
+            yield
     except SearchCancelled:  # in a measurement or a fine-tune
         _end(job_id, "cancelled")
     except DeviceAbsent as absent:  # before the step, or in one of its measurements

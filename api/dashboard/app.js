@@ -14,7 +14,7 @@ const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
   "child_skipped", "child_merged", "depth_done", "retuned", "reranked", "confirm_failed",
   "trim_compared", "filled", "note",
-  "confirmed", "final_finetune", "done", "cancel_requested",
+  "confirmed", "final_finetune", "done", "cancel_requested", "task_lost",
 ];
 // Events after which the job's progress and tree have changed.
 const REFRESH_ON = new Set(["status", "baseline", "depth_done", "reranked", "confirmed", "done"]);
@@ -481,6 +481,7 @@ function describe(event) {
         (event.widen_to > 1 ? `; widening to multiples of ${event.widen_to}` : "");
     case "depth_started": return `depth ${event.depth}: ${event.children} children to evaluate`;
     case "child_started": return `${event.id} (depth ${event.depth}) evaluating`;
+    case "task_lost": return lostTask(event);
     case "node":
       return `${event.id} from ${event.parent} by ${event.move}: ${ms(event.latency_ms)}, ` +
         `score ${decimal(event.score)}, ${event.within_budget ? "within" : "over"} budget`;
@@ -562,6 +563,13 @@ function waitingForDevice(deviceClass) {
   ];
 }
 
+// A task whose worker stopped answering, and when another worker takes it.
+function lostTask(task) {
+  return `Worker ${task.worker} stopped answering in ${task.name.replace(/^archtree\./, "")} ` +
+    `(silent ${Math.round(task.silent_s)} s); another worker takes the task by about ` +
+    `${clock(task.back_by)}, ARCHTREE_VISIBILITY_TIMEOUT_S after it was handed out.`;
+}
+
 function renderJob(view) {
   const { job, tree, root } = view;
   const { progress, spec } = job;
@@ -585,6 +593,10 @@ function renderJob(view) {
   const waiting = $("#job-waiting", root);
   waiting.hidden = job.status !== "waiting_for_device";
   waiting.replaceChildren(...(waiting.hidden ? [] : waitingForDevice(spec.device_class)));
+  const lostTasks = job.lost_tasks ?? [];
+  const lost = $("#job-lost", root);
+  lost.hidden = lostTasks.length === 0;
+  lost.textContent = lostTasks.map(lostTask).join(" ");
   const notes = progress.notes ?? [];
   const notesList = $("#job-notes", root);
   notesList.hidden = notes.length === 0;

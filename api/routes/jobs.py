@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api import submission
 from api.deps import JobDep, ServicesDep, quoted
 from api.event_stream import job_events, start_after
-from api.job_reads import read_jobs
+from api.job_reads import read_jobs, read_lost_tasks
 from api.schemas import (
     INVALID,
     UNAVAILABLE,
@@ -111,9 +111,13 @@ async def list_jobs(
 @router.get(
     "/{job_id}", summary="A job's status and progress", responses=NOT_FOUND, response_model=Job
 )
-async def get_job(job: JobDep) -> Response:
+async def get_job(job: JobDep, services: ServicesDep) -> Response:
+    lost = []
+    if job["status"] not in FINAL_STATUSES:
+        lost = await read_lost_tasks(services.async_client, services.leases, job["id"])
     # Dashboards poll this: the answer is serialized once, not validated again on its way out.
-    return Response(Job.of(job).model_dump_json(), media_type="application/json")
+    answer = Job.of(job, lost_tasks=[task.to_dict() for task in lost])
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.get("/{job_id}/tree", summary="The job's search tree so far", responses=NOT_FOUND)
@@ -134,7 +138,7 @@ async def stream_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Every event of the job from the start (or after Last-Event-ID), then new ones as they
     happen; the stream ends once the job has ended and all its events are sent."""
-    async for event in job_events(services.jobs, job["id"], after):
+    async for event in job_events(services.jobs, job["id"], after, services.leases):
         yield event
 
 
