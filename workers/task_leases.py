@@ -2,8 +2,9 @@
 
 Celery hands the task of a worker killed outright (SIGKILL, a lost machine) to another worker
 only once the broker's visibility timeout has passed, minutes later; until then the job looks
-as if it ran. While a task runs, its worker renews a short lease in Redis; a task whose lease
-has expired is lost, and readers of the job (the API) can say so, and when it comes back.
+as if it were running. While a task runs, its worker renews a short lease in Redis; a task
+whose lease has expired is lost, and readers of the job (the API) can say so, and by when
+another worker takes it.
 
 Keys, beside the job's own: `{prefix}job:{id}:tasks`, a hash of the running tasks by Celery
 task id (name, worker, start time), and `{prefix}job:{id}:lease:{task id}`, which expires
