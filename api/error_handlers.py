@@ -1,13 +1,15 @@
 """Every error as `{"detail": "<one line: what is wrong and what to do>"}`.
 
 Besides the API's own HTTPExceptions: the engine's errors (422, worded for a REST client), the
-request checks (422), Redis unreachable (503), and the framework's bare "Not Found" and
-"Method Not Allowed" (which then say what exists).
+request checks (422), Redis unreachable (503), the framework's bare "Not Found" and "Method Not
+Allowed" (which then say what exists) and its 400 for a body it cannot decode (422). A client
+that hangs up mid-request gets an empty 400, and nothing is logged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import redis.exceptions
@@ -17,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from api.deps import quoted
@@ -28,6 +31,8 @@ from workers.job_store import REDIS_UNREACHABLE
 
 ENDPOINTS_HINT = "see /docs for the endpoints"
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+# What FastAPI says of a request body it could not decode.
+UNPARSED_BODY = "There was an error parsing the body"
 # Redis errors that say the store cannot serve now, not that the request is wrong: unreachable,
 # out of memory, a read-only replica after a failover, still loading its data.
 REDIS_UNAVAILABLE = (
@@ -37,6 +42,8 @@ REDIS_UNAVAILABLE = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ExecAbortError,
 )
+# uvicorn's own log, where the server's lines go.
+server_log = logging.getLogger("uvicorn.error")
 # Seconds a client is asked to wait before retrying while Redis is unreachable.
 REDIS_RETRY_AFTER_S = 5
 
@@ -50,6 +57,18 @@ def add_error_handlers(app: FastAPI) -> None:
     for unavailable in REDIS_UNAVAILABLE:
         app.add_exception_handler(unavailable, _redis_unavailable)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
+
+
+async def _client_gone(request: Request, _: Exception) -> Response:
+    """A client that went away mid-request (an upload cut off): nobody reads the answer, and
+    it is no server error: one line in the log says so."""
+    server_log.info(
+        "%s %s: the client hung up before its request ended; nothing was kept",
+        request.method,
+        request.url.path,
+    )
+    return Response(status_code=400)
 
 
 async def _user_error(_: Request, error: Exception) -> JSONResponse:
@@ -112,7 +131,11 @@ async def _http_error(request: Request, error: Exception) -> Response:
     what exists."""
     assert isinstance(error, HTTPException)
     path = quoted(request.url.path)
-    if error.status_code == 404 and error.detail == "Not Found":
+    if error.status_code == 400 and error.detail == UNPARSED_BODY:
+        # FastAPI's answer to a JSON body that is not UTF-8 text.
+        send = _send_json_object(request)
+        error = HTTPException(422, f"the body cannot be read as JSON text (is it UTF-8?): {send}")
+    elif error.status_code == 404 and error.detail == "Not Found":
         error = HTTPException(
             404,
             f"nothing at {path}: jobs and devices are under /v1/jobs and /v1/devices, the "

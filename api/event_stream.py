@@ -33,7 +33,10 @@ _STREAM_ID_PART_MAX = 2**64 - 1
 def start_after(
     last_event_id: Annotated[
         str | None,
-        Header(description="Resume after this event id (sent by EventSource on reconnect)."),
+        Header(
+            description="Resume after this event id (sent by EventSource on reconnect).",
+            json_schema_extra={"pattern": f"^{_STREAM_ID.pattern}$"},
+        ),
     ] = None,
 ) -> str:
     """The stream id to read after: the client's Last-Event-ID, or the beginning.

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from latency.measurement_protocol import DEVICE_CLASS_PATTERN
 from workers.job_store import STATUSES
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -35,6 +36,22 @@ UNAVAILABLE = {
 }
 
 
+def as_json(responses: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """`responses` documented as JSON, on a route whose own answer is of another media type
+    (FastAPI would give them the route's)."""
+    return {
+        status: {
+            "description": response["description"],
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{response['model'].__name__}"}
+                }
+            },
+        }
+        for status, response in responses.items()
+    }
+
+
 # Upper bounds of a job's search settings: far above any useful search, they keep one job
 # from holding a worker for days (a cancel still stops it within a second).
 MAX_TREE_SIZE = 64
@@ -42,6 +59,9 @@ MAX_STEPS = 1_000_000
 MAX_EPOCHS = 10_000
 MAX_PROBES = 1_000
 MAX_CHANNEL_MULTIPLE = 4_096
+# A device class's form, documented; the API checks it itself (latency.measurement_protocol)
+# to answer with its own message.
+DEVICE_CLASS_SCHEMA = {"pattern": f"^{DEVICE_CLASS_PATTERN}$", "maxLength": 64}
 
 
 class SearchSettingsIn(BaseModel):
@@ -96,6 +116,7 @@ class SearchSettingsIn(BaseModel):
     final_epochs: float | None = Field(
         None,
         le=MAX_EPOCHS,
+        allow_inf_nan=False,  # else NaN would be said to be above the bound
         description="Epochs of final fine-tuning of the answer, with distillation.",
     )
     round_to: int | None = Field(
@@ -158,7 +179,10 @@ class JobSpecIn(BaseModel):
         examples=["60%"],
     )
     device_class: str = Field(
-        "local", description="Device class whose agents time the candidates.", examples=["local"]
+        "local",
+        description="Device class whose agents time the candidates.",
+        examples=["local"],
+        json_schema_extra=DEVICE_CLASS_SCHEMA,
     )
     batch_size: int = Field(1, ge=1, le=4096, description="Batch size timed.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -438,6 +462,11 @@ class DeviceIn(DeviceInfo):
         json_schema_extra={"examples": [{"device_class": "rpi4-cpu", "host": "rpi-07"}]},
     )
 
+    device_class: str = Field(
+        description="Agents of one class are interchangeable.",
+        examples=["rpi4-cpu"],
+        json_schema_extra=DEVICE_CLASS_SCHEMA,
+    )
     host: str = Field(min_length=1, max_length=MAX_DEVICE_TEXT, examples=["rpi-07"])
     runtime: str = Field("torch", max_length=MAX_DEVICE_TEXT, examples=["torch"])
     runtime_version: str = Field("", max_length=MAX_DEVICE_TEXT, examples=["2.13.0+cpu"])

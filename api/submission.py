@@ -8,6 +8,7 @@ reach the artifact store.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import uuid
@@ -99,7 +100,8 @@ def _name_uploads(message: str, local: dict[str, Path], submission: Submission) 
     """`message` with the uploads' temporary paths replaced by what the client sent."""
     for name, path in local.items():
         sent = f"the {name} upload ({submission.files[name].filename or 'no file name'})"
-        message = message.replace(repr(str(path)), sent).replace(str(path), sent)
+        for said in (f"{name} file {str(path)!r}", repr(str(path)), str(path)):
+            message = message.replace(said, sent)
     return message
 
 
@@ -108,6 +110,13 @@ def parse_spec(text: str) -> JobSpecIn:
     try:
         return JobSpecIn.model_validate_json(text)
     except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid" or not first["loc"]:  # not JSON, or not an object
+            reason = first.get("ctx", {}).get("error") or first["msg"]
+            example = json.dumps(JobSpecIn.model_config["json_schema_extra"]["examples"][0])
+            raise ArchtreeError(
+                f"the job spec is not a JSON object ({reason}): give one like {example}"
+            ) from None
         raise ArchtreeError(
             f"the job spec is not valid: {validation_message(error.errors())}"
         ) from None

@@ -31,7 +31,8 @@ CONSUMER_GROUP = "agents"
 REPLY_TTL_S = 900
 KINDS = ("pair", "ref")
 
-_DEVICE_CLASS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+DEVICE_CLASS_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
+_DEVICE_CLASS = re.compile(DEVICE_CLASS_PATTERN)
 
 
 class ProtocolError(ValueError):
@@ -41,8 +42,10 @@ class ProtocolError(ValueError):
 def validate_device_class(device_class: str) -> str:
     """Return `device_class` if it is usable in key names, else raise ArchtreeError."""
     if not isinstance(device_class, str) or not _DEVICE_CLASS.fullmatch(device_class):
+        text = device_class if isinstance(device_class, str) else str(device_class)
+        shown = text if len(text) <= 64 else text[:61] + "..."  # a long one is not echoed whole
         raise ArchtreeError(
-            f"invalid device class {device_class!r}: use 1-64 letters, digits, '.', '_', ':' "
+            f"invalid device class {shown!r}: use 1-64 letters, digits, '.', '_', ':' "
             "or '-', starting with a letter or digit (e.g. 'rpi4-cpu')"
         )
     return device_class

@@ -86,6 +86,8 @@ def uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     np.savez(tiny, x=np.zeros((100, 1, 1, 1), np.float32), y=np.arange(100) % 10)
     stray = io.BytesIO()
     np.savez(stray, x=x, y=np.where(np.arange(len(y)) == 5, 100, y))
+    wrong_keys = io.BytesIO()
+    np.savez(wrong_keys, images=x)
     return {
         "weights": (folder / "vgg.safetensors").read_bytes(),
         "corrupt": os.urandom(4096),
@@ -93,6 +95,7 @@ def uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "data": data.getvalue(),
         "tiny": tiny.getvalue(),
         "stray label": stray.getvalue(),
+        "wrong keys": wrong_keys.getvalue(),
     }
 
 
@@ -166,6 +169,11 @@ BAD_SUBMISSIONS = {
         {},
         "final_epochs: Input should be less than or equal to 10000",
     ),
+    "a search setting that is not a number": (
+        {"search": {"final_epochs": float("nan")}},
+        {},
+        "final_epochs: Input should be a finite number",
+    ),
     "a channel multiple past its bound": (
         {"search": {"widen_to": 1_000_000}},
         {},
@@ -196,6 +204,11 @@ BAD_SUBMISSIONS = {
         "Fix the stray labels, or give num_classes 101",
     ),
     "data not npz": ({"data": None}, {"data": ("d.csv", "data")}, "must be a .npz or .pt"),
+    "data without x": (
+        {"data": None},
+        {"data": ("d.npz", "wrong keys")},
+        "the data upload (d.npz) has no array named `x` (found: images)",
+    ),
     "a budget without its unit": (
         {"budget": 60},
         {},
@@ -228,11 +241,16 @@ def test_a_bad_submission_answers_422_in_one_line_and_creates_nothing(
     assert stored_files(api_server) == before_files
 
 
-def test_a_spec_that_is_not_json_answers_422(http: httpx.Client):
-    answer = submit(http, "{not json")
+@pytest.mark.parametrize(("spec", "why"), [("{not json", "key must be a string"), ("[1, 2]", "")])
+def test_a_spec_that_is_not_a_json_object_answers_422_with_an_example(
+    spec: str, why: str, http: httpx.Client
+):
+    answer = submit(http, spec)
 
     assert answer.status_code == 422
-    assert one_line_detail(answer).startswith("the job spec is not valid")
+    detail = one_line_detail(answer)
+    assert detail.startswith("the job spec is not a JSON object (") and why in detail
+    assert 'give one like {"model": "builtin:vgg"' in detail
 
 
 def test_a_spec_sent_as_a_file_is_read_as_the_spec(http: httpx.Client):
@@ -339,6 +357,45 @@ def test_an_oversized_weights_upload_answers_413_naming_the_limit(
 
     assert answer.status_code == 413
     assert f"limit of {MAX_WEIGHTS_BYTES} bytes" in one_line_detail(answer)
+    assert job_total(http) == before_jobs
+    assert stored_files(api_server) == before_files
+
+
+@pytest.mark.parametrize(
+    ("content_type", "start"),
+    [
+        (
+            "multipart/form-data; boundary=cut",
+            b'--cut\r\nContent-Disposition: form-data; name="weights"; filename="w.pt"\r\n\r\n'
+            + b"x" * 5000,
+        ),
+        ("application/x-www-form-urlencoded", b"spec=%7B"),
+    ],
+    ids=["multipart", "url-encoded"],
+)
+def test_a_client_that_hangs_up_mid_upload_leaves_no_traceback_and_no_job(
+    content_type: str, start: bytes, http: httpx.Client, api_server: ApiProcess
+):
+    before_jobs, before_files = job_total(http), stored_files(api_server)
+    logged = len(api_server.output())
+    with socket.create_connection(("127.0.0.1", int(api_server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n".encode()
+            + start
+        )
+        sock.shutdown(socket.SHUT_WR)  # the rest never comes
+        # The API ends the exchange; the client reads until the connection closes.
+        while sock.recv(65536):
+            pass
+
+    said = wait_until(
+        lambda: "hung up" in api_server.output()[logged:] and api_server.output()[logged:],
+        10,
+        "the hang-up logged",
+    )
+    assert "POST /v1/jobs: the client hung up before its request ended; nothing was kept" in said
+    assert "Traceback" not in said and "ClientDisconnect" not in said, said
     assert job_total(http) == before_jobs
     assert stored_files(api_server) == before_files
 
@@ -629,11 +686,17 @@ def test_agents_register_are_listed_online_and_are_deleted(
             agent.wait()
 
 
-def test_a_device_with_a_bad_class_is_refused(http: httpx.Client):
+def test_a_device_with_a_bad_class_is_refused_and_a_long_one_is_echoed_cut_short(
+    http: httpx.Client,
+):
     answer = http.post("/v1/devices", json={"device_class": "has space", "host": "h"})
 
     assert answer.status_code == 422
-    assert "invalid device class" in one_line_detail(answer)
+    assert "invalid device class 'has space'" in one_line_detail(answer)
+    long = http.post("/v1/devices", json={"device_class": "c" * 100_000, "host": "h"})
+    assert long.status_code == 422
+    assert f"invalid device class '{'c' * 61}...'" in one_line_detail(long)
+    assert len(long.content) < 500
 
 
 BAD_DEVICES = {
@@ -666,6 +729,7 @@ BAD_DEVICE_BODIES = {
         "not a JSON object",
     ),
     "a list": (b"[]", "application/json", "not a JSON object"),
+    "not UTF-8": (b"\xff{}", "application/json", "cannot be read as JSON text (is it UTF-8?)"),
 }
 
 
@@ -844,6 +908,16 @@ def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
     assert spec["examples"]
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert set(body["schema"]["properties"]) == {"spec", "weights", "data"}
+    assert body["schema"]["additionalProperties"] is False  # other form fields are refused
+    operations = [op for path in schema["paths"].values() for op in path.values()]
+    ids = [operation["operationId"] for operation in operations]
+    assert len(ids) == len(set(ids))  # GET and HEAD of /healthz and /readyz included
+    events = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
+    assert list(events["200"]["content"]) == ["text/event-stream"]
+    for status in ("404", "422", "503"):  # its errors are JSON, as sent
+        assert list(events[status]["content"]) == ["application/json"], status
+    device = schema["components"]["schemas"]["DeviceIn"]["properties"]["device_class"]
+    assert (device["maxLength"], device["pattern"]) == (64, "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
     assert http.get("/docs").status_code == 200
 
 

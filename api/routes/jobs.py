@@ -23,6 +23,7 @@ from api.schemas import (
     JobLinks,
     JobList,
     JobTree,
+    as_json,
 )
 from api.uploads import MAX_SPEC_BYTES, read_submission
 from search.artifacts import ARTIFACT_NAMES
@@ -45,6 +46,7 @@ SUBMISSION_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["spec"],
+                    "additionalProperties": False,
                     "properties": {
                         "spec": {
                             "$ref": "#/components/schemas/JobSpecIn",
@@ -129,7 +131,8 @@ def get_tree(job: JobDep, services: ServicesDep) -> JobTree:
     "/{job_id}/events",
     response_class=EventSourceResponse,
     summary="The job's events, live (Server-Sent Events)",
-    responses=NOT_FOUND,
+    # Its errors are JSON, not events.
+    responses=as_json({**NOT_FOUND, **INVALID, **UNAVAILABLE}),
 )
 async def stream_events(
     job: JobDep,
