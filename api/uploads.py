@@ -65,9 +65,10 @@ def too_large(name: str, limit: int) -> HTTPException:
             "smaller spec, with weights and data as the `weights` and `data` files, not in it",
         )
     setting = f"ARCHTREE_MAX_{name.upper()}_BYTES"
+    mebibytes = f" ({limit / 2**20:.1f} MiB)" if limit >= 2**20 else ""
     return HTTPException(
         status_code=413,
-        detail=f"the {name} upload exceeds the limit of {limit} bytes ({limit / 2**20:.1f} MiB); "
+        detail=f"the {name} upload exceeds the limit of {limit} bytes{mebibytes}; "
         f"send a smaller file, or ask the operator to raise {setting}",
     )
 
