@@ -66,19 +66,37 @@ def _result_files(folder: Path) -> list[str]:
     return [name for name in ARTIFACT_NAMES if (folder / name).exists()]
 
 
-def _check_out_dir(out: str, overwrite: bool) -> None:
+def _check_out_dir(out: str, overwrite: bool, inputs: dict[str, str | None] | None = None) -> None:
     """Before any work: --out is a folder this process can write, holding no result unless
-    `overwrite`."""
+    `overwrite`, and none of the files a result would replace is one of `inputs` (by option),
+    even with `overwrite`."""
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ArchtreeError(f"--out {out} is a file: give a folder.")
     existing = _result_files(folder)
+    for option, given in (inputs or {}).items():
+        clash = next((name for name in existing if _same_file(folder / name, given)), None)
+        if clash:
+            raise ArchtreeError(
+                f"--out {out} would replace the {option} file {given} (the result's {clash}): "
+                "choose another --out."
+            )
     if existing and not overwrite:
         raise ArchtreeError(
             f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
             "or pass --overwrite to replace it."
         )
     _check_writable(folder, "--out")
+
+
+def _same_file(path: Path, other: str | None) -> bool:
+    """Whether `other` (a path, or a source like builtin:mnist) is the file at `path`."""
+    if not other:
+        return False
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # not a file (a builtin source), or gone
+        return False
 
 
 HOME_FIX = "set ARCHTREE_HOME to a folder you can write to"
@@ -192,7 +210,7 @@ def run_prune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.jobs < 1:
         raise ArchtreeError("--jobs must be at least 1.")
-    _check_out_dir(args.out, args.overwrite)
+    _check_out_dir(args.out, args.overwrite, {"--weights": args.weights, "--data": args.data})
     report, folder = prune(
         model=args.model,
         data=args.data,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -26,7 +27,22 @@ def _write_text(path: Path, text: str) -> None:
 def save_artifacts(
     out_dir: str | Path, spec: ArchSpec, model: nn.Module, report: dict[str, Any]
 ) -> Path:
-    """Write the pruned model's three files into `out_dir` (created if needed)."""
+    """Write the pruned model's three files into `out_dir` (created if needed); nothing when
+    its weights are not all finite (a model that answers the same to everything)."""
+    broken = next(
+        (
+            name
+            for name, value in model.state_dict().items()
+            if value.is_floating_point() and not torch.isfinite(value).all()
+        ),
+        None,
+    )
+    if broken is not None:
+        raise ArchtreeError(
+            f"the pruned model's {broken} holds NaN or infinite values, so no result was saved: "
+            "the data's values are probably too large for float32 arithmetic (batch-norm "
+            "statistics overflow); scale them, e.g. to [0, 1] or to zero mean and unit variance."
+        )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

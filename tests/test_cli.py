@@ -424,6 +424,39 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_p
     assert not (tmp_path / "out").exists()  # the probe of a new --out folder leaves nothing
 
 
+def test_an_out_folder_holding_the_input_weights_is_refused_even_with_overwrite(tmp_path, home):
+    from search.model_source import ModelRef, build_model, save_weights
+
+    folder = tmp_path / "mine"
+    weights = folder / "model.safetensors"
+    save_weights(build_model(ModelRef("builtin:resnet", 10, 1)), weights)
+    before = weights.read_bytes()
+    args = prune_args(tmp_path, "--weights", str(weights), "--out", str(folder))
+    for extra in ([], ["--overwrite"]):
+        line = one_line_error(archtree(*args, *extra, home=home, check=False))
+        assert f"--out {folder} would replace the --weights file" in line
+        assert "(the result's model.safetensors): choose another --out" in line
+    assert weights.read_bytes() == before
+    assert sorted(path.name for path in folder.iterdir()) == ["model.safetensors"]
+
+
+def test_a_model_with_weights_that_are_not_finite_is_not_saved(tmp_path):
+
+    from search.arch_spec import spec_of
+    from search.artifacts import save_artifacts
+    from search.errors import ArchtreeError
+    from search.model_source import ModelRef, build_model
+
+    model = build_model(ModelRef("builtin:vgg", 10, 1))
+    spec = spec_of(model, ModelRef("builtin:vgg", 10, 1), (1, 1, 8, 8))
+    save_artifacts(tmp_path / "fine", spec, model, {})
+    assert (tmp_path / "fine" / "model.safetensors").exists()
+    model.features[0][1].running_var[3] = float("inf")  # as overflowing batch-norm statistics
+    with pytest.raises(ArchtreeError, match=r"features\.0\.1\.running_var holds NaN or infinite"):
+        save_artifacts(tmp_path / "broken", spec, model, {})
+    assert not (tmp_path / "broken").exists()
+
+
 def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
     out = tmp_path / "out"
     env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)}
