@@ -15,6 +15,7 @@ from search.data_source import DataSplits
 from search.errors import SearchCancelled
 from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNodeStore, NodeStore
 from search.model_source import ModelRef
+from search.prunability import groups_kept_whole
 from search.pruning import output_positions
 from search.settings import SearchSettings
 from search.training import (
@@ -63,6 +64,18 @@ class SearchContext:
         return output_positions(self.base_model, self.example_input)
 
     @cached_property
+    def kept_whole(self) -> dict[str, str]:
+        """The channel groups never narrowed, by name, with why (search.prunability)."""
+        return groups_kept_whole(
+            self.base_model,
+            self.example_input,
+            self.positions,
+            self.settings.round_to,
+            self.settings.min_width_fraction,
+            self.model_ref.source,
+        )
+
+    @cached_property
     def calib_reference_logits(self) -> torch.Tensor:
         return logits(self.base_model, self.data.calib_x)
 
@@ -74,6 +87,7 @@ class SearchContext:
     def prepare(self) -> None:
         """Compute the shared reference outputs once, before children run in parallel."""
         _ = self.positions
+        _ = self.kept_whole
         if not self.data.labelled:
             _ = self.calib_reference_logits
         if self.settings.ft_steps > 0 or self.settings.final_epochs > 0:

@@ -46,6 +46,7 @@ from search.interfaces import Executor, SequentialExecutor
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
 from search.notes import near_chance
+from search.prunability import kept_whole_note, kept_whole_reasons
 from search.pruning import total_macs
 from search.rebuild import AncestorRebuilds, Widths
 from search.score_gap import paired_gap
@@ -132,6 +133,8 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         untrained = near_chance(root.score, context.data.calib_y, "calibration")
         if untrained:
             context.sink.emit("note", message=untrained)
+    if context.kept_whole:
+        context.sink.emit("note", message=kept_whole_note(context.kept_whole))
     if root.within_budget:
         state.done = True
         return state
@@ -169,6 +172,12 @@ def _smallest_spec(context: SearchContext) -> ArchSpec:
         why, fix = (
             (f"--round-to {round_to} keeps every channel group whole", "give a smaller --round-to")
             if round_to > 1
+            else (
+                f"every channel group it has must stay whole: "
+                f"{kept_whole_reasons(context.kept_whole)}",
+                "give a model with other layers",
+            )
+            if context.kept_whole
             else (
                 "it has no channel group pruning can narrow (convolutions or linear layers "
                 "followed by another layer)",

@@ -62,6 +62,7 @@ class MoveApplier:
             round_to=settings.round_to,
             min_width_fraction=settings.min_width_fraction,
             positions=self.context.positions,
+            kept_whole=self.context.kept_whole,
         )
         calib = None
         if settings.importance == "taylor" and self.context.data.labelled:

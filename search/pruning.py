@@ -8,7 +8,7 @@ depthwise convs, residual adds, the next layer's inputs).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +132,10 @@ class PrunableModel:
         min_width_fraction: float = 0.1,
         ignored_layers: Sequence[str] | None = None,
         positions: Mapping[str, int] | None = None,
+        kept_whole: Collection[str] = (),
     ) -> None:
+        """`kept_whole`: groups (by name) never narrowed, besides those `whole_reasons` finds:
+        groups found to break the model's forward when narrowed (search.prunability)."""
         self.model = model
         self.example_input = example_input
         self.round_to = max(1, int(round_to))
@@ -150,6 +153,8 @@ class PrunableModel:
         macs = layer_macs(model, self.positions)
         self._handlers: dict[str, object] = {}
         raw_groups = []
+        # Groups torch-pruning cannot narrow soundly, by name, with why.
+        self.whole_reasons: dict[str, str] = {}
         for group in self.graph.get_all_groups(
             ignored_layers=ignored, root_module_types=PRUNABLE_TYPES
         ):
@@ -158,7 +163,11 @@ class PrunableModel:
             self._handlers[name] = group[0].dep.handler
             size = _out_width(root)
             raw_groups.append((name, size, self._macs_per_channel(group, macs)))
+            reason = _whole_reason(group, names)
+            if reason:
+                self.whole_reasons[name] = reason
         regions = region_of([name for name, _, _ in raw_groups])
+        whole = set(kept_whole) | set(self.whole_reasons)
         self.groups: list[ChannelGroup] = []
         for name, size, per_channel in raw_groups:
             floor = max(self.round_to, math.ceil(size * min_width_fraction), 1)
@@ -166,7 +175,7 @@ class PrunableModel:
                 ChannelGroup(
                     name=name,
                     size=size,
-                    min_size=min(size, floor),
+                    min_size=size if name in whole else min(size, floor),
                     region=regions[name],
                     macs_per_channel=per_channel,
                 )
@@ -245,6 +254,21 @@ class PrunableModel:
                 )
             group.prune()
             group_info.size -= len(indices)
+
+
+def _whole_reason(group: tp.Group, names: Mapping[nn.Module, str]) -> str | None:
+    """Why the group must keep all its channels, if it must: it feeds or is a grouped
+    convolution (other than depthwise), whose groups must stay of equal width, or a GroupNorm,
+    whose channel count its number of groups must divide."""
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            depthwise = module.groups == module.in_channels == module.out_channels
+            if not depthwise:
+                return f"the convolution {names[module]!r} runs in {module.groups} groups"
+        if isinstance(module, nn.GroupNorm):
+            return f"the GroupNorm {names[module]!r} has {module.num_groups} groups"
+    return None
 
 
 def keep_rounded(size: int, remove: int, round_to: int, min_size: int) -> int:

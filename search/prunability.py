@@ -1,0 +1,92 @@
+"""Which channel groups a model's own code keeps from being narrowed.
+
+torch-pruning follows the layers' channels, not what `forward` does with them: a reshape to a
+fixed size (`x.view(B, 2048)`), a split into halves, or an assert on a channel count breaks
+once channels are removed. The model is checked once with every group at its narrowest; only
+when that fails is each group tried alone, and those that break the model are kept whole.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from search.errors import ArchtreeError
+from search.pruning import PrunableModel, keep_rounded
+
+
+def groups_kept_whole(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    positions: Mapping[str, int],
+    round_to: int,
+    min_width_fraction: float,
+    source: str,
+) -> dict[str, str]:
+    """The groups (by name) the search must not narrow, with why: those torch-pruning cannot
+    narrow soundly, and those whose narrowing breaks `model`'s forward pass."""
+
+    def pruned(only: str | None = None) -> tuple[PrunableModel, list[str], Exception | None]:
+        """The model with every group (or `only` one) at its narrowest: its pruner, the groups
+        narrowed, and the error its forward pass raised, if any."""
+        pruner = PrunableModel(
+            copy.deepcopy(model),
+            example_input,
+            round_to=round_to,
+            min_width_fraction=min_width_fraction,
+            positions=positions,
+            kept_whole=broken,
+        )
+        removals = {}
+        for group in pruner.groups:
+            if only is not None and group.name != only:
+                continue
+            count = keep_rounded(group.size, group.removable, round_to, group.min_size)
+            if count > 0:
+                removals[group.name] = range(group.size - count, group.size)
+        try:
+            pruner.remove(removals)
+            with torch.no_grad():
+                pruner.model.eval()(example_input)
+        except Exception as error:  # the model's own code, on channels it did not expect
+            return pruner, list(removals), error
+        return pruner, list(removals), None
+
+    broken: dict[str, str] = {}
+    pruner, narrowed, error = pruned()
+    if error is None:
+        return dict(pruner.whole_reasons)
+    for name in narrowed:
+        _, _, alone = pruned(only=name)
+        if alone is not None:
+            broken[name] = f"narrowing it breaks the model: {_said(alone)}"
+    pruner, _, error = pruned()
+    if error is not None:
+        raise ArchtreeError(
+            f"{source} fails once pruned, however its channel groups are chosen ({_said(error)}): "
+            "its forward pass depends on its channel counts in a way torch-pruning cannot "
+            "follow; make it derive sizes from its inputs (x.flatten(1), not x.view(B, 2048))."
+        )
+    return {**pruner.whole_reasons, **broken}
+
+
+def _said(error: Exception) -> str:
+    """The error's type and first line, short."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def kept_whole_note(kept: Mapping[str, str]) -> str:
+    """A note naming the groups kept whole, and why."""
+    return f"kept whole, never pruned: {kept_whole_reasons(kept)}"
+
+
+def kept_whole_reasons(kept: Mapping[str, str]) -> str:
+    """The groups kept whole, and why (the first few)."""
+    said = [f"the channel group of {name!r} ({why})" for name, why in kept.items()]
+    more = f"; and {len(said) - 3} more" if len(said) > 3 else ""
+    return "; ".join(said[:3]) + more

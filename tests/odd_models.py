@@ -1,0 +1,83 @@
+"""Models whose channels torch-pruning alone cannot narrow soundly, as `module:` sources of the
+tests (module:tests.odd_models:NAME): grouped convolutions, GroupNorm, and forward passes that
+depend on channel counts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def grouped() -> nn.Module:
+    """A convolution in 4 groups between two prunable ones."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def group_norm_only() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+class FixedView(nn.Module):
+    """Reshapes with a fixed size: its second convolution's channels cannot change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 3, padding=1)
+        self.head = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(x.view(x.size(0), 32 * 8 * 8))
+
+
+def fixed_view() -> nn.Module:
+    return FixedView()
+
+
+class ChecksEveryWidth(nn.Module):
+    """Asserts its channel counts: nothing in it can be narrowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.b(a))
+        assert a.shape[1] == 32 and b.shape[1] == 32, "unexpected width"
+        return self.head(b.mean((2, 3)))
+
+
+def checks_every_width() -> nn.Module:
+    return ChecksEveryWidth()
+
+
+class NeedsSomeWidth(nn.Module):
+    """Works with either convolution narrowed, not with both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.b(a))
+        assert a.shape[1] + b.shape[1] > 30, "too narrow"
+        return self.head(b.mean((2, 3)))
+
+
+def needs_some_width() -> nn.Module:
+    return NeedsSomeWidth()

@@ -1,0 +1,105 @@
+"""Channel groups kept whole: those torch-pruning cannot narrow soundly (grouped convolutions,
+GroupNorm) and those whose narrowing breaks the model's own forward pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from search.arch_spec import build_from_spec
+from search.budget import parse_budget
+from search.engine import plan, start
+from search.errors import ArchtreeError
+from search.expansion import evaluate_child
+from search.prunability import groups_kept_whole
+from search.pruning import output_positions
+from tests import odd_models
+from tests.cli_process import run_archtree
+from tests.cost_model_device import BlockedConvDevice
+from tests.test_engine import make_context
+
+EXAMPLE = torch.zeros(1, 1, 8, 8)
+
+
+def kept_whole(build, round_to: int = 1) -> dict[str, str]:
+    model = build().eval()
+    positions = output_positions(model, EXAMPLE)
+    return groups_kept_whole(model, EXAMPLE, positions, round_to, 0.1, "module:odd")
+
+
+def test_groups_of_a_grouped_convolution_or_a_group_norm_are_kept_whole():
+    grouped = kept_whole(odd_models.grouped)
+    # The group feeding the grouped convolution and its own; the 1x1 convolution after is free.
+    assert set(grouped) == {"0", "3"}
+    assert all("the convolution '3' runs in 4 groups" in why for why in grouped.values())
+    assert kept_whole(odd_models.group_norm_only) == {"0": "the GroupNorm '1' has 8 groups"}
+
+
+def test_a_group_whose_narrowing_breaks_the_forward_pass_is_kept_whole_and_no_other():
+    fixed = kept_whole(odd_models.fixed_view)
+    assert list(fixed) == ["b"]
+    assert fixed["b"].startswith("narrowing it breaks the model: RuntimeError: shape")
+    assert set(kept_whole(odd_models.checks_every_width)) == {"a", "b"}
+    # A model that prunes soundly keeps nothing whole, depthwise convolutions included.
+    assert kept_whole(lambda: make_context(model="builtin:mobilenetv2").base_model) == {}
+
+
+def test_a_model_that_breaks_however_its_groups_are_chosen_is_refused_in_one_line():
+    with pytest.raises(ArchtreeError) as error:
+        kept_whole(odd_models.needs_some_width)
+    message = str(error.value)
+    assert message.startswith("module:odd fails once pruned, however its channel groups")
+    assert "AssertionError: too narrow" in message and "x.flatten(1)" in message
+
+
+def test_the_search_never_narrows_a_group_kept_whole_and_says_so():
+    context = make_context(model="module:tests.odd_models:fixed_view", oracle=BlockedConvDevice(1))
+    state = start(context, parse_budget("80%"))
+    notes = [e["message"] for e in context.sink.events if e["kind"] == "note"]
+    said = "kept whole, never pruned: the channel group of 'b'"
+    assert any(note.startswith(said) for note in notes)
+    smallest = [e for e in context.sink.events if e["kind"] == "feasibility"]
+    assert smallest and state.measurements == 2
+    # Every child the search can plan keeps 'b' whole, and its model runs.
+    for task in plan(context, state):
+        node = evaluate_child(context, task).node
+        if node is not None:
+            assert node.spec.width("b") == 32
+            build_from_spec(node.spec)(EXAMPLE)
+
+
+def test_prune_of_a_model_with_a_fixed_reshape_succeeds_and_reports_the_kept_group(
+    tmp_path, home_dir
+):
+    out = tmp_path / "out"
+    result = run_archtree(
+        "prune", "--model", "module:tests.odd_models:fixed_view", "--data", "builtin:digits",
+        "--budget", "90%", "--out", str(out), "--width", "2", "--branching", "2",
+        "--ft-steps", "5", "--planned-steps", "2", "--fill-probes", "0", home=home_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert any(note.startswith("kept whole, never pruned") for note in report["notes"])
+    assert json.loads((out / "arch.json").read_text())["layers"]["b"][1] == 32
+
+
+def test_prune_of_a_model_with_only_group_norm_groups_says_why_nothing_can_be_pruned(
+    tmp_path, home_dir
+):
+    result = run_archtree(
+        "prune", "--model", "module:tests.odd_models:group_norm_only", "--data",
+        "builtin:digits", "--budget", "80%", "--out", str(tmp_path / "out"), home=home_dir,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "Nothing in module:tests.odd_models:group_norm_only can be pruned: every channel group "
+        "it has must stay whole: the channel group of '0' (the GroupNorm '1' has 8 groups)"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def home_dir(tmp_path):
+    return tmp_path / "home"
