@@ -130,7 +130,7 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ArchtreeError(f"data file {str(path)!r} does not exist; check the path")
     if not os.access(path, os.R_OK):
         raise ArchtreeError(f"data file {str(path)!r} is not readable; check its permissions")
-    arrays = _read_npz(path) if path.suffix == ".npz" else _read_pt(path)
+    arrays = _read_npz(path) if _is_numpy_archive(path) else _read_pt(path)
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise ArchtreeError(
@@ -140,6 +140,19 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = _as_inputs(arrays["x"], path)
     y = _as_labels(arrays["y"], len(x), path) if arrays.get("y") is not None else None
     return x, y
+
+
+def _is_numpy_archive(path: Path) -> bool:
+    """Whether `path` is read as a numpy archive: by its content when it is a zip archive
+    (numpy.savez stores .npy members, torch.save a data.pkl), else by its name."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return path.suffix == ".npz"
+    if any(name.endswith("data.pkl") for name in names):
+        return False
+    return any(name.endswith(".npy") for name in names) or path.suffix == ".npz"
 
 
 def _read_npz(path: Path) -> dict[str, object]:

@@ -212,7 +212,10 @@ def load_weights(
         raise ArchtreeError(f"weights file {str(path)!r} does not exist; check the path")
     if not os.access(path, os.R_OK):
         raise ArchtreeError(f"weights file {str(path)!r} is not readable; check its permissions")
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+    # By content, not name: a torch.save file named .safetensors (a zip archive) is read as
+    # what it is.
+    named_safetensors = path.suffix == ".safetensors" and not zipfile.is_zipfile(path)
+    if named_safetensors or _looks_like_safetensors(path):
         state = _read_safetensors(path)
     else:
         state = _read_torch_file(path, allow_pickle=allow_pickle)
@@ -260,7 +263,9 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        # From an open file: torch hands a path named .safetensors to safetensors.
+        with path.open("rb") as handle:
+            content = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:
         content = _load_refused_file(path, error, allow_pickle=allow_pickle)
     if isinstance(content, nn.Module):
@@ -315,7 +320,8 @@ def _load_refused_file(path: Path, error: Exception, *, allow_pickle: bool) -> A
             "(torch.save(model.state_dict(), path)) or pass --allow-pickle if you trust the file"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with path.open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=False)
     except Exception as pickle_error:
         raise ArchtreeError(
             f"unpickling {str(path)!r} failed ({type(pickle_error).__name__}: "

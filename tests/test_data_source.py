@@ -101,6 +101,16 @@ def test_pt_file_without_channel_dim(tmp_path: Path) -> None:
     assert splits.train_y.dtype == torch.int64
 
 
+def test_data_files_are_read_by_their_content_whatever_their_extension(tmp_path: Path) -> None:
+    x, y = _images(100, (1, 5, 5)), np.arange(100) % 3
+    np.savez(tmp_path / "numpy.npz", x=x, y=y)
+    (tmp_path / "numpy.npz").rename(tmp_path / "numpy_saved.pt")
+    torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp_path / "torch_saved.npz")
+    for name in ("numpy_saved.pt", "torch_saved.npz"):
+        splits = load_data(str(tmp_path / name), calib_size=10, val_size=10)
+        assert splits.input_shape == (1, 5, 5) and splits.num_classes == 3, name
+
+
 def test_data_free_file(tmp_path: Path) -> None:
     path = tmp_path / "unlabelled.pt"
     torch.save({"x": torch.from_numpy(_images(80))}, path)

@@ -203,6 +203,16 @@ def test_saved_weights_get_the_permissions_of_any_new_file(tmp_path: Path) -> No
     assert mode == stat.S_IMODE((tmp_path / "report.json").stat().st_mode)
 
 
+def test_weights_are_read_by_their_content_whatever_their_extension(tmp_path: Path) -> None:
+    model = _built(seed=1)
+    torch.save(model.state_dict(), tmp_path / "torch_saved.safetensors")
+    save_weights(model, tmp_path / "safetensors.pt")
+    for name in ("torch_saved.safetensors", "safetensors.pt"):
+        fresh = _built(seed=2)
+        load_weights(fresh, tmp_path / name)
+        assert _same_weights(model, fresh), name
+
+
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
 def test_state_dict_round_trip(tmp_path: Path, wrap: str | None) -> None:
     model = _built(seed=1)
