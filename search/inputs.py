@@ -38,6 +38,11 @@ def load_inputs(
             f"the model's number of classes (--num-classes) must be "
             f"between 1 and {MAX_CLASSES}, not {classes}"
         )
+    shape = tuple(data.input_shape)
+    channels_last = _channels_last(shape)
+    if model_source.startswith("builtin:") and channels_last:
+        # A builtin model takes as many channels as the data have: it would run on them.
+        raise ArchtreeError(f"the inputs of {data_source} have shape {shape}: {channels_last}.")
     ref = ModelRef(source=model_source, num_classes=classes, in_channels=data.input_shape[0])
     torch.manual_seed(seed)
     model = build_model(ref)
@@ -99,15 +104,23 @@ def check_forward(
             text = str(error).strip()
             detail = text.splitlines()[0] if text else type(error).__name__
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
+            shape = tuple(batch.shape[1:])
             raise ArchtreeError(
-                f"The model {model_source} rejects {what} of shape {tuple(batch.shape[1:])} "
-                f"from {inputs_label} ({detail}): give inputs of the shape the model expects."
+                f"The model {model_source} rejects {what} of shape {shape} from "
+                f"{inputs_label} ({detail}): give inputs of the shape the model expects"
+                + (f"; {_channels_last(shape)}." if _channels_last(shape) else ".")
             ) from None
     output = outputs[0]
-    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+    if not isinstance(output, torch.Tensor):
         raise ArchtreeError(
             f"The model {model_source} must return a (batch, classes) tensor of logits; it "
-            f"returned {type(output).__name__} {tuple(getattr(output, 'shape', ()))}."
+            f"returned a {type(output).__name__}: wrap it in a module whose forward returns "
+            "only the logits."
+        )
+    if output.dim() != 2:
+        raise ArchtreeError(
+            f"The model {model_source} must return a (batch, classes) tensor of logits; it "
+            f"returned a tensor of shape {tuple(output.shape)}."
         )
     if not bool(torch.isfinite(output).all()):
         raise ArchtreeError(
@@ -115,3 +128,14 @@ def check_forward(
             "weights are broken (a training run that diverged?); give weights of a finite model."
         )
     return output
+
+
+def _channels_last(shape: tuple[int, ...]) -> str | None:
+    """What to do when inputs of this shape look like images stored channels-last (H, W, C)."""
+    if len(shape) == 3 and shape[2] in (1, 3, 4) and min(shape[0], shape[1]) > 4:
+        channels = "1 channel" if shape[2] == 1 else f"{shape[2]} channels"
+        return (
+            f"these look like images stored channels-last ({shape[0]}x{shape[1]} with "
+            f"{channels}): save x as N,C,H,W, e.g. x.transpose(0, 3, 1, 2)"
+        )
+    return None

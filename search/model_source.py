@@ -111,6 +111,13 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
             module = importlib.import_module(module_name)
     except ImportError as error:
+        missing = getattr(error, "name", None)
+        ours = missing is None or module_name == missing or module_name.startswith(missing + ".")
+        if not ours:  # the module was found, and imports something that is not installed
+            raise ArchtreeError(
+                f"importing module {module_name!r} for {ref.source!r} failed: it imports "
+                f"{missing!r}, which is not installed here ({error}); install it"
+            ) from None
         raise ArchtreeError(
             f"cannot import module {module_name!r} for {ref.source!r} ({error}); it must be "
             "importable on this machine: install it or add its folder to PYTHONPATH"

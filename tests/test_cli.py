@@ -299,6 +299,9 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 
     np.savez(odd_shape, x=np.zeros((100, 3, 28, 28), dtype="float32"),
              y=np.arange(100) % 10)  # fmt: skip
+    channels_last = folder / "channels_last.npz"
+    np.savez(channels_last, x=np.zeros((100, 28, 28, 1), dtype="float32"),
+             y=np.arange(100) % 10)  # fmt: skip
     module_dir = folder / "usercode"
     module_dir.mkdir()
     (module_dir / "script_net.py").write_text("import sys\nsys.exit(3)\n")
@@ -321,6 +324,17 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
         "def double():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()\n"
+        "class Pair(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
+        "    def forward(self, x):\n"
+        "        return self.net(x), x.sum()\n"
+        "def pair():\n"
+        "    return Pair()\n"
+    )
+    (module_dir / "needs_missing.py").write_text(
+        "import archtree_no_such_package\ndef build():\n    pass\n"
     )
     (module_dir / "flat_net.py").write_text(
         "import torch.nn as nn\n"
@@ -328,7 +342,8 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))\n"
     )
     return {"corrupt": corrupt, "corrupt_pt": corrupt_pt, "pickled": pickled,
-            "odd_shape": odd_shape, "module_dir": module_dir}  # fmt: skip
+            "odd_shape": odd_shape, "channels_last": channels_last,
+            "module_dir": module_dir}  # fmt: skip
 
 
 def prune_args(tmp_path: Path, *extra: str, budget: str = REACHABLE) -> list[str]:
@@ -402,6 +417,11 @@ def test_data_the_model_rejects(tmp_path, home, bad_files):
         ("module:odd_nets:single", "rejects a batch of one input of shape (1, 8, 8)"),
         ("module:odd_nets:double", "has torch.float64 parameters: build it in float32"),
         ("module:odd_nets:linear", "Nothing in module:odd_nets:linear can be pruned"),
+        ("module:odd_nets:pair", "it returned a tuple: wrap it in a module whose forward"),
+        (
+            "module:needs_missing:build",
+            "it imports 'archtree_no_such_package', which is not installed here",
+        ),
     ],
 )
 def test_a_model_that_exits_or_fails_on_one_input_is_named(
@@ -410,6 +430,30 @@ def test_a_model_that_exits_or_fails_on_one_input_is_named(
     args = prune_args(tmp_path, "--model", source, "--data", "builtin:digits")
     result = archtree(*args, home=home, check=False, extra_path=bad_files["module_dir"])
     assert expected in one_line_error(result)
+
+
+def test_images_stored_channels_last_are_named_with_the_transpose_to_apply(
+    tmp_path, home, bad_files
+):
+    args = prune_args(tmp_path, "--data", str(bad_files["channels_last"]))
+    line = one_line_error(archtree(*args, home=home, check=False))
+    assert f"the inputs of {bad_files['channels_last']} have shape (28, 28, 1)" in line
+    assert "these look like images stored channels-last (28x28 with 1 channel)" in line
+    assert "x.transpose(0, 3, 1, 2)" in line
+
+
+def test_a_model_of_its_own_given_channels_last_images_gets_the_same_hint():
+    from search.errors import ArchtreeError
+    from search.inputs import check_forward
+
+    rgb = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten())
+    with pytest.raises(ArchtreeError) as error:
+        check_forward(rgb, torch.zeros(2, 32, 32, 3), "module:mine:rgb", "images.npz")
+    message = str(error.value)
+    assert "rejects inputs of shape (32, 32, 3) from images.npz" in message
+    assert message.endswith(
+        "(32x32 with 3 channels): save x as N,C,H,W, e.g. x.transpose(0, 3, 1, 2)."
+    )
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_path, home):
