@@ -54,14 +54,7 @@ def stack(
     redis.Redis.from_url(redis_url).flushdb()
     worker_pool.ensure(1)
     base = tmp_path_factory.mktemp("dashboard")
-    settings = worker_pool.settings
-    env = api_env(
-        redis_url,
-        base,
-        ARCHTREE_ARTIFACTS_URL=settings.artifacts_url,
-        ARCHTREE_TASK_LEASE_S=str(settings.task_lease_s),
-        ARCHTREE_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
-    )
+    env = api_env(redis_url, base, **worker_pool.api_settings())
     api = start_api(env, base / "logs")
     agent: AgentProcess = start_agent(redis_url, DEVICE_CLASS, base / "agents")
     try:

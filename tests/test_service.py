@@ -68,14 +68,7 @@ def api(
     redis.Redis.from_url(redis_url).flushdb()  # nothing queued by earlier modules
     worker_pool.ensure(2)
     base = tmp_path_factory.mktemp("service")
-    settings = worker_pool.settings
-    env = api_env(
-        redis_url,
-        base,
-        ARCHTREE_ARTIFACTS_URL=settings.artifacts_url,
-        ARCHTREE_TASK_LEASE_S=str(settings.task_lease_s),
-        ARCHTREE_VISIBILITY_TIMEOUT_S=str(settings.visibility_timeout_s),
-    )
+    env = api_env(redis_url, base, **worker_pool.api_settings())
     server = start_api(env, base / "logs")
     try:
         yield server

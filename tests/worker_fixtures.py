@@ -86,6 +86,15 @@ class WorkerPool:
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
+    def api_settings(self) -> dict[str, str]:
+        """What an API beside these workers must share with them, as ARCHTREE_* variables:
+        their artifact store, and the task lease and visibility timeout it reports with."""
+        return {
+            "ARCHTREE_ARTIFACTS_URL": self.settings.artifacts_url,
+            "ARCHTREE_TASK_LEASE_S": str(self.settings.task_lease_s),
+            "ARCHTREE_VISIBILITY_TIMEOUT_S": str(self.settings.visibility_timeout_s),
+        }
+
     def alive(self) -> list[WorkerProcess]:
         return [worker for worker in self.workers if worker.alive()]
 

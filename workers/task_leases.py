@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -48,14 +48,7 @@ class LostTask:
     back_by: float  # Unix time by which the broker hands the task to another worker
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "name": self.name,
-            "worker": self.worker,
-            "started_at": self.started_at,
-            "silent_s": self.silent_s,
-            "back_by": self.back_by,
-        }
+        return asdict(self)
 
 
 class TaskLeases:
