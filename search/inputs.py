@@ -50,6 +50,12 @@ def load_inputs(
         load_weights(model, weights, allow_pickle=allow_pickle)
     model.eval()
     output = check_forward(model, data.calib_x[:2], model_source, data_source)
+    if num_classes is not None and output.shape[1] != num_classes:
+        raise ArchtreeError(
+            f"--num-classes {num_classes} does not apply to {model_source}, which builds its "
+            f"own model with {output.shape[1]} outputs: leave --num-classes out (it sizes "
+            "builtin, torchvision and timm models)."
+        )
     if data.labelled and output.shape[1] < (data.num_classes or 0):
         fix = (
             f"give --num-classes {data.num_classes} or leave it out"

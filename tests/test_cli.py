@@ -432,6 +432,17 @@ def test_a_model_that_exits_or_fails_on_one_input_is_named(
     assert expected in one_line_error(result)
 
 
+def test_num_classes_that_a_module_model_does_not_take_is_refused(tmp_path, home, bad_files):
+    args = prune_args(tmp_path, "--model", "module:odd_nets:linear", "--num-classes", "12")
+    line = one_line_error(
+        archtree(*args, home=home, check=False, extra_path=bad_files["module_dir"])
+    )
+    assert (
+        "--num-classes 12 does not apply to module:odd_nets:linear, which builds its own " in line
+    )
+    assert "model with 10 outputs: leave --num-classes out" in line
+
+
 def test_images_stored_channels_last_are_named_with_the_transpose_to_apply(
     tmp_path, home, bad_files
 ):
