@@ -251,6 +251,11 @@ def print_summary(report: dict[str, Any], out: str) -> None:
         f"{counted(search['latency_measurements'], 'measurement')} "
         f"({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
     )
+    if final.get("trims"):
+        print(
+            f"the answer was trimmed {counted(final['trims'], 'time')} after it measured over "
+            "the budget on confirmation"
+        )
     for note in report.get("notes", []):  # reports of earlier versions have none
         print(f"note: {note}")
     print(f"saved to {Path(out)}/ (arch.json, model.safetensors, report.json)")
