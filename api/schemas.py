@@ -22,7 +22,7 @@ FAST_SEARCH_EXAMPLE = {"width": 2, "branching": 2, "planned_steps": 2, "ft_steps
 class ErrorMessage(BaseModel):
     """Every error answer: one line saying what is wrong and what to do."""
 
-    detail: str = Field(examples=["Cannot read the budget 'fast': give milliseconds like 8ms ..."])
+    detail: str = Field(examples=["cannot read the budget 'fast': give milliseconds like 8ms ..."])
 
 
 INVALID = {422: {"model": ErrorMessage, "description": "Invalid request (why, in one line)."}}

@@ -105,7 +105,7 @@ def build_from_spec(spec: ArchSpec) -> nn.Module:
     if rebuilt != spec.layers:
         different = [k for k in spec.layers if rebuilt.get(k) != spec.layers[k]][:3]
         raise ArchtreeError(
-            f"The architecture spec does not match the code of {spec.model.source} "
+            f"the architecture spec does not match the code of {spec.model.source} "
             f"(layers {', '.join(different) or 'names'} differ): rebuild it with the same "
             "model code that produced it."
         )

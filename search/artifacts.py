@@ -47,7 +47,7 @@ def save_artifacts(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ArchtreeError(f"Cannot create the output folder {out}: {error.strerror}.") from error
+        raise ArchtreeError(f"cannot create the output folder {out}: {error.strerror}.") from error
     save_weights(model, out / "model.safetensors")
     _write_text(out / "arch.json", json.dumps(spec.to_dict(), indent=1, sort_keys=True))
     _write_text(out / "report.json", json.dumps(report, indent=2, default=float))

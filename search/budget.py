@@ -28,14 +28,14 @@ def parse_budget(text: str) -> Budget:
     match = _PATTERN.match(str(text))
     if not match:
         raise ArchtreeError(
-            f"Cannot read the budget {text!r}: give milliseconds like 8ms or a share of the "
+            f"cannot read the budget {text!r}: give milliseconds like 8ms or a share of the "
             "unpruned model's latency like 60%."
         )
     value, unit = float(match.group(1)), match.group(2)
     if not math.isfinite(value):
-        raise ArchtreeError(f"The budget {text!r} is too large: give milliseconds like 8ms.")
+        raise ArchtreeError(f"the budget {text!r} is too large: give milliseconds like 8ms.")
     if value <= 0:
-        raise ArchtreeError(f"The budget must be above zero, got {text!r}.")
+        raise ArchtreeError(f"the budget must be above zero, got {text!r}.")
     if unit == "%" and value >= 100:
         raise ArchtreeError(
             f"A budget of {text} does not ask for any pruning: give a share below 100%, like 60%."

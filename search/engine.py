@@ -152,7 +152,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     if smallest_ms > settings.aim_ms(budget_ms):
         enough_ms = smallest_ms / (1.0 - settings.margin) * 1.02
         raise ArchtreeError(
-            f"The budget of {budget_ms:.3f} ms cannot be met on this device: the smallest "
+            f"the budget of {budget_ms:.3f} ms cannot be met on this device: the smallest "
             f"model pruning can reach measures {smallest_ms:.3f} ms "
             f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {baseline_ms:.3f} ms), "
             f"too close to the budget to keep the {100 * settings.margin:g}% margin. "
@@ -184,7 +184,7 @@ def _smallest_spec(context: SearchContext) -> ArchSpec:
                 "give a model with such layers",
             )
         )
-        raise ArchtreeError(f"Nothing in {context.model_ref.source} can be pruned: {why}; {fix}.")
+        raise ArchtreeError(f"nothing in {context.model_ref.source} can be pruned: {why}; {fix}.")
     return smallest.spec
 
 
@@ -355,7 +355,7 @@ def finish(
     if not ranked:
         if not state.root.within_budget:
             raise ArchtreeError(
-                f"No candidate met the budget of {state.budget_ms:.3f} ms within "
+                f"no candidate met the budget of {state.budget_ms:.3f} ms within "
                 f"{state.depth} depths: raise --max-depth or --planned-steps, or the budget."
             )
         ranked = [state.root]
@@ -380,7 +380,7 @@ def finish(
         if trimmed is None:
             if not passed_over:
                 raise ArchtreeError(
-                    f"The answer confirmed at {best_ms:.3f} ms, above the budget of "
+                    f"the answer confirmed at {best_ms:.3f} ms, above the budget of "
                     f"{state.budget_ms:.3f} ms, and no further pruning reaches it."
                 )
         elif not passed_over or (trimmed_ms <= state.budget_ms and trimmed.score > answer.score):
@@ -398,7 +398,7 @@ def finish(
     if confirmed_ms > state.budget_ms:
         context.sink.emit("confirmed", id=answer.id, latency_ms=confirmed_ms, trims=trims)
         raise ArchtreeError(
-            f"The best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
+            f"the best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
             f"of {state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
             "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
         )

@@ -98,7 +98,7 @@ def check_forward(
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if dtypes:
         raise ArchtreeError(
-            f"The model {model_source} has {', '.join(dtypes)} parameters: build it in float32 "
+            f"the model {model_source} has {', '.join(dtypes)} parameters: build it in float32 "
             "(model.float()); the timing dtype is a setting of its own."
         )
     outputs = []
@@ -112,25 +112,25 @@ def check_forward(
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
             shape = tuple(batch.shape[1:])
             raise ArchtreeError(
-                f"The model {model_source} rejects {what} of shape {shape} from "
+                f"the model {model_source} rejects {what} of shape {shape} from "
                 f"{inputs_label} ({detail}): give inputs of the shape the model expects"
                 + (f"; {_channels_last(shape)}." if _channels_last(shape) else ".")
             ) from None
     output = outputs[0]
     if not isinstance(output, torch.Tensor):
         raise ArchtreeError(
-            f"The model {model_source} must return a (batch, classes) tensor of logits; it "
+            f"the model {model_source} must return a (batch, classes) tensor of logits; it "
             f"returned a {type(output).__name__}: wrap it in a module whose forward returns "
             "only the logits."
         )
     if output.dim() != 2:
         raise ArchtreeError(
-            f"The model {model_source} must return a (batch, classes) tensor of logits; it "
+            f"the model {model_source} must return a (batch, classes) tensor of logits; it "
             f"returned a tensor of shape {tuple(output.shape)}."
         )
     if not bool(torch.isfinite(output).all()):
         raise ArchtreeError(
-            f"The model {model_source} outputs NaN or infinite values on {inputs_label}: its "
+            f"the model {model_source} outputs NaN or infinite values on {inputs_label}: its "
             "weights are broken (a training run that diverged?); give weights of a finite model."
         )
     return output

@@ -210,7 +210,7 @@ class PrunableModel:
         elif criterion == "taylor":
             if calib is None:
                 raise ArchtreeError(
-                    "Taylor importance needs labelled data: use --importance l2, or give "
+                    "taylor importance needs labelled data: use --importance l2, or give "
                     "data with labels (y)."
                 )
             scorer = tp.importance.GroupTaylorImportance()
@@ -220,7 +220,7 @@ class PrunableModel:
                 loss = nn.functional.cross_entropy(self.model(x), y)
                 loss.backward()
         else:
-            raise ArchtreeError(f"Unknown importance criterion {criterion!r}: use l2 or taylor.")
+            raise ArchtreeError(f"unknown importance criterion {criterion!r}: use l2 or taylor.")
         scores: dict[str, np.ndarray] = {}
         for group in self.graph.get_all_groups(
             ignored_layers=[self._modules_by_name[n] for n in self.ignored_layers],

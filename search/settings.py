@@ -133,7 +133,7 @@ class SearchSettings:
                 raise ArchtreeError(f"{option} must be a finite number, not {value}")
         if self.strategy not in STRATEGIES:
             raise ArchtreeError(
-                f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
+                f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}."
             )
         unknown = [kind for kind in self.move_kinds if kind not in MOVE_KINDS]
         checks = [

@@ -148,7 +148,7 @@ def one_line_detail(answer: httpx.Response) -> str:
 
 
 BAD_SUBMISSIONS = {
-    "bad budget": ({"budget": "fast"}, {}, "Cannot read the budget 'fast'"),
+    "bad budget": ({"budget": "fast"}, {}, "cannot read the budget 'fast'"),
     "unknown builtin": ({"model": "builtin:nope"}, {}, "unknown builtin model 'nope'"),
     "corrupt weights": ({}, {"weights": ("w.safetensors", "corrupt")}, "corrupt or truncated"),
     "pickled module": (

@@ -362,12 +362,12 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = REACHABLE) -> list[str
         (["--weights", "/nonexistent/w.safetensors"], "60%", "does not exist"),
         (["--model", "builtin:nosuchnet"], "60%", "archtree models"),
         (["--budget", "0ms"], None, "above zero"),
-        (["--budget=-3ms"], None, "Cannot read the budget"),
-        (["--budget", "-5ms"], None, "Cannot read the budget '-5ms'"),
+        (["--budget=-3ms"], None, "cannot read the budget"),
+        (["--budget", "-5ms"], None, "cannot read the budget '-5ms'"),
         (["--budget"], None, "expected one argument"),
         (["--width", "0"], None, "--width must be at least 1"),
         (["--strategy", "random"], None, "invalid choice"),
-        (["--budget", "fast"], None, "Cannot read the budget"),
+        (["--budget", "fast"], None, "cannot read the budget"),
         (["--budget", "0%"], None, "above zero"),
         (["--moves", "global,sideways"], None, "unknown move 'sideways'"),
         (["--moves", ","], None, "--moves needs at least one of"),
@@ -416,7 +416,7 @@ def test_data_the_model_rejects(tmp_path, home, bad_files):
         ("module:train_script:build", "the following arguments are required: --lr"),
         ("module:odd_nets:single", "rejects a batch of one input of shape (1, 8, 8)"),
         ("module:odd_nets:double", "has torch.float64 parameters: build it in float32"),
-        ("module:odd_nets:linear", "Nothing in module:odd_nets:linear can be pruned"),
+        ("module:odd_nets:linear", "nothing in module:odd_nets:linear can be pruned"),
         ("module:odd_nets:pair", "it returned a tuple: wrap it in a module whose forward"),
         (
             "module:needs_missing:build",
@@ -554,7 +554,7 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     assert "cannot write to ARCHTREE_HOME's" in one_line_error(no_home)
     bad_budget = archtree("demo", "--budget", "soon", "--out", str(tmp_path / "d"), home=home,
                           check=False)  # fmt: skip
-    assert "Cannot read the budget" in one_line_error(bad_budget)
+    assert "cannot read the budget" in one_line_error(bad_budget)
     assert "training" not in bad_budget.stderr
 
 

@@ -94,7 +94,7 @@ def test_prune_of_a_model_with_only_group_norm_groups_says_why_nothing_can_be_pr
     )  # fmt: skip
     assert result.returncode == 2
     assert (
-        "Nothing in module:tests.odd_models:group_norm_only can be pruned: every channel group "
+        "nothing in module:tests.odd_models:group_norm_only can be pruned: every channel group "
         "it has must stay whole: the channel group of '0' (the GroupNorm '1' has 8 groups)"
     ) in result.stderr
     assert "Traceback" not in result.stderr
