@@ -51,10 +51,19 @@ def start_after(
     ):
         raise HTTPException(
             status_code=422,
-            detail=f"Last-Event-ID {quoted(last_event_id)} is not an event id of this API (like "
-            "1732660000000-0): send the id of the last event received, or none",
+            detail=f"Last-Event-ID {quoted(_as_sent(last_event_id))} is not an event id of this "
+            "API (like 1732660000000-0): send the id of the last event received, or none",
         )
     return last_event_id
+
+
+def _as_sent(header: str) -> str:
+    """A header as the client wrote it: HTTP hands over bytes, which Starlette decodes as
+    latin-1; a client sending UTF-8 (most do) sees its own text echoed."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
 
 
 async def job_events(

@@ -472,7 +472,7 @@ class DeviceIn(DeviceInfo):
     runtime_version: str = Field("", max_length=MAX_DEVICE_TEXT, examples=["2.13.0+cpu"])
     cpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=["Cortex-A72"])
     gpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=[None])
-    threads: int = Field(1, ge=1, le=MAX_DEVICE_THREADS, examples=[1])
+    threads: int = Field(1, ge=1, le=MAX_DEVICE_THREADS, strict=True, examples=[1])
 
 
 class Device(DeviceInfo):

@@ -587,6 +587,15 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
         assert len(detail) < 200 and "..." in detail
 
 
+def test_a_bad_last_event_id_in_utf_8_is_echoed_as_sent(http: httpx.Client, job_store: JobStore):
+    job_id = job_store.create(SPEC)
+
+    answer = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "１２３".encode()})
+
+    assert answer.status_code == 422
+    assert one_line_detail(answer).startswith("Last-Event-ID '１２３' is not an event id")
+
+
 BAD_EVENT_IDS = ["abc", "99999999999999999999999-0", "18446744073709551616-0", "1-2-3", "-1"]
 
 
@@ -703,6 +712,7 @@ BAD_DEVICES = {
     "an unknown field": ({"evil": 1}, "evil: Extra inputs are not permitted"),
     "a chosen id": ({"id": "fixed", "online": False}, "Extra inputs are not permitted"),
     "threads past 64 bits": ({"threads": 99999999999999999999}, "threads: "),
+    "threads as a boolean": ({"threads": True}, "threads: Input should be a valid integer"),
     "threads over 1024": ({"threads": 1025}, "threads: Input should be less than or equal"),
     "an empty host": ({"host": ""}, "host: String should have at least 1 character"),
     "a long host": ({"host": "h" * 256}, "host: String should have at most 255 characters"),
