@@ -138,6 +138,7 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             "save inputs as `x` and optional integer labels as `y`"
         )
     x = _as_inputs(arrays["x"], path)
+    _check_enough(len(x), str(path))  # before the labels: too few samples is the first problem
     y = _as_labels(arrays["y"], len(x), path) if arrays.get("y") is not None else None
     return x, y
 
@@ -153,6 +154,15 @@ def _is_numpy_archive(path: Path) -> bool:
     if any(name.endswith("data.pkl") for name in names):
         return False
     return any(name.endswith(".npy") for name in names) or path.suffix == ".npz"
+
+
+def _check_enough(total: int, name: str) -> None:
+    if total < MIN_SAMPLES:
+        raise ArchtreeError(
+            f"{name!r} holds {total} sample{'' if total == 1 else 's'}; at least {MIN_SAMPLES} "
+            "are needed to train, "
+            "calibrate and validate"
+        )
 
 
 def _read_npz(path: Path) -> dict[str, object]:
@@ -293,11 +303,7 @@ def _split(
     val_size: int,
 ) -> DataSplits:
     total = len(x)
-    if total < MIN_SAMPLES:
-        raise ArchtreeError(
-            f"{name!r} holds {total} samples; at least {MIN_SAMPLES} are needed to train, "
-            "calibrate and validate"
-        )
+    _check_enough(total, name)
     if calib_size < 1 or val_size < 1:
         raise ArchtreeError("calibration and validation sizes must be at least 1")
     # Keep at least half of the data for training; shrink calib/val instead of failing.

@@ -142,6 +142,7 @@ def _save(path: Path, **arrays: object) -> str:
         ("negative.pt", {"x": torch.zeros(50, 1, 4, 4), "y": -torch.ones(50, dtype=torch.long)},
          ["negative"]),
         ("few.npz", {"x": _images(12)}, ["few.npz' holds 12 samples", "at least 30"]),
+        ("one.npz", {"x": _images(1), "y": np.array([3])}, ["one.npz' holds 1 sample;"]),
         ("nan.pt", {"x": torch.full((50, 1, 4, 4), float("nan"))}, ["NaN"]),
         ("strings.pt", {"x": "pictures"}, ["str", "numeric"]),
         ("text.npz", {"x": np.array(["a", "b"])}, ["<U1 values, not numbers", "float array"]),
