@@ -101,6 +101,12 @@ def check_forward(
             f"the model {model_source} has {', '.join(dtypes)} parameters: build it in float32 "
             "(model.float()); the timing dtype is a setting of its own."
         )
+    devices = sorted({p.device.type for p in model.parameters()} - {"cpu"})
+    if devices:
+        raise ArchtreeError(
+            f"the model {model_source} has parameters on {', '.join(devices)}: build it on the "
+            "CPU (the device candidates are timed on is a setting of its own, --device)."
+        )
     outputs = []
     for batch in (samples, samples[:1]):
         try:

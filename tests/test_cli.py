@@ -453,6 +453,15 @@ def test_images_stored_channels_last_are_named_with_the_transpose_to_apply(
     assert "x.transpose(0, 3, 1, 2)" in line
 
 
+def test_a_model_built_off_the_cpu_is_told_to_build_on_it():
+    from search.errors import ArchtreeError
+    from search.inputs import check_forward
+
+    elsewhere = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).to("meta")
+    with pytest.raises(ArchtreeError, match="has parameters on meta: build it on the CPU"):
+        check_forward(elsewhere, torch.zeros(2, 1, 8, 8), "module:mine:net", "digits")
+
+
 def test_a_model_of_its_own_given_channels_last_images_gets_the_same_hint():
     from search.errors import ArchtreeError
     from search.inputs import check_forward
