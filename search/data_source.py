@@ -27,6 +27,8 @@ USER_EXTENSIONS = (".npz", ".pt")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Below this many samples no split leaves enough to train, calibrate and validate on.
 MIN_SAMPLES = 30
+# Inputs beyond this overflow float32 once squared and summed (batch-norm statistics).
+MAX_INPUT_MAGNITUDE = 1e15
 # The most classes a dataset or a model's classifier may have: a label or a num_classes far
 # beyond any real task would only allocate a classifier of gigabytes.
 MAX_CLASSES = 100_000
@@ -246,6 +248,13 @@ def _as_inputs(value: object, path: Path) -> torch.Tensor:
     x = x.float().contiguous()
     if not torch.isfinite(x).all():
         raise ArchtreeError(f"`x` in {str(path)!r} contains NaN or infinite values; clean them")
+    largest = float(x.abs().max()) if x.numel() else 0.0
+    if largest > MAX_INPUT_MAGNITUDE:
+        raise ArchtreeError(
+            f"`x` in {str(path)!r} holds values up to {largest:.3g}, too large for float32 "
+            "arithmetic (squared in batch-norm statistics, they overflow); scale them, e.g. to "
+            "[0, 1] or to zero mean and unit variance"
+        )
     return x
 
 

@@ -144,6 +144,7 @@ def _save(path: Path, **arrays: object) -> str:
         ("few.npz", {"x": _images(12)}, ["few.npz' holds 12 samples", "at least 30"]),
         ("one.npz", {"x": _images(1), "y": np.array([3])}, ["one.npz' holds 1 sample;"]),
         ("nan.pt", {"x": torch.full((50, 1, 4, 4), float("nan"))}, ["NaN"]),
+        ("huge.npz", {"x": _images(50) * 1e30}, ["holds values up to", "e+30", "scale them"]),
         ("strings.pt", {"x": "pictures"}, ["str", "numeric"]),
         ("text.npz", {"x": np.array(["a", "b"])}, ["<U1 values, not numbers", "float array"]),
         ("textlabels.npz", {"x": _images(50), "y": np.array(["cat"] * 50)},
