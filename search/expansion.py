@@ -13,6 +13,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
 from search.amount import find_amount
@@ -26,6 +27,7 @@ from search.moves import (
     predicted_ms_saved,
     removal_plan,
 )
+from search.prunability import broken_model_error
 from search.pruning import PrunableModel, total_macs
 from search.settings import DEFAULT_CHANNEL_BLOCK
 from search.tree import ChildResult, ChildTask, Node
@@ -111,6 +113,14 @@ class MoveApplier:
             )
             pruner.remove(plan)
             model = pruner.model.eval()
+            try:  # the model's own code may depend on widths its narrowest version did not
+                with torch.no_grad():
+                    model(self.context.example_input)
+            except Exception as error:
+                widths = ", ".join(f"{n} {pruner.groups_by_name[n].size}" for n in sorted(plan))
+                raise broken_model_error(
+                    self.context.model_ref.source, f"with widths {widths}", error
+                ) from None
             spec = spec_of(model, self.context.model_ref, self.context.input_shape)
             # The oracle may time this very model instead of rebuilding it from the spec.
             self.context.oracle.offer_model(spec, model)

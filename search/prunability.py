@@ -65,12 +65,17 @@ def groups_kept_whole(
             broken[name] = f"narrowing it breaks the model: {_said(alone)}"
     pruner, _, error = pruned()
     if error is not None:
-        raise ArchtreeError(
-            f"{source} fails once pruned, however its channel groups are chosen ({_said(error)}): "
-            "its forward pass depends on its channel counts in a way torch-pruning cannot "
-            "follow; make it derive sizes from its inputs (x.flatten(1), not x.view(B, 2048))."
-        )
+        raise broken_model_error(source, "however its channel groups are chosen", error)
     return {**pruner.whole_reasons, **broken}
+
+
+def broken_model_error(source: str, when: str, error: Exception) -> ArchtreeError:
+    """The error for a model whose forward pass fails once pruned (`when`: which way)."""
+    return ArchtreeError(
+        f"{source} fails once pruned, {when} ({_said(error)}): its forward pass depends on its "
+        "channel counts in a way torch-pruning cannot follow; make it derive sizes from its "
+        "inputs (x.flatten(1), not x.view(B, 2048))."
+    )
 
 
 def _said(error: Exception) -> str:

@@ -75,3 +75,16 @@ class NeedsSomeWidth(ChecksEveryWidth):
 
 def needs_some_width() -> nn.Module:
     return NeedsSomeWidth()
+
+
+class EvenWidthsOnly(ChecksEveryWidth):
+    """Runs at its narrowest (4 channels), not at an odd width."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        assert a.shape[1] % 2 == 0, "odd width"
+        return self.head(torch.relu(self.b(a)).mean((2, 3)))
+
+
+def even_widths_only() -> nn.Module:
+    return EvenWidthsOnly()

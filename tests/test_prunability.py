@@ -103,3 +103,19 @@ def test_prune_of_a_model_with_only_group_norm_groups_says_why_nothing_can_be_pr
 @pytest.fixture
 def home_dir(tmp_path):
     return tmp_path / "home"
+
+
+def test_a_candidate_the_model_cannot_run_is_refused_in_one_line_naming_its_widths():
+    from search.expansion import MoveApplier
+    from search.latency_estimate import LatencyEstimate
+    from search.moves import Move
+
+    context = make_context(model="module:tests.odd_models:even_widths_only")
+    assert context.kept_whole == {}  # its narrowest version runs
+    applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
+    assert applier.build({"a": [0, 1]}).spec.width("a") == 30
+    with pytest.raises(ArchtreeError) as error:
+        applier.build({"a": [0]})
+    message = str(error.value)
+    assert message.startswith("module:tests.odd_models:even_widths_only fails once pruned, ")
+    assert "with widths a 31 (AssertionError: odd width)" in message
