@@ -405,6 +405,34 @@ def test_a_job_whose_worker_is_lost_says_so_until_another_worker_takes_over(
     assert f"Worker {worker.name} stopped answering" in text(page, "#events")
 
 
+def test_a_job_failed_before_its_search_keeps_its_baseline_and_says_what_to_change_in_the_form(
+    page: Any, stack: ApiProcess, worker_pool: WorkerPool
+):
+    worker_pool.ensure(1)
+    with stack.client() as client:
+        spec = job_spec() | {"budget": "5%"}  # far below the narrowest model
+        job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}).json()["id"]
+    page.get(f"{stack.url}/#/jobs/{job_id}")
+    wait_for(page, lambda: js(page, "window.archtree.status") == "failed", JOB_S, "the failure")
+    wait_for(page, lambda: visible(page, "#job-error"), PAGE_S, "the error shown")
+    shown = text(page, "#job-error")
+    assert "cannot be met on this device" in shown
+    assert "or lower Min width or Margin" in shown and "search." not in shown
+    stats = dict(
+        zip(
+            js(page, "[...document.querySelectorAll('#job-stats dt')].map(e => e.innerText)"),
+            js(page, "[...document.querySelectorAll('#job-stats dd')].map(e => e.innerText)"),
+            strict=True,
+        )
+    )
+    assert stats["Unpruned"].endswith(" ms") and stats["Budget"].endswith(" ms"), stats
+    # The fields it names are in the form.
+    open_jobs_page(page, stack)
+    js(page, "document.querySelector('#submit-form details').open = true")
+    for name in ("min_width_fraction", "margin"):
+        assert visible(page, f"#submit-form [name={name}]")
+
+
 @pytest.mark.parametrize(
     ("address", "expected"),
     [

@@ -299,3 +299,7 @@ class RedisEventSink:
         if kind == "note":  # shown with the job while it runs; the report's notes replace them
             notes = (self.store.get(self.job_id) or {}).get("progress", {}).get("notes") or []
             self.store.update_progress(self.job_id, notes=[*notes, data["message"]])
+        elif kind == "baseline":  # kept with the job even when the search stops right after
+            self.store.update_progress(
+                self.job_id, baseline_ms=data["latency_ms"], budget_ms=data["budget_ms"]
+            )

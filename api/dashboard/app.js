@@ -278,7 +278,8 @@ function renderJobs(root, page) {
 
 const SEARCH_FIELDS = [
   "width", "branching", "planned_steps", "max_depth", "ft_steps", "max_probes",
-  "select_top", "select_steps", "fill_probes", "final_epochs", "seed",
+  "select_top", "select_steps", "fill_probes", "final_epochs", "min_width_fraction", "margin",
+  "seed",
 ];
 
 // What was typed in the form, kept while the dashboard is open (files cannot be kept).
@@ -348,6 +349,11 @@ function setUpSubmitForm(root) {
       fields["submit-button"].disabled = false;
     }
   });
+}
+
+// The submission form, as the jobs page shows it (its labels name the fields).
+function submitForm() {
+  return document.getElementById("jobs-view").content.querySelector("#submit-form");
 }
 
 // The text of the label around a form field, without the field's own text.
@@ -589,7 +595,8 @@ function renderJob(view) {
   cancel.textContent = job.cancel_requested ? "Cancelling…" : "Cancel";
   const error = $("#job-error", root);
   error.hidden = !job.error;
-  error.textContent = job.error ?? "";
+  // In the terms of the form that submits jobs: its labels, not spec fields.
+  error.textContent = job.error ? inFormTerms(job.error, submitForm()) : "";
   const waiting = $("#job-waiting", root);
   waiting.hidden = job.status !== "waiting_for_device";
   waiting.replaceChildren(...(waiting.hidden ? [] : waitingForDevice(spec.device_class)));
