@@ -478,7 +478,7 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
         spec = job_spec() | {"budget": "1000ms"}
         job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}).json()["id"]
     size = page.get_window_size()
-    page.set_window_size(420, 900)
+    page.set_window_size(390, 900)
     try:
         for address, view in ((f"#/jobs/{job_id}", "job"), ("#/devices", "devices")):
             page.get(f"{stack.url}/{address}")
@@ -486,6 +486,16 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
             wait_for(page, lambda: js(page, "document.querySelector('tbody tr')"), PAGE_S, "rows")
             overflow = js(page, "document.documentElement.scrollWidth - innerWidth")
             assert overflow <= 0, (address, overflow)
+            if view == "job":  # an event's description gets the whole width, under its kind
+                wait_for(
+                    page, lambda: js(page, "document.querySelector('#events li')"), PAGE_S, "events"
+                )
+                share = js(
+                    page,
+                    "(li => li.lastElementChild.offsetWidth / li.clientWidth)"
+                    "(document.querySelector('#events li'))",
+                )
+                assert share > 0.8, share
     finally:
         page.set_window_size(size["width"], size["height"])
 

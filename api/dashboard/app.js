@@ -797,7 +797,8 @@ function renderScatter(view, nodes, chosenId, final) {
   view.scatterChart.setOption({
     animation: false,
     grid: { top: 48, left: 56, right: 24, bottom: 48 },
-    legend: { top: 0 },
+    // One line that scrolls when the chart is narrow, never over the plot.
+    legend: { top: 0, type: "scroll" },
     tooltip: {
       trigger: "item",
       confine: true,
