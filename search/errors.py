@@ -13,3 +13,9 @@ class ArchtreeError(Exception):
     The message is one line that says what is wrong and what to do about it; the CLI prints it
     without a traceback and exits non-zero, the API answers it as a 4xx detail.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message ("" when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from search.data_source import MAX_CLASSES, DataSplits, load_data
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, first_line
 from search.model_source import ModelRef, build_model, load_weights
 
 
@@ -113,14 +113,14 @@ def check_forward(
             with torch.inference_mode():
                 outputs.append(model(batch))
         except Exception as error:  # any failure here means the model rejects this input
-            text = str(error).strip()
-            detail = text.splitlines()[0] if text else type(error).__name__
+            detail = first_line(error) or type(error).__name__
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
             shape = tuple(batch.shape[1:])
+            hint = _channels_last(shape)
             raise ArchtreeError(
                 f"the model {model_source} rejects {what} of shape {shape} from "
                 f"{inputs_label} ({detail}): give inputs of the shape the model expects"
-                + (f"; {_channels_last(shape)}." if _channels_last(shape) else ".")
+                + (f"; {hint}." if hint else ".")
             ) from None
     output = outputs[0]
     if not isinstance(output, torch.Tensor):

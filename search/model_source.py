@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, first_line
 from search.zoo import BUILTIN_MODELS, builtin_names
 
 SOURCE_FORMS = "builtin:NAME, module:package.module:callable, torchvision:NAME, timm:NAME"
@@ -444,5 +444,4 @@ def _some(items: list[str]) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
+    return first_line(error)[:200] or type(error).__name__

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, first_line
 from search.pruning import PrunableModel, keep_rounded
 
 
@@ -80,7 +80,7 @@ def broken_model_error(source: str, when: str, error: Exception) -> ArchtreeErro
 
 def _said(error: Exception) -> str:
     """The error's type and first line, short."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = first_line(error)
     text = text if len(text) <= 120 else text[:117] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
