@@ -344,16 +344,22 @@ def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):
         created = client.post("/v1/jobs", data={"spec": json.dumps(job_spec(planned_steps=3))})
     job_id = created.json()["id"]
     page.get(f"{stack.url}/#/jobs/{job_id}")
+    # Cancelled once a child of the first depth is drawn, before that depth closes.
     wait_for(
         page,
-        lambda: js(page, "window.archtree.status") == "running" and visible(page, "#cancel"),
+        lambda: js(page, "window.archtree.pendingNodes") > 0 and visible(page, "#cancel"),
         JOB_S,
-        "the job running",
+        "a child of the depth in progress",
     )
+    assert text(page, "#open-depth-label") == "depth in progress"
     page.find_element("id", "cancel").click()
     wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "cancelled")
     assert not visible(page, "#cancel") and not visible(page, "#artifacts")
     assert "cancel_requested" in text(page, "#events")
+    # The depth the cancel cut short is drawn as left open, never as still in progress.
+    wait_for(page, lambda: js(page, "window.archtree.unclosedNodes") > 0, PAGE_S, "left open")
+    assert js(page, "window.archtree.pendingNodes") == 0
+    assert text(page, "#open-depth-label") == "depth left open (job cancelled)"
 
 
 def test_a_job_waiting_for_its_device_says_which_agent_to_start(

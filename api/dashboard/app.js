@@ -26,7 +26,10 @@ const CONFIRMED_SERIES = "chosen, confirmed";
 const echarts = window.echarts;
 
 // What the page shows right now, for tests and curious operators (window.archtree).
-const live = { view: null, status: null, treeNodes: 0, candidates: 0, paretoPoints: 0 };
+const live = {
+  view: null, status: null, treeNodes: 0, pendingNodes: 0, unclosedNodes: 0, candidates: 0,
+  paretoPoints: 0,
+};
 window.archtree = live;
 
 // ---------------------------------------------------------------- helpers
@@ -547,17 +550,24 @@ function scheduleRender(view) {
   });
 }
 
-// The tree's nodes plus evaluated children of the depth in progress (pending).
+// The tree's nodes plus evaluated children of a depth not closed: in progress (pending) while
+// the job runs, left open (unclosed) once it ended without closing it (cancelled, failed).
 function shownNodes(view) {
   const nodes = new Map((view.tree?.nodes ?? []).map((node) => [node.id, node]));
   const closedDepth = view.tree?.depth ?? 0;
-  const pending = [...view.eventNodes.values()]
+  const open = [...view.eventNodes.values()]
     .filter((node) => !nodes.has(node.id) && !view.merged.has(node.id) && node.depth > closedDepth)
     .sort((a, b) => a.depth - b.depth);
-  for (const node of pending) {
-    if (nodes.has(node.parent)) nodes.set(node.id, { ...node, pending: true });
+  const state = FINAL.has(view.job?.status) ? { unclosed: true } : { pending: true };
+  for (const node of open) {
+    if (nodes.has(node.parent)) nodes.set(node.id, { ...node, ...state });
   }
   return nodes;
+}
+
+// What a node of a depth not closed is called, in the legend and its tooltip.
+function openDepthLabel(status) {
+  return FINAL.has(status) ? `depth left open (job ${status})` : "depth in progress";
 }
 
 // What a job waiting for its device class needs: an agent of that class, started so.
@@ -682,7 +692,8 @@ function renderArtifacts(view) {
 // Tooltip of a node: its move, latency, score and the widths it changed from the unpruned model.
 function nodeTooltip(node, rootNode, budgetMs) {
   if (!node) return "";
-  const lines = [`<b>${escapeHtml(node.id)}</b> · depth ${node.depth}${node.pending ? " · depth in progress" : ""}`];
+  const open = node.pending || node.unclosed ? ` · ${openDepthLabel(live.status)}` : "";
+  const lines = [`<b>${escapeHtml(node.id)}</b> · depth ${node.depth}${open}`];
   lines.push(node.move
     ? `move <b>${escapeHtml(node.move)}</b>${node.fraction != null ? ` (fraction ${decimal(node.fraction, 2)})` : ""} from ${escapeHtml(node.parent)}`
     : "the unpruned model");
@@ -690,7 +701,7 @@ function nodeTooltip(node, rootNode, budgetMs) {
   lines.push(`latency ${ms(node.latency_ms)} (${percent(node.ratio)} of unpruned)${fit}`);
   lines.push(`score ${decimal(node.score)} · params ${compact(node.params)} · MACs ${compact(node.macs)}`);
   if (!node.widths) {
-    lines.push("<i>widths once its depth is closed</i>");
+    lines.push(node.unclosed ? "<i>its depth was never closed</i>" : "<i>widths once its depth is closed</i>");
   } else if (node !== rootNode && rootNode?.widths) {
     const changed = Object.entries(node.widths)
       .filter(([layer, width]) => rootNode.widths[layer] !== width)
@@ -705,7 +716,13 @@ function nodeTooltip(node, rootNode, budgetMs) {
 function renderTree(view, nodes, rootNode, chosenId) {
   const container = $("#tree-chart", view.root);
   container.dataset.nodes = String(nodes.size);
-  live.treeNodes = nodes.size;
+  const shown = [...nodes.values()];
+  Object.assign(live, {
+    treeNodes: nodes.size,
+    pendingNodes: shown.filter((node) => node.pending).length,
+    unclosedNodes: shown.filter((node) => node.unclosed).length,
+  });
+  $("#open-depth-label", view.root).textContent = openDepthLabel(view.job.status);
   if (!rootNode) {
     view.treeChart.clear();
     return;
@@ -720,7 +737,7 @@ function renderTree(view, nodes, rootNode, chosenId) {
   const frontier = new Set(view.tree.frontier);
   const item = (node) => {
     const isChosen = node.id === chosenId;
-    const color = node.pending ? COLORS.pending : node.within_budget ? COLORS.within : COLORS.over;
+    const color = node.pending || node.unclosed ? COLORS.pending : node.within_budget ? COLORS.within : COLORS.over;
     return {
       name: node.id,
       symbol: isChosen ? "diamond" : "circle",
