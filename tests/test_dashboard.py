@@ -46,6 +46,16 @@ def job_spec(**search: Any) -> dict[str, Any]:
     }
 
 
+def job_events(stack: ApiProcess, job_id: str) -> list[dict[str, Any]]:
+    """The ended job's events, as its event stream replays them."""
+    with stack.client() as client, client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        return [
+            json.loads(line.removeprefix("data:"))
+            for line in stream.iter_lines()
+            if line.startswith("data:")
+        ]
+
+
 @pytest.fixture(scope="module")
 def stack(
     redis_url: str, worker_pool: WorkerPool, tmp_path_factory: pytest.TempPathFactory
@@ -249,6 +259,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     # The finished job: the whole tree, the front, the answer and its results.
     wait_for(page, lambda: visible(page, "#artifacts"), PAGE_S, "the download links")
     assert js(page, "window.archtree.treeNodes") == len(tree["nodes"])
+    assert not visible(page, "#open-depth-legend")  # no depth in progress, none left open
     assert js(page, "document.querySelector('#tree-chart').dataset.nodes") == str(
         len(tree["nodes"])
     )
@@ -259,6 +270,36 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     )
     assert front == js(page, "window.archtree.paretoPoints") >= 1
     assert js(page, "window.archtree.candidates") >= len(tree["nodes"])
+    # Candidates are drawn at their search scores, which all had; the best few, tuned longer
+    # after the search, again at their longer score, the answer's diamond with them.
+    retuned = {
+        node["id"]: node
+        for event in job_events(stack, job_id)
+        if event["kind"] == "reranked"
+        for node in event["nodes"]
+    }
+    assert retuned and js(page, "window.archtree.retunedPoints") == len(retuned)
+    series = js(
+        page,
+        "Object.fromEntries(echarts.getInstanceByDom(document.querySelector('#scatter-chart'))"
+        ".getOption().series.map(s => [s.name, s.data]))",
+    )
+    searched = {i: score for _, score, i in series["within budget"] + series["over budget"]}
+    assert {i: score for _, score, i in series["tuned longer"]} == {
+        i: node["score"] for i, node in retuned.items()
+    }
+    for node_id, node in retuned.items():
+        assert searched[node_id] == node["score_before"]
+    ((_, chosen_score, chosen_id),) = series["chosen"]
+    assert chosen_id in retuned and chosen_score == retuned[chosen_id]["score"]
+    # The latency axis's labels stay apart over any range of latencies.
+    for span in (250.0, 3.0, 0.04, 0.0005):
+        labels = js(
+            page,
+            f"[0, 1, 2, 3, 4, 5].map(i => (2 + i * {span} / 5)"
+            f".toFixed(window.archtree.latencyDecimals({span})))",
+        )
+        assert len(set(labels)) == 6, (span, labels)
     # The answer is drawn a second time at the latency it was confirmed at, which the stats
     # give and say so; the candidates stay at their search latency.
     final = job["progress"]["final"]
@@ -360,6 +401,7 @@ def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):
     wait_for(page, lambda: js(page, "window.archtree.unclosedNodes") > 0, PAGE_S, "left open")
     assert js(page, "window.archtree.pendingNodes") == 0
     assert text(page, "#open-depth-label") == "depth left open (job cancelled)"
+    assert visible(page, "#open-depth-legend")
 
 
 def test_a_job_waiting_for_its_device_says_which_agent_to_start(

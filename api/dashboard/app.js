@@ -19,16 +19,18 @@ const EVENT_KINDS = [
 // Events after which the job's progress and tree have changed.
 const REFRESH_ON = new Set(["status", "baseline", "depth_done", "reranked", "confirmed", "done"]);
 const COLORS = { within: "#2e8b57", over: "#d9534f", pending: "#9aa5b1", chosen: "#f0ad00",
-  front: "#3566c8", budget: "#555" };
+  front: "#3566c8", budget: "#555", retuned: "#7b4fb3" };
 // The scatter series of the answer at the latency it was confirmed at, after the search.
 const CONFIRMED_SERIES = "chosen, confirmed";
+// The scatter series of the best few at their score after fine-tuning longer, after the search.
+const RETUNED_SERIES = "tuned longer";
 
 const echarts = window.echarts;
 
 // What the page shows right now, for tests and curious operators (window.archtree).
 const live = {
   view: null, status: null, treeNodes: 0, pendingNodes: 0, unclosedNodes: 0, candidates: 0,
-  paretoPoints: 0,
+  paretoPoints: 0, retunedPoints: 0,
 };
 window.archtree = live;
 
@@ -397,6 +399,8 @@ function jobView(root, jobId) {
     id: jobId, root, job: null, tree: null, report: null,
     // Children evaluated at depths not closed yet come from `node` events before the tree has them.
     eventNodes: new Map(), merged: new Set(),
+    // Candidates fine-tuned longer after the search to pick the answer: id -> scores and steps.
+    retuned: new Map(),
     treeChart: echarts.init($("#tree-chart", root)),
     scatterChart: echarts.init($("#scatter-chart", root)),
     renderQueued: false,
@@ -469,6 +473,9 @@ function followEvents(view, poller) {
       scheduleRender(view);
     } else if (event.kind === "child_merged") {
       view.merged.add(event.id);
+    } else if (event.kind === "retuned" || event.kind === "reranked") {
+      for (const node of event.nodes ?? [event]) noteRetuned(view, node, event.steps);
+      scheduleRender(view);
     }
     if (REFRESH_ON.has(event.kind)) poller.now();
     // The stream ends with the job: without this, EventSource would reconnect forever.
@@ -477,6 +484,17 @@ function followEvents(view, poller) {
   for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
   stream.onmessage = onEvent;
   return stream;
+}
+
+// A candidate's score before its longer fine-tune is the one comparable with the others'.
+function noteRetuned(view, node, steps) {
+  const before = view.retuned.get(node.id)?.before ?? node.score_before;
+  view.retuned.set(node.id, { before, after: node.score, steps });
+}
+
+// The score a candidate had after the search's short fine-tune, as every candidate has one.
+function searchScore(view, node) {
+  return view.retuned.get(node.id)?.before ?? node.score;
 }
 
 function describe(event) {
@@ -690,7 +708,7 @@ function renderArtifacts(view) {
 }
 
 // Tooltip of a node: its move, latency, score and the widths it changed from the unpruned model.
-function nodeTooltip(node, rootNode, budgetMs) {
+function nodeTooltip(node, rootNode, budgetMs, retuned) {
   if (!node) return "";
   const open = node.pending || node.unclosed ? ` · ${openDepthLabel(live.status)}` : "";
   const lines = [`<b>${escapeHtml(node.id)}</b> · depth ${node.depth}${open}`];
@@ -699,7 +717,11 @@ function nodeTooltip(node, rootNode, budgetMs) {
     : "the unpruned model");
   const fit = budgetMs == null ? "" : node.within_budget ? " · within budget" : ` · over budget by ${ms(node.latency_ms - budgetMs)}`;
   lines.push(`latency ${ms(node.latency_ms)} (${percent(node.ratio)} of unpruned)${fit}`);
-  lines.push(`score ${decimal(node.score)} · params ${compact(node.params)} · MACs ${compact(node.macs)}`);
+  const score = retuned
+    ? `score ${decimal(retuned.before)} in the search, ${decimal(retuned.after)} after ` +
+      `${retuned.steps} more fine-tuning steps`
+    : `score ${decimal(node.score)}`;
+  lines.push(`${score} · params ${compact(node.params)} · MACs ${compact(node.macs)}`);
   if (!node.widths) {
     lines.push(node.unclosed ? "<i>its depth was never closed</i>" : "<i>widths once its depth is closed</i>");
   } else if (node !== rootNode && rootNode?.widths) {
@@ -722,7 +744,9 @@ function renderTree(view, nodes, rootNode, chosenId) {
     pendingNodes: shown.filter((node) => node.pending).length,
     unclosedNodes: shown.filter((node) => node.unclosed).length,
   });
+  // An ended job's tree has no depth in progress: the swatch stays only for one left open.
   $("#open-depth-label", view.root).textContent = openDepthLabel(view.job.status);
+  $("#open-depth-legend", view.root).hidden = FINAL.has(view.job.status) && !live.unclosedNodes;
   if (!rootNode) {
     view.treeChart.clear();
     return;
@@ -756,7 +780,10 @@ function renderTree(view, nodes, rootNode, chosenId) {
     tooltip: {
       trigger: "item",
       confine: true,
-      formatter: (params) => nodeTooltip(nodes.get(params.name), rootNode, budgetMs),
+      formatter: (params) => {
+        const node = nodes.get(params.name);
+        return nodeTooltip(node, rootNode, budgetMs, node && view.retuned.get(node.id));
+      },
     },
     series: [{
       type: "tree",
@@ -775,6 +802,15 @@ function renderTree(view, nodes, rootNode, chosenId) {
   }, { replaceMerge: ["series"] });
 }
 
+// Decimals that tell apart the latency axis's labels over a range of `span` ms (about five
+// labels): none over tens of ms, more as the candidates' latencies draw closer.
+const AXIS_LABELS = 5;
+function latencyDecimals(span) {
+  if (!(span > 0)) return 3;
+  return Math.min(6, Math.max(0, Math.ceil(-Math.log10(span / AXIS_LABELS)) + 1));
+}
+live.latencyDecimals = latencyDecimals;
+
 // Points no other point beats on both latency (lower) and score (higher), by latency.
 function paretoFront(points) {
   const sorted = [...points].sort((a, b) => a.latency_ms - b.latency_ms || b.score - a.score);
@@ -791,19 +827,25 @@ function renderScatter(view, nodes, chosenId, final) {
   // Every evaluated candidate: the tree's nodes and children merged away as duplicates.
   const all = new Map(nodes);
   for (const [id, node] of view.eventNodes) if (!all.has(id)) all.set(id, node);
-  const candidates = [...all.values()];
+  // Each at the score of the search's short fine-tune, which all candidates had; those tuned
+  // longer after it (the answer among them) are drawn again at their longer score.
+  const candidates = [...all.values()].map((node) => ({ ...node, score: searchScore(view, node) }));
+  const retuned = [...all.values()].filter((node) => view.retuned.has(node.id));
   const front = paretoFront(candidates);
   const container = $("#scatter-chart", view.root);
   container.dataset.candidates = String(candidates.length);
   container.dataset.pareto = String(front.length);
-  Object.assign(live, { candidates: candidates.length, paretoPoints: front.length });
+  Object.assign(live, {
+    candidates: candidates.length, paretoPoints: front.length, retunedPoints: retuned.length,
+  });
   const budgetMs = view.tree.budget_ms;
   const rootNode = nodes.get(view.tree.root_id);
   const point = (node) => [node.latency_ms, node.score, node.id];
   const unpruned = candidates.filter((n) => n.parent == null);
   const pruned = candidates.filter((n) => n.parent != null);
   const chosen = all.get(chosenId);
-  const confirmed = chosen && final?.latency_ms != null ? [final.latency_ms, chosen.score, chosen.id] : null;
+  const chosenScore = chosen ? view.retuned.get(chosen.id)?.after ?? chosen.score : null;
+  const confirmed = chosen && final?.latency_ms != null ? [final.latency_ms, chosenScore, chosen.id] : null;
   const measured = candidates.map((n) => n.latency_ms).concat(confirmed ? [confirmed[0]] : []);
   // A budget far above every candidate (one the unpruned model meets many times over) would
   // squash them all against the axis: the range then leaves it out, and its line with it.
@@ -825,14 +867,18 @@ function renderScatter(view, nodes, chosenId, final) {
           return `<b>${escapeHtml(chosen.id)}</b>, the answer, re-measured after the search:<br>` +
             `${ms(confirmed[0])} confirmed (${ms(chosen.latency_ms)} during the search)`;
         }
-        return nodeTooltip(all.get(params.value[2]), rootNode, budgetMs);
+        const node = all.get(params.value[2]);
+        return nodeTooltip(node, rootNode, budgetMs, node && view.retuned.get(node.id));
       },
     },
     xAxis: {
       type: "value", name: "latency (ms)", nameLocation: "middle", nameGap: 28,
       min: latencies.length ? Math.max(0, Math.min(...latencies) - pad) : null,
       max: latencies.length ? Math.max(...latencies) + pad : null,
-      axisLabel: { formatter: (v) => v.toFixed(3), showMinLabel: false, showMaxLabel: false },
+      axisLabel: {
+        formatter: (v) => v.toFixed(latencyDecimals(span + 2 * pad)),
+        showMinLabel: false, showMaxLabel: false,
+      },
     },
     yAxis: { type: "value", name: "score", scale: true },
     series: [
@@ -852,9 +898,12 @@ function renderScatter(view, nodes, chosenId, final) {
           label: { formatter: `budget ${ms(budgetMs)}`, position: "insideEndTop" },
           data: [{ xAxis: budgetMs }],
         } },
+      { name: RETUNED_SERIES, type: "scatter", symbol: "emptyCircle", symbolSize: 11, z: 2,
+        itemStyle: { color: COLORS.retuned, borderWidth: 2 },
+        data: retuned.map((node) => [node.latency_ms, view.retuned.get(node.id).after, node.id]) },
       { name: "chosen", type: "scatter", symbol: "diamond", symbolSize: 20, z: 3,
         itemStyle: { color: COLORS.chosen, borderColor: "#1f2933" },
-        data: chosen ? [point(chosen)] : [] },
+        data: chosen ? [[chosen.latency_ms, chosenScore, chosen.id]] : [] },
       { name: CONFIRMED_SERIES, type: "scatter", symbol: "emptyDiamond", symbolSize: 20, z: 4,
         itemStyle: { color: COLORS.chosen, borderWidth: 2 },
         data: confirmed ? [confirmed] : [] },
