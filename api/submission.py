@@ -124,8 +124,10 @@ def parse_spec(text: str) -> JobSpecIn:
 
 def strategy_notes(spec: JobSpecIn) -> list[str]:
     """The search settings given that the strategy overrides, said as the spec names them."""
-    given = SearchSettings.from_dict(spec.search.model_dump(exclude_none=True))
-    return [in_spec_terms(note) for note in given.ignored_by_strategy()]
+    named = spec.search.model_dump(exclude_none=True)
+    given = SearchSettings.from_dict(named)
+    # The fields the spec names, even at their default, are the user's choice.
+    return [in_spec_terms(note) for note in given.ignored_by_strategy(named)]
 
 
 def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:

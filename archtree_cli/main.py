@@ -88,10 +88,27 @@ def _move_list(text: str) -> tuple[str, ...]:
     return tuple(kind.strip() for kind in text.split(",") if kind.strip())
 
 
+class GivenOption(argparse.Action):
+    """Stores the value, as argparse's default action does, and records the option as given:
+    an option given at its default value is still one the user chose."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, GIVEN_OPTIONS, frozenset())
+        setattr(namespace, GIVEN_OPTIONS, given | set(self.option_strings))
+
+
+# Where GivenOption records the options given, on the parsed arguments.
+GIVEN_OPTIONS = "given_options"
+
+
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     from search.settings import MOVE_KINDS, STRATEGIES, SearchSettings
 
     defaults = SearchSettings()
+    # Every option of this parser records when it is given (settings_from names those the
+    # strategy overrides).
+    parser.register("action", None, GivenOption)
     group = parser.add_argument_group("search")
     group.add_argument(
         "--strategy",
@@ -217,7 +234,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace):
     """The search settings the options give, as the strategy runs them; options the strategy
     overrides are named on stderr."""
-    from search.settings import SearchSettings
+    from dataclasses import fields
+
+    from search.settings import SearchSettings, option_of
 
     given = SearchSettings(
         strategy=args.strategy,
@@ -241,7 +260,9 @@ def settings_from(args: argparse.Namespace):
         seed=args.seed,
     )
     settings = given.effective()
-    for ignored in given.ignored_by_strategy():
+    options = getattr(args, GIVEN_OPTIONS, frozenset())
+    chosen = [setting.name for setting in fields(given) if option_of(setting.name) in options]
+    for ignored in given.ignored_by_strategy(chosen):
         print(f"archtree: note: {ignored}", file=sys.stderr)
     return settings
 

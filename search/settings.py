@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -107,15 +108,20 @@ class SearchSettings:
             )
         return self
 
-    def ignored_by_strategy(self) -> list[str]:
-        """The settings changed from their defaults that the strategy then overrides, as the
-        options that set them, e.g. `--width 8 is not used: --strategy greedy runs with 1`."""
+    def ignored_by_strategy(self, given_names: Collection[str] | None = None) -> list[str]:
+        """The settings given that the strategy then overrides, as the options that set them,
+        e.g. `--width 8 is not used: --strategy greedy runs with 1`. `given_names`: the settings
+        the user gave, even at their default; without it, those that differ from the default."""
         effective, defaults = self.effective(), SearchSettings()
         ignored = []
         for setting in fields(self):
             name = setting.name
             given, used = getattr(self, name), getattr(effective, name)
-            if given != used and given != getattr(defaults, name):
+            if given_names is not None:
+                chosen = name in given_names
+            else:
+                chosen = given != getattr(defaults, name)
+            if given != used and chosen:
                 option = option_of(name)
                 shown = ",".join(given) if isinstance(given, tuple) else given
                 used_shown = ",".join(used) if isinstance(used, tuple) else used

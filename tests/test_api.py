@@ -24,6 +24,7 @@ import torch
 
 from search.inputs import load_inputs
 from search.model_source import save_weights
+from search.settings import SearchSettings
 from tests.api_fixtures import (
     MAX_DATA_BYTES,
     MAX_WEIGHTS_BYTES,
@@ -479,6 +480,17 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     ended = one_line_detail(http.get(f"/v1/jobs/{job_id}/artifacts/report.json"))
     assert ended.endswith("has no report.json: it ended cancelled, without results")
+
+
+def test_a_setting_the_strategy_overrides_is_named_even_at_its_default(http: httpx.Client):
+    width = SearchSettings().width
+    search = {"strategy": "greedy", "width": width, "branching": None, "seed": 0}
+    answer = submit(http, SPEC | {"search": search})
+    assert answer.status_code == 202, answer.text
+    job = http.get(f"/v1/jobs/{answer.json()['id']}").json()
+    assert job["progress"]["notes"] == [
+        f"search.width {width} is not used: search.strategy greedy runs with 1"
+    ]
 
 
 def test_unknown_jobs_answer_404_with_a_message(http: httpx.Client):

@@ -20,6 +20,7 @@ from archtree_cli.commands import counted
 from archtree_cli.main import debug_from_environment
 from archtree_cli.progress import ConsoleProgress
 from search.notes import NOTHING_PRUNED
+from search.settings import SearchSettings
 from tests.cli_process import ROOT, run_archtree
 from tests.redis_fixtures import wait_until
 
@@ -187,6 +188,12 @@ def test_options_the_strategy_overrides_are_named(capsys):
     ]
     settings_of(parser, [*base, "greedy"])  # only defaults overridden: nothing to say
     assert capsys.readouterr().err == ""
+    # An option given at its default value is still the user's choice, abbreviated or not.
+    default_width = str(SearchSettings().width)
+    settings_of(parser, [*base, "greedy", "--widt", default_width, "--seed", "0"])
+    assert capsys.readouterr().err.splitlines() == [
+        f"archtree: note: --width {default_width} is not used: --strategy greedy runs with 1"
+    ]
 
 
 def test_submit_sends_every_search_option_prune_takes():
