@@ -25,7 +25,7 @@ from starlette.routing import Match
 from api.deps import quoted
 from api.schemas import validation_message
 from api.spec_terms import in_spec_terms
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, first_line
 from workers.artifact_store import ArtifactStoreError
 from workers.job_store import REDIS_UNREACHABLE
 
@@ -113,7 +113,7 @@ def _send_json_object(request: Request) -> str:
 
 
 async def _redis_unavailable(_: Request, error: Exception) -> JSONResponse:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+    reason = first_line(error) or "no answer"
     reached = not isinstance(error, REDIS_UNREACHABLE)
     problem = "has a Redis that cannot serve now" if reached else "cannot reach its Redis"
     return JSONResponse(

@@ -34,7 +34,7 @@ from latency.device_registry import DeviceRegistry
 from latency.remote_oracle import DeviceAbsent, no_agent_message
 from search import engine, expansion
 from search.artifacts import ARTIFACT_NAMES, save_artifacts
-from search.errors import ArchtreeError, SearchCancelled
+from search.errors import ArchtreeError, SearchCancelled, first_line
 from search.report import build_report
 from search.tree import ChildResult, ChildTask, SearchState
 from workers.artifact_store import ArtifactNodeStore, AttemptNodeStore
@@ -376,7 +376,7 @@ def _job_step(task: Task, job_id: str) -> Iterator[None]:
         _run_again(task, countdown=0)
     except Exception as error:
         log.exception("job %s: internal error", job_id)
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = first_line(error)
         _end(job_id, "failed", f"internal error: {type(error).__name__}: {detail}"[:500])
 
 
