@@ -20,15 +20,9 @@ from search.amount import find_amount
 from search.arch_spec import ArchSpec, spec_of
 from search.context import SearchContext
 from search.latency_estimate import LatencyEstimate, Observation
-from search.moves import (
-    Move,
-    RemovalPlan,
-    least_important,
-    predicted_ms_saved,
-    removal_plan,
-)
+from search.moves import Move, RemovalPlan, predicted_ms_saved, removal_plan
 from search.prunability import broken_model_error
-from search.pruning import PrunableModel, total_macs
+from search.pruning import PrunableModel, least_important, total_macs
 from search.settings import DEFAULT_CHANNEL_BLOCK
 from search.tree import ChildResult, ChildTask, Node
 
@@ -96,7 +90,8 @@ class MoveApplier:
                 keep = min(size, math.ceil(keep / multiple) * multiple)
             count = size - keep
             if count > 0:
-                wider[name] = least_important(self.importance[name], count)
+                runs = self.pruner.groups_by_name[name].multiple
+                wider[name] = least_important(self.importance[name], count, runs)
         return wider
 
     def build(self, plan: RemovalPlan) -> Pruned:

@@ -16,13 +16,14 @@ and its child would be scored at chance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from search.latency_estimate import LatencyEstimate
-from search.pruning import ChannelGroup, PrunableModel, keep_rounded
+from search.pruning import ChannelGroup, PrunableModel, keep_rounded, least_important
 
 
 @dataclass(frozen=True)
@@ -75,16 +76,11 @@ def removal_plan(
         counts = _ranked_counts(move, groups, importance, fraction, estimate, max_cut)
     plan: RemovalPlan = {}
     for group in groups:
-        count = keep_rounded(group.size, counts.get(group.name, 0), pruner.round_to, group.min_size)
+        round_to = math.lcm(pruner.round_to, group.multiple)
+        count = keep_rounded(group.size, counts.get(group.name, 0), round_to, group.min_size)
         if count > 0:
-            plan[group.name] = least_important(importance[group.name], count)
+            plan[group.name] = least_important(importance[group.name], count, group.multiple)
     return plan
-
-
-def least_important(importance: np.ndarray, count: int) -> list[int]:
-    """Indices of the `count` least important channels of a group, in channel order."""
-    order = np.argsort(importance, kind="stable")
-    return sorted(int(i) for i in order[:count])
 
 
 def _ranked_counts(

@@ -9,6 +9,7 @@ when that fails is each group tried alone, and those that break the model are ke
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 
 import torch
@@ -44,7 +45,8 @@ def groups_kept_whole(
         for group in pruner.groups:
             if only is not None and group.name != only:
                 continue
-            count = keep_rounded(group.size, group.removable, round_to, group.min_size)
+            multiple = math.lcm(round_to, group.multiple)
+            count = keep_rounded(group.size, group.removable, multiple, group.min_size)
             if count > 0:
                 removals[group.name] = range(group.size - count, group.size)
         try:

@@ -30,6 +30,9 @@ class ChannelGroup:
     min_size: int
     region: str
     macs_per_channel: float
+    # Widths must stay multiples of this, with as many channels kept in each of as many equal
+    # runs of channels: the groups of a GroupNorm the channels pass through (1: any width).
+    multiple: int = 1
 
     @property
     def removable(self) -> int:
@@ -162,15 +165,16 @@ class PrunableModel:
             name = names[root]
             self._handlers[name] = group[0].dep.handler
             size = _out_width(root)
-            raw_groups.append((name, size, self._macs_per_channel(group, macs)))
-            reason = _whole_reason(group, names)
+            reason, multiple = _width_constraint(group, names, size)
+            raw_groups.append((name, size, self._macs_per_channel(group, macs), multiple))
             if reason:
                 self.whole_reasons[name] = reason
-        regions = region_of([name for name, _, _ in raw_groups])
+        regions = region_of([name for name, *_ in raw_groups])
         whole = set(kept_whole) | set(self.whole_reasons)
         self.groups: list[ChannelGroup] = []
-        for name, size, per_channel in raw_groups:
+        for name, size, per_channel, multiple in raw_groups:
             floor = max(self.round_to, math.ceil(size * min_width_fraction), 1)
+            floor = math.ceil(floor / multiple) * multiple
             self.groups.append(
                 ChannelGroup(
                     name=name,
@@ -178,6 +182,7 @@ class PrunableModel:
                     min_size=size if name in whole else min(size, floor),
                     region=regions[name],
                     macs_per_channel=per_channel,
+                    multiple=multiple,
                 )
             )
         self.groups_by_name = {g.name: g for g in self.groups}
@@ -246,6 +251,11 @@ class PrunableModel:
             group_info = self.groups_by_name[name]
             if len(indices) >= group_info.size:
                 raise ValueError(f"cannot remove all {group_info.size} channels of {name}")
+            if len(indices) % group_info.multiple:
+                raise ValueError(
+                    f"{name} keeps widths in multiples of {group_info.multiple}, not "
+                    f"{group_info.size - len(indices)}"
+                )
             module = self._modules_by_name[name]
             group = self.graph.get_pruning_group(module, self._handlers[name], indices)
             if not self.graph.check_pruning_group(group):
@@ -256,19 +266,46 @@ class PrunableModel:
             group_info.size -= len(indices)
 
 
-def _whole_reason(group: tp.Group, names: Mapping[nn.Module, str]) -> str | None:
-    """Why the group must keep all its channels, if it must: it feeds or is a grouped
-    convolution (other than depthwise), whose groups must stay of equal width, or a GroupNorm,
-    whose channel count its number of groups must divide."""
+def _width_constraint(
+    group: tp.Group, names: Mapping[nn.Module, str], size: int
+) -> tuple[str | None, int]:
+    """Why the group of `size` channels must keep them all, if it must, and the multiple its
+    widths must keep. A grouped convolution (other than depthwise) that it feeds or is must
+    keep its groups of equal width: the group stays whole. A GroupNorm over its channels
+    alone keeps its number of groups, which must divide the width: the width steps by that
+    number. One over more channels than the group's (after a concatenation) keeps it whole."""
+    multiple = 1
     for item in group:
         module = item.dep.target.module
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
             depthwise = module.groups == module.in_channels == module.out_channels
             if not depthwise:
-                return f"the convolution {names[module]!r} runs in {module.groups} groups"
+                return f"the convolution {names[module]!r} runs in {module.groups} groups", 1
         if isinstance(module, nn.GroupNorm):
-            return f"the GroupNorm {names[module]!r} has {module.num_groups} groups"
-    return None
+            name, groups = names[module], module.num_groups
+            if module.num_channels != size:
+                return f"the GroupNorm {name!r} has {groups} groups over other channels too", 1
+            multiple = math.lcm(multiple, groups)
+            if multiple >= size:
+                return f"the GroupNorm {name!r} has {groups} groups, one per channel", 1
+    return None, multiple
+
+
+def least_important(importance: np.ndarray, count: int, multiple: int = 1) -> list[int]:
+    """Indices of the `count` least important channels of a group, in channel order. With a
+    `multiple` (ChannelGroup.multiple), as many from each of that many equal runs of
+    channels, the least important of each: a GroupNorm's groups keep equal widths, each its
+    own channels. `count` is then rounded down to a multiple of it."""
+    if multiple <= 1:
+        order = np.argsort(importance, kind="stable")
+        return sorted(int(i) for i in order[:count])
+    run = len(importance) // multiple
+    per_run = count // multiple
+    return sorted(
+        start + int(i)
+        for start in range(0, run * multiple, run)
+        for i in np.argsort(importance[start : start + run], kind="stable")[:per_run]
+    )
 
 
 def keep_rounded(size: int, remove: int, round_to: int, min_size: int) -> int:

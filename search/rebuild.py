@@ -11,7 +11,8 @@ from __future__ import annotations
 from search.context import SearchContext
 from search.expansion import MoveApplier, Pruned
 from search.latency_estimate import LatencyEstimate
-from search.moves import Move, least_important
+from search.moves import Move
+from search.pruning import least_important
 from search.tree import Node, SearchState
 
 Widths = dict[str, int]
@@ -60,9 +61,12 @@ class AncestorRebuilds:
     def build(self, ancestor: Node, widths: Widths) -> Pruned:
         """The ancestor pruned to `widths`, its least important channels removed."""
         applier = self.applier(ancestor)
+        groups = applier.pruner.groups_by_name
         return applier.build(
             {
-                name: least_important(applier.importance[name], size - widths[name])
+                name: least_important(
+                    applier.importance[name], size - widths[name], groups[name].multiple
+                )
                 for name, size in self.sizes(ancestor).items()
                 if size > widths.get(name, size)
             }

@@ -25,6 +25,23 @@ def group_norm_only() -> nn.Module:
     )  # fmt: skip
 
 
+def group_norm_per_channel() -> nn.Module:
+    """A GroupNorm with a group per channel: its channels can only all stay."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(32, 32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def group_norm_net() -> nn.Module:
+    """Two convolutions, each normalised by a GroupNorm of its own number of groups."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+        nn.Conv2d(32, 48, 3, padding=1), nn.GroupNorm(4, 48), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10),
+    )  # fmt: skip
+
+
 class FixedView(nn.Module):
     """Reshapes with a fixed size: its second convolution's channels cannot change."""
 

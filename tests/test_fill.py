@@ -254,7 +254,8 @@ def _cut_child(context, state, parent, cuts: dict[str, int]):
     from search.engine import _child_task
     from search.expansion import MoveApplier, tuned_child
     from search.latency_estimate import LatencyEstimate
-    from search.moves import Move, least_important
+    from search.moves import Move
+    from search.pruning import least_important
 
     model = context.build(parent.spec, context.store.get(parent.id))
     estimate = LatencyEstimate(state.baseline_ms, state.baseline_macs)

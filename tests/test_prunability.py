@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,9 @@ from search.budget import parse_budget
 from search.engine import plan, start
 from search.errors import ArchtreeError
 from search.expansion import evaluate_child
+from search.moves import Move, removal_plan
 from search.prunability import groups_kept_whole
-from search.pruning import output_positions
+from search.pruning import PrunableModel, least_important, output_positions
 from tests import odd_models
 from tests.cli_process import run_archtree
 from tests.cost_model_device import BlockedConvDevice
@@ -29,12 +31,45 @@ def kept_whole(build, round_to: int = 1) -> dict[str, str]:
     return groups_kept_whole(model, EXAMPLE, positions, round_to, 0.1, "module:odd")
 
 
-def test_groups_of_a_grouped_convolution_or_a_group_norm_are_kept_whole():
+def test_groups_of_a_grouped_convolution_or_a_group_norm_per_channel_are_kept_whole():
     grouped = kept_whole(odd_models.grouped)
     # The group feeding the grouped convolution and its own; the 1x1 convolution after is free.
     assert set(grouped) == {"0", "3"}
     assert all("the convolution '3' runs in 4 groups" in why for why in grouped.values())
-    assert kept_whole(odd_models.group_norm_only) == {"0": "the GroupNorm '1' has 8 groups"}
+    assert kept_whole(odd_models.group_norm_per_channel) == {
+        "0": "the GroupNorm '1' has 32 groups, one per channel"
+    }
+
+
+def test_a_group_norms_channels_are_pruned_in_multiples_of_its_groups():
+    assert kept_whole(odd_models.group_norm_net) == {}
+    model = odd_models.group_norm_net().eval()
+    pruner = PrunableModel(model, EXAMPLE, min_width_fraction=0.1)
+    first, second = pruner.groups_by_name["0"], pruner.groups_by_name["3"]
+    assert (first.multiple, first.min_size) == (8, 8)  # 10% of 32, up to a multiple of 8
+    assert (second.multiple, second.min_size) == (4, 8)  # 10% of 48, up to a multiple of 4
+    # Any fraction of any move keeps multiples of the groups, and the model runs.
+    importance = pruner.importance("l2")
+    for kind in ("global", "uniform"):
+        for fraction in (0.1, 0.37, 0.8, 1.0):
+            plan = removal_plan(Move(kind), pruner, importance, fraction)
+            assert all(len(idx) % pruner.groups_by_name[n].multiple == 0 for n, idx in plan.items())
+    plan = removal_plan(Move("global"), pruner, importance, 0.6)
+    assert plan
+    pruner.remove(plan)
+    model(EXAMPLE)
+    assert model[1].num_channels % 8 == 0 and model[4].num_channels % 4 == 0
+    # A width off the multiple is refused, not built into a model that cannot run.
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pruner.remove({"3": [0]})
+
+
+def test_a_group_norms_groups_each_lose_their_own_least_important_channels():
+    importance = np.array([5.0, 1.0, 2.0, 9.0, 3.0, 8.0, 0.5, 7.0])  # two runs of four
+    assert least_important(importance, 4, multiple=2) == [1, 2, 4, 6]
+    # A count off the multiple is rounded down: more channels kept, never fewer.
+    assert least_important(importance, 3, multiple=2) == [1, 6]
+    assert least_important(importance, 3) == [1, 2, 6]
 
 
 def test_a_group_whose_narrowing_breaks_the_forward_pass_is_kept_whole_and_no_other():
@@ -88,16 +123,32 @@ def test_prune_of_a_model_with_a_fixed_reshape_succeeds_and_reports_the_kept_gro
 def test_prune_of_a_model_with_only_group_norm_groups_says_why_nothing_can_be_pruned(
     tmp_path, home_dir
 ):
+    source = "module:tests.odd_models:group_norm_per_channel"
     result = run_archtree(
-        "prune", "--model", "module:tests.odd_models:group_norm_only", "--data",
-        "builtin:digits", "--budget", "80%", "--out", str(tmp_path / "out"), home=home_dir,
+        "prune", "--model", source, "--data", "builtin:digits", "--budget", "80%",
+        "--out", str(tmp_path / "out"), home=home_dir,
     )  # fmt: skip
     assert result.returncode == 2
     assert (
-        "nothing in module:tests.odd_models:group_norm_only can be pruned: every channel group "
-        "it has must stay whole: the channel group of '0' (the GroupNorm '1' has 8 groups)"
+        f"nothing in {source} can be pruned: every channel group it has must stay whole: the "
+        "channel group of '0' (the GroupNorm '1' has 32 groups, one per channel)"
     ) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_prune_of_a_group_norm_model_keeps_widths_in_multiples_of_its_groups(tmp_path, home_dir):
+    out = tmp_path / "out"
+    result = run_archtree(
+        "prune", "--model", "module:tests.odd_models:group_norm_net", "--data",
+        "builtin:digits", "--budget", "80%", "--out", str(out), "--width", "2", "--branching",
+        "2", "--ft-steps", "5", "--planned-steps", "2", home=home_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    layers = json.loads((out / "arch.json").read_text())["layers"]
+    widths = (layers["0"][1], layers["3"][1])
+    assert widths[0] % 8 == 0 and widths[1] % 4 == 0 and widths != (32, 48), widths
+    report = json.loads((out / "report.json").read_text())
+    assert not any(note.startswith("kept whole") for note in report["notes"])
 
 
 @pytest.fixture
