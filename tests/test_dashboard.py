@@ -174,26 +174,44 @@ def test_a_bad_budget_in_the_form_shows_the_api_message(page: Any, stack: ApiPro
 
     wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
     assert text(page, "#submit-error") == expected.json()["detail"]
+    assert invalid_fields(page) == [("budget", expected.json()["detail"])]
     assert js(page, "location.hash") in ("", "#/")
     with stack.client() as client:
         assert client.get("/v1/jobs").json()["total"] == jobs_before
     screenshot(page, "bad-budget")
 
 
+def invalid_fields(page: Any) -> list[tuple[str, str]]:
+    """The form's fields marked invalid, each with the message shown beside it."""
+    return [
+        tuple(pair)
+        for pair in js(
+            page,
+            "[...document.querySelectorAll('#submit-form [aria-invalid=true]')]"
+            ".map(i => [i.name, i.closest('label').querySelector('.field-error').innerText])",
+        )
+    ]
+
+
 @pytest.mark.parametrize(
-    ("values", "expected"),
+    ("values", "expected", "field"),
     [
-        ({"width": "1e400"}, "Width: not a number; give one, or leave it empty for the default"),
-        ({"width": "100"}, "Width: Input should be less than or equal to 64"),
+        (
+            {"width": "1e400"},
+            "Width: not a number; give one, or leave it empty for the default",
+            "width",
+        ),
+        ({"width": "100"}, "Width: Input should be less than or equal to 64", "width"),
         (
             {"planned_steps": "2", "max_depth": "1"},
             "Max depth must be at least Planned steps (1 is below 2; give both, or a Max depth "
             "of 2 or more).",
+            "max_depth",
         ),
     ],
 )
-def test_a_bad_search_setting_in_the_form_is_named_by_its_label(
-    page: Any, stack: ApiProcess, values: dict[str, str], expected: str
+def test_a_bad_search_setting_in_the_form_is_named_by_its_label_and_marked_beside_it(
+    page: Any, stack: ApiProcess, values: dict[str, str], expected: str, field: str
 ):
     with stack.client() as client:
         jobs_before = client.get("/v1/jobs").json()["total"]
@@ -204,8 +222,31 @@ def test_a_bad_search_setting_in_the_form_is_named_by_its_label(
 
     wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
     assert text(page, "#submit-error") == expected
+    assert invalid_fields(page) == [(field, expected)]
     with stack.client() as client:
         assert client.get("/v1/jobs").json()["total"] == jobs_before
+        # Each search field's help is the API's own description of the setting.
+        schema = client.get("/openapi.json").json()["components"]["schemas"]["SearchSettingsIn"]
+    helps = js(
+        page,
+        "Object.fromEntries([...document.querySelectorAll('#submit-form details input')]"
+        ".map(i => [i.name, i.title]))",
+    )
+    described = {"min_width_fraction", "margin"}  # the form's own words
+    assert {n: h for n, h in helps.items() if n not in described} == {
+        n: schema["properties"][n]["description"] for n in helps if n not in described
+    }
+    # Corrected and sent again, the field is no longer marked.
+    fill(page, {name: "" for name in values})
+    fill(page, {"budget": "nonsense"})
+    page.find_element("id", "submit-button").click()
+    wait_for(
+        page,
+        lambda: invalid_fields(page) and invalid_fields(page)[0][0] == "budget",
+        PAGE_S,
+        "budget",
+    )
+    assert [name for name, _ in invalid_fields(page)] == ["budget"]
 
 
 def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(

@@ -314,15 +314,22 @@ function setUpSubmitForm(root) {
     })
     .catch(() => {});
 
+  describeFields(form);
+  // A field's error, beside it and in the box by the button.
+  const refuse = (message, name) => {
+    showError(error, message);
+    markField(form, name ?? fieldNamed(message), message);
+  };
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    clearFieldErrors(form);
     const fields = form.elements;
     const search = { strategy: fields.strategy.value };
     for (const name of SEARCH_FIELDS) {
       const input = fields[name];
       // The browser empties a number it cannot read (1e400, "1e"): say so, not the default.
       if (input.validity.badInput) {
-        return showError(error, `${labelOf(input)}: not a number; give one, or leave it empty for the default`);
+        return refuse(`${labelOf(input)}: not a number; give one, or leave it empty for the default`, name);
       }
       if (input.value !== "") search[name] = Number(input.value);
     }
@@ -335,7 +342,7 @@ function setUpSubmitForm(root) {
     const body = new FormData();
     if (fields.data.value === "upload") {
       const file = fields.data_file.files[0];
-      if (!file) return showError(error, "choose a data file (.npz or .pt), or a builtin data set");
+      if (!file) return refuse("choose a data file (.npz or .pt), or a builtin data set", "data_file");
       body.append("data", file, file.name);
     } else {
       spec.data = fields.data.value;
@@ -350,10 +357,60 @@ function setUpSubmitForm(root) {
       location.hash = `#/jobs/${created.id}`;
     } catch (failure) {
       showError(error, inFormTerms(failure.message, form));
+      markField(form, fieldNamed(failure.message), inFormTerms(failure.message, form));
     } finally {
       fields["submit-button"].disabled = false;
     }
   });
+}
+
+// The form field an API message is about: a spec field it names (search.width, budget: ...),
+// else the first field it speaks of (the budget, the device class); null when none.
+const SPOKEN_FIELDS = [
+  ["budget", /\bbudget\b/i], ["device_class", /\bdevice class\b/i],
+  ["weights", /\bweights\b/i], ["data", /\bdata\b/i], ["model", /\bmodel\b/i],
+];
+function fieldNamed(message) {
+  const named = message.match(/\bsearch\.([a-z_]+)/) ?? message.match(/^(model|budget|device_class|data|weights):/);
+  if (named) return named[1];
+  const spoken = SPOKEN_FIELDS
+    .map(([name, pattern]) => [name, message.search(pattern)])
+    .filter(([, at]) => at >= 0)
+    .sort((a, b) => a[1] - b[1]);
+  return spoken.length ? spoken[0][0] : null;
+}
+
+// The field marked invalid, with the message under it (the box by the button keeps it too).
+function markField(form, name, message) {
+  const input = name ? form.elements[name] : null;
+  if (!input || !input.closest) return;
+  input.setAttribute("aria-invalid", "true");
+  const note = el("span", { class: "field-error", text: message });
+  input.closest("label").append(note);
+  if (input.closest("details")) input.closest("details").open = true;
+}
+
+function clearFieldErrors(form) {
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  for (const note of form.querySelectorAll(".field-error")) note.remove();
+}
+
+// Each search field's help, as the API documents the setting (its OpenAPI schema), on hover.
+let searchSchema = null;  // fetched once
+async function describeFields(form) {
+  let properties;
+  try {
+    searchSchema ??= api("openapi.json").then((schema) => schema.components.schemas.SearchSettingsIn);
+    properties = (await searchSchema).properties;
+  } catch {
+    searchSchema = null;
+    return;  // the fields still work; only their help is missing
+  }
+  for (const name of ["strategy", ...SEARCH_FIELDS]) {
+    const input = form.elements[name];
+    const help = properties[name]?.description;
+    if (input && help && !input.title) input.title = help;
+  }
 }
 
 // The submission form, as the jobs page shows it (its labels name the fields).
