@@ -499,6 +499,11 @@ class DeviceList(BaseModel):
         description="Measurement requests not answered yet, per device class.",
         examples=[{"rpi4-cpu": 3}],
     )
+    jobs_waiting: dict[str, int] = Field(
+        description="Jobs waiting for an agent of their device class to come online "
+        "(status waiting_for_device), per class that has any.",
+        examples=[{"jetson-orin": 1}],
+    )
 
 
 class Health(BaseModel):

@@ -464,6 +464,16 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             # Nothing measured yet: no depth either.
             assert js(page, "document.querySelector('#job-stats dd').innerText") == "—"
             screenshot(page, "job-waiting-for-device")
+            # The devices page counts the job under its class, with the agent to start.
+            assert client.get("/v1/devices").json()["jobs_waiting"] == {"dashboard-absent": 1}
+            page.get(f"{stack.url}/#/devices")
+            row = '#classes-table tr[data-device-class="dashboard-absent"]'
+            wait_for(page, lambda: visible(page, "#classes-waiting"), PAGE_S, "the waiting job")
+            assert text(page, row).split() == ["dashboard-absent", "0", "0", "1", "0", "0"]
+            assert text(page, "#classes-waiting code") == command
+            said = "1 job waits for class dashboard-absent: "
+            assert text(page, "#classes-waiting").startswith(said)
+            page.get(f"{stack.url}/#/jobs/{job_id}")
 
             client.post(f"/v1/jobs/{job_id}/cancel")
             wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "end")

@@ -274,6 +274,20 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self.client.hget(self._key(job_id), "cancel_requested") == b"1"
 
+    def waiting_for_device(self) -> dict[str, int]:
+        """Jobs waiting for an agent of their device class, per class."""
+        ids = self.client.zrange(self.index_key, 0, -1)
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self._key(job_id.decode()), "status", "spec")
+            answers = pipe.execute()
+        waiting: dict[str, int] = {}
+        for status, spec in answers:
+            if status == b"waiting_for_device" and spec:
+                device_class = json.loads(spec).get("device_class", "")
+                waiting[device_class] = waiting.get(device_class, 0) + 1
+        return waiting
+
     def counts_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
         for job_id in self.client.zrange(f"{self.prefix}jobs", 0, -1):

@@ -1003,8 +1003,11 @@ function renderDevices(root, list, history) {
   }
   replaceRows($("#devices-table tbody", root), rows);
 
+  const jobsWaiting = list.jobs_waiting ?? {};
   const classes = new Map();
-  for (const name of Object.keys(list.queue_depth)) classes.set(name, { online: 0, measurements: 0 });
+  for (const name of [...Object.keys(list.queue_depth), ...Object.keys(jobsWaiting)]) {
+    classes.set(name, { online: 0, measurements: 0 });
+  }
   for (const device of list.devices) {
     const entry = classes.get(device.device_class) ?? { online: 0, measurements: 0 };
     entry.online += device.online ? 1 : 0;
@@ -1020,8 +1023,18 @@ function renderDevices(root, list, history) {
       el("td", { text: name }),
       el("td", { class: "num", text: count(entry.online) }),
       el("td", { class: "num", text: count(list.queue_depth[name] ?? 0) }),
+      el("td", { class: "num", text: count(jobsWaiting[name] ?? 0) }),
       el("td", { class: "num", text: count(entry.measurements) }),
       el("td", { class: "num", text: count(entry.measurements - (since[name] ?? 0)) }))));
+  // A class that jobs wait for and no agent serves: the command that starts one.
+  const unserved = [...classes].filter(([name, entry]) => jobsWaiting[name] && !entry.online);
+  const hint = $("#classes-waiting", root);
+  hint.hidden = unserved.length === 0;
+  hint.replaceChildren(...unserved.flatMap(([name]) => [
+    `${count(jobsWaiting[name])} ${jobsWaiting[name] === 1 ? "job waits" : "jobs wait"} for class ${name}: `,
+    el("code", { text: `archtree agent --api ${location.origin} --device-class ${name}` }),
+    el("br"),
+  ]));
 }
 
 // ---------------------------------------------------------------- routing

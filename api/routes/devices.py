@@ -33,9 +33,10 @@ def register_device(device: DeviceIn, services: ServicesDep) -> DeviceRegistered
 
 @router.get("", summary="List devices and queue depths")
 def list_devices(services: ServicesDep) -> DeviceList:
-    """Every registered device (online while its heartbeats arrive) and the measurement
-    requests waiting per device class: each class with a device, or with requests waiting
-    (a class whose devices were all deleted and that nobody waits for is not listed)."""
+    """Every registered device (online while its heartbeats arrive), the measurement
+    requests waiting per device class (each class with a device, or with requests waiting;
+    a class whose devices were all deleted and that nobody waits for is not listed), and the
+    jobs waiting for an agent of their class."""
     by_device = services.registry.measurement_stats()["by_device"]
     devices = [
         Device(**record, measurements=by_device.get(record["id"], 0))
@@ -46,6 +47,7 @@ def list_devices(services: ServicesDep) -> DeviceList:
     return DeviceList(
         devices=devices,
         queue_depth={name: depth for name, depth in depths.items() if depth or name in registered},
+        jobs_waiting=services.jobs.waiting_for_device(),
     )
 
 
