@@ -8,6 +8,7 @@ same records as `JobStore.get` and `JobStore.list` (tests/test_api_serving.py ch
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio
@@ -24,19 +25,41 @@ async def read_job(
 
 
 async def read_jobs(
-    client: redis.asyncio.Redis, jobs: JobStore, offset: int, limit: int
+    client: redis.asyncio.Redis,
+    jobs: JobStore,
+    offset: int,
+    limit: int,
+    statuses: Collection[str] = (),
 ) -> tuple[list[dict[str, Any]], int]:
     """Jobs newest first and the total count, as `JobStore.list` returns them, in two round
-    trips."""
+    trips; with `statuses`, only the jobs in those (and their count), in three."""
     index = jobs.index_key
-    ids = [raw.decode() for raw in await client.zrevrange(index, offset, offset + limit - 1)]
+    if statuses:
+        ids, total = await _ids_in_statuses(client, jobs, statuses)
+        ids = ids[offset : offset + limit]
+    else:
+        ids = [raw.decode() for raw in await client.zrevrange(index, offset, offset + limit - 1)]
     async with client.pipeline(transaction=False) as pipe:
         for job_id in ids:
             pipe.hgetall(jobs.key(job_id))
         pipe.zcard(index)
-        *hashes, total = await pipe.execute()
+        *hashes, count = await pipe.execute()
     records = [jobs.record(job_id, raw) for job_id, raw in zip(ids, hashes, strict=True)]
-    return [record for record in records if record is not None], int(total)
+    return [record for record in records if record is not None], total if statuses else int(count)
+
+
+async def _ids_in_statuses(
+    client: redis.asyncio.Redis, jobs: JobStore, statuses: Collection[str]
+) -> tuple[list[str], int]:
+    """The ids of the jobs in `statuses`, newest first, and how many they are."""
+    ids = [raw.decode() for raw in await client.zrevrange(jobs.index_key, 0, -1)]
+    async with client.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(jobs.key(job_id), "status")
+        answers = await pipe.execute()
+    wanted = {status.encode() for status in statuses}
+    kept = [job_id for job_id, status in zip(ids, answers, strict=True) if status in wanted]
+    return kept, len(kept)
 
 
 async def read_lost_tasks(

@@ -636,6 +636,33 @@ def test_jobs_are_listed_newest_first_in_pages(http: httpx.Client):
     assert bad.status_code == 422 and "limit" in one_line_detail(bad)
 
 
+def test_jobs_are_listed_by_status_newest_first_in_pages(http: httpx.Client):
+    created = [submit(http, SPEC).json()["id"] for _ in range(3)]
+    # No worker runs here: a cancelled queued job ends at once, the others stay queued.
+    http.post(f"/v1/jobs/{created[1]}/cancel")
+    everything = http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]
+
+    def listed(**params: Any) -> dict[str, Any]:
+        answer = http.get("/v1/jobs", params={"limit": 200, **params})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    for statuses in (["cancelled"], ["queued"], ["queued", "cancelled"], ["running"]):
+        page = listed(status=statuses)
+        expected = [job["id"] for job in everything if job["status"] in statuses]
+        assert [job["id"] for job in page["jobs"]] == expected
+        assert page["total"] == len(expected)
+    assert created[1] in [job["id"] for job in listed(status="cancelled")["jobs"]]
+    # Paged like the whole list: the second of the queued jobs, newest first.
+    queued = listed(status="queued")["jobs"]
+    second = listed(status="queued", offset=1, limit=1)
+    assert [job["id"] for job in second["jobs"]] == [queued[1]["id"]]
+    assert second["total"] == len(queued)
+    bad = http.get("/v1/jobs", params={"status": "done"})
+    assert bad.status_code == 422 and "status" in one_line_detail(bad)
+    assert "'succeeded'" in one_line_detail(bad)
+
+
 @pytest.mark.parametrize(
     "params",
     [{"offset": 2**63 - 1}, {"offset": 10**20}, {"offset": 2**63 - 2, "limit": 200}],

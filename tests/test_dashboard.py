@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -618,3 +619,23 @@ def test_the_list_page_and_the_form_draft_survive_a_visit_elsewhere(page: Any, s
     wait_for(page, lambda: text(page, "#page-info").startswith("21–"), PAGE_S, "page 2 again")
     assert js(page, "document.querySelector('[name=budget]').value") == "7ms"
     assert js(page, "document.querySelector('[name=device_class]').value") == "somewhere"
+
+    # The list in one status, from its first page, kept on coming back from a job.
+    from selenium.webdriver.support.select import Select
+
+    shown_ids = "[...document.querySelectorAll('#jobs-table tbody a')].map(a => a.innerText)"
+    shown = partial(js, page, shown_ids)
+    for status in ("succeeded", "cancelled"):
+        with stack.client() as client:
+            listed = client.get("/v1/jobs", params={"status": status, "limit": 20}).json()
+        Select(page.find_element("id", "status-filter")).select_by_value(status)
+        expected = [job["id"] for job in listed["jobs"]]
+        wait_for(page, lambda want=expected: shown() == want, PAGE_S, f"the {status} jobs")
+        if not expected:
+            assert text(page, "#jobs-table tbody") == "No jobs in this status."
+    assert len(expected) == 20 and text(page, "#page-info") == f"1–20 of {listed['total']}"
+    page.find_element("css selector", "#jobs-table tbody a").click()
+    wait_for(page, lambda: js(page, "window.archtree?.view") == "job", PAGE_S, "the job")
+    page.back()
+    wait_for(page, lambda: js(page, shown_ids) == expected, PAGE_S, "the same jobs again")
+    assert js(page, "document.querySelector('#status-filter').value") == "cancelled"

@@ -216,19 +216,24 @@ function template(id) {
 
 function jobsView(root) {
   root.append(template("jobs-view"));
-  // The page of the list is kept in this history entry: Back from a job returns to it.
+  // The page of the list and its status filter are kept in this history entry: Back from a job
+  // returns to them.
   let offset = history.state?.jobsOffset ?? 0;
+  const filter = $("#status-filter", root);
+  filter.value = history.state?.jobsStatus ?? "";
   const turnTo = (next) => {
     offset = next;
-    history.replaceState({ ...history.state, jobsOffset: offset }, "");
+    history.replaceState({ ...history.state, jobsOffset: offset, jobsStatus: filter.value }, "");
     poller.now();
   };
   const poller = new Poller(POLL_MS, async () => {
-    const page = await api(`v1/jobs?offset=${offset}&limit=${PAGE_SIZE}`);
-    renderJobs(root, page);
+    const only = filter.value ? `&status=${filter.value.split(",").join("&status=")}` : "";
+    const page = await api(`v1/jobs?offset=${offset}&limit=${PAGE_SIZE}${only}`);
+    renderJobs(root, page, filter.value);
   });
   $("#newer", root).addEventListener("click", () => turnTo(Math.max(0, offset - PAGE_SIZE)));
   $("#older", root).addEventListener("click", () => turnTo(offset + PAGE_SIZE));
+  filter.addEventListener("change", () => turnTo(0));
   setUpSubmitForm(root);
   poller.now();
   return () => poller.stop();
@@ -243,7 +248,7 @@ function replaceRows(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
 
-function renderJobs(root, page) {
+function renderJobs(root, page, filtered) {
   const rows = page.jobs.map((job) => {
     const { progress, spec } = job;
     const best = progress.final ?? progress.best;
@@ -270,7 +275,8 @@ function renderJobs(root, page) {
     );
   });
   if (!rows.length) {
-    rows.push(el("tr", {}, el("td", { colSpan: 12, class: "muted", text: "No jobs yet." })));
+    const none = filtered ? "No jobs in this status." : "No jobs yet.";
+    rows.push(el("tr", {}, el("td", { colSpan: 12, class: "muted", text: none })));
   }
   replaceRows($("#jobs-table tbody", root), rows);
   const last = Math.min(page.offset + page.jobs.length, page.total);

@@ -22,6 +22,7 @@ from api.schemas import (
     JobCreated,
     JobLinks,
     JobList,
+    JobStatus,
     JobTree,
     as_json,
 )
@@ -105,8 +106,14 @@ async def list_jobs(
     services: ServicesDep,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs in this page.")] = 20,
+    status: Annotated[
+        list[JobStatus] | None,
+        Query(description="Only jobs in this status; repeat it for several (`total` counts them)."),
+    ] = None,
 ) -> JobList:
-    jobs, total = await read_jobs(services.async_client, services.jobs, offset, limit)
+    jobs, total = await read_jobs(
+        services.async_client, services.jobs, offset, limit, statuses=status or ()
+    )
     return JobList(jobs=[Job.of(job) for job in jobs], total=total, offset=offset, limit=limit)
 
 
