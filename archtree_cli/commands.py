@@ -294,7 +294,12 @@ def run_measure(args: argparse.Namespace) -> int:
     sample = torch.zeros(args.batch_size, *shape)
     check_forward(model, sample, args.model, f"--input-shape {args.input_shape}")
     spec = spec_of(model, ref, shape)
-    stats = oracle.measure_reference(spec)
+    print(
+        f"measuring {args.model} at batch {args.batch_size}, input {shape} (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    stats = oracle.measure_reference(spec, refresh=args.fresh)
     fingerprint = oracle.fingerprint()
     print(f"model      {args.model} (arch {spec.hash})")
     print(
@@ -307,6 +312,11 @@ def run_measure(args: argparse.Namespace) -> int:
     print(f"IQR        {stats.iqr_ms:.4f} ms")
     print(f"CV         {stats.cv:.2%}")
     print(f"runs       {stats.n}")
+    if oracle.cache_hits:
+        print(
+            "cached     yes: timed before with these settings and kept in the latency cache "
+            "(--fresh times it again)"
+        )
     return 0
 
 

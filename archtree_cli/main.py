@@ -6,13 +6,16 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from search.errors import ArchtreeError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + 15  # as a command stopped by SIGTERM exits
 EXIT_BROKEN_PIPE = 128 + 13  # as a command stopped by SIGPIPE exits
 
 
@@ -347,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one sample's shape C,H,W (default 1,28,28)",
     )
     add_device_arguments(measure)
+    measure.add_argument(
+        "--fresh",
+        action="store_true",
+        help="time the model again even when the latency cache holds its timing (the new "
+        "timing replaces it); without it, a timing made before with the same settings is "
+        "shown, and said to be",
+    )
 
     models = commands.add_parser("models", help="list the builtin models")
     models.set_defaults(handler="archtree_cli.commands:run_models")
@@ -433,9 +443,22 @@ def _drop_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a CI cancel), stopping a command as Ctrl-C does: its child
+    processes are stopped and what it kept is said. Commands that serve (up, api, worker,
+    agent) install their own handler."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
+    # Only the main thread may set a handler (tests call main from others).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         debug_from_environment()  # a bad value is refused before any work
         module_name, function_name = args.handler.split(":")
@@ -449,10 +472,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Whoever read the output stopped (`archtree jobs | head -1`): stop quietly.
         _drop_stdout()
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         note = interrupted_note(args)
-        print(f"archtree: interrupted{f': {note}' if note else ''}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        said = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"archtree: {said}{f': {note}' if note else ''}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - last line of defence for the user's terminal
         if args.debug or debug_from_environment():
             raise
@@ -471,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

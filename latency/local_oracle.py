@@ -117,12 +117,16 @@ class LocalOracle:
         """The fingerprint of this device, for the input shape measured last (None before)."""
         return dict(self._fingerprint(self._last_input_shape))
 
-    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
-        """Time the unpruned model alone: the job's baseline L(M0)."""
+    def measure_reference(
+        self, reference: ArchSpec, *, confirm: bool = False, refresh: bool = False
+    ) -> TimingStats:
+        """Time the unpruned model alone: the job's baseline L(M0). A timing in the cache is
+        used unless `refresh`, which times it again and caches the new timing."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(input_shape, reference.hash, reference.hash, "ref", confirm)
-        stats = decoded(self.cache.get(key), lambda entry: TimingStats(**entry))
+        cached = None if refresh else self.cache.get(key)
+        stats = decoded(cached, lambda entry: TimingStats(**entry))
         if stats is not None:
             self.cache_hits += 1
             return stats

@@ -667,6 +667,51 @@ def test_ctrl_c_during_a_timing_says_what_was_kept_without_a_traceback(tmp_path,
     assert not out.exists()
 
 
+def processes_of(home: Path) -> list[psutil.Process]:
+    """The processes whose environment names `home` as ARCHTREE_HOME: a command's, and its
+    children's, re-parented or not."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("ARCHTREE_HOME") == str(home):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_sigterm_during_a_timing_stops_every_process_the_command_started(tmp_path):
+    home = tmp_path / "home"  # marks this command's processes
+    process = subprocess.Popen(
+        [sys.executable, "-m", "archtree_cli.main", "measure", "--model", "builtin:resnet",
+         "--input-shape", "3,224,224", "--batch-size", "4"],
+        cwd=ROOT,
+        env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        archtree_process = psutil.Process(process.pid)
+
+        def timing() -> bool:
+            try:
+                children = archtree_process.children(recursive=True)
+                return any(child.ppid() != process.pid for child in children)
+            except psutil.NoSuchProcess:
+                return False
+
+        wait_until(timing, 120, "a timing process", poll_s=0.01)
+        process.terminate()  # SIGTERM to the command alone, as `kill PID` or `timeout` send
+        _stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("archtree: terminated"), stderr
+    assert "Traceback" not in stderr, stderr
+    wait_until(lambda: not processes_of(home), 15, "the timing processes to stop")
+
+
 def test_counts_are_singular_for_one():
     assert counted(1, "measurement") == "1 measurement"
     assert [counted(n, "candidate") for n in (0, 2)] == ["0 candidates", "2 candidates"]
@@ -691,6 +736,26 @@ def test_measure_prints_the_statistics(home):
     median = float(next(line for line in result.stdout.splitlines() if line.startswith("median"))
                    .split()[1])  # fmt: skip
     assert median > 0
+
+
+def test_measure_says_when_it_shows_a_cached_timing_and_fresh_times_again(tmp_path):
+    home = tmp_path / "home"  # a cache of its own
+
+    def measured(*extra: str) -> tuple[str, bool]:
+        result = archtree(
+            "measure", "--model", "builtin:vgg", "--input-shape", "1,16,16", *extra, home=home
+        )
+        assert result.stderr.startswith("measuring builtin:vgg at batch 1, input (1, 16, 16)")
+        median = next(line for line in result.stdout.splitlines() if line.startswith("median"))
+        return median, "cached     yes" in result.stdout
+
+    first, first_cached = measured()
+    again, again_cached = measured()
+    assert (first_cached, again_cached) == (False, True) and again == first
+    fresh, fresh_cached = measured("--fresh")
+    assert not fresh_cached
+    # The fresh timing replaced the one kept: it is what the next run shows.
+    assert measured() == (fresh, True)
 
 
 def test_models_lists_three_families(home):
