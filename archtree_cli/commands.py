@@ -16,15 +16,27 @@ from archtree_cli.progress import ConsoleProgress
 from search.errors import ArchtreeError
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
-MAX_THREADS = 1024
 MAX_BATCH_SIZE = 65536
 # The largest input batch `measure` builds, in bytes (float32).
 MAX_INPUT_BYTES = 2 * 1024**3
 
 
+def warn_of_threads_over_cores(threads: int) -> None:
+    """Say so when `--threads` is more than the cores this process may use."""
+    # The cores this process may use (Linux); elsewhere, the machine's.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    if threads > cores:
+        print(
+            f"archtree: warning: --threads {threads} is more than the {cores} cores this "
+            "process may use: the threads take turns, and timings come out slow and noisy",
+            file=sys.stderr,
+        )
+
+
 def _oracle(args: argparse.Namespace):
     from latency.cache import DiskLatencyCache
-    from latency.local_oracle import LocalOracle, parse_device
+    from latency.local_oracle import MAX_THREADS, LocalOracle, parse_device
     from search.arch_spec import build_from_spec
 
     device, device_class = parse_device(args.device)
@@ -34,15 +46,7 @@ def _oracle(args: argparse.Namespace):
         raise ArchtreeError(
             f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}"
         )
-    # The cores this process may use (Linux); elsewhere, the machine's.
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-    if args.threads > cores:
-        print(
-            f"archtree: warning: --threads {args.threads} is more than the {cores} cores this "
-            "process may use: the threads take turns, and timings come out slow and noisy",
-            file=sys.stderr,
-        )
+    warn_of_threads_over_cores(args.threads)
     cache_dir = latency_cache_dir(args.cache_dir)
     if args.cache_dir:
         _check_writable(cache_dir, "--cache-dir")

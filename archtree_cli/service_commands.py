@@ -236,8 +236,10 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    from archtree_cli.commands import warn_of_threads_over_cores
     from latency.agent import agent_main
 
+    warn_of_threads_over_cores(args.threads)
     return agent_main(
         args.api,
         args.device_class,

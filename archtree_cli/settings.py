@@ -7,12 +7,12 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from archtree_cli.paths import archtree_home
+from latency.redis_connection import check_redis_url, redacted
 from search.errors import ArchtreeError
 
 
@@ -141,25 +141,6 @@ def _swap_scheme(url: str, old: str, new: str) -> str:
     return new + url.removeprefix(old) if url.startswith(old) else url
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
-
-
-def check_redis_url(url: str) -> None:
-    """ValueError unless `url` is empty or a Redis URL redis-py and Celery take."""
-    if not url:
-        return
-    parts = urlsplit(url)
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError(f"the port of {url!r} is not a number") from None
-    if parts.scheme not in REDIS_SCHEMES or not (parts.hostname or parts.path):
-        raise ValueError(
-            f"{url!r} is not a Redis URL: give one like redis://HOST:6379/0 (or rediss://, "
-            "unix:///path/to/socket)"
-        )
-
-
 def load_service_settings() -> ServiceSettings:
     """The settings from the environment; a bad value is an ArchtreeError that names its
     variable and says what it should be."""
@@ -167,7 +148,7 @@ def load_service_settings() -> ServiceSettings:
         settings = ServiceSettings()
     except ValidationError as error:
         problems = "; ".join(
-            f"{_variable(problem['loc'])}={problem.get('input')!r}: {problem['msg']}"
+            f"{_variable(problem['loc'])}={_shown(problem.get('input'))!r}: {problem['msg']}"
             for problem in error.errors()
         )
         raise ArchtreeError(f"bad setting in the environment: {problems}") from None
@@ -182,6 +163,11 @@ def load_service_settings() -> ServiceSettings:
     except ValueError as error:
         raise ArchtreeError(f"bad setting in the environment: REDIS_URL: {error}") from None
     return settings
+
+
+def _shown(value: Any) -> Any:
+    """A setting's value as an error shows it: a URL without its password."""
+    return redacted(value) if isinstance(value, str) else value
 
 
 def _variable(location: tuple[Any, ...]) -> str:

@@ -37,6 +37,7 @@ from archtree_cli.environment import seconds_from_environment
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
+from latency.local_oracle import MAX_THREADS
 from latency.measurement_protocol import (
     CONSUMER_GROUP,
     MeasurementReply,
@@ -48,7 +49,7 @@ from latency.measurement_protocol import (
     text,
     validate_device_class,
 )
-from latency.redis_connection import redis_client
+from latency.redis_connection import check_redis_url, redacted, redis_client
 from search.errors import ArchtreeError
 from search.interfaces import LatencyOracle
 
@@ -67,6 +68,9 @@ ASK_API_AFTER_S = 5.0
 # Each answer that did not bring Redis back doubles the wait before the next question, up to
 # this, as every registration adds a record to the API's Redis.
 ASK_API_LONGEST_WAIT_S = 60.0
+# An outage that lasts is said again at most this often, so a stopped service does not flood
+# the agent's log.
+OUTAGE_SAID_EVERY_S = 60.0
 # How long an agent waits at its start for an API or a Redis that is not up yet.
 START_WAIT_VARIABLE = "ARCHTREE_AGENT_START_WAIT_S"
 DEFAULT_START_WAIT_S = 60.0
@@ -87,6 +91,8 @@ class RedisOutage:
     since: float
     next_ask: float
     ask_wait_s: float = ASK_API_AFTER_S
+    # When the outage is next said again in the log (it is said when it starts).
+    next_said: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -225,11 +231,25 @@ class MeasurementAgent:
                         # Claimed one: more may be waiting, look again right away.
                         next_claim = 0.0 if self.claim_stale() else time.monotonic() + claim_every_s
                     self.handle_one()
+                    if outage is not None:
+                        log.warning(
+                            "Redis answers again after %.0f s", time.monotonic() - outage.since
+                        )
                     outage = None
                 except (redis.ConnectionError, redis.TimeoutError) as error:
-                    log.warning("Redis unreachable (%s); retrying", error)
                     now = time.monotonic()
                     outage = outage or RedisOutage(since=now, next_ask=now + ASK_API_AFTER_S)
+                    if now >= outage.next_said:
+                        lasted = f" for {now - outage.since:.0f} s" if now > outage.since else ""
+                        log.warning(
+                            "Redis unreachable%s (%s); retrying every %.0f s, said again "
+                            "every %.0f s while it lasts",
+                            lasted,
+                            error,
+                            RECONNECT_WAIT_S,
+                            OUTAGE_SAID_EVERY_S,
+                        )
+                        outage.next_said = now + OUTAGE_SAID_EVERY_S
                     if self.register_again is not None and now >= outage.next_ask:
                         self._move_to_the_service(outage)
                     stop.wait(RECONNECT_WAIT_S)
@@ -252,7 +272,8 @@ class MeasurementAgent:
         try:
             agent_id, redis_url = self.register_again()
         except ArchtreeError as error:
-            outage.next_ask = now + ASK_API_AFTER_S
+            outage.next_ask = now + outage.ask_wait_s
+            outage.ask_wait_s = min(2 * outage.ask_wait_s, ASK_API_LONGEST_WAIT_S)
             log.warning(
                 "Redis unreachable for %.0f s, and registering again through the API failed: "
                 "%s; retrying both",
@@ -267,7 +288,7 @@ class MeasurementAgent:
             log.warning(
                 "the API named %r as its Redis, which is not a Redis URL (%s); check its "
                 "ARCHTREE_AGENT_REDIS_URL; retrying",
-                redis_url,
+                redacted(redis_url),
                 error,
             )
             return
@@ -282,7 +303,7 @@ class MeasurementAgent:
             "serving from Redis at %s now",
             lost_for_s,
             agent_id,
-            redis_url,
+            redacted(redis_url),
         )
 
     def handle_one(self, block_ms: int | None = None) -> bool:
@@ -445,6 +466,7 @@ class MeasurementAgent:
 
     def _heartbeat_loop(self, halt: threading.Event) -> None:
         # A thread of its own, so a long timing never lets the agent look offline.
+        failing = False
         while not halt.wait(self.heartbeat_s):
             with self._moving:
                 registry, agent_id = self.registry, self._consumer()
@@ -463,8 +485,12 @@ class MeasurementAgent:
                     info = device_info(self.device_class, self.runtime.name, self.threads)
                     registry.restore(agent_id, info)
             except redis.RedisError as error:
-                log.warning("heartbeat failed (%s); retrying", error)
+                # Said once per outage: the serving loop says how long it lasts.
+                if not failing:
+                    log.warning("heartbeat failed (%s); retrying", error)
+                failing = True
                 continue
+            failing = False
             # A deletion told by the Redis the agent has just left is not this agent's.
             if status == "deleted" and registry is self.registry:
                 self.deleted.set()
@@ -483,6 +509,12 @@ def register_via_api(
     try:
         response = httpx.post(url, json=info, timeout=timeout_s)
     except httpx.TransportError as error:
+        if "WRONG_VERSION_NUMBER" in str(error) or "record layer failure" in str(error):
+            # TLS spoken to a server that answers in plain HTTP: waiting will not help.
+            plain = "http://" + api_url.removeprefix("https://")
+            raise ArchtreeError(
+                f"the Archtree API at {api_url} does not speak https ({error}): give --api {plain}"
+            ) from None
         raise ServiceUnreachable(
             f"the Archtree API at {api_url} cannot be reached ({type(error).__name__}: {error}); "
             "start it with `archtree up` or check --api"
@@ -498,10 +530,22 @@ def register_via_api(
             f"(HTTP {response.status_code}: {response.text[:200].strip()}); check that the "
             "service and its Redis are up"
         )
+    # A proxy in front of a stopped API may answer 502-504 in HTML: that is waited for above.
+    if "json" not in response.headers.get("content-type", ""):
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        raise ArchtreeError(
+            f"{api_url} is not an Archtree API: it answered HTTP {response.status_code} with "
+            f"{kind}, not JSON, to POST /v1/devices; check --api"
+        )
     if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = None
+        said = detail if isinstance(detail, str) else response.text[:200].strip()
         raise ArchtreeError(
             f"the Archtree API at {api_url} refused to register this device "
-            f"(HTTP {response.status_code}: {response.text[:200].strip()})"
+            f"(HTTP {response.status_code}: {said})"
         )
     try:
         answer = response.json()
@@ -560,14 +604,17 @@ def ping_redis(client: redis.Redis, redis_url: str) -> None:
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
         raise ArchtreeError(
-            f"Redis at {redis_url} refused this agent ({error}); check the URL's credentials"
+            f"Redis at {redacted(redis_url)} refused this agent ({error}); check the URL's "
+            "credentials"
         ) from None
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise ServiceUnreachable(
-            f"cannot reach Redis at {redis_url} ({error}); check that the service is up"
+            f"cannot reach Redis at {redacted(redis_url)} ({error}); check that the service is up"
         ) from None
     except redis.RedisError as error:
-        raise ArchtreeError(f"Redis at {redis_url} cannot serve this agent ({error})") from None
+        raise ArchtreeError(
+            f"Redis at {redacted(redis_url)} cannot serve this agent ({error})"
+        ) from None
 
 
 def agent_main(
@@ -597,6 +644,8 @@ def agent_main(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     get_runtime(runtime)
+    if not 1 <= threads <= MAX_THREADS:
+        raise ArchtreeError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     if api_url is None and redis_url is None:
         api_url, redis_url = service_from_environment()
     if api_url is None and redis_url is None:
@@ -624,10 +673,11 @@ def agent_main(
 
     assert redis_url is not None
     try:
+        check_redis_url(redis_url)
         client = redis_client(redis_url)
     except ValueError as error:  # redis-py names the schemes it takes
         raise ArchtreeError(
-            f"cannot use {redis_url!r} as the Redis URL ({error}): give one like "
+            f"cannot use {redacted(redis_url)!r} as the Redis URL ({error}): give one like "
             "redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
         ) from None
     when_reachable(lambda: ping_redis(client, redis_url), deadline)
@@ -648,14 +698,24 @@ def agent_main(
         register_again=register_again,
     )
     stop = threading.Event()
-    previous = {
-        signum: signal.signal(signum, lambda *_: stop.set())
-        for signum in (signal.SIGINT, signal.SIGTERM)
-    }
+    stopped_by: list[str] = []
+
+    def stop_on(signum: int, _frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        stop.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, stop_on) for signum in signals}
     try:
         agent.run(stop)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         agent.client.close()
+    if stopped_by:
+        log.warning(
+            "agent %s stopped (%s): its device shows offline once its heartbeats stop",
+            agent.agent_id,
+            stopped_by[0],
+        )
     return 0

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from search.arch_spec import ArchSpec
 
 CONFIRM_FACTOR = 4.0
+# The most torch threads a timing may use (far above any machine's cores).
+MAX_THREADS = 1024
 
 _DEVICES = {
     "local": ("cpu", "local"),

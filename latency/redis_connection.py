@@ -10,6 +10,7 @@ fails fast.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -42,3 +43,41 @@ def async_redis_client(url: str, **options: Any) -> redis.asyncio.Redis:
         retry_on_error=RETRIED_ERRORS,
         **options,
     )
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+_SOCKET_SCHEMES = ("unix", "redis+socket")
+
+
+def check_redis_url(url: str) -> None:
+    """ValueError unless `url` is empty or a Redis URL redis-py and Celery take: a host for
+    redis:// and rediss://, a socket path for unix://, a port in range. The message shows the
+    URL without its password."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    shown = redacted(url)
+    try:
+        _ = parts.port
+    except ValueError as error:
+        reason = "out of range (1-65535)" if "range" in str(error) else "not a number"
+        raise ValueError(f"the port of {shown!r} is {reason}") from None
+    if parts.scheme in _SOCKET_SCHEMES:
+        complete = bool(parts.path)
+    else:
+        complete = parts.scheme in REDIS_SCHEMES and bool(parts.hostname)
+    if not complete:
+        raise ValueError(
+            f"{shown!r} is not a Redis URL: give one like redis://HOST:6379/0 (or rediss://, "
+            "unix:///path/to/socket)"
+        )
+
+
+def redacted(url: str) -> str:
+    """`url` with its password, if any, shown as ***: for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from search.errors import ArchtreeError
 from search.model_source import ModelRef, build_model
 from search.pruning import PrunableModel
 from tests.api_fixtures import ROOT, ApiProcess, api_env, free_port, start_api
+from tests.http_servers import serving
 from tests.redis_fixtures import AgentProcess, wait_until
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
@@ -554,6 +556,38 @@ def test_an_agent_started_before_its_redis_waits_for_it(redis_servers, cli_agent
     assert f"cannot reach Redis at {server.url}" in agent.output()
 
 
+def test_an_agent_says_a_redis_outage_once_and_its_end_and_why_it_stopped(
+    redis_servers, cli_agents
+) -> None:
+    server = redis_servers()
+    server.start()
+    agent = cli_agents("--redis-url", server.url, "--device-class", "quiet-cpu")
+    with server.client() as client:
+        registry = DeviceRegistry(client)
+        wait_until(lambda: registry.live_agents("quiet-cpu") == 1, AGENT_START_S, "it online")
+    assert server.process is not None
+    server.process.terminate()  # Redis stops; its folder stays, to start again there
+    server.process.wait(timeout=10)
+    # The heartbeat thread fails after 3 s, by when the serving loop has retried thrice.
+    wait_until(lambda: "heartbeat failed" in agent.output(), 30, "the heartbeat to fail")
+    assert agent.output().count("Redis unreachable") == 1, agent.output()
+    server.start()
+    wait_until(lambda: "Redis answers again after" in agent.output(), 30, "the outage's end")
+    assert agent.output().count("heartbeat failed") == 1, agent.output()
+    assert agent.stop() == 0
+    assert "stopped (SIGTERM): its device shows offline" in agent.output()
+
+
+class NotArchtree(BaseHTTPRequestHandler):
+    """An HTTP server of something else, as `python -m http.server` answers a POST."""
+
+    def do_POST(self) -> None:
+        self.send_error(501, "Unsupported method ('POST')")
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
 def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> None:
     def fails_at_once(expected: str, *args: Any, **options: Any) -> None:
         started = time.monotonic()
@@ -572,6 +606,33 @@ def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> N
     )
     monkeypatch.setenv("ARCHTREE_AGENT_START_WAIT_S", "soon")
     fails_at_once("ARCHTREE_AGENT_START_WAIT_S must be a number of seconds", api_server.url, "e")
+    monkeypatch.setenv("ARCHTREE_AGENT_START_WAIT_S", "30")
+    # A timing with no thread would fail every job of the class: refused before registering.
+    for threads in (0, -1, 1025):
+        fails_at_once(
+            f"--threads must be between 1 and 1024, got {threads}",
+            None, "edge-cpu", "torch", threads, "redis://127.0.0.1:1/0",
+        )  # fmt: skip
+    # A Redis URL without a host would quietly mean localhost:6379.
+    fails_at_once(
+        "cannot use 'redis://' as the Redis URL", None, "edge-cpu", "torch", 1, "redis://"
+    )
+    # A password is never shown; a port out of range is said to be.
+    with pytest.raises(ArchtreeError) as refused:
+        agent_main(None, "edge-cpu", "torch", 1, "redis://:hunter2@127.0.0.1:99999/0")
+    assert "redis://:***@127.0.0.1:99999/0" in str(refused.value)
+    assert "out of range" in str(refused.value) and "hunter2" not in str(refused.value)
+    # https spoken to the plain-HTTP API, and an HTTP server that is not Archtree's.
+    plain = api_server.url
+    fails_at_once(
+        f"does not speak https .*: give --api {plain}$", plain.replace("http:", "https:"), "e"
+    )
+    with serving(NotArchtree) as other:
+        fails_at_once(
+            f"{other} is not an Archtree API: it answered HTTP 501 with text/html, not JSON",
+            other,
+            "edge-cpu",
+        )
 
     # What may heal is waited for as long as asked, then explained as before.
     closed = f"http://127.0.0.1:{free_port()}"
