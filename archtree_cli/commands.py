@@ -21,15 +21,19 @@ MAX_BATCH_SIZE = 65536
 MAX_INPUT_BYTES = 2 * 1024**3
 
 
-def warn_of_threads_over_cores(threads: int) -> None:
-    """Say so when `--threads` is more than the cores this process may use."""
+def warn_of_threads_over_cores(
+    count: int, option: str = "--threads", what: str = "threads"
+) -> None:
+    """Say so when `option` (threads, or tasks run at once) is more than the cores this
+    process may use."""
     # The cores this process may use (Linux); elsewhere, the machine's.
     affinity = getattr(os, "sched_getaffinity", None)
     cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-    if threads > cores:
+    if count > cores:
+        outcome = "timings come out slow and noisy" if what == "threads" else "each runs slower"
         print(
-            f"archtree: warning: --threads {threads} is more than the {cores} cores this "
-            "process may use: the threads take turns, and timings come out slow and noisy",
+            f"archtree: warning: {option} {count} is more than the {cores} cores this "
+            f"process may use: the {what} take turns, and {outcome}",
             file=sys.stderr,
         )
 

@@ -534,11 +534,16 @@ def _signal_group(child: Child, signum: int) -> None:
 def run_up(args: argparse.Namespace) -> int:
     """Start Redis (unless one is configured), the API, a worker and a local agent, and keep
     them running until Ctrl-C or SIGTERM, or until one of them exits."""
-    from archtree_cli.commands import HOME_FIX, _check_writable
+    from archtree_cli.commands import HOME_FIX, _check_writable, warn_of_threads_over_cores
     from archtree_cli.paths import archtree_home
+    from workers.celery_app import MAX_CONCURRENCY
 
-    if args.workers < 1:
-        raise ArchtreeError("--workers must be at least 1")
+    if not 1 <= args.workers <= MAX_CONCURRENCY:
+        raise ArchtreeError(
+            f"--workers must be from 1 to {MAX_CONCURRENCY}, got {args.workers}: each task runs "
+            "in a process of its own, with its own copy of torch and the model"
+        )
+    warn_of_threads_over_cores(args.workers, "--workers", "tasks")
     home = archtree_home() / "up"
     log_dir = home / "logs"
     _check_writable(log_dir, "ARCHTREE_HOME's logs folder", fix=HOME_FIX)
@@ -555,6 +560,7 @@ def run_up(args: argparse.Namespace) -> int:
 def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     """`run_up` once its folder and port are its own."""
     from archtree_cli.settings import load_service_settings
+    from latency.redis_connection import redacted
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     stack = Stack(log_dir, env, _start_guard(env))
@@ -565,15 +571,16 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     }
     socket_dir: str | None = None
     cli = [sys.executable, "-m", "archtree_cli.main"]
-    local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    api_url = f"http://{local_host}:{args.port}"
+    api_url = local_api_url(args.host, args.port)
     try:
         redis_url = load_service_settings().resolved_redis_url()
-        if not redis_url:
+        if redis_url:
+            _check_redis_answers(redis_url)
+        else:
             socket_dir = _new_socket_dir(home)
             redis_url = _start_embedded_redis(stack, Path(socket_dir), home / "redis", stop)
             stack.env["ARCHTREE_REDIS_URL"] = redis_url
-        _say(f"Redis at {redis_url}")
+        _say(f"Redis at {redacted(redis_url)}")
         api = stack.start("api", [*cli, "api", "--host", args.host, "--port", str(args.port)])
         stack.wait_for(api, lambda: _answers(f"{api_url}/healthz"), stop)
         stack.start("worker", [*cli, "worker", "--concurrency", str(args.workers)])
@@ -598,6 +605,33 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
             signal.signal(signum, handler)
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def local_api_url(host: str, port: int) -> str:
+    """The URL that reaches an API listening on `host` from this machine: a wildcard address
+    is reached on the loopback one; an IPv6 address is bracketed."""
+    local_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in local_host:
+        local_host = f"[{local_host}]"
+    return f"http://{local_host}:{port}"
+
+
+def _check_redis_answers(redis_url: str) -> None:
+    """ArchtreeError unless the Redis that ARCHTREE_REDIS_URL (or REDIS_URL) names answers:
+    said before anything starts, not by an agent that gives up a minute later."""
+    import redis
+
+    from latency.redis_connection import redacted, redis_client
+
+    try:
+        with redis_client(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
+            client.ping()
+    except redis.RedisError as error:
+        variable = "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
+        raise ArchtreeError(
+            f"cannot reach Redis at {redacted(redis_url)} ({variable}; {error}): start it, fix "
+            f"{variable}, or unset it to run an embedded Redis"
+        ) from None
 
 
 def _new_socket_dir(home: Path) -> str:

@@ -435,6 +435,33 @@ def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Pat
             up.wait()
 
 
+def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(tmp_path: Path):
+    env = up_env(tmp_path / "home")
+    for workers in ("65", "1000"):
+        refused = archtree("up", "--port", str(free_port()), "--workers", workers, env=env)
+        assert refused.returncode == 2
+        assert f"--workers must be from 1 to 64, got {workers}" in refused.stderr
+    # A Redis that does not answer is said at once, naming the variable, never its password.
+    closed = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    down = archtree("up", "--port", str(free_port()), env={**env, "ARCHTREE_REDIS_URL": closed})
+    assert down.returncode == 2, down.stderr
+    (line,) = down.stderr.strip().splitlines()
+    assert line.startswith(
+        f"archtree: error: cannot reach Redis at {closed.replace('hunter2', '***')}"
+    )
+    assert "(ARCHTREE_REDIS_URL;" in line and "hunter2" not in down.stderr
+    assert not (tmp_path / "home" / "up" / "logs" / "api.log").exists()
+
+
+def test_the_api_url_of_archtree_up_reaches_the_address_it_listens_on():
+    from archtree_cli.service_commands import local_api_url
+
+    assert local_api_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert local_api_url("::", 8000) == "http://127.0.0.1:8000"
+    assert local_api_url("::1", 8713) == "http://[::1]:8713"
+    assert local_api_url("10.0.0.5", 80) == "http://10.0.0.5:80"
+
+
 def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp_path: Path):
     port = str(free_port())
     up = start_up(tmp_path, port)

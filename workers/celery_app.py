@@ -79,6 +79,12 @@ def create_app(settings: ServiceSettings | None = None) -> Celery:
 app = create_app()
 
 
+# Tasks one worker runs at once, each in a process of its own (hundreds of MB each): far
+# above what any one machine runs well, a typo (1000) fails at once instead of taking the
+# machine's memory.
+MAX_CONCURRENCY = 64
+
+
 def worker_main(
     queues: Sequence[str] | None = None,
     concurrency: int = 1,
@@ -100,8 +106,11 @@ def worker_main(
             "a worker needs Redis: set ARCHTREE_REDIS_URL (e.g. redis://host:6379/0) to the "
             "same Redis as the API"
         )
-    if concurrency < 1:
-        raise ArchtreeError(f"worker concurrency must be at least 1, got {concurrency}")
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ArchtreeError(
+            f"worker concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}: each "
+            "task runs in a process of its own, with its own copy of torch and the model"
+        )
     known = (settings.search_queue, settings.evaluate_queue)
     queues = [queue.strip() for queue in queues or known if queue.strip()] or list(known)
     unknown = [queue for queue in queues if queue not in known]
