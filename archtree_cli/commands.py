@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -113,6 +114,11 @@ HOME_FIX = "set ARCHTREE_HOME to a folder you can write to"
 def _check_writable(folder: Path, option: str, fix: str = "give a folder you can write to") -> None:
     """Create `folder` if needed and write a file in it, so that a search never ends unable to
     save; a folder created only for the check is removed again."""
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ArchtreeError(
+            f"cannot write to {option} {folder}: {blocking} is a file, not a folder: {fix}."
+        )
     created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -299,6 +305,7 @@ def run_measure(args: argparse.Namespace) -> int:
     if args.weights:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
+    _check_activations_fit(model, shape, args.batch_size, args.model)
     sample = torch.zeros(args.batch_size, *shape)
     check_forward(model, sample, args.model, f"--input-shape {args.input_shape}")
     spec = spec_of(model, ref, shape)
@@ -326,6 +333,53 @@ def run_measure(args: argparse.Namespace) -> int:
             "(--fresh times it again)"
         )
     return 0
+
+
+def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, source: str) -> None:
+    """ArchtreeError when a forward pass at `batch_size` would need more memory than this
+    machine has available: its input and largest layer output, and that output's input,
+    estimated from one sample (a model that fails on one sample is left to check_forward)."""
+    import torch
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    largest = 0
+
+    def note(_module, _inputs, output) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel())
+
+    hooks = [module.register_forward_hook(note) for module in model.modules()]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *shape))
+    except Exception:  # noqa: BLE001 - check_forward says what is wrong with the model
+        return
+    finally:
+        for hook in hooks:
+            hook.remove()
+    needed = 4 * batch_size * (math.prod(shape) + 2 * largest)
+    if needed > available:
+        raise ArchtreeError(
+            f"{source} at --batch-size {batch_size} and --input-shape "
+            f"{','.join(map(str, shape))} needs about {needed / 1024**3:.1f} GiB for its "
+            f"activations, more than the {available / 1024**3:.1f} GiB this machine has "
+            "available: give a smaller --batch-size or --input-shape."
+        )
+
+
+def available_memory_bytes() -> int | None:
+    """The memory this machine has available (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def counted(count: int, noun: str) -> str:

@@ -120,7 +120,7 @@ def check_forward(
             raise ArchtreeError(
                 f"the model {model_source} rejects {what} of shape {shape} from "
                 f"{inputs_label} ({detail}): give inputs of the shape the model expects"
-                + (f"; {hint}." if hint else ".")
+                + (f"; {hint}." if hint else " (if it expects this one, its forward fails).")
             ) from None
     output = outputs[0]
     if not isinstance(output, torch.Tensor):

@@ -406,7 +406,8 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
     if problems:
         raise ArchtreeError(
             f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; "
-            "use the model (source, num_classes, in_channels) the weights were saved from"
+            "use the model the weights were saved from: the same source, number of classes "
+            "and input channels (the data's, or the C of --input-shape)"
         )
 
 

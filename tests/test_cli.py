@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -490,8 +491,10 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_p
     result = archtree(*args, home=home, check=False)
     assert "cannot write to --out" in one_line_error(result)
     assert "depth" not in result.stderr  # refused before any search work
+    assert f"{blocker} is a file, not a folder" in one_line_error(result)
     cache = prune_args(tmp_path, "--cache-dir", str(blocker))
-    assert "cannot write to --cache-dir" in one_line_error(archtree(*cache, home=home, check=False))
+    refused = one_line_error(archtree(*cache, home=home, check=False))
+    assert f"cannot write to --cache-dir {blocker}: {blocker} is a file, not a folder" in refused
     assert not (tmp_path / "out").exists()  # the probe of a new --out folder leaves nothing
 
 
@@ -756,6 +759,26 @@ def test_measure_says_when_it_shows_a_cached_timing_and_fresh_times_again(tmp_pa
     assert not fresh_cached
     # The fresh timing replaced the one kept: it is what the next run shows.
     assert measured() == (fresh, True)
+
+
+def test_measure_refuses_a_batch_whose_activations_outgrow_the_memory(home):
+    from archtree_cli.commands import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        pytest.skip("this machine does not say how much memory it has available")
+    # The digits VGG's first layer makes 32 channels of each 64x64 input: 260 bytes per pixel
+    # of the batch with its input, 4 of them the input's, which stays under its own 2 GiB.
+    batch = math.ceil(1.5 * available / 260 / (64 * 64))
+    if 4 * batch * 64 * 64 > 2 * 1024**3:
+        pytest.skip("this machine has more memory than an input under 2 GiB can outgrow")
+    result = archtree(
+        "measure", "--model", "builtin:vgg", "--input-shape", "1,64,64", "--batch-size",
+        str(batch), home=home, check=False,
+    )  # fmt: skip
+    line = one_line_error(result)
+    assert f"builtin:vgg at --batch-size {batch} and --input-shape 1,64,64 needs about" in line
+    assert "GiB this machine has available: give a smaller --batch-size" in line
 
 
 def test_models_lists_three_families(home):
