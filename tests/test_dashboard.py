@@ -391,11 +391,12 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert "→" in tooltip  # at least one layer narrower than in the unpruned model
     screenshot(page, "job-succeeded")
 
-    # The devices page counts the measurements the job took on the agent.
+    # The devices page counts the measurements the job took on the agent (class, agents
+    # online, queue depth, jobs waiting, measurements, ...).
     page.get(f"{stack.url}/#/devices")
     row = f'#classes-table tr[data-device-class="{DEVICE_CLASS}"]'
-    wait_for(page, lambda: text(page, row).split()[3:4] not in ([], ["0"]), PAGE_S, "counts")
-    assert int(text(page, row).split()[3]) >= job["progress"]["measurements"]
+    wait_for(page, lambda: text(page, row).split()[4:5] not in ([], ["0"]), PAGE_S, "counts")
+    assert int(text(page, row).split()[4]) >= job["progress"]["measurements"]
     screenshot(page, "devices-after-job")
 
     page.get(f"{stack.url}/#/")
@@ -602,7 +603,8 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
 
 def test_the_list_page_and_the_form_draft_survive_a_visit_elsewhere(page: Any, stack: ApiProcess):
     with stack.client() as client:
-        while client.get("/v1/jobs").json()["total"] <= 20:  # a second page of jobs
+        # A second page of jobs, and of cancelled ones.
+        while client.get("/v1/jobs", params={"status": "cancelled"}).json()["total"] <= 20:
             spec = job_spec() | {"device_class": "dashboard-nowhere"}
             answer = client.post("/v1/jobs", data={"spec": json.dumps(spec)})
             client.post(f"/v1/jobs/{answer.json()['id']}/cancel")
