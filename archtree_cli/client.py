@@ -220,10 +220,11 @@ class ArchtreeClient:
         """Write the job's arch.json, model.safetensors and report.json into `out_dir`.
 
         All three are downloaded into a temporary folder beside them and checked first, then
-        moved in; a result already there is replaced only with `overwrite`. On any failure
-        `out_dir` is left as it was.
+        moved in; a result already there is replaced only with `overwrite`, and a folder where
+        a result file goes is refused. On any failure `out_dir` is left as it was.
         """
         out = Path(out_dir)
+        _check_destinations(out, overwrite)  # again before the move: it may change meanwhile
         staging = _staging_folder(out)
         try:
             for name in ARTIFACT_NAMES:
@@ -434,16 +435,28 @@ def _artifact_problem(path: Path) -> str | None:
         return f"{path.name} is not a safetensors file: {error}"
 
 
+def _check_destinations(out: Path, overwrite: bool) -> None:
+    """ArchtreeError, before any file is moved, when a result file cannot go into `out`: a
+    result is there and `overwrite` is off, or a folder is where a file goes."""
+    for name in ARTIFACT_NAMES:
+        if (out / name).is_dir():
+            raise ArchtreeError(
+                f"{out / name} is a folder where the result's {name} goes: move it away, or "
+                "choose another --out"
+            )
+    existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
+    if existing and not overwrite:
+        raise ArchtreeError(
+            f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
+            "or pass --overwrite to replace it"
+        )
+
+
 def _move_into(staging: Path, out: Path, overwrite: bool) -> list[Path]:
-    """Move the checked artifacts from `staging` into `out`."""
+    """Move the checked artifacts from `staging` into `out`, once every one can go there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
-        if existing and not overwrite:
-            raise ArchtreeError(
-                f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
-                "or pass --overwrite to replace it"
-            )
+        _check_destinations(out, overwrite)
         for name in ARTIFACT_NAMES:
             (staging / name).replace(out / name)
     except OSError as error:

@@ -227,6 +227,24 @@ def test_failed_fetch_overwrite_leaves_the_old_result_byte_for_byte(
     assert [path.name for path in tmp_path.iterdir()] == ["victim"]
 
 
+def test_fetch_refuses_a_folder_where_a_result_file_goes_before_touching_any_file(
+    result_api: str, home: Path, tmp_path: Path
+):
+    out = tmp_path / "mixed"
+    (out / "model.safetensors").mkdir(parents=True)
+    (out / "model.safetensors" / "notes.txt").write_text("the user's own file")
+    (out / "arch.json").write_text('{"mine": true}')
+    before = snapshot(out)
+
+    fetched = archtree(
+        "fetch", JOB, "--api", f"{result_api}/good", "--out", str(out), "--overwrite", home=home
+    )
+
+    one_error_line(fetched, f"{out / 'model.safetensors'} is a folder", "choose another --out")
+    assert snapshot(out) == before
+    assert sorted(path.name for path in out.iterdir()) == ["arch.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("server", ["html-200", "truncated"])
 def test_failed_fetch_into_a_new_folder_leaves_nothing_behind(
     server: str, request: pytest.FixtureRequest, home: Path, tmp_path: Path
