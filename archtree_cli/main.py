@@ -404,10 +404,32 @@ def interrupted_note(args: argparse.Namespace) -> str | None:
             f"nothing was written to {args.out}; the latencies measured so far are in the "
             "latency cache, so running the same command again does not measure them again"
         )
+    if args.command == "submit":
+        return submit_interrupted_note(args)
     if args.command == "status" and args.watch:
         return (
             f"job {args.job} goes on on the service; stop it with "
             f"`archtree cancel {args.job} --api {args.api}`"
+        )
+    return None
+
+
+def submit_interrupted_note(args: argparse.Namespace) -> str | None:
+    """What an interrupted `submit` left on the service: nothing before it sent the job; a job
+    it cannot name while the service's answer was awaited, since the service may have created
+    it all the same; the job it printed after that."""
+    job_id = getattr(args, "submitted_job", None)
+    if job_id:
+        return (
+            f"job {job_id} was submitted and goes on on the service; follow it with "
+            f"`archtree status {job_id} --api {args.api} --watch`, or stop it with "
+            f"`archtree cancel {job_id} --api {args.api}`"
+        )
+    if getattr(args, "submission_sent", False):
+        return (
+            "the job was sent and the service may have created it, though its id never "
+            f"arrived: look for it among the newest of `archtree jobs --api {args.api}`, and "
+            f"stop it with `archtree cancel ID --api {args.api}` if it is not wanted"
         )
     return None
 

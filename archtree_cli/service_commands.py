@@ -271,7 +271,11 @@ def run_submit(args: argparse.Namespace) -> int:
     else:
         data_file = args.data
     with ArchtreeClient(args.api) as client, errors_in_cli_terms():
+        # What an interruption from here on says (main.interrupted_note): the service may
+        # create the job even when its answer never arrives.
+        args.submission_sent = True
         job = client.submit(spec, weights=args.weights, data=data_file)
+        args.submitted_job = job["id"]
         ready = client.readiness()
     print(job["id"])
     print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)

@@ -8,9 +8,12 @@ and a failed `fetch` must leave the destination folder exactly as it was.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +29,7 @@ from archtree_cli.client import (
     ArchtreeClient,
 )
 from search.errors import ArchtreeError
-from tests.cli_process import run_archtree
+from tests.cli_process import ROOT, run_archtree
 from tests.http_servers import serving
 
 JOB = "4f1c2a9be07d"
@@ -342,6 +345,51 @@ def test_status_watch_says_it_is_retrying_an_api_that_never_answers(silent_api: 
     assert f"retrying (1 of {EVENT_RECONNECTS})" in notes[0]
     # One wait of the timeout per attempt, not minutes.
     assert time.monotonic() - started < 60
+
+
+def test_ctrl_c_while_submit_awaits_the_answer_says_the_job_may_exist_and_how_to_find_it(
+    home: Path,
+):
+    received = threading.Event()
+    release = threading.Event()
+
+    class ReadsTheJobAndHoldsTheAnswer(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.set()
+            release.wait(60)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with serving(ReadsTheJobAndHoldsTheAnswer) as api:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "archtree_cli.main", *SUBMIT, "--api", api],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "ARCHTREE_HOME": str(home),
+                "PYTHONPATH": str(ROOT),
+                API_TIMEOUT_VARIABLE: "60",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job
+        )
+        try:
+            assert received.wait(60), "the submission never arrived"
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            release.set()
+            process.kill()
+
+    assert process.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr, stderr
+    assert "the service may have created it" in stderr
+    assert f"`archtree jobs --api {api}`" in stderr
+    assert f"`archtree cancel ID --api {api}`" in stderr
 
 
 def test_an_invalid_timeout_setting_is_one_line(html_api: str, home: Path):
