@@ -406,6 +406,12 @@ def interrupted_note(args: argparse.Namespace) -> str | None:
         )
     if args.command == "submit":
         return submit_interrupted_note(args)
+    if args.command == "status" and args.watch and getattr(args, "cancel_requested", False):
+        return (
+            f"job {args.job} goes on on the service until its requested cancel takes effect, "
+            f"at its next step; `archtree status {args.job} --api {args.api}` shows when it "
+            "has ended"
+        )
     if args.command == "status" and args.watch:
         return (
             f"job {args.job} goes on on the service; stop it with "

@@ -311,7 +311,10 @@ def run_status(args: argparse.Namespace) -> int:
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
                 kind = event.pop("kind", "")
-                if kind == "status":
+                if kind == "cancel_requested":
+                    args.cancel_requested = True  # what Ctrl-C then says (main.interrupted_note)
+                    print(f"cancel requested: {CANCEL_TAKES_EFFECT}", flush=True)
+                elif kind == "status":
                     device_class = _device_class(client, args.job, event["status"])
                     print(status_line(event["status"], device_class, args.api), flush=True)
                 else:
@@ -366,6 +369,23 @@ def status_line(status: str, device_class: str | None, api: str) -> str:
     return f"status {status}"
 
 
+# When a requested cancel ends a job that has not ended yet: workers.tasks._active, which
+# each step runs first (and a running measurement or fine-tune checks between its parts).
+CANCEL_TAKES_EFFECT = (
+    "the job stops at its next step, within a second or so when a worker is on it; a step "
+    "still waiting for a free worker stops when a worker takes it"
+)
+
+
+def status_text(job: dict[str, Any]) -> str:
+    """The job's status, with a cancel that was asked for and has not taken effect yet."""
+    from archtree_cli.client import ENDED
+
+    if job.get("cancel_requested") and job["status"] not in ENDED:
+        return f"{job['status']}, cancel requested"
+    return job["status"]
+
+
 def print_job(job: dict[str, Any], api: str) -> None:
     """A few lines on a job: its status, what it prunes, how far it is."""
     from archtree_cli.commands import counted
@@ -373,7 +393,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
 
     spec, progress = job["spec"], job["progress"]
     print(
-        f"job {job['id']} {job['status']}: {spec['model']} on {spec['data']}, budget "
+        f"job {job['id']} {status_text(job)}: {spec['model']} on {spec['data']}, budget "
         f"{spec['budget']} on device class {spec['device_class']}"
     )
     if job["status"] == "waiting_for_device":
@@ -401,11 +421,16 @@ def run_cancel(args: argparse.Namespace) -> int:
     from archtree_cli.client import ArchtreeClient
 
     with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+        already = client.job(args.job)["cancel_requested"]
         job = client.cancel(args.job)
     if job["status"] == "cancelled":
         print(f"job {job['id']} cancelled")
     else:
-        print(f"job {job['id']} is stopping: it ends within a second or so of its current step")
+        asked = "a cancel was already requested" if already else "cancel requested"
+        print(
+            f"job {job['id']} {job['status']}, {asked}: {CANCEL_TAKES_EFFECT} (`archtree "
+            f"status {job['id']} --api {args.api}` shows when it has ended)"
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -484,3 +485,95 @@ def test_status_watch_counts_only_failures_in_a_row_of_streams_that_sent_nothing
     notes = [line for line in watched.stderr.splitlines() if "retrying" in line]
     assert len(notes) == PingingThenBreakingStream.breaks
     assert all(note.endswith(f"retrying (1 of {EVENT_RECONNECTS})") for note in notes)
+
+
+ASKED = "a5c3d7e9f1b2"  # a running job whose cancel was asked for already; JOB's is not yet
+
+
+class RunningJobs(BaseHTTPRequestHandler):
+    """Jobs JOB and ASKED running on one busy worker: a cancel is recorded, and the job goes
+    on running until a worker takes its next step. Their event streams stay open."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        job_id = self.path.split("/")[3]
+        if self.path.endswith("/events"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for number, event in enumerate(({"kind": "status", "status": "running"},
+                                            {"kind": "cancel_requested"})):  # fmt: skip
+                self.wfile.write(f"id: {number}-0\ndata: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+            self.release.wait(60)
+            return
+        self.send_job(job_id, cancel_requested=job_id == ASKED)
+
+    def do_POST(self) -> None:
+        self.send_job(self.path.split("/")[3], cancel_requested=True)
+
+    def send_job(self, job_id: str, cancel_requested: bool) -> None:
+        job = {
+            "id": job_id,
+            "status": "running",
+            "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%",
+                     "device_class": "local"},
+            "progress": {},
+            "cancel_requested": cancel_requested,
+        }  # fmt: skip
+        body = json.dumps(job).encode()
+        self.send_response(202 if self.command == "POST" else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_cancel_that_waits_for_the_jobs_next_step_is_said_honestly(home: Path):
+    promise = "within a second or so when a worker is on it; a step still waiting for a free"
+    with serving(RunningJobs) as api:
+        first = archtree("cancel", JOB, "--api", api, home=home)
+        again = archtree("cancel", ASKED, "--api", api, home=home)
+        shown = archtree("status", ASKED, "--api", api, home=home)
+
+    assert first.returncode == 0, first.stderr
+    assert f"job {JOB} running, cancel requested: the job stops at its next step" in first.stdout
+    assert promise in first.stdout and "ends within a second or so of" not in first.stdout
+    assert again.returncode == 0, again.stderr
+    assert f"job {ASKED} running, a cancel was already requested" in again.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"job {ASKED} running, cancel requested: builtin:vgg")
+
+
+def test_ctrl_c_on_status_watch_of_a_job_being_cancelled_does_not_advise_cancel(home: Path):
+    RunningJobs.release.clear()
+    with serving(RunningJobs) as api:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "archtree_cli.main", "status", ASKED, "--watch", "--api", api],
+            cwd=ROOT,
+            env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job
+        )
+        try:
+            lines: queue.Queue[str] = queue.Queue()
+            threading.Thread(
+                target=lambda: [lines.put(x) for x in process.stdout], daemon=True
+            ).start()
+            assert lines.get(timeout=60) == "status running\n"
+            assert lines.get(timeout=60).startswith("cancel requested: the job stops")
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            RunningJobs.release.set()
+            process.kill()
+
+    assert process.returncode == 130, stderr
+    assert "until its requested cancel takes effect, at its next step" in stderr
+    assert "archtree cancel" not in stderr
