@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archtree_cli.cli_terms import errors_in_cli_terms
+from archtree_cli.cli_terms import errors_in_cli_terms, in_cli_terms
 from search.errors import ArchtreeError
 
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -314,6 +314,8 @@ def run_status(args: argparse.Namespace) -> int:
                 if kind == "cancel_requested":
                     args.cancel_requested = True  # what Ctrl-C then says (main.interrupted_note)
                     print(f"cancel requested: {CANCEL_TAKES_EFFECT}", flush=True)
+                elif kind == "note":
+                    progress.emit(kind, **{**event, "message": in_cli_terms(event["message"])})
                 elif kind == "status":
                     device_class = _device_class(client, args.job, event["status"])
                     print(status_line(event["status"], device_class, args.api), flush=True)
@@ -412,9 +414,9 @@ def print_job(job: dict[str, Any], api: str) -> None:
     if final:
         print(f"final: {final['id']} at {final['latency_ms']:.3f} ms")
     for note in progress.get("notes") or []:
-        print(f"note: {note}")
+        print(f"note: {in_cli_terms(note)}")
     if job.get("error"):
-        print(f"error: {job['error']}")
+        print(f"error: {in_cli_terms(job['error'])}")
 
 
 def run_cancel(args: argparse.Namespace) -> int:

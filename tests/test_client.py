@@ -577,3 +577,58 @@ def test_ctrl_c_on_status_watch_of_a_job_being_cancelled_does_not_advise_cancel(
     assert process.returncode == 130, stderr
     assert "until its requested cancel takes effect, at its next step" in stderr
     assert "archtree cancel" not in stderr
+
+
+class FailedJob(BaseHTTPRequestHandler):
+    """Job JOB, failed with an error and a note in the job spec's terms, as the API words
+    them for a REST client."""
+
+    note = "search.width 3 is not used: search.strategy greedy runs with 1"
+    error = (
+        "the budget of 1.000 ms cannot be met: raise search.max_depth or "
+        "search.planned_steps, or lower search.min_width_fraction or search.margin"
+    )
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/events"):
+            events = [
+                {"kind": "note", "message": self.note},
+                {"kind": "status", "status": "failed"},
+            ]
+            body = "".join(f"id: {n}-0\ndata: {json.dumps(e)}\n\n" for n, e in enumerate(events))
+            media = "text/event-stream"
+        else:
+            job = {
+                "id": JOB,
+                "status": "failed",
+                "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "1ms",
+                         "device_class": "local"},
+                "progress": {"notes": [self.note]},
+                "error": self.error,
+            }  # fmt: skip
+            body, media = json.dumps(job), "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(body.encode())))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("watch", [[], ["--watch"]])
+def test_status_shows_the_jobs_error_and_notes_in_the_command_lines_terms(
+    watch: list[str], home: Path
+):
+    with serving(FailedJob) as api:
+        shown = archtree("status", JOB, "--api", api, *watch, home=home)
+
+    assert shown.returncode == (1 if watch else 0), shown.stderr
+    assert "search." not in shown.stdout, shown.stdout
+    note = "note: --width 3 is not used: --strategy greedy runs with 1"
+    assert shown.stdout.count(note) == (2 if watch else 1), shown.stdout
+    assert (
+        "error: the budget of 1.000 ms cannot be met: raise --max-depth or --planned-steps, or "
+        "lower --min-width or --margin"
+    ) in shown.stdout
