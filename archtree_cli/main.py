@@ -234,11 +234,30 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace):
     """The search settings the options give, as the strategy runs them; options the strategy
     overrides are named on stderr."""
+    given = given_settings(args)
+    settings = given.effective()
+    for ignored in given.ignored_by_strategy(chosen_settings(args)):
+        print(f"archtree: note: {ignored}", file=sys.stderr)
+    return settings
+
+
+def chosen_settings(args: argparse.Namespace) -> list[str]:
+    """The names of the search settings whose options were given, even at their default."""
     from dataclasses import fields
 
     from search.settings import SearchSettings, option_of
 
-    given = SearchSettings(
+    options = getattr(args, GIVEN_OPTIONS, frozenset())
+    return [
+        setting.name for setting in fields(SearchSettings) if option_of(setting.name) in options
+    ]
+
+
+def given_settings(args: argparse.Namespace):
+    """The search settings as the options give them, before the strategy overrides any."""
+    from search.settings import SearchSettings
+
+    return SearchSettings(
         strategy=args.strategy,
         width=args.width,
         branching=args.branching,
@@ -259,12 +278,6 @@ def settings_from(args: argparse.Namespace):
         importance=args.importance,
         seed=args.seed,
     )
-    settings = given.effective()
-    options = getattr(args, GIVEN_OPTIONS, frozenset())
-    chosen = [setting.name for setting in fields(given) if option_of(setting.name) in options]
-    for ignored in given.ignored_by_strategy(chosen):
-        print(f"archtree: note: {ignored}", file=sys.stderr)
-    return settings
 
 
 MAIN_EXAMPLES = """\

@@ -23,29 +23,6 @@ from archtree_cli.cli_terms import errors_in_cli_terms, in_cli_terms
 from search.errors import ArchtreeError
 
 DEFAULT_API = "http://127.0.0.1:8000"
-# The search settings `archtree submit` sends: every search option `archtree prune` takes, by
-# its SearchSettings name (tests/test_cli.py checks that none is left out).
-SUBMITTED_SETTINGS = (
-    "strategy",
-    "width",
-    "branching",
-    "planned_steps",
-    "max_depth",
-    "move_kinds",
-    "ft_steps",
-    "bn_samples",
-    "select_top",
-    "select_steps",
-    "fill_probes",
-    "final_epochs",
-    "round_to",
-    "widen_to",
-    "min_width_fraction",
-    "margin",
-    "max_cut",
-    "importance",
-    "seed",
-)
 DTYPES = ("float32", "float16", "bfloat16")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
@@ -254,7 +231,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from search.budget import parse_budget
 
     parse_budget(args.budget)
-    settings = settings_from(args)
+    settings_from(args)  # refuses bad settings, and names those the strategy overrides
     spec: dict[str, Any] = {
         "model": args.model,
         "budget": args.budget,
@@ -263,7 +240,7 @@ def run_submit(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "num_classes": args.num_classes,
         "allow_pickle": args.allow_pickle,
-        "search": submitted_search(settings),
+        "search": submitted_search(args),
     }
     data_file = None
     if args.data.startswith("builtin:"):
@@ -295,10 +272,14 @@ def run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def submitted_search(settings: Any) -> dict[str, Any]:
-    """The `search` part of a job spec: the SearchSettings the prune options make, as JSON
-    (the moves as a list)."""
-    values = {name: getattr(settings, name) for name in SUBMITTED_SETTINGS}
+def submitted_search(args: argparse.Namespace) -> dict[str, Any]:
+    """The `search` part of a job spec: the search options given, as JSON (the moves as a
+    list), before the strategy overrides any. The service applies the strategy, and so records
+    the options it overrides as the job's notes; it gives those left out their defaults."""
+    from archtree_cli.main import chosen_settings, given_settings
+
+    given = given_settings(args)
+    values = {name: getattr(given, name) for name in chosen_settings(args)}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 

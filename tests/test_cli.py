@@ -207,11 +207,15 @@ def test_submit_sends_every_search_option_prune_takes():
     assert options == set(CHANGED_SEARCH_OPTIONS)
 
     base = ["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
-    default = submitted_search(settings_of(parser, base))
+    # Options left out take the service's defaults, which are prune's.
+    assert submitted_search(parser.parse_args(base)) == {}
     for option, value in CHANGED_SEARCH_OPTIONS.items():
-        changed = submitted_search(settings_of(parser, [*base, option, value]))
-        assert changed != default, f"archtree submit does not send {option}"
-    assert json.loads(json.dumps(default)) == default
+        changed = submitted_search(parser.parse_args([*base, option, value]))
+        assert len(changed) == 1, f"archtree submit does not send {option} alone: {changed}"
+        assert json.loads(json.dumps(changed)) == changed
+    # As given, not as the strategy runs them: the service names what the strategy overrides.
+    greedy = parser.parse_args([*base, "--strategy", "greedy", "--width", "3"])
+    assert submitted_search(greedy) == {"strategy": "greedy", "width": 3}
 
 
 def settings_of(parser, argv: list[str]):
