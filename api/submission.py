@@ -12,9 +12,11 @@ import json
 import shutil
 import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from api.deps import Services
 from api.schemas import JobSpecIn, validation_message
@@ -164,11 +166,29 @@ def upload_names(spec: JobSpecIn, submission: Submission) -> dict[str, str]:
     names = {}
     for field, upload in submission.files.items():
         suffix = Path(upload.filename or "").suffix.lower()
-        if field == "data" and suffix not in DATA_SUFFIXES:
-            raise ArchtreeError(
-                f"the data upload must be a .npz or .pt file, got {upload.filename or 'no name'!r}"
-            )
+        if field == "data":
+            suffix = data_suffix(upload)
         if field == "weights":
             suffix = ".safetensors" if suffix == ".safetensors" else ".pt"
         names[field] = field + suffix
     return names
+
+
+def data_suffix(upload: UploadFile) -> str:
+    """The suffix a data upload is stored under, for the loader: the client's own .npz or .pt,
+    else the one its content has (files are read by content, whatever their name): .npz for a
+    numpy archive (a zip of .npy members), .pt for anything else, which is read as a torch
+    file."""
+    suffix = Path(upload.filename or "").suffix.lower()
+    if suffix in DATA_SUFFIXES:
+        return suffix
+    upload.file.seek(0)
+    try:
+        with zipfile.ZipFile(upload.file) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return ".pt"
+    finally:
+        upload.file.seek(0)
+    pickled = any(name.endswith("data.pkl") for name in names)  # torch.save's zip format
+    return ".npz" if not pickled and any(name.endswith(".npy") for name in names) else ".pt"
