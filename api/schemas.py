@@ -231,6 +231,11 @@ class JobSpec(BaseModel):
     batch_size: int = 1
     dtype: str = "float32"
     search: dict[str, Any] = Field(default_factory=dict, examples=[FAST_SEARCH_EXAMPLE])
+    upload_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="The file names the uploads were sent with, by upload (weights, data).",
+        examples=[{"data": "digits.npz"}],
+    )
 
 
 class JobLinks(BaseModel):

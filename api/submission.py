@@ -63,13 +63,19 @@ def submit(services: Services, submission: Submission, api_url: str | None = Non
             )
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
-        return _store_and_queue(services, spec, local, api_url)
+        sent_names = {name: _sent_name(submission.files[name]) for name in local}
+        return _store_and_queue(services, spec, local, sent_names, api_url)
 
 
 def _store_and_queue(
-    services: Services, spec: JobSpecIn, local: dict[str, Path], api_url: str | None
+    services: Services,
+    spec: JobSpecIn,
+    local: dict[str, Path],
+    sent_names: dict[str, str],
+    api_url: str | None,
 ) -> str:
-    """Put the checked uploads in the artifact store under a new job id, and queue the job."""
+    """Put the checked uploads in the artifact store under a new job id, and queue the job;
+    `sent_names`: the file names the uploads came with, which the job keeps to show them."""
     job_id = uuid.uuid4().hex[:12]
     stored = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in local.items()}
     job_spec = {
@@ -77,6 +83,7 @@ def _store_and_queue(
         "data": ARTIFACT_PREFIX + stored["data"] if "data" in stored else spec.data,
         "weights": ARTIFACT_PREFIX + stored["weights"] if "weights" in stored else None,
         "search": spec.search.model_dump(exclude_none=True),
+        "upload_names": {name: sent for name, sent in sent_names.items() if sent},
     }
     try:
         for name, path in local.items():
@@ -96,6 +103,17 @@ def _store_and_queue(
             services.artifacts.delete(name)
         raise
     return job_id
+
+
+# The longest upload file name a job keeps; a longer one is cut short.
+MAX_SENT_NAME_CHARS = 200
+
+
+def _sent_name(upload: UploadFile) -> str:
+    """The upload's file name without any folders, for showing; empty when it has none, or
+    holds characters that do not print."""
+    name = Path(upload.filename or "").name
+    return name[:MAX_SENT_NAME_CHARS] if name.isprintable() else ""
 
 
 def _name_uploads(message: str, local: dict[str, Path], submission: Submission) -> str:

@@ -360,6 +360,13 @@ CANCEL_TAKES_EFFECT = (
 )
 
 
+def data_text(spec: dict[str, Any]) -> str:
+    """The job's data as the user gave it: a builtin source, or the name of the file uploaded
+    (the service stores it under its own name)."""
+    sent = (spec.get("upload_names") or {}).get("data")
+    return f"{sent} (uploaded)" if sent else spec["data"]
+
+
 def status_text(job: dict[str, Any]) -> str:
     """The job's status, with a cancel that was asked for and has not taken effect yet."""
     from archtree_cli.client import ENDED
@@ -376,7 +383,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
 
     spec, progress = job["spec"], job["progress"]
     print(
-        f"job {job['id']} {status_text(job)}: {spec['model']} on {spec['data']}, budget "
+        f"job {job['id']} {status_text(job)}: {spec['model']} on {data_text(spec)}, budget "
         f"{spec['budget']} on device class {spec['device_class']}"
     )
     if job["status"] == "waiting_for_device":
@@ -427,7 +434,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         for job in page["jobs"]:
             spec = job["spec"]
             print(
-                f"{job['id']}  {job['status']:<18}  {spec['model']} on {spec['data']}, budget "
+                f"{job['id']}  {job['status']:<18}  {spec['model']} on {data_text(spec)}, budget "
                 f"{spec['budget']}, device class {spec['device_class']}"
             )
     shown = len(page["jobs"])

@@ -458,6 +458,7 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert job["spec"]["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
     assert job["spec"]["weights"] == f"artifact:jobs/{job_id}/inputs/weights.safetensors"
     assert job["spec"]["search"] == SPEC["search"]
+    assert job["spec"]["upload_names"] == {"weights": "vgg.safetensors", "data": "digits.npz"}
     inputs = api_server.artifacts / "jobs" / job_id / "inputs"
     assert (inputs / "weights.safetensors").read_bytes() == uploads["weights"]
     assert (inputs / "data.npz").read_bytes() == uploads["data"]

@@ -303,6 +303,30 @@ def test_options_the_strategy_overrides_are_the_jobs_notes_when_submitted_from_t
             client.cancel(job_id)
 
 
+def test_status_and_jobs_name_an_uploaded_data_file_as_the_user_named_it(
+    api: ApiProcess, client: ArchtreeClient, tmp_path: Path
+):
+    data = load_inputs("builtin:vgg", "builtin:digits").data
+    np.savez(tmp_path / "my digits.npz", x=data.train_x.numpy(), y=data.train_y.numpy())
+    common = ["--api", api.url]
+    submitted = archtree(
+        "submit", *common, "--device-class", "svc-upload", "--model", "builtin:vgg",
+        "--data", str(tmp_path / "my digits.npz"), "--budget", BUDGET,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    try:
+        shown = archtree("status", job_id, *common)
+        assert f"job {job_id} " in shown.stdout, shown.stderr
+        assert "on my digits.npz (uploaded), budget" in shown.stdout
+        listed = archtree("jobs", *common)
+        line = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
+        assert "on my digits.npz (uploaded), budget" in line and "artifact:" not in line
+    finally:
+        with contextlib.suppress(ArchtreeError):  # it may have ended, waiting for its device
+            client.cancel(job_id)
+
+
 def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_another_takes_over(
     api: ApiProcess, client: ArchtreeClient, agents, worker_pool: WorkerPool
 ):
