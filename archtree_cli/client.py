@@ -61,8 +61,9 @@ def api_timeout_s() -> float:
     return seconds_from_environment(API_TIMEOUT_VARIABLE, DEFAULT_API_TIMEOUT_S, zero_allowed=False)
 
 
-def checked_api_url(api_url: str) -> str:
-    """`api_url` without a trailing slash, once it is an http(s) URL with a host."""
+def checked_api_url(api_url: str, source: str = "--api") -> str:
+    """`api_url` without a trailing slash, once it is an http(s) URL with a host; `source`:
+    where it came from, which a refusal names."""
     try:
         url = httpx.URL(api_url.strip())
         well_formed = (
@@ -74,7 +75,7 @@ def checked_api_url(api_url: str) -> str:
         well_formed = False
     if not well_formed:
         raise ArchtreeError(
-            f"--api must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
+            f"{source} must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
         )
     return api_url.strip().rstrip("/")
 
@@ -82,8 +83,11 @@ def checked_api_url(api_url: str) -> str:
 class ArchtreeClient:
     """Calls to one Archtree API; every method raises ArchtreeError with a one-line message."""
 
-    def __init__(self, api_url: str, timeout_s: float | None = None) -> None:
-        self.api_url = checked_api_url(api_url)
+    def __init__(self, api_url: str, timeout_s: float | None = None, source: str = "--api") -> None:
+        """`source`: where `api_url` came from, which messages tell the user to check (an
+        option, or an environment variable)."""
+        self.source = source
+        self.api_url = checked_api_url(api_url, source)
         self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
         self.http = httpx.Client(base_url=self.api_url, timeout=self.timeout_s)
 
@@ -289,7 +293,7 @@ class ArchtreeClient:
             where = answer.headers.get("location", "elsewhere")
             raise ArchtreeError(
                 f"the server at {self.api_url} redirects to {where} (HTTP {status}): check "
-                "--api, an Archtree API answers directly"
+                f"{self.source}, an Archtree API answers directly"
             )
         detail = _json_detail(answer)
         if detail is None:
@@ -307,12 +311,13 @@ class ArchtreeClient:
         if isinstance(error, httpx.TimeoutException):
             return ArchtreeError(
                 f"the API at {self.api_url} did not answer within {self.timeout_s:g} s; check "
-                f"--api, and that the service is running ({API_TIMEOUT_VARIABLE} sets the wait)"
+                f"{self.source}, and that the service is running ({API_TIMEOUT_VARIABLE} sets "
+                "the wait)"
             )
         if isinstance(error, httpx.TransportError):
             return ArchtreeError(
                 f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
-                "with `archtree up`, or check --api"
+                f"with `archtree up`, or check {self.source}"
             )
         return self._not_archtree(type(error).__name__)
 
@@ -336,7 +341,7 @@ class ArchtreeClient:
     def _not_archtree(self, what: str, sent: str = "answer", also: str = "") -> ArchtreeError:
         return ArchtreeError(
             f"the server at {self.api_url} did not send an Archtree {sent} ({what}): check "
-            f"--api{also}"
+            f"{self.source}{also}"
         )
 
 

@@ -146,12 +146,36 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     )
 
 
+API_URL_VARIABLE = "ARCHTREE_API_URL"
+
+
+class ApiOption(argparse.Action):
+    """Stores --api, and records it as where the API's address came from."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.api = values
+        namespace.api_source = "--api"
+
+
 def _add_api_argument(parser: argparse.ArgumentParser) -> None:
+    from_environment = os.environ.get(API_URL_VARIABLE, "").strip()
     parser.add_argument(
         "--api",
-        default=os.environ.get("ARCHTREE_API_URL", DEFAULT_API),
-        help="the Archtree API (default $ARCHTREE_API_URL or %(default)s)",
+        action=ApiOption,
+        default=from_environment or DEFAULT_API,
+        help=f"the Archtree API (default ${API_URL_VARIABLE} or {DEFAULT_API})",
     )
+    # Where the address came from, which messages tell the user to check; ApiOption sets it
+    # to --api when that is given.
+    source = API_URL_VARIABLE if from_environment else f"--api (or {API_URL_VARIABLE})"
+    parser.set_defaults(api_source=source)
+
+
+def api_client(args: argparse.Namespace):
+    """An ArchtreeClient of the API the command's --api (or its default) names."""
+    from archtree_cli.client import ArchtreeClient
+
+    return ArchtreeClient(args.api, source=args.api_source)
 
 
 def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +250,6 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
     from archtree_cli.main import settings_from
     from search.budget import parse_budget
 
@@ -247,7 +270,7 @@ def run_submit(args: argparse.Namespace) -> int:
         spec["data"] = args.data
     else:
         data_file = args.data
-    with ArchtreeClient(args.api) as client, errors_in_cli_terms():
+    with api_client(args) as client, errors_in_cli_terms():
         # What an interruption from here on says (main.interrupted_note): the service may
         # create the job even when its answer never arrives.
         args.submission_sent = True
@@ -284,10 +307,9 @@ def submitted_search(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
     from archtree_cli.progress import ConsoleProgress
 
-    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
         if args.watch:
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
@@ -308,7 +330,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _readable(api: str):
+def _readable(api: str, source: str = "--api"):
     """A job or event without the fields this version reads is the server's fault, said in
     one line."""
     try:
@@ -316,7 +338,7 @@ def _readable(api: str):
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ArchtreeError(
             f"the server at {api} sent a job or event this archtree cannot read ("
-            f"{type(error).__name__}: {error}): check --api, and that the service runs the "
+            f"{type(error).__name__}: {error}): check {source}, and that the service runs the "
             "same version of archtree"
         ) from None
 
@@ -408,9 +430,8 @@ def print_job(job: dict[str, Any], api: str) -> None:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
 
-    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
         already = client.job(args.job)["cancel_requested"]
         job = client.cancel(args.job)
     if job["status"] == "cancelled":
@@ -425,11 +446,10 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
 
     if not 1 <= args.limit <= 200:
         raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
-    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
         page = client.jobs(limit=args.limit)
         for job in page["jobs"]:
             spec = job["spec"]
@@ -446,14 +466,13 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
     from archtree_cli.commands import _check_out_dir, print_summary
 
-    with ArchtreeClient(args.api) as client, errors_in_cli_terms():
+    with api_client(args) as client, errors_in_cli_terms():
         _check_out_dir(args.out, args.overwrite)
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = json.loads(next(path for path in files if path.name == "report.json").read_text())
-    with _readable(args.api):
+    with _readable(args.api, args.api_source):
         print_summary(report, args.out)
     return 0
 

@@ -632,3 +632,36 @@ def test_status_shows_the_jobs_error_and_notes_in_the_command_lines_terms(
         "error: the budget of 1.000 ms cannot be met: raise --max-depth or --planned-steps, or "
         "lower --min-width or --margin"
     ) in shown.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_api_address_from_the_environment_is_named_as_its_variable(home: Path):
+    down = f"http://127.0.0.1:{free_port()}"
+    for command in (["jobs"], ["status", JOB], ["cancel", JOB]):
+        garbage = run_archtree(*command, home=home, env={"ARCHTREE_API_URL": "garbage"})
+        one_error_line(garbage, "ARCHTREE_API_URL must be an http:// or https:// URL", "'garbage'")
+        assert "--api" not in garbage.stderr
+        unreachable = run_archtree(*command, home=home, env={"ARCHTREE_API_URL": down})
+        one_error_line(unreachable, f"cannot reach the API at {down}", "check ARCHTREE_API_URL")
+        given = run_archtree(*command, "--api", down, home=home, env={"ARCHTREE_API_URL": "x"})
+        one_error_line(given, f"cannot reach the API at {down}", "or check --api")
+        assert "ARCHTREE_API_URL" not in given.stderr
+
+
+def test_an_unreachable_default_api_names_both_the_option_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from archtree_cli.main import build_parser
+    from archtree_cli.service_commands import api_client
+
+    monkeypatch.delenv("ARCHTREE_API_URL", raising=False)
+    args = build_parser().parse_args(["jobs"])
+    args.api = f"http://127.0.0.1:{free_port()}"  # nothing there, unlike the default maybe
+    with pytest.raises(ArchtreeError) as refused, api_client(args) as client:
+        client.jobs()
+    assert "or check --api (or ARCHTREE_API_URL)" in str(refused.value)
