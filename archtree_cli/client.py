@@ -66,13 +66,14 @@ def checked_api_url(api_url: str, source: str = "--api") -> str:
     where it came from, which a refusal names."""
     try:
         url = httpx.URL(api_url.strip())
-        well_formed = (
-            url.scheme in ("http", "https")
-            and bool(url.host)
-            and (url.port is None or 0 < url.port < 65536)
-        )
+        well_formed = url.scheme in ("http", "https") and bool(url.host)
     except (httpx.InvalidURL, ValueError):
         well_formed = False
+    if well_formed and url.port is not None and not 0 < url.port < 65536:
+        raise ArchtreeError(
+            f"{source} {api_url!r} has port {url.port}, out of range: give a port from 1 to "
+            f"65535, like {EXAMPLE_API_URL}"
+        )
     if not well_formed:
         raise ArchtreeError(
             f"{source} must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
@@ -299,6 +300,12 @@ class ArchtreeClient:
         if detail is None:
             sent = f"HTTP {status}, {_media_type(answer)}{_quoted_text(answer)}"
             raise self._not_archtree(sent, also=", or the service's log" if status >= 500 else "")
+        if status == 404 and self.api_url.endswith("/v1"):
+            # The routes are under /v1 already: /v1/v1/jobs is nothing.
+            raise ArchtreeError(
+                f"{detail}; give {self.source} without its /v1 at the end: "
+                f"{self.api_url.removesuffix('/v1')}"
+            )
         if status < 500:
             raise ArchtreeError(detail)
         message = f"the API at {self.api_url} failed (HTTP {status}: {detail})"
@@ -313,6 +320,17 @@ class ArchtreeClient:
                 f"the API at {self.api_url} did not answer within {self.timeout_s:g} s; check "
                 f"{self.source}, and that the service is running ({API_TIMEOUT_VARIABLE} sets "
                 "the wait)"
+            )
+        if (
+            isinstance(error, httpx.ConnectError)
+            and self.api_url.startswith("https:")
+            and ("SSL" in str(error))
+        ):
+            plain = "http:" + self.api_url.removeprefix("https:")
+            return ArchtreeError(
+                f"cannot speak https with the server at {self.api_url} ({error}): it may speak "
+                f"plain http, as an API started by `archtree up` or `archtree api` does; give "
+                f"{plain}, or check {self.source}"
             )
         if isinstance(error, httpx.TransportError):
             return ArchtreeError(

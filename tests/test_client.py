@@ -665,3 +665,31 @@ def test_an_unreachable_default_api_names_both_the_option_and_the_variable(
     with pytest.raises(ArchtreeError) as refused, api_client(args) as client:
         client.jobs()
     assert "or check --api (or ARCHTREE_API_URL)" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_https_to_a_plain_http_api_says_it_may_speak_http(
+    command: str, html_api: str, home: Path, tmp_path: Path
+):
+    https = html_api.replace("http:", "https:")
+
+    result = archtree(*command_args(command, tmp_path), "--api", https, home=home)
+
+    line = one_error_line(result, f"cannot speak https with the server at {https}", html_api)
+    assert "archtree up`, or check" not in line  # not "start it"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_port_out_of_range_is_named_as_such(home: Path):
+    result = archtree("jobs", "--api", "http://127.0.0.1:99999", home=home)
+
+    one_error_line(result, "--api 'http://127.0.0.1:99999' has port 99999, out of range", "65535")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_api_address_ending_in_v1_is_told_to_drop_it(
+    command: str, result_api: str, home: Path, tmp_path: Path
+):
+    result = archtree(*command_args(command, tmp_path), "--api", f"{result_api}/v1/", home=home)
+
+    one_error_line(result, f"give --api without its /v1 at the end: {result_api}")
