@@ -30,7 +30,7 @@ STOP_TIMEOUT_S = 20.0
 
 def add_service_commands(commands: argparse._SubParsersAction) -> None:
     """Register the service subcommands; each sets `handler` to "module:function"."""
-    from archtree_cli.main import add_model_arguments, add_search_arguments
+    from archtree_cli.main import add_model_arguments, add_search_arguments, non_empty
 
     up = commands.add_parser(
         "up", help="run the whole service on this machine: Redis, API, a worker, a local agent"
@@ -129,7 +129,10 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     fetch.add_argument("job", help="the job id")
     _add_api_argument(fetch)
     fetch.add_argument(
-        "--out", required=True, help="folder for arch.json, model.safetensors, report.json"
+        "--out",
+        required=True,
+        type=non_empty("--out"),
+        help="folder for arch.json, model.safetensors, report.json",
     )
     fetch.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
 

@@ -693,3 +693,13 @@ def test_an_api_address_ending_in_v1_is_told_to_drop_it(
     result = archtree(*command_args(command, tmp_path), "--api", f"{result_api}/v1/", home=home)
 
     one_error_line(result, f"give --api without its /v1 at the end: {result_api}")
+
+
+def test_fetch_refuses_an_empty_out_and_writes_nothing(result_api: str, home: Path):
+    before = sorted(ROOT.iterdir())
+
+    fetched = archtree("fetch", JOB, "--api", f"{result_api}/good", "--out", "", home=home)
+
+    assert fetched.returncode == 2, fetched.stdout
+    assert fetched.stderr.count("\n") == 1 and "--out is empty: give a path" in fetched.stderr
+    assert sorted(ROOT.iterdir()) == before  # the command's own folder
