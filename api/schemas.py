@@ -215,7 +215,7 @@ class JobSpecIn(BaseModel):
     def _budget_is_text(cls, budget: Any) -> Any:
         if isinstance(budget, int | float) and not isinstance(budget, bool):
             raise ValueError(f'give the budget as text with its unit: "{budget}ms" or "{budget}%"')
-        return budget
+        return budget.strip() if isinstance(budget, str) else budget  # as pasted, spaces around
 
 
 class JobSpec(BaseModel):

@@ -380,7 +380,9 @@ def _retry_after_s(answer: httpx.Response) -> float:
 
 
 def _job_path(job_id: str, *rest: str) -> str:
-    """/v1/jobs/ID/...: the id quoted, so that no id reaches another route."""
+    """/v1/jobs/ID/...: the id quoted, so that no id reaches another route; spaces around it
+    (copied with the id) are dropped."""
+    job_id = job_id.strip()
     if job_id.strip(".") == "" or "/" in job_id:
         raise ArchtreeError(f"{job_id!r} is not a job id: give the id `archtree submit` printed")
     return "/".join(("/v1/jobs", quote(job_id, safe=""), *rest))

@@ -116,7 +116,7 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 
     status = commands.add_parser("status", help="show a job's status, or follow it to the end")
     status.set_defaults(handler="archtree_cli.service_commands:run_status")
-    status.add_argument("job", help="the job id `archtree submit` printed")
+    status.add_argument("job", type=str.strip, help="the job id `archtree submit` printed")
     _add_api_argument(status)
     status.add_argument(
         "--watch",
@@ -126,7 +126,7 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 
     fetch = commands.add_parser("fetch", help="download a succeeded job's result files")
     fetch.set_defaults(handler="archtree_cli.service_commands:run_fetch")
-    fetch.add_argument("job", help="the job id")
+    fetch.add_argument("job", type=str.strip, help="the job id")
     _add_api_argument(fetch)
     fetch.add_argument(
         "--out",
@@ -138,7 +138,7 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 
     cancel = commands.add_parser("cancel", help="stop a queued or running job")
     cancel.set_defaults(handler="archtree_cli.service_commands:run_cancel")
-    cancel.add_argument("job", help="the job id")
+    cancel.add_argument("job", type=str.strip, help="the job id")
     _add_api_argument(cancel)
 
     jobs = commands.add_parser("jobs", help="list the service's jobs, newest first")
@@ -260,7 +260,7 @@ def run_submit(args: argparse.Namespace) -> int:
     settings_from(args)  # refuses bad settings, and names those the strategy overrides
     spec: dict[str, Any] = {
         "model": args.model,
-        "budget": args.budget,
+        "budget": args.budget.strip(),
         "device_class": args.device_class,
         "batch_size": args.batch_size,
         "dtype": args.dtype,

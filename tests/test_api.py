@@ -508,6 +508,15 @@ def test_a_data_upload_is_read_by_its_content_whatever_its_name(
     assert http.post(f"/v1/jobs/{answer.json()['id']}/cancel").status_code == 202
 
 
+def test_a_budget_pasted_with_spaces_around_it_is_kept_without_them(http: httpx.Client):
+    answer = submit(http, SPEC | {"budget": " 60% \n"})
+
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    assert http.get(f"/v1/jobs/{job_id}").json()["spec"]["budget"] == "60%"
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+
+
 def test_a_setting_the_strategy_overrides_is_named_even_at_its_default(http: httpx.Client):
     width = SearchSettings().width
     search = {"strategy": "greedy", "width": width, "branching": None, "seed": 0}

@@ -703,3 +703,17 @@ def test_fetch_refuses_an_empty_out_and_writes_nothing(result_api: str, home: Pa
     assert fetched.returncode == 2, fetched.stdout
     assert fetched.stderr.count("\n") == 1 and "--out is empty: give a path" in fetched.stderr
     assert sorted(ROOT.iterdir()) == before  # the command's own folder
+
+
+def test_a_job_id_copied_with_spaces_around_it_is_the_job(home: Path):
+    with serving(RunningJobs) as api:
+        shown = archtree("status", f" {ASKED}\n", "--api", api, home=home)
+        cancelled = archtree("cancel", f"{JOB} ", "--api", api, home=home)
+        with ArchtreeClient(api) as client:
+            job = client.job(f"\t{JOB} ")
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"job {ASKED} running"), shown.stdout
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith(f"job {JOB} running"), cancelled.stdout
+    assert job["id"] == JOB
