@@ -688,6 +688,17 @@ def test_unreachable_budget_reports_the_best_reachable_latency(tmp_path, home):
     assert "cannot be met" in line and "smallest model pruning can reach measures" in line
 
 
+def test_a_budget_far_below_the_smallest_model_is_shown_unrounded_without_the_margin_hint(
+    tmp_path, home
+):
+    line = one_line_error(
+        archtree(*prune_args(tmp_path, budget="0.0001ms"), home=home, check=False)
+    )
+    assert "the budget of 0.0001 ms cannot be met" in line
+    assert "over the budget itself" in line and line.endswith("or lower --min-width.")
+    assert "margin" not in line
+
+
 def test_measure_prints_the_statistics(home):
     result = archtree("measure", "--model", "builtin:vgg", "--input-shape", "1,16,16", home=home)
     for word in ("median", "p90", "IQR", "CV", "runs"):
