@@ -476,7 +476,7 @@ def run_fetch(args: argparse.Namespace) -> int:
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = json.loads(next(path for path in files if path.name == "report.json").read_text())
     with _readable(args.api, args.api_source):
-        print_summary(report, args.out)
+        print_summary(report, args.out, after_progress=False)
     return 0
 
 

@@ -199,6 +199,8 @@ def test_fetch_writes_the_three_files_the_api_serves(
 
     assert fetched.returncode == 0, fetched.stderr
     assert f"saved to {out}/ (" in fetched.stdout
+    # The table comes first, with no blank line above it.
+    assert fetched.stdout.splitlines()[0].split() == ["unpruned", "pruned"], fetched.stdout
     assert snapshot(out) == snapshot(result_dir)
     assert [path.name for path in tmp_path.iterdir()] == ["fetched"]
 
