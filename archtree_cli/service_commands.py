@@ -430,6 +430,8 @@ def print_job(job: dict[str, Any], api: str) -> None:
         print(f"note: {in_cli_terms(note)}")
     if job.get("error"):
         print(f"error: {in_cli_terms(job['error'])}")
+    if job["status"] == "succeeded":
+        print(f"result: `archtree fetch {job['id']} --api {api} --out DIR` downloads it")
 
 
 def run_cancel(args: argparse.Namespace) -> int:

@@ -447,6 +447,7 @@ def test_status_watch_resumes_an_event_stream_that_breaks_off(home: Path):
     assert watched.returncode == 0, watched.stdout + watched.stderr
     assert watched.stdout.splitlines()[:2] == ["status running", "status succeeded"]
     assert f"job {JOB} succeeded" in watched.stdout
+    assert f"result: `archtree fetch {JOB} --api {api} --out DIR` downloads it" in watched.stdout
     assert BreakingEventStream.resumed_after == [None, "1-0"]
     assert watched.stderr.splitlines() == [
         f"archtree: the events of job {JOB} at {api} broke off (RemoteProtocolError); "
