@@ -400,6 +400,11 @@ def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected)
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+def test_a_budget_asking_for_no_pruning_is_refused_in_the_lower_case_of_every_error(tmp_path, home):
+    line = one_line_error(archtree(*prune_args(tmp_path, budget="150%"), home=home, check=False))
+    assert line.startswith("archtree: error: a budget of 150% does not ask for any pruning")
+
+
 def test_corrupt_weights(tmp_path, home, bad_files):
     for name in ("corrupt", "corrupt_pt"):
         args = prune_args(tmp_path, "--weights", str(bad_files[name]))
