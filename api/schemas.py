@@ -215,7 +215,7 @@ class JobSpecIn(BaseModel):
     def _budget_is_text(cls, budget: Any) -> Any:
         if isinstance(budget, int | float) and not isinstance(budget, bool):
             raise ValueError(f'give the budget as text with its unit: "{budget}ms" or "{budget}%"')
-        return budget
+        return budget.strip() if isinstance(budget, str) else budget  # as pasted, spaces around
 
 
 class JobSpec(BaseModel):
@@ -231,6 +231,11 @@ class JobSpec(BaseModel):
     batch_size: int = 1
     dtype: str = "float32"
     search: dict[str, Any] = Field(default_factory=dict, examples=[FAST_SEARCH_EXAMPLE])
+    upload_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="The file names the uploads were sent with, by upload (weights, data).",
+        examples=[{"data": "digits.npz"}],
+    )
 
 
 class JobLinks(BaseModel):

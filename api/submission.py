@@ -12,9 +12,11 @@ import json
 import shutil
 import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from api.deps import Services
 from api.schemas import JobSpecIn, validation_message
@@ -61,13 +63,19 @@ def submit(services: Services, submission: Submission, api_url: str | None = Non
             )
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
-        return _store_and_queue(services, spec, local, api_url)
+        sent_names = {name: _sent_name(submission.files[name]) for name in local}
+        return _store_and_queue(services, spec, local, sent_names, api_url)
 
 
 def _store_and_queue(
-    services: Services, spec: JobSpecIn, local: dict[str, Path], api_url: str | None
+    services: Services,
+    spec: JobSpecIn,
+    local: dict[str, Path],
+    sent_names: dict[str, str],
+    api_url: str | None,
 ) -> str:
-    """Put the checked uploads in the artifact store under a new job id, and queue the job."""
+    """Put the checked uploads in the artifact store under a new job id, and queue the job;
+    `sent_names`: the file names the uploads came with, which the job keeps to show them."""
     job_id = uuid.uuid4().hex[:12]
     stored = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in local.items()}
     job_spec = {
@@ -75,6 +83,7 @@ def _store_and_queue(
         "data": ARTIFACT_PREFIX + stored["data"] if "data" in stored else spec.data,
         "weights": ARTIFACT_PREFIX + stored["weights"] if "weights" in stored else None,
         "search": spec.search.model_dump(exclude_none=True),
+        "upload_names": {name: sent for name, sent in sent_names.items() if sent},
     }
     try:
         for name, path in local.items():
@@ -94,6 +103,17 @@ def _store_and_queue(
             services.artifacts.delete(name)
         raise
     return job_id
+
+
+# The longest upload file name a job keeps; a longer one is cut short.
+MAX_SENT_NAME_CHARS = 200
+
+
+def _sent_name(upload: UploadFile) -> str:
+    """The upload's file name without any folders, for showing; empty when it has none, or
+    holds characters that do not print."""
+    name = Path(upload.filename or "").name
+    return name[:MAX_SENT_NAME_CHARS] if name.isprintable() else ""
 
 
 def _name_uploads(message: str, local: dict[str, Path], submission: Submission) -> str:
@@ -164,11 +184,29 @@ def upload_names(spec: JobSpecIn, submission: Submission) -> dict[str, str]:
     names = {}
     for field, upload in submission.files.items():
         suffix = Path(upload.filename or "").suffix.lower()
-        if field == "data" and suffix not in DATA_SUFFIXES:
-            raise ArchtreeError(
-                f"the data upload must be a .npz or .pt file, got {upload.filename or 'no name'!r}"
-            )
+        if field == "data":
+            suffix = data_suffix(upload)
         if field == "weights":
             suffix = ".safetensors" if suffix == ".safetensors" else ".pt"
         names[field] = field + suffix
     return names
+
+
+def data_suffix(upload: UploadFile) -> str:
+    """The suffix a data upload is stored under, for the loader: the client's own .npz or .pt,
+    else the one its content has (files are read by content, whatever their name): .npz for a
+    numpy archive (a zip of .npy members), .pt for anything else, which is read as a torch
+    file."""
+    suffix = Path(upload.filename or "").suffix.lower()
+    if suffix in DATA_SUFFIXES:
+        return suffix
+    upload.file.seek(0)
+    try:
+        with zipfile.ZipFile(upload.file) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return ".pt"
+    finally:
+        upload.file.seek(0)
+    pickled = any(name.endswith("data.pkl") for name in names)  # torch.save's zip format
+    return ".npz" if not pickled and any(name.endswith(".npy") for name in names) else ".pt"

@@ -61,20 +61,22 @@ def api_timeout_s() -> float:
     return seconds_from_environment(API_TIMEOUT_VARIABLE, DEFAULT_API_TIMEOUT_S, zero_allowed=False)
 
 
-def checked_api_url(api_url: str) -> str:
-    """`api_url` without a trailing slash, once it is an http(s) URL with a host."""
+def checked_api_url(api_url: str, source: str = "--api") -> str:
+    """`api_url` without a trailing slash, once it is an http(s) URL with a host; `source`:
+    where it came from, which a refusal names."""
     try:
         url = httpx.URL(api_url.strip())
-        well_formed = (
-            url.scheme in ("http", "https")
-            and bool(url.host)
-            and (url.port is None or 0 < url.port < 65536)
-        )
+        well_formed = url.scheme in ("http", "https") and bool(url.host)
     except (httpx.InvalidURL, ValueError):
         well_formed = False
+    if well_formed and url.port is not None and not 0 < url.port < 65536:
+        raise ArchtreeError(
+            f"{source} {api_url!r} has port {url.port}, out of range: give a port from 1 to "
+            f"65535, like {EXAMPLE_API_URL}"
+        )
     if not well_formed:
         raise ArchtreeError(
-            f"--api must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
+            f"{source} must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
         )
     return api_url.strip().rstrip("/")
 
@@ -82,8 +84,11 @@ def checked_api_url(api_url: str) -> str:
 class ArchtreeClient:
     """Calls to one Archtree API; every method raises ArchtreeError with a one-line message."""
 
-    def __init__(self, api_url: str, timeout_s: float | None = None) -> None:
-        self.api_url = checked_api_url(api_url)
+    def __init__(self, api_url: str, timeout_s: float | None = None, source: str = "--api") -> None:
+        """`source`: where `api_url` came from, which messages tell the user to check (an
+        option, or an environment variable)."""
+        self.source = source
+        self.api_url = checked_api_url(api_url, source)
         self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
         self.http = httpx.Client(base_url=self.api_url, timeout=self.timeout_s)
 
@@ -220,10 +225,11 @@ class ArchtreeClient:
         """Write the job's arch.json, model.safetensors and report.json into `out_dir`.
 
         All three are downloaded into a temporary folder beside them and checked first, then
-        moved in; a result already there is replaced only with `overwrite`. On any failure
-        `out_dir` is left as it was.
+        moved in; a result already there is replaced only with `overwrite`, and a folder where
+        a result file goes is refused. On any failure `out_dir` is left as it was.
         """
         out = Path(out_dir)
+        _check_destinations(out, overwrite)  # again before the move: it may change meanwhile
         staging = _staging_folder(out)
         try:
             for name in ARTIFACT_NAMES:
@@ -288,12 +294,18 @@ class ArchtreeClient:
             where = answer.headers.get("location", "elsewhere")
             raise ArchtreeError(
                 f"the server at {self.api_url} redirects to {where} (HTTP {status}): check "
-                "--api, an Archtree API answers directly"
+                f"{self.source}, an Archtree API answers directly"
             )
         detail = _json_detail(answer)
         if detail is None:
             sent = f"HTTP {status}, {_media_type(answer)}{_quoted_text(answer)}"
             raise self._not_archtree(sent, also=", or the service's log" if status >= 500 else "")
+        if status == 404 and self.api_url.endswith("/v1"):
+            # The routes are under /v1 already: /v1/v1/jobs is nothing.
+            raise ArchtreeError(
+                f"{detail}; give {self.source} without its /v1 at the end: "
+                f"{self.api_url.removesuffix('/v1')}"
+            )
         if status < 500:
             raise ArchtreeError(detail)
         message = f"the API at {self.api_url} failed (HTTP {status}: {detail})"
@@ -306,12 +318,24 @@ class ArchtreeClient:
         if isinstance(error, httpx.TimeoutException):
             return ArchtreeError(
                 f"the API at {self.api_url} did not answer within {self.timeout_s:g} s; check "
-                f"--api, and that the service is running ({API_TIMEOUT_VARIABLE} sets the wait)"
+                f"{self.source}, and that the service is running ({API_TIMEOUT_VARIABLE} sets "
+                "the wait)"
+            )
+        if (
+            isinstance(error, httpx.ConnectError)
+            and self.api_url.startswith("https:")
+            and ("SSL" in str(error))
+        ):
+            plain = "http:" + self.api_url.removeprefix("https:")
+            return ArchtreeError(
+                f"cannot speak https with the server at {self.api_url} ({error}): it may speak "
+                f"plain http, as an API started by `archtree up` or `archtree api` does; give "
+                f"{plain}, or check {self.source}"
             )
         if isinstance(error, httpx.TransportError):
             return ArchtreeError(
                 f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
-                "with `archtree up`, or check --api"
+                f"with `archtree up`, or check {self.source}"
             )
         return self._not_archtree(type(error).__name__)
 
@@ -335,7 +359,7 @@ class ArchtreeClient:
     def _not_archtree(self, what: str, sent: str = "answer", also: str = "") -> ArchtreeError:
         return ArchtreeError(
             f"the server at {self.api_url} did not send an Archtree {sent} ({what}): check "
-            f"--api{also}"
+            f"{self.source}{also}"
         )
 
 
@@ -356,7 +380,9 @@ def _retry_after_s(answer: httpx.Response) -> float:
 
 
 def _job_path(job_id: str, *rest: str) -> str:
-    """/v1/jobs/ID/...: the id quoted, so that no id reaches another route."""
+    """/v1/jobs/ID/...: the id quoted, so that no id reaches another route; spaces around it
+    (copied with the id) are dropped."""
+    job_id = job_id.strip()
     if job_id.strip(".") == "" or "/" in job_id:
         raise ArchtreeError(f"{job_id!r} is not a job id: give the id `archtree submit` printed")
     return "/".join(("/v1/jobs", quote(job_id, safe=""), *rest))
@@ -434,16 +460,28 @@ def _artifact_problem(path: Path) -> str | None:
         return f"{path.name} is not a safetensors file: {error}"
 
 
+def _check_destinations(out: Path, overwrite: bool) -> None:
+    """ArchtreeError, before any file is moved, when a result file cannot go into `out`: a
+    result is there and `overwrite` is off, or a folder is where a file goes."""
+    for name in ARTIFACT_NAMES:
+        if (out / name).is_dir():
+            raise ArchtreeError(
+                f"{out / name} is a folder where the result's {name} goes: move it away, or "
+                "choose another --out"
+            )
+    existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
+    if existing and not overwrite:
+        raise ArchtreeError(
+            f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
+            "or pass --overwrite to replace it"
+        )
+
+
 def _move_into(staging: Path, out: Path, overwrite: bool) -> list[Path]:
-    """Move the checked artifacts from `staging` into `out`."""
+    """Move the checked artifacts from `staging` into `out`, once every one can go there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
-        if existing and not overwrite:
-            raise ArchtreeError(
-                f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
-                "or pass --overwrite to replace it"
-            )
+        _check_destinations(out, overwrite)
         for name in ARTIFACT_NAMES:
             (staging / name).replace(out / name)
     except OSError as error:

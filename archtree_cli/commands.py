@@ -243,7 +243,9 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(report: dict[str, Any], out: str) -> None:
+def print_summary(report: dict[str, Any], out: str, after_progress: bool = True) -> None:
+    """The result's table, search counts and notes; set apart by a blank line from the
+    progress lines printed before it, when there are some."""
     base, final, search = report["baseline"], report["final"], report["search"]
 
     def accuracy(value: float | None) -> str:
@@ -255,7 +257,9 @@ def print_summary(report: dict[str, Any], out: str) -> None:
         ("parameters", f"{base['params']:,}", f"{final['params']:,}"),
         ("MACs", f"{base['macs']:,.0f}", f"{final['macs']:,.0f}"),
     ]
-    print(f"\n{'':<16} {'unpruned':>16} {'pruned':>16}")
+    if after_progress:
+        print()
+    print(f"{'':<16} {'unpruned':>16} {'pruned':>16}")
     for name, before, after in rows:
         print(f"{name:<16} {before:>16} {after:>16}")
     print(

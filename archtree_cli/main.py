@@ -237,11 +237,30 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace):
     """The search settings the options give, as the strategy runs them; options the strategy
     overrides are named on stderr."""
+    given = given_settings(args)
+    settings = given.effective()
+    for ignored in given.ignored_by_strategy(chosen_settings(args)):
+        print(f"archtree: note: {ignored}", file=sys.stderr)
+    return settings
+
+
+def chosen_settings(args: argparse.Namespace) -> list[str]:
+    """The names of the search settings whose options were given, even at their default."""
     from dataclasses import fields
 
     from search.settings import SearchSettings, option_of
 
-    given = SearchSettings(
+    options = getattr(args, GIVEN_OPTIONS, frozenset())
+    return [
+        setting.name for setting in fields(SearchSettings) if option_of(setting.name) in options
+    ]
+
+
+def given_settings(args: argparse.Namespace):
+    """The search settings as the options give them, before the strategy overrides any."""
+    from search.settings import SearchSettings
+
+    return SearchSettings(
         strategy=args.strategy,
         width=args.width,
         branching=args.branching,
@@ -262,12 +281,6 @@ def settings_from(args: argparse.Namespace):
         importance=args.importance,
         seed=args.seed,
     )
-    settings = given.effective()
-    options = getattr(args, GIVEN_OPTIONS, frozenset())
-    chosen = [setting.name for setting in fields(given) if option_of(setting.name) in options]
-    for ignored in given.ignored_by_strategy(chosen):
-        print(f"archtree: note: {ignored}", file=sys.stderr)
-    return settings
 
 
 MAIN_EXAMPLES = """\
@@ -414,10 +427,38 @@ def interrupted_note(args: argparse.Namespace) -> str | None:
             f"nothing was written to {args.out}; the latencies measured so far are in the "
             "latency cache, so running the same command again does not measure them again"
         )
+    if args.command == "submit":
+        return submit_interrupted_note(args)
+    if args.command == "status" and args.watch and getattr(args, "cancel_requested", False):
+        return (
+            f"job {args.job} goes on on the service until its requested cancel takes effect, "
+            f"at its next step; `archtree status {args.job} --api {args.api}` shows when it "
+            "has ended"
+        )
     if args.command == "status" and args.watch:
         return (
             f"job {args.job} goes on on the service; stop it with "
             f"`archtree cancel {args.job} --api {args.api}`"
+        )
+    return None
+
+
+def submit_interrupted_note(args: argparse.Namespace) -> str | None:
+    """What an interrupted `submit` left on the service: nothing before it sent the job; a job
+    it cannot name while the service's answer was awaited, since the service may have created
+    it all the same; the job it printed after that."""
+    job_id = getattr(args, "submitted_job", None)
+    if job_id:
+        return (
+            f"job {job_id} was submitted and goes on on the service; follow it with "
+            f"`archtree status {job_id} --api {args.api} --watch`, or stop it with "
+            f"`archtree cancel {job_id} --api {args.api}`"
+        )
+    if getattr(args, "submission_sent", False):
+        return (
+            "the job was sent and the service may have created it, though its id never "
+            f"arrived: look for it among the newest of `archtree jobs --api {args.api}`, and "
+            f"stop it with `archtree cancel ID --api {args.api}` if it is not wanted"
         )
     return None
 

@@ -19,33 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archtree_cli.cli_terms import errors_in_cli_terms
+from archtree_cli.cli_terms import errors_in_cli_terms, in_cli_terms
 from search.errors import ArchtreeError
 
 DEFAULT_API = "http://127.0.0.1:8000"
-# The search settings `archtree submit` sends: every search option `archtree prune` takes, by
-# its SearchSettings name (tests/test_cli.py checks that none is left out).
-SUBMITTED_SETTINGS = (
-    "strategy",
-    "width",
-    "branching",
-    "planned_steps",
-    "max_depth",
-    "move_kinds",
-    "ft_steps",
-    "bn_samples",
-    "select_top",
-    "select_steps",
-    "fill_probes",
-    "final_epochs",
-    "round_to",
-    "widen_to",
-    "min_width_fraction",
-    "margin",
-    "max_cut",
-    "importance",
-    "seed",
-)
 DTYPES = ("float32", "float16", "bfloat16")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
@@ -53,7 +30,7 @@ STOP_TIMEOUT_S = 20.0
 
 def add_service_commands(commands: argparse._SubParsersAction) -> None:
     """Register the service subcommands; each sets `handler` to "module:function"."""
-    from archtree_cli.main import add_model_arguments, add_search_arguments
+    from archtree_cli.main import add_model_arguments, add_search_arguments, non_empty
 
     up = commands.add_parser(
         "up", help="run the whole service on this machine: Redis, API, a worker, a local agent"
@@ -139,7 +116,7 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 
     status = commands.add_parser("status", help="show a job's status, or follow it to the end")
     status.set_defaults(handler="archtree_cli.service_commands:run_status")
-    status.add_argument("job", help="the job id `archtree submit` printed")
+    status.add_argument("job", type=str.strip, help="the job id `archtree submit` printed")
     _add_api_argument(status)
     status.add_argument(
         "--watch",
@@ -149,16 +126,19 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
 
     fetch = commands.add_parser("fetch", help="download a succeeded job's result files")
     fetch.set_defaults(handler="archtree_cli.service_commands:run_fetch")
-    fetch.add_argument("job", help="the job id")
+    fetch.add_argument("job", type=str.strip, help="the job id")
     _add_api_argument(fetch)
     fetch.add_argument(
-        "--out", required=True, help="folder for arch.json, model.safetensors, report.json"
+        "--out",
+        required=True,
+        type=non_empty("--out"),
+        help="folder for arch.json, model.safetensors, report.json",
     )
     fetch.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
 
     cancel = commands.add_parser("cancel", help="stop a queued or running job")
     cancel.set_defaults(handler="archtree_cli.service_commands:run_cancel")
-    cancel.add_argument("job", help="the job id")
+    cancel.add_argument("job", type=str.strip, help="the job id")
     _add_api_argument(cancel)
 
     jobs = commands.add_parser("jobs", help="list the service's jobs, newest first")
@@ -169,12 +149,36 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     )
 
 
+API_URL_VARIABLE = "ARCHTREE_API_URL"
+
+
+class ApiOption(argparse.Action):
+    """Stores --api, and records it as where the API's address came from."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.api = values
+        namespace.api_source = "--api"
+
+
 def _add_api_argument(parser: argparse.ArgumentParser) -> None:
+    from_environment = os.environ.get(API_URL_VARIABLE, "").strip()
     parser.add_argument(
         "--api",
-        default=os.environ.get("ARCHTREE_API_URL", DEFAULT_API),
-        help="the Archtree API (default $ARCHTREE_API_URL or %(default)s)",
+        action=ApiOption,
+        default=from_environment or DEFAULT_API,
+        help=f"the Archtree API (default ${API_URL_VARIABLE} or {DEFAULT_API})",
     )
+    # Where the address came from, which messages tell the user to check; ApiOption sets it
+    # to --api when that is given.
+    source = API_URL_VARIABLE if from_environment else f"--api (or {API_URL_VARIABLE})"
+    parser.set_defaults(api_source=source)
+
+
+def api_client(args: argparse.Namespace):
+    """An ArchtreeClient of the API the command's --api (or its default) names."""
+    from archtree_cli.client import ArchtreeClient
+
+    return ArchtreeClient(args.api, source=args.api_source)
 
 
 def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,29 +255,32 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
     from archtree_cli.main import settings_from
     from search.budget import parse_budget
 
     parse_budget(args.budget)
-    settings = settings_from(args)
+    settings_from(args)  # refuses bad settings, and names those the strategy overrides
     spec: dict[str, Any] = {
         "model": args.model,
-        "budget": args.budget,
+        "budget": args.budget.strip(),
         "device_class": args.device_class,
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "num_classes": args.num_classes,
         "allow_pickle": args.allow_pickle,
-        "search": submitted_search(settings),
+        "search": submitted_search(args),
     }
     data_file = None
     if args.data.startswith("builtin:"):
         spec["data"] = args.data
     else:
         data_file = args.data
-    with ArchtreeClient(args.api) as client, errors_in_cli_terms():
+    with api_client(args) as client, errors_in_cli_terms():
+        # What an interruption from here on says (main.interrupted_note): the service may
+        # create the job even when its answer never arrives.
+        args.submission_sent = True
         job = client.submit(spec, weights=args.weights, data=data_file)
+        args.submitted_job = job["id"]
         ready = client.readiness()
     print(job["id"])
     print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)
@@ -293,23 +300,31 @@ def run_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def submitted_search(settings: Any) -> dict[str, Any]:
-    """The `search` part of a job spec: the SearchSettings the prune options make, as JSON
-    (the moves as a list)."""
-    values = {name: getattr(settings, name) for name in SUBMITTED_SETTINGS}
+def submitted_search(args: argparse.Namespace) -> dict[str, Any]:
+    """The `search` part of a job spec: the search options given, as JSON (the moves as a
+    list), before the strategy overrides any. The service applies the strategy, and so records
+    the options it overrides as the job's notes; it gives those left out their defaults."""
+    from archtree_cli.main import chosen_settings, given_settings
+
+    given = given_settings(args)
+    values = {name: getattr(given, name) for name in chosen_settings(args)}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
     from archtree_cli.progress import ConsoleProgress
 
-    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
         if args.watch:
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
                 kind = event.pop("kind", "")
-                if kind == "status":
+                if kind == "cancel_requested":
+                    args.cancel_requested = True  # what Ctrl-C then says (main.interrupted_note)
+                    print(f"cancel requested: {CANCEL_TAKES_EFFECT}", flush=True)
+                elif kind == "note":
+                    progress.emit(kind, **{**event, "message": in_cli_terms(event["message"])})
+                elif kind == "status":
                     device_class = _device_class(client, args.job, event["status"])
                     print(status_line(event["status"], device_class, args.api), flush=True)
                 else:
@@ -320,7 +335,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _readable(api: str):
+def _readable(api: str, source: str = "--api"):
     """A job or event without the fields this version reads is the server's fault, said in
     one line."""
     try:
@@ -328,7 +343,7 @@ def _readable(api: str):
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ArchtreeError(
             f"the server at {api} sent a job or event this archtree cannot read ("
-            f"{type(error).__name__}: {error}): check --api, and that the service runs the "
+            f"{type(error).__name__}: {error}): check {source}, and that the service runs the "
             "same version of archtree"
         ) from None
 
@@ -364,6 +379,30 @@ def status_line(status: str, device_class: str | None, api: str) -> str:
     return f"status {status}"
 
 
+# When a requested cancel ends a job that has not ended yet: workers.tasks._active, which
+# each step runs first (and a running measurement or fine-tune checks between its parts).
+CANCEL_TAKES_EFFECT = (
+    "the job stops at its next step, within a second or so when a worker is on it; a step "
+    "still waiting for a free worker stops when a worker takes it"
+)
+
+
+def data_text(spec: dict[str, Any]) -> str:
+    """The job's data as the user gave it: a builtin source, or the name of the file uploaded
+    (the service stores it under its own name)."""
+    sent = (spec.get("upload_names") or {}).get("data")
+    return f"{sent} (uploaded)" if sent else spec["data"]
+
+
+def status_text(job: dict[str, Any]) -> str:
+    """The job's status, with a cancel that was asked for and has not taken effect yet."""
+    from archtree_cli.client import ENDED
+
+    if job.get("cancel_requested") and job["status"] not in ENDED:
+        return f"{job['status']}, cancel requested"
+    return job["status"]
+
+
 def print_job(job: dict[str, Any], api: str) -> None:
     """A few lines on a job: its status, what it prunes, how far it is."""
     from archtree_cli.commands import counted
@@ -371,7 +410,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
 
     spec, progress = job["spec"], job["progress"]
     print(
-        f"job {job['id']} {job['status']}: {spec['model']} on {spec['data']}, budget "
+        f"job {job['id']} {status_text(job)}: {spec['model']} on {data_text(spec)}, budget "
         f"{spec['budget']} on device class {spec['device_class']}"
     )
     if job["status"] == "waiting_for_device":
@@ -390,34 +429,39 @@ def print_job(job: dict[str, Any], api: str) -> None:
     if final:
         print(f"final: {final['id']} at {final['latency_ms']:.3f} ms")
     for note in progress.get("notes") or []:
-        print(f"note: {note}")
+        print(f"note: {in_cli_terms(note)}")
     if job.get("error"):
-        print(f"error: {job['error']}")
+        print(f"error: {in_cli_terms(job['error'])}")
+    if job["status"] == "succeeded":
+        print(f"result: `archtree fetch {job['id']} --api {api} --out DIR` downloads it")
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
 
-    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
+        already = client.job(args.job)["cancel_requested"]
         job = client.cancel(args.job)
     if job["status"] == "cancelled":
         print(f"job {job['id']} cancelled")
     else:
-        print(f"job {job['id']} is stopping: it ends within a second or so of its current step")
+        asked = "a cancel was already requested" if already else "cancel requested"
+        print(
+            f"job {job['id']} {job['status']}, {asked}: {CANCEL_TAKES_EFFECT} (`archtree "
+            f"status {job['id']} --api {args.api}` shows when it has ended)"
+        )
     return 0
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
 
     if not 1 <= args.limit <= 200:
         raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
-    with ArchtreeClient(args.api) as client, _readable(args.api), errors_in_cli_terms():
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
         page = client.jobs(limit=args.limit)
         for job in page["jobs"]:
             spec = job["spec"]
             print(
-                f"{job['id']}  {job['status']:<18}  {spec['model']} on {spec['data']}, budget "
+                f"{job['id']}  {job['status']:<18}  {spec['model']} on {data_text(spec)}, budget "
                 f"{spec['budget']}, device class {spec['device_class']}"
             )
     shown = len(page["jobs"])
@@ -429,15 +473,14 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from archtree_cli.client import ArchtreeClient
     from archtree_cli.commands import _check_out_dir, print_summary
 
-    with ArchtreeClient(args.api) as client, errors_in_cli_terms():
+    with api_client(args) as client, errors_in_cli_terms():
         _check_out_dir(args.out, args.overwrite)
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = json.loads(next(path for path in files if path.name == "report.json").read_text())
-    with _readable(args.api):
-        print_summary(report, args.out)
+    with _readable(args.api, args.api_source):
+        print_summary(report, args.out, after_progress=False)
     return 0
 
 

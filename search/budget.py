@@ -38,6 +38,6 @@ def parse_budget(text: str) -> Budget:
         raise ArchtreeError(f"the budget must be above zero, got {text!r}.")
     if unit == "%" and value >= 100:
         raise ArchtreeError(
-            f"A budget of {text} does not ask for any pruning: give a share below 100%, like 60%."
+            f"a budget of {text} does not ask for any pruning: give a share below 100%, like 60%."
         )
     return Budget(value=value, unit=unit)

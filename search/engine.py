@@ -151,14 +151,28 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     )
     if smallest_ms > settings.aim_ms(budget_ms):
         enough_ms = smallest_ms / (1.0 - settings.margin) * 1.02
+        # The margin is worth lowering only when it alone puts the budget out of reach.
+        if smallest_ms > budget_ms:
+            why, lower = "over the budget itself", "--min-width"
+        else:
+            margin = f"{100 * settings.margin:g}%"
+            why, lower = (
+                f"too close to the budget to keep the {margin} margin",
+                "--min-width or --margin",
+            )
         raise ArchtreeError(
-            f"the budget of {budget_ms:.3f} ms cannot be met on this device: the smallest "
-            f"model pruning can reach measures {smallest_ms:.3f} ms "
-            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {baseline_ms:.3f} ms), "
-            f"too close to the budget to keep the {100 * settings.margin:g}% margin. "
-            f"Give a budget of at least {enough_ms:.3f} ms, or lower --min-width or --margin."
+            f"the budget of {_ms(budget_ms)} ms cannot be met on this device: the smallest "
+            f"model pruning can reach measures {_ms(smallest_ms)} ms "
+            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {_ms(baseline_ms)} ms), "
+            f"{why}. Give a budget of at least {_ms(enough_ms)} ms, or lower {lower}."
         )
     return state
+
+
+def _ms(latency_ms: float) -> str:
+    """A latency in milliseconds to three decimals, or three significant digits below 0.1 ms,
+    where three decimals would round it to zero."""
+    return f"{latency_ms:.3f}" if latency_ms >= 0.1 else f"{latency_ms:.3g}"
 
 
 def _smallest_spec(context: SearchContext) -> ArchSpec:

@@ -204,7 +204,11 @@ BAD_SUBMISSIONS = {
         {"data": ("d.npz", "stray label")},
         "Fix the stray labels, or give num_classes 101",
     ),
-    "data not npz": ({"data": None}, {"data": ("d.csv", "data")}, "must be a .npz or .pt"),
+    "data that is neither a numpy archive nor a torch file": (
+        {"data": None},
+        {"data": ("d.bin", "corrupt")},
+        "cannot read the data upload (d.bin) as a torch file",
+    ),
     "data without x": (
         {"data": None},
         {"data": ("d.npz", "wrong keys")},
@@ -454,6 +458,7 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert job["spec"]["data"] == f"artifact:jobs/{job_id}/inputs/data.npz"
     assert job["spec"]["weights"] == f"artifact:jobs/{job_id}/inputs/weights.safetensors"
     assert job["spec"]["search"] == SPEC["search"]
+    assert job["spec"]["upload_names"] == {"weights": "vgg.safetensors", "data": "digits.npz"}
     inputs = api_server.artifacts / "jobs" / job_id / "inputs"
     assert (inputs / "weights.safetensors").read_bytes() == uploads["weights"]
     assert (inputs / "data.npz").read_bytes() == uploads["data"]
@@ -480,6 +485,36 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     ended = one_line_detail(http.get(f"/v1/jobs/{job_id}/artifacts/report.json"))
     assert ended.endswith("has no report.json: it ended cancelled, without results")
+
+
+@pytest.mark.parametrize("name", ["d.bin", "data", "digits.NPZ.txt"])
+@pytest.mark.parametrize("kind", ["numpy archive", "torch file"])
+def test_a_data_upload_is_read_by_its_content_whatever_its_name(
+    name: str, kind: str, http: httpx.Client, uploads: dict[str, bytes]
+):
+    content = uploads["data"]
+    if kind == "torch file":
+        with np.load(io.BytesIO(content)) as arrays:
+            saved = io.BytesIO()
+            torch.save(
+                {"x": torch.as_tensor(arrays["x"]), "y": torch.as_tensor(arrays["y"])}, saved
+            )
+        content = saved.getvalue()
+    spec = {key: value for key, value in SPEC.items() if key != "data"}
+
+    answer = submit(http, spec, data=(name, content))
+
+    assert answer.status_code == 202, answer.text
+    assert http.post(f"/v1/jobs/{answer.json()['id']}/cancel").status_code == 202
+
+
+def test_a_budget_pasted_with_spaces_around_it_is_kept_without_them(http: httpx.Client):
+    answer = submit(http, SPEC | {"budget": " 60% \n"})
+
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    assert http.get(f"/v1/jobs/{job_id}").json()["spec"]["budget"] == "60%"
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
 
 
 def test_a_setting_the_strategy_overrides_is_named_even_at_its_default(http: httpx.Client):

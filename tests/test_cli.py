@@ -208,11 +208,15 @@ def test_submit_sends_every_search_option_prune_takes():
     assert options == set(CHANGED_SEARCH_OPTIONS)
 
     base = ["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
-    default = submitted_search(settings_of(parser, base))
+    # Options left out take the service's defaults, which are prune's.
+    assert submitted_search(parser.parse_args(base)) == {}
     for option, value in CHANGED_SEARCH_OPTIONS.items():
-        changed = submitted_search(settings_of(parser, [*base, option, value]))
-        assert changed != default, f"archtree submit does not send {option}"
-    assert json.loads(json.dumps(default)) == default
+        changed = submitted_search(parser.parse_args([*base, option, value]))
+        assert len(changed) == 1, f"archtree submit does not send {option} alone: {changed}"
+        assert json.loads(json.dumps(changed)) == changed
+    # As given, not as the strategy runs them: the service names what the strategy overrides.
+    greedy = parser.parse_args([*base, "--strategy", "greedy", "--width", "3"])
+    assert submitted_search(greedy) == {"strategy": "greedy", "width": 3}
 
 
 def settings_of(parser, argv: list[str]):
@@ -395,6 +399,11 @@ def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected)
     line = one_line_error(archtree(*args, home=home, check=False))
     assert expected.lower() in line.lower()
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_budget_asking_for_no_pruning_is_refused_in_the_lower_case_of_every_error(tmp_path, home):
+    line = one_line_error(archtree(*prune_args(tmp_path, budget="150%"), home=home, check=False))
+    assert line.startswith("archtree: error: a budget of 150% does not ask for any pruning")
 
 
 def test_corrupt_weights(tmp_path, home, bad_files):
@@ -730,6 +739,17 @@ def test_unreachable_budget_reports_the_best_reachable_latency(tmp_path, home):
     args = prune_args(tmp_path, "--min-width", "0.5", budget="3%")
     line = one_line_error(archtree(*args, home=home, check=False))
     assert "cannot be met" in line and "smallest model pruning can reach measures" in line
+
+
+def test_a_budget_far_below_the_smallest_model_is_shown_unrounded_without_the_margin_hint(
+    tmp_path, home
+):
+    line = one_line_error(
+        archtree(*prune_args(tmp_path, budget="0.0001ms"), home=home, check=False)
+    )
+    assert "the budget of 0.0001 ms cannot be met" in line
+    assert "over the budget itself" in line and line.endswith("or lower --min-width.")
+    assert "margin" not in line
 
 
 def test_measure_prints_the_statistics(home):

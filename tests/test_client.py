@@ -8,9 +8,13 @@ and a failed `fetch` must leave the destination folder exactly as it was.
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +30,7 @@ from archtree_cli.client import (
     ArchtreeClient,
 )
 from search.errors import ArchtreeError
-from tests.cli_process import run_archtree
+from tests.cli_process import ROOT, run_archtree
 from tests.http_servers import serving
 
 JOB = "4f1c2a9be07d"
@@ -195,6 +199,8 @@ def test_fetch_writes_the_three_files_the_api_serves(
 
     assert fetched.returncode == 0, fetched.stderr
     assert f"saved to {out}/ (" in fetched.stdout
+    # The table comes first, with no blank line above it.
+    assert fetched.stdout.splitlines()[0].split() == ["unpruned", "pruned"], fetched.stdout
     assert snapshot(out) == snapshot(result_dir)
     assert [path.name for path in tmp_path.iterdir()] == ["fetched"]
 
@@ -225,6 +231,24 @@ def test_failed_fetch_overwrite_leaves_the_old_result_byte_for_byte(
     one_error_line(fetched, api, *words)
     assert snapshot(victim) == before
     assert [path.name for path in tmp_path.iterdir()] == ["victim"]
+
+
+def test_fetch_refuses_a_folder_where_a_result_file_goes_before_touching_any_file(
+    result_api: str, home: Path, tmp_path: Path
+):
+    out = tmp_path / "mixed"
+    (out / "model.safetensors").mkdir(parents=True)
+    (out / "model.safetensors" / "notes.txt").write_text("the user's own file")
+    (out / "arch.json").write_text('{"mine": true}')
+    before = snapshot(out)
+
+    fetched = archtree(
+        "fetch", JOB, "--api", f"{result_api}/good", "--out", str(out), "--overwrite", home=home
+    )
+
+    one_error_line(fetched, f"{out / 'model.safetensors'} is a folder", "choose another --out")
+    assert snapshot(out) == before
+    assert sorted(path.name for path in out.iterdir()) == ["arch.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("server", ["html-200", "truncated"])
@@ -326,6 +350,51 @@ def test_status_watch_says_it_is_retrying_an_api_that_never_answers(silent_api: 
     assert time.monotonic() - started < 60
 
 
+def test_ctrl_c_while_submit_awaits_the_answer_says_the_job_may_exist_and_how_to_find_it(
+    home: Path,
+):
+    received = threading.Event()
+    release = threading.Event()
+
+    class ReadsTheJobAndHoldsTheAnswer(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.set()
+            release.wait(60)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with serving(ReadsTheJobAndHoldsTheAnswer) as api:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "archtree_cli.main", *SUBMIT, "--api", api],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "ARCHTREE_HOME": str(home),
+                "PYTHONPATH": str(ROOT),
+                API_TIMEOUT_VARIABLE: "60",
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job
+        )
+        try:
+            assert received.wait(60), "the submission never arrived"
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            stdout, stderr = process.communicate(timeout=60)
+        finally:
+            release.set()
+            process.kill()
+
+    assert process.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr, stderr
+    assert "the service may have created it" in stderr
+    assert f"`archtree jobs --api {api}`" in stderr
+    assert f"`archtree cancel ID --api {api}`" in stderr
+
+
 def test_an_invalid_timeout_setting_is_one_line(html_api: str, home: Path):
     result = archtree("status", JOB, "--api", html_api, home=home, api_timeout_s="soon")
 
@@ -378,6 +447,7 @@ def test_status_watch_resumes_an_event_stream_that_breaks_off(home: Path):
     assert watched.returncode == 0, watched.stdout + watched.stderr
     assert watched.stdout.splitlines()[:2] == ["status running", "status succeeded"]
     assert f"job {JOB} succeeded" in watched.stdout
+    assert f"result: `archtree fetch {JOB} --api {api} --out DIR` downloads it" in watched.stdout
     assert BreakingEventStream.resumed_after == [None, "1-0"]
     assert watched.stderr.splitlines() == [
         f"archtree: the events of job {JOB} at {api} broke off (RemoteProtocolError); "
@@ -418,3 +488,235 @@ def test_status_watch_counts_only_failures_in_a_row_of_streams_that_sent_nothing
     notes = [line for line in watched.stderr.splitlines() if "retrying" in line]
     assert len(notes) == PingingThenBreakingStream.breaks
     assert all(note.endswith(f"retrying (1 of {EVENT_RECONNECTS})") for note in notes)
+
+
+ASKED = "a5c3d7e9f1b2"  # a running job whose cancel was asked for already; JOB's is not yet
+
+
+class RunningJobs(BaseHTTPRequestHandler):
+    """Jobs JOB and ASKED running on one busy worker: a cancel is recorded, and the job goes
+    on running until a worker takes its next step. Their event streams stay open."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        job_id = self.path.split("/")[3]
+        if self.path.endswith("/events"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for number, event in enumerate(({"kind": "status", "status": "running"},
+                                            {"kind": "cancel_requested"})):  # fmt: skip
+                self.wfile.write(f"id: {number}-0\ndata: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+            self.release.wait(60)
+            return
+        self.send_job(job_id, cancel_requested=job_id == ASKED)
+
+    def do_POST(self) -> None:
+        self.send_job(self.path.split("/")[3], cancel_requested=True)
+
+    def send_job(self, job_id: str, cancel_requested: bool) -> None:
+        job = {
+            "id": job_id,
+            "status": "running",
+            "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%",
+                     "device_class": "local"},
+            "progress": {},
+            "cancel_requested": cancel_requested,
+        }  # fmt: skip
+        body = json.dumps(job).encode()
+        self.send_response(202 if self.command == "POST" else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_cancel_that_waits_for_the_jobs_next_step_is_said_honestly(home: Path):
+    promise = "within a second or so when a worker is on it; a step still waiting for a free"
+    with serving(RunningJobs) as api:
+        first = archtree("cancel", JOB, "--api", api, home=home)
+        again = archtree("cancel", ASKED, "--api", api, home=home)
+        shown = archtree("status", ASKED, "--api", api, home=home)
+
+    assert first.returncode == 0, first.stderr
+    assert f"job {JOB} running, cancel requested: the job stops at its next step" in first.stdout
+    assert promise in first.stdout and "ends within a second or so of" not in first.stdout
+    assert again.returncode == 0, again.stderr
+    assert f"job {ASKED} running, a cancel was already requested" in again.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"job {ASKED} running, cancel requested: builtin:vgg")
+
+
+def test_ctrl_c_on_status_watch_of_a_job_being_cancelled_does_not_advise_cancel(home: Path):
+    RunningJobs.release.clear()
+    with serving(RunningJobs) as api:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "archtree_cli.main", "status", ASKED, "--watch", "--api", api],
+            cwd=ROOT,
+            env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job
+        )
+        try:
+            lines: queue.Queue[str] = queue.Queue()
+            threading.Thread(
+                target=lambda: [lines.put(x) for x in process.stdout], daemon=True
+            ).start()
+            assert lines.get(timeout=60) == "status running\n"
+            assert lines.get(timeout=60).startswith("cancel requested: the job stops")
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            RunningJobs.release.set()
+            process.kill()
+
+    assert process.returncode == 130, stderr
+    assert "until its requested cancel takes effect, at its next step" in stderr
+    assert "archtree cancel" not in stderr
+
+
+class FailedJob(BaseHTTPRequestHandler):
+    """Job JOB, failed with an error and a note in the job spec's terms, as the API words
+    them for a REST client."""
+
+    note = "search.width 3 is not used: search.strategy greedy runs with 1"
+    error = (
+        "the budget of 1.000 ms cannot be met: raise search.max_depth or "
+        "search.planned_steps, or lower search.min_width_fraction or search.margin"
+    )
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/events"):
+            events = [
+                {"kind": "note", "message": self.note},
+                {"kind": "status", "status": "failed"},
+            ]
+            body = "".join(f"id: {n}-0\ndata: {json.dumps(e)}\n\n" for n, e in enumerate(events))
+            media = "text/event-stream"
+        else:
+            job = {
+                "id": JOB,
+                "status": "failed",
+                "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "1ms",
+                         "device_class": "local"},
+                "progress": {"notes": [self.note]},
+                "error": self.error,
+            }  # fmt: skip
+            body, media = json.dumps(job), "application/json"
+        self.send_response(200)
+        self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(body.encode())))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("watch", [[], ["--watch"]])
+def test_status_shows_the_jobs_error_and_notes_in_the_command_lines_terms(
+    watch: list[str], home: Path
+):
+    with serving(FailedJob) as api:
+        shown = archtree("status", JOB, "--api", api, *watch, home=home)
+
+    assert shown.returncode == (1 if watch else 0), shown.stderr
+    assert "search." not in shown.stdout, shown.stdout
+    note = "note: --width 3 is not used: --strategy greedy runs with 1"
+    assert shown.stdout.count(note) == (2 if watch else 1), shown.stdout
+    assert (
+        "error: the budget of 1.000 ms cannot be met: raise --max-depth or --planned-steps, or "
+        "lower --min-width or --margin"
+    ) in shown.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_api_address_from_the_environment_is_named_as_its_variable(home: Path):
+    down = f"http://127.0.0.1:{free_port()}"
+    for command in (["jobs"], ["status", JOB], ["cancel", JOB]):
+        garbage = run_archtree(*command, home=home, env={"ARCHTREE_API_URL": "garbage"})
+        one_error_line(garbage, "ARCHTREE_API_URL must be an http:// or https:// URL", "'garbage'")
+        assert "--api" not in garbage.stderr
+        unreachable = run_archtree(*command, home=home, env={"ARCHTREE_API_URL": down})
+        one_error_line(unreachable, f"cannot reach the API at {down}", "check ARCHTREE_API_URL")
+        given = run_archtree(*command, "--api", down, home=home, env={"ARCHTREE_API_URL": "x"})
+        one_error_line(given, f"cannot reach the API at {down}", "or check --api")
+        assert "ARCHTREE_API_URL" not in given.stderr
+
+
+def test_an_unreachable_default_api_names_both_the_option_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from archtree_cli.main import build_parser
+    from archtree_cli.service_commands import api_client
+
+    monkeypatch.delenv("ARCHTREE_API_URL", raising=False)
+    args = build_parser().parse_args(["jobs"])
+    args.api = f"http://127.0.0.1:{free_port()}"  # nothing there, unlike the default maybe
+    with pytest.raises(ArchtreeError) as refused, api_client(args) as client:
+        client.jobs()
+    assert "or check --api (or ARCHTREE_API_URL)" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_https_to_a_plain_http_api_says_it_may_speak_http(
+    command: str, html_api: str, home: Path, tmp_path: Path
+):
+    https = html_api.replace("http:", "https:")
+
+    result = archtree(*command_args(command, tmp_path), "--api", https, home=home)
+
+    line = one_error_line(result, f"cannot speak https with the server at {https}", html_api)
+    assert "archtree up`, or check" not in line  # not "start it"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_port_out_of_range_is_named_as_such(home: Path):
+    result = archtree("jobs", "--api", "http://127.0.0.1:99999", home=home)
+
+    one_error_line(result, "--api 'http://127.0.0.1:99999' has port 99999, out of range", "65535")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_api_address_ending_in_v1_is_told_to_drop_it(
+    command: str, result_api: str, home: Path, tmp_path: Path
+):
+    result = archtree(*command_args(command, tmp_path), "--api", f"{result_api}/v1/", home=home)
+
+    one_error_line(result, f"give --api without its /v1 at the end: {result_api}")
+
+
+def test_fetch_refuses_an_empty_out_and_writes_nothing(result_api: str, home: Path):
+    before = sorted(ROOT.iterdir())
+
+    fetched = archtree("fetch", JOB, "--api", f"{result_api}/good", "--out", "", home=home)
+
+    assert fetched.returncode == 2, fetched.stdout
+    assert fetched.stderr.count("\n") == 1 and "--out is empty: give a path" in fetched.stderr
+    assert sorted(ROOT.iterdir()) == before  # the command's own folder
+
+
+def test_a_job_id_copied_with_spaces_around_it_is_the_job(home: Path):
+    with serving(RunningJobs) as api:
+        shown = archtree("status", f" {ASKED}\n", "--api", api, home=home)
+        cancelled = archtree("cancel", f"{JOB} ", "--api", api, home=home)
+        with ArchtreeClient(api) as client:
+            job = client.job(f"\t{JOB} ")
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"job {ASKED} running"), shown.stdout
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith(f"job {JOB} running"), cancelled.stdout
+    assert job["id"] == JOB

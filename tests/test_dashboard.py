@@ -518,7 +518,7 @@ def test_a_job_failed_before_its_search_keeps_its_baseline_and_says_what_to_chan
     wait_for(page, lambda: visible(page, "#job-error"), PAGE_S, "the error shown")
     shown = text(page, "#job-error")
     assert "cannot be met on this device" in shown
-    assert "or lower Min width or Margin" in shown and "search." not in shown
+    assert "or lower Min width" in shown and "search." not in shown
     stats = dict(
         zip(
             js(page, "[...document.querySelectorAll('#job-stats dt')].map(e => e.innerText)"),

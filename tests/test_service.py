@@ -27,6 +27,7 @@ import torch
 
 from archtree_cli.client import ArchtreeClient
 from search.artifacts import ARTIFACT_NAMES, load_pruned
+from search.errors import ArchtreeError
 from search.inputs import load_inputs
 from search.model_source import save_weights
 from search.notes import NOTHING_PRUNED
@@ -278,6 +279,52 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     down = archtree("status", job_id, "--api", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 2
     assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
+
+
+def test_options_the_strategy_overrides_are_the_jobs_notes_when_submitted_from_the_command_line(
+    api: ApiProcess, client: ArchtreeClient
+):
+    submitted = archtree(
+        "submit", "--api", api.url, "--device-class", "svc-notes", "--model", "builtin:vgg",
+        "--data", "builtin:digits", "--budget", BUDGET, "--strategy", "greedy", "--width", "3",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    try:
+        assert "archtree: note: --width 3 is not used: --strategy greedy" in submitted.stderr
+        notes = client.job(job_id)["progress"]["notes"]
+        assert (notes or [])[:1] == [
+            "search.width 3 is not used: search.strategy greedy runs with 1"
+        ]
+        shown = archtree("status", job_id, "--api", api.url)
+        assert "note: --width 3 is not used: --strategy greedy runs with 1" in shown.stdout
+    finally:
+        with contextlib.suppress(ArchtreeError):  # it may have ended, waiting for its device
+            client.cancel(job_id)
+
+
+def test_status_and_jobs_name_an_uploaded_data_file_as_the_user_named_it(
+    api: ApiProcess, client: ArchtreeClient, tmp_path: Path
+):
+    data = load_inputs("builtin:vgg", "builtin:digits").data
+    np.savez(tmp_path / "my digits.npz", x=data.train_x.numpy(), y=data.train_y.numpy())
+    common = ["--api", api.url]
+    submitted = archtree(
+        "submit", *common, "--device-class", "svc-upload", "--model", "builtin:vgg",
+        "--data", str(tmp_path / "my digits.npz"), "--budget", BUDGET,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    try:
+        shown = archtree("status", job_id, *common)
+        assert f"job {job_id} " in shown.stdout, shown.stderr
+        assert "on my digits.npz (uploaded), budget" in shown.stdout
+        listed = archtree("jobs", *common)
+        line = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
+        assert "on my digits.npz (uploaded), budget" in line and "artifact:" not in line
+    finally:
+        with contextlib.suppress(ArchtreeError):  # it may have ended, waiting for its device
+            client.cancel(job_id)
 
 
 def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_another_takes_over(
