@@ -61,6 +61,18 @@ def api_timeout_s() -> float:
     return seconds_from_environment(API_TIMEOUT_VARIABLE, DEFAULT_API_TIMEOUT_S, zero_allowed=False)
 
 
+def plain_http_instead(error: Exception, api_url: str) -> str | None:
+    """The http:// address to try when `error` is https failing at `api_url`: a TLS
+    handshake with a server that may speak plain HTTP (waiting will not change it)."""
+    if (
+        api_url.startswith("https:")
+        and isinstance(error, httpx.ConnectError)
+        and "SSL" in str(error)
+    ):
+        return "http:" + api_url.removeprefix("https:")
+    return None
+
+
 def checked_api_url(api_url: str, source: str = "--api") -> str:
     """`api_url` without a trailing slash, once it is an http(s) URL with a host; `source`:
     where it came from, which a refusal names."""
@@ -321,12 +333,8 @@ class ArchtreeClient:
                 f"{self.source}, and that the service is running ({API_TIMEOUT_VARIABLE} sets "
                 "the wait)"
             )
-        if (
-            isinstance(error, httpx.ConnectError)
-            and self.api_url.startswith("https:")
-            and ("SSL" in str(error))
-        ):
-            plain = "http:" + self.api_url.removeprefix("https:")
+        plain = plain_http_instead(error, self.api_url)
+        if plain is not None:
             return ArchtreeError(
                 f"cannot speak https with the server at {self.api_url} ({error}): it may speak "
                 f"plain http, as an API started by `archtree up` or `archtree api` does; give "

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import httpx
 import redis
 
-from archtree_cli.client import checked_api_url
+from archtree_cli.client import checked_api_url, plain_http_instead
 from archtree_cli.environment import seconds_from_environment
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
@@ -509,11 +509,11 @@ def register_via_api(
     try:
         response = httpx.post(url, json=info, timeout=timeout_s)
     except httpx.TransportError as error:
-        if "WRONG_VERSION_NUMBER" in str(error) or "record layer failure" in str(error):
-            # TLS spoken to a server that answers in plain HTTP: waiting will not help.
-            plain = "http://" + api_url.removeprefix("https://")
+        plain = plain_http_instead(error, api_url)
+        if plain is not None:  # waiting will not help
             raise ArchtreeError(
-                f"the Archtree API at {api_url} does not speak https ({error}): give --api {plain}"
+                f"cannot speak https with the Archtree API at {api_url} ({error}): it may "
+                f"speak plain http; give --api {plain}"
             ) from None
         raise ServiceUnreachable(
             f"the Archtree API at {api_url} cannot be reached ({type(error).__name__}: {error}); "

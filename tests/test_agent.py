@@ -625,7 +625,9 @@ def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> N
     # https spoken to the plain-HTTP API, and an HTTP server that is not Archtree's.
     plain = api_server.url
     fails_at_once(
-        f"does not speak https .*: give --api {plain}$", plain.replace("http:", "https:"), "e"
+        f"cannot speak https .*: it may speak plain http; give --api {plain}$",
+        plain.replace("http:", "https:"),
+        "e",
     )
     with serving(NotArchtree) as other:
         fails_at_once(
