@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,9 +138,15 @@ class ArchtreeClient:
         answer = self._json("GET", _job_path(job_id))
         return self._with_keys(answer, ("id", "status", "spec", "progress"))
 
-    def jobs(self, offset: int = 0, limit: int = 20) -> dict[str, Any]:
-        """A page of jobs, newest first: `jobs`, `total`, `offset`, `limit`."""
-        return self._json("GET", "/v1/jobs", params={"offset": offset, "limit": limit})
+    def jobs(
+        self, offset: int = 0, limit: int = 20, statuses: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """A page of jobs, newest first (only those in `statuses`, when given): `jobs`,
+        `total`, `offset`, `limit`."""
+        params: dict[str, Any] = {"offset": offset, "limit": limit}
+        if statuses:
+            params["status"] = list(statuses)
+        return self._json("GET", "/v1/jobs", params=params)
 
     def tree(self, job_id: str) -> dict[str, Any]:
         """The job's search tree so far."""

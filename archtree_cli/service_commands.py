@@ -28,6 +28,11 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 
 
+# A job's statuses (workers.job_store.STATUSES; not imported, as the command line's parser
+# needs neither redis nor the workers).
+JOB_STATUSES = ("queued", "waiting_for_device", "running", "succeeded", "failed", "cancelled")
+
+
 def add_service_commands(commands: argparse._SubParsersAction) -> None:
     """Register the service subcommands; each sets `handler` to "module:function"."""
     from archtree_cli.main import add_model_arguments, add_search_arguments, non_empty
@@ -146,6 +151,13 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     _add_api_argument(jobs)
     jobs.add_argument(
         "--limit", type=int, default=20, help="how many jobs to list, 1-200 (default 20)"
+    )
+    jobs.add_argument(
+        "--status",
+        action="append",
+        choices=JOB_STATUSES,
+        metavar="STATUS",
+        help=f"only jobs in this status ({', '.join(JOB_STATUSES)}); repeatable",
     )
 
 
@@ -457,7 +469,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= 200:
         raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
     with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
-        page = client.jobs(limit=args.limit)
+        page = client.jobs(limit=args.limit, statuses=args.status or ())
         for job in page["jobs"]:
             spec = job["spec"]
             print(
@@ -465,8 +477,11 @@ def run_jobs(args: argparse.Namespace) -> int:
                 f"{spec['budget']}, device class {spec['device_class']}"
             )
     shown = len(page["jobs"])
+    which = f"{' or '.join(args.status)} jobs" if args.status else "jobs"
     if shown < page["total"]:
-        print(f"({shown} newest of {page['total']} jobs; --limit shows more)", file=sys.stderr)
+        print(f"({shown} newest of {page['total']} {which}; --limit shows more)", file=sys.stderr)
+    elif shown == 0 and args.status:
+        print(f"no {which}", file=sys.stderr)
     elif shown == 0:
         print("no jobs yet: submit one with `archtree submit`", file=sys.stderr)
     return 0

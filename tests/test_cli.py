@@ -724,6 +724,14 @@ def test_sigterm_during_a_timing_stops_every_process_the_command_started(tmp_pat
     wait_until(lambda: not processes_of(home), 15, "the timing processes to stop")
 
 
+def test_the_command_lines_job_statuses_are_the_services():
+    from archtree_cli.client import ENDED
+    from archtree_cli.service_commands import JOB_STATUSES
+    from workers.job_store import FINAL_STATUSES, STATUSES
+
+    assert (JOB_STATUSES, ENDED) == (STATUSES, FINAL_STATUSES)
+
+
 def test_counts_are_singular_for_one():
     assert counted(1, "measurement") == "1 measurement"
     assert [counted(n, "candidate") for n in (0, 2)] == ["0 candidates", "2 candidates"]

@@ -416,6 +416,18 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
             line.split()[:2] == [job_id, "waiting_for_device"]
             for line in listed.stdout.splitlines()
         ), listed.stdout
+        # Only the jobs in a status, as the API lists them.
+        waiting = archtree("jobs", *common, "--status", "waiting_for_device", "--limit", "200")
+        expected = client.jobs(limit=200, statuses=["waiting_for_device"])["jobs"]
+        assert [line.split()[0] for line in waiting.stdout.splitlines()] == [
+            job["id"] for job in expected
+        ]
+        assert job_id in waiting.stdout
+        none = archtree("jobs", *common, "--status", "succeeded", "--status", "waiting_for_device")
+        assert job_id in none.stdout
+        assert "succeeded" not in archtree("jobs", *common, "--status", "failed").stdout
+        bad = archtree("jobs", *common, "--status", "done")
+        assert bad.returncode == 2 and "invalid choice: 'done'" in bad.stderr
 
         cancelled = archtree("cancel", job_id, *common)
         assert cancelled.returncode == 0 and job_id in cancelled.stdout, cancelled.stderr
