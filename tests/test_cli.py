@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -645,30 +646,43 @@ def test_more_threads_than_cores_are_warned_about(home):
     assert f"--threads {threads} is more than the" in result.stderr
 
 
-def test_ctrl_c_during_a_timing_says_what_was_kept_without_a_traceback(tmp_path, home):
-    out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "archtree_cli.main", "prune", "--model", "builtin:resnet",
-         "--data", "builtin:digits", "--budget", "50%", "--out", str(out)],
+def started_archtree(args: list[str], home: Path, **popen: Any) -> subprocess.Popen[str]:
+    """`archtree ARGS` as a child process on `home`, its output in pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "archtree_cli.main", *args],
         cwd=ROOT,
         env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
+    )
+
+
+def wait_for_a_timing_process(process: subprocess.Popen[str]) -> None:
+    """Until the command times a model: timings run in children of the fork server, a child
+    of the command."""
+    command = psutil.Process(process.pid)
+
+    def timing() -> bool:
+        try:
+            return any(child.ppid() != process.pid for child in command.children(recursive=True))
+        except psutil.NoSuchProcess:
+            return False
+
+    wait_until(timing, 120, "a timing process", poll_s=0.01)
+
+
+def test_ctrl_c_during_a_timing_says_what_was_kept_without_a_traceback(tmp_path, home):
+    out = tmp_path / "out"
+    process = started_archtree(
+        ["prune", "--model", "builtin:resnet", "--data", "builtin:digits", "--budget", "50%",
+         "--out", str(out)],
+        home,
         start_new_session=True,  # a group of its own, as a terminal's foreground job
     )  # fmt: skip
     try:
-        archtree_process = psutil.Process(process.pid)
-
-        def timing() -> bool:
-            # The timings run in children of the fork server, a child of archtree.
-            try:
-                children = archtree_process.children(recursive=True)
-                return any(child.ppid() != process.pid for child in children)
-            except psutil.NoSuchProcess:
-                return False
-
-        wait_until(timing, 120, "a timing process", poll_s=0.01)
+        wait_for_a_timing_process(process)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         _stdout, stderr = process.communicate(timeout=120)
     finally:
@@ -694,26 +708,12 @@ def processes_of(home: Path) -> list[psutil.Process]:
 
 def test_sigterm_during_a_timing_stops_every_process_the_command_started(tmp_path):
     home = tmp_path / "home"  # marks this command's processes
-    process = subprocess.Popen(
-        [sys.executable, "-m", "archtree_cli.main", "measure", "--model", "builtin:resnet",
-         "--input-shape", "3,224,224", "--batch-size", "4"],
-        cwd=ROOT,
-        env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    process = started_archtree(
+        ["measure", "--model", "builtin:resnet", "--input-shape", "3,224,224", "--batch-size", "4"],
+        home,
+    )
     try:
-        archtree_process = psutil.Process(process.pid)
-
-        def timing() -> bool:
-            try:
-                children = archtree_process.children(recursive=True)
-                return any(child.ppid() != process.pid for child in children)
-            except psutil.NoSuchProcess:
-                return False
-
-        wait_until(timing, 120, "a timing process", poll_s=0.01)
+        wait_for_a_timing_process(process)
         process.terminate()  # SIGTERM to the command alone, as `kill PID` or `timeout` send
         _stdout, stderr = process.communicate(timeout=60)
     finally:

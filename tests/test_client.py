@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -401,6 +402,27 @@ def test_an_invalid_timeout_setting_is_one_line(html_api: str, home: Path):
     one_error_line(result, f"{API_TIMEOUT_VARIABLE} must be a number of seconds above 0", "soon")
 
 
+def job_record(job_id: str, status: str) -> dict[str, Any]:
+    """A job as the API answers it, pruning the digits VGG to 60 %."""
+    return {
+        "id": job_id,
+        "status": status,
+        "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%",
+                 "device_class": "local"},
+        "progress": {},
+    }  # fmt: skip
+
+
+def send_job(handler: BaseHTTPRequestHandler, status: int, job: dict[str, Any]) -> None:
+    """Answer `job` as JSON with HTTP `status`."""
+    body = json.dumps(job).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class BreakingEventStream(BaseHTTPRequestHandler):
     """Job JOB's events, whose stream breaks off after the first event as when the API
     restarts; the stream resumed after it sends the last. Records each Last-Event-ID."""
@@ -421,19 +443,7 @@ class BreakingEventStream(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(event.encode())
             return
-        job = {
-            "id": JOB,
-            "status": "succeeded",
-            "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%",
-                     "device_class": "local"},
-            "progress": {},
-        }  # fmt: skip
-        body = json.dumps(job).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_job(self, 200, job_record(JOB, "succeeded"))
 
     def log_message(self, *_: object) -> None:
         pass
@@ -517,20 +527,8 @@ class RunningJobs(BaseHTTPRequestHandler):
         self.send_job(self.path.split("/")[3], cancel_requested=True)
 
     def send_job(self, job_id: str, cancel_requested: bool) -> None:
-        job = {
-            "id": job_id,
-            "status": "running",
-            "spec": {"model": "builtin:vgg", "data": "builtin:digits", "budget": "60%",
-                     "device_class": "local"},
-            "progress": {},
-            "cancel_requested": cancel_requested,
-        }  # fmt: skip
-        body = json.dumps(job).encode()
-        self.send_response(202 if self.command == "POST" else 200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        job = job_record(job_id, "running") | {"cancel_requested": cancel_requested}
+        send_job(self, 202 if self.command == "POST" else 200, job)
 
     def log_message(self, *_: object) -> None:
         pass
