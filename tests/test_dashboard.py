@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 
+from search.inputs import load_inputs
 from search.notes import NOTHING_PRUNED
 from tests.api_fixtures import ApiProcess, api_env, start_api
 from tests.browser_fixtures import console_errors, screenshot, wait_for
@@ -481,6 +483,30 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "end")
             assert not visible(page, "#job-waiting")
     worker_pool.ensure(1)  # as the module's other tests expect
+
+
+def test_uploads_are_named_as_the_user_named_their_files(
+    page: Any, stack: ApiProcess, tmp_path: Path
+):
+    data = load_inputs("builtin:vgg", "builtin:digits").data
+    np.savez(tmp_path / "upload.npz", x=data.train_x.numpy(), y=data.train_y.numpy())
+    spec = {key: value for key, value in job_spec().items() if key != "data"}
+    spec["device_class"] = "dashboard-absent"  # it waits, and is cancelled below
+    with stack.client() as client:
+        sent = {"data": ("my digits.npz", (tmp_path / "upload.npz").read_bytes())}
+        answer = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=sent)
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        try:
+            page.get(f"{stack.url}/#/jobs/{job_id}")
+            wait_for(page, lambda: "data uploaded" in text(page, "#job-summary"), PAGE_S, "job")
+            assert "data uploaded my digits.npz" in text(page, "#job-summary")
+            open_jobs_page(page, stack)
+            row = f'tr[data-job-id="{job_id}"]'
+            wait_for(page, lambda: visible(page, row), PAGE_S, "the job's row")
+            assert "uploaded my digits.npz" in text(page, row)
+        finally:
+            client.post(f"/v1/jobs/{job_id}/cancel")
 
 
 def test_a_job_whose_worker_is_lost_says_so_until_another_worker_takes_over(

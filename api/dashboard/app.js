@@ -102,9 +102,10 @@ function statusBadge(status) {
   return el("span", { class: `status status-${status}`, text: status, "data-status": status });
 }
 
-// Uploaded inputs are stored as `artifact:jobs/<id>/inputs/<file>`: show the file's name.
-const source = (value) =>
-  value?.startsWith("artifact:") ? `uploaded ${value.split("/").pop()}` : value ?? "—";
+// Uploaded inputs are stored as `artifact:jobs/<id>/inputs/<file>`: show the name the file
+// was sent with (`sentName`, from the spec's upload_names), else the stored file's.
+const source = (value, sentName) =>
+  value?.startsWith("artifact:") ? `uploaded ${sentName || value.split("/").pop()}` : value ?? "—";
 
 class ApiError extends Error {
   constructor(message, status) {
@@ -256,7 +257,7 @@ function renderJobs(root, page, filtered) {
     if (progress.final?.accuracy != null) quality = `${percent(progress.final.accuracy)} acc.`;
     else if (best?.score != null) quality = `${decimal(best.score)} score`;
     const budget = progress.budget_ms != null ? `${spec.budget} = ${ms(progress.budget_ms)}` : spec.budget;
-    const model = spec.weights ? `${spec.model} + ${source(spec.weights)}` : spec.model;
+    const model = spec.weights ? `${spec.model} + ${source(spec.weights, spec.upload_names?.weights)}` : spec.model;
     return el(
       "tr",
       { "data-job-id": job.id },
@@ -264,7 +265,7 @@ function renderJobs(root, page, filtered) {
       el("td", { text: when(job.created_at) }),
       el("td", {}, statusBadge(job.status)),
       el("td", { text: model }),
-      el("td", { text: source(spec.data) }),
+      el("td", { text: source(spec.data, spec.upload_names?.data) }),
       el("td", { text: spec.device_class }),
       el("td", { text: budget }),
       el("td", { class: "num", text: count(progress.depth) }),
@@ -673,8 +674,8 @@ function renderJob(view) {
   live.status = job.status;
   $("#job-status", root).replaceChildren(statusBadge(job.status));
   $("#job-summary", root).textContent = [
-    `model ${spec.model}${spec.weights ? ` + ${source(spec.weights)}` : ""}`,
-    `data ${source(spec.data)}`,
+    `model ${spec.model}${spec.weights ? ` + ${source(spec.weights, spec.upload_names?.weights)}` : ""}`,
+    `data ${source(spec.data, spec.upload_names?.data)}`,
     `device class ${spec.device_class}`,
     `budget ${spec.budget}`,
     `strategy ${spec.search.strategy ?? "archtree"}`,
