@@ -318,7 +318,12 @@ def registered_agent(redis_client, device_class: str):
     )
     stop = threading.Event()
     thread, outcome = in_thread(agent.run, stop)
-    wait_until(lambda: registry.live_agents(device_class) == 1, 10, "the agent to register")
+    # Its id is set once registering returns, a moment after the record is written.
+    wait_until(
+        lambda: agent.agent_id is not None and registry.live_agents(device_class) == 1,
+        10,
+        "the agent to register",
+    )
     return registry, agent, thread, outcome, stop
 
 
