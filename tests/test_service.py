@@ -345,11 +345,12 @@ def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_anoth
     victim = next(w for w in worker_pool.alive() if w.name == started["worker"])
     victim.kill()
 
-    def lost() -> list[dict[str, Any]]:
-        return client.job(job_id)["lost_tasks"]
+    def lost() -> dict[str, Any] | None:
+        tasks = client.job(job_id)["lost_tasks"]
+        return next((task for task in tasks if task["worker"] == victim.name), None)
 
-    (task,) = wait_until(lost, 30, "the lost task in the job")
-    assert (task["worker"], task["name"]) == (victim.name, "archtree.evaluate_child")
+    task = wait_until(lost, 30, "the killed worker's task lost in the job")
+    assert task["name"] == "archtree.evaluate_child"
     assert task["silent_s"] >= worker_pool.settings.task_lease_s
     assert task["back_by"] > task["started_at"] + worker_pool.settings.visibility_timeout_s
     status = archtree("status", job_id, "--api", api.url)
@@ -362,8 +363,8 @@ def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_anoth
     job = client.job(job_id)
     assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
     assert job["lost_tasks"] == []
-    announced = [e for _, e in events if e["kind"] == "task_lost"]
-    assert [(e["worker"], e["task_id"]) for e in announced] == [(victim.name, task["task_id"])]
+    announced = [e for _, e in events if e["kind"] == "task_lost" and e["worker"] == victim.name]
+    assert [e["task_id"] for e in announced] == [task["task_id"]]  # said once
     # `status --watch` replays the events: the loss is one line among them.
     watched = archtree("status", job_id, "--api", api.url, "--watch")
     assert watched.stdout.count(said) == 1, watched.stdout

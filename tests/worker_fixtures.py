@@ -34,8 +34,10 @@ WORKER_START_S = 60.0
 # Tasks here take a few seconds: a task still unacknowledged after this long belonged to a
 # worker that died, and goes to another one.
 VISIBILITY_TIMEOUT_S = 12.0
-# Short, so that a killed worker's task is shown lost well before it goes to another worker.
-TASK_LEASE_S = 3.0
+# Short, so that a killed worker's task is shown lost well before it goes to another worker;
+# long enough that a live worker's renewals (every third of it) are not all missed on a
+# loaded 2-core machine.
+TASK_LEASE_S = 5.0
 DEVICE_WAIT_S = 4.0
 
 __all__ = ["WorkerPool", "WorkerProcess", "worker_pool"]
