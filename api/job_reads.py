@@ -42,10 +42,13 @@ async def read_jobs(
     async with client.pipeline(transaction=False) as pipe:
         for job_id in ids:
             pipe.hgetall(jobs.key(job_id))
-        pipe.zcard(index)
-        *hashes, count = await pipe.execute()
-    records = [jobs.record(job_id, raw) for job_id, raw in zip(ids, hashes, strict=True)]
-    return [record for record in records if record is not None], total if statuses else int(count)
+        if not statuses:
+            pipe.zcard(index)
+        answers = await pipe.execute()
+    if not statuses:
+        *answers, total = answers
+    records = [jobs.record(job_id, raw) for job_id, raw in zip(ids, answers, strict=True)]
+    return [record for record in records if record is not None], int(total)
 
 
 async def _ids_in_statuses(

@@ -77,6 +77,25 @@ def test_async_reads_return_what_the_job_store_returns(redis_client: redis.Redis
     assert read_async(redis_url, store, read_job, "nosuchjob") is None
     for offset, limit in [(0, 20), (1, 2), (3, 5), (10, 5)]:
         assert read_async(redis_url, store, read_jobs, offset, limit) == store.list(offset, limit)
+    everything, _ = store.list(0, 100)
+    for statuses in (["queued"], ["failed", "running"], ["succeeded"]):
+        kept = [job for job in everything if job["status"] in statuses]
+        assert read_async(redis_url, store, read_jobs, 0, 20, statuses) == (kept, len(kept))
+        assert read_async(redis_url, store, read_jobs, 1, 1, statuses) == (kept[1:2], len(kept))
+
+
+def test_jobs_are_counted_by_status(redis_client: redis.Redis):
+    store = JobStore(redis_client)
+    make_jobs(store)
+    store.set_status(store.create(SPEC), "succeeded")
+    everything, _ = store.list(0, 100)
+
+    counts = store.counts_by_status()
+
+    assert set(counts) >= {"queued", "running", "succeeded", "failed", "cancelled"}
+    for status, count in counts.items():
+        assert count == sum(job["status"] == status for job in everything), status
+    assert counts["queued"] == counts["succeeded"] == counts["failed"] == 1
 
 
 def test_archtree_api_with_two_workers_serves_then_stops_both(

@@ -290,8 +290,10 @@ class JobStore:
 
     def counts_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
+        pipe = self.client.pipeline(transaction=False)
         for job_id in self.client.zrange(f"{self.prefix}jobs", 0, -1):
-            status = self.client.hget(self._key(job_id.decode()), "status")
+            pipe.hget(self._key(job_id.decode()), "status")
+        for status in pipe.execute():
             if status:
                 counts[status.decode()] = counts.get(status.decode(), 0) + 1
         return counts
