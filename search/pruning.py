@@ -273,10 +273,19 @@ def _width_constraint(
     widths must keep. A grouped convolution (other than depthwise) that it feeds or is must
     keep its groups of equal width: the group stays whole. A GroupNorm over its channels
     alone keeps its number of groups, which must divide the width: the width steps by that
-    number. One over more channels than the group's (after a concatenation) keeps it whole."""
+    number. One over more channels than the group's (after a concatenation) keeps it whole.
+    A MultiheadAttention over the group's channels splits them into its heads, which keep
+    equal widths: the width steps by its number of heads, as for a GroupNorm."""
     multiple = 1
     for item in group:
         module = item.dep.target.module
+        if isinstance(module, nn.MultiheadAttention):
+            name, heads = names[module], module.num_heads
+            if module.embed_dim != size or not module._qkv_same_embed_dim:
+                return f"the attention {name!r} works on other channels too", 1
+            multiple = math.lcm(multiple, heads)
+            if multiple >= size:
+                return f"the attention {name!r} has {heads} heads of one channel each", 1
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
             depthwise = module.groups == module.in_channels == module.out_channels
             if not depthwise:
@@ -294,8 +303,8 @@ def _width_constraint(
 def least_important(importance: np.ndarray, count: int, multiple: int = 1) -> list[int]:
     """Indices of the `count` least important channels of a group, in channel order. With a
     `multiple` (ChannelGroup.multiple), as many from each of that many equal runs of
-    channels, the least important of each: a GroupNorm's groups keep equal widths, each its
-    own channels. `count` is then rounded down to a multiple of it."""
+    channels, the least important of each: a GroupNorm's groups and an attention's heads keep
+    equal widths, each its own channels. `count` is then rounded down to a multiple of it."""
     if multiple <= 1:
         order = np.argsort(importance, kind="stable")
         return sorted(int(i) for i in order[:count])

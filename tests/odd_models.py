@@ -42,6 +42,35 @@ def group_norm_net() -> nn.Module:
     )  # fmt: skip
 
 
+class PatchAttention(nn.Module):
+    """A tiny vision transformer: 2x2 patches of width `dim`, one attention of `heads` heads
+    and an MLP, both residual, a mean over the patches and a linear head."""
+
+    def __init__(self, dim: int = 40, heads: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, 2)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+def patch_attention() -> nn.Module:
+    return PatchAttention()
+
+
+def attention_head_per_channel() -> nn.Module:
+    return PatchAttention(dim=8, heads=8)
+
+
 class FixedView(nn.Module):
     """Reshapes with a fixed size: its second convolution's channels cannot change."""
 

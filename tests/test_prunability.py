@@ -72,6 +72,26 @@ def test_a_group_norms_groups_each_lose_their_own_least_important_channels():
     assert least_important(importance, 3) == [1, 2, 6]
 
 
+def test_an_attentions_channels_are_pruned_in_multiples_of_its_heads():
+    assert kept_whole(odd_models.patch_attention) == {}
+    assert kept_whole(odd_models.attention_head_per_channel) == {
+        "mlp.2": "the attention 'attention' has 8 heads of one channel each"
+    }
+    model = odd_models.patch_attention().eval()
+    pruner = PrunableModel(model, EXAMPLE, min_width_fraction=0.1)
+    residual = pruner.groups_by_name["mlp.2"]  # the patches' width, through the attention
+    assert (residual.size, residual.multiple, residual.min_size) == (40, 4, 4)
+    importance = pruner.importance("l2")
+    for kind in ("global", "uniform", "latency"):
+        for fraction in (0.1, 0.37, 0.8, 1.0):
+            plan = removal_plan(Move(kind), pruner, importance, fraction)
+            assert len(plan.get("mlp.2", [])) % 4 == 0
+    # Each head loses as many of its own channels: 40 channels, heads of 10, 3 off each.
+    pruner.remove({"mlp.2": least_important(importance["mlp.2"], 12, multiple=4)})
+    assert (model.attention.embed_dim, model.attention.head_dim) == (28, 7)
+    assert model(EXAMPLE).shape == (1, 10)
+
+
 def test_a_group_whose_narrowing_breaks_the_forward_pass_is_kept_whole_and_no_other():
     fixed = kept_whole(odd_models.fixed_view)
     assert list(fixed) == ["b"]
