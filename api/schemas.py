@@ -189,7 +189,7 @@ class JobSpecIn(BaseModel):
         "float32", description="Precision the model is timed in."
     )
     num_classes: int | None = Field(
-        None, ge=1, description="Classifier outputs of a builtin model (default: from the data)."
+        None, ge=2, description="Classifier outputs of a builtin model (default: from the data)."
     )
     allow_pickle: bool = Field(
         False,

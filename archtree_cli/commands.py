@@ -311,7 +311,7 @@ def run_measure(args: argparse.Namespace) -> int:
     oracle = _oracle(args)
     _check_activations_fit(model, shape, args.batch_size, args.model)
     sample = torch.zeros(args.batch_size, *shape)
-    check_forward(model, sample, args.model, f"--input-shape {args.input_shape}")
+    check_forward(model, sample, args.model, f"--input-shape {args.input_shape}", classifier=False)
     spec = spec_of(model, ref, shape)
     print(
         f"measuring {args.model} at batch {args.batch_size}, input {shape} (Ctrl-C stops)",

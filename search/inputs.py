@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,10 @@ def load_inputs(
     if num_classes is None:
         check_labels_dense(data, data_source)
     classes = num_classes if num_classes is not None else (data.num_classes or 10)
-    if not 1 <= classes <= MAX_CLASSES:
+    if not 2 <= classes <= MAX_CLASSES:
         raise ArchtreeError(
             f"the model's number of classes (--num-classes) must be "
-            f"between 1 and {MAX_CLASSES}, not {classes}"
+            f"between 2 and {MAX_CLASSES}, not {classes}"
         )
     shape = tuple(data.input_shape)
     channels_last = _channels_last(shape)
@@ -91,10 +92,18 @@ def check_labels_dense(data: DataSplits, data_source: str) -> None:
 
 
 def check_forward(
-    model: nn.Module, samples: torch.Tensor, model_source: str, inputs_label: str
+    model: nn.Module,
+    samples: torch.Tensor,
+    model_source: str,
+    inputs_label: str,
+    *,
+    classifier: bool = True,
 ) -> torch.Tensor:
     """Run `model` on `samples`, and on the first alone (batches of one are timed by default);
-    return its outputs. Any failure is the user's model or inputs: an ArchtreeError."""
+    return its outputs. With `classifier` (what a search needs), the outputs must be finite
+    (batch, classes) logits, of two classes at least, and so must the outputs of a forward
+    pass in training mode, which fine-tuning runs. Any failure is the user's model or
+    inputs: an ArchtreeError."""
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if dtypes:
         raise ArchtreeError(
@@ -123,23 +132,59 @@ def check_forward(
                 + (f"; {hint}." if hint else " (if it expects this one, its forward fails).")
             ) from None
     output = outputs[0]
+    if classifier:
+        _check_logits(output, model_source, "")
+        _check_logits(
+            _training_output(model, samples, model_source), model_source, " in training mode"
+        )
+        if not bool(torch.isfinite(output).all()):
+            raise ArchtreeError(
+                f"the model {model_source} outputs NaN or infinite values on {inputs_label}: its "
+                "weights are broken (a training run that diverged?); give weights of a finite "
+                "model."
+            )
+    return output
+
+
+def _check_logits(output: object, model_source: str, mode: str) -> None:
+    """Refuse outputs that are not (batch, classes) logits of two classes or more."""
+    wanted = f"the model {model_source} must return a (batch, classes) tensor of logits{mode}"
     if not isinstance(output, torch.Tensor):
         raise ArchtreeError(
-            f"the model {model_source} must return a (batch, classes) tensor of logits; it "
-            f"returned a {type(output).__name__}: wrap it in a module whose forward returns "
-            "only the logits."
+            f"{wanted}; it returned a {type(output).__name__}: wrap it in a module whose forward "
+            "returns only the logits"
+            + (
+                " (torchvision's GoogLeNet and Inception: build them with aux_logits=False)."
+                if mode
+                else "."
+            )
         )
     if output.dim() != 2:
+        raise ArchtreeError(f"{wanted}; it returned a tensor of shape {tuple(output.shape)}.")
+    if output.shape[1] < 2:
         raise ArchtreeError(
-            f"the model {model_source} must return a (batch, classes) tensor of logits; it "
-            f"returned a tensor of shape {tuple(output.shape)}."
+            f"{wanted}; it returns one value per input. Archtree prunes classifiers: it scores "
+            "candidates by accuracy, or without labels by how close their class probabilities "
+            "stay to the unpruned model's, which one output cannot show. A binary classifier "
+            "needs two logits (trained with cross-entropy); a regression model is not supported."
         )
-    if not bool(torch.isfinite(output).all()):
+
+
+def _training_output(model: nn.Module, samples: torch.Tensor, model_source: str) -> object:
+    """The output of a forward pass in training mode, on a copy (its batch-norm statistics
+    stay as they are): a model may return more there, or use layers eval mode leaves out."""
+    trained = copy.deepcopy(model).train()
+    batch = samples if len(samples) > 1 else torch.cat([samples, samples])
+    try:
+        with torch.no_grad():
+            return trained(batch)
+    except Exception as error:  # the model's own code in training mode
+        detail = first_line(error) or type(error).__name__
         raise ArchtreeError(
-            f"the model {model_source} outputs NaN or infinite values on {inputs_label}: its "
-            "weights are broken (a training run that diverged?); give weights of a finite model."
-        )
-    return output
+            f"the model {model_source} fails in training mode ({detail}), "
+            "in which each candidate is fine-tuned: make its training forward pass run on the "
+            "inputs its eval forward pass takes, returning the logits alone."
+        ) from None
 
 
 def _channels_last(shape: tuple[int, ...]) -> str | None:

@@ -390,8 +390,8 @@ def prune_args(tmp_path: Path, *extra: str, budget: str = REACHABLE) -> list[str
         (["--margin", "nan"], None, "--margin must be a finite number"),
         (["--weights", ""], None, "--weights is empty"),
         (["--out="], None, "--out is empty"),
-        (["--num-classes", "200000"], None, "between 1 and 100000, not 200000"),
-        (["--num-classes", "0"], None, "between 1 and 100000, not 0"),
+        (["--num-classes", "200000"], None, "between 2 and 100000, not 200000"),
+        (["--num-classes", "1"], None, "between 2 and 100000, not 1"),
         (["--threads", "99999"], None, "--threads must be between 1 and 1024"),
     ],
 )
@@ -492,6 +492,56 @@ def test_a_model_of_its_own_given_channels_last_images_gets_the_same_hint():
     assert message.endswith(
         "(32x32 with 3 channels): save x as N,C,H,W, e.g. x.transpose(0, 3, 1, 2)."
     )
+
+
+class TupleInTraining(torch.nn.Module):
+    """Logits in eval mode; logits and auxiliary logits in training mode, as GoogLeNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
+        self.head, self.aux = torch.nn.Linear(16, 10), torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return (self.head(features), self.aux(features)) if self.training else self.head(features)
+
+
+class FailsInTraining(TupleInTraining):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert not self.training, "no training here"
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize(
+    "model, said",
+    [
+        (
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1)),
+            "returns one value per input. Archtree prunes classifiers",
+        ),
+        (
+            TupleInTraining(),
+            "logits in training mode; it returned a tuple: wrap it in a module whose forward",
+        ),
+        (FailsInTraining(), "fails in training mode (no training here), in which each"),
+    ],
+    ids=["one-output", "tuple-in-training", "fails-in-training"],
+)
+def test_a_model_a_search_cannot_score_or_fine_tune_is_refused_and_measure_takes_it(model, said):
+    from search.errors import ArchtreeError
+    from search.inputs import check_forward
+
+    samples = torch.zeros(2, 1, 8, 8)
+    running = [b.clone() for b in model.buffers()]
+    with pytest.raises(ArchtreeError) as error:
+        check_forward(model.eval(), samples, "module:mine:net", "digits")
+    assert said in str(error.value)
+    assert not model.training  # checked in training mode on a copy
+    assert all(torch.equal(a, b) for a, b in zip(running, model.buffers(), strict=True))
+    # Timing needs no logits: `measure` takes it.
+    output = check_forward(model, samples, "module:mine:net", "--input-shape", classifier=False)
+    assert output.shape[0] == 2
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_path, home):
