@@ -160,11 +160,21 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
                 f"too close to the budget to keep the {margin} margin",
                 "--min-width or --margin",
             )
-        raise ArchtreeError(
+        reached = (
             f"the budget of {_ms(budget_ms)} ms cannot be met on this device: the smallest "
             f"model pruning can reach measures {_ms(smallest_ms)} ms "
-            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {_ms(baseline_ms)} ms), "
-            f"{why}. Give a budget of at least {_ms(enough_ms)} ms, or lower {lower}."
+            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {_ms(baseline_ms)} ms)"
+        )
+        if enough_ms >= baseline_ms:
+            # A budget that would leave room for the margin is one the unpruned model meets.
+            raise ArchtreeError(
+                f"{reached}: pruning its channels barely speeds this model up here, its time "
+                "goes to what pruning does not remove (each layer's fixed cost, the layers kept "
+                "whole). Time a larger batch (--batch-size), where channels weigh more, or "
+                "choose a smaller architecture."
+            )
+        raise ArchtreeError(
+            f"{reached}, {why}. Give a budget of at least {_ms(enough_ms)} ms, or lower {lower}."
         )
     return state
 

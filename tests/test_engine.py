@@ -59,6 +59,33 @@ def test_unreachable_budget_stops_before_searching_and_names_the_best_reachable_
     assert "depth_started" not in kinds
 
 
+class FixedCostDevice(BlockedConvDevice):
+    """Convolutions as on a BlockedConvDevice, plus a fixed cost 30 times the unpruned
+    model's convolutions: pruning every channel it can saves a few percent at most."""
+
+    def cost_ms(self, spec):
+        return super().cost_ms(spec) + self.fixed_ms
+
+    def measure_reference(self, reference, *, confirm=False):
+        self.fixed_ms = 0.0
+        self.fixed_ms = 30 * super().cost_ms(reference)
+        return super().measure_reference(reference, confirm=confirm)
+
+
+def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_already_meets():
+    context = make_context(oracle=FixedCostDevice(1))
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("99%"))
+    message = str(error.value)
+    assert "cannot be met on this device: the smallest model pruning can reach measures" in message
+    assert "pruning its channels barely speeds this model up here" in message
+    assert "--batch-size" in message and "Give a budget" not in message
+    # Where a reachable budget exists below the unpruned latency, it is the one suggested.
+    context = make_context(oracle=BlockedConvDevice(1), min_width_fraction=0.5)
+    with pytest.raises(ArchtreeError, match="Give a budget of at least"):
+        start(context, parse_budget("5%"))
+
+
 class TimingsCountedDevice(BlockedConvDevice):
     def __init__(self) -> None:
         super().__init__(1)
