@@ -291,11 +291,17 @@ def run_measure(args: argparse.Namespace) -> int:
         shape = tuple(int(v) for v in args.input_shape.split(","))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
+    if not 1 <= len(shape) <= 4 or min(shape) < 1:
         raise ArchtreeError(
-            f"--input-shape {args.input_shape!r} is not C,H,W with positive numbers, e.g. 1,28,28."
+            f"--input-shape {args.input_shape!r} is not one sample's shape, 1 to 4 positive "
+            "numbers: C,H,W for an image, e.g. 1,28,28."
         )
-    input_bytes = 4 * args.batch_size * shape[0] * shape[1] * shape[2]
+    if not args.model.startswith("module:") and len(shape) != 3:
+        raise ArchtreeError(
+            f"{args.model} takes images: give --input-shape as C,H,W, e.g. 1,28,28 (a model of "
+            "your own, module:, may take another shape)."
+        )
+    input_bytes = 4 * args.batch_size * math.prod(shape)
     if input_bytes > MAX_INPUT_BYTES:
         raise ArchtreeError(
             f"--input-shape {args.input_shape} at --batch-size {args.batch_size} is an input of "

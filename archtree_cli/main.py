@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument(
         "--input-shape",
         default="1,28,28",
-        help="one sample's shape C,H,W (default 1,28,28)",
+        help="one sample's shape: C,H,W for an image (default 1,28,28); a model of your own "
+        "may take another, such as F or C,L",
     )
     add_device_arguments(measure)
     measure.add_argument(

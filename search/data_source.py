@@ -13,7 +13,7 @@ import gzip
 import importlib.util
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -39,7 +39,8 @@ SMALL_CALIB_SHARE, SMALL_VAL_SHARE = 0.1, 0.2
 
 @dataclass
 class DataSplits:
-    """Train, calibration and validation splits of one dataset (x float32 N,C,H,W)."""
+    """Train, calibration and validation splits of one dataset (x float32: N,C,H,W images, or
+    whatever shape a sample of the user's own data has: N,F features, N,C,L sequences)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor | None
@@ -48,8 +49,22 @@ class DataSplits:
     val_x: torch.Tensor
     val_y: torch.Tensor | None
     num_classes: int | None
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     name: str
+    # Three-axis inputs are read as N,H,W greyscale images, given a channel axis: a model that
+    # takes them as N,C,L sequences instead gets them without it (`without_added_channel`).
+    channel_added: bool = False
+
+    def without_added_channel(self) -> DataSplits:
+        """The same splits with the channel axis added to three-axis inputs taken off."""
+        return replace(
+            self,
+            train_x=self.train_x.squeeze(1),
+            calib_x=self.calib_x.squeeze(1),
+            val_x=self.val_x.squeeze(1),
+            input_shape=self.input_shape[1:],
+            channel_added=False,
+        )
 
     @property
     def labelled(self) -> bool:
@@ -74,7 +89,11 @@ def load_data(
             )
     else:
         x, y = _load_user_file(Path(source))
-    return _split(x, y, source, seed=seed, calib_size=calib_size, val_size=val_size)
+    channel_added = x.dim() == 3
+    if channel_added:
+        x = x.unsqueeze(1)
+    splits = _split(x, y, source, seed=seed, calib_size=calib_size, val_size=val_size)
+    return replace(splits, channel_added=channel_added)
 
 
 def _mnist_path() -> Path | None:
@@ -118,7 +137,7 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if path.is_dir():
         raise ArchtreeError(
-            f"data {str(path)!r} is a folder; give a .npz or .pt file holding `x` (N,C,H,W) "
+            f"data {str(path)!r} is a folder; give a .npz or .pt file holding inputs `x` "
             "and optional `y`"
         )
     if path.exists() and not path.is_file():
@@ -189,7 +208,7 @@ def _read_pt(path: Path) -> dict[str, object]:
         if scan is None and path.suffix not in USER_EXTENSIONS:
             raise ArchtreeError(
                 f"data file {str(path)!r} is neither a numpy archive (.npz) nor a torch file "
-                "(.pt), whatever its name: give one holding `x` (N,C,H,W) and optional `y`, "
+                "(.pt), whatever its name: give one holding inputs `x` and optional `y`, "
                 "or builtin:mnist / builtin:digits"
             ) from None
         if scan is None:
@@ -233,16 +252,15 @@ def _as_tensor(value: object, name: str, path: Path) -> torch.Tensor:
 
 def _as_inputs(value: object, path: Path) -> torch.Tensor:
     x = _as_tensor(value, "x", path)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    if x.dim() != 4:
+    if not 2 <= x.dim() <= 5:
         raise ArchtreeError(
-            f"`x` in {str(path)!r} has shape {tuple(x.shape)}; expected N,C,H,W or N,H,W images"
+            f"`x` in {str(path)!r} has shape {tuple(x.shape)}; expected one sample per row: "
+            "N,C,H,W or N,H,W images, N,C,L sequences or N,F feature vectors"
         )
     if 0 in x.shape[1:]:
         raise ArchtreeError(
-            f"`x` in {str(path)!r} has shape {tuple(x.shape)}: images need at least one channel, "
-            "row and column"
+            f"`x` in {str(path)!r} has shape {tuple(x.shape)}: a sample needs at least one value "
+            "along each axis"
         )
     if x.dtype == torch.bool or x.is_complex():
         raise ArchtreeError(f"`x` in {str(path)!r} has dtype {x.dtype}; save it as float")
@@ -337,6 +355,6 @@ def _split(
         val_x=x[val_idx].contiguous(),
         val_y=take(y, val_idx),
         num_classes=num_classes,
-        input_shape=(int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
+        input_shape=tuple(int(size) for size in x.shape[1:]),
         name=name,
     )

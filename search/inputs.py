@@ -41,6 +41,13 @@ def load_inputs(
         )
     shape = tuple(data.input_shape)
     channels_last = _channels_last(shape)
+    own_model = model_source.startswith("module:")
+    if not own_model and len(shape) != 3:
+        raise ArchtreeError(
+            f"{model_source} takes images, and a sample of {data_source} has shape {shape}: "
+            "give N,C,H,W or N,H,W images, or prune a model of your own (module:) that takes "
+            "these inputs."
+        )
     if model_source.startswith("builtin:") and channels_last:
         # A builtin model takes as many channels as the data have: it would run on them.
         raise ArchtreeError(f"the inputs of {data_source} have shape {shape}: {channels_last}.")
@@ -50,7 +57,21 @@ def load_inputs(
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
     model.eval()
-    output = check_forward(model, data.calib_x[:2], model_source, data_source)
+    try:
+        output = check_forward(model, data.calib_x[:2], model_source, data_source)
+    except ArchtreeError as as_images:
+        if not (own_model and data.channel_added):
+            raise
+        # Three axes were read as greyscale images; the model may take them as sequences.
+        sequences = data.without_added_channel()
+        try:
+            output = check_forward(model, sequences.calib_x[:2], model_source, data_source)
+        except ArchtreeError as as_sequences:
+            raise ArchtreeError(
+                f"{as_images} (read as N,C,L sequences of shape {sequences.input_shape}, it "
+                f"fails too: {as_sequences})"
+            ) from None
+        data = sequences
     if num_classes is not None and output.shape[1] != num_classes:
         raise ArchtreeError(
             f"--num-classes {num_classes} does not apply to {model_source}, which builds its "

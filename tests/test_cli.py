@@ -544,6 +544,63 @@ def test_a_model_a_search_cannot_score_or_fine_tune_is_refused_and_measure_takes
     assert output.shape[0] == 2
 
 
+def sequences_file(path: Path, count: int = 240) -> Path:
+    """Sequences of 4 channels and 48 steps, N,C,L, whose class is the channel that is high."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(count) % 3
+    x = 0.1 * torch.randn(count, 4, 48, generator=generator)
+    x[torch.arange(count), labels] += 1.0
+    torch.save({"x": x, "y": labels}, path)
+    return path
+
+
+def test_a_model_of_sequences_is_pruned_on_its_three_axis_data_and_reloads(tmp_path, home):
+    from search import load_pruned
+
+    data = sequences_file(tmp_path / "sequences.pt")
+    source = "module:tests.non_image_models:sequence_net"
+    args = prune_args(tmp_path, "--model", source, "--data", str(data), budget="90%")
+    archtree(*args, home=home)
+
+    pruned = load_pruned(tmp_path / "out")
+    assert pruned(torch.zeros(2, 4, 48)).shape == (2, 3)
+    assert pruned[3].out_channels < 128 or pruned[6].out_channels < 128
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert json.loads((tmp_path / "out" / "arch.json").read_text())["input_shape"] == [4, 48]
+    assert report["final"]["latency_ms"] <= report["budget_ms"] < report["baseline"]["latency_ms"]
+
+
+def test_measure_times_a_model_of_feature_vectors(home):
+    result = archtree(
+        "measure", "--model", "module:tests.non_image_models:feature_net", "--input-shape", "12",
+        home=home,
+    )  # fmt: skip
+    assert "setup      batch 1, input (12,), 1 thread(s)" in result.stdout
+    assert re.search(r"median\s+[0-9.]+ ms", result.stdout)
+
+
+def test_inputs_that_are_not_images_go_to_a_model_that_takes_them_and_no_builtin(tmp_path):
+    from search.errors import ArchtreeError
+    from search.inputs import load_inputs
+
+    sequences = str(sequences_file(tmp_path / "sequences.pt"))
+    taken = load_inputs("module:tests.non_image_models:sequence_net", sequences)
+    assert taken.data.input_shape == (4, 48) and taken.data.calib_x.shape[1:] == (4, 48)
+    features = tmp_path / "features.pt"
+    torch.save({"x": torch.randn(240, 12), "y": torch.arange(240) % 3}, features)
+    taken = load_inputs("module:tests.non_image_models:feature_net", str(features))
+    assert taken.data.input_shape == (12,)
+    # A model that takes neither form is told about both.
+    with pytest.raises(ArchtreeError) as error:
+        load_inputs("module:tests.non_image_models:feature_net", sequences)
+    message = str(error.value)
+    assert message.startswith("the model module:tests.non_image_models:feature_net rejects")
+    assert "of shape (1, 4, 48)" in message
+    assert "read as N,C,L sequences of shape (4, 48)" in message
+    with pytest.raises(ArchtreeError, match="builtin:resnet takes images, and a sample of"):
+        load_inputs("builtin:resnet", str(features))
+
+
 def test_an_out_folder_that_cannot_be_written_is_refused_before_the_search(tmp_path, home):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -643,6 +700,9 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
         (["--input-shape", "1,1,1"], "rejects inputs of shape (1, 1, 1)"),
         (["--num-classes", "100000000"], "--num-classes must be between 1 and 100000"),
         (["--input-shape", "1,100000,100000"], "GiB: give a smaller shape or batch size"),
+        (["--input-shape", "1,2,3,4,5"], "is not one sample's shape, 1 to 4 positive numbers"),
+        (["--input-shape", "1,0,8"], "is not one sample's shape"),
+        (["--input-shape", "12"], "builtin:vgg takes images: give --input-shape as C,H,W"),
     ],
 )
 def test_measure_bad_input_gives_one_clear_line(home, extra, expected):

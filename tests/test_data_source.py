@@ -101,6 +101,23 @@ def test_pt_file_without_channel_dim(tmp_path: Path) -> None:
     assert splits.train_y.dtype == torch.int64
 
 
+def test_features_and_sequences_are_kept_as_they_are_and_three_axes_read_as_images(
+    tmp_path: Path,
+) -> None:
+    labels = np.arange(100) % 3
+    features = load_data(_save(tmp_path / "features.npz", x=_images(100, (7,)), y=labels))
+    assert features.input_shape == (7,) and features.train_x.shape[1:] == (7,)
+    assert not features.channel_added
+    three = load_data(_save(tmp_path / "three.npz", x=_images(100, (4, 9)), y=labels))
+    assert three.input_shape == (1, 4, 9) and three.channel_added
+    sequences = three.without_added_channel()
+    assert sequences.input_shape == (4, 9) and not sequences.channel_added
+    for split in ("train", "calib", "val"):
+        x, y = getattr(sequences, f"{split}_x"), getattr(sequences, f"{split}_y")
+        assert torch.equal(x, getattr(three, f"{split}_x")[:, 0]) and x.shape[1:] == (4, 9)
+        assert torch.equal(y, getattr(three, f"{split}_y"))
+
+
 def test_data_files_are_read_by_their_content_whatever_their_extension(tmp_path: Path) -> None:
     x, y = _images(100, (1, 5, 5)), np.arange(100) % 3
     np.savez(tmp_path / "numpy.npz", x=x, y=y)
@@ -132,7 +149,9 @@ def _save(path: Path, **arrays: object) -> str:
     ("name", "arrays", "words"),
     [
         ("noinputs.npz", {"images": _images(50)}, ["no array named `x`", "images"]),
-        ("rank.npz", {"x": np.zeros((50, 4), np.float32)}, ["shape (50, 4)", "N,C,H,W"]),
+        ("rank.npz", {"x": np.zeros(50, np.float32)}, ["shape (50,)", "N,F feature vectors"]),
+        ("rank6.npz", {"x": np.zeros((50, 1, 1, 1, 1, 1), np.float32)},
+         ["shape (50, 1, 1, 1, 1, 1)", "N,C,L sequences"]),
         ("count.npz", {"x": _images(50), "y": np.arange(40)}, ["40 labels", "50 samples"]),
         ("onehot.npz", {"x": _images(50), "y": np.eye(2, dtype=np.int64)[np.arange(50) % 2]},
          ["shape (50, 2)", "shape (50,)", "argmax"]),
@@ -151,7 +170,7 @@ def _save(path: Path, **arrays: object) -> str:
          ["`y`", "<U3", "integers"]),
         ("sparse.pt", {"x": torch.rand(50, 1, 4, 4).to_sparse()}, ["sparse", "to_dense"]),
         ("nochannels.npz", {"x": np.zeros((50, 0, 6, 6), np.float32)},
-         ["shape (50, 0, 6, 6)", "at least one channel"]),
+         ["shape (50, 0, 6, 6)", "at least one value along each axis"]),
         ("oneclass.npz", {"x": _images(50), "y": np.full(50, 3)}, ["one class only (3)"]),
         ("hugelabel.npz", {"x": _images(50), "y": np.append(np.arange(49) % 10, 10**9)},
          ["label of 1000000000", "at most 100000"]),

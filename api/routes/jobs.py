@@ -62,7 +62,8 @@ SUBMISSION_BODY = {
                         "data": {
                             "type": "string",
                             "format": "binary",
-                            "description": ".npz or .pt holding x (N,C,H,W or N,H,W) and "
+                            "description": ".npz or .pt holding x (N,C,H,W or N,H,W images; "
+                            "for a module: model, any sample shape, such as N,F or N,C,L) and "
                             "optionally integer labels y; replaces spec.data.",
                         },
                     },
