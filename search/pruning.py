@@ -156,6 +156,7 @@ class PrunableModel:
         macs = layer_macs(model, self.positions)
         self._handlers: dict[str, object] = {}
         raw_groups = []
+        shared = _shared_weights(model)
         # Groups torch-pruning cannot narrow soundly, by name, with why.
         self.whole_reasons: dict[str, str] = {}
         for group in self.graph.get_all_groups(
@@ -166,6 +167,10 @@ class PrunableModel:
             self._handlers[name] = group[0].dep.handler
             size = _out_width(root)
             reason, multiple = _width_constraint(group, names, size)
+            sharing = next(
+                (shared[i.dep.target.module] for i in group if i.dep.target.module in shared), None
+            )
+            reason = reason or sharing
             raw_groups.append((name, size, self._macs_per_channel(group, macs), multiple))
             if reason:
                 self.whole_reasons[name] = reason
@@ -264,6 +269,22 @@ class PrunableModel:
                 )
             group.prune()
             group_info.size -= len(indices)
+
+
+def _shared_weights(model: nn.Module) -> dict[nn.Module, str]:
+    """The layers holding a parameter another layer holds too (tied weights), with why they
+    are kept whole: narrowing one layer would give it a copy of its own, untying them."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for parameter in module.parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append((name, module))
+    shared: dict[nn.Module, str] = {}
+    for layers in holders.values():
+        for name, module in layers:
+            others = [other for other, _ in layers if other != name]
+            if others:
+                shared[module] = f"the layer {name!r} shares its weights with {others[0]!r}"
+    return shared
 
 
 def _width_constraint(

@@ -71,6 +71,20 @@ def attention_head_per_channel() -> nn.Module:
     return PatchAttention(dim=8, heads=8)
 
 
+def tied_weights() -> nn.Module:
+    """Two convolutions sharing one weight tensor, between two that share nothing."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    )  # fmt: skip
+    model[4].weight = model[2].weight
+    return model
+
+
 class FixedView(nn.Module):
     """Reshapes with a fixed size: its second convolution's channels cannot change."""
 

@@ -92,6 +92,20 @@ def test_an_attentions_channels_are_pruned_in_multiples_of_its_heads():
     assert model(EXAMPLE).shape == (1, 10)
 
 
+def test_the_groups_of_layers_sharing_weights_are_kept_whole_and_no_other():
+    assert kept_whole(odd_models.tied_weights) == {
+        "0": "the layer '2' shares its weights with '4'",
+        "2": "the layer '2' shares its weights with '4'",
+        "4": "the layer '4' shares its weights with '2'",
+    }
+    model = odd_models.tied_weights().eval()
+    pruner = PrunableModel(model, EXAMPLE, min_width_fraction=0.1)
+    plan = removal_plan(Move("global"), pruner, pruner.importance("l2"), 0.5)
+    assert set(plan) == {"6", "8"}  # the groups no tied layer is in
+    pruner.remove(plan)
+    assert model[2].weight is model[4].weight and model[6].out_channels < 24
+
+
 def test_a_group_whose_narrowing_breaks_the_forward_pass_is_kept_whole_and_no_other():
     fixed = kept_whole(odd_models.fixed_view)
     assert list(fixed) == ["b"]
