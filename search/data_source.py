@@ -277,15 +277,32 @@ def _as_inputs(value: object, path: Path) -> torch.Tensor:
     return x
 
 
+def _labels_fix(labels: np.ndarray) -> str:
+    """What to do with labels that are not integers."""
+    if labels.dtype.kind == "f" and bool(
+        np.all(np.isfinite(labels) & (labels == np.round(labels)))
+    ):
+        return "these are whole numbers: save them as integers, e.g. y.astype(np.int64)"
+    if labels.dtype.kind == "f":
+        return "class indices: a regression target is not supported"
+    return "map class names to indices first"
+
+
 def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
     if isinstance(value, np.ndarray) and value.dtype.kind not in "biu":
         raise ArchtreeError(
             f"`y` in {str(path)!r} holds {value.dtype} values; labels must be integers 0..K-1 "
-            "(map class names to indices first)"
+            f"({_labels_fix(value)})"
         )
     y = _as_tensor(value, "y", path)
     if y.dim() == 2 and y.shape[1] == 1:  # a column of labels
         y = y.reshape(-1)
+    if y.dim() > 2:
+        raise ArchtreeError(
+            f"`y` in {str(path)!r} has shape {tuple(y.shape)}; labels must be one class index "
+            f"per sample, shape ({count},): Archtree prunes classifiers, and labels per pixel or "
+            "position (segmentation, detection) are not supported"
+        )
     if y.dim() > 1:
         raise ArchtreeError(
             f"`y` in {str(path)!r} has shape {tuple(y.shape)}; labels must be one class index "
@@ -295,8 +312,9 @@ def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
     if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch's min/max skip these
         y = y.to(torch.int64)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        fix = f" ({_labels_fix(y.numpy())})" if y.dtype.is_floating_point else ""
         raise ArchtreeError(
-            f"`y` in {str(path)!r} has dtype {y.dtype}; labels must be integers 0..K-1"
+            f"`y` in {str(path)!r} has dtype {y.dtype}; labels must be integers 0..K-1{fix}"
         )
     if len(y) != count:
         raise ArchtreeError(

@@ -181,7 +181,15 @@ def _check_logits(output: object, model_source: str, mode: str) -> None:
             )
         )
     if output.dim() != 2:
-        raise ArchtreeError(f"{wanted}; it returned a tensor of shape {tuple(output.shape)}.")
+        dense = (
+            ": Archtree prunes classifiers, and an output per pixel or position (segmentation, "
+            "detection) is not supported; `archtree measure` times such a model"
+            if output.dim() > 2
+            else ""
+        )
+        raise ArchtreeError(
+            f"{wanted}; it returned a tensor of shape {tuple(output.shape)}{dense}."
+        )
     if output.shape[1] < 2:
         raise ArchtreeError(
             f"{wanted}; it returns one value per input. Archtree prunes classifiers: it scores "

@@ -525,8 +525,12 @@ class FailsInTraining(TupleInTraining):
             "logits in training mode; it returned a tuple: wrap it in a module whose forward",
         ),
         (FailsInTraining(), "fails in training mode (no training here), in which each"),
+        (
+            torch.nn.Conv2d(1, 3, 1),
+            "shape (2, 3, 8, 8): Archtree prunes classifiers, and an output per pixel",
+        ),
     ],
-    ids=["one-output", "tuple-in-training", "fails-in-training"],
+    ids=["one-output", "tuple-in-training", "fails-in-training", "per-pixel"],
 )
 def test_a_model_a_search_cannot_score_or_fine_tune_is_refused_and_measure_takes_it(model, said):
     from search.errors import ArchtreeError
