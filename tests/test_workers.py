@@ -325,5 +325,27 @@ def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes
     assert any(e["kind"] == "status" and e["status"] == "waiting_for_device" for e in happened)
 
 
+def test_a_job_left_waiting_for_its_device_runs_again_at_its_next_step(
+    workers: WorkerPool, jobs: JobStore, agents
+):
+    """A measurement that found no agent online said the job waits (RemoteOracle's
+    on_waiting), and its worker was lost before it could say the wait was over (`archtree up`
+    restarted): the job's next step, with an agent online, shows it running again."""
+    start_agents(agents, jobs, "pool-back", 1)
+    job_id = submit_job(jobs, job_spec("pool-back"), celery=workers.app)
+    wait_until(lambda: child_started(jobs, job_id, min_depth=1), JOB_S, "a child")
+    assert jobs.set_status_if_active(job_id, "waiting_for_device")
+
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "succeeded", f"{job['error']}\n{workers.logs()}"
+    statuses = [e["status"] for e in events(jobs, job_id) if e["kind"] == "status"]
+    assert statuses[statuses.index("waiting_for_device") :] == [
+        "waiting_for_device",
+        "running",
+        "succeeded",
+    ]
+
+
 def json_file(artifacts: ArtifactStore, name: str) -> dict[str, Any]:
     return json.loads(artifacts.get_bytes(name))
