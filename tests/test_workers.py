@@ -9,11 +9,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 import torch
 
 from latency.device_registry import DeviceRegistry
+from latency.measurement_protocol import stream_key
 from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
@@ -248,6 +250,36 @@ def test_a_job_cancelled_while_fine_tuning_stops_there(workers: WorkerPool, jobs
     assert job["status"] == "cancelled", f"{job['error']}\n{workers.logs()}"
     artifacts = ArtifactStore(workers.settings.artifacts_url)
     assert not artifacts.exists(result_name(job_id, "report.json"))
+
+
+def test_a_job_cancelled_while_it_loads_its_data_stops_before_any_measurement(
+    workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
+):
+    """The first step of a job on a large dataset spends seconds computing the unpruned
+    model's outputs on it before the baseline measurement: a cancel asked for meanwhile ends
+    the job there, without sending a measurement."""
+    start_agents(agents, jobs, "pool-load", 1)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "large.npz"
+    count = 8000
+    np.savez(
+        data,
+        x=rng.standard_normal((count, 1, 28, 28), dtype=np.float32),
+        y=rng.integers(0, 10, count),
+    )
+    artifacts = ArtifactStore(workers.settings.artifacts_url)
+    artifacts.put_bytes("tests/large.npz", data.read_bytes())
+    spec = {**job_spec("pool-load"), "data": "artifact:tests/large.npz"}
+    job_id = submit_job(jobs, spec, celery=workers.app)
+    wait_until(lambda: jobs.get(job_id)["status"] != "queued", JOB_S, "the first step")
+
+    assert jobs.request_cancel(job_id)
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "cancelled", f"{job['error']}\n{workers.logs()}"
+    assert not [e for e in events(jobs, job_id) if e["kind"] == "baseline"]
+    stream = jobs.client.xinfo_stream(stream_key("pool-load"))
+    assert stream["last-generated-id"] in (b"0-0", "0-0")  # no measurement was ever asked for
 
 
 def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
