@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -485,6 +487,38 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
     ended = one_line_detail(http.get(f"/v1/jobs/{job_id}/artifacts/report.json"))
     assert ended.endswith("has no report.json: it ended cancelled, without results")
+
+
+def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_store: JobStore):
+    jobs = job_store
+
+    def cancel_at_once(job_id: str, clients: int = 8) -> list[int]:
+        ready = threading.Barrier(clients)
+
+        def cancel(_: int) -> int:
+            with api_server.client() as http:
+                ready.wait()
+                return http.post(f"/v1/jobs/{job_id}/cancel").status_code
+
+        with ThreadPoolExecutor(clients) as pool:
+            return sorted(pool.map(cancel, range(clients)))
+
+    def cancels_recorded(job_id: str) -> int:
+        return [e["kind"] for _, e in jobs.read_events(job_id)].count("cancel_requested")
+
+    with api_server.client() as http:
+        queued = submit(http, SPEC).json()["id"]
+        running = submit(http, SPEC).json()["id"]
+    # A queued job ends at the first cancel: the others find it ended, as a second one does.
+    assert cancel_at_once(queued) == [202] + [409] * 7
+    assert cancels_recorded(queued) == 1
+    # A running one (as a worker that took it shows it) goes on until it sees the cancel: every
+    # cancel is accepted, and one is recorded.
+    assert jobs.set_status_if_active(running, "running")
+    assert cancel_at_once(running) == [202] * 8
+    assert cancels_recorded(running) == 1
+    job = jobs.get(running)
+    assert job["status"] == "running" and job["cancel_requested"]
 
 
 @pytest.mark.parametrize("name", ["d.bin", "data", "digits.NPZ.txt"])
