@@ -224,7 +224,9 @@ BAD_SUBMISSIONS = {
     "weights in the spec": (
         {"weights": "model.safetensors"},
         {},
-        "`weights` is not a spec field: send the weights file as the `weights` upload",
+        # It is an object: what is wrong is the field, not its shape.
+        "the job spec is not valid: `weights` is not a spec field: send the weights file as the "
+        "`weights` upload",
     ),
 }
 
