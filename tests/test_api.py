@@ -670,6 +670,26 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
         assert len(detail) < 200 and "..." in detail
 
 
+def test_the_event_stream_words_errors_and_notes_as_the_job_does(
+    http: httpx.Client, job_store: JobStore
+):
+    job_id = job_store.create(SPEC)
+    # As the engine words them, for `archtree prune`.
+    job_store.append_event(job_id, "note", {"message": "--width 3 is not used"})
+    error = "the budget cannot be met: raise --max-depth or --planned-steps"
+    assert job_store.set_status_if_active(job_id, "failed", error)
+
+    with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        data = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    assert (
+        job["error"] == "the budget cannot be met: raise search.max_depth or search.planned_steps"
+    )
+    assert data[-1]["error"] == job["error"]
+    assert [e["message"] for e in data if e["kind"] == "note"] == ["search.width 3 is not used"]
+
+
 def test_a_bad_last_event_id_in_utf_8_is_echoed_as_sent(http: httpx.Client, job_store: JobStore):
     job_id = job_store.create(SPEC)
 
