@@ -13,6 +13,7 @@ from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import quoted
+from api.spec_terms import event_in_spec_terms
 from workers.job_store import FINAL_STATUSES, REDIS_UNREACHABLE, JobStore
 from workers.task_leases import TaskLeases
 
@@ -69,9 +70,9 @@ def _as_sent(header: str) -> str:
 async def job_events(
     jobs: JobStore, job_id: str, after: str, leases: TaskLeases
 ) -> AsyncIterator[ServerSentEvent]:
-    """The job's events after `after`, following new ones until the job has ended. While it
-    runs, a task whose worker was lost is said in a `task_lost` event (added to the job's
-    events, once)."""
+    """The job's events after `after`, following new ones until the job has ended, their
+    texts in spec terms (`search.width`, not `--width`). While it runs, a task whose worker
+    was lost is said in a `task_lost` event (added to the job's events, once)."""
     ended_at: float | None = None
     unreachable_since: float | None = None
     leases_checked = 0.0
@@ -93,7 +94,9 @@ async def job_events(
         unreachable_since = None
         for event_id, event in batch:
             after = event_id
-            yield ServerSentEvent(data=event, event=event.get("kind"), id=event_id)
+            yield ServerSentEvent(
+                data=event_in_spec_terms(event), event=event.get("kind"), id=event_id
+            )
             if event.get("kind") == "status" and event.get("status") in FINAL_STATUSES:
                 return
         if batch:

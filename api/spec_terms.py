@@ -7,6 +7,7 @@ over the API the same setting is the spec field `search.width`.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from api.schemas import SearchSettingsIn
 from search.settings import option_of
@@ -24,3 +25,14 @@ _OPTION = re.compile(r"--[a-z][a-z0-9-]*")
 def in_spec_terms(message: str) -> str:
     """`message` with each CLI option that is a job spec setting replaced by its spec field."""
     return _OPTION.sub(lambda option: SPEC_FIELD_OF_OPTION.get(option[0], option[0]), message)
+
+
+def event_in_spec_terms(event: dict[str, Any]) -> dict[str, Any]:
+    """A job event with its texts (a `status` event's error, a `note`'s message) in spec
+    terms, as GET /v1/jobs/{id} gives the job's error."""
+    texts = {
+        field: in_spec_terms(event[field])
+        for field in ("error", "message")
+        if isinstance(event.get(field), str)
+    }
+    return {**event, **texts} if texts else event

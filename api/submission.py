@@ -131,7 +131,8 @@ def parse_spec(text: str) -> JobSpecIn:
         return JobSpecIn.model_validate_json(text)
     except ValidationError as error:
         first = error.errors()[0]
-        if first["type"] == "json_invalid" or not first["loc"]:  # not JSON, or not an object
+        # Not JSON, or not an object (the spec's own checks of an object also have no `loc`).
+        if first["type"] in ("json_invalid", "model_type"):
             reason = first.get("ctx", {}).get("error") or first["msg"]
             example = json.dumps(JobSpecIn.model_config["json_schema_extra"]["examples"][0])
             raise ArchtreeError(

@@ -506,6 +506,9 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    # Whether it may stop cleanly (code 0) while the rest go on: the agent does when its
+    # device is deleted through the API.
+    may_stop: bool = False
 
     def tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace").strip().splitlines()
@@ -522,7 +525,7 @@ class Stack:
     guard: subprocess.Popen[bytes]
     children: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, command: list[str]) -> Child:
+    def start(self, name: str, command: list[str], *, may_stop: bool = False) -> Child:
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -537,7 +540,7 @@ class Stack:
         assert self.guard.stdin is not None
         self.guard.stdin.write(f"{process.pid}\n".encode())
         self.guard.stdin.flush()
-        child = Child(name, process, log_path)
+        child = Child(name, process, log_path, may_stop)
         self.children.append(child)
         return child
 
@@ -555,12 +558,19 @@ class Stack:
             if stop.wait(0.1):
                 raise KeyboardInterrupt
 
-    def watch(self, stop: threading.Event) -> Child | None:
-        """Wait for `stop` or for a child to exit; return the child that exited, if any."""
+    def watch(self, stop: threading.Event, on_stop: Any) -> Child | None:
+        """Wait for `stop` or for a child to exit; return the child that exited, if any. A
+        child that `may_stop` and exits with code 0 is handed to `on_stop` instead, once."""
+        stopped: list[Child] = []
         while not stop.wait(0.2):
             for child in self.children:
-                if child.process.poll() is not None:
+                code = child.process.poll()
+                if code is None or child in stopped:
+                    continue
+                if code != 0 or not child.may_stop:
                     return child
+                stopped.append(child)
+                on_stop(child)
         return None
 
     def stop_all(self) -> None:
@@ -642,10 +652,11 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
         api = stack.start("api", [*cli, "api", "--host", args.host, "--port", str(args.port)])
         stack.wait_for(api, lambda: _answers(f"{api_url}/healthz"), stop)
         stack.start("worker", [*cli, "worker", "--concurrency", str(args.workers)])
-        stack.start("agent", [*cli, "agent", "--api", api_url, "--device-class", "local"])
+        agent = [*cli, "agent", "--api", api_url, "--device-class", LOCAL_CLASS]
+        stack.start("agent", agent, may_stop=True)
         _say(f"logs in {log_dir}")
         print(f"archtree up: API at {api_url} (docs {api_url}/docs); Ctrl-C stops", flush=True)
-        exited = stack.watch(stop)
+        exited = stack.watch(stop, lambda child: _say(agent_stopped_text(api_url)))
         if exited is None:
             _say("stopping")
             return 0
@@ -663,6 +674,21 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
             signal.signal(signum, handler)
         if socket_dir:
             shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+# The device class of the agent `archtree up` runs.
+LOCAL_CLASS = "local"
+
+
+def agent_stopped_text(api_url: str) -> str:
+    """What `up` says when its agent stopped by itself: its device was deleted."""
+    return (
+        f"the {LOCAL_CLASS} agent stopped (code 0: its device was deleted through the API, or it "
+        "was stopped); "
+        f"the rest keep running, and jobs of device class {LOCAL_CLASS} wait until an agent of "
+        f"the class registers: start one with `archtree agent --api {api_url} --device-class "
+        f"{LOCAL_CLASS}`"
+    )
 
 
 def local_api_url(host: str, port: int) -> str:

@@ -246,6 +246,8 @@ class RemoteOracle:
                 popped = self.client.blpop([request.reply_to], timeout=self.poll_s)
                 if popped is not None:
                     self.client.delete(request.reply_to)
+                    if waiting_since is not None:  # an agent came and answered meanwhile
+                        self._notify_waiting(False)
                     return self._parse_reply(popped[1])
                 if waiting_since is not None:
                     continue

@@ -85,13 +85,22 @@ class SearchContext:
         return logits(self.base_model, self.data.train_x)
 
     def prepare(self) -> None:
-        """Compute the shared reference outputs once, before children run in parallel."""
+        """Compute the shared reference outputs once, before children run in parallel; a
+        cancel is honoured between them (on a large dataset each can take seconds)."""
+        self.check_cancelled("before the search started")
         _ = self.positions
         _ = self.kept_whole
+        self.check_cancelled("before the search started")
         if not self.data.labelled:
             _ = self.calib_reference_logits
         if self.settings.ft_steps > 0 or self.settings.final_epochs > 0:
             _ = self.train_reference_logits
+        self.check_cancelled("before the search started")
+
+    def check_cancelled(self, when: str) -> None:
+        """SearchCancelled if the job was cancelled; `when` says where the search stood."""
+        if self.cancelled is not None and self.cancelled():
+            raise SearchCancelled(f"cancelled {when}")
 
     def build(self, spec: ArchSpec, state_dict: dict | None = None) -> nn.Module:
         model = build_from_spec(spec)
@@ -128,8 +137,7 @@ class SearchContext:
             if time.monotonic() - last < CANCEL_CHECK_S:
                 return
             last = time.monotonic()
-            if cancelled():
-                raise SearchCancelled(f"cancelled while fine-tuning, at step {step} of {total}")
+            self.check_cancelled(f"while fine-tuning, at step {step} of {total}")
 
         return check
 

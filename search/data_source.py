@@ -217,7 +217,7 @@ def _read_pt(path: Path) -> dict[str, object]:
                 "corrupt or truncated; save it with torch.save({'x': x, 'y': y}, path)"
             ) from None
         raise ArchtreeError(
-            f"{str(path)!r} holds Python objects besides tensors ({', '.join(scan.globals[:3])}), "
+            f"{str(path)!r} holds Python objects besides tensors{scan.named()}, "
             "which are not loaded because unpickling runs arbitrary code; save a dict of "
             "tensors: torch.save({'x': torch.as_tensor(x), 'y': torch.as_tensor(y)}, path)"
         ) from None

@@ -92,6 +92,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     oracle, settings = context.oracle, context.settings
     context.prepare()
     smallest = _smallest_spec(context)  # before any timing: a model with nothing to prune fails
+    context.check_cancelled("before the unpruned model was measured")
     reference = oracle.measure_reference(context.root_spec)
     baseline_ms = reference.median_ms
     budget_ms = budget.resolve(baseline_ms)
@@ -214,6 +215,7 @@ def _smallest_spec(context: SearchContext) -> ArchSpec:
 
 def _smallest_reachable_ms(context: SearchContext, state: SearchState, smallest: ArchSpec) -> float:
     """Latency with every group at its minimum width."""
+    context.check_cancelled("before the smallest model was measured")
     measurement = context.oracle.measure(smallest, context.root_spec)
     _tally(state, measurement.cached)
     return measurement.ratio * state.baseline_ms

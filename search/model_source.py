@@ -322,7 +322,7 @@ def _load_refused_file(path: Path, error: Exception, *, allow_pickle: bool) -> A
                 "pass --allow-pickle if you trust the file"
             )
         raise ArchtreeError(
-            f"{str(path)!r} holds Python objects besides tensors ({_some(scan.globals)}), and "
+            f"{str(path)!r} holds Python objects besides tensors{scan.named()}, and "
             "loading them runs arbitrary code; re-save only the state dict "
             "(torch.save(model.state_dict(), path)) or pass --allow-pickle if you trust the file"
         )
@@ -343,6 +343,11 @@ class PickleScan:
 
     globals: list[str]
     is_module: bool
+
+    def named(self) -> str:
+        """The objects it refers to, in brackets after a space, a few at most; empty when
+        none was read (a pickle can build their names on its stack)."""
+        return f" ({_some(self.globals)})" if self.globals else ""
 
 
 def scan_pickle(path: Path) -> PickleScan | None:

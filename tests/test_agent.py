@@ -196,6 +196,30 @@ def test_without_live_agents_the_oracle_waits_then_explains(redis_client) -> Non
     assert redis_client.xlen(stream_key(device_class)) == 0
 
 
+def test_the_oracle_says_it_no_longer_waits_when_an_agent_that_came_answers(
+    redis_client, agents
+) -> None:
+    """An agent that starts while the oracle waits for the reply (no agent was online when it
+    last looked) answers it: the wait is over, and is said to be over."""
+    device_class = "late-cpu"
+    reference, _ = vgg_specs()
+    calls: list[bool] = []
+    # The oracle looks for live agents once per poll; it waits for the reply in between.
+    oracle = RemoteOracle(redis_client, device_class, poll_s=120, on_waiting=calls.append)
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(result=oracle.measure_reference(reference)), daemon=True
+    )
+    thread.start()
+    wait_until(lambda: calls == [True], 30, "the oracle to wait for a device")
+
+    agents(device_class)
+    thread.join(timeout=110)
+
+    assert "result" in outcome
+    assert calls == [True, False]
+
+
 def test_unanswered_request_is_sent_once_more_then_fails(redis_client) -> None:
     device_class = "silent-cpu"
     registry = DeviceRegistry(redis_client)

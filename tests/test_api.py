@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,7 +224,9 @@ BAD_SUBMISSIONS = {
     "weights in the spec": (
         {"weights": "model.safetensors"},
         {},
-        "`weights` is not a spec field: send the weights file as the `weights` upload",
+        # It is an object: what is wrong is the field, not its shape.
+        "the job spec is not valid: `weights` is not a spec field: send the weights file as the "
+        "`weights` upload",
     ),
 }
 
@@ -487,6 +491,38 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert ended.endswith("has no report.json: it ended cancelled, without results")
 
 
+def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_store: JobStore):
+    jobs = job_store
+
+    def cancel_at_once(job_id: str, clients: int = 8) -> list[int]:
+        ready = threading.Barrier(clients)
+
+        def cancel(_: int) -> int:
+            with api_server.client() as http:
+                ready.wait()
+                return http.post(f"/v1/jobs/{job_id}/cancel").status_code
+
+        with ThreadPoolExecutor(clients) as pool:
+            return sorted(pool.map(cancel, range(clients)))
+
+    def cancels_recorded(job_id: str) -> int:
+        return [e["kind"] for _, e in jobs.read_events(job_id)].count("cancel_requested")
+
+    with api_server.client() as http:
+        queued = submit(http, SPEC).json()["id"]
+        running = submit(http, SPEC).json()["id"]
+    # A queued job ends at the first cancel: the others find it ended, as a second one does.
+    assert cancel_at_once(queued) == [202] + [409] * 7
+    assert cancels_recorded(queued) == 1
+    # A running one (as a worker that took it shows it) goes on until it sees the cancel: every
+    # cancel is accepted, and one is recorded.
+    assert jobs.set_status_if_active(running, "running")
+    assert cancel_at_once(running) == [202] * 8
+    assert cancels_recorded(running) == 1
+    job = jobs.get(running)
+    assert job["status"] == "running" and job["cancel_requested"]
+
+
 @pytest.mark.parametrize("name", ["d.bin", "data", "digits.NPZ.txt"])
 @pytest.mark.parametrize("kind", ["numpy archive", "torch file"])
 def test_a_data_upload_is_read_by_its_content_whatever_its_name(
@@ -632,6 +668,26 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
         assert answer.status_code == 404, path
         detail = one_line_detail(answer)
         assert len(detail) < 200 and "..." in detail
+
+
+def test_the_event_stream_words_errors_and_notes_as_the_job_does(
+    http: httpx.Client, job_store: JobStore
+):
+    job_id = job_store.create(SPEC)
+    # As the engine words them, for `archtree prune`.
+    job_store.append_event(job_id, "note", {"message": "--width 3 is not used"})
+    error = "the budget cannot be met: raise --max-depth or --planned-steps"
+    assert job_store.set_status_if_active(job_id, "failed", error)
+
+    with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        data = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    assert (
+        job["error"] == "the budget cannot be met: raise search.max_depth or search.planned_steps"
+    )
+    assert data[-1]["error"] == job["error"]
+    assert [e["message"] for e in data if e["kind"] == "note"] == ["search.width 3 is not used"]
 
 
 def test_a_bad_last_event_id_in_utf_8_is_echoed_as_sent(http: httpx.Client, job_store: JobStore):

@@ -11,6 +11,7 @@ import torch
 
 from search.data_source import DataSplits, _load_mnist, load_data
 from search.errors import ArchtreeError
+from tests.test_model_source import pickle_naming_its_call_on_the_stack
 
 
 def _error(excinfo: pytest.ExceptionInfo[ArchtreeError]) -> str:
@@ -252,6 +253,16 @@ def test_pt_file_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArchtreeError) as excinfo:
         load_data(str(tmp_path / "numpy.pt"))
     assert "arbitrary code" in _error(excinfo)
+
+
+def test_a_pickle_whose_objects_cannot_be_named_is_refused_without_empty_brackets(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "legacy.pt").write_bytes(pickle_naming_its_call_on_the_stack())
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "legacy.pt"))
+    message = _error(excinfo)
+    assert "holds Python objects besides tensors, which are not loaded" in message
 
 
 def test_unknown_builtin() -> None:

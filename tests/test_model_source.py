@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import stat
 import sys
 import textwrap
@@ -350,3 +352,24 @@ def test_data_parallel_prefix_is_accepted(tmp_path: Path) -> None:
     fresh = _built(seed=2)
     load_weights(fresh, tmp_path / "dp.pt")
     assert _same_weights(model, fresh)
+
+
+class _RunsCommand:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def pickle_naming_its_call_on_the_stack() -> bytes:
+    """A pickle that calls os.system when loaded, naming it on its stack (STACK_GLOBAL), as
+    pickles of protocol 4 and above do."""
+    return pickle.dumps(_RunsCommand(), protocol=4)
+
+
+def test_a_pickle_whose_objects_cannot_be_named_is_refused_without_empty_brackets(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "legacy.pt").write_bytes(pickle_naming_its_call_on_the_stack())
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(), tmp_path / "legacy.pt")
+    message = _error(excinfo)
+    assert "holds Python objects besides tensors, and loading them runs arbitrary code" in message

@@ -495,6 +495,34 @@ def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Pat
             up.wait()
 
 
+def test_archtree_up_goes_on_when_its_agent_stops_because_its_device_was_deleted(
+    tmp_path: Path,
+):
+    up = start_up(tmp_path, str(free_port()))
+    try:
+        url = re.search(r"API at (\S+)", read_lines(up.stdout).get(timeout=120)).group(1)
+        with ArchtreeClient(url) as running:
+            wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
+            (device,) = running.devices()["devices"]
+            assert running.http.delete(f"/v1/devices/{device['id']}").status_code == 204
+
+            said = "archtree up: the local agent stopped (code 0: its device was deleted"
+            wait_until(lambda: said in (tmp_path / "up.log").read_text(), 60, "the agent's stop")
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert running.http.get("/healthz").json() == {"status": "ok"}
+            line = next(
+                line for line in (tmp_path / "up.log").read_text().splitlines() if said in line
+            )
+            assert f"start one with `archtree agent --api {url} --device-class local`" in line
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
 def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(tmp_path: Path):
     env = up_env(tmp_path / "home")
     for workers in ("65", "1000"):

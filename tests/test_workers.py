@@ -9,11 +9,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 import torch
 
 from latency.device_registry import DeviceRegistry
+from latency.measurement_protocol import stream_key
 from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
@@ -250,6 +252,36 @@ def test_a_job_cancelled_while_fine_tuning_stops_there(workers: WorkerPool, jobs
     assert not artifacts.exists(result_name(job_id, "report.json"))
 
 
+def test_a_job_cancelled_while_it_loads_its_data_stops_before_any_measurement(
+    workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
+):
+    """The first step of a job on a large dataset spends seconds computing the unpruned
+    model's outputs on it before the baseline measurement: a cancel asked for meanwhile ends
+    the job there, without sending a measurement."""
+    start_agents(agents, jobs, "pool-load", 1)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "large.npz"
+    count = 8000
+    np.savez(
+        data,
+        x=rng.standard_normal((count, 1, 28, 28), dtype=np.float32),
+        y=rng.integers(0, 10, count),
+    )
+    artifacts = ArtifactStore(workers.settings.artifacts_url)
+    artifacts.put_bytes("tests/large.npz", data.read_bytes())
+    spec = {**job_spec("pool-load"), "data": "artifact:tests/large.npz"}
+    job_id = submit_job(jobs, spec, celery=workers.app)
+    wait_until(lambda: jobs.get(job_id)["status"] != "queued", JOB_S, "the first step")
+
+    assert jobs.request_cancel(job_id)
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "cancelled", f"{job['error']}\n{workers.logs()}"
+    assert not [e for e in events(jobs, job_id) if e["kind"] == "baseline"]
+    stream = jobs.client.xinfo_stream(stream_key("pool-load"))
+    assert stream["last-generated-id"] in (b"0-0", "0-0")  # no measurement was ever asked for
+
+
 def test_a_job_without_an_agent_waits_for_its_device_then_fails_clearly(
     workers: WorkerPool, jobs: JobStore
 ):
@@ -323,6 +355,28 @@ def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes
     assert job["progress"]["device_wait_since"] is None
     happened = events(jobs, job_id)
     assert any(e["kind"] == "status" and e["status"] == "waiting_for_device" for e in happened)
+
+
+def test_a_job_left_waiting_for_its_device_runs_again_at_its_next_step(
+    workers: WorkerPool, jobs: JobStore, agents
+):
+    """A measurement that found no agent online said the job waits (RemoteOracle's
+    on_waiting), and its worker was lost before it could say the wait was over (`archtree up`
+    restarted): the job's next step, with an agent online, shows it running again."""
+    start_agents(agents, jobs, "pool-back", 1)
+    job_id = submit_job(jobs, job_spec("pool-back"), celery=workers.app)
+    wait_until(lambda: child_started(jobs, job_id, min_depth=1), JOB_S, "a child")
+    assert jobs.set_status_if_active(job_id, "waiting_for_device")
+
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "succeeded", f"{job['error']}\n{workers.logs()}"
+    statuses = [e["status"] for e in events(jobs, job_id) if e["kind"] == "status"]
+    assert statuses[statuses.index("waiting_for_device") :] == [
+        "waiting_for_device",
+        "running",
+        "succeeded",
+    ]
 
 
 def json_file(artifacts: ArtifactStore, name: str) -> dict[str, Any]:

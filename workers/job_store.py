@@ -40,6 +40,30 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 return 1
 """
 
+# Atomic, so that of cancels asked at once exactly one is recorded (one `cancel_requested`
+# event), and none is recorded for a job that has just ended. Returns 0 when the job does not
+# exist or has ended, 1 when the cancel is recorded now, 2 when one was recorded before. A job
+# no worker is on (queued, or waiting for its device before its first step: no state yet) is
+# cancelled here.
+_REQUEST_CANCEL = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+if current == 'succeeded' or current == 'failed' or current == 'cancelled' then return 0 end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 2 end
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[1])
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+local no_state = redis.call('EXISTS', KEYS[3]) == 0
+if current == 'queued' or (current == 'waiting_for_device' and no_state) then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_at', ARGV[2])
+    redis.call('XADD', KEYS[2], '*', 'event', ARGV[3])
+end
+return 1
+"""
+
+
+def _event_payload(kind: str, data: dict[str, Any]) -> str:
+    return json.dumps({"kind": kind, "time": time.time(), **data}, default=float)
+
 
 class JobStore:
     """One Redis connection's view of all jobs."""
@@ -48,6 +72,7 @@ class JobStore:
         self.client = client
         self.prefix = prefix
         self._set_status_if_active = client.register_script(_SET_STATUS_IF_ACTIVE)
+        self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
     def _key(self, job_id: str, suffix: str = "") -> str:
         return f"{self.prefix}job:{job_id}{suffix}"
@@ -236,7 +261,7 @@ class JobStore:
         return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
 
     def append_event(self, job_id: str, kind: str, data: dict[str, Any]) -> str:
-        payload = json.dumps({"kind": kind, "time": time.time(), **data}, default=float)
+        payload = _event_payload(kind, data)
         event_id = self.client.xadd(self._key(job_id, ":events"), {"event": payload})
         return event_id.decode()
 
@@ -254,22 +279,19 @@ class JobStore:
         return events
 
     def request_cancel(self, job_id: str) -> bool:
-        """Ask a job to stop; False when it does not exist or has already ended."""
-        job = self.get(job_id)
-        if job is None or job["status"] in FINAL_STATUSES:
-            return False
-        # The event goes first: a worker that sees the flag ends the job with a final `status`
-        # event, and a stream stops there, so the request must already be in it.
-        self.append_event(job_id, "cancel_requested", {})
-        self.client.hset(self._key(job_id), "cancel_requested", "1")
-        waiting_to_start = job["status"] == "waiting_for_device" and not self.client.exists(
-            self._key(job_id, ":state")
+        """Ask a job to stop; False when it does not exist or has already ended. Asked again
+        (or by several clients at once), it is recorded once: one `cancel_requested` event."""
+        # The event goes in with the flag: a worker that sees the flag ends the job with a
+        # final `status` event, and a stream stops there, so the request must already be in it.
+        recorded = self._request_cancel(
+            keys=[self._key(job_id), self._key(job_id, ":events"), self._key(job_id, ":state")],
+            args=[
+                _event_payload("cancel_requested", {}),
+                time.time(),
+                _event_payload("status", {"status": "cancelled", "error": None}),
+            ],
         )
-        if job["status"] == "queued" or waiting_to_start:
-            # No worker is on it (none has taken it, or it waits for its device before its
-            # first step): it ends now, and a worker that takes it later drops it as ended.
-            self.set_status_if_active(job_id, "cancelled")
-        return True
+        return recorded != 0
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.client.hget(self._key(job_id), "cancel_requested") == b"1"

@@ -122,7 +122,8 @@ def start_job(self, job_id: str) -> None:
 
 def _require_device(job_id: str) -> None:
     """DeviceAbsent while the job's device class has no agent online (`_job_step` then waits
-    for one without holding a worker); once one is back, the job runs again."""
+    for one without holding a worker); once one is back, the job runs again, whichever wait
+    made it `waiting_for_device` (this one's, or a measurement's whose worker was lost)."""
     services = _services()
     job = services.jobs.get(job_id)
     if job is None:
@@ -133,6 +134,7 @@ def _require_device(job_id: str) -> None:
         raise DeviceAbsent(device_class)
     if job["progress"].get("device_wait_since") is not None:
         services.jobs.update_progress(job_id, device_wait_since=None)
+    if job["status"] == "waiting_for_device":
         services.jobs.set_status_if_active(job_id, "running")
 
 

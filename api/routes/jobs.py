@@ -165,7 +165,9 @@ async def stream_events(
 def cancel_job(job: JobDep, services: ServicesDep) -> Job:
     """Ask the job to stop: a queued job, or one waiting for its device before its first
     step, ends as `cancelled` at once; a running one within a second or so (at its next check,
-    inside a measurement or a fine-tune)."""
+    inside a measurement or a fine-tune). A cancel asked again, or by several clients at once,
+    is recorded once (one `cancel_requested` event): the others are answered 202 while the job
+    runs, 409 once it has ended."""
     if not services.jobs.request_cancel(job["id"]):
         raise HTTPException(
             status_code=409, detail=f"job {job['id']} has already ended ({job['status']})"
