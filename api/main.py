@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from api.deps import Services
 from api.error_handlers import add_error_handlers
+from api.head_requests import HeadAsGet
 from api.routes import dashboard, devices, health, jobs
 from api.schemas import JobSpecIn
 from archtree_cli.settings import ServiceSettings, service_settings
@@ -26,7 +27,8 @@ latency budget measured on the target device. Submit a job, follow its progress 
 tree (or its live events), and fetch `arch.json`, `model.safetensors` and `report.json`.
 Device agents register here and time candidates on their hardware.
 
-Every error answers `{"detail": "<one line: what is wrong and what to do>"}`.
+Every error answers `{"detail": "<one line: what is wrong and what to do>"}`. Every GET route
+answers HEAD too: the same status and headers (Content-Length included), without the body.
 """
 
 
@@ -57,6 +59,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     dashboard.mount(app)
     add_error_handlers(app)
+    app.add_middleware(HeadAsGet)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

@@ -24,6 +24,7 @@ import pytest
 import redis
 import torch
 
+from search.artifacts import ARTIFACT_NAMES
 from search.inputs import load_inputs
 from search.model_source import save_weights
 from search.settings import SearchSettings
@@ -37,6 +38,7 @@ from tests.api_fixtures import (
 )
 from tests.redis_fixtures import ROOT, wait_until
 from workers.job_store import JobStore
+from workers.tasks import result_name
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
 
@@ -1023,8 +1025,42 @@ def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_stor
         assert answer.headers["allow"] == allowed
         detail = one_line_detail(answer)
         assert f"use {allowed.replace(', ', ' or ')}; see /docs for the endpoints" in detail
-    for path in ("/", "/healthz", "/readyz"):
-        assert http.head(path).status_code == 200, path
+
+
+def test_head_answers_every_get_route_with_the_gets_status_and_headers(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess
+):
+    succeeded = job_store.create(SPEC)
+    job_store.set_status_if_active(succeeded, "succeeded")
+    for name in ARTIFACT_NAMES:
+        stored = api_server.artifacts / result_name(succeeded, name)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(b"{}" if name.endswith(".json") else os.urandom(3000))
+    paths = http.get("/openapi.json").json()["paths"]
+    get_paths = [
+        path.format(job_id=succeeded, name=name, device_id="none")
+        for path, operations in paths.items()
+        if "get" in operations
+        for name in (ARTIFACT_NAMES if "{name}" in path else [""])
+    ]
+    assert {"/v1/devices", "/metrics"} <= set(get_paths)  # every GET route the schema lists
+    extra = ["/", "/dashboard/app.js", "/docs", "/openapi.json", f"/v1/jobs/{succeeded}a"]
+
+    for path in get_paths + extra:
+        get, head = http.get(path), http.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        for header in ("content-type", "content-length", "content-disposition"):
+            assert head.headers.get(header) == get.headers.get(header), (path, header)
+    assert http.head(f"/v1/jobs/{succeeded}/cancel").status_code == 405
+    # A running job's events go on: HEAD answers at once, and the connection serves the next
+    # request (the stream behind it is not left running).
+    running = job_store.create(SPEC)
+    job_store.set_status_if_active(running, "running")
+    with api_server.client() as client:
+        events = client.head(f"/v1/jobs/{running}/events")
+        assert events.status_code == 200
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert client.get("/healthz", timeout=20).status_code == 200
 
 
 def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
@@ -1051,7 +1087,7 @@ def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
     assert body["schema"]["additionalProperties"] is False  # other form fields are refused
     operations = [op for path in schema["paths"].values() for op in path.values()]
     ids = [operation["operationId"] for operation in operations]
-    assert len(ids) == len(set(ids))  # GET and HEAD of /healthz and /readyz included
+    assert len(ids) == len(set(ids))
     events = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
     assert list(events["200"]["content"]) == ["text/event-stream"]
     for status in ("404", "422", "503"):  # its errors are JSON, as sent
