@@ -27,7 +27,8 @@ latency budget measured on the target device. Submit a job, follow its progress 
 tree (or its live events), and fetch `arch.json`, `model.safetensors` and `report.json`.
 Device agents register here and time candidates on their hardware.
 
-Every error answers `{"detail": "<one line: what is wrong and what to do>"}`. Every GET route
+Every error answers `{"detail": "<one line: what is wrong and what to do>"}`. Paths end without
+a slash: `/v1/jobs/` is not redirected, it answers 404 naming `/v1/jobs`. Every GET route
 answers HEAD too: the same status and headers (Content-Length included), without the body.
 """
 
@@ -52,6 +53,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         summary="Latency-aware structured pruning as a service.",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # A path with a trailing slash answers 404 naming the one without it
+        # (api.error_handlers): a redirect would make a client that does not follow it, as
+        # curl without -L, submit nothing without a word.
+        redirect_slashes=False,
     )
     app.state.services = services
     app.include_router(jobs.router)

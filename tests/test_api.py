@@ -1027,6 +1027,36 @@ def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_stor
         assert f"use {allowed.replace(', ', ' or ')}; see /docs for the endpoints" in detail
 
 
+def test_a_trailing_slash_answers_404_naming_the_path_without_it(
+    http: httpx.Client, job_store: JobStore
+):
+    job_id = job_store.create(SPEC)
+    before = job_total(http), http.get("/v1/devices").json()["devices"]
+
+    for method, path, body in [
+        ("GET", "/v1/jobs/", {}),
+        ("POST", "/v1/jobs/", {"data": {"spec": json.dumps(SPEC)}}),
+        ("GET", f"/v1/jobs/{job_id}/", {}),
+        ("GET", f"/v1/jobs/{job_id}/artifacts/report.json/", {}),
+        ("POST", f"/v1/jobs/{job_id}/cancel/", {}),
+        ("GET", "/v1/devices/", {}),
+        ("POST", "/v1/devices/", {"json": {"device_class": "api-cpu", "host": "h"}}),
+        ("GET", "/healthz/", {}),
+    ]:
+        answer = http.request(method, path, **body)
+        assert answer.status_code == 404, (method, path, answer.text)
+        assert one_line_detail(answer) == (
+            f"no route {path!r}: did you mean {path.rstrip('/')!r}? (paths end without a "
+            "slash; see /docs for the endpoints)"
+        )
+    assert (job_total(http), http.get("/v1/devices").json()["devices"]) == before
+    assert job_store.get(job_id)["status"] == "queued"
+    assert "nothing at '/nope/'" in one_line_detail(http.get("/nope/"))
+    # The dashboard's page and files are where its links point, without redirects.
+    for path in ("/", "/dashboard/app.js", "/dashboard/style.css", "/docs"):
+        assert http.get(path).status_code == 200, path
+
+
 def test_head_answers_every_get_route_with_the_gets_status_and_headers(
     http: httpx.Client, job_store: JobStore, api_server: ApiProcess
 ):
