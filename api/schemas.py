@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from latency.measurement_protocol import DEVICE_CLASS_PATTERN
+from latency.runtimes import RUNTIMES, get_runtime
+from search.errors import ArchtreeError
 from workers.job_store import STATUSES
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -473,11 +476,38 @@ class DeviceIn(DeviceInfo):
         json_schema_extra=DEVICE_CLASS_SCHEMA,
     )
     host: str = Field(min_length=1, max_length=MAX_DEVICE_TEXT, examples=["rpi-07"])
-    runtime: str = Field("torch", max_length=MAX_DEVICE_TEXT, examples=["torch"])
+    runtime: str = Field(
+        "torch",
+        max_length=MAX_DEVICE_TEXT,
+        description="What the agent times models with.",
+        examples=["torch"],
+        json_schema_extra={"enum": list(RUNTIMES)},
+    )
     runtime_version: str = Field("", max_length=MAX_DEVICE_TEXT, examples=["2.13.0+cpu"])
     cpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=["Cortex-A72"])
     gpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=[None])
     threads: int = Field(1, ge=1, le=MAX_DEVICE_THREADS, strict=True, examples=[1])
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_is_supported(cls, runtime: str) -> str:
+        try:
+            return get_runtime(runtime).name
+        except ArchtreeError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("host", "runtime_version", "cpu", "gpu")
+    @classmethod
+    def _printable(cls, text: str | None) -> str | None:
+        # Shown in listings, logs and the dashboard, one line each: a line break or a control
+        # character there would forge or garble a line.
+        for position, character in enumerate(text or ""):
+            if unicodedata.category(character)[0] == "C" or character in "\u2028\u2029":
+                raise ValueError(
+                    f"holds the control character U+{ord(character):04X} at character "
+                    f"{position + 1}: send one line of printable text"
+                )
+        return text
 
 
 class Device(DeviceInfo):

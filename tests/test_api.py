@@ -848,6 +848,23 @@ BAD_DEVICES = {
     "threads over 1024": ({"threads": 1025}, "threads: Input should be less than or equal"),
     "an empty host": ({"host": ""}, "host: String should have at least 1 character"),
     "a long host": ({"host": "h" * 256}, "host: String should have at most 255 characters"),
+    "a host with a line break": (
+        {"host": "rpi\n07"},
+        "host: holds the control character U+000A at character 4: send one line of printable text",
+    ),
+    "a host with an escape": ({"host": "\x1b[31mrpi"}, "host: holds the control character U+001B"),
+    "a cpu with a bidi override": ({"cpu": "A72\u202e"}, "cpu: holds the control character U+202E"),
+    "a gpu with a line separator": ({"gpu": "a\u2028b"}, "gpu: holds the control character U+2028"),
+    "a runtime version with a NUL": (
+        {"runtime_version": "2.1\x00"},
+        "runtime_version: holds the control character U+0000",
+    ),
+    "an empty runtime": ({"runtime": ""}, "runtime: unsupported agent runtime ''; supported "),
+    "an unknown runtime": (
+        {"runtime": "onnx"},
+        "runtime: unsupported agent runtime 'onnx'; supported runtimes: torch",
+    ),
+    "a long runtime": ({"runtime": "r" * 256}, "runtime: String should have at most 255"),
 }
 
 
@@ -1124,6 +1141,8 @@ def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
         assert list(events[status]["content"]) == ["application/json"], status
     device = schema["components"]["schemas"]["DeviceIn"]["properties"]["device_class"]
     assert (device["maxLength"], device["pattern"]) == (64, "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+    runtime = schema["components"]["schemas"]["DeviceIn"]["properties"]["runtime"]
+    assert runtime["enum"] == ["torch"]
     assert http.get("/docs").status_code == 200
 
 
