@@ -304,7 +304,8 @@ class JobProgress(BaseModel):
         description="What the numbers do not say by themselves, one line each: the "
         "submission's notes (settings the strategy overrides), then, while the job runs, the "
         "search's notes so far (e.g. an unpruned model that scores at chance), and once "
-        "succeeded report.json's `notes`.",
+        "succeeded report.json's `notes`; settings named as spec fields (`search.width`), as "
+        "in `error` and the events.",
         examples=[["the unpruned model already meets the budget: nothing was pruned"]],
     )
     submission_notes: list[str] | None = Field(
@@ -350,12 +351,16 @@ class Job(BaseModel):
 
     @classmethod
     def of(cls, job: dict[str, Any], lost_tasks: list[dict[str, Any]] | None = None) -> Job:
-        """From a JobStore record; its error in spec terms (`search.width`, not `--width`)."""
+        """From a JobStore record; its error and notes in spec terms (`search.width`, not
+        `--width`), as its events give them."""
         from api.spec_terms import in_spec_terms
 
         error = job.get("error")
+        progress = job.get("progress") or {}
+        if progress.get("notes"):
+            progress = {**progress, "notes": [in_spec_terms(note) for note in progress["notes"]]}
         return cls(
-            **{**job, "error": in_spec_terms(error) if error else error},
+            **{**job, "error": in_spec_terms(error) if error else error, "progress": progress},
             lost_tasks=lost_tasks or [],
             links=JobLinks.of(job["id"]),
         )

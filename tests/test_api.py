@@ -37,7 +37,7 @@ from tests.api_fixtures import (
     start_api,
 )
 from tests.redis_fixtures import ROOT, wait_until
-from workers.job_store import JobStore
+from workers.job_store import JobStore, RedisEventSink
 from workers.tasks import result_name
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
@@ -673,11 +673,11 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
 
 
 def test_the_event_stream_words_errors_and_notes_as_the_job_does(
-    http: httpx.Client, job_store: JobStore
+    http: httpx.Client, job_store: JobStore, tmp_path: Path
 ):
     job_id = job_store.create(SPEC)
-    # As the engine words them, for `archtree prune`.
-    job_store.append_event(job_id, "note", {"message": "--width 3 is not used"})
+    # As the engine words them, for `archtree prune`, and as a worker keeps them.
+    RedisEventSink(job_store, job_id).emit("note", message="--width 3 is not used")
     error = "the budget cannot be met: raise --max-depth or --planned-steps"
     assert job_store.set_status_if_active(job_id, "failed", error)
 
@@ -690,6 +690,21 @@ def test_the_event_stream_words_errors_and_notes_as_the_job_does(
     )
     assert data[-1]["error"] == job["error"]
     assert [e["message"] for e in data if e["kind"] == "note"] == ["search.width 3 is not used"]
+    assert job["progress"]["notes"] == ["search.width 3 is not used"]
+    (listed,) = [j for j in http.get("/v1/jobs").json()["jobs"] if j["id"] == job_id]
+    assert listed["progress"]["notes"] == job["progress"]["notes"]
+    # The command line shows them in its own terms again.
+    shown = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", "status", job_id, "--api", str(http.base_url)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ARCHTREE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "note: --width 3 is not used" in shown.stdout
+    assert "error: the budget cannot be met: raise --max-depth or --planned-steps" in shown.stdout
 
 
 def test_a_bad_last_event_id_in_utf_8_is_echoed_as_sent(http: httpx.Client, job_store: JobStore):
