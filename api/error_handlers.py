@@ -2,8 +2,9 @@
 
 Besides the API's own HTTPExceptions: the engine's errors (422, worded for a REST client), the
 request checks (422), Redis unreachable (503), the framework's bare "Not Found" and "Method Not
-Allowed" (which then say what exists) and its 400 for a body it cannot decode (422). A client
-that hangs up mid-request gets an empty 400, and nothing is logged.
+Allowed" (which then say what exists, or the route a trailing slash missed) and its 400 for a
+body it cannot decode (422). A client that hangs up mid-request gets an empty 400, and nothing
+is logged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 
 from api.deps import quoted
 from api.schemas import validation_message
@@ -136,11 +137,16 @@ async def _http_error(request: Request, error: Exception) -> Response:
         send = _send_json_object(request)
         error = HTTPException(422, f"the body cannot be read as JSON text (is it UTF-8?): {send}")
     elif error.status_code == 404 and error.detail == "Not Found":
-        error = HTTPException(
-            404,
-            f"nothing at {path}: jobs and devices are under /v1/jobs and /v1/devices, the "
-            f"dashboard at /; {ENDPOINTS_HINT}",
-        )
+        without_slash = request.url.path.rstrip("/")
+        if without_slash != request.url.path and _is_route(request, without_slash):
+            what = f"no route {path}: did you mean {quoted(without_slash)}? "
+            error = HTTPException(404, f"{what}(paths end without a slash; {ENDPOINTS_HINT})")
+        else:
+            error = HTTPException(
+                404,
+                f"nothing at {path}: jobs and devices are under /v1/jobs and /v1/devices, the "
+                f"dashboard at /; {ENDPOINTS_HINT}",
+            )
     elif error.status_code == 405 and error.detail == "Method Not Allowed":
         # A mount (the dashboard's files) gives its own Allow header.
         given = (error.headers or {}).get("Allow", "")
@@ -152,6 +158,16 @@ async def _http_error(request: Request, error: Exception) -> Response:
             headers={"Allow": ", ".join(allowed)},
         )
     return await http_exception_handler(request, error)
+
+
+def _is_route(request: Request, path: str) -> bool:
+    """Whether a route of the app (not a mount: the dashboard's files) is at `path`, whatever
+    its method."""
+    scope = {**request.scope, "path": path}
+    return any(
+        not isinstance(route, Mount) and route.matches(scope)[0] is not Match.NONE
+        for route in request.app.router.routes
+    )
 
 
 def _methods_at(request: Request) -> list[str]:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from api.deps import Services
 from api.error_handlers import add_error_handlers
+from api.head_requests import HeadAsGet
 from api.routes import dashboard, devices, health, jobs
 from api.schemas import JobSpecIn
 from archtree_cli.settings import ServiceSettings, service_settings
@@ -26,7 +27,9 @@ latency budget measured on the target device. Submit a job, follow its progress 
 tree (or its live events), and fetch `arch.json`, `model.safetensors` and `report.json`.
 Device agents register here and time candidates on their hardware.
 
-Every error answers `{"detail": "<one line: what is wrong and what to do>"}`.
+Every error answers `{"detail": "<one line: what is wrong and what to do>"}`. Paths end without
+a slash: `/v1/jobs/` is not redirected, it answers 404 naming `/v1/jobs`. Every GET route
+answers HEAD too: the same status and headers (Content-Length included), without the body.
 """
 
 
@@ -50,6 +53,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         summary="Latency-aware structured pruning as a service.",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # A path with a trailing slash answers 404 naming the one without it
+        # (api.error_handlers): a redirect would make a client that does not follow it, as
+        # curl without -L, submit nothing without a word.
+        redirect_slashes=False,
     )
     app.state.services = services
     app.include_router(jobs.router)
@@ -57,6 +64,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     dashboard.mount(app)
     add_error_handlers(app)
+    app.add_middleware(HeadAsGet)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

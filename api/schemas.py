@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from latency.measurement_protocol import DEVICE_CLASS_PATTERN
+from latency.runtimes import RUNTIMES, get_runtime
+from search.errors import ArchtreeError
 from workers.job_store import STATUSES
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -301,7 +304,8 @@ class JobProgress(BaseModel):
         description="What the numbers do not say by themselves, one line each: the "
         "submission's notes (settings the strategy overrides), then, while the job runs, the "
         "search's notes so far (e.g. an unpruned model that scores at chance), and once "
-        "succeeded report.json's `notes`.",
+        "succeeded report.json's `notes`; settings named as spec fields (`search.width`), as "
+        "in `error` and the events.",
         examples=[["the unpruned model already meets the budget: nothing was pruned"]],
     )
     submission_notes: list[str] | None = Field(
@@ -347,12 +351,16 @@ class Job(BaseModel):
 
     @classmethod
     def of(cls, job: dict[str, Any], lost_tasks: list[dict[str, Any]] | None = None) -> Job:
-        """From a JobStore record; its error in spec terms (`search.width`, not `--width`)."""
+        """From a JobStore record; its error and notes in spec terms (`search.width`, not
+        `--width`), as its events give them."""
         from api.spec_terms import in_spec_terms
 
         error = job.get("error")
+        progress = job.get("progress") or {}
+        if progress.get("notes"):
+            progress = {**progress, "notes": [in_spec_terms(note) for note in progress["notes"]]}
         return cls(
-            **{**job, "error": in_spec_terms(error) if error else error},
+            **{**job, "error": in_spec_terms(error) if error else error, "progress": progress},
             lost_tasks=lost_tasks or [],
             links=JobLinks.of(job["id"]),
         )
@@ -473,11 +481,38 @@ class DeviceIn(DeviceInfo):
         json_schema_extra=DEVICE_CLASS_SCHEMA,
     )
     host: str = Field(min_length=1, max_length=MAX_DEVICE_TEXT, examples=["rpi-07"])
-    runtime: str = Field("torch", max_length=MAX_DEVICE_TEXT, examples=["torch"])
+    runtime: str = Field(
+        "torch",
+        max_length=MAX_DEVICE_TEXT,
+        description="What the agent times models with.",
+        examples=["torch"],
+        json_schema_extra={"enum": list(RUNTIMES)},
+    )
     runtime_version: str = Field("", max_length=MAX_DEVICE_TEXT, examples=["2.13.0+cpu"])
     cpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=["Cortex-A72"])
     gpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=[None])
     threads: int = Field(1, ge=1, le=MAX_DEVICE_THREADS, strict=True, examples=[1])
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_is_supported(cls, runtime: str) -> str:
+        try:
+            return get_runtime(runtime).name
+        except ArchtreeError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("host", "runtime_version", "cpu", "gpu")
+    @classmethod
+    def _printable(cls, text: str | None) -> str | None:
+        # Shown in listings, logs and the dashboard, one line each: a line break or a control
+        # character there would forge or garble a line.
+        for position, character in enumerate(text or ""):
+            if unicodedata.category(character)[0] == "C" or character in "\u2028\u2029":
+                raise ValueError(
+                    f"holds the control character U+{ord(character):04X} at character "
+                    f"{position + 1}: send one line of printable text"
+                )
+        return text
 
 
 class Device(DeviceInfo):

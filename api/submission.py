@@ -87,7 +87,7 @@ def _store_and_queue(
     }
     try:
         for name, path in local.items():
-            services.artifacts.put_bytes(stored[name], path.read_bytes())
+            services.artifacts.put_file(stored[name], path)
         if not local:  # the uploads' writes check the store; without any, so does this
             services.artifacts.check_writable()
         submit_job(

@@ -12,9 +12,8 @@ unreachable (`archtree up` restarted, with its Redis at a new address), the agen
 through the API and serves from the Redis the API names now. At its start, an agent waits a
 while for an API or a Redis that is not up yet.
 
-Runtimes plug in through `RUNTIMES`: each names its version and makes timers, which are
-LatencyOracle objects for one (batch size, dtype). The torch runtime's timer is a LocalOracle;
-an ONNX Runtime or TorchScript one would be another LatencyOracle.
+Runtimes plug in through `latency.runtimes.RUNTIMES`: each names its version and makes timers,
+which are LatencyOracle objects for one (batch size, dtype).
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from latency.measurement_protocol import (
     validate_device_class,
 )
 from latency.redis_connection import check_redis_url, redacted, redis_client
+from latency.runtimes import get_runtime
 from search.errors import ArchtreeError
 from search.interfaces import LatencyOracle
 
@@ -93,52 +93,6 @@ class RedisOutage:
     ask_wait_s: float = ASK_API_AFTER_S
     # When the outage is next said again in the log (it is said when it starts).
     next_said: float = 0.0
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """A way of running models: its version string and a factory of timers."""
-
-    name: str
-    version: Callable[[], str]
-    make_timer: Callable[[str, int, int, str, TimingSettings | None], LatencyOracle]
-    """(device_class, threads, batch_size, dtype, settings) -> timer."""
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
-def _torch_timer(
-    device_class: str, threads: int, batch_size: int, dtype: str, settings: TimingSettings | None
-) -> LatencyOracle:
-    from latency.local_oracle import LocalOracle
-    from search.arch_spec import build_from_spec
-
-    return LocalOracle(
-        build_from_spec,
-        device_class=device_class,
-        threads=threads,
-        batch_size=batch_size,
-        dtype=dtype,
-        settings=settings,
-        fresh_process=True,
-    )
-
-
-RUNTIMES: dict[str, Runtime] = {"torch": Runtime("torch", _torch_version, _torch_timer)}
-
-
-def get_runtime(name: str) -> Runtime:
-    """The runtime called `name`, or ArchtreeError listing the supported ones."""
-    try:
-        return RUNTIMES[name]
-    except KeyError:
-        raise ArchtreeError(
-            f"unsupported agent runtime {name!r}; supported runtimes: {', '.join(RUNTIMES)}"
-        ) from None
 
 
 def device_info(device_class: str, runtime: str = "torch", threads: int = 1) -> dict[str, Any]:

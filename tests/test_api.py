@@ -24,6 +24,7 @@ import pytest
 import redis
 import torch
 
+from search.artifacts import ARTIFACT_NAMES
 from search.inputs import load_inputs
 from search.model_source import save_weights
 from search.settings import SearchSettings
@@ -36,7 +37,8 @@ from tests.api_fixtures import (
     start_api,
 )
 from tests.redis_fixtures import ROOT, wait_until
-from workers.job_store import JobStore
+from workers.job_store import JobStore, RedisEventSink
+from workers.tasks import result_name
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
 
@@ -671,11 +673,11 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
 
 
 def test_the_event_stream_words_errors_and_notes_as_the_job_does(
-    http: httpx.Client, job_store: JobStore
+    http: httpx.Client, job_store: JobStore, tmp_path: Path
 ):
     job_id = job_store.create(SPEC)
-    # As the engine words them, for `archtree prune`.
-    job_store.append_event(job_id, "note", {"message": "--width 3 is not used"})
+    # As the engine words them, for `archtree prune`, and as a worker keeps them.
+    RedisEventSink(job_store, job_id).emit("note", message="--width 3 is not used")
     error = "the budget cannot be met: raise --max-depth or --planned-steps"
     assert job_store.set_status_if_active(job_id, "failed", error)
 
@@ -688,6 +690,21 @@ def test_the_event_stream_words_errors_and_notes_as_the_job_does(
     )
     assert data[-1]["error"] == job["error"]
     assert [e["message"] for e in data if e["kind"] == "note"] == ["search.width 3 is not used"]
+    assert job["progress"]["notes"] == ["search.width 3 is not used"]
+    (listed,) = [j for j in http.get("/v1/jobs").json()["jobs"] if j["id"] == job_id]
+    assert listed["progress"]["notes"] == job["progress"]["notes"]
+    # The command line shows them in its own terms again.
+    shown = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", "status", job_id, "--api", str(http.base_url)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ARCHTREE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "note: --width 3 is not used" in shown.stdout
+    assert "error: the budget cannot be met: raise --max-depth or --planned-steps" in shown.stdout
 
 
 def test_a_bad_last_event_id_in_utf_8_is_echoed_as_sent(http: httpx.Client, job_store: JobStore):
@@ -846,6 +863,23 @@ BAD_DEVICES = {
     "threads over 1024": ({"threads": 1025}, "threads: Input should be less than or equal"),
     "an empty host": ({"host": ""}, "host: String should have at least 1 character"),
     "a long host": ({"host": "h" * 256}, "host: String should have at most 255 characters"),
+    "a host with a line break": (
+        {"host": "rpi\n07"},
+        "host: holds the control character U+000A at character 4: send one line of printable text",
+    ),
+    "a host with an escape": ({"host": "\x1b[31mrpi"}, "host: holds the control character U+001B"),
+    "a cpu with a bidi override": ({"cpu": "A72\u202e"}, "cpu: holds the control character U+202E"),
+    "a gpu with a line separator": ({"gpu": "a\u2028b"}, "gpu: holds the control character U+2028"),
+    "a runtime version with a NUL": (
+        {"runtime_version": "2.1\x00"},
+        "runtime_version: holds the control character U+0000",
+    ),
+    "an empty runtime": ({"runtime": ""}, "runtime: unsupported agent runtime ''; supported "),
+    "an unknown runtime": (
+        {"runtime": "onnx"},
+        "runtime: unsupported agent runtime 'onnx'; supported runtimes: torch",
+    ),
+    "a long runtime": ({"runtime": "r" * 256}, "runtime: String should have at most 255"),
 }
 
 
@@ -1023,8 +1057,72 @@ def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_stor
         assert answer.headers["allow"] == allowed
         detail = one_line_detail(answer)
         assert f"use {allowed.replace(', ', ' or ')}; see /docs for the endpoints" in detail
-    for path in ("/", "/healthz", "/readyz"):
-        assert http.head(path).status_code == 200, path
+
+
+def test_a_trailing_slash_answers_404_naming_the_path_without_it(
+    http: httpx.Client, job_store: JobStore
+):
+    job_id = job_store.create(SPEC)
+    before = job_total(http), http.get("/v1/devices").json()["devices"]
+
+    for method, path, body in [
+        ("GET", "/v1/jobs/", {}),
+        ("POST", "/v1/jobs/", {"data": {"spec": json.dumps(SPEC)}}),
+        ("GET", f"/v1/jobs/{job_id}/", {}),
+        ("GET", f"/v1/jobs/{job_id}/artifacts/report.json/", {}),
+        ("POST", f"/v1/jobs/{job_id}/cancel/", {}),
+        ("GET", "/v1/devices/", {}),
+        ("POST", "/v1/devices/", {"json": {"device_class": "api-cpu", "host": "h"}}),
+        ("GET", "/healthz/", {}),
+    ]:
+        answer = http.request(method, path, **body)
+        assert answer.status_code == 404, (method, path, answer.text)
+        assert one_line_detail(answer) == (
+            f"no route {path!r}: did you mean {path.rstrip('/')!r}? (paths end without a "
+            "slash; see /docs for the endpoints)"
+        )
+    assert (job_total(http), http.get("/v1/devices").json()["devices"]) == before
+    assert job_store.get(job_id)["status"] == "queued"
+    assert "nothing at '/nope/'" in one_line_detail(http.get("/nope/"))
+    # The dashboard's page and files are where its links point, without redirects.
+    for path in ("/", "/dashboard/app.js", "/dashboard/style.css", "/docs"):
+        assert http.get(path).status_code == 200, path
+
+
+def test_head_answers_every_get_route_with_the_gets_status_and_headers(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess
+):
+    succeeded = job_store.create(SPEC)
+    job_store.set_status_if_active(succeeded, "succeeded")
+    for name in ARTIFACT_NAMES:
+        stored = api_server.artifacts / result_name(succeeded, name)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(b"{}" if name.endswith(".json") else os.urandom(3000))
+    paths = http.get("/openapi.json").json()["paths"]
+    get_paths = [
+        path.format(job_id=succeeded, name=name, device_id="none")
+        for path, operations in paths.items()
+        if "get" in operations
+        for name in (ARTIFACT_NAMES if "{name}" in path else [""])
+    ]
+    assert {"/v1/devices", "/metrics"} <= set(get_paths)  # every GET route the schema lists
+    extra = ["/", "/dashboard/app.js", "/docs", "/openapi.json", f"/v1/jobs/{succeeded}a"]
+
+    for path in get_paths + extra:
+        get, head = http.get(path), http.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), path
+        for header in ("content-type", "content-length", "content-disposition"):
+            assert head.headers.get(header) == get.headers.get(header), (path, header)
+    assert http.head(f"/v1/jobs/{succeeded}/cancel").status_code == 405
+    # A running job's events go on: HEAD answers at once, and the connection serves the next
+    # request (the stream behind it is not left running).
+    running = job_store.create(SPEC)
+    job_store.set_status_if_active(running, "running")
+    with api_server.client() as client:
+        events = client.head(f"/v1/jobs/{running}/events")
+        assert events.status_code == 200
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert client.get("/healthz", timeout=20).status_code == 200
 
 
 def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
@@ -1051,13 +1149,15 @@ def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
     assert body["schema"]["additionalProperties"] is False  # other form fields are refused
     operations = [op for path in schema["paths"].values() for op in path.values()]
     ids = [operation["operationId"] for operation in operations]
-    assert len(ids) == len(set(ids))  # GET and HEAD of /healthz and /readyz included
+    assert len(ids) == len(set(ids))
     events = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
     assert list(events["200"]["content"]) == ["text/event-stream"]
     for status in ("404", "422", "503"):  # its errors are JSON, as sent
         assert list(events[status]["content"]) == ["application/json"], status
     device = schema["components"]["schemas"]["DeviceIn"]["properties"]["device_class"]
     assert (device["maxLength"], device["pattern"]) == (64, "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+    runtime = schema["components"]["schemas"]["DeviceIn"]["properties"]["runtime"]
+    assert runtime["enum"] == ["torch"]
     assert http.get("/docs").status_code == 200
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,12 @@ from latency.measurement_protocol import stream_key
 from search.artifacts import ARTIFACT_NAMES, load_pruned
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
-from workers.artifact_store import ArtifactNodeStore, ArtifactStore, ArtifactStoreError
+from workers.artifact_store import (
+    COPY_CHUNK_BYTES,
+    ArtifactNodeStore,
+    ArtifactStore,
+    ArtifactStoreError,
+)
 from workers.celery_app import EVALUATE_CHILD, redelivery_s
 from workers.job_store import FINAL_STATUSES, JobStore
 from workers.task_leases import TaskLeases
@@ -153,6 +163,39 @@ def test_an_artifact_store_that_cannot_be_written_is_named(tmp_path: Path):
         message
     )
     assert "ARCHTREE_ARTIFACTS_URL" in message
+
+
+@contextmanager
+def files_written_up_to(limit: int) -> Iterator[None]:
+    """This process's writes fail past `limit` bytes of a file (EFBIG), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    deliver = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, deliver)
+
+
+def test_a_file_is_put_in_the_store_whole_or_not_at_all(tmp_path: Path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    source = tmp_path / "upload.npz"
+    content = os.urandom(3 * COPY_CHUNK_BYTES + 17)  # several chunks, the last one short
+    source.write_bytes(content)
+    name = "jobs/0123456789ab/inputs/data.npz"
+
+    store.put_file(name, source)
+
+    assert store.get_bytes(name) == content
+    # A copy that fails midway (the store's disk full) leaves the earlier file, and no part.
+    store.put_bytes(name, b"earlier")
+    with files_written_up_to(COPY_CHUNK_BYTES + 5), pytest.raises(ArtifactStoreError) as failed:
+        store.put_file(name, source)
+    assert f"cannot write {name} in the artifact store" in str(failed.value)
+    assert store.get_bytes(name) == b"earlier"
+    folder = tmp_path / "store" / "jobs" / "0123456789ab" / "inputs"
+    assert [path.name for path in folder.iterdir()] == ["data.npz"]
 
 
 def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_depths(

@@ -6,15 +6,22 @@ workers and agents on several machines share the same files.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from search.errors import ArchtreeError
+
+# What put_file holds in memory at once.
+COPY_CHUNK_BYTES = 1 << 20
 
 
 class ArtifactStoreError(ArchtreeError):
@@ -46,13 +53,29 @@ class ArtifactStore:
         return f"{self._root_path}/{clean}"
 
     def put_bytes(self, name: str, data: bytes) -> None:
+        self._put(name, lambda handle: handle.write(data))
+
+    def put_file(self, name: str, source: Path) -> None:
+        """Copy a local file into the store a chunk at a time: an upload of hundreds of MB is
+        never held whole in memory."""
+        with source.open("rb") as file:
+            self._put(name, lambda handle: shutil.copyfileobj(file, handle, COPY_CHUNK_BYTES))
+
+    def _put(self, name: str, write: Callable[[BinaryIO], object]) -> None:
+        """Write `name` whole or not at all: into a temporary file, moved to its name once
+        written; a failed write removes the temporary file and leaves an earlier `name`."""
         path = self._path(name)
+        temporary = path + ".partial"
         try:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            temporary = path + ".partial"
-            with self.fs.open(temporary, "wb") as handle:
-                handle.write(data)
-            self.fs.mv(temporary, path)
+            try:
+                with self.fs.open(temporary, "wb") as handle:
+                    write(handle)
+                self.fs.mv(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.fs.rm(temporary)
+                raise
         except OSError as error:
             raise self._failure("write", name, error) from None
 

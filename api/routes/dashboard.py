@@ -17,8 +17,8 @@ DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "dashboard"
 router = APIRouter(include_in_schema=False)
 
 
-# HEAD too: uptime checkers probe the page with it.
-@router.api_route("/", methods=["GET", "HEAD"])
+# HEAD too, as on every GET route (api.head_requests): uptime checkers probe the page with it.
+@router.get("/")
 def index() -> FileResponse:
     page = DASHBOARD_DIR / "index.html"
     if not page.is_file():

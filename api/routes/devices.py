@@ -22,7 +22,13 @@ router = APIRouter(prefix="/v1/devices", tags=["devices"], responses={**INVALID,
     "",
     status_code=201,
     summary="Register a device",
-    responses={422: {"model": ErrorMessage, "description": "Invalid device class."}},
+    responses={
+        422: {
+            "model": ErrorMessage,
+            "description": "An invalid field (a device class, a runtime agents do not support, "
+            "text that is not one printable line): which, and what it accepts.",
+        }
+    },
 )
 def register_device(device: DeviceIn, services: ServicesDep) -> DeviceRegistered:
     """Called by `archtree agent`: the answer holds the device's id and the Redis its agent

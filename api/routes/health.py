@@ -14,21 +14,13 @@ router = APIRouter(tags=["health"])
 NOT_READY = {503: {"model": Readiness, "description": "Redis is not reachable."}}
 
 
-# HEAD too: uptime checkers and load balancers probe with it.
-# HEAD gets its own operation: each (path, method) needs a unique operationId in OpenAPI.
+# HEAD too, as on every GET route (api.head_requests): uptime checkers probe with it.
 @router.get("/healthz", summary="The API process is up")
-@router.head("/healthz", summary="The API process is up", operation_id="healthz_head")
 def healthz() -> Health:
     return Health()
 
 
 @router.get("/readyz", summary="The service can take jobs", responses=NOT_READY)
-@router.head(
-    "/readyz",
-    summary="The service can take jobs",
-    responses=NOT_READY,
-    operation_id="readyz_head",
-)
 async def readyz(services: ServicesDep, response: Response) -> Readiness:
     """Redis reachable (503 otherwise); also lists the Celery workers that answer a ping and the
     agents online per device class."""
