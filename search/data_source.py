@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from search.errors import ArchtreeError
-from search.model_source import scan_pickle
+from search.model_source import load_tensors_only, scan_pickle
 
 BUILTIN_DATASETS = ("mnist", "digits")
 USER_EXTENSIONS = (".npz", ".pt")
@@ -202,7 +202,7 @@ def _read_npz(path: Path) -> dict[str, object]:
 
 def _read_pt(path: Path) -> dict[str, object]:
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = load_tensors_only(path)
     except Exception as error:
         scan = scan_pickle(path)
         if scan is None and path.suffix not in USER_EXTENSIONS:

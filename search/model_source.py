@@ -14,10 +14,11 @@ import io
 import os
 import pickletools
 import struct
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load_file, save
@@ -272,7 +273,7 @@ def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tenso
     try:
         # From an open file: torch hands a path named .safetensors to safetensors.
         with path.open("rb") as handle:
-            content = torch.load(handle, map_location="cpu", weights_only=True)
+            content = load_tensors_only(handle)
     except Exception as error:
         content = _load_refused_file(path, error, allow_pickle=allow_pickle)
     if isinstance(content, nn.Module):
@@ -350,6 +351,15 @@ class PickleScan:
         return f" ({_some(self.globals)})" if self.globals else ""
 
 
+def load_tensors_only(file: str | Path | BinaryIO) -> object:
+    """torch.load with weights_only: tensors and plain containers, never arbitrary objects.
+    Its warning about a pickle protocol newer than torch's own is not passed on: whatever the
+    protocol, such a file loads or is refused with its own message."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def scan_pickle(path: Path) -> PickleScan | None:
     """Read the pickle's opcodes without executing them; None when it is not a pickle."""
     try:
@@ -369,12 +379,31 @@ def scan_pickle(path: Path) -> PickleScan | None:
     pickles = 0
     # The legacy torch format is several pickles in a row followed by raw tensor bytes.
     while stream.tell() < len(data):
+        # Protocol 4 and above name an object by the two strings pushed before STACK_GLOBAL,
+        # often through the memo: the values pushed, strings or None, and the memo's.
+        pushed: list[str | None] = []
+        memo: dict[int, str | None] = {}
         try:
             for opcode, arg, _ in pickletools.genops(stream):
-                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                name = opcode.name
+                if name in ("GLOBAL", "INST") and isinstance(arg, str):
                     found_globals.append(arg.replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                    found_globals.append(f"{pushed[-2]}.{pushed[-1]}")
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                    continue
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = pushed[-1] if pushed else None
+                    continue
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(int(arg)))
+                    continue
                 elif isinstance(arg, str):
                     strings.add(arg)
+                    pushed.append(arg)
+                    continue
+                pushed.append(None)
         except Exception:
             break
         pickles += 1
