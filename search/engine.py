@@ -380,10 +380,7 @@ def finish(
     ranked = state.ranked_within_budget()
     if not ranked:
         if not state.root.within_budget:
-            raise ArchtreeError(
-                f"no candidate met the budget of {state.budget_ms:.3f} ms within "
-                f"{state.depth} depths: raise --max-depth or --planned-steps, or the budget."
-            )
+            raise ArchtreeError(_unmet_budget_message(settings, state))
         ranked = [state.root]
     else:
         if retuned is None:
@@ -453,6 +450,21 @@ def finish(
         wall_s=outcome.wall_s,
     )
     return outcome
+
+
+def _unmet_budget_message(settings: SearchSettings, state: SearchState) -> str:
+    """Why no candidate met the budget, and what to change."""
+    unmet = f"no candidate met the budget of {_ms(state.budget_ms)} ms"
+    depths = f"{state.depth} depth{'s' if state.depth != 1 else ''}"
+    if not state.frontier and state.depth < settings.max_depth:
+        # Every move of the last depth was skipped: none reached its target within a step.
+        return (
+            f"{unmet}: the search stopped at depth {state.depth}, where every move was "
+            f"skipped, unable to reach its target removing at most --max-cut "
+            f"{settings.max_cut:g} of a channel group in one step: raise --max-cut, or the "
+            "budget."
+        )
+    return f"{unmet} within {depths}: raise --max-depth or --planned-steps, or the budget."
 
 
 def _apply_retuned(

@@ -86,6 +86,20 @@ def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_alrea
         start(context, parse_budget("5%"))
 
 
+def test_a_search_whose_every_move_is_skipped_names_max_cut_not_max_depth():
+    context = make_context(
+        oracle=BlockedConvDevice(1), max_cut=0.01, max_depth=4, branching=2, planned_steps=1
+    )
+    with pytest.raises(ArchtreeError) as error:
+        run_search(context, parse_budget("60%"))
+    message = str(error.value)
+    assert "the search stopped at depth 1, where every move was skipped" in message
+    assert message.endswith("0.01 of a channel group in one step: raise --max-cut, or the budget.")
+    assert "--max-depth" not in message
+    kinds = [e["kind"] for e in context.sink.events]
+    assert "child_skipped" in kinds and "node" not in kinds
+
+
 class TimingsCountedDevice(BlockedConvDevice):
     def __init__(self) -> None:
         super().__init__(1)
