@@ -152,15 +152,22 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     )
     if smallest_ms > settings.aim_ms(budget_ms):
         enough_ms = smallest_ms / (1.0 - settings.margin) * 1.02
-        # The margin is worth lowering only when it alone puts the budget out of reach.
-        if smallest_ms > budget_ms:
-            why, lower = "over the budget itself", "--min-width"
-        else:
-            margin = f"{100 * settings.margin:g}%"
-            why, lower = (
-                f"too close to the budget to keep the {margin} margin",
-                "--min-width or --margin",
+        # What sets the smallest widths: the share kept and the multiple rounded to. The
+        # margin is worth lowering only when it alone puts the budget out of reach.
+        floors = [
+            option
+            for option, sets_floor in (
+                ("--min-width", settings.min_width_fraction > 0),
+                ("--round-to", settings.round_to > 1),
             )
+            if sets_floor
+        ]
+        if smallest_ms > budget_ms:
+            why = "over the budget itself"
+        else:
+            why = f"too close to the budget to keep the {100 * settings.margin:g}% margin"
+            floors.append("--margin")
+        lower = " or ".join(floors) if floors else None
         reached = (
             f"the budget of {_ms(budget_ms)} ms cannot be met on this device: the smallest "
             f"model pruning can reach measures {_ms(smallest_ms)} ms "
@@ -174,8 +181,9 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
                 "whole). Time a larger batch (--batch-size), where channels weigh more, or "
                 "choose a smaller architecture."
             )
+        instead = f"lower {lower}" if lower else "choose a smaller architecture"
         raise ArchtreeError(
-            f"{reached}, {why}. Give a budget of at least {_ms(enough_ms)} ms, or lower {lower}."
+            f"{reached}, {why}. Give a budget of at least {_ms(enough_ms)} ms, or {instead}."
         )
     return state
 

@@ -82,8 +82,24 @@ def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_alrea
     assert "--batch-size" in message and "Give a budget" not in message
     # Where a reachable budget exists below the unpruned latency, it is the one suggested.
     context = make_context(oracle=BlockedConvDevice(1), min_width_fraction=0.5)
-    with pytest.raises(ArchtreeError, match="Give a budget of at least"):
+    with pytest.raises(ArchtreeError, match=r"Give a budget of at least .* or lower --min-width\."):
         start(context, parse_budget("5%"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"min_width_fraction": 0.0, "round_to": 16}, "or lower --round-to."),
+        ({"min_width_fraction": 0.3, "round_to": 16}, "or lower --min-width or --round-to."),
+        # Each group down to one channel: only another architecture is smaller.
+        ({"min_width_fraction": 0.0}, "or choose a smaller architecture."),
+    ],
+)
+def test_an_unreachable_budget_names_the_options_that_set_the_smallest_widths(settings, named):
+    context = make_context(oracle=BlockedConvDevice(1), **settings)
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("0.002ms"))
+    assert str(error.value).endswith(named)
 
 
 def test_a_search_whose_every_move_is_skipped_names_max_cut_not_max_depth():
