@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from latency.measurement_protocol import DEVICE_CLASS_PATTERN
 from latency.runtimes import RUNTIMES, get_runtime
 from search.errors import ArchtreeError
+from search.settings import MAX_CHANNEL_MULTIPLE
 from workers.job_store import STATUSES
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -61,7 +62,6 @@ MAX_TREE_SIZE = 64
 MAX_STEPS = 1_000_000
 MAX_EPOCHS = 10_000
 MAX_PROBES = 1_000
-MAX_CHANNEL_MULTIPLE = 4_096
 # A device class's form, documented; the API checks it itself (latency.measurement_protocol)
 # to answer with its own message.
 DEVICE_CLASS_SCHEMA = {"pattern": f"^{DEVICE_CLASS_PATTERN}$", "maxLength": 64}

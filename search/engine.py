@@ -15,6 +15,7 @@ the candidates to retune spread over Celery workers and the state kept in Redis 
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -707,7 +708,9 @@ def _fill_widths(
     halves down to the default block (`widening_multiples`) for the groups whose block
     measured over the aim; a block measured over the aim is not tried again on that group."""
     settings = context.settings
+    # Channels are given back in blocks that keep widths multiples of --round-to.
     blocks = widening_multiples(state.widen_to) or [DEFAULT_CHANNEL_BLOCK]
+    blocks = list(dict.fromkeys(math.lcm(block, settings.round_to) for block in blocks))
     parent, root = rebuilds.ancestors[0], rebuilds.ancestors[-1]
     widths = {name: answer.spec.width(name) for name in rebuilds.sizes(root)}
     latency_ms = answer_ms

@@ -81,13 +81,14 @@ class MoveApplier:
     def widened(self, plan: RemovalPlan, multiple: int) -> RemovalPlan:
         """`plan` with each group kept wider than `multiple` widened to the next multiple of
         it, at most its width in the parent: fewer of its least important channels are
-        removed."""
+        removed. Widths stay multiples of `round_to`: the multiple is one of both."""
+        step = math.lcm(multiple, self.pruner.round_to)
         wider: RemovalPlan = {}
         for name, removed in plan.items():
             size = self.pruner.groups_by_name[name].size
             keep = size - len(removed)
-            if keep > multiple:
-                keep = min(size, math.ceil(keep / multiple) * multiple)
+            if keep > step:
+                keep = min(size, math.ceil(keep / step) * step)
             count = size - keep
             if count > 0:
                 runs = self.pruner.groups_by_name[name].multiple

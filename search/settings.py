@@ -11,6 +11,9 @@ from search.errors import ArchtreeError
 
 STRATEGIES = ("archtree", "greedy", "uniform")
 MOVE_KINDS = ("global", "latency", "uniform", "focused")
+# The largest multiple of channels widths are rounded or widened to: wider than any
+# kernel's block of channels.
+MAX_CHANNEL_MULTIPLE = 4096
 # Settings whose `archtree prune` option is not the name in kebab case.
 OPTION_NAMES = {"min_width_fraction": "--min-width", "move_kinds": "--moves"}
 
@@ -147,7 +150,8 @@ class SearchSettings:
             (self.branching >= 1, "--branching must be at least 1"),
             (self.planned_steps >= 1, "--planned-steps must be at least 1"),
             (
-                self.max_depth >= self.planned_steps,
+                # The uniform strategy plans one step (`effective`): --planned-steps is unused.
+                self.max_depth >= self.planned_steps or self.strategy == "uniform",
                 f"--max-depth must be at least --planned-steps ({self.max_depth} is below "
                 f"{self.planned_steps}; give both, or a --max-depth of {self.planned_steps} or "
                 "more)",
@@ -160,6 +164,11 @@ class SearchSettings:
             (
                 self.widen_to is None or self.widen_to >= 0,
                 "--widen-to cannot be negative (0 turns it off)",
+            ),
+            (
+                self.widen_to is None or self.widen_to <= MAX_CHANNEL_MULTIPLE,
+                f"--widen-to must be at most {MAX_CHANNEL_MULTIPLE}, wider than any kernel's "
+                "block of channels (0 turns it off)",
             ),
             (0.0 <= self.min_width_fraction < 1.0, "--min-width must be in [0, 1)"),
             (self.importance in ("l2", "taylor"), "--importance must be l2 or taylor"),

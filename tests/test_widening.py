@@ -17,7 +17,7 @@ import pytest
 from search.arch_spec import ArchSpec
 from search.budget import parse_budget
 from search.context import SearchContext
-from search.engine import plan, start
+from search.engine import plan, run_search, start
 from search.expansion import MoveApplier, evaluate_child, widening_multiples
 from search.inputs import load_inputs
 from search.interfaces import ListEventSink
@@ -96,6 +96,26 @@ def test_a_child_is_widened_where_blocks_make_the_extra_channels_free():
     assert any(w % 8 for w in conv_widths(narrow.spec).values() if w > 8)
 
 
+def test_widths_stay_multiples_of_round_to_through_widening_and_the_fill():
+    # Widened to multiples of 8 and of 12: of 24, which this device computes at once.
+    base = conv_widths(make_context(BlockedConvDevice(24)).root_spec)
+    context = make_context(
+        BlockedConvDevice(24), round_to=12, widen_to=8, move_kinds=("global",), select_steps=0
+    )
+    context.prepare()
+    applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
+    wide = applier.widened(applier.plan(0.45), 8)
+    for name, group in applier.pruner.groups_by_name.items():
+        kept = group.size - len(wide.get(name, []))
+        assert kept % 12 == 0 or kept == group.size, (name, kept)
+    outcome = run_search(context, parse_budget("45%"))
+    filled = [e for e in context.sink.events if e["kind"] == "filled" and e["id"]]
+    assert filled and filled[0]["groups"]
+    for node in outcome.state.nodes.values():
+        widths = conv_widths(node.spec)
+        assert all(w % 12 == 0 or w == base[n] for n, w in widths.items()), (node.id, widths)
+
+
 def test_a_child_stays_narrow_where_every_channel_costs_time():
     context = make_context(BlockedConvDevice(1))
     task, node = first_child(context, "45%")
@@ -109,6 +129,21 @@ def test_negative_widen_to_is_refused_in_one_line():
 
     with pytest.raises(ArchtreeError, match="--widen-to cannot be negative"):
         SearchSettings(widen_to=-8).validate()
+    with pytest.raises(ArchtreeError, match="--widen-to must be at most 4096, wider than any"):
+        SearchSettings(widen_to=100_000).validate()
+    SearchSettings(widen_to=4096).validate()
+
+
+def test_the_uniform_strategy_takes_any_planned_steps_since_it_plans_one():
+    from search.errors import ArchtreeError
+
+    given = SearchSettings(strategy="uniform", planned_steps=5, max_depth=3)
+    assert given.effective().planned_steps == 1
+    assert given.ignored_by_strategy({"planned_steps"}) == [
+        "--planned-steps 5 is not used: --strategy uniform runs with 1"
+    ]
+    with pytest.raises(ArchtreeError, match="--max-depth must be at least --planned-steps"):
+        SearchSettings(strategy="archtree", planned_steps=5, max_depth=3).effective()
 
 
 def test_groups_are_widened_to_the_channel_block_the_device_reports():
