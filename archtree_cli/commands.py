@@ -18,6 +18,8 @@ from search.errors import ArchtreeError
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
 MAX_BATCH_SIZE = 65536
+# What `measure` times a model source on when no --input-shape is given.
+DEFAULT_INPUT_SHAPE = "1,28,28"
 # The largest input batch `measure` builds, in bytes (float32).
 MAX_INPUT_BYTES = 2 * 1024**3
 
@@ -283,10 +285,14 @@ def run_measure(args: argparse.Namespace) -> int:
     import torch
 
     from search.arch_spec import spec_of
+    from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
     from search.inputs import check_forward
     from search.model_source import ModelRef, build_model, load_weights
 
+    result = _result_folder(args)
+    if args.input_shape is None:
+        args.input_shape = ",".join(map(str, result.input_shape)) if result else DEFAULT_INPUT_SHAPE
     try:
         shape = tuple(int(v) for v in args.input_shape.split(","))
     except ValueError:
@@ -296,7 +302,8 @@ def run_measure(args: argparse.Namespace) -> int:
             f"--input-shape {args.input_shape!r} is not one sample's shape, 1 to 4 positive "
             "numbers: C,H,W for an image, e.g. 1,28,28."
         )
-    if not args.model.startswith("module:") and len(shape) != 3:
+    source = result.model.source if result else args.model
+    if not source.startswith("module:") and len(shape) != 3:
         raise ArchtreeError(
             f"{args.model} takes images: give --input-shape as C,H,W, e.g. 1,28,28 (a model of "
             "your own, module:, may take another shape)."
@@ -307,11 +314,16 @@ def run_measure(args: argparse.Namespace) -> int:
             f"--input-shape {args.input_shape} at --batch-size {args.batch_size} is an input of "
             f"{input_bytes / 1024**3:.3g} GiB: give a smaller shape or batch size."
         )
-    classes = 10 if args.num_classes is None else args.num_classes
-    if not 1 <= classes <= MAX_CLASSES:
-        raise ArchtreeError(f"--num-classes must be between 1 and {MAX_CLASSES}, not {classes}.")
-    ref = ModelRef(source=args.model, num_classes=classes, in_channels=shape[0])
-    model = build_model(ref)
+    if result:
+        ref, model = result.model, load_pruned(args.model)
+    else:
+        classes = 10 if args.num_classes is None else args.num_classes
+        if not 1 <= classes <= MAX_CLASSES:
+            raise ArchtreeError(
+                f"--num-classes must be between 1 and {MAX_CLASSES}, not {classes}."
+            )
+        ref = ModelRef(source=args.model, num_classes=classes, in_channels=shape[0])
+        model = build_model(ref)
     if args.weights:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
@@ -326,7 +338,8 @@ def run_measure(args: argparse.Namespace) -> int:
     )
     stats = oracle.measure_reference(spec, refresh=args.fresh)
     fingerprint = oracle.fingerprint()
-    print(f"model      {args.model} (arch {spec.hash})")
+    pruned = f"{ref.source} pruned, " if result else ""
+    print(f"model      {args.model} ({pruned}arch {spec.hash})")
     print(
         f"device     {fingerprint.get('device_class')} on {fingerprint.get('host')}: "
         f"{fingerprint.get('cpu_model') or fingerprint.get('cpu')}"
@@ -343,6 +356,23 @@ def run_measure(args: argparse.Namespace) -> int:
             "(--fresh times it again)"
         )
     return 0
+
+
+def _result_folder(args: argparse.Namespace):
+    """The architecture spec of the result folder given as --model (one `prune` or `fetch`
+    wrote), or None when --model is a model source; the options such a folder sets itself
+    are refused."""
+    from search.artifacts import load_result_spec
+
+    if not Path(args.model).is_dir():
+        return None
+    for option, given in (("--weights", args.weights), ("--num-classes", args.num_classes)):
+        if given is not None:
+            raise ArchtreeError(
+                f"{option} is not used with a result folder as --model: {args.model} holds "
+                "its model (arch.json, model.safetensors); leave it out."
+            )
+    return load_result_spec(args.model)
 
 
 def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, source: str) -> None:

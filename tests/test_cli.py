@@ -903,6 +903,37 @@ def test_measure_says_when_it_shows_a_cached_timing_and_fresh_times_again(tmp_pa
     assert measured() == (fresh, True)
 
 
+def pruned_vgg_result(folder: Path, input_shape: tuple[int, ...] = (1, 16, 16)) -> Path:
+    """A result folder as prune writes it: the builtin VGG with its last conv narrowed."""
+    from search.arch_spec import spec_of
+    from search.artifacts import save_artifacts
+    from search.model_source import ModelRef, build_model
+    from search.pruning import PrunableModel
+
+    ref = ModelRef("builtin:vgg", num_classes=10, in_channels=input_shape[0])
+    model = build_model(ref)
+    PrunableModel(model, torch.zeros(1, *input_shape)).remove({"features.5.0": range(32)})
+    return save_artifacts(folder, spec_of(model, ref, input_shape), model, {})
+
+
+def test_measure_times_a_result_folder_on_its_own_input_shape(tmp_path, home):
+    result = pruned_vgg_result(tmp_path / "pruned")
+    timed = archtree("measure", "--model", str(result), home=home)
+    assert "input (1, 16, 16)" in timed.stdout and "builtin:vgg pruned, arch" in timed.stdout
+    assert float(re.search(r"^median\s+(\S+) ms", timed.stdout, re.M).group(1)) > 0
+    # Its weights fit no unpruned model: the error says to give the folder instead.
+    line = one_line_error(
+        archtree("measure", "--model", "builtin:vgg", "--weights",
+                 str(result / "model.safetensors"), "--input-shape", "1,16,16", home=home,
+                 check=False)
+    )  # fmt: skip
+    assert "shape mismatch" in line and f"give its folder '{result}'" in line
+    assert "as --model of archtree measure" in line
+    refused = archtree("measure", "--model", str(result), "--weights", "w.pt", home=home,
+                       check=False)  # fmt: skip
+    assert "--weights is not used with a result folder" in one_line_error(refused)
+
+
 def test_measure_refuses_a_batch_whose_activations_outgrow_the_memory(home):
     from archtree_cli.commands import available_memory_bytes
 
