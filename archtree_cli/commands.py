@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from archtree_cli.paths import archtree_home, latency_cache_dir
-from archtree_cli.progress import ConsoleProgress
+from archtree_cli.progress import ConsoleProgress, counted
 from search.errors import ArchtreeError
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
@@ -350,7 +350,7 @@ def run_measure(args: argparse.Namespace) -> int:
     print(f"IQR        {stats.iqr_ms:.4f} ms")
     print(f"CV         {stats.cv:.2%}")
     print(f"runs       {stats.n}")
-    if oracle.cache_hits:
+    if stats.cached:
         print(
             "cached     yes: timed before with these settings and kept in the latency cache "
             "(--fresh times it again)"
@@ -420,11 +420,6 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def counted(count: int, noun: str) -> str:
-    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -36,8 +36,8 @@ class ConsoleProgress:
         if kind == "baseline":
             score = data["score"]
             self._print(
-                f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}), "
-                f"score {score:.4f}; budget {data['budget_ms']:.3f} ms"
+                f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}"
+                f"{_cached(data)}), score {score:.4f}; budget {data['budget_ms']:.3f} ms"
             )
         elif kind == "note":
             self._print(f"note: {data['message']}")
@@ -137,12 +137,22 @@ class ConsoleProgress:
         elif kind == "confirmed":
             self._print(
                 f"confirmed {data['id']} at {data['latency_ms']:.3f} ms "
-                f"with more repeats ({data['trims']} trims)"
+                f"with more repeats ({counted(data['trims'], 'trim')}{_cached(data)})"
             )
         elif kind == "final_finetune":
             self._print(f"final fine-tune: {data['epochs']:g} epochs with distillation")
         elif kind == "task_lost":
             self._print(f"lost: {lost_task_text(data)}")
+
+
+def _cached(data: dict[str, Any]) -> str:
+    """Said of a timing taken from the latency cache (an earlier run's), not measured now."""
+    return ", cached" if data.get("cached") else ""
+
+
+def counted(count: int, noun: str) -> str:
+    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _gap(data: dict[str, Any]) -> str:

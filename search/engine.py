@@ -119,8 +119,8 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         root_id=root.id,
         nodes={root.id: root},
         frontier=[root.id],
-        measurements=1,
     )
+    _tally(state, reference.cached)
     context.sink.emit(
         "baseline",
         latency_ms=baseline_ms,
@@ -129,6 +129,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         params=root.params,
         macs=baseline_macs,
         timing=reference.to_dict(),
+        cached=reference.cached,
     )
     if context.data.labelled:
         untrained = near_chance(root.score, context.data.calib_y, "calibration")
@@ -422,14 +423,26 @@ def finish(
                 chosen=answer.id,
             )
     if confirmed_ms > state.budget_ms:
-        context.sink.emit("confirmed", id=answer.id, latency_ms=confirmed_ms, trims=trims)
+        context.sink.emit(
+            "confirmed",
+            id=answer.id,
+            latency_ms=confirmed_ms,
+            trims=trims,
+            cached=state.confirmed_cached.get(answer.spec.hash, False),
+        )
         raise ArchtreeError(
             f"the best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
             f"of {state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
             "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
         )
     answer, latency_ms = _fill_slack(context, state, answer, confirmed_ms)
-    context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
+    context.sink.emit(
+        "confirmed",
+        id=answer.id,
+        latency_ms=latency_ms,
+        trims=trims,
+        cached=state.confirmed_cached.get(answer.spec.hash, False),
+    )
     model = context.build(answer.spec, context.store.get(answer.id))
     if settings.final_epochs > 0:
         context.sink.emit("final_finetune", epochs=settings.final_epochs)
@@ -481,6 +494,7 @@ def _confirm(context: SearchContext, state: SearchState, spec: ArchSpec) -> floa
     """The architecture's latency in ms, measured again with the longer confirm timing."""
     confirmed = context.oracle.measure(spec, context.root_spec, confirm=True)
     _tally(state, confirmed.cached)
+    state.confirmed_cached.setdefault(spec.hash, confirmed.cached)
     return confirmed.ratio * state.baseline_ms
 
 

@@ -287,6 +287,29 @@ def test_width_one_equals_greedy(tmp_path, home):
     assert width_one["search"]["cache_hits"] > 0
 
 
+@pytest.mark.slow
+def test_timings_from_the_latency_cache_are_said_to_be_and_counted(tmp_path, home):
+    args = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
+            *FAST, "--select-steps", "5", "--fill-probes", "0",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+
+    def run(out: str) -> tuple[list[str], dict]:
+        stderr = archtree(*args, "--out", str(tmp_path / out), home=home).stderr
+        lines = [line.split("] ", 1)[1] for line in stderr.splitlines() if "] " in line]
+        timed = [line for line in lines if line.startswith(("baseline ", "confirmed "))]
+        return timed, json.loads((tmp_path / out / "report.json").read_text())["search"]
+
+    first, first_search = run("first")
+    assert len(first) == 2 and not any("cached" in line for line in first), first
+    again, again_search = run("again")
+    # The same search again: every timing, the baseline's and the confirmation's included,
+    # comes from the cache, and the progress and the counts say so.
+    assert len(again) == 2 and all(", cached)" in line for line in again), again
+    assert again_search["latency_measurements"] == 0
+    first_total = first_search["latency_measurements"] + first_search["cache_hits"]
+    assert again_search["cache_hits"] == first_total
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
