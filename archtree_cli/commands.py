@@ -259,6 +259,9 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
         ("parameters", f"{base['params']:,}", f"{final['params']:,}"),
         ("MACs", f"{base['macs']:,.0f}", f"{final['macs']:,.0f}"),
     ]
+    fidelity = final.get("fidelity")  # data-free runs only (reports of earlier versions: none)
+    if fidelity is not None:
+        rows.insert(2, ("fidelity (val)", "0 (itself)", f"{fidelity:.4f}"))
     if after_progress:
         print()
     print(f"{'':<16} {'unpruned':>16} {'pruned':>16}")
@@ -275,6 +278,13 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
         print(
             f"the answer was trimmed {counted(final['trims'], 'time')} after it measured over "
             "the budget on confirmation"
+        )
+    if fidelity is not None:
+        print(
+            "fidelity: how close the pruned model's outputs stay to the unpruned model's on "
+            "the validation split, minus the mean KL divergence of their class probabilities "
+            "(0: the same outputs; the lower, the further): the data have no labels to measure "
+            "accuracy with"
         )
     for note in report.get("notes", []):  # reports of earlier versions have none
         print(f"note: {note}")

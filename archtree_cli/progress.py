@@ -6,6 +6,13 @@ import sys
 import time
 from typing import Any, TextIO
 
+# What a data-free search's scores are, said once.
+FIDELITY_MEANS = (
+    "the data have no labels: candidates are scored by fidelity to the unpruned model, minus "
+    "the mean KL divergence of their class probabilities from its (0: the same outputs; "
+    "the lower, the further from them)"
+)
+
 
 class ConsoleProgress:
     """An event sink that prints one line per meaningful step to stderr."""
@@ -16,6 +23,8 @@ class ConsoleProgress:
         self.started = time.monotonic()
         self.children_planned = 0
         self.children_seen = 0
+        # What candidates are scored by: "fidelity" (to the unpruned model) without labels.
+        self.score_name = "score"
         # Events from the service carry the wall time they happened at (`time`): a replay of
         # a job's past events is stamped from its first event, as it happened, not as printed.
         self.first_event_time: float | None = None
@@ -34,11 +43,15 @@ class ConsoleProgress:
         if self.first_event_time is None:
             self.first_event_time = self.event_time
         if kind == "baseline":
-            score = data["score"]
+            if data.get("scored_by") == "fidelity":
+                self.score_name = "fidelity"
             self._print(
                 f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}"
-                f"{_cached(data)}), score {score:.4f}; budget {data['budget_ms']:.3f} ms"
+                f"{_cached(data)}), {self.score_name} {data['score']:.4f}; "
+                f"budget {data['budget_ms']:.3f} ms"
             )
+            if self.score_name == "fidelity":
+                self._print(f"note: {FIDELITY_MEANS}")
         elif kind == "note":
             self._print(f"note: {data['message']}")
         elif kind == "feasibility":
@@ -69,7 +82,7 @@ class ConsoleProgress:
                 self._print(
                     f"  {count} {data['id']:>4} "
                     f"{data['move']:<22} {data['latency_ms']:8.3f} ms {mark} "
-                    f"score {data['score']:.4f}"
+                    f"{self.score_name} {data['score']:.4f}"
                 )
             elif kind == "child_skipped":
                 self._print(f"  {data['id']:>4} skipped: {data['reason']}")
@@ -77,7 +90,7 @@ class ConsoleProgress:
             best = data["best"]
             best_text = (
                 f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
-                f"score {best['score']:.4f}"
+                f"{self.score_name} {best['score']:.4f}"
                 if best
                 else "none within budget yet"
             )
@@ -86,7 +99,7 @@ class ConsoleProgress:
             )
         elif kind == "retuned":
             self._print(
-                f"  {data['id']:>4} tuned {data['steps']} more steps: score "
+                f"  {data['id']:>4} tuned {data['steps']} more steps: {self.score_name} "
                 f"{data['score']:.4f} (was {data['score_before']:.4f})"
             )
         elif kind == "reranked":
@@ -99,13 +112,15 @@ class ConsoleProgress:
             )
         elif kind == "trim_compared":
             trimmed = (
-                f"{data['trimmed']} (the best, trimmed) scores {data['trimmed_score']:.4f} at "
+                f"{data['trimmed']} (the best, trimmed) has {self.score_name} "
+                f"{data['trimmed_score']:.4f} at "
                 f"{data['trimmed_latency_ms']:.3f} ms"
                 if data["trimmed"]
                 else "the best cannot be trimmed further"
             )
             self._print(
-                f"{trimmed}; {data['confirmed']} scores {data['confirmed_score']:.4f}: "
+                f"{trimmed}; {data['confirmed']} has {self.score_name} "
+                f"{data['confirmed_score']:.4f}: "
                 f"{data['chosen']} is the answer"
             )
         elif kind == "filled":
@@ -131,7 +146,8 @@ class ConsoleProgress:
                     + _narrowed(data)
                     + (f"(rebuilt from {source}) " if source else "")
                     + f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), "
-                    f"score {data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
+                    f"{self.score_name} {data['score']:.4f} "
+                    f"(was {data['answer_score']:.4f}{_gap(data)}): "
                     f"{data['chosen']} is the answer" + _refilled(data)
                 )
         elif kind == "confirmed":

@@ -126,6 +126,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         latency_ms=baseline_ms,
         budget_ms=budget_ms,
         score=root.score,
+        scored_by="accuracy" if context.data.labelled else "fidelity",
         params=root.params,
         macs=baseline_macs,
         timing=reference.to_dict(),

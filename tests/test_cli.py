@@ -310,6 +310,29 @@ def test_timings_from_the_latency_cache_are_said_to_be_and_counted(tmp_path, hom
     assert again_search["cache_hits"] == first_total
 
 
+@pytest.mark.slow
+def test_a_data_free_search_says_its_scores_are_fidelity_and_reports_the_answers(tmp_path, home):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    images = tmp_path / "unlabelled.npz"
+    np.savez(images, x=(load_digits().images[:600] / 16.0).astype(np.float32))
+    out = tmp_path / "out"
+    result = archtree(
+        "prune", "--model", "builtin:vgg", "--data", str(images), "--budget", REACHABLE,
+        *FAST, "--select-steps", "5", "--fill-probes", "0", "--out", str(out), home=home,
+    )  # fmt: skip
+    assert re.search(r"\] baseline .* fidelity 0\.0000; budget", result.stderr), result.stderr
+    assert result.stderr.count("candidates are scored by fidelity to the unpruned model") == 1
+    assert re.search(r"\] +\[1/\d+\] .* fidelity -?\d", result.stderr), result.stderr
+    assert " score " not in result.stderr
+    fidelity = json.loads((out / "report.json").read_text())["final"]["fidelity"]
+    assert fidelity <= 0.0
+    row = next(line for line in result.stdout.splitlines() if line.startswith("fidelity (val)"))
+    assert row.split()[-1] == f"{fidelity:.4f}"
+    assert "fidelity: how close the pruned model's outputs stay" in result.stdout
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
