@@ -25,6 +25,7 @@ class ConsoleProgress:
         self.children_seen = 0
         # What candidates are scored by: "fidelity" (to the unpruned model) without labels.
         self.score_name = "score"
+        self.evaluating_said = False
         # Events from the service carry the wall time they happened at (`time`): a replay of
         # a job's past events is stamped from its first event, as it happened, not as printed.
         self.first_event_time: float | None = None
@@ -37,6 +38,16 @@ class ConsoleProgress:
             else:
                 elapsed = time.monotonic() - self.started
             print(f"[{elapsed:6.1f}s] {text}", file=self.stream, flush=True)
+
+    def _evaluating_means(self, depth: dict[str, Any]) -> str:
+        """What evaluating a child involves, said on the first depth's line only: each takes
+        seconds, and no line is printed until it is done."""
+        if self.evaluating_said or "ft_steps" not in depth:
+            return ""
+        self.evaluating_said = True
+        steps = depth["ft_steps"]
+        tuned = f"fine-tuned {counted(steps, 'step')}, " if steps else ""
+        return f" (each pruned to its target latency, timed, {tuned}scored; a line as each ends)"
 
     def emit(self, kind: str, **data: Any) -> None:
         self.event_time = data.pop("time", None)
@@ -66,7 +77,10 @@ class ConsoleProgress:
             self._print(f"smallest reachable {data['smallest_ms']:.3f} ms; {widening}")
         elif kind == "depth_started":
             self.children_planned, self.children_seen = data["children"], 0
-            self._print(f"depth {data['depth']}: evaluating {data['children']} children")
+            children = counted(data["children"], "child", "children")
+            self._print(
+                f"depth {data['depth']}: evaluating {children}" + self._evaluating_means(data)
+            )
         elif kind == "child_merged":
             self._print(f"  {data['id']:>4} merged: {merged_reason(data.get('into'))}")
         elif kind in ("node", "child_skipped"):
@@ -79,9 +93,12 @@ class ConsoleProgress:
                     if self.children_seen <= self.children_planned
                     else "[end]"
                 )
+                # A widening of the answer into the budget's slack is not a child of a move.
+                filled = data.get("filled_from")
+                move = f"{filled} widened to fill" if filled else data["move"]
                 self._print(
                     f"  {count} {data['id']:>4} "
-                    f"{data['move']:<22} {data['latency_ms']:8.3f} ms {mark} "
+                    f"{move:<22} {data['latency_ms']:8.3f} ms {mark} "
                     f"{self.score_name} {data['score']:.4f}"
                 )
             elif kind == "child_skipped":
@@ -103,7 +120,8 @@ class ConsoleProgress:
                 f"{data['score']:.4f} (was {data['score_before']:.4f})"
             )
         elif kind == "reranked":
-            scores = ", ".join(f"{n['id']} {n['score']:.4f}" for n in data["nodes"])
+            best_first = sorted(data["nodes"], key=lambda node: -node["score"])
+            scores = ", ".join(f"{n['id']} {n['score']:.4f}" for n in best_first)
             self._print(f"re-ranked after {data['steps']} more fine-tuning steps: {scores}")
         elif kind == "confirm_failed":
             self._print(
@@ -156,7 +174,8 @@ class ConsoleProgress:
                 f"with more repeats ({counted(data['trims'], 'trim')}{_cached(data)})"
             )
         elif kind == "final_finetune":
-            self._print(f"final fine-tune: {data['epochs']:g} epochs with distillation")
+            epochs = "1 epoch" if data["epochs"] == 1 else f"{data['epochs']:g} epochs"
+            self._print(f"final fine-tune: {epochs} with distillation")
         elif kind == "task_lost":
             self._print(f"lost: {lost_task_text(data)}")
 
@@ -166,9 +185,10 @@ def _cached(data: dict[str, Any]) -> str:
     return ", cached" if data.get("cached") else ""
 
 
-def counted(count: int, noun: str) -> str:
-    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"
+    (`plural` where it is not `noun` with an s: "2 children")."""
+    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
 
 
 def _gap(data: dict[str, Any]) -> str:

@@ -326,6 +326,8 @@ def test_a_data_free_search_says_its_scores_are_fidelity_and_reports_the_answers
     assert result.stderr.count("candidates are scored by fidelity to the unpruned model") == 1
     assert re.search(r"\] +\[1/\d+\] .* fidelity -?\d", result.stderr), result.stderr
     assert " score " not in result.stderr
+    evaluating = r"depth 1: evaluating \d+ child(ren)? \(each pruned .*, fine-tuned 5 steps, scored"
+    assert re.search(evaluating, result.stderr), result.stderr
     fidelity = json.loads((out / "report.json").read_text())["final"]["fidelity"]
     assert fidelity <= 0.0
     row = next(line for line in result.stdout.splitlines() if line.startswith("fidelity (val)"))
@@ -1025,6 +1027,30 @@ def test_replayed_service_events_are_stamped_when_they_happened():
     progress.emit("note", message="second", time=1010.0)
     stamps = [line.split("]")[0].strip("[ s") for line in stream.getvalue().splitlines()]
     assert stamps == ["2.5", "10.0"]
+
+
+def test_progress_lines_say_what_happens_in_the_order_that_matters():
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream)
+    node = {"within_budget": True, "latency_ms": 1.0, "score": 0.9, "filled_from": None}
+    progress.emit("depth_started", depth=1, children=1, ft_steps=20)
+    progress.emit("node", id="n1", move="global", **node)
+    progress.emit("depth_started", depth=2, children=2, ft_steps=20)
+    progress.emit("reranked", steps=100, nodes=[
+        {"id": "n14", "score_before": 0.9, "score": 0.938},
+        {"id": "n17", "score_before": 0.9, "score": 0.940},
+        {"id": "n13", "score_before": 0.9, "score": 0.944},
+    ])  # fmt: skip
+    progress.emit("node", id="n9", move="global", **{**node, "filled_from": "n5"})
+    progress.emit("final_finetune", epochs=1.0)
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    # What evaluating means is said once: each child takes seconds and prints when done.
+    assert lines[0].startswith("depth 1: evaluating 1 child (each pruned to its target")
+    assert "fine-tuned 20 steps" in lines[0]
+    assert lines[2] == "depth 2: evaluating 2 children"
+    assert lines[3].endswith("steps: n13 0.9440, n17 0.9400, n14 0.9380")  # best first
+    assert "n9 n5 widened to fill" in lines[4] and "global" not in lines[4]
+    assert lines[5] == "final fine-tune: 1 epoch with distillation"
 
 
 def test_the_help_examples_parse_as_given():
