@@ -152,10 +152,12 @@ def prune(
     sink=None,
     overwrite: bool = True,
     command: str = "prune",
+    notes: list[str] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
     folder they were written to: `out`, unless `overwrite` is off and another run wrote a
     result there meanwhile, which is then kept and this one goes to a new folder beside it.
+    `notes` (about the options, such as those the strategy overrides) lead the report's.
 
     Progress goes to the console unless `sink` (an EventSink) is given.
     """
@@ -197,6 +199,7 @@ def prune(
             "budget": str(parsed_budget),
         },
     )
+    report["notes"] = [*(notes or []), *report["notes"]]
     folder = Path(out) if overwrite else _folder_without_result(Path(out))
     save_artifacts(folder, outcome.answer.spec, outcome.model, report)
     return report, folder
@@ -219,7 +222,7 @@ def _folder_without_result(folder: Path) -> Path:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from archtree_cli.main import settings_from
+    from archtree_cli.main import settings_from, strategy_notes
     from search.budget import parse_budget
 
     parse_budget(args.budget)
@@ -240,8 +243,9 @@ def run_prune(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         jobs=args.jobs,
         overwrite=args.overwrite,
+        notes=strategy_notes(args),
     )
-    print_summary(report, str(folder))
+    print_summary(report, str(folder), after_progress=not args.quiet)
     return 0
 
 

@@ -238,12 +238,17 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace):
     """The search settings the options give, as the strategy runs them; options the strategy
-    overrides are named on stderr."""
-    given = given_settings(args)
-    settings = given.effective()
-    for ignored in given.ignored_by_strategy(chosen_settings(args)):
-        print(f"archtree: note: {ignored}", file=sys.stderr)
+    overrides are named on stderr, unless --quiet."""
+    settings = given_settings(args).effective()
+    if not getattr(args, "quiet", False):
+        for note in strategy_notes(args):
+            print(f"archtree: note: {note}", file=sys.stderr)
     return settings
+
+
+def strategy_notes(args: argparse.Namespace) -> list[str]:
+    """The options given that the strategy overrides, a note each."""
+    return given_settings(args).ignored_by_strategy(chosen_settings(args))
 
 
 def chosen_settings(args: argparse.Namespace) -> list[str]:

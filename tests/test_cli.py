@@ -335,6 +335,21 @@ def test_a_data_free_search_says_its_scores_are_fidelity_and_reports_the_answers
     assert "fidelity: how close the pruned model's outputs stay" in result.stdout
 
 
+@pytest.mark.slow
+def test_quiet_prints_only_the_summary_and_the_report_keeps_the_strategys_notes(tmp_path, home):
+    out = tmp_path / "out"
+    result = archtree(
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
+        *FAST, "--select-steps", "5", "--fill-probes", "0", "--strategy", "greedy", "--quiet",
+        "--out", str(out), home=home,
+    )  # fmt: skip
+    assert result.stderr == ""
+    assert result.stdout.startswith(" " * 16 + " " * 9 + "unpruned"), result.stdout
+    note = "--width 2 is not used: --strategy greedy runs with 1"
+    assert note in json.loads((out / "report.json").read_text())["notes"]
+    assert f"note: {note}" in result.stdout
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
