@@ -6,7 +6,7 @@ from typing import Any
 
 from search.context import SearchContext
 from search.engine import SearchOutcome, parameter_count
-from search.notes import NOTHING_PRUNED, near_chance
+from search.notes import NOTHING_PRUNED, near_chance, pruned_near_chance
 from search.prunability import kept_whole_note
 
 
@@ -64,6 +64,12 @@ def answer_notes(context: SearchContext, outcome: SearchOutcome) -> list[str]:
         untrained = near_chance(outcome.baseline_accuracy, context.data.val_y, "validation")
         if untrained:
             notes.append(untrained)
+        elif outcome.final_accuracy is not None:
+            lost = pruned_near_chance(
+                outcome.final_accuracy, outcome.baseline_accuracy, context.data.val_y
+            )
+            if lost:
+                notes.append(lost)
     if context.kept_whole:
         notes.append(kept_whole_note(context.kept_whole))
     if outcome.answer.spec.hash == outcome.state.root.spec.hash:
