@@ -424,13 +424,7 @@ def finish(
                 chosen=answer.id,
             )
     if confirmed_ms > state.budget_ms:
-        context.sink.emit(
-            "confirmed",
-            id=answer.id,
-            latency_ms=confirmed_ms,
-            trims=trims,
-            cached=state.confirmed_cached.get(answer.spec.hash, False),
-        )
+        context.sink.emit("confirmed", id=answer.id, latency_ms=confirmed_ms, trims=trims)
         raise ArchtreeError(
             f"the best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
             f"of {state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
