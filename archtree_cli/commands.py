@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from archtree_cli.paths import archtree_home, latency_cache_dir
-from archtree_cli.progress import ConsoleProgress
+from archtree_cli.progress import ConsoleProgress, counted
 from search.errors import ArchtreeError
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
 MAX_BATCH_SIZE = 65536
+# What `measure` times a model source on when no --input-shape is given.
+DEFAULT_INPUT_SHAPE = "1,28,28"
 # The largest input batch `measure` builds, in bytes (float32).
 MAX_INPUT_BYTES = 2 * 1024**3
 
@@ -150,10 +152,12 @@ def prune(
     sink=None,
     overwrite: bool = True,
     command: str = "prune",
+    notes: list[str] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
     folder they were written to: `out`, unless `overwrite` is off and another run wrote a
     result there meanwhile, which is then kept and this one goes to a new folder beside it.
+    `notes` (about the options, such as those the strategy overrides) lead the report's.
 
     Progress goes to the console unless `sink` (an EventSink) is given.
     """
@@ -195,6 +199,7 @@ def prune(
             "budget": str(parsed_budget),
         },
     )
+    report["notes"] = [*(notes or []), *report["notes"]]
     folder = Path(out) if overwrite else _folder_without_result(Path(out))
     save_artifacts(folder, outcome.answer.spec, outcome.model, report)
     return report, folder
@@ -217,7 +222,7 @@ def _folder_without_result(folder: Path) -> Path:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from archtree_cli.main import settings_from
+    from archtree_cli.main import settings_from, strategy_notes
     from search.budget import parse_budget
 
     parse_budget(args.budget)
@@ -238,8 +243,9 @@ def run_prune(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         jobs=args.jobs,
         overwrite=args.overwrite,
+        notes=strategy_notes(args),
     )
-    print_summary(report, str(folder))
+    print_summary(report, str(folder), after_progress=not args.quiet)
     return 0
 
 
@@ -257,6 +263,9 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
         ("parameters", f"{base['params']:,}", f"{final['params']:,}"),
         ("MACs", f"{base['macs']:,.0f}", f"{final['macs']:,.0f}"),
     ]
+    fidelity = final.get("fidelity")  # data-free runs only (reports of earlier versions: none)
+    if fidelity is not None:
+        rows.insert(2, ("fidelity (val)", "0 (itself)", f"{fidelity:.4f}"))
     if after_progress:
         print()
     print(f"{'':<16} {'unpruned':>16} {'pruned':>16}")
@@ -274,6 +283,13 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
             f"the answer was trimmed {counted(final['trims'], 'time')} after it measured over "
             "the budget on confirmation"
         )
+    if fidelity is not None:
+        print(
+            "fidelity: how close the pruned model's outputs stay to the unpruned model's on "
+            "the validation split, minus the mean KL divergence of their class probabilities "
+            "(0: the same outputs; the lower, the further): the data have no labels to measure "
+            "accuracy with"
+        )
     for note in report.get("notes", []):  # reports of earlier versions have none
         print(f"note: {note}")
     print(f"saved to {Path(out)}/ (arch.json, model.safetensors, report.json)")
@@ -283,10 +299,14 @@ def run_measure(args: argparse.Namespace) -> int:
     import torch
 
     from search.arch_spec import spec_of
+    from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
     from search.inputs import check_forward
     from search.model_source import ModelRef, build_model, load_weights
 
+    result = _result_folder(args)
+    if args.input_shape is None:
+        args.input_shape = ",".join(map(str, result.input_shape)) if result else DEFAULT_INPUT_SHAPE
     try:
         shape = tuple(int(v) for v in args.input_shape.split(","))
     except ValueError:
@@ -296,7 +316,8 @@ def run_measure(args: argparse.Namespace) -> int:
             f"--input-shape {args.input_shape!r} is not one sample's shape, 1 to 4 positive "
             "numbers: C,H,W for an image, e.g. 1,28,28."
         )
-    if not args.model.startswith("module:") and len(shape) != 3:
+    source = result.model.source if result else args.model
+    if not source.startswith("module:") and len(shape) != 3:
         raise ArchtreeError(
             f"{args.model} takes images: give --input-shape as C,H,W, e.g. 1,28,28 (a model of "
             "your own, module:, may take another shape)."
@@ -307,11 +328,16 @@ def run_measure(args: argparse.Namespace) -> int:
             f"--input-shape {args.input_shape} at --batch-size {args.batch_size} is an input of "
             f"{input_bytes / 1024**3:.3g} GiB: give a smaller shape or batch size."
         )
-    classes = 10 if args.num_classes is None else args.num_classes
-    if not 1 <= classes <= MAX_CLASSES:
-        raise ArchtreeError(f"--num-classes must be between 1 and {MAX_CLASSES}, not {classes}.")
-    ref = ModelRef(source=args.model, num_classes=classes, in_channels=shape[0])
-    model = build_model(ref)
+    if result:
+        ref, model = result.model, load_pruned(args.model)
+    else:
+        classes = 10 if args.num_classes is None else args.num_classes
+        if not 1 <= classes <= MAX_CLASSES:
+            raise ArchtreeError(
+                f"--num-classes must be between 1 and {MAX_CLASSES}, not {classes}."
+            )
+        ref = ModelRef(source=args.model, num_classes=classes, in_channels=shape[0])
+        model = build_model(ref)
     if args.weights:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
@@ -326,7 +352,8 @@ def run_measure(args: argparse.Namespace) -> int:
     )
     stats = oracle.measure_reference(spec, refresh=args.fresh)
     fingerprint = oracle.fingerprint()
-    print(f"model      {args.model} (arch {spec.hash})")
+    pruned = f"{ref.source} pruned, " if result else ""
+    print(f"model      {args.model} ({pruned}arch {spec.hash})")
     print(
         f"device     {fingerprint.get('device_class')} on {fingerprint.get('host')}: "
         f"{fingerprint.get('cpu_model') or fingerprint.get('cpu')}"
@@ -337,12 +364,29 @@ def run_measure(args: argparse.Namespace) -> int:
     print(f"IQR        {stats.iqr_ms:.4f} ms")
     print(f"CV         {stats.cv:.2%}")
     print(f"runs       {stats.n}")
-    if oracle.cache_hits:
+    if stats.cached:
         print(
             "cached     yes: timed before with these settings and kept in the latency cache "
             "(--fresh times it again)"
         )
     return 0
+
+
+def _result_folder(args: argparse.Namespace):
+    """The architecture spec of the result folder given as --model (one `prune` or `fetch`
+    wrote), or None when --model is a model source; the options such a folder sets itself
+    are refused."""
+    from search.artifacts import load_result_spec
+
+    if not Path(args.model).is_dir():
+        return None
+    for option, given in (("--weights", args.weights), ("--num-classes", args.num_classes)):
+        if given is not None:
+            raise ArchtreeError(
+                f"{option} is not used with a result folder as --model: {args.model} holds "
+                "its model (arch.json, model.safetensors); leave it out."
+            )
+    return load_result_spec(args.model)
 
 
 def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, source: str) -> None:
@@ -390,11 +434,6 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def counted(count: int, noun: str) -> str:
-    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -29,12 +29,14 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_model_arguments(
     parser: argparse.ArgumentParser,
     classes_default: str = "the data's number of classes, or 10 for data without labels",
+    also: str = "",
 ) -> None:
+    """--model, --weights, --allow-pickle and --num-classes; `also` names other --model forms."""
     parser.add_argument(
         "--model",
         required=True,
         help="builtin:NAME (see `archtree models`), module:package.module:callable, "
-        "torchvision:NAME or timm:NAME",
+        f"torchvision:NAME or timm:NAME{also}",
     )
     parser.add_argument(
         "--weights",
@@ -236,12 +238,17 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace):
     """The search settings the options give, as the strategy runs them; options the strategy
-    overrides are named on stderr."""
-    given = given_settings(args)
-    settings = given.effective()
-    for ignored in given.ignored_by_strategy(chosen_settings(args)):
-        print(f"archtree: note: {ignored}", file=sys.stderr)
+    overrides are named on stderr, unless --quiet."""
+    settings = given_settings(args).effective()
+    if not getattr(args, "quiet", False):
+        for note in strategy_notes(args):
+            print(f"archtree: note: {note}", file=sys.stderr)
     return settings
+
+
+def strategy_notes(args: argparse.Namespace) -> list[str]:
+    """The options given that the strategy overrides, a note each."""
+    return given_settings(args).ignored_by_strategy(chosen_settings(args))
 
 
 def chosen_settings(args: argparse.Namespace) -> list[str]:
@@ -356,12 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure = commands.add_parser("measure", help="measure a model's latency on a device")
     measure.set_defaults(handler="archtree_cli.commands:run_measure")
-    add_model_arguments(measure, classes_default="10")
+    add_model_arguments(
+        measure,
+        classes_default="10",
+        also=", or a folder archtree prune or fetch wrote (arch.json, model.safetensors)",
+    )
     measure.add_argument(
         "--input-shape",
-        default="1,28,28",
-        help="one sample's shape: C,H,W for an image (default 1,28,28); a model of your own "
-        "may take another, such as F or C,L",
+        help="one sample's shape: C,H,W for an image (default 1,28,28, or a result folder's "
+        "own); a model of your own may take another, such as F or C,L",
     )
     add_device_arguments(measure)
     measure.add_argument(

@@ -6,6 +6,13 @@ import sys
 import time
 from typing import Any, TextIO
 
+# What a data-free search's scores are, said once.
+FIDELITY_MEANS = (
+    "the data have no labels: candidates are scored by fidelity to the unpruned model, minus "
+    "the mean KL divergence of their class probabilities from its (0: the same outputs; "
+    "the lower, the further from them)"
+)
+
 
 class ConsoleProgress:
     """An event sink that prints one line per meaningful step to stderr."""
@@ -16,6 +23,9 @@ class ConsoleProgress:
         self.started = time.monotonic()
         self.children_planned = 0
         self.children_seen = 0
+        # What candidates are scored by: "fidelity" (to the unpruned model) without labels.
+        self.score_name = "score"
+        self.evaluating_said = False
         # Events from the service carry the wall time they happened at (`time`): a replay of
         # a job's past events is stamped from its first event, as it happened, not as printed.
         self.first_event_time: float | None = None
@@ -29,16 +39,30 @@ class ConsoleProgress:
                 elapsed = time.monotonic() - self.started
             print(f"[{elapsed:6.1f}s] {text}", file=self.stream, flush=True)
 
+    def _evaluating_means(self, depth: dict[str, Any]) -> str:
+        """What evaluating a child involves, said on the first depth's line only: each takes
+        seconds, and no line is printed until it is done."""
+        if self.evaluating_said or "ft_steps" not in depth:
+            return ""
+        self.evaluating_said = True
+        steps = depth["ft_steps"]
+        tuned = f"fine-tuned {counted(steps, 'step')}, " if steps else ""
+        return f" (each pruned to its target latency, timed, {tuned}scored; a line as each ends)"
+
     def emit(self, kind: str, **data: Any) -> None:
         self.event_time = data.pop("time", None)
         if self.first_event_time is None:
             self.first_event_time = self.event_time
         if kind == "baseline":
-            score = data["score"]
+            if data.get("scored_by") == "fidelity":
+                self.score_name = "fidelity"
             self._print(
-                f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}), "
-                f"score {score:.4f}; budget {data['budget_ms']:.3f} ms"
+                f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}"
+                f"{_cached(data)}), {self.score_name} {data['score']:.4f}; "
+                f"budget {data['budget_ms']:.3f} ms"
             )
+            if self.score_name == "fidelity":
+                self._print(f"note: {FIDELITY_MEANS}")
         elif kind == "note":
             self._print(f"note: {data['message']}")
         elif kind == "feasibility":
@@ -53,7 +77,10 @@ class ConsoleProgress:
             self._print(f"smallest reachable {data['smallest_ms']:.3f} ms; {widening}")
         elif kind == "depth_started":
             self.children_planned, self.children_seen = data["children"], 0
-            self._print(f"depth {data['depth']}: evaluating {data['children']} children")
+            children = counted(data["children"], "child", "children")
+            self._print(
+                f"depth {data['depth']}: evaluating {children}" + self._evaluating_means(data)
+            )
         elif kind == "child_merged":
             self._print(f"  {data['id']:>4} merged: {merged_reason(data.get('into'))}")
         elif kind in ("node", "child_skipped"):
@@ -66,10 +93,13 @@ class ConsoleProgress:
                     if self.children_seen <= self.children_planned
                     else "[end]"
                 )
+                # A widening of the answer into the budget's slack is not a child of a move.
+                filled = data.get("filled_from")
+                move = f"{filled} widened to fill" if filled else data["move"]
                 self._print(
                     f"  {count} {data['id']:>4} "
-                    f"{data['move']:<22} {data['latency_ms']:8.3f} ms {mark} "
-                    f"score {data['score']:.4f}"
+                    f"{move:<22} {data['latency_ms']:8.3f} ms {mark} "
+                    f"{self.score_name} {data['score']:.4f}"
                 )
             elif kind == "child_skipped":
                 self._print(f"  {data['id']:>4} skipped: {data['reason']}")
@@ -77,7 +107,7 @@ class ConsoleProgress:
             best = data["best"]
             best_text = (
                 f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
-                f"score {best['score']:.4f}"
+                f"{self.score_name} {best['score']:.4f}"
                 if best
                 else "none within budget yet"
             )
@@ -86,11 +116,12 @@ class ConsoleProgress:
             )
         elif kind == "retuned":
             self._print(
-                f"  {data['id']:>4} tuned {data['steps']} more steps: score "
+                f"  {data['id']:>4} tuned {data['steps']} more steps: {self.score_name} "
                 f"{data['score']:.4f} (was {data['score_before']:.4f})"
             )
         elif kind == "reranked":
-            scores = ", ".join(f"{n['id']} {n['score']:.4f}" for n in data["nodes"])
+            best_first = sorted(data["nodes"], key=lambda node: -node["score"])
+            scores = ", ".join(f"{n['id']} {n['score']:.4f}" for n in best_first)
             self._print(f"re-ranked after {data['steps']} more fine-tuning steps: {scores}")
         elif kind == "confirm_failed":
             self._print(
@@ -99,13 +130,15 @@ class ConsoleProgress:
             )
         elif kind == "trim_compared":
             trimmed = (
-                f"{data['trimmed']} (the best, trimmed) scores {data['trimmed_score']:.4f} at "
+                f"{data['trimmed']} (the best, trimmed) has {self.score_name} "
+                f"{data['trimmed_score']:.4f} at "
                 f"{data['trimmed_latency_ms']:.3f} ms"
                 if data["trimmed"]
                 else "the best cannot be trimmed further"
             )
             self._print(
-                f"{trimmed}; {data['confirmed']} scores {data['confirmed_score']:.4f}: "
+                f"{trimmed}; {data['confirmed']} has {self.score_name} "
+                f"{data['confirmed_score']:.4f}: "
                 f"{data['chosen']} is the answer"
             )
         elif kind == "filled":
@@ -131,18 +164,31 @@ class ConsoleProgress:
                     + _narrowed(data)
                     + (f"(rebuilt from {source}) " if source else "")
                     + f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), "
-                    f"score {data['score']:.4f} (was {data['answer_score']:.4f}{_gap(data)}): "
+                    f"{self.score_name} {data['score']:.4f} "
+                    f"(was {data['answer_score']:.4f}{_gap(data)}): "
                     f"{data['chosen']} is the answer" + _refilled(data)
                 )
         elif kind == "confirmed":
             self._print(
                 f"confirmed {data['id']} at {data['latency_ms']:.3f} ms "
-                f"with more repeats ({data['trims']} trims)"
+                f"with more repeats ({counted(data['trims'], 'trim')}{_cached(data)})"
             )
         elif kind == "final_finetune":
-            self._print(f"final fine-tune: {data['epochs']:g} epochs with distillation")
+            epochs = "1 epoch" if data["epochs"] == 1 else f"{data['epochs']:g} epochs"
+            self._print(f"final fine-tune: {epochs} with distillation")
         elif kind == "task_lost":
             self._print(f"lost: {lost_task_text(data)}")
+
+
+def _cached(data: dict[str, Any]) -> str:
+    """Said of a timing taken from the latency cache (an earlier run's), not measured now."""
+    return ", cached" if data.get("cached") else ""
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`count` and `noun`, plural unless the count is one: "1 measurement", "3 candidates"
+    (`plural` where it is not `noun` with an s: "2 children")."""
+    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
 
 
 def _gap(data: dict[str, Any]) -> str:

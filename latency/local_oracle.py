@@ -131,7 +131,7 @@ class LocalOracle:
         stats = decoded(cached, lambda entry: TimingStats(**entry))
         if stats is not None:
             self.cache_hits += 1
-            return stats
+            return replace(stats, cached=True)
         with self._timing_lock:
             stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1

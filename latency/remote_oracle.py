@@ -125,7 +125,7 @@ class RemoteOracle:
         stats = decoded(self.cache.get(key), lambda entry: TimingStats(**entry))
         if stats is not None:
             self._count_hit()
-            return stats
+            return replace(stats, cached=True)
         spec_json = reference.to_json()
         result = self._round_trip(
             MeasurementRequest(

@@ -59,15 +59,24 @@ def load_pruned(directory: str | Path) -> nn.Module:
 
     The base model's code must be importable here, as for `module:` sources.
     """
+    model = build_from_spec(load_result_spec(directory))
+    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    return model.eval()
+
+
+def load_result_spec(directory: str | Path) -> ArchSpec:
+    """The architecture spec (arch.json) of the pruned model saved in `directory`."""
     folder = Path(directory)
-    arch_path, weights_path = folder / "arch.json", folder / "model.safetensors"
-    for path in (arch_path, weights_path):
-        if not path.is_file():
-            raise ArchtreeError(f"{path} is missing: point to a folder written by archtree prune.")
+    _check_result_files(folder)
+    arch_path = folder / "arch.json"
     try:
-        spec = ArchSpec.from_json(arch_path.read_text())
+        return ArchSpec.from_json(arch_path.read_text())
     except (ValueError, KeyError, TypeError) as error:
         raise ArchtreeError(f"{arch_path} is not a valid architecture spec ({error}).") from error
-    model = build_from_spec(spec)
-    model.load_state_dict(load_file(str(weights_path)))
-    return model.eval()
+
+
+def _check_result_files(folder: Path) -> None:
+    """ArchtreeError when `folder` lacks a result's arch.json or model.safetensors."""
+    for path in (folder / "arch.json", folder / "model.safetensors"):
+        if not path.is_file():
+            raise ArchtreeError(f"{path} is missing: point to a folder written by archtree prune.")

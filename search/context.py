@@ -21,6 +21,7 @@ from search.settings import SearchSettings
 from search.training import (
     accuracy,
     correct,
+    fidelity,
     logits,
     recalibrate_batch_norm,
     sample_fidelity,
@@ -123,6 +124,13 @@ class SearchContext:
         if not self.data.labelled:
             return None
         return accuracy(model, self.data.val_x, self.data.val_y)
+
+    def validation_fidelity(self, model: nn.Module) -> float | None:
+        """Without labels, the model's fidelity to the unpruned model on the validation split
+        (the measure candidates are scored by: 0 is the same outputs, lower is further)."""
+        if self.data.labelled:
+            return None
+        return fidelity(model, logits(self.base_model, self.data.val_x), self.data.val_x)
 
     def _stop_when_cancelled(self) -> Callable[[int, int, float], None] | None:
         """A training progress callback that raises SearchCancelled once the job is

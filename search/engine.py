@@ -120,16 +120,18 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         root_id=root.id,
         nodes={root.id: root},
         frontier=[root.id],
-        measurements=1,
     )
+    _tally(state, reference.cached)
     context.sink.emit(
         "baseline",
         latency_ms=baseline_ms,
         budget_ms=budget_ms,
         score=root.score,
+        scored_by="accuracy" if context.data.labelled else "fidelity",
         params=root.params,
         macs=baseline_macs,
         timing=reference.to_dict(),
+        cached=reference.cached,
     )
     if context.data.labelled:
         untrained = near_chance(root.score, context.data.calib_y, "calibration")
@@ -262,7 +264,7 @@ def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
             max_cut=settings.max_cut,
         )
         tasks.extend(_child_task(state, parent, move, target_ms, depth) for move in moves)
-    context.sink.emit("depth_started", depth=depth, children=len(tasks))
+    context.sink.emit("depth_started", depth=depth, children=len(tasks), ft_steps=settings.ft_steps)
     return tasks
 
 
@@ -435,7 +437,13 @@ def finish(
             "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
         )
     answer, latency_ms = _fill_slack(context, state, answer, confirmed_ms)
-    context.sink.emit("confirmed", id=answer.id, latency_ms=latency_ms, trims=trims)
+    context.sink.emit(
+        "confirmed",
+        id=answer.id,
+        latency_ms=latency_ms,
+        trims=trims,
+        cached=state.confirmed_cached.get(answer.spec.hash, False),
+    )
     model = context.build(answer.spec, context.store.get(answer.id))
     if settings.final_epochs > 0:
         context.sink.emit("final_finetune", epochs=settings.final_epochs)
@@ -502,6 +510,7 @@ def _confirm(context: SearchContext, state: SearchState, spec: ArchSpec) -> floa
     """The architecture's latency in ms, measured again with the longer confirm timing."""
     confirmed = context.oracle.measure(spec, context.root_spec, confirm=True)
     _tally(state, confirmed.cached)
+    state.confirmed_cached.setdefault(spec.hash, confirmed.cached)
     return confirmed.ratio * state.baseline_ms
 
 

@@ -24,9 +24,14 @@ class TimingStats:
     cv: float
     n: int
     mean_ms: float = 0.0
+    # Taken from the latency cache, not timed just now: said to the user, never stored, and
+    # no part of the timing (two equal timings are equal wherever they came from).
+    cached: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["cached"]
+        return out
 
 
 @dataclass
@@ -47,6 +52,7 @@ class LatencyMeasurement:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["candidate"], out["reference"] = self.candidate.to_dict(), self.reference.to_dict()
         return out
 
     @classmethod

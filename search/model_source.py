@@ -440,9 +440,39 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
     if problems:
         raise ArchtreeError(
             f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; "
-            "use the model the weights were saved from: the same source, number of classes "
-            "and input channels (the data's, or the C of --input-shape)"
+            + (
+                _pruned_result_hint(path)
+                if not missing and not unexpected and _looks_pruned(state, expected)
+                else "use the model the weights were saved from: the same source, number of "
+                "classes and input channels (the data's, or the C of --input-shape)"
+            )
         )
+
+
+def _looks_pruned(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` holds a pruned version of the model's tensors: each as large or
+    narrower, and more of them narrower than another number of classes (an output layer's
+    weight and bias) or of input channels (the first layer's weight) would make."""
+    narrower = 0
+    for key, tensor in expected.items():
+        shape = state[key].shape
+        if len(shape) != tensor.dim() or any(
+            a > b for a, b in zip(shape, tensor.shape, strict=True)
+        ):
+            return False
+        narrower += shape != tensor.shape
+    return narrower > 2
+
+
+def _pruned_result_hint(path: Path) -> str:
+    """What to do with the weights of a pruned model, which fit no unpruned one."""
+    folder = path.parent if (path.parent / "arch.json").is_file() else None
+    named = f"its folder {str(folder)!r}" if folder else "the folder prune or fetch wrote"
+    return (
+        "they look like a pruned model's (narrower layers), which only its own architecture "
+        f"spec rebuilds: give {named}, holding arch.json and model.safetensors, as --model of "
+        "archtree measure, or load it with search.load_pruned"
+    )
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from search.context import SearchContext
 from search.engine import SearchOutcome, parameter_count
-from search.notes import NOTHING_PRUNED, near_chance
+from search.notes import NOTHING_PRUNED, near_chance, pruned_near_chance
 from search.prunability import kept_whole_note
 
 
@@ -33,6 +33,8 @@ def build_report(
             "latency_ratio": outcome.confirmed_ratio,
             "budget_fit": outcome.confirmed_latency_ms / state.budget_ms,
             "accuracy": outcome.final_accuracy,
+            # Without labels, what stands for accuracy: fidelity to the unpruned model.
+            "fidelity": context.validation_fidelity(outcome.model),
             "params": parameter_count(outcome.model),
             "macs": outcome.answer.macs,
             "arch_hash": outcome.answer.spec.hash,
@@ -62,6 +64,12 @@ def answer_notes(context: SearchContext, outcome: SearchOutcome) -> list[str]:
         untrained = near_chance(outcome.baseline_accuracy, context.data.val_y, "validation")
         if untrained:
             notes.append(untrained)
+        elif outcome.final_accuracy is not None:
+            lost = pruned_near_chance(
+                outcome.final_accuracy, outcome.baseline_accuracy, context.data.val_y
+            )
+            if lost:
+                notes.append(lost)
     if context.kept_whole:
         notes.append(kept_whole_note(context.kept_whole))
     if outcome.answer.spec.hash == outcome.state.root.spec.hash:

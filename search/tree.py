@@ -169,6 +169,9 @@ class SearchState:
     candidates_evaluated: int = 0
     measurements: int = 0
     cache_hits: int = 0
+    # Whether each architecture confirmed (by hash) had its first confirmation from the
+    # latency cache, as the progress says.
+    confirmed_cached: dict[str, bool] = field(default_factory=dict)
     next_id: int = 1
     # The multiple channel groups are widened to, once the device is known
     # (SearchSettings.widen_multiple); 0 or 1 when widening is off.

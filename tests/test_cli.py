@@ -287,6 +287,69 @@ def test_width_one_equals_greedy(tmp_path, home):
     assert width_one["search"]["cache_hits"] > 0
 
 
+@pytest.mark.slow
+def test_timings_from_the_latency_cache_are_said_to_be_and_counted(tmp_path, home):
+    args = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
+            *FAST, "--select-steps", "5", "--fill-probes", "0",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+
+    def run(out: str) -> tuple[list[str], dict]:
+        stderr = archtree(*args, "--out", str(tmp_path / out), home=home).stderr
+        lines = [line.split("] ", 1)[1] for line in stderr.splitlines() if "] " in line]
+        timed = [line for line in lines if line.startswith(("baseline ", "confirmed "))]
+        return timed, json.loads((tmp_path / out / "report.json").read_text())["search"]
+
+    first, first_search = run("first")
+    assert len(first) == 2 and not any("cached" in line for line in first), first
+    again, again_search = run("again")
+    # The same search again: every timing, the baseline's and the confirmation's included,
+    # comes from the cache, and the progress and the counts say so.
+    assert len(again) == 2 and all(", cached)" in line for line in again), again
+    assert again_search["latency_measurements"] == 0
+    first_total = first_search["latency_measurements"] + first_search["cache_hits"]
+    assert again_search["cache_hits"] == first_total
+
+
+@pytest.mark.slow
+def test_a_data_free_search_says_its_scores_are_fidelity_and_reports_the_answers(tmp_path, home):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    images = tmp_path / "unlabelled.npz"
+    np.savez(images, x=(load_digits().images[:600] / 16.0).astype(np.float32))
+    out = tmp_path / "out"
+    result = archtree(
+        "prune", "--model", "builtin:vgg", "--data", str(images), "--budget", REACHABLE,
+        *FAST, "--select-steps", "5", "--fill-probes", "0", "--out", str(out), home=home,
+    )  # fmt: skip
+    assert re.search(r"\] baseline .* fidelity 0\.0000; budget", result.stderr), result.stderr
+    assert result.stderr.count("candidates are scored by fidelity to the unpruned model") == 1
+    assert re.search(r"\] +\[1/\d+\] .* fidelity -?\d", result.stderr), result.stderr
+    assert " score " not in result.stderr
+    evaluating = r"depth 1: evaluating \d+ child(ren)? \(each pruned .*, fine-tuned 5 steps, scored"
+    assert re.search(evaluating, result.stderr), result.stderr
+    fidelity = json.loads((out / "report.json").read_text())["final"]["fidelity"]
+    assert fidelity <= 0.0
+    row = next(line for line in result.stdout.splitlines() if line.startswith("fidelity (val)"))
+    assert row.split()[-1] == f"{fidelity:.4f}"
+    assert "fidelity: how close the pruned model's outputs stay" in result.stdout
+
+
+@pytest.mark.slow
+def test_quiet_prints_only_the_summary_and_the_report_keeps_the_strategys_notes(tmp_path, home):
+    out = tmp_path / "out"
+    result = archtree(
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
+        *FAST, "--select-steps", "5", "--fill-probes", "0", "--strategy", "greedy", "--quiet",
+        "--out", str(out), home=home,
+    )  # fmt: skip
+    assert result.stderr == ""
+    assert result.stdout.startswith(" " * 16 + " " * 9 + "unpruned"), result.stdout
+    note = "--width 2 is not used: --strategy greedy runs with 1"
+    assert note in json.loads((out / "report.json").read_text())["notes"]
+    assert f"note: {note}" in result.stdout
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -903,6 +966,37 @@ def test_measure_says_when_it_shows_a_cached_timing_and_fresh_times_again(tmp_pa
     assert measured() == (fresh, True)
 
 
+def pruned_vgg_result(folder: Path, input_shape: tuple[int, ...] = (1, 16, 16)) -> Path:
+    """A result folder as prune writes it: the builtin VGG with its last conv narrowed."""
+    from search.arch_spec import spec_of
+    from search.artifacts import save_artifacts
+    from search.model_source import ModelRef, build_model
+    from search.pruning import PrunableModel
+
+    ref = ModelRef("builtin:vgg", num_classes=10, in_channels=input_shape[0])
+    model = build_model(ref)
+    PrunableModel(model, torch.zeros(1, *input_shape)).remove({"features.5.0": range(32)})
+    return save_artifacts(folder, spec_of(model, ref, input_shape), model, {})
+
+
+def test_measure_times_a_result_folder_on_its_own_input_shape(tmp_path, home):
+    result = pruned_vgg_result(tmp_path / "pruned")
+    timed = archtree("measure", "--model", str(result), home=home)
+    assert "input (1, 16, 16)" in timed.stdout and "builtin:vgg pruned, arch" in timed.stdout
+    assert float(re.search(r"^median\s+(\S+) ms", timed.stdout, re.M).group(1)) > 0
+    # Its weights fit no unpruned model: the error says to give the folder instead.
+    line = one_line_error(
+        archtree("measure", "--model", "builtin:vgg", "--weights",
+                 str(result / "model.safetensors"), "--input-shape", "1,16,16", home=home,
+                 check=False)
+    )  # fmt: skip
+    assert "shape mismatch" in line and f"give its folder '{result}'" in line
+    assert "as --model of archtree measure" in line
+    refused = archtree("measure", "--model", str(result), "--weights", "w.pt", home=home,
+                       check=False)  # fmt: skip
+    assert "--weights is not used with a result folder" in one_line_error(refused)
+
+
 def test_measure_refuses_a_batch_whose_activations_outgrow_the_memory(home):
     from archtree_cli.commands import available_memory_bytes
 
@@ -948,6 +1042,30 @@ def test_replayed_service_events_are_stamped_when_they_happened():
     progress.emit("note", message="second", time=1010.0)
     stamps = [line.split("]")[0].strip("[ s") for line in stream.getvalue().splitlines()]
     assert stamps == ["2.5", "10.0"]
+
+
+def test_progress_lines_say_what_happens_in_the_order_that_matters():
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream)
+    node = {"within_budget": True, "latency_ms": 1.0, "score": 0.9, "filled_from": None}
+    progress.emit("depth_started", depth=1, children=1, ft_steps=20)
+    progress.emit("node", id="n1", move="global", **node)
+    progress.emit("depth_started", depth=2, children=2, ft_steps=20)
+    progress.emit("reranked", steps=100, nodes=[
+        {"id": "n14", "score_before": 0.9, "score": 0.938},
+        {"id": "n17", "score_before": 0.9, "score": 0.940},
+        {"id": "n13", "score_before": 0.9, "score": 0.944},
+    ])  # fmt: skip
+    progress.emit("node", id="n9", move="global", **{**node, "filled_from": "n5"})
+    progress.emit("final_finetune", epochs=1.0)
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    # What evaluating means is said once: each child takes seconds and prints when done.
+    assert lines[0].startswith("depth 1: evaluating 1 child (each pruned to its target")
+    assert "fine-tuned 20 steps" in lines[0]
+    assert lines[2] == "depth 2: evaluating 2 children"
+    assert lines[3].endswith("steps: n13 0.9440, n17 0.9400, n14 0.9380")  # best first
+    assert "n9 n5 widened to fill" in lines[4] and "global" not in lines[4]
+    assert lines[5] == "final fine-tune: 1 epoch with distillation"
 
 
 def test_the_help_examples_parse_as_given():

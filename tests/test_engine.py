@@ -484,3 +484,22 @@ def test_a_child_is_scored_with_batch_norm_statistics_recomputed_after_its_fine_
     first.running_mean.fill_(3.0)
     off.finetune(untuned, steps=0, seed=5)
     assert torch.equal(first.running_mean, torch.full_like(first.running_mean, 3.0))
+
+
+def test_an_answer_pruned_to_chance_without_fine_tuning_gets_a_note_saying_to_tune_longer():
+    from search.report import build_report
+    from search.training import train
+
+    context = make_context(
+        oracle=BlockedConvDevice(1), ft_steps=0, select_steps=0, bn_samples=0, fill_probes=0,
+        width=1, branching=1,
+    )  # fmt: skip
+    data = context.data
+    train(context.base_model, data.train_x, data.train_y, epochs=2, lr=0.05, seed=0)
+    outcome = run_search(context, parse_budget("30%"))
+    notes = build_report(context, outcome, inputs={})["notes"]
+    assert outcome.baseline_accuracy > 0.9
+    assert any(note.startswith("the pruned model scores") for note in notes), (
+        outcome.final_accuracy, notes,
+    )  # fmt: skip
+    assert not any(note.startswith("the unpruned model scores") for note in notes)

@@ -1,10 +1,10 @@
-"""Notes for the user: the unpruned model scoring no better than guessing."""
+"""Notes for the user: the unpruned or the pruned model scoring no better than guessing."""
 
 from __future__ import annotations
 
 import torch
 
-from search.notes import majority_rate, near_chance
+from search.notes import majority_rate, near_chance, pruned_near_chance
 
 BALANCED = torch.arange(500) % 10  # ten classes, 50 samples each
 SKEWED = torch.cat([torch.zeros(450, dtype=torch.long), torch.arange(50) % 5 + 1])  # 90 % zeros
@@ -34,3 +34,13 @@ def test_chance_is_the_most_common_class_not_one_over_the_classes():
 
 def test_no_labels_no_note():
     assert near_chance(0.0, torch.zeros(0, dtype=torch.long), "validation") is None
+
+
+def test_a_pruned_model_at_chance_is_told_to_fine_tune_longer_unless_the_unpruned_was_too():
+    note = pruned_near_chance(0.12, 0.95, BALANCED)
+    assert note is not None and "pruned model scores 12.0% on the validation split" in note
+    assert "unpruned model scores 95.0%" in note
+    assert "--ft-steps, --select-steps or --final-epochs" in note
+    assert pruned_near_chance(0.8, 0.95, BALANCED) is None
+    # An unpruned model at chance has its own note, which says what is wrong.
+    assert pruned_near_chance(0.11, 0.11, BALANCED) is None
