@@ -111,9 +111,8 @@ class ConsoleProgress:
                 if best
                 else "none within budget yet"
             )
-            self._print(
-                f"depth {data['depth']} done: frontier {', '.join(data['frontier'])}; {best_text}"
-            )
+            frontier = ", ".join(data["frontier"]) or "empty (no new candidate)"
+            self._print(f"depth {data['depth']} done: frontier {frontier}; {best_text}")
         elif kind == "retuned":
             self._print(
                 f"  {data['id']:>4} tuned {data['steps']} more steps: {self.score_name} "

@@ -1058,6 +1058,7 @@ def test_progress_lines_say_what_happens_in_the_order_that_matters():
     ])  # fmt: skip
     progress.emit("node", id="n9", move="global", **{**node, "filled_from": "n5"})
     progress.emit("final_finetune", epochs=1.0)
+    progress.emit("depth_done", depth=3, frontier=[], best=None)
     lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
     # What evaluating means is said once: each child takes seconds and prints when done.
     assert lines[0].startswith("depth 1: evaluating 1 child (each pruned to its target")
@@ -1066,6 +1067,7 @@ def test_progress_lines_say_what_happens_in_the_order_that_matters():
     assert lines[3].endswith("steps: n13 0.9440, n17 0.9400, n14 0.9380")  # best first
     assert "n9 n5 widened to fill" in lines[4] and "global" not in lines[4]
     assert lines[5] == "final fine-tune: 1 epoch with distillation"
+    assert lines[6] == "depth 3 done: frontier empty (no new candidate); none within budget yet"
 
 
 def test_the_help_examples_parse_as_given():
