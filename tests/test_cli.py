@@ -247,14 +247,21 @@ def test_a_count_option_has_its_default_turns_off_at_zero_and_cannot_be_negative
 
 
 @pytest.mark.slow
-def test_uniform_baseline_runs_through_the_same_engine(tmp_path, home):
+def test_uniform_baseline_runs_through_the_same_engine_and_quiet_prints_only_the_summary(
+    tmp_path, home
+):
     strategy = "uniform"
     out = tmp_path / strategy
-    archtree(
+    result = archtree(
         "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
-        "--strategy", strategy, "--out", str(out), *FAST, home=home,
+        "--strategy", strategy, "--out", str(out), *FAST, "--quiet", home=home,
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
+    # --quiet: the summary alone, with the notes, the strategy's among them, as in the report.
+    assert result.stderr == ""
+    assert result.stdout.startswith(" " * 16 + " " * 9 + "unpruned"), result.stdout
+    note = "--width 2 is not used: --strategy uniform runs with 1"
+    assert note in report["notes"] and f"note: {note}" in result.stdout
     assert report["search"]["strategy"] == strategy
     assert report["search"]["width"] == 1
     assert report["final"]["latency_ms"] <= report["budget_ms"]
@@ -265,14 +272,27 @@ def test_uniform_baseline_runs_through_the_same_engine(tmp_path, home):
 
 
 @pytest.mark.slow
-def test_width_one_equals_greedy(tmp_path, home):
+def test_width_one_equals_greedy_and_timings_from_the_cache_are_said_to_be(tmp_path, home):
     common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE, *FAST]
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    archtree("prune", *common, *cache, "--strategy", "greedy", "--out", str(tmp_path / "g"),
-             home=home)  # fmt: skip
-    archtree("prune", *common, *cache, "--width", "1", "--out", str(tmp_path / "w"), home=home)
+
+    def timed(result: subprocess.CompletedProcess) -> list[str]:
+        lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] " in line]
+        return [line for line in lines if line.startswith(("baseline ", "confirmed "))]
+
+    first = archtree("prune", *common, *cache, "--strategy", "greedy", "--out",
+                     str(tmp_path / "g"), home=home)  # fmt: skip
+    again = archtree("prune", *common, *cache, "--width", "1", "--out", str(tmp_path / "w"),
+                     home=home)  # fmt: skip
     greedy = json.loads((tmp_path / "g" / "report.json").read_text())
     width_one = json.loads((tmp_path / "w" / "report.json").read_text())
+    # The same search again: every timing, the baseline's and the confirmation's included,
+    # comes from the cache, and the progress and the counts say so.
+    assert len(timed(first)) == 2 and not any("cached" in line for line in timed(first))
+    assert len(timed(again)) == 2 and all(", cached)" in line for line in timed(again))
+    assert width_one["search"]["latency_measurements"] == 0
+    first_total = greedy["search"]["latency_measurements"] + greedy["search"]["cache_hits"]
+    assert width_one["search"]["cache_hits"] == first_total
 
     def shape(report):
         return [(n["id"], n["parent"], n["move"], n["arch_hash"]) for n in report["tree"]]
@@ -283,31 +303,6 @@ def test_width_one_equals_greedy(tmp_path, home):
     assert "global" in {n["move"] for n in greedy["tree"] if n["move"]}
     assert shape(greedy) == shape(width_one)
     assert greedy["final"]["arch_hash"] == width_one["final"]["arch_hash"]
-    # The second run found every measurement in the shared cache.
-    assert width_one["search"]["cache_hits"] > 0
-
-
-@pytest.mark.slow
-def test_timings_from_the_latency_cache_are_said_to_be_and_counted(tmp_path, home):
-    args = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
-            *FAST, "--select-steps", "5", "--fill-probes", "0",
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-
-    def run(out: str) -> tuple[list[str], dict]:
-        stderr = archtree(*args, "--out", str(tmp_path / out), home=home).stderr
-        lines = [line.split("] ", 1)[1] for line in stderr.splitlines() if "] " in line]
-        timed = [line for line in lines if line.startswith(("baseline ", "confirmed "))]
-        return timed, json.loads((tmp_path / out / "report.json").read_text())["search"]
-
-    first, first_search = run("first")
-    assert len(first) == 2 and not any("cached" in line for line in first), first
-    again, again_search = run("again")
-    # The same search again: every timing, the baseline's and the confirmation's included,
-    # comes from the cache, and the progress and the counts say so.
-    assert len(again) == 2 and all(", cached)" in line for line in again), again
-    assert again_search["latency_measurements"] == 0
-    first_total = first_search["latency_measurements"] + first_search["cache_hits"]
-    assert again_search["cache_hits"] == first_total
 
 
 @pytest.mark.slow
@@ -333,21 +328,6 @@ def test_a_data_free_search_says_its_scores_are_fidelity_and_reports_the_answers
     row = next(line for line in result.stdout.splitlines() if line.startswith("fidelity (val)"))
     assert row.split()[-1] == f"{fidelity:.4f}"
     assert "fidelity: how close the pruned model's outputs stay" in result.stdout
-
-
-@pytest.mark.slow
-def test_quiet_prints_only_the_summary_and_the_report_keeps_the_strategys_notes(tmp_path, home):
-    out = tmp_path / "out"
-    result = archtree(
-        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
-        *FAST, "--select-steps", "5", "--fill-probes", "0", "--strategy", "greedy", "--quiet",
-        "--out", str(out), home=home,
-    )  # fmt: skip
-    assert result.stderr == ""
-    assert result.stdout.startswith(" " * 16 + " " * 9 + "unpruned"), result.stdout
-    note = "--width 2 is not used: --strategy greedy runs with 1"
-    assert note in json.loads((out / "report.json").read_text())["notes"]
-    assert f"note: {note}" in result.stdout
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -472,6 +472,19 @@ def start_up(tmp_path: Path, port: str, **env: str) -> subprocess.Popen[str]:
         )
 
 
+def stop_up(up: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Stop `archtree up` as a service manager does, with SIGTERM: it exits 0."""
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+
+
+def kill_if_running(up: subprocess.Popen[str]) -> None:
+    """Kill an `archtree up` a failed test left running."""
+    if up.poll() is None:
+        up.kill()
+        up.wait()
+
+
 def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Path):
     up = start_up(tmp_path, str(free_port()))
     try:
@@ -485,14 +498,10 @@ def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Pat
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 4  # redis, api, worker (and its pool), agent
 
-        up.send_signal(signal.SIGTERM)
-
-        assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+        stop_up(up, tmp_path)
         wait_until(lambda: not [c for c in children if _alive(c)], 30, "all children gone")
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        kill_if_running(up)
 
 
 def test_archtree_up_goes_on_when_its_agent_stops_because_its_device_was_deleted(
@@ -515,12 +524,9 @@ def test_archtree_up_goes_on_when_its_agent_stops_because_its_device_was_deleted
             )
             assert f"start one with `archtree agent --api {url} --device-class local`" in line
 
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+        stop_up(up, tmp_path)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        kill_if_running(up)
 
 
 def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(tmp_path: Path):
@@ -582,13 +588,10 @@ def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp
         assert "API at" in read_lines(up.stdout).get(timeout=120)
         assert not stale.exists()
         current = Path((tmp_path / "home" / "up" / "socket-dir").read_text())
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0
+        stop_up(up, tmp_path)
         assert not current.exists()
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        kill_if_running(up)
 
 
 def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_its_logs(
@@ -625,12 +628,9 @@ def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_it
         assert "API at" in read_lines(up.stdout).get(timeout=120)
         for name, content in first_run.items():
             assert (logs / f"{name}.1").read_bytes() == content, name
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=60) == 0, (tmp_path / "up.log").read_text()
+        stop_up(up, tmp_path)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        kill_if_running(up)
         for process in descendants:  # none, unless the test failed
             with contextlib.suppress(psutil.Error):
                 process.kill()
