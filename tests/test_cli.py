@@ -305,31 +305,6 @@ def test_width_one_equals_greedy_and_timings_from_the_cache_are_said_to_be(tmp_p
     assert greedy["final"]["arch_hash"] == width_one["final"]["arch_hash"]
 
 
-@pytest.mark.slow
-def test_a_data_free_search_says_its_scores_are_fidelity_and_reports_the_answers(tmp_path, home):
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    images = tmp_path / "unlabelled.npz"
-    np.savez(images, x=(load_digits().images[:600] / 16.0).astype(np.float32))
-    out = tmp_path / "out"
-    result = archtree(
-        "prune", "--model", "builtin:vgg", "--data", str(images), "--budget", REACHABLE,
-        *FAST, "--select-steps", "5", "--fill-probes", "0", "--out", str(out), home=home,
-    )  # fmt: skip
-    assert re.search(r"\] baseline .* fidelity 0\.0000; budget", result.stderr), result.stderr
-    assert result.stderr.count("candidates are scored by fidelity to the unpruned model") == 1
-    assert re.search(r"\] +\[1/\d+\] .* fidelity -?\d", result.stderr), result.stderr
-    assert " score " not in result.stderr
-    evaluating = r"depth 1: evaluating \d+ child(ren)? \(each pruned .*, fine-tuned 5 steps, scored"
-    assert re.search(evaluating, result.stderr), result.stderr
-    fidelity = json.loads((out / "report.json").read_text())["final"]["fidelity"]
-    assert fidelity <= 0.0
-    row = next(line for line in result.stdout.splitlines() if line.startswith("fidelity (val)"))
-    assert row.split()[-1] == f"{fidelity:.4f}"
-    assert "fidelity: how close the pruned model's outputs stay" in result.stdout
-
-
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -591,24 +566,42 @@ def test_a_model_a_search_cannot_score_or_fine_tune_is_refused_and_measure_takes
     assert output.shape[0] == 2
 
 
-def sequences_file(path: Path, count: int = 240) -> Path:
-    """Sequences of 4 channels and 48 steps, N,C,L, whose class is the channel that is high."""
+def sequences_file(path: Path, count: int = 240, labelled: bool = True) -> Path:
+    """Sequences of 4 channels and 48 steps, N,C,L, whose class is the channel that is high;
+    labelled or not."""
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(count) % 3
     x = 0.1 * torch.randn(count, 4, 48, generator=generator)
     x[torch.arange(count), labels] += 1.0
-    torch.save({"x": x, "y": labels}, path)
+    torch.save({"x": x, "y": labels} if labelled else {"x": x}, path)
     return path
 
 
-def test_a_model_of_sequences_is_pruned_on_its_three_axis_data_and_reloads(tmp_path, home):
+@pytest.mark.slow
+def test_a_model_of_sequences_is_pruned_data_free_and_the_run_says_its_scores_are_fidelity(
+    tmp_path, home
+):
     from search import load_pruned
 
-    data = sequences_file(tmp_path / "sequences.pt")
+    data = sequences_file(tmp_path / "sequences.pt", labelled=False)
     source = "module:tests.non_image_models:sequence_net"
-    args = prune_args(tmp_path, "--model", source, "--data", str(data), budget="90%")
-    archtree(*args, home=home)
+    args = prune_args(tmp_path, "--model", source, "--data", str(data), "--select-steps", "5",
+                      "--fill-probes", "0", budget="90%")  # fmt: skip
+    result = archtree(*args, home=home)
 
+    # Without labels, every score is fidelity to the unpruned model's outputs, said once.
+    assert re.search(r"\] baseline .* fidelity 0\.0000; budget", result.stderr), result.stderr
+    assert result.stderr.count("candidates are scored by fidelity to the unpruned model") == 1
+    assert re.search(r"\] +\[1/\d+\] .* fidelity -?\d", result.stderr), result.stderr
+    assert " score " not in result.stderr
+    evaluating = r"depth 1: evaluating \d+ child(ren)? \(each pruned .*, fine-tuned 5 steps, scored"
+    assert re.search(evaluating, result.stderr), result.stderr
+    fidelity = json.loads((tmp_path / "out" / "report.json").read_text())["final"]["fidelity"]
+    assert fidelity <= 0.0
+    row = next(line for line in result.stdout.splitlines() if line.startswith("fidelity (val)"))
+    assert row.split()[-1] == f"{fidelity:.4f}"
+    assert "fidelity: how close the pruned model's outputs stay" in result.stdout
+    # The sequences were taken as N,C,L, which the pruned model takes too.
     pruned = load_pruned(tmp_path / "out")
     assert pruned(torch.zeros(2, 4, 48)).shape == (2, 3)
     assert pruned[3].out_channels < 128 or pruned[6].out_channels < 128

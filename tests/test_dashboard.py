@@ -344,6 +344,17 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
             f".toFixed(window.archtree.latencyDecimals({span})))",
         )
         assert len(set(labels)) == 6, (span, labels)
+    # The event log's words: counts in the singular where there is one; a data-free job's
+    # scores called fidelity; a timing from the latency cache said to be.
+    describe = "window.archtree.describe"
+    one = js(page, f"{describe}({{kind: 'depth_started', depth: 1, children: 1}})")
+    assert one == "depth 1: 1 child to evaluate"
+    baseline = "{kind: 'baseline', latency_ms: 2, budget_ms: 1, score: -0.02, cached: true}"
+    said = js(page, f"{describe}({baseline}, 'fidelity')")
+    assert ", cached, budget" in said and said.endswith("fidelity -0.020"), said
+    assert "score" not in said
+    confirmed = js(page, f"{describe}({{kind: 'confirmed', id: 'n4', latency_ms: 1, trims: 1}})")
+    assert confirmed.endswith("(1 trim)") and "cached" not in confirmed
     # The answer is drawn a second time at the latency it was confirmed at, which the stats
     # give and say so; the candidates stay at their search latency.
     final = job["progress"]["final"]

@@ -526,10 +526,12 @@ function followEvents(view, poller) {
   const list = $("#events", view.root);
   const onEvent = (message) => {
     const event = JSON.parse(message.data);
+    // Without labels, candidates are scored by fidelity to the unpruned model's outputs.
+    if (event.kind === "baseline") view.scoreName = event.scored_by ?? "score";
     const line = el("li", { "data-kind": event.kind },
       el("time", { text: event.time ? clock(event.time) : "" }),
       el("span", { class: "kind", text: event.kind }),
-      el("span", { text: describe(event) }));
+      el("span", { text: describe(event, view.scoreName) }));
     list.prepend(line);
     while (list.childElementCount > MAX_EVENT_LINES) list.lastElementChild.remove();
     if (event.kind === "node") {
@@ -561,21 +563,31 @@ function searchScore(view, node) {
   return view.retuned.get(node.id)?.before ?? node.score;
 }
 
-function describe(event) {
+// "1 child", "2 children".
+function counted(count, one, many) {
+  return `${count} ${count === 1 ? one : many}`;
+}
+
+// One line of the event log; `scoreName`: what a score is (fidelity when data-free).
+function describe(event, scoreName = "score") {
+  const score = (value) => `${scoreName} ${decimal(value)}`;
+  const cached = event.cached ? ", cached" : "";
   switch (event.kind) {
     case "queued": return "waiting for a worker";
     case "status": return event.error ? `${event.status}: ${event.error}` : event.status;
     case "baseline":
-      return `unpruned ${ms(event.latency_ms)}, budget ${ms(event.budget_ms)}, score ${decimal(event.score)}`;
+      return `unpruned ${ms(event.latency_ms)}${cached}, budget ${ms(event.budget_ms)}, ` +
+        score(event.score);
     case "feasibility":
       return `smallest reachable model ${ms(event.smallest_ms)} (budget ${ms(event.budget_ms)})` +
         (event.widen_to > 1 ? `; widening to multiples of ${event.widen_to}` : "");
-    case "depth_started": return `depth ${event.depth}: ${event.children} children to evaluate`;
+    case "depth_started":
+      return `depth ${event.depth}: ${counted(event.children, "child", "children")} to evaluate`;
     case "child_started": return `${event.id} (depth ${event.depth}) evaluating`;
     case "task_lost": return lostTask(event);
     case "node":
       return `${event.id} from ${event.parent} by ${event.move}: ${ms(event.latency_ms)}, ` +
-        `score ${decimal(event.score)}, ${event.within_budget ? "within" : "over"} budget`;
+        `${score(event.score)}, ${event.within_budget ? "within" : "over"} budget`;
     case "child_skipped": return `${event.id} skipped: ${event.reason}`;
     case "child_merged":
       return event.into
@@ -585,7 +597,7 @@ function describe(event) {
       return `depth ${event.depth} done: frontier ${(event.frontier ?? []).join(", ") || "empty"}` +
         (event.best ? `; best ${event.best.id} at ${ms(event.best.latency_ms)}` : "");
     case "retuned":
-      return `${event.id} tuned ${event.steps} more steps: score ${decimal(event.score)} ` +
+      return `${event.id} tuned ${event.steps} more steps: ${score(event.score)} ` +
         `(was ${decimal(event.score_before)})`;
     case "reranked":
       return `re-ranked after ${event.steps} more steps: ` +
@@ -594,10 +606,10 @@ function describe(event) {
       return `${event.id} measured ${ms(event.latency_ms)} on confirmation, over budget: next best`;
     case "trim_compared":
       return (event.trimmed
-        ? `best trimmed to ${event.trimmed}: score ${decimal(event.trimmed_score)} at ` +
+        ? `best trimmed to ${event.trimmed}: ${score(event.trimmed_score)} at ` +
           `${ms(event.trimmed_latency_ms)}`
         : "best cannot be trimmed further") +
-        `; ${event.confirmed} scores ${decimal(event.confirmed_score)}: answer ${event.chosen}`;
+        `; ${event.confirmed} ${score(event.confirmed_score)}: answer ${event.chosen}`;
     case "filled":
       if (event.id === null && event.unconfirmed_ms && event.unconfirmed_ms.length) {
         return `${event.answer} well under the aim; its widenings confirmed above the budget ` +
@@ -607,12 +619,14 @@ function describe(event) {
         ? `${event.answer} well under the aim; no group could be widened within it`
         : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}` +
           `${event.rebuilt_from ? `; rebuilt from ${event.rebuilt_from}` : ""}): ` +
-          `${ms(event.latency_ms)}, score ${decimal(event.score)} ` +
+          `${ms(event.latency_ms)}, ${score(event.score)} ` +
           `(was ${decimal(event.answer_score)}${scoreGap(event)}): answer ${event.chosen}`;
     case "confirmed":
-      return `${event.id} confirmed at ${ms(event.latency_ms)} (${event.trims} trims)`;
+      return `${event.id} confirmed at ${ms(event.latency_ms)}${cached} ` +
+        `(${counted(event.trims, "trim", "trims")})`;
     case "note": return event.message;
-    case "final_finetune": return `final fine-tuning, ${event.epochs} epochs`;
+    case "final_finetune":
+      return `final fine-tuning, ${counted(event.epochs, "epoch", "epochs")}`;
     case "done":
       return `answer ${event.id}: ${ms(event.latency_ms)}, accuracy ${percent(event.accuracy)}, ` +
         `${decimal(event.wall_s, 1)} s`;
@@ -874,6 +888,7 @@ function latencyDecimals(span) {
   return Math.min(6, Math.max(0, Math.ceil(-Math.log10(span / AXIS_LABELS)) + 1));
 }
 live.latencyDecimals = latencyDecimals;
+live.describe = describe;
 
 // Points no other point beats on both latency (lower) and score (higher), by latency.
 function paretoFront(points) {
