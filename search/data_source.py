@@ -312,7 +312,7 @@ def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
     if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch's min/max skip these
         y = y.to(torch.int64)
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-        fix = f" ({_labels_fix(y.numpy())})" if y.dtype.is_floating_point else ""
+        fix = f" ({_labels_fix(y.double().numpy())})" if y.dtype.is_floating_point else ""
         raise ArchtreeError(
             f"`y` in {str(path)!r} has dtype {y.dtype}; labels must be integers 0..K-1{fix}"
         )

@@ -163,6 +163,8 @@ def _save(path: Path, **arrays: object) -> str:
          ["float64", "integers", "whole numbers: save them as integers, e.g. y.astype(np.int64)"]),
         ("float.pt", {"x": torch.zeros(50, 1, 4, 4), "y": torch.arange(50.0) % 3},
          ["torch.float32", "whole numbers: save them as integers"]),
+        ("bfloat.pt", {"x": torch.zeros(50, 1, 4, 4), "y": torch.rand(50).bfloat16()},
+         ["torch.bfloat16", "a regression target is not supported"]),
         ("regression.npz", {"x": _images(50), "y": np.linspace(0, 1, 50)},
          ["float64", "class indices: a regression target is not supported"]),
         ("pixels.npz", {"x": _images(50), "y": np.zeros((50, 6, 6), np.int64)},
