@@ -493,10 +493,26 @@ def run_fetch(args: argparse.Namespace) -> int:
     with api_client(args) as client, errors_in_cli_terms():
         _check_out_dir(args.out, args.overwrite)
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
-    report = json.loads(next(path for path in files if path.name == "report.json").read_text())
+    report = _report_in_cli_terms(next(path for path in files if path.name == "report.json"))
     with _readable(args.api, args.api_source):
         print_summary(report, args.out, after_progress=False)
     return 0
+
+
+def _report_in_cli_terms(path: Path) -> dict[str, Any]:
+    """The fetched report, its notes rewritten with the options `archtree prune` takes
+    (`--width`) where the service named spec fields (`search.width`)."""
+    report = json.loads(path.read_text())
+    notes = [in_cli_terms(note) for note in report.get("notes", [])]
+    if notes != report.get("notes", []):
+        report["notes"] = notes
+        rewritten = path.with_name(f".{path.name}.tmp")
+        try:
+            rewritten.write_text(json.dumps(report, indent=2))
+            rewritten.replace(path)
+        except OSError:  # the file as the service words it is whole and valid: keep it
+            rewritten.unlink(missing_ok=True)
+    return report
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from search.artifacts import ARTIFACT_NAMES
 from search.inputs import load_inputs
 from search.model_source import save_weights
+from search.notes import pruned_near_chance
 from search.settings import SearchSettings
 from tests.api_fixtures import (
     MAX_DATA_BYTES,
@@ -623,6 +624,28 @@ def test_a_failed_jobs_error_names_spec_fields(http: httpx.Client, job_store: Jo
         assert answer.status_code == 200
         text = answer.text
         assert "lower search.min_width_fraction or search.margin" in text and "--" not in text
+
+
+def test_a_succeeded_jobs_report_names_settings_in_its_notes_as_spec_fields(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess
+):
+    job_id = job_store.create(SPEC)
+    job_store.set_status_if_active(job_id, "succeeded")
+    stored = api_server.artifacts / result_name(job_id, "report.json")
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    note = pruned_near_chance(0.1, 0.9, torch.arange(10))  # as the engine words it
+    assert note and "raise --ft-steps, --select-steps or --final-epochs" in note
+    stored.write_text(json.dumps({"budget_ms": 2.5, "notes": [note], "tree": [{"id": "n1"}]}))
+
+    answer = http.get(f"/v1/jobs/{job_id}/artifacts/report.json")
+
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    report = answer.json()
+    assert report["notes"] == [
+        note.replace("--ft-steps, --select-steps or --final-epochs", "search.ft_steps, "
+                     "search.select_steps or search.final_epochs")
+    ]  # fmt: skip
+    assert {**report, "notes": [note]} == json.loads(stored.read_text())  # the rest as stored
 
 
 def test_a_succeeded_jobs_result_lost_by_the_store_answers_503_naming_it(

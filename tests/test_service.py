@@ -209,10 +209,17 @@ def test_a_budget_the_unpruned_model_meets_says_so_in_the_job_and_its_report(
     assert job["status"] == "succeeded", job["error"]
     notes = job["progress"]["notes"]
     assert notes[0] == overridden and notes[-1] == NOTHING_PRUNED
-    client.fetch(job_id, tmp_path)
-    assert json.loads((tmp_path / "report.json").read_text())["notes"] == notes[1:]
+    # report.json holds the same notes, named as the spec names its fields...
+    client.fetch(job_id, tmp_path / "api")
+    assert json.loads((tmp_path / "api" / "report.json").read_text())["notes"] == notes
     shown = archtree("status", job_id, "--api", api.url)
     assert shown.returncode == 0 and f"note: {NOTHING_PRUNED}" in shown.stdout
+    # ...and, fetched with the command line, as its options.
+    fetched = archtree("fetch", job_id, "--api", api.url, "--out", str(tmp_path / "cli"))
+    assert fetched.returncode == 0, fetched.stderr
+    in_options = "--width 3 is not used: --strategy greedy runs with 1"
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["notes"][0] == in_options
+    assert f"note: {in_options}" in fetched.stdout
 
 
 def archtree(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60):

@@ -325,6 +325,8 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
         # whose fingerprint the device section holds (it confirmed the answer, or served
         # the cache).
         report["device"]["agents"] = jobs.agent_measurements(job_id)
+        # As `archtree prune` does, the notes about the settings lead the report's own.
+        report["notes"] = _with_submission_notes(jobs, job_id, report["notes"])
         work_dir = Path(services.settings.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=work_dir) as folder:
@@ -341,7 +343,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
                 "latency_ms": outcome.confirmed_latency_ms,
                 "accuracy": outcome.final_accuracy,
             },
-            notes=_with_submission_notes(jobs, job_id, report["notes"]),
+            notes=report["notes"],
         )
         _end(job_id, "succeeded")
 

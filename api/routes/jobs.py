@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, BinaryIO
 
@@ -26,6 +27,7 @@ from api.schemas import (
     JobTree,
     as_json,
 )
+from api.spec_terms import in_spec_terms
 from api.uploads import MAX_SPEC_BYTES, read_submission
 from search.artifacts import ARTIFACT_NAMES
 from workers.artifact_store import ArtifactStoreError
@@ -205,6 +207,8 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
             "it has succeeded"
         )
         raise HTTPException(status_code=404, detail=detail)
+    if name == "report.json":
+        return _report_in_spec_terms(services.artifacts.get_bytes(stored))
     media = "application/json" if name.endswith(".json") else "application/octet-stream"
     return StreamingResponse(
         _chunks(services.artifacts.open_stream(stored)),
@@ -213,6 +217,23 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
             "Content-Length": str(services.artifacts.size(stored)),
             "Content-Disposition": f'attachment; filename="{name}"',
         },
+    )
+
+
+def _report_in_spec_terms(stored: bytes) -> Response:
+    """report.json with its notes naming spec fields (`search.width`), as the job's do; the
+    engine words them for `archtree prune` (`--width`)."""
+    try:
+        report = json.loads(stored)
+        notes = [in_spec_terms(note) for note in report["notes"]]
+    except (ValueError, TypeError, KeyError):  # not a report of this version: as stored
+        content = stored
+    else:
+        content = json.dumps({**report, "notes": notes}, indent=2).encode()
+    return Response(
+        content,
+        media_type="application/json",
+        headers={"Content-Disposition": 'attachment; filename="report.json"'},
     )
 
 
