@@ -94,7 +94,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--batch-size must be at least 1")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    folders = (
+        {"--out": args.out} if args.redraw else {"--out": args.out, "--cache-dir": args.cache_dir}
+    )
+    for option, folder in folders.items():
+        problem = folder_problem(folder)
+        if problem:
+            parser.error(f"{option} {folder} {problem}: give a folder this user can write")
     return args
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why results cannot be written into `folder` (created when missing), or None."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot be created ({error.strerror})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
 
 
 def section_runners(

@@ -421,10 +421,10 @@ def test_longer_finetune_names_the_unpruned_weights_it_cannot_find(tmp_path: Pat
     assert "--cache-dir" in finished.stderr and "Traceback" not in finished.stderr
 
 
-def redraw(out: Path) -> subprocess.CompletedProcess:
+def redraw(out: Path, *args: str) -> subprocess.CompletedProcess:
     """`python -m bench.run --redraw --out OUT`, run to its end."""
     return subprocess.run(
-        [sys.executable, "-m", "bench.run", "--redraw", "--out", str(out)],
+        [sys.executable, "-m", "bench.run", "--redraw", "--out", str(out), *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -452,3 +452,22 @@ def test_redraw_without_a_summary_says_what_to_do(tmp_path: Path):
     assert finished.returncode == 2
     assert "run the benchmark first" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_a_results_or_cache_folder_that_is_a_file_is_refused_before_any_work(tmp_path: Path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    for option in ("--out", "--cache-dir"):
+        # --quick --only measurement would run; the check comes first (an error 2 at once).
+        finished = subprocess.run(
+            [sys.executable, "-m", "bench.run", "--quick", "--only", "measurement",
+             "--out", str(tmp_path / "out"), option, str(a_file)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert finished.returncode == 2, finished.stderr
+        assert f"{option} {a_file} is a file: give a folder" in finished.stderr
+        assert "Traceback" not in finished.stderr
+    assert a_file.read_text() == "kept"
+    refused = redraw(a_file)
+    assert refused.returncode == 2 and "is a file" in refused.stderr, refused.stderr
