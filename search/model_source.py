@@ -163,9 +163,16 @@ def _import_optional(library: str, source: str) -> Any:
         return importlib.import_module(library)
     # torchvision's CUDA-only wheel fails with RuntimeError, not ImportError.
     except Exception as error:
+        install = (
+            f"install {library} into this environment (a release made for torch "
+            f"{torch.__version__.split('+')[0]}), or "
+            if isinstance(error, ModuleNotFoundError) and error.name == library
+            else ""
+        )
         raise ArchtreeError(
             f"{library} is not usable here ({type(error).__name__}: {_first_line(error)}), so "
-            f"{source!r} cannot be built; use a builtin: model or a module: source instead"
+            f"{source!r} cannot be built; {install}use a builtin: model or a module: source "
+            "instead"
         ) from None
 
 

@@ -152,12 +152,15 @@ def test_optional_libraries_work_or_say_they_are_not_usable(library: str) -> Non
     ref = ModelRef(f"{library}:resnet18", num_classes=10, in_channels=3)
     try:
         __import__(library)
-    except Exception:
+    except Exception as error:
         with pytest.raises(ArchtreeError) as excinfo:
             build_model(ref)
         message = _error(excinfo)
         assert library in message and "not usable" in message
         assert "builtin:" in message and "module:" in message
+        if isinstance(error, ModuleNotFoundError) and error.name == library:
+            made_for = f"install {library} into this environment (a release made for torch "
+            assert f"{made_for}{torch.__version__.split('+')[0]})" in message, message
     else:
         assert isinstance(build_model(ref), nn.Module)
 
