@@ -284,6 +284,12 @@ class Candidate(BaseModel):
     latency_ms: float = Field(examples=[0.412])
     score: float | None = Field(None, examples=[0.93])
     accuracy: float | None = Field(None, examples=[0.95])
+    fidelity: float | None = Field(
+        None,
+        description="Without labels, what stands for accuracy: fidelity to the unpruned "
+        "model's outputs on the validation split (0: the same outputs; lower: further).",
+        examples=[-0.012],
+    )
 
 
 class JobProgress(BaseModel):
@@ -297,6 +303,11 @@ class JobProgress(BaseModel):
     cache_hits: int | None = Field(None, description="Measurements answered by the cache.")
     baseline_ms: float | None = Field(None, description="Latency of the unpruned model.")
     budget_ms: float | None = Field(None, description="The budget resolved in milliseconds.")
+    scored_by: Literal["accuracy", "fidelity"] | None = Field(
+        None,
+        description="What candidates are scored by: calibration accuracy, or, when the data "
+        "have no labels, fidelity to the unpruned model's outputs.",
+    )
     best: Candidate | None = Field(None, description="Best candidate within budget so far.")
     final: Candidate | None = Field(None, description="The confirmed answer, once succeeded.")
     notes: list[str] | None = Field(

@@ -80,6 +80,8 @@ class SearchOutcome:
     confirmed_ratio: float
     baseline_accuracy: float | None
     final_accuracy: float | None
+    # Without labels, what stands for accuracy: fidelity to the unpruned model (validation).
+    final_fidelity: float | None
     wall_s: float
     trims: int
 
@@ -456,6 +458,7 @@ def finish(
         confirmed_ratio=latency_ms / state.baseline_ms,
         baseline_accuracy=context.validation_accuracy(context.base_model),
         final_accuracy=context.validation_accuracy(model),
+        final_fidelity=context.validation_fidelity(model),
         wall_s=time.monotonic() - started,
         trims=trims,
     )
@@ -464,6 +467,7 @@ def finish(
         id=answer.id,
         latency_ms=latency_ms,
         accuracy=outcome.final_accuracy,
+        fidelity=outcome.final_fidelity,
         wall_s=outcome.wall_s,
     )
     return outcome

@@ -33,8 +33,7 @@ def build_report(
             "latency_ratio": outcome.confirmed_ratio,
             "budget_fit": outcome.confirmed_latency_ms / state.budget_ms,
             "accuracy": outcome.final_accuracy,
-            # Without labels, what stands for accuracy: fidelity to the unpruned model.
-            "fidelity": context.validation_fidelity(outcome.model),
+            "fidelity": outcome.final_fidelity,
             "params": parameter_count(outcome.model),
             "macs": outcome.answer.macs,
             "arch_hash": outcome.answer.spec.hash,

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import torch
 
 from search.inputs import load_inputs
 from search.notes import NOTHING_PRUNED
@@ -22,6 +23,7 @@ from tests.api_fixtures import ApiProcess, api_env, start_api
 from tests.browser_fixtures import console_errors, screenshot, wait_for
 from tests.redis_fixtures import AgentProcess, start_agent, wait_until
 from tests.worker_fixtures import WorkerPool
+from workers.job_store import FINAL_STATUSES
 
 pytest_plugins = [
     "tests.redis_fixtures",
@@ -117,6 +119,21 @@ def fill(driver: Any, values: dict[str, str]) -> None:
         else:
             field.clear()
             field.send_keys(value)
+
+
+def named_score(shown: str) -> bool:
+    """Whether a text names a score (not "scored by")."""
+    return re.search(r"\bscores?\b", shown, re.IGNORECASE) is not None
+
+
+def tree_tooltip(driver: Any, node_id: str) -> str:
+    """The tooltip of a node of the search tree, as hovering it shows it."""
+    return js(
+        driver,
+        "(() => { const chart = echarts.getInstanceByDom(document.querySelector('#tree-chart'));"
+        f" chart.dispatchAction({{type: 'showTip', seriesIndex: 0, name: '{node_id}'}});"
+        " return chart.getDom().innerText; })()",
+    )
 
 
 def open_jobs_page(driver: Any, api: ApiProcess) -> None:
@@ -376,6 +393,11 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert NOTHING_PRUNED not in job["progress"]["notes"]
     comparison = text(page, "#comparison")
     assert "Answer" in comparison and comparison.count("%") >= 4
+    # With labels, the scores keep their name (a data-free job's are fidelity).
+    assert "Accuracy (validation)" in comparison and "Score (calibration)" in comparison
+    assert "Fidelity" not in comparison
+    scatter = "echarts.getInstanceByDom(document.querySelector('#scatter-chart'))"
+    assert js(page, f"{scatter}.getOption().yAxis[0].name") == "score"
     # The event log follows the job's event stream, which may deliver the last status event
     # a moment after the status that the page polls.
     wait_for(page, lambda: "succeeded" in text(page, "#events"), PAGE_S, "the last event")
@@ -394,12 +416,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
 
     # Hovering a pruned node shows its move, latency, score and changed widths.
     pruned = next(node for node in tree["nodes"] if node["parent"] == tree["root_id"])
-    tooltip = js(
-        page,
-        "(() => { const chart = echarts.getInstanceByDom(document.querySelector('#tree-chart'));"
-        f" chart.dispatchAction({{type: 'showTip', seriesIndex: 0, name: '{pruned['id']}'}});"
-        " return chart.getDom().innerText; })()",
-    )
+    tooltip = tree_tooltip(page, pruned["id"])
     assert pruned["move"] in tooltip and "latency" in tooltip and "score" in tooltip
     assert "→" in tooltip  # at least one layer narrower than in the unpruned model
     screenshot(page, "job-succeeded")
@@ -419,21 +436,72 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     screenshot(page, "jobs")
 
 
-def test_a_job_whose_budget_the_unpruned_model_meets_shows_its_note(page: Any, stack: ApiProcess):
+def test_a_data_free_job_says_fidelity_wherever_it_names_scores_and_shows_its_notes(
+    page: Any, stack: ApiProcess, tmp_path: Path
+):
+    """Data without labels, and a budget the unpruned model meets (nothing is searched): the
+    page, opened once the job has ended, calls its scores fidelity and shows the answer's."""
+    data = load_inputs("builtin:vgg", "builtin:digits").data
+    np.savez(tmp_path / "unlabelled.npz", x=torch.cat([data.train_x, data.calib_x]).numpy())
+    spec = {key: value for key, value in job_spec().items() if key != "data"}
     with stack.client() as client:
+        sent = {"data": ("unlabelled.npz", (tmp_path / "unlabelled.npz").read_bytes())}
         answer = client.post(
-            "/v1/jobs", data={"spec": json.dumps(job_spec() | {"budget": "1000ms"})}
+            "/v1/jobs", data={"spec": json.dumps(spec | {"budget": "1000ms"})}, files=sent
         )
         assert answer.status_code == 202, answer.text
         job_id = answer.json()["id"]
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in FINAL_STATUSES,
+            JOB_S,
+            "the job's end",
+        )
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        report = client.get(f"/v1/jobs/{job_id}/artifacts/report.json").json()
+    assert job["status"] == "succeeded", job["error"]
+    progress = job["progress"]
+    assert progress["scored_by"] == "fidelity"
+    assert progress["final"]["fidelity"] == report["final"]["fidelity"] is not None
+    # As the page writes it: toFixed has no negative zero (the answer is the unpruned model).
+    fidelity = f"{report['final']['fidelity'] + 0.0:.3f}"
+
+    # The job list, which has no events to go by, shows the answer's fidelity.
+    open_jobs_page(page, stack)
+    row = f'#jobs-table tr[data-job-id="{job_id}"]'
+    wait_for(page, lambda: "succeeded" in text(page, row), PAGE_S, "the job listed")
+    quality = text(page, f"{row} td:last-child")
+    assert quality == f"{fidelity} fidelity", quality
+
     page.get(f"{stack.url}/#/jobs/{job_id}")
-    wait_for(page, lambda: js(page, "window.archtree.status") == "succeeded", JOB_S, "the job")
+    wait_for(page, lambda: visible(page, "#artifacts"), PAGE_S, "the ended job")
     wait_for(page, lambda: visible(page, "#job-notes"), PAGE_S, "the note")
-    with stack.client() as client:
-        notes = client.get(f"/v1/jobs/{job_id}").json()["progress"]["notes"]
-    assert text(page, "#job-notes").splitlines() == notes
-    assert notes[-1] == NOTHING_PRUNED
-    screenshot(page, "job-nothing-pruned")
+    assert text(page, "#job-notes").splitlines() == progress["notes"]
+    assert progress["notes"][-1] == NOTHING_PRUNED
+    # The answer's fidelity on the validation split where a labelled job's accuracy is, and
+    # its fidelity on the calibration split where the score is.
+    rows = js(
+        page,
+        "[...document.querySelectorAll('#comparison tbody tr')]"
+        ".map(tr => [...tr.children].map(cell => cell.innerText))",
+    )
+    named = {row[0]: row[1:] for row in rows}
+    assert named["Fidelity (validation)"][1] == fidelity, rows
+    assert "Fidelity (calibration)" in named, rows
+    assert not any("Accuracy" in name or named_score(name) for name in named), rows
+    # The charts, their tooltips and the scatter's description.
+    scatter = "echarts.getInstanceByDom(document.querySelector('#scatter-chart'))"
+    assert js(page, f"{scatter}.getOption().yAxis[0].name") == "fidelity"
+    tooltip = tree_tooltip(page, report["final"]["node"])
+    assert "fidelity" in tooltip and not named_score(tooltip), tooltip
+    scatter_panel = js(page, "document.querySelector('#scatter-chart').parentElement.innerText")
+    assert "latency against fidelity" in scatter_panel and "no labels" in scatter_panel
+    assert not named_score(scatter_panel), scatter_panel
+    # The event log, replayed: the end says the answer's fidelity, not an accuracy it has not.
+    wait_for(page, lambda: "succeeded" in text(page, "#events"), PAGE_S, "the last event")
+    done = text(page, '#events li[data-kind="done"]')
+    assert f"fidelity {fidelity}, " in done and "accuracy" not in done, done
+    assert not named_score(text(page, "#events"))
+    screenshot(page, "job-data-free")
 
 
 def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):

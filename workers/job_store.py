@@ -339,5 +339,8 @@ class RedisEventSink:
             self.store.update_progress(self.job_id, notes=[*notes, data["message"]])
         elif kind == "baseline":  # kept with the job even when the search stops right after
             self.store.update_progress(
-                self.job_id, baseline_ms=data["latency_ms"], budget_ms=data["budget_ms"]
+                self.job_id,
+                baseline_ms=data["latency_ms"],
+                budget_ms=data["budget_ms"],
+                scored_by=data.get("scored_by"),
             )

@@ -342,6 +342,7 @@ def finish_job(self, retuned: list[dict[str, Any] | None], job_id: str) -> None:
                 "id": outcome.answer.id,
                 "latency_ms": outcome.confirmed_latency_ms,
                 "accuracy": outcome.final_accuracy,
+                "fidelity": outcome.final_fidelity,
             },
             notes=report["notes"],
         )

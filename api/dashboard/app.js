@@ -87,6 +87,11 @@ function pointChange(before, after, scale = 1, unit = "") {
   return signed(difference, `${Math.abs(difference).toFixed(scale === 1 ? 3 : 1)}${unit}`);
 }
 
+// What a job's candidates are scored by (`scored_by`: "accuracy" on the calibration split, or
+// "fidelity" to the unpruned model's outputs when the data have no labels), in the page's
+// words: fidelity, else score.
+const scoreWord = (scoredBy) => (scoredBy === "fidelity" ? "fidelity" : "score");
+
 const when = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleString();
 const clock = (unixSeconds) =>
   new Date(unixSeconds * 1000).toLocaleTimeString([], { hourCycle: "h23" });
@@ -252,10 +257,13 @@ function replaceRows(tbody, rows) {
 function renderJobs(root, page, filtered) {
   const rows = page.jobs.map((job) => {
     const { progress, spec } = job;
-    const best = progress.final ?? progress.best;
+    const { final } = progress;
+    const best = final ?? progress.best;
+    // The answer's validation accuracy, or fidelity without labels; else the best's score.
     let quality = "—";
-    if (progress.final?.accuracy != null) quality = `${percent(progress.final.accuracy)} acc.`;
-    else if (best?.score != null) quality = `${decimal(best.score)} score`;
+    if (final?.accuracy != null) quality = `${percent(final.accuracy)} acc.`;
+    else if (final?.fidelity != null) quality = `${decimal(final.fidelity)} fidelity`;
+    else if (best?.score != null) quality = `${decimal(best.score)} ${scoreWord(progress.scored_by)}`;
     const budget = progress.budget_ms != null ? `${spec.budget} = ${ms(progress.budget_ms)}` : spec.budget;
     const model = spec.weights ? `${spec.model} + ${source(spec.weights, spec.upload_names?.weights)}` : spec.model;
     return el(
@@ -461,6 +469,8 @@ function jobView(root, jobId) {
   $("#job-id", root).textContent = jobId;
   const view = {
     id: jobId, root, job: null, tree: null, report: null,
+    // What candidates are scored by, once the baseline says: "accuracy", or "fidelity" (no labels).
+    scoredBy: undefined,
     // Children evaluated at depths not closed yet come from `node` events before the tree has them.
     eventNodes: new Map(), merged: new Set(),
     // Candidates fine-tuned longer after the search to pick the answer: id -> scores and steps.
@@ -514,6 +524,8 @@ async function refreshJob(view) {
     api(`v1/jobs/${view.id}/tree`),
   ]);
   Object.assign(view, { job, tree });
+  // Kept with the job from its baseline on, as the baseline event says it.
+  if (job.progress.scored_by) view.scoredBy = job.progress.scored_by;
   if (job.status === "succeeded" && !view.report) {
     view.report = await api(`v1/jobs/${view.id}/artifacts/report.json`);
   }
@@ -527,11 +539,11 @@ function followEvents(view, poller) {
   const onEvent = (message) => {
     const event = JSON.parse(message.data);
     // Without labels, candidates are scored by fidelity to the unpruned model's outputs.
-    if (event.kind === "baseline") view.scoreName = event.scored_by ?? "score";
+    if (event.kind === "baseline" && event.scored_by) view.scoredBy = event.scored_by;
     const line = el("li", { "data-kind": event.kind },
       el("time", { text: event.time ? clock(event.time) : "" }),
       el("span", { class: "kind", text: event.kind }),
-      el("span", { text: describe(event, view.scoreName) }));
+      el("span", { text: describe(event, view.scoredBy) }));
     list.prepend(line);
     while (list.childElementCount > MAX_EVENT_LINES) list.lastElementChild.remove();
     if (event.kind === "node") {
@@ -627,9 +639,12 @@ function describe(event, scoreName = "score") {
     case "note": return event.message;
     case "final_finetune":
       return `final fine-tuning, ${counted(event.epochs, "epoch", "epochs")}`;
-    case "done":
-      return `answer ${event.id}: ${ms(event.latency_ms)}, accuracy ${percent(event.accuracy)}, ` +
-        `${decimal(event.wall_s, 1)} s`;
+    case "done": {
+      // Validation accuracy, or without labels fidelity; neither in events of older versions.
+      const quality = event.accuracy != null ? `accuracy ${percent(event.accuracy)}, `
+        : event.fidelity != null ? `fidelity ${decimal(event.fidelity)}, ` : "";
+      return `answer ${event.id}: ${ms(event.latency_ms)}, ${quality}${decimal(event.wall_s, 1)} s`;
+    }
     case "cancel_requested": return "cancel requested";
     default:
       return JSON.stringify(Object.fromEntries(
@@ -714,6 +729,12 @@ function renderJob(view) {
   const notesList = $("#job-notes", root);
   notesList.hidden = notes.length === 0;
   notesList.replaceChildren(...notes.map((note) => el("li", { text: note })));
+  // Where the page names a data-free job's scores, its words for them (index.html's data-fidelity).
+  if (view.scoredBy === "fidelity") {
+    for (const words of root.querySelectorAll("[data-fidelity]")) {
+      words.textContent = words.dataset.fidelity;
+    }
+  }
 
   const nodes = shownNodes(view);
   const rootNode = nodes.get(tree.root_id);
@@ -753,14 +774,21 @@ function renderComparison(view, rootNode, chosen, answerLabel) {
   const final = view.report?.final ?? {
     latency_ms: progress.final?.latency_ms ?? chosen?.latency_ms,
     accuracy: progress.final?.accuracy,
+    fidelity: progress.final?.fidelity,
     params: chosen?.params,
     macs: chosen?.macs,
   };
+  // Without labels, fidelity to the unpruned model stands for accuracy (the unpruned model's own
+  // is 0: the same outputs).
+  const dataFree = view.scoredBy === "fidelity";
   const rows = [
     ["Latency", baseline.latency_ms, final.latency_ms, ms, relativeChange],
-    ["Accuracy (validation)", baseline.accuracy, final.accuracy, percent,
-      (before, after) => pointChange(before, after, 100, " pts")],
-    ["Score (calibration)", rootNode?.score, chosen?.score, (v) => decimal(v), pointChange],
+    dataFree
+      ? ["Fidelity (validation)", 0, final.fidelity, (v) => decimal(v), pointChange]
+      : ["Accuracy (validation)", baseline.accuracy, final.accuracy, percent,
+        (before, after) => pointChange(before, after, 100, " pts")],
+    [dataFree ? "Fidelity (calibration)" : "Score (calibration)", rootNode?.score, chosen?.score,
+      (v) => decimal(v), pointChange],
     ["Parameters", baseline.params, final.params, compact, relativeChange],
     ["MACs", baseline.macs, final.macs, compact, relativeChange],
   ];
@@ -785,8 +813,9 @@ function renderArtifacts(view) {
     el("li", {}, el("a", { href: `v1/jobs/${view.id}/artifacts/${name}`, download: name, text: name }))));
 }
 
-// Tooltip of a node: its move, latency, score and the widths it changed from the unpruned model.
-function nodeTooltip(node, rootNode, budgetMs, retuned) {
+// Tooltip of a node: its move, latency, score (named `scoreName`) and the widths it changed from
+// the unpruned model.
+function nodeTooltip(node, rootNode, budgetMs, retuned, scoreName) {
   if (!node) return "";
   const open = node.pending || node.unclosed ? ` · ${openDepthLabel(live.status)}` : "";
   const lines = [`<b>${escapeHtml(node.id)}</b> · depth ${node.depth}${open}`];
@@ -796,9 +825,9 @@ function nodeTooltip(node, rootNode, budgetMs, retuned) {
   const fit = budgetMs == null ? "" : node.within_budget ? " · within budget" : ` · over budget by ${ms(node.latency_ms - budgetMs)}`;
   lines.push(`latency ${ms(node.latency_ms)} (${percent(node.ratio)} of unpruned)${fit}`);
   const score = retuned
-    ? `score ${decimal(retuned.before)} in the search, ${decimal(retuned.after)} after ` +
+    ? `${scoreName} ${decimal(retuned.before)} in the search, ${decimal(retuned.after)} after ` +
       `${retuned.steps} more fine-tuning steps`
-    : `score ${decimal(node.score)}`;
+    : `${scoreName} ${decimal(node.score)}`;
   lines.push(`${score} · params ${compact(node.params)} · MACs ${compact(node.macs)}`);
   if (!node.widths) {
     lines.push(node.unclosed ? "<i>its depth was never closed</i>" : "<i>widths once its depth is closed</i>");
@@ -854,13 +883,14 @@ function renderTree(view, nodes, rootNode, chosenId) {
     };
   };
   const budgetMs = view.tree.budget_ms;
+  const scoreName = scoreWord(view.scoredBy);
   view.treeChart.setOption({
     tooltip: {
       trigger: "item",
       confine: true,
       formatter: (params) => {
         const node = nodes.get(params.name);
-        return nodeTooltip(node, rootNode, budgetMs, node && view.retuned.get(node.id));
+        return nodeTooltip(node, rootNode, budgetMs, node && view.retuned.get(node.id), scoreName);
       },
     },
     series: [{
@@ -918,6 +948,7 @@ function renderScatter(view, nodes, chosenId, final) {
     candidates: candidates.length, paretoPoints: front.length, retunedPoints: retuned.length,
   });
   const budgetMs = view.tree.budget_ms;
+  const scoreName = scoreWord(view.scoredBy);
   const rootNode = nodes.get(view.tree.root_id);
   const point = (node) => [node.latency_ms, node.score, node.id];
   const unpruned = candidates.filter((n) => n.parent == null);
@@ -947,7 +978,7 @@ function renderScatter(view, nodes, chosenId, final) {
             `${ms(confirmed[0])} confirmed (${ms(chosen.latency_ms)} during the search)`;
         }
         const node = all.get(params.value[2]);
-        return nodeTooltip(node, rootNode, budgetMs, node && view.retuned.get(node.id));
+        return nodeTooltip(node, rootNode, budgetMs, node && view.retuned.get(node.id), scoreName);
       },
     },
     xAxis: {
@@ -959,7 +990,7 @@ function renderScatter(view, nodes, chosenId, final) {
         showMinLabel: false, showMaxLabel: false,
       },
     },
-    yAxis: { type: "value", name: "score", scale: true },
+    yAxis: { type: "value", name: scoreName, scale: true },
     series: [
       { name: "within budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.within },
         data: pruned.filter((n) => n.within_budget).map(point) },
