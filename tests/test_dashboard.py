@@ -404,6 +404,9 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     events = text(page, "#events")
     assert "depth_done" in events and "done" in events
     assert "no better than always answering" in events  # the note, in the log too
+    # Its candidates' scores are called scores, as the stats, chart and CLI call them.
+    node_lines = text(page, '#events li[data-kind="node"]')
+    assert re.search(r"\bscore \d", node_lines) and "accuracy" not in node_lines, node_lines
 
     links = js(page, "[...document.querySelectorAll('#artifacts a')].map(a => a.href)")
     assert [link.rsplit("/", 1)[1] for link in links] == [

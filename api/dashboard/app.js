@@ -543,7 +543,7 @@ function followEvents(view, poller) {
     const line = el("li", { "data-kind": event.kind },
       el("time", { text: event.time ? clock(event.time) : "" }),
       el("span", { class: "kind", text: event.kind }),
-      el("span", { text: describe(event, view.scoredBy) }));
+      el("span", { text: describe(event, scoreWord(view.scoredBy)) }));
     list.prepend(line);
     while (list.childElementCount > MAX_EVENT_LINES) list.lastElementChild.remove();
     if (event.kind === "node") {
