@@ -429,9 +429,16 @@ def print_job(job: dict[str, Any], api: str) -> None:
         print(f"waiting_for_device: {no_agent_hint(spec['device_class'], api)}")
     for task in job.get("lost_tasks") or []:
         print(f"lost: {lost_task_text(task)}")
+    # What the scores are: calibration accuracy, or fidelity when the data have no labels.
+    score_name = "fidelity" if progress.get("scored_by") == "fidelity" else "score"
     if progress.get("depth") is not None:
         best = progress.get("best")
-        best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms" if best else ""
+        best_text = (
+            f"; best within budget {best['id']} {best['latency_ms']:.3f} ms"
+            + (f", {score_name} {best['score']:.4f}" if best.get("score") is not None else "")
+            if best
+            else ""
+        )
         print(
             f"progress: depth {progress['depth']}, "
             f"{counted(progress.get('candidates_evaluated', 0), 'candidate')}, "
@@ -439,7 +446,15 @@ def print_job(job: dict[str, Any], api: str) -> None:
         )
     final = progress.get("final")
     if final:
-        print(f"final: {final['id']} at {final['latency_ms']:.3f} ms")
+        quality = next(
+            (
+                f", {name} {final[name]:.4f} (validation)"
+                for name in ("accuracy", "fidelity")
+                if final.get(name) is not None
+            ),
+            "",
+        )
+        print(f"final: {final['id']} at {final['latency_ms']:.3f} ms{quality}")
     for note in progress.get("notes") or []:
         print(f"note: {in_cli_terms(note)}")
     if job.get("error"):

@@ -214,6 +214,11 @@ def test_a_budget_the_unpruned_model_meets_says_so_in_the_job_and_its_report(
     assert json.loads((tmp_path / "api" / "report.json").read_text())["notes"] == notes
     shown = archtree("status", job_id, "--api", api.url)
     assert shown.returncode == 0 and f"note: {NOTHING_PRUNED}" in shown.stdout
+    final = job["progress"]["final"]
+    assert (
+        f"final: {final['id']} at {final['latency_ms']:.3f} ms, accuracy "
+        f"{final['accuracy']:.4f} (validation)" in shown.stdout
+    ), shown.stdout
     # ...and, fetched with the command line, as its options.
     fetched = archtree("fetch", job_id, "--api", api.url, "--out", str(tmp_path / "cli"))
     assert fetched.returncode == 0, fetched.stderr
@@ -375,6 +380,10 @@ def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_anoth
     # `status --watch` replays the events: the loss is one line among them.
     watched = archtree("status", job_id, "--api", api.url, "--watch")
     assert watched.stdout.count(said) == 1, watched.stdout
+    # It ends with the job's summary, the best candidate's score and the answer's accuracy.
+    best, final = job["progress"]["best"], job["progress"]["final"]
+    assert f"{best['id']} {best['latency_ms']:.3f} ms, score {best['score']:.4f}" in watched.stdout
+    assert f", accuracy {final['accuracy']:.4f} (validation)" in watched.stdout
 
 
 def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
