@@ -218,12 +218,22 @@ def _smallest_spec(context: SearchContext) -> ArchSpec:
             if context.kept_whole
             else (
                 "it has no channel group pruning can narrow (convolutions or linear layers "
-                "followed by another layer)",
+                f"followed by another layer){_unpruned_kinds(context.base_model)}",
                 "give a model with such layers",
             )
         )
         raise ArchtreeError(f"nothing in {context.model_ref.source} can be pruned: {why}; {fix}.")
     return smallest.spec
+
+
+# Layers whose width pruning never narrows, which a model may have instead of prunable ones.
+UNPRUNED_KINDS = (nn.RNNBase, nn.Embedding, nn.EmbeddingBag)
+
+
+def _unpruned_kinds(model: nn.Module) -> str:
+    """Which of the model's layers pruning does not narrow, by type, or nothing."""
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, UNPRUNED_KINDS)})
+    return f"; its {', '.join(kinds)} layers are not narrowed" if kinds else ""
 
 
 def _smallest_reachable_ms(context: SearchContext, state: SearchState, smallest: ArchSpec) -> float:

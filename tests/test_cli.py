@@ -363,6 +363,14 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         "        return self.net(x), x.sum()\n"
         "def pair():\n"
         "    return Pair()\n"
+        "class Recurrent(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.gru, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.gru(x.reshape(len(x), 8, 8))[0][:, -1])\n"
+        "def recurrent():\n"
+        "    return Recurrent()\n"
     )
     (module_dir / "needs_missing.py").write_text(
         "import archtree_no_such_package\ndef build():\n    pass\n"
@@ -453,6 +461,7 @@ def test_data_the_model_rejects(tmp_path, home, bad_files):
         ("module:odd_nets:single", "rejects a batch of one input of shape (1, 8, 8)"),
         ("module:odd_nets:double", "has torch.float64 parameters: build it in float32"),
         ("module:odd_nets:linear", "nothing in module:odd_nets:linear can be pruned"),
+        ("module:odd_nets:recurrent", "by another layer); its GRU layers are not narrowed; give"),
         ("module:odd_nets:pair", "it returned a tuple: wrap it in a module whose forward"),
         (
             "module:needs_missing:build",
