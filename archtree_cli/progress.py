@@ -82,7 +82,8 @@ class ConsoleProgress:
                 f"depth {data['depth']}: evaluating {children}" + self._evaluating_means(data)
             )
         elif kind == "child_merged":
-            self._print(f"  {data['id']:>4} merged: {merged_reason(data.get('into'))}")
+            reason = merged_reason(data.get("into"), tie=bool(data.get("tie")))
+            self._print(f"  {data['id']:>4} merged: {reason}")
         elif kind in ("node", "child_skipped"):
             self.children_seen += 1
             if kind == "node":
@@ -211,11 +212,11 @@ def _refilled(data: dict[str, Any]) -> str:
     return "; filled again aiming at " + ", ".join(f"{ms:.3f}" for ms in aims[1:]) + " ms"
 
 
-def merged_reason(into: str | None) -> str:
-    """Why a child left the tree: a sibling of the same architecture scored better, or its
-    architecture is already in the tree."""
+def merged_reason(into: str | None, tie: bool = False) -> str:
+    """Why a child left the tree: a sibling of the same architecture scored better (or as
+    well, evaluated first), or its architecture is already in the tree."""
     if into:
-        return f"same architecture as {into}, which scored better"
+        return f"same architecture as {into}, which scored " + ("as well" if tie else "better")
     return "same architecture as a node already in the tree"
 
 

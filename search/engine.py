@@ -324,9 +324,10 @@ def advance(context: SearchContext, state: SearchState, results: list[ChildResul
             continue
         if key in unique:
             kept, merged = (unique[key], node)
-            if node.score > kept.score:
+            tie = merged.score == kept.score  # then the one evaluated first stays
+            if merged.score > kept.score:
                 kept, merged = merged, kept
-            context.sink.emit("child_merged", id=merged.id, arch_hash=key, into=kept.id)
+            context.sink.emit("child_merged", id=merged.id, arch_hash=key, into=kept.id, tie=tie)
             unique[key] = kept
             continue
         unique[key] = node

@@ -372,6 +372,9 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert "score" not in said
     confirmed = js(page, f"{describe}({{kind: 'confirmed', id: 'n4', latency_ms: 1, trims: 1}})")
     assert confirmed.endswith("(1 trim)") and "cached" not in confirmed
+    for tie, said in ((True, "as well"), (False, "better")):
+        merged = f"{{kind: 'child_merged', id: 'n6', into: 'n5', tie: {json.dumps(tie)}}}"
+        assert js(page, f"{describe}({merged})").endswith(f"n5, which scored {said}")
     # The answer is drawn a second time at the latency it was confirmed at, which the stats
     # give and say so; the candidates stay at their search latency.
     final = job["progress"]["final"]

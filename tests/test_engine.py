@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from archtree_cli.progress import ConsoleProgress
+from archtree_cli.progress import ConsoleProgress, merged_reason
 from latency.local_oracle import LocalOracle
 from search.arch_spec import build_from_spec
 from search.budget import parse_budget
@@ -211,14 +211,21 @@ def test_frontier_keeps_the_best_distinct_children():
         ChildResult("n2", node("n2", spec_b, 0.9)),  # same architecture, better score
         ChildResult("n3", None, reason="cannot reach"),
         ChildResult("n4", node("n4", spec_a, 0.99)),  # identical to the root: merged away
+        ChildResult("n5", node("n5", spec_b, 0.9)),  # as good as n2, evaluated after it
     ]
     state = advance(context, state, results)
     assert state.frontier == ["n2"]
     assert "n1" not in state.nodes and "n4" not in state.nodes
     # Each child merged away is said, also the one a later, better duplicate replaced.
     merged = [e for e in context.sink.events if e["kind"] == "child_merged"]
-    assert [(e["id"], e.get("into")) for e in merged] == [("n1", "n2"), ("n4", None)]
-    assert state.candidates_evaluated == 4
+    said = [(e["id"], e.get("into"), e.get("tie")) for e in merged]
+    assert said == [("n1", "n2", False), ("n4", None, None), ("n5", "n2", True)]
+    assert [merged_reason(e.get("into"), tie=bool(e.get("tie"))) for e in merged] == [
+        "same architecture as n2, which scored better",
+        "same architecture as a node already in the tree",
+        "same architecture as n2, which scored as well",
+    ]
+    assert state.candidates_evaluated == 5
     assert state.done  # the only frontier node is within budget
 
 

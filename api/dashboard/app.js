@@ -603,7 +603,8 @@ function describe(event, scoreName = "score") {
     case "child_skipped": return `${event.id} skipped: ${event.reason}`;
     case "child_merged":
       return event.into
-        ? `${event.id} merged: same architecture as ${event.into}, which scored better`
+        ? `${event.id} merged: same architecture as ${event.into}, which scored ` +
+          (event.tie ? "as well" : "better")
         : `${event.id} merged: same architecture as a node already in the tree`;
     case "depth_done":
       return `depth ${event.depth} done: frontier ${(event.frontier ?? []).join(", ") || "empty"}` +
