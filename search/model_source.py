@@ -426,10 +426,7 @@ def scan_pickle(path: Path) -> PickleScan | None:
 
 def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, source: str) -> None:
     expected = model.state_dict()
-    if state and set(state) != set(expected) and all(k.startswith("module.") for k in state):
-        # Saved from a DataParallel wrapper: its keys carry a "module." prefix.
-        for key in list(state):
-            state[key.removeprefix("module.")] = state.pop(key)
+    _strip_wrapper_prefixes(state, set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
@@ -454,6 +451,23 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
                 "classes and input channels (the data's, or the C of --input-shape)"
             )
         )
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> None:
+    """Remove, in place, the leading names every key of `state` shares when more of the
+    model's keys are what remains: weights saved from a wrapper around the model, such as
+    DataParallel (`module.`), torch.compile (`_orig_mod.`) or a training module holding it
+    (`model.`). A mismatch left is then told in the model's names."""
+    keys = list(state)
+    while keys and set(keys) != expected and all("." in key for key in keys):
+        first = {key.split(".", 1)[0] for key in keys}
+        if len(first) != 1:
+            break
+        keys = [key.split(".", 1)[1] for key in keys]
+    if len(expected.intersection(keys)) > len(expected.intersection(state)):
+        renamed = dict(zip(keys, state.values(), strict=True))
+        state.clear()
+        state.update(renamed)
 
 
 def _looks_pruned(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:

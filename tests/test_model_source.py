@@ -350,12 +350,39 @@ def test_a_checkpoint_with_its_tensors_under_another_key_names_it(tmp_path: Path
     assert "is a folder or a device, not a file" in _error(excinfo)
 
 
-def test_data_parallel_prefix_is_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "module.",  # DataParallel
+        "_orig_mod.",  # torch.compile
+        "model.",  # a training module holding the model (Lightning's checkpoints)
+        "module._orig_mod.",  # both wrappers
+    ],
+)
+def test_weights_saved_from_a_wrapper_around_the_model_are_accepted(
+    tmp_path: Path, prefix: str
+) -> None:
     model = _built(seed=1)
-    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "dp.pt")
+    state = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "wrapped.pt")
     fresh = _built(seed=2)
-    load_weights(fresh, tmp_path / "dp.pt")
+    load_weights(fresh, tmp_path / "wrapped.pt")
     assert _same_weights(model, fresh)
+
+
+def test_weights_under_a_wrapper_that_miss_a_tensor_are_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    model = _built(seed=1)
+    # With the wrapper's name removed one tensor is still missing: that one is named.
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    dropped = next(iter(model.state_dict()))
+    del state[f"model.{dropped}"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(_built(seed=2), tmp_path / "partial.pt")
+    message = _error(excinfo)
+    assert f"do not fit model VGG: missing {dropped}; use the model" in message, message
 
 
 class _RunsCommand:
