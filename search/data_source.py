@@ -289,7 +289,14 @@ def _labels_fix(labels: np.ndarray) -> str:
 
 
 def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
-    if isinstance(value, np.ndarray) and value.dtype.kind not in "biu":
+    # Labels of a numeric dtype whose shape is wrong (one-hot rows) are told their shape first.
+    one_per_sample = isinstance(value, np.ndarray) and value.shape[1:] in ((), (1,))
+    numeric = isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
+    if (
+        isinstance(value, np.ndarray)
+        and value.dtype.kind not in "biu"
+        and (one_per_sample or not numeric)
+    ):
         raise ArchtreeError(
             f"`y` in {str(path)!r} holds {value.dtype} values; labels must be integers 0..K-1 "
             f"({_labels_fix(value)})"
