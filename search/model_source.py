@@ -419,9 +419,27 @@ def scan_pickle(path: Path) -> PickleScan | None:
     # Every pickled nn.Module carries its __dict__, whose keys include these.
     is_module = {"_modules", "_parameters"} <= strings
     # Name the globals that made the weights-only load refuse, not the tensor plumbing.
-    plumbing = ("torch.", "collections.", "__builtin__.", "builtins.")
-    unusual = [g for g in dict.fromkeys(found_globals) if not g.startswith(plumbing)]
+    unusual = [g for g in dict.fromkeys(found_globals) if not _tensor_plumbing(g)]
     return PickleScan(globals=unusual or found_globals, is_module=is_module)
+
+
+def _tensor_plumbing(name: str) -> bool:
+    """Whether a global a pickle names is how any torch file stores tensors (their rebuild
+    functions, storages, dtypes, ordered dicts), rather than an object of its own."""
+    return (
+        name.startswith(("torch._", "collections.", "__builtin__.", "builtins."))
+        or name.endswith("Storage")
+        or name in ("torch.Size", "torch.device")
+        or name.startswith("torch.")
+        and name.removeprefix("torch.") in _DTYPE_NAMES
+    )
+
+
+_DTYPE_NAMES = frozenset(
+    str(value).removeprefix("torch.")
+    for value in vars(torch).values()
+    if isinstance(value, torch.dtype)
+)
 
 
 def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, source: str) -> None:

@@ -262,6 +262,16 @@ def test_pt_file_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     assert "arbitrary code" in _error(excinfo)
 
 
+def test_a_saved_dataset_object_is_refused_naming_its_class_alone(tmp_path: Path) -> None:
+    dataset = torch.utils.data.TensorDataset(torch.zeros(50, 1, 4, 4), torch.arange(50) % 2)
+    torch.save(dataset, tmp_path / "dataset.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "dataset.pt"))
+    message = _error(excinfo)
+    said = "holds Python objects besides tensors (torch.utils.data.dataset.TensorDataset), which"
+    assert said in message, message
+
+
 def test_a_pickle_naming_its_call_on_its_stack_is_refused_naming_it(
     tmp_path: Path,
 ) -> None:
