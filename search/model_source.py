@@ -430,8 +430,7 @@ def _tensor_plumbing(name: str) -> bool:
         name.startswith(("torch._", "collections.", "__builtin__.", "builtins."))
         or name.endswith("Storage")
         or name in ("torch.Size", "torch.device")
-        or name.startswith("torch.")
-        and name.removeprefix("torch.") in _DTYPE_NAMES
+        or (name.startswith("torch.") and name.removeprefix("torch.") in _DTYPE_NAMES)
     )
 
 
