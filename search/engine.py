@@ -506,19 +506,20 @@ def _apply_retuned(
     those scores, ahead of the rest."""
     if not retuned:
         return ranked
-    retuned_ids = {result["id"] for result in retuned}
+    by_id = {result["id"]: result for result in retuned}
     for result in retuned:
         if result["weights_id"] != result["id"]:
             context.store.put(result["id"], context.store.get(result["weights_id"]))
         state.nodes[result["id"]].score = result["score"]
+    top = sorted((node for node in ranked if node.id in by_id), key=answer_rank)
+    rest = [node for node in ranked if node.id not in by_id]
+    # In the order they are confirmed in: equal scores, the one closest to the budget first.
     context.sink.emit(
         "reranked",
         steps=context.settings.select_steps,
-        nodes=[{k: r[k] for k in ("id", "score_before", "score")} for r in retuned],
+        nodes=[{k: by_id[node.id][k] for k in ("id", "score_before", "score")} for node in top],
     )
-    top = [node for node in ranked if node.id in retuned_ids]
-    rest = [node for node in ranked if node.id not in retuned_ids]
-    return sorted(top, key=answer_rank) + rest
+    return top + rest
 
 
 def _confirm(context: SearchContext, state: SearchState, spec: ArchSpec) -> float:

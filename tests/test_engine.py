@@ -407,8 +407,10 @@ def test_the_best_candidates_are_tuned_further_and_ranked_again_before_the_answe
     outcome = finish(context, state, started=0.0)
     (event,) = [e for e in context.sink.events if e["kind"] == "reranked"]
     assert event["steps"] == 30
-    assert [n["id"] for n in event["nodes"]] == ["n90", "n91"]  # n92 is not in the top 2
-    assert [n["score_before"] for n in event["nodes"]] == [0.9, 0.8]
+    assert {n["id"] for n in event["nodes"]} == {"n90", "n91"}  # n92 is not in the top 2
+    assert {n["id"]: n["score_before"] for n in event["nodes"]} == {"n90": 0.9, "n91": 0.8}
+    scores = [n["score"] for n in event["nodes"]]
+    assert scores == sorted(scores, reverse=True)  # best first, as they are confirmed
     for entry in event["nodes"]:
         node = state.nodes[entry["id"]]
         tuned = context.build(node.spec, context.store.get(node.id))
@@ -446,7 +448,24 @@ def test_candidates_retuned_elsewhere_are_ranked_by_those_results_without_tuning
     kinds = [e["kind"] for e in context.sink.events]
     assert kinds.count("retuned") == 2 and kinds.count("reranked") == 1
     (event,) = [e for e in context.sink.events if e["kind"] == "reranked"]
-    assert [(n["id"], n["score"]) for n in event["nodes"]] == [("n90", 0.5), ("n91", 0.95)]
+    assert [(n["id"], n["score"]) for n in event["nodes"]] == [("n91", 0.95), ("n90", 0.5)]
+
+
+def test_retuned_candidates_that_score_the_same_are_listed_as_confirmed_closest_to_budget_first():
+    context = make_context(select_top=2, select_steps=20, fill_probes=0)
+    state = start(context, parse_budget("90%"))
+    small = _small_child(context)
+    _plant(state, context, "n90", small.spec, small.model, 0.3 * state.baseline_ms, 0.9)
+    _plant(state, context, "n91", small.spec, small.model, 0.35 * state.baseline_ms, 0.8)
+    results = [
+        {"id": n.id, "weights_id": n.id, "score_before": n.score, "score": 0.7}
+        for n in to_retune(context, state)
+    ]
+    outcome = finish(context, state, started=0.0, retuned=results)
+    (event,) = [e for e in context.sink.events if e["kind"] == "reranked"]
+    # A tie: the one measured closer to the budget (the less pruned) is confirmed first.
+    assert [n["id"] for n in event["nodes"]] == ["n91", "n90"]
+    assert outcome.answer.id == "n91"
 
 
 def test_a_lone_candidate_is_tuned_as_much_as_the_best_of_many():
