@@ -372,6 +372,17 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert "score" not in said
     confirmed = js(page, f"{describe}({{kind: 'confirmed', id: 'n4', latency_ms: 1, trims: 1}})")
     assert confirmed.endswith("(1 trim)") and "cached" not in confirmed
+    # "Best so far" counts the children of the depth in progress too, ranked as answers are.
+    seen = [
+        {"id": "n0", "within_budget": False, "score": 0.9, "latency_ms": 2.0},
+        {"id": "n1", "within_budget": True, "score": 0.8, "latency_ms": 1.0},
+        {"id": "n2", "within_budget": True, "score": 0.8, "latency_ms": 1.2},
+        {"id": "n3", "within_budget": False, "score": 0.95, "latency_ms": 3.0},
+        {"id": "n4", "within_budget": True, "score": 0.7, "latency_ms": 1.4},
+    ]
+    best_so_far = "window.archtree.bestSoFar"
+    assert js(page, f"{best_so_far}({json.dumps(seen)}, 'n0')") == "n2"
+    assert js(page, f"{best_so_far}({json.dumps(seen[:1] + seen[3:4])}, 'n0') ?? null") is None
     for tie, said in ((True, "as well"), (False, "better")):
         merged = f"{{kind: 'child_merged', id: 'n6', into: 'n5', tie: {json.dumps(tie)}}}"
         assert js(page, f"{describe}({merged})").endswith(f"n5, which scored {said}")

@@ -664,6 +664,20 @@ function scheduleRender(view) {
 
 // The tree's nodes plus evaluated children of a depth not closed: in progress (pending) while
 // the job runs, left open (unclosed) once it ended without closing it (cancelled, failed).
+// The best candidate within budget among those shown, children of the depth in progress
+// included: best score first; among equals, the one closest to the budget, as the engine ranks
+// its answers (the tree's own best is chosen at the end of each depth).
+function bestSoFar(nodes, rootId) {
+  let best = null;
+  for (const node of nodes.values()) {
+    if (node.id === rootId || !node.within_budget || node.score == null) continue;
+    if (!best || node.score > best.score ||
+        (node.score === best.score && node.latency_ms > best.latency_ms)) best = node;
+  }
+  return best?.id;
+}
+live.bestSoFar = (nodes, rootId) => bestSoFar(new Map(nodes.map((n) => [n.id, n])), rootId);
+
 function shownNodes(view) {
   const nodes = new Map((view.tree?.nodes ?? []).map((node) => [node.id, node]));
   const closedDepth = view.tree?.depth ?? 0;
@@ -739,7 +753,7 @@ function renderJob(view) {
 
   const nodes = shownNodes(view);
   const rootNode = nodes.get(tree.root_id);
-  const chosenId = progress.final?.id ?? tree.best;
+  const chosenId = progress.final?.id ?? bestSoFar(nodes, tree.root_id) ?? tree.best;
   const chosen = nodes.get(chosenId);
   const answerLabel = progress.final ? "Answer" : "Best so far";
   $("#job-stats", root).replaceChildren(
