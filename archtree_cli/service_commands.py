@@ -254,7 +254,9 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_agent(args: argparse.Namespace) -> int:
     from archtree_cli.commands import warn_of_threads_over_cores
     from latency.agent import agent_main
+    from latency.local_oracle import check_threads
 
+    check_threads(args.threads)  # refused, rather than warned about and then refused
     warn_of_threads_over_cores(args.threads)
     return agent_main(
         args.api,

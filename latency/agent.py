@@ -36,7 +36,7 @@ from archtree_cli.environment import seconds_from_environment
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
-from latency.local_oracle import MAX_THREADS
+from latency.local_oracle import check_threads
 from latency.measurement_protocol import (
     CONSUMER_GROUP,
     MeasurementReply,
@@ -610,8 +610,7 @@ def agent_main(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     get_runtime(runtime)
-    if not 1 <= threads <= MAX_THREADS:
-        raise ArchtreeError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+    check_threads(threads)
     if api_url is None and redis_url is None:
         api_url, redis_url = service_from_environment()
     if api_url is None and redis_url is None:
