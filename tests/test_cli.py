@@ -773,6 +773,7 @@ def _free_port() -> str:
         (["agent", "--device-class", "x", "--threads", "5000"], {},
          "--threads must be between 1 and 1024, got 5000"),
         (["jobs", "--limit", "0"], {}, "--limit must be from 1 to 200"),
+        (["jobs", "--offset", "-1"], {}, "--offset must be from 0 to 1000000000, got -1"),
         (["models"], {"ARCHTREE_DEBUG": "maybe"}, "ARCHTREE_DEBUG='maybe' is not a switch"),
     ],
 )  # fmt: skip
