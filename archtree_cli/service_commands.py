@@ -351,7 +351,9 @@ def run_status(args: argparse.Namespace) -> int:
                     print(status_line(event["status"], device_class, args.api), flush=True)
                 else:
                     progress.emit(kind, **event)
-        job = client.job(args.job)
+            job = client.ended_job(args.job, on_retry=_say_retrying)
+        else:
+            job = client.job(args.job)
         print_job(job, args.api)
     return 0 if job["status"] == "succeeded" or not args.watch else 1
 
