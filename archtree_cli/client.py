@@ -239,6 +239,25 @@ class ArchtreeClient:
                 delay_s = RECONNECT_DELAY_S * 2 ** (failures - 1)
             time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
 
+    def ended_job(
+        self, job_id: str, on_retry: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """The job, once `events` said it ended: asked again while the API cannot be reached
+        or answers 503 (it may be restarting just as the job ended), up to EVENT_RECONNECTS
+        times in a row, as `events` resumes its stream; `on_retry` gets a line each time."""
+        failures = 0
+        while True:
+            try:
+                return self.job(job_id)
+            except (Unreachable, Unavailable) as error:
+                failures += 1
+                if failures >= EVENT_RECONNECTS:
+                    raise
+                if on_retry is not None:
+                    on_retry(f"{error}; retrying ({failures} of {EVENT_RECONNECTS})")
+                delay_s = getattr(error, "retry_after_s", RECONNECT_DELAY_S * 2 ** (failures - 1))
+                time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
+
     def fetch(self, job_id: str, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
         """Write the job's arch.json, model.safetensors and report.json into `out_dir`.
 
@@ -347,7 +366,7 @@ class ArchtreeClient:
                 f"{plain}, or check {self.source}"
             )
         if isinstance(error, httpx.TransportError):
-            return ArchtreeError(
+            return Unreachable(
                 f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
                 f"with `archtree up`, or check {self.source}"
             )
@@ -375,6 +394,10 @@ class ArchtreeClient:
             f"the server at {self.api_url} did not send an Archtree {sent} ({what}): check "
             f"{self.source}{also}"
         )
+
+
+class Unreachable(ArchtreeError):
+    """The API could not be reached (refused, reset): it may be restarting."""
 
 
 class Unavailable(ArchtreeError):

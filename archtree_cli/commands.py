@@ -43,12 +43,11 @@ def warn_of_threads_over_cores(
 
 def _oracle(args: argparse.Namespace):
     from latency.cache import DiskLatencyCache
-    from latency.local_oracle import MAX_THREADS, LocalOracle, parse_device
+    from latency.local_oracle import LocalOracle, check_threads, parse_device
     from search.arch_spec import build_from_spec
 
     device, device_class = parse_device(args.device)
-    if not 1 <= args.threads <= MAX_THREADS:
-        raise ArchtreeError(f"--threads must be between 1 and {MAX_THREADS}, got {args.threads}")
+    check_threads(args.threads)
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         raise ArchtreeError(
             f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}"

@@ -31,6 +31,8 @@ STOP_TIMEOUT_S = 20.0
 # A job's statuses (workers.job_store.STATUSES; not imported, as the command line's parser
 # needs neither redis nor the workers).
 JOB_STATUSES = ("queued", "waiting_for_device", "running", "succeeded", "failed", "cancelled")
+# The most jobs `archtree jobs --offset` skips (api.routes.jobs.MAX_OFFSET).
+MAX_OFFSET = 10**9
 
 
 def add_service_commands(commands: argparse._SubParsersAction) -> None:
@@ -153,6 +155,12 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
         "--limit", type=int, default=20, help="how many jobs to list, 1-200 (default 20)"
     )
     jobs.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="newest jobs to skip, to list older ones: --offset 20 shows the next page (default 0)",
+    )
+    jobs.add_argument(
         "--status",
         action="append",
         choices=JOB_STATUSES,
@@ -254,7 +262,9 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_agent(args: argparse.Namespace) -> int:
     from archtree_cli.commands import warn_of_threads_over_cores
     from latency.agent import agent_main
+    from latency.local_oracle import check_threads
 
+    check_threads(args.threads)  # refused, rather than warned about and then refused
     warn_of_threads_over_cores(args.threads)
     return agent_main(
         args.api,
@@ -341,7 +351,9 @@ def run_status(args: argparse.Namespace) -> int:
                     print(status_line(event["status"], device_class, args.api), flush=True)
                 else:
                     progress.emit(kind, **event)
-        job = client.job(args.job)
+            job = client.ended_job(args.job, on_retry=_say_retrying)
+        else:
+            job = client.job(args.job)
         print_job(job, args.api)
     return 0 if job["status"] == "succeeded" or not args.watch else 1
 
@@ -483,18 +495,27 @@ def run_jobs(args: argparse.Namespace) -> int:
 
     if not 1 <= args.limit <= 200:
         raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
+    if not 0 <= args.offset <= MAX_OFFSET:
+        raise ArchtreeError(f"--offset must be from 0 to {MAX_OFFSET}, got {args.offset}")
     with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
-        page = client.jobs(limit=args.limit, statuses=args.status or ())
+        page = client.jobs(offset=args.offset, limit=args.limit, statuses=args.status or ())
         for job in page["jobs"]:
             spec = job["spec"]
             print(
                 f"{job['id']}  {job['status']:<18}  {spec['model']} on {data_text(spec)}, budget "
                 f"{spec['budget']}, device class {spec['device_class']}"
             )
-    shown = len(page["jobs"])
+    shown, total = len(page["jobs"]), page["total"]
     which = f"{' or '.join(args.status)} jobs" if args.status else "jobs"
-    if shown < page["total"]:
-        print(f"({shown} newest of {page['total']} {which}; --limit shows more)", file=sys.stderr)
+    last = args.offset + shown
+    if shown == 0 and args.offset and total:
+        print(f"(no {which} past the {total} there are: lower --offset)", file=sys.stderr)
+    elif last < total or args.offset:
+        # The API lists 200 at most at once: past those, --offset is the way on.
+        more = [f"--offset {last} shows the next"] if last < total else []
+        more += ["--limit more at once"] if last < total and args.limit < 200 else []
+        said = f"; {', '.join(more)}" if more else ""
+        print(f"({which} {args.offset + 1}-{last} of {total}, newest first{said})", file=sys.stderr)
     elif shown == 0 and args.status:
         print(f"no {which}", file=sys.stderr)
     elif shown == 0:

@@ -36,7 +36,7 @@ from archtree_cli.environment import seconds_from_environment
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
-from latency.local_oracle import MAX_THREADS
+from latency.local_oracle import check_threads
 from latency.measurement_protocol import (
     CONSUMER_GROUP,
     MeasurementReply,
@@ -157,6 +157,8 @@ class MeasurementAgent:
         self.errors = 0
         self.claimed = 0
         self.deleted = threading.Event()
+        # Whether the registry shows the agent offline since it stopped (see `run`).
+        self.said_offline = False
         self._stream = stream_key(device_class)
         self._timers: OrderedDict[tuple[int, str], LatencyOracle] = OrderedDict()
         # Held while the agent moves to another Redis, so that the heartbeat thread reads a
@@ -217,6 +219,16 @@ class MeasurementAgent:
             heartbeat.join()
         if self.deleted.is_set():
             log.warning("agent %s was deleted from the device registry; stopping", self.agent_id)
+        else:
+            self._say_offline()
+
+    def _say_offline(self) -> None:
+        """Mark the device offline in the registry now, so that jobs and `archtree submit`
+        do not count on it while its heartbeats take `heartbeat_ttl_s` to go stale."""
+        try:
+            self.said_offline = self.registry.stop(self._consumer())
+        except redis.RedisError as error:
+            log.warning("could not mark agent %s offline (%s)", self.agent_id, error)
 
     def _move_to_the_service(self, outage: RedisOutage) -> None:
         """Register again through the API and serve from the Redis it names now."""
@@ -591,15 +603,14 @@ def agent_main(
     Given neither `api_url` nor `redis_url`, they come from the environment (see
     `service_from_environment`). An API or a Redis that cannot be reached yet is waited for,
     up to `start_wait_s` in all (default: `agent_start_wait_s()`); a refusal fails at once.
-    Nothing is deregistered at exit: the missing heartbeats mark the device offline. The agent
-    also stops, returning 0, when its registry record is deleted, so that a supervisor that
+    At exit the device is marked offline (its record stays, with its measurement count). The
+    agent also stops, returning 0, when its registry record is deleted, so that a supervisor that
     restarts failed processes does not bring a deleted device back.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     get_runtime(runtime)
-    if not 1 <= threads <= MAX_THREADS:
-        raise ArchtreeError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+    check_threads(threads)
     if api_url is None and redis_url is None:
         api_url, redis_url = service_from_environment()
     if api_url is None and redis_url is None:
@@ -668,8 +679,9 @@ def agent_main(
         agent.client.close()
     if stopped_by:
         log.warning(
-            "agent %s stopped (%s): its device shows offline once its heartbeats stop",
+            "agent %s stopped (%s): its device shows offline %s",
             agent.agent_id,
             stopped_by[0],
+            "now" if agent.said_offline else "once its heartbeats stop",
         )
     return 0

@@ -1,10 +1,12 @@
 """Registry of measurement agents in Redis: who is registered, who is online, what is queued.
 
 Each device is a hash `archtree:device:{id}` (fields `info` as JSON, `registered_at`,
-`last_seen`) listed in the set `archtree:devices`. Times are the Redis server's clock, so
-agents on machines with skewed clocks are judged alike. A device is online while its last
-heartbeat is younger than `heartbeat_ttl_s`; records are never expired, so an offline device
-stays listed until deleted.
+`last_seen`, and `stopped_at` once its agent stopped) listed in the set `archtree:devices`.
+Times are the Redis server's clock, so agents on machines with skewed clocks are judged alike.
+A device is online while its last heartbeat is younger than `heartbeat_ttl_s`, and its agent
+has not said it stopped (an agent stopped by Ctrl-C or SIGTERM is offline at once, not once
+its heartbeats are missed); records are never expired, so an offline device stays listed
+until deleted.
 
 An agent restarted on the same machine registers anew. Once its earlier record has gone
 offline, `list` merges that record into the newest one of the same device (the same `info`:
@@ -63,6 +65,15 @@ redis.call('HSET', KEYS[1], 'last_seen', now[1] .. '.' .. string.format('%06d', 
 return 1
 """
 
+# Marks a device's record as stopped, unless it is gone (deleted or merged meanwhile): a
+# record is never written back from its stop alone.
+_STOP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'stopped_at', now[1] .. '.' .. string.format('%06d', now[2]))
+return 1
+"""
+
 # Merges an offline record (KEYS[1], id ARGV[1]) into a newer one of the same device (KEYS[2],
 # id ARGV[2]) in one step, so that a heartbeat in between keeps it, and two merges of the same
 # record count its measurements once. KEYS[3]: the device set; KEYS[4]: counts per device;
@@ -90,6 +101,7 @@ class DeviceRegistry:
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._merge = client.register_script(_MERGE)
+        self._stop = client.register_script(_STOP)
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
         """Store a new device (info: device_class, host, runtime, runtime_version, cpu, gpu,
@@ -112,6 +124,10 @@ class DeviceRegistry:
         keys = [DEVICE_PREFIX + device_id, DELETED_PREFIX + device_id, MERGED_PREFIX + device_id]
         status = int(self._heartbeat(keys=keys))
         return {1: "alive", 0: "deleted", -1: "lost", -2: "merged"}[status]
+
+    def stop(self, device_id: str) -> bool:
+        """Mark the device offline now: its agent stopped. False if its record is gone."""
+        return bool(self._stop(keys=[DEVICE_PREFIX + device_id]))
 
     def restore(self, device_id: str, info: dict[str, Any]) -> None:
         """Write a lost device's record again, under its id (see heartbeat_status)."""
@@ -273,7 +289,7 @@ class DeviceRegistry:
             id=device_id,
             registered_at=float(fields.get("registered_at") or 0.0),
             last_seen=last_seen,
-            online=now - last_seen < self.heartbeat_ttl_s,
+            online=now - last_seen < self.heartbeat_ttl_s and not fields.get("stopped_at"),
         )
         return record
 

@@ -21,6 +21,7 @@ child costs 0.2-0.5 s on the benchmark's models on top of the timing: 0.04 s to 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import signal
 import threading
 from collections.abc import Callable
@@ -76,10 +77,28 @@ def _serve(job: TimingJob, sender: Connection) -> None:
         outcome = ("error", error)
     try:
         sender.send(outcome)
+    except BrokenPipeError:
+        pass  # the parent stopped waiting (Ctrl-C as it started this child): no one to tell
     except Exception as error:  # noqa: BLE001 - an error that does not pickle
         sender.send(("error", RuntimeError(f"{type(error).__name__}: {error}")))
     finally:
         sender.close()
+
+
+def _start_server() -> None:
+    """Start the fork server, if it is not running, with SIGINT ignored: Ctrl-C reaches the
+    whole process group, and the server, which ignores it only once it has imported torch
+    (seconds), would die of it in the meantime with a traceback, failing the timing that
+    waits for it. What Ctrl-C stops is the parent's to decide (an agent finishes its request).
+    Python leaves a SIGINT that its parent ignored ignored; only the main thread may change a
+    handler, so from another thread the server starts as it is, on first use."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 class FreshProcessTimer:
@@ -93,6 +112,7 @@ class FreshProcessTimer:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
         self._lock = threading.Lock()
+        _start_server()
 
     def run(self, job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
         """Time `job` in a new process; one job at a time, as two would slow each other."""

@@ -28,6 +28,13 @@ CONFIRM_FACTOR = 4.0
 # The most torch threads a timing may use (far above any machine's cores).
 MAX_THREADS = 1024
 
+
+def check_threads(threads: int) -> None:
+    """ArchtreeError unless `threads` (--threads) is from 1 to MAX_THREADS."""
+    if not 1 <= threads <= MAX_THREADS:
+        raise ArchtreeError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+
+
 _DEVICES = {
     "local": ("cpu", "local"),
     "local:cpu": ("cpu", "local"),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import redis
 import torch
@@ -495,6 +496,7 @@ def cli_agents(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
                 env={**env, **environment},
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a group of its own, as a terminal's foreground job
             )
         started.append(AgentProcess(process, log_path))
         return started[-1]
@@ -605,6 +607,40 @@ def test_an_agent_says_a_redis_outage_once_and_its_end_and_why_it_stopped(
     assert agent.output().count("heartbeat failed") == 1, agent.output()
     assert agent.stop() == 0
     assert "stopped (SIGTERM): its device shows offline" in agent.output()
+
+
+def timing_server_started(agent: AgentProcess) -> bool:
+    """Whether the agent has started its timing server (a fork server that imports torch,
+    for seconds, before it serves)."""
+    try:
+        children = psutil.Process(agent.pid).children()
+        return any("forkserver" in " ".join(child.cmdline()) for child in children)
+    except psutil.Error:
+        return False
+
+
+def test_ctrl_c_lets_an_agent_answer_what_it_times_and_shows_it_offline_at_once(
+    redis_url, redis_client, cli_agents
+) -> None:
+    agent = cli_agents("--redis-url", redis_url, "--device-class", "ctrl-c-cpu")
+    registry = DeviceRegistry(redis_client)
+    wait_until(lambda: registry.live_agents("ctrl-c-cpu") == 1, AGENT_START_S, "the agent")
+    oracle = RemoteOracle(redis_client, "ctrl-c-cpu", timeout_s=60, poll_s=0.05)
+    thread, outcome = in_thread(oracle.measure_reference, vgg_specs()[0])
+    # Ctrl-C while the first request starts the timing server: a terminal sends it to the
+    # whole process group, the server included.
+    wait_until(lambda: timing_server_started(agent), 60, "the timing server", poll_s=0.01)
+    time.sleep(0.05)
+    os.killpg(agent.pid, signal.SIGINT)
+    assert agent.process.wait(timeout=60) == 0, agent.output()
+    thread.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")  # answered, not failed for the job
+    assert outcome["result"].n > 0
+    assert "Traceback" not in agent.output(), agent.output()
+    assert "stopped (SIGINT): its device shows offline now" in agent.output()
+    # Offline at once, not once its heartbeats are missed: jobs of the class wait for another.
+    assert registry.live_agents("ctrl-c-cpu") == 0
+    assert [record["online"] for record in registry.list()] == [False]
 
 
 class NotArchtree(BaseHTTPRequestHandler):

@@ -779,13 +779,18 @@ def _free_port() -> str:
          "--batch-size must be between 1 and 65536, got 0"),
         (["agent", "--redis-url", "http://x", "--device-class", "x"], {},
          "cannot use 'http://x' as the Redis URL"),
+        (["agent", "--device-class", "x", "--threads", "5000"], {},
+         "--threads must be between 1 and 1024, got 5000"),
         (["jobs", "--limit", "0"], {}, "--limit must be from 1 to 200"),
+        (["jobs", "--offset", "-1"], {}, "--offset must be from 0 to 1000000000, got -1"),
         (["models"], {"ARCHTREE_DEBUG": "maybe"}, "ARCHTREE_DEBUG='maybe' is not a switch"),
     ],
 )  # fmt: skip
 def test_bad_service_and_environment_input_gives_one_clear_line(home, args, env, expected):
     result = run_archtree(*args, home=home, env=env)
     assert expected in one_line_error(result)
+    # Refused before anything else is said (a warning about the value refused, say).
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize(

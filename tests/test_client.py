@@ -500,6 +500,42 @@ def test_status_watch_counts_only_failures_in_a_row_of_streams_that_sent_nothing
     assert all(note.endswith(f"retrying (1 of {EVENT_RECONNECTS})") for note in notes)
 
 
+class RestartingAsTheJobEnds(BaseHTTPRequestHandler):
+    """Job JOB's events end with its success as the API restarts: the job read right after is
+    answered 503 (the API without its Redis yet), the next one as usual."""
+
+    reads = 0
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/events"):
+            data = json.dumps({"kind": "status", "status": "succeeded"})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(f"id: 1-0\ndata: {data}\n\n".encode())
+            return
+        type(self).reads += 1
+        if type(self).reads == 1:
+            return send_job(self, 503, {"detail": "the service cannot reach its Redis"})
+        send_job(self, 200, job_record(JOB, "succeeded"))
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_status_watch_reads_a_job_that_ended_as_the_api_restarted_once_it_is_back(home: Path):
+    RestartingAsTheJobEnds.reads = 0
+    with serving(RestartingAsTheJobEnds) as api:
+        watched = archtree("status", JOB, "--watch", "--api", api, home=home)
+
+    assert watched.returncode == 0, watched.stderr
+    assert f"job {JOB} succeeded" in watched.stdout
+    assert watched.stderr.splitlines() == [
+        f"archtree: the API at {api} failed (HTTP 503: the service cannot reach its Redis); "
+        f"retrying (1 of {EVENT_RECONNECTS})"
+    ]
+
+
 ASKED = "a5c3d7e9f1b2"  # a running job whose cancel was asked for already; JOB's is not yet
 
 

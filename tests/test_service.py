@@ -445,6 +445,16 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
         assert "succeeded" not in archtree("jobs", *common, "--status", "failed").stdout
         bad = archtree("jobs", *common, "--status", "done")
         assert bad.returncode == 2 and "invalid choice: 'done'" in bad.stderr
+        # Past the newest 200 (the most one page holds), --offset pages on.
+        total = client.jobs(limit=1)["total"]
+        oldest = archtree("jobs", *common, "--limit", "1", "--offset", str(total - 1))
+        assert oldest.stdout.split()[0] == client.jobs(offset=total - 1, limit=1)["jobs"][0]["id"]
+        # (Said from the second page on; this test run alone has made one job.)
+        said = f"(jobs {total}-{total} of {total}, newest first)\n" if total > 1 else ""
+        assert oldest.stderr == said
+        past = archtree("jobs", *common, "--offset", str(total))
+        assert past.returncode == 0 and not past.stdout, past.stderr
+        assert f"no jobs past the {total} there are: lower --offset" in past.stderr
 
         cancelled = archtree("cancel", job_id, *common)
         assert cancelled.returncode == 0 and job_id in cancelled.stdout, cancelled.stderr
