@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -365,6 +366,13 @@ class ArchtreeClient:
                 f"plain http, as an API started by `archtree up` or `archtree api` does; give "
                 f"{plain}, or check {self.source}"
             )
+        unresolved = _unresolved_host(error)
+        if unresolved is not None:
+            return Unreachable(
+                f"cannot reach the API at {self.api_url}: the host name {unresolved!r} does not "
+                f"resolve ({_cause(error, socket.gaierror)}); check {self.source} for a typo, "
+                "or this machine's DNS"
+            )
         if isinstance(error, httpx.TransportError):
             return Unreachable(
                 f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
@@ -439,6 +447,26 @@ def _media_type(answer: httpx.Response) -> str:
 
 def _is_json(media: str) -> bool:
     return media == "application/json" or media.endswith("+json")
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` among `error` and what it was raised from."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unresolved_host(error: httpx.RequestError) -> str | None:
+    """The host name a connection failed to resolve, or None (another failure)."""
+    if not isinstance(error, httpx.ConnectError) or _cause(error, socket.gaierror) is None:
+        return None
+    try:
+        return error.request.url.host
+    except RuntimeError:  # no request attached
+        return None
 
 
 def _fits_artifact(name: str, media: str) -> bool:
