@@ -15,6 +15,7 @@ from search.errors import ArchtreeError
 from search.settings import option_of
 
 _SEARCH_FIELD = re.compile(r"\bsearch\.([a-z_]+)\b")
+_JOB_READ = re.compile(r"\bGET /v1/jobs/([0-9A-Za-z_-]+)(?![\w/])")
 _TERMS = (
     ("`allow_pickle: true` in the spec", "--allow-pickle"),
     ("allow_pickle", "--allow-pickle"),
@@ -28,6 +29,7 @@ _TERMS = (
 def in_cli_terms(message: str) -> str:
     """`message` with the job spec's fields and the API's endpoints as the CLI names them."""
     message = _SEARCH_FIELD.sub(lambda field: option_of(field[1]), message)
+    message = _JOB_READ.sub(lambda read: f"`archtree status {read[1]}`", message)
     for spec_term, cli_term in _TERMS:
         message = re.sub(rf"(?<![\w-]){re.escape(spec_term)}(?![\w-])", cli_term, message)
     return message

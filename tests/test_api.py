@@ -37,6 +37,7 @@ from tests.api_fixtures import (
     free_port,
     start_api,
 )
+from tests.cli_process import run_archtree
 from tests.redis_fixtures import ROOT, wait_until
 from workers.job_store import JobStore, RedisEventSink
 from workers.tasks import result_name
@@ -646,6 +647,23 @@ def test_a_succeeded_jobs_report_names_settings_in_its_notes_as_spec_fields(
                      "search.select_steps or search.final_epochs")
     ]  # fmt: skip
     assert {**report, "notes": [note]} == json.loads(stored.read_text())  # the rest as stored
+
+
+def test_a_failed_jobs_results_are_refused_saying_where_its_error_is(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess, tmp_path: Path
+):
+    job_id = job_store.create(SPEC)
+    job_store.set_status_if_active(job_id, "failed")
+    detail = one_line_detail(http.get(f"/v1/jobs/{job_id}/artifacts/report.json"))
+    assert detail.endswith(
+        f"it ended failed, without results; its error says why: GET /v1/jobs/{job_id}"
+    )
+    # The command line names its own command for that read.
+    fetched = run_archtree(
+        "fetch", job_id, "--api", api_server.url, "--out", str(tmp_path / "out"), home=tmp_path
+    )
+    assert fetched.returncode == 2, fetched.stderr
+    assert fetched.stderr.strip().endswith(f"its error says why: `archtree status {job_id}`")
 
 
 def test_a_succeeded_jobs_result_lost_by_the_store_answers_503_naming_it(

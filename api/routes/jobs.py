@@ -200,8 +200,9 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
                 f"{stored} is missing from the artifact store {services.artifacts.root}, though "
                 f"job {job['id']} succeeded; check ARCHTREE_ARTIFACTS_URL"
             )
+        why = f"; its error says why: GET /v1/jobs/{job['id']}" if job["status"] == "failed" else ""
         detail = (
-            f"job {job['id']} has no {name}: it ended {job['status']}, without results"
+            f"job {job['id']} has no {name}: it ended {job['status']}, without results{why}"
             if job["status"] in FINAL_STATUSES
             else f"job {job['id']} has no {name} yet: it is {job['status']}; results exist once "
             "it has succeeded"
