@@ -378,14 +378,16 @@ def _say_retrying(note: str) -> None:
 
 
 def _device_class(client: Any, job_id: str, status: str) -> str | None:
-    """The job's device class when `status` is a wait for it (None if the API cannot say
-    now: the stream goes on without the hint)."""
+    """The job's device class when `status` is a wait for it that goes on (None when the job
+    has moved on since, as in the history of an ended job, or if the API cannot say now: the
+    stream goes on without the hint)."""
     if status != "waiting_for_device":
         return None
     try:
-        return client.job(job_id)["spec"]["device_class"]
+        job = client.job(job_id)
     except ArchtreeError:
         return None
+    return job["spec"]["device_class"] if job["status"] == "waiting_for_device" else None
 
 
 def no_agent_hint(device_class: str, api: str) -> str:

@@ -461,6 +461,10 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
         wait_until(lambda: client.job(job_id)["status"] == "cancelled", 60, "the cancel")
         again = archtree("cancel", job_id, *common)
         assert again.returncode == 2 and "has already ended (cancelled)" in again.stderr
+        # Its history, watched once it has ended, says it waited, not to start an agent now.
+        replayed = archtree("status", job_id, *common, "--watch")
+        assert "status waiting_for_device\n" in replayed.stdout, replayed.stdout
+        assert "start one with" not in replayed.stdout
     worker_pool.ensure(2)  # as the module's other tests expect
 
 
