@@ -583,6 +583,20 @@ def ping_redis(client: redis.Redis, redis_url: str) -> None:
         ) from None
 
 
+def _reached_redis(redis_url: str, deadline: float) -> redis.Redis:
+    """A client of the Redis at `redis_url`, once it answers (waited for until `deadline`)."""
+    try:
+        check_redis_url(redis_url)
+        client = redis_client(redis_url)
+    except ValueError as error:  # redis-py names the schemes it takes
+        raise ArchtreeError(
+            f"cannot use {redacted(redis_url)!r} as the Redis URL ({error}): give one like "
+            "redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
+        ) from None
+    when_reachable(lambda: ping_redis(client, redis_url), deadline)
+    return client
+
+
 def agent_main(
     api_url: str | None,
     device_class: str,
@@ -626,26 +640,20 @@ def agent_main(
     info = device_info(device_class, runtime, threads)
     answer: dict[str, Any] | None = None
     register_again: Callable[[], tuple[str, str]] | None = None
+    # A Redis given is reached before registering, so that a wrong one leaves no device behind.
+    client = _reached_redis(redis_url, deadline) if redis_url is not None else None
     if api_url is not None:
         registered_at = api_url
         answer = when_reachable(lambda: register_via_api(registered_at, info), deadline)
         if redis_url is None:
             redis_url = str(answer["redis_url"])
+            client = _reached_redis(redis_url, deadline)
 
             def register_again() -> tuple[str, str]:
                 again = register_via_api(registered_at, info)
                 return str(again["id"]), str(again["redis_url"])
 
-    assert redis_url is not None
-    try:
-        check_redis_url(redis_url)
-        client = redis_client(redis_url)
-    except ValueError as error:  # redis-py names the schemes it takes
-        raise ArchtreeError(
-            f"cannot use {redacted(redis_url)!r} as the Redis URL ({error}): give one like "
-            "redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
-        ) from None
-    when_reachable(lambda: ping_redis(client, redis_url), deadline)
+    assert client is not None
     registry = DeviceRegistry(client)
     agent_id = str(answer["id"]) if answer is not None else registry.register(info)["id"]
     agent = MeasurementAgent(

@@ -707,6 +707,14 @@ def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> N
     with pytest.raises(ArchtreeError, match=f"API at {closed} cannot be reached.*archtree up"):
         agent_main(closed, "edge-cpu", start_wait_s=1.0)
     assert time.monotonic() - started >= 1.0
+    # A Redis given beside the API is reached first: a wrong one registers no device.
+    with pytest.raises(ArchtreeError, match="cannot reach Redis at redis://127.0.0.1:"):
+        agent_main(
+            api_server.url, "edge-wrong-redis", redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            start_wait_s=0.5,
+        )  # fmt: skip
+    devices = httpx.get(f"{api_server.url}/v1/devices").json()
+    assert "edge-wrong-redis" not in str(devices), devices
     monkeypatch.delenv("ARCHTREE_AGENT_START_WAIT_S")
     for variable in ("ARCHTREE_API_URL", "ARCHTREE_REDIS_URL", "REDIS_URL"):
         monkeypatch.delenv(variable, raising=False)
