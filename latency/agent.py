@@ -464,14 +464,15 @@ class MeasurementAgent:
 
 
 def register_via_api(
-    api_url: str, info: dict[str, Any], *, timeout_s: float = 10
+    api_url: str, info: dict[str, Any], *, timeout_s: float = 10, source: str = "--api"
 ) -> dict[str, Any]:
     """Register this device with the Archtree API; return its answer (`id`, `redis_url`, ...).
+    `source`: where `api_url` came from (--api, or ARCHTREE_API_URL), which errors name.
 
     ServiceUnreachable when the API cannot be reached or answers that it cannot serve for now
     (502, 503, 504); ArchtreeError for an answer that waiting will not change.
     """
-    url = f"{checked_api_url(api_url)}/v1/devices"
+    url = f"{checked_api_url(api_url, source)}/v1/devices"
     try:
         response = httpx.post(url, json=info, timeout=timeout_s)
     except httpx.TransportError as error:
@@ -479,16 +480,16 @@ def register_via_api(
         if plain is not None:  # waiting will not help
             raise ArchtreeError(
                 f"cannot speak https with the Archtree API at {api_url} ({error}): it may "
-                f"speak plain http; give --api {plain}"
+                f"speak plain http; give {source} {plain}"
             ) from None
         raise ServiceUnreachable(
             f"the Archtree API at {api_url} cannot be reached ({type(error).__name__}: {error}); "
-            "start it with `archtree up` or check --api"
+            f"start it with `archtree up` or check {source}"
         ) from None
     except httpx.HTTPError as error:  # an answer that cannot be read: redirects, encoding
         raise ArchtreeError(
             f"the Archtree API at {api_url} answered in a way this agent cannot read "
-            f"({type(error).__name__}: {error}); check --api"
+            f"({type(error).__name__}: {error}); check {source}"
         ) from None
     if response.status_code in UNAVAILABLE_STATUSES:
         raise ServiceUnreachable(
@@ -501,7 +502,7 @@ def register_via_api(
         kind = response.headers.get("content-type", "no content type").split(";")[0]
         raise ArchtreeError(
             f"{api_url} is not an Archtree API: it answered HTTP {response.status_code} with "
-            f"{kind}, not JSON, to POST /v1/devices; check --api"
+            f"{kind}, not JSON, to POST /v1/devices; check {source}"
         )
     if response.status_code >= 400:
         try:
@@ -509,9 +510,16 @@ def register_via_api(
         except (ValueError, AttributeError):
             detail = None
         said = detail if isinstance(detail, str) else response.text[:200].strip()
+        # The routes are under /v1 already: an address ending in it finds nothing.
+        under_v1 = response.status_code == 404 and api_url.rstrip("/").endswith("/v1")
+        fix = (
+            f"; give {source} without its /v1 at the end: {api_url.rstrip('/').removesuffix('/v1')}"
+            if under_v1
+            else ""
+        )
         raise ArchtreeError(
             f"the Archtree API at {api_url} refused to register this device "
-            f"(HTTP {response.status_code}: {said})"
+            f"(HTTP {response.status_code}: {said}){fix}"
         )
     try:
         answer = response.json()
@@ -625,15 +633,17 @@ def agent_main(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     get_runtime(runtime)
     check_threads(threads)
+    api_source = "--api"
     if api_url is None and redis_url is None:
         api_url, redis_url = service_from_environment()
+        api_source = "ARCHTREE_API_URL"
     if api_url is None and redis_url is None:
         raise ArchtreeError(
             "give the API URL (--api URL, or ARCHTREE_API_URL) so the agent can register, or "
             "the service's Redis (--redis-url URL, or ARCHTREE_REDIS_URL)"
         )
     if api_url is not None:
-        api_url = checked_api_url(api_url)
+        api_url = checked_api_url(api_url, api_source)
     deadline = time.monotonic() + (
         start_wait_s if start_wait_s is not None else agent_start_wait_s()
     )
@@ -644,13 +654,15 @@ def agent_main(
     client = _reached_redis(redis_url, deadline) if redis_url is not None else None
     if api_url is not None:
         registered_at = api_url
-        answer = when_reachable(lambda: register_via_api(registered_at, info), deadline)
+        answer = when_reachable(
+            lambda: register_via_api(registered_at, info, source=api_source), deadline
+        )
         if redis_url is None:
             redis_url = str(answer["redis_url"])
             client = _reached_redis(redis_url, deadline)
 
             def register_again() -> tuple[str, str]:
-                again = register_via_api(registered_at, info)
+                again = register_via_api(registered_at, info, source=api_source)
                 return str(again["id"]), str(again["redis_url"])
 
     assert client is not None

@@ -707,6 +707,17 @@ def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> N
     with pytest.raises(ArchtreeError, match=f"API at {closed} cannot be reached.*archtree up"):
         agent_main(closed, "edge-cpu", start_wait_s=1.0)
     assert time.monotonic() - started >= 1.0
+    # An address from the environment is named as its variable; one ending in /v1 is told so.
+    monkeypatch.setenv("ARCHTREE_API_URL", closed)
+    with pytest.raises(ArchtreeError) as from_environment:
+        agent_main(None, "edge-cpu", start_wait_s=0.2)
+    assert str(from_environment.value).endswith("or check ARCHTREE_API_URL")
+    monkeypatch.delenv("ARCHTREE_API_URL")
+    fails_at_once(
+        f"give --api without its /v1 at the end: {api_server.url}$",
+        f"{api_server.url}/v1",
+        "edge-cpu",
+    )
     # A Redis given beside the API is reached first: a wrong one registers no device.
     with pytest.raises(ArchtreeError, match="cannot reach Redis at redis://127.0.0.1:"):
         agent_main(
