@@ -873,7 +873,8 @@ def _check_port_free(host: str, port: int) -> None:
         )
     except socket.gaierror as error:
         raise ArchtreeError(
-            f"--host {host!r} is not an address of this machine ({error})"
+            f"--host {host!r} is not an address of this machine ({error}): give one of its "
+            "own, 127.0.0.1 for this machine only, or 0.0.0.0 for all its interfaces"
         ) from None
     family, kind, protocol, _, address = infos[0]
     with socket.socket(family, kind, protocol) as probe:

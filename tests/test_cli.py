@@ -771,6 +771,8 @@ def _free_port() -> str:
         (["up", "--port", "99999"], {}, "--port: must be a number from 1 to 65535, got '99999'"),
         (["up", "--host", "10.255.255.1", "--port", _free_port()], {},
          "--host 10.255.255.1 is not an address of this machine"),
+        (["up", "--host", "nosuch.invalid"], {},
+         "): give one of its own, 127.0.0.1 for this machine only, or 0.0.0.0 for all"),
         (["up"], {"ARCHTREE_HOME": "/dev/null/home"},
          "set ARCHTREE_HOME to a folder you can write to"),
         (["measure", "--model", "builtin:vgg"], {"ARCHTREE_HOME": "/dev/null/home"},
