@@ -146,3 +146,39 @@ def test_the_first_requests_after_redis_restarts_are_served(
         api.stop()
     assert before == after, api.output()
     assert after["/v1/jobs"] == 200
+
+
+def test_a_worker_holding_jobs_that_wait_for_their_device_survives_redis_restarting(
+    persistent_redis: PersistentRedis, worker_pool: WorkerPool, agents
+):
+    """Jobs waiting for their device are countdown retries the worker holds unacknowledged.
+    When Redis restarts, the worker reconnects (it used to die restoring them over the
+    connection it had just closed), and the jobs go on once an agent of their class is on."""
+    jobs = JobStore(redis.Redis.from_url(persistent_redis.url))
+    with worker_pool.reconfigured(ARCHTREE_DEVICE_WAIT_S="120"):
+        [worker] = worker_pool.ensure(1)
+        waiting = [
+            submit_job(jobs, job_spec("restart-cpu"), celery=worker_pool.app) for _ in range(2)
+        ]
+
+        def statuses() -> set[str]:
+            return {jobs.get(job_id)["status"] for job_id in waiting}
+
+        wait_until(lambda: statuses() == {"waiting_for_device"}, 60, "the jobs to wait")
+        # kombu's record of the messages a worker holds: their retries, due in DEVICE_POLL_S.
+        wait_until(lambda: jobs.client.hlen("unacked") == len(waiting), 30, "held retries")
+        persistent_redis.stop()
+        time.sleep(OUTAGE_S)
+        persistent_redis.start()
+
+        start_agents(agents, jobs, "restart-cpu", 1)
+        wait_until(
+            lambda: "waiting_for_device" not in statuses() or not worker.alive(),
+            60,
+            "the jobs to go on",
+        )
+        assert worker.alive(), worker.output()[-3000:]
+        # At once, not after the visibility timeout: the retries were due in seconds.
+        assert "back on their queue" in worker.output()
+        job = wait_for_end(jobs, waiting[0], worker_pool, timeout_s=120)
+    assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"

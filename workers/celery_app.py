@@ -14,6 +14,7 @@ from celery import Celery
 
 from archtree_cli.settings import ServiceSettings, service_settings
 from search.errors import ArchtreeError
+from workers import redis_broker
 
 START_JOB = "archtree.start_job"
 RUN_DEPTH = "archtree.run_depth"
@@ -71,6 +72,7 @@ def celery_config(settings: ServiceSettings) -> dict[str, Any]:
 
 def create_app(settings: ServiceSettings | None = None) -> Celery:
     """A Celery app for these settings; the tasks are those of workers.tasks."""
+    redis_broker.install()
     app = Celery("archtree", include=["workers.tasks"])
     app.conf.update(celery_config(settings or service_settings()))
     return app
