@@ -692,9 +692,11 @@ def test_an_api_address_from_the_environment_is_named_as_its_variable(home: Path
 
 def test_an_api_host_name_that_does_not_resolve_is_said_to_be_a_name_problem():
     # .invalid never resolves (RFC 2606): the error says so, not that the API is down.
-    with ArchtreeClient("http://nosuchhost.invalid:8000") as client:
-        with pytest.raises(ArchtreeError) as raised:
-            client.job(JOB)
+    with (
+        ArchtreeClient("http://nosuchhost.invalid:8000") as client,
+        pytest.raises(ArchtreeError) as raised,
+    ):
+        client.job(JOB)
     message = str(raised.value)
     assert "the host name 'nosuchhost.invalid' does not resolve" in message, message
     assert "check --api for a typo, or this machine's DNS" in message
