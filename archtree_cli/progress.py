@@ -165,7 +165,7 @@ class ConsoleProgress:
                     + (f"(rebuilt from {source}) " if source else "")
                     + f"to {data['latency_ms']:.3f} ms (was {data['answer_latency_ms']:.3f}), "
                     f"{self.score_name} {data['score']:.4f} "
-                    f"(was {data['answer_score']:.4f}{_gap(data)}): "
+                    f"(was {data['answer_score']:.4f}{_gap(data, self.score_name)}): "
                     f"{data['chosen']} is the answer" + _refilled(data)
                 )
         elif kind == "confirmed":
@@ -191,11 +191,15 @@ def counted(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
 
 
-def _gap(data: dict[str, Any]) -> str:
-    """The widened answer's paired score gap, in points with two standard errors."""
+def _gap(data: dict[str, Any], score_name: str = "score") -> str:
+    """The widened answer's paired score gap with two standard errors: in points of accuracy,
+    or as a difference of fidelities (not a share: no points)."""
     if data.get("score_gap") is None or data.get("score_gap_se") is None:
         return ""
-    return f"; {100 * data['score_gap']:+.1f} +- {200 * data['score_gap_se']:.1f} points"
+    gap, spread = data["score_gap"], 2 * data["score_gap_se"]
+    if score_name == "fidelity":
+        return f"; {gap:+.4f} +- {spread:.4f}"
+    return f"; {100 * gap:+.1f} +- {100 * spread:.1f} points"
 
 
 def _narrowed(data: dict[str, Any]) -> str:

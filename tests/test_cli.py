@@ -1061,6 +1061,24 @@ def test_progress_lines_say_what_happens_in_the_order_that_matters():
     assert "n9 n5 widened to fill" in lines[4] and "global" not in lines[4]
     assert lines[5] == "final fine-tune: 1 epoch with distillation"
     assert lines[6] == "depth 3 done: frontier empty (no new candidate); none within budget yet"
+    # A widened answer's gap to the answer: points of accuracy, a plain difference of fidelity.
+    filled = {
+        "id": "n20", "answer": "n19", "groups": ["stage1"], "latency_ms": 0.95,
+        "answer_latency_ms": 0.9, "score": 0.905, "answer_score": 0.9, "chosen": "n20",
+        "score_gap": 0.005, "score_gap_se": 0.002,
+    }  # fmt: skip
+    progress.emit("filled", **filled)
+    assert (
+        stream.getvalue()
+        .splitlines()[-1]
+        .endswith("(was 0.9000; +0.5 +- 0.4 points): n20 is the answer")
+    )
+    data_free = ConsoleProgress(io.StringIO())
+    data_free.emit("baseline", latency_ms=1.0, timing={"cv": 0.01}, score=0.0, budget_ms=0.8,
+                   scored_by="fidelity")  # fmt: skip
+    data_free.emit("filled", **{**filled, "score": -0.004, "answer_score": -0.005})
+    said = data_free.stream.getvalue().splitlines()[-1]
+    assert said.endswith("(was -0.0050; +0.0050 +- 0.0040): n20 is the answer"), said
 
 
 def test_the_help_examples_parse_as_given():

@@ -383,6 +383,16 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     best_so_far = "window.archtree.bestSoFar"
     assert js(page, f"{best_so_far}({json.dumps(seen)}, 'n0')") == "n2"
     assert js(page, f"{best_so_far}({json.dumps(seen[:1] + seen[3:4])}, 'n0') ?? null") is None
+    # A widened answer's gap: points of accuracy, a plain difference of fidelity.
+    filled = json.dumps({
+        "kind": "filled", "id": "n20", "answer": "n19", "groups": ["stage1"], "latency_ms": 0.95,
+        "score": -0.004, "answer_score": -0.005, "chosen": "n20", "score_gap": 0.005,
+        "score_gap_se": 0.002,
+    })  # fmt: skip
+    assert js(page, f"{describe}({filled}, 'fidelity')").endswith(
+        "(was -0.005; +0.0050 ± 0.0040): answer n20"
+    )
+    assert js(page, f"{describe}({filled})").endswith("(was -0.005; +0.5 ± 0.4 points): answer n20")
     for tie, said in ((True, "as well"), (False, "better")):
         merged = f"{{kind: 'child_merged', id: 'n6', into: 'n5', tie: {json.dumps(tie)}}}"
         assert js(page, f"{describe}({merged})").endswith(f"n5, which scored {said}")

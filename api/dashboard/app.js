@@ -57,12 +57,18 @@ const ms = (value) =>
 const percent = (value) => (value == null ? "—" : `${(100 * value).toFixed(1)} %`);
 const decimal = (value, digits = 3) => (value == null ? "—" : value.toFixed(digits));
 const count = (value) => (value == null ? "—" : value.toLocaleString("en-US"));
-// A widened answer's score gap to the answer, in points with two standard errors.
-const scoreGap = (event) =>
-  event.score_gap == null || event.score_gap_se == null
-    ? ""
-    : `; ${event.score_gap >= 0 ? "+" : "−"}${Math.abs(100 * event.score_gap).toFixed(1)} ± ` +
-      `${(200 * event.score_gap_se).toFixed(1)} points`;
+// A widened answer's score gap to the answer with two standard errors: in points of accuracy,
+// or as a difference of fidelities (not a share: no points).
+function scoreGap(event, scoreName) {
+  if (event.score_gap == null || event.score_gap_se == null) return "";
+  const sign = event.score_gap >= 0 ? "+" : "−";
+  if (scoreName === "fidelity") {
+    return `; ${sign}${Math.abs(event.score_gap).toFixed(4)} ± ` +
+      `${(2 * event.score_gap_se).toFixed(4)}`;
+  }
+  return `; ${sign}${Math.abs(100 * event.score_gap).toFixed(1)} ± ` +
+    `${(200 * event.score_gap_se).toFixed(1)} points`;
+}
 
 function compact(value) {
   if (value == null) return "—";
@@ -633,7 +639,8 @@ function describe(event, scoreName = "score") {
         : `${event.answer} widened to ${event.id} (${event.groups.join(", ")}` +
           `${event.rebuilt_from ? `; rebuilt from ${event.rebuilt_from}` : ""}): ` +
           `${ms(event.latency_ms)}, ${score(event.score)} ` +
-          `(was ${decimal(event.answer_score)}${scoreGap(event)}): answer ${event.chosen}`;
+          `(was ${decimal(event.answer_score)}${scoreGap(event, scoreName)}): ` +
+          `answer ${event.chosen}`;
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)}${cached} ` +
         `(${counted(event.trims, "trim", "trims")})`;
