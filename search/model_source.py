@@ -205,6 +205,11 @@ def _build_timm(name: str, ref: ModelRef) -> nn.Module:
         ) from None
 
 
+# Where training checkpoints keep the model's state dict: Lightning and timm ("state_dict"),
+# torchvision's reference scripts ("model"), PyTorch's tutorials ("model_state_dict").
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
+
+
 def load_weights(
     model: nn.Module,
     path: str | Path,
@@ -214,8 +219,8 @@ def load_weights(
 ) -> None:
     """Load a state dict from `path` into `model` (strict: same keys and shapes).
 
-    `.safetensors` files, torch state dicts, and checkpoints holding one under "state_dict"
-    or "model" are accepted. Pickled whole modules load only with `allow_pickle`. `source`
+    `.safetensors` files, torch state dicts, and checkpoints holding one under a key of
+    CHECKPOINT_KEYS are accepted. Pickled whole modules load only with `allow_pickle`. `source`
     names the model in error messages.
     """
     path = Path(path)
@@ -286,7 +291,7 @@ def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tenso
     if isinstance(content, nn.Module):
         content = content.state_dict()
     if isinstance(content, dict):
-        for key in ("state_dict", "model"):
+        for key in CHECKPOINT_KEYS:
             inner = content.get(key)
             if isinstance(inner, nn.Module):
                 inner = inner.state_dict()
@@ -301,9 +306,10 @@ def _read_torch_file(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tenso
     not_tensors = [str(k) for k, v in content.items() if not isinstance(v, torch.Tensor)]
     nested = [key for key in not_tensors if isinstance(content[key], dict)]
     if nested:
+        keys = " or ".join(map(repr, CHECKPOINT_KEYS))
         raise ArchtreeError(
             f"{str(path)!r} is a checkpoint with its tensors under {_some(nested)}; the weights "
-            "are read from a state dict, or from one under 'state_dict' or 'model': save "
+            f"are read from a state dict, or from one under {keys}: save "
             "torch.save(checkpoint[KEY], path) or torch.save(model.state_dict(), path)"
         )
     if not_tensors:

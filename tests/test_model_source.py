@@ -219,11 +219,13 @@ def test_weights_are_read_by_their_content_whatever_their_extension(tmp_path: Pa
         assert _same_weights(model, fresh), name
 
 
-@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model", "model_state_dict"])
 def test_state_dict_round_trip(tmp_path: Path, wrap: str | None) -> None:
     model = _built(seed=1)
     state = model.state_dict()
-    torch.save(state if wrap is None else {wrap: state, "epoch": 3}, tmp_path / "w.pt")
+    # As PyTorch's tutorials save a checkpoint: the optimizer's state beside the model's.
+    checkpoint = {wrap: state, "epoch": 3, "optimizer_state_dict": {"state": {}}}
+    torch.save(state if wrap is None else checkpoint, tmp_path / "w.pt")
     fresh = _built(seed=2)
     load_weights(fresh, tmp_path / "w.pt")
     assert _same_weights(model, fresh)
