@@ -62,6 +62,14 @@ def api_timeout_s() -> float:
     return seconds_from_environment(API_TIMEOUT_VARIABLE, DEFAULT_API_TIMEOUT_S, zero_allowed=False)
 
 
+def without_v1(api_url: str, source: str) -> str | None:
+    """What to give instead of `api_url` when it ends in /v1, which a 404 there means: the
+    routes are under /v1 already (/v1/v1/jobs is nothing). None for another address."""
+    if not api_url.endswith("/v1"):
+        return None
+    return f"give {source} without its /v1 at the end: {api_url.removesuffix('/v1')}"
+
+
 def plain_http_instead(error: Exception, api_url: str) -> str | None:
     """The http:// address to try when `error` is https failing at `api_url`: a TLS
     handshake with a server that may speak plain HTTP (waiting will not change it)."""
@@ -236,9 +244,7 @@ class ArchtreeClient:
                 raise give_up from None
             if on_retry is not None:
                 on_retry(f"{what}; retrying ({failures} of {EVENT_RECONNECTS})")
-            if delay_s is None:
-                delay_s = RECONNECT_DELAY_S * 2 ** (failures - 1)
-            time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
+            _pause_before_retry(failures, delay_s)
 
     def ended_job(
         self, job_id: str, on_retry: Callable[[str], None] | None = None
@@ -256,8 +262,7 @@ class ArchtreeClient:
                     raise
                 if on_retry is not None:
                     on_retry(f"{error}; retrying ({failures} of {EVENT_RECONNECTS})")
-                delay_s = getattr(error, "retry_after_s", RECONNECT_DELAY_S * 2 ** (failures - 1))
-                time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
+                _pause_before_retry(failures, getattr(error, "retry_after_s", None))
 
     def fetch(self, job_id: str, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
         """Write the job's arch.json, model.safetensors and report.json into `out_dir`.
@@ -338,12 +343,9 @@ class ArchtreeClient:
         if detail is None:
             sent = f"HTTP {status}, {_media_type(answer)}{_quoted_text(answer)}"
             raise self._not_archtree(sent, also=", or the service's log" if status >= 500 else "")
-        if status == 404 and self.api_url.endswith("/v1"):
-            # The routes are under /v1 already: /v1/v1/jobs is nothing.
-            raise ArchtreeError(
-                f"{detail}; give {self.source} without its /v1 at the end: "
-                f"{self.api_url.removesuffix('/v1')}"
-            )
+        fix = without_v1(self.api_url, self.source) if status == 404 else None
+        if fix:
+            raise ArchtreeError(f"{detail}; {fix}")
         if status < 500:
             raise ArchtreeError(detail)
         message = f"the API at {self.api_url} failed (HTTP {status}: {detail})"
@@ -447,6 +449,14 @@ def _media_type(answer: httpx.Response) -> str:
 
 def _is_json(media: str) -> bool:
     return media == "application/json" or media.endswith("+json")
+
+
+def _pause_before_retry(failures: int, delay_s: float | None = None) -> None:
+    """Wait before asking again after `failures` in a row: `delay_s` when the server said
+    (Retry-After), else doubling from RECONNECT_DELAY_S; at most LONGEST_RECONNECT_DELAY_S."""
+    if delay_s is None:
+        delay_s = RECONNECT_DELAY_S * 2 ** (failures - 1)
+    time.sleep(min(delay_s, LONGEST_RECONNECT_DELAY_S))
 
 
 def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:

@@ -458,12 +458,11 @@ def print_job(job: dict[str, Any], api: str) -> None:
     score_name = "fidelity" if progress.get("scored_by") == "fidelity" else "score"
     if progress.get("depth") is not None:
         best = progress.get("best")
-        best_text = (
-            f"; best within budget {best['id']} {best['latency_ms']:.3f} ms"
-            + (f", {score_name} {best['score']:.4f}" if best.get("score") is not None else "")
-            if best
-            else ""
-        )
+        best_text = ""
+        if best:
+            best_text = f"; best within budget {best['id']} {best['latency_ms']:.3f} ms"
+            if best.get("score") is not None:
+                best_text += f", {score_name} {best['score']:.4f}"
         print(
             f"progress: depth {progress['depth']}, "
             f"{counted(progress.get('candidates_evaluated', 0), 'candidate')}, "

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import httpx
 import redis
 
-from archtree_cli.client import checked_api_url, plain_http_instead
+from archtree_cli.client import checked_api_url, plain_http_instead, without_v1
 from archtree_cli.environment import seconds_from_environment
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
@@ -472,7 +472,8 @@ def register_via_api(
     ServiceUnreachable when the API cannot be reached or answers that it cannot serve for now
     (502, 503, 504); ArchtreeError for an answer that waiting will not change.
     """
-    url = f"{checked_api_url(api_url, source)}/v1/devices"
+    api_url = checked_api_url(api_url, source)
+    url = f"{api_url}/v1/devices"
     try:
         response = httpx.post(url, json=info, timeout=timeout_s)
     except httpx.TransportError as error:
@@ -510,16 +511,10 @@ def register_via_api(
         except (ValueError, AttributeError):
             detail = None
         said = detail if isinstance(detail, str) else response.text[:200].strip()
-        # The routes are under /v1 already: an address ending in it finds nothing.
-        under_v1 = response.status_code == 404 and api_url.rstrip("/").endswith("/v1")
-        fix = (
-            f"; give {source} without its /v1 at the end: {api_url.rstrip('/').removesuffix('/v1')}"
-            if under_v1
-            else ""
-        )
+        fix = without_v1(api_url, source) if response.status_code == 404 else None
         raise ArchtreeError(
             f"the Archtree API at {api_url} refused to register this device "
-            f"(HTTP {response.status_code}: {said}){fix}"
+            f"(HTTP {response.status_code}: {said}){f'; {fix}' if fix else ''}"
         )
     try:
         answer = response.json()

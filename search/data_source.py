@@ -289,18 +289,14 @@ def _labels_fix(labels: np.ndarray) -> str:
 
 
 def _as_labels(value: object, count: int, path: Path) -> torch.Tensor:
-    # Labels of a numeric dtype whose shape is wrong (one-hot rows) are told their shape first.
-    one_per_sample = isinstance(value, np.ndarray) and value.shape[1:] in ((), (1,))
-    numeric = isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
-    if (
-        isinstance(value, np.ndarray)
-        and value.dtype.kind not in "biu"
-        and (one_per_sample or not numeric)
-    ):
-        raise ArchtreeError(
-            f"`y` in {str(path)!r} holds {value.dtype} values; labels must be integers 0..K-1 "
-            f"({_labels_fix(value)})"
-        )
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biu":
+        # Rows of float labels (one-hot, scores) are told their shape, below, not their dtype.
+        float_rows = value.dtype.kind in "fc" and value.shape[1:] not in ((), (1,))
+        if not float_rows:
+            raise ArchtreeError(
+                f"`y` in {str(path)!r} holds {value.dtype} values; labels must be integers "
+                f"0..K-1 ({_labels_fix(value)})"
+            )
     y = _as_tensor(value, "y", path)
     if y.dim() == 2 and y.shape[1] == 1:  # a column of labels
         y = y.reshape(-1)

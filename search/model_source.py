@@ -429,6 +429,14 @@ def scan_pickle(path: Path) -> PickleScan | None:
     return PickleScan(globals=unusual or found_globals, is_module=is_module)
 
 
+# torch's dtypes by name (float32, bfloat16, ...), as a pickle names them (torch.float32).
+_DTYPE_NAMES = frozenset(
+    str(value).removeprefix("torch.")
+    for value in vars(torch).values()
+    if isinstance(value, torch.dtype)
+)
+
+
 def _tensor_plumbing(name: str) -> bool:
     """Whether a global a pickle names is how any torch file stores tensors (their rebuild
     functions, storages, dtypes, ordered dicts), rather than an object of its own."""
@@ -438,13 +446,6 @@ def _tensor_plumbing(name: str) -> bool:
         or name in ("torch.Size", "torch.device")
         or (name.startswith("torch.") and name.removeprefix("torch.") in _DTYPE_NAMES)
     )
-
-
-_DTYPE_NAMES = frozenset(
-    str(value).removeprefix("torch.")
-    for value in vars(torch).values()
-    if isinstance(value, torch.dtype)
-)
 
 
 def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, source: str) -> None:

@@ -669,8 +669,6 @@ function scheduleRender(view) {
   });
 }
 
-// The tree's nodes plus evaluated children of a depth not closed: in progress (pending) while
-// the job runs, left open (unclosed) once it ended without closing it (cancelled, failed).
 // The best candidate within budget among those shown, children of the depth in progress
 // included: best score first; among equals, the one closest to the budget, as the engine ranks
 // its answers (the tree's own best is chosen at the end of each depth).
@@ -685,6 +683,8 @@ function bestSoFar(nodes, rootId) {
 }
 live.bestSoFar = (nodes, rootId) => bestSoFar(new Map(nodes.map((n) => [n.id, n])), rootId);
 
+// The tree's nodes plus evaluated children of a depth not closed: in progress (pending) while
+// the job runs, left open (unclosed) once it ended without closing it (cancelled, failed).
 function shownNodes(view) {
   const nodes = new Map((view.tree?.nodes ?? []).map((node) => [node.id, node]));
   const closedDepth = view.tree?.depth ?? 0;
