@@ -353,22 +353,38 @@ def run_measure(args: argparse.Namespace) -> int:
     fingerprint = oracle.fingerprint()
     pruned = f"{ref.source} pruned, " if result else ""
     print(f"model      {args.model} ({pruned}arch {spec.hash})")
-    print(
-        f"device     {fingerprint.get('device_class')} on {fingerprint.get('host')}: "
-        f"{fingerprint.get('cpu_model') or fingerprint.get('cpu')}"
-    )
+    hardware = fingerprint.get("cpu_model") or fingerprint.get("cpu")
+    if fingerprint.get("gpu"):
+        hardware = f"{fingerprint['gpu']} (host {hardware})"
+    print(f"device     {fingerprint.get('device_class')} on {fingerprint.get('host')}: {hardware}")
     print(f"setup      batch {args.batch_size}, input {shape}, {args.threads} thread(s)")
     print(f"median     {stats.median_ms:.4f} ms")
     print(f"p90        {stats.p90_ms:.4f} ms")
     print(f"IQR        {stats.iqr_ms:.4f} ms")
     print(f"CV         {stats.cv:.2%}")
     print(f"runs       {stats.n}")
+    if stats.launch_ms is not None:
+        print(f"launch     {_launch_line(stats)}")
     if stats.cached:
         print(
             "cached     yes: timed before with these settings and kept in the latency cache "
             "(--fresh times it again)"
         )
     return 0
+
+
+def _launch_line(stats) -> str:
+    """The host's part of a GPU timing, and what to do when it sets the time."""
+    from search.notes import launch_bound
+
+    share = stats.launch_ms / stats.median_ms
+    line = f"{stats.launch_ms:.4f} ms of each run launching kernels from the host ({share:.0%})"
+    if launch_bound(stats):
+        line += (
+            ": launch-bound, the GPU waits on the host CPU, whose speed sets this time; a larger "
+            "--batch-size gives the GPU more work per launch"
+        )
+    return line
 
 
 def _result_folder(args: argparse.Namespace):

@@ -64,8 +64,9 @@ class TimingSettings:
         )
 
 
-def summarize(durations_ns: Sequence[int]) -> TimingStats:
-    """Median, p90, IQR, robust CV (IQR / 1.349 / median), n and mean of durations in ns."""
+def summarize(durations_ns: Sequence[int], launches_ns: Sequence[int] | None = None) -> TimingStats:
+    """Median, p90, IQR, robust CV (IQR / 1.349 / median), n and mean of durations in ns, and
+    the median of `launches_ns`, the host's part of each run, where given."""
     ms = np.asarray(durations_ns, dtype=np.float64) / 1e6
     p25, median, p75, p90 = np.percentile(ms, [25, 50, 75, 90])
     iqr = float(p75 - p25)
@@ -77,6 +78,7 @@ def summarize(durations_ns: Sequence[int]) -> TimingStats:
         cv=float(cv),
         n=len(ms),
         mean_ms=float(ms.mean()),
+        launch_ms=float(np.median(launches_ns)) / 1e6 if launches_ns else None,
     )
 
 
@@ -87,11 +89,11 @@ def time_model(
     with _timing_context([model], settings.threads):
         run = _timed_runner(model, example_input)
         _warm_up([run], settings)
-        best = summarize(_measure_adaptive(run, settings))
+        best = run.summarize(_measure_adaptive(run, settings))
         for _ in range(settings.max_remeasures):
             if best.cv <= settings.cv_threshold:
                 break
-            again = summarize(_measure_adaptive(run, settings))
+            again = run.summarize(_measure_adaptive(run, settings))
             if again.cv < best.cv:
                 best = again
     return best
@@ -121,7 +123,11 @@ def time_interleaved(
             if ratio_standard_error(candidate_ns, reference_ns) <= settings.ratio_error:
                 break
     ratios = np.asarray(candidate_ns, dtype=np.float64) / np.asarray(reference_ns, dtype=np.float64)
-    return summarize(candidate_ns), summarize(reference_ns), float(np.median(ratios))
+    return (
+        run_candidate.summarize(candidate_ns),
+        run_reference.summarize(reference_ns),
+        float(np.median(ratios)),
+    )
 
 
 def ratio_standard_error(candidate_ns: Sequence[int], reference_ns: Sequence[int]) -> float:
@@ -166,28 +172,50 @@ def _timing_context(models: Sequence[nn.Module], threads: int) -> Iterator[None]
             model.train(training)
 
 
-def _timed_runner(model: nn.Module, example_input: torch.Tensor) -> Callable[[], int]:
-    """A function running the model once and returning its wall time in ns."""
+class _TimedRunner:
+    """Runs the model once per call and returns its wall time in ns.
+
+    With `synchronize` (a GPU's), the clock runs until the device has finished the run's work:
+    kernels launch asynchronously, and without it the clock would measure only the launch. The
+    host's part, the call's own time, is kept in `launches_ns`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        synchronize: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.example_input = example_input
+        self.synchronize = synchronize
+        self.launches_ns: list[int] = []
+
+    def __call__(self) -> int:
+        if self.synchronize is None:
+            start = time.perf_counter_ns()
+            self.model(self.example_input)
+            return time.perf_counter_ns() - start
+        self.synchronize()
+        start = time.perf_counter_ns()
+        self.model(self.example_input)
+        launched = time.perf_counter_ns()
+        self.synchronize()
+        end = time.perf_counter_ns()
+        self.launches_ns.append(launched - start)
+        return end - start
+
+    def summarize(self, durations_ns: Sequence[int]) -> TimingStats:
+        """`summarize` of the last len(durations_ns) runs, with their launch times."""
+        launches = self.launches_ns[-len(durations_ns) :] if self.launches_ns else None
+        return summarize(durations_ns, launches)
+
+
+def _timed_runner(model: nn.Module, example_input: torch.Tensor) -> _TimedRunner:
     if example_input.is_cuda:
         device = example_input.device
-
-        def run_cuda() -> int:
-            # Kernels launch asynchronously: without synchronising, the clock would measure
-            # only the launch.
-            torch.cuda.synchronize(device)
-            start = time.perf_counter_ns()
-            model(example_input)
-            torch.cuda.synchronize(device)
-            return time.perf_counter_ns() - start
-
-        return run_cuda
-
-    def run_cpu() -> int:
-        start = time.perf_counter_ns()
-        model(example_input)
-        return time.perf_counter_ns() - start
-
-    return run_cpu
+        return _TimedRunner(model, example_input, lambda: torch.cuda.synchronize(device))
+    return _TimedRunner(model, example_input)
 
 
 def _warm_up(runs: Sequence[Callable[[], int]], settings: TimingSettings) -> None:

@@ -43,10 +43,10 @@ from search.fill import (
     widenings,
 )
 from search.frontier import rank_children
-from search.interfaces import Executor, SequentialExecutor
+from search.interfaces import Executor, SequentialExecutor, TimingStats
 from search.latency_estimate import LatencyEstimate
 from search.moves import Move, candidate_moves
-from search.notes import near_chance
+from search.notes import launch_bound, launch_bound_note, near_chance
 from search.prunability import kept_whole_note, kept_whole_reasons
 from search.pruning import total_macs
 from search.rebuild import AncestorRebuilds, Widths
@@ -144,7 +144,11 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     if root.within_budget:
         state.done = True
         return state
-    smallest_ms = _smallest_reachable_ms(context, state, smallest)
+    smallest_ms, smallest_timing = _smallest_reachable(context, state, smallest)
+    state.launch_bound = launch_bound(smallest_timing)
+    launching = launch_bound_note(smallest_timing, smallest_ms)
+    if launching:
+        context.sink.emit("note", message=launching)
     # Read after two measurements: a remote device reports its block with its answers.
     channel_block = oracle.fingerprint().get("channel_block")
     state.widen_to = settings.widen_multiple(channel_block)
@@ -236,12 +240,14 @@ def _unpruned_kinds(model: nn.Module) -> str:
     return f"; its {', '.join(kinds)} layers are not narrowed" if kinds else ""
 
 
-def _smallest_reachable_ms(context: SearchContext, state: SearchState, smallest: ArchSpec) -> float:
-    """Latency with every group at its minimum width."""
+def _smallest_reachable(
+    context: SearchContext, state: SearchState, smallest: ArchSpec
+) -> tuple[float, TimingStats]:
+    """Latency with every group at its minimum width, and that model's own timing."""
     context.check_cancelled("before the smallest model was measured")
     measurement = context.oracle.measure(smallest, context.root_spec)
     _tally(state, measurement.cached)
-    return measurement.ratio * state.baseline_ms
+    return measurement.ratio * state.baseline_ms, measurement.candidate
 
 
 def _tally(state: SearchState, cached: bool) -> None:
@@ -428,7 +434,8 @@ def finish(
             if not passed_over:
                 raise ArchtreeError(
                     f"the answer confirmed at {best_ms:.3f} ms, above the budget of "
-                    f"{state.budget_ms:.3f} ms, and no further pruning reaches it."
+                    f"{state.budget_ms:.3f} ms, and no further pruning reaches it: "
+                    f"{_unconfirmed_advice(state)}"
                 )
         elif not passed_over or (trimmed_ms <= state.budget_ms and trimmed.score > answer.score):
             answer, confirmed_ms, trims = trimmed, trimmed_ms, count
@@ -446,8 +453,7 @@ def finish(
         context.sink.emit("confirmed", id=answer.id, latency_ms=confirmed_ms, trims=trims)
         raise ArchtreeError(
             f"the best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
-            f"of {state.budget_ms:.3f} ms, even after {trims} trims: the device is too noisy to "
-            "confirm it; retry with --threads 1 on a quieter machine, or a slightly larger budget."
+            f"of {state.budget_ms:.3f} ms, even after {trims} trims: {_unconfirmed_advice(state)}"
         )
     answer, latency_ms = _fill_slack(context, state, answer, confirmed_ms)
     context.sink.emit(
@@ -520,6 +526,20 @@ def _apply_retuned(
         nodes=[{k: by_id[node.id][k] for k in ("id", "score_before", "score")} for node in top],
     )
     return top + rest
+
+
+def _unconfirmed_advice(state: SearchState) -> str:
+    """Why an answer measured under the budget confirms above it, and what to do."""
+    if state.launch_bound:
+        return (
+            "the GPU's timings disagree, as they do where the host CPU's kernel launches set "
+            "the time (see the note on the smallest model); retry with a larger --batch-size, "
+            "or a slightly larger budget."
+        )
+    return (
+        "the device is too noisy to confirm it; retry with --threads 1 on a quieter machine, "
+        "or a slightly larger budget."
+    )
 
 
 def _confirm(context: SearchContext, state: SearchState, spec: ArchSpec) -> float:

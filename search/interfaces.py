@@ -24,6 +24,9 @@ class TimingStats:
     cv: float
     n: int
     mean_ms: float = 0.0
+    # On a GPU: the median time the host spent launching a run's kernels (the call returning,
+    # before the device finished them); None where the device runs the model in the call.
+    launch_ms: float | None = None
     # Taken from the latency cache, not timed just now: said to the user, never stored, and
     # no part of the timing (two equal timings are equal wherever they came from).
     cached: bool = field(default=False, compare=False)

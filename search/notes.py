@@ -10,10 +10,15 @@ import math
 
 import torch
 
+from search.interfaces import TimingStats
+
 NOTHING_PRUNED = (
     "the unpruned model already meets the budget: nothing was pruned (give a smaller budget "
     "to trade accuracy for latency)"
 )
+
+# A timing is launch-bound when the host's kernel launches take at least this share of it.
+LAUNCH_BOUND_SHARE = 0.8
 
 # How many standard errors of the majority-class rate an accuracy must clear to count as
 # better than guessing: three, so that a trained model on a small split is not flagged.
@@ -63,4 +68,23 @@ def pruned_near_chance(
         f"model scores {baseline_accuracy:.1%}: its fine-tuning was too short to recover from "
         "the pruning; raise --ft-steps, --select-steps or --final-epochs (or fine-tune the "
         "saved model)"
+    )
+
+
+def launch_bound(stats: TimingStats) -> bool:
+    """Whether the host's kernel launches took most of a GPU timing (`LAUNCH_BOUND_SHARE`):
+    the GPU then waits on the CPU, and the time follows the CPU's speed, not the model's work."""
+    return stats.launch_ms is not None and stats.launch_ms >= LAUNCH_BOUND_SHARE * stats.median_ms
+
+
+def launch_bound_note(smallest: TimingStats, smallest_ms: float) -> str | None:
+    """A note when the smallest model pruning can reach is launch-bound on the GPU."""
+    if not launch_bound(smallest) or smallest.launch_ms is None:
+        return None
+    share = smallest.launch_ms / smallest.median_ms
+    return (
+        f"the smallest model pruning can reach ({smallest_ms:.3f} ms) spends {share:.0%} of its "
+        "time launching kernels from the host CPU while the GPU waits: near that size, pruning "
+        "saves little and timings follow the host CPU's speed, so they can disagree from one "
+        "measurement to the next. A larger --batch-size gives the GPU more work per launch."
     )

@@ -82,6 +82,9 @@ class ChildTask:
     observations: list[Observation] = field(default_factory=list)
     # The multiple a sized child's groups are tried widened to (SearchState.widen_to).
     widen_to: int = DEFAULT_CHANNEL_BLOCK
+    # Whether the smallest reachable model's time went mostly to launching its kernels from
+    # the host (a GPU waiting on the CPU; search.notes.launch_bound).
+    launch_bound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -13,11 +13,17 @@ from search.interfaces import LatencyMeasurement, TimingStats
 class BlockedConvDevice:
     """A latency oracle for a device whose convolutions take time in proportion to their input
     and output channels, each rounded up to a multiple of `block` (1: no blocks). It reports
-    `reported_block` as its channel block, as a real device reports its own (none by default)."""
+    `reported_block` as its channel block, as a real device reports its own (none by default).
 
-    def __init__(self, block: int, reported_block: int | None = None) -> None:
+    With `launch_share`, it is a GPU whose host takes that share of the unpruned model's time
+    to launch any model's kernels: a run takes the longer of its launches and its kernels."""
+
+    def __init__(
+        self, block: int, reported_block: int | None = None, launch_share: float | None = None
+    ) -> None:
         self.block = block
         self.reported_block = reported_block
+        self.launch_share = launch_share
 
     def cost_ms(self, spec: ArchSpec) -> float:
         def blocks(channels: int) -> int:
@@ -26,15 +32,20 @@ class BlockedConvDevice:
         convs = [shape for shape in spec.layers.values() if len(shape) == 3]
         return sum(blocks(c_in) * blocks(c_out) for c_in, c_out, _ in convs) / 1000.0
 
-    def _stats(self, spec: ArchSpec) -> TimingStats:
-        ms = self.cost_ms(spec)
-        return TimingStats(median_ms=ms, p90_ms=ms, iqr_ms=0.0, cv=0.0, n=1, mean_ms=ms)
+    def _stats(self, spec: ArchSpec, reference: ArchSpec) -> TimingStats:
+        ms, launch_ms = self.cost_ms(spec), None
+        if self.launch_share is not None:
+            launch_ms = self.launch_share * self.cost_ms(reference)
+            ms = max(ms, launch_ms)
+        return TimingStats(
+            median_ms=ms, p90_ms=ms, iqr_ms=0.0, cv=0.0, n=1, mean_ms=ms, launch_ms=launch_ms
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {"device_class": f"blocked-conv-{self.block}", "channel_block": self.reported_block}
 
     def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
-        return self._stats(reference)
+        return self._stats(reference, reference)
 
     def offer_model(self, spec: ArchSpec, model: Any) -> None:
         pass
@@ -42,10 +53,12 @@ class BlockedConvDevice:
     def measure(
         self, candidate: ArchSpec, reference: ArchSpec, *, confirm: bool = False
     ) -> LatencyMeasurement:
+        candidate_stats = self._stats(candidate, reference)
+        reference_stats = self._stats(reference, reference)
         return LatencyMeasurement(
             arch_hash=candidate.hash,
-            ratio=self.cost_ms(candidate) / self.cost_ms(reference),
-            candidate=self._stats(candidate),
-            reference=self._stats(reference),
+            ratio=candidate_stats.median_ms / reference_stats.median_ms,
+            candidate=candidate_stats,
+            reference=reference_stats,
             fingerprint=self.fingerprint(),
         )

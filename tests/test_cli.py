@@ -939,6 +939,22 @@ def test_measure_prints_the_statistics(home):
     assert median > 0
 
 
+def test_measure_tells_a_gpu_timing_the_host_sets_from_one_the_gpu_sets():
+    from archtree_cli.commands import _launch_line
+    from search.interfaces import TimingStats
+
+    def stats(launch_ms: float) -> TimingStats:
+        return TimingStats(
+            median_ms=2.0, p90_ms=2.1, iqr_ms=0.1, cv=0.04, n=50, launch_ms=launch_ms
+        )
+
+    waiting = _launch_line(stats(1.9))
+    assert waiting.startswith("1.9000 ms of each run launching kernels from the host (95%)")
+    assert "launch-bound" in waiting and "larger --batch-size" in waiting
+    working = _launch_line(stats(0.5))
+    assert "(25%)" in working and "launch-bound" not in working
+
+
 def test_measure_says_when_it_shows_a_cached_timing_and_fresh_times_again(tmp_path):
     home = tmp_path / "home"  # a cache of its own
 

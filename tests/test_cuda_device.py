@@ -49,6 +49,37 @@ def test_gpu_timing_measures_the_kernels_not_their_launch():
     assert big_stats.median_ms > small_stats.median_ms
 
 
+def test_gpu_timing_tells_the_hosts_launches_from_the_kernels():
+    from latency.harness import TimingSettings, time_model
+    from search.notes import launch_bound
+
+    settings = TimingSettings(threads=1, min_time_s=0.2)
+    torch.manual_seed(0)
+    # A small net at batch 1 is all launches; a wide one at batch 32 is all kernel work.
+    small = time_model(conv_net(8).cuda(), torch.randn(1, 64, 8, 8, device="cuda"), settings)
+    big = time_model(conv_net(512).cuda(), torch.randn(32, 64, 56, 56, device="cuda"), settings)
+    assert small.launch_ms is not None and big.launch_ms is not None
+    assert launch_bound(small), small
+    assert not launch_bound(big), big
+
+
+def test_measure_on_the_gpu_names_it_and_tells_a_launch_bound_timing(tmp_path):
+    env = {**os.environ, "ARCHTREE_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", "measure", "--model", "builtin:vgg"]
+        + ["--input-shape", "1,16,16", "--device", "local:cuda"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    device = next(line for line in result.stdout.splitlines() if line.startswith("device"))
+    assert torch.cuda.get_device_name(0) in device
+    assert "launch-bound" in result.stdout
+
+
 def test_local_cuda_oracle_times_pruned_candidates_on_the_gpu():
     from latency.local_oracle import LocalOracle
     from search.arch_spec import build_from_spec, spec_of

@@ -252,3 +252,30 @@ def test_timing_reuses_activation_memory_between_runs() -> None:
     # seven blocks of runs, so that one stray fault burst does not decide.
     assert _page_faults_per_run("plain") > 50
     assert _page_faults_per_run("harness") < 5
+
+
+def test_a_device_timing_tells_the_hosts_launch_time_from_the_devices_work():
+    from latency.harness import _TimedRunner
+    from search.notes import launch_bound
+
+    x = torch.randn(16, 256)
+    host, device = mlp(256, 1), mlp(256, 8)
+    # A device whose queued work is the deep MLP: synchronizing waits for it, as a GPU's does.
+    busy = _TimedRunner(host, x, synchronize=lambda: device(x))
+    idle = _TimedRunner(host, x, synchronize=lambda: None)
+    with torch.inference_mode():
+        busy_stats = busy.summarize([busy() for _ in range(30)])
+        idle_stats = idle.summarize([idle() for _ in range(30)])
+    assert busy_stats.launch_ms is not None and idle_stats.launch_ms is not None
+    # Waiting on the device's work is timed, but is not the host's launch.
+    assert busy_stats.launch_ms < 0.5 * busy_stats.median_ms
+    assert not launch_bound(busy_stats)
+    # With nothing queued, the launch is the whole run: the host sets the time.
+    assert idle_stats.launch_ms <= idle_stats.median_ms
+    assert launch_bound(idle_stats)
+
+
+def test_a_cpu_timing_has_no_launch_time():
+    stats = time_model(mlp(32, 2), torch.randn(4, 32), FAST)
+    assert stats.launch_ms is None
+    assert "launch_ms" in stats.to_dict()
