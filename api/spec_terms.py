@@ -15,6 +15,9 @@ from search.settings import option_of
 SPEC_FIELD_OF_OPTION = {
     **{option_of(name): f"search.{name}" for name in SearchSettingsIn.model_fields},
     "--num-classes": "num_classes",
+    "--batch-size": "batch_size",
+    "--model": "`model`",
+    "--weights": "the `weights` upload",
     "--allow-pickle": "`allow_pickle: true` in the spec (the operator must also enable "
     "ARCHTREE_ALLOW_PICKLE)",
 }

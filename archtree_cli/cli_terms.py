@@ -22,6 +22,8 @@ _TERMS = (
     ("num_classes", "--num-classes"),
     ("batch_size", "--batch-size"),
     ("device_class", "--device-class"),
+    ("the `weights` upload", "--weights"),
+    ("`model`", "--model"),
     ("list the jobs with GET /v1/jobs", "list the jobs with `archtree jobs`"),
 )
 

@@ -9,6 +9,7 @@ unless the operator opts in, because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import io
 import os
@@ -76,10 +77,7 @@ def build_model(ref: ModelRef) -> nn.Module:
         "timm": _build_timm,
     }
     if prefix not in builders or not rest:
-        raise ArchtreeError(
-            f"unknown model source {ref.source!r}; accepted forms: {SOURCE_FORMS} "
-            "(see `archtree models` for the builtin names)"
-        )
+        raise ArchtreeError(unknown_source_message(ref.source, list(builders)))
     model = builders[prefix](rest, ref)
     if not isinstance(model, nn.Module):
         raise ArchtreeError(
@@ -87,6 +85,43 @@ def build_model(ref: ModelRef) -> nn.Module:
             "nn.Module; make it return the model"
         )
     return model.eval()
+
+
+# Files users give as a model when the model is its code and the file its weights.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pkl")
+
+
+def unknown_source_message(source: str, prefixes: list[str]) -> str:
+    """Why `source` names no model, with the form the user most likely meant."""
+    forms = f"accepted forms: {SOURCE_FORMS} (see `archtree models` for the builtin names)"
+    prefix, colon, rest = source.partition(":")
+    path = Path(source).expanduser()
+    if source.lower().endswith(WEIGHT_SUFFIXES) or path.is_file():
+        what = "is a file" if path.is_file() else "names a weights file"
+        return (
+            f"{source!r} {what}, not a model source: give the code that builds the model as "
+            f"--model ({SOURCE_FORMS}) and the weights file as --weights"
+        )
+    if path.is_dir():
+        return (
+            f"{source!r} is a folder, and --model takes a model source here (only `archtree "
+            f"measure` times a result folder); {forms}"
+        )
+    if "/" in source or os.sep in source or source.startswith(("~", ".")):
+        return f"no file or folder {source!r} exists, and it is no model source; {forms}"
+    if colon and not rest and prefix in prefixes:
+        return f"model source {source!r} names no model after '{prefix}:'; {forms}"
+    if colon and rest:
+        close = difflib.get_close_matches(prefix.lower(), prefixes, n=1)
+        if close:
+            return f"unknown model source {source!r}: did you mean '{close[0]}:{rest}'? {forms}"
+    if not colon:
+        if source.lower() in builtin_names():
+            meant = f"did you mean 'builtin:{source.lower()}'?"
+        else:
+            meant = f"say where it comes from, as in 'torchvision:{source}' or 'timm:{source}';"
+        return f"unknown model source {source!r}: {meant} {forms}"
+    return f"unknown model source {source!r}; {forms}"
 
 
 def _build_builtin(name: str, ref: ModelRef) -> nn.Module:

@@ -204,6 +204,17 @@ BAD_SUBMISSIONS = {
     "unknown search setting": ({"search": {"widht": 2}}, {}, "search.widht"),
     "pickle not allowed": ({"allow_pickle": True}, {}, "does not load pickled weights"),
     "module source": ({"model": "module:os:getcwd"}, {}, "does not build 'module:os:getcwd'"),
+    "a weights file as the model": (
+        {"model": "resnet.pt"},
+        {},
+        "give the code that builds the model as `model` (builtin:NAME, module:package.module:"
+        "callable, torchvision:NAME, timm:NAME) and the weights file as the `weights` upload",
+    ),
+    "a misspelt library": (
+        {"model": "torchvison:resnet18"},
+        {},
+        "did you mean 'torchvision:resnet18'?",
+    ),
     "data twice": ({}, {"data": ("d.npz", "data")}, "not both"),
     "a stray label": (
         {"data": None},

@@ -281,6 +281,10 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     source = ["--model", "builtin:nope", "--data", "builtin:digits", "--budget", "60%"]
     refused = archtree("submit", *common, *source)
     assert refused.returncode == 2 and "unknown builtin model 'nope'" in refused.stderr
+    weights = archtree("submit", *common, "--model", "resnet.pt", *source[2:])
+    assert weights.returncode == 2
+    assert "as --model (builtin:NAME" in weights.stderr
+    assert "the weights file as --weights" in weights.stderr
     # The service's limits and hints, in the options and commands of the command line.
     vgg = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
     too_wide = archtree("submit", *common, *vgg, "--width", "100")
