@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x and optionally y "
-        "(labels; without them the search is data-free)",
+        "(labels; without them the search is data-free); a .pt file may also hold an (x, y) "
+        "pair, a TensorDataset or x alone, a .npy file x alone",
     )
     prune.add_argument(
         "--budget", required=True, help="latency budget: milliseconds (8ms) or a share (60%%)"

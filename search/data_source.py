@@ -19,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from search.errors import ArchtreeError
 from search.model_source import load_tensors_only, scan_pickle
 
 BUILTIN_DATASETS = ("mnist", "digits")
 USER_EXTENSIONS = (".npz", ".pt")
+# The first bytes of a file numpy.save wrote.
+NUMPY_MAGIC = b"\x93NUMPY"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Below this many samples no split leaves enough to train, calibrate and validate on.
 MIN_SAMPLES = 30
@@ -146,7 +149,12 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ArchtreeError(f"data file {str(path)!r} does not exist; check the path")
     if not os.access(path, os.R_OK):
         raise ArchtreeError(f"data file {str(path)!r} is not readable; check its permissions")
-    arrays = _read_npz(path) if _is_numpy_archive(path) else _read_pt(path)
+    if _is_numpy_array(path):
+        arrays = _read_npy(path)
+    elif _is_numpy_archive(path):
+        arrays = _read_npz(path)
+    else:
+        arrays = _read_pt(path)
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise ArchtreeError(
@@ -170,6 +178,28 @@ def _is_numpy_archive(path: Path) -> bool:
     if any(name.endswith("data.pkl") for name in names):
         return False
     return any(name.endswith(".npy") for name in names) or path.suffix == ".npz"
+
+
+def _is_numpy_array(path: Path) -> bool:
+    """Whether `path` holds one array saved by numpy.save (by its content, whatever its name)."""
+    with path.open("rb") as file:
+        return file.read(len(NUMPY_MAGIC)) == NUMPY_MAGIC
+
+
+def _read_npy(path: Path) -> dict[str, object]:
+    """One array saved by numpy.save: the inputs alone (a data-free search)."""
+    try:
+        return {"x": np.load(path, allow_pickle=False)}
+    except ValueError:
+        raise ArchtreeError(
+            f"{str(path)!r} holds an object array, which is not loaded because unpickling runs "
+            "arbitrary code; save a numeric array: numpy.save(path, x.astype('float32'))"
+        ) from None
+    except (OSError, EOFError):
+        raise ArchtreeError(
+            f"cannot read {str(path)!r} as a numpy array: it is corrupt or truncated; save it "
+            "with numpy.savez(path, x=..., y=...)"
+        ) from None
 
 
 def _check_enough(total: int, name: str) -> None:
@@ -202,7 +232,7 @@ def _read_npz(path: Path) -> dict[str, object]:
 
 def _read_pt(path: Path) -> dict[str, object]:
     try:
-        content = load_tensors_only(path)
+        content = load_tensors_only(path, allowed=(TensorDataset,))
     except Exception as error:
         scan = scan_pickle(path)
         if scan is None and path.suffix not in USER_EXTENSIONS:
@@ -221,9 +251,19 @@ def _read_pt(path: Path) -> dict[str, object]:
             "which are not loaded because unpickling runs arbitrary code; save a dict of "
             "tensors: torch.save({'x': torch.as_tensor(x), 'y': torch.as_tensor(y)}, path)"
         ) from None
+    if isinstance(content, TensorDataset):
+        content = content.tensors
+    if isinstance(content, torch.Tensor):
+        return {"x": content}
+    pair = isinstance(content, (tuple, list)) and len(content) in (1, 2)
+    if pair and all(isinstance(item, torch.Tensor) for item in content):
+        return dict(zip(("x", "y"), content, strict=False))
     if not isinstance(content, dict):
+        what = type(content).__name__
+        if isinstance(content, (tuple, list)):
+            what = f"{what} of {len(content)} items"
         raise ArchtreeError(
-            f"{str(path)!r} holds a {type(content).__name__}, not a dict; "
+            f"{str(path)!r} holds a {what}, not a dict, an (x, y) pair or a tensor of inputs; "
             "save it with torch.save({'x': x, 'y': y}, path)"
         )
     return {str(key): value for key, value in content.items()}

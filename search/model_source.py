@@ -399,11 +399,12 @@ class PickleScan:
         return f" ({_some(self.globals)})" if self.globals else ""
 
 
-def load_tensors_only(file: str | Path | BinaryIO) -> object:
-    """torch.load with weights_only: tensors and plain containers, never arbitrary objects.
-    Its warning about a pickle protocol newer than torch's own is not passed on: whatever the
-    protocol, such a file loads or is refused with its own message."""
-    with warnings.catch_warnings():
+def load_tensors_only(file: str | Path | BinaryIO, allowed: tuple[type, ...] = ()) -> object:
+    """torch.load with weights_only: tensors and plain containers, never arbitrary objects,
+    and instances of the `allowed` classes, built without running their code. Its warning
+    about a pickle protocol newer than torch's own is not passed on: whatever the protocol,
+    such a file loads or is refused with its own message."""
+    with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         return torch.load(file, map_location="cpu", weights_only=True)
 

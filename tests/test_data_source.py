@@ -262,13 +262,67 @@ def test_pt_file_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     assert "arbitrary code" in _error(excinfo)
 
 
-def test_a_saved_dataset_object_is_refused_naming_its_class_alone(tmp_path: Path) -> None:
-    dataset = torch.utils.data.TensorDataset(torch.zeros(50, 1, 4, 4), torch.arange(50) % 2)
-    torch.save(dataset, tmp_path / "dataset.pt")
+def _saved_as(form: str, x: torch.Tensor, y: torch.Tensor, path: Path) -> str:
+    content = {
+        "pair": (x, y),
+        "list": [x, y],
+        "tensor dataset": torch.utils.data.TensorDataset(x, y),
+        "inputs alone": x,
+        "one-item tuple": (x,),
+    }[form]
+    torch.save(content, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "form", ["pair", "list", "tensor dataset", "inputs alone", "one-item tuple"]
+)
+def test_a_torch_file_of_inputs_and_labels_saved_without_names_loads(
+    tmp_path: Path, form: str
+) -> None:
+    x, y = torch.from_numpy(_images(60)), torch.arange(60) % 3
+    splits = load_data(_saved_as(form, x, y, tmp_path / "data.pt"), calib_size=10, val_size=10)
+    assert splits.input_shape == (1, 6, 6)
+    labelled = form in ("pair", "list", "tensor dataset")
+    assert splits.labelled == labelled
+    if labelled:
+        assert splits.num_classes == 3
+    assert sorted(torch.cat(_all_x(splits)).sum(dim=(1, 2, 3)).tolist()) == sorted(
+        x.sum(dim=(1, 2, 3)).tolist()
+    )
+
+
+def test_a_numpy_array_file_holds_the_inputs_alone_whatever_its_name(tmp_path: Path) -> None:
+    x = _images(60)
+    np.save(tmp_path / "inputs.npy", x)
+    (tmp_path / "inputs.npy").rename(tmp_path / "inputs.bin")
+    splits = load_data(str(tmp_path / "inputs.bin"), calib_size=10, val_size=10)
+    assert splits.input_shape == (1, 6, 6) and not splits.labelled
+    np.save(tmp_path / "objects.npy", np.empty(60, dtype=object), allow_pickle=True)
     with pytest.raises(ArchtreeError) as excinfo:
-        load_data(str(tmp_path / "dataset.pt"))
+        load_data(str(tmp_path / "objects.npy"))
+    assert "holds an object array" in _error(excinfo)
+
+
+def test_a_torch_file_of_three_tensors_is_told_the_forms_that_load(tmp_path: Path) -> None:
+    x = torch.from_numpy(_images(60))
+    torch.save([x, x, x], tmp_path / "three.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "three.pt"))
     message = _error(excinfo)
-    said = "holds Python objects besides tensors (torch.utils.data.dataset.TensorDataset), which"
+    assert "holds a list of 3 items, not a dict, an (x, y) pair or a tensor of inputs" in message
+
+
+def test_a_saved_dataset_object_is_refused_naming_its_classes_alone(tmp_path: Path) -> None:
+    dataset = torch.utils.data.TensorDataset(torch.zeros(50, 1, 4, 4), torch.arange(50) % 2)
+    torch.save(torch.utils.data.Subset(dataset, list(range(40))), tmp_path / "subset.pt")
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(tmp_path / "subset.pt"))
+    message = _error(excinfo)
+    said = (
+        "holds Python objects besides tensors (torch.utils.data.dataset.Subset, "
+        "torch.utils.data.dataset.TensorDataset), which"
+    )
     assert said in message, message
 
 
