@@ -392,8 +392,14 @@ def _result_folder(args: argparse.Namespace):
     wrote), or None when --model is a model source; the options such a folder sets itself
     are refused."""
     from search.artifacts import load_result_spec
+    from search.model_source import SOURCE_FORMS, looks_like_path
 
     if not Path(args.model).is_dir():
+        if looks_like_path(args.model) and not Path(args.model).exists():
+            raise ArchtreeError(
+                f"no folder {args.model!r}: --model takes a folder `archtree prune` or `fetch` "
+                f"wrote, or a model source ({SOURCE_FORMS})"
+            )
         return None
     for option, given in (("--weights", args.weights), ("--num-classes", args.num_classes)):
         if given is not None:

@@ -91,24 +91,26 @@ def build_model(ref: ModelRef) -> nn.Module:
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pkl")
 
 
+def looks_like_path(source: str) -> bool:
+    """Whether a --model value is written as a file or folder path rather than a source."""
+    return "/" in source or "\\" in source or source.startswith(("~", "."))
+
+
 def unknown_source_message(source: str, prefixes: list[str]) -> str:
-    """Why `source` names no model, with the form the user most likely meant."""
+    """Why `source` names no model, with the form the user most likely meant. Read from the
+    text alone: the service must not look up a client's paths on its own disk."""
     forms = f"accepted forms: {SOURCE_FORMS} (see `archtree models` for the builtin names)"
     prefix, colon, rest = source.partition(":")
-    path = Path(source).expanduser()
-    if source.lower().endswith(WEIGHT_SUFFIXES) or path.is_file():
-        what = "is a file" if path.is_file() else "names a weights file"
+    if source.lower().endswith(WEIGHT_SUFFIXES):
         return (
-            f"{source!r} {what}, not a model source: give the code that builds the model as "
-            f"--model ({SOURCE_FORMS}) and the weights file as --weights"
+            f"{source!r} names a weights file, not a model source: give the code that builds "
+            f"the model as --model ({SOURCE_FORMS}) and the weights file as --weights"
         )
-    if path.is_dir():
+    if looks_like_path(source):
         return (
-            f"{source!r} is a folder, and --model takes a model source here (only `archtree "
-            f"measure` times a result folder); {forms}"
+            f"{source!r} is a path, not a model source (only `archtree measure` takes a result "
+            f"folder); {forms}"
         )
-    if "/" in source or os.sep in source or source.startswith(("~", ".")):
-        return f"no file or folder {source!r} exists, and it is no model source; {forms}"
     if colon and not rest and prefix in prefixes:
         return f"model source {source!r} names no model after '{prefix}:'; {forms}"
     if colon and rest:

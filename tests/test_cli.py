@@ -752,7 +752,7 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
         (["--input-shape", "1,2,3,4,5"], "is not one sample's shape, 1 to 4 positive numbers"),
         (["--input-shape", "1,0,8"], "is not one sample's shape"),
         (["--input-shape", "12"], "builtin:vgg takes images: give --input-shape as C,H,W"),
-        (["--model", "pruned/"], "no file or folder 'pruned/' exists, and it is no model source"),
+        (["--model", "pruned/"], "no folder 'pruned/': --model takes a folder `archtree prune`"),
     ],
 )
 def test_measure_bad_input_gives_one_clear_line(home, extra, expected):
