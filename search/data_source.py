@@ -31,6 +31,8 @@ NUMPY_MAGIC = b"\x93NUMPY"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Below this many samples no split leaves enough to train, calibrate and validate on.
 MIN_SAMPLES = 30
+# How many input values are checked at once (as float32: 64 MiB).
+CHECK_SLICE_VALUES = 1 << 24
 # Inputs beyond this overflow float32 once squared and summed (batch-norm statistics).
 MAX_INPUT_MAGNITUDE = 1e15
 # The most classes a dataset or a model's classifier may have: a label or a num_classes far
@@ -304,10 +306,16 @@ def _as_inputs(value: object, path: Path) -> torch.Tensor:
         )
     if x.dtype == torch.bool or x.is_complex():
         raise ArchtreeError(f"`x` in {str(path)!r} has dtype {x.dtype}; save it as float")
-    x = x.float().contiguous()
-    if not torch.isfinite(x).all():
-        raise ArchtreeError(f"`x` in {str(path)!r} contains NaN or infinite values; clean them")
-    largest = float(x.abs().max()) if x.numel() else 0.0
+    # Checked a slice at a time, and left in its own dtype: the splits are made float one by
+    # one (`_split`), so that a dataset of bytes never stands in memory whole as float32 beside
+    # its splits and its checks' temporaries.
+    largest = 0.0
+    rows = max(1, CHECK_SLICE_VALUES // max(1, x[0].numel()))
+    for start in range(0, len(x), rows):
+        values = x[start : start + rows].float()
+        if not torch.isfinite(values).all():
+            raise ArchtreeError(f"`x` in {str(path)!r} contains NaN or infinite values; clean them")
+        largest = max(largest, float(values.abs().max()) if values.numel() else 0.0)
     if largest > MAX_INPUT_MAGNITUDE:
         raise ArchtreeError(
             f"`x` in {str(path)!r} holds values up to {largest:.3g}, too large for float32 "
@@ -407,13 +415,16 @@ def _split(
     def take(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
         return None if t is None else t[idx].contiguous()
 
+    def inputs(idx: torch.Tensor) -> torch.Tensor:
+        return x[idx].float().contiguous()
+
     num_classes = None if y is None else int(y.max()) + 1
     return DataSplits(
-        train_x=x[train_idx].contiguous(),
+        train_x=inputs(train_idx),
         train_y=take(y, train_idx),
-        calib_x=x[calib_idx].contiguous(),
+        calib_x=inputs(calib_idx),
         calib_y=take(y, calib_idx),
-        val_x=x[val_idx].contiguous(),
+        val_x=inputs(val_idx),
         val_y=take(y, val_idx),
         num_classes=num_classes,
         input_shape=tuple(int(size) for size in x.shape[1:]),
