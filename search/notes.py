@@ -16,6 +16,8 @@ NOTHING_PRUNED = (
     "the unpruned model already meets the budget: nothing was pruned (give a smaller budget "
     "to trade accuracy for latency)"
 )
+# The same, for a search scored by fidelity (data without labels).
+NOTHING_PRUNED_DATA_FREE = NOTHING_PRUNED.replace("trade accuracy", "trade fidelity")
 
 # A timing is launch-bound when the host's kernel launches take at least this share of it.
 LAUNCH_BOUND_SHARE = 0.8

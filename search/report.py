@@ -6,7 +6,12 @@ from typing import Any
 
 from search.context import SearchContext
 from search.engine import SearchOutcome, parameter_count
-from search.notes import NOTHING_PRUNED, near_chance, pruned_near_chance
+from search.notes import (
+    NOTHING_PRUNED,
+    NOTHING_PRUNED_DATA_FREE,
+    near_chance,
+    pruned_near_chance,
+)
 from search.prunability import kept_whole_note
 
 
@@ -72,5 +77,5 @@ def answer_notes(context: SearchContext, outcome: SearchOutcome) -> list[str]:
     if context.kept_whole:
         notes.append(kept_whole_note(context.kept_whole))
     if outcome.answer.spec.hash == outcome.state.root.spec.hash:
-        notes.append(NOTHING_PRUNED)
+        notes.append(NOTHING_PRUNED if context.data.labelled else NOTHING_PRUNED_DATA_FREE)
     return notes

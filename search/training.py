@@ -202,7 +202,8 @@ def fidelity(
     """Minus the mean KL(softmax(reference) || softmax(model)): 0 is perfect, higher is better."""
     if len(x) == 0:
         return 0.0
-    return -float(_kl(reference_logits, logits(model, x, batch_size)))
+    # 0.0 minus, not unary minus: the unpruned model's own fidelity is 0, never -0.
+    return 0.0 - float(_kl(reference_logits, logits(model, x, batch_size)))
 
 
 def sample_fidelity(

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -121,6 +122,21 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     )  # fmt: skip
     assert again.returncode == 2
     assert "--overwrite" in again.stderr
+
+
+def test_a_data_free_search_whose_budget_the_model_meets_says_fidelity(tmp_path, home):
+    data = tmp_path / "inputs.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(300, 1, 8, 8)).astype(np.float32))
+    out = tmp_path / "unpruned"
+    result = archtree(
+        "prune", "--model", "builtin:vgg", "--data", str(data), "--budget", "1000ms",
+        "--out", str(out), "--final-epochs", "0", home=home,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["notes"] == [NOTHING_PRUNED.replace("trade accuracy", "trade fidelity")]
+    # The unpruned model's fidelity to itself is 0, not -0.
+    assert report["final"]["fidelity"] == 0 and math.copysign(1, report["final"]["fidelity"]) > 0
+    assert "-0.0000" not in result.stdout
 
 
 def test_an_untrained_model_and_a_budget_it_already_meets_get_notes(tmp_path, home):
