@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.cli_process import ROOT, run_archtree
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def conv_net(channels: int) -> nn.Module:
@@ -63,17 +62,18 @@ def test_gpu_timing_tells_the_hosts_launches_from_the_kernels():
     assert not launch_bound(big), big
 
 
+def archtree(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI with a home of its own. The outer PYTHONPATH stays: on a GPU machine it may
+    hold packages carried there."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return run_archtree(*args, home=tmp_path / "home", env={"PYTHONPATH": os.pathsep.join(paths)})
+
+
 def test_measure_on_the_gpu_names_it_and_tells_a_launch_bound_timing(tmp_path):
-    env = {**os.environ, "ARCHTREE_HOME": str(tmp_path / "home")}
-    result = subprocess.run(
-        [sys.executable, "-m", "archtree_cli.main", "measure", "--model", "builtin:vgg"]
-        + ["--input-shape", "1,16,16", "--device", "local:cuda"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
+    result = archtree(
+        tmp_path, "measure", "--model", "builtin:vgg", "--input-shape", "1,16,16",
+        "--device", "local:cuda",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     device = next(line for line in result.stdout.splitlines() if line.startswith("device"))
     assert torch.cuda.get_device_name(0) in device
@@ -113,47 +113,14 @@ def test_prune_on_the_gpu_meets_a_budget_measured_there(tmp_path):
         y=generator.integers(0, 10, 600),
     )
     out = tmp_path / "out"
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {
-        **os.environ,
-        "ARCHTREE_HOME": str(tmp_path / "home"),
-        "PYTHONPATH": os.pathsep.join(paths),
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "archtree_cli.main",
-            "prune",
-            "--model",
-            "builtin:resnet",
-            "--data",
-            str(data),
-            "--budget",
-            # On an H200 this batch is still partly launch-bound: the smallest prunable form
-            # takes 0.70 of the unpruned latency, and no step of the tree gets below 0.81.
-            "90%",
-            "--device",
-            "local:cuda",
-            "--batch-size",
-            "512",
-            "--width",
-            "2",
-            "--branching",
-            "2",
-            "--planned-steps",
-            "2",
-            "--ft-steps",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
+    result = archtree(
+        tmp_path, "prune", "--model", "builtin:resnet", "--data", str(data),
+        # On an H200 this batch is still partly launch-bound: the smallest prunable form
+        # takes 0.70 of the unpruned latency, and no step of the tree gets below 0.81.
+        "--budget", "90%",
+        "--device", "local:cuda", "--batch-size", "512", "--width", "2", "--branching", "2",
+        "--planned-steps", "2", "--ft-steps", "3", "--out", str(out),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["device"]["gpu"] == torch.cuda.get_device_name(0)
