@@ -416,6 +416,8 @@ def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, sourc
     estimated from one sample (a model that fails on one sample is left to check_forward)."""
     import torch
 
+    from search.memory import available_memory_bytes
+
     available = available_memory_bytes()
     if available is None:
         return
@@ -443,18 +445,6 @@ def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, sourc
             f"activations, more than the {available / 1024**3:.1f} GiB this machine has "
             "available: give a smaller --batch-size or --input-shape."
         )
-
-
-def available_memory_bytes() -> int | None:
-    """The memory this machine has available (Linux's MemAvailable); None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def run_models(args: argparse.Namespace) -> int:

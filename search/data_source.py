@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 import zipfile
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
 from search.errors import ArchtreeError
+from search.memory import available_memory_bytes
 from search.model_source import load_tensors_only, scan_pickle
 
 BUILTIN_DATASETS = ("mnist", "digits")
@@ -31,6 +34,8 @@ NUMPY_MAGIC = b"\x93NUMPY"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # Below this many samples no split leaves enough to train, calibrate and validate on.
 MIN_SAMPLES = 30
+# The share of the available memory a subset of the data is advised to fill.
+MEMORY_SHARE_FOR_DATA = 0.5
 # How many input values are checked at once (as float32: 64 MiB).
 CHECK_SLICE_VALUES = 1 << 24
 # Inputs beyond this overflow float32 once squared and summed (batch-norm statistics).
@@ -152,11 +157,16 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not os.access(path, os.R_OK):
         raise ArchtreeError(f"data file {str(path)!r} is not readable; check its permissions")
     if _is_numpy_array(path):
+        _check_fits(_npy_header(path), path)
         arrays = _read_npy(path)
     elif _is_numpy_archive(path):
+        _check_fits(_npz_header(path), path)
         arrays = _read_npz(path)
     else:
-        arrays = _read_pt(path)
+        arrays = _read_pt(path)  # mapped: its tensors are read as they are used
+        x = arrays.get("x")
+        if isinstance(x, torch.Tensor):
+            _check_fits((tuple(x.shape), x.element_size()), path)
     if "x" not in arrays:
         found = ", ".join(sorted(arrays)) or "nothing"
         raise ArchtreeError(
@@ -180,6 +190,56 @@ def _is_numpy_archive(path: Path) -> bool:
     if any(name.endswith("data.pkl") for name in names):
         return False
     return any(name.endswith(".npy") for name in names) or path.suffix == ".npz"
+
+
+def _check_fits(header: tuple[tuple[int, ...], int] | None, path: Path) -> None:
+    """ArchtreeError when the inputs of shape and item size `header` would need more memory
+    to load than this machine has available: the file's own values and their float32 copy."""
+    available = available_memory_bytes()
+    if header is None or available is None or len(header[0]) < 2:
+        return
+    shape, itemsize = header
+    per_sample = math.prod(shape[1:]) * (itemsize + 4)
+    needed = shape[0] * per_sample
+    if needed <= available:
+        return
+    fits = int(available * MEMORY_SHARE_FOR_DATA // max(1, per_sample))
+    raise ArchtreeError(
+        f"loading {str(path)!r} needs about {_size(needed)} ({shape[0]:,} samples of shape "
+        f"{tuple(shape[1:])}, and their float32 copy), more than the {_size(available)} this "
+        f"machine has available: save a random subset of at most {fits:,} samples and give that"
+    )
+
+
+def _size(count: int) -> str:
+    """A number of bytes in GiB, or in MiB below one GiB."""
+    return f"{count / 1024**3:.1f} GiB" if count >= 1024**3 else f"{count / 1024**2:.1f} MiB"
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], int] | None:
+    with path.open("rb") as file:
+        return _array_header(file)
+
+
+def _npz_header(path: Path) -> tuple[tuple[int, ...], int] | None:
+    """The shape and item size of `x` in a numpy archive, read without its values."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            return _array_header(member)
+    except (KeyError, OSError, zipfile.BadZipFile):
+        return None  # reading it says what is wrong
+
+
+def _array_header(file: BinaryIO) -> tuple[tuple[int, ...], int] | None:
+    try:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+    except (ValueError, OSError, EOFError):
+        return None
+    return tuple(int(size) for size in shape), int(dtype.itemsize)
 
 
 def _is_numpy_array(path: Path) -> bool:
@@ -234,7 +294,7 @@ def _read_npz(path: Path) -> dict[str, object]:
 
 def _read_pt(path: Path) -> dict[str, object]:
     try:
-        content = load_tensors_only(path, allowed=(TensorDataset,))
+        content = load_tensors_only(path, allowed=(TensorDataset,), mmap=True)
     except Exception as error:
         scan = scan_pickle(path)
         if scan is None and path.suffix not in USER_EXTENSIONS:

@@ -401,13 +401,19 @@ class PickleScan:
         return f" ({_some(self.globals)})" if self.globals else ""
 
 
-def load_tensors_only(file: str | Path | BinaryIO, allowed: tuple[type, ...] = ()) -> object:
+def load_tensors_only(
+    file: str | Path | BinaryIO, allowed: tuple[type, ...] = (), mmap: bool = False
+) -> object:
     """torch.load with weights_only: tensors and plain containers, never arbitrary objects,
-    and instances of the `allowed` classes, built without running their code. Its warning
-    about a pickle protocol newer than torch's own is not passed on: whatever the protocol,
-    such a file loads or is refused with its own message."""
+    and instances of the `allowed` classes, built without running their code. With `mmap`,
+    a file in torch's zip format is mapped, not read: its tensors take memory as they are
+    read (a file of the older format is read whole). Its warning about a pickle protocol
+    newer than torch's own is not passed on: whatever the protocol, such a file loads or is
+    refused with its own message."""
     with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        if mmap and isinstance(file, (str, Path)) and zipfile.is_zipfile(file):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(file, map_location="cpu", weights_only=True)
 
 

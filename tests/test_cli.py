@@ -1024,7 +1024,7 @@ def test_measure_times_a_result_folder_on_its_own_input_shape(tmp_path, home):
 
 
 def test_measure_refuses_a_batch_whose_activations_outgrow_the_memory(home):
-    from archtree_cli.commands import available_memory_bytes
+    from search.memory import available_memory_bytes
 
     available = available_memory_bytes()
     if available is None:

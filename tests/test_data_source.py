@@ -422,3 +422,28 @@ def test_a_dataset_of_bytes_loads_without_standing_whole_in_float_beside_its_spl
     )
     growth = int(result.stdout.strip()) / x.nbytes
     assert 3 <= growth < 8, growth
+
+
+@pytest.mark.parametrize("form", ["npz", "npy", "pt"])
+def test_data_too_large_for_the_memory_available_is_refused_before_it_is_read(
+    tmp_path: Path, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import search.data_source
+
+    x = _images(60)  # 36 float32 values a sample: 288 bytes with their float32 copy
+    path = tmp_path / f"data.{form}"
+    if form == "npz":
+        np.savez(path, x=x, y=np.arange(60) % 3)
+    elif form == "npy":
+        np.save(path, x)
+    else:
+        torch.save({"x": torch.from_numpy(x)}, path)
+    monkeypatch.setattr(search.data_source, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(str(path))
+    message = _error(excinfo)
+    said = "needs about 0.0 MiB (60 samples of shape (1, 6, 6), and their float32 copy), more "
+    assert said in message
+    assert "save a random subset of at most 17 samples" in message
+    monkeypatch.setattr(search.data_source, "available_memory_bytes", lambda: 20_000)
+    assert load_data(str(path), calib_size=10, val_size=10).input_shape == (1, 6, 6)
