@@ -95,7 +95,9 @@ def load_data(
         else:
             known = ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS)
             raise ArchtreeError(
-                f"unknown builtin dataset {source!r}; use one of {known} or a .npz/.pt file"
+                f"unknown builtin dataset {source!r}; use one of {known}, the only ones shipped "
+                "offline, or your own copy of it saved as a file, e.g. numpy.savez('data.npz', "
+                "x=images, y=labels) with images as float32 N,C,H,W and labels as integers"
             )
     else:
         x, y = _load_user_file(Path(source))

@@ -447,3 +447,11 @@ def test_data_too_large_for_the_memory_available_is_refused_before_it_is_read(
     assert "save a random subset of at most 17 samples" in message
     monkeypatch.setattr(search.data_source, "available_memory_bytes", lambda: 20_000)
     assert load_data(str(path), calib_size=10, val_size=10).input_shape == (1, 6, 6)
+
+
+def test_an_unknown_builtin_dataset_is_told_how_to_bring_its_own_copy() -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data("builtin:cifar10")
+    message = _error(excinfo)
+    assert "unknown builtin dataset 'builtin:cifar10'; use one of builtin:mnist" in message
+    assert "numpy.savez('data.npz', x=images, y=labels)" in message
