@@ -497,10 +497,9 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
     _strip_wrapper_prefixes(state, set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    wrong_keys = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     wrong_shape = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in wrong_keys
     ]
     problems = []
     if missing:
@@ -510,15 +509,51 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
     if wrong_shape:
         problems.append(f"shape mismatch {_some(wrong_shape)}")
     if problems:
-        raise ArchtreeError(
-            f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; "
-            + (
-                _pruned_result_hint(path)
-                if not missing and not unexpected and _looks_pruned(state, expected)
-                else "use the model the weights were saved from: the same source, number of "
-                "classes and input channels (the data's, or the C of --input-shape)"
-            )
+        hint = "use the model the weights were saved from: the same source, number of " + (
+            "classes and input channels (the data's, or the C of --input-shape)"
         )
+        if not missing and not unexpected:
+            if _looks_pruned(state, expected):
+                hint = _pruned_result_hint(path)
+            else:
+                hint = _end_layer_hint(model, state, wrong_keys) or hint
+        raise ArchtreeError(
+            f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; {hint}"
+        )
+
+
+def _end_layer_hint(
+    model: nn.Module, state: dict[str, torch.Tensor], wrong_keys: list[str]
+) -> str | None:
+    """What to change when only the model's last layer (its classes) or its first (its input
+    channels) differs from the weights; None otherwise."""
+    with_parameters = [
+        name
+        for name, module in model.named_modules()
+        if next(module.parameters(recurse=False), None) is not None
+    ]
+    if not with_parameters:
+        return None
+    layers = {key.rpartition(".")[0] for key in wrong_keys}
+    expected = model.state_dict()
+    if layers == {with_parameters[-1]}:
+        weight = f"{with_parameters[-1]}.weight"
+        if weight in wrong_keys and state[weight].shape[1:] == expected[weight].shape[1:]:
+            return (
+                f"the weights classify {state[weight].shape[0]} classes and the model "
+                f"{expected[weight].shape[0]} (the data's labels, or --num-classes): give "
+                f"--num-classes {state[weight].shape[0]}, with data labelled for those classes"
+            )
+    if layers == {with_parameters[0]}:
+        weight = f"{with_parameters[0]}.weight"
+        if weight in wrong_keys and state[weight].dim() > 1 and expected[weight].dim() > 1:
+            file_in, model_in = state[weight].shape[1], expected[weight].shape[1]
+            if file_in != model_in and state[weight].shape[0] == expected[weight].shape[0]:
+                return (
+                    f"the weights take {file_in} input channels and the model {model_in} (the "
+                    f"data's, or the C of --input-shape): give inputs of {file_in} channels"
+                )
+    return None
 
 
 def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> None:

@@ -430,3 +430,29 @@ def test_a_pickle_naming_its_call_on_its_stack_is_refused_naming_it(
     message = _error(excinfo)
     assert "holds Python objects besides tensors (posix.system)" in message
     assert "loading them runs arbitrary code" in message
+
+
+@pytest.mark.parametrize(
+    ("saved", "said"),
+    [
+        (
+            ModelRef("builtin:vgg", 100, 1),
+            "the weights classify 100 classes and the model 10 (the data's labels, or "
+            "--num-classes): give --num-classes 100",
+        ),
+        (
+            ModelRef("builtin:vgg", 10, 3),
+            "the weights take 3 input channels and the model 1 (the data's, or the C of "
+            "--input-shape): give inputs of 3 channels",
+        ),
+        (ModelRef("builtin:resnet", 10, 1), "use the model the weights were saved from"),
+    ],
+)
+def test_weights_of_other_classes_or_channels_say_which(
+    tmp_path: Path, saved: ModelRef, said: str
+) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(build_model(saved).state_dict(), path)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(build_model(ModelRef("builtin:vgg", 10, 1)), str(path))
+    assert said in _error(excinfo)
