@@ -166,6 +166,7 @@ def prune(
     from search.engine import run_search
     from search.inputs import load_inputs
     from search.interfaces import SequentialExecutor, ThreadExecutor
+    from search.quiet import quiet_gate
     from search.report import build_report
 
     parsed_budget = parse_budget(budget)
@@ -186,7 +187,10 @@ def prune(
         sink=sink if sink is not None else ConsoleProgress(quiet=quiet),
     )
     executor = ThreadExecutor(jobs) if jobs > 1 else SequentialExecutor()
-    outcome = run_search(context, parsed_budget, executor)
+    # A model timed on this machine runs alone: the other children's work waits meanwhile.
+    gate = getattr(oracle, "gate", None)
+    with quiet_gate(gate) if gate is not None else contextlib.nullcontext():
+        outcome = run_search(context, parsed_budget, executor)
     report = build_report(
         context,
         outcome,

@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="children evaluated at once in threads (default 1; more is faster but makes "
-        "timing on this same machine noisier)",
+        help="children evaluated at once in threads (default 1); their pruning, fine-tuning "
+        "and scoring pause while a model is timed on this machine, so timings stay quiet and "
+        "more jobs gain where that work outweighs the timing",
     )
     prune.add_argument("--quiet", action="store_true", help="print only the final summary")
 

@@ -20,6 +20,7 @@ from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
+from search.quiet import QuietGate
 
 if TYPE_CHECKING:
     from search.arch_spec import ArchSpec
@@ -107,6 +108,9 @@ class LocalOracle:
         self._last_input_shape: tuple[int, ...] | None = None
         # Two timings running at once in one process would slow each other down.
         self._timing_lock = threading.Lock()
+        # The search's work in other threads waits while this machine times a model (install
+        # it with search.quiet.quiet_gate for the search's run).
+        self.gate = QuietGate()
         self._fresh: FreshProcessTimer | None = None
         if fresh_process and device == "cpu":
             try:
@@ -139,7 +143,7 @@ class LocalOracle:
         if stats is not None:
             self.cache_hits += 1
             return replace(stats, cached=True)
-        with self._timing_lock:
+        with self._timing_lock, self.gate.timing():
             stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
         self.cache.put(key, stats.to_dict())
@@ -172,7 +176,7 @@ class LocalOracle:
         if hit is not None:
             self.cache_hits += 1
             return replace(hit, cached=True)
-        with self._timing_lock:
+        with self._timing_lock, self.gate.timing():
             candidate_stats, reference_stats, ratio = self._time(  # type: ignore[assignment]
                 candidate, reference, input_shape, confirm
             )

@@ -23,6 +23,7 @@ from search.latency_estimate import LatencyEstimate, Observation
 from search.moves import Move, RemovalPlan, predicted_ms_saved, removal_plan
 from search.prunability import broken_model_error
 from search.pruning import PrunableModel, least_important, total_macs
+from search.quiet import piece_of_work
 from search.settings import DEFAULT_CHANNEL_BLOCK
 from search.tree import ChildResult, ChildTask, Node
 
@@ -51,6 +52,10 @@ class MoveApplier:
     _built: dict[tuple, Pruned] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        with piece_of_work():
+            self._prepare()
+
+    def _prepare(self) -> None:
         settings = self.context.settings
         self.pruner = PrunableModel(
             self.parent_model,
@@ -99,31 +104,34 @@ class MoveApplier:
         """The parent with `plan`'s channels removed, built once per distinct plan."""
         key = tuple(sorted((name, len(idx)) for name, idx in plan.items()))
         if key not in self._built:
-            pruner = PrunableModel(
-                copy.deepcopy(self.parent_model),
-                self.context.example_input,
-                round_to=self.pruner.round_to,
-                min_width_fraction=0.0,
-                ignored_layers=self.pruner.ignored_layers,
-                positions=self.context.positions,
-            )
-            pruner.remove(plan)
-            model = pruner.model.eval()
-            try:  # the model's own code may depend on widths its narrowest version did not
-                with torch.no_grad():
-                    model(self.context.example_input)
-            except Exception as error:
-                widths = ", ".join(f"{n} {pruner.groups_by_name[n].size}" for n in sorted(plan))
-                raise broken_model_error(
-                    self.context.model_ref.source, f"with widths {widths}", error
-                ) from None
-            spec = spec_of(model, self.context.model_ref, self.context.input_shape)
-            # The oracle may time this very model instead of rebuilding it from the spec.
-            self.context.oracle.offer_model(spec, model)
-            self._built[key] = Pruned(
-                model=model, spec=spec, macs=total_macs(model, self.context.positions)
-            )
+            with piece_of_work():
+                self._built[key] = self._prune(plan)
         return self._built[key]
+
+    def _prune(self, plan: RemovalPlan) -> Pruned:
+        """The parent pruned by `plan`, checked to run, and offered to the oracle."""
+        pruner = PrunableModel(
+            copy.deepcopy(self.parent_model),
+            self.context.example_input,
+            round_to=self.pruner.round_to,
+            min_width_fraction=0.0,
+            ignored_layers=self.pruner.ignored_layers,
+            positions=self.context.positions,
+        )
+        pruner.remove(plan)
+        model = pruner.model.eval()
+        try:  # the model's own code may depend on widths its narrowest version did not
+            with torch.no_grad():
+                model(self.context.example_input)
+        except Exception as error:
+            widths = ", ".join(f"{n} {pruner.groups_by_name[n].size}" for n in sorted(plan))
+            raise broken_model_error(
+                self.context.model_ref.source, f"with widths {widths}", error
+            ) from None
+        spec = spec_of(model, self.context.model_ref, self.context.input_shape)
+        # The oracle may time this very model instead of rebuilding it from the spec.
+        self.context.oracle.offer_model(spec, model)
+        return Pruned(model=model, spec=spec, macs=total_macs(model, self.context.positions))
 
     def guess(self, parent_ms: float, target_ms: float) -> float:
         """Fraction at which the linear latency estimate reaches the target."""

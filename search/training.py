@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.errors import ArchtreeError
+from search.quiet import piece_of_work
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
@@ -71,28 +72,29 @@ def train(
             if cursor + batch_size > len(x):
                 order = torch.randperm(len(x), generator=generator)
                 cursor = 0
-            index = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            batch_x = x[index]
-            student_logits = model(batch_x)
-            if teacher_logits is not None:
-                batch_teacher = teacher_logits[index]
-            elif teacher is not None:
-                with torch.no_grad():
-                    batch_teacher = teacher(batch_x)
-            else:
-                batch_teacher = None
-            loss = _loss(
-                student_logits,
-                None if y is None else y[index],
-                batch_teacher,
-                kd_weight=kd_weight,
-                kd_temperature=kd_temperature,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            with piece_of_work():
+                index = order[cursor : cursor + batch_size]
+                cursor += batch_size
+                batch_x = x[index]
+                student_logits = model(batch_x)
+                if teacher_logits is not None:
+                    batch_teacher = teacher_logits[index]
+                elif teacher is not None:
+                    with torch.no_grad():
+                        batch_teacher = teacher(batch_x)
+                else:
+                    batch_teacher = None
+                loss = _loss(
+                    student_logits,
+                    None if y is None else y[index],
+                    batch_teacher,
+                    kd_weight=kd_weight,
+                    kd_temperature=kd_temperature,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
             if progress is not None:
                 progress(step, total, float(loss.detach()))
     model.eval()
@@ -134,7 +136,8 @@ def recalibrate_batch_norm(
                 batch = chosen[start : start + batch_size]
                 if len(batch) < 2:
                     break
-                model(x[batch])
+                with piece_of_work():
+                    model(x[batch])
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
@@ -174,8 +177,11 @@ def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Te
     """The model's outputs on `x`, computed in eval mode by batches."""
     was_training = model.training
     model.eval()
+    outputs = []
     with torch.inference_mode():
-        outputs = [model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]
+        for start in range(0, len(x), batch_size):
+            with piece_of_work():
+                outputs.append(model(x[start : start + batch_size]))
     model.train(was_training)
     if not outputs:
         return torch.empty(0)
