@@ -435,7 +435,7 @@ def finish(
                 raise ArchtreeError(
                     f"the answer confirmed at {best_ms:.3f} ms, above the budget of "
                     f"{state.budget_ms:.3f} ms, and no further pruning reaches it: "
-                    f"{_unconfirmed_advice(state)}"
+                    f"{_unconfirmed_advice(context, state)}"
                 )
         elif not passed_over or (trimmed_ms <= state.budget_ms and trimmed.score > answer.score):
             answer, confirmed_ms, trims = trimmed, trimmed_ms, count
@@ -453,7 +453,8 @@ def finish(
         context.sink.emit("confirmed", id=answer.id, latency_ms=confirmed_ms, trims=trims)
         raise ArchtreeError(
             f"the best candidate measures {confirmed_ms:.3f} ms on confirmation, above the budget "
-            f"of {state.budget_ms:.3f} ms, even after {trims} trims: {_unconfirmed_advice(state)}"
+            f"of {state.budget_ms:.3f} ms, even after {trims} trims: "
+            + _unconfirmed_advice(context, state)
         )
     answer, latency_ms = _fill_slack(context, state, answer, confirmed_ms)
     context.sink.emit(
@@ -528,13 +529,18 @@ def _apply_retuned(
     return top + rest
 
 
-def _unconfirmed_advice(state: SearchState) -> str:
+def _unconfirmed_advice(context: SearchContext, state: SearchState) -> str:
     """Why an answer measured under the budget confirms above it, and what to do."""
     if state.launch_bound:
         return (
             "the GPU's timings disagree, as they do where the host CPU's kernel launches set "
             "the time (see the note on the smallest model); retry with a larger --batch-size, "
             "or a slightly larger budget."
+        )
+    if context.oracle.fingerprint().get("gpu"):
+        return (
+            "the GPU's timings disagree; retry with nothing else running on the GPU or its "
+            "host, or a slightly larger budget."
         )
     return (
         "the device is too noisy to confirm it; retry with --threads 1 on a quieter machine, "

@@ -16,14 +16,20 @@ class BlockedConvDevice:
     `reported_block` as its channel block, as a real device reports its own (none by default).
 
     With `launch_share`, it is a GPU whose host takes that share of the unpruned model's time
-    to launch any model's kernels: a run takes the longer of its launches and its kernels."""
+    to launch any model's kernels: a run takes the longer of its launches and its kernels.
+    `gpu` names the GPU in its fingerprint, as a local GPU's does."""
 
     def __init__(
-        self, block: int, reported_block: int | None = None, launch_share: float | None = None
+        self,
+        block: int,
+        reported_block: int | None = None,
+        launch_share: float | None = None,
+        gpu: str | None = None,
     ) -> None:
         self.block = block
         self.reported_block = reported_block
         self.launch_share = launch_share
+        self.gpu = gpu
 
     def cost_ms(self, spec: ArchSpec) -> float:
         def blocks(channels: int) -> int:
@@ -42,7 +48,11 @@ class BlockedConvDevice:
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"device_class": f"blocked-conv-{self.block}", "channel_block": self.reported_block}
+        fingerprint = {
+            "device_class": f"blocked-conv-{self.block}",
+            "channel_block": self.reported_block,
+        }
+        return {**fingerprint, "gpu": self.gpu} if self.gpu else fingerprint
 
     def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
         return self._stats(reference, reference)

@@ -22,7 +22,7 @@ import torch
 from archtree_cli.commands import counted
 from archtree_cli.main import debug_from_environment
 from archtree_cli.progress import ConsoleProgress
-from search.notes import NOTHING_PRUNED
+from search.notes import NOTHING_PRUNED, NOTHING_PRUNED_DATA_FREE
 from search.settings import SearchSettings
 from tests.cli_process import ROOT, run_archtree
 from tests.redis_fixtures import wait_until
@@ -133,7 +133,7 @@ def test_a_data_free_search_whose_budget_the_model_meets_says_fidelity(tmp_path,
         "--out", str(out), "--final-epochs", "0", home=home,
     )  # fmt: skip
     report = json.loads((out / "report.json").read_text())
-    assert report["notes"] == [NOTHING_PRUNED.replace("trade accuracy", "trade fidelity")]
+    assert report["notes"] == [NOTHING_PRUNED_DATA_FREE]
     # The unpruned model's fidelity to itself is 0, not -0.
     assert report["final"]["fidelity"] == 0 and math.copysign(1, report["final"]["fidelity"]) > 0
     assert "-0.0000" not in result.stdout

@@ -18,7 +18,7 @@ import redis
 import torch
 
 from search.inputs import load_inputs
-from search.notes import NOTHING_PRUNED
+from search.notes import NOTHING_PRUNED, NOTHING_PRUNED_DATA_FREE
 from tests.api_fixtures import ApiProcess, api_env, start_api
 from tests.browser_fixtures import console_errors, screenshot, wait_for
 from tests.redis_fixtures import AgentProcess, start_agent, wait_until
@@ -503,7 +503,7 @@ def test_a_data_free_job_says_fidelity_wherever_it_names_scores_and_shows_its_no
     wait_for(page, lambda: visible(page, "#artifacts"), PAGE_S, "the ended job")
     wait_for(page, lambda: visible(page, "#job-notes"), PAGE_S, "the note")
     assert text(page, "#job-notes").splitlines() == progress["notes"]
-    assert progress["notes"][-1] == NOTHING_PRUNED
+    assert progress["notes"][-1] == NOTHING_PRUNED_DATA_FREE
     # The answer's fidelity on the validation split where a labelled job's accuracy is, and
     # its fidelity on the calibration split where the score is.
     rows = js(
