@@ -34,6 +34,7 @@ from search.notes import NOTHING_PRUNED
 from tests.api_fixtures import ApiProcess, api_env, free_port, start_api
 from tests.redis_fixtures import ROOT, wait_until
 from tests.worker_fixtures import WorkerPool
+from workers.celery_app import celery_config
 from workers.job_store import FINAL_STATUSES
 
 pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fixtures"]
@@ -360,6 +361,12 @@ def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_anoth
     started = wait_until(child_started, JOB_S, "a child started")
     victim = next(w for w in worker_pool.alive() if w.name == started["worker"])
     victim.kill()
+    # As if it died holding the lock workers take to put lost tasks back: the lock lasts as
+    # long as the workers are told it may, and the task goes back once it has expired.
+    options = celery_config(worker_pool.settings)["broker_transport_options"]
+    expire_s = options.get("unacked_mutex_expire", 300)  # kombu's own: 5 minutes
+    with redis.Redis.from_url(worker_pool.settings.redis_url) as broker:
+        broker.set("unacked_mutex", "killed-holder", ex=expire_s)
 
     def lost() -> dict[str, Any] | None:
         tasks = client.job(job_id)["lost_tasks"]

@@ -30,6 +30,11 @@ def restore_interval_s(visibility_s: float) -> int:
     return max(1, min(10, round(visibility_s / 5)))
 
 
+def restore_mutex_s(visibility_s: float) -> int:
+    """How long the restore lock of a worker that died holding it keeps the others waiting."""
+    return 3 * restore_interval_s(visibility_s)
+
+
 def redelivery_s(settings: ServiceSettings) -> float:
     """At most how long after its delivery the task of a lost worker goes to another one."""
     return settings.visibility_timeout_s + restore_interval_s(settings.visibility_timeout_s)
@@ -60,6 +65,11 @@ def celery_config(settings: ServiceSettings) -> dict[str, Any]:
             # a short visibility timeout.
             "unacked_restore_interval": restore_interval_s(visibility_s),
             "unacked_restore_throttle": 1,
+            # The lock a worker holds while it restores them: kombu keeps a lock left by a
+            # worker killed while holding it for 5 minutes, and no task of a lost worker goes
+            # back meanwhile. A restore takes milliseconds, and two at once restore each task
+            # once (each restore is a transaction on the task).
+            "unacked_mutex_expire": restore_mutex_s(visibility_s),
         },
         "broker_connection_retry_on_startup": True,
         "task_routes": routes,
