@@ -82,9 +82,6 @@ class ChildTask:
     observations: list[Observation] = field(default_factory=list)
     # The multiple a sized child's groups are tried widened to (SearchState.widen_to).
     widen_to: int = DEFAULT_CHANNEL_BLOCK
-    # Whether the smallest reachable model's time went mostly to launching its kernels from
-    # the host (a GPU waiting on the CPU; search.notes.launch_bound).
-    launch_bound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +176,9 @@ class SearchState:
     # The multiple channel groups are widened to, once the device is known
     # (SearchSettings.widen_multiple); 0 or 1 when widening is off.
     widen_to: int = DEFAULT_CHANNEL_BLOCK
+    # Whether the smallest reachable model's time went mostly to launching its kernels from
+    # the host (a GPU waiting on the CPU; search.notes.launch_bound).
+    launch_bound: bool = False
 
     @property
     def root(self) -> Node:

@@ -28,7 +28,7 @@ from search.inputs import load_inputs
 from search.interfaces import ListEventSink
 from search.moves import Move
 from search.settings import SearchSettings
-from search.tree import ChildResult, Node
+from search.tree import ChildResult, Node, SearchState
 from tests.conftest import fast_timing
 from tests.cost_model_device import BlockedConvDevice
 
@@ -381,7 +381,8 @@ def test_an_answer_that_never_confirms_is_given_advice_for_its_device(device, ad
     context = make_context(
         oracle=oracle, confirm_candidates=1, confirm_trims=0, select_steps=0, fill_probes=0
     )
-    state = start(context, parse_budget("80%"))
+    # Kept and read back between the steps, as the service's workers do.
+    state = SearchState.from_dict(start(context, parse_budget("80%")).to_dict())
     notes = [e["message"] for e in context.sink.events if e["kind"] == "note"]
     launch_bound = device == "launch-bound gpu"
     assert state.launch_bound == launch_bound
