@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import pickle
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -106,10 +105,9 @@ class LocalOracle:
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
         self._fingerprints: dict[tuple[int, ...] | None, dict[str, Any]] = {}
         self._last_input_shape: tuple[int, ...] | None = None
-        # Two timings running at once in one process would slow each other down.
-        self._timing_lock = threading.Lock()
-        # The search's work in other threads waits while this machine times a model (install
-        # it with search.quiet.quiet_gate for the search's run).
+        # One timing at a time, alone on this machine: two at once would slow each other down,
+        # and the search's work in other threads waits meanwhile (install the gate with
+        # search.quiet.quiet_gate for the search's run).
         self.gate = QuietGate()
         self._fresh: FreshProcessTimer | None = None
         if fresh_process and device == "cpu":
@@ -143,7 +141,7 @@ class LocalOracle:
         if stats is not None:
             self.cache_hits += 1
             return replace(stats, cached=True)
-        with self._timing_lock, self.gate.timing():
+        with self.gate.timing():
             stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
         self.cache.put(key, stats.to_dict())
@@ -176,7 +174,7 @@ class LocalOracle:
         if hit is not None:
             self.cache_hits += 1
             return replace(hit, cached=True)
-        with self._timing_lock, self.gate.timing():
+        with self.gate.timing():
             candidate_stats, reference_stats, ratio = self._time(  # type: ignore[assignment]
                 candidate, reference, input_shape, confirm
             )

@@ -62,6 +62,30 @@ def train(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if teacher is not None:
         teacher.eval()
+
+    def one_step(index: torch.Tensor) -> torch.Tensor:
+        batch_x = x[index]
+        student_logits = model(batch_x)
+        if teacher_logits is not None:
+            batch_teacher = teacher_logits[index]
+        elif teacher is not None:
+            with torch.no_grad():
+                batch_teacher = teacher(batch_x)
+        else:
+            batch_teacher = None
+        loss = _loss(
+            student_logits,
+            None if y is None else y[index],
+            batch_teacher,
+            kd_weight=kd_weight,
+            kd_temperature=kd_temperature,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss
+
     # Dropout or other random layers draw from the global generator; seed it for repeatability.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -72,29 +96,10 @@ def train(
             if cursor + batch_size > len(x):
                 order = torch.randperm(len(x), generator=generator)
                 cursor = 0
+            index = order[cursor : cursor + batch_size]
+            cursor += batch_size
             with piece_of_work():
-                index = order[cursor : cursor + batch_size]
-                cursor += batch_size
-                batch_x = x[index]
-                student_logits = model(batch_x)
-                if teacher_logits is not None:
-                    batch_teacher = teacher_logits[index]
-                elif teacher is not None:
-                    with torch.no_grad():
-                        batch_teacher = teacher(batch_x)
-                else:
-                    batch_teacher = None
-                loss = _loss(
-                    student_logits,
-                    None if y is None else y[index],
-                    batch_teacher,
-                    kd_weight=kd_weight,
-                    kd_temperature=kd_temperature,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                loss = one_step(index)
             if progress is not None:
                 progress(step, total, float(loss.detach()))
     model.eval()
