@@ -1,6 +1,6 @@
 """Models whose channels torch-pruning alone cannot narrow soundly, as `module:` sources of the
 tests (module:tests.odd_models:NAME): grouped convolutions, GroupNorm, and forward passes that
-depend on channel counts."""
+depend on channel counts; and a model whose weights pruning would lay out differently."""
 
 from __future__ import annotations
 
@@ -148,3 +148,10 @@ class EvenWidthsOnly(ChecksEveryWidth):
 
 def even_widths_only() -> nn.Module:
     return EvenWidthsOnly()
+
+
+def channels_last_mobilenetv2() -> nn.Module:
+    """The builtin MobileNetV2 converted to the channels-last layout, as users speed it up."""
+    from search.zoo import mobilenetv2
+
+    return mobilenetv2().to(memory_format=torch.channels_last)

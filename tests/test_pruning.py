@@ -3,6 +3,8 @@ import copy
 import pytest
 import torch
 
+from search.arch_spec import build_from_spec, spec_of
+from search.model_source import ModelRef, build_model
 from search.pruning import PrunableModel, keep_rounded, region_of
 from search.zoo import BUILTIN_MODELS
 
@@ -29,6 +31,29 @@ def test_groups_cover_every_prunable_width_and_removal_keeps_the_model_working(n
     for group in rebuilt.groups:
         original = next(g for g in pruner.groups if g.name == group.name)
         assert group.size == original.size
+
+
+def test_a_channels_last_model_stays_channels_last_when_pruned_and_rebuilt(example_input):
+    ref = ModelRef("module:tests.odd_models:channels_last_mobilenetv2", 10, 1)
+    model = build_model(ref).eval()
+
+    def layouts(net):  # a 1x1 or depthwise kernel is contiguous in both: read the strides
+        return [
+            w.stride() == torch.empty(w.shape, memory_format=torch.channels_last).stride()
+            for w in net.parameters()
+            if w.dim() == 4 and w.shape[1] * w.shape[2] * w.shape[3] > 1
+        ]
+
+    channels_last = layouts(model)
+    assert len(channels_last) > 10 and all(channels_last)
+    pruner = PrunableModel(model, example_input)
+    pruner.remove({g.name: range(g.removable // 2) for g in pruner.groups if g.removable > 1})
+    assert layouts(model) == channels_last  # torch-pruning's copies are channels-first
+    rebuilt = build_from_spec(spec_of(model, ref, (1, 28, 28)))
+    assert layouts(rebuilt) == channels_last
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(example_input), model(example_input), atol=1e-5)
 
 
 def test_removal_refuses_to_empty_a_group(example_input):
