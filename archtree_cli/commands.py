@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import platform
 import sys
 import tempfile
 from dataclasses import replace
@@ -152,11 +153,15 @@ def prune(
     overwrite: bool = True,
     command: str = "prune",
     notes: list[str] | None = None,
+    checkpoint=None,
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
     folder they were written to: `out`, unless `overwrite` is off and another run wrote a
     result there meanwhile, which is then kept and this one goes to a new folder beside it.
     `notes` (about the options, such as those the strategy overrides) lead the report's.
+    With a `checkpoint` (search.checkpoint.SearchCheckpoint, acquired), the search is saved
+    after each depth and goes on from what it saved before; it is removed once the search
+    ends, with a result or an error.
 
     Progress goes to the console unless `sink` (an EventSink) is given.
     """
@@ -185,12 +190,18 @@ def prune(
         oracle=oracle,
         settings=settings,
         sink=sink if sink is not None else ConsoleProgress(quiet=quiet),
+        **({"store": checkpoint.nodes} if checkpoint is not None else {}),
     )
     executor = ThreadExecutor(jobs) if jobs > 1 else SequentialExecutor()
     # A model timed on this machine runs alone: the other children's work waits meanwhile.
     gate = getattr(oracle, "gate", None)
     with quiet_gate(gate) if gate is not None else contextlib.nullcontext():
-        outcome = run_search(context, parsed_budget, executor)
+        try:
+            outcome = run_search(context, parsed_budget, executor, checkpoint)
+        except ArchtreeError:
+            if checkpoint is not None:  # run again, it would end the same way
+                checkpoint.remove()
+            raise
     report = build_report(
         context,
         outcome,
@@ -205,6 +216,8 @@ def prune(
     report["notes"] = [*(notes or []), *report["notes"]]
     folder = Path(out) if overwrite else _folder_without_result(Path(out))
     save_artifacts(folder, outcome.answer.spec, outcome.model, report)
+    if checkpoint is not None:
+        checkpoint.remove()
     return report, folder
 
 
@@ -233,23 +246,77 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ArchtreeError("--jobs must be at least 1.")
     _check_out_dir(args.out, args.overwrite, {"--weights": args.weights, "--data": args.data})
+    oracle = _oracle(args)
+    notes = strategy_notes(args)
+    args.saved_search = _saved_search(args, settings)
     report, folder = prune(
         model=args.model,
         data=args.data,
         budget=args.budget,
         out=args.out,
         settings=settings,
-        oracle=_oracle(args),
+        oracle=oracle,
         weights=args.weights,
         allow_pickle=args.allow_pickle,
         num_classes=args.num_classes,
         quiet=args.quiet,
         jobs=args.jobs,
         overwrite=args.overwrite,
-        notes=strategy_notes(args),
+        notes=notes,
+        checkpoint=args.saved_search,
     )
     print_summary(report, str(folder), after_progress=not args.quiet)
     return 0
+
+
+def _saved_search(args: argparse.Namespace, settings):
+    """The checkpoint of this search under ARCHTREE_HOME, acquired, or None (said on stderr)
+    when it cannot be written or another run of the same command holds it."""
+    from importlib.metadata import version
+
+    from search.checkpoint import SearchCheckpoint
+
+    about = {
+        "archtree": version("archtree"),
+        "host": platform.node(),
+        "model": args.model,
+        "weights": _file_identity(args.weights),
+        "allow_pickle": args.allow_pickle,
+        "data": _file_identity(args.data),
+        "num_classes": args.num_classes,
+        "budget": args.budget,
+        "settings": settings.to_dict(),
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+    }
+    checkpoint = SearchCheckpoint(archtree_home() / "searches", about)
+    if args.restart:
+        checkpoint.remove()
+    try:
+        if checkpoint.acquire():
+            return checkpoint
+        why = "another run of this same command is saving its search there"
+    except OSError as error:
+        why = f"{error.strerror or error}; {HOME_FIX}"
+    print(
+        f"archtree: note: this search is not saved in {checkpoint.folder} ({why}), so it cannot "
+        "go on from where it stopped if interrupted",
+        file=sys.stderr,
+    )
+    return None
+
+
+def _file_identity(source: str | None) -> Any:
+    """A file by its absolute path, size and modification time; a source that is not a file
+    (builtin:mnist) as it is."""
+    try:
+        info = os.stat(source) if source else None
+    except OSError:
+        info = None
+    if info is None:
+        return source
+    return {"path": os.path.abspath(source), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
 def print_summary(report: dict[str, Any], out: str, after_progress: bool = True) -> None:

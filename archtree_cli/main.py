@@ -361,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and scoring pause while a model is timed on this machine, so timings stay quiet and "
         "more jobs gain where that work outweighs the timing",
     )
+    prune.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the search afresh, discarding what an interrupted run of the same command "
+        "saved (by default it goes on from its last finished depth)",
+    )
     prune.add_argument("--quiet", action="store_true", help="print only the final summary")
 
     measure = commands.add_parser("measure", help="measure a model's latency on a device")
@@ -436,9 +442,24 @@ def joined_values(argv: Sequence[str]) -> list[str]:
 def interrupted_note(args: argparse.Namespace) -> str | None:
     """What an interrupted command kept, and what goes on without it."""
     if args.command in ("prune", "demo"):
-        return (
+        kept = (
             f"nothing was written to {args.out}; the latencies measured so far are in the "
             "latency cache, so running the same command again does not measure them again"
+        )
+        checkpoint = getattr(args, "saved_search", None)
+        saved = checkpoint.saved() if checkpoint is not None else None
+        if saved is None:
+            return kept
+        state, _ = saved
+        if state.done:
+            where = "with its tree search finished"
+        elif state.depth:
+            where = f"after depth {state.depth}"
+        else:
+            where = "with its unpruned model measured"
+        return (
+            f"{kept}; the search is saved {where}, and the same command goes on from there "
+            "(--restart starts it afresh)"
         )
     if args.command == "submit":
         return submit_interrupted_note(args)

@@ -63,6 +63,27 @@ class ConsoleProgress:
             )
             if self.score_name == "fidelity":
                 self._print(f"note: {FIDELITY_MEANS}")
+        elif kind == "resumed":
+            if data.get("scored_by") == "fidelity":
+                self.score_name = "fidelity"
+            stage = (
+                "its tree search had finished; re-ranking and confirming its answer"
+                if data["done"]
+                else f"going on after depth {data['depth']}"
+            )
+            best = data["best"]
+            best_text = (
+                f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
+                f"{self.score_name} {best['score']:.4f}"
+                if best
+                else "none within budget yet"
+            )
+            self._print(
+                f"resuming the search this command saved {data['elapsed_s']:.0f} s into it "
+                f"(baseline {data['latency_ms']:.3f} ms, {self.score_name} {data['score']:.4f}; "
+                f"budget {data['budget_ms']:.3f} ms; "
+                f"{counted(data['candidates'], 'candidate')} evaluated, {best_text}): {stage}"
+            )
         elif kind == "note":
             self._print(f"note: {data['message']}")
         elif kind == "feasibility":

@@ -25,6 +25,7 @@ from torch import nn
 
 from search.arch_spec import ArchSpec
 from search.budget import Budget
+from search.checkpoint import SearchCheckpoint
 from search.context import SearchContext
 from search.errors import ArchtreeError
 from search.expansion import (
@@ -916,15 +917,58 @@ def _fill_from(
 
 
 def run_search(
-    context: SearchContext, budget: Budget, executor: Executor | None = None
+    context: SearchContext,
+    budget: Budget,
+    executor: Executor | None = None,
+    checkpoint: SearchCheckpoint | None = None,
 ) -> SearchOutcome:
-    """The whole search in this process; children of a depth go through `executor`."""
+    """The whole search in this process; children of a depth go through `executor`.
+
+    With a `checkpoint` (whose store must be `context.store`), the state is saved after the
+    unpruned model is measured and after each depth, and a search saved there before goes on
+    from its last finished depth."""
     started = time.monotonic()
     executor = executor or SequentialExecutor()
-    state = start(context, budget)
+    saved = checkpoint.saved() if checkpoint is not None else None
+    if saved is not None and saved[0].root.spec.hash == context.root_spec.hash:
+        state, elapsed_s = saved
+        started -= elapsed_s
+        context.prepare()
+        _tell_resumed(context, state, elapsed_s)
+    else:
+        state = start(context, budget)
+        if checkpoint is not None:
+            checkpoint.save(state, time.monotonic() - started)
     while not state.done:
         tasks = plan(context, state)
         results = executor.map(partial(evaluate_child, context), tasks)
         state = advance(context, state, results)
-    retuned = executor.map(partial(retune, context), to_retune(context, state))
+        if checkpoint is not None:
+            checkpoint.save(state, time.monotonic() - started)
+    if checkpoint is not None:
+        # What follows is not saved: it runs again in full on resuming, from the weights the
+        # tree search left (the re-ranking's tuning would otherwise be applied twice).
+        checkpoint.nodes.stop_saving()
+    retuned = executor.map(partial(_retune_apart, context), to_retune(context, state))
     return finish(context, state, started, retuned)
+
+
+def _retune_apart(context: SearchContext, node: Node) -> dict:
+    """`retune`, its weights stored beside the node's until `finish` applies them."""
+    return retune(context, node, weights_id=f"{node.id}-retuned")
+
+
+def _tell_resumed(context: SearchContext, state: SearchState, elapsed_s: float) -> None:
+    best = state.best_within_budget()
+    context.sink.emit(
+        "resumed",
+        depth=state.depth,
+        done=state.done,
+        elapsed_s=elapsed_s,
+        latency_ms=state.baseline_ms,
+        budget_ms=state.budget_ms,
+        score=state.root.score,
+        scored_by="accuracy" if context.data.labelled else "fidelity",
+        candidates=state.candidates_evaluated,
+        best=None if best is None else best.to_dict(),
+    )

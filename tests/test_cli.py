@@ -6,11 +6,13 @@ import io
 import json
 import math
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -1171,3 +1173,74 @@ def test_the_summary_says_when_the_answer_was_trimmed_after_the_search(capsys):
         assert "archtree searched 0 depths, 0 candidates, 4 measurements" in printed
         assert ("trimmed" in printed) == (said is not None)
         assert said is None or f"the answer was {said} it measured over the budget" in printed
+
+
+class StderrLines:
+    """A command's stderr, read line by line as it comes by a thread of its own."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def until(self, text: str, timeout_s: float = 300) -> str:
+        """The first line holding `text`; AssertionError if the output ends before it."""
+        while True:
+            line = self.lines.get(timeout=timeout_s)
+            if line is None:
+                raise AssertionError(f"no line holding {text!r} in:\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def rest(self) -> str:
+        self.thread.join(timeout=120)
+        while not self.lines.empty():
+            line = self.lines.get()
+            if line is not None:
+                self.seen.append(line)
+        return "".join(self.seen)
+
+
+def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_last_depth(
+    tmp_path, home
+):
+    args = [
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "50%",
+        "--out", str(tmp_path / "out"), "--width", "1", "--branching", "2", "--ft-steps", "2",
+    ]  # fmt: skip
+
+    def stopped_at(text: str, extra: tuple[str, ...] = ()) -> tuple[str, str]:
+        process = started_archtree([*args, *extra], home)
+        lines = StderrLines(process)
+        try:
+            line = lines.until(text)
+            process.terminate()
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 143, lines.rest()
+        return line, lines.rest()
+
+    _, stderr = stopped_at("depth 2:")  # saved once depth 1 is done, before depth 2 starts
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "the search is saved after depth 1, and the same command goes on from there "
+            "(--restart starts it afresh)"
+        )
+    ), stderr
+    line, stderr = stopped_at("resuming the search")
+    assert "baseline" not in stderr.split("resuming")[0], stderr
+    assert "evaluated" in line and line.endswith("going on after depth 1\n"), line
+    assert "depth 1:" not in stderr and "Traceback" not in stderr, stderr
+    # --restart measures the unpruned model again instead.
+    _, stderr = stopped_at("] baseline", ("--restart",))
+    assert "resuming" not in stderr, stderr

@@ -1,0 +1,142 @@
+"""A search saved after each depth, so that one interrupted (Ctrl-C, a crash, a reboot) goes on
+from its last finished depth when the same command runs again.
+
+A checkpoint is a folder named by a hash of everything the search's result depends on (its
+model, weights, data, budget, settings and device, as the caller describes them):
+
+    state.json        the search's state after its last finished depth (search.tree.SearchState)
+    about.json        that description, and the seconds the search had run
+    nodes/ID.pt       the weights of every node of the tree, written as each node is made
+
+Only the tree search is saved: the re-ranking and confirmation that follow it run again in
+full on resuming. A folder is locked while a search uses it, so that two runs of the same
+command do not write it at once (the second runs without one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search.interfaces import MemoryNodeStore
+from search.tree import SearchState
+
+# Saved searches not resumed for this long are removed when another search starts.
+KEEP_DAYS = 14
+
+
+class SavedNodeStore(MemoryNodeStore):
+    """Node weights kept in memory and written to a folder as they are put, until
+    `stop_saving`; a node not in memory (a resumed search's) is read from the folder."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.saving = True
+
+    def put(self, node_id: str, state_dict: dict[str, Any]) -> None:
+        super().put(node_id, state_dict)
+        if self.saving:
+            path = self._path(node_id)
+            temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+            torch.save(self.weights[node_id], temporary)
+            os.replace(temporary, path)
+
+    def get(self, node_id: str) -> dict[str, Any]:
+        if node_id not in self.weights:
+            self.weights[node_id] = torch.load(
+                self._path(node_id), map_location="cpu", weights_only=True
+            )
+        return self.weights[node_id]
+
+    def stop_saving(self) -> None:
+        """Keep what is put from now on in memory only."""
+        self.saving = False
+
+    def _path(self, node_id: str) -> Path:
+        return self.folder / f"{node_id}.pt"
+
+
+class SearchCheckpoint:
+    """The saved state of one search (by its description), and the store of its weights."""
+
+    def __init__(self, root: Path, about: dict[str, Any]) -> None:
+        text = json.dumps(about, sort_keys=True, default=str)
+        self.about = json.loads(text)
+        self.folder = Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.nodes = SavedNodeStore(self.folder / "nodes")
+        self._lock_file: Any = None
+
+    def acquire(self) -> bool:
+        """Create and lock the folder; False when another run of the same search holds it.
+        Also removes other saved searches not resumed for KEEP_DAYS."""
+        _remove_stale(self.folder.parent, keep=self.folder)
+        self.nodes.folder.mkdir(parents=True, exist_ok=True)
+        lock_file = open(self.folder / "lock", "w")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            return False
+        self._lock_file = lock_file
+        return True
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def saved(self) -> tuple[SearchState, float] | None:
+        """The state saved after the last finished depth, and the seconds run until then;
+        None when nothing was saved, or what was saved cannot be read (it is then ignored)."""
+        try:
+            state = json.loads((self.folder / "state.json").read_text())
+            about = json.loads((self.folder / "about.json").read_text())
+            if about.get("search") != self.about:
+                return None
+            return SearchState.from_dict(state), float(about["elapsed_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, state: SearchState, elapsed_s: float) -> None:
+        """Save `state` (its nodes' weights are already in the store)."""
+        _write_json(self.folder / "state.json", state.to_dict())
+        _write_json(
+            self.folder / "about.json",
+            {"search": self.about, "elapsed_s": elapsed_s, "saved_at": time.time()},
+        )
+
+    def remove(self) -> None:
+        """Delete the saved search (it finished, or cannot finish)."""
+        self.release()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, default=float))
+    os.replace(temporary, path)
+
+
+def _remove_stale(root: Path, keep: Path) -> None:
+    """Remove the saved searches under `root` untouched for KEEP_DAYS, but `keep`."""
+    if not root.is_dir():
+        return
+    limit = time.time() - KEEP_DAYS * 86400
+    for folder in root.iterdir():
+        if folder == keep or not folder.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            touched = max(p.stat().st_mtime for p in (folder, *folder.iterdir()))
+            if touched < limit:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""A search saved after each depth goes on from there when run again (search.checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from search.budget import parse_budget
+from search.checkpoint import SearchCheckpoint
+from search.engine import run_search
+from search.interfaces import ListEventSink
+from tests.cost_model_device import BlockedConvDevice
+from tests.test_engine import make_context
+
+SETTINGS = {"width": 2, "branching": 2, "ft_steps": 5, "select_steps": 5, "max_probes": 4}
+BUDGET = parse_budget("35%")
+
+
+class StopsAtDepth(ListEventSink):
+    """Interrupts the search (as Ctrl-C does) when the given depth starts."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+
+    def emit(self, kind: str, **data) -> None:
+        super().emit(kind, **data)
+        if kind == "depth_started" and data["depth"] == self.depth:
+            raise KeyboardInterrupt
+
+
+def tree(outcome) -> list[tuple]:
+    return [
+        (node.id, node.parent, node.spec.hash, round(node.score, 6), node.latency_ms)
+        for node in outcome.state.nodes.values()
+    ]
+
+
+def searched(checkpoint: SearchCheckpoint | None = None, sink=None):
+    context = make_context(oracle=BlockedConvDevice(1), **SETTINGS)
+    if sink is not None:
+        context = replace(context, sink=sink)
+    if checkpoint is not None:
+        context = replace(context, store=checkpoint.nodes)
+    return context, run_search(context, BUDGET, checkpoint=checkpoint)
+
+
+def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tmp_path):
+    _, whole = searched()
+    assert whole.state.depth >= 3
+
+    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert first.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        searched(first, sink=StopsAtDepth(3))
+    first.release()
+    state, elapsed_s = first.saved()
+    assert state.depth == 2 and not state.done and elapsed_s > 0
+    kept = {node_id: first.nodes.get(node_id) for node_id in state.nodes}
+
+    again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})  # as a new process reads it
+    assert again.folder == first.folder and again.acquire()
+    context, resumed = searched(again)
+    kinds = [event["kind"] for event in context.sink.events]
+    assert "baseline" not in kinds and kinds[0] == "resumed"
+    assert context.sink.events[0]["depth"] == 2
+    assert [e["depth"] for e in context.sink.events if e["kind"] == "depth_started"] == list(
+        range(3, whole.state.depth + 1)
+    )
+    # The nodes of the first two depths are those saved, read back from the folder, and the
+    # search ends where the uninterrupted one did.
+    for node_id, weights in kept.items():
+        read = again.nodes.get(node_id)
+        assert all(torch.equal(read[name], value) for name, value in weights.items())
+    assert tree(resumed) == tree(whole)
+    assert resumed.answer.spec.hash == whole.answer.spec.hash
+    assert resumed.final_accuracy == pytest.approx(whole.final_accuracy)
+    assert resumed.wall_s >= elapsed_s
+
+
+def test_a_search_described_otherwise_or_saved_by_another_run_is_not_taken_up(tmp_path):
+    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg", "budget": "35%"})
+    assert first.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        searched(first, sink=StopsAtDepth(2))
+    assert first.saved() is not None
+    other = SearchCheckpoint(tmp_path, {"model": "builtin:vgg", "budget": "40%"})
+    assert other.folder != first.folder and other.saved() is None
+    # The same search while the first run still holds it: a second run does not write it.
+    assert not SearchCheckpoint(tmp_path, {"model": "builtin:vgg", "budget": "35%"}).acquire()
+    first.remove()
+    assert not first.folder.exists()
+
+
+def test_prune_removes_its_saved_search_once_it_ends_with_a_result_or_an_error(tmp_path):
+    from archtree_cli.commands import prune
+    from search.errors import ArchtreeError
+    from search.settings import SearchSettings
+
+    def pruned(budget: str, checkpoint: SearchCheckpoint):
+        assert checkpoint.acquire()
+        return prune(
+            model="builtin:vgg",
+            data="builtin:digits",
+            budget=budget,
+            out=str(tmp_path / "out"),
+            settings=SearchSettings(**SETTINGS).effective(),
+            oracle=BlockedConvDevice(1),
+            quiet=True,
+            checkpoint=checkpoint,
+        )
+
+    checkpoint = SearchCheckpoint(tmp_path / "searches", {"budget": "35%"})
+    report, folder = pruned("35%", checkpoint)
+    assert (folder / "model.safetensors").exists() and report["search"]["depths"] >= 2
+    assert not checkpoint.folder.exists()
+    # A search that cannot end otherwise (its budget is out of reach) is not kept either.
+    checkpoint = SearchCheckpoint(tmp_path / "searches", {"budget": "0.0001ms"})
+    with pytest.raises(ArchtreeError, match="cannot be met"):
+        pruned("0.0001ms", checkpoint)
+    assert not checkpoint.folder.exists()
