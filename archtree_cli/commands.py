@@ -272,12 +272,16 @@ def run_prune(args: argparse.Namespace) -> int:
 def _saved_search(args: argparse.Namespace, settings):
     """The checkpoint of this search under ARCHTREE_HOME, acquired, or None (said on stderr)
     when it cannot be written or another run of the same command holds it."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     from search.checkpoint import SearchCheckpoint
 
+    try:
+        release = version("archtree")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        release = None
     about = {
-        "archtree": version("archtree"),
+        "archtree": release,
         "host": platform.node(),
         "model": args.model,
         "weights": _file_identity(args.weights),

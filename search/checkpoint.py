@@ -43,14 +43,23 @@ class SavedNodeStore(MemoryNodeStore):
         super().__init__()
         self.folder = folder
         self.saving = True
+        # Why writing failed (a full disk), after which nothing more is written.
+        self.error: Exception | None = None
 
     def put(self, node_id: str, state_dict: dict[str, Any]) -> None:
         super().put(node_id, state_dict)
-        if self.saving:
-            path = self._path(node_id)
-            temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
-            torch.save(self.weights[node_id], temporary)
+        if not self.saving:
+            return
+        path = self._path(node_id)
+        temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+        try:
+            with open(temporary, "wb") as file:  # torch.save names no OSError of its own
+                torch.save(self.weights[node_id], file)
             os.replace(temporary, path)
+        except (OSError, RuntimeError) as error:  # torch's writer may wrap a full disk's
+            self.saving, self.error = False, error
+            with contextlib.suppress(OSError):
+                temporary.unlink()
 
     def get(self, node_id: str) -> dict[str, Any]:
         if node_id not in self.weights:
@@ -75,6 +84,7 @@ class SearchCheckpoint:
         self.about = json.loads(text)
         self.folder = Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16]
         self.nodes = SavedNodeStore(self.folder / "nodes")
+        self.disabled = False
         self._lock_file: Any = None
 
     def acquire(self) -> bool:
@@ -108,18 +118,41 @@ class SearchCheckpoint:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def save(self, state: SearchState, elapsed_s: float) -> None:
-        """Save `state` (its nodes' weights are already in the store)."""
-        _write_json(self.folder / "state.json", state.to_dict())
-        _write_json(
-            self.folder / "about.json",
-            {"search": self.about, "elapsed_s": elapsed_s, "saved_at": time.time()},
+    def save(self, state: SearchState, elapsed_s: float) -> str | None:
+        """Save `state` (its nodes' weights are already in the store). When it or a node's
+        weights could not be written (a full disk), the saved search is removed, nothing more
+        is saved, and what happened is returned, to be said; the search itself goes on."""
+        if self.disabled:
+            return None
+        error = self.nodes.error
+        if error is None:
+            try:
+                _write_json(self.folder / "state.json", state.to_dict())
+                _write_json(
+                    self.folder / "about.json",
+                    {"search": self.about, "elapsed_s": elapsed_s, "saved_at": time.time()},
+                )
+                return None
+            except OSError as failed:
+                error = failed
+        self.disabled = True
+        self.nodes.stop_saving()
+        self.remove()
+        return (
+            f"the search can no longer be saved in {self.folder} ({_why(error)}), "
+            "so it cannot go on from where it stopped if interrupted; it goes on unsaved"
         )
 
     def remove(self) -> None:
         """Delete the saved search (it finished, or cannot finish)."""
         self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return "a node's weights could not be written: is its disk full?"  # torch's own words
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

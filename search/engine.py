@@ -937,20 +937,29 @@ def run_search(
         _tell_resumed(context, state, elapsed_s)
     else:
         state = start(context, budget)
-        if checkpoint is not None:
-            checkpoint.save(state, time.monotonic() - started)
+        _save(context, checkpoint, state, time.monotonic() - started)
     while not state.done:
         tasks = plan(context, state)
         results = executor.map(partial(evaluate_child, context), tasks)
         state = advance(context, state, results)
-        if checkpoint is not None:
-            checkpoint.save(state, time.monotonic() - started)
+        _save(context, checkpoint, state, time.monotonic() - started)
     if checkpoint is not None:
         # What follows is not saved: it runs again in full on resuming, from the weights the
         # tree search left (the re-ranking's tuning would otherwise be applied twice).
         checkpoint.nodes.stop_saving()
     retuned = executor.map(partial(_retune_apart, context), to_retune(context, state))
     return finish(context, state, started, retuned)
+
+
+def _save(
+    context: SearchContext,
+    checkpoint: SearchCheckpoint | None,
+    state: SearchState,
+    elapsed_s: float,
+) -> None:
+    problem = checkpoint.save(state, elapsed_s) if checkpoint is not None else None
+    if problem:
+        context.sink.emit("note", message=problem)
 
 
 def _retune_apart(context: SearchContext, node: Node) -> dict:

@@ -121,3 +121,18 @@ def test_prune_removes_its_saved_search_once_it_ends_with_a_result_or_an_error(t
     with pytest.raises(ArchtreeError, match="cannot be met"):
         pruned("0.0001ms", checkpoint)
     assert not checkpoint.folder.exists()
+
+
+def test_a_search_that_cannot_be_written_goes_on_unsaved_and_says_so(tmp_path):
+    checkpoint = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert checkpoint.acquire()
+    nodes = checkpoint.nodes.folder
+    nodes.rmdir()
+    nodes.write_text("")  # a file where the weights go: each write fails, as on a full disk
+    context, outcome = searched(checkpoint)
+    notes = [e["message"] for e in context.sink.events if e["kind"] == "note"]
+    assert any(
+        "the search can no longer be saved" in note and "it goes on unsaved" in note
+        for note in notes
+    ), notes
+    assert outcome.state.depth >= 2 and not checkpoint.folder.exists()
