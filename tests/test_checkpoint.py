@@ -19,15 +19,16 @@ BUDGET = parse_budget("35%")
 
 
 class StopsAtDepth(ListEventSink):
-    """Interrupts the search (as Ctrl-C does) when the given depth starts."""
+    """Interrupts the search (as Ctrl-C does) when the given depth starts, or at the first
+    event of the given kind."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int | None = None, kind: str | None = None) -> None:
         super().__init__()
-        self.depth = depth
+        self.depth, self.kind = depth, kind
 
     def emit(self, kind: str, **data) -> None:
         super().emit(kind, **data)
-        if kind == "depth_started" and data["depth"] == self.depth:
+        if kind == self.kind or (kind == "depth_started" and data["depth"] == self.depth):
             raise KeyboardInterrupt
 
 
@@ -78,6 +79,25 @@ def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tm
     assert resumed.answer.spec.hash == whole.answer.spec.hash
     assert resumed.final_accuracy == pytest.approx(whole.final_accuracy)
     assert resumed.wall_s >= elapsed_s
+
+
+def test_a_search_interrupted_while_its_best_are_retuned_retunes_them_from_the_tree_again(
+    tmp_path,
+):
+    _, whole = searched()
+    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert first.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        searched(first, sink=StopsAtDepth(kind="retuned"))
+    first.release()
+    again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert again.acquire()
+    context, resumed = searched(again)
+    assert context.sink.events[0]["kind"] == "resumed" and context.sink.events[0]["done"]
+    assert "depth_started" not in [event["kind"] for event in context.sink.events]
+    # Tuned once, not twice: the saved weights are those the tree search left.
+    assert tree(resumed) == tree(whole)
+    assert resumed.final_accuracy == pytest.approx(whole.final_accuracy)
 
 
 def test_a_search_described_otherwise_or_saved_by_another_run_is_not_taken_up(tmp_path):
