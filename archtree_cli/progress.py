@@ -49,6 +49,14 @@ class ConsoleProgress:
         tuned = f"fine-tuned {counted(steps, 'step')}, " if steps else ""
         return f" (each pruned to its target latency, timed, {tuned}scored; a line as each ends)"
 
+    def _best_text(self, best: dict[str, Any] | None) -> str:
+        if not best:
+            return "none within budget yet"
+        return (
+            f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
+            f"{self.score_name} {best['score']:.4f}"
+        )
+
     def emit(self, kind: str, **data: Any) -> None:
         self.event_time = data.pop("time", None)
         if self.first_event_time is None:
@@ -71,13 +79,7 @@ class ConsoleProgress:
                 if data["done"]
                 else f"going on after depth {data['depth']}"
             )
-            best = data["best"]
-            best_text = (
-                f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
-                f"{self.score_name} {best['score']:.4f}"
-                if best
-                else "none within budget yet"
-            )
+            best_text = self._best_text(data["best"])
             self._print(
                 f"resuming the search this command saved {data['elapsed_s']:.0f} s into it "
                 f"(baseline {data['latency_ms']:.3f} ms, {self.score_name} {data['score']:.4f}; "
@@ -126,13 +128,7 @@ class ConsoleProgress:
             elif kind == "child_skipped":
                 self._print(f"  {data['id']:>4} skipped: {data['reason']}")
         elif kind == "depth_done":
-            best = data["best"]
-            best_text = (
-                f"best within budget {best['id']} {best['latency_ms']:.3f} ms "
-                f"{self.score_name} {best['score']:.4f}"
-                if best
-                else "none within budget yet"
-            )
+            best_text = self._best_text(data["best"])
             frontier = ", ".join(data["frontier"]) or "empty (no new candidate)"
             self._print(f"depth {data['depth']} done: frontier {frontier}; {best_text}")
         elif kind == "retuned":
