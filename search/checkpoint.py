@@ -68,6 +68,15 @@ class SavedNodeStore(MemoryNodeStore):
             )
         return self.weights[node_id]
 
+    def keep_only(self, node_ids: set[str]) -> None:
+        super().keep_only(node_ids)
+        if not self.saving:
+            return
+        for path in self.folder.glob("*.pt"):
+            if path.stem not in node_ids:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     def stop_saving(self) -> None:
         """Keep what is put from now on in memory only."""
         self.saving = False

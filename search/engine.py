@@ -942,6 +942,8 @@ def run_search(
         tasks = plan(context, state)
         results = executor.map(partial(evaluate_child, context), tasks)
         state = advance(context, state, results)
+        if hasattr(context.store, "keep_only"):
+            context.store.keep_only(live_nodes(state))
         _save(context, checkpoint, state, time.monotonic() - started)
     if checkpoint is not None:
         # What follows is not saved: it runs again in full on resuming, from the weights the
@@ -949,6 +951,22 @@ def run_search(
         checkpoint.nodes.stop_saving()
     retuned = executor.map(partial(_retune_apart, context), to_retune(context, state))
     return finish(context, state, started, retuned)
+
+
+def live_nodes(state: SearchState) -> set[str]:
+    """The nodes whose weights the search may still use: the frontier, which the next depth
+    prunes; every node under the budget, a candidate answer; and their ancestors, from which
+    an answer's channels are given back. A node outside them never returns to them (the tree
+    grows from the frontier), so its weights, most of a large model's search's memory, can go.
+    """
+    live = {state.root_id, *state.frontier}
+    live |= {node.id for node in state.nodes.values() if node.within_budget}
+    for node_id in list(live):
+        parent = state.nodes[node_id].parent
+        while parent is not None and parent not in live:
+            live.add(parent)
+            parent = state.nodes[parent].parent
+    return live
 
 
 def _save(

@@ -159,3 +159,8 @@ class MemoryNodeStore:
 
     def get(self, node_id: str) -> dict[str, Any]:
         return self.weights[node_id]
+
+    def keep_only(self, node_ids: set[str]) -> None:
+        """Drop the weights of every node but those named (the others are no longer needed)."""
+        for node_id in set(self.weights) - node_ids:
+            del self.weights[node_id]

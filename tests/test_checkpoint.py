@@ -9,7 +9,7 @@ import torch
 
 from search.budget import parse_budget
 from search.checkpoint import SearchCheckpoint
-from search.engine import run_search
+from search.engine import live_nodes, run_search
 from search.interfaces import ListEventSink
 from tests.cost_model_device import BlockedConvDevice
 from tests.test_engine import make_context
@@ -59,7 +59,11 @@ def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tm
     first.release()
     state, elapsed_s = first.saved()
     assert state.depth == 2 and not state.done and elapsed_s > 0
-    kept = {node_id: first.nodes.get(node_id) for node_id in state.nodes}
+    # Only the weights the search may still use are kept: the others were deleted.
+    live = live_nodes(state)
+    assert {path.stem for path in first.nodes.folder.glob("*.pt")} == live
+    assert len(live) < len(state.nodes)
+    kept = {node_id: first.nodes.get(node_id) for node_id in live}
 
     again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})  # as a new process reads it
     assert again.folder == first.folder and again.acquire()
@@ -70,7 +74,7 @@ def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tm
     assert [e["depth"] for e in context.sink.events if e["kind"] == "depth_started"] == list(
         range(3, whole.state.depth + 1)
     )
-    # The nodes of the first two depths are those saved, read back from the folder, and the
+    # The live nodes of the first two depths are those saved, read back from the folder, and the
     # search ends where the uninterrupted one did.
     for node_id, weights in kept.items():
         read = again.nodes.get(node_id)
@@ -156,3 +160,26 @@ def test_a_search_that_cannot_be_written_goes_on_unsaved_and_says_so(tmp_path):
         for note in notes
     ), notes
     assert outcome.state.depth >= 2 and not checkpoint.folder.exists()
+
+
+class KeepsEveryNode:
+    """A node store that never drops weights."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, dict] = {}
+
+    def put(self, node_id: str, state_dict: dict) -> None:
+        self.weights[node_id] = {k: v.detach().clone() for k, v in state_dict.items()}
+
+    def get(self, node_id: str) -> dict:
+        return self.weights[node_id]
+
+
+def test_a_search_drops_the_weights_it_can_no_longer_use_and_ends_the_same():
+    context, whole = searched()
+    kept = set(context.store.weights) & set(whole.state.nodes)  # not the retuned copies
+    assert len(kept) < len(whole.state.nodes)
+    assert live_nodes(whole.state) <= kept
+    every = make_context(oracle=BlockedConvDevice(1), **SETTINGS)
+    every = replace(every, store=KeepsEveryNode())
+    assert tree(run_search(every, BUDGET)) == tree(whole)
