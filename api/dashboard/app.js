@@ -14,7 +14,7 @@ const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
   "child_skipped", "child_merged", "depth_done", "retuned", "reranked", "confirm_failed",
   "trim_compared", "filled", "note",
-  "confirmed", "final_finetune", "done", "cancel_requested", "task_lost",
+  "confirmed", "final_finetune", "done", "cancel_requested", "task_lost", "resumed",
 ];
 // Events after which the job's progress and tree have changed.
 const REFRESH_ON = new Set(["status", "baseline", "depth_done", "reranked", "confirmed", "done"]);
@@ -654,6 +654,9 @@ function describe(event, scoreName = "score") {
       return `answer ${event.id}: ${ms(event.latency_ms)}, ${quality}${decimal(event.wall_s, 1)} s`;
     }
     case "cancel_requested": return "cancel requested";
+    case "resumed":
+      return `resumed ${decimal(event.elapsed_s, 0)} s into the search, ` +
+        (event.done ? "its tree search finished" : `after depth ${event.depth}`);
     default:
       return JSON.stringify(Object.fromEntries(
         Object.entries(event).filter(([name]) => name !== "kind" && name !== "time")));
