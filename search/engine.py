@@ -997,5 +997,5 @@ def _tell_resumed(context: SearchContext, state: SearchState, elapsed_s: float) 
         score=state.root.score,
         scored_by="accuracy" if context.data.labelled else "fidelity",
         candidates=state.candidates_evaluated,
-        best=None if best is None else best.to_dict(),
+        best=None if best is None else best.summary(),
     )
