@@ -1244,3 +1244,23 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     # --restart measures the unpruned model again instead.
     _, stderr = stopped_at("] baseline", ("--restart",))
     assert "resuming" not in stderr, stderr
+
+
+def test_every_option_of_every_command_is_in_the_readme():
+    from archtree_cli.main import build_parser
+
+    commands = next(
+        action for action in build_parser()._actions if action.dest == "command"
+    ).choices
+    readme = (ROOT / "README.md").read_text()
+    mentioned = set(re.findall(r"(--[a-z][a-z0-9-]*)", readme))
+    missing = {
+        name: sorted(
+            option
+            for action in parser._actions
+            for option in action.option_strings
+            if option.startswith("--") and option != "--help" and option not in mentioned
+        )
+        for name, parser in commands.items()
+    }
+    assert not any(missing.values()), missing
