@@ -22,6 +22,8 @@ import torch
 from latency.device_registry import DeviceRegistry
 from latency.measurement_protocol import stream_key
 from search.artifacts import ARTIFACT_NAMES, load_pruned
+from search.engine import live_nodes
+from search.tree import SearchState
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
 from workers.artifact_store import (
@@ -377,8 +379,9 @@ def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes
         start_agents(agents, jobs, "lost-b", 1)
         registry = DeviceRegistry(jobs.client)
         wait_until(lambda: registry.live_agents("lost-a") == 1, AGENT_START_S, "agent online")
-        job_id = submit_job(jobs, job_spec("lost-a"), celery=worker_pool.app)
-        wait_until(lambda: child_started(jobs, job_id, min_depth=1), JOB_S, "a child")
+        # Three children a depth for a frontier of two: one of depth 1 is left behind.
+        job_id = submit_job(jobs, job_spec("lost-a", branching=3), celery=worker_pool.app)
+        wait_until(lambda: child_started(jobs, job_id, min_depth=2), JOB_S, "a child")
         # The machine is gone: its agent dies, and its record is removed (as the heartbeat's
         # expiry would, a little later).
         lost.kill()
@@ -387,6 +390,19 @@ def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes
         wait_until(
             lambda: jobs.get(job_id)["status"] == "waiting_for_device", 60, "the job to wait"
         )
+
+        # Between depths, only the weights the job may still use are kept.
+        state = SearchState.from_dict(jobs.load_state(job_id))
+        live = live_nodes(state)
+        made = {task["child_id"] for task in jobs.load_plan(job_id, 1)}
+        artifacts = ArtifactStore(worker_pool.settings.artifacts_url)
+
+        def stored(node_id: str) -> bool:
+            return artifacts.exists(f"jobs/{job_id}/nodes/{node_id}.safetensors")
+
+        assert state.depth == 1 and made - live
+        assert all(stored(node_id) for node_id in live)
+        assert not any(stored(node_id) for node_id in made - live)
 
         other = submit_job(jobs, job_spec("lost-b"), celery=worker_pool.app)
         assert wait_for_end(jobs, other, worker_pool)["status"] == "succeeded"

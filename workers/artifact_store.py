@@ -10,7 +10,7 @@ import contextlib
 import io
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -171,6 +171,11 @@ class ArtifactNodeStore:
 
     def discard(self, node_id: str, attempt: str) -> None:
         self.artifacts.delete(self._name(node_id, attempt))
+
+    def drop(self, node_ids: Iterable[str]) -> None:
+        """Remove the weights of nodes the job can no longer use (search.engine.live_nodes)."""
+        for node_id in node_ids:
+            self.artifacts.delete(self._name(node_id))
 
     def clear(self) -> None:
         """Remove every candidate's weights: once the job has ended, only its results count."""
