@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from search.errors import ArchtreeError
 from search.interfaces import MemoryNodeStore
 from search.tree import SearchState
 
@@ -63,9 +65,16 @@ class SavedNodeStore(MemoryNodeStore):
 
     def get(self, node_id: str) -> dict[str, Any]:
         if node_id not in self.weights:
-            self.weights[node_id] = torch.load(
-                self._path(node_id), map_location="cpu", weights_only=True
-            )
+            try:
+                self.weights[node_id] = torch.load(
+                    self._path(node_id), map_location="cpu", weights_only=True
+                )
+            except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+                raise ArchtreeError(
+                    f"the saved search in {self.folder.parent} cannot give back the weights of "
+                    f"its node {node_id} ({_unreadable(error)}): run the "
+                    "command again with --restart to start the search afresh"
+                ) from None
         return self.weights[node_id]
 
     def keep_only(self, node_ids: set[str]) -> None:
@@ -156,6 +165,12 @@ class SearchCheckpoint:
         """Delete the saved search (it finished, or cannot finish)."""
         self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _unreadable(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return "the file is damaged"  # torch's own message is pages of advice on pickles
 
 
 def _why(error: Exception) -> str:

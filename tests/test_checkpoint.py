@@ -183,3 +183,19 @@ def test_a_search_drops_the_weights_it_can_no_longer_use_and_ends_the_same():
     every = make_context(oracle=BlockedConvDevice(1), **SETTINGS)
     every = replace(every, store=KeepsEveryNode())
     assert tree(run_search(every, BUDGET)) == tree(whole)
+
+
+def test_a_saved_search_missing_weights_says_to_restart(tmp_path):
+    from search.errors import ArchtreeError
+
+    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert first.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        searched(first, sink=StopsAtDepth(2))
+    first.release()
+    state, _ = first.saved()
+    (first.nodes.folder / f"{state.frontier[0]}.pt").write_bytes(b"not weights")
+    again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert again.acquire()
+    with pytest.raises(ArchtreeError, match="weights of its node n\\d+ .*--restart"):
+        searched(again)
