@@ -295,10 +295,10 @@ def _saved_search(args: argparse.Namespace, settings):
         "threads": args.threads,
     }
     checkpoint = SearchCheckpoint(archtree_home() / "searches", about)
-    if args.restart:
-        checkpoint.remove()
     try:
         if checkpoint.acquire():
+            if args.restart:
+                checkpoint.clear()
             return checkpoint
         why = "another run of this same command is saving its search there"
     except OSError as error:

@@ -6,7 +6,8 @@ model, weights, data, budget, settings and device, as the caller describes them)
 
     state.json        the search's state after its last finished depth (search.tree.SearchState)
     about.json        that description, and the seconds the search had run
-    nodes/ID.pt       the weights of every node of the tree, written as each node is made
+    nodes/ID.pt       the weights of each node, written as it is made, and deleted once the
+                      search can no longer use them (search.engine.live_nodes)
 
 Only the tree search is saved: the re-ranking and confirmation that follow it run again in
 full on resuming. A folder is locked while a search uses it, so that two runs of the same
@@ -160,6 +161,13 @@ class SearchCheckpoint:
             f"the search can no longer be saved in {self.folder} ({_why(error)}), "
             "so it cannot go on from where it stopped if interrupted; it goes on unsaved"
         )
+
+    def clear(self) -> None:
+        """Forget what was saved (to start afresh), keeping the folder and its lock."""
+        for path in (self.folder / "state.json", self.folder / "about.json"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.nodes.keep_only(set())
 
     def remove(self) -> None:
         """Delete the saved search (it finished, or cannot finish)."""
