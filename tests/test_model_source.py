@@ -116,6 +116,7 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (package / "models.py").write_text(
         textwrap.dedent(
             """
+            import torch
             from torch import nn
 
             def tiny():
@@ -126,6 +127,15 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
             def not_a_model():
                 return 42
+
+            def scripted():
+                return torch.jit.script(tiny())
+
+            def traced():
+                return torch.jit.trace(tiny().eval(), torch.zeros(1, 1, 8, 8))
+
+            def compiled():
+                return torch.compile(tiny())
 
             def broken():
                 raise ValueError("needs a config")
@@ -159,8 +169,12 @@ def test_module_source_builds_the_user_model(user_package: str) -> None:
         ("module:usernets.models:NOT_CALLABLE", ["not callable"]),
         ("module:usernets.models:not_a_model", ["int", "nn.Module"]),
         ("module:usernets.models:broken", ["needs a config", "no arguments"]),
+        ("module:usernets.models:scripted", ["TorchScript", "before torch.jit.script"]),
+        ("module:usernets.models:traced", ["TorchScript", "or trace"]),
+        ("module:usernets.models:compiled", ["torch.compile'd", "before torch.compile"]),
     ],
 )
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_module_source_errors(user_package: str, source: str, words: list[str]) -> None:
     with pytest.raises(ArchtreeError) as excinfo:
         build_model(ModelRef(source, 10, 1))
