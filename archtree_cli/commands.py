@@ -494,7 +494,7 @@ def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, sourc
     from search.memory import available_memory_bytes
 
     available = available_memory_bytes()
-    if available is None:
+    if available is None or isinstance(model, torch.jit.ScriptModule):  # it takes no hooks
         return
     largest = 0
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from search.data_source import MAX_CLASSES, DataSplits, load_data
 from search.errors import ArchtreeError, first_line
-from search.model_source import ModelRef, build_model, load_weights
+from search.model_source import ModelRef, build_model, check_prunable_form, load_weights
 
 
 @dataclass
@@ -54,6 +54,7 @@ def load_inputs(
     ref = ModelRef(source=model_source, num_classes=classes, in_channels=data.input_shape[0])
     torch.manual_seed(seed)
     model = build_model(ref)
+    check_prunable_form(model, model_source)
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
     model.eval()

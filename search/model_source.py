@@ -84,19 +84,23 @@ def build_model(ref: ModelRef) -> nn.Module:
             f"model source {ref.source!r} returned a {type(model).__name__}, not a torch "
             "nn.Module; make it return the model"
         )
+    return model.eval()
+
+
+def check_prunable_form(model: nn.Module, source: str) -> None:
+    """Refuse a TorchScript or torch.compile'd model for pruning (`measure` times them)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise ArchtreeError(
-            f"model source {ref.source!r} returned a TorchScript module, whose layers cannot be "
+            f"model source {source!r} returned a TorchScript module, whose layers cannot be "
             "pruned: return the model before torch.jit.script or trace, and script the pruned "
             "model afterwards"
         )
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
         raise ArchtreeError(
-            f"model source {ref.source!r} returned a torch.compile'd model: return the model "
+            f"model source {source!r} returned a torch.compile'd model: return the model "
             "before torch.compile, and compile the pruned model afterwards (every candidate "
             "would be compiled again, for each timing and fine-tune: minutes each)"
         )
-    return model.eval()
 
 
 # Files users give as a model when the model is its code and the file its weights.

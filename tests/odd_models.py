@@ -155,3 +155,10 @@ def channels_last_mobilenetv2() -> nn.Module:
     from search.zoo import mobilenetv2
 
     return mobilenetv2().to(memory_format=torch.channels_last)
+
+
+def scripted_vgg() -> nn.Module:
+    """The builtin VGG as TorchScript: timed as it is, never pruned."""
+    from search.zoo import vgg
+
+    return torch.jit.script(vgg())

@@ -1264,3 +1264,11 @@ def test_every_option_of_every_command_is_in_the_readme():
         for name, parser in commands.items()
     }
     assert not any(missing.values()), missing
+
+
+def test_measure_times_a_torchscript_model(home):
+    timed = archtree(
+        "measure", "--model", "module:tests.odd_models:scripted_vgg", "--input-shape", "1,8,8",
+        home=home,
+    )  # fmt: skip
+    assert float(re.search(r"^median\s+(\S+) ms", timed.stdout, re.M).group(1)) > 0
