@@ -48,15 +48,21 @@ def searched(checkpoint: SearchCheckpoint | None = None, sink=None):
     return context, run_search(context, BUDGET, checkpoint=checkpoint)
 
 
+def interrupted(tmp_path, sink: StopsAtDepth) -> SearchCheckpoint:
+    """The checkpoint of a search stopped by `sink`, released as a process that ended."""
+    checkpoint = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert checkpoint.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        searched(checkpoint, sink=sink)
+    checkpoint.release()
+    return checkpoint
+
+
 def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tmp_path):
     _, whole = searched()
     assert whole.state.depth >= 3
 
-    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
-    assert first.acquire()
-    with pytest.raises(KeyboardInterrupt):
-        searched(first, sink=StopsAtDepth(3))
-    first.release()
+    first = interrupted(tmp_path, StopsAtDepth(3))
     state, elapsed_s = first.saved()
     assert state.depth == 2 and not state.done and elapsed_s > 0
     # Only the weights the search may still use are kept: the others were deleted.
@@ -89,11 +95,7 @@ def test_a_search_interrupted_while_its_best_are_retuned_retunes_them_from_the_t
     tmp_path,
 ):
     _, whole = searched()
-    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
-    assert first.acquire()
-    with pytest.raises(KeyboardInterrupt):
-        searched(first, sink=StopsAtDepth(kind="retuned"))
-    first.release()
+    interrupted(tmp_path, StopsAtDepth(kind="retuned"))
     again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
     assert again.acquire()
     context, resumed = searched(again)
@@ -188,11 +190,7 @@ def test_a_search_drops_the_weights_it_can_no_longer_use_and_ends_the_same():
 def test_a_saved_search_missing_weights_says_to_restart(tmp_path):
     from search.errors import ArchtreeError
 
-    first = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
-    assert first.acquire()
-    with pytest.raises(KeyboardInterrupt):
-        searched(first, sink=StopsAtDepth(2))
-    first.release()
+    first = interrupted(tmp_path, StopsAtDepth(2))
     state, _ = first.saved()
     (first.nodes.folder / f"{state.frontier[0]}.pt").write_bytes(b"not weights")
     again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
