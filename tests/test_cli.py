@@ -1213,7 +1213,7 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
 ):
     args = [
         "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "50%",
-        "--out", str(tmp_path / "out"), "--width", "1", "--branching", "2", "--ft-steps", "2",
+        "--out", str(tmp_path / "out"), "--width", "1", "--branching", "1", "--ft-steps", "2",
     ]  # fmt: skip
 
     def stopped_at(text: str, extra: tuple[str, ...] = ()) -> tuple[str, str]:

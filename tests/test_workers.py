@@ -379,8 +379,10 @@ def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes
         start_agents(agents, jobs, "lost-b", 1)
         registry = DeviceRegistry(jobs.client)
         wait_until(lambda: registry.live_agents("lost-a") == 1, AGENT_START_S, "agent online")
-        # Three children a depth for a frontier of two: one of depth 1 is left behind.
-        job_id = submit_job(jobs, job_spec("lost-a", branching=3), celery=worker_pool.app)
+        # Three children a depth for a frontier of one, depth 1 aiming well above the budget
+        # (a child can land under it, past a latency step): two of depth 1 are left behind.
+        spec = job_spec("lost-a", width=1, branching=3, planned_steps=3)
+        job_id = submit_job(jobs, spec, celery=worker_pool.app)
         wait_until(lambda: child_started(jobs, job_id, min_depth=2), JOB_S, "a child")
         # The machine is gone: its agent dies, and its record is removed (as the heartbeat's
         # expiry would, a little later).
