@@ -613,7 +613,8 @@ def test_a_model_of_sequences_is_pruned_data_free_and_the_run_says_its_scores_ar
     data = sequences_file(tmp_path / "sequences.pt", labelled=False)
     source = "module:tests.non_image_models:sequence_net"
     args = prune_args(tmp_path, "--model", source, "--data", str(data), "--select-steps", "5",
-                      "--fill-probes", "0", budget="90%")  # fmt: skip
+                      "--fill-probes", "0", "--width", "1", "--branching", "2",
+                      budget="90%")  # fmt: skip
     result = archtree(*args, home=home)
 
     # Without labels, every score is fidelity to the unpruned model's outputs, said once.
@@ -718,7 +719,9 @@ def test_a_model_with_weights_that_are_not_finite_is_not_saved(tmp_path):
 def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
     out = tmp_path / "out"
     env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    args = prune_args(tmp_path, "--model", "builtin:vgg")
+    # The smallest search: what is checked is where its result goes.
+    args = prune_args(tmp_path, "--model", "builtin:vgg", "--width", "1", "--branching", "1",
+                      "--select-steps", "2", "--fill-probes", "0")  # fmt: skip
     search = subprocess.Popen(
         [sys.executable, "-m", "archtree_cli.main", *args],
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
