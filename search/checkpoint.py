@@ -36,6 +36,7 @@ from search.tree import SearchState
 
 # Saved searches not resumed for this long are removed when another search starts.
 KEEP_DAYS = 14
+WRITE_FAILED = "a node's weights could not be written: is its disk full?"
 
 
 class SavedNodeStore(MemoryNodeStore):
@@ -73,7 +74,7 @@ class SavedNodeStore(MemoryNodeStore):
             except (OSError, RuntimeError, pickle.UnpicklingError) as error:
                 raise ArchtreeError(
                     f"the saved search in {self.folder.parent} cannot give back the weights of "
-                    f"its node {node_id} ({_unreadable(error)}): run the "
+                    f"its node {node_id} ({_reason(error, 'the file is damaged')}): run the "
                     "command again with --restart to start the search afresh"
                 ) from None
         return self.weights[node_id]
@@ -158,7 +159,8 @@ class SearchCheckpoint:
         self.nodes.stop_saving()
         self.remove()
         return (
-            f"the search can no longer be saved in {self.folder} ({_why(error)}), "
+            f"the search can no longer be saved in {self.folder} "
+            f"({_reason(error, WRITE_FAILED)}), "
             "so it cannot go on from where it stopped if interrupted; it goes on unsaved"
         )
 
@@ -175,16 +177,12 @@ class SearchCheckpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _unreadable(error: Exception) -> str:
+def _reason(error: Exception, otherwise: str) -> str:
+    """An OSError's own words; for torch's errors, whose messages run to pages of advice on
+    pickles, `otherwise`."""
     if isinstance(error, OSError):
         return error.strerror or str(error)
-    return "the file is damaged"  # torch's own message is pages of advice on pickles
-
-
-def _why(error: Exception) -> str:
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    return "a node's weights could not be written: is its disk full?"  # torch's own words
+    return otherwise
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
