@@ -942,8 +942,7 @@ def run_search(
         tasks = plan(context, state)
         results = executor.map(partial(evaluate_child, context), tasks)
         state = advance(context, state, results)
-        if hasattr(context.store, "keep_only"):
-            context.store.keep_only(live_nodes(state))
+        context.store.keep_only(live_nodes(state))
         _save(context, checkpoint, state, time.monotonic() - started)
     if checkpoint is not None:
         # What follows is not saved: it runs again in full on resuming, from the weights the

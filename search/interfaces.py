@@ -147,6 +147,10 @@ class NodeStore(Protocol):
 
     def get(self, node_id: str) -> dict[str, Any]: ...
 
+    def keep_only(self, node_ids: set[str]) -> None:
+        """Forget the weights of every node but those named: the search no longer uses them."""
+        ...
+
 
 @dataclass
 class MemoryNodeStore:

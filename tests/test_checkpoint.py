@@ -176,6 +176,9 @@ class KeepsEveryNode:
     def get(self, node_id: str) -> dict:
         return self.weights[node_id]
 
+    def keep_only(self, node_ids: set[str]) -> None:
+        pass
+
 
 def test_a_search_drops_the_weights_it_can_no_longer_use_and_ends_the_same():
     context, whole = searched()

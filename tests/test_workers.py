@@ -153,6 +153,25 @@ def test_a_node_keeps_the_weights_of_the_attempt_committed_first(tmp_path: Path)
         nodes.get("n4")
 
 
+def test_a_job_keeps_only_the_weights_of_the_nodes_it_names(tmp_path: Path):
+    artifacts = ArtifactStore(str(tmp_path / "store"))
+    nodes = ArtifactNodeStore(artifacts, "0123456789ab")
+    nodes.keep_only({"n0"})  # before any weights: nothing to remove
+    for node_id in ("n0", "n1", "n2"):
+        nodes.put(node_id, {"w": torch.ones(2)})
+    nodes.put("n3", {"w": torch.ones(2)}, attempt="a1")  # a run still going
+
+    nodes.keep_only({"n0", "n2"})
+
+    assert sorted(artifacts.names(nodes.prefix)) == [
+        "n0.safetensors",
+        "n2.safetensors",
+        "n3.a1.safetensors",
+    ]
+    nodes.commit("n3", "a1")
+    assert torch.equal(nodes.get("n3")["w"], torch.ones(2))
+
+
 def test_an_artifact_store_that_cannot_be_written_is_named(tmp_path: Path):
     root = tmp_path / "store"
     store = ArtifactStore(str(root))

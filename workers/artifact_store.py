@@ -10,7 +10,7 @@ import contextlib
 import io
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -113,6 +113,16 @@ class ArtifactStore:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+    def names(self, folder: str) -> list[str]:
+        """The names of the files in a folder; none when it does not exist."""
+        path = self._path(folder)
+        try:
+            return [entry.rsplit("/", 1)[-1] for entry in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise self._failure("list", folder, error) from None
+
     def exists(self, name: str) -> bool:
         return self.fs.exists(self._path(name))
 
@@ -172,10 +182,14 @@ class ArtifactNodeStore:
     def discard(self, node_id: str, attempt: str) -> None:
         self.artifacts.delete(self._name(node_id, attempt))
 
-    def drop(self, node_ids: Iterable[str]) -> None:
-        """Remove the weights of nodes the job can no longer use (search.engine.live_nodes)."""
-        for node_id in node_ids:
-            self.artifacts.delete(self._name(node_id))
+    def keep_only(self, node_ids: set[str]) -> None:
+        """Remove the weights of every node but those named (search.engine.live_nodes). An
+        attempt's weights stay: the run that wrote them commits or discards them."""
+        suffix = ".safetensors"
+        for name in self.artifacts.names(self.prefix):
+            node_id = name.removesuffix(suffix)
+            if name.endswith(suffix) and "." not in node_id and node_id not in node_ids:
+                self.artifacts.delete(f"{self.prefix}/{name}")
 
     def clear(self) -> None:
         """Remove every candidate's weights: once the job has ended, only its results count."""
@@ -200,3 +214,6 @@ class AttemptNodeStore:
 
     def get(self, node_id: str) -> dict:
         return self.nodes.get(node_id)
+
+    def keep_only(self, node_ids: set[str]) -> None:
+        self.nodes.keep_only(node_ids)

@@ -268,8 +268,7 @@ def advance_depth(self, results: list[dict[str, Any] | None], job_id: str, depth
             if not jobs.save_state_if(job_id, state.to_dict(), expected_depth=depth - 1):
                 return  # another run of this step applied the depth and carries the job on
             _record_progress(jobs, job_id, state)
-            made = {child.child_id for child in children} | set(state.nodes)
-            job.nodes.drop(made - engine.live_nodes(state))
+            job.nodes.keep_only(engine.live_nodes(state))
         if state.done:
             _send_ending(jobs, job_id, state, self.request.hostname)
         else:
