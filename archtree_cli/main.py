@@ -6,11 +6,10 @@ import argparse
 import errno
 import importlib
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
+from archtree_cli.stop_signals import StopSignals, Terminated
 from search.errors import ArchtreeError
 
 EXIT_USER_ERROR = 2
@@ -518,22 +517,14 @@ def _drop_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, `kill`, a CI cancel), stopping a command as Ctrl-C does: its child
-    processes are stopped and what it kept is said. Commands that serve (up, api, worker,
-    agent) install their own handler."""
-
-
-def _terminate(_signum: int, _frame: object) -> None:
-    raise Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
-    # Only the main thread may set a handler (tests call main from others).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    with StopSignals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         debug_from_environment()  # a bad value is refused before any work
         module_name, function_name = args.handler.split(":")
@@ -570,9 +561,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

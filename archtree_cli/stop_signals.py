@@ -1,0 +1,97 @@
+"""Ctrl-C and SIGTERM stop a command as KeyboardInterrupt, but never in the middle of an import.
+
+A KeyboardInterrupt raised while a library initialises (numpy's C extension, under torch's
+import, in the first second of `archtree prune`) can leave it half-loaded: the library turns
+the interrupt into an ImportError or swallows it, and the command goes on, to fail later with an
+internal error ("cannot load module more than once per process") instead of stopping. So a stop
+signal that arrives during an import is held until the import has finished, checked every
+RECHECK_S, and then stops the command as usual. An import that hangs (a user's module waiting on
+something) is stopped all the same once the signal has been held MAX_HOLD_S.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType, TracebackType
+
+RECHECK_S = 0.02
+MAX_HOLD_S = 3.0
+IMPORT_MACHINERY = "<frozen importlib._bootstrap"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a CI cancel), stopping a command as Ctrl-C does: its child
+    processes are stopped and what it kept is said. Commands that serve (up, api, worker,
+    agent) install their own handler."""
+
+
+def importing(frame: FrameType | None) -> bool:
+    """Whether the code running in `frame` runs within an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(IMPORT_MACHINERY):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class StopSignals:
+    """Handlers of SIGINT and SIGTERM while a command runs, restored on leaving. A SIGINT the
+    command was started with ignored (`nohup`, a background job) stays ignored."""
+
+    def __init__(self) -> None:
+        self.previous: dict[int, object] = {}
+        # Since when a signal has been held back, while an import runs; None when none is.
+        self.held_since: float | None = None
+        self.recheck_due = False
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # tests call main elsewhere
+            signums = [signal.SIGTERM]
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signums.append(signal.SIGINT)
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in signums}
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.held_since = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if importing(frame) and (self.held_since is None or now - self.held_since < MAX_HOLD_S):
+            if self.held_since is None:
+                self.held_since = now
+            self._recheck_later(signum)
+            return
+        self.held_since = None
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def _recheck_later(self, signum: int) -> None:
+        if not self.recheck_due:
+            self.recheck_due = True
+            recheck = threading.Timer(RECHECK_S, self._deliver_held, (signum,))
+            recheck.daemon = True
+            recheck.start()
+
+    def _deliver_held(self, signum: int) -> None:
+        """Send a held signal again to the main thread (`handle` runs once more there, or the
+        handler a serving command has put in its place, and a blocking call the thread is in
+        returns to let it), unless the command has stopped or left. While the signal is
+        ignored for a moment (SIGINT is, while the timing fork server starts), wait for that
+        moment to pass."""
+        self.recheck_due = False
+        if self.held_since is None:
+            return
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            if time.monotonic() - self.held_since < MAX_HOLD_S:
+                self._recheck_later(signum)
+            return
+        signal.pthread_kill(threading.main_thread().ident, signum)

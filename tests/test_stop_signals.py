@@ -1,0 +1,86 @@
+"""Ctrl-C and SIGTERM stop `archtree` cleanly even when they arrive during an import.
+
+A signal in the first second of `archtree prune` lands while torch and numpy load; numpy's
+extension then turned the interrupt into an ImportError, and the command ended in an internal
+error instead of stopping. The modules below do what such a library does, at the moment the
+signal arrives, so the tests need not hit that moment by chance.
+"""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.cli_process import run_archtree
+
+MODEL = """
+def model():
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+"""
+
+
+def user_module(tmp_path: Path, name: str, body: str) -> Path:
+    """A folder holding `name.py`: `body` runs at its import, then it defines `model`."""
+    folder = tmp_path / "modules"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(textwrap.dedent(body) + MODEL)
+    return folder
+
+
+def prune(tmp_path: Path, module: str, folder: Path):
+    return run_archtree(
+        "prune", "--model", f"module:{module}:model", "--data", "builtin:digits",
+        "--budget", "50%", "--out", str(tmp_path / "out"),
+        home=tmp_path / "home", extra_path=folder,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("signum", "said", "code"),
+    [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)],
+)
+def test_a_signal_during_an_import_stops_the_command_once_the_import_has_finished(
+    tmp_path: Path, signum: int, said: str, code: int
+):
+    folder = user_module(
+        tmp_path,
+        "halfloaded",
+        f"""
+        import signal
+
+        try:
+            signal.raise_signal({int(signum)})  # Ctrl-C or SIGTERM while this module loads
+        except KeyboardInterrupt:
+            # What a C extension's initialisation does with it.
+            raise ImportError("cannot load module more than once per process") from None
+        """,
+    )
+    result = prune(tmp_path, "halfloaded", folder)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "ImportError" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"archtree: {said}: "), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_signal_during_an_import_that_hangs_stops_the_command_all_the_same(tmp_path: Path):
+    folder = user_module(
+        tmp_path,
+        "hangs",
+        """
+        import signal
+        import threading
+
+        signal.raise_signal(signal.SIGINT)
+        while True:  # an import waiting on something that never comes
+            threading.Event().wait(1)
+        """,
+    )
+    result = prune(tmp_path, "hangs", folder)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("archtree: interrupted: ")
