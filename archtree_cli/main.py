@@ -520,11 +520,11 @@ def _drop_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
-    with StopSignals():
-        return _run(args)
+    with StopSignals() as signals:
+        return _run(args, signals)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     try:
         debug_from_environment()  # a bad value is refused before any work
         module_name, function_name = args.handler.split(":")
@@ -539,6 +539,7 @@ def _run(args: argparse.Namespace) -> int:
         _drop_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as stop:
+        signals.stopped()
         note = interrupted_note(args)
         said = "terminated" if isinstance(stop, Terminated) else "interrupted"
         print(f"archtree: {said}{f': {note}' if note else ''}", file=sys.stderr)

@@ -7,6 +7,10 @@ internal error ("cannot load module more than once per process") instead of stop
 signal that arrives during an import is held until the import has finished, checked every
 RECHECK_S, and then stops the command as usual. An import that hangs (a user's module waiting on
 something) is stopped all the same once the signal has been held MAX_HOLD_S.
+
+Some code swallows a KeyboardInterrupt (torch-pruning's tracing retries a forward pass after a
+bare `except:`), so a stop that has not reached the command's top level (`stopped`) within
+REPEAT_S is raised again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from types import FrameType, TracebackType
 
 RECHECK_S = 0.02
 MAX_HOLD_S = 3.0
+REPEAT_S = 1.0
 IMPORT_MACHINERY = "<frozen importlib._bootstrap"
 
 
@@ -45,6 +50,8 @@ class StopSignals:
         # Since when a signal has been held back, while an import runs; None when none is.
         self.held_since: float | None = None
         self.recheck_due = False
+        # The signal raised and not yet caught by the command's top level.
+        self.stopping: int | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # tests call main elsewhere
@@ -60,7 +67,7 @@ class StopSignals:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.held_since = None
+        self.held_since = self.stopping = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -72,7 +79,26 @@ class StopSignals:
             self._recheck_later(signum)
             return
         self.held_since = None
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if self.stopping is None:
+            self.stopping = signum
+            self._repeat_later()
+        raise Terminated if self.stopping == signal.SIGTERM else KeyboardInterrupt
+
+    def stopped(self) -> None:
+        """The command's top level has caught the stop: it is not raised again."""
+        self.stopping = None
+
+    def _repeat_later(self) -> None:
+        repeat = threading.Timer(REPEAT_S, self._repeat)
+        repeat.daemon = True
+        repeat.start()
+
+    def _repeat(self) -> None:
+        """Raise a stop again that something swallowed; again later, until it is caught."""
+        signum = self.stopping
+        if signum is not None:
+            self._repeat_later()
+            signal.pthread_kill(threading.main_thread().ident, signum)
 
     def _recheck_later(self, signum: int) -> None:
         if not self.recheck_due:

@@ -84,3 +84,47 @@ def test_a_signal_during_an_import_that_hangs_stops_the_command_all_the_same(tmp
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("archtree: interrupted: ")
+
+
+def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    (folder / "swallows.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import signal
+
+            from torch import nn
+
+            from search.zoo import BUILTIN_MODELS
+
+            ORIGIN = os.getpid()  # the command's own process, not a timing process
+            fired = []
+
+
+            class Swallows(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.layers = BUILTIN_MODELS["vgg"].constructor(10, 1)
+
+                def forward(self, x):
+                    if os.getpid() == ORIGIN and not fired:
+                        fired.append(True)
+                        try:
+                            signal.raise_signal(signal.SIGINT)  # Ctrl-C during a forward pass
+                        except BaseException:  # a bare `except:`, as torch-pruning's tracing has
+                            pass
+                    return self.layers(x)
+
+
+            def model():
+                return Swallows()
+            """
+        )
+    )
+    result = prune(tmp_path, "swallows", folder)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("archtree: interrupted: ")
+    assert not (tmp_path / "out").exists()
