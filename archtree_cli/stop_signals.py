@@ -21,7 +21,7 @@ import time
 from types import FrameType, TracebackType
 
 RECHECK_S = 0.02
-MAX_HOLD_S = 3.0
+MAX_HOLD_S = 5.0
 REPEAT_S = 1.0
 IMPORT_MACHINERY = "<frozen importlib._bootstrap"
 

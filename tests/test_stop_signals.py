@@ -25,10 +25,18 @@ def model():
 
 
 def user_module(tmp_path: Path, name: str, body: str) -> Path:
-    """A folder holding `name.py`: `body` runs at its import, then it defines `model`."""
+    """A folder holding `name.py`, which defines `model` and runs `body` at its first import:
+    the command's, not a timing process's (they import it again, and one sent SIGTERM dies)."""
     folder = tmp_path / "modules"
     folder.mkdir(exist_ok=True)
-    (folder / f"{name}.py").write_text(textwrap.dedent(body) + MODEL)
+    once = f"""
+    import os
+
+    if not os.path.exists({str(tmp_path / "imported")!r}):
+        open({str(tmp_path / "imported")!r}, "w").close()
+    """
+    body = textwrap.indent(textwrap.dedent(body), "    ")
+    (folder / f"{name}.py").write_text(textwrap.dedent(once) + body + MODEL)
     return folder
 
 
@@ -91,7 +99,7 @@ def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
     folder.mkdir()
     (folder / "swallows.py").write_text(
         textwrap.dedent(
-            """
+            f"""
             import os
             import signal
 
@@ -99,8 +107,8 @@ def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
 
             from search.zoo import BUILTIN_MODELS
 
-            ORIGIN = os.getpid()  # the command's own process, not a timing process
-            fired = []
+            # The command's first forward pass, not a timing process's.
+            FIRED = {str(tmp_path / "fired")!r}
 
 
             class Swallows(nn.Module):
@@ -109,8 +117,8 @@ def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
                     self.layers = BUILTIN_MODELS["vgg"].constructor(10, 1)
 
                 def forward(self, x):
-                    if os.getpid() == ORIGIN and not fired:
-                        fired.append(True)
+                    if not os.path.exists(FIRED):
+                        open(FIRED, "w").close()
                         try:
                             signal.raise_signal(signal.SIGINT)  # Ctrl-C during a forward pass
                         except BaseException:  # a bare `except:`, as torch-pruning's tracing has
