@@ -297,8 +297,15 @@ def _saved_search(args: argparse.Namespace, settings):
     checkpoint = SearchCheckpoint(archtree_home() / "searches", about)
     try:
         if checkpoint.acquire():
-            if args.restart:
+            unreadable = None if args.restart else checkpoint.unreadable()
+            if args.restart or unreadable:
                 checkpoint.clear()
+            if unreadable:
+                print(
+                    f"archtree: note: the search an earlier run of this command saved in "
+                    f"{checkpoint.folder} cannot be read ({unreadable}): it starts afresh",
+                    file=sys.stderr,
+                )
             return checkpoint
         why = "another run of this same command is saving its search there"
     except OSError as error:

@@ -128,15 +128,30 @@ class SearchCheckpoint:
 
     def saved(self) -> tuple[SearchState, float] | None:
         """The state saved after the last finished depth, and the seconds run until then;
-        None when nothing was saved, or what was saved cannot be read (it is then ignored)."""
+        None when nothing was saved, or what was saved cannot be read (`unreadable` says
+        why)."""
         try:
-            state = json.loads((self.folder / "state.json").read_text())
-            about = json.loads((self.folder / "about.json").read_text())
-            if about.get("search") != self.about:
-                return None
-            return SearchState.from_dict(state), float(about["elapsed_s"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return self._read()
+        except UNREADABLE:
             return None
+
+    def unreadable(self) -> str | None:
+        """Why the state an earlier run saved cannot be read; None when it reads, or when
+        nothing was saved."""
+        if not (self.folder / "state.json").exists():
+            return None
+        try:
+            self._read()
+        except UNREADABLE as error:
+            return _reason(error, "the file is damaged")
+        return None
+
+    def _read(self) -> tuple[SearchState, float] | None:
+        state = json.loads((self.folder / "state.json").read_text())
+        about = json.loads((self.folder / "about.json").read_text())
+        if about.get("search") != self.about:
+            return None
+        return SearchState.from_dict(state), float(about["elapsed_s"])
 
     def save(self, state: SearchState, elapsed_s: float) -> str | None:
         """Save `state` (its nodes' weights are already in the store). When it or a node's
@@ -175,6 +190,10 @@ class SearchCheckpoint:
         """Delete the saved search (it finished, or cannot finish)."""
         self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# What reading a saved state.json or about.json that is damaged or cut short raises.
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
 
 
 def _reason(error: Exception, otherwise: str) -> str:

@@ -200,3 +200,17 @@ def test_a_saved_search_missing_weights_says_to_restart(tmp_path):
     assert again.acquire()
     with pytest.raises(ArchtreeError, match="weights of its node n\\d+ .*--restart"):
         searched(again)
+
+
+def test_a_saved_state_that_cannot_be_read_says_why_and_the_search_starts_afresh(tmp_path):
+    first = interrupted(tmp_path, StopsAtDepth(2))
+    assert first.unreadable() is None  # it reads
+    state_file = first.folder / "state.json"
+    state_file.write_text(state_file.read_text()[:100])  # cut short, as by a crash mid-write
+    again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
+    assert again.acquire()
+    assert again.saved() is None
+    assert again.unreadable() == "the file is damaged"
+    outcome = searched(again)[1]
+    assert outcome.state.depth >= 2  # searched from the start, not from depth 2
+    assert SearchCheckpoint(tmp_path / "other", {"model": "builtin:vgg"}).unreadable() is None

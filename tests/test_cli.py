@@ -290,6 +290,33 @@ def test_uniform_baseline_runs_through_the_same_engine_and_quiet_prints_only_the
 
 
 @pytest.mark.slow
+def test_a_saved_search_that_cannot_be_read_is_said_and_started_afresh(
+    tmp_path, monkeypatch, capsys
+):
+    import argparse
+
+    from archtree_cli.commands import _saved_search
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path))
+    args = argparse.Namespace(
+        model="builtin:vgg", weights=None, allow_pickle=False, data="builtin:digits",
+        num_classes=None, budget="50%", device="local", batch_size=1, threads=1, restart=False,
+    )  # fmt: skip
+    first = _saved_search(args, SearchSettings())
+    (first.folder / "state.json").write_text('{"nodes": {"n0"')
+    (first.folder / "about.json").write_text("{}")
+    first.release()
+
+    again = _saved_search(args, SearchSettings())
+    said = capsys.readouterr().err
+    assert f"the search an earlier run of this command saved in {again.folder}" in said
+    assert "cannot be read (the file is damaged): it starts afresh" in said
+    assert not (again.folder / "state.json").exists()
+    again.release()
+    _saved_search(args, SearchSettings()).release()  # nothing saved now: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_width_one_equals_greedy_and_timings_from_the_cache_are_said_to_be(tmp_path, home):
     common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE, *FAST]
     cache = ["--cache-dir", str(tmp_path / "cache")]
