@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -183,16 +184,27 @@ def prune(
         num_classes=num_classes,
         seed=settings.seed,
     )
+    progress = sink if sink is not None else ConsoleProgress(quiet=quiet)
+    stopping = threading.Event()
+
+    def stop_children() -> None:
+        """Ctrl-C: the children running in parallel stop at their next fine-tuning step, and
+        those that finish meanwhile print nothing after the command's last line."""
+        stopping.set()
+        if isinstance(progress, ConsoleProgress):
+            progress.fall_silent()
+
+    executor = ThreadExecutor(jobs, on_stop=stop_children) if jobs > 1 else SequentialExecutor()
     context = SearchContext(
         model_ref=inputs.model_ref,
         base_model=inputs.model,
         data=inputs.data,
         oracle=oracle,
         settings=settings,
-        sink=sink if sink is not None else ConsoleProgress(quiet=quiet),
+        sink=progress,
+        cancelled=stopping.is_set,
         **({"store": checkpoint.nodes} if checkpoint is not None else {}),
     )
-    executor = ThreadExecutor(jobs) if jobs > 1 else SequentialExecutor()
     # A model timed on this machine runs alone: the other children's work waits meanwhile.
     gate = getattr(oracle, "gate", None)
     with quiet_gate(gate) if gate is not None else contextlib.nullcontext():

@@ -31,6 +31,11 @@ class ConsoleProgress:
         self.first_event_time: float | None = None
         self.event_time: float | None = None
 
+    def fall_silent(self) -> None:
+        """Print nothing more: the command has stopped, and what still runs in other threads
+        (children evaluated in parallel, finishing) must not print after its last line."""
+        self.quiet = True
+
     def _print(self, text: str) -> None:
         if not self.quiet:
             if self.event_time is not None and self.first_event_time is not None:

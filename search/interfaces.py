@@ -114,14 +114,42 @@ class ThreadExecutor:
     latency is measured elsewhere, or accept noisier measurements for a faster search.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, on_stop: Callable[[], None] | None = None) -> None:
         self.workers = workers
+        # Called when the caller stops waiting (Ctrl-C): tasks not started are dropped, and
+        # this tells the running ones to stop (a SearchContext's `cancelled`), since they are
+        # waited for.
+        self.on_stop = on_stop
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return list(pool.map(fn, tasks))
+            futures = []
+            try:
+                futures.extend(pool.submit(fn, task) for task in tasks)
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                if self.on_stop is not None:
+                    self.on_stop()
+                _wait_out(futures)
+                raise
+
+
+def _wait_out(futures: list[Any]) -> None:
+    """Wait until every started task has ended, whatever interrupts the wait: a process that
+    exits while a thread still runs torch may abort instead ("terminate called without an
+    active exception")."""
+    from concurrent.futures import wait
+
+    while True:
+        try:
+            wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 class EventSink(Protocol):

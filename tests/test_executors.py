@@ -1,0 +1,35 @@
+"""Children evaluated in parallel threads (`prune --jobs N`) stop with the command."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+
+from search.interfaces import ThreadExecutor
+
+
+def test_ctrl_c_drops_the_tasks_not_started_and_waits_out_those_running():
+    main = threading.main_thread().ident
+    stop = threading.Event()  # what the running tasks are told: a SearchContext's `cancelled`
+    both_running = threading.Barrier(2)
+    started, ended = [], []
+
+    def task(number: int) -> int:
+        started.append(number)
+        both_running.wait(10)
+        if number == 0:
+            signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C while the children run
+        stop.wait(10)  # each stops at its next fine-tuning step
+        if number == 0:
+            signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C again, while they end
+            threading.Event().wait(0.5)  # ... and this one takes a little longer to
+        ended.append(number)
+        return number
+
+    with pytest.raises(KeyboardInterrupt):
+        ThreadExecutor(2, on_stop=stop.set).map(task, range(6))
+
+    assert sorted(started) == [0, 1] and sorted(ended) == [0, 1]
+    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
