@@ -116,9 +116,9 @@ class ThreadExecutor:
 
     def __init__(self, workers: int, on_stop: Callable[[], None] | None = None) -> None:
         self.workers = workers
-        # Called when the caller stops waiting (Ctrl-C): tasks not started are dropped, and
-        # this tells the running ones to stop (a SearchContext's `cancelled`), since they are
-        # waited for.
+        # Called when `map` stops early (Ctrl-C, or a task's error): tasks not started are
+        # dropped, and this tells the running ones to stop (a SearchContext's `cancelled`),
+        # since they are waited for.
         self.on_stop = on_stop
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
