@@ -18,6 +18,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
 
 RECHECK_S = 0.02
@@ -89,30 +90,25 @@ class StopSignals:
         self.stopping = None
 
     def _repeat_later(self) -> None:
-        repeat = threading.Timer(REPEAT_S, self._repeat)
-        repeat.daemon = True
-        repeat.start()
+        _after(REPEAT_S, self._repeat)
 
     def _repeat(self) -> None:
         """Raise a stop again that something swallowed; again later, until it is caught."""
         signum = self.stopping
         if signum is not None:
             self._repeat_later()
-            signal.pthread_kill(threading.main_thread().ident, signum)
+            _send_to_main_thread(signum)
 
     def _recheck_later(self, signum: int) -> None:
         if not self.recheck_due:
             self.recheck_due = True
-            recheck = threading.Timer(RECHECK_S, self._deliver_held, (signum,))
-            recheck.daemon = True
-            recheck.start()
+            _after(RECHECK_S, self._deliver_held, signum)
 
     def _deliver_held(self, signum: int) -> None:
         """Send a held signal again to the main thread (`handle` runs once more there, or the
-        handler a serving command has put in its place, and a blocking call the thread is in
-        returns to let it), unless the command has stopped or left. While the signal is
-        ignored for a moment (SIGINT is, while the timing fork server starts), wait for that
-        moment to pass."""
+        handler a serving command has put in its place), unless the command has stopped or
+        left. While the signal is ignored for a moment (SIGINT is, while the timing fork
+        server starts), wait for that moment to pass."""
         self.recheck_due = False
         if self.held_since is None:
             return
@@ -120,4 +116,17 @@ class StopSignals:
             if time.monotonic() - self.held_since < MAX_HOLD_S:
                 self._recheck_later(signum)
             return
-        signal.pthread_kill(threading.main_thread().ident, signum)
+        _send_to_main_thread(signum)
+
+
+def _after(seconds: float, call: Callable[..., None], *args: object) -> None:
+    """Call `call(*args)` in `seconds`, from a thread that never holds up the process's exit."""
+    timer = threading.Timer(seconds, call, args)
+    timer.daemon = True
+    timer.start()
+
+
+def _send_to_main_thread(signum: int) -> None:
+    """The signal again, to the main thread: its handler runs there, and a blocking call the
+    thread is in returns to let it."""
+    signal.pthread_kill(threading.main_thread().ident, signum)

@@ -289,7 +289,6 @@ def test_uniform_baseline_runs_through_the_same_engine_and_quiet_prints_only_the
     assert searched and set(searched) == {"uniform"}
 
 
-@pytest.mark.slow
 def test_a_saved_search_that_cannot_be_read_is_said_and_started_afresh(
     tmp_path, monkeypatch, capsys
 ):
@@ -317,6 +316,7 @@ def test_a_saved_search_that_cannot_be_read_is_said_and_started_afresh(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_width_one_equals_greedy_and_timings_from_the_cache_are_said_to_be(tmp_path, home):
     common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE, *FAST]
     cache = ["--cache-dir", str(tmp_path / "cache")]

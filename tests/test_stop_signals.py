@@ -48,6 +48,14 @@ def prune(tmp_path: Path, module: str, folder: Path):
     )  # fmt: skip
 
 
+def assert_stopped_in_one_line(result, said: str, code: int) -> None:
+    """The command stopped as Ctrl-C (`said` "interrupted") or SIGTERM ("terminated") stops
+    it: its exit code, no traceback, and the one line saying so last."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"archtree: {said}: "), result.stderr
+
+
 @pytest.mark.parametrize(
     ("signum", "said", "code"),
     [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)],
@@ -69,9 +77,8 @@ def test_a_signal_during_an_import_stops_the_command_once_the_import_has_finishe
         """,
     )
     result = prune(tmp_path, "halfloaded", folder)
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr and "ImportError" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"archtree: {said}: "), result.stderr
+    assert_stopped_in_one_line(result, said, code)
+    assert "ImportError" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -89,9 +96,7 @@ def test_a_signal_during_an_import_that_hangs_stops_the_command_all_the_same(tmp
         """,
     )
     result = prune(tmp_path, "hangs", folder)
-    assert result.returncode == 130, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("archtree: interrupted: ")
+    assert_stopped_in_one_line(result, "interrupted", 130)
 
 
 def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
@@ -132,7 +137,5 @@ def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
         )
     )
     result = prune(tmp_path, "swallows", folder)
-    assert result.returncode == 130, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("archtree: interrupted: ")
+    assert_stopped_in_one_line(result, "interrupted", 130)
     assert not (tmp_path / "out").exists()
