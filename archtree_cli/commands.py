@@ -389,13 +389,13 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
 
 
 def run_measure(args: argparse.Namespace) -> int:
-    import torch
 
     from search.arch_spec import spec_of
     from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
     from search.inputs import check_forward
     from search.model_source import ModelRef, build_model, load_weights
+    from search.timing_input import timing_input
 
     result = _result_folder(args)
     if args.input_shape is None:
@@ -435,7 +435,7 @@ def run_measure(args: argparse.Namespace) -> int:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
     _check_activations_fit(model, shape, args.batch_size, args.model)
-    sample = torch.zeros(args.batch_size, *shape)
+    sample = timing_input(args.batch_size, shape)
     check_forward(model, sample, args.model, f"--input-shape {args.input_shape}", classifier=False)
     spec = spec_of(model, ref, shape)
     print(
@@ -560,7 +560,8 @@ DEMO_DATA = "builtin:mnist"
 
 
 def demo_weights(progress=print) -> Path:
-    """A ResNet trained on MNIST, trained once and cached under ARCHTREE_HOME."""
+    """A ResNet trained on MNIST, trained once and cached under ARCHTREE_HOME (written whole or
+    not at all: a demo stopped while saving them leaves none to load next time)."""
     from search.data_source import load_data
     from search.inputs import load_inputs
     from search.model_source import save_weights
@@ -575,7 +576,12 @@ def demo_weights(progress=print) -> Path:
     train(inputs.model, data.train_x, data.train_y, epochs=3, lr=0.05, seed=0)
     progress(f"trained: validation accuracy {accuracy(inputs.model, data.val_x, data.val_y):.4f}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(inputs.model, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        save_weights(inputs.model, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -600,7 +606,9 @@ def run_demo(args: argparse.Namespace) -> int:
     parse_budget(args.budget)
     _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
     _check_writable(archtree_home() / "demo", "ARCHTREE_HOME's", fix=HOME_FIX)
+    args.demo_training = True  # what a stop now says (main.interrupted_note)
     weights = demo_weights(say)
+    args.demo_training = False
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")
     oracle_args = argparse.Namespace(device="local", threads=1, batch_size=1, cache_dir=None)

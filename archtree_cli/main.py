@@ -440,6 +440,11 @@ def joined_values(argv: Sequence[str]) -> list[str]:
 
 def interrupted_note(args: argparse.Namespace) -> str | None:
     """What an interrupted command kept, and what goes on without it."""
+    if args.command == "demo" and getattr(args, "demo_training", False):
+        return (
+            f"nothing was written to {args.out}; the demo model was not trained to the end, "
+            "and the next `archtree demo` trains it from the start"
+        )
     if args.command in ("prune", "demo"):
         kept = (
             f"nothing was written to {args.out}; the latencies measured so far are in the "

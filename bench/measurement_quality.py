@@ -76,13 +76,12 @@ def measure_repeats(
     """The absolute and reference-anchored repeat rows, and the series for the plot."""
     from latency.harness import TimingSettings, time_interleaved, time_model
     from search.inputs import load_inputs
+    from search.timing_input import timing_input
 
     inputs = load_inputs(config.model, config.data)
     reference = inputs.model.eval()
     candidate = pruned_variant(reference, inputs.data.input_shape, config.keep)
-    example = torch.randn(
-        config.batch_size, *inputs.data.input_shape, generator=torch.Generator().manual_seed(0)
-    )
+    example = timing_input(config.batch_size, tuple(inputs.data.input_shape))
     settings = TimingSettings()
     absolute, ratios, reference_ms = [], [], []
     absolute_cv, anchored_cv = [], []

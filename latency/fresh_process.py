@@ -34,6 +34,7 @@ from torch import nn
 from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import TimingStats
+from search.timing_input import timing_input
 
 # What the server imports before it forks: the children then start with torch loaded.
 _PRELOAD = ["torch", "latency.harness", "search.arch_spec"]
@@ -56,9 +57,7 @@ class TimingJob:
 def run_timing_job(job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
     """In the child: build the models, time them (interleaved when there is a reference)."""
     dtype = DTYPES[job.dtype]
-    example = torch.randn(
-        job.batch_size, *job.input_shape, generator=torch.Generator().manual_seed(0)
-    ).to(dtype)
+    example = timing_input(job.batch_size, job.input_shape, dtype=dtype)
     candidate = job.candidate().to(dtype=dtype).eval()
     if job.reference is None:
         return time_model(candidate, example, job.settings), None, None

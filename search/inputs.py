@@ -11,6 +11,7 @@ from torch import nn
 from search.data_source import MAX_CLASSES, DataSplits, load_data
 from search.errors import ArchtreeError, first_line
 from search.model_source import ModelRef, build_model, check_prunable_form, load_weights
+from search.timing_input import DESCRIPTION, timing_input
 
 
 @dataclass
@@ -148,11 +149,16 @@ def check_forward(
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
             shape = tuple(batch.shape[1:])
             hint = _channels_last(shape)
+            if _embeds_inputs(model) and "ind" in detail:  # indices, index out of range
+                raise ArchtreeError(
+                    f"the model {model_source} fails on {inputs_label} ({detail}): {_EMBEDDING}"
+                ) from None
             raise ArchtreeError(
                 f"the model {model_source} rejects {what} of shape {shape} from "
                 f"{inputs_label} ({detail}): give inputs of the shape the model expects"
                 + (f"; {hint}." if hint else " (if it expects this one, its forward fails).")
             ) from None
+    _check_timing_input(model, tuple(samples.shape[1:]), model_source, inputs_label)
     output = outputs[0]
     if classifier:
         _check_logits(output, model_source, "")
@@ -166,6 +172,41 @@ def check_forward(
                 "model."
             )
     return output
+
+
+# What a model that looks its inputs up in an embedding is told.
+_EMBEDDING = (
+    "it looks its inputs up in an embedding (nn.Embedding), as token ids. Archtree feeds "
+    "and times float inputs, random ones when timing, which cannot stand for token ids: "
+    "prune the layers after the embedding instead, a model that takes the embedded "
+    "inputs, with data saved as the embedding's outputs."
+)
+
+
+def _embeds_inputs(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules())
+
+
+def _check_timing_input(
+    model: nn.Module, input_shape: tuple[int, ...], model_source: str, inputs_label: str
+) -> None:
+    """Refuse a model that runs on its data but not on the input it is timed on, before any
+    timing: it would fail there, on this machine or on an agent."""
+    try:
+        with torch.inference_mode():
+            model(timing_input(1, input_shape))
+    except Exception as error:  # any failure here is the model's, on values it cannot take
+        detail = first_line(error) or type(error).__name__
+        fix = (
+            _EMBEDDING
+            if _embeds_inputs(model)
+            else "a model must run on any values of its input shape to be timed; make its "
+            "forward accept them."
+        )
+        raise ArchtreeError(
+            f"the model {model_source} runs on {inputs_label} but fails on inputs of that shape "
+            f"made of {DESCRIPTION} ({detail}): {fix}"
+        ) from None
 
 
 def _check_logits(output: object, model_source: str, mode: str) -> None:

@@ -566,6 +566,45 @@ def test_a_model_of_its_own_given_channels_last_images_gets_the_same_hint():
     )
 
 
+class NonNegativeOnly(torch.nn.Module):
+    """Runs on images of values 0..1 only, as a model that checks its inputs does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise ValueError("pixel values must be 0..1")
+        return self.layers(x)
+
+
+def test_a_model_that_fails_on_the_random_inputs_it_is_timed_on_is_refused_before_timing():
+    from search.errors import ArchtreeError
+    from search.inputs import check_forward
+    from tests.non_image_models import token_net, token_net_of_floats
+
+    with pytest.raises(ArchtreeError) as error:
+        check_forward(NonNegativeOnly(), torch.rand(2, 1, 8, 8), "module:mine:net", "digits")
+    assert str(error.value) == (
+        "the model module:mine:net runs on digits but fails on inputs of that shape made of "
+        "random standard normal values, which latency is timed on (pixel values must be 0..1): "
+        "a model must run on any values of its input shape to be timed; make its forward "
+        "accept them."
+    )
+    tokens = torch.randint(0, 100, (2, 12)).float()
+    for model, said in [
+        (token_net(), "fails on tokens.npz (Expected tensor for argument #1 'indices'"),
+        (token_net_of_floats(), "runs on tokens.npz but fails on inputs of that shape made"),
+    ]:
+        with pytest.raises(ArchtreeError) as error:
+            check_forward(model.eval(), tokens, "module:mine:text", "tokens.npz")
+        message = str(error.value)
+        assert said in message
+        assert "looks its inputs up in an embedding (nn.Embedding), as token ids" in message
+        assert message.endswith("with data saved as the embedding's outputs.")
+
+
 class TupleInTraining(torch.nn.Module):
     """Logits in eval mode; logits and auxiliary logits in training mode, as GoogLeNet."""
 
@@ -791,6 +830,49 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     assert "training" not in bad_budget.stderr
 
 
+def test_a_demo_stopped_while_training_says_so_and_keeps_no_weights(tmp_path):
+    home = tmp_path / "home"
+    process = started_archtree(["demo", "--out", str(tmp_path / "demo")], home)
+    lines = StderrLines(process)
+    try:
+        lines.until("training the demo model")
+        process.terminate()
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, lines.rest()
+    assert lines.rest().strip().splitlines()[-1] == (
+        f"archtree: terminated: nothing was written to {tmp_path / 'demo'}; the demo model was "
+        "not trained to the end, and the next `archtree demo` trains it from the start"
+    )
+    assert not list((home / "demo").glob("*"))
+
+
+def test_demo_weights_are_cached_whole_or_not_at_all(tmp_path, monkeypatch):
+    import search.model_source
+    import search.training
+    from archtree_cli.commands import demo_weights
+
+    def stopped_while_saving(model, path) -> None:
+        Path(path).write_bytes(b"the first bytes of the weights")
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path))
+    monkeypatch.setattr(search.training, "train", lambda *args, **kwargs: None)
+    monkeypatch.setattr(search.model_source, "save_weights", stopped_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        demo_weights(progress=lambda text: None)
+    assert not list((tmp_path / "demo").glob("*"))  # no partial weights to load next time
+    monkeypatch.undo()
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path))
+    monkeypatch.setattr(search.training, "train", lambda *args, **kwargs: None)
+    path = demo_weights(progress=lambda text: None)
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [path.name]
+    from safetensors.torch import load_file
+
+    assert "classifier.weight" in load_file(path)
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -801,6 +883,10 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
         (["--input-shape", "1,0,8"], "is not one sample's shape"),
         (["--input-shape", "12"], "builtin:vgg takes images: give --input-shape as C,H,W"),
         (["--model", "pruned/"], "no folder 'pruned/': --model takes a folder `archtree prune`"),
+        (
+            ["--model", "module:tests.non_image_models:token_net_of_floats", "--input-shape", "12"],
+            "fails on --input-shape 12 (index out of range in self): it looks its inputs up in an",
+        ),
     ],
 )
 def test_measure_bad_input_gives_one_clear_line(home, extra, expected):
@@ -1242,7 +1328,7 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     tmp_path, home
 ):
     args = [
-        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "50%",
+        "prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE,
         "--out", str(tmp_path / "out"), "--width", "1", "--branching", "1", "--ft-steps", "2",
     ]  # fmt: skip
 
