@@ -389,7 +389,6 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
 
 
 def run_measure(args: argparse.Namespace) -> int:
-
     from search.arch_spec import spec_of
     from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES

@@ -29,7 +29,9 @@ from search.settings import SearchSettings
 from tests.cli_process import ROOT, run_archtree
 from tests.redis_fixtures import wait_until
 
-FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2"]
+# A short re-ranking and fill: what they do is tested on their own (test_engine, test_fill).
+FAST = ["--width", "2", "--branching", "3", "--ft-steps", "5", "--planned-steps", "2",
+        "--select-steps", "10", "--fill-probes", "2"]  # fmt: skip
 # A budget every small test model can reach on a loaded 2-core machine with the default 3%
 # margin: their narrowest versions have measured up to 62% (digits VGG) and 72% (digits
 # ResNet) of the unpruned latency, where the per-layer overhead of tiny convolutions dominates.

@@ -34,7 +34,8 @@ pytest_plugins = [
 
 DEVICE_CLASS = "dashboard-cpu"
 # As in test_service: a job of a few depths that ends in well under a minute here.
-FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
+FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3,
+               "select_steps": 10, "fill_probes": 2}  # fmt: skip
 BUDGET = "75%"
 JOB_S = 180.0
 AGENT_START_S = 60.0

@@ -41,8 +41,10 @@ pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fi
 
 # The top-level keys of the report `archtree prune` writes (search.report.build_report).
 REPORT_KEYS = {"budget_ms", "notes", "inputs", "device", "baseline", "final", "search", "tree"}
-FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
-CLI_SEARCH = ["--width", "2", "--branching", "2", "--ft-steps", "5", "--planned-steps", "2"]
+FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3,
+               "select_steps": 10, "fill_probes": 2}  # fmt: skip
+CLI_SEARCH = ["--width", "2", "--branching", "2", "--ft-steps", "5", "--planned-steps", "2",
+              "--select-steps", "10", "--fill-probes", "2"]  # fmt: skip
 # On this tiny input the smallest reachable VGG measures 40-55 % of the unpruned one; timing
 # noise on a loaded 2-core machine must not make the budget unreachable.
 BUDGET = "75%"

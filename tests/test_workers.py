@@ -40,7 +40,8 @@ from workers.tasks import result_name, submit_job
 pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures"]
 
 REPORT_KEYS = {"budget_ms", "notes", "inputs", "device", "baseline", "final", "search", "tree"}
-FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3}
+FAST_SEARCH = {"width": 2, "branching": 2, "ft_steps": 5, "planned_steps": 2, "max_probes": 3,
+               "select_steps": 10, "fill_probes": 2}  # fmt: skip
 JOB_S = 150.0
 AGENT_START_S = 30.0
 # Workers fine-tune beside the agents on the same cores: a few more timed runs than the
