@@ -34,12 +34,41 @@ from workers.tasks import submit_job
 DATA_SUFFIXES = (".npz", ".pt")
 
 
-def submit(services: Services, submission: Submission, api_url: str | None = None) -> str:
-    """Check the submission, store its uploads under the new job, queue it; return its id.
-    `api_url`: the API's address as the client reached it, which the job's messages name.
+class SubmissionInProgress(Exception):
+    """A submission with the same Idempotency-Key is still being checked."""
 
-    Raises ArchtreeError (one line) for anything wrong with the submission.
+
+def submit(
+    services: Services,
+    submission: Submission,
+    api_url: str | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[str, str]:
+    """Check the submission, store its uploads under the new job, queue it; return its id and
+    status. `api_url`: the API's address as the client reached it, which the job's messages
+    name. `idempotency_key`: the client's name for this submission; one sent again with it
+    gets the job the first created, in the status it has now, and creates nothing.
+
+    Raises ArchtreeError (one line) for anything wrong with the submission, and
+    SubmissionInProgress while the first submission with its key is still being checked.
     """
+    job_id = uuid.uuid4().hex[:12]
+    if idempotency_key is None:
+        return _submit(services, submission, api_url, job_id), "queued"
+    earlier = services.jobs.claim_submission(idempotency_key, job_id)
+    if earlier is not None:
+        job = services.jobs.get(earlier)
+        if job is None:
+            raise SubmissionInProgress(earlier)
+        return earlier, job["status"]
+    try:
+        return _submit(services, submission, api_url, job_id), "queued"
+    except BaseException:
+        services.jobs.release_submission(idempotency_key, job_id)
+        raise
+
+
+def _submit(services: Services, submission: Submission, api_url: str | None, job_id: str) -> str:
     spec = parse_spec(submission.spec or "")  # never None: the upload checks refused that
     search = check_spec(spec, services.settings)
     names = upload_names(spec, submission)
@@ -64,7 +93,7 @@ def submit(services: Services, submission: Submission, api_url: str | None = Non
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
         sent_names = {name: _sent_name(submission.files[name]) for name in local}
-        return _store_and_queue(services, spec, local, sent_names, api_url)
+        return _store_and_queue(services, spec, local, sent_names, api_url, job_id)
 
 
 def _store_and_queue(
@@ -73,10 +102,10 @@ def _store_and_queue(
     local: dict[str, Path],
     sent_names: dict[str, str],
     api_url: str | None,
+    job_id: str,
 ) -> str:
-    """Put the checked uploads in the artifact store under a new job id, and queue the job;
-    `sent_names`: the file names the uploads came with, which the job keeps to show them."""
-    job_id = uuid.uuid4().hex[:12]
+    """Put the checked uploads in the artifact store under the new job's id, and queue the
+    job; `sent_names`: the file names the uploads came with, which the job keeps to show them."""
     stored = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in local.items()}
     job_spec = {
         **spec.model_dump(exclude={"search"}),

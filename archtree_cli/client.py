@@ -18,6 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -52,6 +53,11 @@ LONGEST_RECONNECT_DELAY_S = 8.0
 # A job's statuses once it has ended (workers.job_store.FINAL_STATUSES; not imported, as
 # this client needs neither redis nor the workers).
 ENDED = ("succeeded", "failed", "cancelled")
+# How many times in all a submission is sent where its job may exist without its answer
+# having arrived, and the statuses that ask for it again: the API still checking the same
+# submission (409), a proxy that lost the API (502, 504), the API without its Redis (503).
+SUBMIT_ATTEMPTS = 4
+SEND_AGAIN_ON = (409, 502, 503, 504)
 # The start of a plain-text error body that a message quotes.
 QUOTED_BODY_CHARS = 80
 
@@ -127,20 +133,50 @@ class ArchtreeClient:
         spec: dict[str, Any],
         weights: str | Path | None = None,
         data: str | Path | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Submit a job (`spec` as in JobSpecIn), uploading local weights and data files.
 
-        Returns the answer: `id`, `status`, `links`.
+        Returns the answer: `id`, `status`, `links`. The submission carries an Idempotency-Key
+        of its own, so it is sent again, up to SUBMIT_ATTEMPTS times in all, where the job may
+        have been created without its answer arriving (the connection broke off after it was
+        sent, no answer came in time, a proxy answered 502-504, the API 503) or the API is
+        still checking it (409): the service creates one job whatever the number of sends.
+        `on_retry` gets a line each time.
         """
-        with ExitStack() as files:
-            uploads = {}
-            for name, path in (("weights", weights), ("data", data)):
-                if path is not None:
-                    uploads[name] = (Path(path).name, files.enter_context(_open(path, name)))
-            answer = self._json(
-                "POST", "/v1/jobs", data={"spec": json.dumps(spec)}, files=uploads or None
-            )
-        return self._with_keys(answer, ("id", "status"))
+        key = uuid.uuid4().hex
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            with ExitStack() as files:
+                uploads = {}
+                for name, path in (("weights", weights), ("data", data)):
+                    if path is not None:
+                        uploads[name] = (Path(path).name, files.enter_context(_open(path, name)))
+                try:
+                    answer = self.http.request(
+                        "POST",
+                        "/v1/jobs",
+                        data={"spec": json.dumps(spec)},
+                        files=uploads or None,
+                        headers={"Idempotency-Key": key},
+                    )
+                except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                    raise self._failure(error) from None  # nothing was sent
+                except httpx.TransportError as error:
+                    if attempt == SUBMIT_ATTEMPTS:
+                        raise self._failure(error) from None
+                    what, delay_s = self._stall(error), None
+                else:
+                    if attempt == SUBMIT_ATTEMPTS or answer.status_code not in SEND_AGAIN_ON:
+                        return self._with_keys(self._decoded(answer), ("id", "status"))
+                    what = f"answered HTTP {answer.status_code}"
+                    delay_s = _retry_after_s(answer) if "retry-after" in answer.headers else None
+            if on_retry is not None:
+                on_retry(
+                    f"the API at {self.api_url} {what}; sending the job again ({attempt} of "
+                    f"{SUBMIT_ATTEMPTS - 1}): the service creates it once however often it is sent"
+                )
+            _pause_before_retry(attempt, delay_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job's status, progress and spec."""
@@ -303,6 +339,10 @@ class ArchtreeClient:
             answer = self.http.request(method, path, **options)
         except httpx.RequestError as error:
             raise self._failure(error) from None
+        return self._decoded(answer)
+
+    def _decoded(self, answer: httpx.Response) -> Any:
+        """The answer's JSON (None when empty), once its status is a success."""
         self._raise_for_status(answer)
         if not answer.content:
             return None

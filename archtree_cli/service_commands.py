@@ -312,7 +312,7 @@ def run_submit(args: argparse.Namespace) -> int:
         # What an interruption from here on says (main.interrupted_note): the service may
         # create the job even when its answer never arrives.
         args.submission_sent = True
-        job = client.submit(spec, weights=args.weights, data=data_file)
+        job = client.submit(spec, weights=args.weights, data=data_file, on_retry=_say_retrying)
         args.submitted_job = job["id"]
         ready = client.readiness()
     print(job["id"])
@@ -384,7 +384,8 @@ def _readable(api: str, source: str = "--api"):
 
 
 def _say_retrying(note: str) -> None:
-    """`status --watch` tells why it is quiet while the API stalls or restarts."""
+    """`status --watch` tells why it is quiet while the API stalls or restarts, `submit` why
+    it sends the job again."""
     print(f"archtree: {note}", file=sys.stderr, flush=True)
 
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -557,6 +558,87 @@ def test_a_data_upload_is_read_by_its_content_whatever_its_name(
 
     assert answer.status_code == 202, answer.text
     assert http.post(f"/v1/jobs/{answer.json()['id']}/cancel").status_code == 202
+
+
+def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
+    http: httpx.Client, job_store: JobStore
+):
+    def sent(spec: dict[str, Any], key: str) -> httpx.Response:
+        return http.post(
+            "/v1/jobs", data={"spec": json.dumps(spec)}, headers={"Idempotency-Key": key}
+        )
+
+    before = http.get("/v1/jobs").json()["total"]
+    first = sent(SPEC, "key-1")
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    again = sent(SPEC, "key-1")
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] == job_id and again.json()["status"] == "cancelled"
+    other = sent(SPEC, "key-2")
+    assert other.status_code == 202 and other.json()["id"] != job_id
+    assert http.post(f"/v1/jobs/{other.json()['id']}/cancel").status_code == 202
+    assert http.get("/v1/jobs").json()["total"] == before + 2
+
+    # A submission refused by its checks creates nothing and leaves its key free.
+    refused = sent(SPEC | {"budget": "soon"}, "key-3")
+    assert refused.status_code == 422, refused.text
+    mended = sent(SPEC, "key-3")
+    assert mended.status_code == 202, mended.text
+    assert http.post(f"/v1/jobs/{mended.json()['id']}/cancel").status_code == 202
+
+    # The first submission with a key still being checked: the second is told to wait.
+    job_store.claim_submission("key-4", "not-yet-created")
+    waiting = sent(SPEC, "key-4")
+    assert waiting.status_code == 409 and waiting.headers["retry-after"] == "2"
+    assert "is still being checked: send it again in a few seconds" in waiting.json()["detail"]
+    too_long = sent(SPEC, "k" * 201)
+    assert too_long.status_code == 422
+    assert too_long.json()["detail"].startswith(
+        "the Idempotency-Key header must be 1 to 200 printable ASCII characters"
+    )
+    assert http.get("/v1/jobs").json()["total"] == before + 3
+
+
+def test_a_submission_whose_answer_is_lost_is_sent_again_and_creates_one_job(
+    api_server: ApiProcess, http: httpx.Client
+):
+    from archtree_cli.client import ArchtreeClient
+    from tests.http_servers import serving
+
+    created: list[str] = []
+
+    class LosesTheFirstAnswer(BaseHTTPRequestHandler):
+        """A proxy to the API that drops its first answer: the job exists, the client never
+        hears of it."""
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            skipped = ("host", "content-length", "connection")
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in skipped}
+            answer = httpx.post(api_server.url + self.path, content=body, headers=headers)
+            if not created:
+                created.append(answer.json()["id"])
+                self.close_connection = True
+                return
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers["content-type"])
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    before = http.get("/v1/jobs").json()["total"]
+    retries: list[str] = []
+    with serving(LosesTheFirstAnswer) as proxy, ArchtreeClient(proxy) as client:
+        job = client.submit(SPEC, on_retry=retries.append)
+    assert job["id"] == created[0]
+    assert len(retries) == 1 and "sending the job again (1 of 3)" in retries[0]
+    assert http.get("/v1/jobs").json()["total"] == before + 1
+    assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
 
 
 def test_a_budget_pasted_with_spaces_around_it_is_kept_without_them(http: httpx.Client):

@@ -28,6 +28,9 @@ import redis
 REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 STATUSES = ("queued", "waiting_for_device", "running", "succeeded", "failed", "cancelled")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# How long a client's Idempotency-Key names the job it submitted: a submission sent again
+# with the same key within this time gets that job instead of a second one.
+SUBMISSION_KEY_TTL_S = 24 * 3600
 
 # Atomic, so that of two workers ending a job at once (a failure racing a cancel) the first
 # decides, and a late "running" never revives an ended job.
@@ -108,6 +111,33 @@ class JobStore:
             pipe.execute()
         self.append_event(job_id, "queued", {})
         return job_id
+
+    def claim_submission(self, key: str, job_id: str) -> str | None:
+        """Name `job_id` as the job of the submission `key` (a client's Idempotency-Key) for
+        SUBMISSION_KEY_TTL_S, unless a submission with that key came first: then its job id
+        (which may still be being checked, and not exist yet)."""
+        claim = self._submission_key(key)
+        if self.client.set(claim, job_id, nx=True, ex=SUBMISSION_KEY_TTL_S):
+            return None
+        earlier = self.client.get(claim)
+        return earlier.decode() if earlier is not None else self.claim_submission(key, job_id)
+
+    def release_submission(self, key: str, job_id: str) -> None:
+        """Free `key` for another submission, if `job_id` still holds it (its job was never
+        created)."""
+        claim = self._submission_key(key)
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(claim)
+                if pipe.get(claim) == job_id.encode():
+                    pipe.multi()
+                    pipe.delete(claim)
+                    pipe.execute()
+            except redis.WatchError:
+                pass  # it changed hands: it is no longer this job's to free
+
+    def _submission_key(self, key: str) -> str:
+        return f"{self.prefix}submission:{key}"
 
     def key(self, job_id: str) -> str:
         """The Redis key of a job's hash (async readers in the API read it directly)."""

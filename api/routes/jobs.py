@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
@@ -83,6 +83,11 @@ SUBMISSION_BODY = {
     summary="Submit a job",
     openapi_extra=SUBMISSION_BODY,
     responses={
+        409: {
+            "model": ErrorMessage,
+            "description": "A submission with this Idempotency-Key is still being checked; "
+            "Retry-After says when to send it again.",
+        },
         413: {"model": ErrorMessage, "description": "An upload exceeds its size limit."},
         422: {
             "model": ErrorMessage,
@@ -90,18 +95,57 @@ SUBMISSION_BODY = {
         },
     },
 )
-async def submit_job(request: Request, services: ServicesDep) -> JobCreated:
+async def submit_job(
+    request: Request,
+    services: ServicesDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="The client's name for this submission (such as a random UUID): "
+            "sent again with the same key within a day, after an answer that never arrived, "
+            "the submission gets the job the first one created, in its status now, and "
+            "creates no other. 1 to 200 printable ASCII characters.",
+        ),
+    ] = None,
+) -> JobCreated:
     """Check the job (budget, search settings, device class, that the model builds, the weights
     load and a sample runs forward), store its uploads and queue it. Nothing is kept when a
     check fails."""
+    key = checked_idempotency_key(idempotency_key)
     form = await read_submission(request, services.settings)
     try:
         # The address the client reached the API at: messages to it name the API so.
         api_url = str(request.base_url).rstrip("/")
-        job_id = await run_in_threadpool(submission.submit, services, form, api_url)
+        job_id, status = await run_in_threadpool(submission.submit, services, form, api_url, key)
+    except submission.SubmissionInProgress:
+        raise HTTPException(
+            409,
+            "a submission with this Idempotency-Key is still being checked: send it again in "
+            "a few seconds to get its job",
+            headers={"Retry-After": str(IN_PROGRESS_RETRY_S)},
+        ) from None
     finally:
         await form.close()
-    return JobCreated(id=job_id, status="queued", links=JobLinks.of(job_id))
+    return JobCreated(id=job_id, status=status, links=JobLinks.of(job_id))
+
+
+# The seconds a client is told to wait before sending again a submission still being checked.
+IN_PROGRESS_RETRY_S = 2
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+
+def checked_idempotency_key(key: str | None) -> str | None:
+    """`key` once it is 1 to 200 printable ASCII characters; 422 otherwise."""
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not (key.isascii() and key.isprintable()):
+        raise HTTPException(
+            422,
+            f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable "
+            "ASCII characters, such as a random UUID, not "
+            f"{key[:40]!r}{'...' if len(key) > 40 else ''}",
+        )
+    return key
 
 
 @router.get("", summary="List jobs, newest first")
