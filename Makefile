@@ -39,8 +39,12 @@ system-deps:
 			docker-compose) || \
 		echo "could not install redis-server/chromium/docker-compose: the tests that need them will fail or skip"
 
+# Test files run in TEST_WORKERS processes at once (pytest-xdist), each file's tests in one
+# of them, so a file's module fixtures start once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: lint system-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The benchmark suite (bench/): tables on stdout, results in bench/results/ (summary.json,
 # summary.md, PNG plots). matplotlib (plots) and wrk (polling load) are installed when missing.
