@@ -37,3 +37,24 @@ def fast_timing():
 
 if os.environ.get("ARCHTREE_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["ARCHTREE_TEST_THREADS"]))
+
+
+# The test files that take longest on a 2-core machine (a minute or more each), run first:
+# `make test` runs files in parallel, each file on one worker, and one of these started last
+# would run alone at the end. Within a file, tests keep their order.
+LONGEST_FIRST = (
+    "test_bench.py",
+    "test_service.py",
+    "test_workers.py",
+    "test_cli.py",
+    "test_dashboard.py",
+    "test_cli_bad_input.py",
+    "test_agent.py",
+    "test_client.py",
+    "test_redis_outage.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
