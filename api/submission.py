@@ -8,6 +8,8 @@ reach the artifact store.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
 import tempfile
@@ -55,8 +57,16 @@ def submit(
     job_id = uuid.uuid4().hex[:12]
     if idempotency_key is None:
         return _submit(services, submission, api_url, job_id), "queued"
-    earlier = services.jobs.claim_submission(idempotency_key, job_id)
-    if earlier is not None:
+    fingerprint = submission_fingerprint(submission)
+    claimed = services.jobs.claim_submission(idempotency_key, job_id, fingerprint)
+    if claimed is not None:
+        earlier, earlier_fingerprint = claimed
+        if earlier_fingerprint not in ("", fingerprint):
+            raise ArchtreeError(
+                f"the Idempotency-Key {idempotency_key!r} came with another submission within "
+                f"the last day (job {earlier}): a key names one submission; send this one with "
+                "a key of its own"
+            )
         job = services.jobs.get(earlier)
         if job is None:
             raise SubmissionInProgress(earlier)
@@ -66,6 +76,18 @@ def submit(
     except BaseException:
         services.jobs.release_submission(idempotency_key, job_id)
         raise
+
+
+def submission_fingerprint(submission: Submission) -> str:
+    """What tells one submission from another sent with the same Idempotency-Key: its spec's
+    text and its uploads' field names, file names and sizes (their contents are not read)."""
+    digest = hashlib.sha256((submission.spec or "").encode())
+    for name in sorted(submission.files):
+        upload = submission.files[name]
+        upload.file.seek(0, io.SEEK_END)
+        digest.update(f"\0{name}\0{upload.filename}\0{upload.file.tell()}".encode())
+        upload.file.seek(0)
+    return digest.hexdigest()[:32]
 
 
 def _submit(services: Services, submission: Submission, api_url: str | None, job_id: str) -> str:

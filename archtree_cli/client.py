@@ -58,6 +58,8 @@ ENDED = ("succeeded", "failed", "cancelled")
 # submission (409), a proxy that lost the API (502, 504), the API without its Redis (503).
 SUBMIT_ATTEMPTS = 4
 SEND_AGAIN_ON = (409, 502, 503, 504)
+# The longest Idempotency-Key the API takes (api.routes.jobs; not imported, as above).
+MAX_IDEMPOTENCY_KEY_CHARS = 200
 # The start of a plain-text error body that a message quotes.
 QUOTED_BODY_CHARS = 80
 
@@ -134,17 +136,20 @@ class ArchtreeClient:
         weights: str | Path | None = None,
         data: str | Path | None = None,
         on_retry: Callable[[str], None] | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
         """Submit a job (`spec` as in JobSpecIn), uploading local weights and data files.
 
-        Returns the answer: `id`, `status`, `links`. The submission carries an Idempotency-Key
-        of its own, so it is sent again, up to SUBMIT_ATTEMPTS times in all, where the job may
-        have been created without its answer arriving (the connection broke off after it was
-        sent, no answer came in time, a proxy answered 502-504, the API 503) or the API is
-        still checking it (409): the service creates one job whatever the number of sends.
-        `on_retry` gets a line each time.
+        Returns the answer: `id`, `status`, `links`. The submission carries an Idempotency-Key,
+        `key` or a new random one, so it is sent again, up to SUBMIT_ATTEMPTS times in all,
+        where the job may have been created without its answer arriving (the connection broke
+        off after it was sent, no answer came in time, a proxy answered 502-504, the API 503)
+        or the API is still checking it (409): the service creates one job whatever the number
+        of sends. `on_retry` gets a line each time. Where the last send fails so, the error is
+        a MaybeSubmitted carrying the key: a submission with the same key within a day gets
+        the job, if it was created, rather than a second.
         """
-        key = uuid.uuid4().hex
+        key = uuid.uuid4().hex if key is None else key
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             with ExitStack() as files:
                 uploads = {}
@@ -163,11 +168,16 @@ class ArchtreeClient:
                     raise self._failure(error) from None  # nothing was sent
                 except httpx.TransportError as error:
                     if attempt == SUBMIT_ATTEMPTS:
-                        raise self._failure(error) from None
+                        raise MaybeSubmitted(str(self._failure(error)), key) from None
                     what, delay_s = self._stall(error), None
                 else:
-                    if attempt == SUBMIT_ATTEMPTS or answer.status_code not in SEND_AGAIN_ON:
+                    if answer.status_code not in SEND_AGAIN_ON:
                         return self._with_keys(self._decoded(answer), ("id", "status"))
+                    if attempt == SUBMIT_ATTEMPTS:
+                        try:
+                            self._decoded(answer)
+                        except ArchtreeError as error:
+                            raise MaybeSubmitted(str(error), key) from None
                     what = f"answered HTTP {answer.status_code}"
                     delay_s = _retry_after_s(answer) if "retry-after" in answer.headers else None
             if on_retry is not None:
@@ -444,6 +454,15 @@ class ArchtreeClient:
             f"the server at {self.api_url} did not send an Archtree {sent} ({what}): check "
             f"{self.source}{also}"
         )
+
+
+class MaybeSubmitted(ArchtreeError):
+    """A submission whose job the service may have created, though no answer said so: sent
+    again with the same Idempotency-Key (`key`) within a day, it gets that job, if any."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class Unreachable(ArchtreeError):

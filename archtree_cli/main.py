@@ -493,10 +493,10 @@ def submit_interrupted_note(args: argparse.Namespace) -> str | None:
             f"`archtree cancel {job_id} --api {args.api}`"
         )
     if getattr(args, "submission_sent", False):
+        from archtree_cli.service_commands import send_again_hint
+
         return (
-            "the job was sent and the service may have created it, though its id never "
-            f"arrived: look for it among the newest of `archtree jobs --api {args.api}`, and "
-            f"stop it with `archtree cancel ID --api {args.api}` if it is not wanted"
+            f"the job was sent, though its id never arrived; {send_again_hint(args.submission_key)}"
         )
     return None
 

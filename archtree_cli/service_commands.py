@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,13 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
         "--dtype", choices=DTYPES, default="float32", help="precision timed (default %(default)s)"
     )
     add_search_arguments(submit)
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="sent with the job: a submission with the same key within a day gets the job the "
+        "first created rather than a second (default: a new random key; a submit interrupted "
+        "or failing after it sent the job names the key to send it again with)",
+    )
 
     status = commands.add_parser("status", help="show a job's status, or follow it to the end")
     status.set_defaults(handler="archtree_cli.service_commands:run_status")
@@ -288,6 +296,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    from archtree_cli.client import MaybeSubmitted
     from archtree_cli.main import settings_from
     from search.budget import parse_budget
 
@@ -308,11 +317,21 @@ def run_submit(args: argparse.Namespace) -> int:
         spec["data"] = args.data
     else:
         data_file = args.data
+    args.submission_key = submission_key(args.idempotency_key)
     with api_client(args) as client, errors_in_cli_terms():
         # What an interruption from here on says (main.interrupted_note): the service may
         # create the job even when its answer never arrives.
         args.submission_sent = True
-        job = client.submit(spec, weights=args.weights, data=data_file, on_retry=_say_retrying)
+        try:
+            job = client.submit(
+                spec,
+                weights=args.weights,
+                data=data_file,
+                on_retry=_say_retrying,
+                key=args.submission_key,
+            )
+        except MaybeSubmitted as error:
+            raise ArchtreeError(f"{error}; {send_again_hint(error.key)}") from None
         args.submitted_job = job["id"]
         ready = client.readiness()
     print(job["id"])
@@ -381,6 +400,34 @@ def _readable(api: str, source: str = "--api"):
             f"{type(error).__name__}: {error}): check {source}, and that the service runs the "
             "same version of archtree"
         ) from None
+
+
+def submission_key(given: str | None) -> str:
+    """The Idempotency-Key a submission is sent with: `given` (--idempotency-key) once it is 1
+    to MAX_IDEMPOTENCY_KEY_CHARS printable ASCII characters, as the API takes, else a new
+    random one."""
+    from archtree_cli.client import MAX_IDEMPOTENCY_KEY_CHARS
+
+    if given is None:
+        return uuid.uuid4().hex
+    if not 0 < len(given) <= MAX_IDEMPOTENCY_KEY_CHARS or not (
+        given.isascii() and given.isprintable()
+    ):
+        raise ArchtreeError(
+            f"--idempotency-key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
+            f"characters, not {given[:40]!r}{'...' if len(given) > 40 else ''}: give the key a "
+            "submit named, or leave it out for a new one"
+        )
+    return given
+
+
+def send_again_hint(key: str) -> str:
+    """How to get the job a submission sent with `key` may have created, without a second."""
+    return (
+        f"the service may have created the job all the same: the same command with "
+        f"--idempotency-key {key}, within a day, gets that job rather than a second (or creates "
+        "it, if it was not)"
+    )
 
 
 def _say_retrying(note: str) -> None:

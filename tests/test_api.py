@@ -578,6 +578,13 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     assert again.json()["id"] == job_id and again.json()["status"] == "cancelled"
     other = sent(SPEC, "key-2")
     assert other.status_code == 202 and other.json()["id"] != job_id
+    # A key names one submission: another sent with it is refused, not given the first's job.
+    reused = sent(SPEC | {"budget": "70%"}, "key-1")
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["detail"] == (
+        f"the Idempotency-Key 'key-1' came with another submission within the last day (job "
+        f"{job_id}): a key names one submission; send this one with a key of its own"
+    )
     assert http.post(f"/v1/jobs/{other.json()['id']}/cancel").status_code == 202
     assert http.get("/v1/jobs").json()["total"] == before + 2
 
@@ -639,6 +646,41 @@ def test_a_submission_whose_answer_is_lost_is_sent_again_and_creates_one_job(
     assert len(retries) == 1 and "sending the job again (1 of 3)" in retries[0]
     assert http.get("/v1/jobs").json()["total"] == before + 1
     assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+
+
+def test_archtree_submit_sent_again_with_its_idempotency_key_gets_the_same_job(
+    api_server: ApiProcess, http: httpx.Client, tmp_path: Path
+):
+    command = ["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+               "--device-class", "api-cpu", "--api", api_server.url]  # fmt: skip
+    before = http.get("/v1/jobs").json()["total"]
+
+    first = run_archtree(*command, "--idempotency-key", "nightly-42", home=tmp_path)
+    again = run_archtree(*command, "--idempotency-key", "nightly-42", home=tmp_path)
+    other = run_archtree(*command, home=tmp_path)
+
+    assert first.returncode == again.returncode == other.returncode == 0, first.stderr
+    job_id = first.stdout.strip()
+    assert again.stdout.strip() == job_id and other.stdout.strip() != job_id
+    assert http.get("/v1/jobs").json()["total"] == before + 2
+    changed = [*command[:-2], "--budget", "70%", "--api", api_server.url]
+    reused = run_archtree(*changed, "--idempotency-key", "nightly-42", home=tmp_path)
+    assert reused.returncode == 2, reused.stderr
+    assert reused.stderr.strip() == (
+        "archtree: error: the Idempotency-Key 'nightly-42' came with another submission within "
+        f"the last day (job {job_id}): a key names one submission; send this one with a key of "
+        "its own"
+    )
+    for created in (job_id, other.stdout.strip()):
+        assert http.post(f"/v1/jobs/{created}/cancel").status_code == 202
+    for key in ("", "k" * 201, "caf\u00e9"):
+        refused = run_archtree(*command, "--idempotency-key", key, home=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(
+            "archtree: error: --idempotency-key must be 1 to 200 printable ASCII characters, "
+            f"not {key[:40]!r}"
+        ), refused.stderr
+    assert http.get("/v1/jobs").json()["total"] == before + 2
 
 
 def test_a_budget_pasted_with_spaces_around_it_is_kept_without_them(http: httpx.Client):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -338,9 +339,41 @@ def test_an_api_that_never_answers_is_reported_after_the_timeout(
         "that the service is running",
         notes=command == "submit",
     )
-    # The job may have been created: submit sends it again, which creates it once.
+    # The job may have been created: submit sends it again, which creates it once, and then
+    # names the key that gets it without a second.
     sent_again = [line for line in result.stderr.splitlines() if "sending the job again" in line]
     assert len(sent_again) == (SUBMIT_ATTEMPTS - 1 if command == "submit" else 0), result.stderr
+    send_again_hint = re.compile(
+        r"the service may have created the job all the same: the same command with "
+        r"--idempotency-key [0-9a-f]{32}, within a day, gets that job rather than a second"
+    )
+    assert bool(send_again_hint.search(result.stderr)) is (command == "submit"), result.stderr
+
+
+def test_a_proxy_that_keeps_answering_502_gets_the_job_sent_again_under_one_key(home: Path):
+    keys: list[str] = []
+
+    class LostItsApi(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            keys.append(self.headers["Idempotency-Key"])
+            self.send_response(502)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    with serving(LostItsApi) as proxy:
+        result = archtree(*SUBMIT, "--idempotency-key", "nightly-42", "--api", proxy, home=home)
+
+    assert keys == ["nightly-42"] * SUBMIT_ATTEMPTS
+    error = one_error_line(result, "HTTP 502", notes=True)
+    assert error.endswith(
+        "the same command with --idempotency-key nightly-42, within a day, gets that job rather "
+        "than a second (or creates it, if it was not)"
+    )
 
 
 def test_status_watch_says_it_is_retrying_an_api_that_never_answers(silent_api: str, home: Path):
@@ -361,10 +394,12 @@ def test_ctrl_c_while_submit_awaits_the_answer_says_the_job_may_exist_and_how_to
 ):
     received = threading.Event()
     release = threading.Event()
+    keys: list[str] = []
 
     class ReadsTheJobAndHoldsTheAnswer(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
+            keys.append(self.headers["Idempotency-Key"])
             received.set()
             release.wait(60)
 
@@ -396,9 +431,11 @@ def test_ctrl_c_while_submit_awaits_the_answer_says_the_job_may_exist_and_how_to
 
     assert process.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr, stderr
-    assert "the service may have created it" in stderr
-    assert f"`archtree jobs --api {api}`" in stderr
-    assert f"`archtree cancel ID --api {api}`" in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "archtree: interrupted: the job was sent, though its id never arrived; the service may "
+        f"have created the job all the same: the same command with --idempotency-key {keys[0]}, "
+        "within a day, gets that job rather than a second (or creates it, if it was not)"
+    )
 
 
 def test_an_invalid_timeout_setting_is_one_line(html_api: str, home: Path):

@@ -112,15 +112,21 @@ class JobStore:
         self.append_event(job_id, "queued", {})
         return job_id
 
-    def claim_submission(self, key: str, job_id: str) -> str | None:
+    def claim_submission(
+        self, key: str, job_id: str, fingerprint: str = ""
+    ) -> tuple[str, str] | None:
         """Name `job_id` as the job of the submission `key` (a client's Idempotency-Key) for
-        SUBMISSION_KEY_TTL_S, unless a submission with that key came first: then its job id
-        (which may still be being checked, and not exist yet)."""
+        SUBMISSION_KEY_TTL_S, with the `fingerprint` of what was submitted, unless a
+        submission with that key came first: then its job id (which may still be being
+        checked, and not exist yet) and fingerprint."""
         claim = self._submission_key(key)
-        if self.client.set(claim, job_id, nx=True, ex=SUBMISSION_KEY_TTL_S):
+        if self.client.set(claim, f"{job_id}:{fingerprint}", nx=True, ex=SUBMISSION_KEY_TTL_S):
             return None
         earlier = self.client.get(claim)
-        return earlier.decode() if earlier is not None else self.claim_submission(key, job_id)
+        if earlier is None:  # it expired, or was released, in between
+            return self.claim_submission(key, job_id, fingerprint)
+        earlier_job, _, earlier_fingerprint = earlier.decode().partition(":")
+        return earlier_job, earlier_fingerprint
 
     def release_submission(self, key: str, job_id: str) -> None:
         """Free `key` for another submission, if `job_id` still holds it (its job was never
@@ -129,7 +135,8 @@ class JobStore:
         with self.client.pipeline() as pipe:
             try:
                 pipe.watch(claim)
-                if pipe.get(claim) == job_id.encode():
+                held = pipe.get(claim)
+                if held is not None and held.decode().partition(":")[0] == job_id:
                     pipe.multi()
                     pipe.delete(claim)
                     pipe.execute()

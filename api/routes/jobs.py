@@ -104,7 +104,8 @@ async def submit_job(
             description="The client's name for this submission (such as a random UUID): "
             "sent again with the same key within a day, after an answer that never arrived, "
             "the submission gets the job the first one created, in its status now, and "
-            "creates no other. 1 to 200 printable ASCII characters.",
+            "creates no other; sent with another submission, it is refused (422). 1 to 200 "
+            "printable ASCII characters.",
         ),
     ] = None,
 ) -> JobCreated:
