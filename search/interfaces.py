@@ -124,32 +124,63 @@ class ThreadExecutor:
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list[Any]:
         from concurrent.futures import ThreadPoolExecutor
 
+        gate = _TaskGate()
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             futures = []
             try:
-                futures.extend(pool.submit(fn, task) for task in tasks)
+                for task in tasks:
+                    futures.append(pool.submit(gate.run, fn, task))
                 return [future.result() for future in futures]
             except BaseException:
+                # The gate, not the futures, drops the tasks not started: a Ctrl-C that lands
+                # as `submit` returns leaves a queued task whose future was never listed.
+                gate.close()
                 for future in futures:
                     future.cancel()
                 if self.on_stop is not None:
                     self.on_stop()
-                _wait_out(futures)
+                gate.wait_out()
                 raise
 
 
-def _wait_out(futures: list[Any]) -> None:
-    """Wait until every started task has ended, whatever interrupts the wait: a process that
-    exits while a thread still runs torch may abort instead ("terminate called without an
-    active exception")."""
-    from concurrent.futures import wait
+class _TaskGate:
+    """Lets tasks start until it is closed, and knows how many are running."""
 
-    while True:
+    def __init__(self) -> None:
+        import threading
+
+        self._open = True
+        self._running = 0
+        self._changed = threading.Condition()
+
+    def run(self, fn: Callable[[Any], Any], task: Any) -> Any:
+        """`fn(task)`, unless the gate was closed before it started (then None)."""
+        with self._changed:
+            if not self._open:
+                return None
+            self._running += 1
         try:
-            wait(futures)
-            return
-        except KeyboardInterrupt:
-            continue
+            return fn(task)
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._open = False
+
+    def wait_out(self) -> None:
+        """Wait until every task that started has ended, whatever interrupts the wait: a
+        process that exits while a thread still runs torch may abort instead ("terminate
+        called without an active exception")."""
+        while True:
+            try:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._running == 0)
+                return
+            except KeyboardInterrupt:
+                continue
 
 
 class EventSink(Protocol):

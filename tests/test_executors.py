@@ -33,3 +33,30 @@ def test_ctrl_c_drops_the_tasks_not_started_and_waits_out_those_running():
 
     assert sorted(started) == [0, 1] and sorted(ended) == [0, 1]
     assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+
+
+def test_a_task_submitted_as_ctrl_c_lands_never_starts(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    submit = ThreadPoolExecutor.submit
+
+    def interrupted_as_task_2_is_queued(pool, fn, /, *args, **kwargs):
+        future = submit(pool, fn, *args, **kwargs)
+        if args[-1] == 2:
+            raise KeyboardInterrupt  # Ctrl-C lands after the task is queued, before it is listed
+        return future
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", interrupted_as_task_2_is_queued)
+    stop = threading.Event()
+    started = []
+
+    def task(number: int) -> int:
+        started.append(number)
+        stop.wait(10)
+        return number
+
+    with pytest.raises(KeyboardInterrupt):
+        ThreadExecutor(2, on_stop=stop.set).map(task, range(6))
+
+    assert set(started) <= {0, 1}, started
+    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
