@@ -79,9 +79,14 @@ def submit(
 
 
 def submission_fingerprint(submission: Submission) -> str:
-    """What tells one submission from another sent with the same Idempotency-Key: its spec's
-    text and its uploads' field names, file names and sizes (their contents are not read)."""
-    digest = hashlib.sha256((submission.spec or "").encode())
+    """What tells one submission from another sent with the same Idempotency-Key: its spec,
+    whatever the order of its keys, and its uploads' field names, file names and sizes (their
+    contents are not read)."""
+    try:
+        spec = json.dumps(json.loads(submission.spec or ""), sort_keys=True)
+    except ValueError:  # refused by its checks later; its text tells it apart meanwhile
+        spec = submission.spec or ""
+    digest = hashlib.sha256(spec.encode())
     for name in sorted(submission.files):
         upload = submission.files[name]
         upload.file.seek(0, io.SEEK_END)

@@ -7,6 +7,7 @@ ones. The engine code is the same.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -147,8 +148,6 @@ class _TaskGate:
     """Lets tasks start until it is closed, and knows how many are running."""
 
     def __init__(self) -> None:
-        import threading
-
         self._open = True
         self._running = 0
         self._changed = threading.Condition()

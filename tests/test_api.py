@@ -576,6 +576,8 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     again = sent(SPEC, "key-1")
     assert again.status_code == 202, again.text
     assert again.json()["id"] == job_id and again.json()["status"] == "cancelled"
+    reordered = sent(dict(reversed(SPEC.items())), "key-1")  # the same spec, keys in another order
+    assert reordered.status_code == 202 and reordered.json()["id"] == job_id, reordered.text
     other = sent(SPEC, "key-2")
     assert other.status_code == 202 and other.json()["id"] != job_id
     # A key names one submission: another sent with it is refused, not given the first's job.
