@@ -523,10 +523,23 @@ def _drop_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(joined_values(sys.argv[1:] if argv is None else argv))
+    # From the start: a Ctrl-C while the options are read (their modules load) stops the
+    # command in one line too.
     with StopSignals() as signals:
+        try:
+            args = build_parser().parse_args(joined_values(sys.argv[1:] if argv is None else argv))
+        except KeyboardInterrupt as stop:
+            return _stopped(stop, signals, note=None)
         return _run(args, signals)
+
+
+def _stopped(stop: KeyboardInterrupt, signals: StopSignals, note: str | None) -> int:
+    """Say that the command was stopped (by Ctrl-C, or SIGTERM: Terminated) and what it
+    left (`note`); return its exit code."""
+    signals.stopped()
+    said = "terminated" if isinstance(stop, Terminated) else "interrupted"
+    print(f"archtree: {said}{f': {note}' if note else ''}", file=sys.stderr)
+    return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace, signals: StopSignals) -> int:
@@ -544,11 +557,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
         _drop_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as stop:
-        signals.stopped()
-        note = interrupted_note(args)
-        said = "terminated" if isinstance(stop, Terminated) else "interrupted"
-        print(f"archtree: {said}{f': {note}' if note else ''}", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+        return _stopped(stop, signals, interrupted_note(args))
     except Exception as error:  # noqa: BLE001 - last line of defence for the user's terminal
         if args.debug or debug_from_environment():
             raise

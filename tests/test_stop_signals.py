@@ -139,3 +139,39 @@ def test_a_stop_that_something_swallows_is_raised_again(tmp_path: Path):
     result = prune(tmp_path, "swallows", folder)
     assert_stopped_in_one_line(result, "interrupted", 130)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("signum", "said", "code"),
+    [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)],
+)
+def test_a_signal_while_the_command_reads_its_options_stops_it_in_one_line(
+    tmp_path: Path, signum: int, said: str, code: int
+):
+    # Python imports sitecustomize from the path at start: this one raises the signal as the
+    # command loads the modules of its options, the moment a Ctrl-C right after Enter lands.
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            f"""
+            import signal
+            import sys
+
+
+            class SignalOnImport:
+                def find_spec(self, name, path=None, target=None):
+                    if name == "archtree_cli.service_commands":
+                        sys.meta_path.remove(self)
+                        signal.raise_signal({int(signum)})
+                    return None
+
+
+            sys.meta_path.insert(0, SignalOnImport())
+            """
+        )
+    )
+    result = run_archtree("models", home=tmp_path / "home", extra_path=folder)
+    assert result.returncode == code, result.stderr
+    assert result.stderr == f"archtree: {said}\n"
+    assert result.stdout == ""
