@@ -399,9 +399,14 @@ def test_a_job_whose_agent_is_lost_mid_job_waits_without_its_worker_then_resumes
         start_agents(agents, jobs, "lost-b", 1)
         registry = DeviceRegistry(jobs.client)
         wait_until(lambda: registry.live_agents("lost-a") == 1, AGENT_START_S, "agent online")
-        # Three children a depth for a frontier of one, depth 1 aiming well above the budget
-        # (a child can land under it, past a latency step): two of depth 1 are left behind.
-        spec = job_spec("lost-a", width=1, branching=3, planned_steps=3)
+        # Two children a depth for a frontier of one, so one of depth 1 is left behind. No
+        # child of depth 1 may meet the budget, or the job would end before the kill: each step
+        # keeps 80% of every group's channels at least (no uniform move, which max_cut does not
+        # limit), and so well over 80% of the latency, where per-layer overhead dominates.
+        spec = job_spec(
+            "lost-a", width=1, branching=2, planned_steps=3, max_cut=0.2,
+            move_kinds=["global", "latency"],
+        )  # fmt: skip
         job_id = submit_job(jobs, spec, celery=worker_pool.app)
         wait_until(lambda: child_started(jobs, job_id, min_depth=2), JOB_S, "a child")
         # The machine is gone: its agent dies, and its record is removed (as the heartbeat's
