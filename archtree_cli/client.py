@@ -58,10 +58,21 @@ ENDED = ("succeeded", "failed", "cancelled")
 # submission (409), a proxy that lost the API (502, 504), the API without its Redis (503).
 SUBMIT_ATTEMPTS = 4
 SEND_AGAIN_ON = (409, 502, 503, 504)
-# The longest Idempotency-Key the API takes (api.routes.jobs; not imported, as above).
+# The longest Idempotency-Key the API takes (it checks keys with `is_idempotency_key`).
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 # The start of a plain-text error body that a message quotes.
 QUOTED_BODY_CHARS = 80
+
+
+def is_idempotency_key(key: str) -> bool:
+    """Whether the API takes `key` as an Idempotency-Key: 1 to MAX_IDEMPOTENCY_KEY_CHARS
+    printable ASCII characters."""
+    return 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS and key.isascii() and key.isprintable()
+
+
+def shown_key(key: str) -> str:
+    """`key` quoted for a message, its first 40 characters at most."""
+    return f"{key[:40]!r}{'...' if len(key) > 40 else ''}"
 
 
 def api_timeout_s() -> float:

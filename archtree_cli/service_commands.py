@@ -406,17 +406,15 @@ def submission_key(given: str | None) -> str:
     """The Idempotency-Key a submission is sent with: `given` (--idempotency-key) once it is 1
     to MAX_IDEMPOTENCY_KEY_CHARS printable ASCII characters, as the API takes, else a new
     random one."""
-    from archtree_cli.client import MAX_IDEMPOTENCY_KEY_CHARS
+    from archtree_cli.client import MAX_IDEMPOTENCY_KEY_CHARS, is_idempotency_key, shown_key
 
     if given is None:
         return uuid.uuid4().hex
-    if not 0 < len(given) <= MAX_IDEMPOTENCY_KEY_CHARS or not (
-        given.isascii() and given.isprintable()
-    ):
+    if not is_idempotency_key(given):
         raise ArchtreeError(
             f"--idempotency-key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
-            f"characters, not {given[:40]!r}{'...' if len(given) > 40 else ''}: give the key a "
-            "submit named, or leave it out for a new one"
+            f"characters, not {shown_key(given)}: give the key a submit named, or leave it out "
+            "for a new one"
         )
     return given
 

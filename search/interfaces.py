@@ -136,8 +136,6 @@ class ThreadExecutor:
                 # The gate, not the futures, drops the tasks not started: a Ctrl-C that lands
                 # as `submit` returns leaves a queued task whose future was never listed.
                 gate.close()
-                for future in futures:
-                    future.cancel()
                 if self.on_stop is not None:
                     self.on_stop()
                 gate.wait_out()

@@ -29,6 +29,7 @@ from api.schemas import (
 )
 from api.spec_terms import in_spec_terms
 from api.uploads import MAX_SPEC_BYTES, read_submission
+from archtree_cli.client import MAX_IDEMPOTENCY_KEY_CHARS, is_idempotency_key, shown_key
 from search.artifacts import ARTIFACT_NAMES
 from workers.artifact_store import ArtifactStoreError
 from workers.job_store import FINAL_STATUSES
@@ -132,19 +133,17 @@ async def submit_job(
 
 # The seconds a client is told to wait before sending again a submission still being checked.
 IN_PROGRESS_RETRY_S = 2
-MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 def checked_idempotency_key(key: str | None) -> str | None:
     """`key` once it is 1 to 200 printable ASCII characters; 422 otherwise."""
     if key is None:
         return None
-    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not (key.isascii() and key.isprintable()):
+    if not is_idempotency_key(key):
         raise HTTPException(
             422,
             f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable "
-            "ASCII characters, such as a random UUID, not "
-            f"{key[:40]!r}{'...' if len(key) > 40 else ''}",
+            f"ASCII characters, such as a random UUID, not {shown_key(key)}",
         )
     return key
 
