@@ -9,7 +9,6 @@ reach the artifact store.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import tempfile
@@ -80,8 +79,8 @@ def submit(
 
 def submission_fingerprint(submission: Submission) -> str:
     """What tells one submission from another sent with the same Idempotency-Key: its spec,
-    whatever the order of its keys, and its uploads' field names, file names and sizes (their
-    contents are not read)."""
+    whatever the order of its keys, and its uploads' field names, file names and contents
+    (retrained weights are a file of the same name and size)."""
     try:
         spec = json.dumps(json.loads(submission.spec or ""), sort_keys=True)
     except ValueError:  # refused by its checks later; its text tells it apart meanwhile
@@ -89,9 +88,10 @@ def submission_fingerprint(submission: Submission) -> str:
     digest = hashlib.sha256(spec.encode())
     for name in sorted(submission.files):
         upload = submission.files[name]
-        upload.file.seek(0, io.SEEK_END)
-        digest.update(f"\0{name}\0{upload.filename}\0{upload.file.tell()}".encode())
         upload.file.seek(0)
+        content = hashlib.file_digest(upload.file, "sha256").hexdigest()  # type: ignore[arg-type]
+        upload.file.seek(0)
+        digest.update(f"\0{name}\0{upload.filename}\0{content}".encode())
     return digest.hexdigest()[:32]
 
 

@@ -610,6 +610,39 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     assert http.get("/v1/jobs").json()["total"] == before + 3
 
 
+def test_an_idempotency_key_tells_uploads_apart_by_their_contents(
+    http: httpx.Client, uploads: dict[str, bytes], tmp_path: Path
+):
+    """Retrained weights of the same architecture are a file of the same name and size."""
+    model = load_inputs("builtin:vgg", "builtin:digits").model
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    save_weights(model, tmp_path / "vgg.safetensors")
+    retrained = (tmp_path / "vgg.safetensors").read_bytes()
+    assert len(retrained) == len(uploads["weights"]) and retrained != uploads["weights"]
+
+    def sent(weights: bytes) -> httpx.Response:
+        return http.post(
+            "/v1/jobs",
+            data={"spec": json.dumps(SPEC)},
+            files={"weights": ("vgg.safetensors", weights)},
+            headers={"Idempotency-Key": "retrained"},
+        )
+
+    first = sent(uploads["weights"])
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    again = sent(uploads["weights"])
+    assert again.status_code == 202 and again.json()["id"] == job_id, again.text
+    other = sent(retrained)
+    assert other.status_code == 422, other.text
+    assert f"came with another submission within the last day (job {job_id})" in (
+        other.json()["detail"]
+    )
+
+
 def test_a_submission_whose_answer_is_lost_is_sent_again_and_creates_one_job(
     api_server: ApiProcess, http: httpx.Client
 ):
