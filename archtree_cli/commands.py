@@ -286,7 +286,7 @@ def _saved_search(args: argparse.Namespace, settings):
     when it cannot be written or another run of the same command holds it."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from search.checkpoint import SearchCheckpoint
+    from search.checkpoint import SearchCheckpoint, file_identity
 
     try:
         release = version("archtree")
@@ -296,9 +296,9 @@ def _saved_search(args: argparse.Namespace, settings):
         "archtree": release,
         "host": platform.node(),
         "model": args.model,
-        "weights": _file_identity(args.weights),
+        "weights": file_identity(args.weights),
         "allow_pickle": args.allow_pickle,
-        "data": _file_identity(args.data),
+        "data": file_identity(args.data),
         "num_classes": args.num_classes,
         "budget": args.budget,
         "settings": settings.to_dict(),
@@ -328,18 +328,6 @@ def _saved_search(args: argparse.Namespace, settings):
         file=sys.stderr,
     )
     return None
-
-
-def _file_identity(source: str | None) -> Any:
-    """A file by its absolute path, size and modification time; a source that is not a file
-    (builtin:mnist) as it is."""
-    try:
-        info = os.stat(source) if source else None
-    except OSError:
-        info = None
-    if info is None:
-        return source
-    return {"path": os.path.abspath(source), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
 def print_summary(report: dict[str, Any], out: str, after_progress: bool = True) -> None:

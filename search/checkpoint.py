@@ -192,6 +192,20 @@ class SearchCheckpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def file_identity(source: str | None) -> Any:
+    """A file by its content's SHA-256, wherever it lies and whatever its modification time:
+    retrained weights are often a file of the same name, size and, copied with their times,
+    modification time; a source that is not a file (builtin:mnist), or cannot be read, as
+    it is."""
+    if not source or not os.path.isfile(source):
+        return source
+    try:
+        with open(source, "rb") as file:
+            return {"sha256": hashlib.file_digest(file, "sha256").hexdigest()}
+    except OSError:  # loading it says why, in the command's own words
+        return source
+
+
 # What reading a saved state.json or about.json that is damaged or cut short raises.
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError)
 

@@ -638,9 +638,8 @@ def test_an_idempotency_key_tells_uploads_apart_by_their_contents(
     assert again.status_code == 202 and again.json()["id"] == job_id, again.text
     other = sent(retrained)
     assert other.status_code == 422, other.text
-    assert f"came with another submission within the last day (job {job_id})" in (
-        other.json()["detail"]
-    )
+    detail = other.json()["detail"]
+    assert f"came with another submission within the last day (job {job_id})" in detail
 
 
 def test_a_submission_whose_answer_is_lost_is_sent_again_and_creates_one_job(

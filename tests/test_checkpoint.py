@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from search.budget import parse_budget
-from search.checkpoint import SearchCheckpoint
+from search.checkpoint import SearchCheckpoint, file_identity
 from search.engine import live_nodes, run_search
 from search.interfaces import ListEventSink
 from tests.cost_model_device import BlockedConvDevice
@@ -118,6 +121,28 @@ def test_a_search_described_otherwise_or_saved_by_another_run_is_not_taken_up(tm
     assert not SearchCheckpoint(tmp_path, {"model": "builtin:vgg", "budget": "35%"}).acquire()
     first.remove()
     assert not first.folder.exists()
+
+
+def test_a_search_knows_its_files_by_their_content(tmp_path):
+    def folder(weights: Path) -> Path:
+        return SearchCheckpoint(tmp_path, {"weights": file_identity(str(weights))}).folder
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 4)
+    first = folder(weights)
+    # The same weights, touched or copied elsewhere: the same search.
+    os.utime(weights, ns=(1, 1))
+    copy = tmp_path / "copy" / "model.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(weights, copy)
+    assert folder(weights) == first and folder(copy) == first
+    # Retrained weights of the same name, size and modification time: another search.
+    times = weights.stat()
+    weights.write_bytes(bytes(reversed(range(256))) * 4)
+    os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert folder(weights) != first
+    # What is not a file is described as it is.
+    assert file_identity("builtin:mnist") == "builtin:mnist" and file_identity(None) is None
 
 
 def test_prune_removes_its_saved_search_once_it_ends_with_a_result_or_an_error(tmp_path):
