@@ -421,12 +421,21 @@ def run_measure(args: argparse.Namespace) -> int:
     if args.weights:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
-    _check_activations_fit(model, shape, args.batch_size, args.model)
-    sample = timing_input(args.batch_size, shape)
-    check_forward(model, sample, args.model, f"--input-shape {args.input_shape}", classifier=False)
-    spec = spec_of(model, ref, shape)
+    token_range = result.token_range if result else _token_range(model, shape)
+    sample = timing_input(args.batch_size, shape, token_range=token_range)
+    _check_activations_fit(model, sample[:1], args.batch_size, args.model)
+    check_forward(
+        model,
+        sample,
+        args.model,
+        f"--input-shape {args.input_shape}",
+        classifier=False,
+        token_range=token_range,
+    )
+    spec = spec_of(model, ref, shape, token_range)
+    tokens = "" if token_range is None else f" of token ids below {token_range}"
     print(
-        f"measuring {args.model} at batch {args.batch_size}, input {shape} (Ctrl-C stops)",
+        f"measuring {args.model} at batch {args.batch_size}, input {shape}{tokens} (Ctrl-C stops)",
         file=sys.stderr,
         flush=True,
     )
@@ -438,7 +447,7 @@ def run_measure(args: argparse.Namespace) -> int:
     if fingerprint.get("gpu"):
         hardware = f"{fingerprint['gpu']} (host {hardware})"
     print(f"device     {fingerprint.get('device_class')} on {fingerprint.get('host')}: {hardware}")
-    print(f"setup      batch {args.batch_size}, input {shape}, {args.threads} thread(s)")
+    print(f"setup      batch {args.batch_size}, input {shape}{tokens}, {args.threads} thread(s)")
     print(f"median     {stats.median_ms:.4f} ms")
     print(f"p90        {stats.p90_ms:.4f} ms")
     print(f"IQR        {stats.iqr_ms:.4f} ms")
@@ -491,10 +500,27 @@ def _result_folder(args: argparse.Namespace):
     return load_result_spec(args.model)
 
 
-def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, source: str) -> None:
+def _token_range(model, shape: tuple[int, ...]) -> int | None:
+    """The ids a model that looks its inputs up in an embedding is timed on, unless it runs on
+    float inputs (its embedding is inside, as a ViT's positions); None for other models."""
+    import torch
+
+    from search.timing_input import embeds_inputs, timing_input, token_range_of
+
+    if not embeds_inputs(model):
+        return None
+    try:
+        with torch.inference_mode():
+            model(timing_input(1, shape))
+    except Exception:  # noqa: BLE001 - it does not take floats: token ids, checked after
+        return token_range_of(model)
+    return None
+
+
+def _check_activations_fit(model, sample, batch_size: int, source: str) -> None:
     """ArchtreeError when a forward pass at `batch_size` would need more memory than this
     machine has available: its input and largest layer output, and that output's input,
-    estimated from one sample (a model that fails on one sample is left to check_forward)."""
+    estimated from one `sample` (a model that fails on it is left to check_forward)."""
     import torch
 
     from search.memory import available_memory_bytes
@@ -512,12 +538,13 @@ def _check_activations_fit(model, shape: tuple[int, ...], batch_size: int, sourc
     hooks = [module.register_forward_hook(note) for module in model.modules()]
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, *shape))
+            model(sample)
     except Exception:  # noqa: BLE001 - check_forward says what is wrong with the model
         return
     finally:
         for hook in hooks:
             hook.remove()
+    shape = tuple(sample.shape[1:])
     needed = 4 * batch_size * (math.prod(shape) + 2 * largest)
     if needed > available:
         raise ArchtreeError(

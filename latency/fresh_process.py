@@ -52,12 +52,16 @@ class TimingJob:
     batch_size: int
     dtype: str
     settings: TimingSettings
+    # Token ids below this are the input, for a model that embeds its inputs.
+    token_range: int | None = None
 
 
 def run_timing_job(job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
     """In the child: build the models, time them (interleaved when there is a reference)."""
     dtype = DTYPES[job.dtype]
-    example = timing_input(job.batch_size, job.input_shape, dtype=dtype)
+    example = timing_input(
+        job.batch_size, job.input_shape, dtype=dtype, token_range=job.token_range
+    )
     candidate = job.candidate().to(dtype=dtype).eval()
     if job.reference is None:
         return time_model(candidate, example, job.settings), None, None

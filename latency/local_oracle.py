@@ -20,7 +20,6 @@ from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
 from search.quiet import QuietGate
-from search.timing_input import timing_input
 
 if TYPE_CHECKING:
     from search.arch_spec import ArchSpec
@@ -201,7 +200,7 @@ class LocalOracle:
         in this one."""
         if self._fresh is not None:
             return self._fresh.run(self._job(candidate, reference, input_shape, confirm))
-        example, settings = self._input(input_shape), self._settings(confirm)
+        example, settings = self._input(candidate), self._settings(confirm)
         if reference is None:
             return time_model(self._model(candidate), example, settings), None, None
         return time_interleaved(self._model(candidate), self._model(reference), example, settings)
@@ -220,6 +219,7 @@ class LocalOracle:
             batch_size=self.batch_size,
             dtype=self.dtype,
             settings=self._settings(confirm),
+            token_range=candidate.token_range,
         )
 
     def _settings(self, confirm: bool) -> TimingSettings:
@@ -263,7 +263,5 @@ class LocalOracle:
             self._models.move_to_end(spec.hash)
         return model
 
-    def _input(self, input_shape: tuple[int, ...]) -> torch.Tensor:
-        return timing_input(
-            self.batch_size, input_shape, dtype=DTYPES[self.dtype], device=self.device
-        )
+    def _input(self, spec: ArchSpec) -> torch.Tensor:
+        return spec.timing_input(self.batch_size, dtype=DTYPES[self.dtype], device=self.device)

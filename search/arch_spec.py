@@ -19,6 +19,7 @@ from torch import nn
 
 from search.errors import ArchtreeError
 from search.model_source import ModelRef, build_model
+from search.timing_input import timing_input
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -47,21 +48,33 @@ class ArchSpec:
     model: ModelRef
     input_shape: tuple[int, ...]
     layers: dict[str, list[int]]
+    # A model that takes token ids: it is timed on ids below this (search.timing_input).
+    token_range: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        spec = {
             "model": self.model.to_dict(),
             "input_shape": list(self.input_shape),
             "layers": self.layers,
         }
+        if self.token_range is not None:  # left out otherwise: the hashes of float models stay
+            spec["token_range"] = self.token_range
+        return spec
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
+        token_range = data.get("token_range")
         return cls(
             model=ModelRef.from_dict(data["model"]),
             input_shape=tuple(int(v) for v in data["input_shape"]),
             layers={str(k): [int(v) for v in shape] for k, shape in data["layers"].items()},
+            token_range=None if token_range is None else int(token_range),
         )
+
+    def timing_input(self, batch_size: int, **placement: Any) -> torch.Tensor:
+        """The input this architecture is timed on (search.timing_input), of `batch_size`;
+        `placement`: its dtype and device."""
+        return timing_input(batch_size, self.input_shape, token_range=self.token_range, **placement)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -82,8 +95,18 @@ class ArchSpec:
         return hash(self.hash)
 
 
-def spec_of(model: nn.Module, ref: ModelRef, input_shape: tuple[int, ...]) -> ArchSpec:
-    return ArchSpec(model=ref, input_shape=tuple(input_shape), layers=layer_shapes(model))
+def spec_of(
+    model: nn.Module,
+    ref: ModelRef,
+    input_shape: tuple[int, ...],
+    token_range: int | None = None,
+) -> ArchSpec:
+    return ArchSpec(
+        model=ref,
+        input_shape=tuple(input_shape),
+        layers=layer_shapes(model),
+        token_range=token_range,
+    )
 
 
 def build_from_spec(spec: ArchSpec) -> nn.Module:
@@ -91,7 +114,7 @@ def build_from_spec(spec: ArchSpec) -> nn.Module:
     from search.pruning import PrunableModel
 
     model = build_model(spec.model)
-    example = torch.zeros(1, *spec.input_shape)
+    example = torch.zeros(1, *spec.input_shape, dtype=torch.long if spec.token_range else None)
     pruner = PrunableModel(model, example, min_width_fraction=0.0)
     removals = {}
     for group in pruner.groups:

@@ -53,7 +53,7 @@ class SearchContext:
 
     @cached_property
     def root_spec(self) -> ArchSpec:
-        return spec_of(self.base_model, self.model_ref, self.input_shape)
+        return spec_of(self.base_model, self.model_ref, self.input_shape, self.data.token_range)
 
     @cached_property
     def example_input(self) -> torch.Tensor:

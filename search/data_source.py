@@ -39,6 +39,10 @@ MIN_SAMPLES = 30
 MEMORY_SHARE_FOR_DATA = 0.5
 # How many input values are checked at once (as float32: 64 MiB).
 CHECK_SLICE_VALUES = 1 << 24
+# How many rows of inputs are checked at once for token ids.
+CHECK_ROWS = 4096
+# The largest token id: float32 holds every whole number up to 2**24 exactly.
+MAX_TOKEN_ID = 2**24
 # Inputs beyond this overflow float32 once squared and summed (batch-norm statistics).
 MAX_INPUT_MAGNITUDE = 1e15
 # The most classes a dataset or a model's classifier may have: a label or a num_classes far
@@ -51,7 +55,8 @@ SMALL_CALIB_SHARE, SMALL_VAL_SHARE = 0.1, 0.2
 @dataclass
 class DataSplits:
     """Train, calibration and validation splits of one dataset (x float32: N,C,H,W images, or
-    whatever shape a sample of the user's own data has: N,F features, N,C,L sequences)."""
+    whatever shape a sample of the user's own data has: N,F features, N,C,L sequences; or
+    int64 token ids, N,L, for a model that looks them up in an embedding)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor | None
@@ -65,6 +70,8 @@ class DataSplits:
     # Three-axis inputs are read as N,H,W greyscale images, given a channel axis: a model that
     # takes them as N,C,L sequences instead gets them without it (`without_added_channel`).
     channel_added: bool = False
+    # Inputs that are token ids (int64, `as_token_ids`): a model is timed on ids below this.
+    token_range: int | None = None
 
     def without_added_channel(self) -> DataSplits:
         """The same splits with the channel axis added to three-axis inputs taken off."""
@@ -76,6 +83,27 @@ class DataSplits:
             input_shape=self.input_shape[1:],
             channel_added=False,
         )
+
+    def as_token_ids(self, token_range: int) -> DataSplits | None:
+        """The same splits with inputs as int64 token ids (without an added channel axis), or
+        None unless every input is a whole number in [0, MAX_TOKEN_ID]: token ids saved as
+        integers, whose float32 copy holds them exactly."""
+        splits = self.without_added_channel() if self.channel_added else self
+        xs = (splits.train_x, splits.calib_x, splits.val_x)
+        for x in xs:
+            for start in range(0, len(x), CHECK_ROWS):
+                values = x[start : start + CHECK_ROWS]
+                if values.numel() and not bool(
+                    ((values >= 0) & (values <= MAX_TOKEN_ID) & (values == values.round())).all()
+                ):
+                    return None
+        train_x, calib_x, val_x = (x.long() for x in xs)
+        return replace(
+            splits, train_x=train_x, calib_x=calib_x, val_x=val_x, token_range=token_range
+        )
+
+    def largest_token_id(self) -> int:
+        return max(int(x.max()) for x in (self.train_x, self.calib_x, self.val_x) if x.numel())
 
     @property
     def labelled(self) -> bool:

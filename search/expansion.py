@@ -128,10 +128,11 @@ class MoveApplier:
             raise broken_model_error(
                 self.context.model_ref.source, f"with widths {widths}", error
             ) from None
-        spec = spec_of(model, self.context.model_ref, self.context.input_shape)
+        context = self.context
+        spec = spec_of(model, context.model_ref, context.input_shape, context.data.token_range)
         # The oracle may time this very model instead of rebuilding it from the spec.
-        self.context.oracle.offer_model(spec, model)
-        return Pruned(model=model, spec=spec, macs=total_macs(model, self.context.positions))
+        context.oracle.offer_model(spec, model)
+        return Pruned(model=model, spec=spec, macs=total_macs(model, context.positions))
 
     def guess(self, parent_ms: float, target_ms: float) -> float:
         """Fraction at which the linear latency estimate reaches the target."""

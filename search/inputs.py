@@ -11,7 +11,13 @@ from torch import nn
 from search.data_source import MAX_CLASSES, DataSplits, load_data
 from search.errors import ArchtreeError, first_line
 from search.model_source import ModelRef, build_model, check_prunable_form, load_weights
-from search.timing_input import DESCRIPTION, timing_input
+from search.timing_input import (
+    DESCRIPTION,
+    TOKEN_DESCRIPTION,
+    embeds_inputs,
+    timing_input,
+    token_range_of,
+)
 
 
 @dataclass
@@ -59,21 +65,7 @@ def load_inputs(
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
     model.eval()
-    try:
-        output = check_forward(model, data.calib_x[:2], model_source, data_source)
-    except ArchtreeError as as_images:
-        if not (own_model and data.channel_added):
-            raise
-        # Three axes were read as greyscale images; the model may take them as sequences.
-        sequences = data.without_added_channel()
-        try:
-            output = check_forward(model, sequences.calib_x[:2], model_source, data_source)
-        except ArchtreeError as as_sequences:
-            raise ArchtreeError(
-                f"{as_images} (read as N,C,L sequences of shape {sequences.input_shape}, it "
-                f"fails too: {as_sequences})"
-            ) from None
-        data = sequences
+    output, data = _first_forward(model, data, model_source, data_source)
     if num_classes is not None and output.shape[1] != num_classes:
         raise ArchtreeError(
             f"--num-classes {num_classes} does not apply to {model_source}, which builds its "
@@ -91,6 +83,75 @@ def load_inputs(
             f"{output.shape[1]}: {fix}."
         )
     return JobInputs(model_ref=ref, model=model, data=data)
+
+
+def _first_forward(
+    model: nn.Module, data: DataSplits, model_source: str, data_source: str
+) -> tuple[torch.Tensor, DataSplits]:
+    """The model's outputs on two samples, and the data as the model takes them: as floats;
+    where it does not take them so, as token ids, for a model with an embedding when every
+    input is a whole number 0 and up, or with three axes as N,C,L sequences rather than N,H,W
+    greyscale images."""
+    try:
+        return check_forward(model, data.calib_x[:2], model_source, data_source), data
+    except ArchtreeError as as_floats:
+        tokens = _as_token_ids(model, data)
+        if tokens is not None:
+            return _token_forward(model, tokens, model_source, data_source), tokens
+        if not (model_source.startswith("module:") and data.channel_added):
+            raise
+        # Three axes were read as greyscale images; the model may take them as sequences.
+        sequences = data.without_added_channel()
+        try:
+            output = check_forward(model, sequences.calib_x[:2], model_source, data_source)
+        except ArchtreeError as as_sequences:
+            raise ArchtreeError(
+                f"{as_floats} (read as N,C,L sequences of shape {sequences.input_shape}, it "
+                f"fails too: {as_sequences})"
+            ) from None
+        return output, sequences
+
+
+def _token_forward(
+    model: nn.Module, tokens: DataSplits, model_source: str, data_source: str
+) -> torch.Tensor:
+    """The model's outputs on two samples of token ids, which its embeddings must hold."""
+    try:
+        output = check_forward(
+            model, tokens.calib_x[:2], model_source, data_source, token_range=tokens.token_range
+        )
+    except ArchtreeError:
+        _check_token_ids(model, tokens, model_source, data_source)  # the likelier cause
+        raise
+    _check_token_ids(model, tokens, model_source, data_source)
+    return output
+
+
+def _as_token_ids(model: nn.Module, data: DataSplits) -> DataSplits | None:
+    """The data as token ids for a model that looks inputs up in an embedding, when every
+    input is a whole number in [0, 2**24) (saved as integers or as floats); None otherwise."""
+    if not embeds_inputs(model):
+        return None
+    return data.as_token_ids(token_range_of(model))
+
+
+def _check_token_ids(
+    model: nn.Module, tokens: DataSplits, model_source: str, data_source: str
+) -> None:
+    """Refuse token ids that no embedding of the model can look up."""
+    largest_size = max(
+        module.num_embeddings
+        for module in model.modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag)
+    )
+    largest_id = tokens.largest_token_id()
+    if largest_id >= largest_size:
+        raise ArchtreeError(
+            f"{data_source} holds token ids up to {largest_id}, but the largest embedding of "
+            f"the model {model_source} has {largest_size} entries (ids 0..{largest_size - 1}): "
+            "give data tokenized with the model's own vocabulary, or weights for a model of "
+            "that vocabulary's size."
+        )
 
 
 def check_labels_dense(data: DataSplits, data_source: str) -> None:
@@ -121,12 +182,14 @@ def check_forward(
     inputs_label: str,
     *,
     classifier: bool = True,
+    token_range: int | None = None,
 ) -> torch.Tensor:
     """Run `model` on `samples`, and on the first alone (batches of one are timed by default);
     return its outputs. With `classifier` (what a search needs), the outputs must be finite
     (batch, classes) logits, of two classes at least, and so must the outputs of a forward
-    pass in training mode, which fine-tuning runs. Any failure is the user's model or
-    inputs: an ArchtreeError."""
+    pass in training mode, which fine-tuning runs. `token_range`: the samples are token ids,
+    and the model is timed on ids below it. Any failure is the user's model or inputs: an
+    ArchtreeError."""
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if dtypes:
         raise ArchtreeError(
@@ -149,7 +212,7 @@ def check_forward(
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
             shape = tuple(batch.shape[1:])
             hint = _channels_last(shape)
-            if _embeds_inputs(model) and "ind" in detail:  # indices, index out of range
+            if token_range is None and embeds_inputs(model) and "ind" in detail:  # indices
                 raise ArchtreeError(
                     f"the model {model_source} fails on {inputs_label} ({detail}): {_EMBEDDING}"
                 ) from None
@@ -158,7 +221,7 @@ def check_forward(
                 f"{inputs_label} ({detail}): give inputs of the shape the model expects"
                 + (f"; {hint}." if hint else " (if it expects this one, its forward fails).")
             ) from None
-    _check_timing_input(model, tuple(samples.shape[1:]), model_source, inputs_label)
+    _check_timing_input(model, tuple(samples.shape[1:]), model_source, inputs_label, token_range)
     output = outputs[0]
     if classifier:
         _check_logits(output, model_source, "")
@@ -174,38 +237,39 @@ def check_forward(
     return output
 
 
-# What a model that looks its inputs up in an embedding is told.
+# What a model that looks its inputs up in an embedding, given inputs that are not token ids,
+# is told.
 _EMBEDDING = (
-    "it looks its inputs up in an embedding (nn.Embedding), as token ids. Archtree feeds "
-    "and times float inputs, random ones when timing, which cannot stand for token ids: "
-    "prune the layers after the embedding instead, a model that takes the embedded "
-    "inputs, with data saved as the embedding's outputs."
+    "it looks its inputs up in an embedding (nn.Embedding), as token ids: save them as "
+    "integers, whole numbers 0 and up (numpy.savez('data.npz', x=ids.astype(numpy.int64), "
+    "y=labels)), and it is timed on random ids its embeddings can look up."
 )
 
 
-def _embeds_inputs(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules())
-
-
 def _check_timing_input(
-    model: nn.Module, input_shape: tuple[int, ...], model_source: str, inputs_label: str
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    model_source: str,
+    inputs_label: str,
+    token_range: int | None = None,
 ) -> None:
     """Refuse a model that runs on its data but not on the input it is timed on, before any
     timing: it would fail there, on this machine or on an agent."""
     try:
         with torch.inference_mode():
-            model(timing_input(1, input_shape))
+            model(timing_input(1, input_shape, token_range=token_range))
     except Exception as error:  # any failure here is the model's, on values it cannot take
         detail = first_line(error) or type(error).__name__
         fix = (
             _EMBEDDING
-            if _embeds_inputs(model)
+            if token_range is None and embeds_inputs(model)
             else "a model must run on any values of its input shape to be timed; make its "
             "forward accept them."
         )
+        made_of = DESCRIPTION if token_range is None else TOKEN_DESCRIPTION.format(token_range)
         raise ArchtreeError(
             f"the model {model_source} runs on {inputs_label} but fails on inputs of that shape "
-            f"made of {DESCRIPTION} ({detail}): {fix}"
+            f"made of {made_of} ({detail}): {fix}"
         ) from None
 
 

@@ -140,6 +140,25 @@ def test_two_agents_share_the_requests_and_results_are_cached(redis_client, agen
     assert redis_client.xlen(stream_key(device_class)) == 0  # answered entries are deleted
 
 
+def test_an_agent_times_a_text_model_on_the_token_ids_its_spec_carries(
+    redis_client, agents
+) -> None:
+    text = ModelRef("module:tests.non_image_models:token_conv_net", num_classes=3, in_channels=64)
+    reference = spec_of(build_model(text), text, (64,), token_range=100)
+    model = build_model(text)
+    PrunableModel(model, torch.zeros(1, 64, dtype=torch.long)).remove({"convs.0": range(96)})
+    candidate = spec_of(model, text, (64,), token_range=100)
+    assert ArchSpec.from_json(candidate.to_json()) == candidate
+    assert "token_range" not in vgg_specs()[0].to_json()  # a float model's hash is as it was
+    agents("text-cpu", allowed_modules=["tests"])
+    oracle = RemoteOracle(redis_client, "text-cpu", timeout_s=60, poll_s=0.05)
+
+    measured = oracle.measure(candidate, reference)
+
+    assert 0 < measured.ratio < 1.5 and measured.candidate.n > 0
+    assert oracle.measure_reference(reference).n > 0
+
+
 def test_request_of_a_killed_agent_is_claimed_by_another(redis_client, agents) -> None:
     device_class = "claim-cpu"
     # A long block keeps the first agent waiting inside XREADGROUP, so that stopping it there

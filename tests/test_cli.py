@@ -387,6 +387,71 @@ def test_a_model_of_sequences_is_pruned_data_free_and_the_run_says_its_scores_ar
     assert report["final"]["latency_ms"] <= report["budget_ms"] < report["baseline"]["latency_ms"]
 
 
+@pytest.mark.slow
+def test_a_text_model_is_pruned_timed_and_measured_on_token_ids(tmp_path, home):
+    from search import load_pruned
+    from search.model_source import save_weights
+    from tests.non_image_models import token_data, trained_token_conv_net
+
+    save_weights(trained_token_conv_net(), tmp_path / "text.safetensors")
+    x, y = token_data()
+    np.savez(tmp_path / "tokens.npz", x=x.numpy(), y=y.numpy())
+    args = prune_args(tmp_path, "--model", "module:tests.non_image_models:token_conv_net",
+                      "--weights", str(tmp_path / "text.safetensors"),
+                      "--data", str(tmp_path / "tokens.npz"), "--width", "1",
+                      "--branching", "2", "--select-steps", "5")  # fmt: skip
+    result = archtree(*args, home=home)
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    arch = json.loads((tmp_path / "out" / "arch.json").read_text())
+    assert arch["input_shape"] == [64] and arch["token_range"] == 100
+    assert report["final"]["latency_ms"] <= report["budget_ms"] < report["baseline"]["latency_ms"]
+    # Fine-tuned and scored on the token ids: the keywords are still found.
+    assert report["final"]["accuracy"] >= 0.9, result.stdout
+    pruned = load_pruned(tmp_path / "out")
+    assert pruned.convs[0].out_channels < 192 or pruned.convs[3].out_channels < 192
+    assert pruned(token_data(samples=6, seed=1)[0]).shape == (6, 3)
+    # The result is measured on token ids too, as is the unpruned model of its code.
+    measured = archtree("measure", "--model", str(tmp_path / "out"), home=home)
+    assert "setup      batch 1, input (64,) of token ids below 100, 1 thread(s)" in measured.stdout
+    unpruned = archtree("measure", "--model", "module:tests.non_image_models:token_conv_net",
+                        "--input-shape", "64", home=home)  # fmt: skip
+    assert "input (64,) of token ids below 100" in unpruned.stdout
+
+
+def test_token_ids_go_as_integers_to_a_model_that_looks_its_inputs_up(tmp_path):
+    from search.errors import ArchtreeError
+    from search.inputs import load_inputs
+    from tests.non_image_models import token_data
+
+    x, y = token_data(samples=300)
+    source = "module:tests.non_image_models:token_conv_net"
+    for name, ids in [("int.npz", x.numpy()), ("float.npz", x.numpy().astype(np.float32))]:
+        np.savez(tmp_path / name, x=ids, y=y.numpy())
+        taken = load_inputs(source, str(tmp_path / name)).data
+        assert taken.token_range == 100 and taken.input_shape == (64,)
+        assert taken.calib_x.dtype == torch.int64
+        rows = torch.cat([taken.train_x, taken.calib_x, taken.val_x])
+        assert torch.equal(torch.unique(rows, dim=0), torch.unique(x, dim=0))  # the same ids
+    # Ids no embedding of the model can look up: its vocabulary is not the data's.
+    np.savez(tmp_path / "wide.npz", x=(x * 2).numpy(), y=y.numpy())
+    with pytest.raises(ArchtreeError) as error:
+        load_inputs(source, str(tmp_path / "wide.npz"))
+    assert str(error.value) == (
+        f"{tmp_path / 'wide.npz'} holds token ids up to 198, but the largest embedding of the "
+        f"model {source} has 100 entries (ids 0..99): give data tokenized with the model's "
+        "own vocabulary, or weights for a model of that vocabulary's size."
+    )
+    # Whole numbers, for a model whose embedding is its own: they stay floats.
+    counts = torch.randint(0, 256, (300, 12))
+    np.savez(tmp_path / "counts.npz", x=counts.numpy(), y=(torch.arange(300) % 3).numpy())
+    taken = load_inputs(
+        "module:tests.non_image_models:features_with_embedded_positions",
+        str(tmp_path / "counts.npz"),
+    ).data
+    assert taken.token_range is None and taken.calib_x.dtype == torch.float32
+
+
 def test_inputs_that_are_not_images_go_to_a_model_that_takes_them_and_no_builtin(tmp_path):
     from search.errors import ArchtreeError
     from search.inputs import load_inputs
