@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--data",
         required=True,
-        help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x and optionally y "
+        help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x (inputs; integer "
+        "token ids for a model that looks them up in an nn.Embedding) and optionally y "
         "(labels; without them the search is data-free); a .pt file may also hold an (x, y) "
         "pair, a TensorDataset or x alone, a .npy file x alone",
     )
@@ -528,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with StopSignals() as signals:
         try:
             args = build_parser().parse_args(joined_values(sys.argv[1:] if argv is None else argv))
+            signals.raise_held()  # held while the options' modules loaded: stop before running
         except KeyboardInterrupt as stop:
             return _stopped(stop, signals, note=None)
         return _run(args, signals)
@@ -547,6 +549,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
         debug_from_environment()  # a bad value is refused before any work
         module_name, function_name = args.handler.split(":")
         code = getattr(importlib.import_module(module_name), function_name)(args)
+        signals.raise_held()  # held while the command's last import ran
         sys.stdout.flush()  # a write that fails fails here, where it is reported
         return code
     except ArchtreeError as error:

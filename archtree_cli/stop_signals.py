@@ -50,6 +50,7 @@ class StopSignals:
         self.previous: dict[int, object] = {}
         # Since when a signal has been held back, while an import runs; None when none is.
         self.held_since: float | None = None
+        self.held: int | None = None
         self.recheck_due = False
         # The signal raised and not yet caught by the command's top level.
         self.stopping: int | None = None
@@ -68,7 +69,7 @@ class StopSignals:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.held_since = self.stopping = None
+        self.held_since = self.held = self.stopping = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -76,14 +77,20 @@ class StopSignals:
         now = time.monotonic()
         if importing(frame) and (self.held_since is None or now - self.held_since < MAX_HOLD_S):
             if self.held_since is None:
-                self.held_since = now
+                self.held_since, self.held = now, signum
             self._recheck_later(signum)
             return
-        self.held_since = None
+        self.held_since = self.held = None
         if self.stopping is None:
             self.stopping = signum
             self._repeat_later()
         raise Terminated if self.stopping == signal.SIGTERM else KeyboardInterrupt
+
+    def raise_held(self) -> None:
+        """Raise now a signal held while an import ran, where the caller knows that none runs:
+        the command may otherwise finish its work before the signal's next check."""
+        if self.held is not None:
+            self.handle(self.held, None)
 
     def stopped(self) -> None:
         """The command's top level has caught the stop: it is not raised again."""
