@@ -20,6 +20,7 @@ from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
 from search.quiet import QuietGate
+from search.timing_input import timing_input
 
 if TYPE_CHECKING:
     from search.arch_spec import ArchSpec
@@ -264,4 +265,10 @@ class LocalOracle:
         return model
 
     def _input(self, spec: ArchSpec) -> torch.Tensor:
-        return spec.timing_input(self.batch_size, dtype=DTYPES[self.dtype], device=self.device)
+        return timing_input(
+            self.batch_size,
+            spec.input_shape,
+            dtype=DTYPES[self.dtype],
+            device=self.device,
+            token_range=spec.token_range,
+        )

@@ -19,7 +19,6 @@ from torch import nn
 
 from search.errors import ArchtreeError
 from search.model_source import ModelRef, build_model
-from search.timing_input import timing_input
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -70,11 +69,6 @@ class ArchSpec:
             layers={str(k): [int(v) for v in shape] for k, shape in data["layers"].items()},
             token_range=None if token_range is None else int(token_range),
         )
-
-    def timing_input(self, batch_size: int, **placement: Any) -> torch.Tensor:
-        """The input this architecture is timed on (search.timing_input), of `batch_size`;
-        `placement`: its dtype and device."""
-        return timing_input(batch_size, self.input_shape, token_range=self.token_range, **placement)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

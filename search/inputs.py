@@ -14,6 +14,7 @@ from search.model_source import ModelRef, build_model, check_prunable_form, load
 from search.timing_input import (
     DESCRIPTION,
     TOKEN_DESCRIPTION,
+    embedding_sizes,
     embeds_inputs,
     timing_input,
     token_range_of,
@@ -139,11 +140,7 @@ def _check_token_ids(
     model: nn.Module, tokens: DataSplits, model_source: str, data_source: str
 ) -> None:
     """Refuse token ids that no embedding of the model can look up."""
-    largest_size = max(
-        module.num_embeddings
-        for module in model.modules()
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag)
-    )
+    largest_size = max(embedding_sizes(model))
     largest_id = tokens.largest_token_id()
     if largest_id >= largest_size:
         raise ArchtreeError(

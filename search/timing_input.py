@@ -35,15 +35,20 @@ def timing_input(
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
 
 
-def token_range_of(model: nn.Module) -> int:
-    """The ids every embedding of `model` can look up: below the smallest one's size."""
-    return min(
+def embedding_sizes(model: nn.Module) -> list[int]:
+    """How many entries each embedding of `model` has; none: it takes no token ids."""
+    return [
         module.num_embeddings
         for module in model.modules()
         if isinstance(module, nn.Embedding | nn.EmbeddingBag)
-    )
+    ]
+
+
+def token_range_of(model: nn.Module) -> int:
+    """The ids every embedding of `model` can look up: below the smallest one's size."""
+    return min(embedding_sizes(model))
 
 
 def embeds_inputs(model: nn.Module) -> bool:
     """Whether `model` has an embedding, and may take token ids."""
-    return any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules())
+    return bool(embedding_sizes(model))

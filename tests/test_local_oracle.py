@@ -19,11 +19,12 @@ FAST = TimingSettings(warmup_runs=3, warmup_s=0.0, min_runs=10, min_time_s=0.02,
 
 @dataclass(frozen=True)
 class StandIn:
-    """The two things the oracle needs from an ArchSpec."""
+    """What the oracle needs from an ArchSpec: its hash and input."""
 
     depth: int
     width: int = 256
     input_shape: tuple[int, ...] = (256,)
+    token_range: int | None = None
 
     @property
     def hash(self) -> str:
