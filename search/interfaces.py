@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -131,7 +132,7 @@ class ThreadExecutor:
             try:
                 for task in tasks:
                     futures.append(pool.submit(gate.run, fn, task))
-                return [future.result() for future in futures]
+                return [_result(future) for future in futures]
             except BaseException:
                 # The gate, not the futures, drops the tasks not started: a Ctrl-C that lands
                 # as `submit` returns leaves a queued task whose future was never listed.
@@ -140,6 +141,19 @@ class ThreadExecutor:
                     self.on_stop()
                 gate.wait_out()
                 raise
+
+
+# How long the main thread waits on a task at a time: a signal that lands just before a
+# wait blocks does not end it, and its handler (Ctrl-C's KeyboardInterrupt) runs only once
+# the thread is back in Python.
+SIGNAL_CHECK_S = 0.1
+
+
+def _result(future: Future) -> Any:
+    """The task's result, waited for in turns of SIGNAL_CHECK_S."""
+    while not wait([future], timeout=SIGNAL_CHECK_S).done:
+        pass
+    return future.result()
 
 
 class _TaskGate:

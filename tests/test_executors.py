@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import signal
 import threading
 
@@ -33,6 +34,27 @@ def test_ctrl_c_drops_the_tasks_not_started_and_waits_out_those_running():
 
     assert sorted(started) == [0, 1] and sorted(ended) == [0, 1]
     assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+
+
+def test_a_ctrl_c_that_lands_as_the_command_starts_to_wait_is_not_lost():
+    # A signal that arrives just before the main thread blocks in its wait does not wake it:
+    # interrupt_main sets the signal's flag as such a signal does, and wakes nothing.
+    stop = threading.Event()
+    both_running = threading.Barrier(2)
+    started, told = [], []
+
+    def task(number: int) -> int:
+        started.append(number)
+        both_running.wait(10)
+        if number == 0:
+            _thread.interrupt_main()
+        told.append(stop.wait(10))  # True: told to stop, not tired of waiting
+        return number
+
+    with pytest.raises(KeyboardInterrupt):
+        ThreadExecutor(2, on_stop=stop.set).map(task, range(6))
+
+    assert sorted(started) == [0, 1] and told == [True, True]
 
 
 def test_a_task_submitted_as_ctrl_c_lands_never_starts(monkeypatch):
