@@ -136,6 +136,36 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     assert all(artifacts.exists(result_name(job_id, name)) for name in ARTIFACT_NAMES)
 
 
+def test_a_text_job_is_searched_on_its_token_ids_and_timed_on_them_by_its_agent(
+    workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
+):
+    from search.model_source import save_weights
+    from tests.non_image_models import token_data, trained_token_conv_net
+
+    save_weights(trained_token_conv_net(), tmp_path / "text.safetensors")
+    x, y = token_data()
+    np.savez(tmp_path / "tokens.npz", x=x.numpy(), y=y.numpy())
+    agents("text-agent", settings=AGENT_TIMING, allowed_modules=["tests"])
+    registry = DeviceRegistry(jobs.client)
+    wait_until(lambda: registry.live_agents("text-agent") == 1, AGENT_START_S, "agent online")
+    spec = job_spec("text-agent", width=1) | {
+        "model": "module:tests.non_image_models:token_conv_net",
+        "weights": str(tmp_path / "text.safetensors"),
+        "data": str(tmp_path / "tokens.npz"),
+    }
+    job_id = submit_job(jobs, spec, celery=workers.app)
+
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "succeeded", f"{job['error']}\n{workers.logs()}"
+    artifacts = ArtifactStore(workers.settings.artifacts_url)
+    arch = json_file(artifacts, result_name(job_id, "arch.json"))
+    assert arch["token_range"] == 100 and arch["input_shape"] == [64]
+    report = json_file(artifacts, result_name(job_id, "report.json"))
+    assert report["final"]["latency_ms"] <= report["budget_ms"]
+    assert report["final"]["accuracy"] >= 0.9  # tuned and scored on the ids themselves
+
+
 def test_a_node_keeps_the_weights_of_the_attempt_committed_first(tmp_path: Path):
     nodes = ArtifactNodeStore(ArtifactStore(str(tmp_path / "store")), "0123456789ab")
     first, second = {"w": torch.ones(3)}, {"w": torch.zeros(3)}
