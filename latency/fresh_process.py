@@ -38,6 +38,8 @@ from search.timing_input import timing_input
 
 # What the server imports before it forks: the children then start with torch loaded.
 _PRELOAD = ["torch", "latency.harness", "search.arch_spec"]
+# How long the parent waits on its child's answer at a time.
+SIGNAL_CHECK_S = 0.1
 # The dtypes a model can be timed in, by name.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,6 +127,10 @@ class FreshProcessTimer:
             child.start()
             sender.close()
             try:
+                # Waited for in turns: a signal that lands just before a read blocks does not
+                # end it, and Ctrl-C's handler runs only once this thread is back in Python.
+                while not receiver.poll(SIGNAL_CHECK_S):
+                    pass
                 status, result = receiver.recv()
             except EOFError:
                 status, result = "died", None

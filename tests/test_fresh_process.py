@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import _thread
 import functools
 import os
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 from test_local_oracle import FAST, REFERENCE, SMALL, Builder
 from torch import nn
@@ -102,3 +107,29 @@ def test_timing_settings_travel_to_the_child() -> None:
         TimingJob(functools.partial(nn.Linear, 8, 8), None, (8,), 2, "float32", many)
     )
     assert stats.n == 60
+
+
+def test_a_ctrl_c_that_lands_as_the_parent_starts_to_wait_stops_the_timing_at_once(
+    tmp_path: Path,
+) -> None:
+    # A signal that arrives just before the parent blocks reading the child's answer does not
+    # wake it: interrupt_main sets the signal's flag as such a signal does, and wakes nothing.
+    pids = tmp_path / "pids"
+    warmup_s = 60.0
+    long_job = replace(
+        job(functools.partial(model_recording_pid, str(pids))),
+        settings=replace(FAST, warmup_s=warmup_s),
+    )
+
+    def interrupt_once_built() -> None:
+        while not (pids.exists() and pids.read_text()):
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_built, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        FreshProcessTimer().run(long_job)
+
+    assert time.monotonic() - started < warmup_s  # stopped, not waited out
+    assert not psutil.pid_exists(int(pids.read_text().split()[0]))
