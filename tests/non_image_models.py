@@ -116,3 +116,21 @@ class FeaturesWithEmbeddedPositions(nn.Module):
 
 def features_with_embedded_positions() -> nn.Module:
     return FeaturesWithEmbeddedPositions()
+
+
+class TokenTransformer(nn.Module):
+    """A text classifier: token ids of a 100-word vocabulary, embedded, one transformer
+    encoder layer (its residual stream the embedding's width), averaged, 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 64)
+        self.encoder = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embedding(tokens)).mean(1))
+
+
+def token_transformer() -> nn.Module:
+    return TokenTransformer()

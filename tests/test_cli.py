@@ -419,6 +419,26 @@ def test_a_text_model_is_pruned_timed_and_measured_on_token_ids(tmp_path, home):
     assert "input (64,) of token ids below 100" in unpruned.stdout
 
 
+@pytest.mark.slow
+def test_a_transformer_on_token_ids_is_narrowed_with_its_embedding(tmp_path, home):
+    from search import load_pruned
+    from tests.non_image_models import token_data
+
+    x, y = token_data()
+    np.savez(tmp_path / "tokens.npz", x=x.numpy(), y=y.numpy())
+    args = prune_args(tmp_path, "--model", "module:tests.non_image_models:token_transformer",
+                      "--data", str(tmp_path / "tokens.npz"), "--width", "1",
+                      "--branching", "1", "--select-steps", "2", "--fill-probes", "0",
+                      "--moves", "uniform")  # fmt: skip
+    archtree(*args, home=home)
+
+    pruned = load_pruned(tmp_path / "out")
+    stream = json.loads((tmp_path / "out" / "arch.json").read_text())["layers"]["encoder.norm1"]
+    # The residual stream, the embedding's width among it, was narrowed as one.
+    assert pruned.embedding.embedding_dim == stream[0] < 64
+    assert pruned(token_data(samples=4, seed=1)[0]).shape == (4, 3)
+
+
 def test_token_ids_go_as_integers_to_a_model_that_looks_its_inputs_up(tmp_path):
     from search.errors import ArchtreeError
     from search.inputs import load_inputs
