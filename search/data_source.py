@@ -88,19 +88,30 @@ class DataSplits:
         """The same splits with inputs as int64 token ids (without an added channel axis), or
         None unless every input is a whole number in [0, MAX_TOKEN_ID]: token ids saved as
         integers, whose float32 copy holds them exactly."""
+        if self.not_token_ids() is not None:
+            return None
         splits = self.without_added_channel() if self.channel_added else self
-        xs = (splits.train_x, splits.calib_x, splits.val_x)
-        for x in xs:
-            for start in range(0, len(x), CHECK_ROWS):
-                values = x[start : start + CHECK_ROWS]
-                if values.numel() and not bool(
-                    ((values >= 0) & (values <= MAX_TOKEN_ID) & (values == values.round())).all()
-                ):
-                    return None
-        train_x, calib_x, val_x = (x.long() for x in xs)
+        train_x, calib_x, val_x = (x.long() for x in (splits.train_x, splits.calib_x, splits.val_x))
         return replace(
             splits, train_x=train_x, calib_x=calib_x, val_x=val_x, token_range=token_range
         )
+
+    def not_token_ids(self) -> str | None:
+        """Why the inputs cannot be token ids, whole numbers in [0, MAX_TOKEN_ID]; None when
+        they can be."""
+        for x in (self.train_x, self.calib_x, self.val_x):
+            for start in range(0, len(x), CHECK_ROWS):
+                values = x[start : start + CHECK_ROWS]
+                if not values.numel():
+                    continue
+                if bool((values < 0).any()):
+                    return f"one is {float(values.min()):g}, and ids are 0 and up"
+                if not bool((values == values.round()).all()):
+                    fraction = values[values != values.round()][0]
+                    return f"one is {float(fraction):g}, and ids are whole numbers"
+                if bool((values > MAX_TOKEN_ID).any()):
+                    return f"one is {float(values.max()):g}, and ids are below 2**24"
+        return None
 
     def largest_token_id(self) -> int:
         return max(int(x.max()) for x in (self.train_x, self.calib_x, self.val_x) if x.numel())

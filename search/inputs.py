@@ -99,6 +99,12 @@ def _first_forward(
         tokens = _as_token_ids(model, data)
         if tokens is not None:
             return _token_forward(model, tokens, model_source, data_source), tokens
+        if str(as_floats).endswith(_EMBEDDING):  # a text model, given what are not token ids
+            raise ArchtreeError(
+                f"{str(as_floats).removesuffix(_EMBEDDING)}it looks its inputs up in an "
+                f"embedding (nn.Embedding), as token ids, and {data_source}'s inputs are not "
+                f"token ids ({data.not_token_ids()}): {_TOKEN_IDS_FIX}"
+            ) from None
         if not (model_source.startswith("module:") and data.channel_added):
             raise
         # Three axes were read as greyscale images; the model may take them as sequences.
@@ -236,10 +242,13 @@ def check_forward(
 
 # What a model that looks its inputs up in an embedding, given inputs that are not token ids,
 # is told.
+_TOKEN_IDS_FIX = (
+    "save them as integers, whole numbers 0 and up (numpy.savez('data.npz', "
+    "x=ids.astype(numpy.int64), y=labels)), and it is timed on random ids its embeddings can "
+    "look up."
+)
 _EMBEDDING = (
-    "it looks its inputs up in an embedding (nn.Embedding), as token ids: save them as "
-    "integers, whole numbers 0 and up (numpy.savez('data.npz', x=ids.astype(numpy.int64), "
-    "y=labels)), and it is timed on random ids its embeddings can look up."
+    f"it looks its inputs up in an embedding (nn.Embedding), as token ids: {_TOKEN_IDS_FIX}"
 )
 
 

@@ -462,6 +462,18 @@ def test_token_ids_go_as_integers_to_a_model_that_looks_its_inputs_up(tmp_path):
         f"model {source} has 100 entries (ids 0..99): give data tokenized with the model's "
         "own vocabulary, or weights for a model of that vocabulary's size."
     )
+    # What cannot be token ids is named: a padding id of -1, a value that is no whole number.
+    not_ids = [("pad.npz", -1, "one is -1, and ids are 0 and up"),
+               ("half.npz", 2.5, "one is 2.5, and ids are whole numbers")]  # fmt: skip
+    for name, value, why in not_ids:
+        ids = x.numpy().astype(np.float32)
+        ids[7, 3] = value
+        np.savez(tmp_path / name, x=ids, y=y.numpy())
+        with pytest.raises(ArchtreeError) as error:
+            load_inputs(source, str(tmp_path / name))
+        assert f"{tmp_path / name}'s inputs are not token ids ({why}): save them as integers" in (
+            str(error.value)
+        )
     # Whole numbers, for a model whose embedding is its own: they stay floats.
     counts = torch.randint(0, 256, (300, 12))
     np.savez(tmp_path / "counts.npz", x=counts.numpy(), y=(torch.arange(300) % 3).numpy())
