@@ -124,9 +124,9 @@ class FreshProcessTimer:
         with self._lock:
             receiver, sender = self._context.Pipe(duplex=False)
             child = self._context.Process(target=_serve, args=(job, sender), daemon=True)
-            child.start()
-            sender.close()
             try:
+                child.start()
+                sender.close()
                 # Waited for in turns: a signal that lands just before a read blocks does not
                 # end it, and Ctrl-C's handler runs only once this thread is back in Python.
                 while not receiver.poll(SIGNAL_CHECK_S):
@@ -135,11 +135,14 @@ class FreshProcessTimer:
             except EOFError:
                 status, result = "died", None
             except BaseException:  # the parent stops (Ctrl-C): the timing is not wanted
-                child.terminate()
+                if child.pid is not None:  # started, even if Ctrl-C came as it started
+                    child.terminate()
                 raise
             finally:
+                sender.close()
                 receiver.close()
-                child.join()
+                if child.pid is not None:
+                    child.join()
         if status == "died":
             raise ArchtreeError(
                 f"the timing process died while timing a model (exit code {child.exitcode}; "

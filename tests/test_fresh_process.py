@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import functools
 import os
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -121,8 +122,18 @@ def test_a_ctrl_c_that_lands_as_the_parent_starts_to_wait_stops_the_timing_at_on
         settings=replace(FAST, warmup_s=warmup_s),
     )
 
+    main = threading.main_thread().ident
+
+    def waiting_on_the_child() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "connection.py")):
+                return True
+            frame = frame.f_back
+        return False
+
     def interrupt_once_built() -> None:
-        while not (pids.exists() and pids.read_text()):
+        while not (pids.exists() and pids.read_text() and waiting_on_the_child()):
             time.sleep(0.01)
         _thread.interrupt_main()
 
@@ -133,3 +144,24 @@ def test_a_ctrl_c_that_lands_as_the_parent_starts_to_wait_stops_the_timing_at_on
 
     assert time.monotonic() - started < warmup_s  # stopped, not waited out
     assert not psutil.pid_exists(int(pids.read_text().split()[0]))
+
+
+def test_a_ctrl_c_that_lands_as_the_child_starts_stops_it(tmp_path: Path, monkeypatch) -> None:
+    from multiprocessing.context import ForkServerProcess
+
+    start = ForkServerProcess.start
+    children = []
+
+    def interrupted_once_started(child: ForkServerProcess) -> None:
+        start(child)
+        children.append(child.pid)
+        raise KeyboardInterrupt  # Ctrl-C lands as `start` returns
+
+    monkeypatch.setattr(ForkServerProcess, "start", interrupted_once_started)
+    long_job = replace(
+        job(functools.partial(nn.Linear, 16, 16)), settings=replace(FAST, warmup_s=60)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        FreshProcessTimer().run(long_job)
+
+    assert children and not psutil.pid_exists(children[0])  # stopped, not left timing
