@@ -287,6 +287,7 @@ def _saved_search(args: argparse.Namespace, settings):
     from importlib.metadata import PackageNotFoundError, version
 
     from search.checkpoint import SearchCheckpoint, file_identity
+    from search.model_source import code_identity
 
     try:
         release = version("archtree")
@@ -296,6 +297,7 @@ def _saved_search(args: argparse.Namespace, settings):
         "archtree": release,
         "host": platform.node(),
         "model": args.model,
+        "code": code_identity(args.model),  # a module edited since: another search
         "weights": file_identity(args.weights),
         "allow_pickle": args.allow_pickle,
         "data": file_identity(args.data),

@@ -19,6 +19,7 @@ from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
+from search.model_source import code_identity
 from search.quiet import QuietGate
 from search.timing_input import timing_input
 
@@ -136,7 +137,7 @@ class LocalOracle:
         used unless `refresh`, which times it again and caches the new timing."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
-        key = self._key(input_shape, reference.hash, reference.hash, "ref", confirm)
+        key = self._key(reference, reference, "ref", confirm)
         cached = None if refresh else self.cache.get(key)
         stats = decoded(cached, lambda entry: TimingStats(**entry))
         if stats is not None:
@@ -170,7 +171,7 @@ class LocalOracle:
                 f"{reference.input_shape}"
             )
         self._last_input_shape = input_shape
-        key = self._key(input_shape, candidate.hash, reference.hash, "pair", confirm)
+        key = self._key(candidate, reference, "pair", confirm)
         hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
         if hit is not None:
             self.cache_hits += 1
@@ -226,18 +227,15 @@ class LocalOracle:
     def _settings(self, confirm: bool) -> TimingSettings:
         return self.confirm_settings if confirm else self.settings
 
-    def _key(
-        self,
-        input_shape: tuple[int, ...],
-        candidate_hash: str,
-        reference_hash: str,
-        kind: str,
-        confirm: bool,
-    ) -> str:
-        device_key = fingerprint_key(self._fingerprint(input_shape))
+    def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
+        # The model's code too: a spec names the layers' widths, not what its forward does.
+        device = {
+            **self._fingerprint(tuple(reference.input_shape)),
+            "code": code_identity(reference.model.source),
+        }
         # Confirm results are kept apart so that a confirm request always gets the longer timing.
         full_kind = f"{kind}-confirm" if confirm else kind
-        return cache_key(device_key, candidate_hash, reference_hash, full_kind)
+        return cache_key(fingerprint_key(device), candidate.hash, reference.hash, full_kind)
 
     def _fingerprint(self, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
         if input_shape not in self._fingerprints:

@@ -32,6 +32,7 @@ from latency.measurement_protocol import (
 from latency.redis_cache import RedisLatencyCache
 from search.errors import ArchtreeError, SearchCancelled
 from search.interfaces import LatencyMeasurement, TimingStats
+from search.model_source import code_identity
 
 if TYPE_CHECKING:
     from search.arch_spec import ArchSpec
@@ -121,7 +122,7 @@ class RemoteOracle:
         """Time the unpruned model alone on an agent: the job's baseline L(M0)."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
-        key = self._key(input_shape, reference.hash, reference.hash, "ref", confirm)
+        key = self._key(reference, reference, "ref", confirm)
         stats = decoded(self.cache.get(key), lambda entry: TimingStats(**entry))
         if stats is not None:
             self._count_hit()
@@ -160,7 +161,7 @@ class RemoteOracle:
                 f"{reference.input_shape}"
             )
         self._last_input_shape = input_shape
-        key = self._key(input_shape, candidate.hash, reference.hash, "pair", confirm)
+        key = self._key(candidate, reference, "pair", confirm)
         hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
         if hit is not None:
             self._count_hit()
@@ -310,17 +311,15 @@ class RemoteOracle:
             "input_shape": list(input_shape) if input_shape is not None else None,
         }
 
-    def _key(
-        self,
-        input_shape: tuple[int, ...],
-        candidate_hash: str,
-        reference_hash: str,
-        kind: str,
-        confirm: bool,
-    ) -> str:
-        device_key = fingerprint_key(self._class_fingerprint(input_shape))
+    def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
+        # The model's code too, as this process has it: a spec names the layers' widths, not
+        # what its forward does.
+        device = {
+            **self._class_fingerprint(tuple(reference.input_shape)),
+            "code": code_identity(reference.model.source),
+        }
         full_kind = f"{kind}-confirm" if confirm else kind
-        return cache_key(device_key, candidate_hash, reference_hash, full_kind)
+        return cache_key(fingerprint_key(device), candidate.hash, reference.hash, full_kind)
 
 
 def no_agent_message(device_class: str, waited_s: float, api_url: str | None = None) -> str:

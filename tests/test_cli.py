@@ -308,6 +308,32 @@ def test_a_saved_search_that_cannot_be_read_is_said_and_started_afresh(
     assert capsys.readouterr().err == ""
 
 
+def test_a_model_whose_code_changed_is_another_search(tmp_path, monkeypatch):
+    import argparse
+
+    from archtree_cli.commands import _saved_search
+    from search.model_source import code_identity
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "edited.py").write_text("from torch import nn\n\nnet = nn.Linear\n")
+    args = argparse.Namespace(
+        model="module:edited:net", weights=None, allow_pickle=False, data="builtin:digits",
+        num_classes=None, budget="50%", device="local", batch_size=1, threads=1, restart=False,
+    )  # fmt: skip
+
+    def folder() -> Path:
+        code_identity.cache_clear()  # as a new run of the command reads it anew
+        saved = _saved_search(args, SearchSettings())
+        saved.release()
+        return saved.folder
+
+    first = folder()
+    assert folder() == first
+    (tmp_path / "edited.py").write_text("from torch import nn\n\nnet = nn.Bilinear\n")
+    assert folder() != first
+
+
 @pytest.mark.slow
 def test_width_one_equals_greedy_and_timings_from_the_cache_are_said_to_be(tmp_path, home):
     common = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", REACHABLE, *FAST]

@@ -128,3 +128,32 @@ def test_measure_times_a_torchscript_model(home):
         home=home,
     )  # fmt: skip
     assert float(re.search(r"^median\s+(\S+) ms", timed.stdout, re.M).group(1)) > 0
+
+
+def test_a_cached_timing_is_not_used_once_the_models_code_has_changed(tmp_path):
+    home, code = tmp_path / "home", tmp_path / "code"
+    code.mkdir()
+
+    def write(forward: str) -> None:
+        (code / "mynet.py").write_text(
+            "from torch import nn\n\n\n"
+            "class Net(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            "        self.fc = nn.Linear(12, 3)\n\n"
+            "    def forward(self, x):\n"
+            f"        return {forward}\n\n\n"
+            "def net():\n"
+            "    return Net()\n"
+        )
+
+    def cached() -> bool:
+        result = archtree("measure", "--model", "module:mynet:net", "--input-shape", "12",
+                          home=home, extra_path=code)  # fmt: skip
+        return "cached     yes" in result.stdout
+
+    write("self.fc(x)")
+    assert [cached(), cached()] == [False, True]
+    # The same layers, a forward that does more: its timing is not the one kept.
+    write("self.fc(x.exp().log() + x.sin() * 0)")
+    assert [cached(), cached()] == [False, True]

@@ -13,6 +13,7 @@ from latency.cache import DiskLatencyCache
 from latency.harness import TimingSettings
 from latency.local_oracle import LocalOracle, parse_device
 from search.errors import ArchtreeError
+from search.model_source import ModelRef
 
 FAST = TimingSettings(warmup_runs=3, warmup_s=0.0, min_runs=10, min_time_s=0.02, max_remeasures=0)
 
@@ -25,6 +26,7 @@ class StandIn:
     width: int = 256
     input_shape: tuple[int, ...] = (256,)
     token_range: int | None = None
+    model: ModelRef = ModelRef("builtin:vgg", 10, 1)
 
     @property
     def hash(self) -> str:
