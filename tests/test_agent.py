@@ -43,7 +43,7 @@ from search.model_source import ModelRef, build_model
 from search.pruning import PrunableModel
 from tests.api_fixtures import ROOT, ApiProcess, api_env, free_port, start_api
 from tests.http_servers import serving
-from tests.redis_fixtures import AgentProcess, wait_until
+from tests.redis_fixtures import AgentProcess, redis_server_executable, wait_until
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
 
@@ -456,7 +456,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", "0", "--save", "",
+            [str(redis_server_executable()), "--port", "0", "--save", "",
              "--appendonly", "no", "--dir", str(self.folder),
              "--unixsocket", str(self.folder / "redis.sock"), "--unixsocketperm", "700"],
             stdout=subprocess.DEVNULL,
@@ -482,7 +482,7 @@ class RedisServer:
 @pytest.fixture
 def redis_servers() -> Iterator[Callable[[], RedisServer]]:
     """Makes RedisServer objects, not started yet; stops them all at the test's end."""
-    if shutil.which("redis-server") is None:
+    if redis_server_executable() is None:
         pytest.skip("redis-server is not on the PATH")
     made: list[RedisServer] = []
 

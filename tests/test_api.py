@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +38,7 @@ from tests.api_fixtures import (
     start_api,
 )
 from tests.cli_process import run_archtree
-from tests.redis_fixtures import ROOT, wait_until
+from tests.redis_fixtures import ROOT, redis_server_executable, wait_until
 from workers.job_store import JobStore, RedisEventSink
 from workers.tasks import result_name
 
@@ -1163,7 +1162,7 @@ def test_the_api_is_unready_while_redis_is_unreachable(tmp_path: Path, redis_url
 def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A private redis-server for one test, which the test may stop (started as
     tests/redis_fixtures.py starts the session's)."""
-    executable = shutil.which("redis-server")
+    executable = redis_server_executable()
     if executable is None:
         pytest.skip("redis-server is not on the PATH")
     port = free_port()

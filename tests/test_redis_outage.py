@@ -3,7 +3,6 @@ compose file runs it), stopped and started again on the same port, real workers 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ import redis
 
 from archtree_cli.client import ArchtreeClient
 from tests.api_fixtures import api_env, start_api
-from tests.redis_fixtures import _free_port, wait_until
+from tests.redis_fixtures import _free_port, redis_server_executable, wait_until
 from tests.test_workers import job_spec, start_agents, wait_for_end
 from tests.worker_fixtures import WorkerPool
 from workers.job_store import JobStore
@@ -30,7 +29,7 @@ class PersistentRedis:
     """A redis-server that keeps its data in an append-only file across restarts."""
 
     def __init__(self, directory: Path) -> None:
-        executable = shutil.which("redis-server")
+        executable = redis_server_executable()
         if executable is None:
             pytest.skip("redis-server is not on the PATH")
         self.command = [
