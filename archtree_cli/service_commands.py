@@ -111,7 +111,8 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--data",
         required=True,
-        help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x and optionally y "
+        help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x (inputs; integer "
+        "token ids for a model that looks them up in an nn.Embedding) and optionally y "
         "(labels), which is uploaded",
     )
     submit.add_argument(

@@ -34,6 +34,8 @@ from search.errors import ArchtreeError
 from search.interfaces import MemoryNodeStore
 from search.tree import SearchState
 
+# What `SearchCheckpoint._checked` holds when nothing read is kept.
+_NOT_READ = object()
 # Saved searches not resumed for this long are removed when another search starts.
 KEEP_DAYS = 14
 WRITE_FAILED = "a node's weights could not be written: is its disk full?"
@@ -106,6 +108,8 @@ class SearchCheckpoint:
         self.nodes = SavedNodeStore(self.folder / "nodes")
         self.disabled = False
         self._lock_file: Any = None
+        # What `unreadable` read, until `saved` takes it.
+        self._checked: object = _NOT_READ
 
     def acquire(self) -> bool:
         """Create and lock the folder; False when another run of the same search holds it.
@@ -130,6 +134,9 @@ class SearchCheckpoint:
         """The state saved after the last finished depth, and the seconds run until then;
         None when nothing was saved, or what was saved cannot be read (`unreadable` says
         why)."""
+        if self._checked is not _NOT_READ:  # `unreadable` has just read it
+            read, self._checked = self._checked, _NOT_READ
+            return read  # type: ignore[return-value]
         try:
             return self._read()
         except UNREADABLE:
@@ -141,7 +148,7 @@ class SearchCheckpoint:
         if not (self.folder / "state.json").exists():
             return None
         try:
-            self._read()
+            self._checked = self._read()  # kept for `saved`: a large tree is read once
         except UNREADABLE as error:
             return _reason(error, "the file is damaged")
         return None
@@ -157,6 +164,7 @@ class SearchCheckpoint:
         """Save `state` (its nodes' weights are already in the store). When it or a node's
         weights could not be written (a full disk), the saved search is removed, nothing more
         is saved, and what happened is returned, to be said; the search itself goes on."""
+        self._checked = _NOT_READ
         if self.disabled:
             return None
         error = self.nodes.error
@@ -181,6 +189,7 @@ class SearchCheckpoint:
 
     def clear(self) -> None:
         """Forget what was saved (to start afresh), keeping the folder and its lock."""
+        self._checked = _NOT_READ
         for path in (self.folder / "state.json", self.folder / "about.json"):
             with contextlib.suppress(OSError):
                 path.unlink()

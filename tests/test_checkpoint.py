@@ -94,6 +94,26 @@ def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tm
     assert resumed.wall_s >= elapsed_s
 
 
+def test_a_saved_state_checked_before_resuming_is_read_once(tmp_path, monkeypatch):
+    interrupted(tmp_path, StopsAtDepth(3))
+    reads = []
+    read_text = Path.read_text
+
+    def counted(path: Path, *args, **kwargs) -> str:
+        reads.append(path.name)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})  # as a new run checks it
+    assert again.unreadable() is None
+    state, _ = again.saved()
+    assert state.depth == 2 and reads.count("state.json") == 1
+    # Cleared (--restart) after the check: nothing saved is given back.
+    assert again.unreadable() is None
+    again.clear()
+    assert again.saved() is None
+
+
 def test_a_search_interrupted_while_its_best_are_retuned_retunes_them_from_the_tree_again(
     tmp_path,
 ):
