@@ -122,16 +122,12 @@ def _first_forward(
 def _token_forward(
     model: nn.Module, tokens: DataSplits, model_source: str, data_source: str
 ) -> torch.Tensor:
-    """The model's outputs on two samples of token ids, which its embeddings must hold."""
-    try:
-        output = check_forward(
-            model, tokens.calib_x[:2], model_source, data_source, token_range=tokens.token_range
-        )
-    except ArchtreeError:
-        _check_token_ids(model, tokens, model_source, data_source)  # the likelier cause
-        raise
+    """The model's outputs on two samples of token ids, which its embeddings must hold (ids
+    beyond them are the likelier cause of a failure, and said first)."""
     _check_token_ids(model, tokens, model_source, data_source)
-    return output
+    return check_forward(
+        model, tokens.calib_x[:2], model_source, data_source, token_range=tokens.token_range
+    )
 
 
 def _as_token_ids(model: nn.Module, data: DataSplits) -> DataSplits | None:
