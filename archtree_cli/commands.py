@@ -287,7 +287,7 @@ def _saved_search(args: argparse.Namespace, settings):
     from importlib.metadata import PackageNotFoundError, version
 
     from search.checkpoint import SearchCheckpoint, file_identity
-    from search.model_source import code_identity
+    from search.code_identity import code_identity
 
     try:
         release = version("archtree")

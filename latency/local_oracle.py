@@ -17,9 +17,9 @@ from latency.cache import LatencyCache, MemoryLatencyCache, cache_key, decoded
 from latency.fingerprint import device_fingerprint, fingerprint_key
 from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
+from search.code_identity import code_identity
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
-from search.model_source import code_identity
 from search.quiet import QuietGate
 from search.timing_input import timing_input
 

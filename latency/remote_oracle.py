@@ -30,9 +30,9 @@ from latency.measurement_protocol import (
     validate_device_class,
 )
 from latency.redis_cache import RedisLatencyCache
+from search.code_identity import code_identity
 from search.errors import ArchtreeError, SearchCancelled
 from search.interfaces import LatencyMeasurement, TimingStats
-from search.model_source import code_identity
 
 if TYPE_CHECKING:
     from search.arch_spec import ArchSpec

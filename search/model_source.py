@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
-import hashlib
 import importlib
 import importlib.util
 import io
 import os
 import pickletools
 import struct
-import sys
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -90,38 +86,6 @@ def build_model(ref: ModelRef) -> nn.Module:
             "nn.Module; make it return the model"
         )
     return model.eval()
-
-
-@functools.cache
-def code_identity(source: str) -> str | None:
-    """What tells the code that builds `source` apart from other versions of it, for what is
-    kept by architecture (timings, saved searches): the SHA-256 of a `module:` source's file or
-    of the builtin models' file, or the installed release of torchvision or timm. None where
-    it cannot be told (building the model says why). Read once per process, which imports
-    that code once too."""
-    prefix, _, rest = source.partition(":")
-    if prefix in ("torchvision", "timm"):
-        try:
-            return f"{prefix} {version(prefix)}"
-        except PackageNotFoundError:
-            return None
-    if prefix == "builtin":
-        path = sys.modules["search.zoo"].__file__
-    elif prefix == "module":
-        module_name = rest.rpartition(":")[0]
-        try:
-            module = sys.modules.get(module_name)
-            found = importlib.util.find_spec(module_name) if module is None else None
-        except (ImportError, ValueError):
-            return None
-        path = module.__file__ if module is not None else found.origin if found else None
-    else:
-        return None
-    try:
-        with open(str(path), "rb") as file:
-            return hashlib.file_digest(file, "sha256").hexdigest()[:16]
-    except (OSError, TypeError):
-        return None
 
 
 def check_prunable_form(model: nn.Module, source: str) -> None:

@@ -312,7 +312,7 @@ def test_a_model_whose_code_changed_is_another_search(tmp_path, monkeypatch):
     import argparse
 
     from archtree_cli.commands import _saved_search
-    from search.model_source import code_identity
+    from search.code_identity import code_identity
 
     monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
     monkeypatch.syspath_prepend(str(tmp_path))
