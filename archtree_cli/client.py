@@ -436,10 +436,20 @@ class ArchtreeClient:
                 f"resolve ({_cause(error, socket.gaierror)}); check {self.source} for a typo, "
                 "or this machine's DNS"
             )
+        v1 = without_v1(self.api_url, self.source)
+        also = f" ({v1})" if v1 else ""
+        if isinstance(error, httpx.RemoteProtocolError):
+            # Reached, but what came back was not HTTP, or nothing: another kind of server
+            # (Redis, a database), or an API that stopped mid-answer.
+            return Unreachable(
+                f"the server at {self.api_url} did not answer in HTTP ({error}): check that "
+                f"{self.source} names an Archtree API (the address `archtree up` prints), and "
+                f"that it is running{also}"
+            )
         if isinstance(error, httpx.TransportError):
             return Unreachable(
                 f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
-                f"with `archtree up`, or check {self.source}"
+                f"with `archtree up`, or check {self.source}{also}"
             )
         return self._not_archtree(type(error).__name__)
 

@@ -93,6 +93,8 @@ class ConsoleProgress:
             )
         elif kind == "note":
             self._print(f"note: {data['message']}")
+        elif kind == "preparing":
+            self._print(preparing_text(data))
         elif kind == "feasibility":
             widen_to = data.get("widen_to")
             block = data.get("channel_block")
@@ -244,6 +246,26 @@ def merged_reason(into: str | None, tie: bool = False) -> str:
     if into:
         return f"same architecture as {into}, which scored " + ("as well" if tie else "better")
     return "same architecture as a node already in the tree"
+
+
+# What the unpruned model's outputs on each split are for, as `preparing` says.
+OUTPUTS_FOR = {
+    "train": "the targets its pruned copies are fine-tuned towards",
+    "calibration": "what candidates are scored against without labels",
+}
+
+
+def preparing_text(data: dict[str, Any]) -> str:
+    """The unpruned model's outputs on a large split being computed, before the search."""
+    split, samples, done = data["split"], data["samples"], data["done"]
+    if not done:
+        purpose = OUTPUTS_FOR.get(split, "")
+        return (
+            f"computing the unpruned model's outputs on its {samples:,} {split} samples"
+            f"{f' ({purpose})' if purpose else ''}"
+        )
+    share = f"{done / samples:.0%}"
+    return f"unpruned model's outputs: {done:,} of {samples:,} {split} samples ({share})"
 
 
 def lost_task_text(task: dict[str, Any]) -> str:

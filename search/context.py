@@ -28,8 +28,14 @@ from search.training import (
     train,
 )
 
-# How often a fine-tune asks whether its job was cancelled.
+# How often a fine-tune, or the reference outputs' computation, asks whether its job was
+# cancelled.
 CANCEL_CHECK_S = 1.0
+# The unpruned model's outputs on a split of this many samples or more are said in the
+# progress as they are computed (minutes on a CPU for a large dataset), and how far they have
+# got every PREPARE_PROGRESS_S.
+PREPARE_SAID_SAMPLES = 20_000
+PREPARE_PROGRESS_S = 10.0
 
 
 @dataclass
@@ -78,16 +84,42 @@ class SearchContext:
 
     @cached_property
     def calib_reference_logits(self) -> torch.Tensor:
-        return logits(self.base_model, self.data.calib_x)
+        """The unpruned model's outputs on the calibration split: what candidates are scored
+        against without labels."""
+        return self._reference_logits(self.data.calib_x, "calibration")
 
     @cached_property
     def train_reference_logits(self) -> torch.Tensor:
         """The unpruned model's outputs on the training split: distillation targets."""
-        return logits(self.base_model, self.data.train_x)
+        return self._reference_logits(self.data.train_x, "train")
+
+    def _reference_logits(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        """The unpruned model's outputs on one split. On a large split, said as a `preparing`
+        event when it starts and every PREPARE_PROGRESS_S (`done` of `samples`); a cancel is
+        honoured within CANCEL_CHECK_S."""
+        said = len(x) >= PREPARE_SAID_SAMPLES
+        if said:
+            self.sink.emit("preparing", split=split, samples=len(x), done=0)
+        last_check = last_said = time.monotonic()
+
+        def progress(done: int) -> None:
+            nonlocal last_check, last_said
+            now = time.monotonic()
+            if now - last_check >= CANCEL_CHECK_S:
+                last_check = now
+                self.check_cancelled(
+                    f"while computing the unpruned model's outputs on the {split} split "
+                    f"({done:,} of {len(x):,} samples done)"
+                )
+            if said and now - last_said >= PREPARE_PROGRESS_S and done < len(x):
+                last_said = now
+                self.sink.emit("preparing", split=split, samples=len(x), done=done)
+
+        return logits(self.base_model, x, progress=progress)
 
     def prepare(self) -> None:
         """Compute the shared reference outputs once, before children run in parallel; a
-        cancel is honoured between them (on a large dataset each can take seconds)."""
+        cancel is honoured while they are computed (on a large dataset, minutes)."""
         self.check_cancelled("before the search started")
         _ = self.positions
         _ = self.kept_whole

@@ -178,16 +178,26 @@ def _kl(
     )
 
 
-def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The model's outputs on `x`, computed in eval mode by batches."""
+def logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The model's outputs on `x`, computed in eval mode by batches; `progress(done)` is
+    called with the number of samples done after each batch (it may raise to stop)."""
     was_training = model.training
     model.eval()
     outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(x), batch_size):
-            with piece_of_work():
-                outputs.append(model(x[start : start + batch_size]))
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                with piece_of_work():
+                    outputs.append(model(x[start : start + batch_size]))
+                if progress is not None:
+                    progress(min(start + batch_size, len(x)))
+    finally:
+        model.train(was_training)
     if not outputs:
         return torch.empty(0)
     return torch.cat(outputs)

@@ -124,8 +124,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A client of the private server, whose database is emptied before each test."""
-    client = redis.Redis.from_url(redis_url)
+    """A client of the private server, whose database is emptied before each test. It waits
+    up to a minute for an answer (redis-py's default gives up reading after 5 s): a test that
+    blocks on a reply from an agent (BLPOP) outlasts that on a loaded machine."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)
     client.flushdb()
     yield client
     client.close()

@@ -217,15 +217,19 @@ def test_without_live_agents_the_oracle_waits_then_explains(redis_client) -> Non
 
 
 def test_the_oracle_says_it_no_longer_waits_when_an_agent_that_came_answers(
-    redis_client, agents
+    redis_client, redis_url, agents
 ) -> None:
     """An agent that starts while the oracle waits for the reply (no agent was online when it
     last looked) answers it: the wait is over, and is said to be over."""
     device_class = "late-cpu"
     reference, _ = vgg_specs()
     calls: list[bool] = []
-    # The oracle looks for live agents once per poll; it waits for the reply in between.
-    oracle = RemoteOracle(redis_client, device_class, poll_s=120, on_waiting=calls.append)
+    # The oracle looks for live agents once per poll; it waits for the reply in between, in
+    # one BLPOP as long as the poll: on a client that waits for its answer as long (redis-py's
+    # default gives up reading after 5 s, which an agent starting on a loaded machine outlasts).
+    client = redis.Redis.from_url(redis_url, socket_timeout=None)
+    oracle = RemoteOracle(client, device_class, poll_s=120, on_waiting=calls.append)
+    assert redis_client.dbsize() == 0  # emptied for this test: no agent of the class is online
     outcome: dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: outcome.update(result=oracle.measure_reference(reference)), daemon=True

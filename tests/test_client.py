@@ -36,6 +36,8 @@ from search.errors import ArchtreeError
 from tests.cli_process import ROOT, run_archtree
 from tests.http_servers import serving
 
+pytest_plugins = ["tests.redis_fixtures"]
+
 JOB = "4f1c2a9be07d"
 # Seconds the client waits for an answer in these tests: the servers here answer at once, or
 # never.
@@ -730,6 +732,32 @@ def test_an_api_address_from_the_environment_is_named_as_its_variable(home: Path
         given = run_archtree(*command, "--api", down, home=home, env={"ARCHTREE_API_URL": "x"})
         one_error_line(given, f"cannot reach the API at {down}", "or check --api")
         assert "ARCHTREE_API_URL" not in given.stderr
+
+
+def test_an_unreachable_api_address_ending_in_v1_is_told_to_drop_it_too(home: Path):
+    down = f"http://127.0.0.1:{free_port()}"
+
+    result = run_archtree("jobs", "--api", f"{down}/v1", home=home)
+
+    fix = f"give --api without its /v1 at the end: {down}"
+    one_error_line(result, f"cannot reach the API at {down}/v1", fix)
+
+
+def test_an_address_of_a_server_that_is_not_http_is_not_said_to_be_unreachable(
+    redis_url: str, home: Path
+):
+    """--api pointed at a Redis (or another service's port): it answered, in its own
+    protocol; the error says to check the address, not to start the API."""
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    redis_address = f"http://127.0.0.1:{port}"
+
+    for command in (["jobs"], ["status", JOB], ["cancel", JOB]):
+        result = run_archtree(*command, "--api", redis_address, home=home)
+
+        line = one_error_line(
+            result, f"the server at {redis_address} did not answer in HTTP", "names an Archtree API"
+        )
+        assert "cannot reach" not in line and "start it" not in line
 
 
 def test_an_api_host_name_that_does_not_resolve_is_said_to_be_a_name_problem():

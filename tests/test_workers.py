@@ -22,6 +22,7 @@ import torch
 from latency.device_registry import DeviceRegistry
 from latency.measurement_protocol import stream_key
 from search.artifacts import ARTIFACT_NAMES, load_pruned
+from search.context import PREPARE_SAID_SAMPLES
 from search.engine import live_nodes
 from search.tree import SearchState
 from tests.redis_fixtures import wait_until
@@ -350,13 +351,13 @@ def test_a_job_cancelled_while_fine_tuning_stops_there(workers: WorkerPool, jobs
 def test_a_job_cancelled_while_it_loads_its_data_stops_before_any_measurement(
     workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
 ):
-    """The first step of a job on a large dataset spends seconds computing the unpruned
-    model's outputs on it before the baseline measurement: a cancel asked for meanwhile ends
-    the job there, without sending a measurement."""
+    """The first step of a job on a large dataset spends seconds (minutes on a larger one)
+    computing the unpruned model's outputs on it before the baseline measurement, and says so:
+    a cancel asked for meanwhile ends the job there, without sending a measurement."""
     start_agents(agents, jobs, "pool-load", 1)
     rng = np.random.default_rng(0)
     data = tmp_path / "large.npz"
-    count = 8000
+    count = PREPARE_SAID_SAMPLES + 1500  # its training split is said as it is computed
     np.savez(
         data,
         x=rng.standard_normal((count, 1, 28, 28), dtype=np.float32),
@@ -366,13 +367,20 @@ def test_a_job_cancelled_while_it_loads_its_data_stops_before_any_measurement(
     artifacts.put_bytes("tests/large.npz", data.read_bytes())
     spec = {**job_spec("pool-load"), "data": "artifact:tests/large.npz"}
     job_id = submit_job(jobs, spec, celery=workers.app)
-    wait_until(lambda: jobs.get(job_id)["status"] != "queued", JOB_S, "the first step")
+    wait_until(
+        lambda: [e for e in events(jobs, job_id) if e["kind"] == "preparing"],
+        JOB_S,
+        "the unpruned model's outputs to be computed",
+    )
 
     assert jobs.request_cancel(job_id)
     job = wait_for_end(jobs, job_id, workers)
 
     assert job["status"] == "cancelled", f"{job['error']}\n{workers.logs()}"
-    assert not [e for e in events(jobs, job_id) if e["kind"] == "baseline"]
+    happened = events(jobs, job_id)
+    assert not [e for e in happened if e["kind"] == "baseline"]
+    preparing = next(e for e in happened if e["kind"] == "preparing")
+    assert (preparing["split"], preparing["samples"]) == ("train", count - 1500)
     stream = jobs.client.xinfo_stream(stream_key("pool-load"))
     assert stream["last-generated-id"] in (b"0-0", "0-0")  # no measurement was ever asked for
 

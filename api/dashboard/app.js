@@ -13,7 +13,7 @@ const ARTIFACTS = ["report.json", "arch.json", "model.safetensors"];
 const EVENT_KINDS = [
   "queued", "status", "baseline", "feasibility", "depth_started", "child_started", "node",
   "child_skipped", "child_merged", "depth_done", "retuned", "reranked", "confirm_failed",
-  "trim_compared", "filled", "note",
+  "trim_compared", "filled", "note", "preparing",
   "confirmed", "final_finetune", "done", "cancel_requested", "task_lost", "resumed",
 ];
 // Events after which the job's progress and tree have changed.
@@ -645,6 +645,9 @@ function describe(event, scoreName = "score") {
       return `${event.id} confirmed at ${ms(event.latency_ms)}${cached} ` +
         `(${counted(event.trims, "trim", "trims")})`;
     case "note": return event.message;
+    case "preparing":
+      return `unpruned model's outputs on ${event.samples.toLocaleString("en")} ${event.split} ` +
+        `samples: ${percent(event.done / event.samples)}`;
     case "final_finetune":
       return `final fine-tuning, ${counted(event.epochs, "epoch", "epochs")}`;
     case "done": {
