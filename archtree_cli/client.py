@@ -222,6 +222,10 @@ class ArchtreeClient:
         """Ask the job to stop; returns the job."""
         return self._json("POST", _job_path(job_id, "cancel"))
 
+    def delete(self, job_id: str) -> None:
+        """Delete an ended job and its files (ArchtreeError for one still running)."""
+        self._json("DELETE", _job_path(job_id))
+
     def readiness(self) -> dict[str, Any]:
         """GET /readyz: `status`, the Celery `workers` that answered, `agents_online` per
         device class and, when something is missing, a `detail` that says what."""

@@ -158,6 +158,14 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     cancel.add_argument("job", type=str.strip, help="the job id")
     _add_api_argument(cancel)
 
+    delete = commands.add_parser(
+        "delete",
+        help="delete ended jobs and all the service keeps of them (uploads, results, events)",
+    )
+    delete.set_defaults(handler="archtree_cli.service_commands:run_delete")
+    delete.add_argument("jobs", nargs="+", type=str.strip, metavar="job", help="job ids")
+    _add_api_argument(delete)
+
     jobs = commands.add_parser("jobs", help="list the service's jobs, newest first")
     jobs.set_defaults(handler="archtree_cli.service_commands:run_jobs")
     _add_api_argument(jobs)
@@ -547,6 +555,25 @@ def run_cancel(args: argparse.Namespace) -> int:
             f"job {job['id']} {job['status']}, {asked}: {CANCEL_TAKES_EFFECT} (`archtree "
             f"status {job['id']} --api {args.api}` shows when it has ended)"
         )
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    """Delete each job given, in order; a job that cannot be deleted (unknown, not ended)
+    stops there, with the ones before it deleted and said to be."""
+    from archtree_cli.client import ENDED
+
+    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
+        for job_id in args.jobs:
+            job = client.job(job_id)
+            if job["status"] not in ENDED:
+                raise ArchtreeError(
+                    f"job {job['id']} has not ended ({status_text(job)}): stop it with "
+                    f"`archtree cancel {job['id']} --api {args.api}`, then delete it once it "
+                    "has ended"
+                )
+            client.delete(job["id"])
+            print(f"job {job['id']} deleted, with its uploads, result files and events")
     return 0
 
 

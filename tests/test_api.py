@@ -506,6 +506,57 @@ def test_a_job_with_uploads_is_queued_and_its_resources_answer(
     assert ended.endswith("has no report.json: it ended cancelled, without results")
 
 
+def test_an_ended_job_is_deleted_with_all_the_service_keeps_of_it(
+    api_server: ApiProcess, job_store: JobStore, uploads: dict[str, bytes]
+):
+    jobs = job_store
+    spec = {key: value for key, value in SPEC.items() if key != "data"}
+    with api_server.client() as http:
+        sent = http.post(
+            "/v1/jobs",
+            data={"spec": json.dumps(spec)},
+            files={"data": ("mine.npz", uploads["data"])},
+            headers={"Idempotency-Key": "delete-me"},
+        )
+        assert sent.status_code == 202, sent.text
+        job_id = sent.json()["id"]
+        kept = submit(http, SPEC).json()["id"]
+        folder = api_server.artifacts / "jobs" / job_id
+        assert [p.name for p in (folder / "inputs").iterdir()] == ["data.npz"]
+        jobs.save_state(job_id, {"depth": 0})  # as a worker that started it leaves
+        jobs.mark_step(job_id, "start")
+
+        # Not ended: refused, and nothing is removed.
+        refused = http.delete(f"/v1/jobs/{job_id}")
+        assert refused.status_code == 409
+        assert one_line_detail(refused) == (
+            f"job {job_id} has not ended (queued): cancel it first (POST "
+            f"/v1/jobs/{job_id}/cancel), then delete it once it has ended"
+        )
+        assert folder.exists() and jobs.get(job_id)["status"] == "queued"
+
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        deleted = http.delete(f"/v1/jobs/{job_id}")
+
+        assert deleted.status_code == 204 and deleted.content == b""
+        assert not folder.exists()
+        assert jobs.client.keys(f"{jobs.key(job_id)}*") == []  # record, events, state, steps
+        assert http.get(f"/v1/jobs/{job_id}").status_code == 404
+        listed = [job["id"] for job in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]]
+        assert job_id not in listed and kept in listed
+        assert jobs.get(kept)["status"] == "queued"  # another job is untouched
+        assert http.delete(f"/v1/jobs/{job_id}").status_code == 404
+        # Its Idempotency-Key names no job now: sent again, the submission is a new job.
+        again = http.post(
+            "/v1/jobs",
+            data={"spec": json.dumps(spec)},
+            files={"data": ("mine.npz", uploads["data"])},
+            headers={"Idempotency-Key": "delete-me"},
+        )
+        assert again.status_code == 202, again.text
+        assert again.json()["id"] != job_id
+
+
 def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_store: JobStore):
     jobs = job_store
 
@@ -1257,7 +1308,7 @@ def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_stor
         assert answer.status_code == 404, path
         assert "see /docs for the endpoints" in one_line_detail(answer)
     for method, path, allowed in [
-        ("DELETE", f"/v1/jobs/{job_id}", "GET"),
+        ("POST", f"/v1/jobs/{job_id}", "GET, DELETE"),
         ("GET", f"/v1/jobs/{job_id}/cancel", "POST"),
         ("DELETE", "/v1/devices", "GET, POST"),
     ]:

@@ -275,6 +275,7 @@ COMMANDS = {
     "status": ["status", JOB],
     "status --watch": ["status", JOB, "--watch"],
     "fetch": ["fetch", JOB, "--out", "OUT"],
+    "delete": ["delete", JOB],
 }
 
 

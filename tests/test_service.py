@@ -469,6 +469,11 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
         assert past.returncode == 0 and not past.stdout, past.stderr
         assert f"no jobs past the {total} there are: lower --offset" in past.stderr
 
+        running = archtree("delete", job_id, *common)
+        assert running.returncode == 2 and running.stderr == (
+            f"archtree: error: job {job_id} has not ended (waiting_for_device): stop it with "
+            f"`archtree cancel {job_id} --api {api.url}`, then delete it once it has ended\n"
+        )
         cancelled = archtree("cancel", job_id, *common)
         assert cancelled.returncode == 0 and job_id in cancelled.stdout, cancelled.stderr
         wait_until(lambda: client.job(job_id)["status"] == "cancelled", 60, "the cancel")
@@ -478,6 +483,16 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
         replayed = archtree("status", job_id, *common, "--watch")
         assert "status waiting_for_device\n" in replayed.stdout, replayed.stdout
         assert "start one with" not in replayed.stdout
+        # Once ended, it can be deleted: it is gone from the service.
+        deleted = archtree("delete", f" {job_id} ", *common)
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout == (
+            f"job {job_id} deleted, with its uploads, result files and events\n"
+        )
+        assert job_id not in archtree("jobs", *common, "--limit", "200").stdout
+        gone = archtree("delete", job_id, *common)
+        assert gone.returncode == 2 and gone.stderr.count("\n") == 1
+        assert f"no job '{job_id}': list the jobs with `archtree jobs`" in gone.stderr
     worker_pool.ensure(2)  # as the module's other tests expect
 
 

@@ -110,8 +110,11 @@ class ArtifactStore:
     def delete_folder(self, name: str) -> None:
         """Remove a folder and all it holds; nothing happens when it does not exist."""
         path = self._path(name)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except OSError as error:
+            raise self._failure("delete", name, error) from error
 
     def names(self, folder: str) -> list[str]:
         """The names of the files in a folder; none when it does not exist."""

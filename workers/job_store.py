@@ -68,6 +68,18 @@ def _event_payload(kind: str, data: dict[str, Any]) -> str:
     return json.dumps({"kind": kind, "time": time.time(), **data}, default=float)
 
 
+# Delete an ended job's record and take it off the index: 1, or 0 when there is no such
+# job, or its status (a job that has not ended is left as it is).
+_DELETE_ENDED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return status end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 class JobStore:
     """One Redis connection's view of all jobs."""
 
@@ -76,6 +88,7 @@ class JobStore:
         self.prefix = prefix
         self._set_status_if_active = client.register_script(_SET_STATUS_IF_ACTIVE)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
+        self._delete_ended = client.register_script(_DELETE_ENDED)
 
     def _key(self, job_id: str, suffix: str = "") -> str:
         return f"{self.prefix}job:{job_id}{suffix}"
@@ -329,6 +342,22 @@ class JobStore:
             ],
         )
         return recorded != 0
+
+    def delete_ended(self, job_id: str) -> bool | str:
+        """Forget an ended job: its record, events, state and every other key of it, and the
+        Idempotency-Keys that name it (a submission sent again with one creates a new job).
+        True when deleted, False when there is no such job, or the status of a job that has
+        not ended (left as it is)."""
+        answer = self._delete_ended(keys=[self._key(job_id), self.index_key], args=[job_id])
+        if answer != 1:
+            return answer.decode() if isinstance(answer, bytes) else False
+        for key in self.client.scan_iter(match=f"{self._key(job_id)}:*", count=500):
+            self.client.delete(key)
+        for claim in self.client.scan_iter(match=self._submission_key("*"), count=500):
+            held = self.client.get(claim)
+            if held is not None and held.decode().partition(":")[0] == job_id:
+                self.client.delete(claim)
+        return True
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.client.hget(self._key(job_id), "cancel_requested") == b"1"

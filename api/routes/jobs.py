@@ -1,4 +1,4 @@
-"""Jobs: submit, list, follow (status, tree, events), cancel, fetch results."""
+"""Jobs: submit, list, follow (status, tree, events), cancel, fetch results, delete."""
 
 from __future__ import annotations
 
@@ -219,6 +219,39 @@ def cancel_job(job: JobDep, services: ServicesDep) -> Job:
             status_code=409, detail=f"job {job['id']} has already ended ({job['status']})"
         )
     return Job.of(services.jobs.get(job["id"]) or job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Delete an ended job",
+    responses={
+        **NOT_FOUND,
+        409: {"model": ErrorMessage, "description": "The job has not ended: cancel it first."},
+    },
+)
+def delete_job(job: JobDep, services: ServicesDep) -> Response:
+    """Delete a job that has ended (succeeded, failed or cancelled) and all the service keeps
+    of it: its uploads and result files in the artifact store, its record, events and tree in
+    Redis, and the Idempotency-Key it was submitted with. 409 for a job that has not ended:
+    cancel it, then delete it."""
+    if job["status"] not in FINAL_STATUSES:
+        raise HTTPException(status_code=409, detail=_still_running(job))
+    # Files first: a store that fails leaves the job listed, to be deleted again.
+    services.artifacts.delete_folder(f"jobs/{job['id']}")
+    deleted = services.jobs.delete_ended(job["id"])
+    if deleted is False:
+        raise HTTPException(status_code=404, detail=f"no job {job['id']}")
+    if deleted is not True:  # cannot happen: an ended job does not start again
+        raise HTTPException(status_code=409, detail=_still_running({**job, "status": deleted}))
+    return Response(status_code=204)
+
+
+def _still_running(job: dict) -> str:
+    return (
+        f"job {job['id']} has not ended ({job['status']}): cancel it first (POST "
+        f"/v1/jobs/{job['id']}/cancel), then delete it once it has ended"
+    )
 
 
 @router.get(
