@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import sys
 import sysconfig
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -25,13 +26,24 @@ from pathlib import Path
 MAX_FILES = 200
 
 
-@functools.cache
+# One identity is worked out at a time: children evaluated in threads ask for it at once, and
+# CPython 3.11's parser fails when two threads parse at once ("AST constructor recursion depth
+# mismatch").
+_READING = threading.Lock()
+
+
 def code_identity(source: str) -> str | None:
     """What tells the code that builds `source` apart from other versions of it: the SHA-256
     of a `module:` source's module and of the modules of the user's it imports, of the builtin
     models' files, or the installed release of torchvision or timm. None where it cannot be
     told (building the model says why). Read once per process, which imports that code once
     too."""
+    with _READING:
+        return _identity(source)
+
+
+@functools.cache
+def _identity(source: str) -> str | None:
     prefix, _, rest = source.partition(":")
     if prefix in ("torchvision", "timm"):
         try:

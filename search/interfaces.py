@@ -140,6 +140,8 @@ class ThreadExecutor:
                 if self.on_stop is not None:
                     self.on_stop()
                 gate.wait_out()
+                # And the threads are gone before the error goes on, a Ctrl-C again or not.
+                _despite_interrupts(lambda: pool.shutdown(wait=True))
                 raise
 
 
@@ -185,13 +187,27 @@ class _TaskGate:
         """Wait until every task that started has ended, whatever interrupts the wait: a
         process that exits while a thread still runs torch may abort instead ("terminate
         called without an active exception")."""
-        while True:
-            try:
-                with self._changed:
-                    self._changed.wait_for(lambda: self._running == 0)
-                return
-            except KeyboardInterrupt:
-                continue
+
+        def ended() -> None:
+            # In turns of SIGNAL_CHECK_S: a Ctrl-C that lands meanwhile is raised in here,
+            # where it is absorbed, not once the wait is over.
+            with self._changed:
+                while not self._changed.wait_for(
+                    lambda: self._running == 0, timeout=SIGNAL_CHECK_S
+                ):
+                    pass
+
+        _despite_interrupts(ended)
+
+
+def _despite_interrupts(wait: Callable[[], None]) -> None:
+    """`wait()` to its end, called again after each KeyboardInterrupt that ends it early."""
+    while True:
+        try:
+            wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 class EventSink(Protocol):

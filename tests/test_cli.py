@@ -312,7 +312,7 @@ def test_a_model_whose_code_changed_is_another_search(tmp_path, monkeypatch):
     import argparse
 
     from archtree_cli.commands import _saved_search
-    from search.code_identity import code_identity
+    from search.code_identity import _identity
 
     monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -323,7 +323,7 @@ def test_a_model_whose_code_changed_is_another_search(tmp_path, monkeypatch):
     )  # fmt: skip
 
     def folder() -> Path:
-        code_identity.cache_clear()  # as a new run of the command reads it anew
+        _identity.cache_clear()  # as a new run of the command reads it anew
         saved = _saved_search(args, SearchSettings())
         saved.release()
         return saved.folder

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from search.code_identity import _own_files, _resolved, code_identity
+from search.code_identity import _identity, _own_files, _resolved, code_identity
 
 
 @pytest.fixture
@@ -39,8 +40,8 @@ def package(tmp_path, monkeypatch):
         del sys.modules[module]
 
 
-def _identity(source: str) -> str | None:
-    code_identity.cache_clear()  # as a new run reads it anew
+def _read_anew(source: str) -> str | None:
+    _identity.cache_clear()  # as a new run reads it anew
     return code_identity(source)
 
 
@@ -54,33 +55,33 @@ def test_the_identity_covers_the_modules_of_the_users_that_the_factory_imports(p
     assert not any(module.startswith("torch") for module in files)  # installed: its release
 
     source = f"module:{name}.model:net"
-    first = _identity(source)
-    assert first is not None and _identity(source) == first
+    first = _read_anew(source)
+    assert first is not None and _read_anew(source) == first
     (root / "unused.py").write_text("X = 2\n")
-    assert _identity(source) == first  # not imported: not the model's code
+    assert _read_anew(source) == first  # not imported: not the model's code
     (root / "helpers" / "heads.py").write_text("from torch import nn\n\nhead = nn.ReLU\n")
-    second = _identity(source)
+    second = _read_anew(source)
     assert second != first  # imported through the helper package's __init__
     (root / "blocks.py").write_text("from torch import nn\n\nBlock = nn.ReLU\n")
-    assert _identity(source) not in (first, second)
+    assert _read_anew(source) not in (first, second)
 
 
 def test_the_identity_is_the_same_whatever_the_process_imported_before(package):
     name, _ = package
     source = f"module:{name}.model:net"
-    before = _identity(source)  # found by import statements, the modules not yet imported
+    before = _read_anew(source)  # found by import statements, the modules not yet imported
     __import__(f"{name}.model")
     __import__(f"{name}.unused")
-    assert _identity(source) == before
+    assert _read_anew(source) == before
 
 
 def test_a_module_that_cannot_be_found_or_read_has_no_identity(package, tmp_path):
     name, root = package
-    assert _identity(f"module:{name}.missing:net") is None
-    assert _identity("module:no_such_module_anywhere:net") is None
+    assert _read_anew(f"module:{name}.missing:net") is None
+    assert _read_anew("module:no_such_module_anywhere:net") is None
     (root / "broken.py").write_text("import torch\nfrom .blocks import (\n")  # a syntax error
-    assert _identity(f"module:{name}.broken:net") is not None  # its bytes still tell
-    assert _identity("module:sys:net") is None  # builtin into the interpreter: no file
+    assert _read_anew(f"module:{name}.broken:net") is not None  # its bytes still tell
+    assert _read_anew("module:sys:net") is None  # builtin into the interpreter: no file
     (root / "raises.py").write_text(f"import {name}.failing.inner\n")
     (root / "failing").mkdir()
     (root / "failing" / "__init__.py").write_text("raise RuntimeError('broken package')\n")
@@ -88,10 +89,10 @@ def test_a_module_that_cannot_be_found_or_read_has_no_identity(package, tmp_path
 
 
 def test_builtin_and_library_sources():
-    assert _identity("builtin:resnet") == _identity("builtin:vgg")  # one file of models
-    assert _identity("builtin:resnet") is not None
-    assert _identity("nonsense:x") is None
-    assert _identity("timm:resnet18") in (None, f"timm {_version('timm')}")
+    assert _read_anew("builtin:resnet") == _read_anew("builtin:vgg")  # one file of models
+    assert _read_anew("builtin:resnet") is not None
+    assert _read_anew("nonsense:x") is None
+    assert _read_anew("timm:resnet18") in (None, f"timm {_version('timm')}")
 
 
 def _version(name: str) -> str | None:
@@ -126,8 +127,35 @@ def test_a_top_level_module_next_to_the_factory_counts(tmp_path, monkeypatch):
     layers = tmp_path / f"{stem}_layers.py"
     layers.write_text("A = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    first = _identity(f"module:{stem}_main:net")
+    first = _read_anew(f"module:{stem}_main:net")
     layers.write_text("A = 2\n")
-    assert _identity(f"module:{stem}_main:net") != first
+    assert _read_anew(f"module:{stem}_main:net") != first
     assert set(_own_files(f"{stem}_main")) == {f"{stem}_main", f"{stem}_layers"}
     assert isinstance(_own_files(f"{stem}_main")[f"{stem}_layers"], Path)
+
+
+def test_threads_asking_at_once_get_one_identity(package):
+    """Children evaluated in threads ask for the identity at once: it is read by one of them
+    (two threads parsing at once can fail in CPython 3.11's parser), and all get it."""
+    name, _ = package
+    source = f"module:{name}.model:net"
+    expected = _read_anew(source)
+    answers: list[str | None] = []
+    failures: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def ask() -> None:
+        start.wait()
+        try:
+            for _ in range(20):
+                _identity.cache_clear()
+                answers.append(code_identity(source))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and answers == [expected] * 160
