@@ -4,6 +4,7 @@ test-artifacts/screenshots/."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -567,6 +568,44 @@ def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):
     assert visible(page, "#open-depth-legend") == bool(left_open)
     if left_open:
         assert text(page, "#open-depth-label") == "depth left open (job cancelled)"
+
+
+def test_the_delete_button_removes_an_ended_job_once_confirmed(page: Any, stack: ApiProcess):
+    inputs = load_inputs("builtin:vgg", "builtin:digits")
+    data = io.BytesIO()
+    splits = inputs.data
+    x = torch.cat([splits.train_x, splits.calib_x, splits.val_x]).numpy()
+    y = torch.cat([splits.train_y, splits.calib_y, splits.val_y]).numpy()
+    np.savez(data, x=x, y=y)
+    spec = {key: value for key, value in job_spec().items() if key != "data"}
+    spec["device_class"] = "dashboard-nowhere"  # no agent: it never starts, and is ended at once
+    with stack.client() as client:
+        files = {"data": ("digits.npz", data.getvalue())}
+        sent = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files)
+        job_id = sent.json()["id"]
+        folder = stack.artifacts / "jobs" / job_id
+        assert folder.exists()
+        page.get(f"{stack.url}/#/jobs/{job_id}")
+        wait_for(page, lambda: visible(page, "#cancel"), PAGE_S, "the cancel button")
+        assert not visible(page, "#delete")  # not while it may run
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        wait_for(page, lambda: visible(page, "#delete"), PAGE_S, "the delete button")
+        assert not visible(page, "#cancel")
+
+        # Asked first: declined, nothing happens.
+        page.find_element("id", "delete").click()
+        asked = page.switch_to.alert
+        assert asked.text.startswith(f"Delete job {job_id}, its uploads, result files and events")
+        asked.dismiss()
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200 and folder.exists()
+
+        page.find_element("id", "delete").click()
+        page.switch_to.alert.accept()
+        wait_for(page, lambda: js(page, "location.hash") == "#/", PAGE_S, "the jobs list")
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert not folder.exists()
+        wait_for(page, lambda: visible(page, "#jobs-table"), PAGE_S, "the jobs table")
+        assert not js(page, f"document.querySelector('#jobs-table tr[data-job-id=\"{job_id}\"]')")
 
 
 def test_a_job_waiting_for_its_device_says_which_agent_to_start(

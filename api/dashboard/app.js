@@ -512,6 +512,20 @@ function jobView(root, jobId) {
     }
     poller.now();
   });
+  $("#delete", root).addEventListener("click", async () => {
+    const asked = `Delete job ${jobId}, its uploads, result files and events from the service? ` +
+      "This cannot be undone.";
+    if (!window.confirm(asked)) return;
+    $("#delete", root).disabled = true;
+    try {
+      await api(`v1/jobs/${jobId}`, { method: "DELETE" });
+      view.closed = true;
+      location.hash = "#/";
+    } catch (error) {
+      showError($("#job-error", root), error.message);
+      $("#delete", root).disabled = false;
+    }
+  });
   poller.now();
   return () => {
     view.closed = true;
@@ -742,6 +756,7 @@ function renderJob(view) {
   cancel.hidden = FINAL.has(job.status);
   cancel.disabled = job.cancel_requested;
   cancel.textContent = job.cancel_requested ? "Cancelling…" : "Cancel";
+  $("#delete", root).hidden = !FINAL.has(job.status);
   const error = $("#job-error", root);
   error.hidden = !job.error;
   // In the terms of the form that submits jobs: its labels, not spec fields.
