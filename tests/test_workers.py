@@ -218,6 +218,41 @@ def test_an_artifact_store_that_cannot_be_written_is_named(tmp_path: Path):
     assert "ARCHTREE_ARTIFACTS_URL" in message
 
 
+def test_a_workers_copies_of_remote_uploads_are_kept_only_while_their_jobs_run(
+    tmp_path: Path, redis_url: str, jobs: JobStore
+):
+    """A remote store's uploads are copied to the worker's machine to be read: the copies of
+    jobs that have ended, or were deleted, go when the next job's inputs are copied."""
+    import uuid
+
+    from archtree_cli.settings import ServiceSettings
+    from workers.job_context import WorkerServices, _local_path
+
+    settings = ServiceSettings(
+        redis_url=redis_url,
+        artifacts_url=f"memory://store-{uuid.uuid4().hex}",  # not a local folder: copied
+        work_dir=tmp_path / "work",
+    )
+    services = WorkerServices.connect(settings)
+    spec = job_spec("copies")
+    running, ended, deleted, new = (jobs.create(spec) for _ in range(4))
+    copies = tmp_path / "work" / "artifacts" / "jobs"
+    for job_id in (running, ended, deleted, new):
+        services.artifacts.put_bytes(f"jobs/{job_id}/inputs/data.npz", job_id.encode())
+    for job_id in (running, ended, deleted):
+        path = _local_path(services, f"artifact:jobs/{job_id}/inputs/data.npz")
+        assert Path(path).read_bytes() == job_id.encode() and Path(path).is_relative_to(copies)
+    assert sorted(p.name for p in copies.iterdir()) == sorted([running, ended, deleted])
+    jobs.set_status(ended, "succeeded")
+    jobs.set_status(deleted, "cancelled")
+    assert jobs.delete_ended(deleted) is True
+
+    path = _local_path(services, f"artifact:jobs/{new}/inputs/data.npz")
+
+    assert Path(path).read_bytes() == new.encode()
+    assert sorted(p.name for p in copies.iterdir()) == sorted([running, new])
+
+
 @contextmanager
 def files_written_up_to(limit: int) -> Iterator[None]:
     """This process's writes fail past `limit` bytes of a file (EFBIG), as on a full disk."""

@@ -6,6 +6,7 @@ contexts of the few jobs it served last.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from search.errors import ArchtreeError
 from search.inputs import load_inputs
 from search.settings import SearchSettings
 from workers.artifact_store import ArtifactNodeStore, ArtifactStore
-from workers.job_store import JobStore, RedisEventSink
+from workers.job_store import FINAL_STATUSES, JobStore, RedisEventSink
 from workers.task_leases import TaskLeases
 
 ARTIFACT_PREFIX = "artifact:"
@@ -143,7 +144,21 @@ def _local_path(services: WorkerServices, source: str | None) -> str | None:
     if not services.artifacts.exists(name):
         raise ArchtreeError(f"the job's input {source} is missing from the artifact store")
     cache_dir = Path(services.settings.work_dir) / "artifacts"
+    forget_ended_copies(services.jobs, cache_dir)
     return str(services.artifacts.local_copy(name, cache_dir))
+
+
+def forget_ended_copies(jobs: JobStore, cache_dir: Path) -> None:
+    """Remove this machine's copies of the uploads of jobs that have ended or are gone (a
+    remote artifact store's files are copied here to be read): done before a job's inputs
+    are copied, so that the copies stay those of the jobs still running."""
+    folder = cache_dir / "jobs"
+    if not folder.is_dir():
+        return
+    for copied in folder.iterdir():
+        job = jobs.get(copied.name)
+        if job is None or job["status"] in FINAL_STATUSES:
+            shutil.rmtree(copied, ignore_errors=True)
 
 
 class JobContexts:
