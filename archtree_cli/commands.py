@@ -82,9 +82,12 @@ def _check_out_dir(out: str, overwrite: bool, inputs: dict[str, str | None] | No
     """Before any work: --out is a folder this process can write, holding no result unless
     `overwrite`, and none of the files a result would replace is one of `inputs` (by option),
     even with `overwrite`."""
+    from search.artifacts import check_result_names_free
+
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ArchtreeError(f"--out {out} is a file: give a folder.")
+    check_result_names_free(folder)
     existing = _result_files(folder)
     for option, given in (inputs or {}).items():
         clash = next((name for name in existing if _same_file(folder / name, given)), None)
@@ -176,14 +179,19 @@ def prune(
     from search.report import build_report
 
     parsed_budget = parse_budget(budget)
-    inputs = load_inputs(
-        model,
-        data,
-        weights=weights,
-        allow_pickle=allow_pickle,
-        num_classes=num_classes,
-        seed=settings.seed,
-    )
+    try:
+        inputs = load_inputs(
+            model,
+            data,
+            weights=weights,
+            allow_pickle=allow_pickle,
+            num_classes=num_classes,
+            seed=settings.seed,
+        )
+    except ArchtreeError:
+        if checkpoint is not None:  # refused before the search: no empty folder left behind
+            checkpoint.remove_if_unused()
+        raise
     progress = sink if sink is not None else ConsoleProgress(quiet=quiet)
     stopping = threading.Event()
 

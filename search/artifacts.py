@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from search.arch_spec import ArchSpec, build_from_spec
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, first_line
 from search.model_source import save_weights
 
 ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def save_artifacts(
@@ -48,10 +44,38 @@ def save_artifacts(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ArchtreeError(f"cannot create the output folder {out}: {error.strerror}.") from error
-    save_weights(model, out / "model.safetensors")
-    _write_text(out / "arch.json", json.dumps(spec.to_dict(), indent=1, sort_keys=True))
-    _write_text(out / "report.json", json.dumps(report, indent=2, default=float))
+    check_result_names_free(out)
+    # All three are written beside their places first, and moved in only once all are: a
+    # write that fails (a full disk) leaves the folder as it was, an earlier result included.
+    staging = Path(tempfile.mkdtemp(prefix=".archtree-saving-", dir=out))
+    try:
+        try:
+            save_weights(model, staging / "model.safetensors")
+            text = json.dumps(spec.to_dict(), indent=1, sort_keys=True)
+            (staging / "arch.json").write_text(text)
+            (staging / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        except OSError as error:
+            raise ArchtreeError(
+                f"cannot write the result into {out} ({error.strerror or error}): nothing there "
+                "was changed; free some space, or give another --out, and run again"
+            ) from error
+        for name in ARTIFACT_NAMES:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def check_result_names_free(out: Path) -> None:
+    """ArchtreeError when something other than a file holds one of a result's names in
+    `out` (a folder named model.safetensors): the result could not be put there."""
+    for name in ARTIFACT_NAMES:
+        path = out / name
+        if path.exists() and not path.is_file():
+            raise ArchtreeError(
+                f"{path} is not a file, and a result's {name} goes there: move it away, or "
+                "give another --out"
+            )
 
 
 def load_pruned(directory: str | Path) -> nn.Module:
@@ -60,8 +84,29 @@ def load_pruned(directory: str | Path) -> nn.Module:
     The base model's code must be importable here, as for `module:` sources.
     """
     model = build_from_spec(load_result_spec(directory))
-    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    weights = Path(directory) / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except Exception as error:  # safetensors' own error for a damaged or truncated file
+        raise ArchtreeError(
+            f"{weights} cannot be read ({first_line(error)}): the file is damaged or was cut "
+            "short; run archtree prune (or fetch) again"
+        ) from error
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ArchtreeError(
+            f"{weights} does not fit the architecture in {Path(directory) / 'arch.json'} "
+            f"({_shortened(error)}): the two come from different results; run archtree prune "
+            "(or fetch) again"
+        ) from error
     return model.eval()
+
+
+def _shortened(error: BaseException, limit: int = 300) -> str:
+    """An error's message on one line, cut at `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_result_spec(directory: str | Path) -> ArchSpec:

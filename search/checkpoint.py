@@ -200,6 +200,12 @@ class SearchCheckpoint:
         self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def remove_if_unused(self) -> None:
+        """Delete the folder when nothing was saved in it yet (its run was refused before the
+        search started); a search saved by an earlier run is kept."""
+        if not (self.folder / "state.json").exists():
+            self.remove()
+
 
 def file_identity(source: str | None) -> Any:
     """A file by its content's SHA-256, wherever it lies and whatever its modification time:

@@ -533,14 +533,14 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
             if _looks_pruned(state, expected):
                 hint = _pruned_result_hint(path)
             else:
-                hint = _end_layer_hint(model, state, wrong_keys) or hint
+                hint = _end_layer_hint(model, state, wrong_keys, source) or hint
         raise ArchtreeError(
             f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; {hint}"
         )
 
 
 def _end_layer_hint(
-    model: nn.Module, state: dict[str, torch.Tensor], wrong_keys: list[str]
+    model: nn.Module, state: dict[str, torch.Tensor], wrong_keys: list[str], source: str
 ) -> str | None:
     """What to change when only the model's last layer (its classes) or its first (its input
     channels) differs from the weights; None otherwise."""
@@ -556,10 +556,17 @@ def _end_layer_hint(
     if layers == {with_parameters[-1]}:
         weight = f"{with_parameters[-1]}.weight"
         if weight in wrong_keys and state[weight].shape[1:] == expected[weight].shape[1:]:
+            classes, built = state[weight].shape[0], expected[weight].shape[0]
+            if source.startswith("module:"):  # its factory decides, not --num-classes
+                return (
+                    f"the weights classify {classes} classes and the model {source} builds "
+                    f"{built}: have its factory build a model of {classes} outputs, or give "
+                    "the weights of the model it builds"
+                )
             return (
-                f"the weights classify {state[weight].shape[0]} classes and the model "
-                f"{expected[weight].shape[0]} (the data's labels, or --num-classes): give "
-                f"--num-classes {state[weight].shape[0]}, with data labelled for those classes"
+                f"the weights classify {classes} classes and the model {built} (the data's "
+                f"labels, or --num-classes): give --num-classes {classes}, with data labelled "
+                "for those classes"
             )
     if layers == {with_parameters[0]}:
         weight = f"{with_parameters[0]}.weight"

@@ -359,6 +359,100 @@ def test_a_model_with_weights_that_are_not_finite_is_not_saved(tmp_path):
     assert not (tmp_path / "broken").exists()
 
 
+def _vgg_result_parts(seed: int):
+    from search.arch_spec import spec_of
+    from search.model_source import ModelRef, build_model
+
+    torch.manual_seed(seed)
+    ref = ModelRef("builtin:vgg", 10, 1)
+    model = build_model(ref)
+    return spec_of(model, ref, (1, 8, 8)), model
+
+
+def test_a_result_that_cannot_be_written_whole_leaves_the_earlier_one_as_it_was(tmp_path):
+    """A full disk while the result is saved: the folder keeps the result it held, with no
+    file of the new one and no leftovers."""
+    from search.artifacts import ARTIFACT_NAMES, load_pruned, save_artifacts
+    from search.errors import ArchtreeError
+    from tests.file_limits import files_written_up_to
+
+    folder = tmp_path / "out"
+    save_artifacts(folder, *_vgg_result_parts(seed=0), {"run": 1})
+    before = {name: (folder / name).read_bytes() for name in ARTIFACT_NAMES}
+    size = len(before["model.safetensors"])
+
+    with files_written_up_to(size // 2), pytest.raises(ArchtreeError) as failed:
+        save_artifacts(folder, *_vgg_result_parts(seed=1), {"run": 2})
+
+    assert str(failed.value).startswith(f"cannot write the result into {folder} (")
+    assert str(failed.value).endswith(
+        "nothing there was changed; free some space, or give another --out, and run again"
+    )
+    assert sorted(path.name for path in folder.iterdir()) == sorted(ARTIFACT_NAMES)
+    assert {name: (folder / name).read_bytes() for name in ARTIFACT_NAMES} == before
+    load_pruned(folder)  # the earlier result, whole
+    save_artifacts(folder, *_vgg_result_parts(seed=1), {"run": 2})  # room again: replaced
+    assert (folder / "report.json").read_text() == '{\n  "run": 2\n}'
+
+
+def test_a_run_refused_for_its_inputs_leaves_no_saved_search(tmp_path):
+    home = tmp_path / "home"
+    x = np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
+    x[5, 0, 3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(300) % 10)
+
+    result = archtree(
+        *prune_args(tmp_path, "--data", str(tmp_path / "nan.npz")), home=home, check=False
+    )
+
+    assert "NaN" in one_line_error(result)
+    assert list((home / "searches").iterdir()) == []
+
+
+def test_a_folder_in_the_place_of_a_result_file_is_refused_before_the_search(tmp_path, home):
+    folder = tmp_path / "out"
+    (folder / "model.safetensors").mkdir(parents=True)
+
+    for extra in ([], ["--overwrite"]):
+        result = archtree(*prune_args(tmp_path, *extra), home=home, check=False)
+        line = one_line_error(result)
+        assert line == (
+            f"archtree: error: {folder / 'model.safetensors'} is not a file, and a result's "
+            "model.safetensors goes there: move it away, or give another --out"
+        )
+        assert "baseline" not in result.stderr  # refused before the unpruned model is timed
+    assert [path.name for path in folder.iterdir()] == ["model.safetensors"]
+
+
+def test_a_result_whose_weights_do_not_fit_or_are_cut_short_is_one_line(tmp_path, home):
+    from search.artifacts import load_pruned, save_artifacts
+    from search.errors import ArchtreeError
+
+    spec, model = _vgg_result_parts(seed=0)
+    folder = save_artifacts(tmp_path / "result", spec, model, {})
+    other = save_artifacts(tmp_path / "other", spec, model.features[:1], {})  # other weights
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+
+    weights.write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ArchtreeError) as mismatched:
+        load_pruned(folder)
+    message = str(mismatched.value)
+    assert message.startswith(
+        f"{weights} does not fit the architecture in {folder / 'arch.json'} (Error(s) in "
+        "loading state_dict for VGG: Missing key(s)"
+    )
+    assert "\n" not in message and message.endswith("run archtree prune (or fetch) again")
+    measured = archtree("measure", "--model", str(folder), home=home, check=False)
+    assert one_line_error(measured).startswith(f"archtree: error: {weights} does not fit")
+
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ArchtreeError) as cut:
+        load_pruned(folder)
+    assert str(cut.value).startswith(f"{weights} cannot be read (")
+    assert "damaged or was cut short" in str(cut.value)
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [

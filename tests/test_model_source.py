@@ -488,3 +488,20 @@ def test_weights_of_other_classes_or_channels_say_which(
     with pytest.raises(ArchtreeError) as excinfo:
         load_weights(build_model(ModelRef("builtin:vgg", 10, 1)), str(path))
     assert said in _error(excinfo)
+
+
+def test_weights_of_other_classes_for_a_module_model_do_not_advise_num_classes(tmp_path: Path):
+    """A `module:` factory builds its own classifier, whatever --num-classes says: the
+    advice is to build it with the weights' classes."""
+    path = tmp_path / "weights.pt"
+    torch.save(build_model(ModelRef("builtin:vgg", 5, 1)).state_dict(), path)
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_weights(
+            build_model(ModelRef("builtin:vgg", 10, 1)), str(path), source="module:mynets:vgg"
+        )
+    message = _error(excinfo)
+    assert message.endswith(
+        "the weights classify 5 classes and the model module:mynets:vgg builds 10: have its "
+        "factory build a model of 5 outputs, or give the weights of the model it builds"
+    )
+    assert "--num-classes" not in message

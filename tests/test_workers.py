@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ from search.artifacts import ARTIFACT_NAMES, load_pruned
 from search.context import PREPARE_SAID_SAMPLES
 from search.engine import live_nodes
 from search.tree import SearchState
+from tests.file_limits import files_written_up_to
 from tests.redis_fixtures import wait_until
 from tests.worker_fixtures import WorkerPool
 from workers.artifact_store import (
@@ -251,19 +248,6 @@ def test_a_workers_copies_of_remote_uploads_are_kept_only_while_their_jobs_run(
 
     assert Path(path).read_bytes() == new.encode()
     assert sorted(p.name for p in copies.iterdir()) == sorted([running, new])
-
-
-@contextmanager
-def files_written_up_to(limit: int) -> Iterator[None]:
-    """This process's writes fail past `limit` bytes of a file (EFBIG), as on a full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    deliver = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, deliver)
 
 
 def test_a_file_is_put_in_the_store_whole_or_not_at_all(tmp_path: Path):
