@@ -76,8 +76,8 @@ class SavedNodeStore(MemoryNodeStore):
             except (OSError, RuntimeError, pickle.UnpicklingError) as error:
                 raise ArchtreeError(
                     f"the saved search in {self.folder.parent} cannot give back the weights of "
-                    f"its node {node_id} ({_reason(error, 'the file is damaged')}): run the "
-                    "command again with --restart to start the search afresh"
+                    f"its node {node_id} ({_reason(error, 'the file is damaged')}), and is "
+                    "removed: the same command again starts the search afresh"
                 ) from None
         return self.weights[node_id]
 

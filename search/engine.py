@@ -183,6 +183,13 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
             f"model pruning can reach measures {_ms(smallest_ms)} ms "
             f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {_ms(baseline_ms)} ms)"
         )
+        if smallest_ms > baseline_ms:
+            # Fewer channels everywhere taking longer is, nearly always, noise in the timings.
+            raise ArchtreeError(
+                f"{reached}: the smallest model measured slower than the unpruned one, most "
+                "likely noisy timing (more --threads than free cores, other work on the "
+                "device): time with fewer threads, on a quieter device, and run again."
+            )
         if enough_ms >= baseline_ms:
             # A budget that would leave room for the margin is one the unpruned model meets.
             raise ArchtreeError(

@@ -86,6 +86,28 @@ def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_alrea
         start(context, parse_budget("5%"))
 
 
+class NoisyDevice(BlockedConvDevice):
+    """Times every pruned model at twice the unpruned one, as a device busy with other work
+    (or with more timing threads than cores) can."""
+
+    def measure(self, candidate, reference, *, confirm=False):
+        measured = super().measure(candidate, reference, confirm=confirm)
+        return replace(measured, ratio=2.0)
+
+
+def test_a_smallest_model_timed_slower_than_the_unpruned_one_is_said_to_be_noise():
+    context = make_context(oracle=NoisyDevice(1))
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("50%"))
+    message = str(error.value)
+    assert "(200% of the unpruned" in message
+    assert message.endswith(
+        "the smallest model measured slower than the unpruned one, most likely noisy timing "
+        "(more --threads than free cores, other work on the device): time with fewer threads, "
+        "on a quieter device, and run again."
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
