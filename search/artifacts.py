@@ -122,6 +122,11 @@ def load_result_spec(directory: str | Path) -> ArchSpec:
 
 def _check_result_files(folder: Path) -> None:
     """ArchtreeError when `folder` lacks a result's arch.json or model.safetensors."""
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "not there"
+        raise ArchtreeError(
+            f"{folder} is {what}: point to the folder archtree prune (or fetch) wrote."
+        )
     for path in (folder / "arch.json", folder / "model.safetensors"):
         if not path.is_file():
             raise ArchtreeError(f"{path} is missing: point to a folder written by archtree prune.")

@@ -424,6 +424,21 @@ def test_a_folder_in_the_place_of_a_result_file_is_refused_before_the_search(tmp
     assert [path.name for path in folder.iterdir()] == ["model.safetensors"]
 
 
+def test_load_pruned_of_a_path_that_is_no_folder_says_so(tmp_path):
+    from search.artifacts import load_pruned
+    from search.errors import ArchtreeError
+
+    with pytest.raises(ArchtreeError) as missing:
+        load_pruned(tmp_path / "nowhere")
+    assert str(missing.value) == (
+        f"{tmp_path / 'nowhere'} is not there: point to the folder archtree prune (or fetch) wrote."
+    )
+    (tmp_path / "arch.json").write_text("{}")
+    with pytest.raises(ArchtreeError) as file:
+        load_pruned(tmp_path / "arch.json")
+    assert str(file.value).startswith(f"{tmp_path / 'arch.json'} is a file, not a folder: ")
+
+
 def test_a_result_whose_weights_do_not_fit_or_are_cut_short_is_one_line(tmp_path, home):
     from search.artifacts import load_pruned, save_artifacts
     from search.errors import ArchtreeError
