@@ -511,13 +511,17 @@ def test_an_ended_job_is_deleted_with_all_the_service_keeps_of_it(
 ):
     jobs = job_store
     spec = {key: value for key, value in SPEC.items() if key != "data"}
-    with api_server.client() as http:
-        sent = http.post(
+
+    def send_with_key(http: httpx.Client) -> httpx.Response:
+        return http.post(
             "/v1/jobs",
             data={"spec": json.dumps(spec)},
             files={"data": ("mine.npz", uploads["data"])},
             headers={"Idempotency-Key": "delete-me"},
         )
+
+    with api_server.client() as http:
+        sent = send_with_key(http)
         assert sent.status_code == 202, sent.text
         job_id = sent.json()["id"]
         kept = submit(http, SPEC).json()["id"]
@@ -547,12 +551,7 @@ def test_an_ended_job_is_deleted_with_all_the_service_keeps_of_it(
         assert jobs.get(kept)["status"] == "queued"  # another job is untouched
         assert http.delete(f"/v1/jobs/{job_id}").status_code == 404
         # Its Idempotency-Key names no job now: sent again, the submission is a new job.
-        again = http.post(
-            "/v1/jobs",
-            data={"spec": json.dumps(spec)},
-            files={"data": ("mine.npz", uploads["data"])},
-            headers={"Idempotency-Key": "delete-me"},
-        )
+        again = send_with_key(http)
         assert again.status_code == 202, again.text
         assert again.json()["id"] != job_id
 

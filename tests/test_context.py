@@ -36,6 +36,11 @@ def large_context(tmp_path: Path, *, labelled: bool = True, cancelled=None) -> S
     np.savez(tmp_path / "large.npz", **arrays)
     inputs = load_inputs("builtin:vgg", str(tmp_path / "large.npz"))
     assert len(inputs.data.train_x) >= PREPARE_SAID_SAMPLES
+    return context_of(inputs, cancelled)
+
+
+def context_of(inputs, cancelled=None) -> SearchContext:
+    """A search context on loaded inputs, timed locally, collecting its events."""
     return SearchContext(
         model_ref=inputs.model_ref,
         base_model=inputs.model,
@@ -74,14 +79,7 @@ def test_the_outputs_on_a_large_training_split_are_said_as_they_are_computed(tmp
 def test_small_splits_are_computed_without_a_word(monkeypatch):
     monkeypatch.setattr(search.context, "PREPARE_PROGRESS_S", 0.0)
     inputs = load_inputs("builtin:vgg", "builtin:digits")
-    context = SearchContext(
-        model_ref=inputs.model_ref,
-        base_model=inputs.model,
-        data=inputs.data,
-        oracle=LocalOracle(build_from_spec, settings=fast_timing()),
-        settings=SearchSettings(ft_steps=5).effective(),
-        sink=ListEventSink(),
-    )
+    context = context_of(inputs)
     context.prepare()
     assert not [e for e in context.sink.events if e["kind"] == "preparing"]
     assert len(context.train_reference_logits) == len(inputs.data.train_x)
