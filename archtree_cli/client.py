@@ -619,15 +619,23 @@ def _artifact_problem(path: Path) -> str | None:
         return f"{path.name} is not a safetensors file: {error}"
 
 
+def check_result_places(out: Path) -> None:
+    """ArchtreeError when a folder (or anything but a file) is where a result file goes in
+    `out` (as search.artifacts.check_result_names_free, without importing torch)."""
+    for name in ARTIFACT_NAMES:
+        path = out / name
+        if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a file"
+            raise ArchtreeError(
+                f"{path} is {what} where the result's {name} goes: move it away, or choose "
+                "another --out"
+            )
+
+
 def _check_destinations(out: Path, overwrite: bool) -> None:
     """ArchtreeError, before any file is moved, when a result file cannot go into `out`: a
     result is there and `overwrite` is off, or a folder is where a file goes."""
-    for name in ARTIFACT_NAMES:
-        if (out / name).is_dir():
-            raise ArchtreeError(
-                f"{out / name} is a folder where the result's {name} goes: move it away, or "
-                "choose another --out"
-            )
+    check_result_places(out)
     existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
     if existing and not overwrite:
         raise ArchtreeError(

@@ -82,12 +82,12 @@ def _check_out_dir(out: str, overwrite: bool, inputs: dict[str, str | None] | No
     """Before any work: --out is a folder this process can write, holding no result unless
     `overwrite`, and none of the files a result would replace is one of `inputs` (by option),
     even with `overwrite`."""
-    from search.artifacts import check_result_names_free
+    from archtree_cli.client import check_result_places
 
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ArchtreeError(f"--out {out} is a file: give a folder.")
-    check_result_names_free(folder)
+    check_result_places(folder)
     existing = _result_files(folder)
     for option, given in (inputs or {}).items():
         clash = next((name for name in existing if _same_file(folder / name, given)), None)

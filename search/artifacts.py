@@ -72,9 +72,10 @@ def check_result_names_free(out: Path) -> None:
     for name in ARTIFACT_NAMES:
         path = out / name
         if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a file"
             raise ArchtreeError(
-                f"{path} is not a file, and a result's {name} goes there: move it away, or "
-                "give another --out"
+                f"{path} is {what} where the result's {name} goes: move it away, or choose "
+                "another --out"
             )
 
 

@@ -417,8 +417,8 @@ def test_a_folder_in_the_place_of_a_result_file_is_refused_before_the_search(tmp
         result = archtree(*prune_args(tmp_path, *extra), home=home, check=False)
         line = one_line_error(result)
         assert line == (
-            f"archtree: error: {folder / 'model.safetensors'} is not a file, and a result's "
-            "model.safetensors goes there: move it away, or give another --out"
+            f"archtree: error: {folder / 'model.safetensors'} is a folder where the result's "
+            "model.safetensors goes: move it away, or choose another --out"
         )
         assert "baseline" not in result.stderr  # refused before the unpruned model is timed
     assert [path.name for path in folder.iterdir()] == ["model.safetensors"]
