@@ -621,7 +621,7 @@ def _artifact_problem(path: Path) -> str | None:
 
 def check_result_places(out: Path) -> None:
     """ArchtreeError when a folder (or anything but a file) is where a result file goes in
-    `out` (as search.artifacts.check_result_names_free, without importing torch)."""
+    `out` (as search.artifacts.check_result_places, without importing torch)."""
     for name in ARTIFACT_NAMES:
         path = out / name
         if path.exists() and not path.is_file():

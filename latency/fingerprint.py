@@ -8,11 +8,16 @@ import json
 import platform
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from latency.allocator import steady_allocator
+from latency.cache import cache_key
+from search.code_identity import code_identity
+
+if TYPE_CHECKING:
+    from search.arch_spec import ArchSpec
 
 
 def device_fingerprint(
@@ -57,6 +62,18 @@ def fingerprint_key(fingerprint: dict[str, Any]) -> str:
     """A stable 16-hex-digit key for a fingerprint (sha256 of its canonical JSON)."""
     canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def timing_key(
+    fingerprint: dict[str, Any], candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool
+) -> str:
+    """The latency cache's key of one timing of `candidate` against `reference` on the device
+    of `fingerprint`. It holds the model's code too (as this process has it): a spec names
+    the layers' widths, not what the forward does. Confirmations are kept apart, so that a
+    confirm request always gets the longer timing."""
+    device = {**fingerprint, "code": code_identity(reference.model.source)}
+    full_kind = f"{kind}-confirm" if confirm else kind
+    return cache_key(fingerprint_key(device), candidate.hash, reference.hash, full_kind)
 
 
 # Channels a CPU convolution kernel computes together, by the vector extension torch dispatches

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from latency.cache import LatencyCache, MemoryLatencyCache, cache_key, decoded
-from latency.fingerprint import device_fingerprint, fingerprint_key
+from latency.cache import LatencyCache, MemoryLatencyCache, decoded
+from latency.fingerprint import device_fingerprint, timing_key
 from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings, time_interleaved, time_model
-from search.code_identity import code_identity
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
 from search.quiet import QuietGate
@@ -228,14 +227,8 @@ class LocalOracle:
         return self.confirm_settings if confirm else self.settings
 
     def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
-        # The model's code too: a spec names the layers' widths, not what its forward does.
-        device = {
-            **self._fingerprint(tuple(reference.input_shape)),
-            "code": code_identity(reference.model.source),
-        }
-        # Confirm results are kept apart so that a confirm request always gets the longer timing.
-        full_kind = f"{kind}-confirm" if confirm else kind
-        return cache_key(fingerprint_key(device), candidate.hash, reference.hash, full_kind)
+        device = self._fingerprint(tuple(reference.input_shape))
+        return timing_key(device, candidate, reference, kind, confirm)
 
     def _fingerprint(self, input_shape: tuple[int, ...] | None) -> dict[str, Any]:
         if input_shape not in self._fingerprints:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from latency.cache import LatencyCache, cache_key, decoded
+from latency.cache import LatencyCache, decoded
 from latency.device_registry import DeviceRegistry
-from latency.fingerprint import fingerprint_key
+from latency.fingerprint import timing_key
 from latency.measurement_protocol import (
     CONSUMER_GROUP,
     MeasurementReply,
@@ -30,7 +30,6 @@ from latency.measurement_protocol import (
     validate_device_class,
 )
 from latency.redis_cache import RedisLatencyCache
-from search.code_identity import code_identity
 from search.errors import ArchtreeError, SearchCancelled
 from search.interfaces import LatencyMeasurement, TimingStats
 
@@ -312,14 +311,8 @@ class RemoteOracle:
         }
 
     def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
-        # The model's code too, as this process has it: a spec names the layers' widths, not
-        # what its forward does.
-        device = {
-            **self._class_fingerprint(tuple(reference.input_shape)),
-            "code": code_identity(reference.model.source),
-        }
-        full_kind = f"{kind}-confirm" if confirm else kind
-        return cache_key(fingerprint_key(device), candidate.hash, reference.hash, full_kind)
+        device = self._class_fingerprint(tuple(reference.input_shape))
+        return timing_key(device, candidate, reference, kind, confirm)
 
 
 def no_agent_message(device_class: str, waited_s: float, api_url: str | None = None) -> str:

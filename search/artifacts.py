@@ -44,7 +44,7 @@ def save_artifacts(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ArchtreeError(f"cannot create the output folder {out}: {error.strerror}.") from error
-    check_result_names_free(out)
+    check_result_places(out)
     # All three are written beside their places first, and moved in only once all are: a
     # write that fails (a full disk) leaves the folder as it was, an earlier result included.
     staging = Path(tempfile.mkdtemp(prefix=".archtree-saving-", dir=out))
@@ -66,9 +66,10 @@ def save_artifacts(
     return out
 
 
-def check_result_names_free(out: Path) -> None:
+def check_result_places(out: Path) -> None:
     """ArchtreeError when something other than a file holds one of a result's names in
-    `out` (a folder named model.safetensors): the result could not be put there."""
+    `out` (a folder named model.safetensors): the result could not be put there. The
+    command line checks the same before a search (archtree_cli.client, without torch)."""
     for name in ARTIFACT_NAMES:
         path = out / name
         if path.exists() and not path.is_file():

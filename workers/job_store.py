@@ -69,11 +69,10 @@ def _event_payload(kind: str, data: dict[str, Any]) -> str:
 
 
 # Delete an ended job's record and take it off the index: 1, or 0 when there is no such
-# job, or its status (a job that has not ended is left as it is).
+# job or it has not ended (it is left as it is).
 _DELETE_ENDED = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 0 end
-if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return status end
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
@@ -343,14 +342,12 @@ class JobStore:
         )
         return recorded != 0
 
-    def delete_ended(self, job_id: str) -> bool | str:
+    def delete_ended(self, job_id: str) -> bool:
         """Forget an ended job: its record, events, state and every other key of it, and the
         Idempotency-Keys that name it (a submission sent again with one creates a new job).
-        True when deleted, False when there is no such job, or the status of a job that has
-        not ended (left as it is)."""
-        answer = self._delete_ended(keys=[self._key(job_id), self.index_key], args=[job_id])
-        if answer != 1:
-            return answer.decode() if isinstance(answer, bytes) else False
+        False when there is no such job, or it has not ended (it is left as it is)."""
+        if not self._delete_ended(keys=[self._key(job_id), self.index_key], args=[job_id]):
+            return False
         for key in self.client.scan_iter(match=f"{self._key(job_id)}:*", count=500):
             self.client.delete(key)
         for claim in self.client.scan_iter(match=self._submission_key("*"), count=500):

@@ -236,22 +236,16 @@ def delete_job(job: JobDep, services: ServicesDep) -> Response:
     Redis, and the Idempotency-Key it was submitted with. 409 for a job that has not ended:
     cancel it, then delete it."""
     if job["status"] not in FINAL_STATUSES:
-        raise HTTPException(status_code=409, detail=_still_running(job))
+        raise HTTPException(
+            status_code=409,
+            detail=f"job {job['id']} has not ended ({job['status']}): cancel it first (POST "
+            f"/v1/jobs/{job['id']}/cancel), then delete it once it has ended",
+        )
     # Files first: a store that fails leaves the job listed, to be deleted again.
     services.artifacts.delete_folder(f"jobs/{job['id']}")
-    deleted = services.jobs.delete_ended(job["id"])
-    if deleted is False:
+    if not services.jobs.delete_ended(job["id"]):  # an ended job never runs again: gone
         raise HTTPException(status_code=404, detail=f"no job {job['id']}")
-    if deleted is not True:  # cannot happen: an ended job does not start again
-        raise HTTPException(status_code=409, detail=_still_running({**job, "status": deleted}))
     return Response(status_code=204)
-
-
-def _still_running(job: dict) -> str:
-    return (
-        f"job {job['id']} has not ended ({job['status']}): cancel it first (POST "
-        f"/v1/jobs/{job['id']}/cancel), then delete it once it has ended"
-    )
 
 
 @router.get(
