@@ -608,6 +608,40 @@ def test_the_delete_button_removes_an_ended_job_once_confirmed(page: Any, stack:
         assert not js(page, f"document.querySelector('#jobs-table tr[data-job-id=\"{job_id}\"]')")
 
 
+def test_the_jobs_list_deletes_an_ended_job_from_its_row_once_confirmed(
+    page: Any, stack: ApiProcess
+):
+    spec = job_spec() | {"device_class": "dashboard-list-nowhere"}  # no agent: never starts
+    row = "#jobs-table tr[data-job-id='{}']"
+    with stack.client() as client:
+        ended, kept, waiting = (
+            client.post("/v1/jobs", data={"spec": json.dumps(spec)}).json()["id"] for _ in range(3)
+        )
+        for job_id in (ended, kept):
+            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        open_jobs_page(page, stack)
+        wait_for(page, lambda: visible(page, row.format(waiting)), PAGE_S, "the jobs rows")
+        # Only an ended job has the button: one that may still run is cancelled first.
+        assert not js(page, f'document.querySelector("{row.format(waiting)} button")')
+        delete = f"{row.format(ended)} button[data-delete]"
+        assert text(page, delete) == "Delete"
+
+        page.find_element("css selector", delete).click()
+        asked = page.switch_to.alert
+        assert asked.text.startswith(f"Delete job {ended}, its uploads, result files and events")
+        asked.dismiss()
+        assert client.get(f"/v1/jobs/{ended}").status_code == 200
+
+        page.find_element("css selector", delete).click()
+        page.switch_to.alert.accept()
+        wait_for(page, lambda: not visible(page, row.format(ended)), PAGE_S, "the row gone")
+        assert client.get(f"/v1/jobs/{ended}").status_code == 404
+        assert visible(page, row.format(kept)) and visible(page, row.format(waiting))
+        assert client.get(f"/v1/jobs/{kept}").status_code == 200
+        assert not visible(page, "#jobs-error")
+        client.post(f"/v1/jobs/{waiting}/cancel")
+
+
 def test_a_job_waiting_for_its_device_says_which_agent_to_start(
     page: Any, stack: ApiProcess, worker_pool: WorkerPool
 ):

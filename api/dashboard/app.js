@@ -246,6 +246,23 @@ function jobsView(root) {
   $("#newer", root).addEventListener("click", () => turnTo(Math.max(0, offset - PAGE_SIZE)));
   $("#older", root).addEventListener("click", () => turnTo(offset + PAGE_SIZE));
   filter.addEventListener("change", () => turnTo(0));
+  // An ended job's Delete button, asked first as on the job's own page. One listener for the
+  // table: its rows are replaced on every poll that changes them.
+  $("#jobs-table tbody", root).addEventListener("click", async (click) => {
+    const button = click.target.closest("button[data-delete]");
+    if (!button) return;
+    const jobId = button.dataset.delete;
+    if (!window.confirm(deleteQuestion(jobId))) return;
+    button.disabled = true;
+    $("#jobs-error", root).hidden = true;
+    try {
+      await api(`v1/jobs/${jobId}`, { method: "DELETE" });
+    } catch (error) {
+      showError($("#jobs-error", root), error.message);
+      button.disabled = false;
+    }
+    poller.now();
+  });
   setUpSubmitForm(root);
   poller.now();
   return () => poller.stop();
@@ -287,11 +304,21 @@ function renderJobs(root, page, filtered) {
       el("td", { class: "num", text: count(progress.measurements) }),
       el("td", { class: "num", text: ms(best?.latency_ms) }),
       el("td", { class: "num", text: quality }),
+      el(
+        "td",
+        {},
+        FINAL.has(job.status)
+          ? el("button", {
+            type: "button", class: "danger small", "data-delete": job.id, text: "Delete",
+            title: "Delete this job, its uploads, result files and events",
+          })
+          : null,
+      ),
     );
   });
   if (!rows.length) {
     const none = filtered ? "No jobs in this status." : "No jobs yet.";
-    rows.push(el("tr", {}, el("td", { colSpan: 12, class: "muted", text: none })));
+    rows.push(el("tr", {}, el("td", { colSpan: 13, class: "muted", text: none })));
   }
   replaceRows($("#jobs-table tbody", root), rows);
   const last = Math.min(page.offset + page.jobs.length, page.total);
@@ -468,6 +495,11 @@ function showError(element, message) {
   element.hidden = false;
 }
 
+function deleteQuestion(jobId) {
+  return `Delete job ${jobId}, its uploads, result files and events from the service? ` +
+    "This cannot be undone.";
+}
+
 // ---------------------------------------------------------------- one job
 
 function jobView(root, jobId) {
@@ -513,9 +545,7 @@ function jobView(root, jobId) {
     poller.now();
   });
   $("#delete", root).addEventListener("click", async () => {
-    const asked = `Delete job ${jobId}, its uploads, result files and events from the service? ` +
-      "This cannot be undone.";
-    if (!window.confirm(asked)) return;
+    if (!window.confirm(deleteQuestion(jobId))) return;
     $("#delete", root).disabled = true;
     try {
       await api(`v1/jobs/${jobId}`, { method: "DELETE" });
