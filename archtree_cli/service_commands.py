@@ -717,7 +717,14 @@ class Stack:
         last = [c for c in self.children if c.name == "redis"]
         for group in (services, last):
             for child in group:
-                _signal_group(child, signal.SIGTERM)
+                if child.name == "worker":
+                    # Celery's cold shutdown: it stops its running tasks itself and leaves them
+                    # unacknowledged, for the next worker (a SIGTERM to its pool processes
+                    # would have it log each as a lost worker, with a traceback).
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.send_signal(signal.SIGQUIT)
+                else:
+                    _signal_group(child, signal.SIGTERM)
             for child in group:
                 try:
                     child.process.wait(timeout=STOP_TIMEOUT_S)

@@ -694,6 +694,35 @@ def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_it
                 process.kill()
 
 
+def test_archtree_up_stopped_mid_task_logs_no_error_and_the_next_up_runs_the_task_again(
+    tmp_path: Path,
+):
+    port = str(free_port())
+    worker_log = tmp_path / "home" / "up" / "logs" / "worker.log"
+    up = start_up(tmp_path, port)
+    try:
+        url = re.search(r"API at (\S+)", read_lines(up.stdout).get(timeout=120)).group(1)
+        with ArchtreeClient(url) as running:
+            wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
+            # Children fine-tuned long enough to be stopped part way.
+            running.submit(job_spec("local", ft_steps=20_000))
+            evaluating = re.compile(r"Task archtree\.evaluate_child\[([0-9a-f-]+)\] received")
+            wait_until(lambda: evaluating.search(worker_log.read_text()), JOB_S, "a child task")
+        (task,) = evaluating.findall(worker_log.read_text())
+        stop_up(up, tmp_path)
+        stopped = worker_log.read_text()
+        assert "Traceback" not in stopped and "ERROR" not in stopped, stopped
+        assert f"archtree.evaluate_child[{task}] succeeded" not in stopped
+
+        up = start_up(tmp_path, port)
+        assert "API at" in read_lines(up.stdout).get(timeout=120)
+        again = f"Task archtree.evaluate_child[{task}] received"
+        wait_until(lambda: again in worker_log.read_text(), 60, "the task run again")
+        stop_up(up, tmp_path)
+    finally:
+        kill_if_running(up)
+
+
 def hold_events(url: str, job_id: str) -> threading.Event:
     """Hold the job's event stream open in a thread, until the API ends it; the event is set
     once the first event has arrived."""
