@@ -418,7 +418,7 @@ def _as_inputs(value: object, path: Path) -> torch.Tensor:
     # one (`_split`), so that a dataset of bytes never stands in memory whole as float32 beside
     # its splits and its checks' temporaries.
     largest = 0.0
-    rows = max(1, CHECK_SLICE_VALUES // max(1, x[0].numel()))
+    rows = max(1, CHECK_SLICE_VALUES // max(1, math.prod(x.shape[1:])))
     for start in range(0, len(x), rows):
         values = x[start : start + rows].float()
         if not torch.isfinite(values).all():
