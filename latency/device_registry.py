@@ -22,6 +22,7 @@ never remove a running agent.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -37,6 +38,8 @@ from latency.measurement_protocol import (
 )
 
 DEVICES_KEY = "archtree:devices"
+# A device's id, as `register` makes it.
+DEVICE_ID = re.compile(r"[0-9a-f]{12}")
 DEVICE_PREFIX = "archtree:device:"
 # Left by `delete` for a day: an agent whose record is gone stops only when it was deleted;
 # a record lost with Redis's data (a restart without persistence, a failover) is written again.
@@ -62,6 +65,15 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'last_seen', now[1] .. '.' .. string.format('%06d', now[2]))
+return 1
+"""
+
+# Removes a device's record and marks it deleted (KEYS[3], kept ARGV[2] seconds) in one step,
+# only if it exists: an id that names no device leaves nothing behind.
+_DELETE = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
 return 1
 """
 
@@ -203,13 +215,11 @@ class DeviceRegistry:
         return json.dumps({k: v for k, v in record.items() if k not in stored}, sort_keys=True)
 
     def delete(self, device_id: str) -> bool:
-        """Remove the device; True if it existed."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(DEVICE_PREFIX + device_id)
-            pipe.srem(DEVICES_KEY, device_id)
-            pipe.set(DELETED_PREFIX + device_id, "1", ex=DELETED_KEPT_S)
-            deleted, _, _ = pipe.execute()
-        return bool(deleted)
+        """Remove the device; True if it existed (only then is its deletion marked)."""
+        if not DEVICE_ID.fullmatch(device_id):
+            return False
+        keys = [DEVICE_PREFIX + device_id, DEVICES_KEY, DELETED_PREFIX + device_id]
+        return bool(self.client.eval(_DELETE, len(keys), *keys, device_id, DELETED_KEPT_S))
 
     def live_agents(self, device_class: str) -> int:
         """How many devices of `device_class` are online."""

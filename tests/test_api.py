@@ -931,6 +931,17 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
         assert len(detail) < 200 and "..." in detail
 
 
+def test_deleting_a_device_that_does_not_exist_writes_nothing(
+    http: httpx.Client, job_store: JobStore
+):
+    for device_id in ("nope", "0123456789ab", "b" * 5_000):
+        before = set(job_store.client.scan_iter("archtree:device*"))
+        answer = http.delete(f"/v1/devices/{device_id}")
+        assert answer.status_code == 404, device_id
+        assert one_line_detail(answer).startswith("no device")
+        assert set(job_store.client.scan_iter("archtree:device*")) == before, device_id
+
+
 def test_the_event_stream_words_errors_and_notes_as_the_job_does(
     http: httpx.Client, job_store: JobStore, tmp_path: Path
 ):
