@@ -70,7 +70,7 @@ DEVICE_CLASS_SCHEMA = {"pattern": f"^{DEVICE_CLASS_PATTERN}$", "maxLength": 64}
 class SearchSettingsIn(BaseModel):
     """Search settings of a job; a setting left out takes the engine's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     strategy: str | None = Field(
         None,
@@ -151,8 +151,11 @@ class SearchSettingsIn(BaseModel):
 class JobSpecIn(BaseModel):
     """The `spec` form field of a submission. Files travel as the `weights` and `data` uploads."""
 
+    # Strict: a number is a JSON number and a switch true or false, never "2", true for 1 or
+    # "yes" (which would be read as something the user may not have meant).
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -219,6 +222,12 @@ class JobSpecIn(BaseModel):
         if isinstance(budget, int | float) and not isinstance(budget, bool):
             raise ValueError(f'give the budget as text with its unit: "{budget}ms" or "{budget}%"')
         return budget.strip() if isinstance(budget, str) else budget  # as pasted, spaces around
+
+    @field_validator("model", "data", "device_class", mode="before")
+    @classmethod
+    def _as_pasted(cls, text: Any) -> Any:
+        """Spaces around a name, as pasted, are not part of it."""
+        return text.strip() if isinstance(text, str) else text
 
 
 class JobSpec(BaseModel):

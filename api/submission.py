@@ -187,8 +187,9 @@ def parse_spec(text: str) -> JobSpecIn:
         return JobSpecIn.model_validate_json(text)
     except ValidationError as error:
         first = error.errors()[0]
-        # Not JSON, or not an object (the spec's own checks of an object also have no `loc`).
-        if first["type"] in ("json_invalid", "model_type"):
+        # Not JSON, or not an object (the spec's own checks of an object also have no `loc`;
+        # a field that is not an object, `search`, has its own).
+        if first["type"] == "json_invalid" or (first["type"] == "model_type" and not first["loc"]):
             reason = first.get("ctx", {}).get("error") or first["msg"]
             example = json.dumps(JobSpecIn.model_config["json_schema_extra"]["examples"][0])
             raise ArchtreeError(

@@ -236,6 +236,26 @@ BAD_SUBMISSIONS = {
         {},
         'budget: give the budget as text with its unit: "60ms" or "60%"',
     ),
+    "search settings that are not an object": (
+        {"search": "fast"},
+        {},
+        "the job spec is not valid: search: Input should be an object",
+    ),
+    "a number sent as text": (
+        {"search": {"width": "2"}},
+        {},
+        "search.width: Input should be a valid integer",
+    ),
+    "a number sent as a boolean": (
+        {"search": {"width": True}},
+        {},
+        "search.width: Input should be a valid integer",
+    ),
+    "a boolean sent as text": (
+        {"allow_pickle": "yes"},
+        {},
+        "allow_pickle: Input should be a valid boolean",
+    ),
     "weights in the spec": (
         {"weights": "model.safetensors"},
         {},
@@ -766,12 +786,19 @@ def test_archtree_submit_sent_again_with_its_idempotency_key_gets_the_same_job(
     assert http.get("/v1/jobs").json()["total"] == before + 2
 
 
-def test_a_budget_pasted_with_spaces_around_it_is_kept_without_them(http: httpx.Client):
-    answer = submit(http, SPEC | {"budget": " 60% \n"})
+def test_names_pasted_with_spaces_around_them_are_kept_without_them(http: httpx.Client):
+    pasted = {"budget": " 60% \n", "model": " builtin:vgg ", "data": "\tbuiltin:digits"}
+    answer = submit(http, SPEC | pasted | {"device_class": " api-cpu "})
 
     assert answer.status_code == 202, answer.text
     job_id = answer.json()["id"]
-    assert http.get(f"/v1/jobs/{job_id}").json()["spec"]["budget"] == "60%"
+    spec = http.get(f"/v1/jobs/{job_id}").json()["spec"]
+    assert (spec["budget"], spec["model"], spec["data"], spec["device_class"]) == (
+        "60%",
+        "builtin:vgg",
+        "builtin:digits",
+        "api-cpu",
+    )
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
 
 
