@@ -24,9 +24,27 @@ SPEC_FIELD_OF_OPTION = {
 
 _OPTION = re.compile(r"--[a-z][a-z0-9-]*")
 
+# Engine advice that names what a submission has not got, said as a submitter acts on it:
+# inputs come from the data alone (`measure`'s --input-shape has no spec field), data that is
+# not builtin is an upload, and the service's environment is its operator's.
+SUBMISSION_WORDING = [
+    (re.compile(r", or the C of --input-shape"), ""),
+    (
+        re.compile(r"your own copy of it saved as a file, e\.g\. "),
+        "your own copy of it sent as the `data` upload, a file saved e.g. by ",
+    ),
+    (
+        re.compile(r"install (\S+) into this environment"),
+        r"the service's operator can install \1 into its environment",
+    ),
+]
+
 
 def in_spec_terms(message: str) -> str:
-    """`message` with each CLI option that is a job spec setting replaced by its spec field."""
+    """`message` with each CLI option that is a job spec setting replaced by its spec field,
+    and engine advice that a submission cannot follow said in its terms."""
+    for words, wording in SUBMISSION_WORDING:
+        message = words.sub(wording, message)
     return _OPTION.sub(lambda option: SPEC_FIELD_OF_OPTION.get(option[0], option[0]), message)
 
 

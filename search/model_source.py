@@ -212,7 +212,7 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
         ) from None
 
 
-def _import_optional(library: str, source: str) -> Any:
+def import_optional(library: str, source: str) -> Any:
     try:
         return importlib.import_module(library)
     # torchvision's CUDA-only wheel fails with RuntimeError, not ImportError.
@@ -231,7 +231,7 @@ def _import_optional(library: str, source: str) -> Any:
 
 
 def _build_torchvision(name: str, ref: ModelRef) -> nn.Module:
-    torchvision = _import_optional("torchvision", ref.source)
+    torchvision = import_optional("torchvision", ref.source)
     if ref.in_channels != 3:
         raise ArchtreeError(
             f"torchvision models take 3 input channels, but the data has {ref.in_channels}; "
@@ -247,7 +247,7 @@ def _build_torchvision(name: str, ref: ModelRef) -> nn.Module:
 
 
 def _build_timm(name: str, ref: ModelRef) -> nn.Module:
-    timm = _import_optional("timm", ref.source)
+    timm = import_optional("timm", ref.source)
     try:
         return timm.create_model(
             name, pretrained=False, num_classes=ref.num_classes, in_chans=ref.in_channels

@@ -24,9 +24,11 @@ import pytest
 import redis
 import torch
 
+from api.spec_terms import in_spec_terms
 from search.artifacts import ARTIFACT_NAMES
+from search.errors import ArchtreeError
 from search.inputs import load_inputs
-from search.model_source import save_weights
+from search.model_source import import_optional, save_weights
 from search.notes import pruned_near_chance
 from search.settings import SearchSettings
 from tests.api_fixtures import (
@@ -236,6 +238,16 @@ BAD_SUBMISSIONS = {
         {},
         'budget: give the budget as text with its unit: "60ms" or "60%"',
     ),
+    "weights of another model": (
+        {"model": "builtin:resnet"},
+        {"weights": ("vgg.safetensors", "weights")},
+        "number of classes and input channels (the data's)",
+    ),
+    "an unknown builtin dataset": (
+        {"data": "builtin:nope"},
+        {},
+        "or your own copy of it sent as the `data` upload, a file saved e.g. by numpy.savez(",
+    ),
     "search settings that are not an object": (
         {"search": "fast"},
         {},
@@ -283,6 +295,16 @@ def test_a_bad_submission_answers_422_in_one_line_and_creates_nothing(
     assert "--" not in detail  # spec fields, not the CLI's options
     assert job_total(http) == before_jobs
     assert stored_files(api_server) == before_files
+
+
+def test_a_model_library_the_service_lacks_is_said_to_be_its_operators_to_install():
+    with pytest.raises(ArchtreeError) as raised:
+        import_optional("archtree_absent_library", "archtree_absent_library:net")
+    said = in_spec_terms(str(raised.value))
+    assert "the service's operator can install archtree_absent_library into its environment" in (
+        said
+    )
+    assert "this environment" not in said
 
 
 @pytest.mark.parametrize(("spec", "why"), [("{not json", "key must be a string"), ("[1, 2]", "")])
