@@ -105,6 +105,15 @@ def quoted(value: str) -> str:
     return repr(value)
 
 
+def header_as_sent(header: str) -> str:
+    """A header as the client wrote it: HTTP hands over bytes, which Starlette decodes as
+    latin-1; a client sending UTF-8 (most do) sees its own text echoed."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
+
+
 async def existing_job(job_id: JobId, services: ServicesDep) -> dict[str, Any]:
     """The job's record; 404 when no job has this id."""
     job = None

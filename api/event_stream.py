@@ -12,7 +12,7 @@ from fastapi import Header, HTTPException
 from fastapi.sse import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import quoted
+from api.deps import header_as_sent, quoted
 from api.spec_terms import event_in_spec_terms
 from workers.job_store import FINAL_STATUSES, REDIS_UNREACHABLE, JobStore
 from workers.task_leases import TaskLeases
@@ -52,19 +52,10 @@ def start_after(
     ):
         raise HTTPException(
             status_code=422,
-            detail=f"Last-Event-ID {quoted(_as_sent(last_event_id))} is not an event id of this "
-            "API (like 1732660000000-0): send the id of the last event received, or none",
+            detail=f"Last-Event-ID {quoted(header_as_sent(last_event_id))} is not an event id "
+            "of this API (like 1732660000000-0): send the id of the last event received, or none",
         )
     return last_event_id
-
-
-def _as_sent(header: str) -> str:
-    """A header as the client wrote it: HTTP hands over bytes, which Starlette decodes as
-    latin-1; a client sending UTF-8 (most do) sees its own text echoed."""
-    try:
-        return header.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        return header
 
 
 async def job_events(

@@ -698,6 +698,12 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     assert too_long.json()["detail"].startswith(
         "the Idempotency-Key header must be 1 to 200 printable ASCII characters"
     )
+    # A key that is not ASCII is echoed as the client wrote it (HTTP carries bytes).
+    accented = http.post(
+        "/v1/jobs", data={"spec": json.dumps(SPEC)}, headers={"Idempotency-Key": "clé".encode()}
+    )
+    assert accented.status_code == 422
+    assert accented.json()["detail"].endswith("such as a random UUID, not 'clé'")
     assert http.get("/v1/jobs").json()["total"] == before + 3
 
 

@@ -12,7 +12,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api import submission
-from api.deps import JobDep, ServicesDep, quoted
+from api.deps import JobDep, ServicesDep, header_as_sent, quoted
 from api.event_stream import job_events, start_after
 from api.job_reads import read_jobs, read_lost_tasks
 from api.schemas import (
@@ -143,7 +143,7 @@ def checked_idempotency_key(key: str | None) -> str | None:
         raise HTTPException(
             422,
             f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable "
-            f"ASCII characters, such as a random UUID, not {shown_key(key)}",
+            f"ASCII characters, such as a random UUID, not {shown_key(header_as_sent(key))}",
         )
     return key
 
