@@ -479,11 +479,20 @@ CANCEL_TAKES_EFFECT = (
 )
 
 
-def data_text(spec: dict[str, Any]) -> str:
-    """The job's data as the user gave it: a builtin source, or the name of the file uploaded
-    (the service stores it under its own name)."""
-    sent = (spec.get("upload_names") or {}).get("data")
-    return f"{sent} (uploaded)" if sent else spec["data"]
+def pruned_text(spec: dict[str, Any]) -> str:
+    """What the job prunes, as the user gave it: the model, with the name of the weights file
+    uploaded if any, on a builtin dataset or the name of the data file uploaded (the service
+    stores uploads under its own names)."""
+    sent = spec.get("upload_names") or {}
+    model = spec["model"]
+    if spec.get("weights"):
+        model += (
+            f" with weights {sent['weights']} (uploaded)"
+            if sent.get("weights")
+            else (" with uploaded weights")
+        )
+    data = f"{sent['data']} (uploaded)" if sent.get("data") else spec["data"]
+    return f"{model} on {data}"
 
 
 def status_text(job: dict[str, Any]) -> str:
@@ -502,7 +511,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
 
     spec, progress = job["spec"], job["progress"]
     print(
-        f"job {job['id']} {status_text(job)}: {spec['model']} on {data_text(spec)}, budget "
+        f"job {job['id']} {status_text(job)}: {pruned_text(spec)}, budget "
         f"{spec['budget']} on device class {spec['device_class']}"
     )
     if job["status"] == "waiting_for_device":
@@ -588,7 +597,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         for job in page["jobs"]:
             spec = job["spec"]
             print(
-                f"{job['id']}  {job['status']:<18}  {spec['model']} on {data_text(spec)}, budget "
+                f"{job['id']}  {job['status']:<18}  {pruned_text(spec)}, budget "
                 f"{spec['budget']}, device class {spec['device_class']}"
             )
     shown, total = len(page["jobs"]), page["total"]

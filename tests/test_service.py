@@ -322,25 +322,32 @@ def test_options_the_strategy_overrides_are_the_jobs_notes_when_submitted_from_t
             client.cancel(job_id)
 
 
-def test_status_and_jobs_name_an_uploaded_data_file_as_the_user_named_it(
+def test_status_and_jobs_name_uploaded_weights_and_data_as_the_user_named_them(
     api: ApiProcess, client: ArchtreeClient, tmp_path: Path
 ):
-    data = load_inputs("builtin:vgg", "builtin:digits").data
+    inputs = load_inputs("builtin:vgg", "builtin:digits")
+    data = inputs.data
     np.savez(tmp_path / "my digits.npz", x=data.train_x.numpy(), y=data.train_y.numpy())
+    save_weights(inputs.model, tmp_path / "trained vgg.safetensors")
     common = ["--api", api.url]
     submitted = archtree(
         "submit", *common, "--device-class", "svc-upload", "--model", "builtin:vgg",
+        "--weights", str(tmp_path / "trained vgg.safetensors"),
         "--data", str(tmp_path / "my digits.npz"), "--budget", BUDGET,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
+    said = (
+        "builtin:vgg with weights trained vgg.safetensors (uploaded) on my digits.npz (uploaded), "
+        "budget"
+    )
     try:
         shown = archtree("status", job_id, *common)
         assert f"job {job_id} " in shown.stdout, shown.stderr
-        assert "on my digits.npz (uploaded), budget" in shown.stdout
+        assert said in shown.stdout
         listed = archtree("jobs", *common)
         line = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
-        assert "on my digits.npz (uploaded), budget" in line and "artifact:" not in line
+        assert said in line and "artifact:" not in line
     finally:
         with contextlib.suppress(ArchtreeError):  # it may have ended, waiting for its device
             client.cancel(job_id)
