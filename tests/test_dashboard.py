@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 
 from search.inputs import load_inputs
 from search.notes import NOTHING_PRUNED, NOTHING_PRUNED_DATA_FREE
-from tests.api_fixtures import ApiProcess, api_env, start_api
+from tests.api_fixtures import ApiProcess, api_env, free_port, start_api
 from tests.browser_fixtures import console_errors, screenshot, wait_for
-from tests.redis_fixtures import AgentProcess, start_agent, wait_until
+from tests.redis_fixtures import AgentProcess, redis_server_executable, start_agent, wait_until
 from tests.worker_fixtures import WorkerPool
 from workers.job_store import FINAL_STATUSES
 
@@ -85,6 +86,40 @@ def stack(
     finally:
         agent.stop()
         api.stop()
+
+
+def submit(client: httpx.Client, spec: dict[str, Any], **files: tuple[str, bytes]) -> str:
+    """Submit `spec` (with uploads by field) and return the new job's id."""
+    answer = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files or None)
+    assert answer.status_code == 202, answer.text
+    return answer.json()["id"]
+
+
+def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own on `port`, which it can stop and start again (empty)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "redis.log", "ab") as log:
+        server = subprocess.Popen(
+            [redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(directory)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def answers() -> bool:
+        try:
+            return bool(redis.Redis(port=port, socket_timeout=1).ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(answers, 10, "the test's redis-server")
+    return server
+
+
+def stop_redis(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()
+    server.wait(timeout=10)
 
 
 @pytest.fixture
@@ -498,7 +533,7 @@ def test_a_data_free_job_says_fidelity_wherever_it_names_scores_and_shows_its_no
     open_jobs_page(page, stack)
     row = f'#jobs-table tr[data-job-id="{job_id}"]'
     wait_for(page, lambda: "succeeded" in text(page, row), PAGE_S, "the job listed")
-    quality = text(page, f"{row} td:last-child")
+    quality = text(page, f"{row} td:nth-last-child(2)")  # before the Delete button
     assert quality == f"{fidelity} fidelity", quality
 
     page.get(f"{stack.url}/#/jobs/{job_id}")
@@ -791,6 +826,90 @@ def test_the_page_says_when_the_api_is_unreachable_and_recovers(
     finally:
         api.stop()
     console_errors(page)  # the failed fetches of the outage, expected here
+
+
+def out_of_date(driver: Any) -> list[bool]:
+    """For each table of the page, whether it is marked out of date."""
+    return js(
+        driver,
+        "[...document.querySelectorAll('.table-wrap')]"
+        ".map(wrap => wrap.classList.contains('out-of-date'))",
+    )
+
+
+def test_the_lists_show_the_api_error_and_mark_their_rows_out_of_date_until_it_answers(
+    page: Any, tmp_path: Path
+):
+    """The API up and its Redis gone: the API answers 503. The jobs and devices pages show its
+    message, do not call the connection live, and mark what they last showed out of date (or say
+    that nothing could be loaded), until the API answers again."""
+    port = free_port()
+    server = start_redis(tmp_path / "redis", port)
+    api = start_api(api_env(f"redis://127.0.0.1:{port}/0", tmp_path), tmp_path / "logs")
+    try:
+        with api.client() as client:
+            job_id = submit(client, job_spec())
+        row = f'#jobs-table tr[data-job-id="{job_id}"]'
+        open_jobs_page(page, api)
+        wait_for(page, lambda: visible(page, row), PAGE_S, "the job's row")
+        assert text(page, "#connection").startswith("live · ")
+        assert not visible(page, "#jobs-load-error") and out_of_date(page) == [False]
+
+        stop_redis(server)
+        with api.client() as client:
+            answer = client.get("/v1/jobs")
+        assert answer.status_code == 503
+        detail = answer.json()["detail"]
+        assert "cannot reach its Redis" in detail
+        said = partial(text, page, "#jobs-load-error .message")
+        wait_for(page, lambda: said() == detail, PAGE_S, "the API's error on the jobs page")
+        assert text(page, "#connection").startswith("API error 503 · ")
+        assert "down" in js(page, "document.querySelector('#connection').className")
+        # What it last showed stays, marked out of date; the API answers, so no outage banner.
+        assert visible(page, row) and out_of_date(page) == [True]
+        assert text(page, "#jobs-load-error .note").startswith("Out of date: ")
+        assert not visible(page, "#offline")
+        screenshot(page, "api-failing")
+
+        # Loaded while the API fails: nothing to show, and said so.
+        page.refresh()
+        wait_for(page, lambda: said() == detail, PAGE_S, "the error on a fresh jobs page")
+        assert text(page, "#jobs-table tbody") == "Not loaded: the API answered with an error."
+        assert not text(page, "#connection").startswith("live")
+
+        page.find_element("css selector", "[data-nav=devices]").click()
+        said = partial(text, page, "#devices-load-error .message")
+        wait_for(page, lambda: said() == detail, PAGE_S, "the API's error on the devices page")
+        for table in ("#devices-table", "#classes-table"):
+            assert text(page, f"{table} tbody") == "Not loaded: the API answered with an error."
+        assert not text(page, "#connection").startswith("live")
+
+        for outage in range(2):
+            server = start_redis(tmp_path / "redis", port)
+            wait_for(page, lambda: not visible(page, "#devices-load-error"), PAGE_S, "the recovery")
+            assert text(page, "#connection").startswith("live · ")
+            wait_for(
+                page,
+                lambda: text(page, "#devices-table tbody").startswith("No device registered"),
+                PAGE_S,
+                "the devices loaded",
+            )
+            assert out_of_date(page) == [False, False]
+            if outage:
+                break
+            # The devices page, once loaded, keeps what it showed, marked out of date.
+            stop_redis(server)
+            wait_for(page, lambda: said() == detail, PAGE_S, "the error again")
+            assert out_of_date(page) == [True, True]
+            assert text(page, "#devices-table tbody").startswith("No device registered")
+            assert not text(page, "#connection").startswith("live")
+
+        page.find_element("css selector", "[data-nav=jobs]").click()
+        wait_for(page, lambda: text(page, "#jobs-table tbody") == "No jobs yet.", PAGE_S, "jobs")
+        assert not visible(page, "#jobs-load-error") and out_of_date(page) == [False]
+    finally:
+        api.stop()
+        stop_redis(server)
 
 
 def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProcess):

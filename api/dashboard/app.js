@@ -127,30 +127,36 @@ class ApiError extends Error {
 
 // While the API is unreachable every page says so above what it shows, which is then only
 // what the API last said; a ping every few seconds keeps this true on pages that stopped
-// polling (a finished job).
+// polling (a finished job). The badge says "live" only while the API answers without a server
+// error: one that answers 5xx (its Redis gone) is "failing", and each page shows its message
+// where it shows what failed to load.
 const connection = { lastContact: 0, downSince: null };
 const PING_MS = 5000;
 
-function setConnection(ok, text) {
+// `state`: "live", "failing" (the API answered with a server error) or "down" (no answer).
+function setConnection(state, text) {
   const badge = $("#connection");
-  badge.classList.toggle("down", !ok);
+  badge.classList.toggle("down", state !== "live");
   badge.textContent = text;
-  if (ok) connection.lastContact = Date.now();
-  if (ok === (connection.downSince === null)) return;
-  connection.downSince = ok ? null : new Date();
+  const answered = state !== "down";
+  if (answered) connection.lastContact = Date.now();
+  if (answered === (connection.downSince === null)) return;
+  connection.downSince = answered ? null : new Date();
   const banner = $("#offline");
-  banner.hidden = ok;
-  banner.textContent = ok ? "" :
+  banner.hidden = answered;
+  banner.textContent = answered ? "" :
     `The API is unreachable since ${connection.downSince.toLocaleTimeString()}: this page ` +
     "shows what it last said, and updates again once it answers (it retries every few seconds).";
-  $("#view").classList.toggle("stale", !ok);
+  $("#view").classList.toggle("stale", !answered);
 }
 
 setInterval(() => {
   if (connection.downSince === null && Date.now() - connection.lastContact < PING_MS) return;
   fetch("healthz", { method: "HEAD" })
-    .then((response) => setConnection(response.ok, response.ok ? `live · ${new Date().toLocaleTimeString()}` : "API unreachable"))
-    .catch(() => setConnection(false, "API unreachable"));
+    .then((response) => (response.ok
+      ? setConnection("live", `live · ${new Date().toLocaleTimeString()}`)
+      : setConnection("down", "API unreachable")))
+    .catch(() => setConnection("down", "API unreachable"));
 }, PING_MS);
 
 // Fetch JSON from the API; a failure throws ApiError with the API's one-line `detail`.
@@ -159,10 +165,12 @@ async function api(path, options = {}) {
   try {
     response = await fetch(path, options);
   } catch (error) {
-    setConnection(false, "API unreachable");
+    setConnection("down", "API unreachable");
     throw new ApiError(`cannot reach the API (${error.message})`, 0);
   }
-  setConnection(true, `live · ${new Date().toLocaleTimeString()}`);
+  const time = new Date().toLocaleTimeString();
+  if (response.status >= 500) setConnection("failing", `API error ${response.status} · ${time}`);
+  else setConnection("live", `live · ${time}`);
   const isJson = (response.headers.get("content-type") ?? "").includes("json");
   const body = isJson ? await response.json() : await response.text();
   if (!response.ok) {
@@ -220,6 +228,46 @@ class Poller {
   }
 }
 
+// A polled page's tables while the API answers its requests with an error (its Redis gone):
+// the API's message in the page's `.load-error` box, and the rows it last gave dimmed and said
+// to be out of date, or, before any answer, a line that says they could not be loaded. Its
+// next answer clears all of it. An unreachable API is said once for the whole page instead
+// (setConnection).
+function loadState(root) {
+  const box = $(".load-error", root);
+  let loadedAt = null;
+  const dimmed = () => root.querySelectorAll(".table-wrap, .waiting");
+  return {
+    answered() {
+      loadedAt = new Date();
+      box.hidden = true;
+      box.replaceChildren();
+      for (const element of dimmed()) element.classList.remove("out-of-date");
+    },
+    failed(error) {
+      if (error.status === 0) return;
+      const note = loadedAt
+        ? `Out of date: what is shown is what the API gave at ${loadedAt.toLocaleTimeString()}; ` +
+          "it updates once the API answers again."
+        : "Nothing could be loaded yet; the page asks again every few seconds.";
+      box.replaceChildren(
+        el("span", { class: "message", text: error.message }),
+        el("span", { class: "note", text: note }));
+      box.hidden = false;
+      if (loadedAt) {
+        for (const element of dimmed()) element.classList.add("out-of-date");
+        return;
+      }
+      for (const table of root.querySelectorAll(".table-wrap table")) {
+        const columns = table.querySelectorAll("thead th").length;
+        replaceRows($("tbody", table), [el("tr", {}, el("td", {
+          colSpan: columns, class: "muted", text: "Not loaded: the API answered with an error.",
+        }))]);
+      }
+    },
+  };
+}
+
 function template(id) {
   return document.getElementById(id).content.cloneNode(true);
 }
@@ -238,11 +286,13 @@ function jobsView(root) {
     history.replaceState({ ...history.state, jobsOffset: offset, jobsStatus: filter.value }, "");
     poller.now();
   };
+  const load = loadState(root);
   const poller = new Poller(POLL_MS, async () => {
     const only = filter.value ? `&status=${filter.value.split(",").join("&status=")}` : "";
     const page = await api(`v1/jobs?offset=${offset}&limit=${PAGE_SIZE}${only}`);
+    load.answered();
     renderJobs(root, page, filter.value);
-  });
+  }, (error) => load.failed(error));
   $("#newer", root).addEventListener("click", () => turnTo(Math.max(0, offset - PAGE_SIZE)));
   $("#older", root).addEventListener("click", () => turnTo(offset + PAGE_SIZE));
   filter.addEventListener("change", () => turnTo(0));
@@ -1101,9 +1151,12 @@ const measurementHistory = [];
 
 function devicesView(root) {
   root.append(template("devices-view"));
+  const load = loadState(root);
   const poller = new Poller(POLL_MS, async () => {
-    renderDevices(root, await api("v1/devices"), measurementHistory);
-  });
+    const list = await api("v1/devices");
+    load.answered();
+    renderDevices(root, list, measurementHistory);
+  }, (error) => load.failed(error));
   poller.now();
   return () => poller.stop();
 }
