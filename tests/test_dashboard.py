@@ -88,6 +88,28 @@ def stack(
         api.stop()
 
 
+@pytest.fixture(scope="module")
+def quiet_api_process(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiProcess]:
+    """An API on a database of the module's Redis of its own, with no worker or agent."""
+    url = f"{redis_url.rsplit('/', 1)[0]}/3"
+    base = tmp_path_factory.mktemp("quiet-api")
+    api = start_api(api_env(url, base), base / "logs")
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def quiet_api(redis_url: str, quiet_api_process: ApiProcess) -> ApiProcess:
+    """An API whose jobs are the test's alone and stay queued (no worker takes them); emptied
+    before each test."""
+    redis.Redis.from_url(f"{redis_url.rsplit('/', 1)[0]}/3").flushdb()
+    return quiet_api_process
+
+
 def submit(client: httpx.Client, spec: dict[str, Any], **files: tuple[str, bytes]) -> str:
     """Submit `spec` (with uploads by field) and return the new job's id."""
     answer = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files or None)
@@ -978,4 +1000,32 @@ def test_the_list_page_and_the_form_draft_survive_a_visit_elsewhere(page: Any, s
     wait_for(page, lambda: js(page, "window.archtree?.view") == "job", PAGE_S, "the job")
     page.back()
     wait_for(page, lambda: js(page, shown_ids) == expected, PAGE_S, "the same jobs again")
+    assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
+
+
+def test_a_list_page_emptied_elsewhere_goes_back_to_the_last_page_with_jobs(
+    page: Any, quiet_api: ApiProcess
+):
+    from selenium.webdriver.support.select import Select
+
+    with quiet_api.client() as client:
+        created = [submit(client, job_spec()) for _ in range(30)]
+        for job_id in created:
+            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        open_jobs_page(page, quiet_api)
+        Select(page.find_element("id", "status-filter")).select_by_value("cancelled")
+        wait_for(page, lambda: text(page, "#page-info") == "1–20 of 30", PAGE_S, "page 1")
+        page.find_element("id", "older").click()
+        wait_for(page, lambda: text(page, "#page-info") == "21–30 of 30", PAGE_S, "page 2")
+
+        for job_id in created[:16]:  # the oldest: page 2 and more
+            assert client.delete(f"/v1/jobs/{job_id}").status_code in (200, 204)
+        left = client.get("/v1/jobs", params={"status": "cancelled"}).json()
+    assert left["total"] == 14
+    wait_for(page, lambda: text(page, "#page-info") == "1–14 of 14", PAGE_S, "the last page")
+    shown = js(page, "[...document.querySelectorAll('#jobs-table tbody a')].map(a => a.innerText)")
+    assert shown == [job["id"] for job in left["jobs"]]
+    buttons = "['newer', 'older'].map(id => document.getElementById(id).disabled)"
+    assert js(page, buttons) == [True, True]
+    assert js(page, "history.state.jobsOffset") == 0  # kept for Back from a job
     assert js(page, "document.querySelector('#status-filter').value") == "cancelled"

@@ -288,8 +288,17 @@ function jobsView(root) {
   };
   const load = loadState(root);
   const poller = new Poller(POLL_MS, async () => {
-    const only = filter.value ? `&status=${filter.value.split(",").join("&status=")}` : "";
-    const page = await api(`v1/jobs?offset=${offset}&limit=${PAGE_SIZE}${only}`);
+    const asked = { offset, status: filter.value };
+    const only = asked.status ? `&status=${asked.status.split(",").join("&status=")}` : "";
+    const page = await api(`v1/jobs?offset=${asked.offset}&limit=${PAGE_SIZE}${only}`);
+    // Turned to another page or filter meanwhile: that one is asked for next.
+    if (offset !== asked.offset || filter.value !== asked.status) return;
+    // Jobs deleted elsewhere can leave this page past the list's end: back to its last page.
+    const lastPage = Math.max(0, Math.ceil(page.total / PAGE_SIZE) - 1) * PAGE_SIZE;
+    if (!page.jobs.length && offset > lastPage) {
+      turnTo(lastPage);
+      return;
+    }
     load.answered();
     renderJobs(root, page, filter.value);
   }, (error) => load.failed(error));
