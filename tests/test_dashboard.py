@@ -1029,3 +1029,21 @@ def test_a_list_page_emptied_elsewhere_goes_back_to_the_last_page_with_jobs(
     assert js(page, buttons) == [True, True]
     assert js(page, "history.state.jobsOffset") == 0  # kept for Back from a job
     assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
+
+
+def test_a_jobs_notes_name_the_settings_by_the_forms_labels_as_its_error_does(
+    page: Any, quiet_api: ApiProcess
+):
+    with quiet_api.client() as client:
+        job_id = submit(client, job_spec(strategy="greedy"))  # the search's width is 2
+        notes = client.get(f"/v1/jobs/{job_id}").json()["progress"]["notes"]
+    assert notes == ["search.width 2 is not used: search.strategy greedy runs with 1"]
+    page.get(f"{quiet_api.url}/#/jobs/{job_id}")
+    wait_for(page, lambda: visible(page, "#job-notes"), PAGE_S, "the job's notes")
+    assert text(page, "#job-notes") == "Width 2 is not used: Strategy greedy runs with 1"
+    # The event log's notes and errors too.
+    note = "{kind: 'note', message: 'raise search.ft_steps or search.final_epochs'}"
+    said = js(page, f"window.archtree.describe({note})")
+    assert said == "raise Fine-tuning steps or Final epochs"
+    failed = "{kind: 'status', status: 'failed', error: 'lower search.min_width_fraction'}"
+    assert js(page, f"window.archtree.describe({failed})") == "failed: lower Min width"

@@ -539,14 +539,20 @@ function labelOf(input) {
 // The API's message in the form's terms: its field labels, not spec fields (search.width), cut
 // to a readable length (the API echoes what was sent).
 const MAX_MESSAGE_CHARS = 400;
-function inFormTerms(message, form) {
+function inFormTerms(message, form = submitForm()) {
+  const text = namedAsInForm(message, form);
+  return text.length > MAX_MESSAGE_CHARS ? `${text.slice(0, MAX_MESSAGE_CHARS - 1)}…` : text;
+}
+
+// A job's error, notes and log lines with the form's labels for the spec fields they name
+// (search.width 2 is not used: search.strategy greedy runs with 1 -> Width 2 is not used:
+// Strategy greedy runs with 1), whole.
+function namedAsInForm(message, form = submitForm()) {
   const labelled = (name) => (form.elements[name] ? labelOf(form.elements[name]) : null);
-  let text = message
+  return message
     .replace(/^the job spec is not valid: /, "")
     .replace(/\bsearch\.([a-z_]+)/g, (field, name) => labelled(name) ?? field)
     .replace(/^(budget|model|device_class):/, (field, name) => `${labelled(name) ?? name}:`);
-  if (text.length > MAX_MESSAGE_CHARS) text = `${text.slice(0, MAX_MESSAGE_CHARS - 1)}…`;
-  return text;
 }
 
 function showError(element, message) {
@@ -695,7 +701,8 @@ function describe(event, scoreName = "score") {
   const cached = event.cached ? ", cached" : "";
   switch (event.kind) {
     case "queued": return "waiting for a worker";
-    case "status": return event.error ? `${event.status}: ${event.error}` : event.status;
+    case "status":
+      return event.error ? `${event.status}: ${namedAsInForm(event.error)}` : event.status;
     case "baseline":
       return `unpruned ${ms(event.latency_ms)}${cached}, budget ${ms(event.budget_ms)}, ` +
         score(event.score);
@@ -747,7 +754,7 @@ function describe(event, scoreName = "score") {
     case "confirmed":
       return `${event.id} confirmed at ${ms(event.latency_ms)}${cached} ` +
         `(${counted(event.trims, "trim", "trims")})`;
-    case "note": return event.message;
+    case "note": return namedAsInForm(event.message);
     case "preparing":
       return `unpruned model's outputs on ${event.samples.toLocaleString("en")} ${event.split} ` +
         `samples: ${percent(event.done / event.samples)}`;
@@ -849,7 +856,7 @@ function renderJob(view) {
   const error = $("#job-error", root);
   error.hidden = !job.error;
   // In the terms of the form that submits jobs: its labels, not spec fields.
-  error.textContent = job.error ? inFormTerms(job.error, submitForm()) : "";
+  error.textContent = job.error ? inFormTerms(job.error) : "";
   const waiting = $("#job-waiting", root);
   waiting.hidden = job.status !== "waiting_for_device";
   waiting.replaceChildren(...(waiting.hidden ? [] : waitingForDevice(spec.device_class)));
@@ -860,7 +867,8 @@ function renderJob(view) {
   const notes = progress.notes ?? [];
   const notesList = $("#job-notes", root);
   notesList.hidden = notes.length === 0;
-  notesList.replaceChildren(...notes.map((note) => el("li", { text: note })));
+  // In the form's terms too, as the error: settings by their labels (Width), not spec fields.
+  notesList.replaceChildren(...notes.map((note) => el("li", { text: namedAsInForm(note) })));
   // Where the page names a data-free job's scores, its words for them (index.html's data-fidelity).
   if (view.scoredBy === "fidelity") {
     for (const words of root.querySelectorAll("[data-fidelity]")) {
