@@ -941,7 +941,8 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
     size = page.get_window_size()
     page.set_window_size(390, 900)
     try:
-        for address, view in ((f"#/jobs/{job_id}", "job"), ("#/devices", "devices")):
+        addresses = (("#/", "jobs"), (f"#/jobs/{job_id}", "job"), ("#/devices", "devices"))
+        for address, view in addresses:
             page.get(f"{stack.url}/{address}")
             wait_for(page, lambda v=view: js(page, "window.archtree?.view") == v, PAGE_S, view)
             wait_for(page, lambda: js(page, "document.querySelector('tbody tr')"), PAGE_S, "rows")
@@ -957,6 +958,42 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
                     "(document.querySelector('#events li'))",
                 )
                 assert share > 0.8, share
+    finally:
+        page.set_window_size(size["width"], size["height"])
+
+
+def test_long_names_in_the_jobs_list_are_cut_short_so_that_its_table_fits(
+    page: Any, quiet_api: ApiProcess, tmp_path: Path
+):
+    data = load_inputs("builtin:vgg", "builtin:digits").data
+    np.savez(tmp_path / "upload.npz", x=data.train_x.numpy(), y=data.train_y.numpy())
+    name = f"{('digits, augmented and relabelled by hand, ' * 6)[:246]}.npz"  # 250 characters
+    spec = {key: value for key, value in job_spec().items() if key != "data"}
+    with quiet_api.client() as client:
+        job_id = submit(client, spec, data=(name, (tmp_path / "upload.npz").read_bytes()))
+        submit(client, job_spec())  # a short one beside it
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        shown_name = client.get(f"/v1/jobs/{job_id}").json()["spec"]["upload_names"]["data"]
+    assert len(shown_name) >= 200  # as the API keeps it
+    row = f'#jobs-table tr[data-job-id="{job_id}"]'
+    wrap = "document.querySelector('#jobs-table').closest('.table-wrap')"
+    size = page.get_window_size()
+    page.set_window_size(1400, 900)
+    try:
+        open_jobs_page(page, quiet_api)
+        wait_for(page, lambda: visible(page, f"{row} [data-delete]"), PAGE_S, "the job's row")
+        assert js(page, "document.documentElement.scrollWidth - innerWidth") <= 0
+        # The whole row in view, its Delete button too: the table needs no scrolling.
+        assert js(page, f"{wrap}.scrollWidth - {wrap}.clientWidth") <= 0
+        right = js(page, f"{wrap}.getBoundingClientRect().right")
+        button = f"document.querySelector('{row} [data-delete]')"
+        assert js(page, f"{button}.getBoundingClientRect().right") <= right
+        # The name is cut where shown, whole in the cell's tooltip and its text.
+        cell = f"document.querySelector('{row} td:nth-child(5)')"
+        assert js(page, f"{cell}.title") == f"uploaded {shown_name}"
+        assert js(page, f"{cell}.innerText") == f"uploaded {shown_name}"
+        assert js(page, f"{cell}.offsetWidth") < js(page, f"{cell}.firstElementChild.scrollWidth")
+        screenshot(page, "jobs-long-name")
     finally:
         page.set_window_size(size["width"], size["height"])
 

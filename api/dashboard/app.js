@@ -99,6 +99,9 @@ function pointChange(before, after, scale = 1, unit = "") {
 const scoreWord = (scoredBy) => (scoredBy === "fidelity" ? "fidelity" : "score");
 
 const when = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleString();
+// To the minute, for a table's column (the whole time on hover).
+const whenShort = (unixSeconds) =>
+  new Date(unixSeconds * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
 const clock = (unixSeconds) =>
   new Date(unixSeconds * 1000).toLocaleTimeString([], { hourCycle: "h23" });
 
@@ -336,6 +339,10 @@ function replaceRows(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
 
+// A cell of text the user chose (a model, an upload's file name, a device class), cut with an
+// ellipsis where long so that the row's other columns stay in view; the whole text on hover.
+const clipped = (value) => el("td", { class: "clip", title: value }, el("span", { text: value }));
+
 function renderJobs(root, page, filtered) {
   const rows = page.jobs.map((job) => {
     const { progress, spec } = job;
@@ -352,11 +359,11 @@ function renderJobs(root, page, filtered) {
       "tr",
       { "data-job-id": job.id },
       el("td", {}, el("a", { href: `#/jobs/${job.id}`, text: job.id })),
-      el("td", { text: when(job.created_at) }),
+      el("td", { text: whenShort(job.created_at), title: when(job.created_at) }),
       el("td", {}, statusBadge(job.status)),
-      el("td", { text: model }),
-      el("td", { text: source(spec.data, spec.upload_names?.data) }),
-      el("td", { text: spec.device_class }),
+      clipped(model),
+      clipped(source(spec.data, spec.upload_names?.data)),
+      clipped(spec.device_class),
       el("td", { text: budget }),
       el("td", { class: "num", text: count(progress.depth) }),
       el("td", { class: "num", text: count(progress.candidates_evaluated) }),
