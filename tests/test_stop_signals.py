@@ -9,12 +9,15 @@ signal arrives, so the tests need not hit that moment by chance.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.cli_process import run_archtree
+from tests.redis_fixtures import ROOT
 
 MODEL = """
 def model():
@@ -178,3 +181,28 @@ def test_a_signal_while_the_command_reads_its_options_stops_it_in_one_line(
     assert result.returncode == code, result.stderr
     assert result.stderr == f"archtree: {said}\n"
     assert result.stdout == ""
+
+
+# Signals at random moments of short waits, each setting the stop from its handler: with a
+# threading.Event this deadlocks within a few hundred rounds (the handler's set() waits for
+# the lock the interrupted wait() holds), as `archtree up` once hung on a SIGTERM.
+SIGNALLED_WAITS = """
+import random, signal, sys
+from archtree_cli.stop_signals import SignalledStop
+
+for _ in range(3000):
+    stop = SignalledStop()
+    signal.signal(signal.SIGALRM, stop.set)
+    signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
+    while not stop.wait(0.0005):
+        pass
+print("every stop seen")
+"""
+
+
+def test_a_stop_asked_by_a_signal_handler_mid_wait_never_deadlocks():
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_WAITS], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "every stop seen", done.stderr
