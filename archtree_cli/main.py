@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from archtree_cli.stop_signals import StopSignals, Terminated
 from search.errors import ArchtreeError
@@ -19,7 +21,40 @@ EXIT_BROKEN_PIPE = 128 + 13  # as a command stopped by SIGPIPE exits
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with usage mistakes reported on one line like every other error."""
+    """argparse, with usage mistakes reported on one line like every other error, and options
+    only by their full names: a prefix is no option (`agent --device` would have been taken as
+    --device-class, though --device is another command's option, of another meaning)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse's, with an unknown option told by the command it was given to, and the
+        option of that command its name is closest to."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            close = [
+                match
+                for given in unknown
+                if given.startswith("--")
+                for match in difflib.get_close_matches(
+                    given.partition("=")[0], command._option_string_actions, n=1, cutoff=0.6
+                )
+            ]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the command `parsed` ran (this one when it has no commands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+                if chosen is not None:
+                    return chosen
+        return self
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -200,9 +200,9 @@ def test_options_the_strategy_overrides_are_named(capsys):
     ]
     settings_of(parser, [*base, "greedy"])  # only defaults overridden: nothing to say
     assert capsys.readouterr().err == ""
-    # An option given at its default value is still the user's choice, abbreviated or not.
+    # An option given at its default value is still the user's choice.
     default_width = str(SearchSettings().width)
-    settings_of(parser, [*base, "greedy", "--widt", default_width, "--seed", "0"])
+    settings_of(parser, [*base, "greedy", "--width", default_width, "--seed", "0"])
     assert capsys.readouterr().err.splitlines() == [
         f"archtree: note: --width {default_width} is not used: --strategy greedy runs with 1"
     ]
@@ -943,3 +943,31 @@ def test_every_option_of_every_command_is_in_the_readme():
         for name, parser in commands.items()
     }
     assert not any(missing.values()), missing
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # A prefix of one option is no option: --device is measure's and prune's, not agent's.
+        (["agent", "--device-class", "edge", "--device", "cuda"],
+         "archtree agent: error: unrecognized arguments: --device cuda; did you mean "
+         "--device-class? (see archtree agent --help)"),
+        (["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+          "--out", "x", "--widt", "3"],
+         "archtree prune: error: unrecognized arguments: --widt 3; did you mean --width? "
+         "(see archtree prune --help)"),
+        (["measure", "--model", "builtin:vgg", "--thread=2"],
+         "did you mean --threads?"),
+        (["models", "--everything"],
+         "archtree models: error: unrecognized arguments: --everything (see archtree models "
+         "--help)"),
+    ],
+)  # fmt: skip
+def test_an_unknown_option_is_refused_by_its_command_with_the_closest_option(argv, said, capsys):
+    from archtree_cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert said in error and len(error.strip().splitlines()) == 1, error
