@@ -36,6 +36,7 @@ from latency.measurement_protocol import (
     text,
     validate_device_class,
 )
+from search.errors import ArchtreeError
 
 DEVICES_KEY = "archtree:devices"
 # A device's id, as `register` makes it.
@@ -47,6 +48,9 @@ DELETED_PREFIX = "archtree:device-deleted:"
 DELETED_KEPT_S = 24 * 3600
 # Left by a merge for a day: an agent of the merged record that was only paused is told so.
 MERGED_PREFIX = "archtree:device-merged:"
+# What the agents of a class time with (timing_settings), written by each registration:
+# part of the class's latency cache keys, so that timings taken otherwise are not reused.
+CLASS_TIMING_PREFIX = "archtree:class-timing:"
 # Measurement counters for monitoring: per device class, per device, and the latest round-trip
 # times per class (a capped list), written by the oracles in workers and read by the API.
 MEASUREMENTS_KEY = "archtree:measurements:by_class"
@@ -54,6 +58,41 @@ DEVICE_MEASUREMENTS_KEY = "archtree:measurements:by_device"
 ROUND_TRIP_SUM_KEY = "archtree:measurements:round_trip_sum_s"
 ROUND_TRIPS_PREFIX = "archtree:measurements:round_trips:"
 ROUND_TRIPS_KEPT = 1000
+
+# What an agent times with, beyond its hardware: agents of one class stand in for each other
+# and share its latency cache, so those online at once must agree on these.
+TIMING_FIELDS = ("runtime", "runtime_version", "threads")
+
+
+def timing_settings(info: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a device's info that its timings depend on (TIMING_FIELDS)."""
+    return {name: info.get(name) for name in TIMING_FIELDS}
+
+
+def timing_text(settings: dict[str, Any]) -> str:
+    runtime = " ".join(str(settings[name] or "") for name in ("runtime", "runtime_version"))
+    threads = settings["threads"]
+    return f"{runtime.strip()} on {threads} thread{'' if threads == 1 else 's'}"
+
+
+class DeviceClassConflict(ArchtreeError):
+    """An agent that would time otherwise than the agents of its class online."""
+
+    def __init__(self, device_class: str, theirs: dict[str, Any], settings: dict[str, Any]) -> None:
+        fixes = []
+        if settings["threads"] != theirs["threads"]:
+            fixes.append(f"--threads {theirs['threads']}")
+        if settings["runtime"] != theirs["runtime"]:
+            fixes.append(f"--runtime {theirs['runtime']}")
+        elif settings["runtime_version"] != theirs["runtime_version"]:
+            fixes.append(f"{theirs['runtime']} {theirs['runtime_version']}")
+        super().__init__(
+            f"device class {device_class} has agents online that time with "
+            f"{timing_text(theirs)}, and this one would time with {timing_text(settings)}: the "
+            "agents of a class take each other's measurements, so they must time alike; run "
+            f"this one with {' and '.join(fixes)}, or give it a device class of its own"
+        )
+
 
 # Checks existence and stamps the server time atomically, so a heartbeat racing a delete
 # cannot resurrect a half-deleted record.
@@ -117,10 +156,22 @@ class DeviceRegistry:
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
         """Store a new device (info: device_class, host, runtime, runtime_version, cpu, gpu,
-        threads); return its record with the assigned `id` and `registered_at`."""
-        validate_device_class(info.get("device_class", ""))
+        threads); return its record with the assigned `id` and `registered_at`.
+        DeviceClassConflict when the agents of its class online time otherwise."""
+        device_class = info.get("device_class", "")
+        validate_device_class(device_class)
+        settings = timing_settings(info)
+        for record in self.list():
+            theirs = timing_settings(record)
+            if (
+                record["online"]
+                and record.get("device_class") == device_class
+                and (theirs != settings)
+            ):
+                raise DeviceClassConflict(device_class, theirs, settings)
         device_id = uuid.uuid4().hex[:12]
         self._write(device_id, info)
+        self.client.set(CLASS_TIMING_PREFIX + device_class, json.dumps(settings, sort_keys=True))
         record = self.get(device_id)
         assert record is not None
         return record
@@ -220,6 +271,12 @@ class DeviceRegistry:
             return False
         keys = [DEVICE_PREFIX + device_id, DEVICES_KEY, DELETED_PREFIX + device_id]
         return bool(self.client.eval(_DELETE, len(keys), *keys, device_id, DELETED_KEPT_S))
+
+    def class_timing(self, device_class: str) -> dict[str, Any] | None:
+        """What the agents of `device_class` time with (`timing_settings`), as the last one
+        to register said; None if none ever did."""
+        stored = self.client.get(CLASS_TIMING_PREFIX + device_class)
+        return json.loads(stored) if stored else None
 
     def live_agents(self, device_class: str) -> int:
         """How many devices of `device_class` are online."""

@@ -311,7 +311,12 @@ class RemoteOracle:
         }
 
     def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
-        device = self._class_fingerprint(tuple(reference.input_shape))
+        # What the class's agents time with: timings taken with other threads or another
+        # runtime version (agents since replaced) are not reused.
+        device = {
+            **self._class_fingerprint(tuple(reference.input_shape)),
+            "agent_timing": self.registry.class_timing(self.device_class),
+        }
         return timing_key(device, candidate, reference, kind, confirm)
 
 

@@ -986,6 +986,29 @@ def test_a_long_unknown_id_is_echoed_cut_short(http: httpx.Client):
         assert len(detail) < 200 and "..." in detail
 
 
+def test_a_device_that_would_time_otherwise_than_its_class_online_answers_409(
+    http: httpx.Client,
+):
+    device = {"device_class": "api-alike", "host": "h", "threads": 1}
+    first = http.post("/v1/devices", json=device)
+    assert first.status_code == 201, first.text
+    try:
+        refused = http.post("/v1/devices", json=device | {"threads": 4})
+        assert refused.status_code == 409
+        assert one_line_detail(refused).startswith(
+            "device class api-alike has agents online that time with torch on 1 thread, and "
+            "this one would time with torch on 4 threads"
+        )
+        listed = [d["id"] for d in http.get("/v1/devices").json()["devices"]]
+        assert listed.count(first.json()["id"]) == 1 and len(listed) == len(set(listed))
+        other = device | {"device_class": "api-other", "threads": 4}
+        assert http.post("/v1/devices", json=other).status_code == 201
+    finally:
+        for listed in http.get("/v1/devices").json()["devices"]:
+            if listed["device_class"] in ("api-alike", "api-other"):
+                http.delete(f"/v1/devices/{listed['id']}")
+
+
 def test_deleting_a_device_that_does_not_exist_writes_nothing(
     http: httpx.Client, job_store: JobStore
 ):

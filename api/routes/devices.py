@@ -14,6 +14,7 @@ from api.schemas import (
     DeviceRegistered,
     ErrorMessage,
 )
+from latency.device_registry import DeviceClassConflict
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"], responses={**INVALID, **UNAVAILABLE})
 
@@ -27,13 +28,21 @@ router = APIRouter(prefix="/v1/devices", tags=["devices"], responses={**INVALID,
             "model": ErrorMessage,
             "description": "An invalid field (a device class, a runtime agents do not support, "
             "text that is not one printable line): which, and what it accepts.",
-        }
+        },
+        409: {
+            "model": ErrorMessage,
+            "description": "The agents of its device class online time otherwise (another "
+            "runtime, runtime version or number of threads): what they time with.",
+        },
     },
 )
 def register_device(device: DeviceIn, services: ServicesDep) -> DeviceRegistered:
     """Called by `archtree agent`: the answer holds the device's id and the Redis its agent
     serves measurement requests from."""
-    record = services.registry.register(device.model_dump())
+    try:
+        record = services.registry.register(device.model_dump())
+    except DeviceClassConflict as conflict:
+        raise HTTPException(status_code=409, detail=str(conflict)) from None
     return DeviceRegistered(**record, redis_url=services.agent_redis_url())
 
 
