@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from latency.measurement_protocol import DEVICE_CLASS_PATTERN
+from latency.measurement_protocol import DEVICE_CLASS_PATTERN, PACKAGE_NAME
 from latency.runtimes import RUNTIMES, get_runtime
 from search.errors import ArchtreeError
 from search.settings import MAX_CHANNEL_MULTIPLE
@@ -19,6 +19,8 @@ JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
 # any other text an agent reports.
 MAX_DEVICE_TEXT = 255
 MAX_DEVICE_THREADS = 1024
+# Packages one agent may allow `module:` sources of.
+MAX_ALLOWED_MODULES = 100
 
 FAST_SEARCH_EXAMPLE = {"width": 2, "branching": 2, "planned_steps": 2, "ft_steps": 5}
 
@@ -484,6 +486,11 @@ class DeviceInfo(BaseModel):
     cpu: str | None = Field(None, examples=["Cortex-A72"])
     gpu: str | None = Field(None, examples=[None])
     threads: int = Field(1, examples=[1])
+    allowed_modules: list[str] = Field(
+        default_factory=list,
+        description="The packages whose `module:` sources the agent builds (--allow-module).",
+        examples=[["mynets"]],
+    )
 
 
 class DeviceIn(DeviceInfo):
@@ -512,6 +519,21 @@ class DeviceIn(DeviceInfo):
     cpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=["Cortex-A72"])
     gpu: str | None = Field(None, max_length=MAX_DEVICE_TEXT, examples=[None])
     threads: int = Field(1, ge=1, le=MAX_DEVICE_THREADS, strict=True, examples=[1])
+    allowed_modules: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ALLOWED_MODULES,
+        description="The packages whose `module:` sources the agent builds (--allow-module): "
+        "dotted Python package names. The agents of a class online at once must allow the same.",
+        examples=[["mynets"]],
+    )
+
+    @field_validator("allowed_modules")
+    @classmethod
+    def _package_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not PACKAGE_NAME.fullmatch(name):
+                raise ValueError(f"{name[:80]!r} is not a Python package name (like mynets.models)")
+        return sorted(set(names))
 
     @field_validator("runtime")
     @classmethod

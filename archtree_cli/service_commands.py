@@ -8,7 +8,6 @@ import errno
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -277,18 +276,15 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-# A dotted Python package name, as --allow-module takes (mynets, mynets.models).
-_PACKAGE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
-
-
 def run_agent(args: argparse.Namespace) -> int:
     from archtree_cli.commands import warn_of_threads_over_cores
     from latency.agent import agent_main
     from latency.local_oracle import check_threads
+    from latency.measurement_protocol import PACKAGE_NAME
 
     check_threads(args.threads)  # refused, rather than warned about and then refused
     for package in args.allow_module:
-        if not _PACKAGE_NAME.fullmatch(package):
+        if not PACKAGE_NAME.fullmatch(package):
             raise ArchtreeError(
                 f"--allow-module {package!r} is not a Python package name: give the package "
                 "that module: models come from, such as mynets or mynets.models"

@@ -69,10 +69,18 @@ def timing_settings(info: dict[str, Any]) -> dict[str, Any]:
     return {name: info.get(name) for name in TIMING_FIELDS}
 
 
-def timing_text(settings: dict[str, Any]) -> str:
+def serving_settings(info: dict[str, Any]) -> dict[str, Any]:
+    """What agents of one class online at once must agree on: how they time, and the
+    `module:` packages they build (else a job's measurement fails on some agents only)."""
+    return {**timing_settings(info), "allowed_modules": sorted(info.get("allowed_modules") or [])}
+
+
+def serving_text(settings: dict[str, Any]) -> str:
     runtime = " ".join(str(settings[name] or "") for name in ("runtime", "runtime_version"))
     threads = settings["threads"]
-    return f"{runtime.strip()} on {threads} thread{'' if threads == 1 else 's'}"
+    modules = settings["allowed_modules"]
+    built = f", building module: sources of {', '.join(modules)}" if modules else ""
+    return f"{runtime.strip()} on {threads} thread{'' if threads == 1 else 's'}{built}"
 
 
 class DeviceClassConflict(ArchtreeError):
@@ -80,6 +88,11 @@ class DeviceClassConflict(ArchtreeError):
 
     def __init__(self, device_class: str, theirs: dict[str, Any], settings: dict[str, Any]) -> None:
         fixes = []
+        if settings["allowed_modules"] != theirs["allowed_modules"]:
+            fixes.append(
+                " ".join(f"--allow-module {name}" for name in theirs["allowed_modules"])
+                or "no --allow-module"
+            )
         if settings["threads"] != theirs["threads"]:
             fixes.append(f"--threads {theirs['threads']}")
         if settings["runtime"] != theirs["runtime"]:
@@ -88,9 +101,9 @@ class DeviceClassConflict(ArchtreeError):
             fixes.append(f"{theirs['runtime']} {theirs['runtime_version']}")
         super().__init__(
             f"device class {device_class} has agents online that time with "
-            f"{timing_text(theirs)}, and this one would time with {timing_text(settings)}: the "
-            "agents of a class take each other's measurements, so they must time alike; run "
-            f"this one with {' and '.join(fixes)}, or give it a device class of its own"
+            f"{serving_text(theirs)}, and this one would time with {serving_text(settings)}: "
+            "the agents of a class take each other's measurements, so they must time alike; "
+            f"run this one with {' and '.join(fixes)}, or give it a device class of its own"
         )
 
 
@@ -160,9 +173,9 @@ class DeviceRegistry:
         DeviceClassConflict when the agents of its class online time otherwise."""
         device_class = info.get("device_class", "")
         validate_device_class(device_class)
-        settings = timing_settings(info)
+        settings = serving_settings(info)
         for record in self.list():
-            theirs = timing_settings(record)
+            theirs = serving_settings(record)
             if (
                 record["online"]
                 and record.get("device_class") == device_class
@@ -171,7 +184,8 @@ class DeviceRegistry:
                 raise DeviceClassConflict(device_class, theirs, settings)
         device_id = uuid.uuid4().hex[:12]
         self._write(device_id, info)
-        self.client.set(CLASS_TIMING_PREFIX + device_class, json.dumps(settings, sort_keys=True))
+        timing = json.dumps(timing_settings(info), sort_keys=True)
+        self.client.set(CLASS_TIMING_PREFIX + device_class, timing)
         record = self.get(device_id)
         assert record is not None
         return record

@@ -33,6 +33,9 @@ KINDS = ("pair", "ref")
 
 DEVICE_CLASS_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
 _DEVICE_CLASS = re.compile(DEVICE_CLASS_PATTERN)
+# A package whose `module:` sources an agent builds (--allow-module): a dotted Python package
+# name (mynets, mynets.models).
+PACKAGE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
 
 class ProtocolError(ValueError):

@@ -1222,6 +1222,14 @@ BAD_DEVICES = {
         {"runtime_version": "2.1\x00"},
         "runtime_version: holds the control character U+0000",
     ),
+    "an allowed module that is no package name": (
+        {"allowed_modules": ["mynets", "../evil"]},
+        "allowed_modules: '../evil' is not a Python package name (like mynets.models)",
+    ),
+    "allowed modules that are no list": (
+        {"allowed_modules": "mynets"},
+        "allowed_modules: Input should be a valid list",
+    ),
     "an empty runtime": ({"runtime": ""}, "runtime: unsupported agent runtime ''; supported "),
     "an unknown runtime": (
         {"runtime": "onnx"},

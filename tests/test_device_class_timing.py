@@ -57,6 +57,16 @@ def test_an_agent_that_would_time_otherwise_than_its_class_online_is_refused(red
     )
     with pytest.raises(DeviceClassConflict, match="run this one with torch 2.13.0, or give"):
         registry.register(info("alike-cpu", 1, runtime_version="2.14.1"))
+    # Agents that build other module: sources would fail a job on some requests only.
+    with pytest.raises(DeviceClassConflict) as refused:
+        registry.register(info("alike-cpu", 1) | {"allowed_modules": ["mynets"]})
+    assert "this one would time with torch 2.13.0 on 1 thread, building module: sources of " in (
+        str(refused.value)
+    )
+    assert str(refused.value).endswith(
+        "mynets: the agents of a class take each other's measurements, so they must time "
+        "alike; run this one with no --allow-module, or give it a device class of its own"
+    )
     # Nothing was written for the refused; another class, or the same settings, are welcome.
     assert [record["id"] for record in registry.list()] == [first]
     registry.register(info("other-cpu", 4))
@@ -65,8 +75,10 @@ def test_an_agent_that_would_time_otherwise_than_its_class_online_is_refused(red
     # Once the class's agents are offline, it may time otherwise from then on.
     for record in registry.list():
         registry.stop(record["id"])
-    registry.register(info("alike-cpu", 2))
+    registry.register(info("alike-cpu", 2) | {"allowed_modules": ["mynets", "lab.nets"]})
     assert registry.class_timing("alike-cpu")["threads"] == 2
+    with pytest.raises(DeviceClassConflict, match="with --allow-module lab.nets --allow-module"):
+        registry.register(info("alike-cpu", 2) | {"allowed_modules": ["mynets"]})
 
 
 def start_cli_agent(redis_url: str, device_class: str, threads: int, log: Path):
