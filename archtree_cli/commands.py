@@ -395,28 +395,24 @@ def run_measure(args: argparse.Namespace) -> int:
     from search.timing_input import timing_input
 
     result = _result_folder(args)
-    if args.input_shape is None:
-        args.input_shape = ",".join(map(str, result.input_shape)) if result else DEFAULT_INPUT_SHAPE
-    try:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
-    except ValueError:
-        shape = ()
-    if not 1 <= len(shape) <= 4 or min(shape) < 1:
-        raise ArchtreeError(
-            f"--input-shape {args.input_shape!r} is not one sample's shape, 1 to 4 positive "
-            "numbers: C,H,W for an image, e.g. 1,28,28."
-        )
+    shape, shape_label = _measure_input_shape(args, result)
     source = result.model.source if result else args.model
     if not source.startswith("module:") and len(shape) != 3:
+        if args.input_shape is None:  # a result folder's own shape
+            raise ArchtreeError(
+                f"{shape_label} is {list(shape)}, not an image's C,H,W, which {source} takes: "
+                f"{_DAMAGED_ARCH}"
+            )
         raise ArchtreeError(
             f"{args.model} takes images: give --input-shape as C,H,W, e.g. 1,28,28 (a model of "
             "your own, module:, may take another shape)."
         )
     input_bytes = 4 * args.batch_size * math.prod(shape)
     if input_bytes > MAX_INPUT_BYTES:
+        smaller = "shape or batch size" if args.input_shape is not None else "--batch-size"
         raise ArchtreeError(
-            f"--input-shape {args.input_shape} at --batch-size {args.batch_size} is an input of "
-            f"{input_bytes / 1024**3:.3g} GiB: give a smaller shape or batch size."
+            f"{shape_label} at --batch-size {args.batch_size} is an input of "
+            f"{input_bytes / 1024**3:.3g} GiB: give a smaller {smaller}."
         )
     if result:
         ref, model = result.model, load_pruned(args.model)
@@ -432,13 +428,13 @@ def run_measure(args: argparse.Namespace) -> int:
         load_weights(model, args.weights, allow_pickle=args.allow_pickle)
     oracle = _oracle(args)
     token_range = result.token_range if result else _token_range(model, shape)
-    sample = timing_input(args.batch_size, shape, token_range=token_range)
-    _check_activations_fit(model, sample[:1], args.batch_size, args.model)
+    # Before the batch is built: the check runs the model on a few samples only.
+    _check_activations_fit(model, shape, token_range, args.batch_size, args.model, shape_label)
     check_forward(
         model,
-        sample,
+        timing_input(args.batch_size, shape, token_range=token_range),
         args.model,
-        f"--input-shape {args.input_shape}",
+        shape_label,
         classifier=False,
         token_range=token_range,
     )
@@ -473,6 +469,39 @@ def run_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+# What to do about a result folder's arch.json that no `prune` or `fetch` wrote as it is.
+_DAMAGED_ARCH = (
+    "the file is damaged or was edited; save the result again with `archtree prune` (or "
+    "`archtree fetch` for a service job), or give --input-shape to time it on another shape."
+)
+
+
+def _measure_input_shape(args: argparse.Namespace, result) -> tuple[tuple[int, ...], str]:
+    """The shape of one sample `measure` times the model on, and how its errors name where it
+    came from: --input-shape when given, else the result folder's arch.json, else the
+    default."""
+    if args.input_shape is None and result is not None:
+        shape = tuple(result.input_shape)
+        label = f"the input_shape of {Path(args.model) / 'arch.json'}"
+        if not 1 <= len(shape) <= 4 or min(shape, default=0) < 1:
+            raise ArchtreeError(
+                f"{label} is {list(shape)}, not one sample's shape (1 to 4 positive numbers): "
+                f"{_DAMAGED_ARCH}"
+            )
+        return shape, label
+    text = DEFAULT_INPUT_SHAPE if args.input_shape is None else args.input_shape
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not 1 <= len(shape) <= 4 or min(shape) < 1:
+        raise ArchtreeError(
+            f"--input-shape {text!r} is not one sample's shape, 1 to 4 positive "
+            "numbers: C,H,W for an image, e.g. 1,28,28."
+        )
+    return shape, f"--input-shape {text}"
+
+
 def _launch_line(stats) -> str:
     """The host's part of a GPU timing, and what to do when it sets the time."""
     from search.notes import launch_bound
@@ -491,11 +520,25 @@ def _result_folder(args: argparse.Namespace):
     """The architecture spec of the result folder given as --model (one `prune` or `fetch`
     wrote), or None when --model is a model source; the options such a folder sets itself
     are refused."""
-    from search.artifacts import load_result_spec
-    from search.model_source import SOURCE_FORMS, looks_like_path
+    from search.artifacts import ARTIFACT_NAMES, load_result_spec
+    from search.model_source import SOURCE_FORMS, WEIGHT_SUFFIXES, looks_like_path
 
-    if not Path(args.model).is_dir():
-        if looks_like_path(args.model) and not Path(args.model).exists():
+    path = Path(args.model)
+    if path.is_file():
+        folder = path.parent
+        if path.name in ARTIFACT_NAMES or (folder / "arch.json").is_file():
+            raise ArchtreeError(
+                f"{args.model!r} is a file of the result folder {folder}: give its folder, "
+                f"--model {folder}{os.sep} (archtree measure times the model it holds)."
+            )
+        weights = path.name.lower().endswith(WEIGHT_SUFFIXES)  # build_model says: --weights
+        if looks_like_path(args.model) and not weights:
+            raise ArchtreeError(
+                f"{args.model!r} is a file, not a model source: --model takes a folder "
+                f"`archtree prune` or `fetch` wrote, or a model source ({SOURCE_FORMS})."
+            )
+    if not path.is_dir():
+        if looks_like_path(args.model) and not path.exists():
             raise ArchtreeError(
                 f"no folder {args.model!r}: --model takes a folder `archtree prune` or `fetch` "
                 f"wrote, or a model source ({SOURCE_FORMS})"
@@ -527,17 +570,63 @@ def _token_range(model, shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def _check_activations_fit(model, sample, batch_size: int, source: str) -> None:
-    """ArchtreeError when a forward pass at `batch_size` would need more memory than this
-    machine has available: its input and largest layer output, and that output's input,
-    estimated from one `sample` (a model that fails on it is left to check_forward)."""
-    import torch
+# The batch a forward pass's memory is measured at, then scaled to --batch-size: large enough
+# to take the kernels the whole batch takes (PyTorch switches some convolutions to oneDNN from
+# 16 samples), small enough to run in a blink.
+PROBE_BATCH = 16
+# How far the memory a batch needs is taken above the measured batch's, scaled: the memory per
+# sample of the builtin models at batch 4096 has measured up to 1.2x that at batch 16.
+FORWARD_MEMORY_MARGIN = 1.5
+# Where a forward pass's peak cannot be measured (not Linux): its input and largest layer
+# output, and that output's input, times this (and the margin). The builtin models'
+# convolution work buffers (im2col, oneDNN's) have made their peaks up to 2.3x that.
+UNMEASURED_FACTOR = 2.5
 
+
+def _check_activations_fit(
+    model, shape: tuple[int, ...], token_range: int | None, batch_size: int, source: str,
+    shape_label: str,
+) -> None:  # fmt: skip
+    """ArchtreeError when a forward pass at `batch_size` would need more memory than this
+    machine has available, said before any large allocation (a model that fails on a sample is
+    left to check_forward)."""
     from search.memory import available_memory_bytes
 
     available = available_memory_bytes()
-    if available is None or isinstance(model, torch.jit.ScriptModule):  # it takes no hooks
+    if available is None:
         return
+    per_sample = _forward_bytes_per_sample(model, shape, token_range, batch_size, available)
+    if per_sample is None:
+        return
+    needed = FORWARD_MEMORY_MARGIN * per_sample * batch_size
+    if needed > available:
+        fits = int(available // (FORWARD_MEMORY_MARGIN * per_sample))
+        advice = f"at most --batch-size {fits} fits" if fits else "even one sample does not fit"
+        raise ArchtreeError(
+            f"{source} at --batch-size {batch_size} and {shape_label} needs about "
+            f"{needed / 1024**3:.3g} GiB for a forward pass (its activations and its layers' "
+            f"work buffers, as measured on a few samples), more than the "
+            f"{available / 1024**3:.3g} GiB this machine has available: give a smaller "
+            f"--batch-size ({advice}) or input shape."
+        )
+
+
+def _forward_bytes_per_sample(
+    model, shape: tuple[int, ...], token_range: int | None, batch_size: int, available: int
+) -> float | None:
+    """The memory a forward pass of `model` takes per sample of the batch, its input included:
+    its peak measured on min(`batch_size`, PROBE_BATCH) samples (fewer where even that might
+    not fit in `available`), never below its input and largest layer output plus that output's
+    input; None when a sample fails (check_forward says why), or a TorchScript model's peak
+    cannot be measured (another's is then estimated from its layer outputs)."""
+    import torch
+
+    from search.timing_input import timing_input
+
+    def forward(samples) -> None:
+        with torch.inference_mode():
+            model(samples)
+
     largest = 0
 
     def note(_module, _inputs, output) -> None:
@@ -545,24 +634,66 @@ def _check_activations_fit(model, sample, batch_size: int, source: str) -> None:
         if isinstance(output, torch.Tensor):
             largest = max(largest, output.numel())
 
-    hooks = [module.register_forward_hook(note) for module in model.modules()]
+    one = timing_input(1, shape, token_range=token_range)
+    scripted = isinstance(model, torch.jit.ScriptModule)  # it takes no hooks
+    hooks = [] if scripted else [module.register_forward_hook(note) for module in model.modules()]
     try:
-        with torch.inference_mode():
-            model(sample)
+        forward(one)  # also makes the first call's one-off allocations
     except Exception:  # noqa: BLE001 - check_forward says what is wrong with the model
-        return
+        return None
     finally:
         for hook in hooks:
             hook.remove()
-    shape = tuple(sample.shape[1:])
-    needed = 4 * batch_size * (math.prod(shape) + 2 * largest)
-    if needed > available:
-        raise ArchtreeError(
-            f"{source} at --batch-size {batch_size} and --input-shape "
-            f"{','.join(map(str, shape))} needs about {needed / 1024**3:.1f} GiB for its "
-            f"activations, more than the {available / 1024**3:.1f} GiB this machine has "
-            "available: give a smaller --batch-size or --input-shape."
-        )
+    input_bytes = one.element_size() * one.numel()
+    floor = input_bytes + 4 * 2 * largest
+    fallback = None if scripted else UNMEASURED_FACTOR * floor
+    try:
+        grown = _peak_growth(lambda: forward(one))
+    except Exception:  # noqa: BLE001 - it ran once: check_forward says what is wrong
+        return fallback
+    if grown is None:
+        return fallback
+    per_sample = max(floor, grown + input_bytes)
+    # A probe batch that needs at most a quarter of the memory, at one sample's rate.
+    probe = min(batch_size, PROBE_BATCH, int(available // (4 * per_sample)))
+    if probe >= 2:
+        samples = timing_input(probe, shape, token_range=token_range)
+        try:
+            forward(samples[:2])  # the one-off allocations of a batched call
+            grown = _peak_growth(lambda: forward(samples))
+        except Exception:  # noqa: BLE001 - one sample at a time: check_forward says so
+            return per_sample
+        if grown is not None:
+            per_sample = max(floor, (grown + input_bytes * probe) / probe)
+    return per_sample
+
+
+def _peak_growth(run) -> int | None:
+    """How far this process's resident memory grew above where it was while `run()` ran, its
+    memory freed before returned to the system first so that reusing it counts; None where
+    that cannot be read (Linux's peak resident size, reset for it)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # glibc's; elsewhere, not needed as much
+        ctypes.CDLL(None).malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets VmHWM, the peak, to the current size
+        before = _process_status_bytes("VmRSS")
+        run()
+        peak = _process_status_bytes("VmHWM")
+    except OSError:
+        return None
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+def _process_status_bytes(field: str) -> int | None:
+    """A size in /proc/self/status (in kB there), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -157,3 +157,110 @@ def test_a_cached_timing_is_not_used_once_the_models_code_has_changed(tmp_path):
     # The same layers, a forward that does more: its timing is not the one kept.
     write("self.fc(x.exp().log() + x.sin() * 0)")
     assert [cached(), cached()] == [False, True]
+
+
+def test_measure_refuses_a_file_of_a_result_folder_and_says_to_give_the_folder(tmp_path, home):
+    result = pruned_vgg_result(tmp_path / "pruned")
+    for name in ("arch.json", "model.safetensors"):
+        refused = archtree("measure", "--model", str(result / name), home=home, check=False)
+        line = one_line_error(refused)
+        said = f"is a file of the result folder {result}: give its folder, --model {result}/"
+        assert said in line
+        assert "not a model source" not in line and "only `archtree measure`" not in line
+
+
+def test_a_bad_input_shape_in_a_results_arch_json_is_blamed_on_the_file(tmp_path, home):
+    import json
+    import shutil
+
+    good = pruned_vgg_result(tmp_path / "pruned")
+    damaged = tmp_path / "edited"
+    shutil.copytree(good, damaged)
+    arch = json.loads((damaged / "arch.json").read_text())
+    for shape, said in (([0, 8, 8], "not one sample's shape"), ([16, 16], "not an image's C,H,W")):
+        (damaged / "arch.json").write_text(json.dumps({**arch, "input_shape": shape}))
+        line = one_line_error(archtree("measure", "--model", str(damaged), home=home, check=False))
+        assert f"the input_shape of {damaged / 'arch.json'} is {shape}, {said}" in line
+        assert "damaged or was edited; save the result again with `archtree prune`" in line
+        assert "--input-shape '" not in line and "give --input-shape as" not in line
+    # An --input-shape the user gave keeps its own message.
+    given = archtree(
+        "measure", "--model", str(good), "--input-shape", "0,8,8", home=home, check=False
+    )
+    assert "error: --input-shape '0,8,8' is not one sample's shape" in one_line_error(given)
+
+
+FORWARD_PEAK = """
+import sys, torch
+from search.model_source import ModelRef, build_model
+from search.timing_input import timing_input
+
+def status(field):
+    with open("/proc/self/status") as lines:
+        return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field + ":"))
+
+model = build_model(ModelRef("builtin:resnet", num_classes=10, in_channels=1)).eval()
+with torch.inference_mode():
+    model(timing_input(2, (1, 28, 28)))
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")
+before = status("VmRSS")
+with torch.inference_mode():
+    model(timing_input(int(sys.argv[1]), (1, 28, 28)))
+print(status("VmHWM") - before)
+"""
+
+
+def test_measure_refuses_a_batch_whose_forward_pass_peaks_above_the_memory_available(
+    tmp_path, monkeypatch
+):
+    """The memory a batch needs counts the convolutions' work buffers (im2col), which make
+    the ResNet's peak about 2.3x its activations, and is found before the batch is built."""
+    import subprocess
+    import sys
+
+    import search.memory
+    import search.timing_input
+    from archtree_cli.commands import run_measure
+    from archtree_cli.main import build_parser
+    from search.errors import ArchtreeError
+    from tests.cli_process import ROOT
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("this system does not let a process measure its peak memory")
+    batch = 512  # about 200 MB at its peak: its input, activations and work buffers
+    peak = int(
+        subprocess.run(
+            [sys.executable, "-c", FORWARD_PEAK, str(batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout  # fmt: skip
+    )
+    # What the activations alone are (the input, the largest layer output, 24 channels of
+    # 28x28, and its input): short of the peak, so a check counting only them lets it through.
+    assert 4 * batch * (28 * 28 + 2 * 24 * 28 * 28) < peak
+    monkeypatch.setattr(search.memory, "available_memory_bytes", lambda: peak)
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path))
+    built = []
+    timing_input = search.timing_input.timing_input
+
+    def recorded(batch_size, *args, **kwargs):
+        built.append(batch_size)
+        return timing_input(batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(search.timing_input, "timing_input", recorded)
+    args = build_parser().parse_args(
+        ["measure", "--model", "builtin:resnet", "--batch-size", str(batch)]
+    )
+    with pytest.raises(ArchtreeError) as refused:
+        run_measure(args)
+    message = str(refused.value)
+    said = f"builtin:resnet at --batch-size {batch} and --input-shape 1,28,28 needs about"
+    assert said in message
+    needed = float(re.search(r"needs about ([0-9.]+) GiB", message).group(1)) * 1024**3
+    assert needed >= 0.99 * peak  # not below the measured peak (given to 3 digits)
+    fits = int(re.search(r"at most --batch-size (\d+) fits", message).group(1))
+    assert 1 <= fits < batch
+    assert max(built) <= 16  # refused before the batch was built
