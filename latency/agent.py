@@ -12,27 +12,39 @@ unreachable (`archtree up` restarted, with its Redis at a new address), the agen
 through the API and serves from the Redis the API names now. At its start, an agent waits a
 while for an API or a Redis that is not up yet.
 
+SIGINT and SIGTERM stop an agent (see AgentStopSignals): at once while it waits, holding no
+request; once it has answered the measurement under way, or at once on a second signal, the
+request it held then handed back to the other agents of its class.
+
 Runtimes plug in through `latency.runtimes.RUNTIMES`: each names its version and makes timers,
 which are LatencyOracle objects for one (batch size, dtype).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from archtree_cli.client import checked_api_url, plain_http_instead, without_v1
 from archtree_cli.environment import seconds_from_environment
+from archtree_cli.stop_signals import importing
 from latency.device_registry import DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
@@ -76,12 +88,146 @@ START_WAIT_VARIABLE = "ARCHTREE_AGENT_START_WAIT_S"
 DEFAULT_START_WAIT_S = 60.0
 # The API's answers that say it is starting, restarting or without its Redis for now.
 UNAVAILABLE_STATUSES = (502, 503, 504)
+# A stopping agent's goodbye (marking itself offline, handing back what it holds) gives each
+# Redis command this long, and tries none twice: a Redis that does not answer must not hold
+# the stop up (redis-py's defaults would wait 5 s a try, thrice).
+GOODBYE_TIMEOUT_S = 1.0
+# How long a stopping agent waits for its heartbeat thread, which may be inside a Redis command.
+HEARTBEAT_JOIN_S = 1.0
+# The idle time a handed-back request is given: beyond any agent's claim_idle_ms, so that the
+# next claim pass of another agent of the class (every few seconds) takes it.
+HANDED_BACK_IDLE_MS = 24 * 3600 * 1000
+# The turns in which the agent's main thread sleeps while a stop signal may come.
+PAUSE_TURN_S = 0.05
+# How long a rediss:// Redis is given to complete a TLS handshake, and one that did not to
+# answer in plain Redis, at the agent's start.
+TLS_PROBE_S = 1.0
 
 T = TypeVar("T")
 
 
 class ServiceUnreachable(ArchtreeError):
     """The API or Redis cannot be reached, or not serve, for now: waiting may heal it."""
+
+
+class StopNow(KeyboardInterrupt):
+    """Raised in the agent's main thread by its stop signal handler, where stopping at once is
+    what the signal asks: the first signal while the agent waits holding no request, a second
+    one whatever it does (the measurement under way is cut short). A KeyboardInterrupt, so that
+    what cleans up after Ctrl-C (the timing child is stopped) does so."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class AgentStopSignals:
+    """SIGINT and SIGTERM for an agent, handled without taking any lock.
+
+    A signal handler runs in the main thread, between two of its bytecodes. One that takes a
+    lock waits forever when the code it interrupted holds that lock: threading.Event.set()
+    takes the event's, which the main thread's own Event.wait() holds at moments of each wait,
+    so a handler that set the agent's stop event while the agent waited on it (every second of
+    a Redis outage) could hang the agent for good. Logging takes locks too, and writing to
+    stderr from a handler can meet the interrupted write. So `handle` only appends the signal's
+    name to a list, writes a byte to a pipe and, where stopping at once loses nothing (`at_once`,
+    set by the agent while it waits holding no request, or a second signal), raises StopNow.
+    A thread of its own reads the pipe: it says at once that the agent stops once it has
+    answered the measurement under way, when it is timing one, and sets `stop`, the Event the
+    agent's other threads may watch (never set by the handler).
+
+    The main thread never waits on an Event or a Condition while a handler may raise there:
+    an exception raised inside their wait() can leave their lock released twice or held for
+    good. Its waits are sleeps in short turns (`pause`), socket reads and the timing child's
+    pipe; `calm` defers the raise while it starts a thread (Thread.start waits on an Event).
+
+    Install in the main thread with `installed()`. At the end, `close()` puts the previous
+    handlers back; an agent stopped by a signal keeps these instead (`leaving`), so that a
+    further Ctrl-C, as the process exits with code 0, changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        # The signals received, in order: appended to by the handler alone.
+        self.names: list[str] = []
+        # Whether a first signal stops the agent at once (set by the main thread).
+        self.at_once = True
+        # Set once the agent says goodbye, which no signal cuts short (it is bounded).
+        self.leaving = False
+        # Set while the main thread is where a StopNow must not be raised (see the class).
+        self.calm = False
+        # The agent's id, and the request it is timing (None while none), for what is said.
+        self.agent_id: Callable[[], str | None] = lambda: None
+        self.measuring: Callable[[], str | None] = lambda: None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous: dict[int, Any] = {}
+        self._watcher = threading.Thread(target=self._watch, name="agent-stop-signals", daemon=True)
+
+    @classmethod
+    def installed(cls) -> AgentStopSignals | None:
+        """Handlers of SIGINT and SIGTERM, with their thread started; None outside the main
+        thread (tests call agent_main there), where no handler can be installed."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        signals = cls()
+        signals._watcher.start()
+        signals._previous = {
+            signum: signal.signal(signum, signals.handle)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        return signals
+
+    def close(self) -> None:
+        """Put the previous handlers back, and end the thread."""
+        self.leaving = True
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        os.close(self._write)  # the thread reads the end of the pipe, and returns
+        self._watcher.join()
+        os.close(self._read)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The handler: no lock, no logging, no Event (see the class)."""
+        self.names.append(signal.Signals(signum).name)
+        with contextlib.suppress(OSError):  # a full pipe has woken the thread already
+            os.write(self._write, b"s")
+        # Never in the middle of an import, which could leave a module half-loaded: the stop
+        # is then taken at the next check.
+        wanted = self.at_once or len(self.names) > 1
+        if wanted and not (self.leaving or self.calm or importing(frame)):
+            raise StopNow(self.names[-1])
+
+    def check(self) -> None:
+        """StopNow if a signal has come: for the main thread, where it may stop at once."""
+        if self.names and not self.leaving:
+            raise StopNow(self.names[-1])
+
+    def pause(self, seconds: float) -> None:
+        """Sleep `seconds` in the main thread, unless a signal comes: then StopNow (raised by
+        the handler, or at the next turn after one it deferred)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check()
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                return
+            time.sleep(min(PAUSE_TURN_S, left_s))
+
+    def _watch(self) -> None:
+        said = False
+        while os.read(self._read, 64):
+            if not said and self.names:
+                said = True
+                under_way = None if self.leaving or self.at_once else self.measuring()
+                if under_way is not None:
+                    log.warning(
+                        "agent %s: %s: stopping once the measurement under way is answered "
+                        "(Ctrl-C again stops now)",
+                        self.agent_id(),
+                        self.names[0],
+                    )
+            self.stop.set()
 
 
 @dataclass
@@ -159,40 +305,82 @@ class MeasurementAgent:
         self.deleted = threading.Event()
         # Whether the registry shows the agent offline since it stopped (see `run`).
         self.said_offline = False
+        # The stream entry of the request being served, while one is.
+        self.under_way: str | None = None
+        # Once stopped: the request whose measurement a second stop signal cut short, if one
+        # was, and the requests handed back to the other agents of the class (None: could not).
+        self.cut_short: str | None = None
+        self.handed_back: list[str] | None = []
+        # The stop signals of the process, when `run` serves in its main thread.
+        self.signals: AgentStopSignals | None = None
         self._stream = stream_key(device_class)
         self._timers: OrderedDict[tuple[int, str], LatencyOracle] = OrderedDict()
         # Held while the agent moves to another Redis, so that the heartbeat thread reads a
         # registry and an id of the same place.
         self._moving = threading.Lock()
 
-    def run(self, stop: threading.Event) -> None:
-        """Serve requests until `stop` is set or the agent's registry record is deleted."""
+    def run(self, stop: threading.Event, signals: AgentStopSignals | None = None) -> None:
+        """Serve requests until `stop` is set or the agent's registry record is deleted.
+
+        With `signals` (the process's, `run` in its main thread) also until a stop signal:
+        at once while the agent waits holding no request, else once it has answered the
+        request it serves, or at once on a second signal (StopNow)."""
+        self.signals = signals
         if self.agent_id is None:
             info = device_info(self.device_class, self.runtime.name, self.threads)
             self.agent_id = self.registry.register(info)["id"]
-        ensure_group(self.client, self.device_class)
         halt = threading.Event()
         heartbeat = threading.Thread(
             target=self._heartbeat_loop, args=(halt,), name="agent-heartbeat", daemon=True
         )
-        heartbeat.start()
-        log.info("agent %s serving device class %s", self.agent_id, self.device_class)
+        try:
+            with self._waiting():
+                ensure_group(self.client, self.device_class)
+            if signals is not None:
+                signals.calm = True
+            try:
+                heartbeat.start()
+            finally:
+                if signals is not None:
+                    signals.calm = False
+            log.info("agent %s serving device class %s", self.agent_id, self.device_class)
+            self._serve_until(stop)
+        except StopNow:
+            self.cut_short = self.under_way
+        finally:
+            if signals is not None:
+                signals.leaving = True
+            halt.set()
+            if heartbeat.is_alive():  # bounded: it may wait on a Redis that does not answer
+                heartbeat.join(HEARTBEAT_JOIN_S)
+        if self.deleted.is_set():
+            log.warning("agent %s was deleted from the device registry; stopping", self.agent_id)
+        else:
+            self._say_goodbye()
+
+    def _stop_asked(self, stop: threading.Event) -> bool:
+        return stop.is_set() or (self.signals is not None and bool(self.signals.names))
+
+    def _serve_until(self, stop: threading.Event) -> None:
         claim_every_s = min(max(self.claim_idle_ms / 2000, 0.05), 5.0)
         next_claim = 0.0
         outage: RedisOutage | None = None
-        try:
-            while not stop.is_set() and not self.deleted.is_set():
-                try:
-                    if time.monotonic() >= next_claim:
-                        # Claimed one: more may be waiting, look again right away.
-                        next_claim = 0.0 if self.claim_stale() else time.monotonic() + claim_every_s
-                    self.handle_one()
-                    if outage is not None:
-                        log.warning(
-                            "Redis answers again after %.0f s", time.monotonic() - outage.since
-                        )
-                    outage = None
-                except (redis.ConnectionError, redis.TimeoutError) as error:
+        while not self._stop_asked(stop) and not self.deleted.is_set():
+            self.under_way = None
+            try:
+                if time.monotonic() >= next_claim:
+                    # Claimed one: more may be waiting, look again right away.
+                    next_claim = 0.0 if self.claim_stale() else time.monotonic() + claim_every_s
+                if self._stop_asked(stop):
+                    break  # asked while it answered a claimed request
+                self.handle_one()
+                if outage is not None:
+                    log.warning("Redis answers again after %.0f s", time.monotonic() - outage.since)
+                outage = None
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                # A request whose answer could not be sent stays pending, to be handed back.
+                self.under_way = None
+                with self._waiting():
                     now = time.monotonic()
                     outage = outage or RedisOutage(since=now, next_ask=now + ASK_API_AFTER_S)
                     if now >= outage.next_said:
@@ -208,27 +396,102 @@ class MeasurementAgent:
                         outage.next_said = now + OUTAGE_SAID_EVERY_S
                     if self.register_again is not None and now >= outage.next_ask:
                         self._move_to_the_service(outage)
-                    stop.wait(RECONNECT_WAIT_S)
-                except redis.ResponseError as error:
-                    if "NOGROUP" not in str(error):
-                        raise
-                    # The stream was deleted (e.g. FLUSHDB): start over with a new group.
+                    if self.signals is not None:
+                        self.signals.pause(RECONNECT_WAIT_S)
+                    else:
+                        stop.wait(RECONNECT_WAIT_S)
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                # The stream was deleted (e.g. FLUSHDB): start over with a new group.
+                with self._waiting():
                     ensure_group(self.client, self.device_class)
-        finally:
-            halt.set()
-            heartbeat.join()
-        if self.deleted.is_set():
-            log.warning("agent %s was deleted from the device registry; stopping", self.agent_id)
-        else:
-            self._say_offline()
 
-    def _say_offline(self) -> None:
-        """Mark the device offline in the registry now, so that jobs and `archtree submit`
-        do not count on it while its heartbeats take `heartbeat_ttl_s` to go stale."""
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """A wait in which the agent holds no request: a stop signal ends it at once. (A
+        request that Redis handed over as the signal came stays pending to the agent, and is
+        handed back when it says goodbye.)"""
+        signals = self.signals
+        if signals is None:
+            yield
+            return
+        signals.at_once = True
         try:
-            self.said_offline = self.registry.stop(self._consumer())
+            signals.check()  # a signal that came just before
+            yield
+        finally:
+            signals.at_once = False
+
+    def _say_goodbye(self) -> None:
+        """Mark the device offline in the registry now, so that jobs and `archtree submit`
+        do not count on it while its heartbeats take `heartbeat_ttl_s` to go stale; then hand
+        back the requests it holds (see `_hand_back`). Each command is given
+        GOODBYE_TIMEOUT_S, once: a Redis that does not answer does not hold the stop up."""
+        with self._moving:
+            client, agent_id = self.client, self._consumer()
+        pool = client.connection_pool
+        brief = redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class,
+                **{
+                    **pool.connection_kwargs,
+                    "socket_timeout": GOODBYE_TIMEOUT_S,
+                    "socket_connect_timeout": GOODBYE_TIMEOUT_S,
+                    "retry": Retry(NoBackoff(), 0),
+                    "retry_on_error": [],
+                },
+            )
+        )
+        marked = False
+        self.handed_back = None
+        try:
+            self.said_offline = DeviceRegistry(brief).stop(agent_id)
+            marked = True
+            self.handed_back = self._hand_back(brief)
         except redis.RedisError as error:
-            log.warning("could not mark agent %s offline (%s)", self.agent_id, error)
+            if marked:
+                log.warning(
+                    "agent %s could not hand back the requests it holds (%s): other agents of "
+                    "its class take them once unanswered for %g s",
+                    agent_id,
+                    error,
+                    self.claim_idle_ms / 1000,
+                )
+            else:
+                log.warning("could not mark agent %s offline (%s)", agent_id, error)
+        finally:
+            brief.close()
+
+    def _hand_back(self, client: redis.Redis) -> list[str]:
+        """Give the requests this agent holds unanswered (one it was timing when a second stop
+        signal came, one Redis handed over as the first came) back to the other agents of its
+        class: each is made idle for long, so that their next claim pass takes it, without
+        counting this delivery among those that MAX_DELIVERIES limits. Their ids."""
+        try:
+            pending = client.xpending_range(
+                self._stream, CONSUMER_GROUP, "-", "+", 100, consumername=self._consumer()
+            )
+        except redis.ResponseError as error:
+            if "NOGROUP" in str(error):
+                return []  # the stream is gone, and what it held with it
+            raise
+        if not pending:
+            return []
+        with client.pipeline(transaction=False) as pipe:
+            for entry in pending:
+                pipe.xclaim(
+                    self._stream,
+                    CONSUMER_GROUP,
+                    self._consumer(),
+                    0,
+                    [entry["message_id"]],
+                    idle=HANDED_BACK_IDLE_MS,
+                    retrycount=max(int(entry["times_delivered"]) - 1, 0),
+                    justid=True,
+                )
+            pipe.execute()
+        return [str(text(entry["message_id"])) for entry in pending]
 
     def _move_to_the_service(self, outage: RedisOutage) -> None:
         """Register again through the API and serve from the Redis it names now."""
@@ -274,13 +537,14 @@ class MeasurementAgent:
 
     def handle_one(self, block_ms: int | None = None) -> bool:
         """Read at most one new request (waiting up to `block_ms`) and answer it."""
-        entries = self.client.xreadgroup(
-            CONSUMER_GROUP,
-            self._consumer(),
-            {self._stream: ">"},
-            count=1,  # one at a time, so idle agents of the class share the queue
-            block=self.block_ms if block_ms is None else block_ms,
-        )
+        with self._waiting():
+            entries = self.client.xreadgroup(
+                CONSUMER_GROUP,
+                self._consumer(),
+                {self._stream: ">"},
+                count=1,  # one at a time, so idle agents of the class share the queue
+                block=self.block_ms if block_ms is None else block_ms,
+            )
         for _, messages in entries or []:
             for entry_id, fields in messages:
                 self._serve(str(text(entry_id)), fields or {})
@@ -289,15 +553,20 @@ class MeasurementAgent:
 
     def claim_stale(self) -> bool:
         """Take over one request left unacknowledged longer than `claim_idle_ms`."""
-        _, messages, *_ = self.client.xautoclaim(
-            self._stream, CONSUMER_GROUP, self._consumer(), self.claim_idle_ms, "0-0", count=1
-        )
+        with self._waiting():
+            _, messages, *_ = self.client.xautoclaim(
+                self._stream, CONSUMER_GROUP, self._consumer(), self.claim_idle_ms, "0-0", count=1
+            )
         for entry_id, fields in messages:
             if fields is None:
                 continue  # deleted by its requester, who no longer waits for it
             entry_id = str(text(entry_id))
             self.claimed += 1
-            log.info("claimed request %s left by a dead agent", entry_id)
+            log.info(
+                "claimed request %s, left unanswered by another agent (it died, or was stopped "
+                "at once)",
+                entry_id,
+            )
             if self._deliveries(entry_id) > MAX_DELIVERIES:
                 self._answer_unsafe(entry_id, fields)
             else:
@@ -321,6 +590,7 @@ class MeasurementAgent:
         return timer
 
     def _serve(self, entry_id: str, fields: dict[Any, Any]) -> None:
+        self.under_way = entry_id
         try:
             request = MeasurementRequest.from_fields(fields)
         except ProtocolError as error:
@@ -330,6 +600,7 @@ class MeasurementAgent:
             if reply_to:
                 self._reply(reply_to, request_id, error=f"malformed request: {error}")
             self._ack(entry_id)
+            self.under_way = None
             return
         started = time.perf_counter()
         try:
@@ -337,6 +608,12 @@ class MeasurementAgent:
         # Whatever one request does wrong (bad spec, model that cannot be built, OOM in
         # torch), the agent answers with the error and goes on serving.
         except Exception as error:
+            if self.signals is not None and self.signals.names:
+                # Failed after a stop signal, it may have failed of it: a SIGTERM to the
+                # process group (`archtree up` stopping, systemd) ends the timing child too,
+                # and code may turn a StopNow into another error (an import does). Handed
+                # back, not answered: another agent times it, or gives the error again.
+                raise StopNow(self.signals.names[-1]) from None
             message = (str(error) if isinstance(error, ArchtreeError) else repr(error))[:1000]
             log.warning("request %s failed: %s", request.request_id, message)
             self._reply(request.reply_to, request.request_id, error=message)
@@ -348,6 +625,7 @@ class MeasurementAgent:
                 timing_s=time.perf_counter() - started,
             )
         self._ack(entry_id)
+        self.under_way = None
 
     def _measure(self, request: MeasurementRequest) -> dict[str, Any]:
         from search.arch_spec import ArchSpec
@@ -544,9 +822,45 @@ def service_from_environment() -> tuple[str | None, str | None]:
     return None, redis_url or None
 
 
-def when_reachable(attempt: Callable[[], T], deadline: float) -> T:
+def redis_url_variable() -> str:
+    """The variable `service_from_environment` read its Redis URL from."""
+    return "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
+
+
+# Where the Redis URL of an agent came from, for its messages: --redis-url, a variable, or
+# the API's answer to its registration.
+FROM_THE_API = "the API"
+
+
+def _redis_url_fix(source: str) -> str:
+    """How to give another Redis URL than the one from `source`."""
+    if source == "--redis-url":
+        return "give one like redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
+    if source == FROM_THE_API:
+        return (
+            "the API hands out its ARCHTREE_AGENT_REDIS_URL, else its ARCHTREE_REDIS_URL: fix "
+            "that, or give this agent --redis-url"
+        )
+    return (
+        f"set {source} to one like redis://HOST:6379/0, or give --api (or set "
+        "ARCHTREE_API_URL) to use the API's"
+    )
+
+
+def _named(redis_url: str, source: str) -> str:
+    """The Redis URL for a message, with where it came from unless that was --redis-url."""
+    shown = redacted(redis_url)
+    if source == "--redis-url":
+        return shown
+    return f"{shown} (from {'the API' if source == FROM_THE_API else source})"
+
+
+def when_reachable(
+    attempt: Callable[[], T], deadline: float, pause: Callable[[float], None] = time.sleep
+) -> T:
     """`attempt()`, tried again while it raises ServiceUnreachable until `deadline`
-    (time.monotonic()), after which that error is raised; says once that it waits."""
+    (time.monotonic()), after which that error is raised; says once that it waits. Between
+    tries it calls `pause(seconds)` (which a stop signal may end)."""
     waiting = False
     while True:
         try:
@@ -563,41 +877,126 @@ def when_reachable(attempt: Callable[[], T], deadline: float) -> T:
                     error,
                 )
                 waiting = True
-            time.sleep(min(RECONNECT_WAIT_S, left_s))
+            pause(min(RECONNECT_WAIT_S, left_s))
 
 
-def ping_redis(client: redis.Redis, redis_url: str) -> None:
+def ping_redis(client: redis.Redis, redis_url: str, source: str = "--redis-url") -> None:
     """Check that `client` reaches Redis: ServiceUnreachable while it cannot connect,
-    ArchtreeError for a refusal (a wrong password, a database that does not exist)."""
+    ArchtreeError for a refusal (a wrong password, a database that does not exist) or for a
+    rediss:// Redis that speaks plain Redis, not TLS (see `refuse_plain_redis_for_tls`)."""
+    refuse_plain_redis_for_tls(redis_url, source)
     try:
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as error:
         raise ArchtreeError(
-            f"Redis at {redacted(redis_url)} refused this agent ({error}); check the URL's "
-            "credentials"
+            f"Redis at {_named(redis_url, source)} refused this agent ({error}); check the "
+            "URL's credentials"
         ) from None
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise ServiceUnreachable(
-            f"cannot reach Redis at {redacted(redis_url)} ({error}); check that the service is up"
+            f"cannot reach Redis at {_named(redis_url, source)} ({error}); check that the "
+            "service is up"
         ) from None
     except redis.RedisError as error:
         raise ArchtreeError(
-            f"Redis at {redacted(redis_url)} cannot serve this agent ({error})"
+            f"Redis at {_named(redis_url, source)} cannot serve this agent ({error})"
         ) from None
 
 
-def _reached_redis(redis_url: str, deadline: float) -> redis.Redis:
-    """A client of the Redis at `redis_url`, once it answers (waited for until `deadline`)."""
+def refuse_plain_redis_for_tls(redis_url: str, source: str = "--redis-url") -> None:
+    """ArchtreeError when `redis_url` is rediss:// and its server speaks plain Redis: the TLS
+    handshake fails, or hangs (a plain Redis waits for the end of a command line that never
+    comes, and redis-py waits that out as a timeout, 3 times 5 s, then as an outage), and the
+    server answers a plain PING. Said at once: waiting will not make it speak TLS. Anything
+    else (nothing listens, TLS works, neither answers) is left to the ping."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "rediss" or not parts.hostname:
+        return
+    address = (parts.hostname, parts.port or 6379)
+    if _tls_handshake_completes(address) or not _answers_plain_redis(address):
+        return
+    plain = "redis" + redacted(redis_url).removeprefix("rediss")
+    raise ArchtreeError(
+        f"Redis at {_named(redis_url, source)} does not speak TLS: it answered in plain "
+        f"Redis; give {plain} instead, or turn TLS on in that Redis"
+    )
+
+
+def _tls_handshake_completes(address: tuple[str, int]) -> bool:
+    """Whether a TLS handshake with `address` completes within TLS_PROBE_S; also True when
+    nothing could be connected to there (then there is nothing to tell about TLS)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # whether it speaks TLS, not whom to trust
+    try:
+        connection = socket.create_connection(address, timeout=TLS_PROBE_S)
+    except OSError:
+        return True
+    try:
+        with context.wrap_socket(connection, server_hostname=address[0]):
+            return True
+    except (OSError, ssl.SSLError):  # socket.timeout is an OSError
+        return False
+    finally:
+        connection.close()
+
+
+def _answers_plain_redis(address: tuple[str, int]) -> bool:
+    """Whether `address` answers a plain-text PING as Redis does (+PONG, or an error such as
+    -NOAUTH)."""
+    try:
+        with socket.create_connection(address, timeout=TLS_PROBE_S) as connection:
+            connection.sendall(b"PING\r\n")
+            answer = connection.recv(256)
+    except OSError:
+        return False
+    return answer[:1] in (b"+", b"-") and answer.endswith(b"\r\n")
+
+
+def _reached_redis(
+    redis_url: str,
+    deadline: float,
+    source: str = "--redis-url",
+    pause: Callable[[float], None] = time.sleep,
+) -> redis.Redis:
+    """A client of the Redis at `redis_url` (which came from `source`: --redis-url, a
+    variable, or FROM_THE_API), once it answers (waited for until `deadline`)."""
     try:
         check_redis_url(redis_url)
         client = redis_client(redis_url)
     except ValueError as error:  # redis-py names the schemes it takes
         raise ArchtreeError(
-            f"cannot use {redacted(redis_url)!r} as the Redis URL ({error}): give one like "
-            "redis://HOST:6379/0 with --redis-url, or only --api to use the API's"
+            f"cannot use {redacted(redis_url)!r} as the Redis URL"
+            f"{'' if source == '--redis-url' else f' from {source}'} ({error}): "
+            f"{_redis_url_fix(source)}"
         ) from None
-    when_reachable(lambda: ping_redis(client, redis_url), deadline)
+    when_reachable(lambda: ping_redis(client, redis_url, source), deadline, pause)
     return client
+
+
+def _check_same_redis(
+    client: redis.Redis, redis_url: str, agent_id: str, api_url: str, api_source: str
+) -> None:
+    """ArchtreeError unless the device the API registered as `agent_id` is in the Redis at
+    `redis_url` (--redis-url): an agent that served from another Redis than the API's would
+    write its record there, and stay offline for the service while its jobs wait. The record
+    the API wrote is deleted through the API."""
+    try:
+        found = DeviceRegistry(client).get(agent_id) is not None
+    except redis.RedisError as error:
+        raise ArchtreeError(
+            f"Redis at {redacted(redis_url)} cannot serve this agent ({error})"
+        ) from None
+    if found:
+        return
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.delete(f"{api_url}/v1/devices/{agent_id}", timeout=10)
+    raise ArchtreeError(
+        f"--redis-url names another Redis than the API's: the API at {api_url} ({api_source}) "
+        f"registered this device as agent {agent_id} in its Redis, and {redacted(redis_url)} "
+        "has no such agent; leave --redis-url out (the API tells the agent its Redis) or give "
+        "the API's Redis"
+    )
 
 
 def agent_main(
@@ -620,6 +1019,7 @@ def agent_main(
     Given neither `api_url` nor `redis_url`, they come from the environment (see
     `service_from_environment`). An API or a Redis that cannot be reached yet is waited for,
     up to `start_wait_s` in all (default: `agent_start_wait_s()`); a refusal fails at once.
+    SIGINT or SIGTERM stops the agent with status 0, from its start on (see AgentStopSignals).
     At exit the device is marked offline (its record stays, with its measurement count). The
     agent also stops, returning 0, when its registry record is deleted, so that a supervisor that
     restarts failed processes does not bring a deleted device back.
@@ -628,10 +1028,10 @@ def agent_main(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     get_runtime(runtime)
     check_threads(threads)
-    api_source = "--api"
+    api_source, redis_source = "--api", "--redis-url"
     if api_url is None and redis_url is None:
         api_url, redis_url = service_from_environment()
-        api_source = "ARCHTREE_API_URL"
+        api_source, redis_source = "ARCHTREE_API_URL", redis_url_variable()
     if api_url is None and redis_url is None:
         raise ArchtreeError(
             "give the API URL (--api URL, or ARCHTREE_API_URL) so the agent can register, or "
@@ -642,19 +1042,120 @@ def agent_main(
     deadline = time.monotonic() + (
         start_wait_s if start_wait_s is not None else agent_start_wait_s()
     )
+    signals = AgentStopSignals.installed()
+    agent: MeasurementAgent | None = None
+    try:
+        agent = _started_agent(
+            api_url,
+            api_source,
+            redis_url,
+            redis_source,
+            deadline,
+            signals,
+            device_class,
+            runtime,
+            threads,
+            claim_idle_ms=claim_idle_ms,
+            block_ms=block_ms,
+            heartbeat_s=heartbeat_s,
+            settings=settings,
+            allowed_modules=allowed_modules,
+        )
+        if signals is None:
+            agent.run(threading.Event())
+            return 0
+        signals.agent_id = lambda: agent.agent_id if agent is not None else None
+        signals.measuring = lambda: agent.under_way if agent is not None else None
+        signals.at_once = False
+        agent.run(signals.stop, signals)
+    except StopNow as stopped:
+        # Before it served, or at a moment `run` could not catch it in: only what it holds in
+        # Redis, if anything, is left to say goodbye.
+        if agent is not None and signals is not None:
+            agent.cut_short = agent.under_way
+            signals.leaving = True
+            agent._say_goodbye()
+        else:
+            log.warning("agent stopped (%s) at its start, before it served", stopped.signal_name)
+            return 0
+    finally:
+        if signals is not None:
+            if signals.names:
+                signals.leaving = True  # the process exits: a further signal changes nothing
+            else:
+                signals.close()
+        if agent is not None:
+            agent.client.close()
+    if signals is not None and signals.names and not agent.deleted.is_set():
+        _say_stopped(agent, signals.names)
+    return 0
+
+
+def _say_stopped(agent: MeasurementAgent, names: list[str]) -> None:
+    """The line an agent stopped by a signal ends with."""
+    offline = "now" if agent.said_offline else "once its heartbeats stop"
+    if agent.cut_short is None:
+        log.warning(
+            "agent %s stopped (%s): its device shows offline %s", agent.agent_id, names[0], offline
+        )
+        return
+    if agent.handed_back is not None and agent.cut_short in agent.handed_back:
+        taken = "it goes back to the other agents of its class"
+    else:
+        taken = (
+            "another agent of its class takes it over once it has waited "
+            f"{agent.claim_idle_ms / 1000:g} s, as from an agent that died"
+        )
+    request = agent.cut_short
+    if len(names) > 1:
+        how = f"at once ({names[0]} then {names[1]}): the measurement of request {request} was"
+        how += " cut short"
+    else:  # a signal to the process group: the timing process got it too
+        how = f"({names[0]}): the measurement of request {request} failed with the stop"
+    log.warning(
+        "agent %s stopped %s, and %s; its device shows offline %s",
+        agent.agent_id,
+        how,
+        taken,
+        offline,
+    )
+
+
+def _started_agent(
+    api_url: str | None,
+    api_source: str,
+    redis_url: str | None,
+    redis_source: str,
+    deadline: float,
+    signals: AgentStopSignals | None,
+    device_class: str,
+    runtime: str,
+    threads: int,
+    **options: Any,
+) -> MeasurementAgent:
+    """`agent_main`'s start: reach Redis and the API (waited for until `deadline`), register,
+    and make the agent. With `signals`, a stop signal ends it at once (StopNow)."""
+    pause = signals.pause if signals is not None else time.sleep
     info = device_info(device_class, runtime, threads)
+    if signals is not None:
+        signals.check()  # one that came while torch loaded
     answer: dict[str, Any] | None = None
     register_again: Callable[[], tuple[str, str]] | None = None
     # A Redis given is reached before registering, so that a wrong one leaves no device behind.
-    client = _reached_redis(redis_url, deadline) if redis_url is not None else None
+    client = (
+        _reached_redis(redis_url, deadline, redis_source, pause) if redis_url is not None else None
+    )
     if api_url is not None:
         registered_at = api_url
         answer = when_reachable(
-            lambda: register_via_api(registered_at, info, source=api_source), deadline
+            lambda: register_via_api(registered_at, info, source=api_source), deadline, pause
         )
-        if redis_url is None:
+        if client is not None:
+            assert redis_url is not None
+            _check_same_redis(client, redis_url, str(answer["id"]), api_url, api_source)
+        else:
             redis_url = str(answer["redis_url"])
-            client = _reached_redis(redis_url, deadline)
+            client = _reached_redis(redis_url, deadline, FROM_THE_API, pause)
 
             def register_again() -> tuple[str, str]:
                 again = register_via_api(registered_at, info, source=api_source)
@@ -663,40 +1164,13 @@ def agent_main(
     assert client is not None
     registry = DeviceRegistry(client)
     agent_id = str(answer["id"]) if answer is not None else registry.register(info)["id"]
-    agent = MeasurementAgent(
+    return MeasurementAgent(
         client,
         device_class,
         runtime=runtime,
         threads=threads,
         agent_id=agent_id,
-        claim_idle_ms=claim_idle_ms,
-        block_ms=block_ms,
-        heartbeat_s=heartbeat_s,
         registry=registry,
-        settings=settings,
-        allowed_modules=allowed_modules,
         register_again=register_again,
+        **options,
     )
-    stop = threading.Event()
-    stopped_by: list[str] = []
-
-    def stop_on(signum: int, _frame: object) -> None:
-        stopped_by.append(signal.Signals(signum).name)
-        stop.set()
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, stop_on) for signum in signals}
-    try:
-        agent.run(stop)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        agent.client.close()
-    if stopped_by:
-        log.warning(
-            "agent %s stopped (%s): its device shows offline %s",
-            agent.agent_id,
-            stopped_by[0],
-            "now" if agent.said_offline else "once its heartbeats stop",
-        )
-    return 0

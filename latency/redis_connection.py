@@ -9,12 +9,14 @@ fails fast.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.retry
+import redis.connection
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -51,8 +53,9 @@ _SOCKET_SCHEMES = ("unix", "redis+socket")
 
 def check_redis_url(url: str) -> None:
     """ValueError unless `url` is empty or a Redis URL redis-py and Celery take: a host for
-    redis:// and rediss://, a socket path for unix://, a port in range. The message shows the
-    URL without its password."""
+    redis:// and rediss://, a socket path for unix://, a port in range, query options that
+    redis-py's connections take (an unknown one fails only at the first command, as a
+    TypeError) with values it can read. The message shows the URL without its password."""
     if not url:
         return
     parts = urlsplit(url)
@@ -71,6 +74,51 @@ def check_redis_url(url: str) -> None:
             f"{shown!r} is not a Redis URL: give one like redis://HOST:6379/0 (or rediss://, "
             "unix:///path/to/socket)"
         )
+    _check_options(url, parts.scheme, shown)
+
+
+def _check_options(url: str, scheme: str, shown: str) -> None:
+    """ValueError for a query option the connections of `scheme` do not take, or a value
+    redis-py cannot read (`?socket_timeout=abc`)."""
+    if not urlsplit(url).query:
+        return
+    if scheme in _SOCKET_SCHEMES:
+        url = "unix://" + url.removeprefix(scheme + "://")
+    try:
+        options = redis.connection.parse_url(url)
+    except ValueError as error:  # "Invalid value for 'socket_timeout' in connection URL."
+        raise ValueError(f"{shown!r}: {error}") from None
+    connection_class = options.get("connection_class", redis.connection.Connection)
+    taken = _parameters(redis.connection.ConnectionPool) | _parameters(connection_class)
+    # parse_qs as redis-py reads the query: an option without a value is left out.
+    unknown = [name for name in parse_qs(urlsplit(url).query) if name not in taken]
+    if not unknown:
+        return
+    tls = any(name == "ssl" or name.startswith("ssl_") for name in unknown)
+    if tls and scheme != "rediss":
+        fix = "for TLS, give rediss:// instead"
+    else:
+        fix = "leave it out" if len(unknown) == 1 else "leave them out"
+    raise ValueError(
+        f"{shown!r} has {'an option' if len(unknown) == 1 else 'options'} that Redis "
+        f"connections do not take: {', '.join(unknown)} ({fix})"
+    )
+
+
+def _parameters(cls: type) -> set[str]:
+    """The keyword arguments `cls(...)` takes by name: those of its __init__ and, while one
+    passes on **kwargs, of its base classes' (which it hands them to)."""
+    names: set[str] = set()
+    for base in cls.__mro__:
+        if "__init__" not in vars(base) or base is object:
+            continue
+        parameters = inspect.signature(base.__init__).parameters.values()
+        names.update(
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names - {"self"}
 
 
 def redacted(url: str) -> str:

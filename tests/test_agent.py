@@ -43,7 +43,7 @@ from search.model_source import ModelRef, build_model
 from search.pruning import PrunableModel
 from tests.api_fixtures import ROOT, ApiProcess, api_env, free_port, start_api
 from tests.http_servers import serving
-from tests.redis_fixtures import AgentProcess, redis_server_executable, wait_until
+from tests.redis_fixtures import FAST_SETTINGS, AgentProcess, redis_server_executable, wait_until
 
 pytest_plugins = ["tests.redis_fixtures", "tests.api_fixtures"]
 
@@ -753,3 +753,296 @@ def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> N
     for variable in ("ARCHTREE_API_URL", "ARCHTREE_REDIS_URL", "REDIS_URL"):
         monkeypatch.delenv(variable, raising=False)
     fails_at_once("give the API URL \\(--api URL, or ARCHTREE_API_URL\\)", None, "edge-cpu")
+
+
+# How long a stopped agent may take to exit: generous for a loaded machine, and far below
+# forever (a hang) or the half minute of retries against a Redis that does not answer.
+STOP_S = 30.0
+
+
+def stopped_cleanly(agent: AgentProcess, timeout_s: float = STOP_S) -> str:
+    """Wait for the agent to exit; check that it exited 0 with no traceback; its output."""
+    try:
+        code = agent.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the agent did not exit within {timeout_s} s:\n{agent.output()}")
+    output = agent.output()
+    assert code == 0, output
+    assert "Traceback" not in output and "archtree: " not in output, output
+    return output
+
+
+# A handler that sets a threading.Event while the main thread waits on it deadlocks within a
+# few hundred rounds of this (the handler runs while the interrupted wait holds the event's
+# lock, and set() waits for that lock), as the agent could on a signal during a Redis outage.
+# The agent's handler takes no lock: it leaves setting the event to a thread of its own (odd
+# rounds, the main thread waiting on that very event), or, where the agent waits holding no
+# request (even rounds), stops the wait at once, which then sleeps in turns: raised inside an
+# Event's wait, the exception could leave the event's lock released twice or held for good.
+SIGNALLED_AGENT_WAITS = """
+import random, signal
+from latency.agent import AgentStopSignals, StopNow
+
+rounds = {"set by the thread": 0, "stopped at once": 0}
+for number in range(2000):
+    signals = AgentStopSignals.installed()
+    signal.signal(signal.SIGALRM, signals.handle)
+    signals.at_once = number % 2 == 0
+    signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
+    try:
+        if signals.at_once:
+            while True:
+                signals.pause(0.0005)
+        while not signals.stop.wait(0.0005):
+            pass
+        rounds["set by the thread"] += 1
+    except StopNow:
+        rounds["stopped at once"] += 1
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signals.close()
+print(rounds)
+"""
+
+
+def test_a_stop_signal_mid_wait_never_deadlocks_the_agent() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_AGENT_WAITS], cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'set by the thread': 1000, 'stopped at once': 1000}"
+
+
+def test_sigterm_and_sigint_stop_an_agent_with_code_0_in_each_of_its_waits(
+    redis_servers, cli_agents
+) -> None:
+    """Serving (waiting for requests), and retrying through a Redis outage: each stop signal,
+    once or twice, ends the agent with code 0 and its line."""
+    server = redis_servers()
+    server.start()
+    stops = [(signal.SIGTERM,), (signal.SIGINT,), (signal.SIGTERM, signal.SIGINT),
+             (signal.SIGINT, signal.SIGINT)]  # fmt: skip
+    for wait in ("serving", "outage"):
+        classes = [f"{wait}-{number}-cpu" for number in range(len(stops))]
+        started = [cli_agents("--redis-url", server.url, "--device-class", c) for c in classes]
+        with server.client() as client:
+            online = DeviceRegistry(client).live_agents
+            wait_until(
+                lambda: all(online(name) for name in classes),  # noqa: B023
+                AGENT_START_S * 2,
+                f"the agents online ({wait})",
+            )
+        if wait == "outage":
+            assert server.process is not None
+            server.process.terminate()  # the agents retry every second, in their waits
+            server.process.wait(timeout=10)
+            for agent in started:
+                wait_until(lambda: "Redis unreachable" in agent.output(), 30, "the outage")  # noqa: B023
+        for agent, signums in zip(started, stops, strict=True):
+            for signum in signums:
+                os.kill(agent.pid, signum)
+        for agent, signums in zip(started, stops, strict=True):
+            output = stopped_cleanly(agent)
+            # Two signals pending at once are handled lowest number first: SIGINT.
+            assert any(f"stopped ({signum.name})" in output for signum in signums), output
+
+
+def test_an_agent_stopped_while_it_waits_for_its_service_at_its_start_exits_0(
+    cli_agents,
+) -> None:
+    """Waiting for a Redis, or an API, that is not up yet: SIGTERM or SIGINT ends the wait
+    with code 0, as for a serving agent (not 143 or 130, as for a command)."""
+    closed = free_port()
+    for signum, service in (
+        (signal.SIGTERM, ("--redis-url", f"redis://127.0.0.1:{closed}/0")),
+        (signal.SIGINT, ("--api", f"http://127.0.0.1:{closed}")),
+    ):
+        agent = cli_agents(*service, "--device-class", "early-stop-cpu")
+        wait_until(lambda: "waiting up to" in agent.output(), AGENT_START_S, "the wait")  # noqa: B023
+        os.kill(agent.pid, signum)
+        output = stopped_cleanly(agent)
+        assert f"agent stopped ({signum.name}) at its start, before it served" in output
+
+
+def timing_child(agent: AgentProcess) -> psutil.Process | None:
+    """The process timing the agent's measurement now (a child of its fork server), if any."""
+    try:
+        descendants = psutil.Process(agent.pid).children(recursive=True)
+        return next((p for p in descendants if p.ppid() != agent.pid), None)
+    except psutil.Error:
+        return None
+
+
+def test_a_second_stop_signal_cuts_a_measurement_short_and_hands_its_request_back(
+    redis_client, agents
+) -> None:
+    """The first signal is answered at once with a line, and the measurement goes on; the
+    second stops the agent at once, and its request goes to another agent of the class at
+    that one's next claim pass, without waiting to look abandoned (claim_idle_ms)."""
+    endless = {**FAST_SETTINGS, "min_time_s": 3600.0, "max_runs": 10**9}
+    stopped = agents("cut-short-cpu", settings=endless)
+    registry = DeviceRegistry(redis_client)
+    wait_until(lambda: registry.live_agents("cut-short-cpu") == 1, AGENT_START_S, "the agent")
+    oracle = RemoteOracle(redis_client, "cut-short-cpu", timeout_s=300, poll_s=0.05)
+    thread, outcome = in_thread(oracle.measure_reference, vgg_specs()[0])
+    timing = wait_until(lambda: timing_child(stopped), 60, "the measurement", poll_s=0.01)
+
+    os.kill(stopped.pid, signal.SIGTERM)
+    wait_until(
+        lambda: (
+            "SIGTERM: stopping once the measurement under way is answered (Ctrl-C again "
+            "stops now)" in stopped.output()
+        ),
+        10,
+        "the agent to say how it stops",
+    )
+    assert stopped.process.poll() is None and thread.is_alive()  # an hour's measurement
+    os.kill(stopped.pid, signal.SIGINT)
+    output = stopped_cleanly(stopped)
+    assert "stopped at once (SIGTERM then SIGINT): the measurement of request" in output
+    assert "goes back to the other agents of its class" in output
+    assert not timing.is_running() or timing.status() == psutil.STATUS_ZOMBIE
+    assert registry.live_agents("cut-short-cpu") == 0
+
+    # Claims only what has waited 10 minutes unanswered: it takes the handed-back request.
+    taker = agents("cut-short-cpu", claim_idle_ms=600_000)
+    thread.join(timeout=120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].n > 0
+    assert "claimed request" in taker.output()
+
+
+def test_a_measurement_the_stop_ended_is_handed_back_not_answered_with_an_error(
+    redis_client, agents
+) -> None:
+    """SIGTERM to the agent's process group (`archtree up` stopping, systemd) ends its timing
+    process too: the job does not get "the timing process died" for an answer, another agent
+    times the request."""
+    endless = {**FAST_SETTINGS, "min_time_s": 3600.0, "max_runs": 10**9}
+    stopped = agents("group-stop-cpu", settings=endless)
+    registry = DeviceRegistry(redis_client)
+    wait_until(lambda: registry.live_agents("group-stop-cpu") == 1, AGENT_START_S, "the agent")
+    oracle = RemoteOracle(redis_client, "group-stop-cpu", timeout_s=300, poll_s=0.05)
+    thread, outcome = in_thread(oracle.measure_reference, vgg_specs()[0])
+    timing = wait_until(lambda: timing_child(stopped), 60, "the measurement", poll_s=0.01)
+
+    os.kill(stopped.pid, signal.SIGTERM)
+    timing.send_signal(signal.SIGTERM)  # as a signal to the group reaches it
+    output = stopped_cleanly(stopped)
+    assert "stopped (SIGTERM): the measurement of request" in output
+    assert "failed with the stop, and it goes back to the other agents of its class" in output
+
+    agents("group-stop-cpu", claim_idle_ms=600_000)
+    thread.join(timeout=120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].n > 0
+
+
+def test_an_agent_stops_within_seconds_when_its_redis_does_not_answer(
+    redis_servers, cli_agents
+) -> None:
+    server = redis_servers()
+    server.start()
+    assert server.process is not None
+    agent = cli_agents("--redis-url", server.url, "--device-class", "frozen-cpu")
+    with server.client() as client:
+        registry = DeviceRegistry(client)
+        wait_until(lambda: registry.live_agents("frozen-cpu") == 1, AGENT_START_S, "online")
+        wait_until(lambda: blocked_readers(client) == 1, AGENT_START_S, "it to serve")
+    os.kill(server.process.pid, signal.SIGSTOP)  # Redis holds its connections, and is silent
+    try:
+        started = time.monotonic()
+        agent.request_stop()
+        # 3 tries of 5 s to mark the agent offline, after as many for the read under way,
+        # took half a minute; the goodbye now gives Redis a second.
+        output = stopped_cleanly(agent, timeout_s=12)
+        assert time.monotonic() - started < 12
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert "could not mark agent" in output and "stopped (SIGTERM)" in output
+
+
+def test_an_agent_refuses_a_redis_other_than_the_apis(
+    api_server, redis_url, redis_client, cli_agents
+) -> None:
+    """--redis-url beside --api names the Redis the API serves from, as the agent reaches it:
+    another one (here another database) would take the agent's record, and leave it offline
+    for the service. Refused at once, and the record the API wrote removed."""
+    other = redis_url.rsplit("/", 1)[0] + "/1"
+    with redis.Redis.from_url(other) as other_client:
+        other_client.flushdb()
+        agent = cli_agents(
+            "--api", api_server.url, "--redis-url", other, "--device-class", "mismatch-cpu"
+        )
+        try:
+            code = agent.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the agent served from another Redis:\n{agent.output()}")
+        assert DeviceRegistry(other_client).list() == []
+    output = agent.output()
+    assert code == 2, output
+    said = output.splitlines()[-1]  # after the log of its registration
+    assert said.startswith("archtree: error: --redis-url names another Redis than the API's")
+    assert "leave --redis-url out (the API tells the agent its Redis)" in said
+    assert not [
+        d for d in DeviceRegistry(redis_client).list() if d["device_class"] == "mismatch-cpu"
+    ]
+
+    # The API's Redis, given as --redis-url, is served from.
+    same = cli_agents(
+        "--api", api_server.url, "--redis-url", redis_url, "--device-class", "same-cpu"
+    )
+    wait_until(lambda: online_devices(api_server, "same-cpu"), AGENT_START_S, "the agent online")
+    assert same.process.poll() is None
+
+
+def test_a_redis_url_option_redis_does_not_take_is_refused_in_one_line(tmp_path) -> None:
+    for option in ("ssl=true", "foo=bar"):
+        url = f"redis://:hunter2@127.0.0.1:1/0?{option}"
+        with pytest.raises(ArchtreeError) as refused:
+            agent_main(None, "edge-cpu", "torch", 1, url)
+        message = str(refused.value)
+        name = option.partition("=")[0]
+        assert f"cannot use 'redis://:***@127.0.0.1:1/0?{option}' as the Redis URL" in message
+        assert "hunter2" not in message
+        fix = "for TLS, give rediss:// instead" if name == "ssl" else "leave it out"
+        assert f"connections do not take: {name} ({fix})" in message
+    # `archtree up` (and the API, the workers) refuse it too, before starting anything.
+    env = {
+        **api_env("redis://127.0.0.1:1/0?foo=bar", tmp_path),
+        "ARCHTREE_REDIS_URL": "redis://127.0.0.1:1/0?foo=bar",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", "up", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("archtree: error: bad setting in the environment: ")
+    assert "do not take: foo (leave it out)" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_rediss_to_a_redis_without_tls_is_said_at_once(redis_url) -> None:
+    tls_url = redis_url.replace("redis://", "rediss://")
+    started = time.monotonic()
+    with pytest.raises(ArchtreeError) as refused:
+        agent_main(None, "edge-cpu", "torch", 1, tls_url, start_wait_s=60)
+    assert time.monotonic() - started < 30, "it waited for the handshake as for an outage"
+    assert str(refused.value) == (
+        f"Redis at {tls_url} does not speak TLS: it answered in plain Redis; give {redis_url} "
+        "instead, or turn TLS on in that Redis"
+    )
+
+
+def test_a_bad_redis_url_from_the_environment_names_its_variable(monkeypatch) -> None:
+    monkeypatch.delenv("ARCHTREE_API_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    for variable in ("ARCHTREE_REDIS_URL", "REDIS_URL"):
+        monkeypatch.delenv("ARCHTREE_REDIS_URL", raising=False)
+        monkeypatch.setenv(variable, "bogus")
+        with pytest.raises(ArchtreeError) as refused:
+            agent_main(None, "edge-cpu")
+        message = str(refused.value)
+        assert message.startswith(f"cannot use 'bogus' as the Redis URL from {variable} (")
+        assert f"set {variable} to one like redis://HOST:6379/0" in message
+        assert "--redis-url" not in message
+        monkeypatch.delenv(variable)
