@@ -24,7 +24,8 @@ from api.schemas import JobSpecIn, validation_message
 from api.spec_terms import in_spec_terms
 from api.uploads import Submission
 from archtree_cli.settings import ServiceSettings
-from latency.measurement_protocol import validate_device_class
+from latency.device_registry import DeviceRegistry
+from latency.measurement_protocol import module_package, package_allowed, validate_device_class
 from search.budget import parse_budget
 from search.errors import ArchtreeError
 from search.inputs import load_inputs
@@ -98,6 +99,7 @@ def submission_fingerprint(submission: Submission) -> str:
 def _submit(services: Services, submission: Submission, api_url: str | None, job_id: str) -> str:
     spec = parse_spec(submission.spec or "")  # never None: the upload checks refused that
     search = check_spec(spec, services.settings)
+    check_agents_build(spec, services.registry)
     names = upload_names(spec, submission)
     work_dir = Path(services.settings.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -218,16 +220,35 @@ def check_spec(spec: JobSpecIn, settings: ServiceSettings) -> SearchSettings:
             "this service does not load pickled weights (they run arbitrary code): save the "
             "weights as a state dict or .safetensors file"
         )
-    prefix, _, rest = spec.model.partition(":")
-    package = rest.partition(":")[0]
-    if prefix == "module" and not any(
-        package == name or package.startswith(name + ".") for name in settings.allowed_modules
-    ):
+    package = module_package(spec.model)
+    if package is not None and not package_allowed(package, settings.allowed_modules):
         raise ArchtreeError(
             f"this service does not build {spec.model!r}: module: sources run code on the "
             "service, and the operator has not allowed that package (ARCHTREE_ALLOWED_MODULES)"
         )
     return search
+
+
+def check_agents_build(spec: JobSpecIn, registry: DeviceRegistry) -> None:
+    """Refuse a `module:` model that the agents of its class online do not build (their
+    --allow-module): its first measurement would fail the job. With none online, the agents
+    that come are not known yet: the job waits for them."""
+    package = module_package(spec.model)
+    if package is None:
+        return
+    online = [
+        record
+        for record in registry.list()
+        if record["online"] and record.get("device_class") == spec.device_class
+    ]
+    if online and not any(
+        package_allowed(package, record.get("allowed_modules") or []) for record in online
+    ):
+        raise ArchtreeError(
+            f"the agents of device class {spec.device_class} online do not build "
+            f"{spec.model!r}: module: sources run code on the agents, so they build only the "
+            f"packages they allow; start them with --allow-module {package.split('.')[0]}"
+        )
 
 
 def upload_names(spec: JobSpecIn, submission: Submission) -> dict[str, str]:

@@ -55,6 +55,7 @@ from latency.measurement_protocol import (
     MeasurementRequest,
     ProtocolError,
     ensure_group,
+    package_allowed,
     send_reply,
     stream_key,
     text,
@@ -241,8 +242,14 @@ class RedisOutage:
     next_said: float = 0.0
 
 
-def device_info(device_class: str, runtime: str = "torch", threads: int = 1) -> dict[str, Any]:
-    """What an agent registers: device class, host, runtime and version, cpu, gpu, threads."""
+def device_info(
+    device_class: str,
+    runtime: str = "torch",
+    threads: int = 1,
+    allowed_modules: Sequence[str] = (),
+) -> dict[str, Any]:
+    """What an agent registers: device class, host, runtime and version, cpu, gpu, threads,
+    and the packages it builds `module:` sources of."""
     import socket
 
     import torch
@@ -256,6 +263,7 @@ def device_info(device_class: str, runtime: str = "torch", threads: int = 1) -> 
         "cpu": cpu_model(),
         "gpu": gpu,
         "threads": threads,
+        "allowed_modules": sorted(set(allowed_modules)),
     }
 
 
@@ -327,7 +335,9 @@ class MeasurementAgent:
         request it serves, or at once on a second signal (StopNow)."""
         self.signals = signals
         if self.agent_id is None:
-            info = device_info(self.device_class, self.runtime.name, self.threads)
+            info = device_info(
+                self.device_class, self.runtime.name, self.threads, self.allowed_modules
+            )
             self.agent_id = self.registry.register(info)["id"]
         halt = threading.Event()
         heartbeat = threading.Thread(
@@ -647,9 +657,7 @@ class MeasurementAgent:
         if prefix != "module":
             return
         package = rest.partition(":")[0]
-        if not any(
-            package == name or package.startswith(name + ".") for name in self.allowed_modules
-        ):
+        if not package_allowed(package, self.allowed_modules):
             raise ArchtreeError(
                 f"this agent does not build {source!r}: module: sources run code on the agent, "
                 f"so start the agent with {package.split('.')[0]!r} among its allowed modules"
@@ -726,7 +734,9 @@ class MeasurementAgent:
                     log.warning(
                         "agent %s: its registry record %s; registering again", agent_id, why
                     )
-                    info = device_info(self.device_class, self.runtime.name, self.threads)
+                    info = device_info(
+                        self.device_class, self.runtime.name, self.threads, self.allowed_modules
+                    )
                     registry.restore(agent_id, info)
             except redis.RedisError as error:
                 # Said once per outage: the serving loop says how long it lasts.
@@ -1136,7 +1146,7 @@ def _started_agent(
     """`agent_main`'s start: reach Redis and the API (waited for until `deadline`), register,
     and make the agent. With `signals`, a stop signal ends it at once (StopNow)."""
     pause = signals.pause if signals is not None else time.sleep
-    info = device_info(device_class, runtime, threads)
+    info = device_info(device_class, runtime, threads, options.get("allowed_modules", ()))
     if signals is not None:
         signals.check()  # one that came while torch loaded
     answer: dict[str, Any] | None = None

@@ -18,6 +18,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,17 @@ _DEVICE_CLASS = re.compile(DEVICE_CLASS_PATTERN)
 # A package whose `module:` sources an agent builds (--allow-module): a dotted Python package
 # name (mynets, mynets.models).
 PACKAGE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
+def module_package(source: str) -> str | None:
+    """The package a `module:package.module:callable` source imports; None for other sources."""
+    prefix, _, rest = source.partition(":")
+    return rest.partition(":")[0] if prefix == "module" else None
+
+
+def package_allowed(package: str, allowed: Sequence[str]) -> bool:
+    """Whether `package` is one of `allowed` or inside one of them."""
+    return any(package == name or package.startswith(name + ".") for name in allowed)
 
 
 class ProtocolError(ValueError):

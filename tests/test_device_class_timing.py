@@ -15,6 +15,7 @@ import torch
 from latency.device_registry import DeviceClassConflict, DeviceRegistry
 from latency.remote_oracle import RemoteOracle
 from search.arch_spec import spec_of
+from search.errors import ArchtreeError
 from search.model_source import ModelRef, build_model
 from search.pruning import PrunableModel
 from tests.redis_fixtures import ROOT, wait_until
@@ -81,11 +82,12 @@ def test_an_agent_that_would_time_otherwise_than_its_class_online_is_refused(red
         registry.register(info("alike-cpu", 2) | {"allowed_modules": ["mynets"]})
 
 
-def start_cli_agent(redis_url: str, device_class: str, threads: int, log: Path):
-    """`archtree agent --redis-url URL --device-class CLASS --threads N`, output in `log`."""
+def start_cli_agent(redis_url: str, device_class: str, threads: int, log: Path, *more: str):
+    """`archtree agent --redis-url URL --device-class CLASS --threads N [MORE]`, output in
+    `log`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "archtree_cli.main", "agent", "--redis-url", redis_url,
-               "--device-class", device_class, "--threads", str(threads)]  # fmt: skip
+               "--device-class", device_class, "--threads", str(threads), *more]  # fmt: skip
     with open(log, "wb") as output:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
 
@@ -134,3 +136,52 @@ def test_timings_cached_with_other_threads_are_not_reused_and_mixed_agents_are_r
             if agent.poll() is None:
                 agent.terminate()
                 agent.wait(timeout=30)
+
+
+def test_a_module_model_the_agents_of_its_class_online_do_not_build_is_refused(redis_client):
+    from api.schemas import JobSpecIn
+    from api.submission import check_agents_build
+
+    registry = DeviceRegistry(redis_client)
+
+    def spec(model: str) -> JobSpecIn:
+        return JobSpecIn(model=model, budget="60%", device_class="lab-cpu")
+
+    nets = spec("module:mynets.vision:small")
+    check_agents_build(nets, registry)  # none online: those to come are not known yet
+    plain = registry.register(info("lab-cpu", 1))["id"]
+    with pytest.raises(ArchtreeError) as refused:
+        check_agents_build(nets, registry)
+    assert str(refused.value) == (
+        "the agents of device class lab-cpu online do not build 'module:mynets.vision:small': "
+        "module: sources run code on the agents, so they build only the packages they allow; "
+        "start them with --allow-module mynets"
+    )
+    check_agents_build(spec("builtin:vgg"), registry)
+
+    registry.stop(plain)
+    registry.register(info("lab-cpu", 1) | {"allowed_modules": ["mynets"]})
+    check_agents_build(nets, registry)
+    with pytest.raises(ArchtreeError, match="start them with --allow-module othernets"):
+        check_agents_build(spec("module:othernets:big"), registry)
+
+
+def test_an_agent_registers_the_packages_it_builds_and_one_that_builds_others_is_refused(
+    redis_url: str, redis_client, tmp_path: Path
+):
+    registry = DeviceRegistry(redis_client)
+    builds = start_cli_agent(
+        redis_url, "nets-cpu", 1, tmp_path / "builds.log", "--allow-module", "mynets"
+    )
+    try:
+        wait_until(lambda: registry.live_agents("nets-cpu") == 1, AGENT_START_S, "the agent")
+        (record,) = registry.list()
+        assert record["allowed_modules"] == ["mynets"]
+        refused = start_cli_agent(redis_url, "nets-cpu", 1, tmp_path / "refused.log")
+        assert refused.wait(timeout=AGENT_START_S) == 2
+        said = (tmp_path / "refused.log").read_text()
+        assert "building module: sources of mynets, and this one would time with" in said
+        assert "run this one with --allow-module mynets, or give it a device class" in said
+    finally:
+        builds.terminate()
+        builds.wait(timeout=30)
