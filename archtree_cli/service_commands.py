@@ -854,13 +854,24 @@ def _check_redis_answers(redis_url: str) -> None:
     said before anything starts, not by an agent that gives up a minute later."""
     import redis
 
-    from latency.redis_connection import redacted, redis_client
+    from latency.redis_connection import (
+        plain_redis_url,
+        redacted,
+        redis_client,
+        speaks_plain_redis_only,
+    )
 
+    variable = "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
+    if speaks_plain_redis_only(redis_url):  # else a TLS handshake waited out for 15 s
+        raise ArchtreeError(
+            f"Redis at {redacted(redis_url)} ({variable}) does not speak TLS: it answered in "
+            f"plain Redis; give {plain_redis_url(redis_url)} instead, or turn TLS on in that "
+            "Redis"
+        )
     try:
         with redis_client(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
             client.ping()
     except redis.RedisError as error:
-        variable = "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
         raise ArchtreeError(
             f"cannot reach Redis at {redacted(redis_url)} ({variable}; {error}): start it, fix "
             f"{variable}, or unset it to run an embedded Redis"

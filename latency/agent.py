@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -35,7 +34,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 import redis
@@ -61,7 +59,13 @@ from latency.measurement_protocol import (
     text,
     validate_device_class,
 )
-from latency.redis_connection import check_redis_url, redacted, redis_client
+from latency.redis_connection import (
+    check_redis_url,
+    plain_redis_url,
+    redacted,
+    redis_client,
+    speaks_plain_redis_only,
+)
 from latency.runtimes import get_runtime
 from search.errors import ArchtreeError
 from search.interfaces import LatencyOracle
@@ -100,9 +104,6 @@ HEARTBEAT_JOIN_S = 1.0
 HANDED_BACK_IDLE_MS = 24 * 3600 * 1000
 # The turns in which the agent's main thread sleeps while a stop signal may come.
 PAUSE_TURN_S = 0.05
-# How long a rediss:// Redis is given to complete a TLS handshake, and one that did not to
-# answer in plain Redis, at the agent's start.
-TLS_PROBE_S = 1.0
 
 T = TypeVar("T")
 
@@ -250,7 +251,6 @@ def device_info(
 ) -> dict[str, Any]:
     """What an agent registers: device class, host, runtime and version, cpu, gpu, threads,
     and the packages it builds `module:` sources of."""
-    import socket
 
     import torch
 
@@ -914,53 +914,13 @@ def ping_redis(client: redis.Redis, redis_url: str, source: str = "--redis-url")
 
 
 def refuse_plain_redis_for_tls(redis_url: str, source: str = "--redis-url") -> None:
-    """ArchtreeError when `redis_url` is rediss:// and its server speaks plain Redis: the TLS
-    handshake fails, or hangs (a plain Redis waits for the end of a command line that never
-    comes, and redis-py waits that out as a timeout, 3 times 5 s, then as an outage), and the
-    server answers a plain PING. Said at once: waiting will not make it speak TLS. Anything
-    else (nothing listens, TLS works, neither answers) is left to the ping."""
-    parts = urlsplit(redis_url)
-    if parts.scheme != "rediss" or not parts.hostname:
-        return
-    address = (parts.hostname, parts.port or 6379)
-    if _tls_handshake_completes(address) or not _answers_plain_redis(address):
-        return
-    plain = "redis" + redacted(redis_url).removeprefix("rediss")
-    raise ArchtreeError(
-        f"Redis at {_named(redis_url, source)} does not speak TLS: it answered in plain "
-        f"Redis; give {plain} instead, or turn TLS on in that Redis"
-    )
-
-
-def _tls_handshake_completes(address: tuple[str, int]) -> bool:
-    """Whether a TLS handshake with `address` completes within TLS_PROBE_S; also True when
-    nothing could be connected to there (then there is nothing to tell about TLS)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # whether it speaks TLS, not whom to trust
-    try:
-        connection = socket.create_connection(address, timeout=TLS_PROBE_S)
-    except OSError:
-        return True
-    try:
-        with context.wrap_socket(connection, server_hostname=address[0]):
-            return True
-    except (OSError, ssl.SSLError):  # socket.timeout is an OSError
-        return False
-    finally:
-        connection.close()
-
-
-def _answers_plain_redis(address: tuple[str, int]) -> bool:
-    """Whether `address` answers a plain-text PING as Redis does (+PONG, or an error such as
-    -NOAUTH)."""
-    try:
-        with socket.create_connection(address, timeout=TLS_PROBE_S) as connection:
-            connection.sendall(b"PING\r\n")
-            answer = connection.recv(256)
-    except OSError:
-        return False
-    return answer[:1] in (b"+", b"-") and answer.endswith(b"\r\n")
+    """ArchtreeError when `redis_url` is rediss:// and its server speaks plain Redis (see
+    `speaks_plain_redis_only`): said at once, since waiting will not make it speak TLS."""
+    if speaks_plain_redis_only(redis_url):
+        raise ArchtreeError(
+            f"Redis at {_named(redis_url, source)} does not speak TLS: it answered in plain "
+            f"Redis; give {plain_redis_url(redis_url)} instead, or turn TLS on in that Redis"
+        )
 
 
 def _reached_redis(

@@ -10,6 +10,8 @@ fails fast.
 from __future__ import annotations
 
 import inspect
+import socket
+import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -129,3 +131,57 @@ def redacted(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+# How long a rediss:// Redis is given to complete a TLS handshake, and one that did not to
+# answer in plain Redis.
+TLS_PROBE_S = 1.0
+
+
+def speaks_plain_redis_only(redis_url: str) -> bool:
+    """Whether `redis_url` is rediss:// and its server speaks plain Redis: the TLS handshake
+    fails, or hangs (a plain Redis waits for the end of a command line that never comes, and
+    redis-py waits that out as a timeout, 3 times 5 s, then as an outage), and the server
+    answers a plain PING. Anything else (nothing listens, TLS works, neither answers): False,
+    left to the connection's own errors."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "rediss" or not parts.hostname:
+        return False
+    address = (parts.hostname, parts.port or 6379)
+    return not _tls_handshake_completes(address) and _answers_plain_redis(address)
+
+
+def plain_redis_url(redis_url: str) -> str:
+    """A rediss:// URL as redis://, for a message (its password hidden)."""
+    return "redis" + redacted(redis_url).removeprefix("rediss")
+
+
+def _tls_handshake_completes(address: tuple[str, int]) -> bool:
+    """Whether a TLS handshake with `address` completes within TLS_PROBE_S; also True when
+    nothing could be connected to there (then there is nothing to tell about TLS)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # whether it speaks TLS, not whom to trust
+    try:
+        connection = socket.create_connection(address, timeout=TLS_PROBE_S)
+    except OSError:
+        return True
+    try:
+        with context.wrap_socket(connection, server_hostname=address[0]):
+            return True
+    except (OSError, ssl.SSLError):  # socket.timeout is an OSError
+        return False
+    finally:
+        connection.close()
+
+
+def _answers_plain_redis(address: tuple[str, int]) -> bool:
+    """Whether `address` answers a plain-text PING as Redis does (+PONG, or an error such as
+    -NOAUTH)."""
+    try:
+        with socket.create_connection(address, timeout=TLS_PROBE_S) as connection:
+            connection.sendall(b"PING\r\n")
+            answer = connection.recv(256)
+    except OSError:
+        return False
+    return answer[:1] in (b"+", b"-") and answer.endswith(b"\r\n")

@@ -873,19 +873,26 @@ def timing_child(agent: AgentProcess) -> psutil.Process | None:
         return None
 
 
+def timing_endlessly(agents: Any, registry: DeviceRegistry, device_class: str):
+    """An agent of `device_class` timing the unpruned VGG for an hour, asked in a thread;
+    (the agent, that thread, its outcome, the timing process)."""
+    endless = {**FAST_SETTINGS, "min_time_s": 3600.0, "max_runs": 10**9}
+    agent = agents(device_class, settings=endless)
+    wait_until(lambda: registry.live_agents(device_class) == 1, AGENT_START_S, "the agent")
+    oracle = RemoteOracle(registry.client, device_class, timeout_s=300, poll_s=0.05)
+    thread, outcome = in_thread(oracle.measure_reference, vgg_specs()[0])
+    timing = wait_until(lambda: timing_child(agent), 60, "the measurement", poll_s=0.01)
+    return agent, thread, outcome, timing
+
+
 def test_a_second_stop_signal_cuts_a_measurement_short_and_hands_its_request_back(
     redis_client, agents
 ) -> None:
     """The first signal is answered at once with a line, and the measurement goes on; the
     second stops the agent at once, and its request goes to another agent of the class at
     that one's next claim pass, without waiting to look abandoned (claim_idle_ms)."""
-    endless = {**FAST_SETTINGS, "min_time_s": 3600.0, "max_runs": 10**9}
-    stopped = agents("cut-short-cpu", settings=endless)
     registry = DeviceRegistry(redis_client)
-    wait_until(lambda: registry.live_agents("cut-short-cpu") == 1, AGENT_START_S, "the agent")
-    oracle = RemoteOracle(redis_client, "cut-short-cpu", timeout_s=300, poll_s=0.05)
-    thread, outcome = in_thread(oracle.measure_reference, vgg_specs()[0])
-    timing = wait_until(lambda: timing_child(stopped), 60, "the measurement", poll_s=0.01)
+    stopped, thread, outcome, timing = timing_endlessly(agents, registry, "cut-short-cpu")
 
     os.kill(stopped.pid, signal.SIGTERM)
     wait_until(
@@ -918,13 +925,8 @@ def test_a_measurement_the_stop_ended_is_handed_back_not_answered_with_an_error(
     """SIGTERM to the agent's process group (`archtree up` stopping, systemd) ends its timing
     process too: the job does not get "the timing process died" for an answer, another agent
     times the request."""
-    endless = {**FAST_SETTINGS, "min_time_s": 3600.0, "max_runs": 10**9}
-    stopped = agents("group-stop-cpu", settings=endless)
     registry = DeviceRegistry(redis_client)
-    wait_until(lambda: registry.live_agents("group-stop-cpu") == 1, AGENT_START_S, "the agent")
-    oracle = RemoteOracle(redis_client, "group-stop-cpu", timeout_s=300, poll_s=0.05)
-    thread, outcome = in_thread(oracle.measure_reference, vgg_specs()[0])
-    timing = wait_until(lambda: timing_child(stopped), 60, "the measurement", poll_s=0.01)
+    stopped, thread, outcome, timing = timing_endlessly(agents, registry, "group-stop-cpu")
 
     os.kill(stopped.pid, signal.SIGTERM)
     timing.send_signal(signal.SIGTERM)  # as a signal to the group reaches it

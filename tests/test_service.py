@@ -594,7 +594,9 @@ def test_archtree_up_goes_on_when_its_agent_stops_because_its_device_was_deleted
         kill_if_running(up)
 
 
-def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(tmp_path: Path):
+def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(
+    tmp_path: Path, redis_url: str
+):
     env = up_env(tmp_path / "home")
     for workers in ("65", "1000"):
         refused = archtree("up", "--port", str(free_port()), "--workers", workers, env=env)
@@ -609,6 +611,16 @@ def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(tmp_pat
         f"archtree: error: cannot reach Redis at {closed.replace('hunter2', '***')}"
     )
     assert "(ARCHTREE_REDIS_URL;" in line and "hunter2" not in down.stderr
+    # A rediss:// URL of a Redis without TLS is said to be so, not waited out as unreachable.
+    plain = redis_url.replace("redis://", "redis://:hunter2@", 1)
+    tls = plain.replace("redis://", "rediss://", 1)
+    refused = archtree("up", "--port", str(free_port()), env={**env, "ARCHTREE_REDIS_URL": tls})
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == (
+        f"archtree: error: Redis at {tls.replace('hunter2', '***')} (ARCHTREE_REDIS_URL) does "
+        f"not speak TLS: it answered in plain Redis; give {plain.replace('hunter2', '***')} "
+        "instead, or turn TLS on in that Redis"
+    )
     assert not (tmp_path / "home" / "up" / "logs" / "api.log").exists()
 
 
