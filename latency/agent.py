@@ -487,6 +487,9 @@ class MeasurementAgent:
                 return []  # the stream is gone, and what it held with it
             raise
         if not pending:
+            # Nothing held: the stopped agent leaves the group's list of consumers too (a
+            # consumer holding requests stays, for another agent to claim them from).
+            client.xgroup_delconsumer(self._stream, CONSUMER_GROUP, self._consumer())
             return []
         with client.pipeline(transaction=False) as pipe:
             for entry in pending:

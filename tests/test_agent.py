@@ -35,6 +35,7 @@ from latency.measurement_protocol import (
     ensure_group,
     send_request,
     stream_key,
+    text,
 )
 from latency.remote_oracle import MeasurementCancelled, RemoteOracle
 from search.arch_spec import ArchSpec, spec_of
@@ -138,6 +139,27 @@ def test_two_agents_share_the_requests_and_results_are_cached(redis_client, agen
     assert oracle.cache_hits == 2 and oracle.measurements == 5
     wait_until(lambda: registry.queue_depth(device_class) == 0, 10, "the last ack")
     assert redis_client.xlen(stream_key(device_class)) == 0  # answered entries are deleted
+
+
+def test_an_agent_stopped_holding_nothing_leaves_its_class_consumer_group(
+    redis_client, agents
+) -> None:
+    device_class = "leaving-cpu"
+    leaving = agents(device_class)
+    registry = DeviceRegistry(redis_client)
+    wait_until(lambda: registry.live_agents(device_class) == 1, AGENT_START_S, "the agent")
+    reference, _ = vgg_specs()
+    RemoteOracle(redis_client, device_class, timeout_s=120, poll_s=0.05).measure_reference(
+        reference
+    )
+    stream = stream_key(device_class)
+
+    def consumers() -> list[str]:
+        return [text(c["name"]) for c in redis_client.xinfo_consumers(stream, CONSUMER_GROUP)]
+
+    assert consumers() == [registry.list()[0]["id"]]  # the agent that answered
+    assert leaving.stop() == 0
+    assert consumers() == []
 
 
 def test_an_agent_times_a_text_model_on_the_token_ids_its_spec_carries(
