@@ -29,9 +29,8 @@ import httpx
 
 from archtree_cli.environment import seconds_from_environment
 from search.errors import ArchtreeError
+from search.result_files import ARTIFACT_NAMES, check_result_places
 
-# search.artifacts.ARTIFACT_NAMES, not imported: that module needs torch, this client does not.
-ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
 # What `fetch` checks the JSON artifacts hold before it moves any into place.
 ARTIFACT_KEYS = {
     "arch.json": ("model", "input_shape", "layers"),
@@ -617,19 +616,6 @@ def _artifact_problem(path: Path) -> str | None:
             return None
     except SafetensorError as error:
         return f"{path.name} is not a safetensors file: {error}"
-
-
-def check_result_places(out: Path) -> None:
-    """ArchtreeError when a folder (or anything but a file) is where a result file goes in
-    `out` (as search.artifacts.check_result_places, without importing torch)."""
-    for name in ARTIFACT_NAMES:
-        path = out / name
-        if path.exists() and not path.is_file():
-            what = "a folder" if path.is_dir() else "not a file"
-            raise ArchtreeError(
-                f"{path} is {what} where the result's {name} goes: move it away, or choose "
-                "another --out"
-            )
 
 
 def _check_destinations(out: Path, overwrite: bool) -> None:

@@ -73,7 +73,7 @@ def _oracle(args: argparse.Namespace):
 
 def _result_files(folder: Path) -> list[str]:
     """The names of the result files `folder` holds."""
-    from search.artifacts import ARTIFACT_NAMES
+    from search.result_files import ARTIFACT_NAMES
 
     return [name for name in ARTIFACT_NAMES if (folder / name).exists()]
 
@@ -82,7 +82,7 @@ def _check_out_dir(out: str, overwrite: bool, inputs: dict[str, str | None] | No
     """Before any work: --out is a folder this process can write, holding no result unless
     `overwrite`, and none of the files a result would replace is one of `inputs` (by option),
     even with `overwrite`."""
-    from archtree_cli.client import check_result_places
+    from search.result_files import check_result_places
 
     folder = Path(out)
     if folder.exists() and not folder.is_dir():

@@ -16,8 +16,9 @@ from torch import nn
 from search.arch_spec import ArchSpec, build_from_spec
 from search.errors import ArchtreeError, first_line
 from search.model_source import save_weights
+from search.result_files import ARTIFACT_NAMES, check_result_places
 
-ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
+__all__ = ["ARTIFACT_NAMES", "check_result_places", "load_pruned", "save_artifacts"]
 
 
 def save_artifacts(
@@ -64,20 +65,6 @@ def save_artifacts(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def check_result_places(out: Path) -> None:
-    """ArchtreeError when something other than a file holds one of a result's names in
-    `out` (a folder named model.safetensors): the result could not be put there. The
-    command line checks the same before a search (archtree_cli.client, without torch)."""
-    for name in ARTIFACT_NAMES:
-        path = out / name
-        if path.exists() and not path.is_file():
-            what = "a folder" if path.is_dir() else "not a file"
-            raise ArchtreeError(
-                f"{path} is {what} where the result's {name} goes: move it away, or choose "
-                "another --out"
-            )
 
 
 def load_pruned(directory: str | Path) -> nn.Module:
