@@ -1,10 +1,10 @@
 """Every error as `{"detail": "<one line: what is wrong and what to do>"}`.
 
 Besides the API's own HTTPExceptions: the engine's errors (422, worded for a REST client), the
-request checks (422), Redis unreachable (503), the framework's bare "Not Found" and "Method Not
-Allowed" (which then say what exists, or the route a trailing slash missed) and its 400 for a
-body it cannot decode (422). A client that hangs up mid-request gets an empty 400, and nothing
-is logged.
+request checks (422), Redis unreachable (503), the artifact store failing (503, its paths in
+the server's log only), the framework's bare "Not Found" and "Method Not Allowed" (which then
+say what exists, or the route a trailing slash missed) and its 400 for a body it cannot decode
+(422). A client that hangs up mid-request gets an empty 400, and nothing is logged.
 """
 
 from __future__ import annotations
@@ -76,11 +76,17 @@ async def _user_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": in_spec_terms(str(error))})
 
 
-async def _store_unavailable(_: Request, error: Exception) -> JSONResponse:
+async def _store_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """The store's paths go to the operator's log, not to the client."""
+    assert isinstance(error, ArtifactStoreError)
+    server_log.error("%s %s: %s", request.method, request.url.path, error)
     return JSONResponse(
         status_code=503,
         headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
-        content={"detail": f"the service cannot use its files now: {error}"},
+        content={
+            "detail": f"{error.for_client}: the operator's to fix (the API's log says where); "
+            "try again later"
+        },
     )
 
 

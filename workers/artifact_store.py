@@ -25,7 +25,14 @@ COPY_CHUNK_BYTES = 1 << 20
 
 
 class ArtifactStoreError(ArchtreeError):
-    """The artifact store cannot be read or written: the operator's to fix, not the user's."""
+    """The artifact store cannot be read or written: the operator's to fix, not the user's.
+
+    The message names the store's paths, for the operator's log; `for_client` says what
+    failed without them, for an API client."""
+
+    def __init__(self, message: str, for_client: str) -> None:
+        super().__init__(message)
+        self.for_client = for_client
 
 
 class ArtifactStore:
@@ -95,7 +102,8 @@ class ArtifactStore:
         except FileNotFoundError:
             raise ArtifactStoreError(
                 f"{name} is missing from the artifact store {self.root} (was the store, or this "
-                "job's folder in it, removed while the job ran?); check ARCHTREE_ARTIFACTS_URL"
+                "job's folder in it, removed while the job ran?); check ARCHTREE_ARTIFACTS_URL",
+                for_client="a file the service stored is missing from its store",
             ) from None
         except OSError as error:
             raise self._failure("read", name, error) from None
@@ -104,7 +112,8 @@ class ArtifactStore:
         reason = error.strerror or type(error).__name__
         return ArtifactStoreError(
             f"cannot {doing} {name} in the artifact store {self.root} ({reason}): check that "
-            "ARCHTREE_ARTIFACTS_URL is a folder or fsspec URL the service can write"
+            "ARCHTREE_ARTIFACTS_URL is a folder or fsspec URL the service can write",
+            for_client=f"the service cannot {doing} its files ({reason})",
         )
 
     def delete_folder(self, name: str) -> None:

@@ -269,7 +269,9 @@ def get_artifact(job: JobDep, name: str, services: ServicesDep) -> StreamingResp
         if job["status"] == "succeeded":  # its results were written: the store lost them
             raise ArtifactStoreError(
                 f"{stored} is missing from the artifact store {services.artifacts.root}, though "
-                f"job {job['id']} succeeded; check ARCHTREE_ARTIFACTS_URL"
+                f"job {job['id']} succeeded; check ARCHTREE_ARTIFACTS_URL",
+                for_client=f"job {job['id']} succeeded, but its {name} is missing from the "
+                "service's file store",
             )
         why = f"; its error says why: GET /v1/jobs/{job['id']}" if job["status"] == "failed" else ""
         detail = (
