@@ -215,6 +215,26 @@ def test_an_artifact_store_that_cannot_be_written_is_named(tmp_path: Path):
     assert "ARCHTREE_ARTIFACTS_URL" in message
 
 
+def test_a_job_the_store_cannot_take_fails_its_paths_in_the_workers_log_only(
+    workers: WorkerPool, jobs: JobStore, agents
+):
+    start_agents(agents, jobs, "store-blocked", 1)
+    job_id = "b10cced0f11e"
+    root = Path(workers.settings.artifacts_url)
+    (root / "jobs").mkdir(parents=True, exist_ok=True)
+    (root / "jobs" / job_id).write_text("a file where the job's folder goes")
+    submit_job(jobs, job_spec("store-blocked"), celery=workers.app, job_id=job_id)
+
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "failed"
+    assert job["error"].startswith("the service cannot write its files ("), job["error"]
+    assert job["error"].endswith("the operator's to fix (the workers' log says where)")
+    assert str(root) not in job["error"]
+    logged = wait_until(lambda: f"job {job_id}: cannot write" in workers.logs(), 10, "the log")
+    assert logged and f"in the artifact store {root}" in workers.logs()
+
+
 def test_a_workers_copies_of_remote_uploads_are_kept_only_while_their_jobs_run(
     tmp_path: Path, redis_url: str, jobs: JobStore
 ):

@@ -37,7 +37,7 @@ from search.artifacts import ARTIFACT_NAMES, save_artifacts
 from search.errors import ArchtreeError, SearchCancelled, first_line
 from search.report import build_report
 from search.tree import ChildResult, ChildTask, SearchState
-from workers.artifact_store import ArtifactNodeStore, AttemptNodeStore
+from workers.artifact_store import ArtifactNodeStore, ArtifactStoreError, AttemptNodeStore
 from workers.celery_app import (
     ADVANCE_DEPTH,
     EVALUATE_CHILD,
@@ -357,9 +357,10 @@ def _with_submission_notes(jobs: JobStore, job_id: str, report_notes: list[str])
 
 @contextmanager
 def _job_step(task: Task, job_id: str) -> Iterator[None]:
-    """Ends the job when its step raises: cancelled, or failed with a one-line message. When
-    Redis cannot be reached (restarted, failed over), the step waits for it and runs again.
-    The step holds a lease meanwhile, which says the task is lost if its worker dies."""
+    """Ends the job when its step raises: cancelled, or failed with a one-line message (an
+    artifact store's failure without the store's paths, which go to the log). When Redis
+    cannot be reached (restarted, failed over), the step waits for it and runs again. The step
+    holds a lease meanwhile, which says the task is lost if its worker dies."""
     try:
         leases = _services().leases
         with leases.hold(job_id, task.request.id, task.name, task.request.hostname or ""):
@@ -368,6 +369,10 @@ def _job_step(task: Task, job_id: str) -> Iterator[None]:
         _end(job_id, "cancelled")
     except DeviceAbsent as absent:  # before the step, or in one of its measurements
         _wait_for_device(task, job_id, absent.device_class)
+    except ArtifactStoreError as error:  # the store's paths are the operator's, in the log
+        log.error("job %s: %s", job_id, error)
+        _end(job_id, "failed", f"{error.for_client}: the operator's to fix (the workers' log "
+             "says where)")  # fmt: skip
     except ArchtreeError as error:
         _end(job_id, "failed", str(error))
     except REDIS_UNREACHABLE as error:
