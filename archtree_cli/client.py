@@ -57,6 +57,8 @@ ENDED = ("succeeded", "failed", "cancelled")
 # submission (409), a proxy that lost the API (502, 504), the API without its Redis (503).
 SUBMIT_ATTEMPTS = 4
 SEND_AGAIN_ON = (409, 502, 503, 504)
+# Seconds to wait for the answer to the GET that tells a broken-off API from another protocol.
+HTTP_PROBE_TIMEOUT_S = 5.0
 # The longest Idempotency-Key the API takes (it checks keys with `is_idempotency_key`).
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 # The start of a plain-text error body that a message quotes.
@@ -177,6 +179,8 @@ class ArchtreeClient:
                 except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                     raise self._failure(error) from None  # nothing was sent
                 except httpx.TransportError as error:
+                    if isinstance(error, httpx.RemoteProtocolError) and not self._speaks_http():
+                        raise self._failure(error) from None  # no API: no job was created
                     if attempt == SUBMIT_ATTEMPTS:
                         raise MaybeSubmitted(str(self._failure(error)), key) from None
                     what, delay_s = self._stall(error), None
@@ -465,6 +469,18 @@ class ArchtreeClient:
                 f"({type(error).__name__}); check that the service is running"
             )
         return self._failure(error)
+
+    def _speaks_http(self) -> bool:
+        """Whether the server answers a GET /healthz in HTTP, whatever it says: a submission
+        it broke off is worth sending again only then (an API that failed mid-answer), not to
+        a server of another protocol (a Redis) that can have created no job."""
+        try:
+            self.http.get("/healthz", timeout=min(self.timeout_s, HTTP_PROBE_TIMEOUT_S))
+        except httpx.RemoteProtocolError:
+            return False
+        except httpx.TransportError:
+            return True  # no telling: sent again, as before
+        return True
 
     def _stall(self, error: httpx.TransportError) -> str:
         if isinstance(error, httpx.TimeoutException):

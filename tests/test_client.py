@@ -761,6 +761,21 @@ def test_an_address_of_a_server_that_is_not_http_is_not_said_to_be_unreachable(
         assert "cannot reach" not in line and "start it" not in line
 
 
+def test_a_job_submitted_to_a_server_that_is_not_http_is_not_sent_again(redis_url: str, home: Path):
+    """Nothing that speaks another protocol can have created the job: one error, at once,
+    rather than three more sends as to an API that broke off its answer."""
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    redis_address = f"http://127.0.0.1:{port}"
+
+    result = run_archtree("submit", "--api", redis_address, "--model", "builtin:resnet",
+                          "--data", "builtin:digits", "--budget", "70%", home=home)  # fmt: skip
+
+    one_error_line(
+        result, f"the server at {redis_address} did not answer in HTTP", "names an Archtree API"
+    )
+    assert "sending the job again" not in result.stderr, result.stderr
+
+
 def test_an_api_host_name_that_does_not_resolve_is_said_to_be_a_name_problem():
     # .invalid never resolves (RFC 2606): the error says so, not that the API is down.
     with (
