@@ -170,7 +170,7 @@ class PrunableModel:
             sharing = next(
                 (shared[i.dep.target.module] for i in group if i.dep.target.module in shared), None
             )
-            reason = reason or sharing
+            reason = reason or sharing or _concatenation_joined(group, self.graph, names, size)
             raw_groups.append((name, size, self._macs_per_channel(group, macs), multiple))
             if reason:
                 self.whole_reasons[name] = reason
@@ -356,6 +356,26 @@ def _width_constraint(
             if multiple >= size:
                 return f"the GroupNorm {name!r} has {groups} groups, one per channel", 1
     return None, multiple
+
+
+def _concatenation_joined(
+    group: tp.Group, graph: tp.DependencyGraph, names: Mapping[nn.Module, str], size: int
+) -> str | None:
+    """Why a group that joins a concatenation's channels to others' must stay whole, if it
+    does. Layers whose outputs are concatenated into the group's channels (a concatenation
+    added to other channels, as a residual) each need a share of every removal, kept above
+    none, which the group's one width cannot say."""
+    parts = [
+        names[item.dep.target.module]
+        for item in group
+        if isinstance(item.dep.target.module, PRUNABLE_TYPES)
+        and graph.is_out_channel_pruning_fn(item.dep.handler)
+        and len(set(item.root_idxs)) < size
+    ]
+    if not parts:
+        return None
+    joined = ", ".join(repr(part) for part in parts[:3]) + (", ..." if len(parts) > 3 else "")
+    return f"it joins the concatenated outputs of {joined} to other channels"
 
 
 def least_important(importance: np.ndarray, count: int, multiple: int = 1) -> list[int]:

@@ -85,6 +85,29 @@ def tied_weights() -> nn.Module:
     return model
 
 
+class ConcatenationAdded(nn.Module):
+    """Two convolutions' outputs concatenated and added to a third's, which a head follows:
+    the sum's channels come from the concatenation's parts, each of which must keep some."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1)
+        self.b = nn.Conv2d(1, 8, 3, padding=1)
+        self.residual = nn.Conv2d(24, 24, 3, padding=1)
+        self.head = nn.Sequential(
+            nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(x + torch.relu(self.residual(x)))
+
+
+def concatenation_added() -> nn.Module:
+    return ConcatenationAdded()
+
+
 class FixedView(nn.Module):
     """Reshapes with a fixed size: its second convolution's channels cannot change."""
 

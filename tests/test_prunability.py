@@ -106,6 +106,20 @@ def test_the_groups_of_layers_sharing_weights_are_kept_whole_and_no_other():
     assert model[2].weight is model[4].weight and model[6].out_channels < 24
 
 
+def test_a_concatenation_added_to_other_channels_is_kept_whole_and_no_other():
+    """Its parts would each need a share of a removal, which one width cannot say: narrowing
+    the sum's last channels empties the second part, which torch-pruning refuses."""
+    assert kept_whole(odd_models.concatenation_added) == {
+        "residual": "it joins the concatenated outputs of 'a', 'b' to other channels"
+    }
+    model = odd_models.concatenation_added().eval()
+    pruner = PrunableModel(model, EXAMPLE, min_width_fraction=0.1)
+    plan = removal_plan(Move("global"), pruner, pruner.importance("l2"), 0.5)
+    assert set(plan) == {"head.0"}  # the head, which the concatenation does not reach
+    pruner.remove(plan)
+    assert model(EXAMPLE).shape == (1, 10) and model.head[0].out_channels < 32
+
+
 def test_a_group_whose_narrowing_breaks_the_forward_pass_is_kept_whole_and_no_other():
     fixed = kept_whole(odd_models.fixed_view)
     assert list(fixed) == ["b"]
