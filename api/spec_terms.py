@@ -25,10 +25,8 @@ SPEC_FIELD_OF_OPTION = {
 _OPTION = re.compile(r"--[a-z][a-z0-9-]*")
 
 # Engine advice that names what a submission has not got, said as a submitter acts on it:
-# inputs come from the data alone (`measure`'s --input-shape has no spec field), data that is
-# not builtin is an upload, and the service's environment is its operator's.
+# data that is not builtin is an upload, and the service's environment is its operator's.
 SUBMISSION_WORDING = [
-    (re.compile(r", or the C of --input-shape"), ""),
     (
         re.compile(r"your own copy of it saved as a file, e\.g\. "),
         "your own copy of it sent as the `data` upload, a file saved e.g. by ",

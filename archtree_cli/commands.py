@@ -391,7 +391,7 @@ def run_measure(args: argparse.Namespace) -> int:
     from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
     from search.inputs import check_forward
-    from search.model_source import ModelRef, build_model, load_weights
+    from search.model_source import SIZED_BY_OPTIONS, ModelRef, build_model, load_weights
     from search.timing_input import timing_input
 
     result = _result_folder(args)
@@ -425,7 +425,12 @@ def run_measure(args: argparse.Namespace) -> int:
         ref = ModelRef(source=args.model, num_classes=classes, in_channels=shape[0])
         model = build_model(ref)
     if args.weights:
-        load_weights(model, args.weights, allow_pickle=args.allow_pickle)
+        load_weights(
+            model,
+            args.weights,
+            allow_pickle=args.allow_pickle,
+            sized_by=SIZED_BY_OPTIONS,
+        )
     oracle = _oracle(args)
     token_range = result.token_range if result else _token_range(model, shape)
     # Before the batch is built: the check runs the model on a few samples only.

@@ -74,14 +74,25 @@ def load_inputs(
             "builtin, torchvision and timm models)."
         )
     if data.labelled and output.shape[1] < (data.num_classes or 0):
+        outputs = output.shape[1]
+        labels = torch.cat([y for y in (data.train_y, data.calib_y, data.val_y) if y is not None])
+        if int(labels.min()) >= 1 and data.num_classes == outputs + 1:
+            raise ArchtreeError(
+                f"the labels of {data_source} run from {int(labels.min())} to "
+                f"{data.num_classes - 1}, and the model {model_source} outputs {outputs} "
+                f"classes, numbered 0 to {outputs - 1}: save the labels less one (y - 1)."
+            )
+        # Models Archtree builds are sized by the data (or --num-classes); a module: builds
+        # its own.
         fix = (
             f"give --num-classes {data.num_classes} or leave it out"
             if num_classes
-            else f"give weights for a model with {data.num_classes} outputs"
+            else f"give data labelled 0 to {outputs - 1}, or a model with {data.num_classes} "
+            "outputs"
         )
         raise ArchtreeError(
             f"{data_source} has {data.num_classes} classes but the model {model_source} outputs "
-            f"{output.shape[1]}: {fix}."
+            f"{outputs}: {fix}."
         )
     return JobInputs(model_ref=ref, model=model, data=data)
 

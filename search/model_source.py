@@ -264,18 +264,40 @@ def _build_timm(name: str, ref: ModelRef) -> nn.Module:
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
+@dataclass(frozen=True)
+class WeightsSizing:
+    """What sized a model its weights are checked against, as its errors say it: its input
+    channels, its classes, and what goes with a --num-classes that fits the weights."""
+
+    channels: str
+    classes: str
+    classes_also: str = ""
+
+
+# `prune` (and a job) sizes a model by its data; `measure` by its options.
+SIZED_BY_DATA = WeightsSizing(
+    channels="the data's",
+    classes="the data's labels, or --num-classes",
+    classes_also=", with data labelled for those classes",
+)
+SIZED_BY_OPTIONS = WeightsSizing(
+    channels="the C of --input-shape", classes="--num-classes, 10 unless given"
+)
+
+
 def load_weights(
     model: nn.Module,
     path: str | Path,
     *,
     allow_pickle: bool = False,
     source: str | None = None,
+    sized_by: WeightsSizing = SIZED_BY_DATA,
 ) -> None:
     """Load a state dict from `path` into `model` (strict: same keys and shapes).
 
     `.safetensors` files, torch state dicts, and checkpoints holding one under a key of
     CHECKPOINT_KEYS are accepted. Pickled whole modules load only with `allow_pickle`. `source`
-    names the model in error messages.
+    names the model in error messages, `sized_by` what gave it its input channels and classes.
     """
     path = Path(path)
     if path.exists() and not path.is_file():
@@ -293,7 +315,7 @@ def load_weights(
         state = _read_safetensors(path)
     else:
         state = _read_torch_file(path, allow_pickle=allow_pickle)
-    _check_fits(model, state, path, source or type(model).__name__)
+    _check_fits(model, state, path, source or type(model).__name__, sized_by)
     _check_finite(state, path)
     model.load_state_dict(state, strict=True)
 
@@ -509,7 +531,13 @@ def _tensor_plumbing(name: str) -> bool:
     )
 
 
-def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, source: str) -> None:
+def _check_fits(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    source: str,
+    sized_by: WeightsSizing,
+) -> None:
     expected = model.state_dict()
     _strip_wrapper_prefixes(state, set(expected))
     missing = [k for k in expected if k not in state]
@@ -527,20 +555,24 @@ def _check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, so
         problems.append(f"shape mismatch {_some(wrong_shape)}")
     if problems:
         hint = "use the model the weights were saved from: the same source, number of " + (
-            "classes and input channels (the data's, or the C of --input-shape)"
+            f"classes and input channels ({sized_by.channels})"
         )
         if not missing and not unexpected:
             if _looks_pruned(state, expected):
                 hint = _pruned_result_hint(path)
             else:
-                hint = _end_layer_hint(model, state, wrong_keys, source) or hint
+                hint = _end_layer_hint(model, state, wrong_keys, source, sized_by) or hint
         raise ArchtreeError(
             f"weights in {str(path)!r} do not fit model {source}: {'; '.join(problems)}; {hint}"
         )
 
 
 def _end_layer_hint(
-    model: nn.Module, state: dict[str, torch.Tensor], wrong_keys: list[str], source: str
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    wrong_keys: list[str],
+    source: str,
+    sized_by: WeightsSizing,
 ) -> str | None:
     """What to change when only the model's last layer (its classes) or its first (its input
     channels) differs from the weights; None otherwise."""
@@ -564,9 +596,8 @@ def _end_layer_hint(
                     "the weights of the model it builds"
                 )
             return (
-                f"the weights classify {classes} classes and the model {built} (the data's "
-                f"labels, or --num-classes): give --num-classes {classes}, with data labelled "
-                "for those classes"
+                f"the weights classify {classes} classes and the model {built} "
+                f"({sized_by.classes}): give --num-classes {classes}{sized_by.classes_also}"
             )
     if layers == {with_parameters[0]}:
         weight = f"{with_parameters[0]}.weight"
@@ -574,8 +605,8 @@ def _end_layer_hint(
             file_in, model_in = state[weight].shape[1], expected[weight].shape[1]
             if file_in != model_in and state[weight].shape[0] == expected[weight].shape[0]:
                 return (
-                    f"the weights take {file_in} input channels and the model {model_in} (the "
-                    f"data's, or the C of --input-shape): give inputs of {file_in} channels"
+                    f"the weights take {file_in} input channels and the model {model_in} "
+                    f"({sized_by.channels}): give inputs of {file_in} channels"
                 )
     return None
 

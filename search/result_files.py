@@ -19,5 +19,5 @@ def check_result_places(out: Path) -> None:
             what = "a folder" if path.is_dir() else "not a file"
             raise ArchtreeError(
                 f"{path} is {what} where the result's {name} goes: move it away, or choose "
-                "another --out"
+                "another --out."
             )

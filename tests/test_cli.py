@@ -533,6 +533,26 @@ def test_inputs_that_are_not_images_go_to_a_model_that_takes_them_and_no_builtin
         load_inputs("builtin:resnet", str(features))
 
 
+def test_labels_that_do_not_fit_a_models_own_outputs_are_told_what_to_give(tmp_path):
+    from search.errors import ArchtreeError
+    from search.inputs import load_inputs
+
+    source = "module:tests.non_image_models:feature_net"  # 3 outputs
+    for labels, said in [
+        # Numbered from 1: the model's classes are 0..2.
+        (torch.arange(240) % 3 + 1, "the labels of {} run from 1 to 3, and the model {source} "
+         "outputs 3 classes, numbered 0 to 2: save the labels less one (y - 1)."),
+        # More classes than the model has: no weights change a module:'s outputs.
+        (torch.arange(240) % 5, "{} has 5 classes but the model {source} outputs 3: give data "
+         "labelled 0 to 2, or a model with 5 outputs."),
+    ]:  # fmt: skip
+        features = tmp_path / "features.pt"
+        torch.save({"x": torch.randn(240, 12), "y": labels}, features)
+        with pytest.raises(ArchtreeError) as error:
+            load_inputs(source, str(features))
+        assert str(error.value) == said.format(features, source=source)
+
+
 def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
     out = tmp_path / "out"
     env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)}

@@ -418,7 +418,7 @@ def test_a_folder_in_the_place_of_a_result_file_is_refused_before_the_search(tmp
         line = one_line_error(result)
         assert line == (
             f"archtree: error: {folder / 'model.safetensors'} is a folder where the result's "
-            "model.safetensors goes: move it away, or choose another --out"
+            "model.safetensors goes: move it away, or choose another --out."
         )
         assert "baseline" not in result.stderr  # refused before the unpruned model is timed
     assert [path.name for path in folder.iterdir()] == ["model.safetensors"]

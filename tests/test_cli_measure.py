@@ -102,6 +102,23 @@ def test_measure_times_a_result_folder_on_its_own_input_shape(tmp_path, home):
     assert "--weights is not used with a result folder" in one_line_error(refused)
 
 
+def test_measures_weights_errors_name_its_own_options(tmp_path, home):
+    """`measure` sizes the model by --input-shape and --num-classes, not by data."""
+    from search.model_source import ModelRef, build_model
+
+    for saved, said in [
+        (ModelRef("builtin:vgg", 10, 3), "the model 1 (the C of --input-shape): give inputs of 3"),
+        (ModelRef("builtin:vgg", 100, 1), "the model 10 (--num-classes, 10 unless given): give "
+         "--num-classes 100"),
+    ]:  # fmt: skip
+        torch.save(build_model(saved).state_dict(), tmp_path / "w.pt")
+        refused = archtree("measure", "--model", "builtin:vgg", "--weights",
+                           str(tmp_path / "w.pt"), "--input-shape", "1,16,16", home=home,
+                           check=False)  # fmt: skip
+        line = one_line_error(refused)
+        assert said in line and "data" not in line, line
+
+
 def test_measure_refuses_a_batch_whose_activations_outgrow_the_memory(home):
     from search.memory import available_memory_bytes
 

@@ -474,8 +474,8 @@ def test_a_pickle_naming_its_call_on_its_stack_is_refused_naming_it(
         ),
         (
             ModelRef("builtin:vgg", 10, 3),
-            "the weights take 3 input channels and the model 1 (the data's, or the C of "
-            "--input-shape): give inputs of 3 channels",
+            "the weights take 3 input channels and the model 1 (the data's): give inputs of 3 "
+            "channels",
         ),
         (ModelRef("builtin:resnet", 10, 1), "use the model the weights were saved from"),
     ],
