@@ -69,11 +69,4 @@ async def read_lost_tasks(
     client: redis.asyncio.Redis, leases: TaskLeases, job_id: str
 ) -> list[LostTask]:
     """The job's tasks whose worker was lost, as `TaskLeases.lost` returns them."""
-    running = await client.hgetall(leases.tasks_key(job_id))
-    if not running:
-        return []
-    async with client.pipeline(transaction=False) as pipe:
-        for raw_id in running:
-            pipe.exists(leases.lease_key(job_id, raw_id.decode()))
-        held = await pipe.execute()
-    return leases.lost_among(running, held)
+    return leases.lost_among(await client.eval(*leases.lost_query(job_id)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import redis
@@ -66,3 +67,28 @@ def test_a_task_whose_process_dies_is_lost_and_announced_once(
     assert [t.task_id for t in leases.announce_lost(jobs, "job2")] == ["task-2"]
     said = [event for _, event in jobs.read_events("job2") if event["kind"] == "task_lost"]
     assert [(event["task_id"], event["worker"]) for event in said] == [("task-2", "w2@host")]
+
+
+def test_a_task_that_ends_while_its_job_is_read_is_never_taken_for_lost(
+    redis_client: redis.Redis,
+):
+    """A task's record and lease go together when it ends; one read of the job between the
+    two must not see the record without its lease (tasks that wait for a device end and start
+    again every few seconds)."""
+    leases = TaskLeases(redis_client, 30.0, redelivery_s=30.0, prefix="leases-c:")
+    stop = threading.Event()
+
+    def tasks_coming_and_going() -> None:
+        while not stop.is_set():
+            with leases.hold("job3", "task-3", "archtree.evaluate_child", "w3@host"):
+                pass
+
+    churn = threading.Thread(target=tasks_coming_and_going)
+    churn.start()
+    try:
+        seen = [leases.lost("job3") for _ in range(3000)]
+    finally:
+        stop.set()
+        churn.join()
+    assert [lost for lost in seen if lost] == []
+    assert redis_client.exists(leases.tasks_key("job3")) == 0

@@ -235,6 +235,22 @@ def test_a_job_the_store_cannot_take_fails_its_paths_in_the_workers_log_only(
     assert logged and f"in the artifact store {root}" in workers.logs()
 
 
+def test_counts_for_a_job_that_no_longer_exists_leave_no_key(jobs: JobStore):
+    """A task still running for a deleted job (or one lost with an emptied Redis) counts
+    nothing: no key would ever delete what it wrote."""
+    job_id = jobs.create(job_spec("counted"))
+    assert [jobs.count_rerun(job_id, "t1") for _ in range(2)] == [1, 2]
+    jobs.count_agent_measurement(job_id, "agent-1")
+    assert jobs.agent_measurements(job_id) == {"agent-1": 1}
+    jobs.set_status(job_id, "cancelled")
+    assert jobs.delete_ended(job_id)
+    assert jobs.client.keys(f"*{job_id}*") == []
+
+    assert jobs.count_rerun(job_id, "t1") == 0
+    jobs.count_agent_measurement(job_id, "agent-1")
+    assert jobs.client.keys(f"*{job_id}*") == []
+
+
 def test_a_workers_copies_of_remote_uploads_are_kept_only_while_their_jobs_run(
     tmp_path: Path, redis_url: str, jobs: JobStore
 ):

@@ -79,6 +79,15 @@ return 1
 """
 
 
+# Count one more in a field of a job's counting hash (KEYS[2]) only while the job's record
+# (KEYS[1]) exists: a task still running for a job deleted, or lost with an emptied Redis,
+# leaves no key behind that nothing would delete. Returns the new count, 0 for no job.
+_COUNT_FOR_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+"""
+
+
 class JobStore:
     """One Redis connection's view of all jobs."""
 
@@ -88,6 +97,7 @@ class JobStore:
         self._set_status_if_active = client.register_script(_SET_STATUS_IF_ACTIVE)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._delete_ended = client.register_script(_DELETE_ENDED)
+        self._count_for_job = client.register_script(_COUNT_FOR_JOB)
 
     def _key(self, job_id: str, suffix: str = "") -> str:
         return f"{self.prefix}job:{job_id}{suffix}"
@@ -296,12 +306,15 @@ class JobStore:
         return bool(self.client.hexists(self._key(job_id, ":steps"), step))
 
     def count_rerun(self, job_id: str, task_id: str) -> int:
-        """Count one more re-run of the job's task `task_id`; return how many there were."""
-        return int(self.client.hincrby(self._key(job_id, ":reruns"), task_id, 1))
+        """Count one more re-run of the job's task `task_id`; return how many there were (0,
+        and nothing counted, when the job does not exist)."""
+        keys = [self._key(job_id), self._key(job_id, ":reruns")]
+        return int(self._count_for_job(keys=keys, args=[task_id]))
 
     def count_agent_measurement(self, job_id: str, agent_id: str) -> None:
-        """Count one measurement of the job answered by the agent `agent_id`."""
-        self.client.hincrby(self._key(job_id, ":agents"), agent_id, 1)
+        """Count one measurement of the job answered by the agent `agent_id` (none for a job
+        that does not exist)."""
+        self._count_for_job(keys=[self._key(job_id), self._key(job_id, ":agents")], args=[agent_id])
 
     def agent_measurements(self, job_id: str) -> dict[str, int]:
         """The job's measurements per agent that answered them, most first."""

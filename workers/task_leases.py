@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 RENEWALS_PER_LEASE = 3
 # How long the mark that a lost task was announced is kept: longer than any redelivery.
 ANNOUNCED_KEPT_S = 7 * 24 * 3600
+# The tasks of a job's hash (KEYS[1]) whose lease key (ARGV[1] and the task id) is gone, as
+# task id, record, ...
+LOST_TASKS_SCRIPT = """
+local running = redis.call('HGETALL', KEYS[1])
+local unleased = {}
+for i = 1, #running, 2 do
+    if redis.call('EXISTS', ARGV[1] .. running[i]) == 0 then
+        table.insert(unleased, running[i])
+        table.insert(unleased, running[i + 1])
+    end
+end
+return unleased
+"""
 
 
 @dataclass(frozen=True)
@@ -126,24 +139,22 @@ class TaskLeases:
             except REDIS_UNREACHABLE:
                 continue  # asked again at the next renewal
 
+    def lost_query(self, job_id: str) -> tuple[str, int, str, str]:
+        """The arguments of `client.eval` that reads the job's tasks without a lease, as a flat
+        list of task ids and records: the hash and the leases read at once, so that a task
+        ending between two reads (its record and lease deleted together) is not taken for
+        lost. Async readers in the API send it on their own connection."""
+        return LOST_TASKS_SCRIPT, 1, self.tasks_key(job_id), self.lease_key(job_id, "")
+
     def lost(self, job_id: str) -> list[LostTask]:
         """The job's tasks whose lease has expired, oldest first."""
-        running = self.client.hgetall(self.tasks_key(job_id))
-        if not running:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for raw_id in running:
-            pipe.exists(self.lease_key(job_id, raw_id.decode()))
-        return self.lost_among(running, pipe.execute())
+        return self.lost_among(self.client.eval(*self.lost_query(job_id)))
 
-    def lost_among(self, running: dict[bytes, bytes], held: list[Any]) -> list[LostTask]:
-        """The tasks of `running` (the tasks hash as read) whose lease is not `held` (whether
-        each lease key exists, in the hash's order), oldest first."""
+    def lost_among(self, unleased: list[bytes]) -> list[LostTask]:
+        """The tasks `lost_query` read (task id, record, ...), oldest first."""
         now = time.time()
         lost = []
-        for (raw_id, raw_record), alive in zip(running.items(), held, strict=True):
-            if alive:
-                continue
+        for raw_id, raw_record in zip(unleased[::2], unleased[1::2], strict=True):
             record = json.loads(raw_record)
             lost.append(
                 LostTask(
