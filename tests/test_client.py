@@ -716,6 +716,13 @@ def test_status_shows_the_jobs_error_and_notes_in_the_command_lines_terms(
     ) in shown.stdout
 
 
+def test_only_search_settings_are_named_as_options():
+    from archtree_cli.cli_terms import in_cli_terms
+
+    said = "raise search.max_depth or search.min_width_fraction; load it with search.load_pruned"
+    assert in_cli_terms(said) == "raise --max-depth or --min-width; load it with search.load_pruned"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
