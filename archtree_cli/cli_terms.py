@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import fields
 
 from search.errors import ArchtreeError
-from search.settings import option_of
+from search.settings import SearchSettings, option_of
 
-_SEARCH_FIELD = re.compile(r"\bsearch\.([a-z_]+)\b")
+# A spec's search setting, `search.width`; not a name of the package, `search.load_pruned`.
+_SEARCH_FIELD = re.compile(
+    r"\bsearch\.(" + "|".join(field.name for field in fields(SearchSettings)) + r")\b(?!\()"
+)
 _JOB_READ = re.compile(r"\bGET /v1/jobs/([0-9A-Za-z_-]+)(?![\w/])")
 _TERMS = (
     ("`allow_pickle: true` in the spec", "--allow-pickle"),
