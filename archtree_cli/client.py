@@ -28,6 +28,7 @@ from urllib.parse import quote
 import httpx
 
 from archtree_cli.environment import seconds_from_environment
+from search.data_names import missing_data_file
 from search.errors import ArchtreeError
 from search.result_files import ARTIFACT_NAMES, check_result_places
 
@@ -535,6 +536,10 @@ def _job_path(job_id: str, *rest: str) -> str:
 
 
 def _open(path: str | Path, name: str):
+    """The upload `name` (weights, data) opened, or the error `prune` gives of the file."""
+    if not Path(path).exists():
+        missing = f"{name} file {str(path)!r} does not exist; check the path"
+        raise ArchtreeError(missing_data_file(str(path)) if name == "data" else missing)
     try:
         return Path(path).open("rb")
     except OSError as error:

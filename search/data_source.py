@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from search.data_names import BUILTIN_DATASETS, missing_data_file
 from search.errors import ArchtreeError
 from search.memory import available_memory_bytes
 from search.model_source import load_tensors_only, scan_pickle
 
-BUILTIN_DATASETS = ("mnist", "digits")
 USER_EXTENSIONS = (".npz", ".pt")
 # The first bytes of a file numpy.save wrote.
 NUMPY_MAGIC = b"\x93NUMPY"
@@ -201,7 +201,7 @@ def _load_user_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if path.exists() and not path.is_file():
         raise ArchtreeError(f"data {str(path)!r} is a folder or a device, not a file; give a file")
     if not path.is_file():
-        raise ArchtreeError(f"data file {str(path)!r} does not exist; check the path")
+        raise ArchtreeError(missing_data_file(str(path)))
     if not os.access(path, os.R_OK):
         raise ArchtreeError(f"data file {str(path)!r} is not readable; check its permissions")
     if _is_numpy_array(path):

@@ -716,6 +716,20 @@ def test_status_shows_the_jobs_error_and_notes_in_the_command_lines_terms(
     ) in shown.stdout
 
 
+def test_submit_says_of_a_missing_file_what_prune_says(home: Path, tmp_path: Path):
+    """Checked before any request: no API is needed to be told."""
+    for option, given, said in [
+        ("--data", "mnist", "data file 'mnist' does not exist; check the path, or give "
+         "builtin:mnist for the builtin dataset"),
+        ("--weights", str(tmp_path / "w.pt"), f"weights file '{tmp_path / 'w.pt'}' does not "
+         "exist; check the path"),
+    ]:  # fmt: skip
+        result = run_archtree("submit", "--api", f"http://127.0.0.1:{free_port()}", "--model",
+                              "builtin:resnet", "--budget", "70%", "--data", "builtin:digits",
+                              option, given, home=home)  # fmt: skip
+        assert one_error_line(result) == f"archtree: error: {said}"
+
+
 def test_only_search_settings_are_named_as_options():
     from archtree_cli.cli_terms import in_cli_terms
 

@@ -229,7 +229,20 @@ def test_user_file_errors(tmp_path: Path, name: str, arrays: dict, words: list[s
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ArchtreeError) as excinfo:
         load_data(str(tmp_path / "absent.npz"))
-    assert "does not exist" in _error(excinfo)
+    assert (
+        _error(excinfo) == f"data file '{tmp_path / 'absent.npz'}' does not exist; check the path"
+    )
+
+
+@pytest.mark.parametrize(("given", "builtin"), [("mnist", "mnist"), ("minst", "mnist"),
+                                                ("Digits.npz", "digits")])  # fmt: skip
+def test_a_missing_file_named_like_a_builtin_dataset_names_it(given: str, builtin: str) -> None:
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_data(given)
+    assert _error(excinfo) == (
+        f"data file '{given}' does not exist; check the path, or give builtin:{builtin} for the "
+        "builtin dataset"
+    )
 
 
 @pytest.mark.parametrize("name", ["images.npz", "images"])
