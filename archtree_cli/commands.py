@@ -722,6 +722,7 @@ DEMO_DATA = "builtin:mnist"
 def demo_weights(progress=print) -> Path:
     """A ResNet trained on MNIST, trained once and cached under ARCHTREE_HOME (written whole or
     not at all: a demo stopped while saving them leaves none to load next time)."""
+    from archtree_cli.training_progress import TrainingProgress
     from search.data_source import load_data
     from search.inputs import load_inputs
     from search.model_source import save_weights
@@ -733,7 +734,8 @@ def demo_weights(progress=print) -> Path:
     inputs = load_inputs(DEMO_MODEL, DEMO_DATA)
     data = load_data(DEMO_DATA)
     progress("training the demo model (builtin:resnet on builtin:mnist), once; it is cached")
-    train(inputs.model, data.train_x, data.train_y, epochs=3, lr=0.05, seed=0)
+    train(inputs.model, data.train_x, data.train_y, epochs=3, lr=0.05, seed=0,
+          progress=TrainingProgress(progress))  # fmt: skip
     progress(f"trained: validation accuracy {accuracy(inputs.model, data.val_x, data.val_y):.4f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
