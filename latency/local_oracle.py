@@ -130,10 +130,16 @@ class LocalOracle:
         return dict(self._fingerprint(self._last_input_shape))
 
     def measure_reference(
-        self, reference: ArchSpec, *, confirm: bool = False, refresh: bool = False
+        self,
+        reference: ArchSpec,
+        *,
+        confirm: bool = False,
+        refresh: bool = False,
+        on_timing: Callable[[], None] | None = None,
     ) -> TimingStats:
         """Time the unpruned model alone: the job's baseline L(M0). A timing in the cache is
-        used unless `refresh`, which times it again and caches the new timing."""
+        used unless `refresh`, which times it again and caches the new timing. `on_timing` is
+        called when it is timed (not taken from the cache), before the timing starts."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(reference, reference, "ref", confirm)
@@ -142,6 +148,8 @@ class LocalOracle:
         if stats is not None:
             self.cache_hits += 1
             return replace(stats, cached=True)
+        if on_timing is not None:
+            on_timing()
         with self.gate.timing():
             stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
