@@ -564,22 +564,35 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
-    """Delete each job given, in order; a job that cannot be deleted (unknown, not ended)
-    stops there, with the ones before it deleted and said to be."""
-    from archtree_cli.client import ENDED
+    """Delete each job given, in order. A job that cannot be deleted (unknown, not ended) is
+    said in one error line and the others are still deleted (exit 2); an API that cannot be
+    reached stops it there."""
+    from archtree_cli.client import ENDED, Unavailable, Unreachable
 
+    def delete(client, job_id: str) -> None:
+        job = client.job(job_id)
+        if job["status"] not in ENDED:
+            raise ArchtreeError(
+                f"job {job['id']} has not ended ({status_text(job)}): stop it with "
+                f"`archtree cancel {job['id']} --api {args.api}`, then delete it once it has "
+                "ended"
+            )
+        client.delete(job["id"])
+        print(f"job {job['id']} deleted, with its uploads, result files and events", flush=True)
+
+    refused = 0
     with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
         for job_id in args.jobs:
-            job = client.job(job_id)
-            if job["status"] not in ENDED:
-                raise ArchtreeError(
-                    f"job {job['id']} has not ended ({status_text(job)}): stop it with "
-                    f"`archtree cancel {job['id']} --api {args.api}`, then delete it once it "
-                    "has ended"
-                )
-            client.delete(job["id"])
-            print(f"job {job['id']} deleted, with its uploads, result files and events")
-    return 0
+            try:
+                delete(client, job_id)
+            except (Unreachable, Unavailable):
+                raise
+            except ArchtreeError as error:
+                if len(args.jobs) == 1:
+                    raise
+                refused += 1
+                print(f"archtree: error: {in_cli_terms(str(error))}", file=sys.stderr, flush=True)
+    return 2 if refused else 0
 
 
 def run_jobs(args: argparse.Namespace) -> int:
@@ -601,7 +614,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     last = args.offset + shown
     if shown == 0 and args.offset and total:
         print(f"(no {which} past the {total} there are: lower --offset)", file=sys.stderr)
-    elif last < total or args.offset:
+    elif shown and (last < total or args.offset):
         # The API lists 200 at most at once: past those, --offset is the way on.
         more = [f"--offset {last} shows the next"] if last < total else []
         more += ["--limit more at once"] if last < total and args.limit < 200 else []

@@ -948,6 +948,45 @@ def test_a_failed_jobs_results_are_refused_saying_where_its_error_is(
     assert fetched.stderr.strip().endswith(f"its error says why: `archtree status {job_id}`")
 
 
+def test_archtree_delete_deletes_every_job_it_can_and_names_the_others(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess, tmp_path: Path
+):
+    first, running, last = (job_store.create(SPEC) for _ in range(3))
+    job_store.set_status_if_active(first, "cancelled")
+    job_store.set_status_if_active(last, "failed")
+
+    result = run_archtree(
+        "delete", first, "nosuchjob", running, last, "--api", api_server.url, home=tmp_path
+    )
+
+    assert result.returncode == 2, result.stderr
+    deleted = "deleted, with its uploads, result files and events"
+    assert result.stdout == f"job {first} {deleted}\njob {last} {deleted}\n"
+    assert result.stderr.splitlines() == [
+        "archtree: error: no job 'nosuchjob': list the jobs with `archtree jobs`",
+        f"archtree: error: job {running} has not ended (queued): stop it with `archtree cancel "
+        f"{running} --api {api_server.url}`, then delete it once it has ended",
+    ]
+    assert [http.get(f"/v1/jobs/{job}").status_code for job in (first, running, last)] == [
+        404,
+        200,
+        404,
+    ]
+    http.post(f"/v1/jobs/{running}/cancel")
+
+
+def test_archtree_jobs_past_the_end_of_no_jobs_says_there_are_none(
+    http: httpx.Client, api_server: ApiProcess, tmp_path: Path
+):
+    status = "waiting_for_device"  # no job here waits: no worker runs them
+    assert http.get("/v1/jobs", params={"status": status}).json()["total"] == 0
+    listed = run_archtree(
+        "jobs", "--status", status, "--offset", "5", "--api", api_server.url, home=tmp_path
+    )
+    assert listed.returncode == 0 and listed.stdout == "", listed.stderr
+    assert listed.stderr == f"no {status} jobs\n"
+
+
 def test_a_succeeded_jobs_result_lost_by_the_store_answers_503_its_path_logged_only(
     http: httpx.Client, job_store: JobStore, api_server: ApiProcess
 ):
