@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Header, HTTPException
@@ -29,6 +33,46 @@ LEASE_CHECK_S = 2.0
 # A Redis stream id: milliseconds, optionally a sequence number, each a 64-bit unsigned integer.
 _STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 _STREAM_ID_PART_MAX = 2**64 - 1
+# Set once this process is told to stop (SIGTERM, SIGINT): the open streams end at their next
+# turn, and their clients resume them from their last event id on the API that serves next.
+# Left open, they would hold the server's graceful stop up until its timeout cut them, with an
+# error and a traceback for each. A threading.Event, as a signal handler sets it.
+STOPPING = threading.Event()
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class _EndingStreams:
+    """A stop signal's handler: sets STOPPING, then does what the server's handler does."""
+
+    server_handler: Callable[[int, FrameType | None], Any]
+
+    def __call__(self, number: int, frame: FrameType | None) -> None:
+        STOPPING.set()
+        self.server_handler(number, frame)
+
+
+def end_streams_on_stop() -> None:
+    """Have a stop signal to this process end its streams, besides stopping its server.
+
+    Each process of the API (`archtree api --workers N` runs N) does so once it serves a
+    stream, over the handler its server put in place for the signal (uvicorn's, which stops
+    taking requests and waits for the open ones to end). Only in the main thread, which takes
+    signals, and only over a handler in Python: a signal left to its default still ends the
+    process as before."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in _STOP_SIGNALS:
+        handler = signal.getsignal(number)
+        if callable(handler) and not isinstance(handler, _EndingStreams):
+            signal.signal(number, _EndingStreams(handler))
+
+
+async def _pause(seconds: float) -> None:
+    """Sleep `seconds`, in turns of POLL_S at most, ending at the next once the process stops."""
+    deadline = time.monotonic() + seconds
+    while not STOPPING.is_set() and (left := deadline - time.monotonic()) > 0:
+        await anyio.sleep(min(left, POLL_S))
 
 
 def start_after(
@@ -63,11 +107,13 @@ async def job_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """The job's events after `after`, following new ones until the job has ended, their
     texts in spec terms (`search.width`, not `--width`). While it runs, a task whose worker
-    was lost is said in a `task_lost` event (added to the job's events, once)."""
+    was lost is said in a `task_lost` event (added to the job's events, once). It ends early
+    when the process is told to stop (see STOPPING)."""
+    end_streams_on_stop()
     ended_at: float | None = None
     unreachable_since: float | None = None
     leases_checked = 0.0
-    while True:
+    while not STOPPING.is_set():
         try:
             batch = await run_in_threadpool(jobs.read_events, job_id, after)
             job = None if batch else await run_in_threadpool(jobs.get, job_id)
@@ -80,7 +126,7 @@ async def job_events(
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > REDIS_GRACE_S:
                 raise
-            await anyio.sleep(REDIS_RETRY_S)
+            await _pause(REDIS_RETRY_S)
             continue
         unreachable_since = None
         for event_id, event in batch:
@@ -96,4 +142,4 @@ async def job_events(
             ended_at = ended_at or time.monotonic()
             if time.monotonic() - ended_at > END_GRACE_S:
                 return
-        await anyio.sleep(POLL_S)
+        await _pause(POLL_S)
