@@ -236,7 +236,8 @@ def tcp_port(text: str) -> int:
     return port
 
 
-# Seconds a stopping API waits for open requests (event streams above all) before it cuts them.
+# Seconds a stopping API waits for open requests before it cuts them (its event streams end
+# at once on the stop: api.event_stream).
 API_STOP_GRACE_S = 3
 
 
