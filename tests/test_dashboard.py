@@ -942,6 +942,9 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
     with stack.client() as client:
         spec = job_spec() | {"budget": "1000ms"}
         job_id = client.post("/v1/jobs", data={"spec": json.dumps(spec)}).json()["id"]
+        # Ended: its page's header holds its Delete button too, the widest it gets.
+        ended = {"succeeded", "failed"}
+        wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ended, JOB_S, "end")
     size = page.get_window_size()
     page.set_window_size(390, 900)
     try:
