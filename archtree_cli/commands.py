@@ -553,7 +553,11 @@ def _result_folder(args: argparse.Namespace):
                 f"wrote, or a model source ({SOURCE_FORMS})"
             )
         return None
-    for option, given in (("--weights", args.weights), ("--num-classes", args.num_classes)):
+    for option, given in (
+        ("--weights", args.weights),
+        ("--num-classes", args.num_classes),
+        ("--allow-pickle", args.allow_pickle or None),
+    ):
         if given is not None:
             raise ArchtreeError(
                 f"{option} is not used with a result folder as --model: {args.model} holds "

@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tiny run: builtin:vgg on builtin:digits, one budget, few measurements; "
         "skips scaling unless --only names it",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="results folder (default: bench/results)"
+    )
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"of {', '.join(SECTIONS)}"
     )

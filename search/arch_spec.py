@@ -62,11 +62,23 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
+        """The spec `data` describes; ValueError saying what is wrong with it, where it is not
+        an object of a model, an input shape and layers of positive sizes."""
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {_json_kind(data)}, not an object")
+        if not isinstance(data.get("model"), dict):
+            raise ValueError("its `model` is not an object of source, num_classes, in_channels")
+        layers = data.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError(f"its `layers` is a JSON {_json_kind(layers)}, not an object")
         token_range = data.get("token_range")
         return cls(
             model=ModelRef.from_dict(data["model"]),
-            input_shape=tuple(int(v) for v in data["input_shape"]),
-            layers={str(k): [int(v) for v in shape] for k, shape in data["layers"].items()},
+            input_shape=_sizes(data.get("input_shape"), "its `input_shape`"),
+            layers={
+                str(k): list(_sizes(shape, f"the shape of layer {k!r}"))
+                for k, shape in layers.items()
+            },
             token_range=None if token_range is None else int(token_range),
         )
 
@@ -87,6 +99,20 @@ class ArchSpec:
 
     def __hash__(self) -> int:
         return hash(self.hash)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _sizes(value: Any, what: str) -> tuple[int, ...]:
+    """`value` as sizes: a list of whole numbers of 1 or more; ValueError naming `what`."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    ):
+        raise ValueError(f"{what} is {json.dumps(value)[:60]}, not a list of sizes of 1 or more")
+    return tuple(value)
 
 
 def spec_of(

@@ -105,8 +105,11 @@ def load_result_spec(directory: str | Path) -> ArchSpec:
     arch_path = folder / "arch.json"
     try:
         return ArchSpec.from_json(arch_path.read_text())
-    except (ValueError, KeyError, TypeError) as error:
-        raise ArchtreeError(f"{arch_path} is not a valid architecture spec ({error}).") from error
+    except (ValueError, KeyError, TypeError, ArchtreeError) as error:
+        raise ArchtreeError(
+            f"{arch_path} is not a valid architecture spec ({error}): save the result again "
+            "with `archtree prune`, or `archtree fetch` for a service job."
+        ) from error
 
 
 def _check_result_files(folder: Path) -> None:

@@ -3,6 +3,7 @@ before any work: options, files, models, data and the environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -466,6 +467,36 @@ def test_a_result_whose_weights_do_not_fit_or_are_cut_short_is_one_line(tmp_path
         load_pruned(folder)
     assert str(cut.value).startswith(f"{weights} cannot be read (")
     assert "damaged or was cut short" in str(cut.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda arch: [], "it holds a JSON list, not an object"),
+        (lambda arch: arch | {"layers": [1, 2]}, "its `layers` is a JSON list, not an object"),
+        (lambda arch: arch | {"model": "vgg"}, "its `model` is not an object of source"),
+        (
+            lambda arch: arch | {"layers": arch["layers"] | {"features.0.0": [1, 0, 1]}},
+            "the shape of layer 'features.0.0' is [1, 0, 1], not a list of sizes of 1 or more",
+        ),
+        (lambda arch: arch | {"input_shape": None}, "its `input_shape` is null, not a list"),
+    ],
+)
+def test_an_arch_json_of_the_wrong_structure_is_one_line_naming_it(tmp_path, home, edit, said):
+    from search.artifacts import load_pruned, save_artifacts
+    from search.errors import ArchtreeError
+
+    spec, model = _vgg_result_parts(seed=0)
+    folder = save_artifacts(tmp_path / "result", spec, model, {})
+    arch = folder / "arch.json"
+    arch.write_text(json.dumps(edit(json.loads(arch.read_text()))))
+
+    with pytest.raises(ArchtreeError) as error:
+        load_pruned(folder)
+    assert str(error.value).startswith(f"{arch} is not a valid architecture spec ({said}")
+    assert str(error.value).endswith("or `archtree fetch` for a service job.")
+    measured = archtree("measure", "--model", str(folder), home=home, check=False)
+    assert one_line_error(measured).startswith(f"archtree: error: {arch} is not a valid")
 
 
 @pytest.mark.parametrize(

@@ -797,7 +797,7 @@ def test_a_job_submitted_to_a_server_that_is_not_http_is_not_sent_again(redis_ur
     assert "sending the job again" not in result.stderr, result.stderr
 
 
-def test_an_api_host_name_that_does_not_resolve_is_said_to_be_a_name_problem():
+def test_an_api_host_name_that_does_not_resolve_is_said_to_be_a_name_problem(home: Path):
     # .invalid never resolves (RFC 2606): the error says so, not that the API is down.
     with (
         ArchtreeClient("http://nosuchhost.invalid:8000") as client,
@@ -806,8 +806,11 @@ def test_an_api_host_name_that_does_not_resolve_is_said_to_be_a_name_problem():
         client.job(JOB)
     message = str(raised.value)
     assert "the host name 'nosuchhost.invalid' does not resolve" in message, message
-    assert "check --api for a typo, or this machine's DNS" in message
+    # From Python, the URL given; on the command line, its option.
+    assert "check the API URL for a typo, or this machine's DNS" in message
     assert "archtree up" not in message
+    result = run_archtree("jobs", "--api", "http://nosuchhost.invalid:8000", home=home)
+    assert "check --api for a typo" in result.stderr, result.stderr
 
 
 def test_an_unreachable_default_api_names_both_the_option_and_the_variable(
