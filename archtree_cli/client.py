@@ -103,7 +103,7 @@ def plain_http_instead(error: Exception, api_url: str) -> str | None:
     return None
 
 
-def checked_api_url(api_url: str, source: str = "--api") -> str:
+def checked_api_url(api_url: str, source: str = "the API URL") -> str:
     """`api_url` without a trailing slash, once it is an http(s) URL with a host; `source`:
     where it came from, which a refusal names."""
     try:
@@ -126,9 +126,11 @@ def checked_api_url(api_url: str, source: str = "--api") -> str:
 class ArchtreeClient:
     """Calls to one Archtree API; every method raises ArchtreeError with a one-line message."""
 
-    def __init__(self, api_url: str, timeout_s: float | None = None, source: str = "--api") -> None:
-        """`source`: where `api_url` came from, which messages tell the user to check (an
-        option, or an environment variable)."""
+    def __init__(
+        self, api_url: str, timeout_s: float | None = None, source: str = "the API URL"
+    ) -> None:
+        """`source`: where `api_url` came from, which messages tell the user to check (the
+        command line gives its option, --api, or an environment variable)."""
         self.source = source
         self.api_url = checked_api_url(api_url, source)
         self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
@@ -180,8 +182,9 @@ class ArchtreeClient:
                 except (httpx.ConnectError, httpx.ConnectTimeout) as error:
                     raise self._failure(error) from None  # nothing was sent
                 except httpx.TransportError as error:
-                    if isinstance(error, httpx.RemoteProtocolError) and not self._speaks_http():
-                        raise self._failure(error) from None  # no API: no job was created
+                    broken_off = not isinstance(error, httpx.TimeoutException)
+                    if broken_off and not self._speaks_http():
+                        raise self._not_http(error) from None  # no API: no job was created
                     if attempt == SUBMIT_ATTEMPTS:
                         raise MaybeSubmitted(str(self._failure(error)), key) from None
                     what, delay_s = self._stall(error), None
@@ -444,22 +447,27 @@ class ArchtreeClient:
                 f"resolve ({_cause(error, socket.gaierror)}); check {self.source} for a typo, "
                 "or this machine's DNS"
             )
+        if isinstance(error, httpx.RemoteProtocolError):
+            return self._not_http(error)
         v1 = without_v1(self.api_url, self.source)
         also = f" ({v1})" if v1 else ""
-        if isinstance(error, httpx.RemoteProtocolError):
-            # Reached, but what came back was not HTTP, or nothing: another kind of server
-            # (Redis, a database), or an API that stopped mid-answer.
-            return Unreachable(
-                f"the server at {self.api_url} did not answer in HTTP ({error}): check that "
-                f"{self.source} names an Archtree API (the address `archtree up` prints), and "
-                f"that it is running{also}"
-            )
         if isinstance(error, httpx.TransportError):
             return Unreachable(
                 f"cannot reach the API at {self.api_url} ({type(error).__name__}): start it "
                 f"with `archtree up`, or check {self.source}{also}"
             )
         return self._not_archtree(type(error).__name__)
+
+    def _not_http(self, error: httpx.TransportError) -> Unreachable:
+        """Reached, but what came back was not HTTP, or nothing: another kind of server
+        (Redis, a database), or an API that stopped mid-answer."""
+        v1 = without_v1(self.api_url, self.source)
+        also = f" ({v1})" if v1 else ""
+        return Unreachable(
+            f"the server at {self.api_url} did not answer in HTTP ({error or type(error).__name__}"
+            f"): check that {self.source} names an Archtree API (the address `archtree up` "
+            f"prints), and that it is running{also}"
+        )
 
     def _stream_failure(
         self, job_id: str, error: httpx.TransportError, answered: bool
@@ -477,7 +485,9 @@ class ArchtreeClient:
         a server of another protocol (a Redis) that can have created no job."""
         try:
             self.http.get("/healthz", timeout=min(self.timeout_s, HTTP_PROBE_TIMEOUT_S))
-        except httpx.RemoteProtocolError:
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # Not HTTP back, or the connection reset by a server that read the request as
+            # something else (Redis closes on an HTTP header line).
             return False
         except httpx.TransportError:
             return True  # no telling: sent again, as before
