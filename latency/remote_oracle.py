@@ -117,12 +117,16 @@ class RemoteOracle:
     def offer_model(self, spec: ArchSpec, model: object) -> None:
         """Agents build candidates from the spec on their own device: nothing to keep here."""
 
-    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
-        """Time the unpruned model alone on an agent: the job's baseline L(M0)."""
+    def measure_reference(
+        self, reference: ArchSpec, *, confirm: bool = False, refresh: bool = False
+    ) -> TimingStats:
+        """Time the unpruned model alone on an agent: the job's baseline L(M0). A timing in the
+        cache is used unless `refresh`, which times it again and caches the new timing."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(reference, reference, "ref", confirm)
-        stats = decoded(self.cache.get(key), lambda entry: TimingStats(**entry))
+        cached = None if refresh else self.cache.get(key)
+        stats = decoded(cached, lambda entry: TimingStats(**entry))
         if stats is not None:
             self._count_hit()
             return replace(stats, cached=True)

@@ -97,7 +97,9 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     context.prepare()
     smallest = _smallest_spec(context)  # before any timing: a model with nothing to prune fails
     context.check_cancelled("before the unpruned model was measured")
-    reference = oracle.measure_reference(context.root_spec)
+    # Timed afresh, not taken from the latency cache: every other latency is a ratio to it,
+    # and one timed while the machine was busy would skew all of this search's.
+    reference = oracle.measure_reference(context.root_spec, refresh=True)
     baseline_ms = reference.median_ms
     budget_ms = budget.resolve(baseline_ms)
     baseline_macs = total_macs(context.base_model, context.positions)

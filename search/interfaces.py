@@ -78,8 +78,11 @@ class LatencyOracle(Protocol):
     def fingerprint(self) -> dict[str, Any]:
         """Device class, host, runtime and versions, threads, batch, dtype."""
 
-    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
-        """Time the unpruned model alone: the job's baseline L(M0)."""
+    def measure_reference(
+        self, reference: ArchSpec, *, confirm: bool = False, refresh: bool = False
+    ) -> TimingStats:
+        """Time the unpruned model alone: the job's baseline L(M0); with `refresh`, timed
+        again rather than taken from a cache (and cached anew)."""
 
     def offer_model(self, spec: ArchSpec, model: Any) -> None:
         """A model already built for `spec`, which an oracle timing in this process may use

@@ -54,7 +54,9 @@ class BlockedConvDevice:
         }
         return {**fingerprint, "gpu": self.gpu} if self.gpu else fingerprint
 
-    def measure_reference(self, reference: ArchSpec, *, confirm: bool = False) -> TimingStats:
+    def measure_reference(
+        self, reference: ArchSpec, *, confirm: bool = False, refresh: bool = False
+    ) -> TimingStats:
         return self._stats(reference, reference)
 
     def offer_model(self, spec: ArchSpec, model: Any) -> None:

@@ -349,13 +349,15 @@ def test_width_one_equals_greedy_and_timings_from_the_cache_are_said_to_be(tmp_p
                      home=home)  # fmt: skip
     greedy = json.loads((tmp_path / "g" / "report.json").read_text())
     width_one = json.loads((tmp_path / "w" / "report.json").read_text())
-    # The same search again: every timing, the baseline's and the confirmation's included,
-    # comes from the cache, and the progress and the counts say so.
+    # The same search again: every timing comes from the cache, the confirmation's included,
+    # and the progress and the counts say so; but for the unpruned model's, which anchors
+    # them all and is timed afresh by each new search.
     assert len(timed(first)) == 2 and not any("cached" in line for line in timed(first))
-    assert len(timed(again)) == 2 and all(", cached)" in line for line in timed(again))
-    assert width_one["search"]["latency_measurements"] == 0
+    baseline, confirmed = timed(again)
+    assert ", cached)" not in baseline and ", cached)" in confirmed
+    assert width_one["search"]["latency_measurements"] == 1
     first_total = greedy["search"]["latency_measurements"] + greedy["search"]["cache_hits"]
-    assert width_one["search"]["cache_hits"] == first_total
+    assert width_one["search"]["cache_hits"] == first_total - 1
 
     def shape(report):
         return [(n["id"], n["parent"], n["move"], n["arch_hash"]) for n in report["tree"]]

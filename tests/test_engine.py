@@ -66,10 +66,10 @@ class FixedCostDevice(BlockedConvDevice):
     def cost_ms(self, spec):
         return super().cost_ms(spec) + self.fixed_ms
 
-    def measure_reference(self, reference, *, confirm=False):
+    def measure_reference(self, reference, *, confirm=False, refresh=False):
         self.fixed_ms = 0.0
         self.fixed_ms = 30 * super().cost_ms(reference)
-        return super().measure_reference(reference, confirm=confirm)
+        return super().measure_reference(reference, confirm=confirm, refresh=refresh)
 
 
 def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_already_meets():
@@ -143,9 +143,9 @@ class TimingsCountedDevice(BlockedConvDevice):
         super().__init__(1)
         self.timings = 0
 
-    def measure_reference(self, reference, *, confirm=False):
+    def measure_reference(self, reference, *, confirm=False, refresh=False):
         self.timings += 1
-        return super().measure_reference(reference, confirm=confirm)
+        return super().measure_reference(reference, confirm=confirm, refresh=refresh)
 
     def measure(self, candidate, reference, *, confirm=False):
         self.timings += 1
