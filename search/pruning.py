@@ -57,21 +57,26 @@ def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> list[st
 
 
 def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Output positions per sample (spatial size) of every conv and linear layer, by name.
+    """Output positions per sample (spatial size) of every conv and linear layer, and the
+    tokens per sample of every attention, by name.
 
     Pruning changes channel counts, never positions, so one forward pass of the unpruned
     model gives what every pruned variant's MACs need.
     """
     positions: dict[str, int] = {}
 
-    def record(name: str, module: nn.Module, output: torch.Tensor) -> None:
+    def record(name: str, module: nn.Module, output: torch.Tensor | tuple) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            output = output[0]  # (tokens, batch, E), or (batch, tokens, E) with batch_first
+            positions[name] = int(output.shape[-2] if module.batch_first else output.shape[0])
+            return
         channels = module.out_channels if hasattr(module, "out_channels") else module.out_features
         positions[name] = int(output.numel() // output.shape[0] // channels)
 
     hooks = [
         module.register_forward_hook(lambda m, _i, o, name=name: record(name, m, o))
         for name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_TYPES)
+        if isinstance(module, (*PRUNABLE_TYPES, nn.MultiheadAttention))
     ]
     try:
         with torch.no_grad():
@@ -83,7 +88,9 @@ def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str,
 
 
 def layer_macs(model: nn.Module, positions: Mapping[str, int]) -> dict[nn.Module, float]:
-    """Multiply-accumulates per sample of every conv and linear layer."""
+    """Multiply-accumulates per sample of every conv and linear layer, and of every attention
+    (its input and output projections, which it runs without calling them as modules, and
+    its products of queries with keys and of weights with values)."""
     macs: dict[nn.Module, float] = {}
     for name, module in model.named_modules():
         if name not in positions:
@@ -93,6 +100,10 @@ def layer_macs(model: nn.Module, positions: Mapping[str, int]) -> dict[nn.Module
             macs[module] = positions[name] * module.out_channels * per_output
         elif isinstance(module, nn.Linear):
             macs[module] = positions[name] * module.out_features * module.in_features
+        elif isinstance(module, nn.MultiheadAttention):
+            tokens, width = positions[name], module.embed_dim
+            projections = tokens * width * (module.kdim + module.vdim + 2 * width)
+            macs[module] = projections + 2 * tokens * tokens * width
     return macs
 
 
@@ -199,7 +210,9 @@ class PrunableModel:
             module = item.dep.target.module
             if module not in macs:
                 continue
-            if self.graph.is_out_channel_pruning_fn(item.dep.handler):
+            if isinstance(module, nn.MultiheadAttention):
+                width = module.embed_dim
+            elif self.graph.is_out_channel_pruning_fn(item.dep.handler):
                 width = _out_width(module)
             else:
                 width = module.in_channels if hasattr(module, "in_channels") else module.in_features

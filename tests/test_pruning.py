@@ -106,3 +106,37 @@ def test_pruned_model_is_not_much_slower(example_input):
 
     # A generous bound: timing here is noisy, but a model at minimum width is never 2x slower.
     assert cost(pruned) < 2.0 * cost(model)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_attentions_multiply_accumulates_are_counted_and_shrink_with_its_width(batch_first):
+    """Its projections run without being called as modules, which hooks on them miss."""
+    from search.pruning import least_important, output_positions, total_macs
+
+    class Attending(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(6, 32)
+            self.attention = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first)
+            self.head = torch.nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 10 tokens, 6)
+            tokens = self.embed(x) if batch_first else self.embed(x).transpose(0, 1)
+            attended = tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+            return self.head(attended.mean(1 if batch_first else 0))
+
+    model, example = Attending().eval(), torch.zeros(1, 10, 6)
+    positions = output_positions(model, example)
+    assert positions["attention"] == 10
+    # Per token: the embedding and head, 4 projections of 32x32, and 2 products over 10 tokens.
+    assert (
+        total_macs(model, positions) == 10 * 6 * 32 + 3 * 32 + 10 * 4 * 32 * 32 + 2 * 10 * 10 * 32
+    )
+    pruner = PrunableModel(model, example, positions=positions)
+    stream = next(g for g in pruner.groups if g.size == 32)
+    assert stream.macs_per_channel > 10 * 4 * 32  # the attention's share counted in
+    pruner.remove({stream.name: least_important(pruner.importance()[stream.name], 8, 4)})
+    assert model.attention.embed_dim == 24
+    assert (
+        total_macs(model, positions) == 10 * 6 * 24 + 3 * 24 + 10 * 4 * 24 * 24 + 2 * 10 * 10 * 24
+    )
