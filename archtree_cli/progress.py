@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+# A depth's time left is said on its children's lines once it is this long or longer.
+TIME_LEFT_SAID_FROM_S = 30.0
 # What a data-free search's scores are, said once.
 FIDELITY_MEANS = (
     "the data have no labels: candidates are scored by fidelity to the unpruned model, minus "
@@ -23,6 +25,7 @@ class ConsoleProgress:
         self.started = time.monotonic()
         self.children_planned = 0
         self.children_seen = 0
+        self.depth_started_at = 0.0
         # What candidates are scored by: "fidelity" (to the unpruned model) without labels.
         self.score_name = "score"
         self.evaluating_said = False
@@ -36,13 +39,27 @@ class ConsoleProgress:
         (children evaluated in parallel, finishing) must not print after its last line."""
         self.quiet = True
 
+    def _elapsed(self) -> float:
+        """Seconds since the start: of the run, or of a job's first event, when replayed."""
+        if self.event_time is not None and self.first_event_time is not None:
+            return self.event_time - self.first_event_time
+        return time.monotonic() - self.started
+
     def _print(self, text: str) -> None:
         if not self.quiet:
-            if self.event_time is not None and self.first_event_time is not None:
-                elapsed = self.event_time - self.first_event_time
-            else:
-                elapsed = time.monotonic() - self.started
-            print(f"[{elapsed:6.1f}s] {text}", file=self.stream, flush=True)
+            print(f"[{self._elapsed():6.1f}s] {text}", file=self.stream, flush=True)
+
+    def _depth_time_left(self) -> str:
+        """The time the depth's remaining children take at the pace of those done so far,
+        once it is worth saying (half a minute or more)."""
+        left = self.children_planned - self.children_seen
+        if left <= 0 or self.children_seen == 0:
+            return ""
+        left_s = (self._elapsed() - self.depth_started_at) / self.children_seen * left
+        if left_s < TIME_LEFT_SAID_FROM_S:
+            return ""
+        said = f"{round(left_s)} s" if left_s < 90 else f"{round(left_s / 60)} min"
+        return f"; about {said} left in depth"
 
     def _evaluating_means(self, depth: dict[str, Any]) -> str:
         """What evaluating a child involves, said on the first depth's line only: each takes
@@ -107,9 +124,11 @@ class ConsoleProgress:
             self._print(f"smallest reachable {data['smallest_ms']:.3f} ms; {widening}")
         elif kind == "depth_started":
             self.children_planned, self.children_seen = data["children"], 0
+            self.depth_started_at = self._elapsed()
             children = counted(data["children"], "child", "children")
+            most = f" of at most {data['max_depth']}" if data.get("max_depth") else ""
             self._print(
-                f"depth {data['depth']}: evaluating {children}" + self._evaluating_means(data)
+                f"depth {data['depth']}{most}: evaluating {children}" + self._evaluating_means(data)
             )
         elif kind == "child_merged":
             reason = merged_reason(data.get("into"), tie=bool(data.get("tie")))
@@ -130,7 +149,7 @@ class ConsoleProgress:
                 self._print(
                     f"  {count} {data['id']:>4} "
                     f"{move:<22} {data['latency_ms']:8.3f} ms {mark} "
-                    f"{self.score_name} {data['score']:.4f}"
+                    f"{self.score_name} {data['score']:.4f}{self._depth_time_left()}"
                 )
             elif kind == "child_skipped":
                 self._print(f"  {data['id']:>4} skipped: {data['reason']}")

@@ -292,7 +292,13 @@ def plan(context: SearchContext, state: SearchState) -> list[ChildTask]:
             max_cut=settings.max_cut,
         )
         tasks.extend(_child_task(state, parent, move, target_ms, depth) for move in moves)
-    context.sink.emit("depth_started", depth=depth, children=len(tasks), ft_steps=settings.ft_steps)
+    context.sink.emit(
+        "depth_started",
+        depth=depth,
+        children=len(tasks),
+        ft_steps=settings.ft_steps,
+        max_depth=settings.max_depth,
+    )
     return tasks
 
 

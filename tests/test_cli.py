@@ -399,7 +399,10 @@ def test_a_model_of_sequences_is_pruned_data_free_and_the_run_says_its_scores_ar
     assert result.stderr.count("candidates are scored by fidelity to the unpruned model") == 1
     assert re.search(r"\] +\[1/\d+\] .* fidelity -?\d", result.stderr), result.stderr
     assert " score " not in result.stderr
-    evaluating = r"depth 1: evaluating \d+ child(ren)? \(each pruned .*, fine-tuned 5 steps, scored"
+    evaluating = (
+        r"depth 1 of at most \d+: evaluating \d+ child(ren)? \(each pruned .*, fine-tuned 5 "
+        r"steps, scored"
+    )
     assert re.search(evaluating, result.stderr), result.stderr
     fidelity = json.loads((tmp_path / "out" / "report.json").read_text())["final"]["fidelity"]
     assert fidelity <= 0.0
@@ -774,6 +777,24 @@ def test_replayed_service_events_are_stamped_when_they_happened():
     assert stamps == ["2.5", "10.0"]
 
 
+def test_a_depths_lines_say_how_deep_it_may_go_and_the_time_it_has_left():
+    """Replayed service events carry their times: 40 s a child, 3 children to go."""
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream)
+    node = {"within_budget": True, "latency_ms": 1.0, "score": 0.9, "filled_from": None}
+    progress.emit("depth_started", depth=2, children=4, ft_steps=20, max_depth=6, time=1000.0)
+    progress.emit("node", id="n5", move="global", time=1040.0, **node)
+    progress.emit("node", id="n6", move="uniform", time=1050.0, **node)
+    progress.emit("node", id="n7", move="latency", time=1070.0, **node)
+    progress.emit("node", id="n8", move="focused:a", time=1080.0, **node)
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines[0].startswith("depth 2 of at most 6: evaluating 4 children")
+    assert lines[1].endswith("score 0.9000; about 2 min left in depth")  # 40 s each, 3 more
+    assert lines[2].endswith("score 0.9000; about 50 s left in depth")  # 25 s each, 2 more
+    assert lines[3].endswith("score 0.9000")  # 23 s for the last one: not worth saying
+    assert lines[4].endswith("score 0.9000")  # the depth's last
+
+
 def test_progress_lines_say_what_happens_in_the_order_that_matters():
     stream = io.StringIO()
     progress = ConsoleProgress(stream)
@@ -930,7 +951,8 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
         assert process.returncode == 143, lines.rest()
         return line, lines.rest()
 
-    _, stderr = stopped_at("depth 2:")  # saved once depth 1 is done, before depth 2 starts
+    # Saved once depth 1 is done, before depth 2 starts.
+    _, stderr = stopped_at("depth 2 of at most")
     assert (
         stderr.strip()
         .splitlines()[-1]
@@ -942,7 +964,7 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     line, stderr = stopped_at("resuming the search")
     assert "baseline" not in stderr.split("resuming")[0], stderr
     assert "evaluated" in line and line.endswith("going on after depth 1\n"), line
-    assert "depth 1:" not in stderr and "Traceback" not in stderr, stderr
+    assert "depth 1 of" not in stderr and "Traceback" not in stderr, stderr
     # --restart measures the unpruned model again instead.
     _, stderr = stopped_at("] baseline", ("--restart",))
     assert "resuming" not in stderr, stderr
