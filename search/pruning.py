@@ -8,6 +8,7 @@ depthwise convs, residual adds, the next layer's inputs).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -119,14 +120,20 @@ def region_of(names: Sequence[str]) -> dict[str, str]:
     """Map each layer name to its network region (a stage or a block).
 
     Uses the coarsest level of the module hierarchy that splits the layers into at least
-    three regions, so `layer1.0.conv1` lands in `layer1` for a ResNet and `features.3.conv.0`
-    in `features.3` for a net that keeps all its blocks in one `features` container.
+    three regions, none holding more than half of them, so `layer1.0.conv1` lands in `layer1`
+    for a ResNet, `features.3.conv.0` in `features.3` for a net that keeps all its blocks in
+    one `features` container, and `layers.3.conv1` in `layers.3` for one that keeps them in
+    `layers` beside a `stem` and a `head`. Where no level spreads them so, the coarsest that
+    gives three regions.
     """
     depth = max((len(n.split(".")) for n in names), default=1)
-    for level in range(1, depth + 1):
-        regions = {n: ".".join(n.split(".")[:level]) for n in names}
-        if len(set(regions.values())) >= 3:
+    levels = [{n: ".".join(n.split(".")[:level]) for n in names} for level in range(1, depth + 1)]
+    split = [regions for regions in levels if len(set(regions.values())) >= 3]
+    for regions in split:
+        if max(Counter(regions.values()).values()) * 2 <= len(names):
             return regions
+    if split:
+        return split[0]
     return {n: ".".join(n.split(".")[:-1]) or n for n in names}
 
 

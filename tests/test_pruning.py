@@ -82,6 +82,11 @@ def test_regions_split_a_network_into_stages():
     assert len(set(regions.values())) == 4
     nested = region_of(["features.0.0", "features.1.conv.0", "features.2.conv.3"])
     assert nested["features.1.conv.0"] == "features.1"
+    # Blocks kept in one container beside a stem and a head: each block its own region.
+    blocks = [f"layers.{b}.conv{c}" for b in range(4) for c in (1, 2)]
+    regions = region_of(["stem.0", *blocks, "head.0"])
+    assert regions["layers.0.conv2"] == "layers.0" and regions["layers.3.conv1"] == "layers.3"
+    assert len(set(regions.values())) == 6
 
 
 def test_pruned_model_is_not_much_slower(example_input):
