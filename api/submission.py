@@ -136,6 +136,9 @@ def _store_and_queue(
     """Put the checked uploads in the artifact store under the new job's id, and queue the
     job; `sent_names`: the file names the uploads came with, which the job keeps to show them."""
     stored = {name: f"jobs/{job_id}/inputs/{path.name}" for name, path in local.items()}
+    # Written whatever the uploads: it checks the store takes files, and the job's first step
+    # that the workers' store is this one.
+    marker = f"jobs/{job_id}/submitted"
     job_spec = {
         **spec.model_dump(exclude={"search"}),
         "data": ARTIFACT_PREFIX + stored["data"] if "data" in stored else spec.data,
@@ -144,10 +147,9 @@ def _store_and_queue(
         "upload_names": {name: sent for name, sent in sent_names.items() if sent},
     }
     try:
+        services.artifacts.put_bytes(marker, b"")
         for name, path in local.items():
             services.artifacts.put_file(stored[name], path)
-        if not local:  # the uploads' writes check the store; without any, so does this
-            services.artifacts.check_writable()
         submit_job(
             services.jobs,
             job_spec,
@@ -155,9 +157,10 @@ def _store_and_queue(
             job_id=job_id,
             notes=strategy_notes(spec),
             api_url=api_url,
+            store_marker=marker,
         )
     except BaseException:
-        for name in stored.values():
+        for name in [*stored.values(), marker]:
             services.artifacts.delete(name)
         raise
     return job_id

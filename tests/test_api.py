@@ -1024,7 +1024,7 @@ def test_a_submission_the_store_cannot_take_answers_503_and_creates_nothing(
     assert answer.status_code == 503, answer.text
     assert one_line_detail(answer).startswith("the service cannot write its files (")
     assert str(api_server.artifacts) not in answer.text
-    assert str(api_server.artifacts) in wait_for_log(api_server, "cannot write write-checks/")
+    assert str(api_server.artifacts) in wait_for_log(api_server, "/submitted in the artifact")
     assert job_total(http) == before
     assert submit(http, SPEC).status_code == 202  # and the store works again once restored
 
@@ -1337,12 +1337,17 @@ def test_health_readiness_and_metrics(http: httpx.Client):
     # Ready, since jobs can be queued; but whoever looks is told that none would run.
     assert "no Celery worker answered" in ready.json()["detail"]
 
-    metrics = http.get("/metrics")
+    device = http.post("/v1/devices", json={"device_class": "api-metrics", "host": "h"}).json()
+    try:
+        metrics = http.get("/metrics")
+    finally:
+        http.delete(f"/v1/devices/{device['id']}")
 
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "archtree_redis_up 1.0" in metrics.text
     assert 'archtree_jobs{status="queued"}' in metrics.text
-    assert 'archtree_measurement_queue_depth{device_class="api-cpu"} 0.0' in metrics.text
+    assert 'archtree_measurement_queue_depth{device_class="api-metrics"} 0.0' in metrics.text
+    assert 'archtree_agents_online{device_class="api-metrics"} 1.0' in metrics.text
 
 
 def test_the_api_is_unready_while_redis_is_unreachable(tmp_path: Path, redis_url: str):

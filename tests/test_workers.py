@@ -235,6 +235,29 @@ def test_a_job_the_store_cannot_take_fails_its_paths_in_the_workers_log_only(
     assert logged and f"in the artifact store {root}" in workers.logs()
 
 
+def test_a_job_submitted_to_another_artifact_store_than_the_workers_fails_saying_so(
+    workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
+):
+    """Its results would land where the API that took it never finds them."""
+    start_agents(agents, jobs, "other-store", 1)
+    apis_store = ArtifactStore(str(tmp_path / "the-apis-store"))
+    job_id = "0ther5t0re00"
+    apis_store.put_bytes(f"jobs/{job_id}/submitted", b"")
+    submit_job(jobs, job_spec("other-store"), celery=workers.app, job_id=job_id,
+               store_marker=f"jobs/{job_id}/submitted")  # fmt: skip
+
+    job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "failed"
+    assert job["error"] == (
+        "the workers' artifact store is not the API's (the job's submitted files are not in "
+        "it): the operator's to fix (the workers' log says where)"
+    )
+    said = f"jobs/{job_id}/submitted is missing from this worker's artifact store"
+    assert wait_until(lambda: said in workers.logs(), 10, "the log")
+    assert "ARCHTREE_ARTIFACTS_URL" in workers.logs()
+
+
 def test_counts_for_a_job_that_no_longer_exists_leave_no_key(jobs: JobStore):
     """A task still running for a deleted job (or one lost with an emptied Redis) counts
     nothing: no key would ever delete what it wrote."""

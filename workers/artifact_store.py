@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -85,15 +84,6 @@ class ArtifactStore:
                 raise
         except OSError as error:
             raise self._failure("write", name, error) from None
-
-    def check_writable(self) -> None:
-        """Write and remove a small file; ArtifactStoreError when the store refuses."""
-        name = f"write-checks/{uuid.uuid4().hex}"
-        self.put_bytes(name, b"")
-        try:
-            self.fs.rm(self._path(name))
-        except OSError as error:
-            raise self._failure("remove", name, error) from None
 
     def get_bytes(self, name: str) -> bytes:
         try:

@@ -108,9 +108,11 @@ class JobStore:
         job_id: str | None = None,
         notes: list[str] | None = None,
         api_url: str | None = None,
+        store_marker: str | None = None,
     ) -> str:
-        """Store a new queued job (with `notes` in its progress, when given, and the address
-        of the API it was submitted to); returns its id."""
+        """Store a new queued job (with `notes` in its progress, when given, the address of
+        the API it was submitted to, and the file its submission put in the artifact store,
+        which a worker checks its own store holds); returns its id."""
         job_id = job_id or uuid.uuid4().hex[:12]
         now = time.time()
         with self.client.pipeline() as pipe:
@@ -127,6 +129,7 @@ class JobStore:
                     ),
                     "cancel_requested": "0",
                     "api_url": api_url or "",
+                    "store_marker": store_marker or "",
                 },
             )
             pipe.zadd(f"{self.prefix}jobs", {job_id: now})
@@ -197,6 +200,11 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         return self.record(job_id, self.client.hgetall(self._key(job_id)))
+
+    def store_marker(self, job_id: str) -> str | None:
+        """The file the job's submission put in the artifact store, if it put one."""
+        marker = self.client.hget(self._key(job_id), "store_marker")
+        return marker.decode() if marker else None
 
     def list(self, offset: int = 0, limit: int = 20) -> tuple[list[dict[str, Any]], int]:
         """Jobs newest first, and the total count."""

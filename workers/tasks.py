@@ -73,15 +73,20 @@ def submit_job(
     job_id: str | None = None,
     notes: list[str] | None = None,
     api_url: str | None = None,
+    store_marker: str | None = None,
 ) -> str:
     """Create a queued job with `spec` and send its start to the workers; returns its id.
 
     `celery` is the app to send with (default: the one configured from the environment);
     `job_id` is given when the job's uploads were stored under it beforehand; `notes` are
     remarks on the submission the job shows from the start (settings its strategy overrides);
-    `api_url` is the API it was submitted to, which the job's messages name.
+    `api_url` is the API it was submitted to, which the job's messages name; `store_marker` a
+    file put in the artifact store for the job, which its first step checks the worker's own
+    store holds (the API and the workers must share one).
     """
-    job_id = store.create(spec, job_id=job_id, notes=notes, api_url=api_url)
+    job_id = store.create(
+        spec, job_id=job_id, notes=notes, api_url=api_url, store_marker=store_marker
+    )
     try:
         (celery or app).send_task(START_JOB, args=[job_id])
     except Exception as error:
@@ -110,6 +115,7 @@ def start_job(self, job_id: str) -> None:
             return
         if jobs.load_state(job_id) is None:
             _require_device(job_id)
+            _check_store_shared(job_id)
             jobs.set_status_if_active(job_id, "running")
             if "started_at" not in jobs.get(job_id)["progress"]:
                 jobs.update_progress(job_id, started_at=time.time())
@@ -118,6 +124,21 @@ def start_job(self, job_id: str) -> None:
             if jobs.save_state_if(job_id, state.to_dict(), expected_depth=None):
                 _record_progress(jobs, job_id, state)
         _send_once(jobs, job_id, "run_depth:1", run_depth.si(job_id))
+
+
+def _check_store_shared(job_id: str) -> None:
+    """ArtifactStoreError when this worker's artifact store lacks the file the job's
+    submission put in the API's: its results would land where the API never finds them."""
+    services = _services()
+    marker = services.jobs.store_marker(job_id)
+    if marker and not services.artifacts.exists(marker):
+        raise ArtifactStoreError(
+            f"{marker} is missing from this worker's artifact store {services.artifacts.root}: "
+            "the API put it in its own; give the API and the workers the same "
+            "ARCHTREE_ARTIFACTS_URL",
+            for_client="the workers' artifact store is not the API's (the job's submitted "
+            "files are not in it)",
+        )
 
 
 def _require_device(job_id: str) -> None:
