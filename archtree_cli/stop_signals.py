@@ -44,7 +44,10 @@ def importing(frame: FrameType | None) -> bool:
 
 class StopSignals:
     """Handlers of SIGINT and SIGTERM while a command runs, restored on leaving. A SIGINT the
-    command was started with ignored (`nohup`, a background job) stays ignored."""
+    command was started with ignored (`nohup`, a background job) stays ignored. A handler the
+    command put in their place and left (the agent's, once stopped by a signal: a further one
+    changes nothing) is left too: restored, a signal in the process's last moments would end
+    it with a traceback."""
 
     def __init__(self) -> None:
         self.previous: dict[int, object] = {}
@@ -71,7 +74,8 @@ class StopSignals:
     ) -> None:
         self.held_since = self.held = self.stopping = None
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) == self.handle:
+                signal.signal(signum, handler)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()

@@ -206,3 +206,25 @@ def test_a_stop_asked_by_a_signal_handler_mid_wait_never_deadlocks():
         timeout=120,
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "every stop seen", done.stderr
+
+
+def test_a_handler_the_command_left_in_place_is_not_replaced_on_leaving():
+    """As the agent's, stopped by a signal: a second signal in the process's last moments,
+    handled by the default handler again, would end it with a traceback."""
+    import signal
+
+    from archtree_cli.stop_signals import StopSignals
+
+    def left_by_the_command(signum, frame) -> None:
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals():
+        signal.signal(signal.SIGTERM, left_by_the_command)
+    try:
+        assert signal.getsignal(signal.SIGTERM) is left_by_the_command
+        with StopSignals():  # one the command does not replace is restored
+            assert signal.getsignal(signal.SIGTERM) is not left_by_the_command
+        assert signal.getsignal(signal.SIGTERM) is left_by_the_command
+    finally:
+        signal.signal(signal.SIGTERM, before)
