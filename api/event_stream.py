@@ -55,11 +55,11 @@ class _EndingStreams:
 def end_streams_on_stop() -> None:
     """Have a stop signal to this process end its streams, besides stopping its server.
 
-    Each process of the API (`archtree api --workers N` runs N) does so once it serves a
-    stream, over the handler its server put in place for the signal (uvicorn's, which stops
-    taking requests and waits for the open ones to end). Only in the main thread, which takes
-    signals, and only over a handler in Python: a signal left to its default still ends the
-    process as before."""
+    Each process of the API (`archtree api --workers N` runs N) does so as its app starts (its
+    lifespan), over the handler its server put in place for the signal by then (uvicorn's,
+    which stops taking requests and waits for the open ones to end). Only in the main thread,
+    which takes signals, and only over a handler in Python: a signal left to its default still
+    ends the process as before."""
     if threading.current_thread() is not threading.main_thread():
         return
     for number in _STOP_SIGNALS:
@@ -109,7 +109,6 @@ async def job_events(
     texts in spec terms (`search.width`, not `--width`). While it runs, a task whose worker
     was lost is said in a `task_lost` event (added to the job's events, once). It ends early
     when the process is told to stop (see STOPPING)."""
-    end_streams_on_stop()
     ended_at: float | None = None
     unreachable_since: float | None = None
     leases_checked = 0.0

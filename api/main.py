@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from api.deps import Services
 from api.error_handlers import add_error_handlers
+from api.event_stream import end_streams_on_stop
 from api.head_requests import HeadAsGet
 from api.routes import dashboard, devices, health, jobs
 from api.schemas import JobSpecIn
@@ -44,6 +45,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         # about 0.2 s for every request in flight; frozen, it skips them.
         gc.collect()
         gc.freeze()
+        end_streams_on_stop()
         yield
         await services.aclose()
 

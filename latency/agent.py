@@ -322,6 +322,7 @@ class MeasurementAgent:
         self.agent_id = agent_id
         self.claim_idle_ms = claim_idle_ms
         self.dead_consumer_idle_ms = dead_consumer_idle_ms
+        self._remove_dead = client.register_script(REMOVE_DEAD_CONSUMERS)
         self.block_ms = block_ms
         self.heartbeat_s = heartbeat_s
         self.registry = registry if registry is not None else DeviceRegistry(client)
@@ -640,7 +641,8 @@ class MeasurementAgent:
         that hands it its next request, even one blocked as it was removed. The check and the
         removal are one script, so no request is handed to a consumer between them."""
         with self._waiting():
-            removed = self.client.register_script(REMOVE_DEAD_CONSUMERS)(
+            removed = self._remove_dead(
+                client=self.client,
                 keys=[self._stream],
                 args=[CONSUMER_GROUP, self._consumer(), self.dead_consumer_idle_ms],
             )
