@@ -869,19 +869,17 @@ def _check_redis_answers(redis_url: str) -> None:
     import redis
 
     from latency.redis_connection import (
-        plain_redis_url,
+        plain_redis_for_tls,
         redacted,
         redis_client,
-        speaks_plain_redis_only,
+        redis_url_variable,
     )
 
-    variable = "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
-    if speaks_plain_redis_only(redis_url):  # else a TLS handshake waited out for 15 s
-        raise ArchtreeError(
-            f"Redis at {redacted(redis_url)} ({variable}) does not speak TLS: it answered in "
-            f"plain Redis; give {plain_redis_url(redis_url)} instead, or turn TLS on in that "
-            "Redis"
-        )
+    variable = redis_url_variable()
+    # Said at once: else a TLS handshake waited out for 15 s.
+    said = plain_redis_for_tls(redis_url, f"{redacted(redis_url)} ({variable})")
+    if said is not None:
+        raise ArchtreeError(said)
     try:
         with redis_client(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
             client.ping()

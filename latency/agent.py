@@ -61,10 +61,10 @@ from latency.measurement_protocol import (
 )
 from latency.redis_connection import (
     check_redis_url,
-    plain_redis_url,
+    plain_redis_for_tls,
     redacted,
     redis_client,
-    speaks_plain_redis_only,
+    redis_url_variable,
 )
 from latency.runtimes import get_runtime
 from search.errors import ArchtreeError
@@ -903,11 +903,6 @@ def service_from_environment() -> tuple[str | None, str | None]:
     return None, redis_url or None
 
 
-def redis_url_variable() -> str:
-    """The variable `service_from_environment` read its Redis URL from."""
-    return "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
-
-
 # Where the Redis URL of an agent came from, for its messages: --redis-url, a variable, or
 # the API's answer to its registration.
 FROM_THE_API = "the API"
@@ -986,12 +981,10 @@ def ping_redis(client: redis.Redis, redis_url: str, source: str = "--redis-url")
 
 def refuse_plain_redis_for_tls(redis_url: str, source: str = "--redis-url") -> None:
     """ArchtreeError when `redis_url` is rediss:// and its server speaks plain Redis (see
-    `speaks_plain_redis_only`): said at once, since waiting will not make it speak TLS."""
-    if speaks_plain_redis_only(redis_url):
-        raise ArchtreeError(
-            f"Redis at {_named(redis_url, source)} does not speak TLS: it answered in plain "
-            f"Redis; give {plain_redis_url(redis_url)} instead, or turn TLS on in that Redis"
-        )
+    `plain_redis_for_tls`)."""
+    said = plain_redis_for_tls(redis_url, _named(redis_url, source))
+    if said is not None:
+        raise ArchtreeError(said)
 
 
 def _reached_redis(

@@ -10,6 +10,7 @@ fails fast.
 from __future__ import annotations
 
 import inspect
+import os
 import socket
 import ssl
 from typing import Any
@@ -151,9 +152,23 @@ def speaks_plain_redis_only(redis_url: str) -> bool:
     return not _tls_handshake_completes(address) and _answers_plain_redis(address)
 
 
-def plain_redis_url(redis_url: str) -> str:
-    """A rediss:// URL as redis://, for a message (its password hidden)."""
-    return "redis" + redacted(redis_url).removeprefix("rediss")
+def plain_redis_for_tls(redis_url: str, named: str) -> str | None:
+    """What to say, at once, of a rediss:// `redis_url` whose server speaks plain Redis (see
+    `speaks_plain_redis_only`; waiting will not make it speak TLS), the Redis `named` so;
+    None for any other."""
+    if not speaks_plain_redis_only(redis_url):
+        return None
+    plain = "redis" + redacted(redis_url).removeprefix("rediss")
+    return (
+        f"Redis at {named} does not speak TLS: it answered in plain Redis; give {plain} "
+        "instead, or turn TLS on in that Redis"
+    )
+
+
+def redis_url_variable() -> str:
+    """The variable a Redis URL from the environment was read from: ARCHTREE_REDIS_URL, else
+    REDIS_URL."""
+    return "ARCHTREE_REDIS_URL" if os.environ.get("ARCHTREE_REDIS_URL") else "REDIS_URL"
 
 
 def _tls_handshake_completes(address: tuple[str, int]) -> bool:
