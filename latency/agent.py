@@ -53,6 +53,7 @@ from latency.measurement_protocol import (
     MeasurementRequest,
     ProtocolError,
     ensure_group,
+    module_package,
     package_allowed,
     send_reply,
     stream_key,
@@ -724,11 +725,8 @@ class MeasurementAgent:
         return result
 
     def _check_source(self, source: str) -> None:
-        prefix, _, rest = source.partition(":")
-        if prefix != "module":
-            return
-        package = rest.partition(":")[0]
-        if not package_allowed(package, self.allowed_modules):
+        package = module_package(source)
+        if package is not None and not package_allowed(package, self.allowed_modules):
             raise ArchtreeError(
                 f"this agent does not build {source!r}: module: sources run code on the agent, "
                 f"so start the agent with {package.split('.')[0]!r} among its allowed modules"
