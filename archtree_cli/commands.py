@@ -158,11 +158,14 @@ def prune(
     command: str = "prune",
     notes: list[str] | None = None,
     checkpoint=None,
+    train_device=None,
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
     folder they were written to: `out`, unless `overwrite` is off and another run wrote a
     result there meanwhile, which is then kept and this one goes to a new folder beside it.
     `notes` (about the options, such as those the strategy overrides) lead the report's.
+    `train_device` (a torch.device) is where candidates are fine-tuned and scored, the CPU
+    by default.
     With a `checkpoint` (search.checkpoint.SearchCheckpoint, acquired), the search is saved
     after each depth and goes on from what it saved before; it is removed once the search
     ends, with a result or an error.
@@ -212,6 +215,7 @@ def prune(
         sink=progress,
         cancelled=stopping.is_set,
         **({"store": checkpoint.nodes} if checkpoint is not None else {}),
+        **({"train_device": train_device} if train_device is not None else {}),
     )
     # A model timed on this machine runs alone: the other children's work waits meanwhile.
     gate = getattr(oracle, "gate", None)
@@ -265,6 +269,7 @@ def run_prune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.jobs < 1:
         raise ArchtreeError("--jobs must be at least 1.")
+    train_device = _train_device(args.train_device)
     _check_out_dir(args.out, args.overwrite, {"--weights": args.weights, "--data": args.data})
     oracle = _oracle(args)
     notes = strategy_notes(args)
@@ -284,9 +289,20 @@ def run_prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         notes=notes,
         checkpoint=args.saved_search,
+        train_device=train_device,
     )
     print_summary(report, str(folder), after_progress=not args.quiet)
     return 0
+
+
+def _train_device(name: str):
+    """The torch device `--train-device NAME` names, or one line saying what to give."""
+    from search.compute_device import UnknownDevice, resolve_train_device
+
+    try:
+        return resolve_train_device(name)
+    except UnknownDevice as error:
+        raise ArchtreeError(f"--train-device {error}") from None
 
 
 def _saved_search(args: argparse.Namespace, settings):
@@ -727,9 +743,10 @@ DEMO_MODEL = "builtin:resnet"
 DEMO_DATA = "builtin:mnist"
 
 
-def demo_weights(progress=print) -> Path:
-    """A ResNet trained on MNIST, trained once and cached under ARCHTREE_HOME (written whole or
-    not at all: a demo stopped while saving them leaves none to load next time)."""
+def demo_weights(progress=print, device=None) -> Path:
+    """A ResNet trained on MNIST (on `device`, the CPU by default), trained once and cached
+    under ARCHTREE_HOME (written whole or not at all: a demo stopped while saving them leaves
+    none to load next time)."""
     from archtree_cli.training_progress import TrainingProgress
     from search.data_source import load_data
     from search.inputs import load_inputs
@@ -743,8 +760,9 @@ def demo_weights(progress=print) -> Path:
     data = load_data(DEMO_DATA)
     progress("training the demo model (builtin:resnet on builtin:mnist), once; it is cached")
     train(inputs.model, data.train_x, data.train_y, epochs=3, lr=0.05, seed=0,
-          progress=TrainingProgress(progress))  # fmt: skip
-    progress(f"trained: validation accuracy {accuracy(inputs.model, data.val_x, data.val_y):.4f}")
+          progress=TrainingProgress(progress), device=device)  # fmt: skip
+    score = accuracy(inputs.model, data.val_x, data.val_y, device=device)
+    progress(f"trained: validation accuracy {score:.4f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -777,7 +795,8 @@ def run_demo(args: argparse.Namespace) -> int:
     _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
     _check_writable(archtree_home() / "demo", "ARCHTREE_HOME's", fix=HOME_FIX)
     args.demo_training = True  # what a stop now says (main.interrupted_note)
-    weights = demo_weights(say)
+    device = _train_device("auto")  # a GPU trains the demo model and tunes its candidates
+    weights = demo_weights(say, device)
     args.demo_training = False
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
     say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")
@@ -791,6 +810,7 @@ def run_demo(args: argparse.Namespace) -> int:
         oracle=_oracle(oracle_args),
         weights=str(weights),
         command="demo",
+        train_device=device,
     )
     print_summary(report, str(folder))
     return 0

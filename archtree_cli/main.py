@@ -397,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         "more jobs gain where that work outweighs the timing",
     )
     prune.add_argument(
+        "--train-device",
+        default="auto",
+        help="where candidates are fine-tuned and scored: auto (the first CUDA GPU torch sees, "
+        "else the CPU), cpu, cuda or cuda:N; latency is measured on --device whatever this is "
+        "(default auto)",
+    )
+    prune.add_argument(
         "--restart",
         action="store_true",
         help="start the search afresh, discarding what an interrupted run of the same command "

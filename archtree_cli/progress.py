@@ -91,6 +91,8 @@ class ConsoleProgress:
                 f"{_cached(data)}), {self.score_name} {data['score']:.4f}; "
                 f"budget {data['budget_ms']:.3f} ms"
             )
+            if data.get("training_device", "cpu") != "cpu":
+                self._print(f"fine-tuning and scoring on {data['training_device']}")
             if self.score_name == "fidelity":
                 self._print(f"note: {FIDELITY_MEANS}")
         elif kind == "resumed":

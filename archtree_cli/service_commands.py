@@ -70,6 +70,11 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
         "--queues", help="comma-separated queues (default: search and evaluate, i.e. all)"
     )
     worker.add_argument("--name", help="worker name, e.g. w1@%%h (default: celery@HOST)")
+    worker.add_argument(
+        "--train-device",
+        help="where candidates are fine-tuned and scored: auto (the first CUDA GPU torch sees, "
+        "else the CPU), cpu, cuda or cuda:N (default $ARCHTREE_TRAIN_DEVICE or auto)",
+    )
 
     agent = commands.add_parser("agent", help="time candidates on this device for the service")
     agent.set_defaults(handler="archtree_cli.service_commands:run_agent")
@@ -270,8 +275,15 @@ def run_api(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from search.compute_device import UnknownDevice, check_train_device_form
     from workers.celery_app import worker_main
 
+    if args.train_device is not None:
+        try:
+            # The tasks' processes read it from their settings; a GPU is looked for there.
+            os.environ["ARCHTREE_TRAIN_DEVICE"] = check_train_device_form(args.train_device)
+        except UnknownDevice as error:
+            raise ArchtreeError(f"--train-device {error}") from None
     queues = args.queues.split(",") if args.queues else None
     worker_main(queues, args.concurrency, hostname=args.name)
     return 0

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from archtree_cli.paths import archtree_home
 from latency.redis_connection import check_redis_url, redacted
+from search.device_names import TRAIN_DEVICE_FORMS, train_device_name
 from search.errors import ArchtreeError
 
 
@@ -98,6 +99,11 @@ class ServiceSettings(BaseSettings):
         "JSON list. Building one imports and calls code on the API and the workers; none by "
         "default.",
     )
+    train_device: str = Field(
+        default="auto",
+        description="Where workers fine-tune and score candidates: auto (the first CUDA GPU "
+        "torch sees, else the CPU), cpu, cuda or cuda:N (`archtree worker --train-device`).",
+    )
     work_dir: Path = Field(
         default_factory=lambda: archtree_home() / "work",
         description="Local scratch space of workers (copies of remote artifacts).",
@@ -108,6 +114,15 @@ class ServiceSettings(BaseSettings):
     def _redis_url_form(cls, value: str) -> str:
         check_redis_url(value)
         return value
+
+    @field_validator("train_device")
+    @classmethod
+    def _train_device_form(cls, value: str) -> str:
+        """Its form only: whether the GPU is there is asked where the tasks run."""
+        name = train_device_name(value)
+        if name is None:
+            raise ValueError(f"give {TRAIN_DEVICE_FORMS}")
+        return name
 
     @field_validator("allowed_modules", mode="before")
     @classmethod
@@ -148,7 +163,9 @@ def load_service_settings() -> ServiceSettings:
         settings = ServiceSettings()
     except ValidationError as error:
         problems = "; ".join(
-            f"{_variable(problem['loc'])}={_shown(problem.get('input'))!r}: {problem['msg']}"
+            f"{_variable(problem['loc'])}={_shown(problem.get('input'))!r}: "
+            # A validator's own message, without pydantic's "Value error, " before it.
+            f"{problem['msg'].removeprefix('Value error, ')}"
             for problem in error.errors()
         )
         raise ArchtreeError(f"bad setting in the environment: {problems}") from None

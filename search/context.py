@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from search.arch_spec import ArchSpec, build_from_spec, spec_of
+from search.compute_device import CPU
 from search.data_source import DataSplits
 from search.errors import SearchCancelled
 from search.interfaces import EventSink, LatencyOracle, ListEventSink, MemoryNodeStore, NodeStore
@@ -52,6 +53,9 @@ class SearchContext:
     # Whether the job was cancelled: asked every CANCEL_CHECK_S while fine-tuning, which can
     # run for long (many steps, a large dataset), so that a cancel stops it there.
     cancelled: Callable[[], bool] | None = None
+    # Where candidates are fine-tuned and scored (search.compute_device): the CPU, or a GPU
+    # of this machine whatever device the latency is measured on.
+    train_device: torch.device = CPU
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -115,7 +119,7 @@ class SearchContext:
                 last_said = now
                 self.sink.emit("preparing", split=split, samples=len(x), done=done)
 
-        return logits(self.base_model, x, progress=progress)
+        return logits(self.base_model, x, progress=progress, device=self.train_device)
 
     def prepare(self) -> None:
         """Compute the shared reference outputs once, before children run in parallel; a
@@ -149,20 +153,24 @@ class SearchContext:
         """The score of each calibration sample (correct or not, or minus its divergence from
         the unpruned model without labels): `score` is their mean."""
         if self.data.labelled:
-            return correct(model, self.data.calib_x, self.data.calib_y)
-        return sample_fidelity(model, self.calib_reference_logits, self.data.calib_x)
+            return correct(model, self.data.calib_x, self.data.calib_y, device=self.train_device)
+        return sample_fidelity(
+            model, self.calib_reference_logits, self.data.calib_x, device=self.train_device
+        )
 
     def validation_accuracy(self, model: nn.Module) -> float | None:
         if not self.data.labelled:
             return None
-        return accuracy(model, self.data.val_x, self.data.val_y)
+        return accuracy(model, self.data.val_x, self.data.val_y, device=self.train_device)
 
     def validation_fidelity(self, model: nn.Module) -> float | None:
         """Without labels, the model's fidelity to the unpruned model on the validation split
         (the measure candidates are scored by: 0 is the same outputs, lower is further)."""
         if self.data.labelled:
             return None
-        return fidelity(model, logits(self.base_model, self.data.val_x), self.data.val_x)
+        device = self.train_device
+        reference = logits(self.base_model, self.data.val_x, device=device)
+        return fidelity(model, reference, self.data.val_x, device=device)
 
     def _stop_when_cancelled(self) -> Callable[[int, int, float], None] | None:
         """A training progress callback that raises SearchCancelled once the job is
@@ -198,5 +206,12 @@ class SearchContext:
                 teacher_logits=self.train_reference_logits,
                 kd_weight=settings.kd_weight if self.data.labelled else 1.0,
                 progress=self._stop_when_cancelled(),
+                device=self.train_device,
             )
-        recalibrate_batch_norm(model, self.data.train_x, samples=settings.bn_samples, seed=seed)
+        recalibrate_batch_norm(
+            model,
+            self.data.train_x,
+            samples=settings.bn_samples,
+            seed=seed,
+            device=self.train_device,
+        )

@@ -26,6 +26,7 @@ from torch import nn
 from search.arch_spec import ArchSpec
 from search.budget import Budget
 from search.checkpoint import SearchCheckpoint
+from search.compute_device import describe_device
 from search.context import SearchContext
 from search.errors import ArchtreeError
 from search.expansion import (
@@ -137,6 +138,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
         macs=baseline_macs,
         timing=reference.to_dict(),
         cached=reference.cached,
+        training_device=describe_device(context.train_device),
     )
     if context.data.labelled:
         untrained = near_chance(root.score, context.data.calib_y, "calibration")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from search.compute_device import describe_device
 from search.context import SearchContext
 from search.engine import SearchOutcome, parameter_count
 from search.notes import (
@@ -56,6 +57,9 @@ def build_report(
             "settings": settings.to_dict(),
             # The multiple groups were widened to: settings.widen_to, or the device's block.
             "widen_to": state.widen_to,
+            # Where the answer was fine-tuned (a service job's children may have been tuned
+            # by other workers, each on its own).
+            "training_device": describe_device(context.train_device),
         },
         "tree": [node.summary() for node in state.nodes.values()],
     }

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search.compute_device import copy_on, moved_to, on_cpu
 from search.errors import ArchtreeError
 from search.quiet import piece_of_work
 
@@ -31,13 +32,15 @@ def train(
     kd_weight: float = 0.5,
     kd_temperature: float = 4.0,
     progress: Callable[[int, int, float], None] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     """Train `model` in place with SGD and cosine decay, optionally distilling from `teacher`.
 
     Give either `epochs` or `steps`. Without labels (`y is None`) the loss is distillation
     only. `teacher_logits` (the teacher's outputs on `x`, computed once) replaces running the
     teacher at every step. `progress(step, total_steps, loss)` is called after each step. The
-    model is left in eval mode.
+    model is left in eval mode, on the CPU; with a `device` (a GPU) it is trained there, the
+    data sent to it a batch at a time.
     """
     if (epochs is None) == (steps is None):
         raise ArchtreeError("give exactly one of epochs or steps for training")
@@ -55,58 +58,70 @@ def train(
         model.eval()
         return
 
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if teacher is not None:
-        teacher.eval()
-
-    def one_step(index: torch.Tensor) -> torch.Tensor:
-        batch_x = x[index]
-        student_logits = model(batch_x)
-        if teacher_logits is not None:
-            batch_teacher = teacher_logits[index]
-        elif teacher is not None:
-            with torch.no_grad():
-                batch_teacher = teacher(batch_x)
-        else:
-            batch_teacher = None
-        loss = _loss(
-            student_logits,
-            None if y is None else y[index],
-            batch_teacher,
-            kd_weight=kd_weight,
-            kd_temperature=kd_temperature,
+    with moved_to(model, device):
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return loss
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        if teacher is not None:
+            teacher = copy_on(teacher.eval(), device)
 
-    # Dropout or other random layers draw from the global generator; seed it for repeatability.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        cursor = 0
-        for step in range(1, total + 1):
-            if cursor + batch_size > len(x):
-                order = torch.randperm(len(x), generator=generator)
-                cursor = 0
-            index = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            with piece_of_work():
-                loss = one_step(index)
-            if progress is not None:
-                progress(step, total, float(loss.detach()))
+        def on_device(batch: torch.Tensor) -> torch.Tensor:
+            return batch if on_cpu(device) else batch.to(device, non_blocking=True)
+
+        def one_step(index: torch.Tensor) -> torch.Tensor:
+            batch_x = on_device(x[index])
+            student_logits = model(batch_x)
+            if teacher_logits is not None:
+                batch_teacher = on_device(teacher_logits[index])
+            elif teacher is not None:
+                with torch.no_grad():
+                    batch_teacher = teacher(batch_x)
+            else:
+                batch_teacher = None
+            loss = _loss(
+                student_logits,
+                None if y is None else on_device(y[index]),
+                batch_teacher,
+                kd_weight=kd_weight,
+                kd_temperature=kd_temperature,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            return loss
+
+        # Dropout or other random layers draw from the global generator (the device's own on a
+        # GPU); seed it for repeatability.
+        gpus = [] if on_cpu(device) else [device.index or 0]
+        with torch.random.fork_rng(devices=gpus):
+            torch.manual_seed(seed)
+            model.train()
+            order = torch.randperm(len(x), generator=generator)
+            cursor = 0
+            for step in range(1, total + 1):
+                if cursor + batch_size > len(x):
+                    order = torch.randperm(len(x), generator=generator)
+                    cursor = 0
+                index = order[cursor : cursor + batch_size]
+                cursor += batch_size
+                with piece_of_work():
+                    loss = one_step(index)
+                if progress is not None:
+                    progress(step, total, float(loss.detach()))
     model.eval()
 
 
 def recalibrate_batch_norm(
-    model: nn.Module, x: torch.Tensor, *, samples: int, batch_size: int = 64, seed: int = 0
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    samples: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: torch.device | None = None,
 ) -> None:
     """Recompute the running statistics of `model`'s batch-norm layers on `samples` inputs
     drawn from `x` (by `seed`), leaving the model in eval mode.
@@ -136,13 +151,13 @@ def recalibrate_batch_norm(
     batch_size = max(2, batch_size)
     model.train()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), moved_to(model, device):
             for start in range(0, len(chosen), batch_size):
                 batch = chosen[start : start + batch_size]
                 if len(batch) < 2:
                     break
                 with piece_of_work():
-                    model(x[batch])
+                    model(x[batch] if on_cpu(device) else x[batch].to(device))
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
@@ -183,17 +198,24 @@ def logits(
     x: torch.Tensor,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The model's outputs on `x`, computed in eval mode by batches; `progress(done)` is
-    called with the number of samples done after each batch (it may raise to stop)."""
+    """The model's outputs on `x`, computed in eval mode by batches (on a copy of the model
+    on `device` when one is given, the outputs back on the CPU); `progress(done)` is called
+    with the number of samples done after each batch (it may raise to stop)."""
     was_training = model.training
     model.eval()
     outputs = []
     try:
+        runner = copy_on(model, device)
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
+                batch = x[start : start + batch_size]
                 with piece_of_work():
-                    outputs.append(model(x[start : start + batch_size]))
+                    if on_cpu(device):
+                        outputs.append(runner(batch))
+                    else:
+                        outputs.append(runner(batch.to(device)).cpu())
                 if progress is not None:
                     progress(min(start + batch_size, len(x)))
     finally:
@@ -203,34 +225,52 @@ def logits(
     return torch.cat(outputs)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+) -> float:
     """Top-1 accuracy of `model` on (x, y), in [0, 1]."""
     if len(x) == 0:
         return 0.0
-    return float(correct(model, x, y, batch_size).mean())
+    return float(correct(model, x, y, batch_size, device).mean())
 
 
 def correct(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """1.0 where `model`'s top-1 prediction on a sample of `x` is its label in `y`, else 0.0."""
-    return (logits(model, x, batch_size).argmax(dim=1) == y).float()
+    return (logits(model, x, batch_size, device=device).argmax(dim=1) == y).float()
 
 
 def fidelity(
-    model: nn.Module, reference_logits: torch.Tensor, x: torch.Tensor, batch_size: int = 256
+    model: nn.Module,
+    reference_logits: torch.Tensor,
+    x: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | None = None,
 ) -> float:
     """Minus the mean KL(softmax(reference) || softmax(model)): 0 is perfect, higher is better."""
     if len(x) == 0:
         return 0.0
     # 0.0 minus, not unary minus: the unpruned model's own fidelity is 0, never -0.
-    return 0.0 - float(_kl(reference_logits, logits(model, x, batch_size)))
+    return 0.0 - float(_kl(reference_logits, logits(model, x, batch_size, device=device)))
 
 
 def sample_fidelity(
-    model: nn.Module, reference_logits: torch.Tensor, x: torch.Tensor, batch_size: int = 256
+    model: nn.Module,
+    reference_logits: torch.Tensor,
+    x: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Minus each sample's KL(softmax(reference) || softmax(model)): their mean is `fidelity`."""
-    log_p = F.log_softmax(logits(model, x, batch_size), dim=1)
+    log_p = F.log_softmax(logits(model, x, batch_size, device=device), dim=1)
     log_q = F.log_softmax(reference_logits, dim=1)
     return -(log_q.exp() * (log_q - log_p)).sum(dim=1)

@@ -22,6 +22,7 @@ import torch
 
 from archtree_cli.commands import counted
 from archtree_cli.progress import ConsoleProgress
+from search.compute_device import describe_device, resolve_train_device
 from search.notes import NOTHING_PRUNED, NOTHING_PRUNED_DATA_FREE
 from search.settings import SearchSettings
 from tests.cli_process import (
@@ -77,6 +78,8 @@ def test_prune_meets_the_budget_and_the_model_reloads_identically(tmp_path, home
     for key in ("strategy", "width", "branching", "depths", "candidates_evaluated",
                 "latency_measurements", "cache_hits", "wall_s"):  # fmt: skip
         assert key in report["search"]
+    # Fine-tuned where --train-device's default puts it: a GPU of this machine, else the CPU.
+    assert report["search"]["training_device"] == describe_device(resolve_train_device("auto"))
     for key in ("device_class", "host", "threads", "batch_size", "dtype", "input_shape"):
         assert key in report["device"]
     counts = nodes_per_depth(report)

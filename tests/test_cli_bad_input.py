@@ -115,13 +115,26 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         (["--num-classes", "200000"], None, "between 2 and 100000, not 200000"),
         (["--num-classes", "1"], None, "between 2 and 100000, not 1"),
         (["--threads", "99999"], None, "--threads must be between 1 and 1024"),
+        (["--train-device", "tpu"], None,
+         "--train-device 'tpu' is not a training device: give auto, cpu, cuda or cuda:N"),
     ],
-)
+)  # fmt: skip
 def test_bad_input_gives_one_clear_line(tmp_path, home, extra, budget, expected):
     args = prune_args(tmp_path, *extra, budget=budget or REACHABLE)
     line = one_line_error(archtree(*args, home=home, check=False))
     assert expected.lower() in line.lower()
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_training_gpu_this_machine_lacks_is_refused_before_the_search(tmp_path, home):
+    line = one_line_error(
+        archtree(*prune_args(tmp_path, "--train-device", "cuda:63"), home=home, check=False)
+    )
+    assert line.startswith("archtree: error: --train-device cuda:63: "), line
+    # A CPU build of torch, or a CUDA one that sees fewer GPUs.
+    assert "install a CUDA build of torch" in line or "torch sees no such CUDA GPU" in line
+    assert line.endswith("or give cpu"), line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_budget_asking_for_no_pruning_is_refused_in_the_lower_case_of_every_error(tmp_path, home):
@@ -545,6 +558,10 @@ def _free_port() -> str:
         (["agent", "--device-class", "x", "--allow-module", ""], {},
          "--allow-module '' is not a Python package name"),
         (["jobs", "--limit", "0"], {}, "--limit must be from 1 to 200"),
+        (["worker", "--train-device", "gpu"], {},
+         "--train-device 'gpu' is not a training device: give auto, cpu, cuda or cuda:N"),
+        (["worker"], {"ARCHTREE_TRAIN_DEVICE": "gpu0"},
+         "ARCHTREE_TRAIN_DEVICE='gpu0': give auto, cpu, cuda or cuda:N"),
         (["jobs", "--offset", "-1"], {}, "--offset must be from 0 to 1000000000, got -1"),
         (["models"], {"ARCHTREE_DEBUG": "maybe"}, "ARCHTREE_DEBUG='maybe' is not a switch"),
     ],

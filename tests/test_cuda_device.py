@@ -126,3 +126,41 @@ def test_prune_on_the_gpu_meets_a_budget_measured_there(tmp_path):
     assert report["device"]["gpu"] == torch.cuda.get_device_name(0)
     assert report["final"]["latency_ms"] <= report["budget_ms"]
     assert report["final"]["macs"] < report["baseline"]["macs"]
+
+
+def test_training_on_the_gpu_leaves_the_model_trained_and_on_the_cpu():
+    from search.compute_device import resolve_train_device
+    from search.training import accuracy, logits, train
+
+    device = resolve_train_device("auto")
+    assert device.type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (256,), generator=generator)
+    x = torch.randn(256, 64, 8, 8, generator=generator)
+    x[torch.arange(256), y] += 2.0  # each class lifts a channel of its own
+    model = conv_net(8).eval()
+    before = accuracy(model, x, y)
+    train(model, x, y, steps=60, lr=0.05, device=device)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert accuracy(model, x, y) > max(before, 0.7)
+    # Scored on a copy on the GPU, the outputs come back to the CPU and agree.
+    on_gpu = logits(model, x, device=device)
+    assert on_gpu.device.type == "cpu"
+    assert torch.allclose(on_gpu, logits(model, x), atol=1e-3)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_prune_fine_tunes_on_the_gpu_while_timing_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    result = archtree(
+        tmp_path, "prune", "--model", "builtin:vgg", "--data", "builtin:digits",
+        "--budget", "70%", "--width", "2", "--branching", "2", "--ft-steps", "5",
+        "--train-device", "cuda", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = torch.cuda.get_device_name(0)
+    assert f"fine-tuning and scoring on cuda:0 ({name})" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["training_device"] == f"cuda:0 ({name})"
+    assert report["device"]["device_class"] == "local"
+    assert report["final"]["latency_ms"] <= report["budget_ms"]

@@ -18,6 +18,7 @@ import torch
 from latency.device_registry import DeviceRegistry
 from latency.measurement_protocol import stream_key
 from search.artifacts import ARTIFACT_NAMES, load_pruned
+from search.compute_device import describe_device, resolve_train_device
 from search.context import PREPARE_SAID_SAMPLES
 from search.engine import live_nodes
 from search.tree import SearchState
@@ -114,6 +115,8 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     assert report["final"]["latency_ms"] <= report["budget_ms"]
     assert report["inputs"]["budget"] == "80%"
     assert job["progress"]["candidates_evaluated"] == report["search"]["candidates_evaluated"]
+    # Its workers fine-tuned where their default puts it: a GPU of theirs, else the CPU.
+    assert report["search"]["training_device"] == describe_device(resolve_train_device("auto"))
     for name in ARTIFACT_NAMES:
         (tmp_path / name).write_bytes(artifacts.get_bytes(result_name(job_id, name)))
     assert load_pruned(tmp_path)(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
@@ -256,6 +259,22 @@ def test_a_job_submitted_to_another_artifact_store_than_the_workers_fails_saying
     said = f"jobs/{job_id}/submitted is missing from this worker's artifact store"
     assert wait_until(lambda: said in workers.logs(), 10, "the log")
     assert "ARCHTREE_ARTIFACTS_URL" in workers.logs()
+
+
+def test_a_worker_told_to_fine_tune_on_a_gpu_it_lacks_fails_its_job_saying_so(
+    workers: WorkerPool, jobs: JobStore, agents
+):
+    """Whether the GPU is there is asked in the task's process, after the pool has forked."""
+    start_agents(agents, jobs, "no-gpu", 1)
+    with workers.reconfigured(ARCHTREE_TRAIN_DEVICE="cuda:63"):
+        workers.ensure(1)
+        job_id = submit_job(jobs, job_spec("no-gpu"), celery=workers.app)
+        job = wait_for_end(jobs, job_id, workers)
+
+    assert job["status"] == "failed"
+    said = "this worker's training device (its --train-device or ARCHTREE_TRAIN_DEVICE) cannot "
+    assert job["error"].startswith(f"{said}be used: cuda:63: "), job["error"]
+    assert job["error"].endswith("or give cpu"), job["error"]
 
 
 def test_counts_for_a_job_that_no_longer_exists_leave_no_key(jobs: JobStore):

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
 
 from archtree_cli.settings import ServiceSettings
 from latency.device_registry import DeviceRegistry
 from latency.redis_connection import redis_client
 from latency.remote_oracle import RemoteOracle
 from search.budget import Budget, parse_budget
+from search.compute_device import UnknownDevice, resolve_train_device
 from search.context import SearchContext
 from search.errors import ArchtreeError
 from search.inputs import load_inputs
@@ -121,6 +123,7 @@ def build_job_context(
     nodes = ArtifactNodeStore(services.artifacts, job_id)
     sink = RedisEventSink(jobs, job_id, **({"worker": worker} if worker else {}))
     context = SearchContext(
+        train_device=_train_device(settings.train_device),
         model_ref=inputs.model_ref,
         base_model=inputs.model,
         data=inputs.data,
@@ -134,6 +137,18 @@ def build_job_context(
     # are shared by all of them instead of being recomputed per child.
     context.prepare()
     return JobContext(job_id=job_id, spec=spec, context=context, budget=budget, nodes=nodes)
+
+
+def _train_device(name: str) -> torch.device:
+    """This worker's training device, resolved in the process that runs the task (a GPU is
+    only looked for there, after the pool has forked)."""
+    try:
+        return resolve_train_device(name)
+    except UnknownDevice as error:
+        raise ArchtreeError(
+            f"this worker's training device (its --train-device or ARCHTREE_TRAIN_DEVICE) "
+            f"cannot be used: {error}"
+        ) from None
 
 
 def _local_path(services: WorkerServices, source: str | None) -> str | None:
