@@ -103,7 +103,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     reference = oracle.measure_reference(context.root_spec, refresh=True)
     baseline_ms = reference.median_ms
     budget_ms = budget.resolve(baseline_ms)
-    baseline_macs = total_macs(context.base_model, context.positions)
+    baseline_macs = total_macs(context.base_model, context.example_input)
     root = Node(
         id="n0",
         parent=None,

@@ -132,7 +132,7 @@ class MoveApplier:
         spec = spec_of(model, context.model_ref, context.input_shape, context.data.token_range)
         # The oracle may time this very model instead of rebuilding it from the spec.
         context.oracle.offer_model(spec, model)
-        return Pruned(model=model, spec=spec, macs=total_macs(model, context.positions))
+        return Pruned(model=model, spec=spec, macs=total_macs(model, context.example_input))
 
     def guess(self, parent_ms: float, target_ms: float) -> float:
         """Fraction at which the linear latency estimate reaches the target."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from search.errors import ArchtreeError
 
@@ -108,8 +109,42 @@ def layer_macs(model: nn.Module, positions: Mapping[str, int]) -> dict[nn.Module
     return macs
 
 
-def total_macs(model: nn.Module, positions: Mapping[str, int]) -> float:
-    return float(sum(layer_macs(model, positions).values()))
+def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
+    """Multiply-accumulates per sample of one forward pass on `example_input`: of every
+    convolution and matrix product torch runs (torch's FlopCounterMode counts them as they
+    run), so that a hand-written attention's products of queries with keys and of weights
+    with values count as an `nn.MultiheadAttention`'s do. Elementwise operations,
+    normalisation and pooling are not counted. For the layers `layer_macs` knows it gives
+    the same numbers."""
+    with (
+        torch.no_grad(),
+        FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
+    ):
+        model(example_input)
+    # A multiply-accumulate is two floating-point operations.
+    return counter.get_total_flops() / 2 / max(1, len(example_input))
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *_args, **_kwargs) -> int:
+    """Of scaled dot-product attention's CPU kernel, which FlopCounterMode has no formula
+    for (its CUDA kernels' it has): the products of queries with keys and of weights with
+    values, over (batch, heads, tokens, head width) shapes."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _fast_attention_flops(query_shape, key_shape, _value_shape, embed_dim, *_args, **_kwargs):
+    """Of `nn.MultiheadAttention`'s fused inference path (batch first, one kernel for it
+    all): its four projections and its two products, over (batch, tokens, width) shapes."""
+    batch, queries, keys = query_shape[0], query_shape[1], key_shape[1]
+    projections = (2 * queries + 2 * keys) * embed_dim * embed_dim
+    return 2 * batch * (projections + 2 * queries * keys * embed_dim)
+
+
+# What torch runs for attention on the CPU, counted as its other kernels are.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._native_multi_head_attention: _fast_attention_flops,
+}
 
 
 def _out_width(module: nn.Module) -> int:

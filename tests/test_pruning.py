@@ -134,14 +134,41 @@ def test_an_attentions_multiply_accumulates_are_counted_and_shrink_with_its_widt
     positions = output_positions(model, example)
     assert positions["attention"] == 10
     # Per token: the embedding and head, 4 projections of 32x32, and 2 products over 10 tokens.
-    assert (
-        total_macs(model, positions) == 10 * 6 * 32 + 3 * 32 + 10 * 4 * 32 * 32 + 2 * 10 * 10 * 32
-    )
+    assert total_macs(model, example) == 10 * 6 * 32 + 3 * 32 + 10 * 4 * 32 * 32 + 2 * 10 * 10 * 32
     pruner = PrunableModel(model, example, positions=positions)
     stream = next(g for g in pruner.groups if g.size == 32)
     assert stream.macs_per_channel > 10 * 4 * 32  # the attention's share counted in
     pruner.remove({stream.name: least_important(pruner.importance()[stream.name], 8, 4)})
     assert model.attention.embed_dim == 24
-    assert (
-        total_macs(model, positions) == 10 * 6 * 24 + 3 * 24 + 10 * 4 * 24 * 24 + 2 * 10 * 10 * 24
-    )
+    assert total_macs(model, example) == 10 * 6 * 24 + 3 * 24 + 10 * 4 * 24 * 24 + 2 * 10 * 10 * 24
+
+
+class HandWrittenAttention(torch.nn.Module):
+    """One head of attention over 10 tokens of 6 features, written out as timm's and many
+    users' models write it: its products are matrix products, no module's."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.embed = torch.nn.Linear(6, 32)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 10 tokens, 6)
+        q, k, v = self.qkv(self.embed(x)).chunk(3, dim=-1)
+        if self.fused:
+            attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            attended = (q @ k.transpose(-2, -1) / 32**0.5).softmax(dim=-1) @ v
+        return self.head(attended.mean(1))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_hand_written_attentions_products_are_counted(fused):
+    from search.pruning import layer_macs, output_positions, total_macs
+
+    model, example = HandWrittenAttention(fused).eval(), torch.zeros(2, 10, 6)
+    layers = 10 * 6 * 32 + 10 * 32 * 96 + 3 * 32
+    assert sum(layer_macs(model, output_positions(model, example)).values()) == layers
+    # Per sample: the layers, then queries by keys and weights by values over 10 tokens.
+    assert total_macs(model, example) == layers + 2 * 10 * 10 * 32
