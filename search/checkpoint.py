@@ -73,7 +73,8 @@ class SavedNodeStore(MemoryNodeStore):
                 self.weights[node_id] = torch.load(
                     self._path(node_id), map_location="cpu", weights_only=True
                 )
-            except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+            # An empty file (a crash before it reached the disk) raises EOFError.
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
                 raise ArchtreeError(
                     f"the saved search in {self.folder.parent} cannot give back the weights of "
                     f"its node {node_id} ({_reason(error, 'the file is damaged')}), and is "

@@ -235,12 +235,13 @@ def test_a_search_drops_the_weights_it_can_no_longer_use_and_ends_the_same():
     assert tree(run_search(every, BUDGET)) == tree(whole)
 
 
-def test_a_saved_search_missing_weights_says_the_same_command_starts_afresh(tmp_path):
+@pytest.mark.parametrize("damage", [b"not weights", b""])  # b"": a crash before the write
+def test_a_saved_search_missing_weights_says_the_same_command_starts_afresh(tmp_path, damage):
     from search.errors import ArchtreeError
 
     first = interrupted(tmp_path, StopsAtDepth(2))
     state, _ = first.saved()
-    (first.nodes.folder / f"{state.frontier[0]}.pt").write_bytes(b"not weights")
+    (first.nodes.folder / f"{state.frontier[0]}.pt").write_bytes(damage)
     again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
     assert again.acquire()
     with pytest.raises(ArchtreeError) as failed:
