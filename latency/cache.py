@@ -86,10 +86,13 @@ class DiskLatencyCache:
 
 def decoded(cached: dict[str, Any] | None, decode: Callable[..., T]) -> T | None:
     """`decode(cached)` for a cache hit, None for a miss or an entry of another shape (written
-    by another version, or edited by hand): the caller measures again and replaces it."""
+    by another version, or edited by hand) or of numbers no timing gives (a NaN, a ratio
+    below zero; what `plausible()` refuses): the caller measures again and replaces it."""
     if cached is None:
         return None
     try:
-        return decode(cached)
+        value = decode(cached)
     except (TypeError, KeyError, ValueError):
         return None
+    plausible = getattr(value, "plausible", None)
+    return value if plausible is None or plausible() else None

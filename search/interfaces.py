@@ -7,6 +7,7 @@ ones. The engine code is the same.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
@@ -38,6 +39,17 @@ class TimingStats:
         del out["cached"]
         return out
 
+    def plausible(self) -> bool:
+        """Whether these could be timings: a median above zero, no spread below zero, nothing
+        infinite or NaN (a cache entry edited or damaged may hold any number)."""
+        spreads = (self.p90_ms, self.iqr_ms, self.cv, self.mean_ms, self.launch_ms or 0.0)
+        return (
+            math.isfinite(self.median_ms)
+            and self.median_ms > 0
+            and all(math.isfinite(value) and value >= 0 for value in spreads)
+            and self.n >= 1
+        )
+
 
 @dataclass
 class LatencyMeasurement:
@@ -59,6 +71,15 @@ class LatencyMeasurement:
         out = asdict(self)
         out["candidate"], out["reference"] = self.candidate.to_dict(), self.reference.to_dict()
         return out
+
+    def plausible(self) -> bool:
+        """Whether this could be a timing: a finite ratio above zero of plausible timings."""
+        return (
+            math.isfinite(self.ratio)
+            and self.ratio > 0
+            and self.candidate.plausible()
+            and self.reference.plausible()
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyMeasurement:

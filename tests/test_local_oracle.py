@@ -124,6 +124,36 @@ def test_a_cache_entry_of_another_shape_is_measured_again(tmp_path: Path) -> Non
     assert make_oracle(cache=DiskLatencyCache(tmp_path)).measure(SMALL, REFERENCE).cached
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("ratio", float("nan")), ("ratio", -0.5), ("median_ms", float("inf")), ("median_ms", 0.0),
+     ("cv", -1.0)],
+)  # fmt: skip
+def test_a_cache_entry_of_numbers_no_timing_gives_is_measured_again(
+    tmp_path: Path, field: str, value: float
+) -> None:
+    """A NaN taken from the cache made a search say `smallest reachable nan ms`, and saved
+    it with the search, which then failed at every resume."""
+    import json
+
+    first = make_oracle(cache=DiskLatencyCache(tmp_path))
+    first.measure(SMALL, REFERENCE)
+    first.measure_reference(REFERENCE)
+
+    def edited(entry: dict) -> dict:
+        return {k: value if k == field else edited(v) if isinstance(v, dict) else v
+                for k, v in entry.items()}  # fmt: skip
+
+    for path in tmp_path.glob("*.json"):
+        path.write_text(json.dumps(edited(json.loads(path.read_text()))), encoding="utf-8")
+    second = make_oracle(cache=DiskLatencyCache(tmp_path))
+    measured = second.measure(SMALL, REFERENCE)
+    assert not measured.cached and 0 < measured.ratio < 1
+    if field != "ratio":  # the reference's own entry holds timings, no ratio
+        assert not second.measure_reference(REFERENCE).cached
+    assert second.cache_hits == 0
+
+
 def test_settings_differing_in_threads_or_batch_do_not_share_results() -> None:
     shared = make_oracle().cache
     make_oracle(cache=shared).measure(SMALL, REFERENCE)
