@@ -78,6 +78,19 @@ def _result_files(folder: Path) -> list[str]:
     return [name for name in ARTIFACT_NAMES if (folder / name).exists()]
 
 
+def result_snapshot(folder: Path) -> tuple | None:
+    """What tells the result `folder` holds from another written since (each file's name,
+    size and time), or None when it holds none."""
+    snapshot = []
+    for name in _result_files(folder):
+        try:
+            status = (folder / name).stat()
+        except OSError:
+            continue
+        snapshot.append((name, status.st_size, status.st_mtime_ns))
+    return tuple(snapshot) or None
+
+
 def _check_out_dir(out: str, overwrite: bool, inputs: dict[str, str | None] | None = None) -> None:
     """Before any work: --out is a folder this process can write, holding no result unless
     `overwrite`, and none of the files a result would replace is one of `inputs` (by option),
@@ -155,6 +168,7 @@ def prune(
     jobs: int = 1,
     sink=None,
     overwrite: bool = True,
+    replaces: tuple | None = None,
     command: str = "prune",
     notes: list[str] | None = None,
     checkpoint=None,
@@ -162,7 +176,9 @@ def prune(
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
     folder they were written to: `out`, unless `overwrite` is off and another run wrote a
-    result there meanwhile, which is then kept and this one goes to a new folder beside it.
+    result there meanwhile, which is then kept and this one goes to a new folder beside it
+    (`replaces`: a result_snapshot of what `out` held at the start, which may be replaced;
+    None: nothing may).
     `notes` (about the options, such as those the strategy overrides) lead the report's.
     `train_device` (a torch.device) is where candidates are fine-tuned and scored, the CPU
     by default.
@@ -238,11 +254,20 @@ def prune(
         },
     )
     report["notes"] = [*(notes or []), *report["notes"]]
-    folder = Path(out) if overwrite else _folder_without_result(Path(out))
+    folder = result_folder(Path(out), overwrite, replaces)
     save_artifacts(folder, outcome.answer.spec, outcome.model, report)
     if checkpoint is not None:
         checkpoint.remove()
     return report, folder
+
+
+def result_folder(out: Path, overwrite: bool, replaces: tuple | None) -> Path:
+    """Where a search that ends now saves its result: `out`, unless `overwrite` is off and
+    `out` holds a result other than `replaces` (what it held at the start, which may be
+    replaced), written there while the search ran: then the first `out-N` holding none."""
+    if overwrite or result_snapshot(out) == replaces:
+        return out
+    return _folder_without_result(out)
 
 
 def _folder_without_result(folder: Path) -> Path:
@@ -793,6 +818,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     parse_budget(args.budget)
     _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
+    # The earlier demo's result found there is replaced; one another command writes there
+    # while this demo runs is kept, and this one goes beside it, as prune's does.
+    replaces = result_snapshot(Path(args.out))
     _check_writable(archtree_home() / "demo", "ARCHTREE_HOME's", fix=HOME_FIX)
     args.demo_training = True  # what a stop now says (main.interrupted_note)
     device = _train_device("auto")  # a GPU trains the demo model and tunes its candidates
@@ -811,6 +839,8 @@ def run_demo(args: argparse.Namespace) -> int:
         weights=str(weights),
         command="demo",
         train_device=device,
+        overwrite=args.overwrite,
+        replaces=replaces,
     )
     print_summary(report, str(folder))
     return 0

@@ -585,6 +585,25 @@ def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
     assert f"this one is saved to {tmp_path / 'out-2'}" in rest
 
 
+def test_a_result_is_replaced_only_when_it_is_the_one_found_at_the_start(tmp_path, capsys):
+    """A demo replaces the earlier demo it found in --out; one written there while it ran
+    (a prune's, say) is kept, and the demo's goes beside it."""
+    from archtree_cli.commands import result_folder, result_snapshot
+
+    out = tmp_path / "out"
+    assert result_snapshot(out) is None
+    assert result_folder(out, overwrite=False, replaces=None) == out
+    out.mkdir()
+    (out / "report.json").write_text('{"inputs": {"command": "demo"}}')
+    found = result_snapshot(out)
+    assert result_folder(out, overwrite=False, replaces=found) == out
+    (out / "report.json").write_text('{"inputs": {"command": "prune"}, "longer": true}')
+    assert result_snapshot(out) != found
+    assert result_folder(out, overwrite=False, replaces=found) == tmp_path / "out-2"
+    assert "received another result while this search ran" in capsys.readouterr().err
+    assert result_folder(out, overwrite=True, replaces=found) == out
+
+
 def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     folder = tmp_path / "result"
     folder.mkdir()
