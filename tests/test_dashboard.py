@@ -969,13 +969,20 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
         page.set_window_size(size["width"], size["height"])
 
 
+# A device class of the longest the API takes, in words (64 characters).
+LONG_CLASS = "cluster-b.rack-17.jetson-orin-nano-8gb.maxn-power-mode.jetpack-6"
+
+
+@pytest.mark.parametrize("width", [1280, 1440])
 def test_long_names_in_the_jobs_list_are_cut_short_so_that_its_table_fits(
-    page: Any, quiet_api: ApiProcess, tmp_path: Path
+    page: Any, quiet_api: ApiProcess, tmp_path: Path, width: int
 ):
     data = load_inputs("builtin:vgg", "builtin:digits").data
     np.savez(tmp_path / "upload.npz", x=data.train_x.numpy(), y=data.train_y.numpy())
     name = f"{('digits, augmented and relabelled by hand, ' * 6)[:246]}.npz"  # 250 characters
+    assert len(LONG_CLASS) == 64
     spec = {key: value for key, value in job_spec().items() if key != "data"}
+    spec["device_class"] = LONG_CLASS
     with quiet_api.client() as client:
         job_id = submit(client, spec, data=(name, (tmp_path / "upload.npz").read_bytes()))
         submit(client, job_spec())  # a short one beside it
@@ -985,7 +992,7 @@ def test_long_names_in_the_jobs_list_are_cut_short_so_that_its_table_fits(
     row = f'#jobs-table tr[data-job-id="{job_id}"]'
     wrap = "document.querySelector('#jobs-table').closest('.table-wrap')"
     size = page.get_window_size()
-    page.set_window_size(1400, 900)
+    page.set_window_size(width, 900)
     try:
         open_jobs_page(page, quiet_api)
         wait_for(page, lambda: visible(page, f"{row} [data-delete]"), PAGE_S, "the job's row")
@@ -995,12 +1002,15 @@ def test_long_names_in_the_jobs_list_are_cut_short_so_that_its_table_fits(
         right = js(page, f"{wrap}.getBoundingClientRect().right")
         button = f"document.querySelector('{row} [data-delete]')"
         assert js(page, f"{button}.getBoundingClientRect().right") <= right
-        # The name is cut where shown, whole in the cell's tooltip and its text.
-        cell = f"document.querySelector('{row} td:nth-child(5)')"
-        assert js(page, f"{cell}.title") == f"uploaded {shown_name}"
-        assert js(page, f"{cell}.innerText") == f"uploaded {shown_name}"
-        assert js(page, f"{cell}.offsetWidth") < js(page, f"{cell}.firstElementChild.scrollWidth")
-        screenshot(page, "jobs-long-name")
+        # The names are cut where shown, whole in the cells' tooltips and their text.
+        for column, whole in ((5, f"uploaded {shown_name}"), (6, LONG_CLASS)):
+            cell = f"document.querySelector('{row} td:nth-child({column})')"
+            assert js(page, f"{cell}.title") == whole
+            assert js(page, f"{cell}.innerText") == whole
+            assert js(page, f"{cell}.offsetWidth") < js(
+                page, f"{cell}.firstElementChild.scrollWidth"
+            )
+        screenshot(page, f"jobs-long-name-{width}")
     finally:
         page.set_window_size(size["width"], size["height"])
 
