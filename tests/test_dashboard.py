@@ -699,6 +699,36 @@ def test_the_jobs_list_deletes_an_ended_job_from_its_row_once_confirmed(
         client.post(f"/v1/jobs/{waiting}/cancel")
 
 
+def test_a_job_deleted_elsewhere_is_said_to_be_deleted_on_its_page_and_in_the_list(
+    page: Any, quiet_api: ApiProcess
+):
+    with quiet_api.client() as client:
+        shown, listed, kept = (submit(client, job_spec()) for _ in range(3))
+        for job_id in (shown, listed, kept):
+            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        # An ended job's page, which no longer polls; the job is deleted by the API meanwhile.
+        page.get(f"{quiet_api.url}/#/jobs/{shown}")
+        wait_for(page, lambda: visible(page, "#delete"), PAGE_S, "the delete button")
+        assert client.delete(f"/v1/jobs/{shown}").status_code in (200, 204)
+        page.find_element("id", "delete").click()
+        page.switch_to.alert.accept()
+        wait_for(page, lambda: visible(page, ".not-found"), PAGE_S, "the job said deleted")
+        said = text(page, ".not-found")
+        assert f"Job {shown} was deleted elsewhere" in said and "/v1/jobs" not in said
+        page.find_element("css selector", ".not-found a").click()
+        wait_for(page, lambda: js(page, "window.archtree?.view") == "jobs", PAGE_S, "the jobs")
+
+        # The list's Delete of a job deleted meanwhile: its row goes, with no error.
+        row = "#jobs-table tr[data-job-id='{}']"
+        wait_for(page, lambda: visible(page, row.format(listed)), PAGE_S, "the job's row")
+        assert client.delete(f"/v1/jobs/{listed}").status_code in (200, 204)
+        page.find_element("css selector", f"{row.format(listed)} button[data-delete]").click()
+        page.switch_to.alert.accept()
+        wait_for(page, lambda: not visible(page, row.format(listed)), PAGE_S, "the row gone")
+        assert visible(page, row.format(kept))
+        assert not visible(page, "#jobs-error"), text(page, "#jobs-error")
+
+
 def test_a_job_waiting_for_its_device_says_which_agent_to_start(
     page: Any, stack: ApiProcess, worker_pool: WorkerPool
 ):

@@ -320,8 +320,11 @@ function jobsView(root) {
     try {
       await api(`v1/jobs/${jobId}`, { method: "DELETE" });
     } catch (error) {
-      showError($("#jobs-error", root), error.message);
-      button.disabled = false;
+      // Deleted meanwhile elsewhere: what was asked is done, and its row goes with the poll.
+      if (error.status !== 404) {
+        showError($("#jobs-error", root), error.message);
+        button.disabled = false;
+      }
     }
     poller.now();
   });
@@ -596,9 +599,22 @@ function jobView(root, jobId) {
   };
   window.addEventListener("resize", resize);
 
+  // The job deleted elsewhere (another tab, the API) while this page showed it.
+  const deleted = () => {
+    view.closed = true;
+    poller.stop();
+    stream.close();
+    root.replaceChildren(notFound(
+      `Job ${jobId} was deleted elsewhere (another page or the API): its results and events ` +
+      "are gone.", "Job deleted"));
+  };
   const poller = new Poller(POLL_MS, () => refreshJob(view), (error) => {
     if (error.status === 404 && !view.job) {
       root.replaceChildren(notFound(`No job ${jobId} on this service.`));
+      return false;
+    }
+    if (error.status === 404) {
+      deleted();
       return false;
     }
     // An unreachable API is said once for the whole page, above it (setConnection).
@@ -612,6 +628,7 @@ function jobView(root, jobId) {
       view.job = await api(`v1/jobs/${jobId}/cancel`, { method: "POST" });
       scheduleRender(view);
     } catch (error) {
+      if (error.status === 404) return deleted();
       showError($("#job-error", root), error.message);
     }
     poller.now();
@@ -624,6 +641,7 @@ function jobView(root, jobId) {
       view.closed = true;
       location.hash = "#/";
     } catch (error) {
+      if (error.status === 404) return deleted();
       showError($("#job-error", root), error.message);
       $("#delete", root).disabled = false;
     }
@@ -1245,9 +1263,9 @@ function renderDevices(root, list, history) {
 let leaveView = () => {};
 
 // A page for an address that names nothing here, with the way back.
-function notFound(message) {
+function notFound(message, heading = "Not found") {
   return el("section", { class: "panel not-found" },
-    el("h1", { text: "Not found" }),
+    el("h1", { text: heading }),
     el("p", { text: message }),
     el("p", {}, el("a", { href: "#/", text: "All jobs" })));
 }
