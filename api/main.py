@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from api.deps import Services
 from api.error_handlers import add_error_handlers
@@ -59,12 +61,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         # (api.error_handlers): a redirect would make a client that does not follow it, as
         # curl without -L, submit nothing without a word.
         redirect_slashes=False,
+        # Served by _add_docs from the dashboard's files: FastAPI's own load them from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
     app.include_router(jobs.router)
     app.include_router(devices.router)
     app.include_router(health.router)
     dashboard.mount(app)
+    _add_docs(app)
     add_error_handlers(app)
     app.add_middleware(HeadAsGet)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
@@ -80,6 +86,29 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         spec = JobSpecIn.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(spec.pop("$defs", {}), JobSpecIn=spec)
     return schema
+
+
+def _add_docs(app: FastAPI) -> None:
+    """The API's docs at /docs: Swagger UI from the dashboard's vendored copy
+    (swagger-ui-dist 5.36.0 under api/dashboard/vendor/), so that they work offline. /redoc,
+    whose page would load ReDoc and its fonts from the internet, goes to them."""
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} API",
+            swagger_js_url=f"{root}/dashboard/vendor/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/dashboard/vendor/swagger-ui.css",
+            swagger_favicon_url="data:,",
+            # No badge from the online validator: nothing is asked of another host.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{request.scope.get('root_path', '').rstrip('/')}/docs")
 
 
 @functools.cache

@@ -226,6 +226,26 @@ def test_the_page_and_its_scripts_are_served_by_the_api(stack: ApiProcess):
     assert app.status_code == 200 and "echarts" in app.text
 
 
+@pytest.mark.parametrize("address", ["docs", "redoc"])
+def test_the_api_docs_show_their_endpoints_with_nothing_from_another_host(
+    page: Any, quiet_api: ApiProcess, address: str
+):
+    with quiet_api.client() as client:
+        served = client.get("/docs")
+        paths = client.get("/openapi.json").json()["paths"]
+    assert served.status_code == 200
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", served.text), served.text
+    page.get(f"{quiet_api.url}/{address}")
+    shown = "document.querySelectorAll('.swagger-ui .opblock').length"
+    wait_for(page, lambda: js(page, shown) >= len(paths), PAGE_S, "the endpoints listed")
+    assert js(page, "location.pathname") == "/docs"
+    assert "/v1/jobs" in text(page, ".swagger-ui")
+    loaded = js(page, "performance.getEntriesByType('resource').map(r => r.name)")
+    assert loaded and all(
+        name.startswith(f"{quiet_api.url}/") or name.startswith("data:") for name in loaded
+    ), loaded
+
+
 def test_the_devices_page_lists_the_running_agent(page: Any, stack: ApiProcess):
     page.get(f"{stack.url}/#/devices")
     row = f'#devices-table tr[data-device-class="{DEVICE_CLASS}"]'
