@@ -749,6 +749,69 @@ def test_a_job_deleted_elsewhere_is_said_to_be_deleted_on_its_page_and_in_the_li
         assert not visible(page, "#jobs-error"), text(page, "#jobs-error")
 
 
+def focused(driver: Any) -> str:
+    """The element with the keyboard focus, as tag#id[name] (BODY: none)."""
+    return js(
+        driver,
+        "(e => e.tagName + (e.id ? '#' + e.id : '') + (e.name ? '[' + e.name + ']' : ''))"
+        "(document.activeElement)",
+    )
+
+
+def test_the_keyboard_focus_stays_where_the_user_works_and_controls_are_named(
+    page: Any, quiet_api: ApiProcess
+):
+    with quiet_api.client() as client:
+        created = [submit(client, job_spec()) for _ in range(22)]
+        for job_id in created[:-1]:
+            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    open_jobs_page(page, quiet_api)
+    wait_for(page, lambda: text(page, "#page-info") == "1–20 of 22", PAGE_S, "page 1")
+    # Each Delete button is named by its job.
+    labels = js(
+        page,
+        "[...document.querySelectorAll('#jobs-table [data-delete]')]"
+        ".map(b => [b.dataset.delete, b.getAttribute('aria-label')])",
+    )
+    assert labels and all(label == f"Delete job {job_id}" for job_id, label in labels)
+
+    # The pager's Older, disabled on the last page: the keyboard goes on from Newer.
+    page.find_element("id", "older").click()
+    wait_for(page, lambda: text(page, "#page-info") == "21–22 of 22", PAGE_S, "page 2")
+    assert js(page, "document.getElementById('older').disabled")
+    assert focused(page) == "BUTTON#newer"
+
+    # A row's Delete: the keyboard goes on from the row that takes its place.
+    oldest = created[0]
+    page.find_element("css selector", f"[data-delete='{oldest}']").click()
+    page.switch_to.alert.accept()
+    wait_for(page, lambda: text(page, "#page-info") == "21–21 of 21", PAGE_S, "the row gone")
+    wait_for(page, lambda: focused(page) != "BODY", PAGE_S, "the focus kept")
+    assert js(page, "document.activeElement.closest('#jobs-table') !== null")
+
+    # An invalid field, refused by the API: the keyboard goes to it.
+    page.find_element("id", "newer").click()
+    fill(page, {"budget": "fast"})
+    page.find_element("id", "submit-button").click()
+    wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
+    assert focused(page) == "INPUT[budget]"
+    fill(page, {"budget": "60%", "data": "upload"})  # no file chosen: refused by the page
+    page.find_element("id", "submit-button").click()
+    wait_for(page, lambda: focused(page) == "INPUT[data_file]", PAGE_S, "the data file")
+
+    # Cancel on a job's page: the button goes, the keyboard stays in the job's header.
+    page.get(f"{quiet_api.url}/#/jobs/{created[-1]}")
+    wait_for(page, lambda: visible(page, "#cancel"), PAGE_S, "the cancel button")
+    for chart in ("#tree-chart", "#scatter-chart"):
+        assert js(page, f"document.querySelector('{chart}').getAttribute('role')") == "img"
+        assert js(page, f"document.querySelector('{chart}').getAttribute('aria-label')")
+    page.find_element("id", "cancel").click()
+    wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", PAGE_S, "cancelled")
+    wait_for(page, lambda: visible(page, "#delete"), PAGE_S, "the delete button")
+    assert focused(page) != "BODY"
+    assert js(page, "document.activeElement.closest('.job-head') !== null")
+
+
 def test_a_job_waiting_for_its_device_says_which_agent_to_start(
     page: Any, stack: ApiProcess, worker_pool: WorkerPool
 ):

@@ -44,8 +44,9 @@ function el(tag, attributes = {}, ...children) {
     if (value === undefined || value === null || value === false) continue;
     if (name === "class") element.className = value;
     else if (name === "text") element.textContent = value;
-    else if (name.startsWith("data-")) element.setAttribute(name, value);
-    else element[name] = value;
+    else if (name.startsWith("data-") || name.startsWith("aria-") || name === "role") {
+      element.setAttribute(name, value);
+    } else element[name] = value;
   }
   element.append(...children.filter((child) => child !== null && child !== undefined));
   return element;
@@ -271,6 +272,14 @@ function loadState(root) {
   };
 }
 
+// Keyboard focus on `target` when it was on nothing (the body: the focused element was removed,
+// hidden or disabled) or on one of `from`, so that the keyboard goes on from where it was.
+function refocus(target, ...from) {
+  const active = document.activeElement;
+  if (!target || (active && active !== document.body && !from.includes(active))) return;
+  target.focus();
+}
+
 function template(id) {
   return document.getElementById(id).content.cloneNode(true);
 }
@@ -290,6 +299,7 @@ function jobsView(root) {
     poller.now();
   };
   const load = loadState(root);
+  const focusAfter = { row: null };
   const poller = new Poller(POLL_MS, async () => {
     const asked = { offset, status: filter.value };
     const only = asked.status ? `&status=${asked.status.split(",").join("&status=")}` : "";
@@ -303,7 +313,7 @@ function jobsView(root) {
       return;
     }
     load.answered();
-    renderJobs(root, page, filter.value);
+    renderJobs(root, page, filter.value, focusAfter);
   }, (error) => load.failed(error));
   $("#newer", root).addEventListener("click", () => turnTo(Math.max(0, offset - PAGE_SIZE)));
   $("#older", root).addEventListener("click", () => turnTo(offset + PAGE_SIZE));
@@ -315,6 +325,10 @@ function jobsView(root) {
     if (!button) return;
     const jobId = button.dataset.delete;
     if (!window.confirm(deleteQuestion(jobId))) return;
+    // Once the row is gone, the keyboard goes on from the row that takes its place.
+    Object.assign(focusAfter, {
+      jobId, row: [...button.closest("tbody").rows].indexOf(button.closest("tr")),
+    });
     button.disabled = true;
     $("#jobs-error", root).hidden = true;
     try {
@@ -324,6 +338,8 @@ function jobsView(root) {
       if (error.status !== 404) {
         showError($("#jobs-error", root), error.message);
         button.disabled = false;
+        focusAfter.row = null;
+        button.focus();
       }
     }
     poller.now();
@@ -346,7 +362,7 @@ function replaceRows(tbody, rows) {
 // ellipsis where long so that the row's other columns stay in view; the whole text on hover.
 const clipped = (value) => el("td", { class: "clip", title: value }, el("span", { text: value }));
 
-function renderJobs(root, page, filtered) {
+function renderJobs(root, page, filtered, focusAfter) {
   const rows = page.jobs.map((job) => {
     const { progress, spec } = job;
     const { final } = progress;
@@ -380,6 +396,7 @@ function renderJobs(root, page, filtered) {
           ? el("button", {
             type: "button", class: "danger small", "data-delete": job.id, text: "Delete",
             title: "Delete this job, its uploads, result files and events",
+            "aria-label": `Delete job ${job.id}`,
           })
           : null,
       ),
@@ -389,13 +406,24 @@ function renderJobs(root, page, filtered) {
     const none = filtered ? "No jobs in this status." : "No jobs yet.";
     rows.push(el("tr", {}, el("td", { colSpan: 13, class: "muted", text: none })));
   }
-  replaceRows($("#jobs-table tbody", root), rows);
+  const tbody = $("#jobs-table tbody", root);
+  replaceRows(tbody, rows);
+  if (focusAfter.row != null && !page.jobs.some((job) => job.id === focusAfter.jobId)) {
+    const next = tbody.rows[Math.min(focusAfter.row, tbody.rows.length - 1)];
+    refocus(next?.querySelector("a") ?? $("#status-filter", root));
+    focusAfter.row = null;
+  }
   const last = Math.min(page.offset + page.jobs.length, page.total);
   $("#page-info", root).textContent = page.total
     ? `${page.offset + 1}–${last} of ${page.total}`
     : "";
-  $("#newer", root).disabled = page.offset === 0;
-  $("#older", root).disabled = last >= page.total;
+  const newer = $("#newer", root);
+  const older = $("#older", root);
+  newer.disabled = page.offset === 0;
+  older.disabled = last >= page.total;
+  // A pager button disabled under the keyboard (the last or first page reached): the other one.
+  if (older.disabled) refocus(newer.disabled ? null : newer, older);
+  if (newer.disabled) refocus(older.disabled ? null : older, newer);
 }
 
 const SEARCH_FIELDS = [
@@ -505,6 +533,7 @@ function markField(form, name, message) {
   const note = el("span", { class: "field-error", text: message });
   input.closest("label").append(note);
   if (input.closest("details")) input.closest("details").open = true;
+  input.focus();
 }
 
 function clearFieldErrors(form) {
@@ -624,6 +653,8 @@ function jobView(root, jobId) {
   const stream = followEvents(view, poller);
   $("#cancel", root).addEventListener("click", async () => {
     $("#cancel", root).disabled = true;
+    // The button is disabled, then hidden: the keyboard goes on from the job's status.
+    $("#job-status", root).focus();
     try {
       view.job = await api(`v1/jobs/${jobId}/cancel`, { method: "POST" });
       scheduleRender(view);
@@ -1010,6 +1041,8 @@ function nodeTooltip(node, rootNode, budgetMs, retuned, scoreName) {
 function renderTree(view, nodes, rootNode, chosenId) {
   const container = $("#tree-chart", view.root);
   container.dataset.nodes = String(nodes.size);
+  container.setAttribute("aria-label", `Search tree: ${counted(nodes.size, "node", "nodes")}` +
+    (chosenId && nodes.has(chosenId) ? `, answer or best so far ${chosenId}` : ""));
   const shown = [...nodes.values()];
   Object.assign(live, {
     treeNodes: nodes.size,
@@ -1109,6 +1142,9 @@ function renderScatter(view, nodes, chosenId, final) {
   const container = $("#scatter-chart", view.root);
   container.dataset.candidates = String(candidates.length);
   container.dataset.pareto = String(front.length);
+  container.setAttribute("aria-label", `Candidates' latency against ${scoreWord(view.scoredBy)}: ` +
+    `${counted(candidates.length, "candidate", "candidates")}, ` +
+    `${counted(front.length, "point", "points")} on the Pareto front`);
   Object.assign(live, {
     candidates: candidates.length, paretoPoints: front.length, retunedPoints: retuned.length,
   });
