@@ -16,6 +16,7 @@ from typing import Any
 
 from archtree_cli.paths import archtree_home, latency_cache_dir
 from archtree_cli.progress import ConsoleProgress, counted
+from archtree_cli.stop_signals import work_saved
 from search.errors import ArchtreeError
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
@@ -256,6 +257,7 @@ def prune(
     report["notes"] = [*(notes or []), *report["notes"]]
     folder = result_folder(Path(out), overwrite, replaces)
     save_artifacts(folder, outcome.answer.spec, outcome.model, report)
+    work_saved()  # a stop from now on lets the command end as it would have
     if checkpoint is not None:
         checkpoint.remove()
     return report, folder

@@ -574,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signals.raise_held()  # held while the options' modules loaded: stop before running
         except KeyboardInterrupt as stop:
             return _stopped(stop, signals, note=None)
-        return _run(args, signals)
+        signals.exit_code = _run(args, signals)
+        return signals.exit_code
 
 
 def _stopped(stop: KeyboardInterrupt, signals: StopSignals, note: str | None) -> int:

@@ -11,11 +11,22 @@ something) is stopped all the same once the signal has been held MAX_HOLD_S.
 Some code swallows a KeyboardInterrupt (torch-pruning's tracing retries a forward pass after a
 bare `except:`), so a stop that has not reached the command's top level (`stopped`) within
 REPEAT_S is raised again.
+
+Once a command's work is saved (`work_saved`: prune's result is in its folder), a stop no
+longer stops it: it says its last lines and exits as it would have, and a second stop ends it
+at once, with code 0. Once a command has returned (`StopSignals.exit_code`), a stop while the
+interpreter shuts down (torch takes a second or two) ends the process at once with the
+command's own code: a Ctrl-C pressed because the prompt was slow to come back turned a saved
+result into a traceback or a death by signal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +68,11 @@ class StopSignals:
         self.recheck_due = False
         # The signal raised and not yet caught by the command's top level.
         self.stopping: int | None = None
+        # Set once the command's work is saved (`work_saved`): stops are counted, not raised.
+        self.saved = False
+        self.stops_after_saved = 0
+        # The command's exit code, once it has returned.
+        self.exit_code: int | None = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # tests call main elsewhere
@@ -64,6 +80,8 @@ class StopSignals:
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 signums.append(signal.SIGINT)
             self.previous = {signum: signal.signal(signum, self.handle) for signum in signums}
+            global _active
+            _active = self
         return self
 
     def __exit__(
@@ -72,12 +90,24 @@ class StopSignals:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        global _active
+        if _active is self:
+            _active = None
         self.held_since = self.held = self.stopping = None
+        if self.exit_code is not None and self.previous:
+            for signum in self.previous:
+                signal.signal(signum, functools.partial(_exit_at_once, self.exit_code))
+            return
         for signum, handler in self.previous.items():
             if signal.getsignal(signum) == self.handle:
                 signal.signal(signum, handler)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.saved:
+            self.stops_after_saved += 1
+            if self.stops_after_saved > 1:
+                _exit_at_once(0)
+            return
         now = time.monotonic()
         if importing(frame) and (self.held_since is None or now - self.held_since < MAX_HOLD_S):
             if self.held_since is None:
@@ -128,6 +158,25 @@ class StopSignals:
                 self._recheck_later(signum)
             return
         _send_to_main_thread(signum)
+
+
+# The StopSignals of the command running in this process's main thread, if any.
+_active: StopSignals | None = None
+
+
+def work_saved() -> None:
+    """The command's work is saved: a stop from now on lets it finish (see the module's
+    docstring). Called by prune once its result is in its folder."""
+    if _active is not None:
+        _active.saved = True
+
+
+def _exit_at_once(code: int, *_: object) -> None:
+    """End the process now with `code`, what was printed flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _after(seconds: float, call: Callable[..., None], *args: object) -> None:

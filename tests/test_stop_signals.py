@@ -8,6 +8,7 @@ signal arrives, so the tests need not hit that moment by chance.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_process import run_archtree
+from tests.cli_process import FAST, REACHABLE, run_archtree
 from tests.redis_fixtures import ROOT
 
 MODEL = """
@@ -27,7 +28,7 @@ def model():
 """
 
 
-def user_module(tmp_path: Path, name: str, body: str) -> Path:
+def user_module(tmp_path: Path, name: str, body: str, model: str = MODEL) -> Path:
     """A folder holding `name.py`, which defines `model` and runs `body` at its first import:
     the command's, not a timing process's (they import it again, and one sent SIGTERM dies)."""
     folder = tmp_path / "modules"
@@ -39,7 +40,7 @@ def user_module(tmp_path: Path, name: str, body: str) -> Path:
         open({str(tmp_path / "imported")!r}, "w").close()
     """
     body = textwrap.indent(textwrap.dedent(body), "    ")
-    (folder / f"{name}.py").write_text(textwrap.dedent(once) + body + MODEL)
+    (folder / f"{name}.py").write_text(textwrap.dedent(once) + body + model)
     return folder
 
 
@@ -228,3 +229,67 @@ def test_a_handler_the_command_left_in_place_is_not_replaced_on_leaving():
         assert signal.getsignal(signal.SIGTERM) is left_by_the_command
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+# A model pruning speeds up, unlike MODEL, whose time is its layers' fixed costs.
+PRUNABLE_MODEL = """
+def model():
+    from search.model_source import ModelRef, build_model
+
+    return build_model(ModelRef("builtin:vgg", num_classes=10, in_channels=1))
+"""
+
+
+def fast_prune(tmp_path: Path, module: str, folder: Path):
+    return run_archtree(
+        "prune", "--model", f"module:{module}:model", "--data", "builtin:digits",
+        "--budget", REACHABLE, "--out", str(tmp_path / "out"), *FAST,
+        home=tmp_path / "home", extra_path=folder,
+    )  # fmt: skip
+
+
+def test_a_stop_once_the_result_is_saved_lets_prune_end_as_it_would_have(tmp_path: Path):
+    """A Ctrl-C just after the result reached its folder said that nothing was written there
+    and left the saved search, which the next run resumed, to be refused for the result."""
+    folder = user_module(tmp_path, "stopped_after_saving", """
+    import signal
+    import time
+
+    import search.checkpoint
+
+    removing = search.checkpoint.SearchCheckpoint.remove
+
+    def stopped_then_removed(self):
+        # The result is saved; its saved search is removed next, as the command ends.
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs here
+        removing(self)
+
+    search.checkpoint.SearchCheckpoint.remove = stopped_then_removed
+    """, PRUNABLE_MODEL)  # fmt: skip
+    result = fast_prune(tmp_path, "stopped_after_saving", folder)
+    assert result.returncode == 0, result.stderr
+    assert "interrupted" not in result.stderr and "Traceback" not in result.stderr
+    assert f"saved to {tmp_path / 'out'}" in result.stdout + result.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["final"]
+    assert not list((tmp_path / "home" / "searches").glob("*/state.json"))  # nothing to resume
+
+
+def test_a_stop_while_the_process_shuts_down_ends_it_at_once_with_its_code(tmp_path: Path):
+    """torch takes a second or two to shut down after the summary: a SIGTERM then killed the
+    process (exit 143 for a saved result), a Ctrl-C printed a traceback."""
+    folder = user_module(tmp_path, "stopped_while_leaving", """
+    import atexit
+    import signal
+    import time
+
+    def stopped_while_leaving():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # ended at once by the signal, or not at all
+
+    atexit.register(stopped_while_leaving)
+    """, PRUNABLE_MODEL)  # fmt: skip
+    result = fast_prune(tmp_path, "stopped_while_leaving", folder)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert (tmp_path / "out" / "report.json").exists()
