@@ -158,6 +158,9 @@ def evaluate_child(context: SearchContext, task: ChildTask) -> ChildResult:
     def measure_child(child: Pruned) -> float:
         if child.spec.hash == parent.spec.hash:
             return parent.latency_ms
+        # Asked before each probe, as fine-tuning asks at each step: a cancel (Ctrl-C with
+        # --jobs above 1) stops a child being sized without waiting for all its probes.
+        context.check_cancelled(f"while sizing child {task.child_id}")
         measurement = context.oracle.measure(child.spec, context.root_spec)
         result.measurements += 0 if measurement.cached else 1
         result.cache_hits += 1 if measurement.cached else 0

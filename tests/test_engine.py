@@ -586,3 +586,21 @@ def test_an_answer_pruned_to_chance_without_fine_tuning_gets_a_note_saying_to_tu
         outcome.final_accuracy, notes,
     )  # fmt: skip
     assert not any(note.startswith("the unpruned model scores") for note in notes)
+
+
+def test_a_child_stops_between_the_probes_of_its_sizing_once_cancelled():
+    """Ctrl-C with --jobs 2 waited for every child running to measure all its probes (seconds
+    each on a large model), where fine-tuning asks at once."""
+    from search.errors import SearchCancelled
+    from search.expansion import evaluate_child
+
+    device = TimingsCountedDevice()
+    context = make_context(oracle=device)
+    state = start(context, parse_budget("50%"))
+    task = plan(context, state)[0]
+    before = device.timings
+    cancelled = replace(context, cancelled=lambda: device.timings > before)
+    with pytest.raises(SearchCancelled) as stopped:
+        evaluate_child(cancelled, task)
+    assert device.timings == before + 1  # its first probe, and no other
+    assert str(stopped.value) == f"cancelled while sizing child {task.child_id}"
