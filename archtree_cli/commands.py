@@ -777,13 +777,18 @@ def demo_weights(progress=print, device=None) -> Path:
     from archtree_cli.training_progress import TrainingProgress
     from search.data_source import load_data
     from search.inputs import load_inputs
-    from search.model_source import save_weights
+    from search.model_source import load_weights, save_weights
     from search.training import accuracy, train
 
     path = archtree_home() / "demo" / "resnet-mnist.safetensors"
-    if path.is_file():
-        return path
     inputs = load_inputs(DEMO_MODEL, DEMO_DATA)
+    if path.is_file():
+        try:
+            load_weights(inputs.model, path, source=DEMO_MODEL)
+            return path
+        except ArchtreeError as error:  # damaged, or of an older builtin ResNet
+            progress(f"the cached demo model cannot be used ({error}); it is trained again")
+            path.unlink(missing_ok=True)
     data = load_data(DEMO_DATA)
     progress("training the demo model (builtin:resnet on builtin:mnist), once; it is cached")
     train(inputs.model, data.train_x, data.train_y, epochs=3, lr=0.05, seed=0,

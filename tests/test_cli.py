@@ -671,6 +671,28 @@ def test_demo_weights_are_cached_whole_or_not_at_all(tmp_path, monkeypatch):
     assert "classifier.weight" in load_file(path)
 
 
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 3000])
+def test_cached_demo_weights_that_cannot_be_used_are_trained_again(tmp_path, monkeypatch, damage):
+    """They told the user to save again weights the user never saved."""
+    import search.training
+    from archtree_cli.commands import demo_weights
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path))
+    monkeypatch.setattr(search.training, "train", lambda *args, **kwargs: None)
+    cached = tmp_path / "demo" / "resnet-mnist.safetensors"
+    cached.parent.mkdir()
+    cached.write_bytes(damage)
+    said: list[str] = []
+    assert demo_weights(progress=said.append) == cached
+    assert said[0].startswith("the cached demo model cannot be used (")
+    assert said[0].endswith("); it is trained again")
+    from safetensors.torch import load_file
+
+    assert "classifier.weight" in load_file(cached)
+    said.clear()
+    assert demo_weights(progress=said.append) == cached and not said  # used as it is now
+
+
 def wait_for_a_timing_process(process: subprocess.Popen[str]) -> None:
     """Until the command times a model: timings run in children of the fork server, a child
     of the command."""
