@@ -1051,6 +1051,31 @@ def test_the_lists_show_the_api_error_and_mark_their_rows_out_of_date_until_it_a
 OVERFLOW = "document.documentElement.scrollWidth - innerWidth"
 
 
+# How many lines the top bar's badge takes.
+BADGE_LINES = (
+    "(r => { r.selectNodeContents(document.querySelector('#connection'));"
+    " return new Set([...r.getClientRects()].map(line => line.top)).size; })"
+    "(document.createRange())"
+)
+
+
+def scrolls(driver: Any, table: str) -> bool:
+    """Whether the box of `table` is marked as scrolling sideways."""
+    return js(
+        driver,
+        f"document.querySelector('{table}').closest('.table-wrap').classList.contains('scrolls')",
+    )
+
+
+def visible_hint(driver: Any, table: str) -> bool:
+    """Whether the line above the box of `table` says that it scrolls sideways."""
+    hint = js(
+        driver,
+        f"document.querySelector('{table}').closest('.table-wrap').previousElementSibling",
+    )
+    return bool(hint) and hint.is_displayed() and "sideways" in hint.text
+
+
 def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProcess):
     with stack.client() as client:
         spec = job_spec() | {"budget": "1000ms"}
@@ -1059,7 +1084,7 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
         ended = {"succeeded", "failed"}
         wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] in ended, JOB_S, "end")
     size = page.get_window_size()
-    page.set_window_size(390, 900)
+    page.set_window_size(390, 844)
     try:
         addresses = (("#/", "jobs"), (f"#/jobs/{job_id}", "job"), ("#/devices", "devices"))
         for address, view in addresses:
@@ -1068,6 +1093,17 @@ def test_a_narrow_window_scrolls_tables_not_the_page(page: Any, stack: ApiProces
             wait_for(page, lambda: js(page, "document.querySelector('tbody tr')"), PAGE_S, "rows")
             # Once laid out (charts size themselves to the window a moment after it shows).
             wait_for(page, lambda: js(page, OVERFLOW) <= 0, PAGE_S, f"{address} within the width")
+            # The top bar's badge on one line, whatever it says.
+            assert js(page, BADGE_LINES) == 1, text(page, "#connection")
+            if view == "jobs":  # the table scrolls sideways, and says so
+                marked = partial(scrolls, page, "#jobs-table")
+                wait_for(page, marked, PAGE_S, "the table marked")
+                assert visible_hint(page, "#jobs-table")
+            if view == "job":  # the comparison's numbers, all in view
+                wait_for(page, lambda: "ms" in text(page, "#comparison tbody"), PAGE_S, "numbers")
+                assert not scrolls(page, "#comparison") and not visible_hint(page, "#comparison")
+                wrap = "document.querySelector('#comparison').closest('.table-wrap')"
+                assert js(page, f"{wrap}.scrollWidth - {wrap}.clientWidth") <= 0
             if view == "job":  # an event's description gets the whole width, under its kind
                 wait_for(
                     page, lambda: js(page, "document.querySelector('#events li')"), PAGE_S, "events"
@@ -1124,6 +1160,37 @@ def test_long_names_in_the_jobs_list_are_cut_short_so_that_its_table_fits(
                 page, f"{cell}.firstElementChild.scrollWidth"
             )
         screenshot(page, f"jobs-long-name-{width}")
+    finally:
+        page.set_window_size(size["width"], size["height"])
+
+
+def test_a_phone_shows_a_devices_numbers_beside_a_long_class_cut_short(
+    page: Any, quiet_api: ApiProcess
+):
+    with quiet_api.client() as client:
+        device = {"device_class": LONG_CLASS, "host": "phone-test", "cpu": "ARM " * 30}
+        assert client.post("/v1/devices", json=device).status_code == 201
+    size = page.get_window_size()
+    page.set_window_size(390, 844)
+    row = f'#classes-table tr[data-device-class="{LONG_CLASS}"]'
+    try:
+        page.get(f"{quiet_api.url}/#/devices")
+        wait_for(page, lambda: visible(page, row), PAGE_S, "the class's row")
+        wait_for(page, lambda: js(page, OVERFLOW) <= 0, PAGE_S, "the page within the width")
+        # The class cut short, the whole on hover; its numbers in view without scrolling.
+        cell = f"document.querySelector('{row} td')"
+        assert js(page, f"{cell}.title") == LONG_CLASS
+        assert js(page, f"{cell}.offsetWidth") < js(page, f"{cell}.firstElementChild.scrollWidth")
+        wrap = "document.querySelector('#classes-table').closest('.table-wrap')"
+        right = js(page, f"{wrap}.getBoundingClientRect().right")
+        for column in (2, 3, 4):  # agents online, queue depth, jobs waiting
+            shown = f"document.querySelector('{row} td:nth-child({column})')"
+            assert js(page, f"{shown}.getBoundingClientRect().right") <= right, column
+        # What does not fit scrolls, and says so.
+        # The agents' table, wider, scrolls and says so.
+        wait_for(page, lambda: scrolls(page, "#devices-table"), PAGE_S, "the table marked")
+        assert visible_hint(page, "#devices-table")
+        screenshot(page, "devices-phone")
     finally:
         page.set_window_size(size["width"], size["height"])
 

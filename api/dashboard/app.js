@@ -280,6 +280,27 @@ function refocus(target, ...from) {
   target.focus();
 }
 
+// A table wider than its box scrolls sideways inside it (a phone): the box is then marked
+// (a shadow at its edge) and a line above it says so. Watched as the window and the rows change.
+function watchWideTables(root) {
+  const watcher = new ResizeObserver(() => {
+    for (const wrap of root.querySelectorAll(".table-wrap")) {
+      const wide = wrap.scrollWidth > wrap.clientWidth + 1;
+      wrap.classList.toggle("scrolls", wide);
+      const hint = wrap.previousElementSibling;
+      if (hint?.classList.contains("scroll-hint")) hint.hidden = !wide;
+    }
+  });
+  for (const wrap of root.querySelectorAll(".table-wrap")) {
+    wrap.before(el("p", {
+      class: "scroll-hint muted", hidden: true, text: "Scroll the table sideways for more columns →",
+    }));
+    watcher.observe(wrap);
+    for (const table of wrap.querySelectorAll("table")) watcher.observe(table);
+  }
+  return () => watcher.disconnect();
+}
+
 function template(id) {
   return document.getElementById(id).content.cloneNode(true);
 }
@@ -1244,13 +1265,13 @@ function renderDevices(root, list, history) {
     el("tr", { "data-device-id": device.id, "data-device-class": device.device_class },
       el("td", { text: device.host }),
       el("td", { class: "mono", text: device.id }),
-      el("td", { text: device.device_class }),
+      clipped(device.device_class),
       el("td", {}, el("span", {
         class: `status ${device.online ? "status-online" : "status-offline"}`,
         text: device.online ? "online" : "offline",
       })),
       el("td", { text: `${device.runtime} ${device.runtime_version}`.trim() }),
-      el("td", { text: [device.cpu, device.gpu].filter(Boolean).join(" · ") || "—" }),
+      clipped([device.cpu, device.gpu].filter(Boolean).join(" · ") || "—"),
       el("td", { class: "num", text: count(device.threads) }),
       el("td", { class: "num", text: count(device.measurements) }),
       el("td", { text: ago(device.last_seen) })));
@@ -1277,7 +1298,7 @@ function renderDevices(root, list, history) {
   const since = history[0].totals;
   replaceRows($("#classes-table tbody", root), [...classes].sort().map(([name, entry]) =>
     el("tr", { "data-device-class": name },
-      el("td", { text: name }),
+      clipped(name),
       el("td", { class: "num", text: count(entry.online) }),
       el("td", { class: "num", text: count(list.queue_depth[name] ?? 0) }),
       el("td", { class: "num", text: count(jobsWaiting[name] ?? 0) }),
@@ -1328,9 +1349,15 @@ function route() {
     link.toggleAttribute("aria-current", current);
   }
   document.title = job ? `Job ${job[1]} · Archtree` : live.view === "devices" ? "Devices · Archtree" : "Archtree";
-  if (job) leaveView = jobView(root, job[1]);
-  else if (live.view === "devices") leaveView = devicesView(root);
-  else leaveView = jobsView(root);
+  let leave;
+  if (job) leave = jobView(root, job[1]);
+  else if (live.view === "devices") leave = devicesView(root);
+  else leave = jobsView(root);
+  const unwatch = watchWideTables(root);
+  leaveView = () => {
+    unwatch();
+    leave();
+  };
 }
 
 window.addEventListener("hashchange", route);
