@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from torch import nn
 
@@ -86,6 +87,9 @@ class SearchOutcome:
     final_fidelity: float | None
     wall_s: float
     trims: int
+    # Where a search resumed from one an earlier run saved: `after_depth` (its depths
+    # searched then), `tree_search_finished`, `saved_s` (its time then); None otherwise.
+    resumed: dict[str, Any] | None = None
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -947,11 +951,17 @@ def run_search(
     started = time.monotonic()
     executor = executor or SequentialExecutor()
     saved = checkpoint.saved() if checkpoint is not None else None
+    resumed = None
     if saved is not None and saved[0].root.spec.hash == context.root_spec.hash:
         state, elapsed_s = saved
         started -= elapsed_s
         context.prepare()
         _tell_resumed(context, state, elapsed_s)
+        resumed = {
+            "after_depth": state.depth,
+            "tree_search_finished": state.done,
+            "saved_s": round(elapsed_s, 1),
+        }
     else:
         state = start(context, budget)
         _save(context, checkpoint, state, time.monotonic() - started)
@@ -966,7 +976,7 @@ def run_search(
         # tree search left (the re-ranking's tuning would otherwise be applied twice).
         checkpoint.nodes.stop_saving()
     retuned = executor.map(partial(_retune_apart, context), to_retune(context, state))
-    return finish(context, state, started, retuned)
+    return replace(finish(context, state, started, retuned), resumed=resumed)
 
 
 def live_nodes(state: SearchState) -> set[str]:

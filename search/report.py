@@ -60,6 +60,7 @@ def build_report(
             # Where the answer was fine-tuned (a service job's children may have been tuned
             # by other workers, each on its own).
             "training_device": describe_device(context.train_device),
+            "resumed": outcome.resumed,
         },
         "tree": [node.summary() for node in state.nodes.values()],
     }
@@ -82,4 +83,19 @@ def answer_notes(context: SearchContext, outcome: SearchOutcome) -> list[str]:
         notes.append(kept_whole_note(context.kept_whole))
     if outcome.answer.spec.hash == outcome.state.root.spec.hash:
         notes.append(NOTHING_PRUNED if context.data.labelled else NOTHING_PRUNED_DATA_FREE)
+    if outcome.resumed is not None:
+        notes.append(resumed_note(outcome.resumed))
     return notes
+
+
+def resumed_note(resumed: dict[str, Any]) -> str:
+    """That the search went on from one an earlier run saved, and from where."""
+    where = (
+        "with its tree search finished"
+        if resumed["tree_search_finished"]
+        else f"after depth {resumed['after_depth']}"
+    )
+    return (
+        f"this search went on from the one an earlier run of the same command saved {where}: "
+        "the unpruned model's timing and the tree up to there come from that run"
+    )

@@ -14,6 +14,7 @@ from search.budget import parse_budget
 from search.checkpoint import SearchCheckpoint, file_identity
 from search.engine import live_nodes, run_search
 from search.interfaces import ListEventSink
+from search.report import answer_notes
 from tests.cost_model_device import BlockedConvDevice
 from tests.test_engine import make_context
 
@@ -92,6 +93,17 @@ def test_an_interrupted_search_goes_on_from_its_last_depth_to_the_same_answer(tm
     assert resumed.answer.spec.hash == whole.answer.spec.hash
     assert resumed.final_accuracy == pytest.approx(whole.final_accuracy)
     assert resumed.wall_s >= elapsed_s
+    # Said in the report too, which is all that --quiet shows besides the summary.
+    assert whole.resumed is None
+    assert resumed.resumed == {
+        "after_depth": 2, "tree_search_finished": False, "saved_s": round(elapsed_s, 1)
+    }  # fmt: skip
+    notes = answer_notes(context, resumed)
+    assert notes[-1] == (
+        "this search went on from the one an earlier run of the same command saved after "
+        "depth 2: the unpruned model's timing and the tree up to there come from that run"
+    )
+    assert not any("went on from" in note for note in answer_notes(context, whole))
 
 
 def test_a_saved_state_checked_before_resuming_is_read_once(tmp_path, monkeypatch):
