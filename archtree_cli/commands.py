@@ -256,7 +256,16 @@ def prune(
     )
     report["notes"] = [*(notes or []), *report["notes"]]
     folder = result_folder(Path(out), overwrite, replaces)
-    save_artifacts(folder, outcome.answer.spec, outcome.model, report)
+    try:
+        save_artifacts(folder, outcome.answer.spec, outcome.model, report)
+    except ArchtreeError as error:
+        if checkpoint is None or checkpoint.saved() is None:
+            raise
+        # The search is kept (only what follows the tree search runs again): say so.
+        raise ArchtreeError(
+            f"{error}; the search is saved with its tree search finished, and the same "
+            "command goes on from there (--restart starts it afresh)"
+        ) from None
     work_saved()  # a stop from now on lets the command end as it would have
     if checkpoint is not None:
         checkpoint.remove()

@@ -409,6 +409,44 @@ def test_a_result_that_cannot_be_written_whole_leaves_the_earlier_one_as_it_was(
     assert (folder / "report.json").read_text() == '{\n  "run": 2\n}'
 
 
+def test_a_result_that_cannot_be_saved_says_its_search_is_kept(tmp_path, monkeypatch):
+    """The saved search outlives a failed save (a full disk), and a run once there is room
+    goes on from it: the error says so, where it said only to run again."""
+    import search.artifacts
+    from archtree_cli.commands import prune
+    from latency.local_oracle import LocalOracle
+    from search.arch_spec import build_from_spec
+    from search.checkpoint import SearchCheckpoint
+    from search.errors import ArchtreeError
+    from search.settings import SearchSettings
+    from tests.conftest import fast_timing
+
+    def disk_full(out, *_args) -> None:
+        raise ArchtreeError(
+            f"cannot write the result into {out} (File too large): nothing there was changed; "
+            "free some space, or give another --out, and run again"
+        )
+
+    monkeypatch.setattr(search.artifacts, "save_artifacts", disk_full)
+    checkpoint = SearchCheckpoint(tmp_path / "searches", {"model": "builtin:vgg"})
+    assert checkpoint.acquire()
+    settings = SearchSettings(width=1, branching=2, ft_steps=2, select_steps=2, fill_probes=0)
+    with pytest.raises(ArchtreeError) as failed:
+        prune(
+            model="builtin:vgg", data="builtin:digits", budget=REACHABLE,
+            out=str(tmp_path / "out"), settings=settings.effective(),
+            oracle=LocalOracle(build_from_spec, settings=fast_timing()), quiet=True,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+    assert str(failed.value).endswith(
+        "free some space, or give another --out, and run again; the search is saved with its "
+        "tree search finished, and the same command goes on from there (--restart starts it "
+        "afresh)"
+    )
+    state, _ = checkpoint.saved()
+    assert state.done
+
+
 def test_a_run_refused_for_its_inputs_leaves_no_saved_search(tmp_path):
     home = tmp_path / "home"
     x = np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
