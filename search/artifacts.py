@@ -121,4 +121,5 @@ def _check_result_files(folder: Path) -> None:
         )
     for path in (folder / "arch.json", folder / "model.safetensors"):
         if not path.is_file():
-            raise ArchtreeError(f"{path} is missing: point to a folder written by archtree prune.")
+            what = "not a file" if path.exists() else "missing"
+            raise ArchtreeError(f"{path} is {what}: point to a folder written by archtree prune.")

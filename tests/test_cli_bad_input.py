@@ -489,6 +489,13 @@ def test_load_pruned_of_a_path_that_is_no_folder_says_so(tmp_path):
     with pytest.raises(ArchtreeError) as file:
         load_pruned(tmp_path / "arch.json")
     assert str(file.value).startswith(f"{tmp_path / 'arch.json'} is a file, not a folder: ")
+    (tmp_path / "model.safetensors").mkdir()  # a folder where the weights go
+    with pytest.raises(ArchtreeError) as folder:
+        load_pruned(tmp_path)
+    assert str(folder.value) == (
+        f"{tmp_path / 'model.safetensors'} is not a file: point to a folder written by archtree "
+        "prune."
+    )
 
 
 def test_a_result_whose_weights_do_not_fit_or_are_cut_short_is_one_line(tmp_path, home):
