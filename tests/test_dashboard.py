@@ -1237,6 +1237,42 @@ def test_the_list_page_and_the_form_draft_survive_a_visit_elsewhere(page: Any, s
     assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
 
 
+def test_the_list_page_and_filter_are_kept_when_the_top_bar_leads_back_to_them(
+    page: Any, quiet_api: ApiProcess
+):
+    from selenium.webdriver.support.select import Select
+
+    with quiet_api.client() as client:
+        created = [submit(client, job_spec()) for _ in range(22)]
+        for job_id in created:
+            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    open_jobs_page(page, quiet_api)
+    Select(page.find_element("id", "status-filter")).select_by_value("cancelled")
+    wait_for(page, lambda: text(page, "#page-info") == "1–20 of 22", PAGE_S, "page 1")
+    page.find_element("id", "older").click()
+    wait_for(page, lambda: text(page, "#page-info") == "21–22 of 22", PAGE_S, "page 2")
+    page.find_element("css selector", "#jobs-table tbody a").click()
+    wait_for(page, lambda: js(page, "window.archtree?.view") == "job", PAGE_S, "the job")
+    page.find_element("css selector", "[data-nav=jobs]").click()
+    wait_for(page, lambda: js(page, "window.archtree?.view") == "jobs", PAGE_S, "the jobs")
+    wait_for(page, lambda: text(page, "#page-info") == "21–22 of 22", PAGE_S, "page 2 again")
+    assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
+
+
+def test_an_unreadable_data_file_is_said_beside_the_file_input(
+    page: Any, quiet_api: ApiProcess, tmp_path: Path
+):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"not an npz file at all")
+    open_jobs_page(page, quiet_api)
+    fill(page, {"data": "upload"})
+    page.find_element("css selector", "[name=data_file]").send_keys(str(bad))
+    page.find_element("id", "submit-button").click()
+    wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
+    said = text(page, "#submit-error")
+    assert invalid_fields(page) == [("data_file", said)], said
+
+
 def test_a_list_page_emptied_elsewhere_goes_back_to_the_last_page_with_jobs(
     page: Any, quiet_api: ApiProcess
 ):

@@ -309,14 +309,22 @@ function template(id) {
 
 function jobsView(root) {
   root.append(template("jobs-view"));
-  // The page of the list and its status filter are kept in this history entry: Back from a job
-  // returns to them.
-  let offset = history.state?.jobsOffset ?? 0;
+  // The page of the list and its status filter are kept in this history entry, for Back from a
+  // job, and for the tab's session, for the top bar's Jobs link.
+  const kept = history.state?.jobsOffset != null ? history.state : keptList();
+  let offset = kept.jobsOffset ?? 0;
   const filter = $("#status-filter", root);
-  filter.value = history.state?.jobsStatus ?? "";
+  filter.value = kept.jobsStatus ?? "";
+  if (filter.selectedIndex < 0) filter.value = "";
   const turnTo = (next) => {
     offset = next;
-    history.replaceState({ ...history.state, jobsOffset: offset, jobsStatus: filter.value }, "");
+    const list = { jobsOffset: offset, jobsStatus: filter.value };
+    history.replaceState({ ...history.state, ...list }, "");
+    try {
+      sessionStorage.setItem(LIST_KEY, JSON.stringify(list));
+    } catch {
+      // Storage refused (private mode, quota): Back still keeps them.
+    }
     poller.now();
   };
   const load = loadState(root);
@@ -368,6 +376,17 @@ function jobsView(root) {
   setUpSubmitForm(root);
   poller.now();
   return () => poller.stop();
+}
+
+// The jobs list's page and filter as this tab last showed them ({} when none).
+const LIST_KEY = "archtree.jobsList";
+function keptList() {
+  try {
+    const kept = JSON.parse(sessionStorage.getItem(LIST_KEY) ?? "{}");
+    return kept && typeof kept === "object" ? kept : {};
+  } catch {
+    return {};
+  }
 }
 
 // A polled table's rows, replaced only when they changed, and not while the user selects text
@@ -523,7 +542,10 @@ function setUpSubmitForm(root) {
       location.hash = `#/jobs/${created.id}`;
     } catch (failure) {
       showError(error, inFormTerms(failure.message, form));
-      markField(form, fieldNamed(failure.message), inFormTerms(failure.message, form));
+      // About the data sent as a file: beside the file input where it was chosen.
+      let field = fieldNamed(failure.message);
+      if (field === "data" && fields.data.value === "upload") field = "data_file";
+      markField(form, field, inFormTerms(failure.message, form));
     } finally {
       fields["submit-button"].disabled = false;
     }
