@@ -963,6 +963,27 @@ def test_the_page_says_when_the_api_is_unreachable_and_recovers(
     console_errors(page)  # the failed fetches of the outage, expected here
 
 
+def test_a_submission_the_api_did_not_get_is_said_until_it_answers_again(
+    page: Any, redis_url: str, tmp_path: Path
+):
+    env = api_env(redis_url, tmp_path)
+    api = start_api(env, tmp_path / "logs")
+    try:
+        open_jobs_page(page, api)
+        port = int(api.url.rsplit(":", 1)[1])
+        api.stop()
+        page.find_element("id", "submit-button").click()
+        wait_for(page, lambda: visible(page, "#submit-error"), PAGE_S, "the form's error")
+        said = text(page, "#submit-error")
+        assert said.startswith("cannot reach the API") and "fetch" not in said.lower(), said
+        assert invalid_fields(page) == []
+        api = start_api(env, tmp_path / "logs", port=port)
+        wait_for(page, lambda: not visible(page, "#submit-error"), PAGE_S, "the error gone")
+    finally:
+        api.stop()
+    console_errors(page)  # the failed fetches of the outage, expected here
+
+
 def out_of_date(driver: Any) -> list[bool]:
     """For each table of the page, whether it is marked out of date."""
     return js(

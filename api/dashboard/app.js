@@ -134,7 +134,8 @@ class ApiError extends Error {
 // polling (a finished job). The badge says "live" only while the API answers without a server
 // error: one that answers 5xx (its Redis gone) is "failing", and each page shows its message
 // where it shows what failed to load.
-const connection = { lastContact: 0, downSince: null };
+// `onBack`: what a page does when the API answers again after none (a form's error cleared).
+const connection = { lastContact: 0, downSince: null, onBack: null };
 const PING_MS = 5000;
 
 // `state`: "live", "failing" (the API answered with a server error) or "down" (no answer).
@@ -146,6 +147,7 @@ function setConnection(state, text) {
   if (answered) connection.lastContact = Date.now();
   if (answered === (connection.downSince === null)) return;
   connection.downSince = answered ? null : new Date();
+  if (answered) connection.onBack?.();
   const banner = $("#offline");
   banner.hidden = answered;
   banner.textContent = answered ? "" :
@@ -170,7 +172,9 @@ async function api(path, options = {}) {
     response = await fetch(path, options);
   } catch (error) {
     setConnection("down", "API unreachable");
-    throw new ApiError(`cannot reach the API (${error.message})`, 0);
+    // Not the browser's words for it ("Failed to fetch"): they say no more.
+    throw new ApiError(`cannot reach the API at ${location.host}: nothing was sent; try again ` +
+      "once it answers", 0);
   }
   const time = new Date().toLocaleTimeString();
   if (response.status >= 500) setConnection("failing", `API error ${response.status} · ${time}`);
@@ -542,6 +546,14 @@ function setUpSubmitForm(root) {
       location.hash = `#/jobs/${created.id}`;
     } catch (failure) {
       showError(error, inFormTerms(failure.message, form));
+      // Said while the API is unreachable only: it goes once the API answers again.
+      if (failure.status === 0) {
+        connection.onBack = () => {
+          if (error.isConnected) error.hidden = true;
+          connection.onBack = null;
+        };
+        return;
+      }
       // About the data sent as a file: beside the file input where it was chosen.
       let field = fieldNamed(failure.message);
       if (field === "data" && fields.data.value === "upload") field = "data_file";
