@@ -447,7 +447,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     assert one == "depth 1: 1 child to evaluate"
     baseline = "{kind: 'baseline', latency_ms: 2, budget_ms: 1, score: -0.02, cached: true}"
     said = js(page, f"{describe}({baseline}, 'fidelity')")
-    assert ", cached, budget" in said and said.endswith("fidelity -0.020"), said
+    assert ", cached, budget" in said and said.endswith("fidelity −0.020"), said
     assert "score" not in said
     confirmed = js(page, f"{describe}({{kind: 'confirmed', id: 'n4', latency_ms: 1, trims: 1}})")
     assert confirmed.endswith("(1 trim)") and "cached" not in confirmed
@@ -469,9 +469,9 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
         "score_gap_se": 0.002,
     })  # fmt: skip
     assert js(page, f"{describe}({filled}, 'fidelity')").endswith(
-        "(was -0.005; +0.0050 ± 0.0040): answer n20"
+        "(was −0.005; +0.0050 ± 0.0040): answer n20"
     )
-    assert js(page, f"{describe}({filled})").endswith("(was -0.005; +0.5 ± 0.4 points): answer n20")
+    assert js(page, f"{describe}({filled})").endswith("(was −0.005; +0.5 ± 0.4 points): answer n20")
     for tie, said in ((True, "as well"), (False, "better")):
         merged = f"{{kind: 'child_merged', id: 'n6', into: 'n5', tie: {json.dumps(tie)}}}"
         assert js(page, f"{describe}({merged})").endswith(f"n5, which scored {said}")
@@ -825,6 +825,7 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             wait_for(page, lambda: visible(page, "#job-waiting"), JOB_S, "the wait shown")
             shown = text(page, "#job-waiting")
             assert js(page, "window.archtree.status") == "waiting_for_device"
+            assert text(page, "#job-status") == "waiting for a device"  # as the filter says
             assert "No agent of device class dashboard-absent is online" in shown
             command = f"archtree agent --api {stack.url} --device-class dashboard-absent"
             assert text(page, "#job-waiting code") == command
@@ -1320,6 +1321,38 @@ def test_a_list_page_emptied_elsewhere_goes_back_to_the_last_page_with_jobs(
     assert js(page, buttons) == [True, True]
     assert js(page, "history.state.jobsOffset") == 0  # kept for Back from a job
     assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
+
+
+def test_the_page_says_its_values_one_way_in_words_with_code_as_code(
+    page: Any, quiet_api: ApiProcess
+):
+    with quiet_api.client() as client:
+        job_id = submit(client, job_spec() | {"budget": "1e30ms"})
+    open_jobs_page(page, quiet_api)
+    row = f'#jobs-table tr[data-job-id="{job_id}"]'
+    wait_for(page, lambda: visible(page, row), PAGE_S, "the job's row")
+    # A budget in milliseconds as given, not again in other words.
+    assert text(page, f"{row} td:nth-child(7)") == "1e30ms"
+    # The 24-hour clock everywhere, as the event log has it.
+    twelve_hour = re.compile(r"\b[AP]M\b")
+    wait_for(page, lambda: text(page, "#connection").startswith("live · "), PAGE_S, "live")
+    assert not twelve_hour.search(text(page, "#connection"))
+    assert not twelve_hour.search(text(page, f"{row} td:nth-child(2)"))
+    # Negative numbers with a minus sign, as the changes have.
+    said = js(
+        page,
+        "window.archtree.describe({kind: 'retuned', id: 'n1', steps: 5, score: -0.012,"
+        " score_before: -0.02})",
+    )
+    assert said == "n1 tuned 5 more steps: score −0.012 (was −0.020)", said
+    page.get(f"{quiet_api.url}/#/jobs/{job_id}")
+    wait_for(page, lambda: "submitted" in text(page, "#job-summary"), PAGE_S, "the summary")
+    assert not twelve_hour.search(text(page, "#job-summary"))
+    # Markdown's code spans as code, without their backticks.
+    page.get(f"{quiet_api.url}/#/devices")
+    wait_for(page, lambda: visible(page, "#devices-table td code"), PAGE_S, "the empty row")
+    assert text(page, "#devices-table td code") == "archtree agent"
+    assert "`" not in text(page, "#devices-table tbody")
 
 
 def test_a_jobs_notes_name_the_settings_by_the_forms_labels_as_its_error_does(

@@ -56,7 +56,9 @@ const escapeHtml = (text) => echarts.format.encodeHTML(String(text ?? ""));
 const ms = (value) =>
   value == null ? "—" : `${value.toFixed(value < 10 ? 3 : 1)} ms`;
 const percent = (value) => (value == null ? "—" : `${(100 * value).toFixed(1)} %`);
-const decimal = (value, digits = 3) => (value == null ? "—" : value.toFixed(digits));
+// Negative with a minus sign (−0.012), as the changes are.
+const decimal = (value, digits = 3) =>
+  (value == null ? "—" : value.toFixed(digits).replace(/^-/, "−"));
 const count = (value) => (value == null ? "—" : value.toLocaleString("en-US"));
 // A widened answer's score gap to the answer with two standard errors: in points of accuracy,
 // or as a difference of fidelities (not a share: no points).
@@ -99,12 +101,25 @@ function pointChange(before, after, scale = 1, unit = "") {
 // words: fidelity, else score.
 const scoreWord = (scoredBy) => (scoredBy === "fidelity" ? "fidelity" : "score");
 
-const when = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleString();
+// Times on the 24-hour clock everywhere (the event log, the badge, the summary, the tables).
+const when = (unixSeconds) =>
+  new Date(unixSeconds * 1000).toLocaleString([], { hourCycle: "h23" });
 // To the minute, for a table's column (the whole time on hover).
-const whenShort = (unixSeconds) =>
-  new Date(unixSeconds * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+const whenShort = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleString([],
+  { year: "2-digit", month: "numeric", day: "numeric", hour: "2-digit", minute: "2-digit",
+    hourCycle: "h23" });
 const clock = (unixSeconds) =>
   new Date(unixSeconds * 1000).toLocaleTimeString([], { hourCycle: "h23" });
+const clockNow = () => clock(Date.now() / 1000);
+
+// A text of the API's (or the page's) with Markdown `code` spans, as text and <code> nodes.
+function withCode(text) {
+  return String(text).split(/`([^`]+)`/).map((part, index) =>
+    (index % 2 ? el("code", { text: part }) : part));
+}
+
+// A status in words, as the list's filter says it (waiting_for_device: waiting for a device).
+const STATUS_WORDS = { waiting_for_device: "waiting for a device" };
 
 function ago(unixSeconds) {
   const seconds = Math.max(0, Date.now() / 1000 - unixSeconds);
@@ -114,7 +129,9 @@ function ago(unixSeconds) {
 }
 
 function statusBadge(status) {
-  return el("span", { class: `status status-${status}`, text: status, "data-status": status });
+  return el("span", {
+    class: `status status-${status}`, text: STATUS_WORDS[status] ?? status, "data-status": status,
+  });
 }
 
 // Uploaded inputs are stored as `artifact:jobs/<id>/inputs/<file>`: show the name the file
@@ -151,7 +168,7 @@ function setConnection(state, text) {
   const banner = $("#offline");
   banner.hidden = answered;
   banner.textContent = answered ? "" :
-    `The API is unreachable since ${connection.downSince.toLocaleTimeString()}: this page ` +
+    `The API is unreachable since ${clock(connection.downSince / 1000)}: this page ` +
     "shows what it last said, and updates again once it answers (it retries every few seconds).";
   $("#view").classList.toggle("stale", !answered);
 }
@@ -160,7 +177,7 @@ setInterval(() => {
   if (connection.downSince === null && Date.now() - connection.lastContact < PING_MS) return;
   fetch("healthz", { method: "HEAD" })
     .then((response) => (response.ok
-      ? setConnection("live", `live · ${new Date().toLocaleTimeString()}`)
+      ? setConnection("live", `live · ${clockNow()}`)
       : setConnection("down", "API unreachable")))
     .catch(() => setConnection("down", "API unreachable"));
 }, PING_MS);
@@ -176,7 +193,7 @@ async function api(path, options = {}) {
     throw new ApiError(`cannot reach the API at ${location.host}: nothing was sent; try again ` +
       "once it answers", 0);
   }
-  const time = new Date().toLocaleTimeString();
+  const time = clockNow();
   if (response.status >= 500) setConnection("failing", `API error ${response.status} · ${time}`);
   else setConnection("live", `live · ${time}`);
   const isJson = (response.headers.get("content-type") ?? "").includes("json");
@@ -255,7 +272,7 @@ function loadState(root) {
     failed(error) {
       if (error.status === 0) return;
       const note = loadedAt
-        ? `Out of date: what is shown is what the API gave at ${loadedAt.toLocaleTimeString()}; ` +
+        ? `Out of date: what is shown is what the API gave at ${clock(loadedAt / 1000)}; ` +
           "it updates once the API answers again."
         : "Nothing could be loaded yet; the page asks again every few seconds.";
       box.replaceChildren(
@@ -416,7 +433,9 @@ function renderJobs(root, page, filtered, focusAfter) {
     if (final?.accuracy != null) quality = `${percent(final.accuracy)} acc.`;
     else if (final?.fidelity != null) quality = `${decimal(final.fidelity)} fidelity`;
     else if (best?.score != null) quality = `${decimal(best.score)} ${scoreWord(progress.scored_by)}`;
-    const budget = progress.budget_ms != null ? `${spec.budget} = ${ms(progress.budget_ms)}` : spec.budget;
+    // A share of the unpruned latency, with what it came to; milliseconds as given.
+    const budget = progress.budget_ms != null && spec.budget.endsWith("%")
+      ? `${spec.budget} = ${ms(progress.budget_ms)}` : spec.budget;
     const model = spec.weights ? `${spec.model} + ${source(spec.weights, spec.upload_names?.weights)}` : spec.model;
     return el(
       "tr",
@@ -769,7 +788,7 @@ function followEvents(view, poller) {
     const line = el("li", { "data-kind": event.kind },
       el("time", { text: event.time ? clock(event.time) : "" }),
       el("span", { class: "kind", text: event.kind }),
-      el("span", { text: describe(event, scoreWord(view.scoredBy)) }));
+      el("span", {}, ...withCode(describe(event, scoreWord(view.scoredBy)))));
     list.prepend(line);
     while (list.childElementCount > MAX_EVENT_LINES) list.lastElementChild.remove();
     if (event.kind === "node") {
@@ -967,7 +986,7 @@ function renderJob(view) {
   const error = $("#job-error", root);
   error.hidden = !job.error;
   // In the terms of the form that submits jobs: its labels, not spec fields.
-  error.textContent = job.error ? inFormTerms(job.error) : "";
+  error.replaceChildren(...(job.error ? withCode(inFormTerms(job.error)) : []));
   const waiting = $("#job-waiting", root);
   waiting.hidden = job.status !== "waiting_for_device";
   waiting.replaceChildren(...(waiting.hidden ? [] : waitingForDevice(spec.device_class)));
@@ -979,7 +998,7 @@ function renderJob(view) {
   const notesList = $("#job-notes", root);
   notesList.hidden = notes.length === 0;
   // In the form's terms too, as the error: settings by their labels (Width), not spec fields.
-  notesList.replaceChildren(...notes.map((note) => el("li", { text: namedAsInForm(note) })));
+  notesList.replaceChildren(...notes.map((note) => el("li", {}, ...withCode(namedAsInForm(note)))));
   // Where the page names a data-free job's scores, its words for them (index.html's data-fidelity).
   if (view.scoredBy === "fidelity") {
     for (const words of root.querySelectorAll("[data-fidelity]")) {
@@ -1310,8 +1329,8 @@ function renderDevices(root, list, history) {
       el("td", { class: "num", text: count(device.measurements) }),
       el("td", { text: ago(device.last_seen) })));
   if (!rows.length) {
-    rows.push(el("tr", {}, el("td", { colSpan: 9, class: "muted",
-      text: "No device registered: start one with `archtree agent`." })));
+    rows.push(el("tr", {}, el("td", { colSpan: 9, class: "muted" },
+      ...withCode("No device registered: start one with `archtree agent`."))));
   }
   replaceRows($("#devices-table tbody", root), rows);
 
