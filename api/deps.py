@@ -28,7 +28,9 @@ ECHO_CHARS = 80
 
 # A dead Redis must make /readyz answer quickly, not after minutes of retries.
 REDIS_CONNECT_TIMEOUT_S = 2.0
-REDIS_SOCKET_TIMEOUT_S = 10.0
+# A command that takes longer (Redis stalled: swapping, a slow disk, a debugger) answers 503,
+# once: the API does not retry a timeout, so no request waits on a stalled Redis for longer.
+REDIS_SOCKET_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Services:
         timeouts = {
             "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
             "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+            "retry_timeouts": False,
         }
         client = redis_client(url, **timeouts)
         return cls(

@@ -27,25 +27,37 @@ RETRIES = 2
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 0.5
 RETRIED_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+# What a client that must answer quickly retries: a reconnect, not a Redis that stalls (each
+# retry would wait out its socket timeout again).
+RECONNECT_ERRORS = [redis.ConnectionError]
 
 
 def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S)
 
 
-def redis_client(url: str, **options: Any) -> redis.Redis:
-    """A client for `url` (options as for `redis.Redis.from_url`) that retries over a reconnect."""
+def redis_client(url: str, *, retry_timeouts: bool = True, **options: Any) -> redis.Redis:
+    """A client for `url` (options as for `redis.Redis.from_url`) that retries over a reconnect,
+    and after a timeout unless `retry_timeouts` is off."""
+    retried = RETRIED_ERRORS if retry_timeouts else RECONNECT_ERRORS
+    # Retry's own default retries timeouts too: it is told exactly which errors to retry.
     return redis.Redis.from_url(
-        url, retry=Retry(_backoff(), RETRIES), retry_on_error=RETRIED_ERRORS, **options
+        url,
+        retry=Retry(_backoff(), RETRIES, supported_errors=tuple(retried)),
+        retry_on_error=retried,
+        **options,
     )
 
 
-def async_redis_client(url: str, **options: Any) -> redis.asyncio.Redis:
+def async_redis_client(
+    url: str, *, retry_timeouts: bool = True, **options: Any
+) -> redis.asyncio.Redis:
     """The asyncio counterpart of `redis_client`."""
+    retried = RETRIED_ERRORS if retry_timeouts else RECONNECT_ERRORS
     return redis.asyncio.Redis.from_url(
         url,
-        retry=redis.asyncio.retry.Retry(_backoff(), RETRIES),
-        retry_on_error=RETRIED_ERRORS,
+        retry=redis.asyncio.retry.Retry(_backoff(), RETRIES, supported_errors=tuple(retried)),
+        retry_on_error=retried,
         **options,
     )
 

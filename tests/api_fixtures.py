@@ -52,8 +52,8 @@ class ApiProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+    def client(self, timeout: float | httpx.Timeout = 60) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM by pid (uvicorn shuts down gracefully, its worker processes too), SIGKILL

@@ -181,3 +181,37 @@ def test_a_worker_holding_jobs_that_wait_for_their_device_survives_redis_restart
         assert "back on their queue" in worker.output()
         job = wait_for_end(jobs, waiting[0], worker_pool, timeout_s=120)
     assert job["status"] == "succeeded", f"{job['error']}\n{worker_pool.logs()}"
+
+
+def test_a_redis_that_stalls_is_answered_503_without_waiting_for_it(
+    persistent_redis: PersistentRedis, tmp_path: Path
+):
+    """A Redis that stops answering (stalled, not down: its port still takes connections) held
+    every request for 30-70 s, each command waited out three times, and the dashboard showed
+    its pages live meanwhile. Each path now answers 503 once one command has timed out."""
+    import os
+    import signal
+
+    import httpx
+
+    api = start_api(api_env(persistent_redis.url, tmp_path), tmp_path / "logs")
+    paths = ("/v1/jobs", "/v1/devices", "/readyz", "/v1/jobs/0123456789ab")
+    assert persistent_redis.process is not None
+    pid = persistent_redis.process.pid
+    try:
+        # Far above the API's Redis timeout, far below what it used to take.
+        with api.client(timeout=httpx.Timeout(12.0)) as client:
+            assert client.get("/v1/jobs").status_code == 200
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                stalled = {path: client.get(path) for path in paths}
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            after = {path: client.get(path).status_code for path in paths}
+    finally:
+        api.stop()
+    assert {path: answer.status_code for path, answer in stalled.items()} == dict.fromkeys(
+        paths, 503
+    ), api.output()
+    assert "Redis" in stalled["/v1/jobs"].json()["detail"]
+    assert after["/v1/jobs"] == 200 and after["/v1/devices"] == 200
