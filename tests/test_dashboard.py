@@ -196,6 +196,10 @@ def tree_tooltip(driver: Any, node_id: str) -> str:
 
 
 def open_jobs_page(driver: Any, api: ApiProcess) -> None:
+    """The jobs list from its first page, all jobs (not as an earlier test in the same browser
+    tab left it: the tab keeps its page and filter)."""
+    driver.get(f"{api.url}/")
+    driver.execute_script("sessionStorage.clear(); history.replaceState(null, '');")
     driver.get(f"{api.url}/")
     wait_for(driver, lambda: js(driver, "window.archtree?.view") == "jobs", PAGE_S, "jobs page")
 
