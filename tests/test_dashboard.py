@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from functools import partial
@@ -966,6 +968,30 @@ def test_the_page_says_when_the_api_is_unreachable_and_recovers(
     finally:
         api.stop()
     console_errors(page)  # the failed fetches of the outage, expected here
+
+
+def test_the_page_says_when_the_api_stops_answering_and_recovers(
+    page: Any, redis_url: str, tmp_path: Path
+):
+    """An API that takes connections but answers nothing (a stalled process): the page said
+    "live" over what it last showed for as long as that lasted."""
+    api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs")
+    try:
+        page.get(f"{api.url}/#/devices")
+        wait_for(page, lambda: js(page, "window.archtree?.view") == "devices", PAGE_S, "devices")
+        assert not visible(page, "#offline")
+        os.killpg(api.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(page, lambda: visible(page, "#offline"), 2 * PAGE_S, "the stall said")
+            assert text(page, "#connection") == "API not answering"
+            assert "stale" in js(page, "document.querySelector('#view').className")
+        finally:
+            os.killpg(api.process.pid, signal.SIGCONT)
+        wait_for(page, lambda: not visible(page, "#offline"), 2 * PAGE_S, "the recovery")
+        assert text(page, "#connection").startswith("live")
+    finally:
+        api.stop()
+    console_errors(page)  # the requests given up, expected here
 
 
 def test_a_submission_the_api_did_not_get_is_said_until_it_answers_again(

@@ -154,6 +154,11 @@ class ApiError extends Error {
 // `onBack`: what a page does when the API answers again after none (a form's error cleared).
 const connection = { lastContact: 0, downSince: null, onBack: null };
 const PING_MS = 5000;
+// How long a read waits for the API's answer before the page says that the API is not
+// answering (a process stalled, a network that drops packets): without it the page kept
+// saying "live" over what it last showed. A submission, which uploads files, waits as long as
+// it takes.
+const ANSWER_WAIT_MS = 10000;
 
 // `state`: "live", "failing" (the API answered with a server error) or "down" (no answer).
 function setConnection(state, text) {
@@ -175,19 +180,29 @@ function setConnection(state, text) {
 
 setInterval(() => {
   if (connection.downSince === null && Date.now() - connection.lastContact < PING_MS) return;
-  fetch("healthz", { method: "HEAD" })
+  fetch("healthz", { method: "HEAD", signal: AbortSignal.timeout(PING_MS) })
     .then((response) => (response.ok
       ? setConnection("live", `live · ${clockNow()}`)
       : setConnection("down", "API unreachable")))
     .catch(() => setConnection("down", "API unreachable"));
 }, PING_MS);
 
+// The API took longer than ANSWER_WAIT_MS to answer a read: said in the top bar and banner.
+function notAnswering() {
+  setConnection("down", "API not answering");
+  return new ApiError(`the API at ${location.host} has not answered in ` +
+    `${ANSWER_WAIT_MS / 1000} s; this page tries again`, 0);
+}
+
 // Fetch JSON from the API; a failure throws ApiError with the API's one-line `detail`.
 async function api(path, options = {}) {
   let response;
+  const reading = (options.method ?? "GET") === "GET";
   try {
-    response = await fetch(path, options);
+    const waited = reading ? { ...options, signal: AbortSignal.timeout(ANSWER_WAIT_MS) } : options;
+    response = await fetch(path, waited);
   } catch (error) {
+    if (error?.name === "TimeoutError") throw notAnswering();
     setConnection("down", "API unreachable");
     // Not the browser's words for it ("Failed to fetch"): they say no more.
     throw new ApiError(`cannot reach the API at ${location.host}: nothing was sent; try again ` +
@@ -197,7 +212,12 @@ async function api(path, options = {}) {
   if (response.status >= 500) setConnection("failing", `API error ${response.status} · ${time}`);
   else setConnection("live", `live · ${time}`);
   const isJson = (response.headers.get("content-type") ?? "").includes("json");
-  const body = isJson ? await response.json() : await response.text();
+  let body;
+  try {
+    body = isJson ? await response.json() : await response.text();
+  } catch (error) {
+    throw error?.name === "TimeoutError" ? notAnswering() : error;
+  }
   if (!response.ok) {
     const detail = isJson && typeof body.detail === "string" ? body.detail : null;
     throw new ApiError(detail ?? `${response.status} ${response.statusText}`, response.status);
