@@ -42,20 +42,36 @@ class ChannelGroup:
 
 
 def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """Names of the conv/linear layers that produce the model's output (never pruned)."""
-    order: list[str] = []
+    """Names of the conv/linear layers that produce the model's output (never pruned): the
+    last to run of those the output depends on. A layer run after it whose outputs the model
+    drops (an auxiliary head a wrapper leaves out) is not one: taken for the output layer, it
+    left the real classifier to be pruned, to fewer classes."""
+    ran: list[tuple[str, torch.Tensor]] = []
     hooks = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
+        module.register_forward_hook(lambda _m, _i, out, name=name: ran.append((name, out)))
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE_TYPES)
     ]
+    probe = example_input.clone()
+    if probe.is_floating_point():  # outputs depend on it even where weights are frozen
+        probe.requires_grad_(True)
     try:
-        with torch.no_grad():
-            model(example_input)
+        with torch.enable_grad():
+            output = model(probe)
     finally:
         for hook in hooks:
             hook.remove()
-    return order[-1:]
+    last = [name for name, _ in ran[-1:]]
+    tracked = [
+        (name, out) for name, out in ran if isinstance(out, torch.Tensor) and out.requires_grad
+    ]
+    if not isinstance(output, torch.Tensor) or not output.requires_grad or not tracked:
+        return last
+    reaching = torch.autograd.grad(
+        output.sum(), [out for _, out in tracked], allow_unused=True, retain_graph=False
+    )
+    used = [name for (name, _), grad in zip(tracked, reaching, strict=True) if grad is not None]
+    return used[-1:] or last
 
 
 def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

@@ -172,3 +172,52 @@ def test_a_hand_written_attentions_products_are_counted(fused):
     assert sum(layer_macs(model, output_positions(model, example)).values()) == layers
     # Per sample: the layers, then queries by keys and weights by values over 10 tokens.
     assert total_macs(model, example) == layers + 2 * 10 * 10 * 32
+
+
+class TwoHeads(torch.nn.Module):
+    """A classifier with an auxiliary head run after it, as users write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        )  # fmt: skip
+        self.head = torch.nn.Linear(16, 10)
+        self.aux = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.head(features), self.aux(features)
+
+
+class MainLogits(torch.nn.Module):
+    """The wrapper the tool's own message asks for: the main logits alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoHeads()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[0]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_layer_the_output_comes_from_is_kept_not_the_last_to_run(frozen):
+    """The auxiliary head, run last but dropped by the wrapper, was taken for the output
+    layer, and the classifier was pruned to fewer classes."""
+    from search.prunability import groups_kept_whole
+    from search.pruning import least_important, output_layer_names, output_positions
+
+    model, example = MainLogits().eval(), torch.zeros(1, 3, 8, 8)
+    for parameter in model.parameters():
+        parameter.requires_grad_(not frozen)
+    assert output_layer_names(model, example) == ["inner.head"]
+    positions = output_positions(model, example)
+    # As a search prunes it: groups whose narrowing breaks the forward pass kept whole.
+    kept = groups_kept_whole(model, example, positions, 1, 0.1, "module:two_heads")
+    pruner = PrunableModel(model, example, min_width_fraction=0.1, kept_whole=kept)
+    importance = pruner.importance()
+    pruner.remove({g.name: least_important(importance[g.name], g.removable) for g in pruner.groups})
+    assert model(example).shape == (1, 10)
+    assert model.inner.head.out_features == 10
