@@ -28,7 +28,12 @@ def groups_kept_whole(
     source: str,
 ) -> dict[str, str]:
     """The groups (by name) the search must not narrow, with why: those torch-pruning cannot
-    narrow soundly, and those whose narrowing breaks `model`'s forward pass."""
+    narrow soundly, those whose narrowing breaks `model`'s forward pass, and those whose
+    narrowing changes the shape of its output (logits of two heads concatenated, the first
+    head's classes pruned)."""
+    with torch.no_grad():
+        expected = model.eval()(example_input)
+    expected_shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else None
 
     def pruned(only: str | None = None) -> tuple[PrunableModel, list[str], Exception | None]:
         """The model with every group (or `only` one) at its narrowest: its pruner, the groups
@@ -52,7 +57,10 @@ def groups_kept_whole(
         try:
             pruner.remove(removals)
             with torch.no_grad():
-                pruner.model.eval()(example_input)
+                output = pruner.model.eval()(example_input)
+            if isinstance(output, torch.Tensor) and tuple(output.shape) != expected_shape:
+                raise OutputChanged(f"its output's shape goes from {expected_shape} to "
+                                    f"{tuple(output.shape)}")  # fmt: skip
         except Exception as error:  # the model's own code, on channels it did not expect
             return pruner, list(removals), error
         return pruner, list(removals), None
@@ -63,12 +71,18 @@ def groups_kept_whole(
         return dict(pruner.whole_reasons)
     for name in narrowed:
         _, _, alone = pruned(only=name)
-        if alone is not None:
+        if isinstance(alone, OutputChanged):
+            broken[name] = f"narrowing it changes the model's output: {alone}"
+        elif alone is not None:
             broken[name] = f"narrowing it breaks the model: {_said(alone)}"
     pruner, _, error = pruned()
     if error is not None:
         raise broken_model_error(source, "however its channel groups are chosen", error)
     return {**pruner.whole_reasons, **broken}
+
+
+class OutputChanged(Exception):
+    """A narrowed model whose output is not of the unpruned model's shape."""
 
 
 def broken_model_error(source: str, when: str, error: Exception) -> ArchtreeError:

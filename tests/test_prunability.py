@@ -218,3 +218,18 @@ def test_a_candidate_the_model_cannot_run_is_refused_in_one_line_naming_its_widt
     message = str(error.value)
     assert message.startswith("module:tests.odd_models:even_widths_only fails once pruned, ")
     assert "with widths a 31 (AssertionError: odd width)" in message
+
+
+def test_a_group_whose_narrowing_changes_the_output_is_kept_whole(monkeypatch):
+    """Whatever layer is taken for the output layer (here the auxiliary head run after the
+    classifier, as before it was told apart): a group whose narrowing changes the output's
+    shape, pruning the classes, is kept whole."""
+    import search.pruning
+    from tests.test_pruning import MainLogits
+
+    monkeypatch.setattr(search.pruning, "output_layer_names", lambda *_: ["inner.aux"])
+    model, example = MainLogits().eval(), torch.zeros(1, 3, 8, 8)
+    kept = groups_kept_whole(model, example, output_positions(model, example), 1, 0.1, "m")
+    assert kept["inner.head"] == (
+        "narrowing it changes the model's output: its output's shape goes from (1, 10) to (1, 1)"
+    )
