@@ -61,6 +61,8 @@ def build_report(
             # by other workers, each on its own).
             "training_device": describe_device(context.train_device),
             "resumed": outcome.resumed,
+            # Every group never narrowed, with why: the note names the first few.
+            "kept_whole": dict(context.kept_whole),
         },
         "tree": [node.summary() for node in state.nodes.values()],
     }

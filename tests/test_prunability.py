@@ -165,6 +165,7 @@ def test_prune_of_a_model_with_a_fixed_reshape_succeeds_and_reports_the_kept_gro
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     assert any(note.startswith("kept whole, never pruned") for note in report["notes"])
+    assert report["search"]["kept_whole"]["b"].startswith("narrowing it breaks the model: ")
     assert json.loads((out / "arch.json").read_text())["layers"]["b"][1] == 32
 
 
