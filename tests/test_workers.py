@@ -419,6 +419,29 @@ def test_a_cancelled_job_stops_within_a_child_evaluation(
     assert not artifacts.exists(result_name(job_id, "report.json"))
 
 
+def test_a_job_cancelled_mid_depth_counts_the_children_it_evaluated(
+    worker_pool: WorkerPool, jobs: JobStore, agents
+):
+    """Its page drew the children of the depth it was cancelled in, and said 0 candidates."""
+    worker_pool.ensure(1)  # the depth's children one after the other
+    start_agents(agents, jobs, "pool-m", 1)
+    job_id = submit_job(jobs, job_spec("pool-m", branching=3, planned_steps=3),
+                        celery=worker_pool.app)  # fmt: skip
+
+    def a_child_evaluated() -> bool:
+        if jobs.get(job_id)["status"] in FINAL_STATUSES:
+            pytest.fail(f"job {job_id} ended before its cancel")
+        return any(e["kind"] in ("node", "child_skipped") for e in events(jobs, job_id))
+
+    wait_until(a_child_evaluated, JOB_S, "a child evaluated")
+    assert jobs.request_cancel(job_id)
+    job = wait_for_end(jobs, job_id, worker_pool, timeout_s=60)
+
+    assert job["status"] == "cancelled", job["error"]
+    evaluated = {e["id"] for e in events(jobs, job_id) if e["kind"] in ("node", "child_skipped")}
+    assert job["progress"]["candidates_evaluated"] >= len(evaluated) >= 1
+
+
 def test_a_job_cancelled_while_fine_tuning_stops_there(workers: WorkerPool, jobs: JobStore, agents):
     # One worker, busy with the fine-tune: no other task can see the cancel and end the job.
     workers.ensure(1)

@@ -302,6 +302,12 @@ class JobStore:
         payload = json.dumps(result, default=float)
         return bool(self.client.hsetnx(self._key(job_id, ":children"), child_id, payload))
 
+    def count_children_evaluated(self, job_id: str) -> int:
+        """Children whose evaluation ended and was stored (their retunes aside), those of a
+        depth still open included."""
+        fields = self.client.hkeys(self._key(job_id, ":children"))
+        return sum(1 for field in fields if b"/" not in _as_bytes(field))
+
     def load_child_result(self, job_id: str, child_id: str) -> dict[str, Any] | None:
         raw = self.client.hget(self._key(job_id, ":children"), child_id)
         return json.loads(raw) if raw else None
@@ -428,3 +434,7 @@ class RedisEventSink:
                 budget_ms=data["budget_ms"],
                 scored_by=data.get("scored_by"),
             )
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

@@ -425,7 +425,14 @@ def _redis_answers_within(limit_s: float) -> bool:
 
 
 def _end(job_id: str, status: str, error: str | None = None) -> None:
-    _services().jobs.set_status_if_active(job_id, status, error)
+    jobs = _services().jobs
+    if jobs.set_status_if_active(job_id, status, error):
+        # The children of a depth left open count as evaluated, as the tree draws them: the
+        # count of those of closed depths said 0 for a job cancelled in its first.
+        evaluated = jobs.count_children_evaluated(job_id)
+        job = jobs.get(job_id)
+        if job is not None and evaluated > (job["progress"].get("candidates_evaluated") or 0):
+            jobs.update_progress(job_id, candidates_evaluated=evaluated)
     _contexts().drop(job_id)
     _clear_nodes(job_id)
 
