@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from search.errors import ArchtreeError, first_line
-from search.pruning import PrunableModel, keep_rounded
+from search.pruning import CoupledLayerEmptied, PrunableModel, keep_rounded
 
 
 def groups_kept_whole(
@@ -73,6 +73,8 @@ def groups_kept_whole(
         _, _, alone = pruned(only=name)
         if isinstance(alone, OutputChanged):
             broken[name] = f"narrowing it changes the model's output: {alone}"
+        elif isinstance(alone, CoupledLayerEmptied):
+            broken[name] = f"it cannot be narrowed: {alone}"
         elif alone is not None:
             broken[name] = f"narrowing it breaks the model: {_said(alone)}"
     pruner, _, error = pruned()

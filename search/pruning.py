@@ -336,12 +336,40 @@ class PrunableModel:
             module = self._modules_by_name[name]
             group = self.graph.get_pruning_group(module, self._handlers[name], indices)
             if not self.graph.check_pruning_group(group):
-                raise ValueError(
-                    f"torch-pruning refused to prune {len(indices)} channels of {name}"
+                emptied = self._emptied(group)
+                if emptied == name:  # its own channels, mapped onto more than it has
+                    raise CoupledLayerEmptied(
+                        "torch-pruning maps its channels through the model's reshapes onto "
+                        "more than it has (a layer whose outputs are split into heads of fixed "
+                        "sizes, as an attention's fused queries, keys and values, keeps them)"
+                    )
+                raise CoupledLayerEmptied(
+                    f"removing {len(indices)} of its channels would leave the layer "
+                    f"{emptied!r} coupled with it without any"
                 )
             group.prune()
             group_info.size -= len(indices)
         _restore_channels_last(self._channels_last)
+
+    def _emptied(self, group: tp.Group) -> str:
+        """The name of the layer of `group` that its removal leaves without channels."""
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if self.graph.is_out_channel_pruning_fn(handler):
+                width = self.graph.get_out_channels(module)
+            elif self.graph.is_in_channel_pruning_fn(handler):
+                width = self.graph.get_in_channels(module)
+            else:
+                continue
+            if width is not None and width <= len(item.idxs):
+                return self._names.get(module, type(module).__name__)
+        return "?"
+
+
+class CoupledLayerEmptied(ValueError):
+    """A removal torch-pruning refuses: its channels, mapped through the model's reshapes and
+    concatenations, would take every channel of a layer coupled with them (an attention's
+    fused query-key-value layer reshaped into heads of fixed sizes does so)."""
 
 
 def _channels_last_weights(model: nn.Module) -> list[tuple[nn.Module, str, torch.memory_format]]:

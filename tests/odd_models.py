@@ -185,3 +185,31 @@ def scripted_vgg() -> nn.Module:
     from search.zoo import vgg
 
     return torch.jit.script(vgg())
+
+
+class FusedQkvAttention(nn.Module):
+    """A tiny vision transformer whose attention is written as timm writes it: one linear layer
+    for queries, keys and values, reshaped into heads by fixed sizes."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_width = heads, dim // heads
+        self.patch = nn.Conv2d(1, dim, 2, 2)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_width)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, width))
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+def fused_qkv_attention() -> nn.Module:
+    return FusedQkvAttention()

@@ -234,3 +234,16 @@ def test_a_group_whose_narrowing_changes_the_output_is_kept_whole(monkeypatch):
     assert kept["inner.head"] == (
         "narrowing it changes the model's output: its output's shape goes from (1, 10) to (1, 1)"
     )
+
+
+def test_an_attention_with_fused_queries_keys_and_values_says_why_it_is_kept_whole():
+    """timm's form: torch-pruning's refusal was said as 'narrowing it breaks the model:
+    ValueError: torch-pruning refused to prune 86 channels of qkv', an internal check."""
+    kept = kept_whole(odd_models.fused_qkv_attention)
+    assert kept["qkv"] == (
+        "it cannot be narrowed: torch-pruning maps its channels through the model's reshapes "
+        "onto more than it has (a layer whose outputs are split into heads of fixed sizes, as an "
+        "attention's fused queries, keys and values, keeps them)"
+    )
+    # The residual stream, which the attention reshapes to its own width, stays whole too.
+    assert kept["mlp.2"].startswith("narrowing it breaks the model: RuntimeError: shape ")
