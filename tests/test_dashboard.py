@@ -1401,3 +1401,10 @@ def test_a_jobs_notes_name_the_settings_by_the_forms_labels_as_its_error_does(
     assert said == "raise Fine-tuning steps or Final epochs"
     failed = "{kind: 'status', status: 'failed', error: 'lower search.min_width_fraction'}"
     assert js(page, f"window.archtree.describe({failed})") == "failed: lower Min width"
+    # A child's evaluation run again (its worker lost) says so; its first run does not.
+    first = "{kind: 'child_started', id: 'n3', depth: 2}"
+    assert js(page, f"window.archtree.describe({first})") == "n3 (depth 2) evaluating"
+    again = "{kind: 'child_started', id: 'n3', depth: 2, run: 2}"
+    assert js(page, f"window.archtree.describe({again})") == (
+        "n3 (depth 2) evaluating again (run 2: an earlier run was cut short)"
+    )

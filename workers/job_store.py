@@ -325,6 +325,12 @@ class JobStore:
         keys = [self._key(job_id), self._key(job_id, ":reruns")]
         return int(self._count_for_job(keys=keys, args=[task_id]))
 
+    def count_child_run(self, job_id: str, child_id: str) -> int:
+        """Count one more run of the evaluation of `child_id`; return how many there were:
+        above 1, an earlier run was cut short (its worker lost, restarted, or Redis away)."""
+        keys = [self._key(job_id), self._key(job_id, ":child_runs")]
+        return int(self._count_for_job(keys=keys, args=[child_id]))
+
     def count_agent_measurement(self, job_id: str, agent_id: str) -> None:
         """Count one measurement of the job answered by the agent `agent_id` (none for a job
         that does not exist)."""

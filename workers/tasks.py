@@ -231,7 +231,9 @@ def evaluate_child(self, job_id: str, task: dict[str, Any]) -> dict[str, Any] | 
 
     def evaluate(attempt: str) -> dict[str, Any]:
         job = _contexts().get(job_id, self.request.hostname)
-        job.context.sink.emit("child_started", id=child_id, depth=task["depth"])
+        run = jobs.count_child_run(job_id, child_id)
+        again = {"run": run} if run > 1 else {}  # said as such: an earlier run was cut short
+        job.context.sink.emit("child_started", id=child_id, depth=task["depth"], **again)
         context = copy.copy(job.context)
         context.store = AttemptNodeStore(job.nodes, child_id, attempt)
         result = expansion.evaluate_child(context, ChildTask.from_dict(task))

@@ -861,7 +861,9 @@ function describe(event, scoreName = "score") {
         (event.widen_to > 1 ? `; widening to multiples of ${event.widen_to}` : "");
     case "depth_started":
       return `depth ${event.depth}: ${counted(event.children, "child", "children")} to evaluate`;
-    case "child_started": return `${event.id} (depth ${event.depth}) evaluating`;
+    case "child_started":
+      return `${event.id} (depth ${event.depth}) evaluating` +
+        (event.run > 1 ? ` again (run ${event.run}: an earlier run was cut short)` : "");
     case "task_lost": return lostTask(event);
     case "node":
       return `${event.id} from ${event.parent} by ${event.move}: ${ms(event.latency_ms)}, ` +
