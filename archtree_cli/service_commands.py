@@ -275,15 +275,21 @@ def run_api(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from archtree_cli.settings import service_settings
     from search.compute_device import UnknownDevice, check_train_device_form
+
+    # Set before the worker's settings are first read (and cached, for the pool's processes
+    # too): the tasks read it from there, and look for a GPU it names in their own process.
+    given = args.train_device is not None
+    name = args.train_device if given else os.environ.get("ARCHTREE_TRAIN_DEVICE", "auto")
+    try:
+        os.environ["ARCHTREE_TRAIN_DEVICE"] = check_train_device_form(name)
+    except UnknownDevice as error:
+        said = "--train-device" if given else "ARCHTREE_TRAIN_DEVICE"
+        raise ArchtreeError(f"{said} {error}") from None
+    service_settings.cache_clear()
     from workers.celery_app import worker_main
 
-    if args.train_device is not None:
-        try:
-            # The tasks' processes read it from their settings; a GPU is looked for there.
-            os.environ["ARCHTREE_TRAIN_DEVICE"] = check_train_device_form(args.train_device)
-        except UnknownDevice as error:
-            raise ArchtreeError(f"--train-device {error}") from None
     queues = args.queues.split(",") if args.queues else None
     worker_main(queues, args.concurrency, hostname=args.name)
     return 0

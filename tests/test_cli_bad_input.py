@@ -606,7 +606,11 @@ def _free_port() -> str:
         (["worker", "--train-device", "gpu"], {},
          "--train-device 'gpu' is not a training device: give auto, cpu, cuda or cuda:N"),
         (["worker"], {"ARCHTREE_TRAIN_DEVICE": "gpu0"},
-         "ARCHTREE_TRAIN_DEVICE='gpu0': give auto, cpu, cuda or cuda:N"),
+         "ARCHTREE_TRAIN_DEVICE 'gpu0' is not a training device: give auto, cpu, cuda or cuda:N"),
+        pytest.param(["worker"], {"ARCHTREE_TRAIN_DEVICE": "cuda:1"},
+                     "ARCHTREE_TRAIN_DEVICE cuda:1: this torch is a CPU-only build",
+                     marks=pytest.mark.skipif(torch.backends.cuda.is_built(),
+                                              reason="a CUDA build of torch")),
         (["jobs", "--offset", "-1"], {}, "--offset must be from 0 to 1000000000, got -1"),
         (["models"], {"ARCHTREE_DEBUG": "maybe"}, "ARCHTREE_DEBUG='maybe' is not a switch"),
     ],
@@ -633,3 +637,41 @@ def test_more_threads_than_cores_are_warned_about(home):
         str(threads), home=home,
     )  # fmt: skip
     assert f"--threads {threads} is more than the" in result.stderr
+
+
+def test_a_workers_train_device_reaches_the_settings_its_tasks_read(monkeypatch):
+    """--train-device was set after the worker's settings had been read and cached, and its
+    tasks trained where ARCHTREE_TRAIN_DEVICE (or auto) said."""
+    from argparse import Namespace
+
+    import workers.celery_app
+    from archtree_cli.service_commands import run_worker
+    from archtree_cli.settings import service_settings
+
+    monkeypatch.setenv("ARCHTREE_TRAIN_DEVICE", "auto")
+    service_settings.cache_clear()
+    assert service_settings().train_device == "auto"  # read before, as an import does
+    seen: dict[str, str] = {}
+
+    def worker_main(*_args, **_kwargs) -> None:
+        seen["train_device"] = service_settings().train_device
+
+    monkeypatch.setattr(workers.celery_app, "worker_main", worker_main)
+    try:
+        run_worker(Namespace(train_device=" CPU ", queues=None, concurrency=1, name=None))
+    finally:
+        service_settings.cache_clear()
+    assert seen == {"train_device": "cpu"}
+
+
+def test_a_settings_validators_message_is_said_without_pydantics_prefix(monkeypatch):
+    from archtree_cli.settings import load_service_settings
+    from search.errors import ArchtreeError
+
+    monkeypatch.setenv("ARCHTREE_TRAIN_DEVICE", "gpu0")
+    with pytest.raises(ArchtreeError) as refused:
+        load_service_settings()
+    assert str(refused.value) == (
+        "bad setting in the environment: ARCHTREE_TRAIN_DEVICE='gpu0': give auto, cpu, cuda or "
+        "cuda:N"
+    )
