@@ -45,33 +45,51 @@ def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> list[st
     """Names of the conv/linear layers that produce the model's output (never pruned): the
     last to run of those the output depends on. A layer run after it whose outputs the model
     drops (an auxiliary head a wrapper leaves out) is not one: taken for the output layer, it
-    left the real classifier to be pruned, to fewer classes."""
-    ran: list[tuple[str, torch.Tensor]] = []
+    left the real classifier to be pruned, to fewer classes.
+
+    What the output depends on is read from the autograd graph of one forward pass, walked
+    from the output, never run backwards (an operation without a backward formula, as many
+    inference kernels are, would fail); the weights are made to require grad meanwhile, so
+    that frozen ones and integer inputs are followed too."""
+    ran: list[tuple[str, object]] = []
+
+    def record(name: str, output: object) -> None:
+        # Its node now: an in-place operation after it gives the tensor another.
+        ran.append((name, output.grad_fn if isinstance(output, torch.Tensor) else None))
+
     hooks = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: ran.append((name, out)))
+        module.register_forward_hook(lambda _m, _i, out, name=name: record(name, out))
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE_TYPES)
     ]
-    probe = example_input.clone()
-    if probe.is_floating_point():  # outputs depend on it even where weights are frozen
-        probe.requires_grad_(True)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
-        with torch.enable_grad():
-            output = model(probe)
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            output = model(example_input.clone())
     finally:
         for hook in hooks:
             hook.remove()
+        for parameter in frozen:
+            parameter.requires_grad_(False)
     last = [name for name, _ in ran[-1:]]
-    tracked = [
-        (name, out) for name, out in ran if isinstance(out, torch.Tensor) and out.requires_grad
-    ]
-    if not isinstance(output, torch.Tensor) or not output.requires_grad or not tracked:
+    if not isinstance(output, torch.Tensor) or output.grad_fn is None:
         return last
-    reaching = torch.autograd.grad(
-        output.sum(), [out for _, out in tracked], allow_unused=True, retain_graph=False
-    )
-    used = [name for (name, _), grad in zip(tracked, reaching, strict=True) if grad is not None]
+    reached = _graph_nodes(output.grad_fn)
+    used = [name for name, node in ran if node is not None and node in reached]
     return used[-1:] or last
+
+
+def _graph_nodes(root: object) -> set[object]:
+    """Every node of the autograd graph that leads to `root`, itself included."""
+    seen, stack = {root}, [root]
+    while stack:
+        for parent, _ in stack.pop().next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
 
 
 def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

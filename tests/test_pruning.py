@@ -221,3 +221,45 @@ def test_the_layer_the_output_comes_from_is_kept_not_the_last_to_run(frozen):
     pruner.remove({g.name: least_important(importance[g.name], g.removable) for g in pruner.groups})
     assert model(example).shape == (1, 10)
     assert model.inner.head.out_features == 10
+
+
+class NoBackward(torch.autograd.Function):
+    """An inference-only kernel: it has no backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("inference only")
+
+
+class TokensTwoHeads(torch.nn.Module):
+    """Token ids in, an inference-only kernel inside, an auxiliary head run last and dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.body = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 10)
+        self.aux = torch.nn.Linear(16, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        features = NoBackward.apply(self.body(self.embed(tokens))).mean(1)
+        logits, _ = self.head(features), self.aux(features)
+        return logits
+
+
+def test_the_output_layer_is_found_without_running_backwards_whatever_requires_grad():
+    """Found by running the output backwards, it failed on an operation without a backward
+    and fell back to the last layer to run for integer inputs with frozen weights."""
+    from search.pruning import output_layer_names
+
+    model, tokens = TokensTwoHeads().eval(), torch.zeros(1, 6, dtype=torch.long)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    assert output_layer_names(model, tokens) == ["head"]
+    with torch.inference_mode():
+        assert output_layer_names(model, tokens) == ["head"]
+    assert not any(p.requires_grad for p in model.parameters())  # left as they were
