@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.compute_device import copy_on, moved_to, on_cpu
-from search.errors import ArchtreeError
+from search.compute_device import copy_on, describe_device, moved_to, on_cpu
+from search.errors import ArchtreeError, first_line
 from search.quiet import piece_of_work
 
 MOMENTUM = 0.9
@@ -58,7 +59,7 @@ def train(
         model.eval()
         return
 
-    with moved_to(model, device):
+    with out_of_memory_said("fine-tuning", device), moved_to(model, device):
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
@@ -109,6 +110,8 @@ def train(
                 cursor += batch_size
                 with piece_of_work():
                     loss = one_step(index)
+                    if not on_cpu(device):  # its kernels done before a timing may start
+                        torch.cuda.synchronize(device)
                 if progress is not None:
                     progress(step, total, float(loss.detach()))
     model.eval()
@@ -151,17 +154,46 @@ def recalibrate_batch_norm(
     batch_size = max(2, batch_size)
     model.train()
     try:
-        with torch.no_grad(), moved_to(model, device):
-            for start in range(0, len(chosen), batch_size):
-                batch = chosen[start : start + batch_size]
-                if len(batch) < 2:
-                    break
-                with piece_of_work():
-                    model(x[batch] if on_cpu(device) else x[batch].to(device))
+        with out_of_memory_said("recomputing batch-norm statistics", device):
+            _recalibrate(model, x, chosen, batch_size, device)
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
         model.eval()
+
+
+def _recalibrate(
+    model: nn.Module,
+    x: torch.Tensor,
+    chosen: torch.Tensor,
+    batch_size: int,
+    device: torch.device | None,
+) -> None:
+    with torch.no_grad(), moved_to(model, device):
+        for start in range(0, len(chosen), batch_size):
+            batch = chosen[start : start + batch_size]
+            if len(batch) < 2:
+                break
+            with piece_of_work():
+                model(x[batch] if on_cpu(device) else x[batch].to(device))
+                if not on_cpu(device):
+                    torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def out_of_memory_said(doing: str, device: torch.device | None) -> Iterator[None]:
+    """A GPU (or the CPU) out of memory while `doing`, said in one line with what to do."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        if on_cpu(device):
+            where, fix = "the CPU", "with a smaller fine-tuning batch, or on a larger machine"
+        else:
+            where = f"the GPU {describe_device(device)}"
+            fix = "with a smaller fine-tuning batch, or on the CPU (the training device cpu)"
+        raise ArchtreeError(
+            f"{where} ran out of memory {doing} ({first_line(error)[:120]}): fine-tune {fix}"
+        ) from None
 
 
 def _loss(
@@ -205,21 +237,32 @@ def logits(
     with the number of samples done after each batch (it may raise to stop)."""
     was_training = model.training
     model.eval()
-    outputs = []
     try:
-        runner = copy_on(model, device)
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                batch = x[start : start + batch_size]
-                with piece_of_work():
-                    if on_cpu(device):
-                        outputs.append(runner(batch))
-                    else:
-                        outputs.append(runner(batch.to(device)).cpu())
-                if progress is not None:
-                    progress(min(start + batch_size, len(x)))
+        with out_of_memory_said("scoring", device):
+            return _logits(model, x, batch_size, progress, device)
     finally:
         model.train(was_training)
+
+
+def _logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+    device: torch.device | None,
+) -> torch.Tensor:
+    outputs = []
+    runner = copy_on(model, device)
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = x[start : start + batch_size]
+            with piece_of_work():
+                if on_cpu(device):
+                    outputs.append(runner(batch))
+                else:
+                    outputs.append(runner(batch.to(device)).cpu())
+            if progress is not None:
+                progress(min(start + batch_size, len(x)))
     if not outputs:
         return torch.empty(0)
     return torch.cat(outputs)

@@ -175,3 +175,30 @@ def test_recalibration_repairs_statistics_left_stale_by_a_few_large_steps(
     stale_score = accuracy(stale, digits.val_x, digits.val_y)
     recalibrate_batch_norm(stale, digits.train_x, samples=512)
     assert accuracy(stale, digits.val_x, digits.val_y) > stale_score
+
+
+class RunsOutOfMemory(nn.Module):
+    """What a model too large for its device's memory raises, on its first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("work", ["fine-tuning", "scoring"])
+def test_running_out_of_memory_is_said_with_what_to_do(work):
+    """It was an internal error: a model that fits the CPU's memory may not fit a GPU's, which
+    --train-device auto now fine-tunes on."""
+    x, y = torch.zeros(8, 4), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ArchtreeError) as said:
+        if work == "fine-tuning":
+            train(RunsOutOfMemory(), x, y, steps=2)
+        else:
+            logits(RunsOutOfMemory(), x)
+    assert str(said.value) == (
+        f"the CPU ran out of memory {work} (CUDA out of memory. Tried to allocate 2.00 GiB): "
+        "fine-tune with a smaller fine-tuning batch, or on a larger machine"
+    )

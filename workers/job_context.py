@@ -198,6 +198,9 @@ class JobContexts:
         return built
 
     def drop(self, job_id: str) -> None:
-        """Forget a job that has ended."""
+        """Forget a job that has ended (and what a GPU kept cached for it, which the next job
+        on this process would otherwise find taken)."""
         with self._lock:
             self._contexts.pop(job_id, None)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
