@@ -93,15 +93,20 @@ def _graph_nodes(root: object) -> set[object]:
 
 
 def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Output positions per sample (spatial size) of every conv and linear layer, and the
-    tokens per sample of every attention, by name.
+    """Output positions per sample (spatial size) of every conv and linear layer (input
+    positions of a transposed convolution), and the tokens per sample of every attention, by
+    name.
 
     Pruning changes channel counts, never positions, so one forward pass of the unpruned
     model gives what every pruned variant's MACs need.
     """
     positions: dict[str, int] = {}
 
-    def record(name: str, module: nn.Module, output: torch.Tensor | tuple) -> None:
+    def record(name: str, module: nn.Module, inputs: tuple, output: torch.Tensor | tuple) -> None:
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            # Each input position is spread over the kernel: its MACs count by inputs.
+            positions[name] = int(inputs[0].numel() // inputs[0].shape[0] // module.in_channels)
+            return
         if isinstance(module, nn.MultiheadAttention):
             output = output[0]  # (tokens, batch, E), or (batch, tokens, E) with batch_first
             positions[name] = int(output.shape[-2] if module.batch_first else output.shape[0])
@@ -110,7 +115,7 @@ def output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str,
         positions[name] = int(output.numel() // output.shape[0] // channels)
 
     hooks = [
-        module.register_forward_hook(lambda m, _i, o, name=name: record(name, m, o))
+        module.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o))
         for name, module in model.named_modules()
         if isinstance(module, (*PRUNABLE_TYPES, nn.MultiheadAttention))
     ]
@@ -131,7 +136,10 @@ def layer_macs(model: nn.Module, positions: Mapping[str, int]) -> dict[nn.Module
     for name, module in model.named_modules():
         if name not in positions:
             continue
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            per_input = module.out_channels / module.groups * math.prod(module.kernel_size)
+            macs[module] = positions[name] * module.in_channels * per_input
+        elif isinstance(module, nn.modules.conv._ConvNd):
             per_output = module.in_channels / module.groups * math.prod(module.kernel_size)
             macs[module] = positions[name] * module.out_channels * per_output
         elif isinstance(module, nn.Linear):

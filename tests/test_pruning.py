@@ -263,3 +263,18 @@ def test_the_output_layer_is_found_without_running_backwards_whatever_requires_g
     with torch.inference_mode():
         assert output_layer_names(model, tokens) == ["head"]
     assert not any(p.requires_grad for p in model.parameters())  # left as they were
+
+
+def test_the_two_counts_of_multiply_accumulates_agree_for_a_transposed_convolution():
+    """Groups' shares came from positions of its outputs, four times its inputs at stride 2,
+    while the nodes' counts (the latency estimate's other side) came from what ran."""
+    from search.pruning import layer_macs, output_positions, total_macs
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ConvTranspose2d(8, 4, 3, stride=2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10),
+    ).eval()  # fmt: skip
+    example = torch.zeros(1, 1, 8, 8)
+    per_layer = layer_macs(model, output_positions(model, example))
+    assert per_layer[model[1]] == 8 * 8 * 8 * 4 * 9  # input positions x in x out x kernel
+    assert sum(per_layer.values()) == total_macs(model, example)
