@@ -169,12 +169,16 @@ def work_saved() -> None:
     docstring). Called by prune once its result is in its folder."""
     if _active is not None:
         _active.saved = True
+        # A stop raised before and swallowed is not sent again: counted now, a second one
+        # would end the process before its last lines.
+        _active.stopping = _active.held = _active.held_since = None
 
 
 def _exit_at_once(code: int, *_: object) -> None:
     """End the process now with `code`, what was printed flushed first."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        # RuntimeError: a flush the signal interrupted, in the middle of its own write.
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
             stream.flush()
     os._exit(code)
 

@@ -285,7 +285,8 @@ def test_a_stop_while_the_process_shuts_down_ends_it_at_once_with_its_code(tmp_p
 
     def stopped_while_leaving():
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # ended at once by the signal, or not at all
+        time.sleep(5)  # ended at once by the signal, before the line below
+        open(os.path.join(os.path.dirname(__file__), "outlived"), "w").close()
 
     atexit.register(stopped_while_leaving)
     """, PRUNABLE_MODEL)  # fmt: skip
@@ -293,3 +294,15 @@ def test_a_stop_while_the_process_shuts_down_ends_it_at_once_with_its_code(tmp_p
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert (tmp_path / "out" / "report.json").exists()
+    assert not (folder / "outlived").exists()  # ended by the signal, not after it
+
+
+def test_a_stop_swallowed_before_the_result_was_saved_is_not_sent_again():
+    """Sent again every second until caught, it would have counted as the second stop after
+    the save, which ends the process at once, before its last lines."""
+    from archtree_cli.stop_signals import StopSignals, work_saved
+
+    with StopSignals() as signals:
+        signals.stopping = signal.SIGINT  # raised, and swallowed by code under the command
+        work_saved()
+        assert signals.saved and signals.stopping is None
