@@ -198,26 +198,25 @@ function notAnswering() {
 async function api(path, options = {}) {
   let response;
   const reading = (options.method ?? "GET") === "GET";
+  // Given up on when no answer has begun in ANSWER_WAIT_MS; a large one (a job's tree, its
+  // report) may take longer to arrive once it has.
+  const waiting = new AbortController();
+  const giveUp = reading ? setTimeout(() => waiting.abort(), ANSWER_WAIT_MS) : null;
   try {
-    const waited = reading ? { ...options, signal: AbortSignal.timeout(ANSWER_WAIT_MS) } : options;
-    response = await fetch(path, waited);
+    response = await fetch(path, reading ? { ...options, signal: waiting.signal } : options);
   } catch (error) {
-    if (error?.name === "TimeoutError") throw notAnswering();
+    if (error?.name === "AbortError" && waiting.signal.aborted) throw notAnswering();
     setConnection("down", "API unreachable");
     // Not the browser's words for it ("Failed to fetch"): they say no more.
     throw new ApiError(`cannot reach the API at ${location.host}: nothing was sent; try again ` +
       "once it answers", 0);
   }
+  clearTimeout(giveUp);
   const time = clockNow();
   if (response.status >= 500) setConnection("failing", `API error ${response.status} · ${time}`);
   else setConnection("live", `live · ${time}`);
   const isJson = (response.headers.get("content-type") ?? "").includes("json");
-  let body;
-  try {
-    body = isJson ? await response.json() : await response.text();
-  } catch (error) {
-    throw error?.name === "TimeoutError" ? notAnswering() : error;
-  }
+  const body = isJson ? await response.json() : await response.text();
   if (!response.ok) {
     const detail = isJson && typeof body.detail === "string" ? body.detail : null;
     throw new ApiError(detail ?? `${response.status} ${response.statusText}`, response.status);
