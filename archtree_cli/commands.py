@@ -12,12 +12,15 @@ import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archtree_cli.paths import archtree_home, latency_cache_dir
 from archtree_cli.progress import ConsoleProgress, counted
 from archtree_cli.stop_signals import work_saved
 from search.errors import ArchtreeError
+
+if TYPE_CHECKING:  # torch loads with the commands that use it, not with every command
+    import torch
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
 MAX_BATCH_SIZE = 65536
@@ -331,7 +334,7 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_device(name: str):
+def _train_device(name: str) -> torch.device:
     """The torch device `--train-device NAME` names, or one line saying what to give."""
     from search.compute_device import UnknownDevice, resolve_train_device
 

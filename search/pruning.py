@@ -369,15 +369,16 @@ class PrunableModel:
                         "more than it has (a layer whose outputs are split into heads of fixed "
                         "sizes, as an attention's fused queries, keys and values, keeps them)"
                     )
+                layer = f"the layer {emptied!r}" if emptied else "a layer"
                 raise CoupledLayerEmptied(
-                    f"removing {len(indices)} of its channels would leave the layer "
-                    f"{emptied!r} coupled with it without any"
+                    f"removing {len(indices)} of its channels would leave {layer} coupled with "
+                    "it without any"
                 )
             group.prune()
             group_info.size -= len(indices)
         _restore_channels_last(self._channels_last)
 
-    def _emptied(self, group: tp.Group) -> str:
+    def _emptied(self, group: tp.Group) -> str | None:
         """The name of the layer of `group` that its removal leaves without channels."""
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -389,7 +390,7 @@ class PrunableModel:
                 continue
             if width is not None and width <= len(item.idxs):
                 return self._names.get(module, type(module).__name__)
-        return "?"
+        return None
 
 
 class CoupledLayerEmptied(ValueError):
