@@ -180,7 +180,11 @@ def test_a_node_keeps_the_weights_of_the_attempt_committed_first(tmp_path: Path)
     assert torch.equal(nodes.get("n4")["w"], first["w"])
     with pytest.raises(ArtifactStoreError, match="n4.a1.safetensors is missing"):
         nodes.get(nodes.attempt_id("n4", "a1"))
-    nodes.clear()
+    # Its depth ended and it left the frontier: its weights are gone. The winning run,
+    # delivered again late, changes nothing and fails nothing.
+    nodes.keep_only(set())
+    nodes.commit("n4", "a1")
+    assert not nodes.artifacts.exists(nodes._name("n4"))
     with pytest.raises(ArtifactStoreError, match="removed while the job ran"):
         nodes.get("n4")
 

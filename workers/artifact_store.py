@@ -174,7 +174,12 @@ class ArtifactNodeStore:
         return load_safetensors(self.artifacts.get_bytes(self._name(node_id)))
 
     def commit(self, node_id: str, attempt: str) -> None:
-        """Make an attempt's weights the node's; later calls for the node change nothing."""
+        """Make an attempt's weights the node's; later calls for the node change nothing,
+        even once its weights, no longer needed, are removed: a task delivered again after its
+        depth ended (Redis away past the visibility timeout) failed its job, saying that a
+        file of the store was missing."""
+        if not self.artifacts.exists(self._name(node_id, attempt)):
+            return  # committed (or discarded) by an earlier run of the same task
         if not self.artifacts.exists(self._name(node_id)):
             self.artifacts.put_bytes(
                 self._name(node_id), self.artifacts.get_bytes(self._name(node_id, attempt))
