@@ -33,6 +33,9 @@ class ConsoleProgress:
         # a job's past events is stamped from its first event, as it happened, not as printed.
         self.first_event_time: float | None = None
         self.event_time: float | None = None
+        # Children said so far: one evaluated again (its first run cut short) is said as such,
+        # not counted twice.
+        self.children_said: set[str] = set()
 
     def fall_silent(self) -> None:
         """Print nothing more: the command has stopped, and what still runs in other threads
@@ -135,16 +138,24 @@ class ConsoleProgress:
         elif kind == "child_merged":
             reason = merged_reason(data.get("into"), tie=bool(data.get("tie")))
             self._print(f"  {data['id']:>4} merged: {reason}")
+        elif kind == "child_started" and data.get("run", 1) > 1:
+            self._print(
+                f"  {data['id']:>4} evaluating again (run {data['run']}: an earlier run was cut "
+                "short)"
+            )
         elif kind in ("node", "child_skipped"):
-            self.children_seen += 1
+            again = data["id"] in self.children_said
+            self.children_said.add(data["id"])
+            self.children_seen += 0 if again else 1
             if kind == "node":
                 mark = "ok  " if data["within_budget"] else "over"
                 # Nodes of the ending (a trim, a widening) come after the last depth's children.
-                count = (
-                    f"[{self.children_seen}/{self.children_planned}]"
-                    if self.children_seen <= self.children_planned
-                    else "[end]"
-                )
+                if again:
+                    count = "[again]"
+                elif self.children_seen <= self.children_planned:
+                    count = f"[{self.children_seen}/{self.children_planned}]"
+                else:
+                    count = "[end]"
                 # A widening of the answer into the budget's slack is not a child of a move.
                 filled = data.get("filled_from")
                 move = f"{filled} widened to fill" if filled else data["move"]

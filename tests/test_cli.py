@@ -839,6 +839,24 @@ def test_a_depths_lines_say_how_deep_it_may_go_and_the_time_it_has_left():
     assert lines[4].endswith("score 0.9000")  # the depth's last
 
 
+def test_a_child_evaluated_again_is_said_as_such_not_counted_twice():
+    """`status --watch` printed a child's second run as another child, labelled [end]."""
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream)
+    node = {"within_budget": False, "latency_ms": 1.0, "score": 0.9, "filled_from": None}
+    progress.emit("depth_started", depth=1, children=2, ft_steps=5, time=1000.0)
+    progress.emit("child_started", id="n1", depth=1, time=1000.0)
+    progress.emit("node", id="n1", move="global", time=1010.0, **node)
+    progress.emit("child_started", id="n1", depth=1, run=2, time=1030.0)
+    progress.emit("node", id="n1", move="global", time=1040.0, **node)
+    progress.emit("node", id="n2", move="latency", time=1050.0, **node)
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines[1].startswith("  [1/2]   n1 global")
+    assert lines[2] == "    n1 evaluating again (run 2: an earlier run was cut short)"
+    assert lines[3].startswith("  [again]   n1 global")
+    assert lines[4].startswith("  [2/2]   n2 latency")
+
+
 def test_progress_lines_say_what_happens_in_the_order_that_matters():
     stream = io.StringIO()
     progress = ConsoleProgress(stream)
