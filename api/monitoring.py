@@ -55,8 +55,26 @@ def readiness(services: Services) -> Readiness:
         workers=workers,
         agents_online=_online_per_class(services),
         # Still ready: the API takes jobs and queues them. The operator is told who is missing.
-        detail=None if workers else NO_WORKER,
+        detail=_queues_untaken(services) if workers else NO_WORKER,
     )
+
+
+def _queues_untaken(services: Services) -> str | None:
+    """What to say of the service's queues that no worker answering takes (workers started
+    with --queues for one of them only), if any: jobs wait there, their status unchanged."""
+    queues = [services.settings.search_queue, services.settings.evaluate_queue]
+    with contextlib.suppress(OSError, redis.RedisError, OperationalError):
+        inspect = services.celery.control.inspect(timeout=WORKER_PING_TIMEOUT_S * WORKER_PINGS)
+        taken = {q["name"] for found in (inspect.active_queues() or {}).values() for q in found}
+        untaken = [queue for queue in queues if queue not in taken]
+        if untaken and taken:
+            names = " and ".join(f"{queue!r}" for queue in untaken)
+            return (
+                f"no worker answering takes the {names} queue: its jobs wait there until one "
+                f"does (`archtree worker --queues {','.join(untaken)}`, or without --queues for "
+                "every queue)"
+            )
+    return None
 
 
 def _workers_answering(services: Services) -> list[str]:

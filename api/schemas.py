@@ -606,7 +606,7 @@ class Readiness(BaseModel):
     detail: str | None = Field(
         None,
         description="Why the service is unavailable; when ready, what it lacks to run jobs "
-        "(no Celery worker answered, so jobs wait in the queue).",
+        "(no Celery worker answered, or none takes one of its queues, so jobs wait there).",
     )
 
 

@@ -1603,3 +1603,35 @@ def test_submit_warns_when_no_worker_will_run_the_job(
     assert "`archtree worker`" in submitted.stderr
     # The job keeps the address its client reached the API at, for the commands it suggests.
     assert job_store.get(submitted.stdout.strip())["api_url"] == api_server.url
+
+
+def test_readiness_names_a_queue_no_worker_takes(own_redis, tmp_path: Path):
+    """Workers started for one queue only left the other's jobs waiting, 'queued' or
+    'evaluating' for ever, while /readyz said ready with nothing to add."""
+    url, _ = own_redis
+    env = api_env(url, tmp_path)
+    api = start_api(env, tmp_path / "logs")
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "archtree_cli.main", "worker", "--queues", "search",
+             "--name", "only-search@%h"],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        with api.client() as client:
+
+            def worker_seen() -> dict[str, Any] | None:
+                ready = client.get("/readyz").json()
+                return ready if ready["workers"] else None
+
+            ready = wait_until(worker_seen, 60, "the worker answering")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        api.stop()
+    assert ready["workers"][0].startswith("only-search@")
+    assert ready["detail"] == (
+        "no worker answering takes the 'evaluate' queue: its jobs wait there until one does "
+        "(`archtree worker --queues evaluate`, or without --queues for every queue)"
+    )
