@@ -123,12 +123,17 @@ async def _redis_unavailable(_: Request, error: Exception) -> JSONResponse:
     reason = first_line(error) or "no answer"
     reached = not isinstance(error, REDIS_UNREACHABLE)
     problem = "has a Redis that cannot serve now" if reached else "cannot reach its Redis"
+    # Redis's own reasons (out of memory, loading) are the client's to know; those of an
+    # unreachable one name its address, which is the operator's: in the log.
+    said = f"{type(error).__name__}: {reason}" if reached else type(error).__name__
+    if not reached:
+        server_log.warning("Redis unreachable: %s: %s", type(error).__name__, reason)
     return JSONResponse(
         status_code=503,
         headers={"Retry-After": str(REDIS_RETRY_AFTER_S)},
         content={
-            "detail": f"the service {problem} ({type(error).__name__}: {reason}); try again "
-            "shortly, or ask the operator to check ARCHTREE_REDIS_URL"
+            "detail": f"the service {problem} ({said}); try again shortly, or ask the operator "
+            "to check ARCHTREE_REDIS_URL"
         },
     )
 
