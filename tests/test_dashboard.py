@@ -1289,20 +1289,30 @@ def test_the_list_page_and_the_form_draft_survive_a_visit_elsewhere(page: Any, s
     assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
 
 
+def cancelled_jobs_at_page_two(
+    page: Any, api: ApiProcess, client: httpx.Client, count: int
+) -> list[str]:
+    """`count` (21 to 40) jobs submitted and cancelled, the list filtered to cancelled jobs
+    and shown at its second page; their ids, oldest first."""
+    from selenium.webdriver.support.select import Select
+
+    created = [submit(client, job_spec()) for _ in range(count)]
+    for job_id in created:
+        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    open_jobs_page(page, api)
+    Select(page.find_element("id", "status-filter")).select_by_value("cancelled")
+    wait_for(page, lambda: text(page, "#page-info") == f"1–20 of {count}", PAGE_S, "page 1")
+    page.find_element("id", "older").click()
+    second = f"21–{count} of {count}"
+    wait_for(page, lambda: text(page, "#page-info") == second, PAGE_S, "page 2")
+    return created
+
+
 def test_the_list_page_and_filter_are_kept_when_the_top_bar_leads_back_to_them(
     page: Any, quiet_api: ApiProcess
 ):
-    from selenium.webdriver.support.select import Select
-
     with quiet_api.client() as client:
-        created = [submit(client, job_spec()) for _ in range(22)]
-        for job_id in created:
-            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
-    open_jobs_page(page, quiet_api)
-    Select(page.find_element("id", "status-filter")).select_by_value("cancelled")
-    wait_for(page, lambda: text(page, "#page-info") == "1–20 of 22", PAGE_S, "page 1")
-    page.find_element("id", "older").click()
-    wait_for(page, lambda: text(page, "#page-info") == "21–22 of 22", PAGE_S, "page 2")
+        cancelled_jobs_at_page_two(page, quiet_api, client, 22)
     page.find_element("css selector", "#jobs-table tbody a").click()
     wait_for(page, lambda: js(page, "window.archtree?.view") == "job", PAGE_S, "the job")
     page.find_element("css selector", "[data-nav=jobs]").click()
@@ -1328,17 +1338,8 @@ def test_an_unreadable_data_file_is_said_beside_the_file_input(
 def test_a_list_page_emptied_elsewhere_goes_back_to_the_last_page_with_jobs(
     page: Any, quiet_api: ApiProcess
 ):
-    from selenium.webdriver.support.select import Select
-
     with quiet_api.client() as client:
-        created = [submit(client, job_spec()) for _ in range(30)]
-        for job_id in created:
-            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
-        open_jobs_page(page, quiet_api)
-        Select(page.find_element("id", "status-filter")).select_by_value("cancelled")
-        wait_for(page, lambda: text(page, "#page-info") == "1–20 of 30", PAGE_S, "page 1")
-        page.find_element("id", "older").click()
-        wait_for(page, lambda: text(page, "#page-info") == "21–30 of 30", PAGE_S, "page 2")
+        created = cancelled_jobs_at_page_two(page, quiet_api, client, 30)
 
         for job_id in created[:16]:  # the oldest: page 2 and more
             assert client.delete(f"/v1/jobs/{job_id}").status_code in (200, 204)
