@@ -357,6 +357,9 @@ def test_a_bad_search_setting_in_the_form_is_named_by_its_label_and_marked_besid
 def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     page: Any, stack: ApiProcess, tmp_path: Path
 ):
+    # Children tuned long enough for the page to see the tree grow while the job runs: a job
+    # of 5 steps a child has ended within its first depth, between two of the page's polls.
+    search = {**FAST_SEARCH, "ft_steps": 60}
     open_jobs_page(page, stack)
     page.find_element("css selector", "#submit-form details summary").click()
     fill(
@@ -367,7 +370,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
             "budget": BUDGET,
             "device_class": DEVICE_CLASS,
             "strategy": "archtree",
-            **{name: str(value) for name, value in FAST_SEARCH.items()},
+            **{name: str(value) for name, value in search.items()},
         },
     )
     page.find_element("id", "submit-button").click()
@@ -380,7 +383,7 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     with stack.client() as client:
         assert client.get(f"/v1/jobs/{job_id}").json()["spec"]["search"] == {
             "strategy": "archtree",
-            **FAST_SEARCH,
+            **search,
         }
 
     # While the job runs, the tree on the page grows without a reload.
