@@ -68,14 +68,11 @@ def train(
         if teacher is not None:
             teacher = copy_on(teacher.eval(), device)
 
-        def on_device(batch: torch.Tensor) -> torch.Tensor:
-            return batch if on_cpu(device) else batch.to(device, non_blocking=True)
-
         def one_step(index: torch.Tensor) -> torch.Tensor:
-            batch_x = on_device(x[index])
+            batch_x = _sent(x[index], device)
             student_logits = model(batch_x)
             if teacher_logits is not None:
-                batch_teacher = on_device(teacher_logits[index])
+                batch_teacher = _sent(teacher_logits[index], device)
             elif teacher is not None:
                 with torch.no_grad():
                     batch_teacher = teacher(batch_x)
@@ -83,7 +80,7 @@ def train(
                 batch_teacher = None
             loss = _loss(
                 student_logits,
-                None if y is None else on_device(y[index]),
+                None if y is None else _sent(y[index], device),
                 batch_teacher,
                 kd_weight=kd_weight,
                 kd_temperature=kd_temperature,
@@ -110,8 +107,7 @@ def train(
                 cursor += batch_size
                 with piece_of_work():
                     loss = one_step(index)
-                    if not on_cpu(device):  # its kernels done before a timing may start
-                        torch.cuda.synchronize(device)
+                    _finished(device)
                 if progress is not None:
                     progress(step, total, float(loss.detach()))
     model.eval()
@@ -175,9 +171,20 @@ def _recalibrate(
             if len(batch) < 2:
                 break
             with piece_of_work():
-                model(x[batch] if on_cpu(device) else x[batch].to(device))
-                if not on_cpu(device):
-                    torch.cuda.synchronize(device)
+                model(_sent(x[batch], device))
+                _finished(device)
+
+
+def _sent(batch: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """`batch` on `device` (itself where that is the CPU)."""
+    return batch if on_cpu(device) else batch.to(device, non_blocking=True)
+
+
+def _finished(device: torch.device | None) -> None:
+    """Wait for a GPU's kernels, so that a piece of work ends when its work does: a timing
+    may start once it has."""
+    if not on_cpu(device):
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -257,10 +264,7 @@ def _logits(
         for start in range(0, len(x), batch_size):
             batch = x[start : start + batch_size]
             with piece_of_work():
-                if on_cpu(device):
-                    outputs.append(runner(batch))
-                else:
-                    outputs.append(runner(batch.to(device)).cpu())
+                outputs.append(runner(_sent(batch, device)).cpu())
             if progress is not None:
                 progress(min(start + batch_size, len(x)))
     if not outputs:
