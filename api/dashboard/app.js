@@ -3,6 +3,8 @@
 // step. ECharts (vendor/echarts.min.js) is loaded as a classic script and read from `window`.
 
 const POLL_MS = 2000;
+// An ended job's page only looks for the job's deletion elsewhere (another tab, the API).
+const ENDED_POLL_MS = 10000;
 // Event bursts (a replayed stream, several children finishing) trigger one refresh, not many.
 const MIN_REFRESH_GAP_MS = 500;
 const PAGE_SIZE = 20;
@@ -224,8 +226,9 @@ async function api(path, options = {}) {
   return body;
 }
 
-// Runs `task` now and then every `intervalMs` after it finishes, until it returns false or
-// the poller is stopped; `now()` asks for an early run (never closer than MIN_REFRESH_GAP_MS).
+// Runs `task` now and then every `intervalMs` after it finishes (or as many ms as it returns),
+// until it returns false or the poller is stopped; `now()` asks for an early run (never closer
+// than MIN_REFRESH_GAP_MS).
 class Poller {
   constructor(intervalMs, task, onError) {
     Object.assign(this, { intervalMs, task, onError, timer: null, running: false });
@@ -251,8 +254,11 @@ class Poller {
     this.running = true;
     this.lastRun = Date.now();
     let keepGoing = true;
+    let nextMs = this.intervalMs;
     try {
-      keepGoing = (await this.task()) !== false;
+      const answer = await this.task();
+      keepGoing = answer !== false;
+      if (typeof answer === "number") nextMs = answer;
     } catch (error) {
       keepGoing = this.onError ? this.onError(error) !== false : true;
     }
@@ -262,7 +268,7 @@ class Poller {
       this.again = false;
       this.now();
     } else {
-      this.timer = setTimeout(() => this.now(), this.intervalMs);
+      this.timer = setTimeout(() => this.now(), nextMs);
     }
   }
 
@@ -730,7 +736,16 @@ function jobView(root, jobId) {
       `Job ${jobId} was deleted elsewhere (another page or the API): its results and events ` +
       "are gone.", "Job deleted"));
   };
-  const poller = new Poller(POLL_MS, () => refreshJob(view), (error) => {
+  // Once the job has ended, nothing of it changes but its deletion elsewhere, looked for
+  // every ENDED_POLL_MS.
+  const poller = new Poller(POLL_MS, async () => {
+    if (view.ended) {
+      await api(`v1/jobs/${jobId}`);
+      return ENDED_POLL_MS;
+    }
+    view.ended = !(await refreshJob(view));
+    return view.ended ? ENDED_POLL_MS : POLL_MS;
+  }, (error) => {
     if (error.status === 404 && !view.job) {
       root.replaceChildren(notFound(`No job ${jobId} on this service.`));
       return false;
