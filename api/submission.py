@@ -1,9 +1,10 @@
 """Submitting a job: check all it needs, then store its uploads and queue it.
 
 Everything a worker would trip over is checked here, on local copies of the uploads: the
-budget, the search settings, the device class, and that the model builds, its weights load and
-one sample runs forward. A job that fails a check is never created and its uploads never
-reach the artifact store.
+budget, the search settings, the device class, that the model builds, its weights load and
+one sample runs forward, and the search's own checks before any timing (search.preflight:
+something in the model can be pruned with these settings). A job that fails a check is never
+created and its uploads never reach the artifact store.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from latency.measurement_protocol import module_package, package_allowed, valida
 from search.budget import parse_budget
 from search.errors import ArchtreeError
 from search.inputs import load_inputs
+from search.preflight import check_before_timing
 from search.settings import SearchSettings
 from workers.job_context import ARTIFACT_PREFIX
 from workers.tasks import submit_job
@@ -111,7 +113,7 @@ def _submit(services: Services, submission: Submission, api_url: str | None, job
             with path.open("wb") as copy:
                 shutil.copyfileobj(upload, copy)
         try:
-            load_inputs(
+            inputs = load_inputs(
                 spec.model,
                 str(local.get("data") or spec.data),
                 weights=str(local["weights"]) if "weights" in local else None,
@@ -119,6 +121,7 @@ def _submit(services: Services, submission: Submission, api_url: str | None, job
                 num_classes=spec.num_classes,
                 seed=search.seed,
             )
+            check_before_timing(inputs, search)
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
         sent_names = {name: _sent_name(submission.files[name]) for name in local}

@@ -100,7 +100,7 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
     """Measure the unpruned model, check the budget is reachable, and plant the root."""
     oracle, settings = context.oracle, context.settings
     context.prepare()
-    smallest = _smallest_spec(context)  # before any timing: a model with nothing to prune fails
+    smallest = smallest_spec(context)  # before any timing: a model with nothing to prune fails
     context.check_cancelled("before the unpruned model was measured")
     # Timed afresh, not taken from the latency cache: every other latency is a ratio to it,
     # and one timed while the machine was busy would skew all of this search's.
@@ -219,9 +219,10 @@ def _ms(latency_ms: float) -> str:
     return f"{latency_ms:.3f}" if latency_ms >= 0.1 else f"{latency_ms:.3g}"
 
 
-def _smallest_spec(context: SearchContext) -> ArchSpec:
+def smallest_spec(context: SearchContext) -> ArchSpec:
     """The architecture with every group at its minimum width; refused when that is the
-    unpruned one."""
+    unpruned one, or when the settings cannot serve the data (taylor importance without
+    labels). The search's checks before any timing (search.preflight)."""
     # A uniform cut of everything does not consult the latency estimate: any will do.
     applier = MoveApplier(context, context.base_model, Move("uniform"), LatencyEstimate(1.0, 1.0))
     smallest = applier.apply(1.0)

@@ -97,6 +97,8 @@ def uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     np.savez(stray, x=x, y=np.where(np.arange(len(y)) == 5, 100, y))
     wrong_keys = io.BytesIO()
     np.savez(wrong_keys, images=x)
+    unlabelled = io.BytesIO()
+    np.savez(unlabelled, x=x)
     return {
         "weights": (folder / "vgg.safetensors").read_bytes(),
         # Bytes no reader takes, the same every run: random ones that began as a pickle
@@ -107,6 +109,7 @@ def uploads(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "tiny": tiny.getvalue(),
         "stray label": stray.getvalue(),
         "wrong keys": wrong_keys.getvalue(),
+        "unlabelled": unlabelled.getvalue(),
     }
 
 
@@ -278,6 +281,18 @@ BAD_SUBMISSIONS = {
         {"allow_pickle": "yes"},
         {},
         "allow_pickle: Input should be a valid boolean",
+    ),
+    # The search's own checks before any timing: refused at submission, not queued to fail.
+    "taylor importance without labels": (
+        {"data": None, "search": {**SPEC["search"], "importance": "taylor"}},
+        {"data": ("d.npz", "unlabelled")},
+        "taylor importance needs labelled data: use search.importance l2",
+    ),
+    "a round_to that keeps every group whole": (
+        {"search": {**SPEC["search"], "round_to": 4096}},
+        {},
+        "nothing in builtin:vgg can be pruned: search.round_to 4096 keeps every channel group "
+        "whole; give a smaller search.round_to",
     ),
     "weights in the spec": (
         {"weights": "model.safetensors"},
