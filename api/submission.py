@@ -81,12 +81,13 @@ def submit(
 
 
 def submission_fingerprint(submission: Submission) -> str:
-    """What tells one submission from another sent with the same Idempotency-Key: its spec,
-    whatever the order of its keys, and its uploads' field names, file names and contents
-    (retrained weights are a file of the same name and size)."""
+    """What tells one submission from another sent with the same Idempotency-Key: its spec
+    as the service reads it (whatever the order of its keys, the spaces around its names and
+    budget that are dropped), and its uploads' field names, file names and contents (retrained
+    weights are a file of the same name and size)."""
     try:
-        spec = json.dumps(json.loads(submission.spec or ""), sort_keys=True)
-    except ValueError:  # refused by its checks later; its text tells it apart meanwhile
+        spec = parse_spec(submission.spec or "").model_dump_json()
+    except ArchtreeError:  # refused by its checks later; its text tells it apart meanwhile
         spec = submission.spec or ""
     digest = hashlib.sha256(spec.encode())
     for name in sorted(submission.files):

@@ -695,6 +695,9 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     assert again.json()["id"] == job_id and again.json()["status"] == "cancelled"
     reordered = sent(dict(reversed(SPEC.items())), "key-1")  # the same spec, keys in another order
     assert reordered.status_code == 202 and reordered.json()["id"] == job_id, reordered.text
+    # The same spec as the service reads it: the spaces it drops around the budget.
+    spaced = sent(SPEC | {"budget": f" {SPEC['budget']} "}, "key-1")
+    assert spaced.status_code == 202 and spaced.json()["id"] == job_id, spaced.text
     other = sent(SPEC, "key-2")
     assert other.status_code == 202 and other.json()["id"] != job_id
     # A key names one submission: another sent with it is refused, not given the first's job.
