@@ -192,6 +192,7 @@ def _name_uploads(message: str, local: dict[str, Path], submission: Submission) 
 
 def parse_spec(text: str) -> JobSpecIn:
     """The `spec` field as a JobSpecIn; ArchtreeError naming the first problem."""
+    _refuse_repeated_names(text)
     try:
         return JobSpecIn.model_validate_json(text)
     except ValidationError as error:
@@ -207,6 +208,26 @@ def parse_spec(text: str) -> JobSpecIn:
         raise ArchtreeError(
             f"the job spec is not valid: {validation_message(error.errors())}"
         ) from None
+
+
+def _refuse_repeated_names(text: str) -> None:
+    """ArchtreeError for a name given twice in one object of the spec's JSON, which JSON
+    readers take the last of without a word: which one the client meant is unknown."""
+
+    def object_of(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        names = [name for name, _ in pairs]
+        for name in names:
+            if names.count(name) > 1:
+                raise ArchtreeError(
+                    f"the job spec gives {json.dumps(name)} {names.count(name)} times in one "
+                    "object: give each field once"
+                )
+        return dict(pairs)
+
+    try:
+        json.loads(text, object_pairs_hook=object_of)
+    except ValueError:  # not JSON: the spec's own checks say so
+        pass
 
 
 def strategy_notes(spec: JobSpecIn) -> list[str]:

@@ -333,6 +333,22 @@ def test_a_model_library_the_service_lacks_is_said_to_be_its_operators_to_instal
     assert "this environment" not in said
 
 
+def test_a_spec_that_gives_a_field_twice_answers_422_naming_it(http: httpx.Client):
+    before = job_total(http)
+    search = json.dumps(SPEC["search"])[:-1] + ', "ft_steps": -1, "ft_steps": 0}'
+    text = json.dumps({k: v for k, v in SPEC.items() if k != "search"})[:-1]
+    answer = submit(http, f'{text}, "search": {search}}}')
+    assert answer.status_code == 422, answer.text
+    assert one_line_detail(answer) == (
+        'the job spec gives "ft_steps" 3 times in one object: give each field once'
+    )
+    answer = submit(http, '{"budget": "60%", ' + json.dumps(SPEC)[1:])
+    assert one_line_detail(answer) == (
+        'the job spec gives "budget" 2 times in one object: give each field once'
+    )
+    assert job_total(http) == before
+
+
 @pytest.mark.parametrize(("spec", "why"), [("{not json", "key must be a string"), ("[1, 2]", "")])
 def test_a_spec_that_is_not_a_json_object_answers_422_with_an_example(
     spec: str, why: str, http: httpx.Client
