@@ -9,6 +9,7 @@ created and its uploads never reach the artifact store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -224,10 +225,8 @@ def _refuse_repeated_names(text: str) -> None:
                 )
         return dict(pairs)
 
-    try:
+    with contextlib.suppress(ValueError):  # not JSON: the spec's own checks say so
         json.loads(text, object_pairs_hook=object_of)
-    except ValueError:  # not JSON: the spec's own checks say so
-        pass
 
 
 def strategy_notes(spec: JobSpecIn) -> list[str]:
