@@ -308,8 +308,22 @@ class JobProgress(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
+    started_at: float | None = Field(
+        None,
+        description="Unix time a worker started the job's first step; null while the job "
+        "is queued, or waits for its device before that step.",
+        examples=[1732660000.0],
+    )
+    device_wait_since: float | None = Field(
+        None,
+        description="Unix time since which the job has waited for an agent of its device "
+        "class (status waiting_for_device); null once one is online again. The job fails once "
+        "it has waited ARCHTREE_DEVICE_WAIT_S since then.",
+    )
     depth: int | None = Field(None, description="Depths of the tree completed.", examples=[2])
-    candidates_evaluated: int | None = Field(None, examples=[8])
+    candidates_evaluated: int | None = Field(
+        None, description="Children fine-tuned, measured and scored so far.", examples=[8]
+    )
     measurements: int | None = Field(None, description="Latency measurements taken on agents.")
     cache_hits: int | None = Field(None, description="Measurements answered by the cache.")
     baseline_ms: float | None = Field(None, description="Latency of the unpruned model.")

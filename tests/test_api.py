@@ -3,6 +3,7 @@ job resources, devices with real agent processes, health and metrics. No workers
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -1612,6 +1613,37 @@ def test_openapi_documents_every_route_and_the_job_spec(http: httpx.Client):
     runtime = schema["components"]["schemas"]["DeviceIn"]["properties"]["runtime"]
     assert runtime["enum"] == ["torch"]
     assert http.get("/docs").status_code == 200
+
+
+def progress_fields_the_workers_write() -> set[str]:
+    """The fields of a job's progress that the workers' code writes (the keywords of its
+    `update_progress` calls), read from their source."""
+    written = set()
+    for path in (ROOT / "workers").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "update_progress"
+            ):
+                written.update(keyword.arg for keyword in node.keywords if keyword.arg)
+    return written
+
+
+def test_the_schema_declares_every_progress_field_the_workers_write(
+    http: httpx.Client, job_store: JobStore
+):
+    schema = http.get("/openapi.json").json()["components"]["schemas"]["JobProgress"]
+    written = progress_fields_the_workers_write()
+
+    assert {"started_at", "device_wait_since", "depth", "final"} <= written
+    assert written - set(schema["properties"]) == set()
+    assert all(schema["properties"][name].get("description") for name in written)
+    job_id = job_store.create(SPEC, notes=["search.width 3 is not used"])
+    job_store.update_progress(job_id, started_at=1732660000.5, device_wait_since=None)
+    progress = http.get(f"/v1/jobs/{job_id}").json()["progress"]
+    assert set(progress) <= set(schema["properties"])
+    assert progress["started_at"] == 1732660000.5
 
 
 def test_the_schema_declares_the_answer_while_redis_is_unreachable(http: httpx.Client):
