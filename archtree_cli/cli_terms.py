@@ -1,8 +1,8 @@
 """The service's messages in the terms of the command line that sent the request.
 
 The API words its errors for a REST client: spec fields (`search.width`, `num_classes`) and
-endpoints (`GET /v1/jobs`). `archtree submit`, `status`, `fetch` and `cancel` show them with
-the options and commands a user of the CLI types instead.
+endpoints (`GET /v1/jobs`). `archtree submit`, `status`, `fetch`, `cancel`, `delete` and `jobs`
+show them with the options and commands a user of the CLI types instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ from search.settings import SearchSettings, option_of
 _SEARCH_FIELD = re.compile(
     r"\bsearch\.(" + "|".join(field.name for field in fields(SearchSettings)) + r")\b(?!\()"
 )
-_JOB_READ = re.compile(r"\bGET /v1/jobs/([0-9A-Za-z_-]+)(?![\w/])")
+_JOB_ID = r"([0-9A-Za-z_-]+)"
+# The API's endpoints that a command does the work of, with the command.
+_ENDPOINTS = (
+    (re.compile(rf"\bGET /v1/jobs/{_JOB_ID}(?![\w/])"), r"`archtree status \1`"),
+    (
+        re.compile(rf"\bGET /v1/jobs/{_JOB_ID}/artifacts/\{{name\}} \([^)]*\)"),
+        r"`archtree fetch \1 --out DIR`",
+    ),
+    (re.compile(rf"\bDELETE /v1/jobs/{_JOB_ID}(?![\w/])"), r"`archtree delete \1`"),
+)
 _TERMS = (
     ("`allow_pickle: true` in the spec", "--allow-pickle"),
     ("allow_pickle", "--allow-pickle"),
@@ -29,13 +38,15 @@ _TERMS = (
     ("the `weights` upload", "--weights"),
     ("`model`", "--model"),
     ("list the jobs with GET /v1/jobs", "list the jobs with `archtree jobs`"),
+    ("submit its spec again with POST /v1/jobs", "submit it again with `archtree submit`"),
 )
 
 
 def in_cli_terms(message: str) -> str:
     """`message` with the job spec's fields and the API's endpoints as the CLI names them."""
     message = _SEARCH_FIELD.sub(lambda field: option_of(field[1]), message)
-    message = _JOB_READ.sub(lambda read: f"`archtree status {read[1]}`", message)
+    for endpoint, command in _ENDPOINTS:
+        message = endpoint.sub(command, message)
     for spec_term, cli_term in _TERMS:
         message = re.sub(rf"(?<![\w-]){re.escape(spec_term)}(?![\w-])", cli_term, message)
     return message

@@ -40,7 +40,7 @@ from tests.api_fixtures import (
     free_port,
     start_api,
 )
-from tests.cli_process import run_archtree
+from tests.cli_process import one_line_error, run_archtree
 from tests.redis_fixtures import ROOT, redis_server_executable, wait_until
 from workers.job_store import JobStore, RedisEventSink
 from workers.tasks import result_name
@@ -671,6 +671,45 @@ def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_sto
     assert cancels_recorded(running) == 1
     job = jobs.get(running)
     assert job["status"] == "running" and job["cancel_requested"]
+
+
+@pytest.mark.parametrize(
+    ("status", "instead", "in_cli_terms"),
+    [
+        (
+            "succeeded",
+            "fetch its results with GET /v1/jobs/{id}/artifacts/{{name}} (arch.json, "
+            "model.safetensors, report.json), or delete it with DELETE /v1/jobs/{id}",
+            "fetch its results with `archtree fetch {id} --out DIR`, or delete it with "
+            "`archtree delete {id}`",
+        ),
+        (
+            "cancelled",
+            "delete it with DELETE /v1/jobs/{id}, or submit its spec again with POST /v1/jobs",
+            "delete it with `archtree delete {id}`, or submit it again with `archtree submit`",
+        ),
+    ],
+)
+def test_cancelling_an_ended_job_says_what_can_be_done_with_it_instead(
+    status: str,
+    instead: str,
+    in_cli_terms: str,
+    api_server: ApiProcess,
+    job_store: JobStore,
+    tmp_path: Path,
+):
+    job_id = job_store.create(SPEC)
+    assert job_store.set_status_if_active(job_id, status)
+    ended = f"job {job_id} has already ended ({status}): there is nothing to cancel; "
+
+    with api_server.client() as http:
+        refused = http.post(f"/v1/jobs/{job_id}/cancel")
+    cancelled = run_archtree("cancel", job_id, "--api", api_server.url, home=tmp_path)
+
+    assert refused.status_code == 409
+    assert one_line_detail(refused) == ended + instead.format(id=job_id)
+    assert one_line_error(cancelled) == f"archtree: error: {ended}{in_cli_terms.format(id=job_id)}"
+    assert job_store.get(job_id)["status"] == status
 
 
 @pytest.mark.parametrize("name", ["d.bin", "data", "digits.NPZ.txt"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -205,7 +205,11 @@ async def stream_events(
     summary="Cancel a job",
     responses={
         **NOT_FOUND,
-        409: {"model": ErrorMessage, "description": "The job has already ended."},
+        409: {
+            "model": ErrorMessage,
+            "description": "The job has already ended: the message says what can be done with "
+            "it instead (fetch its results, delete it, submit it again).",
+        },
     },
 )
 def cancel_job(job: JobDep, services: ServicesDep) -> Job:
@@ -215,10 +219,26 @@ def cancel_job(job: JobDep, services: ServicesDep) -> Job:
     is recorded once (one `cancel_requested` event): the others are answered 202 while the job
     runs, 409 once it has ended."""
     if not services.jobs.request_cancel(job["id"]):
+        # Read again: it may have ended since it was read.
         raise HTTPException(
-            status_code=409, detail=f"job {job['id']} has already ended ({job['status']})"
+            status_code=409, detail=ended_job_text(services.jobs.get(job["id"]) or job)
         )
     return Job.of(services.jobs.get(job["id"]) or job)
+
+
+def ended_job_text(job: dict[str, Any]) -> str:
+    """That a job which has ended has nothing to cancel, and what can be done with it."""
+    job_id, status = job["id"], job["status"]
+    if status == "succeeded":
+        instead = (
+            f"fetch its results with GET /v1/jobs/{job_id}/artifacts/{{name}} "
+            f"({', '.join(ARTIFACT_NAMES)}), or delete it with DELETE /v1/jobs/{job_id}"
+        )
+    else:
+        instead = (
+            f"delete it with DELETE /v1/jobs/{job_id}, or submit its spec again with POST /v1/jobs"
+        )
+    return f"job {job_id} has already ended ({status}): there is nothing to cancel; {instead}"
 
 
 @router.delete(
