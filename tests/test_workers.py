@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from search.artifacts import ARTIFACT_NAMES, load_pruned
 from search.compute_device import describe_device, resolve_train_device
 from search.context import PREPARE_SAID_SAMPLES
 from search.engine import live_nodes
+from search.inputs import load_inputs
+from search.model_source import save_weights
 from search.tree import SearchState
 from tests.file_limits import files_written_up_to
 from tests.redis_fixtures import wait_until
@@ -32,6 +35,7 @@ from workers.artifact_store import (
     ArtifactStoreError,
 )
 from workers.celery_app import EVALUATE_CHILD, redelivery_s
+from workers.job_context import ARTIFACT_PREFIX
 from workers.job_store import FINAL_STATUSES, JobStore
 from workers.task_leases import TaskLeases
 from workers.tasks import result_name, submit_job
@@ -104,16 +108,31 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
     workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
 ):
     start_agents(agents, jobs, "pool-a", 2)
-    job_id = submit_job(jobs, job_spec("pool-a"), celery=workers.app)
+    # Its weights uploaded (as the API stores an upload, under a name of the service's own).
+    artifacts = ArtifactStore(workers.settings.artifacts_url)
+    job_id = uuid.uuid4().hex[:12]
+    stored = f"jobs/{job_id}/inputs/weights.safetensors"
+    save_weights(load_inputs("builtin:vgg", "builtin:digits").model, tmp_path / "vgg.safetensors")
+    artifacts.put_file(stored, tmp_path / "vgg.safetensors")
+    spec = job_spec("pool-a") | {
+        "weights": ARTIFACT_PREFIX + stored,
+        "upload_names": {"weights": "my vgg.safetensors"},
+    }
+    submit_job(jobs, spec, celery=workers.app, job_id=job_id)
 
     job = wait_for_end(jobs, job_id, workers)
 
     assert job["status"] == "succeeded", f"{job['error']}\n{workers.logs()}"
-    artifacts = ArtifactStore(workers.settings.artifacts_url)
     report = json_file(artifacts, result_name(job_id, "report.json"))
     assert set(report) == REPORT_KEYS
     assert report["final"]["latency_ms"] <= report["budget_ms"]
-    assert report["inputs"]["budget"] == "80%"
+    # The sources as the user gave them: the upload by the name it was sent with.
+    assert report["inputs"] == {
+        "model": "builtin:vgg",
+        "weights": "my vgg.safetensors (uploaded)",
+        "data": "builtin:digits",
+        "budget": "80%",
+    }
     assert job["progress"]["candidates_evaluated"] == report["search"]["candidates_evaluated"]
     # Its workers fine-tuned where their default puts it: a GPU of theirs, else the CPU.
     assert report["search"]["training_device"] == describe_device(resolve_train_device("auto"))
@@ -140,7 +159,6 @@ def test_a_job_spread_over_two_workers_succeeds_with_the_cli_result_files(
 def test_a_text_job_is_searched_on_its_token_ids_and_timed_on_them_by_its_agent(
     workers: WorkerPool, jobs: JobStore, agents, tmp_path: Path
 ):
-    from search.model_source import save_weights
     from tests.non_image_models import token_data, trained_token_conv_net
 
     save_weights(trained_token_conv_net(), tmp_path / "text.safetensors")
@@ -300,8 +318,6 @@ def test_a_workers_copies_of_remote_uploads_are_kept_only_while_their_jobs_run(
 ):
     """A remote store's uploads are copied to the worker's machine to be read: the copies of
     jobs that have ended, or were deleted, go when the next job's inputs are copied."""
-    import uuid
-
     from archtree_cli.settings import ServiceSettings
     from workers.job_context import WorkerServices, _local_path
 

@@ -72,10 +72,21 @@ class JobContext:
         """The report's `inputs`: the sources and budget in the user's own words."""
         return {
             "model": self.spec["model"],
-            "weights": self.spec.get("weights"),
-            "data": self.spec["data"],
+            "weights": source_as_given(self.spec, "weights"),
+            "data": source_as_given(self.spec, "data"),
             "budget": str(self.budget),
         }
+
+
+def source_as_given(spec: dict[str, Any], name: str) -> str | None:
+    """The job's `weights` or `data` as the user gave it: a builtin dataset by its name, an
+    upload by the file name it was sent with (the service stores it under its own name, which
+    means nothing to the user and names nothing once the job is deleted)."""
+    source = spec.get(name)
+    if source is None or not source.startswith(ARTIFACT_PREFIX):
+        return source
+    sent = (spec.get("upload_names") or {}).get(name)
+    return f"{sent} (uploaded)" if sent else f"{name} uploaded without a file name"
 
 
 def build_job_context(
