@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -10,6 +11,8 @@ import redis
 import redis.asyncio
 from celery import Celery
 from fastapi import Depends, HTTPException, Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from api.job_reads import read_job
 from archtree_cli.settings import ServiceSettings
@@ -25,6 +28,8 @@ from workers.task_leases import TaskLeases
 JOB_ID = re.compile(r"[0-9a-f]{12}")
 # Values a client sent are echoed in error messages at most this long.
 ECHO_CHARS = 80
+# Unknown query parameters a refusal names at most.
+NAMED_UNKNOWN = 5
 
 # A dead Redis must make /readyz answer quickly, not after minutes of retries.
 REDIS_CONNECT_TIMEOUT_S = 2.0
@@ -130,3 +135,49 @@ async def existing_job(job_id: JobId, services: ServicesDep) -> dict[str, Any]:
 
 
 JobDep = Annotated[dict[str, Any], Depends(existing_job)]
+
+
+async def only_known_query_parameters(request: Request) -> None:
+    """422 for a query parameter the route does not take: a misspelt filter (`?stauts=failed`)
+    would otherwise be ignored, and the answer taken for a filtered one. A dependency of the
+    /v1 routers, so that it runs before the route's own parameters are read."""
+    if not request.scope.get("query_string"):
+        return
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    taken = _query_parameters(route)
+    unknown = [name for name in request.query_params if name not in taken]
+    if unknown:
+        raise HTTPException(
+            status_code=422,
+            detail=unknown_query_text(f"{request.method} {route.path}", unknown, taken),
+        )
+
+
+def unknown_query_text(request: str, unknown: list[str], taken: tuple[str, ...]) -> str:
+    """That `request` takes none of the query parameters `unknown`, and which it takes."""
+    said = []
+    for name in unknown[:NAMED_UNKNOWN]:
+        close = difflib.get_close_matches(name, taken, n=1)
+        said.append(quoted(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if len(unknown) > NAMED_UNKNOWN:
+        said.append(f"{len(unknown) - NAMED_UNKNOWN} more")
+    plural = "s" if len(unknown) > 1 else ""
+    if not taken:
+        takes = "it takes none; send it without a query string"
+    elif len(taken) == 1:
+        takes = f"it takes {taken[0]} only"
+    else:
+        takes = f"it takes {', '.join(taken[:-1])} and {taken[-1]}"
+    return f"{request} has no query parameter{plural} {', '.join(said)}: {takes}"
+
+
+def _query_parameters(route: APIRoute) -> tuple[str, ...]:
+    """The query parameters `route` reads, its dependencies' included, in their order."""
+
+    def read_by(dependant: Dependant) -> list[str]:
+        names = [field.alias for field in dependant.query_params]
+        return names + [name for sub in dependant.dependencies for name in read_by(sub)]
+
+    return tuple(dict.fromkeys(read_by(route.dependant)))

@@ -1249,6 +1249,54 @@ def test_jobs_are_listed_by_status_newest_first_in_pages(http: httpx.Client):
     assert "'succeeded'" in one_line_detail(bad)
 
 
+def test_a_query_parameter_a_route_does_not_take_answers_422_naming_those_it_takes(
+    http: httpx.Client, job_store: JobStore, api_server: ApiProcess
+):
+    from archtree_cli.client import ArchtreeClient
+
+    queued = submit(http, SPEC).json()["id"]
+    assert http.post(f"/v1/jobs/{queued}/cancel").status_code == 202
+    running = job_store.create(SPEC)
+    job_store.set_status_if_active(running, "running")
+
+    for method, path, said in [
+        ("GET", "/v1/jobs?stauts=failed", "GET /v1/jobs has no query parameter 'stauts' (did "
+         "you mean 'status'?): it takes offset, limit and status"),
+        ("GET", "/v1/jobs?limit=2&page=2&sort=new", "GET /v1/jobs has no query parameters "
+         "'page', 'sort': it takes offset, limit and status"),
+        ("GET", f"/v1/jobs/{queued}?verbose=1", "GET /v1/jobs/{job_id} has no query parameter "
+         "'verbose': it takes none; send it without a query string"),
+        ("GET", f"/v1/jobs/{queued}/events?lastEventId=1-0", "GET /v1/jobs/{job_id}/events "
+         "has no query parameter 'lastEventId': it takes none; send it without a query string"),
+        ("POST", f"/v1/jobs/{running}/cancel?force=true", "POST /v1/jobs/{job_id}/cancel has "
+         "no query parameter 'force': it takes none; send it without a query string"),
+        ("GET", "/v1/devices?class=local", "GET /v1/devices has no query parameter 'class': it "
+         "takes none; send it without a query string"),
+    ]:  # fmt: skip
+        answer = http.request(method, path)
+        assert answer.status_code == 422, (path, answer.text)
+        assert one_line_detail(answer) == said
+        if method == "GET":
+            head = http.head(path)
+            assert (head.status_code, head.content) == (422, b""), path
+    job = job_store.get(running)
+    assert job["status"] == "running" and not job["cancel_requested"]
+
+    # What the dashboard and the command line send is taken, HEAD and the events' header too.
+    listed = http.get("/v1/jobs?offset=0&limit=10&status=cancelled&status=failed")
+    assert listed.status_code == 200 and queued in [job["id"] for job in listed.json()["jobs"]]
+    assert http.head("/v1/jobs?offset=0&limit=10&status=cancelled").status_code == 200
+    with ArchtreeClient(api_server.url) as client:
+        assert client.jobs(offset=0, limit=5, statuses=["cancelled", "queued"])["total"] >= 1
+        events = list(client.events(queued))  # and after an event id, as on a reconnect
+        assert events[-1][1]["status"] == "cancelled"
+        assert list(client.events(queued, after=events[0][0])) == events[1:]
+    for path in ["/healthz?probe=1", "/?tab=jobs", "/docs?x=1", "/openapi.json?v=2"]:
+        assert http.get(path).status_code == 200, path  # probes and pages are not API calls
+    parameters = http.get("/openapi.json").json()["paths"]["/v1/jobs"]["get"]["parameters"]
+    assert [parameter["name"] for parameter in parameters] == ["offset", "limit", "status"]
+
+
 @pytest.mark.parametrize(
     "params",
     [{"offset": 2**63 - 1}, {"offset": 10**20}, {"offset": 2**63 - 2, "limit": 200}],

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Response
 
-from api.deps import ServicesDep, quoted
+from api.deps import ServicesDep, only_known_query_parameters, quoted
 from api.schemas import (
     INVALID,
     UNAVAILABLE,
@@ -16,7 +16,12 @@ from api.schemas import (
 )
 from latency.device_registry import DeviceClassConflict
 
-router = APIRouter(prefix="/v1/devices", tags=["devices"], responses={**INVALID, **UNAVAILABLE})
+router = APIRouter(
+    prefix="/v1/devices",
+    tags=["devices"],
+    responses={**INVALID, **UNAVAILABLE},
+    dependencies=[Depends(only_known_query_parameters)],
+)
 
 
 @router.post(

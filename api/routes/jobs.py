@@ -12,7 +12,13 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api import submission
-from api.deps import JobDep, ServicesDep, header_as_sent, quoted
+from api.deps import (
+    JobDep,
+    ServicesDep,
+    header_as_sent,
+    only_known_query_parameters,
+    quoted,
+)
 from api.event_stream import job_events, start_after
 from api.job_reads import read_jobs, read_lost_tasks
 from api.schemas import (
@@ -35,7 +41,12 @@ from workers.artifact_store import ArtifactStoreError
 from workers.job_store import FINAL_STATUSES
 from workers.tasks import result_name
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={**INVALID, **UNAVAILABLE})
+router = APIRouter(
+    prefix="/v1/jobs",
+    tags=["jobs"],
+    responses={**INVALID, **UNAVAILABLE},
+    dependencies=[Depends(only_known_query_parameters)],
+)
 
 # Far beyond any real job list, and far below the 64-bit range Redis takes.
 MAX_OFFSET = 10**9
