@@ -100,7 +100,9 @@ class SearchSettings:
             return replace(self, width=1)
         if self.strategy == "uniform":
             # Its one child is the whole search: its bisection gets at least 8 probes, which
-            # the tree would spend on other children.
+            # the tree would spend on other children. Its answer is not filled group by
+            # group: that would leave one ratio everywhere for the widths of a tree's answer,
+            # and the bisection has found the widest uniform cut under the aim already.
             return replace(
                 self,
                 width=1,
@@ -108,6 +110,7 @@ class SearchSettings:
                 planned_steps=1,
                 move_kinds=("uniform",),
                 max_probes=max(self.max_probes, 8),
+                fill_probes=0,
             )
         return self
 

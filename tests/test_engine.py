@@ -279,6 +279,11 @@ def test_width_one_is_greedy():
     uniform = SearchSettings(strategy="uniform").effective()
     assert uniform.move_kinds == ("uniform",) and uniform.width == 1
     assert uniform.max_probes == 8 and uniform.effective() == uniform  # applied twice: same
+    # Its answer keeps its one ratio: no filling group by group, said when asked for.
+    assert uniform.fill_probes == 0
+    assert SearchSettings(strategy="uniform").ignored_by_strategy({"fill_probes"}) == [
+        "--fill-probes 12 is not used: --strategy uniform runs with 0"
+    ]
 
 
 def test_data_free_search_scores_by_fidelity_and_reports_no_accuracy(tmp_path):

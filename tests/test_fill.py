@@ -176,6 +176,23 @@ def test_an_answer_under_a_latency_step_is_widened_group_by_group_within_the_bud
     assert outcome.confirmed_latency_ms == filled["answer_latency_ms"]
 
 
+def test_the_uniform_strategys_answer_keeps_its_one_ratio_under_a_latency_step():
+    # The budget at which the answer above is widened group by group: the uniform strategy's
+    # answer is the widest uniform cut its bisection measured under the aim, left as it is.
+    context = make_context(BlockedConvDevice(8), select_steps=2, strategy="uniform")
+    context = replace(context, settings=context.settings.effective())
+    outcome = run_search(context, parse_budget("60%"))
+    assert not [e for e in context.sink.events if e["kind"] == "filled"]
+    assert outcome.answer.filled_from is None and outcome.answer.move == "uniform"
+    # Every group kept the same share of its removable channels (all but --min-width's), up
+    # to its widening to the device's block of 8 channels.
+    root, settings = conv_widths(outcome.state.root.spec), context.settings
+    share = 1 - outcome.answer.fraction * (1 - settings.min_width_fraction)
+    for name, width in conv_widths(outcome.answer.spec).items():
+        assert abs(width - share * root[name]) < 8 + 1, (name, width, root[name])
+    assert outcome.confirmed_latency_ms < 0.9 * outcome.state.budget_ms
+
+
 class DriftingDevice(BlockedConvDevice):
     """Times confirmations of models slower than `above` (a share of the unpruned model's
     latency) `factor` times slower than their probes: the machine drifted in between."""
