@@ -279,10 +279,16 @@ class JobLinks(BaseModel):
 
 
 class JobCreated(BaseModel):
-    """The answer to a submission: the new job's id and where to follow it."""
+    """The answer to a submission: the job's id, its status and where to follow it."""
 
     id: str = Field(examples=["4f1c2a9be07d"])
     status: JobStatus = Field(examples=["queued"])
+    replayed: bool = Field(
+        False,
+        description="True when the Idempotency-Key named a job that an earlier submission "
+        "created: this answer gives that job, in its status now, and no job was created.",
+        examples=[False],
+    )
     links: JobLinks
 
 

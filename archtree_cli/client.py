@@ -155,14 +155,16 @@ class ArchtreeClient:
     ) -> dict[str, Any]:
         """Submit a job (`spec` as in JobSpecIn), uploading local weights and data files.
 
-        Returns the answer: `id`, `status`, `links`. The submission carries an Idempotency-Key,
-        `key` or a new random one, so it is sent again, up to SUBMIT_ATTEMPTS times in all,
-        where the job may have been created without its answer arriving (the connection broke
-        off after it was sent, no answer came in time, a proxy answered 502-504, the API 503)
-        or the API is still checking it (409): the service creates one job whatever the number
-        of sends. `on_retry` gets a line each time. Where the last send fails so, the error is
-        a MaybeSubmitted carrying the key: a submission with the same key within a day gets
-        the job, if it was created, rather than a second.
+        Returns the answer: `id`, `status`, `links`, and `replayed`: true when the key named
+        a job created before the send answered (by an earlier submission with the key, or by a
+        send of this call whose answer was lost), which the answer is. The submission carries
+        an Idempotency-Key, `key` or a new random one, so it is sent again, up to
+        SUBMIT_ATTEMPTS times in all, where the job may have been created without its answer
+        arriving (the connection broke off after it was sent, no answer came in time, a proxy
+        answered 502-504, the API 503) or the API is still checking it (409): the service
+        creates one job whatever the number of sends. `on_retry` gets a line each time. Where
+        the last send fails so, the error is a MaybeSubmitted carrying the key: a submission
+        with the same key within a day gets the job, if it was created, rather than a second.
         """
         key = uuid.uuid4().hex if key is None else key
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):

@@ -320,7 +320,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from archtree_cli.client import MaybeSubmitted
+    from archtree_cli.client import ENDED, MaybeSubmitted
     from archtree_cli.main import settings_from
     from search.budget import parse_budget
 
@@ -359,7 +359,13 @@ def run_submit(args: argparse.Namespace) -> int:
         args.submitted_job = job["id"]
         ready = client.readiness()
     print(job["id"])
-    print(f"follow it with: archtree status {job['id']} --api {args.api} --watch", file=sys.stderr)
+    # A key of the command's own names no earlier submission: a replay is of its own retry.
+    if job.get("replayed") and args.idempotency_key is not None:
+        print(submitted_earlier_text(job, args.api), file=sys.stderr)
+        if job["status"] in ENDED:
+            return 0
+    else:
+        print(f"follow it with: {watch_command(job['id'], args.api)}", file=sys.stderr)
     device_class = args.device_class
     if not ready.get("agents_online", {}).get(device_class):
         print(
@@ -374,6 +380,24 @@ def run_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def watch_command(job_id: str, api: str) -> str:
+    return f"archtree status {job_id} --api {api} --watch"
+
+
+def submitted_earlier_text(job: dict[str, Any], api: str) -> str:
+    """What `submit` says of the job an --idempotency-key given again named: its status now,
+    and what can be done with it."""
+    job_id, status = job["id"], job["status"]
+    again = "a submit with another --idempotency-key (or none) runs it again"
+    what = {
+        "succeeded": f"it has succeeded: `archtree fetch {job_id} --api {api} --out DIR` "
+        "downloads its result",
+        "failed": f"it has failed: `archtree status {job_id} --api {api}` says why, and {again}",
+        "cancelled": f"it was cancelled: {again}",
+    }.get(status, f"it is {status}: follow it with: {watch_command(job_id, api)}")
+    return f"job {job_id} was submitted earlier with this --idempotency-key; {what}"
 
 
 def submitted_search(args: argparse.Namespace) -> dict[str, Any]:

@@ -745,10 +745,14 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     first = sent(SPEC, "key-1")
     assert first.status_code == 202, first.text
     job_id = first.json()["id"]
+    assert first.json()["replayed"] is False
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     again = sent(SPEC, "key-1")
     assert again.status_code == 202, again.text
     assert again.json()["id"] == job_id and again.json()["status"] == "cancelled"
+    assert again.json()["replayed"] is True  # the job an earlier submission created
+    created = http.get("/openapi.json").json()["components"]["schemas"]["JobCreated"]
+    assert "Idempotency-Key" in created["properties"]["replayed"]["description"]
     reordered = sent(dict(reversed(SPEC.items())), "key-1")  # the same spec, keys in another order
     assert reordered.status_code == 202 and reordered.json()["id"] == job_id, reordered.text
     # The same spec as the service reads it: the spaces it drops around the budget.
@@ -756,6 +760,7 @@ def test_a_submission_sent_again_with_its_idempotency_key_gets_the_same_job(
     assert spaced.status_code == 202 and spaced.json()["id"] == job_id, spaced.text
     other = sent(SPEC, "key-2")
     assert other.status_code == 202 and other.json()["id"] != job_id
+    assert other.json()["replayed"] is False
     # A key names one submission: another sent with it is refused, not given the first's job.
     reused = sent(SPEC | {"budget": "70%"}, "key-1")
     assert reused.status_code == 422, reused.text
@@ -879,6 +884,12 @@ def test_archtree_submit_sent_again_with_its_idempotency_key_gets_the_same_job(
     job_id = first.stdout.strip()
     assert again.stdout.strip() == job_id and other.stdout.strip() != job_id
     assert http.get("/v1/jobs").json()["total"] == before + 2
+    follow = f"follow it with: archtree status {job_id} --api {api_server.url} --watch"
+    assert first.stderr.splitlines()[0] == follow
+    # Sent again, the job is said to be the one the key named, as it is now.
+    assert again.stderr.splitlines()[0] == (
+        f"job {job_id} was submitted earlier with this --idempotency-key; it is queued: {follow}"
+    )
     changed = [*command[:-2], "--budget", "70%", "--api", api_server.url]
     reused = run_archtree(*changed, "--idempotency-key", "nightly-42", home=tmp_path)
     assert reused.returncode == 2, reused.stderr
@@ -897,6 +908,12 @@ def test_archtree_submit_sent_again_with_its_idempotency_key_gets_the_same_job(
             f"not {key[:40]!r}"
         ), refused.stderr
     assert http.get("/v1/jobs").json()["total"] == before + 2
+    ended = run_archtree(*command, "--idempotency-key", "nightly-42", home=tmp_path)
+    assert ended.returncode == 0 and ended.stdout.strip() == job_id, ended.stderr
+    assert ended.stderr.strip() == (
+        f"job {job_id} was submitted earlier with this --idempotency-key; it was cancelled: a "
+        "submit with another --idempotency-key (or none) runs it again"
+    )
 
 
 def test_names_pasted_with_spaces_around_them_are_kept_without_them(http: httpx.Client):
