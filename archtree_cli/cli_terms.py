@@ -39,6 +39,8 @@ _TERMS = (
     ("`model`", "--model"),
     ("list the jobs with GET /v1/jobs", "list the jobs with `archtree jobs`"),
     ("submit its spec again with POST /v1/jobs", "submit it again with `archtree submit`"),
+    ("the Idempotency-Key", "the --idempotency-key"),
+    ("send this one with a key of its own", "give this one another --idempotency-key (or none)"),
 )
 
 

@@ -894,9 +894,9 @@ def test_archtree_submit_sent_again_with_its_idempotency_key_gets_the_same_job(
     reused = run_archtree(*changed, "--idempotency-key", "nightly-42", home=tmp_path)
     assert reused.returncode == 2, reused.stderr
     assert reused.stderr.strip() == (
-        "archtree: error: the Idempotency-Key 'nightly-42' came with another submission within "
-        f"the last day (job {job_id}): a key names one submission; send this one with a key of "
-        "its own"
+        "archtree: error: the --idempotency-key 'nightly-42' came with another submission "
+        f"within the last day (job {job_id}): a key names one submission; give this one another "
+        "--idempotency-key (or none)"
     )
     for created in (job_id, other.stdout.strip()):
         assert http.post(f"/v1/jobs/{created}/cancel").status_code == 202
