@@ -1,8 +1,9 @@
 """The service's messages in the terms of the command line that sent the request.
 
 The API words its errors for a REST client: spec fields (`search.width`, `num_classes`) and
-endpoints (`GET /v1/jobs`). `archtree submit`, `status`, `fetch`, `cancel`, `delete` and `jobs`
-show them with the options and commands a user of the CLI types instead.
+endpoints (`GET /v1/jobs`); the Python client names its own arguments (`out_dir`).
+`archtree submit`, `status`, `fetch`, `cancel`, `delete` and `jobs` show them with the options
+and commands a user of the CLI types instead.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _TERMS = (
     ("list the jobs with GET /v1/jobs", "list the jobs with `archtree jobs`"),
     ("submit its spec again with POST /v1/jobs", "submit it again with `archtree submit`"),
     ("the Idempotency-Key", "the --idempotency-key"),
+    # The arguments of ArchtreeClient.fetch, which `archtree fetch` passes its options as.
+    ("another out_dir", "another --out"),
+    ("pass overwrite=True", "pass --overwrite"),
     ("send this one with a key of its own", "give this one another --idempotency-key (or none)"),
 )
 

@@ -653,13 +653,17 @@ def _artifact_problem(path: Path) -> str | None:
 
 def _check_destinations(out: Path, overwrite: bool) -> None:
     """ArchtreeError, before any file is moved, when a result file cannot go into `out`: a
-    result is there and `overwrite` is off, or a folder is where a file goes."""
-    check_result_places(out)
+    result is there and `overwrite` is off, or a folder is where a file goes. Said with
+    `fetch`'s arguments (`archtree fetch` words them as its options: cli_terms)."""
+    try:
+        check_result_places(out)
+    except ArchtreeError as error:  # worded for the command line, which names --out
+        raise ArchtreeError(str(error).replace("another --out", "another out_dir")) from None
     existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
     if existing and not overwrite:
         raise ArchtreeError(
-            f"{out} already holds a result ({', '.join(existing)}): choose another --out, "
-            "or pass --overwrite to replace it"
+            f"{out} already holds a result ({', '.join(existing)}): choose another out_dir, "
+            "or pass overwrite=True to replace it"
         )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from archtree_cli.cli_terms import in_cli_terms
 from archtree_cli.client import (
     API_TIMEOUT_VARIABLE,
     ARTIFACT_NAMES,
@@ -254,6 +255,33 @@ def test_fetch_refuses_a_folder_where_a_result_file_goes_before_touching_any_fil
     one_error_line(fetched, f"{out / 'model.safetensors'} is a folder", "choose another --out")
     assert snapshot(out) == before
     assert sorted(path.name for path in out.iterdir()) == ["arch.json", "model.safetensors"]
+
+
+def test_fetch_from_python_names_its_arguments_where_the_command_line_names_its_options(
+    result_api: str, result_dir: Path, tmp_path: Path
+):
+    out = tmp_path / "held"
+    shutil.copytree(result_dir, out)
+    (tmp_path / "folder" / "model.safetensors").mkdir(parents=True)
+
+    with ArchtreeClient(f"{result_api}/good") as client:
+        with pytest.raises(ArchtreeError) as held:
+            client.fetch(JOB, out)
+        with pytest.raises(ArchtreeError) as folder:
+            client.fetch(JOB, tmp_path / "folder", overwrite=True)
+        replaced = client.fetch(JOB, out, overwrite=True)
+
+    assert str(held.value) == (
+        f"{out} already holds a result (arch.json, model.safetensors, report.json): choose "
+        "another out_dir, or pass overwrite=True to replace it"
+    )
+    assert str(folder.value).endswith("goes: move it away, or choose another out_dir.")
+    assert [path.name for path in replaced] == list(ARTIFACT_NAMES)
+    # `archtree fetch` passes its options as these arguments: it names the options.
+    assert in_cli_terms(str(held.value)).endswith(
+        "choose another --out, or pass --overwrite to replace it"
+    )
+    assert in_cli_terms(str(folder.value)).endswith("or choose another --out.")
 
 
 @pytest.mark.parametrize("server", ["html-200", "truncated"])
