@@ -26,6 +26,7 @@ from starlette.routing import Match, Mount
 from api.deps import quoted
 from api.schemas import validation_message
 from api.spec_terms import in_spec_terms
+from archtree_cli.client import NOTHING_AT
 from search.errors import ArchtreeError, first_line
 from workers.artifact_store import ArtifactStoreError
 from workers.job_store import REDIS_UNREACHABLE
@@ -155,7 +156,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
         else:
             error = HTTPException(
                 404,
-                f"nothing at {path}: jobs and devices are under /v1/jobs and /v1/devices, the "
+                f"{NOTHING_AT}{path}: jobs and devices are under /v1/jobs and /v1/devices, the "
                 f"dashboard at /; {ENDPOINTS_HINT}",
             )
     elif error.status_code == 405 and error.detail == "Method Not Allowed":

@@ -64,6 +64,8 @@ HTTP_PROBE_TIMEOUT_S = 5.0
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 # The start of a plain-text error body that a message quotes.
 QUOTED_BODY_CHARS = 80
+# How the API's answer to a path it has no route for begins (api.error_handlers).
+NOTHING_AT = "nothing at "
 
 
 def is_idempotency_key(key: str) -> bool:
@@ -89,6 +91,20 @@ def without_v1(api_url: str, source: str) -> str | None:
     if not api_url.endswith("/v1"):
         return None
     return f"give {source} without its /v1 at the end: {api_url.removesuffix('/v1')}"
+
+
+def without_path(api_url: str, source: str, asked: str) -> str | None:
+    """What to say when the API answered that nothing is at `asked`, a path under `api_url`'s
+    own path: the API's routes are at the root of its address (an API behind a proxy that
+    serves it under a path sees them there). None for an address without a path."""
+    url = httpx.URL(api_url)
+    if url.path in ("", "/"):
+        return None
+    root = f"{url.scheme}://{url.netloc.decode()}"
+    return (
+        f"no Archtree API at {api_url} (nothing at {asked}): give {source} the API's root "
+        f"address, such as {root}"
+    )
 
 
 def plain_http_instead(error: Exception, api_url: str) -> str | None:
@@ -420,6 +436,10 @@ class ArchtreeClient:
         fix = without_v1(self.api_url, self.source) if status == 404 else None
         if fix:
             raise ArchtreeError(f"{detail}; {fix}")
+        if status == 404 and detail.startswith(NOTHING_AT):
+            wrong = without_path(self.api_url, self.source, answer.request.url.path)
+            if wrong:
+                raise ArchtreeError(wrong)
         if status < 500:
             raise ArchtreeError(detail)
         message = f"the API at {self.api_url} failed (HTTP {status}: {detail})"

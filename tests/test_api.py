@@ -1617,6 +1617,32 @@ def test_unknown_routes_and_methods_say_what_exists(http: httpx.Client, job_stor
         assert f"use {allowed.replace(', ', ' or ')}; see /docs for the endpoints" in detail
 
 
+def test_an_api_address_with_a_path_the_api_does_not_have_is_said_to_be_the_fix(
+    api_server: ApiProcess, tmp_path: Path
+):
+    from archtree_cli.client import ArchtreeClient
+
+    url = api_server.url
+    listed = run_archtree("jobs", "--api", f"{url}/archtree", home=tmp_path)
+    shown = run_archtree("status", "4f1c2a9be07d", "--api", f"{url}/a/b/", home=tmp_path)
+
+    assert one_line_error(listed) == (
+        f"archtree: error: no Archtree API at {url}/archtree (nothing at /archtree/v1/jobs): "
+        f"give --api the API's root address, such as {url}"
+    )
+    assert one_line_error(shown) == (
+        f"archtree: error: no Archtree API at {url}/a/b (nothing at /a/b/v1/jobs/4f1c2a9be07d): "
+        f"give --api the API's root address, such as {url}"
+    )
+    with ArchtreeClient(f"{url}/archtree") as client, pytest.raises(ArchtreeError) as refused:
+        client.devices()
+    assert str(refused.value).endswith(f"give the API URL the API's root address, such as {url}")
+    # At the right address, a job that is not there is still said to be the job's problem.
+    with ArchtreeClient(url) as client, pytest.raises(ArchtreeError) as missing:
+        client.job("4f1c2a9be07d")
+    assert str(missing.value).startswith("no job '4f1c2a9be07d'")
+
+
 def test_a_trailing_slash_answers_404_naming_the_path_without_it(
     http: httpx.Client, job_store: JobStore
 ):
