@@ -520,11 +520,19 @@ def _unmet_budget_message(settings: SearchSettings, state: SearchState) -> str:
     depths = f"{state.depth} depth{'s' if state.depth != 1 else ''}"
     if not state.frontier and state.depth < settings.max_depth:
         # Every move of the last depth was skipped: none reached its target within a step.
+        # Widths kept in multiples of --round-to lose whole multiples or nothing: a group a
+        # few multiples wide cannot lose one within --max-cut of it.
+        rounded = (
+            f", keeping widths multiples of --round-to {settings.round_to}"
+            if settings.round_to > 1
+            else ""
+        )
+        lower = ", lower --round-to" if settings.round_to > 1 else ""
         return (
             f"{unmet}: the search stopped at depth {state.depth}, where every move was "
             f"skipped, unable to reach its target removing at most --max-cut "
-            f"{settings.max_cut:g} of a channel group in one step: raise --max-cut, or the "
-            "budget."
+            f"{settings.max_cut:g} of a channel group in one step{rounded}: raise --max-cut"
+            f"{lower}, or raise the budget."
         )
     return f"{unmet} within {depths}: raise --max-depth or --planned-steps, or the budget."
 

@@ -124,15 +124,32 @@ def test_an_unreachable_budget_names_the_options_that_set_the_smallest_widths(se
     assert str(error.value).endswith(named)
 
 
-def test_a_search_whose_every_move_is_skipped_names_max_cut_not_max_depth():
+@pytest.mark.parametrize(
+    ("round_to", "ending"),
+    [
+        (1, "0.01 of a channel group in one step: raise --max-cut, or raise the budget."),
+        # Widths in multiples of --round-to lose a whole multiple or nothing.
+        (
+            8,
+            "0.01 of a channel group in one step, keeping widths multiples of --round-to 8: "
+            "raise --max-cut, lower --round-to, or raise the budget.",
+        ),
+    ],
+)
+def test_a_search_whose_every_move_is_skipped_names_max_cut_not_max_depth(round_to, ending):
     context = make_context(
-        oracle=BlockedConvDevice(1), max_cut=0.01, max_depth=4, branching=2, planned_steps=1
+        oracle=BlockedConvDevice(1),
+        max_cut=0.01,
+        max_depth=4,
+        branching=2,
+        planned_steps=1,
+        round_to=round_to,
     )
     with pytest.raises(ArchtreeError) as error:
         run_search(context, parse_budget("60%"))
     message = str(error.value)
     assert "the search stopped at depth 1, where every move was skipped" in message
-    assert message.endswith("0.01 of a channel group in one step: raise --max-cut, or the budget.")
+    assert message.endswith(ending), message
     assert "--max-depth" not in message
     kinds = [e["kind"] for e in context.sink.events]
     assert "child_skipped" in kinds and "node" not in kinds
