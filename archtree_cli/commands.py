@@ -422,7 +422,7 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
         f"{search['strategy']} searched {counted(search['depths'], 'depth')}, "
         f"{counted(search['candidates_evaluated'], 'candidate')}, "
         f"{counted(search['latency_measurements'], 'measurement')} "
-        f"({search['cache_hits']} cached) in {search['wall_s']:.0f} s"
+        f"(and {search['cache_hits']} taken from the latency cache) in {search['wall_s']:.0f} s"
     )
     if final.get("trims"):
         print(
@@ -472,6 +472,12 @@ def run_measure(args: argparse.Namespace) -> int:
     if result:
         ref, model = result.model, load_pruned(args.model)
     else:
+        if args.num_classes is not None and args.model.startswith("module:"):
+            raise ArchtreeError(
+                f"--num-classes {args.num_classes} does not apply to {args.model}, which builds "
+                "its own model: leave --num-classes out (it sizes builtin, torchvision and timm "
+                "models)."
+            )
         classes = 10 if args.num_classes is None else args.num_classes
         if not 1 <= classes <= MAX_CLASSES:
             raise ArchtreeError(

@@ -26,6 +26,18 @@ def test_measure_times_a_model_of_feature_vectors(home):
     assert re.search(r"median\s+[0-9.]+ ms", result.stdout)
 
 
+def test_measure_refuses_num_classes_for_a_model_of_ones_own_as_prune_does(home):
+    source = "module:tests.non_image_models:feature_net"
+    result = archtree(
+        "measure", "--model", source, "--input-shape", "12", "--num-classes", "7", home=home,
+        check=False,
+    )  # fmt: skip
+    assert one_line_error(result) == (
+        f"archtree: error: --num-classes 7 does not apply to {source}, which builds its own "
+        "model: leave --num-classes out (it sizes builtin, torchvision and timm models)."
+    )
+
+
 def test_measure_prints_the_statistics(home):
     result = archtree("measure", "--model", "builtin:vgg", "--input-shape", "1,16,16", home=home)
     for word in ("median", "p90", "IQR", "CV", "runs"):
