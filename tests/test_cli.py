@@ -950,12 +950,16 @@ def test_the_summary_says_when_the_answer_was_trimmed_after_the_search(capsys):
 
     side = {"latency_ms": 0.3, "accuracy": 0.9, "params": 1000, "macs": 2000.0}
     search = {"strategy": "archtree", "depths": 0, "candidates_evaluated": 0,
-              "latency_measurements": 4, "cache_hits": 0, "wall_s": 3.0}  # fmt: skip
+              "latency_measurements": 4, "cache_hits": 7, "wall_s": 3.0}  # fmt: skip
     for trims, said in ((0, None), (1, "trimmed 1 time after"), (2, "trimmed 2 times after")):
         final = {**side, "budget_fit": 0.98, "trims": trims}
         print_summary({"baseline": side, "final": final, "search": search, "budget_ms": 0.3}, "o")
         printed = capsys.readouterr().out
-        assert "archtree searched 0 depths, 0 candidates, 4 measurements" in printed
+        # Timings from the cache are not among the measurements: counted apart from them.
+        assert (
+            "archtree searched 0 depths, 0 candidates, 4 measurements (and 7 taken from the "
+            "latency cache) in 3 s"
+        ) in printed
         assert ("trimmed" in printed) == (said is not None)
         assert said is None or f"the answer was {said} it measured over the budget" in printed
 
