@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -66,7 +66,10 @@ def load_inputs(
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
     model.eval()
+    read_shape = tuple(data.input_shape)
     output, data = _first_forward(model, data, model_source, data_source)
+    if tuple(data.input_shape) != read_shape:  # N,C,L sequences, not N,H,W greyscale images
+        ref = replace(ref, in_channels=data.input_shape[0])
     if num_classes is not None and output.shape[1] != num_classes:
         raise ArchtreeError(
             f"--num-classes {num_classes} does not apply to {model_source}, which builds its "

@@ -505,3 +505,14 @@ def test_weights_of_other_classes_for_a_module_model_do_not_advise_num_classes(t
         "factory build a model of 5 outputs, or give the weights of the model it builds"
     )
     assert "--num-classes" not in message
+
+
+def test_a_model_of_sequences_is_recorded_with_the_channels_its_inputs_have(tmp_path: Path):
+    from tests.test_cli import sequences_file
+
+    data = sequences_file(tmp_path / "sequences.pt")  # N,C,L: 4 channels, not one image's
+    inputs = load_inputs("module:tests.non_image_models:sequence_net", str(data))
+    assert inputs.data.input_shape == (4, 48)
+    assert inputs.model_ref.in_channels == 4
+    # Images keep theirs.
+    assert load_inputs("builtin:vgg", "builtin:digits").model_ref.in_channels == 1
