@@ -211,6 +211,17 @@ def prune(
             num_classes=num_classes,
             seed=settings.seed,
         )
+        batch_size = getattr(oracle, "batch_size", 1)
+        if batch_size > 1 and getattr(oracle, "device", None) == "cpu":  # timed here, in RAM
+            shape = tuple(inputs.data.input_shape)
+            _check_activations_fit(
+                inputs.model,
+                shape,
+                inputs.data.token_range,
+                batch_size,
+                model,
+                f"inputs of shape {shape} from {data}",
+            )
     except ArchtreeError:
         if checkpoint is not None:  # refused before the search: no empty folder left behind
             checkpoint.remove_if_unused()
@@ -680,7 +691,8 @@ def _check_activations_fit(
             f"{source} at --batch-size {batch_size} and {shape_label} needs about "
             f"{needed / 1024**3:.3g} GiB for a forward pass (its activations and its layers' "
             f"work buffers, as measured on a few samples), more than the "
-            f"{available / 1024**3:.3g} GiB this machine has available: give a smaller "
+            f"{available / 1024**3:.3g} GiB available to it here (the machine's free memory, "
+            "or its container's or `ulimit -v`'s limit where lower): give a smaller "
             f"--batch-size ({advice}) or input shape."
         )
 

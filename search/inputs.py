@@ -10,6 +10,7 @@ from torch import nn
 
 from search.data_source import MAX_CLASSES, DataSplits, load_data
 from search.errors import ArchtreeError, first_line
+from search.memory import out_of_memory
 from search.model_source import ModelRef, build_model, check_prunable_form, load_weights
 from search.timing_input import (
     DESCRIPTION,
@@ -224,6 +225,12 @@ def check_forward(
             detail = first_line(error) or type(error).__name__
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
             shape = tuple(batch.shape[1:])
+            if out_of_memory(error):  # the batch, not its shape
+                raise ArchtreeError(
+                    f"the model {model_source} ran out of memory on a batch of {len(batch)} "
+                    f"{what.removeprefix('a batch of one ')} of shape {shape} from {inputs_label} "
+                    f"({detail}): give a smaller batch size (--batch-size) or input shape."
+                ) from None
             hint = _channels_last(shape)
             if token_range is None and embeds_inputs(model) and "ind" in detail:  # indices
                 raise ArchtreeError(

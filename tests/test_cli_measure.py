@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,46 @@ def test_measure_refuses_num_classes_for_a_model_of_ones_own_as_prune_does(home)
         f"archtree: error: --num-classes 7 does not apply to {source}, which builds its own "
         "model: leave --num-classes out (it sizes builtin, torchvision and timm models)."
     )
+
+
+def archtree_limited(*args: str, home: Path, address_space_gib: float):
+    """`archtree ARGS` under `ulimit -v`: what a shared machine or a job scheduler allows it."""
+    import shlex
+
+    from tests.cli_process import ROOT
+
+    command = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "archtree_cli.main", *args))
+    kib = int(address_space_gib * 1024**2)
+    return subprocess.run(
+        ["bash", "-c", f"ulimit -v {kib} && exec {command}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_a_batch_beyond_the_address_space_ulimit_allows_is_refused_as_one(home, tmp_path):
+    """The machine has the memory, the process may not use it: said as such, before the batch
+    is built (it was a shape the model rejects, the allocation failing in its forward pass),
+    by measure and by prune, which timed it."""
+    said = "limit where lower): give a smaller --batch-size"
+    measured = archtree_limited(
+        "measure", "--model", "builtin:resnet", "--input-shape", "1,28,28", "--batch-size",
+        "20000", home=home, address_space_gib=4,
+    )  # fmt: skip
+    line = one_line_error(measured)
+    assert "builtin:resnet at --batch-size 20000 and --input-shape 1,28,28 needs about" in line
+    assert said in line and "rejects" not in line
+    pruned = archtree_limited(
+        "prune", "--model", "builtin:resnet", "--data", "builtin:mnist", "--budget", "60%",
+        "--batch-size", "20000", "--out", str(tmp_path / "out"), home=home, address_space_gib=4,
+    )  # fmt: skip
+    line = one_line_error(pruned)
+    assert "builtin:resnet at --batch-size 20000 and inputs of shape (1, 28, 28) from " in line
+    assert said in line and "baseline" not in pruned.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_measure_prints_the_statistics(home):
@@ -151,7 +194,7 @@ def test_measure_refuses_a_batch_whose_activations_outgrow_the_memory(home):
     )  # fmt: skip
     line = one_line_error(result)
     assert f"builtin:vgg at --batch-size {batch} and --input-shape 1,64,64 needs about" in line
-    assert "GiB this machine has available: give a smaller --batch-size" in line
+    assert "limit where lower): give a smaller --batch-size" in line
 
 
 def test_measure_times_a_torchscript_model(home):

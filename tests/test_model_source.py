@@ -516,3 +516,22 @@ def test_a_model_of_sequences_is_recorded_with_the_channels_its_inputs_have(tmp_
     assert inputs.model_ref.in_channels == 4
     # Images keep theirs.
     assert load_inputs("builtin:vgg", "builtin:digits").model_ref.in_channels == 1
+
+
+def test_a_forward_pass_that_runs_out_of_memory_is_said_to_need_a_smaller_batch():
+    from search.inputs import check_forward
+
+    class Hungry(nn.Module):
+        """Allocates far more than any machine has, as a batch too large for it would."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1) + torch.empty(1 << 44, dtype=torch.uint8).sum()
+
+    with pytest.raises(ArchtreeError) as refused:
+        check_forward(Hungry(), torch.zeros(8, 1, 4, 4), "module:m:hungry", "--input-shape 1,4,4")
+    said = str(refused.value)
+    assert said.startswith(
+        "the model module:m:hungry ran out of memory on a batch of 8 inputs of shape (1, 4, 4) "
+        "from --input-shape 1,4,4 ("
+    ), said
+    assert said.endswith("): give a smaller batch size (--batch-size) or input shape.")
