@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import threading
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from archtree_cli.paths import archtree_home, latency_cache_dir
 from archtree_cli.progress import ConsoleProgress, counted
 from archtree_cli.stop_signals import work_saved
+from search.budget import ms_text
 from search.errors import ArchtreeError
 
 if TYPE_CHECKING:  # torch loads with the commands that use it, not with every command
@@ -429,7 +431,8 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
     for name, before, after in rows:
         print(f"{name:<16} {before:>16} {after:>16}")
     print(
-        f"\nbudget {report['budget_ms']:.3f} ms, final at {final['budget_fit']:.1%} of it; "
+        f"\nbudget {ms_text(report['budget_ms'])} ms, final at {share_text(final['budget_fit'])} "
+        "of it; "
         f"{search['strategy']} searched {counted(search['depths'], 'depth')}, "
         f"{counted(search['candidates_evaluated'], 'candidate')}, "
         f"{counted(search['latency_measurements'], 'measurement')} "
@@ -846,6 +849,30 @@ def _holds_a_demo(folder: Path) -> bool:
     return inputs.get("command") == "demo"
 
 
+# The options of `archtree demo`; the search's advice may name those of prune.
+DEMO_OPTIONS = ("--budget", "--out", "--overwrite")
+
+
+def in_demo_terms(message: str) -> str:
+    """The search's `message`, which may advise prune's options (`--min-width`), with a word
+    that those are prune's: the demo runs the search with their defaults."""
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", message)) - set(DEMO_OPTIONS)
+    if not named:
+        return message
+    options = ", ".join(sorted(named))
+    return (
+        f"{message.rstrip('.')} ({options}: options of archtree prune, which runs this search "
+        f"on {DEMO_MODEL} with the demo's weights, or on a model of your own)."
+    )
+
+
+def share_text(share: float) -> str:
+    """A share as a percentage to one decimal, or two significant digits below 1 %, where
+    one decimal would round a share of an unpruned model's budget to 0.0 %."""
+    percent = 100 * share
+    return f"{percent:.1f}%" if percent >= 1 else f"{percent:.2g}%"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from search.budget import parse_budget
     from search.settings import SearchSettings
@@ -853,7 +880,7 @@ def run_demo(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(f"archtree demo: {text}", file=sys.stderr, flush=True)
 
-    parse_budget(args.budget)
+    budget = parse_budget(args.budget)
     _check_out_dir(args.out, overwrite=args.overwrite or _holds_a_demo(Path(args.out)))
     # The earlier demo's result found there is replaced; one another command writes there
     # while this demo runs is kept, and this one goes beside it, as prune's does.
@@ -864,20 +891,24 @@ def run_demo(args: argparse.Namespace) -> int:
     weights = demo_weights(say, device)
     args.demo_training = False
     settings = replace(SearchSettings(), width=3, branching=3, final_epochs=1.0)
-    say(f"pruning {DEMO_MODEL} to {args.budget} of its measured latency on this CPU")
+    target = f"{budget.value:g} % of its measured latency" if budget.unit == "%" else str(budget)
+    say(f"pruning {DEMO_MODEL} to {target} on this CPU")
     oracle_args = argparse.Namespace(device="local", threads=1, batch_size=1, cache_dir=None)
-    report, folder = prune(
-        model=DEMO_MODEL,
-        data=DEMO_DATA,
-        budget=args.budget,
-        out=args.out,
-        settings=settings.effective(),
-        oracle=_oracle(oracle_args),
-        weights=str(weights),
-        command="demo",
-        train_device=device,
-        overwrite=args.overwrite,
-        replaces=replaces,
-    )
+    try:
+        report, folder = prune(
+            model=DEMO_MODEL,
+            data=DEMO_DATA,
+            budget=args.budget,
+            out=args.out,
+            settings=settings.effective(),
+            oracle=_oracle(oracle_args),
+            weights=str(weights),
+            command="demo",
+            train_device=device,
+            overwrite=args.overwrite,
+            replaces=replaces,
+        )
+    except ArchtreeError as error:
+        raise ArchtreeError(in_demo_terms(str(error))) from None
     print_summary(report, str(folder))
     return 0

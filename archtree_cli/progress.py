@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from search.budget import ms_text
+
 # A depth's time left is said on its children's lines once it is this long or longer.
 TIME_LEFT_SAID_FROM_S = 30.0
 # What a data-free search's scores are, said once.
@@ -92,7 +94,7 @@ class ConsoleProgress:
             self._print(
                 f"baseline {data['latency_ms']:.3f} ms (cv {data['timing']['cv']:.1%}"
                 f"{_cached(data)}), {self.score_name} {data['score']:.4f}; "
-                f"budget {data['budget_ms']:.3f} ms"
+                f"budget {ms_text(data['budget_ms'])} ms"
             )
             if data.get("training_device", "cpu") != "cpu":
                 self._print(f"fine-tuning and scoring on {data['training_device']}")
@@ -110,7 +112,7 @@ class ConsoleProgress:
             self._print(
                 f"resuming the search this command saved {data['elapsed_s']:.0f} s into it "
                 f"(baseline {data['latency_ms']:.3f} ms, {self.score_name} {data['score']:.4f}; "
-                f"budget {data['budget_ms']:.3f} ms; "
+                f"budget {ms_text(data['budget_ms'])} ms; "
                 f"{counted(data['candidates'], 'candidate')} evaluated, {best_text}): {stage}"
             )
         elif kind == "note":

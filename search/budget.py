@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from search.errors import ArchtreeError
 
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|%)\s*$")
+# A sign is read, so that a negative budget is told to be above zero rather than unread.
+_PATTERN = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|%)\s*$")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,12 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.value:g}{self.unit}"
+
+
+def ms_text(latency_ms: float) -> str:
+    """A latency in milliseconds to three decimals, or three significant digits below 0.1 ms,
+    where three decimals would round it to zero."""
+    return f"{latency_ms:.3f}" if latency_ms >= 0.1 else f"{latency_ms:.3g}"
 
 
 def parse_budget(text: str) -> Budget:

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from search.arch_spec import ArchSpec
-from search.budget import Budget
+from search.budget import Budget, ms_text
 from search.checkpoint import SearchCheckpoint
 from search.compute_device import describe_device
 from search.context import SearchContext
@@ -187,9 +187,9 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
             floors.append("--margin")
         lower = " or ".join(floors) if floors else None
         reached = (
-            f"the budget of {_ms(budget_ms)} ms cannot be met on this device: the smallest "
-            f"model pruning can reach measures {_ms(smallest_ms)} ms "
-            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {_ms(baseline_ms)} ms)"
+            f"the budget of {ms_text(budget_ms)} ms cannot be met on this device: the smallest "
+            f"model pruning can reach measures {ms_text(smallest_ms)} ms "
+            f"({100 * smallest_ms / baseline_ms:.0f}% of the unpruned {ms_text(baseline_ms)} ms)"
         )
         if smallest_ms > baseline_ms:
             # Fewer channels everywhere taking longer is, nearly always, noise in the timings.
@@ -208,15 +208,9 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
             )
         instead = f"lower {lower}" if lower else "choose a smaller architecture"
         raise ArchtreeError(
-            f"{reached}, {why}. Give a budget of at least {_ms(enough_ms)} ms, or {instead}."
+            f"{reached}, {why}. Give a budget of at least {ms_text(enough_ms)} ms, or {instead}."
         )
     return state
-
-
-def _ms(latency_ms: float) -> str:
-    """A latency in milliseconds to three decimals, or three significant digits below 0.1 ms,
-    where three decimals would round it to zero."""
-    return f"{latency_ms:.3f}" if latency_ms >= 0.1 else f"{latency_ms:.3g}"
 
 
 def smallest_spec(context: SearchContext) -> ArchSpec:
@@ -516,7 +510,7 @@ def finish(
 
 def _unmet_budget_message(settings: SearchSettings, state: SearchState) -> str:
     """Why no candidate met the budget, and what to change."""
-    unmet = f"no candidate met the budget of {_ms(state.budget_ms)} ms"
+    unmet = f"no candidate met the budget of {ms_text(state.budget_ms)} ms"
     depths = f"{state.depth} depth{'s' if state.depth != 1 else ''}"
     if not state.frontier and state.depth < settings.max_depth:
         # Every move of the last depth was skipped: none reached its target within a step.

@@ -628,6 +628,21 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path, home):
     assert "training" not in bad_budget.stderr
 
 
+def test_the_searchs_advice_to_the_demo_says_which_options_are_prunes():
+    from archtree_cli.commands import in_demo_terms
+
+    advice = "Give a budget of at least 0.436 ms, or lower --min-width or --round-to."
+    assert in_demo_terms(advice) == (
+        "Give a budget of at least 0.436 ms, or lower --min-width or --round-to (--min-width, "
+        "--round-to: options of archtree prune, which runs this search on builtin:resnet with "
+        "the demo's weights, or on a model of your own)."
+    )
+    # Advice in the demo's own options stays as it is.
+    assert in_demo_terms("give another --out, or --overwrite.") == (
+        "give another --out, or --overwrite."
+    )
+
+
 def test_a_demo_stopped_while_training_says_so_and_keeps_no_weights(tmp_path):
     home = tmp_path / "home"
     process = started_archtree(["demo", "--out", str(tmp_path / "demo")], home)
@@ -951,6 +966,10 @@ def test_the_summary_says_when_the_answer_was_trimmed_after_the_search(capsys):
     side = {"latency_ms": 0.3, "accuracy": 0.9, "params": 1000, "macs": 2000.0}
     search = {"strategy": "archtree", "depths": 0, "candidates_evaluated": 0,
               "latency_measurements": 4, "cache_hits": 7, "wall_s": 3.0}  # fmt: skip
+    # An unpruned model far under its budget: its share is said, not rounded to 0.0 %.
+    far_under = {**side, "budget_fit": 0.00025, "trims": 0}
+    print_summary({"baseline": side, "final": far_under, "search": search, "budget_ms": 1e-6}, "o")
+    assert "budget 1e-06 ms, final at 0.025% of it;" in capsys.readouterr().out
     for trims, said in ((0, None), (1, "trimmed 1 time after"), (2, "trimmed 2 times after")):
         final = {**side, "budget_fit": 0.98, "trims": trims}
         print_summary({"baseline": side, "final": final, "search": search, "budget_ms": 0.3}, "o")
