@@ -271,7 +271,8 @@ class ArchtreeClient:
         A stream that stalls or breaks off is resumed where it stopped (Last-Event-ID), up to
         EVENT_RECONNECTS times in a row (a stream that sent anything ends the row); `on_retry`
         gets a line saying so each time. An API that refuses the very first connection is
-        reported at once.
+        reported at once, and a job deleted meanwhile (by another client, once it had ended) is
+        a JobDeleted.
         """
         path = _job_path(job_id, "events")
         answered = False
@@ -306,7 +307,9 @@ class ArchtreeClient:
                         yield event_id, event
                 if ended:
                     return
-                # A stream that stops before the job's final status broke off: resume it.
+                # A stream that stops before the job's final status broke off, and is resumed,
+                # unless its job was deleted (an ended job, whose events went with it).
+                self._check_still_there(job_id)
                 give_up = ArchtreeError(
                     f"the event stream of job {job_id} at {self.api_url} keeps ending before "
                     "the job does; check the service's log"
@@ -314,6 +317,10 @@ class ArchtreeClient:
                 what = f"{stream} stopped before the job ended"
             except Unavailable as error:
                 give_up, what, delay_s = error, str(error), error.retry_after_s
+            except NotFound:
+                if answered:  # the job was there when its events were first asked for
+                    raise JobDeleted(job_id) from None
+                raise  # no such job
             except ValueError:
                 raise self._not_archtree("the events are not JSON") from None
             except httpx.RequestError as error:
@@ -337,11 +344,14 @@ class ArchtreeClient:
     ) -> dict[str, Any]:
         """The job, once `events` said it ended: asked again while the API cannot be reached
         or answers 503 (it may be restarting just as the job ended), up to EVENT_RECONNECTS
-        times in a row, as `events` resumes its stream; `on_retry` gets a line each time."""
+        times in a row, as `events` resumes its stream; `on_retry` gets a line each time.
+        JobDeleted when it was deleted since."""
         failures = 0
         while True:
             try:
                 return self.job(job_id)
+            except NotFound:
+                raise JobDeleted(job_id) from None
             except (Unreachable, Unavailable) as error:
                 failures += 1
                 if failures >= EVENT_RECONNECTS:
@@ -349,6 +359,16 @@ class ArchtreeClient:
                 if on_retry is not None:
                     on_retry(f"{error}; retrying ({failures} of {EVENT_RECONNECTS})")
                 _pause_before_retry(failures, getattr(error, "retry_after_s", None))
+
+    def _check_still_there(self, job_id: str) -> None:
+        """NotFound when the job is no longer there; any other failure is left for its
+        resumed event stream to say."""
+        try:
+            self.job(job_id)
+        except NotFound:
+            raise
+        except ArchtreeError:
+            pass
 
     def fetch(self, job_id: str, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
         """Write the job's arch.json, model.safetensors and report.json into `out_dir`.
@@ -440,6 +460,8 @@ class ArchtreeClient:
             wrong = without_path(self.api_url, self.source, answer.request.url.path)
             if wrong:
                 raise ArchtreeError(wrong)
+        if status == 404:
+            raise NotFound(detail)
         if status < 500:
             raise ArchtreeError(detail)
         message = f"the API at {self.api_url} failed (HTTP {status}: {detail})"
@@ -536,6 +558,21 @@ class MaybeSubmitted(ArchtreeError):
     def __init__(self, message: str, key: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+class NotFound(ArchtreeError):
+    """The API answered 404: no such job (or device)."""
+
+
+class JobDeleted(NotFound):
+    """The job whose events were followed was deleted meanwhile (once it had ended)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"job {job_id} was deleted while being watched, with its events and result files: "
+            "nothing of it is left to show; submit it again to run it anew"
+        )
+        self.job_id = job_id
 
 
 class Unreachable(ArchtreeError):

@@ -609,6 +609,51 @@ def test_status_watch_reads_a_job_that_ended_as_the_api_restarted_once_it_is_bac
     ]
 
 
+class DeletedWhileWatched(BaseHTTPRequestHandler):
+    """Job JOB's events as the API sends them once another client has cancelled and deleted
+    the job: its stream ends, after its final status or before it (deleted before the stream
+    read it), and the job is no more (404)."""
+
+    events: list[dict[str, Any]] = []
+    streamed = False
+
+    def do_GET(self) -> None:
+        if type(self).streamed or not self.path.endswith("/events"):
+            detail = f"no job '{JOB}': list the jobs with GET /v1/jobs"
+            return send_job(self, 404, {"detail": detail})
+        type(self).streamed = True
+        body = "".join(f"id: {n}-0\ndata: {json.dumps(e)}\n\n" for n, e in enumerate(self.events))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(body.encode())))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("final_status_read", [False, True])
+def test_status_watch_of_a_job_deleted_meanwhile_says_so_after_what_it_showed(
+    final_status_read: bool, home: Path
+):
+    running = {"kind": "status", "status": "running"}
+    cancelled = [{"kind": "cancel_requested"}, {"kind": "status", "status": "cancelled"}]
+    events = [running, *cancelled] if final_status_read else [running]
+    handler = type("Deleted", (DeletedWhileWatched,), {"events": events})
+    with serving(handler) as api:
+        watched = archtree("status", JOB, "--watch", "--api", api, home=home)
+
+    assert watched.returncode == 2, watched.stdout + watched.stderr
+    shown = watched.stdout.splitlines()
+    assert shown[0] == "status running"
+    assert (shown[-1] == "status cancelled") == final_status_read, watched.stdout
+    assert watched.stderr.splitlines() == [
+        f"archtree: error: job {JOB} was deleted while being watched, with its events and result "
+        "files: nothing of it is left to show; submit it again to run it anew"
+    ]
+
+
 ASKED = "a5c3d7e9f1b2"  # a running job whose cancel was asked for already; JOB's is not yet
 
 
