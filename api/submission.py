@@ -48,18 +48,20 @@ def submit(
     submission: Submission,
     api_url: str | None = None,
     idempotency_key: str | None = None,
-) -> tuple[str, str]:
-    """Check the submission, store its uploads under the new job, queue it; return its id and
-    status. `api_url`: the API's address as the client reached it, which the job's messages
-    name. `idempotency_key`: the client's name for this submission; one sent again with it
-    gets the job the first created, in the status it has now, and creates nothing.
+) -> tuple[str, str, bool]:
+    """Check the submission, store its uploads under the new job, queue it; return its id,
+    its status and whether an earlier submission created it (its Idempotency-Key named it,
+    and nothing was created now). `api_url`: the API's address as the client reached it,
+    which the job's messages name. `idempotency_key`: the client's name for this
+    submission; one sent again with it gets the job the first created, in the status it has
+    now, and creates nothing.
 
     Raises ArchtreeError (one line) for anything wrong with the submission, and
     SubmissionInProgress while the first submission with its key is still being checked.
     """
     job_id = uuid.uuid4().hex[:12]
     if idempotency_key is None:
-        return _submit(services, submission, api_url, job_id), "queued"
+        return _submit(services, submission, api_url, job_id), "queued", False
     fingerprint = submission_fingerprint(submission)
     claimed = services.jobs.claim_submission(idempotency_key, job_id, fingerprint)
     if claimed is not None:
@@ -73,9 +75,9 @@ def submit(
         job = services.jobs.get(earlier)
         if job is None:
             raise SubmissionInProgress(earlier)
-        return earlier, job["status"]
+        return earlier, job["status"], True
     try:
-        return _submit(services, submission, api_url, job_id), "queued"
+        return _submit(services, submission, api_url, job_id), "queued", False
     except BaseException:
         services.jobs.release_submission(idempotency_key, job_id)
         raise

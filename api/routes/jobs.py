@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, BinaryIO
 
@@ -15,14 +14,13 @@ from starlette.concurrency import run_in_threadpool
 from api import submission
 from api.deps import (
     JobDep,
-    Services,
     ServicesDep,
     header_as_sent,
     only_known_query_parameters,
     quoted,
 )
 from api.event_stream import job_events, start_after
-from api.job_reads import read_job, read_jobs, read_lost_tasks
+from api.job_reads import read_jobs, read_lost_tasks
 from api.schemas import (
     INVALID,
     UNAVAILABLE,
@@ -128,12 +126,13 @@ async def submit_job(
     check fails. Sent again with its Idempotency-Key, it answers the job the first created,
     `replayed` true."""
     key = checked_idempotency_key(idempotency_key)
-    received_at = time.time()
     form = await read_submission(request, services.settings)
     try:
         # The address the client reached the API at: messages to it name the API so.
         api_url = str(request.base_url).rstrip("/")
-        job_id, status = await run_in_threadpool(submission.submit, services, form, api_url, key)
+        job_id, status, replayed = await run_in_threadpool(
+            submission.submit, services, form, api_url, key
+        )
     except submission.SubmissionInProgress:
         raise HTTPException(
             409,
@@ -143,16 +142,7 @@ async def submit_job(
         ) from None
     finally:
         await form.close()
-    replayed = key is not None and await created_before(services, job_id, received_at)
     return JobCreated(id=job_id, status=status, replayed=replayed, links=JobLinks.of(job_id))
-
-
-async def created_before(services: Services, job_id: str, moment: float) -> bool:
-    """Whether the job was created before `moment`, both times by the API processes' clocks
-    (JobStore.create stamps a job so): a submission answered with it then found it, rather
-    than created it."""
-    job = await read_job(services.async_client, services.jobs, job_id)
-    return job is not None and job["created_at"] < moment
 
 
 # The seconds a client is told to wait before sending again a submission still being checked.
