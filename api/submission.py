@@ -9,9 +9,11 @@ created and its uploads never reach the artifact store.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import uuid
@@ -30,13 +32,16 @@ from latency.device_registry import DeviceRegistry
 from latency.measurement_protocol import module_package, package_allowed, validate_device_class
 from search.budget import parse_budget
 from search.errors import ArchtreeError
-from search.inputs import load_inputs
+from search.inputs import JobInputs, load_inputs
 from search.preflight import check_before_timing
 from search.settings import SearchSettings
 from workers.job_context import ARTIFACT_PREFIX
 from workers.tasks import submit_job
 
 DATA_SUFFIXES = (".npz", ".pt")
+
+# The API server's log, where its other failures go (api.error_handlers).
+log = logging.getLogger("uvicorn.error")
 
 
 class SubmissionInProgress(Exception):
@@ -125,7 +130,7 @@ def _submit(services: Services, submission: Submission, api_url: str | None, job
                 num_classes=spec.num_classes,
                 seed=search.seed,
             )
-            check_before_timing(inputs, search)
+            checked_before_timing(inputs, search, spec.model)
         except ArchtreeError as error:
             raise ArchtreeError(_name_uploads(str(error), local, submission)) from None
         sent_names = {name: _sent_name(submission.files[name]) for name in local}
@@ -177,6 +182,18 @@ def _store_and_queue(
 MAX_SENT_NAME_CHARS = 200
 
 
+def checked_before_timing(inputs: JobInputs, search: SearchSettings, model: str) -> None:
+    """The search's checks before its first timing (search.preflight): an ArchtreeError
+    refuses the submission. Any other failure is the worker's to report, as the job's error,
+    where the search meets it: the job is queued."""
+    try:
+        check_before_timing(inputs, search)
+    except ArchtreeError:
+        raise
+    except Exception:  # noqa: BLE001 - said by the worker, with the job, as an internal error
+        log.exception("the checks before timing failed on %s; the job is queued", model)
+
+
 def _sent_name(upload: UploadFile) -> str:
     """The upload's file name without any folders, for showing; empty when it has none, or
     holds characters that do not print."""
@@ -218,16 +235,17 @@ def _refuse_repeated_names(text: str) -> None:
     readers take the last of without a word: which one the client meant is unknown."""
 
     def object_of(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        names = [name for name, _ in pairs]
-        for name in names:
-            if names.count(name) > 1:
+        counts = collections.Counter(name for name, _ in pairs)
+        for name, count in counts.items():
+            if count > 1:
                 raise ArchtreeError(
-                    f"the job spec gives {json.dumps(name)} {names.count(name)} times in one "
-                    "object: give each field once"
+                    f"the job spec gives {json.dumps(name)} {count} times in one object: give "
+                    "each field once"
                 )
         return dict(pairs)
 
-    with contextlib.suppress(ValueError):  # not JSON: the spec's own checks say so
+    # Not JSON, or nested too deep to read: the spec's own checks say so.
+    with contextlib.suppress(ValueError, RecursionError):
         json.loads(text, object_pairs_hook=object_of)
 
 

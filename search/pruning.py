@@ -21,6 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from search.errors import ArchtreeError
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+# What taylor importance without labels is told (also before any timing: search.preflight).
+TAYLOR_NEEDS_LABELS = (
+    "taylor importance needs labelled data: use --importance l2, or give data with labels (y)."
+)
 
 
 @dataclass
@@ -317,10 +321,7 @@ class PrunableModel:
             scorer = tp.importance.GroupMagnitudeImportance(p=2)
         elif criterion == "taylor":
             if calib is None:
-                raise ArchtreeError(
-                    "taylor importance needs labelled data: use --importance l2, or give "
-                    "data with labels (y)."
-                )
+                raise ArchtreeError(TAYLOR_NEEDS_LABELS)
             scorer = tp.importance.GroupTaylorImportance()
             x, y = calib
             self.model.zero_grad()
