@@ -517,6 +517,7 @@ def run_measure(args: argparse.Namespace) -> int:
         shape_label,
         classifier=False,
         token_range=token_range,
+        batch_option="--batch-size",
     )
     spec = spec_of(model, ref, shape, token_range)
     tokens = "" if token_range is None else f" of token ids below {token_range}"

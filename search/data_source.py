@@ -254,8 +254,9 @@ def _check_fits(header: tuple[tuple[int, ...], int] | None, path: Path) -> None:
     fits = int(available * MEMORY_SHARE_FOR_DATA // max(1, per_sample))
     raise ArchtreeError(
         f"loading {str(path)!r} needs about {_size(needed)} ({shape[0]:,} samples of shape "
-        f"{tuple(shape[1:])}, and their float32 copy), more than the {_size(available)} this "
-        f"machine has available: save a random subset of at most {fits:,} samples and give that"
+        f"{tuple(shape[1:])}, and their float32 copy), more than the {_size(available)} "
+        "available here (the machine's free memory, or its container's or `ulimit -v`'s limit "
+        f"where lower): save a random subset of at most {fits:,} samples and give that"
     )
 
 

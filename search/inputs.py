@@ -69,7 +69,8 @@ def load_inputs(
     model.eval()
     read_shape = tuple(data.input_shape)
     output, data = _first_forward(model, data, model_source, data_source)
-    if tuple(data.input_shape) != read_shape:  # N,C,L sequences, not N,H,W greyscale images
+    # Read as N,C,L sequences, not N,H,W greyscale images (token ids keep their record).
+    if data.token_range is None and tuple(data.input_shape) != read_shape:
         ref = replace(ref, in_channels=data.input_shape[0])
     if num_classes is not None and output.shape[1] != num_classes:
         raise ArchtreeError(
@@ -197,13 +198,15 @@ def check_forward(
     *,
     classifier: bool = True,
     token_range: int | None = None,
+    batch_option: str | None = None,
 ) -> torch.Tensor:
     """Run `model` on `samples`, and on the first alone (batches of one are timed by default);
     return its outputs. With `classifier` (what a search needs), the outputs must be finite
     (batch, classes) logits, of two classes at least, and so must the outputs of a forward
     pass in training mode, which fine-tuning runs. `token_range`: the samples are token ids,
     and the model is timed on ids below it. Any failure is the user's model or inputs: an
-    ArchtreeError."""
+    ArchtreeError. `batch_option`: the option that sets the batch of `samples`, which one that
+    runs out of memory is told to lower."""
     dtypes = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if dtypes:
         raise ArchtreeError(
@@ -225,11 +228,16 @@ def check_forward(
             detail = first_line(error) or type(error).__name__
             what = "a batch of one input" if len(batch) == 1 < len(samples) else "inputs"
             shape = tuple(batch.shape[1:])
-            if out_of_memory(error):  # the batch, not its shape
+            if out_of_memory(error):  # the memory, not the inputs' shape
+                fix = (
+                    f"give a smaller {batch_option} or input shape"
+                    if batch_option
+                    else "free memory, or give a smaller model or input shape"
+                )
                 raise ArchtreeError(
                     f"the model {model_source} ran out of memory on a batch of {len(batch)} "
                     f"{what.removeprefix('a batch of one ')} of shape {shape} from {inputs_label} "
-                    f"({detail}): give a smaller batch size (--batch-size) or input shape."
+                    f"({detail}): {fix}."
                 ) from None
             hint = _channels_last(shape)
             if token_range is None and embeds_inputs(model) and "ind" in detail:  # indices

@@ -5,12 +5,17 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-# A container's memory limit and use (cgroup v2, then v1), as the process sees them.
-CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+# Where the memory controller of cgroup v2 (the unified hierarchy) and of v1 is mounted, the
+# files of a cgroup's limit and use, the line of /proc/self/cgroup that names the process's
+# own cgroup, and the memory.stat entry of the page cache it may reclaim (counted as used).
+CGROUP_HIERARCHIES = (
+    ("/sys/fs/cgroup", "memory.max", "memory.current", "0::", "inactive_file"),
     (
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory",
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+        ":memory:",
+        "total_inactive_file",
     ),
 )
 # Larger limits stand for none (cgroup v1 says "no limit" as a number near 2**63).
@@ -50,17 +55,58 @@ def _machine_available() -> int | None:
     return None
 
 
-def _container_available() -> int | None:
-    for limit_file, usage_file in CGROUP_FILES:
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
+def _container_available(
+    hierarchies: tuple[tuple[str, ...], ...] = CGROUP_HIERARCHIES,
+    own_cgroups: Path = Path("/proc/self/cgroup"),
+) -> int | None:
+    """What the memory limits of the process's cgroup and of those above it leave: the
+    lowest limit less its use, the page cache it may reclaim not counted as used.
+    `own_cgroups`: the process's cgroups, one line per hierarchy."""
+    for mount, limit_file, usage_file, own_line, reclaimable in hierarchies:
+        own = _own_cgroup(own_cgroups, own_line)
+        if own is None or not Path(mount, limit_file).parent.is_dir():
             continue
-        if limit == "max" or not limit.isdigit() or int(limit) >= NO_LIMIT_BYTES:
-            return None
-        return max(0, int(limit) - usage)
+        left = []
+        folder = Path(mount, own.lstrip("/"))
+        for level in (folder, *folder.parents):
+            if not level.is_relative_to(mount):
+                break
+            try:
+                limit = (level / limit_file).read_text().strip()
+                usage = int((level / usage_file).read_text())
+            except (OSError, ValueError):
+                continue
+            if not limit.isdigit() or int(limit) >= NO_LIMIT_BYTES:  # "max": none
+                continue
+            used = usage - _stat_entry(level / "memory.stat", reclaimable)
+            left.append(max(0, int(limit) - used))
+        if left:
+            return min(left)
     return None
+
+
+def _own_cgroup(own_cgroups: Path, line_start: str) -> str | None:
+    """The process's own cgroup path in a hierarchy, from its cgroups' lines."""
+    try:
+        lines = own_cgroups.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(line_start) or (line_start.startswith(":") and line_start in line):
+            return line.split(":", 2)[2] or "/"
+    return None
+
+
+def _stat_entry(path: Path, name: str) -> int:
+    """An entry of a cgroup's memory.stat, 0 where it is not there."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        return 0
+    return 0
 
 
 def _address_space_left() -> int | None:

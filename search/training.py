@@ -12,6 +12,7 @@ from torch import nn
 
 from search.compute_device import copy_on, describe_device, moved_to, on_cpu
 from search.errors import ArchtreeError, first_line
+from search.memory import out_of_memory
 from search.quiet import piece_of_work
 
 MOMENTUM = 0.9
@@ -192,7 +193,9 @@ def out_of_memory_said(doing: str, device: torch.device | None) -> Iterator[None
     """A GPU (or the CPU) out of memory while `doing`, said in one line with what to do."""
     try:
         yield
-    except torch.OutOfMemoryError as error:
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(error):
+            raise
         if on_cpu(device):
             where, fix = "the CPU", "with a smaller fine-tuning batch, or on a larger machine"
         else:

@@ -525,13 +525,24 @@ def test_a_forward_pass_that_runs_out_of_memory_is_said_to_need_a_smaller_batch(
         """Allocates far more than any machine has, as a batch too large for it would."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.flatten(1) + torch.empty(1 << 44, dtype=torch.uint8).sum()
+            # More than any address space holds: it fails whatever the machine allows.
+            return x.flatten(1) + torch.empty(1 << 60, dtype=torch.uint8)[0]
 
     with pytest.raises(ArchtreeError) as refused:
-        check_forward(Hungry(), torch.zeros(8, 1, 4, 4), "module:m:hungry", "--input-shape 1,4,4")
+        check_forward(
+            Hungry(),
+            torch.zeros(8, 1, 4, 4),
+            "module:m:hungry",
+            "--input-shape 1,4,4",
+            batch_option="--batch-size",
+        )
     said = str(refused.value)
     assert said.startswith(
         "the model module:m:hungry ran out of memory on a batch of 8 inputs of shape (1, 4, 4) "
         "from --input-shape 1,4,4 ("
     ), said
-    assert said.endswith("): give a smaller batch size (--batch-size) or input shape.")
+    assert said.endswith("): give a smaller --batch-size or input shape.")
+    # Where no option sets the batch (two samples of the data, checked as they load).
+    with pytest.raises(ArchtreeError) as refused:
+        check_forward(Hungry(), torch.zeros(2, 1, 4, 4), "module:m:hungry", "data.npz")
+    assert str(refused.value).endswith("): free memory, or give a smaller model or input shape.")
