@@ -1102,6 +1102,38 @@ def test_the_lists_show_the_api_error_and_mark_their_rows_out_of_date_until_it_a
         stop_redis(server)
 
 
+def test_an_ended_jobs_page_shows_its_own_error_again_once_the_api_answers(
+    page: Any, tmp_path: Path
+):
+    """An ended job's page looks for its deletion every 10 s: an API error meanwhile (its
+    Redis stalled) takes the place of the job's own error, which comes back with the API."""
+    from workers.job_store import JobStore
+
+    port = free_port()
+    server = start_redis(tmp_path / "redis", port)
+    url = f"redis://127.0.0.1:{port}/0"
+    api = start_api(api_env(url, tmp_path), tmp_path / "logs")
+    failure = "the budget of 1 ms cannot be met on this device"
+    try:
+        with api.client() as client:
+            job_id = submit(client, job_spec())
+        assert JobStore(redis.Redis.from_url(url)).set_status_if_active(job_id, "failed", failure)
+        page.get(f"{api.url}/#/jobs/{job_id}")
+        said = partial(text, page, "#job-error")
+        wait_for(page, lambda: visible(page, "#job-error") and said() == failure, PAGE_S, "it")
+        server.send_signal(signal.SIGSTOP)  # the API answers 503 after its Redis timeout
+        try:
+            wait_for(page, lambda: "Redis" in said(), 10 + 2 * PAGE_S, "the API's error")
+        finally:
+            server.send_signal(signal.SIGCONT)
+        wait_for(page, lambda: said() == failure, 10 + PAGE_S, "the job's error again")
+        assert not visible(page, ".not-found")
+    finally:
+        api.stop()
+        stop_redis(server)
+    console_errors(page)  # the failed reads of the stall, expected here
+
+
 # How far the page is wider than the window (0 or less: no scrolling sideways).
 OVERFLOW = "document.documentElement.scrollWidth - innerWidth"
 

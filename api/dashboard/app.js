@@ -226,9 +226,9 @@ async function api(path, options = {}) {
   return body;
 }
 
-// Runs `task` now and then every `intervalMs` after it finishes (or as many ms as it returns),
-// until it returns false or the poller is stopped; `now()` asks for an early run (never closer
-// than MIN_REFRESH_GAP_MS).
+// Runs `task` now and then every `intervalMs` after it finishes (or as many ms as it, or
+// `onError` when it throws, returns), until it or `onError` returns false or the poller is
+// stopped; `now()` asks for an early run (never closer than MIN_REFRESH_GAP_MS).
 class Poller {
   constructor(intervalMs, task, onError) {
     Object.assign(this, { intervalMs, task, onError, timer: null, running: false });
@@ -260,7 +260,9 @@ class Poller {
       keepGoing = answer !== false;
       if (typeof answer === "number") nextMs = answer;
     } catch (error) {
-      keepGoing = this.onError ? this.onError(error) !== false : true;
+      const answer = this.onError ? this.onError(error) : true;
+      keepGoing = answer !== false;
+      if (typeof answer === "number") nextMs = answer;
     }
     this.running = false;
     if (this.stopped || !keepGoing) return;
@@ -740,7 +742,11 @@ function jobView(root, jobId) {
   // every ENDED_POLL_MS.
   const poller = new Poller(POLL_MS, async () => {
     if (view.ended) {
-      await api(`v1/jobs/${jobId}`);
+      const job = await api(`v1/jobs/${jobId}`);
+      if (view.errorShown) {  // the API answers again: the job's own error comes back
+        Object.assign(view, { job, errorShown: false });
+        scheduleRender(view);
+      }
       return ENDED_POLL_MS;
     }
     view.ended = !(await refreshJob(view));
@@ -755,8 +761,11 @@ function jobView(root, jobId) {
       return false;
     }
     // An unreachable API is said once for the whole page, above it (setConnection).
-    if (error.status !== 0) showError($("#job-error", root), error.message);
-    return error.status !== 404;
+    if (error.status !== 0) {
+      showError($("#job-error", root), error.message);
+      view.errorShown = true;
+    }
+    return view.ended ? ENDED_POLL_MS : true;
   });
   const stream = followEvents(view, poller);
   $("#cancel", root).addEventListener("click", async () => {
