@@ -561,7 +561,8 @@ class MaybeSubmitted(ArchtreeError):
 
 
 class NotFound(ArchtreeError):
-    """The API answered 404: no such job (or device)."""
+    """The API answered 404: no such job or device, or a job's result file it does not have
+    (yet)."""
 
 
 class JobDeleted(NotFound):

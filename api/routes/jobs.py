@@ -233,10 +233,11 @@ def cancel_job(job: JobDep, services: ServicesDep) -> Job:
     is recorded once (one `cancel_requested` event): the others are answered 202 while the job
     runs, 409 once it has ended."""
     if not services.jobs.request_cancel(job["id"]):
-        # Read again: it may have ended since it was read.
-        raise HTTPException(
-            status_code=409, detail=ended_job_text(services.jobs.get(job["id"]) or job)
-        )
+        # Read again: it may have ended since it was read, or been deleted once it had.
+        now = services.jobs.get(job["id"])
+        if now is None:
+            raise HTTPException(status_code=404, detail=f"no job {job['id']}")
+        raise HTTPException(status_code=409, detail=ended_job_text(now))
     return Job.of(services.jobs.get(job["id"]) or job)
 
 
