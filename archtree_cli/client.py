@@ -173,8 +173,9 @@ class ArchtreeClient:
 
         Returns the answer: `id`, `status`, `links`, and `replayed`: true when the key named
         a job created before the send answered (by an earlier submission with the key, or by a
-        send of this call whose answer was lost), which the answer is. The submission carries
-        an Idempotency-Key, `key` or a new random one, so it is sent again, up to
+        send of this call whose answer was lost), which the answer is; and `sends`, how many
+        times this call sent the job (above 1, a replay may be of its own first send). The
+        submission carries an Idempotency-Key, `key` or a new random one, so it is sent again, up to
         SUBMIT_ATTEMPTS times in all, where the job may have been created without its answer
         arriving (the connection broke off after it was sent, no answer came in time, a proxy
         answered 502-504, the API 503) or the API is still checking it (409): the service
@@ -208,7 +209,8 @@ class ArchtreeClient:
                     what, delay_s = self._stall(error), None
                 else:
                     if answer.status_code not in SEND_AGAIN_ON:
-                        return self._with_keys(self._decoded(answer), ("id", "status"))
+                        created = self._with_keys(self._decoded(answer), ("id", "status"))
+                        return {**created, "sends": attempt}
                     if attempt == SUBMIT_ATTEMPTS:
                         try:
                             self._decoded(answer)

@@ -359,8 +359,9 @@ def run_submit(args: argparse.Namespace) -> int:
         args.submitted_job = job["id"]
         ready = client.readiness()
     print(job["id"])
-    # A key of the command's own names no earlier submission: a replay is of its own retry.
-    if job.get("replayed") and args.idempotency_key is not None:
+    # A key of the command's own names no earlier submission: a replay is of its own retry,
+    # as it may be, with the user's key, when the job was sent again (the retries are said).
+    if job.get("replayed") and args.idempotency_key is not None and job.get("sends", 1) == 1:
         print(submitted_earlier_text(job, args.api), file=sys.stderr)
         if job["status"] in ENDED:
             return 0

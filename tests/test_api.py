@@ -865,6 +865,8 @@ def test_a_submission_whose_answer_is_lost_is_sent_again_and_creates_one_job(
         job = client.submit(SPEC, on_retry=retries.append)
     assert job["id"] == created[0]
     assert len(retries) == 1 and "sending the job again (1 of 3)" in retries[0]
+    # Found by its key, the job its own first send created: `submit` does not call it earlier.
+    assert job["replayed"] is True and job["sends"] == 2
     assert http.get("/v1/jobs").json()["total"] == before + 1
     assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
 
