@@ -48,20 +48,29 @@ _TERMS = (
 )
 
 
-def in_cli_terms(message: str) -> str:
-    """`message` with the job spec's fields and the API's endpoints as the CLI names them."""
+# A command the terms name, in backquotes: the command and its job id, if it takes one.
+_COMMAND = re.compile(
+    r"`archtree (?:(?:status|fetch|delete) [0-9A-Za-z_-]+|jobs|submit)(?=[ `])(?! --api)"
+)
+
+
+def in_cli_terms(message: str, api: str | None = None) -> str:
+    """`message` with the job spec's fields and the API's endpoints as the CLI names them;
+    the commands it names take `--api API` where `api` is given (the command's own)."""
     message = _SEARCH_FIELD.sub(lambda field: option_of(field[1]), message)
     for endpoint, command in _ENDPOINTS:
         message = endpoint.sub(command, message)
     for spec_term, cli_term in _TERMS:
         message = re.sub(rf"(?<![\w-]){re.escape(spec_term)}(?![\w-])", cli_term, message)
+    if api:
+        message = _COMMAND.sub(lambda command: f"{command[0]} --api {api}", message)
     return message
 
 
 @contextlib.contextmanager
-def errors_in_cli_terms() -> Iterator[None]:
-    """Re-raise an ArchtreeError from the service in CLI terms."""
+def errors_in_cli_terms(api: str | None = None) -> Iterator[None]:
+    """Re-raise an ArchtreeError from the service in CLI terms, its commands at `api`."""
     try:
         yield
     except ArchtreeError as error:
-        raise ArchtreeError(in_cli_terms(str(error))) from None
+        raise ArchtreeError(in_cli_terms(str(error), api)) from None

@@ -342,7 +342,7 @@ def run_submit(args: argparse.Namespace) -> int:
     else:
         data_file = args.data
     args.submission_key = submission_key(args.idempotency_key)
-    with api_client(args) as client, errors_in_cli_terms():
+    with api_client(args) as client, errors_in_cli_terms(args.api):
         # What an interruption from here on says (main.interrupted_note): the service may
         # create the job even when its answer never arrives.
         args.submission_sent = True
@@ -415,7 +415,11 @@ def submitted_search(args: argparse.Namespace) -> dict[str, Any]:
 def run_status(args: argparse.Namespace) -> int:
     from archtree_cli.progress import ConsoleProgress
 
-    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
+    with (
+        api_client(args) as client,
+        _readable(args.api, args.api_source),
+        errors_in_cli_terms(args.api),
+    ):
         if args.watch:
             progress = ConsoleProgress(stream=sys.stdout)
             for _event_id, event in client.events(args.job, on_retry=_say_retrying):
@@ -424,7 +428,9 @@ def run_status(args: argparse.Namespace) -> int:
                     args.cancel_requested = True  # what Ctrl-C then says (main.interrupted_note)
                     print(f"cancel requested: {CANCEL_TAKES_EFFECT}", flush=True)
                 elif kind == "note":
-                    progress.emit(kind, **{**event, "message": in_cli_terms(event["message"])})
+                    progress.emit(
+                        kind, **{**event, "message": in_cli_terms(event["message"], args.api)}
+                    )
                 elif kind == "status":
                     device_class = _device_class(client, args.job, event["status"])
                     print(status_line(event["status"], device_class, args.api), flush=True)
@@ -584,16 +590,20 @@ def print_job(job: dict[str, Any], api: str) -> None:
         )
         print(f"final: {final['id']} at {final['latency_ms']:.3f} ms{quality}")
     for note in progress.get("notes") or []:
-        print(f"note: {in_cli_terms(note)}")
+        print(f"note: {in_cli_terms(note, api)}")
     if job.get("error"):
-        print(f"error: {in_cli_terms(job['error'])}")
+        print(f"error: {in_cli_terms(job['error'], api)}")
     if job["status"] == "succeeded":
         print(f"result: `archtree fetch {job['id']} --api {api} --out DIR` downloads it")
 
 
 def run_cancel(args: argparse.Namespace) -> int:
 
-    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
+    with (
+        api_client(args) as client,
+        _readable(args.api, args.api_source),
+        errors_in_cli_terms(args.api),
+    ):
         already = client.job(args.job)["cancel_requested"]
         job = client.cancel(args.job)
     if job["status"] == "cancelled":
@@ -625,7 +635,11 @@ def run_delete(args: argparse.Namespace) -> int:
         print(f"job {job['id']} deleted, with its uploads, result files and events", flush=True)
 
     refused = 0
-    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
+    with (
+        api_client(args) as client,
+        _readable(args.api, args.api_source),
+        errors_in_cli_terms(args.api),
+    ):
         for job_id in args.jobs:
             try:
                 delete(client, job_id)
@@ -635,7 +649,11 @@ def run_delete(args: argparse.Namespace) -> int:
                 if len(args.jobs) == 1:
                     raise
                 refused += 1
-                print(f"archtree: error: {in_cli_terms(str(error))}", file=sys.stderr, flush=True)
+                print(
+                    f"archtree: error: {in_cli_terms(str(error), args.api)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return 2 if refused else 0
 
 
@@ -645,7 +663,11 @@ def run_jobs(args: argparse.Namespace) -> int:
         raise ArchtreeError(f"--limit must be from 1 to 200, got {args.limit}")
     if not 0 <= args.offset <= MAX_OFFSET:
         raise ArchtreeError(f"--offset must be from 0 to {MAX_OFFSET}, got {args.offset}")
-    with api_client(args) as client, _readable(args.api, args.api_source), errors_in_cli_terms():
+    with (
+        api_client(args) as client,
+        _readable(args.api, args.api_source),
+        errors_in_cli_terms(args.api),
+    ):
         page = client.jobs(offset=args.offset, limit=args.limit, statuses=args.status or ())
         for job in page["jobs"]:
             spec = job["spec"]
@@ -674,7 +696,7 @@ def run_jobs(args: argparse.Namespace) -> int:
 def run_fetch(args: argparse.Namespace) -> int:
     from archtree_cli.commands import _check_out_dir, print_summary
 
-    with api_client(args) as client, errors_in_cli_terms():
+    with api_client(args) as client, errors_in_cli_terms(args.api):
         _check_out_dir(args.out, args.overwrite)
         files = client.fetch(args.job, args.out, overwrite=args.overwrite)
     report = _report_in_cli_terms(next(path for path in files if path.name == "report.json"))

@@ -680,13 +680,14 @@ def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_sto
             "succeeded",
             "fetch its results with GET /v1/jobs/{id}/artifacts/{{name}} (arch.json, "
             "model.safetensors, report.json), or delete it with DELETE /v1/jobs/{id}",
-            "fetch its results with `archtree fetch {id} --out DIR`, or delete it with "
-            "`archtree delete {id}`",
+            "fetch its results with `archtree fetch {id} --api {api} --out DIR`, or delete it "
+            "with `archtree delete {id} --api {api}`",
         ),
         (
             "cancelled",
             "delete it with DELETE /v1/jobs/{id}, or submit its spec again with POST /v1/jobs",
-            "delete it with `archtree delete {id}`, or submit it again with `archtree submit`",
+            "delete it with `archtree delete {id} --api {api}`, or submit it again with "
+            "`archtree submit --api {api}`",
         ),
     ],
 )
@@ -708,7 +709,9 @@ def test_cancelling_an_ended_job_says_what_can_be_done_with_it_instead(
 
     assert refused.status_code == 409
     assert one_line_detail(refused) == ended + instead.format(id=job_id)
-    assert one_line_error(cancelled) == f"archtree: error: {ended}{in_cli_terms.format(id=job_id)}"
+    # The commands it names go to the API the command was given.
+    instead_in_cli = in_cli_terms.format(id=job_id, api=api_server.url)
+    assert one_line_error(cancelled) == f"archtree: error: {ended}{instead_in_cli}"
     assert job_store.get(job_id)["status"] == status
 
 
@@ -1040,7 +1043,9 @@ def test_a_failed_jobs_results_are_refused_saying_where_its_error_is(
         "fetch", job_id, "--api", api_server.url, "--out", str(tmp_path / "out"), home=tmp_path
     )
     assert fetched.returncode == 2, fetched.stderr
-    assert fetched.stderr.strip().endswith(f"its error says why: `archtree status {job_id}`")
+    assert fetched.stderr.strip().endswith(
+        f"its error says why: `archtree status {job_id} --api {api_server.url}`"
+    )
 
 
 def test_archtree_delete_deletes_every_job_it_can_and_names_the_others(

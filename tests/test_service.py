@@ -294,7 +294,8 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     assert too_wide.returncode == 2
     assert "--width: Input should be less than or equal to 64" in too_wide.stderr
     unknown = archtree("status", "0123456789ab", *common)
-    assert unknown.returncode == 2 and "list the jobs with `archtree jobs`" in unknown.stderr
+    assert unknown.returncode == 2
+    assert f"list the jobs with `archtree jobs --api {api.url}`" in unknown.stderr
     down = archtree("status", job_id, "--api", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 2
     assert "cannot reach the API at" in down.stderr and "archtree up" in down.stderr
@@ -499,7 +500,9 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
         assert job_id not in archtree("jobs", *common, "--limit", "200").stdout
         gone = archtree("delete", job_id, *common)
         assert gone.returncode == 2 and gone.stderr.count("\n") == 1
-        assert f"no job '{job_id}': list the jobs with `archtree jobs`" in gone.stderr
+        assert f"no job '{job_id}': list the jobs with `archtree jobs --api {api.url}`" in (
+            gone.stderr
+        )
     worker_pool.ensure(2)  # as the module's other tests expect
 
 
