@@ -1063,7 +1063,8 @@ def test_archtree_delete_deletes_every_job_it_can_and_names_the_others(
     deleted = "deleted, with its uploads, result files and events"
     assert result.stdout == f"job {first} {deleted}\njob {last} {deleted}\n"
     assert result.stderr.splitlines() == [
-        "archtree: error: no job 'nosuchjob': list the jobs with `archtree jobs`",
+        "archtree: error: no job 'nosuchjob': list the jobs with `archtree jobs --api "
+        f"{api_server.url}`",
         f"archtree: error: job {running} has not ended (queued): stop it with `archtree cancel "
         f"{running} --api {api_server.url}`, then delete it once it has ended",
     ]
