@@ -10,7 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from latency.measurement_protocol import DEVICE_CLASS_PATTERN, PACKAGE_NAME
 from latency.runtimes import RUNTIMES, get_runtime
 from search.errors import ArchtreeError
-from search.settings import MAX_CHANNEL_MULTIPLE
+from search.settings import (
+    MAX_CHANNEL_MULTIPLE,
+    MAX_EPOCHS,
+    MAX_PROBES,
+    MAX_STEPS,
+    MAX_TREE_SIZE,
+)
 from workers.job_store import STATUSES
 
 JobStatus = Literal[STATUSES]  # type: ignore[valid-type]
@@ -58,12 +64,6 @@ def as_json(responses: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     }
 
 
-# Upper bounds of a job's search settings: far above any useful search, they keep one job
-# from holding a worker for days (a cancel still stops it within a second).
-MAX_TREE_SIZE = 64
-MAX_STEPS = 1_000_000
-MAX_EPOCHS = 10_000
-MAX_PROBES = 1_000
 # A device class's form, documented; the API checks it itself (latency.measurement_protocol)
 # to answer with its own message.
 DEVICE_CLASS_SCHEMA = {"pattern": f"^{DEVICE_CLASS_PATTERN}$", "maxLength": 64}

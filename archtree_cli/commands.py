@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # torch loads with the commands that use it, not with every c
 
 # Bounds of the timing options: far above any device, far below what overflows the kernels.
 MAX_BATCH_SIZE = 65536
+# The most children `prune --jobs` evaluates at once, as the most threads a device times with.
+MAX_JOBS = 1024
 # What `measure` times a model source on when no --input-shape is given.
 DEFAULT_INPUT_SHAPE = "1,28,28"
 # The largest input batch `measure` builds, in bytes (float32).
@@ -319,8 +321,10 @@ def run_prune(args: argparse.Namespace) -> int:
 
     parse_budget(args.budget)
     settings = settings_from(args)
-    if args.jobs < 1:
-        raise ArchtreeError("--jobs must be at least 1.")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        raise ArchtreeError(
+            f"--jobs must be from 1 to {MAX_JOBS} (children evaluated at once), not {args.jobs}."
+        )
     train_device = _train_device(args.train_device)
     _check_out_dir(args.out, args.overwrite, {"--weights": args.weights, "--data": args.data})
     oracle = _oracle(args)

@@ -14,6 +14,13 @@ MOVE_KINDS = ("global", "latency", "uniform", "focused")
 # The largest multiple of channels widths are rounded or widened to: wider than any
 # kernel's block of channels.
 MAX_CHANNEL_MULTIPLE = 4096
+# Upper bounds of the search settings, the service's and the command line's alike: far above
+# any useful search, they keep one search from running for days, or a typo (--width 100000)
+# from asking for a tree no machine holds.
+MAX_TREE_SIZE = 64
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 10_000
+MAX_PROBES = 1_000
 # Settings whose `archtree prune` option is not the name in kebab case.
 OPTION_NAMES = {"min_width_fraction": "--min-width", "move_kinds": "--moves"}
 
@@ -163,6 +170,11 @@ class SearchSettings:
             (self.bn_samples >= 0, "--bn-samples cannot be negative (0 turns it off)"),
             (self.final_epochs >= 0, "--final-epochs cannot be negative"),
             (self.round_to >= 1, "--round-to must be at least 1"),
+            (
+                self.round_to <= MAX_CHANNEL_MULTIPLE,
+                f"--round-to must be at most {MAX_CHANNEL_MULTIPLE}, wider than any kernel's "
+                "block of channels",
+            ),
             (0 <= self.seed < 2**32, "--seed must be in [0, 4294967295]"),
             (
                 self.widen_to is None or self.widen_to >= 0,
@@ -192,6 +204,24 @@ class SearchSettings:
                 len(set(self.move_kinds)) == len(self.move_kinds),
                 "--moves lists a move twice",
             ),
+        ]
+        checks += [
+            (
+                getattr(self, name) <= bound,
+                f"{option_of(name)} must be at most {bound:,}, {what}",
+            )
+            for name, bound, what in (
+                ("width", MAX_TREE_SIZE, "far wider than any useful tree"),
+                ("branching", MAX_TREE_SIZE, "far more moves than a node has"),
+                ("planned_steps", MAX_TREE_SIZE, "far deeper than any useful tree"),
+                ("max_depth", MAX_TREE_SIZE, "far deeper than any useful tree"),
+                ("select_top", MAX_TREE_SIZE, "far more than a search compares"),
+                ("ft_steps", MAX_STEPS, "far longer than a child's fine-tune needs"),
+                ("select_steps", MAX_STEPS, "far longer than a re-ranking needs"),
+                ("final_epochs", MAX_EPOCHS, "far longer than a final fine-tune needs"),
+                ("max_probes", MAX_PROBES, "far more than a bisection needs"),
+                ("fill_probes", MAX_PROBES, "far more than a fill needs"),
+            )
         ]
         for ok, message in checks:
             if not ok:

@@ -116,6 +116,11 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         (["--num-classes", "200000"], None, "between 2 and 100000, not 200000"),
         (["--num-classes", "1"], None, "between 2 and 100000, not 1"),
         (["--threads", "99999"], None, "--threads must be between 1 and 1024"),
+        # The service's bounds of a search, refused before any work as a typo would be.
+        (["--width", "100000"], None, "--width must be at most 64, far wider than any useful"),
+        (["--ft-steps", "2000000"], None, "--ft-steps must be at most 1,000,000"),
+        (["--round-to", "100000"], None, "--round-to must be at most 4096"),
+        (["--jobs", "100000"], None, "--jobs must be from 1 to 1024 (children evaluated at once)"),
         (["--train-device", "tpu"], None,
          "--train-device 'tpu' is not a training device: give auto, cpu, cuda or cuda:N"),
     ],
