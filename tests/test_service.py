@@ -288,11 +288,12 @@ def test_submit_status_watch_and_fetch_from_the_command_line(
     assert weights.returncode == 2
     assert "as --model (builtin:NAME" in weights.stderr
     assert "the weights file as --weights" in weights.stderr
-    # The service's limits and hints, in the options and commands of the command line.
+    # The service's limits and hints, in the options and commands of the command line (its
+    # bounds of a search are the command line's own: refused before anything is sent).
     vgg = ["--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%"]
     too_wide = archtree("submit", *common, *vgg, "--width", "100")
     assert too_wide.returncode == 2
-    assert "--width: Input should be less than or equal to 64" in too_wide.stderr
+    assert "--width must be at most 64, far wider than any useful tree" in too_wide.stderr
     unknown = archtree("status", "0123456789ab", *common)
     assert unknown.returncode == 2
     assert f"list the jobs with `archtree jobs --api {api.url}`" in unknown.stderr
