@@ -715,10 +715,7 @@ def _check_destinations(out: Path, overwrite: bool) -> None:
     """ArchtreeError, before any file is moved, when a result file cannot go into `out`: a
     result is there and `overwrite` is off, or a folder is where a file goes. Said with
     `fetch`'s arguments (`archtree fetch` words them as its options: cli_terms)."""
-    try:
-        check_result_places(out)
-    except ArchtreeError as error:  # worded for the command line, which names --out
-        raise ArchtreeError(str(error).replace("another --out", "another out_dir")) from None
+    check_result_places(out, out_name="out_dir")
     existing = [name for name in ARTIFACT_NAMES if (out / name).exists()]
     if existing and not overwrite:
         raise ArchtreeError(

@@ -516,12 +516,10 @@ def _unmet_budget_message(settings: SearchSettings, state: SearchState) -> str:
         # Every move of the last depth was skipped: none reached its target within a step.
         # Widths kept in multiples of --round-to lose whole multiples or nothing: a group a
         # few multiples wide cannot lose one within --max-cut of it.
-        rounded = (
-            f", keeping widths multiples of --round-to {settings.round_to}"
-            if settings.round_to > 1
-            else ""
-        )
-        lower = ", lower --round-to" if settings.round_to > 1 else ""
+        rounded, lower = "", ""
+        if settings.round_to > 1:
+            rounded = f", keeping widths multiples of --round-to {settings.round_to}"
+            lower = ", lower --round-to"
         return (
             f"{unmet}: the search stopped at depth {state.depth}, where every move was "
             f"skipped, unable to reach its target removing at most --max-cut "

@@ -234,10 +234,10 @@ def check_forward(
                     if batch_option
                     else "free memory, or give a smaller model or input shape"
                 )
+                inputs = "input" if len(batch) == 1 else "inputs"
                 raise ArchtreeError(
                     f"the model {model_source} ran out of memory on a batch of {len(batch)} "
-                    f"{what.removeprefix('a batch of one ')} of shape {shape} from {inputs_label} "
-                    f"({detail}): {fix}."
+                    f"{inputs} of shape {shape} from {inputs_label} ({detail}): {fix}."
                 ) from None
             hint = _channels_last(shape)
             if token_range is None and embeds_inputs(model) and "ind" in detail:  # indices

@@ -6,15 +6,15 @@ import resource
 from pathlib import Path
 
 # Where the memory controller of cgroup v2 (the unified hierarchy) and of v1 is mounted, the
-# files of a cgroup's limit and use, the line of /proc/self/cgroup that names the process's
-# own cgroup, and the memory.stat entry of the page cache it may reclaim (counted as used).
+# files of a cgroup's limit and use, the controllers of its line in /proc/self/cgroup (none
+# for v2), and the memory.stat entry of the page cache it may reclaim (counted as used).
 CGROUP_HIERARCHIES = (
-    ("/sys/fs/cgroup", "memory.max", "memory.current", "0::", "inactive_file"),
+    ("/sys/fs/cgroup", "memory.max", "memory.current", "", "inactive_file"),
     (
         "/sys/fs/cgroup/memory",
         "memory.limit_in_bytes",
         "memory.usage_in_bytes",
-        ":memory:",
+        "memory",
         "total_inactive_file",
     ),
 )
@@ -62,9 +62,9 @@ def _container_available(
     """What the memory limits of the process's cgroup and of those above it leave: the
     lowest limit less its use, the page cache it may reclaim not counted as used.
     `own_cgroups`: the process's cgroups, one line per hierarchy."""
-    for mount, limit_file, usage_file, own_line, reclaimable in hierarchies:
-        own = _own_cgroup(own_cgroups, own_line)
-        if own is None or not Path(mount, limit_file).parent.is_dir():
+    for mount, limit_file, usage_file, controller, reclaimable in hierarchies:
+        own = _own_cgroup(own_cgroups, controller)
+        if own is None:
             continue
         left = []
         folder = Path(mount, own.lstrip("/"))
@@ -85,15 +85,17 @@ def _container_available(
     return None
 
 
-def _own_cgroup(own_cgroups: Path, line_start: str) -> str | None:
-    """The process's own cgroup path in a hierarchy, from its cgroups' lines."""
+def _own_cgroup(own_cgroups: Path, controller: str) -> str | None:
+    """The process's own cgroup path in the hierarchy of `controller` ("" for cgroup v2), from
+    its cgroups' lines (`ID:CONTROLLERS:PATH`)."""
     try:
         lines = own_cgroups.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        if line.startswith(line_start) or (line_start.startswith(":") and line_start in line):
-            return line.split(":", 2)[2] or "/"
+        parts = line.split(":", 2)
+        if len(parts) == 3 and controller in parts[1].split(","):
+            return parts[2] or "/"
     return None
 
 

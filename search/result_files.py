@@ -10,14 +10,15 @@ from search.errors import ArchtreeError
 ARTIFACT_NAMES = ("arch.json", "model.safetensors", "report.json")
 
 
-def check_result_places(out: Path) -> None:
+def check_result_places(out: Path, out_name: str = "--out") -> None:
     """ArchtreeError when something other than a file holds one of a result's names in
-    `out` (a folder named model.safetensors): the result could not be put there."""
+    `out` (a folder named model.safetensors): the result could not be put there. `out_name`:
+    what the caller calls `out` (its option, or its argument)."""
     for name in ARTIFACT_NAMES:
         path = out / name
         if path.exists() and not path.is_file():
             what = "a folder" if path.is_dir() else "not a file"
             raise ArchtreeError(
                 f"{path} is {what} where the result's {name} goes: move it away, or choose "
-                "another --out."
+                f"another {out_name}."
             )
