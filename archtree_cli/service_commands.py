@@ -387,14 +387,17 @@ def watch_command(job_id: str, api: str) -> str:
     return f"archtree status {job_id} --api {api} --watch"
 
 
+def fetch_command(job_id: str, api: str) -> str:
+    return f"archtree fetch {job_id} --api {api} --out DIR"
+
+
 def submitted_earlier_text(job: dict[str, Any], api: str) -> str:
     """What `submit` says of the job an --idempotency-key given again named: its status now,
     and what can be done with it."""
     job_id, status = job["id"], job["status"]
     again = "a submit with another --idempotency-key (or none) runs it again"
     what = {
-        "succeeded": f"it has succeeded: `archtree fetch {job_id} --api {api} --out DIR` "
-        "downloads its result",
+        "succeeded": f"it has succeeded: `{fetch_command(job_id, api)}` downloads its result",
         "failed": f"it has failed: `archtree status {job_id} --api {api}` says why, and {again}",
         "cancelled": f"it was cancelled: {again}",
     }.get(status, f"it is {status}: follow it with: {watch_command(job_id, api)}")
@@ -594,7 +597,7 @@ def print_job(job: dict[str, Any], api: str) -> None:
     if job.get("error"):
         print(f"error: {in_cli_terms(job['error'], api)}")
     if job["status"] == "succeeded":
-        print(f"result: `archtree fetch {job['id']} --api {api} --out DIR` downloads it")
+        print(f"result: `{fetch_command(job['id'], api)}` downloads it")
 
 
 def run_cancel(args: argparse.Namespace) -> int:
