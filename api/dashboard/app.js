@@ -253,19 +253,15 @@ class Poller {
   async run() {
     this.running = true;
     this.lastRun = Date.now();
-    let keepGoing = true;
-    let nextMs = this.intervalMs;
+    let answer;
     try {
-      const answer = await this.task();
-      keepGoing = answer !== false;
-      if (typeof answer === "number") nextMs = answer;
+      answer = await this.task();
     } catch (error) {
-      const answer = this.onError ? this.onError(error) : true;
-      keepGoing = answer !== false;
-      if (typeof answer === "number") nextMs = answer;
+      answer = this.onError ? this.onError(error) : true;
     }
     this.running = false;
-    if (this.stopped || !keepGoing) return;
+    if (this.stopped || answer === false) return;
+    const nextMs = typeof answer === "number" ? answer : this.intervalMs;
     if (this.again) {
       this.again = false;
       this.now();
