@@ -886,8 +886,12 @@ def test_a_job_whose_worker_is_lost_says_so_until_another_worker_takes_over(
     page: Any, stack: ApiProcess, worker_pool: WorkerPool
 ):
     (worker,) = worker_pool.ensure(1)
+    # Children tuned long enough that the worker is killed inside one, holding its task: of 5
+    # steps, one could end before the page showed it started, and the worker, killed between
+    # tasks, held none to be seen lost.
+    spec = job_spec(planned_steps=3, ft_steps=300)
     with stack.client() as client:
-        created = client.post("/v1/jobs", data={"spec": json.dumps(job_spec(planned_steps=3))})
+        created = client.post("/v1/jobs", data={"spec": json.dumps(spec)})
     job_id = created.json()["id"]
     page.get(f"{stack.url}/#/jobs/{job_id}")
     wait_for(page, lambda: "evaluating" in text(page, "#events"), JOB_S, "a child evaluated")
