@@ -119,6 +119,19 @@ def _rows(rows: Sequence[dict[str, Any]], benchmark: str, metric: str | None = N
     ]
 
 
+def _fit_by_strategy(fits: Sequence[dict[str, Any]], low: float, high: float) -> str:
+    """Rows in range per strategy, so that one strategy's misses are not charged to all."""
+    strategies = sorted({r["strategy"] for r in fits})
+    if len(strategies) < 2:
+        return ""
+    counts = []
+    for strategy in strategies:
+        own = [r for r in fits if r["strategy"] == strategy]
+        inside = sum(low <= r["fit"] <= high for r in own)
+        counts.append(f"{strategy} {inside}/{len(own)}")
+    return " (" + ", ".join(counts) + ")"
+
+
 def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, each with its measured value and pass, miss or n/a."""
     targets = []
@@ -131,6 +144,7 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         _target(
             f"budget fit in [{low:.2f}, {high:.2f}]",
             f"{len(inside)}/{len(fits)} rows"
+            + _fit_by_strategy(fits, low, high)
             + (f" ({unreachable} rows without a result)" if unreachable else ""),
             (len(inside) == len(fits)) if fits else None,
             ", ".join(
