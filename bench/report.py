@@ -119,7 +119,12 @@ def _rows(rows: Sequence[dict[str, Any]], benchmark: str, metric: str | None = N
     ]
 
 
-def _fit_by_strategy(fits: Sequence[dict[str, Any]], low: float, high: float) -> str:
+def _fits_budget(row: dict[str, Any]) -> bool:
+    low, high = FIT_RANGE
+    return low <= row["fit"] <= high
+
+
+def _fit_by_strategy(fits: Sequence[dict[str, Any]]) -> str:
     """Rows in range per strategy, so that one strategy's misses are not charged to all."""
     strategies = sorted({r["strategy"] for r in fits})
     if len(strategies) < 2:
@@ -127,8 +132,7 @@ def _fit_by_strategy(fits: Sequence[dict[str, Any]], low: float, high: float) ->
     counts = []
     for strategy in strategies:
         own = [r for r in fits if r["strategy"] == strategy]
-        inside = sum(low <= r["fit"] <= high for r in own)
-        counts.append(f"{strategy} {inside}/{len(own)}")
+        counts.append(f"{strategy} {sum(map(_fits_budget, own))}/{len(own)}")
     return " (" + ", ".join(counts) + ")"
 
 
@@ -138,19 +142,19 @@ def evaluate_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     search = _rows(rows, "search_quality")
     fits = [r for r in search if r["fit"] is not None]
     low, high = FIT_RANGE
-    inside = [r for r in fits if low <= r["fit"] <= high]
+    inside = [r for r in fits if _fits_budget(r)]
     unreachable = len(search) - len(fits)
     targets.append(
         _target(
             f"budget fit in [{low:.2f}, {high:.2f}]",
             f"{len(inside)}/{len(fits)} rows"
-            + _fit_by_strategy(fits, low, high)
+            + _fit_by_strategy(fits)
             + (f" ({unreachable} rows without a result)" if unreachable else ""),
             (len(inside) == len(fits)) if fits else None,
             ", ".join(
                 f"{_short(r['model'])} {r['budget_fraction']:.0%} {r['strategy']} {r['fit']:.3f}"
                 for r in fits
-                if not low <= r["fit"] <= high
+                if not _fits_budget(r)
             ),
         )
     )
