@@ -48,7 +48,7 @@ test: lint system-deps
 
 # The benchmark suite (bench/): tables on stdout, results in bench/results/ (summary.json,
 # summary.md, PNG plots). matplotlib (plots) and wrk (polling load) are installed when missing.
-.PHONY: bench bench-quick bench-deps bench-longer
+.PHONY: bench bench-quick bench-deps bench-longer bench-remeasure
 
 bench-deps: setup
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || \
@@ -68,3 +68,7 @@ bench-quick: bench-deps
 # After `make bench`: its search answers fine-tuned further, stage by stage (bench/longer_finetune.py).
 bench-longer: setup
 	PYTHONPATH=. $(BIN)/python -m bench.longer_finetune
+
+# After `make bench`: its search answers timed again, in rounds spread over time (bench/remeasure.py).
+bench-remeasure: setup
+	PYTHONPATH=. $(BIN)/python -m bench.remeasure

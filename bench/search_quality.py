@@ -22,7 +22,7 @@ import shutil
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from bench.report import SectionResult, make_row
 from bench.train_models import seeded_recipe, trained_weights, weights_path
 from latency.fresh_process import FreshProcessTimer, TimingJob
 from latency.harness import TimingSettings
-from search.interfaces import EventSink
+from search.interfaces import EventSink, TimingStats
 from search.settings import STRATEGIES, SearchSettings
 
 NAME, TITLE = "search_quality", "Search quality"
@@ -239,20 +239,9 @@ def run_search_once(
     inputs = load_inputs(model, data, weights=str(weights), seed=settings.seed)
 
     pruned = load_pruned(out_dir)
-    # Timed in a fresh process, as the search's own measurements were (latency/fresh_process.py):
-    # the saved answer against the trained unpruned model.
-    remeasure = replace(config.timing, threads=1).scaled(config.remeasure_factor)
-    pruned_stats, reference_stats, ratio = FreshProcessTimer().run(
-        TimingJob(
-            candidate=functools.partial(load_pruned, str(out_dir)),
-            reference=functools.partial(trained_model, model, data, str(weights), seed),
-            input_shape=tuple(inputs.data.input_shape),
-            batch_size=config.batch_size,
-            dtype="float32",
-            settings=remeasure,
-        )
+    pruned_stats, reference_stats, ratio = remeasure_answer(
+        out_dir, model, data, weights, seed, inputs.data.input_shape, config
     )
-    assert reference_stats is not None and ratio is not None
     baseline_ms = report["baseline"]["latency_ms"]
     latency_ms = ratio * baseline_ms
     val_correct = correct(pruned, inputs.data.val_x, inputs.data.val_y)
@@ -297,6 +286,36 @@ def run_search_once(
         ft_steps_total=fine_tuned * settings.ft_steps + events.rerank_steps + final_steps,
         note=None,
     )
+
+
+def remeasure_answer(
+    folder: Path,
+    model: str,
+    data: str,
+    weights: Path,
+    seed: int,
+    input_shape: Sequence[int],
+    config: SearchQualityConfig,
+) -> tuple[TimingStats, TimingStats, float]:
+    """The answer saved in `folder` timed again against the trained unpruned model, interleaved,
+    one thread, with `config.remeasure_factor` times the oracle's repeats, in a fresh process as
+    the search's own measurements were (latency/fresh_process.py): the answer's stats, the
+    unpruned model's, and their ratio (the median of per-pair ratios)."""
+    from search.artifacts import load_pruned
+
+    remeasure = replace(config.timing, threads=1).scaled(config.remeasure_factor)
+    pruned_stats, reference_stats, ratio = FreshProcessTimer().run(
+        TimingJob(
+            candidate=functools.partial(load_pruned, str(folder)),
+            reference=functools.partial(trained_model, model, data, str(weights), seed),
+            input_shape=tuple(input_shape),
+            batch_size=config.batch_size,
+            dtype="float32",
+            settings=remeasure,
+        )
+    )
+    assert reference_stats is not None and ratio is not None
+    return pruned_stats, reference_stats, ratio
 
 
 def run(

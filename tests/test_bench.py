@@ -423,6 +423,105 @@ def test_longer_finetune_names_the_unpruned_weights_it_cannot_find(tmp_path: Pat
     assert "--cache-dir" in finished.stderr and "Traceback" not in finished.stderr
 
 
+def run_remeasure(results: Path, *options: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m bench.remeasure --results RESULTS OPTIONS...`, as a user runs it."""
+    command = [sys.executable, "-m", "bench.remeasure", "--results", str(results), *options]
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_remeasure_times_every_saved_answer_again_in_rounds_that_alternate(
+    quick_run: tuple[Path, str],
+):
+    out, _ = quick_run
+    finished = run_remeasure(
+        out, "--rounds", "2", "--cache-dir", str(out.parent / "cache"), timeout=RUN_TIMEOUT_S
+    )
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    searches = [
+        r
+        for r in summary["rows"]
+        if r["benchmark"] == "search_quality" and r["accuracy"] is not None
+    ]
+    rows = json.loads((out / "remeasure.json").read_text())["rows"]
+    assert len(rows) == len(searches) > 1
+    for search in searches:
+        (row,) = [
+            r
+            for r in rows
+            if (r["strategy"], r["seed"]) == (search["strategy"], search["details"]["seed"])
+        ]
+        assert row["run_fit"] == search["fit"]
+        assert row["confirmed_fit"] == search["details"]["report_fit"]
+        assert len(row["round_fits"]) == 2
+        # The same answer against the same unpruned model: a noisy machine moves the ratio by
+        # some percent, not by a factor of two.
+        for fit in row["round_fits"]:
+            assert 0.5 * search["fit"] < fit < 2 * search["fit"]
+        fits = sorted([row["run_fit"], *row["round_fits"]])
+        assert row["median_fit"] == pytest.approx(fits[1])
+        assert row["spread"] == pytest.approx((fits[-1] - fits[0]) / fits[1])
+    # The second round takes the answers backward, so each one's timings lie apart.
+    timed = [
+        line.split()[2].rstrip(":")
+        for line in finished.stdout.splitlines()
+        if line.startswith("round ")
+    ]
+    first, second = timed[: len(rows)], timed[len(rows) :]
+    assert second == first[::-1] and len(set(first)) == len(rows)
+    table = (out / "remeasure.md").read_text()
+    assert table.count("| vgg | 70% |") == len(rows)
+    assert "as the median of the run's and the rounds' re-measurements" in table
+
+
+def test_remeasure_without_a_run_says_what_to_do(tmp_path: Path):
+    finished = run_remeasure(tmp_path)
+    assert finished.returncode == 2
+    assert "run the benchmark first" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_remeasure_refuses_a_damaged_answer_before_timing_any(tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    rows = []
+    for strategy in ("archtree", "greedy"):
+        row = make_row("search_quality", "builtin:vgg", budget_fraction=0.7, strategy=strategy)
+        row.update(accuracy=0.9, fit=0.95, budget_ms=1.0, details={"seed": 0, "baseline_ms": 2})
+        rows.append(row)
+        answer = tmp_path / "search" / f"vgg-70-{strategy}"
+        answer.mkdir(parents=True)
+        weights = cache / "vgg-digits-e2-lr0.05-s0.safetensors"
+        weights.write_bytes(b"")
+        (answer / "report.json").write_text(json.dumps({"inputs": {"weights": str(weights)}}))
+        # The first answer is whole as far as this command reads it; the second lost its shape.
+        shape = {"input_shape": [1, 8, 8]} if strategy == "archtree" else {"layers": {}}
+        (answer / "arch.json").write_text(json.dumps(shape))
+    (tmp_path / "summary.json").write_text(json.dumps({"seeds": 1, "rows": rows}))
+    finished = run_remeasure(tmp_path, "--cache-dir", str(cache))
+    assert finished.returncode == 2
+    assert "vgg-70-greedy" in finished.stderr and "arch.json" in finished.stderr
+    assert "Traceback" not in finished.stderr
+    # Refused before the first timing: nothing was timed, nothing written.
+    assert "round 1" not in finished.stdout
+    assert not (tmp_path / "remeasure.json").exists()
+
+
+@pytest.mark.parametrize("rounds", ["0", "21", "two"])
+def test_remeasure_refuses_a_number_of_rounds_out_of_range(tmp_path: Path, rounds: str):
+    finished = run_remeasure(tmp_path, "--rounds", rounds)
+    assert finished.returncode == 2
+    assert "--rounds" in finished.stderr and "Traceback" not in finished.stderr
+
+
 def redraw(out: Path, *args: str) -> subprocess.CompletedProcess:
     """`python -m bench.run --redraw --out OUT`, run to its end."""
     return subprocess.run(
