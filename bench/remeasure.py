@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         f"again, {args.rounds} rounds",
         flush=True,
     )
-    rows = remeasure_rounds(summary, answers, args.rounds)
+    try:
+        rows = remeasure_rounds(summary, answers, args.rounds)
+    except KeyboardInterrupt:
+        print("stopped: nothing written (the run's own results are as they were)", file=sys.stderr)
+        return 130
     lines = table(rows, args.rounds)
     low, high = FIT_RANGE
     spreads = sorted(rows, key=lambda r: r["spread"])
