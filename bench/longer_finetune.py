@@ -24,14 +24,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import CACHE_DIR, RESULTS_DIR
 from bench.report import Z95, seeds_gap
-from bench.saved_answers import UsageError, load_answers
+from bench.saved_answers import UsageError, load_answers, results_parser
 from bench.search_quality import FULL, QUICK
 
 DEFAULT_EPOCHS = (1.0, 1.0, 2.0)
@@ -41,16 +39,7 @@ COMPARED = (("archtree", "uniform"), ("archtree", "greedy"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.longer_finetune", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=RESULTS_DIR,
-        help="a benchmark run's results folder, holding summary.json and search/ "
-        "(default bench/results)",
-    )
+    parser = results_parser("python -m bench.longer_finetune", __doc__.split("\n\n")[0])
     parser.add_argument(
         "--epochs",
         type=float,
@@ -58,9 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_EPOCHS),
         help="epochs of each further stage of fine-tuning, one after another "
         f"(default {' '.join(f'{e:g}' for e in DEFAULT_EPOCHS)})",
-    )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=CACHE_DIR, help="trained weights (default bench/.cache)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args(argv)

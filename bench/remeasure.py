@@ -29,9 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import CACHE_DIR, RESULTS_DIR
 from bench.report import FIT_RANGE, fit_count
-from bench.saved_answers import UsageError, load_answers
+from bench.saved_answers import UsageError, load_answers, results_parser
 from bench.search_quality import FULL, QUICK, SearchQualityConfig, remeasure_answer
 
 DEFAULT_ROUNDS = 3
@@ -39,25 +38,13 @@ MAX_ROUNDS = 20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.remeasure", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=RESULTS_DIR,
-        help="a benchmark run's results folder, holding summary.json and search/ "
-        "(default bench/results)",
-    )
+    parser = results_parser("python -m bench.remeasure", __doc__.split("\n\n")[0])
     parser.add_argument(
         "--rounds",
         type=int,
         default=DEFAULT_ROUNDS,
         help=f"timings of every answer, one round after another (default {DEFAULT_ROUNDS}, "
         f"at most {MAX_ROUNDS})",
-    )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=CACHE_DIR, help="trained weights (default bench/.cache)"
     )
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= MAX_ROUNDS:

@@ -7,15 +7,34 @@ and refuse a results folder they cannot work with in one line that says what to 
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+from bench import CACHE_DIR, RESULTS_DIR
 from bench.search_quality import NAME, answer_folder
 
 
 class UsageError(Exception):
     """A results folder or option this command cannot work with; the message says why."""
+
+
+def results_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options of a command that works on a finished run: --results (the run's folder)
+    and --cache-dir (where its unpruned weights are, when not where the run left them)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS_DIR,
+        help="a benchmark run's results folder, holding summary.json and search/ "
+        "(default bench/results)",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=CACHE_DIR, help="trained weights (default bench/.cache)"
+    )
+    return parser
 
 
 def load_answers(results: Path, cache_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

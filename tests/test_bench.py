@@ -349,11 +349,12 @@ def test_a_searchs_events_keep_what_its_ending_did():
     assert [e["kind"] for e in forward.events][-3:] == ["confirm_failed", "trim_compared", "filled"]
 
 
-def run_longer_finetune(
-    results: Path, *options: str, timeout: float = 60
+def run_after_bench(
+    module: str, results: Path, *options: str, timeout: float = 60
 ) -> subprocess.CompletedProcess:
-    """`python -m bench.longer_finetune --results RESULTS OPTIONS...`, as a user runs it."""
-    command = [sys.executable, "-m", "bench.longer_finetune", "--results", str(results), *options]
+    """`python -m bench.MODULE --results RESULTS OPTIONS...`, a command that works on a
+    finished run, as a user runs it."""
+    command = [sys.executable, "-m", f"bench.{module}", "--results", str(results), *options]
     return subprocess.run(
         command,
         cwd=ROOT,
@@ -362,6 +363,16 @@ def run_longer_finetune(
         text=True,
         timeout=timeout,
     )
+
+
+def run_longer_finetune(
+    results: Path, *options: str, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return run_after_bench("longer_finetune", results, *options, timeout=timeout)
+
+
+def run_remeasure(results: Path, *options: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run_after_bench("remeasure", results, *options, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -401,8 +412,9 @@ def test_longer_finetune_follows_every_saved_answer(quick_run: tuple[Path, str])
     assert finished.stdout.count("| vgg | 70% |") == 3
 
 
-def test_longer_finetune_without_a_run_says_what_to_do(tmp_path: Path):
-    finished = run_longer_finetune(tmp_path)
+@pytest.mark.parametrize("module", ["longer_finetune", "remeasure"])
+def test_a_command_on_a_finished_run_without_one_says_what_to_do(tmp_path: Path, module: str):
+    finished = run_after_bench(module, tmp_path)
     assert finished.returncode == 2
     assert "run the benchmark first" in finished.stderr
     assert "Traceback" not in finished.stderr
@@ -421,19 +433,6 @@ def test_longer_finetune_names_the_unpruned_weights_it_cannot_find(tmp_path: Pat
     assert finished.returncode == 2
     assert "vgg-digits-e2-lr0.05-s0.safetensors" in finished.stderr
     assert "--cache-dir" in finished.stderr and "Traceback" not in finished.stderr
-
-
-def run_remeasure(results: Path, *options: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m bench.remeasure --results RESULTS OPTIONS...`, as a user runs it."""
-    command = [sys.executable, "-m", "bench.remeasure", "--results", str(results), *options]
-    return subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.slow
@@ -480,13 +479,6 @@ def test_remeasure_times_every_saved_answer_again_in_rounds_that_alternate(
     table = (out / "remeasure.md").read_text()
     assert table.count("| vgg | 70% |") == len(rows)
     assert "as the median of the run's and the rounds' re-measurements" in table
-
-
-def test_remeasure_without_a_run_says_what_to_do(tmp_path: Path):
-    finished = run_remeasure(tmp_path)
-    assert finished.returncode == 2
-    assert "run the benchmark first" in finished.stderr
-    assert "Traceback" not in finished.stderr
 
 
 def test_remeasure_refuses_a_damaged_answer_before_timing_any(tmp_path: Path):
