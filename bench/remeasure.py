@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.report import FIT_RANGE, fit_count
+from bench.report import FIT_RANGE, fit_count, in_fit_range
 from bench.saved_answers import UsageError, load_answers, results_parser
 from bench.search_quality import FULL, QUICK, SearchQualityConfig, remeasure_answer
 
@@ -80,14 +80,15 @@ def input_shape(folder: Path) -> list[int]:
 def remeasure_rounds(
     summary: dict[str, Any],
     answers: Sequence[dict[str, Any]],
+    shapes: Sequence[Sequence[int]],
     rounds: int,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Each answer timed `rounds` more times, the answers in turn in each round (every other
-    round backward). One row per answer: its fits as confirmed, as the run re-measured it,
-    in each round, and their median over the run's and the rounds' re-measurements."""
+    """Each answer, of the input shape `shapes` gives at its index, timed `rounds` more
+    times, the answers in turn in each round (every other round backward). One row per
+    answer: its fits as confirmed, as the run re-measured it, in each round, and their median
+    over the run's and the rounds' re-measurements."""
     config = run_config(summary)
-    shapes = [input_shape(answer["folder"]) for answer in answers]
     timings: list[list[dict[str, float]]] = [[] for _ in answers]
     for round_index in range(rounds):
         order = range(len(answers)) if round_index % 2 == 0 else reversed(range(len(answers)))
@@ -171,8 +172,7 @@ def table(rows: Sequence[dict[str, Any]], rounds: int) -> list[str]:
 def _fit_cell(fit: float | None) -> str:
     if fit is None:
         return "-"
-    low, high = FIT_RANGE
-    return f"{fit:.3f}" if low <= fit <= high else f"**{fit:.3f}**"
+    return f"{fit:.3f}" if in_fit_range(fit) else f"**{fit:.3f}**"
 
 
 def counts(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary, answers = load_answers(args.results, args.cache_dir)
-        for answer in answers:  # before the first timing, so a damaged folder costs nothing
-            input_shape(answer["folder"])
+        # Before the first timing, so that a damaged folder costs nothing.
+        shapes = [input_shape(answer["folder"]) for answer in answers]
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        rows = remeasure_rounds(summary, answers, args.rounds)
+        rows = remeasure_rounds(summary, answers, shapes, args.rounds)
     except KeyboardInterrupt:
         print("stopped: nothing written (the run's own results are as they were)", file=sys.stderr)
         return 130

@@ -119,10 +119,15 @@ def _rows(rows: Sequence[dict[str, Any]], benchmark: str, metric: str | None = N
     ]
 
 
-def fits_budget(row: dict[str, Any]) -> bool:
-    """Whether a row's `fit` (latency / budget) lies in the target's range."""
+def in_fit_range(fit: float) -> bool:
+    """Whether a fit (latency / budget) lies in the target's range."""
     low, high = FIT_RANGE
-    return low <= row["fit"] <= high
+    return low <= fit <= high
+
+
+def fits_budget(row: dict[str, Any]) -> bool:
+    """Whether a row's `fit` lies in the target's range."""
+    return in_fit_range(row["fit"])
 
 
 def fit_count(fits: Sequence[dict[str, Any]]) -> str:
