@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from archtree_cli.environment import unknown_variable_warnings
 from archtree_cli.stop_signals import StopSignals, Terminated
 from search.errors import ArchtreeError
 
@@ -590,6 +591,8 @@ def _stopped(stop: KeyboardInterrupt, signals: StopSignals, note: str | None) ->
 def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     try:
         debug_from_environment()  # a bad value is refused before any work
+        for warning in unknown_variable_warnings():
+            print(f"archtree: warning: {warning}", file=sys.stderr)
         module_name, function_name = args.handler.split(":")
         code = getattr(importlib.import_module(module_name), function_name)(args)
         signals.raise_held()  # held while the command's last import ran

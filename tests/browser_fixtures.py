@@ -1,7 +1,7 @@
 """Headless Chromium for dashboard tests, driven by selenium.
 
 `browser` (one per test module) is a selenium WebDriver on Debian's `chromium` and
-`chromedriver` (or the paths in ARCHTREE_CHROMIUM / ARCHTREE_CHROMEDRIVER); the tests using it
+`chromedriver` (or the paths in TESTS_CHROMIUM / TESTS_CHROMEDRIVER); the tests using it
 are skipped when either is missing. Selenium Manager is never asked for anything: it would try
 to download a browser. `screenshot(driver, name)` saves a PNG under test-artifacts/screenshots/
 and `wait_for(driver, condition, timeout_s, what)` polls a condition with a deadline, saving a
@@ -53,8 +53,8 @@ def _executable(variable: str, *names: str) -> str | None:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A headless Chromium session; quit at the module's end."""
-    chromium = _executable("ARCHTREE_CHROMIUM", "chromium", "chromium-browser")
-    chromedriver = _executable("ARCHTREE_CHROMEDRIVER", "chromedriver")
+    chromium = _executable("TESTS_CHROMIUM", "chromium", "chromium-browser")
+    chromedriver = _executable("TESTS_CHROMEDRIVER", "chromedriver")
     if chromium is None or chromedriver is None:
         missing = "chromium" if chromium is None else "chromedriver"
         pytest.skip(f"{missing} is not installed: dashboard tests need `{INSTALL_HINT}`")

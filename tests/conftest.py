@@ -35,8 +35,8 @@ def fast_timing():
     return TimingSettings(warmup_runs=3, warmup_s=0.01, min_runs=10, min_time_s=0.05)
 
 
-if os.environ.get("ARCHTREE_TEST_THREADS"):
-    torch.set_num_threads(int(os.environ["ARCHTREE_TEST_THREADS"]))
+if os.environ.get("TESTS_TORCH_THREADS"):
+    torch.set_num_threads(int(os.environ["TESTS_TORCH_THREADS"]))
 
 
 # The test files that take longest on a 2-core machine (a minute or more each), run first:

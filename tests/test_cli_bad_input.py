@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -634,6 +635,42 @@ def test_bad_service_and_environment_input_gives_one_clear_line(home, args, env,
 def test_archtree_debug_is_a_switch(monkeypatch, value, on):
     monkeypatch.setenv("ARCHTREE_DEBUG", value)
     assert debug_from_environment() is on
+
+
+def test_a_misspelled_variable_is_warned_about_and_the_command_runs(home):
+    result = run_archtree(
+        "models", home=home, env={"ARCHTREE_REDIS_ULR": "redis://x", "ARCHTREE_COLOUR": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "builtin:resnet" in result.stdout  # the command itself ran
+    warnings = result.stderr.splitlines()
+    assert warnings == [
+        "archtree: warning: ARCHTREE_COLOUR is not a setting of Archtree and is ignored: the "
+        "variables it reads are in README.md, Settings (environment)",
+        "archtree: warning: ARCHTREE_REDIS_ULR is not a setting of Archtree and is ignored: "
+        "did you mean ARCHTREE_REDIS_URL?",
+    ]
+
+
+def test_every_variable_archtree_reads_is_known_and_none_is_warned_about(home):
+    """The known names are the service settings' fields and the command line's own, and the
+    README's table of settings lists exactly those."""
+    from archtree_cli.environment import COMMAND_VARIABLES, SERVICE_VARIABLES
+    from archtree_cli.settings import ServiceSettings
+
+    fields = {f"ARCHTREE_{name.upper()}" for name in ServiceSettings.model_fields}
+    assert set(SERVICE_VARIABLES) == fields
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Settings (environment)")[1].split("\n## ")[0]
+    documented = set(re.findall(r"`(ARCHTREE_[A-Z0-9_]+)`", table))
+    assert documented == set(SERVICE_VARIABLES + COMMAND_VARIABLES)
+    everything = {name: "1" for name in SERVICE_VARIABLES + COMMAND_VARIABLES}
+    from archtree_cli.environment import unknown_variable_warnings
+
+    assert unknown_variable_warnings(everything) == []
+    assert unknown_variable_warnings({"ARCHTREE_HOMR": "x", "PATH": "x"}) == [
+        "ARCHTREE_HOMR is not a setting of Archtree and is ignored: did you mean ARCHTREE_HOME?"
+    ]
 
 
 def test_more_threads_than_cores_are_warned_about(home):
