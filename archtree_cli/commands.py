@@ -459,7 +459,16 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
     print(f"saved to {Path(out)}/ (arch.json, model.safetensors, report.json)")
 
 
+# How often `measure` says how far a long timing has got, in seconds.
+MEASURE_PROGRESS_EVERY_S = 10.0
+
+
+def say_progress(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
 def run_measure(args: argparse.Namespace) -> int:
+    from archtree_cli.timing_progress import TimingProgress
     from search.arch_spec import spec_of
     from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
@@ -534,7 +543,12 @@ def run_measure(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    stats = oracle.measure_reference(spec, refresh=args.fresh, on_timing=say_timing)
+    # A slow model (a huge batch, a CPU shared by thousands of threads) takes minutes: say how
+    # far the timing has got every few seconds.
+    progress = TimingProgress(say_progress, every_s=MEASURE_PROGRESS_EVERY_S)
+    stats = oracle.measure_reference(
+        spec, refresh=args.fresh, on_timing=say_timing, on_runs=progress
+    )
     fingerprint = oracle.fingerprint()
     pruned = f"{ref.source} pruned, " if result else ""
     print(f"model      {args.model} ({pruned}arch {spec.hash})")

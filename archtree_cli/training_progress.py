@@ -33,11 +33,11 @@ class TrainingProgress:
         left_s = (now - self.started) / step * (total - step)
         self.say(
             f"training: step {step:,} of {total:,} ({step / total:.0%}), loss {loss:.3f}, "
-            f"about {_duration(left_s)} left"
+            f"about {duration_text(left_s)} left"
         )
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds <= 90:
         return f"{max(1, round(seconds))} s"
     return f"{round(seconds / 60)} min"

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 import torch
 from torch import nn
 
-from latency.harness import TimingSettings, time_interleaved, time_model
+from latency.harness import RunCounter, TimingSettings, time_interleaved, time_model
 from search.errors import ArchtreeError
 from search.interfaces import TimingStats
 from search.timing_input import timing_input
@@ -56,19 +56,24 @@ class TimingJob:
     settings: TimingSettings
     # Token ids below this are the input, for a model that embeds its inputs.
     token_range: int | None = None
+    # How often the child tells the parent how many runs it has timed (None: never).
+    report_every_s: float | None = None
 
 
-def run_timing_job(job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
-    """In the child: build the models, time them (interleaved when there is a reference)."""
+def run_timing_job(
+    job: TimingJob, after_run: Callable[[], None] | None = None
+) -> tuple[TimingStats, TimingStats | None, float | None]:
+    """In the child: build the models, time them (interleaved when there is a reference),
+    calling `after_run` after every run."""
     dtype = DTYPES[job.dtype]
     example = timing_input(
         job.batch_size, job.input_shape, dtype=dtype, token_range=job.token_range
     )
     candidate = job.candidate().to(dtype=dtype).eval()
     if job.reference is None:
-        return time_model(candidate, example, job.settings), None, None
+        return time_model(candidate, example, job.settings, after_run), None, None
     reference = job.reference().to(dtype=dtype).eval()
-    return time_interleaved(candidate, reference, example, job.settings)
+    return time_interleaved(candidate, reference, example, job.settings, after_run)
 
 
 def _serve(job: TimingJob, sender: Connection) -> None:
@@ -76,8 +81,13 @@ def _serve(job: TimingJob, sender: Connection) -> None:
     # Ctrl-C reaches the whole process group: the parent stops this child, which must not
     # print a KeyboardInterrupt traceback of its own under the parent's one-line message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    counter = (
+        None
+        if job.report_every_s is None
+        else RunCounter(lambda runs: sender.send(("runs", runs)), job.report_every_s)
+    )
     try:
-        outcome: tuple[str, object] = ("ok", run_timing_job(job))
+        outcome: tuple[str, object] = ("ok", run_timing_job(job, counter))
     except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
         outcome = ("error", error)
     try:
@@ -119,8 +129,12 @@ class FreshProcessTimer:
         self._lock = threading.Lock()
         _start_server()
 
-    def run(self, job: TimingJob) -> tuple[TimingStats, TimingStats | None, float | None]:
-        """Time `job` in a new process; one job at a time, as two would slow each other."""
+    def run(
+        self, job: TimingJob, on_runs: Callable[[int], None] | None = None
+    ) -> tuple[TimingStats, TimingStats | None, float | None]:
+        """Time `job` in a new process; one job at a time, as two would slow each other.
+        `on_runs` gets the count of runs timed so far, as often as the job reports it
+        (`report_every_s`)."""
         with self._lock:
             receiver, sender = self._context.Pipe(duplex=False)
             child = self._context.Process(target=_serve, args=(job, sender), daemon=True)
@@ -129,9 +143,14 @@ class FreshProcessTimer:
                 sender.close()
                 # Waited for in turns: a signal that lands just before a read blocks does not
                 # end it, and Ctrl-C's handler runs only once this thread is back in Python.
-                while not receiver.poll(SIGNAL_CHECK_S):
-                    pass
-                status, result = receiver.recv()
+                while True:
+                    while not receiver.poll(SIGNAL_CHECK_S):
+                        pass
+                    status, result = receiver.recv()
+                    if status != "runs":
+                        break
+                    if on_runs is not None:
+                        on_runs(result)
             except EOFError:
                 status, result = "died", None
             except BaseException:  # the parent stops (Ctrl-C): the timing is not wanted

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -83,11 +84,15 @@ def summarize(durations_ns: Sequence[int], launches_ns: Sequence[int] | None = N
 
 
 def time_model(
-    model: nn.Module, example_input: torch.Tensor, settings: TimingSettings
+    model: nn.Module,
+    example_input: torch.Tensor,
+    settings: TimingSettings,
+    after_run: Callable[[], None] | None = None,
 ) -> TimingStats:
-    """Time `model(example_input)` alone; re-measure while the CV is high, keep the best run."""
+    """Time `model(example_input)` alone; re-measure while the CV is high, keep the best run.
+    `after_run` is called after every run, warm-up included, outside the timed part."""
     with _timing_context([model], settings.threads):
-        run = _timed_runner(model, example_input)
+        run = _timed_runner(model, example_input, after_run)
         _warm_up([run], settings)
         best = run.summarize(_measure_adaptive(run, settings))
         for _ in range(settings.max_remeasures):
@@ -104,19 +109,21 @@ def time_interleaved(
     reference: nn.Module,
     example_input: torch.Tensor,
     settings: TimingSettings,
+    after_run: Callable[[], None] | None = None,
 ) -> tuple[TimingStats, TimingStats, float]:
     """Time `candidate` and `reference` alternately; return both stats and their time ratio.
 
     The ratio is the median of per-pair ratios (candidate / reference), which cancels drift of
     the machine during the measurement. While its standard error is above
     `settings.ratio_error`, up to `max_remeasures` more rounds of pairs are timed, and every
-    round's pairs count: the stats and the ratio are over all of them.
+    round's pairs count: the stats and the ratio are over all of them. `after_run` is called
+    after every run of either model, warm-up included, outside the timed part.
     """
     candidate_ns: list[int] = []
     reference_ns: list[int] = []
     with _timing_context([candidate, reference], settings.threads):
-        run_candidate = _timed_runner(candidate, example_input)
-        run_reference = _timed_runner(reference, example_input)
+        run_candidate = _timed_runner(candidate, example_input, after_run)
+        run_reference = _timed_runner(reference, example_input, after_run)
         _warm_up([run_candidate, run_reference], settings)
         for _ in range(1 + settings.max_remeasures):
             _measure_pairs(run_candidate, run_reference, settings, candidate_ns, reference_ns)
@@ -177,7 +184,8 @@ class _TimedRunner:
 
     With `synchronize` (a GPU's), the clock runs until the device has finished the run's work:
     kernels launch asynchronously, and without it the clock would measure only the launch. The
-    host's part, the call's own time, is kept in `launches_ns`.
+    host's part, the call's own time, is kept in `launches_ns`. `after_run`, where given, is
+    called after each run, once its time is taken.
     """
 
     def __init__(
@@ -185,13 +193,21 @@ class _TimedRunner:
         model: nn.Module,
         example_input: torch.Tensor,
         synchronize: Callable[[], None] | None = None,
+        after_run: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.example_input = example_input
         self.synchronize = synchronize
+        self.after_run = after_run
         self.launches_ns: list[int] = []
 
     def __call__(self) -> int:
+        duration_ns = self._timed()
+        if self.after_run is not None:
+            self.after_run()
+        return duration_ns
+
+    def _timed(self) -> int:
         if self.synchronize is None:
             start = time.perf_counter_ns()
             self.model(self.example_input)
@@ -211,11 +227,48 @@ class _TimedRunner:
         return summarize(durations_ns, launches)
 
 
-def _timed_runner(model: nn.Module, example_input: torch.Tensor) -> _TimedRunner:
+def _timed_runner(
+    model: nn.Module, example_input: torch.Tensor, after_run: Callable[[], None] | None
+) -> _TimedRunner:
     if example_input.is_cuda:
         device = example_input.device
-        return _TimedRunner(model, example_input, lambda: torch.cuda.synchronize(device))
-    return _TimedRunner(model, example_input)
+        return _TimedRunner(model, example_input, lambda: torch.cuda.synchronize(device), after_run)
+    return _TimedRunner(model, example_input, after_run=after_run)
+
+
+class RunCounter:
+    """An `after_run` that counts runs and hands the count to `report` once `every_s` have
+    passed since it last did (at the first run when `every_s` is 0): a report per run would
+    cost a fast model's timing more than its runs."""
+
+    def __init__(self, report: Callable[[int], None], every_s: float) -> None:
+        self.report = report
+        self.every_s = every_s
+        self.runs = 0
+        self._reported_at = time.monotonic()
+
+    def __call__(self) -> None:
+        self.runs += 1
+        now = time.monotonic()
+        if now - self._reported_at >= self.every_s:
+            self._reported_at = now
+            self.report(self.runs)
+
+
+class RunsReport(Protocol):
+    """Told, every `every_s` while a model is timed, the runs timed so far (`runs`) and the
+    fewest the timing takes (`planned`, see planned_runs)."""
+
+    every_s: float
+
+    def __call__(self, runs: int, planned: int) -> None: ...
+
+
+def planned_runs(settings: TimingSettings, interleaved: bool) -> int:
+    """The fewest runs a timing takes: its warm-up and one round of `min_runs`, of each model
+    when `interleaved`. More where the time minimum needs them or a noisy round is timed
+    again."""
+    return (settings.warmup_runs + settings.min_runs) * (2 if interleaved else 1)
 
 
 def _warm_up(runs: Sequence[Callable[[], int]], settings: TimingSettings) -> None:

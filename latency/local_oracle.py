@@ -16,7 +16,14 @@ from torch import nn
 from latency.cache import LatencyCache, MemoryLatencyCache, decoded
 from latency.fingerprint import device_fingerprint, timing_key
 from latency.fresh_process import DTYPES, FreshProcessTimer, TimingJob
-from latency.harness import TimingSettings, time_interleaved, time_model
+from latency.harness import (
+    RunCounter,
+    RunsReport,
+    TimingSettings,
+    planned_runs,
+    time_interleaved,
+    time_model,
+)
 from search.errors import ArchtreeError
 from search.interfaces import LatencyMeasurement, TimingStats
 from search.quiet import QuietGate
@@ -136,10 +143,12 @@ class LocalOracle:
         confirm: bool = False,
         refresh: bool = False,
         on_timing: Callable[[], None] | None = None,
+        on_runs: RunsReport | None = None,
     ) -> TimingStats:
         """Time the unpruned model alone: the job's baseline L(M0). A timing in the cache is
         used unless `refresh`, which times it again and caches the new timing. `on_timing` is
-        called when it is timed (not taken from the cache), before the timing starts."""
+        called when it is timed (not taken from the cache), before the timing starts;
+        `on_runs`, while it is timed, with the runs timed so far and the fewest it takes."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(reference, reference, "ref", confirm)
@@ -151,7 +160,7 @@ class LocalOracle:
         if on_timing is not None:
             on_timing()
         with self.gate.timing():
-            stats = self._time(reference, None, input_shape, confirm)[0]
+            stats = self._time(reference, None, input_shape, confirm, on_runs)[0]
             self.measurements += 1
         self.cache.put(key, stats.to_dict())
         return stats
@@ -204,15 +213,29 @@ class LocalOracle:
         reference: ArchSpec | None,
         input_shape: tuple[int, ...],
         confirm: bool,
+        on_runs: RunsReport | None = None,
     ) -> tuple[TimingStats, TimingStats | None, float | None]:
         """Time `candidate` (interleaved with `reference`, when given) in a fresh process or
-        in this one."""
+        in this one, telling `on_runs` how far it has got."""
+        settings = self._settings(confirm)
+        planned = planned_runs(settings, interleaved=reference is not None)
         if self._fresh is not None:
-            return self._fresh.run(self._job(candidate, reference, input_shape, confirm))
-        example, settings = self._input(candidate), self._settings(confirm)
+            job = self._job(candidate, reference, input_shape, confirm)
+            if on_runs is None:
+                return self._fresh.run(job)
+            job = replace(job, report_every_s=on_runs.every_s)
+            return self._fresh.run(job, lambda runs: on_runs(runs, planned))
+        example = self._input(candidate)
+        counter = (
+            None
+            if on_runs is None
+            else RunCounter(lambda runs: on_runs(runs, planned), on_runs.every_s)
+        )
         if reference is None:
-            return time_model(self._model(candidate), example, settings), None, None
-        return time_interleaved(self._model(candidate), self._model(reference), example, settings)
+            return time_model(self._model(candidate), example, settings, counter), None, None
+        return time_interleaved(
+            self._model(candidate), self._model(reference), example, settings, counter
+        )
 
     def _job(
         self,

@@ -34,6 +34,21 @@ def job(candidate, reference=None) -> TimingJob:
     return TimingJob(candidate, reference, (16,), batch_size=4, dtype="float32", settings=FAST)
 
 
+def test_a_child_tells_how_many_runs_it_has_timed_as_often_as_asked() -> None:
+    timer = FreshProcessTimer()
+    exact = TimingSettings(warmup_runs=2, warmup_s=0.0, min_runs=4, min_time_s=0.0,
+                           max_remeasures=0)  # fmt: skip
+    small = functools.partial(nn.Linear, 16, 16)
+    told: list[int] = []
+    each_run = replace(job(small, small), settings=exact, report_every_s=0.0)
+    timer.run(each_run, told.append)
+    assert told == list(range(1, 13))  # (2 warm-up + 4) runs of each model
+    told.clear()
+    timer.run(replace(each_run, report_every_s=None), told.append)
+    assert told == []  # not asked to report
+    timer.run(each_run)  # reports nobody listens to are read and dropped
+
+
 def test_each_timing_runs_in_a_new_child_process(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     factory = functools.partial(model_recording_pid, str(pids))

@@ -14,7 +14,9 @@ from torch import nn
 
 from latency.allocator import steady_allocator
 from latency.harness import (
+    RunCounter,
     TimingSettings,
+    planned_runs,
     ratio_standard_error,
     summarize,
     time_interleaved,
@@ -279,3 +281,33 @@ def test_a_cpu_timing_has_no_launch_time():
     stats = time_model(mlp(32, 2), torch.randn(4, 32), FAST)
     assert stats.launch_ms is None
     assert "launch_ms" in stats.to_dict()
+
+
+EXACT = TimingSettings(warmup_runs=2, warmup_s=0.0, min_runs=3, min_time_s=0.0, max_remeasures=0)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_after_run_is_called_after_every_run_and_the_planned_runs_count_them(interleaved):
+    log: list[tuple[str, int]] = []
+    reports: list[int] = []
+    counter = RunCounter(reports.append, every_s=0.0)
+    calls_before = []
+
+    def after_run() -> None:
+        calls_before.append(len(log))  # called once the run it follows has been made
+        counter()
+
+    if interleaved:
+        time_interleaved(CallLog("c", log), CallLog("r", log), torch.ones(1), EXACT, after_run)
+    else:
+        time_model(CallLog("m", log), torch.ones(1), EXACT, after_run)
+    assert calls_before == list(range(1, len(log) + 1))
+    assert counter.runs == len(log) == planned_runs(EXACT, interleaved) == 5 * (1 + interleaved)
+    assert reports == list(range(1, len(log) + 1))
+
+
+def test_a_run_counter_reports_no_more_often_than_asked():
+    reports: list[int] = []
+    counter = RunCounter(reports.append, every_s=3600.0)
+    time_model(CallLog("m", []), torch.ones(1), EXACT, counter)
+    assert counter.runs == 5 and reports == []

@@ -1,4 +1,4 @@
-"""The demo's training says how far it is, every few seconds."""
+"""The demo's training and `measure`'s timing say how far they are, every few seconds."""
 
 from __future__ import annotations
 
@@ -25,3 +25,22 @@ def test_a_long_training_gives_the_time_left_in_minutes():
     now[0] = 12.0
     progress(1, 100, 1.5)
     assert said == ["training: step 1 of 100 (1%), loss 1.500, about 20 min left"]
+
+
+def test_a_timing_says_its_runs_of_those_planned_and_the_time_left():
+    from archtree_cli.timing_progress import TimingProgress
+
+    said: list[str] = []
+    now = [50.0]
+    progress = TimingProgress(said.append, every_s=10.0, clock=lambda: now[0])
+    now[0] = 60.0
+    progress(5, 35)  # 2 s a run: 30 runs, a minute, to go
+    now[0] = 130.0
+    progress(35, 35)
+    now[0] = 140.0
+    progress(40, 35)
+    assert said == [
+        "timed 5 of at least 35 runs (2 s a run), about 60 s left",
+        "timed 35 runs (2.29 s a run), at least 35 planned: more while their times vary",
+        "timed 40 runs (2.25 s a run), at least 35 planned: more while their times vary",
+    ]
