@@ -79,7 +79,8 @@ class Services:
             jobs=JobStore(client),
             artifacts=ArtifactStore(settings.artifacts_url),
             registry=DeviceRegistry(client, settings.heartbeat_ttl_s),
-            celery=create_app(settings),
+            # A submission sends the job's first task: not held by a stalled Redis either.
+            celery=create_app(settings, publish_timeout_s=REDIS_SOCKET_TIMEOUT_S),
             leases=TaskLeases.of(client, settings),
         )
 

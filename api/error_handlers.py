@@ -13,6 +13,7 @@ import json
 import logging
 from typing import Any
 
+import kombu.exceptions
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -39,6 +40,8 @@ UNPARSED_BODY = "There was an error parsing the body"
 # out of memory, a read-only replica after a failover, still loading its data.
 REDIS_UNAVAILABLE = (
     *REDIS_UNREACHABLE,
+    # What sending a task raises when the broker's Redis does not answer (workers.celery_app).
+    kombu.exceptions.OperationalError,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.BusyLoadingError,
@@ -122,7 +125,7 @@ def _send_json_object(request: Request) -> str:
 
 async def _redis_unavailable(_: Request, error: Exception) -> JSONResponse:
     reason = first_line(error) or "no answer"
-    reached = not isinstance(error, REDIS_UNREACHABLE)
+    reached = not isinstance(error, (*REDIS_UNREACHABLE, kombu.exceptions.OperationalError))
     problem = "has a Redis that cannot serve now" if reached else "cannot reach its Redis"
     # Redis's own reasons (out of memory, loading) are the client's to know; those of an
     # unreachable one name its address, which is the operator's: in the log.

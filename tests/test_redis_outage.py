@@ -215,3 +215,93 @@ def test_a_redis_that_stalls_is_answered_503_without_waiting_for_it(
     ), api.output()
     assert "Redis" in stalled["/v1/jobs"].json()["detail"]
     assert after["/v1/jobs"] == 200 and after["/v1/devices"] == 200
+
+
+def test_a_submission_to_a_stalled_broker_fails_in_seconds_and_one_after_a_restart_is_sent(
+    persistent_redis: PersistentRedis, tmp_path: Path
+):
+    """Sending a job's first task to a Redis that stalls waited until it answered again: the
+    API's submission held its request, and the job, already stored, stayed queued meanwhile.
+    The API's Celery app now gives up after a timeout, once tried again, and the job fails
+    saying to submit it again. The jobs are stored in another Redis here, which answers: only
+    the send meets the stall."""
+    import os
+    import signal
+
+    from kombu.exceptions import OperationalError
+
+    from archtree_cli.settings import ServiceSettings
+    from workers.celery_app import create_app
+
+    store_redis = PersistentRedis(tmp_path)
+    store_redis.start()
+    try:
+        store = JobStore(redis.Redis.from_url(store_redis.url))
+        # A queue of its own: no worker of this module's other tests takes these jobs' tasks.
+        settings = ServiceSettings(redis_url=persistent_redis.url, search_queue="stalls")
+        celery = create_app(settings, publish_timeout_s=1.0)
+        queued = submit_job(store, job_spec("nowhere"), celery=celery)  # connects the pool
+        outcome: list[BaseException | str] = []
+
+        def submit() -> None:
+            try:
+                outcome.append(submit_job(store, job_spec("nowhere"), celery=celery))
+            except BaseException as error:  # noqa: BLE001 - handed to the test
+                outcome.append(error)
+
+        assert persistent_redis.process is not None
+        os.kill(persistent_redis.process.pid, signal.SIGSTOP)
+        try:
+            sender = threading.Thread(target=submit, daemon=True)
+            sender.start()
+            sender.join(timeout=60)  # three timeouts of 1 s here
+            waited = sender.is_alive()
+        finally:
+            os.kill(persistent_redis.process.pid, signal.SIGCONT)
+        sender.join(timeout=60)
+        assert not waited, "the send waited for the stalled Redis"
+        assert isinstance(outcome[0], OperationalError), outcome
+        jobs, _ = store.list(limit=5)
+        failed = [job for job in jobs if job["id"] != queued]
+        assert [job["status"] for job in failed] == ["failed"]
+        assert failed[0]["error"].startswith(
+            "the job could not be queued, Redis did not take it (Timeout reading from socket)"
+        )
+        # A restart leaves the pool's connections dead: the send reconnects and goes through.
+        persistent_redis.stop()
+        persistent_redis.start()
+        sent = submit_job(store, job_spec("nowhere"), celery=celery)
+        assert store.get(sent)["status"] == "queued"
+    finally:
+        store_redis.stop()
+
+
+def test_a_task_redis_would_not_take_is_answered_503_not_500():
+    """What a send to a broker that stalls or is down raises (kombu's OperationalError) is the
+    service's Redis unable to serve, as a Redis command's timeout is: 503, try again."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+    from kombu.exceptions import OperationalError
+
+    from api.error_handlers import add_error_handlers
+
+    app = FastAPI()
+    add_error_handlers(app)
+
+    @app.post("/v1/jobs")
+    def submit() -> None:
+        raise OperationalError("Timeout reading from socket")
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return await client.post("/v1/jobs")
+
+    answer = asyncio.run(post())
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"] == "5"
+    assert answer.json()["detail"].startswith(
+        "the service cannot reach its Redis (OperationalError); try again shortly"
+    )

@@ -80,12 +80,38 @@ def celery_config(settings: ServiceSettings) -> dict[str, Any]:
     return config
 
 
-def create_app(settings: ServiceSettings | None = None) -> Celery:
-    """A Celery app for these settings; the tasks are those of workers.tasks."""
+def create_app(
+    settings: ServiceSettings | None = None, *, publish_timeout_s: float | None = None
+) -> Celery:
+    """A Celery app for these settings; the tasks are those of workers.tasks.
+
+    `publish_timeout_s`: how long sending a task waits on a Redis that does not answer (a
+    stalled one takes the connection and answers nothing), twice at most, before kombu's
+    OperationalError. Without it a send waits until Redis answers again, as a worker's may:
+    a request of the API must not.
+    """
     redis_broker.install()
     app = Celery("archtree", include=["workers.tasks"])
-    app.conf.update(celery_config(settings or service_settings()))
+    config = celery_config(settings or service_settings())
+    if publish_timeout_s is not None:
+        config["broker_transport_options"] = {
+            **config["broker_transport_options"],
+            "socket_timeout": publish_timeout_s,
+            "socket_connect_timeout": publish_timeout_s,
+        }
+        # Celery's default tries 4 times: a send to a stalled Redis would wait 4 timeouts.
+        config["task_publish_retry_policy"] = {
+            "max_retries": PUBLISH_RETRIES,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        }
+    app.conf.update(config)
     return app
+
+
+# Times a send that failed (a connection Redis closed as it restarted) is tried again.
+PUBLISH_RETRIES = 1
 
 
 app = create_app()

@@ -28,6 +28,7 @@ from typing import Any
 
 from celery import Celery, Task, chord
 from celery.canvas import Signature
+from kombu.exceptions import OperationalError
 
 from archtree_cli.settings import service_settings
 from latency.device_registry import DeviceRegistry
@@ -88,7 +89,15 @@ def submit_job(
         spec, job_id=job_id, notes=notes, api_url=api_url, store_marker=store_marker
     )
     try:
-        (celery or app).send_task(START_JOB, args=[job_id])
+        # Its result is never read: not subscribing to it spares the sender a connection to
+        # the result backend (one per thread, which a stalled Redis would hold with no timeout).
+        (celery or app).send_task(START_JOB, args=[job_id], ignore_result=True)
+    except OperationalError as error:  # the broker's Redis cannot be reached, or stalls
+        store.set_status(
+            job_id, "failed", f"the job could not be queued, Redis did not take it ({error}): "
+            "submit it again"
+        )  # fmt: skip
+        raise
     except Exception as error:
         store.set_status(job_id, "failed", f"internal error: could not queue the job: {error}")
         raise
