@@ -51,7 +51,18 @@ def warn_of_threads_over_cores(
         )
 
 
-def _oracle(args: argparse.Namespace):
+# How often a long timing on this machine says how far it has got, in seconds.
+TIMING_PROGRESS_EVERY_S = 10.0
+
+
+def say_timing_progress(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def _oracle(args: argparse.Namespace, quiet: bool = False):
+    """The oracle that times on this machine for `measure` and `prune`: a slow model's timing
+    (a huge batch, a slow device) says how far it has got every few seconds, unless `quiet`."""
+    from archtree_cli.timing_progress import TimingProgress
     from latency.cache import DiskLatencyCache
     from latency.local_oracle import LocalOracle, check_threads, parse_device
     from search.arch_spec import build_from_spec
@@ -76,6 +87,7 @@ def _oracle(args: argparse.Namespace):
         batch_size=args.batch_size,
         cache=DiskLatencyCache(cache_dir),
         fresh_process=True,
+        on_runs=None if quiet else TimingProgress(say_timing_progress, TIMING_PROGRESS_EVERY_S),
     )
 
 
@@ -327,7 +339,7 @@ def run_prune(args: argparse.Namespace) -> int:
         )
     train_device = _train_device(args.train_device)
     _check_out_dir(args.out, args.overwrite, {"--weights": args.weights, "--data": args.data})
-    oracle = _oracle(args)
+    oracle = _oracle(args, quiet=args.quiet)
     notes = strategy_notes(args)
     args.saved_search = _saved_search(args, settings)
     report, folder = prune(
@@ -459,16 +471,7 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
     print(f"saved to {Path(out)}/ (arch.json, model.safetensors, report.json)")
 
 
-# How often `measure` says how far a long timing has got, in seconds.
-MEASURE_PROGRESS_EVERY_S = 10.0
-
-
-def say_progress(text: str) -> None:
-    print(f"  {text}", file=sys.stderr, flush=True)
-
-
 def run_measure(args: argparse.Namespace) -> int:
-    from archtree_cli.timing_progress import TimingProgress
     from search.arch_spec import spec_of
     from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
@@ -543,12 +546,7 @@ def run_measure(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    # A slow model (a huge batch, a CPU shared by thousands of threads) takes minutes: say how
-    # far the timing has got every few seconds.
-    progress = TimingProgress(say_progress, every_s=MEASURE_PROGRESS_EVERY_S)
-    stats = oracle.measure_reference(
-        spec, refresh=args.fresh, on_timing=say_timing, on_runs=progress
-    )
+    stats = oracle.measure_reference(spec, refresh=args.fresh, on_timing=say_timing)
     fingerprint = oracle.fingerprint()
     pruned = f"{ref.source} pruned, " if result else ""
     print(f"model      {args.model} ({pruned}arch {spec.hash})")

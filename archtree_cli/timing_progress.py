@@ -1,32 +1,23 @@
-"""A line every few seconds while `measure` times a slow model: the runs timed, of how many,
-and the time left."""
+"""A line every few seconds while a slow model is timed (by `measure`, or `prune` on this
+machine): the runs timed, of how many, and the time left."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from archtree_cli.training_progress import SAY_EVERY_S, duration_text
 
 
 class TimingProgress:
-    """A `latency.harness.RunsReport`: told the runs timed so far and the fewest the timing
-    takes, every `every_s` seconds, it says so through `say`. A timing shorter than that says
-    nothing."""
+    """A `latency.harness.RunsReport`: told the runs timed so far, the fewest the timing takes
+    and the time it has taken, every `every_s` seconds, it says so through `say`. A timing
+    shorter than that says nothing."""
 
-    def __init__(
-        self,
-        say: Callable[[str], None],
-        every_s: float = SAY_EVERY_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, say: Callable[[str], None], every_s: float = SAY_EVERY_S) -> None:
         self.say = say
         self.every_s = every_s
-        self.clock = clock
-        self.started = clock()
 
-    def __call__(self, runs: int, planned: int) -> None:
-        elapsed_s = self.clock() - self.started
+    def __call__(self, runs: int, planned: int, elapsed_s: float) -> None:
         each_s = elapsed_s / max(runs, 1)
         if runs < planned:
             self.say(

@@ -256,12 +256,12 @@ class RunCounter:
 
 
 class RunsReport(Protocol):
-    """Told, every `every_s` while a model is timed, the runs timed so far (`runs`) and the
-    fewest the timing takes (`planned`, see planned_runs)."""
+    """Told, every `every_s` while a model is timed, the runs timed so far (`runs`), the
+    fewest the timing takes (`planned`, see planned_runs) and the seconds since it started."""
 
     every_s: float
 
-    def __call__(self, runs: int, planned: int) -> None: ...
+    def __call__(self, runs: int, planned: int, elapsed_s: float) -> None: ...
 
 
 def planned_runs(settings: TimingSettings, interleaved: bool) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import pickle
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -67,7 +68,8 @@ class LocalOracle:
     `build` turns an architecture spec into a model. `threads` overrides `settings.threads`.
     With `fresh_process` (CPU only), every timing runs in a new child process that builds the
     models with `build`, which must then be picklable (latency/fresh_process.py says why).
-    Counters: `measurements` (timings actually run) and `cache_hits`.
+    Counters: `measurements` (timings actually run) and `cache_hits`. `on_runs` is told how
+    far each timing has got, every `on_runs.every_s` seconds while it runs.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class LocalOracle:
         settings: TimingSettings | None = None,
         models_kept: int = 8,
         fresh_process: bool = False,
+        on_runs: RunsReport | None = None,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ArchtreeError(
@@ -109,6 +112,7 @@ class LocalOracle:
         self.confirm_settings = self.settings.scaled(CONFIRM_FACTOR)
         self.measurements = 0
         self.cache_hits = 0
+        self.on_runs = on_runs
         self._models_kept = models_kept
         self._models: OrderedDict[str, nn.Module] = OrderedDict()
         self._fingerprints: dict[tuple[int, ...] | None, dict[str, Any]] = {}
@@ -143,12 +147,10 @@ class LocalOracle:
         confirm: bool = False,
         refresh: bool = False,
         on_timing: Callable[[], None] | None = None,
-        on_runs: RunsReport | None = None,
     ) -> TimingStats:
         """Time the unpruned model alone: the job's baseline L(M0). A timing in the cache is
         used unless `refresh`, which times it again and caches the new timing. `on_timing` is
-        called when it is timed (not taken from the cache), before the timing starts;
-        `on_runs`, while it is timed, with the runs timed so far and the fewest it takes."""
+        called when it is timed (not taken from the cache), before the timing starts."""
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(reference, reference, "ref", confirm)
@@ -160,7 +162,7 @@ class LocalOracle:
         if on_timing is not None:
             on_timing()
         with self.gate.timing():
-            stats = self._time(reference, None, input_shape, confirm, on_runs)[0]
+            stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
         self.cache.put(key, stats.to_dict())
         return stats
@@ -213,24 +215,24 @@ class LocalOracle:
         reference: ArchSpec | None,
         input_shape: tuple[int, ...],
         confirm: bool,
-        on_runs: RunsReport | None = None,
     ) -> tuple[TimingStats, TimingStats | None, float | None]:
         """Time `candidate` (interleaved with `reference`, when given) in a fresh process or
         in this one, telling `on_runs` how far it has got."""
-        settings = self._settings(confirm)
+        settings, on_runs = self._settings(confirm), self.on_runs
         planned = planned_runs(settings, interleaved=reference is not None)
+        started = time.monotonic()
+
+        def report(runs: int) -> None:
+            assert on_runs is not None
+            on_runs(runs, planned, time.monotonic() - started)
+
         if self._fresh is not None:
             job = self._job(candidate, reference, input_shape, confirm)
             if on_runs is None:
                 return self._fresh.run(job)
-            job = replace(job, report_every_s=on_runs.every_s)
-            return self._fresh.run(job, lambda runs: on_runs(runs, planned))
+            return self._fresh.run(replace(job, report_every_s=on_runs.every_s), report)
         example = self._input(candidate)
-        counter = (
-            None
-            if on_runs is None
-            else RunCounter(lambda runs: on_runs(runs, planned), on_runs.every_s)
-        )
+        counter = None if on_runs is None else RunCounter(report, on_runs.every_s)
         if reference is None:
             return time_model(self._model(candidate), example, settings, counter), None, None
         return time_interleaved(

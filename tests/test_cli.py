@@ -1101,3 +1101,27 @@ def test_an_unknown_option_is_refused_by_its_command_with_the_closest_option(arg
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert said in error and len(error.strip().splitlines()) == 1, error
+
+
+@pytest.mark.slow
+def test_prune_says_how_far_its_long_timings_have_got_unless_quiet(tmp_path, monkeypatch, capsys):
+    """Every TIMING_PROGRESS_EVERY_S (10 s) of a timing: here after every run, in this process,
+    where each of the search's timings says it."""
+    from argparse import Namespace
+
+    from archtree_cli import commands
+    from archtree_cli.main import main
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(commands, "TIMING_PROGRESS_EVERY_S", 0.0)
+    assert main(prune_args(tmp_path, "--model", "builtin:vgg")) == 0
+    said = capsys.readouterr().err.splitlines()
+    firsts = [line for line in said if line.startswith("  timed 1 of at least ")]
+    planned = {int(line.split()[5]) for line in firsts}
+    # The baseline alone (10 + 25 runs), a child with the unpruned model (2 x 35) and the
+    # answer's confirmation (2 x (10 + 4 x 25)); each timing says it from its first run.
+    assert planned == {35, 70, 220}, firsts
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(firsts) == report["search"]["latency_measurements"]
+    options = Namespace(device="local", threads=1, batch_size=1, cache_dir=str(tmp_path))
+    assert commands._oracle(options, quiet=True).on_runs is None  # prune --quiet

@@ -89,11 +89,11 @@ def test_a_batch_beyond_the_address_space_ulimit_allows_is_refused_as_one(home, 
 
 
 def test_a_long_timing_says_how_far_it_has_got(tmp_path, monkeypatch, capsys):
-    """Every MEASURE_PROGRESS_EVERY_S (10 s): here after every run, in this process."""
+    """Every TIMING_PROGRESS_EVERY_S (10 s): here after every run, in this process."""
     from archtree_cli import commands
     from archtree_cli.main import main
 
-    monkeypatch.setattr(commands, "MEASURE_PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(commands, "TIMING_PROGRESS_EVERY_S", 0.0)
     command = ["measure", "--model", "builtin:vgg", "--input-shape", "1,8,8",
                "--cache-dir", str(tmp_path)]  # fmt: skip
     assert main(command) == 0

@@ -31,14 +31,10 @@ def test_a_timing_says_its_runs_of_those_planned_and_the_time_left():
     from archtree_cli.timing_progress import TimingProgress
 
     said: list[str] = []
-    now = [50.0]
-    progress = TimingProgress(said.append, every_s=10.0, clock=lambda: now[0])
-    now[0] = 60.0
-    progress(5, 35)  # 2 s a run: 30 runs, a minute, to go
-    now[0] = 130.0
-    progress(35, 35)
-    now[0] = 140.0
-    progress(40, 35)
+    progress = TimingProgress(said.append, every_s=10.0)
+    progress(5, 35, 10.0)  # 2 s a run: 30 runs, a minute, to go
+    progress(35, 35, 80.0)
+    progress(40, 35, 90.0)
     assert said == [
         "timed 5 of at least 35 runs (2 s a run), about 60 s left",
         "timed 35 runs (2.29 s a run), at least 35 planned: more while their times vary",
