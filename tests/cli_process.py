@@ -64,6 +64,23 @@ def archtree(
     return result
 
 
+def main_here(args: list[str]) -> int:
+    """`archtree ARGS` in this process, where module constants a test patched apply; the
+    signal handlers as they were, after. A command that ends leaves SIGINT and SIGTERM
+    exiting at once (archtree_cli/stop_signals.py), which here would end the test process at
+    the next signal a test sends it."""
+    import signal
+
+    from archtree_cli.main import main
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return main(args)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The one `archtree: error:` line a refused command ends with; AssertionError unless it
     exited with 2 after exactly one such line and no traceback."""

@@ -30,6 +30,7 @@ from tests.cli_process import (
     REACHABLE,
     ROOT,
     archtree,
+    main_here,
     one_line_error,
     prune_args,
     run_archtree,
@@ -1110,11 +1111,10 @@ def test_prune_says_how_far_its_long_timings_have_got_unless_quiet(tmp_path, mon
     from argparse import Namespace
 
     from archtree_cli import commands
-    from archtree_cli.main import main
 
     monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(commands, "TIMING_PROGRESS_EVERY_S", 0.0)
-    assert main(prune_args(tmp_path, "--model", "builtin:vgg")) == 0
+    assert main_here(prune_args(tmp_path, "--model", "builtin:vgg")) == 0
     said = capsys.readouterr().err.splitlines()
     firsts = [line for line in said if line.startswith("  timed 1 of at least ")]
     planned = {int(line.split()[5]) for line in firsts}

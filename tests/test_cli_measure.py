@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_process import archtree, one_line_error
+from tests.cli_process import archtree, main_here, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +91,11 @@ def test_a_batch_beyond_the_address_space_ulimit_allows_is_refused_as_one(home, 
 def test_a_long_timing_says_how_far_it_has_got(tmp_path, monkeypatch, capsys):
     """Every TIMING_PROGRESS_EVERY_S (10 s): here after every run, in this process."""
     from archtree_cli import commands
-    from archtree_cli.main import main
 
     monkeypatch.setattr(commands, "TIMING_PROGRESS_EVERY_S", 0.0)
     command = ["measure", "--model", "builtin:vgg", "--input-shape", "1,8,8",
                "--cache-dir", str(tmp_path)]  # fmt: skip
-    assert main(command) == 0
+    assert main_here(command) == 0
     said = capsys.readouterr().err.splitlines()
     assert said[0].startswith("measuring builtin:vgg at batch 1")
     runs = [int(re.match(r"  timed ([0-9,]+)", line)[1].replace(",", "")) for line in said[1:]]
@@ -104,7 +103,7 @@ def test_a_long_timing_says_how_far_it_has_got(tmp_path, monkeypatch, capsys):
     assert said[1].startswith("  timed 1 of at least 35 runs (")
     assert said[35].startswith("  timed 35 runs (")
     assert said[35].endswith("s a run), at least 35 planned: more while their times vary")
-    assert main(command) == 0  # from the cache: nothing timed, nothing said
+    assert main_here(command) == 0  # from the cache: nothing timed, nothing said
     assert capsys.readouterr().err == ""
 
 
