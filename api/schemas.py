@@ -360,7 +360,8 @@ class JobProgress(BaseModel):
 
 class LostTask(BaseModel):
     """A task of the job whose worker stopped renewing its lease: killed, or its machine lost.
-    The broker hands it to another worker once its visibility timeout has passed."""
+    A live worker hands it back to its queue once it has stayed lost a whole lease (or the
+    broker does, once its visibility timeout has passed)."""
 
     task_id: str = Field(description="The Celery task id.")
     name: str = Field(examples=["archtree.evaluate_child"])
@@ -368,8 +369,9 @@ class LostTask(BaseModel):
     started_at: float = Field(description="Unix time the lost worker started it.")
     silent_s: float = Field(description="Seconds since the worker last renewed its lease.")
     back_by: float = Field(
-        description="Unix time by which another worker gets it: ARCHTREE_VISIBILITY_TIMEOUT_S "
-        "after it was handed to the lost worker."
+        description="Unix time by which another worker gets it, if one is alive: about two "
+        "leases (ARCHTREE_TASK_LEASE_S) after its worker last renewed its lease, at most "
+        "ARCHTREE_VISIBILITY_TIMEOUT_S after it was handed to that worker."
     )
 
 

@@ -308,6 +308,5 @@ def lost_task_text(task: dict[str, Any]) -> str:
     back_by = time.strftime("%H:%M:%S", time.localtime(task["back_by"]))
     return (
         f"worker {task['worker']} stopped answering in {name} (silent {task['silent_s']:.0f} s); "
-        f"another worker takes the task by about {back_by}, ARCHTREE_VISIBILITY_TIMEOUT_S after "
-        "it was handed out"
+        f"another worker takes the task by about {back_by}, if one is running"
     )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import redis
 
@@ -31,11 +32,9 @@ def test_a_task_longer_than_its_lease_keeps_it_and_leaves_no_record(redis_client
     assert redis_client.exists(leases.tasks_key("job1"), leases.lease_key("job1", "task-1")) == 0
 
 
-def test_a_task_whose_process_dies_is_lost_and_announced_once(
-    redis_client: redis.Redis, redis_url: str
-):
-    leases = TaskLeases(redis_client, LEASE_S, redelivery_s=30.0, prefix="leases-b:")
-    jobs = JobStore(redis_client, prefix="leases-b:")
+def holding_process(redis_url: str, prefix: str, job_id: str, task_id: str, name: str):
+    """A process that holds the lease of `task_id` of `job_id` until it is killed, as a
+    worker's does while it runs the task; returned once it holds it."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -43,8 +42,8 @@ def test_a_task_whose_process_dies_is_lost_and_announced_once(
             "import sys, time, redis\n"
             "from workers.task_leases import TaskLeases\n"
             f"leases = TaskLeases(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, 30.0, "
-            "prefix='leases-b:')\n"
-            "with leases.hold('job2', 'task-2', 'archtree.run_depth', 'w2@host'):\n"
+            f"prefix={prefix!r})\n"
+            f"with leases.hold({job_id!r}, {task_id!r}, {name!r}, 'w2@host'):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(600)\n",
             redis_url,
@@ -53,8 +52,17 @@ def test_a_task_whose_process_dies_is_lost_and_announced_once(
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_task_whose_process_dies_is_lost_and_announced_once(
+    redis_client: redis.Redis, redis_url: str
+):
+    leases = TaskLeases(redis_client, LEASE_S, redelivery_s=30.0, prefix="leases-b:")
+    jobs = JobStore(redis_client, prefix="leases-b:")
+    holder = holding_process(redis_url, "leases-b:", "job2", "task-2", "archtree.run_depth")
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert leases.lost("job2") == []
         holder.kill()
         holder.wait()
@@ -62,7 +70,9 @@ def test_a_task_whose_process_dies_is_lost_and_announced_once(
     finally:
         holder.kill()
     assert (lost.task_id, lost.name, lost.worker) == ("task-2", "archtree.run_depth", "w2@host")
-    assert lost.silent_s >= LEASE_S and lost.back_by == lost.started_at + 30.0
+    assert lost.silent_s >= LEASE_S
+    # A live worker hands it back sooner than the broker's visibility timeout (30 s) would.
+    assert lost.started_at + leases.handed_back_after_s <= lost.back_by < lost.started_at + 30.0
     assert [t.task_id for t in leases.announce_lost(jobs, "job2")] == ["task-2"]
     assert [t.task_id for t in leases.announce_lost(jobs, "job2")] == ["task-2"]
     said = [event for _, event in jobs.read_events("job2") if event["kind"] == "task_lost"]
@@ -92,3 +102,61 @@ def test_a_task_that_ends_while_its_job_is_read_is_never_taken_for_lost(
         churn.join()
     assert [lost for lost in seen if lost] == []
     assert redis_client.exists(leases.tasks_key("job3")) == 0
+
+
+def test_a_task_lost_a_whole_lease_after_a_sweep_saw_it_so_goes_back_to_its_queue(
+    redis_client: redis.Redis, redis_url: str
+):
+    """Its message, taken from a real kombu queue and not acknowledged, is marked expired in
+    kombu's index, and kombu's own look for expired messages puts it back on the queue, long
+    before the visibility timeout (an hour here)."""
+    from kombu import Connection
+
+    task_id, queue_name = f"task-{uuid.uuid4()}", f"queue-{uuid.uuid4()}"
+    leases = TaskLeases(redis_client, LEASE_S, redelivery_s=3600.0, prefix="leases-d:")
+    with Connection(redis_url, transport_options={"visibility_timeout": 3600}) as connection:
+        queue = connection.SimpleQueue(queue_name)
+        queue.put({"step": 1}, headers={"id": task_id})
+        taken = queue.get(timeout=10)  # handed out, not acknowledged: as a running task's
+        holder = holding_process(redis_url, "leases-d:", "job4", task_id, "archtree.run_depth")
+        assert leases.redeliver_lost() == []  # held: nothing to do
+        holder.kill()
+        holder.wait()
+        wait_until(lambda: leases.lost("job4"), 10 * LEASE_S, "the lost task")
+        assert leases.redeliver_lost() == []  # first seen lost: marked, not yet handed back
+        handed_back = wait_until(leases.redeliver_lost, 10 * LEASE_S, "the task handed back")
+        assert handed_back == [task_id]
+        assert redis_client.zscore("unacked_index", taken.delivery_tag) == 0
+        assert leases.redeliver_lost() == []  # once
+        queue.channel.qos.restore_visible()  # what every worker runs every few seconds
+        again = queue.get(timeout=10)
+        assert again.headers["id"] == task_id and again.payload == {"step": 1}
+        again.ack()
+        queue.close()
+    assert redis_client.hlen(leases.running_key) == 0
+
+
+def test_a_task_whose_worker_could_not_renew_for_a_while_is_not_handed_back(
+    redis_client: redis.Redis, redis_url: str
+):
+    """A worker that Redis (or a frozen machine) kept from renewing renews within a third of
+    a lease once it can: the mark the first sweep left is dropped, and the task stays."""
+    import os
+    import signal
+
+    leases = TaskLeases(redis_client, LEASE_S, redelivery_s=3600.0, prefix="leases-e:")
+    holder = holding_process(redis_url, "leases-e:", "job5", "task-5", "archtree.run_depth")
+    try:
+        os.kill(holder.pid, signal.SIGSTOP)
+        wait_until(lambda: leases.lost("job5"), 10 * LEASE_S, "the lease expired")
+        assert leases.redeliver_lost() == []  # seen lost: marked
+        os.kill(holder.pid, signal.SIGCONT)
+        wait_until(lambda: not leases.lost("job5"), 10 * LEASE_S, "the lease renewed")
+        deadline = time.monotonic() + 3 * LEASE_S
+        while time.monotonic() < deadline:  # a whole lease after the mark, and more
+            assert leases.redeliver_lost() == []
+            time.sleep(LEASE_S / 8)
+        assert redis_client.hexists(leases.running_key, "task-5")
+    finally:
+        holder.kill()
+        holder.wait()

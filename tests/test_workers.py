@@ -369,28 +369,36 @@ def test_a_file_is_put_in_the_store_whole_or_not_at_all(tmp_path: Path):
 def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_depths(
     workers: WorkerPool, jobs: JobStore, agents
 ):
+    """The killed worker's task goes back to the queue once a live worker has seen its lease
+    lost for a whole lease, within seconds: not after the visibility timeout, ten minutes
+    here, far beyond the time the test waits for the job."""
     start_agents(agents, jobs, "pool-b", 2)
-    # Small steps, closely fitted, so that the search surely has a depth 2 to kill a worker in.
-    spec = job_spec("pool-b", planned_steps=4, max_probes=4)
-    job_id = submit_job(jobs, spec, celery=workers.app)
-    wait_until(lambda: (jobs.load_state(job_id) or {}).get("depth", 0) >= 1, JOB_S, "depth 1")
+    with workers.reconfigured(ARCHTREE_VISIBILITY_TIMEOUT_S="600"):
+        workers.ensure(2)
+        settings = workers.settings.model_copy(update={"visibility_timeout_s": 600.0})
+        # Small steps, closely fitted, so that the search surely has a depth 2 to kill a
+        # worker in.
+        spec = job_spec("pool-b", planned_steps=4, max_probes=4)
+        job_id = submit_job(jobs, spec, celery=workers.app)
+        wait_until(lambda: (jobs.load_state(job_id) or {}).get("depth", 0) >= 1, JOB_S, "depth 1")
 
-    # Kill the worker that has just started a child of depth 2 or more: that child must be
-    # delivered again, to another worker.
-    started = wait_until(lambda: child_started(jobs, job_id, min_depth=2), 60, "a child")
-    victim = next(w for w in workers.alive() if w.name == started["worker"])
-    victim.kill()
-    # Its lease expires within seconds: the task is seen lost long before it is handed out
-    # again, and said once in the job's events however often the job is read.
-    leases = TaskLeases.of(jobs.client, workers.settings)
-    lost = wait_until(lambda: leases.announce_lost(jobs, job_id), 30, "the lost task")
-    assert [(task.worker, task.name) for task in lost] == [(victim.name, EVALUATE_CHILD)]
-    assert lost[0].back_by == pytest.approx(lost[0].started_at + redelivery_s(workers.settings))
-    assert [task.task_id for task in leases.announce_lost(jobs, job_id)] == [lost[0].task_id]
-    workers.start(1)
-    job = wait_for_end(jobs, job_id, workers)
+        # Kill the worker that has just started a child of depth 2 or more: that child must
+        # be delivered again, to another worker.
+        started = wait_until(lambda: child_started(jobs, job_id, min_depth=2), 60, "a child")
+        victim = next(w for w in workers.alive() if w.name == started["worker"])
+        victim.kill()
+        # Its lease expires within seconds: the task is seen lost long before it is handed
+        # out again, and said once in the job's events however often the job is read.
+        leases = TaskLeases.of(jobs.client, settings)
+        lost = wait_until(lambda: leases.announce_lost(jobs, job_id), 30, "the lost task")
+        assert [(task.worker, task.name) for task in lost] == [(victim.name, EVALUATE_CHILD)]
+        assert lost[0].back_by < lost[0].started_at + redelivery_s(settings)
+        assert [task.task_id for task in leases.announce_lost(jobs, job_id)] == [lost[0].task_id]
+        workers.start(1)
+        job = wait_for_end(jobs, job_id, workers)
 
     assert job["status"] == "succeeded", f"{job['error']}\n{workers.logs()}"
+    assert any("handed back to its queue" in worker.output() for worker in workers.workers)
     happened = events(jobs, job_id)
     runs = [e for e in happened if e["kind"] == "child_started" and e["id"] == started["id"]]
     assert {e["worker"] for e in runs} - {victim.name}

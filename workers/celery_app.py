@@ -83,7 +83,8 @@ def celery_config(settings: ServiceSettings) -> dict[str, Any]:
 def create_app(
     settings: ServiceSettings | None = None, *, publish_timeout_s: float | None = None
 ) -> Celery:
-    """A Celery app for these settings; the tasks are those of workers.tasks.
+    """A Celery app for these settings; the tasks are those of workers.tasks, and its workers
+    hand back lost tasks (workers.lost_task_sweeper).
 
     `publish_timeout_s`: how long sending a task waits on a Redis that does not answer (a
     stalled one takes the connection and answers nothing), twice at most, before kombu's
@@ -91,7 +92,7 @@ def create_app(
     a request of the API must not.
     """
     redis_broker.install()
-    app = Celery("archtree", include=["workers.tasks"])
+    app = Celery("archtree", include=["workers.tasks", "workers.lost_task_sweeper"])
     config = celery_config(settings or service_settings())
     if publish_timeout_s is not None:
         config["broker_transport_options"] = {

@@ -6,9 +6,19 @@ as if it were running. While a task runs, its worker renews a short lease in Red
 whose lease has expired is lost, and readers of the job (the API) can say so, and by when
 another worker takes it.
 
+Nor does the task wait for the visibility timeout: the live workers look for lost tasks
+(`redeliver_lost`, workers/lost_task_sweeper.py), and a task still lost a whole lease after
+one of them first saw it so has its message marked as expired in kombu's index of the
+messages handed out, so that kombu's next look for expired messages (every few seconds, in
+any worker) puts it back on its queue. The second look is what tells a dead worker from one
+that a Redis outage kept from renewing: that one renews again within a third of a lease once
+Redis answers.
+
 Keys, beside the job's own: `{prefix}job:{id}:tasks`, a hash of the running tasks by Celery
-task id (name, worker, start time), and `{prefix}job:{id}:lease:{task id}`, which expires
-`lease_s` after the last renewal.
+task id (name, worker, start time), `{prefix}job:{id}:lease:{task id}`, which expires
+`lease_s` after the last renewal, `{prefix}running_tasks`, the running tasks of every job
+(task id -> job id), and `{prefix}job:{id}:lost_since:{task id}`, when a sweep first saw the
+task lost.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Any
 import redis
 
 from archtree_cli.settings import ServiceSettings
-from workers.celery_app import redelivery_s
+from workers.celery_app import redelivery_s, restore_interval_s
 from workers.job_store import REDIS_UNREACHABLE, JobStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,56 @@ for i = 1, #running, 2 do
 end
 return unleased
 """
+# Of the running tasks (KEYS[1], task id -> job id), those whose lease is gone: the first
+# sweep to see one so marks when; one a whole lease (ARGV[2]) later, still lost, has its
+# message (in kombu's hash of unacknowledged messages, KEYS[2], the one whose Celery headers
+# carry its id) marked as handed out at time 0 in kombu's index of them (KEYS[3]), if it is
+# still there, and leaves the running tasks. A task whose lease is back loses its mark.
+# Returns the ids of the tasks handed back. ARGV[1]: the key prefix.
+REDELIVER_LOST_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local lease_s = tonumber(ARGV[2])
+local running = redis.call('HGETALL', KEYS[1])
+local lost = {}
+for i = 1, #running, 2 do
+    local task, job = running[i], ARGV[1] .. 'job:' .. running[i + 1]
+    local mark = job .. ':lost_since:' .. task
+    if redis.call('EXISTS', job .. ':lease:' .. task) == 1 then
+        redis.call('DEL', mark)
+    else
+        local since = redis.call('GET', mark)
+        if not since then
+            redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
+        elseif now - tonumber(since) >= lease_s then
+            lost[task] = true
+            redis.call('HDEL', KEYS[1], task)
+            redis.call('DEL', mark)
+        end
+    end
+end
+local handed_back = {}
+if next(lost) == nil then
+    return handed_back
+end
+local unacked = redis.call('HGETALL', KEYS[2])
+for i = 1, #unacked, 2 do
+    local ok, message = pcall(cjson.decode, unacked[i + 1])
+    local headers = ok and type(message) == 'table' and type(message[1]) == 'table'
+        and message[1]['headers']
+    local task = type(headers) == 'table' and headers['id']
+    if task and lost[task] and redis.call('ZSCORE', KEYS[3], unacked[i]) then
+        redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
+        table.insert(handed_back, task)
+    end
+end
+return handed_back
+"""
+# kombu's hash of the messages handed out and not acknowledged, by delivery tag, and its
+# sorted set of them by when (its Redis transport's `unacked_key` and `unacked_index_key`,
+# with no global key prefix).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 @dataclass(frozen=True)
@@ -58,7 +118,7 @@ class LostTask:
     worker: str
     started_at: float
     silent_s: float  # since the worker last renewed the lease (at least the lease's length)
-    back_by: float  # Unix time by which the broker hands the task to another worker
+    back_by: float  # Unix time by which another worker takes the task, if one is alive
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,20 +127,41 @@ class LostTask:
 class TaskLeases:
     """One Redis connection's view of the leases on jobs' running tasks. `redelivery_s` is how
     long after its start the broker hands a task that was not acknowledged to another worker
-    (the visibility timeout, and the interval at which expired tasks are looked for)."""
+    (the visibility timeout, and the interval at which expired tasks are looked for);
+    `restore_s`, that interval alone."""
 
     def __init__(
-        self, client: redis.Redis, lease_s: float, redelivery_s: float, prefix: str = "archtree:"
+        self,
+        client: redis.Redis,
+        lease_s: float,
+        redelivery_s: float,
+        prefix: str = "archtree:",
+        restore_s: float = 10.0,
     ) -> None:
         self.client = client
         self.lease_s = lease_s
         self.redelivery_s = redelivery_s
         self.prefix = prefix
+        self.restore_s = restore_s
 
     @classmethod
     def of(cls, client: redis.Redis, settings: ServiceSettings) -> TaskLeases:
         """The leases as the service's settings make them."""
-        return cls(client, settings.task_lease_s, redelivery_s(settings))
+        return cls(
+            client,
+            settings.task_lease_s,
+            redelivery_s(settings),
+            restore_s=restore_interval_s(settings.visibility_timeout_s),
+        )
+
+    @property
+    def sweep_every_s(self) -> float:
+        """How often the live workers look for lost tasks (`redeliver_lost`)."""
+        return self.lease_s / RENEWALS_PER_LEASE
+
+    @property
+    def running_key(self) -> str:
+        return f"{self.prefix}running_tasks"
 
     def tasks_key(self, job_id: str) -> str:
         """The hash of the job's running tasks (async readers in the API read it directly)."""
@@ -118,6 +199,7 @@ class TaskLeases:
                 pipe = self.client.pipeline(transaction=True)
                 pipe.hdel(self.tasks_key(job_id), task_id)
                 pipe.delete(self.lease_key(job_id, task_id))
+                pipe.hdel(self.running_key, task_id)
                 pipe.execute()
             except REDIS_UNREACHABLE as error:
                 # The lease expires by itself; the task's record stays until a later run of it.
@@ -128,6 +210,7 @@ class TaskLeases:
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(self.tasks_key(job_id), task_id, json.dumps({**record, "renewed_at": now}))
         pipe.set(self.lease_key(job_id, task_id), b"1", px=max(1, int(self.lease_s * 1000)))
+        pipe.hset(self.running_key, task_id, job_id)
         pipe.execute()
 
     def _keep_renewing(
@@ -163,10 +246,34 @@ class TaskLeases:
                     worker=record["worker"],
                     started_at=record["started_at"],
                     silent_s=max(self.lease_s, now - record["renewed_at"]),
-                    back_by=record["started_at"] + self.redelivery_s,
+                    back_by=min(
+                        record["started_at"] + self.redelivery_s,
+                        record["renewed_at"] + self.handed_back_after_s,
+                    ),
                 )
             )
         return sorted(lost, key=lambda task: task.started_at)
+
+    @property
+    def handed_back_after_s(self) -> float:
+        """The longest a lost task waits, after its last renewal, to be put back on its queue
+        by a live worker: its lease runs out, a sweep sees it lost, another a lease later
+        still lost, and kombu's next look for expired messages puts it back."""
+        return 2 * self.lease_s + 2 * self.sweep_every_s + self.restore_s
+
+    def redeliver_lost(self) -> list[str]:
+        """Hand back the running tasks lost for a whole lease since a sweep first saw them
+        so (module docstring); returns their task ids."""
+        handed_back = self.client.eval(
+            REDELIVER_LOST_SCRIPT,
+            3,
+            self.running_key,
+            UNACKED_KEY,
+            UNACKED_INDEX_KEY,
+            self.prefix,
+            repr(self.lease_s),
+        )
+        return [task_id.decode() for task_id in handed_back]
 
     def announce_lost(self, jobs: JobStore, job_id: str) -> list[LostTask]:
         """The job's lost tasks; each is said once in the job's events (`task_lost`), by

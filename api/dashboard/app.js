@@ -1003,7 +1003,7 @@ function waitingForDevice(deviceClass) {
 function lostTask(task) {
   return `Worker ${task.worker} stopped answering in ${task.name.replace(/^archtree\./, "")} ` +
     `(silent ${Math.round(task.silent_s)} s); another worker takes the task by about ` +
-    `${clock(task.back_by)}, ARCHTREE_VISIBILITY_TIMEOUT_S after it was handed out.`;
+    `${clock(task.back_by)}, if one is running.`;
 }
 
 function renderJob(view) {
