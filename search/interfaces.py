@@ -8,9 +8,11 @@ ones. The engine code is the same.
 from __future__ import annotations
 
 import math
+import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -165,7 +167,8 @@ class ThreadExecutor:
                     self.on_stop()
                 gate.wait_out()
                 # And the threads are gone before the error goes on, a Ctrl-C again or not.
-                _despite_interrupts(lambda: pool.shutdown(wait=True))
+                with _stops_ignored():
+                    _despite_interrupts(lambda: pool.shutdown(wait=True))
                 raise
 
 
@@ -222,6 +225,29 @@ class _TaskGate:
                     pass
 
         _despite_interrupts(ended)
+
+
+@contextmanager
+def _stops_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM do nothing in the block, where this thread joins others: a join
+    that Ctrl-C interrupts (Python 3.11) takes the thread for ended while it still runs,
+    releasing the lock the thread holds until it exits, and a join after returns at once.
+    The block is short: the threads' tasks have ended, and the threads exit. Only the main
+    thread sees signals raise; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            if handler is not None:  # None: set outside Python, and not ours to put back
+                signal.signal(stop, handler)
+
+
+# What stops a run: Ctrl-C, and SIGTERM (a service manager, `kill`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _despite_interrupts(wait: Callable[[], None]) -> None:

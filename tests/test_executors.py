@@ -82,3 +82,26 @@ def test_a_task_submitted_as_ctrl_c_lands_never_starts(monkeypatch):
 
     assert set(started) <= {0, 1}, started
     assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+
+
+def test_the_threads_are_joined_to_their_end_whatever_ctrl_c_and_sigterm_do_meanwhile():
+    """A join that Ctrl-C interrupts (Python 3.11) takes its thread for ended while it still
+    runs: the executor's last wait ignores Ctrl-C and SIGTERM, and puts their handlers back."""
+    from search.interfaces import _stops_ignored
+
+    main = threading.main_thread().ident
+    release = threading.Event()
+    before = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+
+    def busy() -> None:
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.pthread_kill(main, stop)  # while the main thread joins this one
+        release.wait(10)
+
+    thread = threading.Thread(target=busy)
+    with _stops_ignored():
+        thread.start()
+        threading.Timer(0.5, release.set).start()
+        thread.join()
+        assert not thread.is_alive() and release.is_set()
+    assert {stop: signal.getsignal(stop) for stop in before} == before
