@@ -1114,7 +1114,9 @@ def test_prune_says_how_far_its_long_timings_have_got_unless_quiet(tmp_path, mon
 
     monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(commands, "TIMING_PROGRESS_EVERY_S", 0.0)
-    assert main_here(prune_args(tmp_path, "--model", "builtin:vgg")) == 0
+    # A narrow search: it times a child all the same, in fewer candidates.
+    narrow = ["--model", "builtin:vgg", "--width", "1", "--branching", "1"]
+    assert main_here(prune_args(tmp_path, *narrow)) == 0
     said = capsys.readouterr().err.splitlines()
     firsts = [line for line in said if line.startswith("  timed 1 of at least ")]
     planned = {int(line.split()[5]) for line in firsts}
