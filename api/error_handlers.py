@@ -38,10 +38,11 @@ PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 UNPARSED_BODY = "There was an error parsing the body"
 # Redis errors that say the store cannot serve now, not that the request is wrong: unreachable,
 # out of memory, a read-only replica after a failover, still loading its data.
+# Redis unreachable, as a command or a task's send (kombu's OperationalError: the broker's Redis
+# did not answer, workers.celery_app) meets it.
+UNREACHABLE = (*REDIS_UNREACHABLE, kombu.exceptions.OperationalError)
 REDIS_UNAVAILABLE = (
-    *REDIS_UNREACHABLE,
-    # What sending a task raises when the broker's Redis does not answer (workers.celery_app).
-    kombu.exceptions.OperationalError,
+    *UNREACHABLE,
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.BusyLoadingError,
@@ -125,7 +126,7 @@ def _send_json_object(request: Request) -> str:
 
 async def _redis_unavailable(_: Request, error: Exception) -> JSONResponse:
     reason = first_line(error) or "no answer"
-    reached = not isinstance(error, (*REDIS_UNREACHABLE, kombu.exceptions.OperationalError))
+    reached = not isinstance(error, UNREACHABLE)
     problem = "has a Redis that cannot serve now" if reached else "cannot reach its Redis"
     # Redis's own reasons (out of memory, loading) are the client's to know; those of an
     # unreachable one name its address, which is the operator's: in the log.

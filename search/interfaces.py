@@ -227,6 +227,10 @@ class _TaskGate:
         _despite_interrupts(ended)
 
 
+# What stops a run: Ctrl-C, and SIGTERM (a service manager, `kill`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _stops_ignored() -> Iterator[None]:
     """Ctrl-C and SIGTERM do nothing in the block, where this thread joins others: a join
@@ -244,10 +248,6 @@ def _stops_ignored() -> Iterator[None]:
         for stop, handler in previous.items():
             if handler is not None:  # None: set outside Python, and not ours to put back
                 signal.signal(stop, handler)
-
-
-# What stops a run: Ctrl-C, and SIGTERM (a service manager, `kill`).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _despite_interrupts(wait: Callable[[], None]) -> None:

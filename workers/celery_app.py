@@ -87,9 +87,9 @@ def create_app(
     hand back lost tasks (workers.lost_task_sweeper).
 
     `publish_timeout_s`: how long sending a task waits on a Redis that does not answer (a
-    stalled one takes the connection and answers nothing), twice at most, before kombu's
-    OperationalError. Without it a send waits until Redis answers again, as a worker's may:
-    a request of the API must not.
+    stalled one takes the connection and answers nothing) before kombu's OperationalError:
+    three such waits at most, as the send is tried once more after reconnecting. Without it
+    a send waits until Redis answers again, as a worker's may: a request of the API must not.
     """
     redis_broker.install()
     app = Celery("archtree", include=["workers.tasks", "workers.lost_task_sweeper"])
