@@ -678,28 +678,20 @@ def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp
 def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_its_logs(
     tmp_path: Path,
 ):
-    """...and takes the task the killed worker held up again within seconds of its start, as
-    a lost worker's, not once the visibility timeout (300 s) has passed."""
     port = str(free_port())
     # Two API processes: uvicorn's own children, which nothing but `up` stops.
     up = start_up(tmp_path, port, ARCHTREE_API_WORKERS="2")
     logs = tmp_path / "home" / "up" / "logs"
     descendants: list[psutil.Process] = []
-    evaluating = re.compile(r"Task archtree\.evaluate_child\[([0-9a-f-]+)\] received")
     try:
         url = re.search(r"API at (\S+)", read_lines(up.stdout).get(timeout=120)).group(1)
         with ArchtreeClient(url) as running:
             wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
-            # Children fine-tuned long enough that the worker is killed holding one.
-            job_id = running.submit(job_spec("local", ft_steps=20_000))["id"]
+            job_id = running.submit(job_spec("local"))["id"]
             wait_until(lambda: running.job(job_id)["status"] != "queued", JOB_S, "the job")
             streaming = hold_events(url, job_id)
             wait_until(streaming.is_set, 30, "the job's event stream")
-            wait_until(
-                lambda: evaluating.search((logs / "worker.log").read_text()), JOB_S, "a child"
-            )
             assert running.job(job_id)["status"] == "running"
-        (held, *_) = evaluating.findall((logs / "worker.log").read_text())
         descendants = psutil.Process(up.pid).children(recursive=True)
         workers = [p for p in descendants if "worker" in p.cmdline()]
         assert len(workers) >= 2  # the worker and its pool process
@@ -717,12 +709,6 @@ def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_it
         assert "API at" in read_lines(up.stdout).get(timeout=120)
         for name, content in first_run.items():
             assert (logs / f"{name}.1").read_bytes() == content, name
-        wait_until(
-            lambda: held in evaluating.findall((logs / "worker.log").read_text()),
-            120,
-            "the killed worker's task taken again",
-        )
-        assert f"task {held}: its worker stopped renewing" in (logs / "worker.log").read_text()
         stop_up(up, tmp_path)
     finally:
         kill_if_running(up)
