@@ -7,6 +7,7 @@ ones. The engine code is the same.
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import threading
@@ -153,7 +154,8 @@ class ThreadExecutor:
         from concurrent.futures import ThreadPoolExecutor
 
         gate = _TaskGate()
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+        name = f"archtree-task-{next(_pool_numbers)}"
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name) as pool:
             futures = []
             try:
                 for task in tasks:
@@ -169,7 +171,20 @@ class ThreadExecutor:
                 # And the threads are gone before the error goes on, a Ctrl-C again or not.
                 with _stops_ignored():
                     _despite_interrupts(lambda: pool.shutdown(wait=True))
+                    # A Ctrl-C that lands as the pool starts a thread, once the thread runs
+                    # but before the pool lists it, leaves it out of those `shutdown` joins.
+                    _despite_interrupts(lambda: _join_threads_named(name))
                 raise
+
+
+_pool_numbers = itertools.count()
+
+
+def _join_threads_named(prefix: str) -> None:
+    """Join every running thread of the pool whose threads' names start with `prefix`."""
+    for thread in threading.enumerate():
+        if thread.name.startswith(f"{prefix}_") and thread.is_alive():
+            thread.join()
 
 
 # How long the main thread waits on a task at a time: a signal that lands just before a

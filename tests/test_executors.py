@@ -29,13 +29,49 @@ def test_ctrl_c_drops_the_tasks_not_started_and_waits_out_those_running():
         ended.append(number)
         return number
 
-    # Threads of pools that other tests' libraries left (torch.compile's) are not its own.
-    before = set(threading.enumerate())
     with pytest.raises(KeyboardInterrupt):
         ThreadExecutor(2, on_stop=stop.set).map(task, range(6))
 
     assert sorted(started) == [0, 1] and sorted(ended) == [0, 1]
-    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("ThreadPool")]
+    assert not _task_threads()
+
+
+def _task_threads() -> list[threading.Thread]:
+    """The executors' threads still running (other libraries' pools, torch.compile's, not)."""
+    return [t for t in threading.enumerate() if t.name.startswith("archtree-task-")]
+
+
+def test_a_thread_that_ctrl_c_kept_the_pool_from_listing_is_joined_too(monkeypatch):
+    """Ctrl-C can land once the pool's new thread runs but before the pool lists it among
+    those its shutdown joins (the main thread was slow to come back from starting it)."""
+    import concurrent.futures.thread as pool_threads
+
+    release = threading.Event()  # the unlisted thread is slow to get going
+    start, worker = threading.Thread.start, pool_threads._worker
+
+    def start_then_ctrl_c(thread: threading.Thread) -> None:
+        start(thread)
+        if thread.name.startswith("archtree-task-") and thread.name.endswith("_1"):
+            threading.Timer(0.3, release.set).start()
+            raise KeyboardInterrupt
+
+    def slow_second_thread(*args) -> None:
+        if threading.current_thread().name.endswith("_1"):
+            release.wait(10)
+        worker(*args)
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_ctrl_c)
+    monkeypatch.setattr(pool_threads, "_worker", slow_second_thread)
+    stop = threading.Event()
+
+    def task(number: int) -> int:
+        stop.wait(10)
+        return number
+
+    with pytest.raises(KeyboardInterrupt):
+        ThreadExecutor(2, on_stop=stop.set).map(task, range(6))
+
+    assert release.is_set() and not _task_threads()
 
 
 def test_a_ctrl_c_that_lands_as_the_command_starts_to_wait_is_not_lost():
@@ -83,7 +119,7 @@ def test_a_task_submitted_as_ctrl_c_lands_never_starts(monkeypatch):
         ThreadExecutor(2, on_stop=stop.set).map(task, range(6))
 
     assert set(started) <= {0, 1}, started
-    assert not [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    assert not _task_threads()
 
 
 def test_the_threads_are_joined_to_their_end_whatever_ctrl_c_and_sigterm_do_meanwhile():
