@@ -678,20 +678,30 @@ def test_a_second_archtree_up_is_refused_and_a_killed_one_leaves_no_children(tmp
 def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_its_logs(
     tmp_path: Path,
 ):
+    """...and puts the task the killed worker held back on its queue within leases of its
+    start, whether the task had begun its step or only arrived, not once the visibility
+    timeout (300 s) has passed."""
     port = str(free_port())
+    lease = {"ARCHTREE_TASK_LEASE_S": "3"}  # the task back within seconds
     # Two API processes: uvicorn's own children, which nothing but `up` stops.
-    up = start_up(tmp_path, port, ARCHTREE_API_WORKERS="2")
+    up = start_up(tmp_path, port, ARCHTREE_API_WORKERS="2", **lease)
     logs = tmp_path / "home" / "up" / "logs"
     descendants: list[psutil.Process] = []
+    evaluating = re.compile(r"Task archtree\.evaluate_child\[([0-9a-f-]+)\] received")
     try:
         url = re.search(r"API at (\S+)", read_lines(up.stdout).get(timeout=120)).group(1)
         with ArchtreeClient(url) as running:
             wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
-            job_id = running.submit(job_spec("local"))["id"]
+            # Children fine-tuned long enough that the worker is killed holding one.
+            job_id = running.submit(job_spec("local", ft_steps=20_000))["id"]
             wait_until(lambda: running.job(job_id)["status"] != "queued", JOB_S, "the job")
             streaming = hold_events(url, job_id)
             wait_until(streaming.is_set, 30, "the job's event stream")
+            wait_until(
+                lambda: evaluating.search((logs / "worker.log").read_text()), JOB_S, "a child"
+            )
             assert running.job(job_id)["status"] == "running"
+        (held, *_) = evaluating.findall((logs / "worker.log").read_text())
         descendants = psutil.Process(up.pid).children(recursive=True)
         workers = [p for p in descendants if "worker" in p.cmdline()]
         assert len(workers) >= 2  # the worker and its pool process
@@ -705,10 +715,18 @@ def test_archtree_up_killed_mid_job_leaves_nothing_running_and_the_next_keeps_it
         first_run = {path.name: path.read_bytes() for path in logs.glob("*.log")}
         assert set(first_run) == {"redis.log", "api.log", "worker.log", "agent.log"}
         # The next `up` on the same home and port starts; the previous run's logs are kept.
-        up = start_up(tmp_path, port)
+        up = start_up(tmp_path, port, **lease)
         assert "API at" in read_lines(up.stdout).get(timeout=120)
         for name, content in first_run.items():
             assert (logs / f"{name}.1").read_bytes() == content, name
+        # Back on its queue, whether it had taken its lease or not. (The new worker may be
+        # busy with another child meanwhile: it takes the task once that one is done.)
+        handed_back = re.compile(rf"task {held}: .*; handed back to its queue")
+        wait_until(
+            lambda: handed_back.search((logs / "worker.log").read_text()),
+            60,
+            "the killed worker's task handed back",
+        )
         stop_up(up, tmp_path)
     finally:
         kill_if_running(up)

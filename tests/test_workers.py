@@ -27,7 +27,7 @@ from search.model_source import save_weights
 from search.tree import SearchState
 from tests.file_limits import files_written_up_to
 from tests.redis_fixtures import wait_until
-from tests.worker_fixtures import WorkerPool
+from tests.worker_fixtures import TASK_LEASE_S, WorkerPool
 from workers.artifact_store import (
     COPY_CHUNK_BYTES,
     ArtifactNodeStore,
@@ -37,6 +37,7 @@ from workers.artifact_store import (
 from workers.celery_app import EVALUATE_CHILD, redelivery_s
 from workers.job_context import ARTIFACT_PREFIX
 from workers.job_store import FINAL_STATUSES, JobStore
+from workers.task_holders import TaskHolders
 from workers.task_leases import TaskLeases
 from workers.tasks import result_name, submit_job
 
@@ -414,6 +415,36 @@ def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_dept
         assert len(done) == 1
         assert len(nodes) == len(set(nodes))
     assert job["progress"]["depth"] >= started["depth"]
+
+
+def test_a_task_held_for_its_countdown_by_a_killed_worker_goes_to_another_within_seconds(
+    workers: WorkerPool, jobs: JobStore
+):
+    """A job waiting for its device has its step held by a worker for the next try, with no
+    lease (the step has not begun): once the worker is killed, a live worker sees it gone and
+    hands the task back within a few leases, not after the visibility timeout (ten minutes)."""
+    holders = TaskHolders(jobs.client, TASK_LEASE_S)
+    running = TaskLeases(jobs.client, TASK_LEASE_S, redelivery_s=600.0).running_key
+    with workers.reconfigured(ARCHTREE_VISIBILITY_TIMEOUT_S="600", ARCHTREE_DEVICE_WAIT_S="600"):
+        (victim,) = workers.ensure(1)
+        job_id = submit_job(jobs, job_spec("held-nowhere"), celery=workers.app)
+        wait_until(lambda: jobs.get(job_id)["status"] == "waiting_for_device", 60, "the wait")
+
+        def held_not_running() -> str | None:
+            received = jobs.client.hgetall(holders.received_key)
+            held = [t.decode() for t, w in received.items() if w.decode() == victim.name]
+            return held[0] if held and not jobs.client.hlen(running) else None
+
+        task_id = wait_until(held_not_running, 30, "the step held for its countdown")
+        victim.kill()
+        (heir,) = workers.start(1)
+        said = f"task {task_id}: the worker that received it is gone; handed back"
+        wait_until(lambda: said in heir.output(), 60, "the task handed back", poll_s=0.5)
+        again = f"archtree.start_job[{task_id}] received"
+        wait_until(lambda: again in heir.output(), 30, "the task taken again", poll_s=0.5)
+        assert jobs.get(job_id)["status"] == "waiting_for_device"
+        assert jobs.request_cancel(job_id)
+        assert wait_for_end(jobs, job_id, workers, timeout_s=60)["status"] == "cancelled"
 
 
 def child_started(jobs: JobStore, job_id: str, min_depth: int) -> dict[str, Any] | None:

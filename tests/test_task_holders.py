@@ -1,0 +1,163 @@
+"""Tasks a worker received but holds no lease on (killed before the task's step began, or
+holding a task until its countdown): on a private Redis and a real kombu queue, one whose
+worker dies goes back to its queue within about two leases, not the visibility timeout (an
+hour here); one whose worker lives, or that runs under a lease, stays (a real worker's death
+through `archtree up`: test_service)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from tests.redis_fixtures import ROOT, wait_until
+from workers.task_holders import TaskHolders
+from workers.task_leases import TaskLeases
+
+pytest_plugins = ["tests.redis_fixtures"]
+
+LEASE_S = 0.4
+
+
+def receiving_process(redis_url: str, prefix: str, task_id: str, worker: str):
+    """A process that records it received `task_id` and says it is alive until it is killed,
+    as a worker's main process does; returned once it has recorded it."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, redis\n"
+            "from workers.task_holders import TaskHolders\n"
+            f"holders = TaskHolders(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, {prefix!r})\n"
+            f"holders.received({task_id!r}, {worker!r})\n"
+            "print('received', flush=True)\n"
+            "while True:\n"
+            f"    holders.alive({worker!r})\n"
+            f"    time.sleep({LEASE_S / 3})\n",
+            redis_url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "received"
+    return holder
+
+
+@contextmanager
+def taken_message(redis_url: str) -> Iterator[tuple[object, str]]:
+    """A message of a real kombu queue (visibility timeout: an hour), handed out and not
+    acknowledged, as a worker holds a task it received; and its task id."""
+    from kombu import Connection
+
+    task_id = f"task-{uuid.uuid4()}"
+    with Connection(redis_url, transport_options={"visibility_timeout": 3600}) as connection:
+        queue = connection.SimpleQueue(f"queue-{uuid.uuid4()}")
+        queue.put({"step": 1}, headers={"id": task_id})
+        yield queue, task_id
+        queue.close()
+
+
+def test_a_received_task_whose_worker_dies_goes_back_to_its_queue(
+    redis_client: redis.Redis, redis_url: str
+):
+    holders = TaskHolders(redis_client, LEASE_S, prefix="holders-a:")
+    running_key = "holders-a:running_tasks"
+    with taken_message(redis_url) as (queue, task_id):
+        taken = queue.get(timeout=10)
+        holder = receiving_process(redis_url, "holders-a:", task_id, "w1@host")
+        try:
+            deadline = time.monotonic() + 3 * LEASE_S
+            while time.monotonic() < deadline:  # alive: left alone, whatever the sweeps
+                assert holders.redeliver_orphaned(running_key) == []
+                time.sleep(LEASE_S / 8)
+        finally:
+            holder.kill()
+            holder.wait()
+        handed_back = wait_until(
+            lambda: holders.redeliver_orphaned(running_key), 10 * LEASE_S, "the task handed back"
+        )
+        assert handed_back == [task_id]
+        assert redis_client.zscore("unacked_index", taken.delivery_tag) == 0
+        assert holders.redeliver_orphaned(running_key) == []  # once
+        assert redis_client.hlen(holders.received_key) == 0
+        queue.channel.qos.restore_visible()  # what every worker runs every few seconds
+        again = queue.get(timeout=10)
+        assert again.headers["id"] == task_id and again.payload == {"step": 1}
+        again.ack()
+        assert holders.redeliver_orphaned(running_key) == []
+
+
+def test_a_dead_workers_task_that_runs_under_a_lease_is_left_to_the_lease(
+    redis_client: redis.Redis, redis_url: str
+):
+    """A task that took its lease is a running task: its own lease says when it is lost."""
+    holders = TaskHolders(redis_client, LEASE_S, prefix="holders-b:")
+    leases = TaskLeases(redis_client, 30.0, redelivery_s=3600.0, prefix="holders-b:")
+    with taken_message(redis_url) as (queue, task_id):
+        queue.get(timeout=10)
+        holders.received(task_id, "w2@host")  # and the worker is never said alive again
+        with leases.hold("job1", task_id, "archtree.evaluate_child", "w2@host"):
+            deadline = time.monotonic() + 4 * LEASE_S
+            while time.monotonic() < deadline:
+                assert holders.redeliver_orphaned(leases.running_key) == []
+                time.sleep(LEASE_S / 8)
+        # Its step over, the task holds no lease, and its message is still not acknowledged.
+        handed_back = wait_until(
+            lambda: holders.redeliver_orphaned(leases.running_key), 10 * LEASE_S, "handed back"
+        )
+        assert handed_back == [task_id]
+
+
+def test_an_acknowledged_task_is_forgotten_and_never_handed_back(
+    redis_client: redis.Redis, redis_url: str
+):
+    holders = TaskHolders(redis_client, LEASE_S, prefix="holders-c:")
+    with taken_message(redis_url) as (queue, task_id):
+        taken = queue.get(timeout=10)
+        holders.received(task_id, "w3@host")
+        taken.ack()
+        assert holders.redeliver_orphaned("holders-c:running_tasks") == []
+        assert redis_client.hlen(holders.received_key) == 0
+
+
+def test_a_worker_that_could_not_say_it_lives_for_a_while_keeps_its_task(
+    redis_client: redis.Redis, redis_url: str
+):
+    """A worker frozen (or kept from Redis) past its alive key's length says it lives again
+    within a third of a lease once it can: the first sweep's mark is dropped."""
+    holders = TaskHolders(redis_client, LEASE_S, prefix="holders-d:")
+    running_key = "holders-d:running_tasks"
+    with taken_message(redis_url) as (queue, task_id):
+        taken = queue.get(timeout=10)
+        holder = receiving_process(redis_url, "holders-d:", task_id, "w4@host")
+        try:
+            os.kill(holder.pid, signal.SIGSTOP)
+            wait_until(
+                lambda: not redis_client.exists(holders.alive_key("w4@host")),
+                10 * LEASE_S,
+                "the alive key gone",
+            )
+            assert holders.redeliver_orphaned(running_key) == []  # seen orphaned: marked
+            os.kill(holder.pid, signal.SIGCONT)
+            wait_until(
+                lambda: redis_client.exists(holders.alive_key("w4@host")),
+                10 * LEASE_S,
+                "alive again",
+            )
+            deadline = time.monotonic() + 3 * LEASE_S
+            while time.monotonic() < deadline:  # a whole lease after the mark, and more
+                assert holders.redeliver_orphaned(running_key) == []
+                time.sleep(LEASE_S / 8)
+            assert redis_client.zscore("unacked_index", taken.delivery_tag) > 0
+        finally:
+            holder.kill()
+            holder.wait()
+        taken.ack()

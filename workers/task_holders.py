@@ -1,0 +1,124 @@
+"""Which worker holds each task it received, so that one a dead worker held goes back soon.
+
+A task's lease (workers/task_leases.py) is taken once the task starts its step. A worker
+killed between receiving a task and taking its lease, or holding a task that waits for its
+countdown (a step run again in a few seconds, as while a job waits for a device), leaves the
+task's message unacknowledged with no lease to say it is lost: it would go back only once the
+broker's visibility timeout has passed, minutes later.
+
+So each worker's main process records the tasks it receives (Celery's `task_received`, in
+`{prefix}received_tasks`, task id -> worker name) and keeps a short key saying it is alive
+(`{prefix}worker:{name}:alive`, renewed every third of a lease by its sweeping thread). A
+live worker's sweep finds the messages still unacknowledged whose worker is no longer alive
+and whose task holds no lease; one still so a whole lease after the sweep that first saw it
+is handed back the way a lost task is: its message marked expired in kombu's index, for
+kombu's next look for expired messages to put back on its queue. The second look is what
+tells a dead worker from one that Redis kept from renewing for a while.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from workers.task_leases import UNACKED_INDEX_KEY, UNACKED_KEY
+
+# Of the received tasks (KEYS[1], task id -> worker) whose message is still unacknowledged
+# (in kombu's hash of them, KEYS[2], the Celery headers' id), those whose worker's alive key
+# is gone and that hold no lease (not among the running tasks, KEYS[4]): the first sweep to
+# see one so marks when; one a whole lease (ARGV[2]) later, still so, has its message marked
+# as handed out at time 0 in kombu's index (KEYS[3]). A received task whose message is gone
+# (acknowledged, or put back) is forgotten. Returns the ids of the tasks handed back.
+# ARGV[1]: the key prefix.
+REDELIVER_ORPHANED_SCRIPT = """
+local received = redis.call('HGETALL', KEYS[1])
+if #received == 0 then
+    return {}
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local lease_s = tonumber(ARGV[2])
+local holder = {}
+for i = 1, #received, 2 do
+    holder[received[i]] = received[i + 1]
+end
+local unacked = redis.call('HGETALL', KEYS[2])
+local pending = {}
+local handed_back = {}
+for i = 1, #unacked, 2 do
+    local ok, message = pcall(cjson.decode, unacked[i + 1])
+    local headers = ok and type(message) == 'table' and type(message[1]) == 'table'
+        and message[1]['headers']
+    local task = type(headers) == 'table' and headers['id']
+    if task and holder[task] and not pending[task] then
+        pending[task] = true
+        local mark = ARGV[1] .. 'task:' .. task .. ':holder_lost_since'
+        local alive = ARGV[1] .. 'worker:' .. holder[task] .. ':alive'
+        if redis.call('EXISTS', alive) == 1 or redis.call('HEXISTS', KEYS[4], task) == 1 then
+            redis.call('DEL', mark)
+        else
+            local since = redis.call('GET', mark)
+            if not since then
+                redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
+            elseif now - tonumber(since) >= lease_s then
+                if redis.call('ZSCORE', KEYS[3], unacked[i]) then
+                    redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
+                    table.insert(handed_back, task)
+                end
+                redis.call('HDEL', KEYS[1], task)
+                redis.call('DEL', mark)
+            end
+        end
+    end
+end
+for task, _ in pairs(holder) do
+    if not pending[task] then
+        redis.call('HDEL', KEYS[1], task)
+        redis.call('DEL', ARGV[1] .. 'task:' .. task .. ':holder_lost_since')
+    end
+end
+return handed_back
+"""
+
+
+class TaskHolders:
+    """One Redis connection's view of which worker holds each task it received. `lease_s`:
+    how long a worker's alive key lasts after its last renewal, and how long a task stays
+    orphaned after a sweep first saw it so before it is handed back."""
+
+    def __init__(self, client: redis.Redis, lease_s: float, prefix: str = "archtree:") -> None:
+        self.client = client
+        self.lease_s = lease_s
+        self.prefix = prefix
+
+    @property
+    def received_key(self) -> str:
+        return f"{self.prefix}received_tasks"
+
+    def alive_key(self, worker: str) -> str:
+        return f"{self.prefix}worker:{worker}:alive"
+
+    def received(self, task_id: str, worker: str) -> None:
+        """Record that `worker` received the task (and is alive)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.received_key, task_id, worker)
+        pipe.set(self.alive_key(worker), b"1", px=max(1, int(self.lease_s * 1000)))
+        pipe.execute()
+
+    def alive(self, worker: str) -> None:
+        """Say `worker` is alive for another lease."""
+        self.client.set(self.alive_key(worker), b"1", px=max(1, int(self.lease_s * 1000)))
+
+    def redeliver_orphaned(self, running_key: str) -> list[str]:
+        """Hand back the received tasks whose worker died before they took a lease (module
+        docstring); `running_key` is the leases' hash of running tasks. Returns their ids."""
+        handed_back = self.client.eval(
+            REDELIVER_ORPHANED_SCRIPT,
+            4,
+            self.received_key,
+            UNACKED_KEY,
+            UNACKED_INDEX_KEY,
+            running_key,
+            self.prefix,
+            repr(self.lease_s),
+        )
+        return [task_id.decode() for task_id in handed_back]
