@@ -422,22 +422,24 @@ def test_a_task_held_for_its_countdown_by_a_killed_worker_goes_to_another_within
 ):
     """A job waiting for its device has its step held by a worker for the next try, with no
     lease (the step has not begun): once the worker is killed, a live worker sees it gone and
-    hands the task back within a few leases, not after the visibility timeout (ten minutes)."""
+    hands the task back within a few leases, not after the visibility timeout (ten minutes).
+    The live worker here is the dead one started again under its name."""
     holders = TaskHolders(jobs.client, TASK_LEASE_S)
     running = TaskLeases(jobs.client, TASK_LEASE_S, redelivery_s=600.0).running_key
     with workers.reconfigured(ARCHTREE_VISIBILITY_TIMEOUT_S="600", ARCHTREE_DEVICE_WAIT_S="600"):
         (victim,) = workers.ensure(1)
+        mine = f"{victim.name}#"
         job_id = submit_job(jobs, job_spec("held-nowhere"), celery=workers.app)
         wait_until(lambda: jobs.get(job_id)["status"] == "waiting_for_device", 60, "the wait")
 
         def held_not_running() -> str | None:
             received = jobs.client.hgetall(holders.received_key)
-            held = [t.decode() for t, w in received.items() if w.decode() == victim.name]
+            held = [t.decode() for t, w in received.items() if w.decode().startswith(mine)]
             return held[0] if held and not jobs.client.hlen(running) else None
 
         task_id = wait_until(held_not_running, 30, "the step held for its countdown")
         victim.kill()
-        (heir,) = workers.start(1)
+        heir = workers.start_as(victim)
         said = f"task {task_id}: the worker that received it is gone; handed back"
         wait_until(lambda: said in heir.output(), 60, "the task handed back", poll_s=0.5)
         again = f"archtree.start_job[{task_id}] received"

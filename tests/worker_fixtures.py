@@ -120,6 +120,20 @@ class WorkerPool:
                 pytest.fail(f"workers {sorted(waiting)} did not answer within {WORKER_START_S} s")
         return started
 
+    def start_as(self, worker: WorkerProcess) -> WorkerProcess:
+        """Start a worker under the name of `worker` (which is dead), as a service manager
+        starts one again, and wait until it answers a ping."""
+        number = int(worker.name[1 : worker.name.index("@")])
+        again = self._spawn(number, log_name=f"worker-{number}-{len(self.workers) + 1}.log")
+        self.workers.append(again)
+        deadline = time.monotonic() + WORKER_START_S
+        while not self.app.control.ping(destination=[again.name], timeout=0.5):
+            if not again.alive():
+                pytest.fail(f"worker {again.name} exited:\n{again.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker {again.name} did not answer within {WORKER_START_S} s")
+        return again
+
     def ensure(self, count: int) -> list[WorkerProcess]:
         """Exactly `count` live workers (more are stopped, missing ones started)."""
         alive = self.alive()
@@ -150,9 +164,9 @@ class WorkerPool:
     def logs(self) -> str:
         return "\n".join(f"--- {w.name}\n{w.output()[-4000:]}" for w in self.workers)
 
-    def _spawn(self, number: int) -> WorkerProcess:
+    def _spawn(self, number: int, log_name: str | None = None) -> WorkerProcess:
         name = f"w{number}@{socket.gethostname()}"
-        log_path = self.log_dir / f"worker-{number}.log"
+        log_path = self.log_dir / (log_name or f"worker-{number}.log")
         command = [
             sys.executable,
             "-m",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 from typing import Any
 
@@ -29,7 +30,17 @@ log = logging.getLogger("archtree.worker")
 # consumer waits meanwhile (and a task left unrecorded goes back as it did before).
 RECORD_TIMEOUT_S = 5.0
 
+# This process's own token: a worker is known as its name and the token, so that a worker
+# started again under the same name (by a service manager, or the next `archtree up`) does
+# not pass for the one that died holding tasks.
+_INSTANCE = secrets.token_hex(6)
+
 _stop = threading.Event()
+
+
+def holder_name(hostname: str) -> str:
+    """How this worker process, named `hostname`, is known among the tasks' holders."""
+    return f"{hostname}#{_INSTANCE}"
 
 
 def sweep_until(
@@ -79,7 +90,7 @@ def _start_sweeping(sender: Any = None, **_: Any) -> None:
     _stop.clear()
     threading.Thread(
         target=sweep_until,
-        args=(_stop, *_leases_and_holders(), sender.hostname),
+        args=(_stop, *_leases_and_holders(), holder_name(sender.hostname)),
         name="lost-task-sweeper",
         daemon=True,
     ).start()
@@ -88,7 +99,7 @@ def _start_sweeping(sender: Any = None, **_: Any) -> None:
 @task_received.connect
 def _record_received(request: Any = None, **_: Any) -> None:
     try:
-        _leases_and_holders()[1].received(request.id, request.hostname)
+        _leases_and_holders()[1].received(request.id, holder_name(request.hostname))
     except REDIS_UNREACHABLE as error:  # the task goes back as it did before, if need be
         log.debug("task %s: its receipt not recorded (%s)", request.id, error)
 

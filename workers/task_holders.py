@@ -7,8 +7,10 @@ task's message unacknowledged with no lease to say it is lost: it would go back 
 broker's visibility timeout has passed, minutes later.
 
 So each worker's main process records the tasks it receives (Celery's `task_received`, in
-`{prefix}received_tasks`, task id -> worker name) and keeps a short key saying it is alive
-(`{prefix}worker:{name}:alive`, renewed every third of a lease by its sweeping thread). A
+`{prefix}received_tasks`, task id -> holder) and keeps a short key saying it is alive
+(`{prefix}worker:{holder}:alive`, renewed every third of a lease by its sweeping thread); the
+holder is the worker's name and a token of its process, so that a worker started again under
+the same name is not taken for the one that died. A
 live worker's sweep finds the messages still unacknowledged whose worker is no longer alive
 and whose task holds no lease; one still so a whole lease after the sweep that first saw it
 is handed back the way a lost task is: its message marked expired in kombu's index, for
