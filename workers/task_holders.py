@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import redis
 
-from workers.task_leases import UNACKED_INDEX_KEY, UNACKED_KEY
+from workers.task_leases import TASK_OF_MESSAGE, UNACKED_INDEX_KEY, UNACKED_KEY
 
 # Of the received tasks (KEYS[1], task id -> worker) whose message is still unacknowledged
 # (in kombu's hash of them, KEYS[2], the Celery headers' id), those whose worker's alive key
@@ -31,7 +31,9 @@ from workers.task_leases import UNACKED_INDEX_KEY, UNACKED_KEY
 # as handed out at time 0 in kombu's index (KEYS[3]). A received task whose message is gone
 # (acknowledged, or put back) is forgotten. Returns the ids of the tasks handed back.
 # ARGV[1]: the key prefix.
-REDELIVER_ORPHANED_SCRIPT = """
+REDELIVER_ORPHANED_SCRIPT = (
+    TASK_OF_MESSAGE
+    + """
 local received = redis.call('HGETALL', KEYS[1])
 if #received == 0 then
     return {}
@@ -47,10 +49,7 @@ local unacked = redis.call('HGETALL', KEYS[2])
 local pending = {}
 local handed_back = {}
 for i = 1, #unacked, 2 do
-    local ok, message = pcall(cjson.decode, unacked[i + 1])
-    local headers = ok and type(message) == 'table' and type(message[1]) == 'table'
-        and message[1]['headers']
-    local task = type(headers) == 'table' and headers['id']
+    local task = task_of(unacked[i + 1])
     if task and holder[task] and not pending[task] then
         pending[task] = true
         local mark = ARGV[1] .. 'task:' .. task .. ':holder_lost_since'
@@ -80,6 +79,7 @@ for task, _ in pairs(holder) do
 end
 return handed_back
 """
+)
 
 
 class TaskHolders:

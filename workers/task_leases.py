@@ -57,13 +57,25 @@ for i = 1, #running, 2 do
 end
 return unleased
 """
+# A Lua function: the Celery task id of a message in kombu's hash of unacknowledged ones
+# (its headers' id), or false.
+TASK_OF_MESSAGE = """
+local function task_of(stored)
+    local ok, message = pcall(cjson.decode, stored)
+    local headers = ok and type(message) == 'table' and type(message[1]) == 'table'
+        and message[1]['headers']
+    return type(headers) == 'table' and headers['id']
+end
+"""
 # Of the running tasks (KEYS[1], task id -> job id), those whose lease is gone: the first
 # sweep to see one so marks when; one a whole lease (ARGV[2]) later, still lost, has its
 # message (in kombu's hash of unacknowledged messages, KEYS[2], the one whose Celery headers
 # carry its id) marked as handed out at time 0 in kombu's index of them (KEYS[3]), if it is
 # still there, and leaves the running tasks. A task whose lease is back loses its mark.
 # Returns the ids of the tasks handed back. ARGV[1]: the key prefix.
-REDELIVER_LOST_SCRIPT = """
+REDELIVER_LOST_SCRIPT = (
+    TASK_OF_MESSAGE
+    + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local lease_s = tonumber(ARGV[2])
@@ -91,10 +103,7 @@ if next(lost) == nil then
 end
 local unacked = redis.call('HGETALL', KEYS[2])
 for i = 1, #unacked, 2 do
-    local ok, message = pcall(cjson.decode, unacked[i + 1])
-    local headers = ok and type(message) == 'table' and type(message[1]) == 'table'
-        and message[1]['headers']
-    local task = type(headers) == 'table' and headers['id']
+    local task = task_of(unacked[i + 1])
     if task and lost[task] and redis.call('ZSCORE', KEYS[3], unacked[i]) then
         redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
         table.insert(handed_back, task)
@@ -102,6 +111,7 @@ for i = 1, #unacked, 2 do
 end
 return handed_back
 """
+)
 # kombu's hash of the messages handed out and not acknowledged, by delivery tag, and its
 # sorted set of them by when (its Redis transport's `unacked_key` and `unacked_index_key`,
 # with no global key prefix).
