@@ -44,7 +44,7 @@ system-deps:
 TEST_WORKERS ?= 2
 
 test: lint system-deps
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The benchmark suite (bench/): tables on stdout, results in bench/results/ (summary.json,
 # summary.md, PNG plots). matplotlib (plots) and wrk (polling load) are installed when missing.
