@@ -161,3 +161,26 @@ def test_a_worker_that_could_not_say_it_lives_for_a_while_keeps_its_task(
             holder.kill()
             holder.wait()
         taken.ack()
+
+
+def test_a_task_its_lease_sweep_handed_back_is_not_handed_back_again(
+    redis_client: redis.Redis, redis_url: str
+):
+    """A running task of a dead worker goes back through its lease; the holders' sweep that
+    finds its message still waiting for kombu's restore neither marks it again nor says it."""
+    holders = TaskHolders(redis_client, LEASE_S, prefix="holders-e:")
+    with taken_message(redis_url) as (queue, task_id):
+        taken = queue.get(timeout=10)
+        holders.received(task_id, "w5@host")  # never said alive again: dead
+        redis_client.zadd("unacked_index", {taken.delivery_tag: 0}, xx=True)  # handed back
+        said: list[str] = []
+
+        def forgotten() -> bool:
+            said.extend(holders.redeliver_orphaned("holders-e:running_tasks"))
+            return redis_client.hlen(holders.received_key) == 0
+
+        wait_until(forgotten, 10 * LEASE_S, "the received task forgotten")
+        assert said == []
+        assert redis_client.hlen(holders.received_key) == 0
+        queue.channel.qos.restore_visible()
+        assert queue.get(timeout=10).headers["id"] == task_id

@@ -61,7 +61,8 @@ for i = 1, #unacked, 2 do
             if not since then
                 redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
             elseif now - tonumber(since) >= lease_s then
-                if redis.call('ZSCORE', KEYS[3], unacked[i]) then
+                local score = redis.call('ZSCORE', KEYS[3], unacked[i])
+                if score and tonumber(score) > 0 then  -- 0: handed back already, as lost
                     redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
                     table.insert(handed_back, task)
                 end
