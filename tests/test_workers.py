@@ -433,9 +433,16 @@ def test_a_task_held_for_its_countdown_by_a_killed_worker_goes_to_another_within
         wait_until(lambda: jobs.get(job_id)["status"] == "waiting_for_device", 60, "the wait")
 
         def held_not_running() -> str | None:
+            """The task, while the victim holds a message of it it has not run: it received
+            the step once more than it sent it again for later."""
             received = jobs.client.hgetall(holders.received_key)
             held = [t.decode() for t, w in received.items() if w.decode().startswith(mine)]
-            return held[0] if held and not jobs.client.hlen(running) else None
+            if len(held) != 1 or jobs.client.hlen(running):
+                return None
+            log = victim.output()
+            times = log.count(f"archtree.start_job[{held[0]}] received")
+            again = log.count(f"archtree.start_job[{held[0]}] retry:")
+            return held[0] if times > again else None
 
         task_id = wait_until(held_not_running, 30, "the step held for its countdown")
         victim.kill()
