@@ -324,7 +324,8 @@ def test_data_free_search_scores_by_fidelity_and_reports_no_accuracy(tmp_path):
 
 def test_taylor_importance_needs_and_uses_labels():
     context = make_context(importance="taylor", width=1, branching=2)
-    state = start(context, parse_budget("70%"))
+    # A loose budget: on a loaded machine the smallest model times near 70 % of this one.
+    state = start(context, parse_budget("90%"))
     tasks = plan(context, state)
     assert len(tasks) == 2
 
