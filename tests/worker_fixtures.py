@@ -105,6 +105,19 @@ class WorkerPool:
         """Start `count` workers and wait until each answers a ping."""
         started = [self._spawn(len(self.workers) + 1 + i) for i in range(count)]
         self.workers.extend(started)
+        self._wait_answering(started)
+        return started
+
+    def start_as(self, worker: WorkerProcess) -> WorkerProcess:
+        """Start a worker under the name of `worker` (which is dead), as a service manager
+        starts one again, and wait until it answers a ping."""
+        number = int(worker.name[1 : worker.name.index("@")])
+        again = self._spawn(number, log_name=f"worker-{number}-{len(self.workers) + 1}.log")
+        self.workers.append(again)
+        self._wait_answering([again])
+        return again
+
+    def _wait_answering(self, started: list[WorkerProcess]) -> None:
         deadline = time.monotonic() + WORKER_START_S
         waiting = {worker.name for worker in started}
         while waiting:
@@ -118,21 +131,6 @@ class WorkerPool:
             waiting -= {name for reply in replies for name in reply}
             if waiting and time.monotonic() > deadline:
                 pytest.fail(f"workers {sorted(waiting)} did not answer within {WORKER_START_S} s")
-        return started
-
-    def start_as(self, worker: WorkerProcess) -> WorkerProcess:
-        """Start a worker under the name of `worker` (which is dead), as a service manager
-        starts one again, and wait until it answers a ping."""
-        number = int(worker.name[1 : worker.name.index("@")])
-        again = self._spawn(number, log_name=f"worker-{number}-{len(self.workers) + 1}.log")
-        self.workers.append(again)
-        deadline = time.monotonic() + WORKER_START_S
-        while not self.app.control.ping(destination=[again.name], timeout=0.5):
-            if not again.alive():
-                pytest.fail(f"worker {again.name} exited:\n{again.output()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"worker {again.name} did not answer within {WORKER_START_S} s")
-        return again
 
     def ensure(self, count: int) -> list[WorkerProcess]:
         """Exactly `count` live workers (more are stopped, missing ones started)."""

@@ -10,19 +10,19 @@ So each worker's main process records the tasks it receives (Celery's `task_rece
 `{prefix}received_tasks`, task id -> holder) and keeps a short key saying it is alive
 (`{prefix}worker:{holder}:alive`, renewed every third of a lease by its sweeping thread); the
 holder is the worker's name and a token of its process, so that a worker started again under
-the same name is not taken for the one that died. A
-live worker's sweep finds the messages still unacknowledged whose worker is no longer alive
-and whose task holds no lease; one still so a whole lease after the sweep that first saw it
-is handed back the way a lost task is: its message marked expired in kombu's index, for
-kombu's next look for expired messages to put back on its queue. The second look is what
-tells a dead worker from one that Redis kept from renewing for a while.
+the same name is not taken for the one that died. A live worker's sweep finds the messages
+still unacknowledged whose worker is no longer alive and whose task holds no lease; one still
+so a whole lease after the sweep that first saw it is handed back the way a lost task is: its
+message marked expired in kombu's index, for kombu's next look for expired messages to put
+back on its queue. The second look is what tells a dead worker from one that Redis kept from
+renewing for a while.
 """
 
 from __future__ import annotations
 
 import redis
 
-from workers.task_leases import TASK_OF_MESSAGE, UNACKED_INDEX_KEY, UNACKED_KEY
+from workers.task_leases import SWEEP_FUNCTIONS, UNACKED_INDEX_KEY, UNACKED_KEY
 
 # Of the received tasks (KEYS[1], task id -> worker) whose message is still unacknowledged
 # (in kombu's hash of them, KEYS[2], the Celery headers' id), those whose worker's alive key
@@ -32,14 +32,13 @@ from workers.task_leases import TASK_OF_MESSAGE, UNACKED_INDEX_KEY, UNACKED_KEY
 # (acknowledged, or put back) is forgotten. Returns the ids of the tasks handed back.
 # ARGV[1]: the key prefix.
 REDELIVER_ORPHANED_SCRIPT = (
-    TASK_OF_MESSAGE
+    SWEEP_FUNCTIONS
     + """
 local received = redis.call('HGETALL', KEYS[1])
 if #received == 0 then
     return {}
 end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local now = server_now()
 local lease_s = tonumber(ARGV[2])
 local holder = {}
 for i = 1, #received, 2 do
@@ -56,19 +55,14 @@ for i = 1, #unacked, 2 do
         local alive = ARGV[1] .. 'worker:' .. holder[task] .. ':alive'
         if redis.call('EXISTS', alive) == 1 or redis.call('HEXISTS', KEYS[4], task) == 1 then
             redis.call('DEL', mark)
-        else
-            local since = redis.call('GET', mark)
-            if not since then
-                redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
-            elseif now - tonumber(since) >= lease_s then
-                local score = redis.call('ZSCORE', KEYS[3], unacked[i])
-                if score and tonumber(score) > 0 then  -- 0: handed back already, as lost
-                    redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
-                    table.insert(handed_back, task)
-                end
-                redis.call('HDEL', KEYS[1], task)
-                redis.call('DEL', mark)
+        elseif lost_for_a_lease(mark, now, lease_s) then
+            local score = redis.call('ZSCORE', KEYS[3], unacked[i])
+            if score and tonumber(score) > 0 then  -- 0: handed back already, as lost
+                redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
+                table.insert(handed_back, task)
             end
+            redis.call('HDEL', KEYS[1], task)
+            redis.call('DEL', mark)
         end
     end
 end
@@ -104,12 +98,13 @@ class TaskHolders:
         """Record that `worker` received the task (and is alive)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.received_key, task_id, worker)
-        pipe.set(self.alive_key(worker), b"1", px=max(1, int(self.lease_s * 1000)))
+        self.alive(worker, pipe)
         pipe.execute()
 
-    def alive(self, worker: str) -> None:
-        """Say `worker` is alive for another lease."""
-        self.client.set(self.alive_key(worker), b"1", px=max(1, int(self.lease_s * 1000)))
+    def alive(self, worker: str, client: redis.Redis | None = None) -> None:
+        """Say `worker` is alive for another lease (through `client`: a pipeline)."""
+        client = client or self.client
+        client.set(self.alive_key(worker), b"1", px=max(1, int(self.lease_s * 1000)))
 
     def redeliver_orphaned(self, running_key: str) -> list[str]:
         """Hand back the received tasks whose worker died before they took a lease (module

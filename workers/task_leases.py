@@ -57,14 +57,28 @@ for i = 1, #running, 2 do
 end
 return unleased
 """
-# A Lua function: the Celery task id of a message in kombu's hash of unacknowledged ones
-# (its headers' id), or false.
-TASK_OF_MESSAGE = """
+# Lua functions both sweeps use (this one and workers/task_holders.py's): the server's time;
+# the Celery task id of a message in kombu's hash of unacknowledged ones (its headers' id), or
+# false; and whether a task a sweep sees without what keeps it (a lease, a live worker) has
+# been so a whole lease since the first sweep that saw it so, which marks when (in `mark`).
+SWEEP_FUNCTIONS = """
+local function server_now()
+    local clock = redis.call('TIME')
+    return tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+end
 local function task_of(stored)
     local ok, message = pcall(cjson.decode, stored)
     local headers = ok and type(message) == 'table' and type(message[1]) == 'table'
         and message[1]['headers']
     return type(headers) == 'table' and headers['id']
+end
+local function lost_for_a_lease(mark, now, lease_s)
+    local since = redis.call('GET', mark)
+    if not since then
+        redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
+        return false
+    end
+    return now - tonumber(since) >= lease_s
 end
 """
 # Of the running tasks (KEYS[1], task id -> job id), those whose lease is gone: the first
@@ -74,10 +88,9 @@ end
 # still there, and leaves the running tasks. A task whose lease is back loses its mark.
 # Returns the ids of the tasks handed back. ARGV[1]: the key prefix.
 REDELIVER_LOST_SCRIPT = (
-    TASK_OF_MESSAGE
+    SWEEP_FUNCTIONS
     + """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local now = server_now()
 local lease_s = tonumber(ARGV[2])
 local running = redis.call('HGETALL', KEYS[1])
 local lost = {}
@@ -86,15 +99,10 @@ for i = 1, #running, 2 do
     local mark = job .. ':lost_since:' .. task
     if redis.call('EXISTS', job .. ':lease:' .. task) == 1 then
         redis.call('DEL', mark)
-    else
-        local since = redis.call('GET', mark)
-        if not since then
-            redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
-        elseif now - tonumber(since) >= lease_s then
-            lost[task] = true
-            redis.call('HDEL', KEYS[1], task)
-            redis.call('DEL', mark)
-        end
+    elseif lost_for_a_lease(mark, now, lease_s) then
+        lost[task] = true
+        redis.call('HDEL', KEYS[1], task)
+        redis.call('DEL', mark)
     end
 end
 local handed_back = {}
