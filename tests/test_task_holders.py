@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import redis
 
@@ -26,9 +27,9 @@ pytest_plugins = ["tests.redis_fixtures"]
 LEASE_S = 0.4
 
 
-def receiving_process(redis_url: str, prefix: str, task_id: str, worker: str):
-    """A process that records it received `task_id` and says it is alive until it is killed,
-    as a worker's main process does; returned once it has recorded it."""
+def receiving_process(redis_url: str, prefix: str, task_id: str, worker: str, job_id: str):
+    """A process that records it received `task_id` of job `job_id` and says it is alive
+    until it is killed, as a worker's main process does; returned once it has recorded it."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -36,7 +37,7 @@ def receiving_process(redis_url: str, prefix: str, task_id: str, worker: str):
             "import sys, time, redis\n"
             "from workers.task_holders import TaskHolders\n"
             f"holders = TaskHolders(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, {prefix!r})\n"
-            f"holders.received({task_id!r}, {worker!r})\n"
+            f"holders.received({task_id!r}, {worker!r}, {job_id!r}, 'archtree.run_depth')\n"
             "print('received', flush=True)\n"
             "while True:\n"
             f"    holders.alive({worker!r})\n"
@@ -72,7 +73,8 @@ def test_a_received_task_whose_worker_dies_goes_back_to_its_queue(
     running_key = "holders-a:running_tasks"
     with taken_message(redis_url) as (queue, task_id):
         taken = queue.get(timeout=10)
-        holder = receiving_process(redis_url, "holders-a:", task_id, "w1@host")
+        received_at = time.time()
+        holder = receiving_process(redis_url, "holders-a:", task_id, "w1@host#a1", "job-a")
         try:
             deadline = time.monotonic() + 3 * LEASE_S
             while time.monotonic() < deadline:  # alive: left alone, whatever the sweeps
@@ -81,10 +83,16 @@ def test_a_received_task_whose_worker_dies_goes_back_to_its_queue(
         finally:
             holder.kill()
             holder.wait()
-        handed_back = wait_until(
+        killed_at = time.time()
+        (handed_back,) = wait_until(
             lambda: holders.redeliver_orphaned(running_key), 10 * LEASE_S, "the task handed back"
         )
-        assert handed_back == [task_id]
+        # What its job is told: the task, its worker (the name, not the process's token),
+        # when it was received and how long its worker has been silent.
+        assert (handed_back.task_id, handed_back.job_id) == (task_id, "job-a")
+        assert (handed_back.worker, handed_back.name) == ("w1@host", "archtree.run_depth")
+        assert received_at <= handed_back.received_at <= killed_at
+        assert 2 * LEASE_S <= handed_back.silent_s <= time.time() - killed_at + LEASE_S
         assert redis_client.zscore("unacked_index", taken.delivery_tag) == 0
         assert holders.redeliver_orphaned(running_key) == []  # once
         assert redis_client.hlen(holders.received_key) == 0
@@ -113,7 +121,7 @@ def test_a_dead_workers_task_that_runs_under_a_lease_is_left_to_the_lease(
         handed_back = wait_until(
             lambda: holders.redeliver_orphaned(leases.running_key), 10 * LEASE_S, "handed back"
         )
-        assert handed_back == [task_id]
+        assert [task.task_id for task in handed_back] == [task_id]
 
 
 def test_an_acknowledged_task_is_forgotten_and_never_handed_back(
@@ -137,7 +145,7 @@ def test_a_worker_that_could_not_say_it_lives_for_a_while_keeps_its_task(
     running_key = "holders-d:running_tasks"
     with taken_message(redis_url) as (queue, task_id):
         taken = queue.get(timeout=10)
-        holder = receiving_process(redis_url, "holders-d:", task_id, "w4@host")
+        holder = receiving_process(redis_url, "holders-d:", task_id, "w4@host", "job-d")
         try:
             os.kill(holder.pid, signal.SIGSTOP)
             wait_until(
@@ -184,3 +192,42 @@ def test_a_task_its_lease_sweep_handed_back_is_not_handed_back_again(
         assert redis_client.hlen(holders.received_key) == 0
         queue.channel.qos.restore_visible()
         assert queue.get(timeout=10).headers["id"] == task_id
+
+
+def test_a_task_an_earlier_release_recorded_goes_back_though_its_job_is_unknown(
+    redis_client: redis.Redis, redis_url: str
+):
+    """Records of an earlier release held the holder's name alone."""
+    holders = TaskHolders(redis_client, LEASE_S, prefix="holders-f:")
+    with taken_message(redis_url) as (queue, task_id):
+        taken = queue.get(timeout=10)
+        redis_client.hset(holders.received_key, task_id, "w6@host#f6")  # never alive again
+        (handed_back,) = wait_until(
+            lambda: holders.redeliver_orphaned("holders-f:running_tasks"),
+            10 * LEASE_S,
+            "the task handed back",
+        )
+        assert (handed_back.task_id, handed_back.worker) == (task_id, "w6@host")
+        assert handed_back.job_id is None and handed_back.received_at is None
+        assert redis_client.zscore("unacked_index", taken.delivery_tag) == 0
+
+
+def test_the_job_a_received_task_belongs_to_is_read_from_its_arguments():
+    """Every task of a job takes `job_id`, in whatever place (a chord's callback after the
+    results it collects); a message that carries none, or carries arguments its task does not
+    take, has no job."""
+    import workers.tasks  # noqa: F401  (registers the tasks)
+    from workers.celery_app import ADVANCE_DEPTH, EVALUATE_CHILD, FINISH_JOB, START_JOB, app
+    from workers.lost_task_sweeper import job_of
+
+    def received(name: str, *args: object, **kwargs: object) -> SimpleNamespace:
+        return SimpleNamespace(task=app.tasks[name], args=list(args), kwargs=kwargs)
+
+    assert job_of(received(START_JOB, "job-1")) == "job-1"
+    assert job_of(received(EVALUATE_CHILD, "job-2", {"id": "n1"})) == "job-2"
+    assert job_of(received(ADVANCE_DEPTH, [None, {"id": "n1"}], "job-3", 2)) == "job-3"
+    assert job_of(received(FINISH_JOB, [], job_id="job-4")) == "job-4"
+    assert job_of(received(START_JOB)) is None
+    assert job_of(received(START_JOB, "job-5", "extra")) is None
+    assert job_of(received(START_JOB, 5)) is None
+    assert job_of(SimpleNamespace(args=[], kwargs={})) is None  # no task

@@ -422,8 +422,9 @@ def test_a_task_held_for_its_countdown_by_a_killed_worker_goes_to_another_within
 ):
     """A job waiting for its device has its step held by a worker for the next try, with no
     lease (the step has not begun): once the worker is killed, a live worker sees it gone and
-    hands the task back within a few leases, not after the visibility timeout (ten minutes).
-    The live worker here is the dead one started again under its name."""
+    hands the task back within a few leases, not after the visibility timeout (ten minutes),
+    and says so in the job's events. The live worker here is the dead one started again under
+    its name."""
     holders = TaskHolders(jobs.client, TASK_LEASE_S)
     running = TaskLeases(jobs.client, TASK_LEASE_S, redelivery_s=600.0).running_key
     with workers.reconfigured(ARCHTREE_VISIBILITY_TIMEOUT_S="600", ARCHTREE_DEVICE_WAIT_S="600"):
@@ -436,7 +437,7 @@ def test_a_task_held_for_its_countdown_by_a_killed_worker_goes_to_another_within
             """The task, while the victim holds a message of it it has not run: it received
             the step once more than it sent it again for later."""
             received = jobs.client.hgetall(holders.received_key)
-            held = [t.decode() for t, w in received.items() if w.decode().startswith(mine)]
+            held = [t.decode() for t, r in received.items() if mine in json.loads(r)["holder"]]
             if len(held) != 1 or jobs.client.hlen(running):
                 return None
             log = victim.output()
@@ -446,11 +447,16 @@ def test_a_task_held_for_its_countdown_by_a_killed_worker_goes_to_another_within
 
         task_id = wait_until(held_not_running, 30, "the step held for its countdown")
         victim.kill()
+        killed_at = time.time()
         heir = workers.start_as(victim)
         said = f"task {task_id}: the worker that received it is gone; handed back"
         wait_until(lambda: said in heir.output(), 60, "the task handed back", poll_s=0.5)
         again = f"archtree.start_job[{task_id}] received"
         wait_until(lambda: again in heir.output(), 30, "the task taken again", poll_s=0.5)
+        (lost,) = [e for e in events(jobs, job_id) if e["kind"] == "task_lost"]
+        assert (lost["task_id"], lost["worker"]) == (task_id, victim.name)
+        assert lost["name"] == "archtree.start_job" and lost["started_at"] < killed_at
+        assert lost["silent_s"] >= 2 * TASK_LEASE_S
         assert jobs.get(job_id)["status"] == "waiting_for_device"
         assert jobs.request_cancel(job_id)
         assert wait_for_end(jobs, job_id, workers, timeout_s=60)["status"] == "cancelled"

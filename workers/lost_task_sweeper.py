@@ -5,24 +5,31 @@ workers/task_holders.py say how).
 A thread of the worker's main process, started when the worker is ready and stopped when it
 shuts down: every third of a lease it says the worker is alive and runs
 `TaskLeases.redeliver_lost` and `TaskHolders.redeliver_orphaned`, a Redis script each. The
-same process records each task it receives, as it receives it.
+same process records each task it receives, as it receives it, with the job it belongs to.
+
+A task handed back is said in the worker's log, and in its job's events: a lost running
+task's `task_lost` event is added by the job's readers, who see its lease gone (once, when the
+first sees it); one handed back because the worker that received it is gone has none to see,
+so the sweep that hands it back adds the same event.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import secrets
 import threading
+import time
 from typing import Any
 
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from archtree_cli.settings import service_settings
 from latency.redis_connection import redis_client
-from workers.job_store import REDIS_UNREACHABLE
-from workers.task_holders import TaskHolders
-from workers.task_leases import TaskLeases
+from workers.job_store import REDIS_UNREACHABLE, JobStore
+from workers.task_holders import OrphanedTask, TaskHolders
+from workers.task_leases import LostTask, TaskLeases
 
 log = logging.getLogger("archtree.worker")
 
@@ -62,14 +69,48 @@ def sweep_until(
                 "for another worker",
                 task_id,
             )
-        for task_id in orphaned:
+        for task in orphaned:
             log.warning(
                 "task %s: the worker that received it is gone; handed back to its queue, "
                 "for another worker",
-                task_id,
+                task.task_id,
             )
+            _say_in_its_job(leases, task)
         if stop.wait(leases.sweep_every_s):
             return
+
+
+def _say_in_its_job(leases: TaskLeases, task: OrphanedTask) -> None:
+    """Add a `task_lost` event to the job of a task handed back as orphaned, as the job's
+    readers do for a running task whose lease is gone: by when another worker takes it is
+    kombu's next look for expired messages."""
+    if task.job_id is None:
+        return
+    lost = LostTask(
+        task_id=task.task_id,
+        name=task.name,
+        worker=task.worker,
+        started_at=task.received_at if task.received_at is not None else time.time(),
+        silent_s=task.silent_s,
+        back_by=time.time() + leases.restore_s,
+    )
+    try:
+        JobStore(leases.client, leases.prefix).append_event(
+            task.job_id, "task_lost", lost.to_dict()
+        )
+    except REDIS_UNREACHABLE as error:  # the task goes back all the same; the log says so
+        log.debug("task %s: its job not told (%s)", task.task_id, error)
+
+
+def job_of(request: Any) -> str | None:
+    """The job id a received task's arguments carry (every task of a job takes `job_id`),
+    or None where they carry none."""
+    try:
+        arguments = inspect.signature(request.task.run).bind(*request.args, **request.kwargs)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    job_id = arguments.arguments.get("job_id")
+    return job_id if isinstance(job_id, str) else None
 
 
 @functools.cache
@@ -99,7 +140,9 @@ def _start_sweeping(sender: Any = None, **_: Any) -> None:
 @task_received.connect
 def _record_received(request: Any = None, **_: Any) -> None:
     try:
-        _leases_and_holders()[1].received(request.id, holder_name(request.hostname))
+        _leases_and_holders()[1].received(
+            request.id, holder_name(request.hostname), job_of(request), request.name
+        )
     except REDIS_UNREACHABLE as error:  # the task goes back as it did before, if need be
         log.debug("task %s: its receipt not recorded (%s)", request.id, error)
 

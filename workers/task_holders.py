@@ -7,30 +7,36 @@ task's message unacknowledged with no lease to say it is lost: it would go back 
 broker's visibility timeout has passed, minutes later.
 
 So each worker's main process records the tasks it receives (Celery's `task_received`, in
-`{prefix}received_tasks`, task id -> holder) and keeps a short key saying it is alive
-(`{prefix}worker:{holder}:alive`, renewed every third of a lease by its sweeping thread); the
-holder is the worker's name and a token of its process, so that a worker started again under
-the same name is not taken for the one that died. A live worker's sweep finds the messages
-still unacknowledged whose worker is no longer alive and whose task holds no lease; one still
-so a whole lease after the sweep that first saw it is handed back the way a lost task is: its
-message marked expired in kombu's index, for kombu's next look for expired messages to put
-back on its queue. The second look is what tells a dead worker from one that Redis kept from
-renewing for a while.
+`{prefix}received_tasks`, task id -> its holder, job and name as JSON) and keeps a short key
+saying it is alive (`{prefix}worker:{holder}:alive`, renewed every third of a lease by its
+sweeping thread); the holder is the worker's name and a token of its process, so that a
+worker started again under the same name is not taken for the one that died. A live worker's
+sweep finds the messages still unacknowledged whose worker is no longer alive and whose task
+holds no lease; one still so a whole lease after the sweep that first saw it is handed back
+the way a lost task is: its message marked expired in kombu's index, for kombu's next look
+for expired messages to put back on its queue. The second look is what tells a dead worker
+from one that Redis kept from renewing for a while. The sweep that hands a task back returns
+its record, so that the job it belongs to can say so (workers/lost_task_sweeper.py).
 """
 
 from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
 
 import redis
 
 from workers.task_leases import SWEEP_FUNCTIONS, UNACKED_INDEX_KEY, UNACKED_KEY
 
-# Of the received tasks (KEYS[1], task id -> worker) whose message is still unacknowledged
-# (in kombu's hash of them, KEYS[2], the Celery headers' id), those whose worker's alive key
-# is gone and that hold no lease (not among the running tasks, KEYS[4]): the first sweep to
-# see one so marks when; one a whole lease (ARGV[2]) later, still so, has its message marked
-# as handed out at time 0 in kombu's index (KEYS[3]). A received task whose message is gone
-# (acknowledged, or put back) is forgotten. Returns the ids of the tasks handed back.
-# ARGV[1]: the key prefix.
+# Of the received tasks (KEYS[1], task id -> record, whose `holder` is the worker) whose
+# message is still unacknowledged (in kombu's hash of them, KEYS[2], the Celery headers'
+# id), those whose worker's alive key is gone and that hold no lease (not among the running
+# tasks, KEYS[4]): the first sweep to see one so marks when; one a whole lease (ARGV[2])
+# later, still so, has its message marked as handed out at time 0 in kombu's index
+# (KEYS[3]). A received task whose message is gone (acknowledged, or put back) is forgotten.
+# Returns the tasks handed back as task id, record, seconds since its worker last said it
+# was alive (at least), .... ARGV[1]: the key prefix.
 REDELIVER_ORPHANED_SCRIPT = (
     SWEEP_FUNCTIONS
     + """
@@ -40,9 +46,15 @@ if #received == 0 then
 end
 local now = server_now()
 local lease_s = tonumber(ARGV[2])
-local holder = {}
+local record, holder = {}, {}
 for i = 1, #received, 2 do
-    holder[received[i]] = received[i + 1]
+    record[received[i]] = received[i + 1]
+    local ok, decoded = pcall(cjson.decode, received[i + 1])
+    if ok and type(decoded) == 'table' and type(decoded['holder']) == 'string' then
+        holder[received[i]] = decoded['holder']
+    else  -- recorded by an earlier release: the holder alone
+        holder[received[i]] = received[i + 1]
+    end
 end
 local unacked = redis.call('HGETALL', KEYS[2])
 local pending = {}
@@ -53,13 +65,18 @@ for i = 1, #unacked, 2 do
         pending[task] = true
         local mark = ARGV[1] .. 'task:' .. task .. ':holder_lost_since'
         local alive = ARGV[1] .. 'worker:' .. holder[task] .. ':alive'
+        local since = redis.call('GET', mark)
         if redis.call('EXISTS', alive) == 1 or redis.call('HEXISTS', KEYS[4], task) == 1 then
             redis.call('DEL', mark)
         elseif lost_for_a_lease(mark, now, lease_s) then
             local score = redis.call('ZSCORE', KEYS[3], unacked[i])
             if score and tonumber(score) > 0 then  -- 0: handed back already, as lost
                 redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
+                -- Its alive key lasted a lease after the worker last renewed it.
+                local silent_s = now - tonumber(since) + lease_s
                 table.insert(handed_back, task)
+                table.insert(handed_back, record[task])
+                table.insert(handed_back, tostring(silent_s))
             end
             redis.call('HDEL', KEYS[1], task)
             redis.call('DEL', mark)
@@ -75,6 +92,43 @@ end
 return handed_back
 """
 )
+
+
+@dataclass(frozen=True)
+class OrphanedTask:
+    """A task handed back because the worker that received it is gone."""
+
+    task_id: str
+    holder: str  # the worker's name and its process's token (workers/lost_task_sweeper.py)
+    job_id: str | None  # None where the task's record does not say (an earlier release's)
+    name: str
+    received_at: float | None
+    silent_s: float  # since its worker last said it was alive, at least
+
+    @property
+    def worker(self) -> str:
+        """The worker's name, as Celery and the job's events know it."""
+        return self.holder.partition("#")[0]
+
+    @classmethod
+    def parse(cls, task_id: bytes, stored: bytes, silent_s: bytes) -> OrphanedTask:
+        """From the sweep's answer: the task's id, its stored record and the silence."""
+        try:
+            record = json.loads(stored)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("holder"), str):
+            record = {"holder": stored.decode(errors="replace")}  # an earlier release's
+        job_id = record.get("job_id")
+        received_at = record.get("received_at")
+        return cls(
+            task_id=task_id.decode(),
+            holder=record["holder"],
+            job_id=job_id if isinstance(job_id, str) else None,
+            name=str(record.get("name") or "a task"),
+            received_at=float(received_at) if isinstance(received_at, int | float) else None,
+            silent_s=float(silent_s),
+        )
 
 
 class TaskHolders:
@@ -94,10 +148,14 @@ class TaskHolders:
     def alive_key(self, worker: str) -> str:
         return f"{self.prefix}worker:{worker}:alive"
 
-    def received(self, task_id: str, worker: str) -> None:
-        """Record that `worker` received the task (and is alive)."""
+    def received(
+        self, task_id: str, worker: str, job_id: str | None = None, name: str = ""
+    ) -> None:
+        """Record that `worker` (its holder name) received the task of job `job_id` named
+        `name` (and is alive)."""
+        record = {"holder": worker, "job_id": job_id, "name": name, "received_at": time.time()}
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.received_key, task_id, worker)
+        pipe.hset(self.received_key, task_id, json.dumps(record))
         self.alive(worker, pipe)
         pipe.execute()
 
@@ -106,9 +164,9 @@ class TaskHolders:
         client = client or self.client
         client.set(self.alive_key(worker), b"1", px=max(1, int(self.lease_s * 1000)))
 
-    def redeliver_orphaned(self, running_key: str) -> list[str]:
+    def redeliver_orphaned(self, running_key: str) -> list[OrphanedTask]:
         """Hand back the received tasks whose worker died before they took a lease (module
-        docstring); `running_key` is the leases' hash of running tasks. Returns their ids."""
+        docstring); `running_key` is the leases' hash of running tasks. Returns them."""
         handed_back = self.client.eval(
             REDELIVER_ORPHANED_SCRIPT,
             4,
@@ -119,4 +177,4 @@ class TaskHolders:
             self.prefix,
             repr(self.lease_s),
         )
-        return [task_id.decode() for task_id in handed_back]
+        return [OrphanedTask.parse(*handed_back[i : i + 3]) for i in range(0, len(handed_back), 3)]
