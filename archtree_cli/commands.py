@@ -622,8 +622,10 @@ def _result_folder(args: argparse.Namespace):
     wrote), or None when --model is a model source; the options such a folder sets itself
     are refused."""
     from search.artifacts import ARTIFACT_NAMES, load_result_spec
-    from search.model_source import SOURCE_FORMS, WEIGHT_SUFFIXES, looks_like_path
+    from search.model_source import SOURCE_FORMS, SOURCE_PREFIXES, WEIGHT_SUFFIXES, looks_like_path
 
+    if args.model.partition(":")[0] in SOURCE_PREFIXES:
+        return None  # a model source, whatever else it holds (build_model checks it)
     path = Path(args.model)
     if path.is_file():
         folder = path.parent

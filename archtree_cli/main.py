@@ -21,6 +21,15 @@ EXIT_TERMINATED = 128 + 15  # as a command stopped by SIGTERM exits
 EXIT_BROKEN_PIPE = 128 + 13  # as a command stopped by SIGPIPE exits
 
 
+# What a command does instead of an option of another command a user may carry over.
+INSTEAD_OF_OPTION = {
+    ("submit", "--out"): "a job's result files are fetched once it is done: "
+    "`archtree fetch JOB_ID --out DIR` (`archtree status JOB_ID --watch` follows it)",
+    ("prune", "--api"): "`archtree prune` searches on this machine, with no service; "
+    "`archtree submit --api URL` sends the same search to a service",
+}
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with usage mistakes reported on one line like every other error, and options
     only by their full names: a prefix is no option (`agent --device` would have been taken as
@@ -31,22 +40,88 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
-        """As argparse's, with an unknown option told by the command it was given to, and the
-        option of that command its name is closest to."""
-        parsed, unknown = self.parse_known_args(args, namespace)
+        """As argparse's, with a value that starts with a dash taken as its option's value
+        (`--input-shape -1,28,28`), and an unknown option told by the command it was given
+        to, with the command it belongs to or the option of this one its name is closest
+        to."""
+        args = sys.argv[1:] if args is None else list(args)
+        parsed, unknown = self.parse_known_args(self._dash_values_joined(args), namespace)
         if unknown:
             command = self._command_parser(parsed)
-            close = [
-                match
-                for given in unknown
-                if given.startswith("--")
-                for match in difflib.get_close_matches(
-                    given.partition("=")[0], command._option_string_actions, n=1, cutoff=0.6
-                )
-            ]
-            hint = f"; did you mean {close[0]}?" if close else ""
-            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+            command.error(
+                f"unrecognized arguments: {' '.join(unknown)}"
+                + self._unknown_hint(unknown, getattr(parsed, "command", None), command)
+            )
         return parsed
+
+    def _parsers(self) -> dict[str, argparse.ArgumentParser]:
+        """This parser's commands by name (none for a command's own parser)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    def _dash_values_joined(self, args: list[str]) -> list[str]:
+        """`--input-shape -1,28,28` as `--input-shape=-1,28,28`: argparse takes a value that
+        starts with a dash for an option, and says the option expected an argument. Only a
+        value after an option that takes one, and that is no option of any command."""
+        parsers = [self, *self._parsers().values()]
+        known = {name for parser in parsers for name in parser._option_string_actions}
+        takes_value = {
+            name
+            for parser in parsers
+            for name, action in parser._option_string_actions.items()
+            if action.nargs is None and not isinstance(action, argparse._SubParsersAction)
+        }
+        joined: list[str] = []
+        index = 0
+        while index < len(args):
+            token = args[index]
+            following = args[index + 1] if index + 1 < len(args) else ""
+            if token == "--":
+                return joined + args[index:]
+            if (
+                token in takes_value
+                and following.startswith("-")
+                and not following.startswith("--")
+                and following.partition("=")[0] not in known
+            ):
+                joined.append(f"{token}={following}")
+                index += 2
+            else:
+                joined.append(token)
+                index += 1
+        return joined
+
+    def _unknown_hint(
+        self, unknown: list[str], name: str | None, command: argparse.ArgumentParser
+    ) -> str:
+        """What to use instead of the first unknown option: what the command does instead,
+        the other commands it is an option of, and the command's option closest to it."""
+        for given in unknown:
+            option = given.partition("=")[0]
+            if not option.startswith("--"):
+                continue
+            instead = INSTEAD_OF_OPTION.get((name, option))
+            if instead:
+                return f"; {instead}"
+            owners = [
+                f"`archtree {other}`"
+                for other, parser in self._parsers().items()
+                if other != name and option in parser._option_string_actions
+            ]
+            close = difflib.get_close_matches(
+                option, command._option_string_actions, n=1, cutoff=0.6
+            )
+            said = []
+            if owners:
+                where = f"`archtree {name}`" if name else "archtree itself"
+                said.append(f"{option} is an option of {_listed(owners)}, not of {where}")
+            if close:
+                said.append(f"did you mean {close[0]}?")
+            if said:
+                return "; " + "; ".join(said)
+        return ""
 
     def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
         """The parser of the command `parsed` ran (this one when it has no commands)."""
@@ -61,6 +136,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _listed(names: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def add_model_arguments(
     parser: argparse.ArgumentParser,
     classes_default: str = "the data's number of classes, or 10 for data without labels",
@@ -70,6 +150,7 @@ def add_model_arguments(
     parser.add_argument(
         "--model",
         required=True,
+        type=model_source_argument(takes_folder=bool(also)),
         help="builtin:NAME (see `archtree models`), module:package.module:callable, "
         f"torchvision:NAME or timm:NAME{also}",
     )
@@ -92,13 +173,42 @@ def add_model_arguments(
     )
 
 
-def non_empty(option: str):
+def model_source_argument(takes_folder: bool):
+    """An argparse type for --model: the text as given, refused when empty, and, for a
+    command that takes no result folder, when it is a folder or a Python file here given
+    without a source's prefix (a result folder `prune` wrote, a model's own file)."""
+    given = non_empty("--model", "a model source")
+
+    def check(text: str) -> str:
+        given(text)
+        if ":" in text or takes_folder:
+            return text
+        forms = "builtin:NAME, module:package.module:callable, torchvision:NAME or timm:NAME"
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a folder here, not a model source (only `archtree measure` "
+                f"takes a result folder): give {forms}"
+            )
+        if text.endswith(".py") and os.path.isfile(text):
+            folder = os.path.dirname(text) or "."
+            stem = os.path.splitext(os.path.basename(text))[0]
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a Python file, not a model source: name its module and the "
+                f"callable that builds the model, as in module:{stem}:build_model, with the "
+                f"file's folder on PYTHONPATH (PYTHONPATH={folder} archtree ...)"
+            )
+        return text
+
+    return check
+
+
+def non_empty(option: str, what: str = "a path"):
     """An argparse type: the text as given, refused when empty (an unset shell variable)."""
 
     def check(text: str) -> str:
         if not text.strip():
             raise argparse.ArgumentTypeError(
-                f"{option} is empty: give a path (is the shell variable it came from unset?)"
+                f"{option} is empty: give {what} (is the shell variable it came from unset?)"
             )
         return text
 
@@ -371,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--data",
         required=True,
+        type=non_empty("--data", "builtin:mnist, builtin:digits or a data file"),
         help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x (inputs; integer "
         "token ids for a model that looks them up in an nn.Embedding) and optionally y "
         "(labels; without them the search is data-free); a .pt file may also hold an (x, y) "

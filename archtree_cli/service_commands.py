@@ -115,6 +115,7 @@ def add_service_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--data",
         required=True,
+        type=non_empty("--data", "builtin:mnist, builtin:digits or a data file"),
         help="builtin:mnist, builtin:digits, or a .npz/.pt file holding x (inputs; integer "
         "token ids for a model that looks them up in an nn.Embedding) and optionally y "
         "(labels), which is uploaded",

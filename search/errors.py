@@ -19,3 +19,8 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message ("" when it has none)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else ""
+
+
+def a_or_an(word: str) -> str:
+    """`word` after its indefinite article, by its first letter: "an int", "a list"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

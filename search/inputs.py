@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from search.data_source import MAX_CLASSES, DataSplits, load_data
-from search.errors import ArchtreeError, first_line
+from search.errors import ArchtreeError, a_or_an, first_line
 from search.memory import out_of_memory
 from search.model_source import ModelRef, build_model, check_prunable_form, load_weights
 from search.timing_input import (
@@ -309,8 +309,8 @@ def _check_logits(output: object, model_source: str, mode: str) -> None:
     wanted = f"the model {model_source} must return a (batch, classes) tensor of logits{mode}"
     if not isinstance(output, torch.Tensor):
         raise ArchtreeError(
-            f"{wanted}; it returned a {type(output).__name__}: wrap it in a module whose forward "
-            "returns only the logits"
+            f"{wanted}; it returned {a_or_an(type(output).__name__)}: wrap it in a module "
+            "whose forward returns only the logits"
             + (
                 " (torchvision's GoogLeNet and Inception: build them with aux_logits=False)."
                 if mode

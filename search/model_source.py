@@ -19,17 +19,19 @@ import struct
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from search.errors import ArchtreeError, first_line
+from search.errors import ArchtreeError, a_or_an, first_line
 from search.zoo import BUILTIN_MODELS, builtin_names
 
 SOURCE_FORMS = "builtin:NAME, module:package.module:callable, torchvision:NAME, timm:NAME"
+# The prefixes of those forms.
+SOURCE_PREFIXES = ("builtin", "module", "torchvision", "timm")
 # How many offending keys an error message names before summarising the rest.
 KEYS_SHOWN = 3
 
@@ -82,7 +84,7 @@ def build_model(ref: ModelRef) -> nn.Module:
     model = builders[prefix](rest, ref)
     if not isinstance(model, nn.Module):
         raise ArchtreeError(
-            f"model source {ref.source!r} returned a {type(model).__name__}, not a torch "
+            f"model source {ref.source!r} returned {a_or_an(type(model).__name__)}, not a torch "
             "nn.Module; make it return the model"
         )
     return model.eval()
@@ -158,6 +160,13 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
         raise ArchtreeError(
             f"malformed model source {ref.source!r}; expected module:package.module:callable, "
             "e.g. module:mypkg.models:build_net"
+        )
+    if looks_like_path(module_name) or module_name.endswith(".py"):
+        file = PurePath(module_name.replace("\\", "/"))
+        raise ArchtreeError(
+            f"model source {ref.source!r} names a file: module: takes a module's dotted name, "
+            f"importable here, as in module:{file.stem}:{attribute} with the file's folder on "
+            f"PYTHONPATH (PYTHONPATH={file.parent} archtree ...)"
         )
     printed = io.StringIO()
     try:

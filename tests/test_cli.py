@@ -1081,8 +1081,9 @@ def test_every_option_of_every_command_is_in_the_readme():
     [
         # A prefix of one option is no option: --device is measure's and prune's, not agent's.
         (["agent", "--device-class", "edge", "--device", "cuda"],
-         "archtree agent: error: unrecognized arguments: --device cuda; did you mean "
-         "--device-class? (see archtree agent --help)"),
+         "archtree agent: error: unrecognized arguments: --device cuda; --device is an "
+         "option of `archtree prune` and `archtree measure`, not of `archtree agent`; did you "
+         "mean --device-class? (see archtree agent --help)"),
         (["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
           "--out", "x", "--widt", "3"],
          "archtree prune: error: unrecognized arguments: --widt 3; did you mean --width? "
@@ -1092,6 +1093,22 @@ def test_every_option_of_every_command_is_in_the_readme():
         (["models", "--everything"],
          "archtree models: error: unrecognized arguments: --everything (see archtree models "
          "--help)"),
+        # An option of another command, carried over: what to do instead, or whose it is.
+        (["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+          "--out", "x"],
+         "archtree submit: error: unrecognized arguments: --out x; a job's result files are "
+         "fetched once it is done: `archtree fetch JOB_ID --out DIR`"),
+        (["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+          "--out", "x", "--api", "http://localhost:8000"],
+         "`archtree prune` searches on this machine, with no service; `archtree submit --api "
+         "URL` sends the same search to a service"),
+        (["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+          "--jobs", "2"],
+         "unrecognized arguments: --jobs 2; --jobs is an option of `archtree prune`, not of "
+         "`archtree submit`"),
+        (["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
+          "--out", "x", "--input-shape=1,28,28"],
+         "--input-shape is an option of `archtree measure`, not of `archtree prune`"),
     ],
 )  # fmt: skip
 def test_an_unknown_option_is_refused_by_its_command_with_the_closest_option(argv, said, capsys):
@@ -1102,6 +1119,82 @@ def test_an_unknown_option_is_refused_by_its_command_with_the_closest_option(arg
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert said in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_a_value_that_starts_with_a_dash_is_its_options_value():
+    """argparse takes `-1,28,28` for an option; a value after an option that takes one, and
+    that is no option itself, is the option's value (the command's own checks refuse it)."""
+    from archtree_cli.main import build_parser
+
+    parsed = build_parser().parse_args(
+        ["measure", "--model", "builtin:vgg", "--input-shape", "-1,28,28"]
+    )
+    assert parsed.input_shape == "-1,28,28"
+    parsed = build_parser().parse_args(
+        ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "-5ms",
+         "--out", "x", "--moves", "global"]
+    )  # fmt: skip
+    assert (parsed.budget, parsed.out, parsed.moves) == ("-5ms", "x", ("global",))
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # An option's value missing: the next option is not taken for it.
+        (["measure", "--model", "--threads", "2"],
+         "argument --model: expected one argument"),
+        (["measure", "--model", "-h"], "argument --model: expected one argument"),
+    ],
+)  # fmt: skip
+def test_an_option_followed_by_another_option_still_lacks_its_value(argv, said, capsys):
+    from archtree_cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["measure", "--model", ""],
+         "--model is empty: give a model source (is the shell variable it came from unset?)"),
+        (["prune", "--model", "builtin:vgg", "--data", " ", "--budget", "60%", "--out", "x"],
+         "--data is empty: give builtin:mnist, builtin:digits or a data file"),
+        (["prune", "--model", "result", "--data", "builtin:digits", "--budget", "60%",
+          "--out", "x"],
+         "'result' is a folder here, not a model source (only `archtree measure` takes a "
+         "result folder): give builtin:NAME"),
+        (["submit", "--model", "result", "--data", "builtin:digits", "--budget", "60%"],
+         "'result' is a folder here, not a model source"),
+        (["prune", "--model", "net.py", "--data", "builtin:digits", "--budget", "60%",
+          "--out", "x"],
+         "'net.py' is a Python file, not a model source: name its module and the callable "
+         "that builds the model, as in module:net:build_model, with the file's folder on "
+         "PYTHONPATH (PYTHONPATH=. archtree ...)"),
+    ],
+)  # fmt: skip
+def test_an_empty_model_or_data_or_a_local_file_as_a_source_is_refused_saying_what_to_give(
+    argv, said, capsys, tmp_path, monkeypatch
+):
+    from archtree_cli.main import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "result").mkdir()
+    (tmp_path / "net.py").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+def test_measure_takes_a_result_folder_by_its_bare_name(tmp_path, monkeypatch):
+    from archtree_cli.main import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "result").mkdir()
+    assert build_parser().parse_args(["measure", "--model", "result"]).model == "result"
 
 
 @pytest.mark.slow

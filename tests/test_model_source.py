@@ -168,7 +168,14 @@ def test_module_source_builds_the_user_model(user_package: str) -> None:
         ("module:usernets.crashes:tiny", ["usernets.crashes", "boom at import"]),
         ("module:usernets.models:missing", ["no attribute", "missing"]),
         ("module:usernets.models:NOT_CALLABLE", ["not callable"]),
-        ("module:usernets.models:not_a_model", ["int", "nn.Module"]),
+        ("module:usernets.models:not_a_model", ["returned an int, not", "nn.Module"]),
+        # A file's path where its module's dotted name goes: the module and the folder to put
+        # on PYTHONPATH are named.
+        (
+            "module:usernets/models.py:tiny",
+            ["names a file", "module:models:tiny", "PYTHONPATH=usernets archtree"],
+        ),
+        ("module:models.py:tiny", ["module:models:tiny", "PYTHONPATH=. archtree"]),
         ("module:usernets.models:broken", ["needs a config", "no arguments"]),
     ],
 )
