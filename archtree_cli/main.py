@@ -45,6 +45,7 @@ class ArgumentParser(argparse.ArgumentParser):
         to, with the command it belongs to or the option of this one its name is closest
         to."""
         args = sys.argv[1:] if args is None else list(args)
+        self._refuse_options_before_the_command(args)
         parsed, unknown = self.parse_known_args(self._dash_values_joined(args), namespace)
         if unknown:
             command = self._command_parser(parsed)
@@ -53,6 +54,19 @@ class ArgumentParser(argparse.ArgumentParser):
                 + self._unknown_hint(unknown, getattr(parsed, "command", None), command)
             )
         return parsed
+
+    def _refuse_options_before_the_command(self, args: list[str]) -> None:
+        """An option given before the command is not archtree's own (--debug, --help) but
+        some command's: said so, not taken for a wrong command."""
+        commands = self._parsers()
+        for token in args:
+            if not token.startswith("-") or not commands:
+                return  # the command, or a command's own parser
+            if token.partition("=")[0] not in self._option_string_actions:
+                self.error(
+                    f"{token} given before the command: a command's options go after it, "
+                    f"as in `archtree prune --width 3` (commands: {', '.join(commands)})"
+                )
 
     def _parsers(self) -> dict[str, argparse.ArgumentParser]:
         """This parser's commands by name (none for a command's own parser)."""

@@ -1093,6 +1093,10 @@ def test_every_option_of_every_command_is_in_the_readme():
         (["models", "--everything"],
          "archtree models: error: unrecognized arguments: --everything (see archtree models "
          "--help)"),
+        # An option before the command.
+        (["--width", "3", "prune"],
+         "archtree: error: --width given before the command: a command's options go after "
+         "it, as in `archtree prune --width 3` (commands: prune, measure,"),
         # An option of another command, carried over: what to do instead, or whose it is.
         (["submit", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "60%",
           "--out", "x"],
