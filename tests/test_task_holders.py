@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import redis
 
 from tests.redis_fixtures import ROOT, wait_until
-from workers.task_holders import TaskHolders
+from workers.task_holders import OrphanedTask, TaskHolders
 from workers.task_leases import TaskLeases
 
 pytest_plugins = ["tests.redis_fixtures"]
@@ -231,3 +231,37 @@ def test_the_job_a_received_task_belongs_to_is_read_from_its_arguments():
     assert job_of(received(START_JOB, "job-5", "extra")) is None
     assert job_of(received(START_JOB, 5)) is None
     assert job_of(SimpleNamespace(args=[], kwargs={})) is None  # no task
+
+
+def test_the_job_of_a_task_handed_back_is_told_unless_it_has_ended_or_is_gone(
+    redis_client: redis.Redis,
+):
+    """The sweep that hands a task back adds a `task_lost` event to its job, as its readers
+    add for a running task: to a job that runs, not to one that ended or was deleted (whose
+    events would be left behind)."""
+    from workers.job_store import JobStore
+    from workers.lost_task_sweeper import _say_in_its_job
+
+    jobs = JobStore(redis_client, prefix="holders-g:")
+    leases = TaskLeases(redis_client, 3.0, redelivery_s=3600.0, prefix="holders-g:")
+    running = jobs.create({"model": "builtin:vgg"})
+    ended = jobs.create({"model": "builtin:vgg"})
+    jobs.set_status(ended, "cancelled")
+
+    def handed_back(job_id: str) -> OrphanedTask:
+        return OrphanedTask(f"t-{job_id}", "w7@host#g7", job_id, "archtree.run_depth", 5.0, 9.0)
+
+    before = time.time()
+    for job_id in (running, ended, "gone"):
+        _say_in_its_job(leases, handed_back(job_id))
+
+    def lost(job_id: str) -> list[dict]:
+        return [event for _id, event in jobs.read_events(job_id) if event["kind"] == "task_lost"]
+
+    (said,) = lost(running)
+    assert said["task_id"] == f"t-{running}"
+    assert (said["worker"], said["name"]) == ("w7@host", "archtree.run_depth")
+    assert (said["started_at"], said["silent_s"]) == (5.0, 9.0)
+    assert before + leases.restore_s <= said["back_by"] <= time.time() + leases.restore_s
+    assert lost(ended) == []
+    assert not redis_client.exists("holders-g:job:gone:events")

@@ -27,7 +27,7 @@ from celery.signals import task_received, worker_ready, worker_shutdown
 
 from archtree_cli.settings import service_settings
 from latency.redis_connection import redis_client
-from workers.job_store import REDIS_UNREACHABLE, JobStore
+from workers.job_store import FINAL_STATUSES, REDIS_UNREACHABLE, JobStore
 from workers.task_holders import OrphanedTask, TaskHolders
 from workers.task_leases import LostTask, TaskLeases
 
@@ -83,7 +83,7 @@ def sweep_until(
 def _say_in_its_job(leases: TaskLeases, task: OrphanedTask) -> None:
     """Add a `task_lost` event to the job of a task handed back as orphaned, as the job's
     readers do for a running task whose lease is gone: by when another worker takes it is
-    kombu's next look for expired messages."""
+    kombu's next look for expired messages. A job that has ended, or is gone, is not told."""
     if task.job_id is None:
         return
     lost = LostTask(
@@ -94,10 +94,11 @@ def _say_in_its_job(leases: TaskLeases, task: OrphanedTask) -> None:
         silent_s=task.silent_s,
         back_by=time.time() + leases.restore_s,
     )
+    jobs = JobStore(leases.client, leases.prefix)
     try:
-        JobStore(leases.client, leases.prefix).append_event(
-            task.job_id, "task_lost", lost.to_dict()
-        )
+        job = jobs.get(task.job_id)
+        if job is not None and job["status"] not in FINAL_STATUSES:  # nothing else to say
+            jobs.append_event(task.job_id, "task_lost", lost.to_dict())
     except REDIS_UNREACHABLE as error:  # the task goes back all the same; the log says so
         log.debug("task %s: its job not told (%s)", task.task_id, error)
 
