@@ -1116,13 +1116,18 @@ def test_every_option_of_every_command_is_in_the_readme():
     ],
 )  # fmt: skip
 def test_an_unknown_option_is_refused_by_its_command_with_the_closest_option(argv, said, capsys):
+    error = refused_usage(argv, capsys)
+    assert said in error and len(error.strip().splitlines()) == 1, error
+
+
+def refused_usage(argv: list[str], capsys) -> str:
+    """What the command line parser says as it refuses `argv` with a usage error."""
     from archtree_cli.main import build_parser
 
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(argv)
     assert exited.value.code == 2
-    error = capsys.readouterr().err
-    assert said in error and len(error.strip().splitlines()) == 1, error
+    return capsys.readouterr().err
 
 
 def test_a_value_that_starts_with_a_dash_is_its_options_value():
@@ -1151,12 +1156,7 @@ def test_a_value_that_starts_with_a_dash_is_its_options_value():
     ],
 )  # fmt: skip
 def test_an_option_followed_by_another_option_still_lacks_its_value(argv, said, capsys):
-    from archtree_cli.main import build_parser
-
-    with pytest.raises(SystemExit) as exited:
-        build_parser().parse_args(argv)
-    assert exited.value.code == 2
-    assert said in capsys.readouterr().err
+    assert said in refused_usage(argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -1182,15 +1182,10 @@ def test_an_option_followed_by_another_option_still_lacks_its_value(argv, said, 
 def test_an_empty_model_or_data_or_a_local_file_as_a_source_is_refused_saying_what_to_give(
     argv, said, capsys, tmp_path, monkeypatch
 ):
-    from archtree_cli.main import build_parser
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "result").mkdir()
     (tmp_path / "net.py").write_text("")
-    with pytest.raises(SystemExit) as exited:
-        build_parser().parse_args(argv)
-    assert exited.value.code == 2
-    assert said in capsys.readouterr().err
+    assert said in refused_usage(argv, capsys)
 
 
 def test_measure_takes_a_result_folder_by_its_bare_name(tmp_path, monkeypatch):
