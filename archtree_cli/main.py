@@ -38,15 +38,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # The options given to this command that it does not know, said with those it lacks.
+        self.unknown_said = ""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
         """As argparse's, with a value that starts with a dash taken as its option's value
         (`--input-shape -1,28,28`), and an unknown option told by the command it was given
         to, with the command it belongs to or the option of this one its name is closest
         to."""
-        args = sys.argv[1:] if args is None else list(args)
+        args = self._dash_values_joined(sys.argv[1:] if args is None else list(args))
         self._refuse_options_before_the_command(args)
-        parsed, unknown = self.parse_known_args(self._dash_values_joined(args), namespace)
+        self._tell_unknown_options_with_missing_ones(args)
+        parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             command = self._command_parser(parsed)
             command.error(
@@ -67,6 +70,29 @@ class ArgumentParser(argparse.ArgumentParser):
                     f"{token} given before the command: a command's options go after it, "
                     f"as in `archtree prune --width 3` (commands: {', '.join(commands)})"
                 )
+
+    def _tell_unknown_options_with_missing_ones(self, args: list[str]) -> None:
+        """argparse says the options a command lacks before those it does not know: the
+        command's parser is given the unknown ones to say beside the missing ones (`prune
+        --widt 3` with no --data says both)."""
+        commands = self._parsers()
+        name = next((token for token in args if not token.startswith("-")), None)
+        command = commands.get(name or "")
+        if not isinstance(command, ArgumentParser):
+            return
+        given = args[args.index(name) + 1 :]
+        given = given[: given.index("--")] if "--" in given else given
+        unknown = [
+            token
+            for token in given
+            if token.startswith("--")
+            and token.partition("=")[0] not in command._option_string_actions
+        ]
+        if unknown:
+            command.unknown_said = (
+                f"unrecognized arguments: {' '.join(unknown)}"
+                + self._unknown_hint(unknown, name, command)
+            )
 
     def _parsers(self) -> dict[str, argparse.ArgumentParser]:
         """This parser's commands by name (none for a command's own parser)."""
@@ -147,6 +173,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return self
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self.unknown_said and message.startswith("the following arguments are required"):
+            message = f"{message}; {self.unknown_said}"
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -1093,6 +1093,11 @@ def test_every_option_of_every_command_is_in_the_readme():
         (["models", "--everything"],
          "archtree models: error: unrecognized arguments: --everything (see archtree models "
          "--help)"),
+        # An unknown option said beside the missing ones.
+        (["prune", "--model", "builtin:vgg", "--widt", "3"],
+         "archtree prune: error: the following arguments are required: --data, --budget, "
+         "--out; unrecognized arguments: --widt; did you mean --width? (see archtree prune "
+         "--help)"),
         # An option before the command.
         (["--width", "3", "prune"],
          "archtree: error: --width given before the command: a command's options go after "
