@@ -222,7 +222,7 @@ def model_source_argument(takes_folder: bool):
     given = non_empty("--model", "a model source")
 
     def check(text: str) -> str:
-        given(text)
+        text = given(text).strip()  # a source has no spaces around it: a stray one is dropped
         if ":" in text or takes_folder:
             return text
         forms = "builtin:NAME, module:package.module:callable, torchvision:NAME or timm:NAME"

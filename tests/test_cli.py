@@ -1201,6 +1201,13 @@ def test_measure_takes_a_result_folder_by_its_bare_name(tmp_path, monkeypatch):
     assert build_parser().parse_args(["measure", "--model", "result"]).model == "result"
 
 
+def test_spaces_around_a_model_source_are_dropped():
+    from archtree_cli.main import build_parser
+
+    parsed = build_parser().parse_args(["measure", "--model", " builtin:vgg \n"])
+    assert parsed.model == "builtin:vgg"
+
+
 @pytest.mark.slow
 def test_prune_says_how_far_its_long_timings_have_got_unless_quiet(tmp_path, monkeypatch, capsys):
     """Every TIMING_PROGRESS_EVERY_S (10 s) of a timing: here after every run, in this process,
