@@ -451,8 +451,13 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
         "of it; "
         f"{search['strategy']} searched {counted(search['depths'], 'depth')}, "
         f"{counted(search['candidates_evaluated'], 'candidate')}, "
-        f"{counted(search['latency_measurements'], 'measurement')} "
-        f"(and {search['cache_hits']} taken from the latency cache) in {search['wall_s']:.0f} s"
+        f"{counted(search['latency_measurements'], 'measurement')}"
+        + (
+            f" (and {search['cache_hits']} taken from the latency cache)"
+            if search["cache_hits"]
+            else ""
+        )
+        + f" in {search['wall_s']:.0f} s"
     )
     if final.get("trims"):
         print(

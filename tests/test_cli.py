@@ -982,6 +982,11 @@ def test_the_summary_says_when_the_answer_was_trimmed_after_the_search(capsys):
         ) in printed
         assert ("trimmed" in printed) == (said is not None)
         assert said is None or f"the answer was {said} it measured over the budget" in printed
+    # None from the cache: none said.
+    final = {**side, "budget_fit": 0.98, "trims": 0}
+    uncached = {**search, "cache_hits": 0}
+    print_summary({"baseline": side, "final": final, "search": uncached, "budget_ms": 0.3}, "o")
+    assert "0 candidates, 4 measurements in 3 s" in capsys.readouterr().out
 
 
 class StderrLines:
