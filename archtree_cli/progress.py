@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import sys
 import time
 from typing import Any, TextIO
@@ -10,6 +12,9 @@ from search.budget import ms_text
 
 # A depth's time left is said on its children's lines once it is this long or longer.
 TIME_LEFT_SAID_FROM_S = 30.0
+# A wait between two children this many times the typical one is a stall (Redis restarting,
+# a worker lost, a device gone), not the pace of the work: left out of the time left.
+STALL_FACTOR = 4.0
 # What a data-free search's scores are, said once.
 FIDELITY_MEANS = (
     "the data have no labels: candidates are scored by fidelity to the unpruned model, minus "
@@ -27,7 +32,8 @@ class ConsoleProgress:
         self.started = time.monotonic()
         self.children_planned = 0
         self.children_seen = 0
-        self.depth_started_at = 0.0
+        # When the depth started and each of its children was said, for the pace of the depth.
+        self.depth_marks: list[float] = []
         # What candidates are scored by: "fidelity" (to the unpruned model) without labels.
         self.score_name = "score"
         self.evaluating_said = False
@@ -60,7 +66,10 @@ class ConsoleProgress:
         left = self.children_planned - self.children_seen
         if left <= 0 or self.children_seen == 0:
             return ""
-        left_s = (self._elapsed() - self.depth_started_at) / self.children_seen * left
+        gaps = [later - earlier for earlier, later in itertools.pairwise(self.depth_marks)]
+        if not gaps:  # a depth whose start was not seen
+            return ""
+        left_s = pace_s(gaps) * left
         if left_s < TIME_LEFT_SAID_FROM_S:
             return ""
         said = f"{round(left_s)} s" if left_s < 90 else f"{round(left_s / 60)} min"
@@ -131,7 +140,7 @@ class ConsoleProgress:
             self._print(f"smallest reachable {data['smallest_ms']:.3f} ms; {widening}")
         elif kind == "depth_started":
             self.children_planned, self.children_seen = data["children"], 0
-            self.depth_started_at = self._elapsed()
+            self.depth_marks = [self._elapsed()]
             children = counted(data["children"], "child", "children")
             most = f" of at most {data['max_depth']}" if data.get("max_depth") else ""
             self._print(
@@ -149,6 +158,8 @@ class ConsoleProgress:
             again = data["id"] in self.children_said
             self.children_said.add(data["id"])
             self.children_seen += 0 if again else 1
+            if not again:
+                self.depth_marks.append(self._elapsed())
             if kind == "node":
                 mark = "ok  " if data["within_budget"] else "over"
                 # Nodes of the ending (a trim, a widening) come after the last depth's children.
@@ -236,6 +247,15 @@ class ConsoleProgress:
             self._print(f"final fine-tune: {epochs} with distillation")
         elif kind == "task_lost":
             self._print(f"lost: {lost_task_text(data)}")
+
+
+def pace_s(gaps: list[float]) -> float:
+    """Seconds per child from the waits between children (the first from the depth's start):
+    their mean, leaving out a wait STALL_FACTOR times the median or longer (a stall). With
+    children evaluated in parallel most waits may be nothing: then the plain mean."""
+    typical = statistics.median(gaps)
+    kept = [gap for gap in gaps if gap < STALL_FACTOR * typical] if typical > 0 else gaps
+    return sum(kept) / len(kept)
 
 
 def _cached(data: dict[str, Any]) -> str:

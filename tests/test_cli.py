@@ -855,6 +855,28 @@ def test_a_depths_lines_say_how_deep_it_may_go_and_the_time_it_has_left():
     assert lines[4].endswith("score 0.9000")  # the depth's last
 
 
+def test_a_stall_in_a_depth_is_not_taken_for_the_pace_of_its_children():
+    """10 s a child, then 3 min with none (Redis restarting): 3 children to go take about
+    half a minute, not the 3 min a pace of 200 s for 3 children would say."""
+    stream = io.StringIO()
+    progress = ConsoleProgress(stream)
+    node = {"within_budget": True, "latency_ms": 1.0, "score": 0.9, "filled_from": None}
+    progress.emit("depth_started", depth=1, children=6, time=1000.0)
+    for number, at in enumerate((1010.0, 1020.0, 1200.0), start=1):
+        progress.emit("node", id=f"n{number}", move="global", time=at, **node)
+    lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines[-1].endswith("score 0.9000; about 30 s left in depth"), lines[-1]
+
+
+def test_the_pace_of_a_depth_leaves_out_stalls_and_follows_children_in_parallel():
+    from archtree_cli.progress import pace_s
+
+    assert pace_s([40.0]) == 40.0
+    assert pace_s([10.0, 10.0, 180.0]) == 10.0  # the stall left out
+    assert pace_s([40.0, 1.0, 39.0, 1.0]) == 20.25  # two workers: two children per 40 s
+    assert pace_s([40.0, 0.0, 0.0]) == 40.0 / 3  # three at once: the plain mean
+
+
 def test_a_child_evaluated_again_is_said_as_such_not_counted_twice():
     """`status --watch` printed a child's second run as another child, labelled [end]."""
     stream = io.StringIO()
