@@ -240,7 +240,7 @@ def test_the_job_of_a_task_handed_back_is_told_unless_it_has_ended_or_is_gone(
     add for a running task: to a job that runs, not to one that ended or was deleted (whose
     events would be left behind)."""
     from workers.job_store import JobStore
-    from workers.lost_task_sweeper import _say_in_its_job
+    from workers.lost_task_sweeper import tell_its_job
 
     jobs = JobStore(redis_client, prefix="holders-g:")
     leases = TaskLeases(redis_client, 3.0, redelivery_s=3600.0, prefix="holders-g:")
@@ -253,7 +253,7 @@ def test_the_job_of_a_task_handed_back_is_told_unless_it_has_ended_or_is_gone(
 
     before = time.time()
     for job_id in (running, ended, "gone"):
-        _say_in_its_job(leases, handed_back(job_id))
+        tell_its_job(leases, handed_back(job_id))
 
     def lost(job_id: str) -> list[dict]:
         return [event for _id, event in jobs.read_events(job_id) if event["kind"] == "task_lost"]

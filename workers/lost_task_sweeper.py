@@ -75,12 +75,12 @@ def sweep_until(
                 "for another worker",
                 task.task_id,
             )
-            _say_in_its_job(leases, task)
+            tell_its_job(leases, task)
         if stop.wait(leases.sweep_every_s):
             return
 
 
-def _say_in_its_job(leases: TaskLeases, task: OrphanedTask) -> None:
+def tell_its_job(leases: TaskLeases, task: OrphanedTask) -> None:
     """Add a `task_lost` event to the job of a task handed back as orphaned, as the job's
     readers do for a running task whose lease is gone: by when another worker takes it is
     kombu's next look for expired messages. A job that has ended, or is gone, is not told."""
