@@ -62,9 +62,9 @@ class ArgumentParser(argparse.ArgumentParser):
         """An option given before the command is not archtree's own (--debug, --help) but
         some command's: said so, not taken for a wrong command."""
         commands = self._parsers()
-        for token in args:
-            if not token.startswith("-") or not commands:
-                return  # the command, or a command's own parser
+        for token in args if commands else []:  # a command's own parser has none to check
+            if not token.startswith("-"):
+                return  # the command
             if token.partition("=")[0] not in self._option_string_actions:
                 self.error(
                     f"{token} given before the command: a command's options go after it, "

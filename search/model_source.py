@@ -30,8 +30,6 @@ from search.errors import ArchtreeError, a_or_an, first_line
 from search.zoo import BUILTIN_MODELS, builtin_names
 
 SOURCE_FORMS = "builtin:NAME, module:package.module:callable, torchvision:NAME, timm:NAME"
-# The prefixes of those forms.
-SOURCE_PREFIXES = ("builtin", "module", "torchvision", "timm")
 # How many offending keys an error message names before summarising the rest.
 KEYS_SHOWN = 3
 
@@ -73,15 +71,9 @@ def build_model(ref: ModelRef) -> nn.Module:
             f"got {ref.num_classes} and {ref.in_channels}"
         )
     prefix, _, rest = ref.source.partition(":")
-    builders = {
-        "builtin": _build_builtin,
-        "module": _build_from_module,
-        "torchvision": _build_torchvision,
-        "timm": _build_timm,
-    }
-    if prefix not in builders or not rest:
-        raise ArchtreeError(unknown_source_message(ref.source, list(builders)))
-    model = builders[prefix](rest, ref)
+    if prefix not in _BUILDERS or not rest:
+        raise ArchtreeError(unknown_source_message(ref.source, list(SOURCE_PREFIXES)))
+    model = _BUILDERS[prefix](rest, ref)
     if not isinstance(model, nn.Module):
         raise ArchtreeError(
             f"model source {ref.source!r} returned {a_or_an(type(model).__name__)}, not a torch "
@@ -292,6 +284,16 @@ SIZED_BY_DATA = WeightsSizing(
 SIZED_BY_OPTIONS = WeightsSizing(
     channels="the C of --input-shape", classes="--num-classes, 10 unless given"
 )
+
+
+# What builds a model of each source's prefix, and those prefixes (SOURCE_FORMS's).
+_BUILDERS = {
+    "builtin": _build_builtin,
+    "module": _build_from_module,
+    "torchvision": _build_torchvision,
+    "timm": _build_timm,
+}
+SOURCE_PREFIXES = tuple(_BUILDERS)
 
 
 def load_weights(

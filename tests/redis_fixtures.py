@@ -52,6 +52,16 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s
         time.sleep(poll_s)
 
 
+def process_once_ready(script: str, redis_url: str, ready: str) -> subprocess.Popen[str]:
+    """A Python process running `script` (with the Redis URL as sys.argv[1]) from the
+    project's root, returned once it has printed `ready` on a line."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, redis_url], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == ready
+    return process
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 
 import redis
 
-from tests.redis_fixtures import ROOT, wait_until
+from tests.redis_fixtures import process_once_ready, wait_until
 from workers.task_holders import OrphanedTask, TaskHolders
 from workers.task_leases import TaskLeases
 
@@ -30,26 +28,18 @@ LEASE_S = 0.4
 def receiving_process(redis_url: str, prefix: str, task_id: str, worker: str, job_id: str):
     """A process that records it received `task_id` of job `job_id` and says it is alive
     until it is killed, as a worker's main process does; returned once it has recorded it."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time, redis\n"
-            "from workers.task_holders import TaskHolders\n"
-            f"holders = TaskHolders(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, {prefix!r})\n"
-            f"holders.received({task_id!r}, {worker!r}, {job_id!r}, 'archtree.run_depth')\n"
-            "print('received', flush=True)\n"
-            "while True:\n"
-            f"    holders.alive({worker!r})\n"
-            f"    time.sleep({LEASE_S / 3})\n",
-            redis_url,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+    return process_once_ready(
+        "import sys, time, redis\n"
+        "from workers.task_holders import TaskHolders\n"
+        f"holders = TaskHolders(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, {prefix!r})\n"
+        f"holders.received({task_id!r}, {worker!r}, {job_id!r}, 'archtree.run_depth')\n"
+        "print('received', flush=True)\n"
+        "while True:\n"
+        f"    holders.alive({worker!r})\n"
+        f"    time.sleep({LEASE_S / 3})\n",
+        redis_url,
+        "received",
     )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "received"
-    return holder
 
 
 @contextmanager

@@ -4,15 +4,13 @@ test_service and test_dashboard)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import uuid
 
 import redis
 
-from tests.redis_fixtures import ROOT, wait_until
+from tests.redis_fixtures import process_once_ready, wait_until
 from workers.job_store import JobStore
 from workers.task_leases import TaskLeases
 
@@ -35,25 +33,17 @@ def test_a_task_longer_than_its_lease_keeps_it_and_leaves_no_record(redis_client
 def holding_process(redis_url: str, prefix: str, job_id: str, task_id: str, name: str):
     """A process that holds the lease of `task_id` of `job_id` until it is killed, as a
     worker's does while it runs the task; returned once it holds it."""
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time, redis\n"
-            "from workers.task_leases import TaskLeases\n"
-            f"leases = TaskLeases(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, 30.0, "
-            f"prefix={prefix!r})\n"
-            f"with leases.hold({job_id!r}, {task_id!r}, {name!r}, 'w2@host'):\n"
-            "    print('held', flush=True)\n"
-            "    time.sleep(600)\n",
-            redis_url,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+    return process_once_ready(
+        "import sys, time, redis\n"
+        "from workers.task_leases import TaskLeases\n"
+        f"leases = TaskLeases(redis.Redis.from_url(sys.argv[1]), {LEASE_S}, 30.0, "
+        f"prefix={prefix!r})\n"
+        f"with leases.hold({job_id!r}, {task_id!r}, {name!r}, 'w2@host'):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n",
+        redis_url,
+        "held",
     )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_a_task_whose_process_dies_is_lost_and_announced_once(

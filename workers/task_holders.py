@@ -65,15 +65,18 @@ for i = 1, #unacked, 2 do
         pending[task] = true
         local mark = ARGV[1] .. 'task:' .. task .. ':holder_lost_since'
         local alive = ARGV[1] .. 'worker:' .. holder[task] .. ':alive'
-        local since = redis.call('GET', mark)
+        local since = false
         if redis.call('EXISTS', alive) == 1 or redis.call('HEXISTS', KEYS[4], task) == 1 then
             redis.call('DEL', mark)
-        elseif lost_for_a_lease(mark, now, lease_s) then
+        else
+            since = lost_for_a_lease(mark, now, lease_s)
+        end
+        if since then
             local score = redis.call('ZSCORE', KEYS[3], unacked[i])
             if score and tonumber(score) > 0 then  -- 0: handed back already, as lost
                 redis.call('ZADD', KEYS[3], 'XX', 0, unacked[i])
                 -- Its alive key lasted a lease after the worker last renewed it.
-                local silent_s = now - tonumber(since) + lease_s
+                local silent_s = now - since + lease_s
                 table.insert(handed_back, task)
                 table.insert(handed_back, record[task])
                 table.insert(handed_back, tostring(silent_s))

@@ -60,7 +60,8 @@ return unleased
 # Lua functions both sweeps use (this one and workers/task_holders.py's): the server's time;
 # the Celery task id of a message in kombu's hash of unacknowledged ones (its headers' id), or
 # false; and whether a task a sweep sees without what keeps it (a lease, a live worker) has
-# been so a whole lease since the first sweep that saw it so, which marks when (in `mark`).
+# been so a whole lease since the first sweep that saw it so, which marks when (in `mark`):
+# that time when it has, false when not.
 SWEEP_FUNCTIONS = """
 local function server_now()
     local clock = redis.call('TIME')
@@ -78,7 +79,8 @@ local function lost_for_a_lease(mark, now, lease_s)
         redis.call('SET', mark, tostring(now), 'PX', math.floor(lease_s * 10000))
         return false
     end
-    return now - tonumber(since) >= lease_s
+    since = tonumber(since)
+    return now - since >= lease_s and since
 end
 """
 # Of the running tasks (KEYS[1], task id -> job id), those whose lease is gone: the first
