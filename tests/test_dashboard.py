@@ -885,17 +885,17 @@ def test_uploads_are_named_as_the_user_named_their_files(
 def test_a_job_whose_worker_is_lost_says_so_until_another_worker_takes_over(
     page: Any, stack: ApiProcess, worker_pool: WorkerPool
 ):
-    (worker,) = worker_pool.ensure(1)
-    # Children tuned long enough that the worker is killed inside one, holding its task: of 5
-    # steps, one could end before the page showed it started, and the worker, killed between
-    # tasks, held none to be seen lost.
+    worker_pool.ensure(1)
+    # Children tuned long enough that the worker is surely killed inside one, holding its
+    # task (the kill waits for that, starting another worker to try again otherwise).
     spec = job_spec(planned_steps=3, ft_steps=300)
     with stack.client() as client:
         created = client.post("/v1/jobs", data={"spec": json.dumps(spec)})
     job_id = created.json()["id"]
     page.get(f"{stack.url}/#/jobs/{job_id}")
     wait_for(page, lambda: "evaluating" in text(page, "#events"), JOB_S, "a child evaluated")
-    worker.kill()  # the only worker: the job stalls until another takes its task
+    # The only worker: the job stalls until another takes its task.
+    worker, _ = worker_pool.kill_one_running_a_child(job_id)
     wait_for(page, lambda: visible(page, "#job-lost"), 30, "the lost worker shown")
     shown = text(page, "#job-lost")
     assert f"Worker {worker.name} stopped answering in " in shown

@@ -34,9 +34,8 @@ from search.notes import NOTHING_PRUNED
 from tests.api_fixtures import ApiProcess, api_env, free_port, start_api
 from tests.redis_fixtures import ROOT, wait_until
 from tests.worker_fixtures import WorkerPool
-from workers.celery_app import EVALUATE_CHILD, celery_config
+from workers.celery_app import celery_config
 from workers.job_store import FINAL_STATUSES
-from workers.task_leases import TaskLeases
 
 pytest_plugins = ["tests.redis_fixtures", "tests.worker_fixtures", "tests.api_fixtures"]
 
@@ -365,7 +364,7 @@ def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_anoth
     job_id = client.submit(job_spec("svc-lost", planned_steps=4, max_probes=4))["id"]
     thread, events = follow(api, job_id)
 
-    victim = kill_a_worker_running_a_child(worker_pool, client, job_id)
+    victim, _ = worker_pool.kill_one_running_a_child(job_id)
     # As if it died holding the lock workers take to put lost tasks back: the lock lasts as
     # long as the workers are told it may, and the task goes back once it has expired.
     options = celery_config(worker_pool.settings)["broker_transport_options"]
@@ -400,34 +399,6 @@ def test_a_worker_lost_mid_job_is_named_by_the_api_status_and_events_until_anoth
     best, final = job["progress"]["best"], job["progress"]["final"]
     assert f"{best['id']} {best['latency_ms']:.3f} ms, score {best['score']:.4f}" in watched.stdout
     assert f", accuracy {final['accuracy']:.4f} (validation)" in watched.stdout
-
-
-def kill_a_worker_running_a_child(worker_pool: WorkerPool, client: ArchtreeClient, job_id: str):
-    """Kill a worker while it runs one of the job's children, and return it: its child's
-    lease record is still there once it is dead (a child can end within a fraction of a
-    second of starting; a worker killed just after has nothing to lose, and another worker
-    takes its place to try again)."""
-    leases = TaskLeases.of(
-        redis.Redis.from_url(worker_pool.settings.redis_url), worker_pool.settings
-    )
-    tasks_key = leases.tasks_key(job_id)
-
-    def child_running() -> tuple[bytes, str] | None:
-        job = client.job(job_id)
-        assert job["status"] not in FINAL_STATUSES, job["error"]
-        for task_id, record in leases.client.hgetall(tasks_key).items():
-            if json.loads(record)["name"] == EVALUATE_CHILD:
-                return task_id, json.loads(record)["worker"]
-        return None
-
-    with leases.client:
-        while True:
-            task_id, worker = wait_until(child_running, JOB_S, "a child running")
-            victim = next(w for w in worker_pool.alive() if w.name == worker)
-            victim.kill()
-            if leases.client.hexists(tasks_key, task_id):
-                return victim
-            worker_pool.start(1)
 
 
 def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(

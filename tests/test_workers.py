@@ -381,13 +381,11 @@ def test_a_job_survives_a_worker_killed_mid_search_without_redoing_finished_dept
         # worker in.
         spec = job_spec("pool-b", planned_steps=4, max_probes=4)
         job_id = submit_job(jobs, spec, celery=workers.app)
-        wait_until(lambda: (jobs.load_state(job_id) or {}).get("depth", 0) >= 1, JOB_S, "depth 1")
+        wait_until(lambda: child_started(jobs, job_id, min_depth=2), JOB_S, "depth 2")
 
-        # Kill the worker that has just started a child of depth 2 or more: that child must
-        # be delivered again, to another worker.
-        started = wait_until(lambda: child_started(jobs, job_id, min_depth=2), 60, "a child")
-        victim = next(w for w in workers.alive() if w.name == started["worker"])
-        victim.kill()
+        # Kill a worker running a child of depth 2 or more: that child must be delivered
+        # again, to another worker.
+        victim, started = workers.kill_one_running_a_child(job_id)
         # Its lease expires within seconds: the task is seen lost long before it is handed
         # out again, and said once in the job's events however often the job is read.
         leases = TaskLeases.of(jobs.client, settings)

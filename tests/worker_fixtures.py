@@ -12,6 +12,7 @@ PYTEST_DONT_REWRITE: no asserts here (see tests/redis_fixtures.py).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,13 +23,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 
 from archtree_cli.settings import ServiceSettings
-from workers.celery_app import create_app
+from workers.celery_app import EVALUATE_CHILD, create_app
+from workers.job_store import FINAL_STATUSES, JobStore
+from workers.task_leases import TaskLeases
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_START_S = 60.0
@@ -40,6 +44,8 @@ VISIBILITY_TIMEOUT_S = 12.0
 # loaded 2-core machine.
 TASK_LEASE_S = 5.0
 DEVICE_WAIT_S = 4.0
+# How long a job may take to have a child running, for a test that kills its worker then.
+CHILD_RUNNING_S = 180.0
 
 __all__ = ["WorkerPool", "WorkerProcess", "worker_pool"]
 
@@ -155,6 +161,33 @@ class WorkerPool:
             self.env.clear()
             self.env.update(saved)
 
+    def kill_one_running_a_child(self, job_id: str) -> tuple[WorkerProcess, dict[str, Any]]:
+        """Kill a worker while it runs one of the job's children, and return it with the
+        child's `child_started` event: the worker has said it started the child, and the
+        child's lease record is still there once the worker is dead. A child can end within a
+        fraction of a second of starting, leaving a worker killed just after it nothing to
+        lose: then another worker takes the dead one's place, and it tries again. Fails when
+        the job ends first."""
+        client = redis.Redis.from_url(self.settings.redis_url)
+        jobs = JobStore(client)
+        tasks_key = TaskLeases.of(client, self.settings).tasks_key(job_id)
+        deadline = time.monotonic() + CHILD_RUNNING_S
+        with client:
+            while time.monotonic() < deadline:
+                job = jobs.get(job_id) or {}
+                if job.get("status") in FINAL_STATUSES:
+                    pytest.fail(f"job {job_id} ended ({job['status']}) before a worker was killed")
+                running = _children_running(jobs, tasks_key, job_id, self.alive())
+                if not running:
+                    time.sleep(0.05)
+                    continue
+                task_id, victim, started = running[0]
+                victim.kill()
+                if client.hexists(tasks_key, task_id):
+                    return victim, started
+                self.start(1)
+        pytest.fail(f"no worker ran a child of job {job_id} within {CHILD_RUNNING_S} s")
+
     def stop_all(self) -> None:
         for worker in self.workers:
             worker.stop()
@@ -193,6 +226,28 @@ class WorkerPool:
                 start_new_session=True,
             )
         return WorkerProcess(name, process, log_path)
+
+
+def _children_running(
+    jobs: JobStore, tasks_key: str, job_id: str, alive: list[WorkerProcess]
+) -> list[tuple[bytes, WorkerProcess, dict[str, Any]]]:
+    """(task id, worker, its `child_started` event) of each child a live worker holds the
+    lease of and has said it started (since it took the lease)."""
+    workers = {worker.name: worker for worker in alive}
+    running = []
+    for task_id, raw in jobs.client.hgetall(tasks_key).items():
+        record = json.loads(raw)
+        if record["name"] != EVALUATE_CHILD or record["worker"] not in workers:
+            continue
+        since = f"{int(record['started_at'] * 1000) - 1}-0"  # a stream id: ms since the epoch
+        said = [
+            event
+            for _, event in jobs.read_events(job_id, after=since)
+            if event["kind"] == "child_started" and event.get("worker") == record["worker"]
+        ]
+        if said:
+            running.append((task_id, workers[record["worker"]], said[-1]))
+    return running
 
 
 @pytest.fixture(scope="module")
