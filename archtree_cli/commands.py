@@ -192,6 +192,7 @@ def prune(
     command: str = "prune",
     notes: list[str] | None = None,
     checkpoint=None,
+    restarted: bool = False,
     train_device=None,
 ) -> tuple[dict[str, Any], Path]:
     """Run one search in this process and write its artifacts. Returns the report and the
@@ -293,8 +294,8 @@ def prune(
             raise
         # The search is kept (only what follows the tree search runs again): say so.
         raise ArchtreeError(
-            f"{error}; the search is saved with its tree search finished, and the same "
-            "command goes on from there (--restart starts it afresh)"
+            f"{error}; the search is saved with its tree search finished, and "
+            f"{goes_on_from_there(restarted)}"
         ) from None
     work_saved()  # a stop from now on lets the command end as it would have
     if checkpoint is not None:
@@ -327,6 +328,14 @@ def _folder_without_result(folder: Path) -> Path:
     return free
 
 
+def goes_on_from_there(restarted: bool) -> str:
+    """How to go on with a saved search: the same command, unless it was given --restart,
+    which would clear the search again."""
+    if restarted:
+        return "the same command without --restart goes on from there"
+    return "the same command goes on from there (--restart starts it afresh)"
+
+
 def run_prune(args: argparse.Namespace) -> int:
     from archtree_cli.main import settings_from, strategy_notes
     from search.budget import parse_budget
@@ -357,6 +366,7 @@ def run_prune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         notes=notes,
         checkpoint=args.saved_search,
+        restarted=args.restart,
         train_device=train_device,
     )
     print_summary(report, str(folder), after_progress=not args.quiet)

@@ -658,10 +658,10 @@ def interrupted_note(args: argparse.Namespace) -> str | None:
             where = f"after depth {state.depth}"
         else:
             where = "with its unpruned model measured"
-        return (
-            f"{kept}; the search is saved {where}, and the same command goes on from there "
-            "(--restart starts it afresh)"
-        )
+        from archtree_cli.commands import goes_on_from_there  # loaded already: it pruned
+
+        restarted = bool(getattr(args, "restart", False))
+        return f"{kept}; the search is saved {where}, and {goes_on_from_there(restarted)}"
     if args.command == "submit":
         return submit_interrupted_note(args)
     if args.command == "status" and args.watch and getattr(args, "cancel_requested", False):

@@ -1078,9 +1078,14 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     assert "baseline" not in stderr.split("resuming")[0], stderr
     assert "evaluated" in line and line.endswith("going on after depth 1\n"), line
     assert "depth 1 of" not in stderr and "Traceback" not in stderr, stderr
-    # --restart measures the unpruned model again instead.
-    _, stderr = stopped_at("] baseline", ("--restart",))
-    assert "resuming" not in stderr, stderr
+    # --restart measures the unpruned model again instead; stopped, it is not said to go on
+    # with the same command, which would clear the search again.
+    _, stderr = stopped_at("depth 2 of at most", ("--restart",))
+    assert "resuming" not in stderr and "] baseline" in stderr, stderr
+    assert stderr.strip().splitlines()[-1].endswith(
+        "the search is saved after depth 1, and the same command without --restart goes on "
+        "from there"
+    ), stderr
 
 
 def test_every_option_of_every_command_is_in_the_readme():
