@@ -67,8 +67,8 @@ bench-quick: bench-deps
 
 # After `make bench`: its search answers fine-tuned further, stage by stage (bench/longer_finetune.py).
 bench-longer: setup
-	PYTHONPATH=. $(BIN)/python -m bench.longer_finetune
+	PYTHONPATH=. $(BIN)/python -m bench.longer_finetune $(BENCH_ARGS)
 
 # After `make bench`: its search answers timed again, in rounds spread over time (bench/remeasure.py).
 bench-remeasure: setup
-	PYTHONPATH=. $(BIN)/python -m bench.remeasure
+	PYTHONPATH=. $(BIN)/python -m bench.remeasure $(BENCH_ARGS)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import redis
 import redis.asyncio
@@ -154,6 +155,14 @@ async def only_known_query_parameters(request: Request) -> None:
             status_code=422,
             detail=unknown_query_text(f"{request.method} {route.path}", unknown, taken),
         )
+    lists = _list_parameters(route)
+    for name in dict.fromkeys(request.query_params):
+        count = len(request.query_params.getlist(name))
+        if count > 1 and name not in lists:
+            raise HTTPException(
+                status_code=422,
+                detail=f"the query parameter {quoted(name)} is given {count} times: give it once",
+            )
 
 
 def unknown_query_text(request: str, unknown: list[str], taken: tuple[str, ...]) -> str:
@@ -172,6 +181,28 @@ def unknown_query_text(request: str, unknown: list[str], taken: tuple[str, ...])
     else:
         takes = f"it takes {', '.join(taken[:-1])} and {taken[-1]}"
     return f"{request} has no query parameter{plural} {', '.join(said)}: {takes}"
+
+
+def _list_parameters(route: APIRoute) -> set[str]:
+    """The query parameters of `route` that take several values (`?status=a&status=b`)."""
+
+    def read_by(dependant: Dependant) -> list[str]:
+        names = [
+            field.alias for field in dependant.query_params if _is_list(field.field_info.annotation)
+        ]
+        return names + [name for sub in dependant.dependencies for name in read_by(sub)]
+
+    return set(read_by(route.dependant))
+
+
+def _is_list(annotation: Any) -> bool:
+    """Whether a parameter's type is a list, optional or annotated as it may be."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    return origin in (Union, UnionType, Annotated) and any(
+        _is_list(part) for part in get_args(annotation)
+    )
 
 
 def _query_parameters(route: APIRoute) -> tuple[str, ...]:

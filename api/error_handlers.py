@@ -105,7 +105,13 @@ async def _invalid_request(request: Request, error: Exception) -> JSONResponse:
         detail = f"the body is not valid JSON ({reason} at character {position}): "
         detail += _send_json_object(request)
     elif tuple(first.get("loc", ())) == ("body",):
-        what = "missing" if first.get("type") == "missing" else "not a JSON object"
+        sent_as = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if first.get("type") == "missing":
+            what = "missing"
+        elif sent_as and sent_as != "application/json" and not sent_as.endswith("+json"):
+            what = f"sent as {sent_as}, not read as JSON"
+        else:
+            what = "not a JSON object"
         detail = f"the body is {what}: {_send_json_object(request)}"
     else:
         detail = validation_message(errors)

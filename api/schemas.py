@@ -11,6 +11,7 @@ from latency.measurement_protocol import DEVICE_CLASS_PATTERN, PACKAGE_NAME
 from latency.runtimes import RUNTIMES, get_runtime
 from search.errors import ArchtreeError
 from search.settings import (
+    MAX_BN_SAMPLES,
     MAX_CHANNEL_MULTIPLE,
     MAX_EPOCHS,
     MAX_PROBES,
@@ -100,6 +101,7 @@ class SearchSettingsIn(BaseModel):
     )
     bn_samples: int | None = Field(
         None,
+        le=MAX_BN_SAMPLES,
         description="Training inputs on which batch-norm statistics are recomputed after each "
         "fine-tune, before scoring (0 = off).",
     )
@@ -148,6 +150,14 @@ class SearchSettingsIn(BaseModel):
         None, le=MAX_PROBES, description="Measured probes of the bisection that sizes each move."
     )
     seed: int | None = Field(None, description="Random seed (data splits, fine-tuning).")
+
+    @field_validator("strategy", "importance", "move_kinds", mode="before")
+    @classmethod
+    def _as_pasted(cls, names: Any) -> Any:
+        """Spaces around a name, as pasted, are not part of it."""
+        if isinstance(names, list):
+            return [name.strip() if isinstance(name, str) else name for name in names]
+        return names.strip() if isinstance(names, str) else names
 
 
 class JobSpecIn(BaseModel):
@@ -225,7 +235,7 @@ class JobSpecIn(BaseModel):
             raise ValueError(f'give the budget as text with its unit: "{budget}ms" or "{budget}%"')
         return budget.strip() if isinstance(budget, str) else budget  # as pasted, spaces around
 
-    @field_validator("model", "data", "device_class", mode="before")
+    @field_validator("model", "data", "device_class", "dtype", mode="before")
     @classmethod
     def _as_pasted(cls, text: Any) -> Any:
         """Spaces around a name, as pasted, are not part of it."""
@@ -633,10 +643,21 @@ class Readiness(BaseModel):
 
 
 def validation_message(errors: list[Any]) -> str:
-    """Pydantic's validation errors as one line: `where: what` for the first, and a count."""
+    """Pydantic's validation errors as one line: `where: what` for the first, and where the
+    others are (`(and 2 more: host, threads)`)."""
     first = errors[0]
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    where = _where(first)
     # Our own validators' messages say what to do; pydantic prefixes them with their kind.
     what = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    others = list(dict.fromkeys(_where(error) for error in errors[1:]))
+    more = f" (and {len(errors) - 1} more: {', '.join(others)})" if errors[1:] else ""
     return f"{where}: {what}{more}" if where else f"{what}{more}"
+
+
+def _where(error: Any) -> str:
+    """Where an error is, as a client names it: `search.width`, or `status` for a query
+    parameter (not `query.status.0`: the index of a parameter's value is no name)."""
+    location = tuple(error.get("loc", ()))
+    if location[:1] == ("query",):
+        location = tuple(part for part in location[1:] if not isinstance(part, int))
+    return ".".join(str(part) for part in location if part != "body")

@@ -9,8 +9,7 @@ created and its uploads never reach the artifact store.
 
 from __future__ import annotations
 
-import collections
-import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import Services
+from api.repeated_names import refuse_repeated_names
 from api.schemas import JobSpecIn, validation_message
 from api.spec_terms import in_spec_terms
 from api.uploads import Submission
@@ -31,6 +31,7 @@ from archtree_cli.settings import ServiceSettings
 from latency.device_registry import DeviceRegistry
 from latency.measurement_protocol import module_package, package_allowed, validate_device_class
 from search.budget import parse_budget
+from search.data_names import BUILTIN_DATASETS
 from search.errors import ArchtreeError
 from search.inputs import JobInputs, load_inputs
 from search.preflight import check_before_timing
@@ -212,7 +213,7 @@ def _name_uploads(message: str, local: dict[str, Path], submission: Submission) 
 
 def parse_spec(text: str) -> JobSpecIn:
     """The `spec` field as a JobSpecIn; ArchtreeError naming the first problem."""
-    _refuse_repeated_names(text)
+    refuse_repeated_names(text, "the job spec")
     try:
         return JobSpecIn.model_validate_json(text)
     except ValidationError as error:
@@ -228,25 +229,6 @@ def parse_spec(text: str) -> JobSpecIn:
         raise ArchtreeError(
             f"the job spec is not valid: {validation_message(error.errors())}"
         ) from None
-
-
-def _refuse_repeated_names(text: str) -> None:
-    """ArchtreeError for a name given twice in one object of the spec's JSON, which JSON
-    readers take the last of without a word: which one the client meant is unknown."""
-
-    def object_of(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        counts = collections.Counter(name for name, _ in pairs)
-        for name, count in counts.items():
-            if count > 1:
-                raise ArchtreeError(
-                    f"the job spec gives {json.dumps(name)} {count} times in one object: give "
-                    "each field once"
-                )
-        return dict(pairs)
-
-    # Not JSON, or nested too deep to read: the spec's own checks say so.
-    with contextlib.suppress(ValueError, RecursionError):
-        json.loads(text, object_pairs_hook=object_of)
 
 
 def strategy_notes(spec: JobSpecIn) -> list[str]:
@@ -301,10 +283,7 @@ def check_agents_build(spec: JobSpecIn, registry: DeviceRegistry) -> None:
 def upload_names(spec: JobSpecIn, submission: Submission) -> dict[str, str]:
     """The file name each upload is stored under: its field and a suffix the loaders know."""
     if "data" not in submission.files and not (spec.data or "").startswith("builtin:"):
-        raise ArchtreeError(
-            "give the data as spec.data (builtin:mnist or builtin:digits) or upload a .npz/.pt "
-            "file as `data`"
-        )
+        raise ArchtreeError(data_not_given(spec.data or ""))
     if "data" in submission.files and spec.data:
         raise ArchtreeError("give the data either as spec.data or as a `data` upload, not both")
     names = {}
@@ -316,6 +295,26 @@ def upload_names(spec: JobSpecIn, submission: Submission) -> dict[str, str]:
             suffix = ".safetensors" if suffix == ".safetensors" else ".pt"
         names[field] = field + suffix
     return names
+
+
+def data_not_given(data: str) -> str:
+    """What to send when a submission has no data: spec.data `data` names no builtin dataset,
+    and nothing was uploaded. The service reads no path of a client's."""
+    builtins = " or ".join(f"builtin:{name}" for name in BUILTIN_DATASETS)
+    ask = f"give the data as spec.data ({builtins}) or upload a .npz/.pt file as `data`"
+    if not data.strip():
+        return ask
+    name = data.strip()
+    if "/" in name or "\\" in name or Path(name).suffix.lower() in (*DATA_SUFFIXES, ".npy"):
+        return (
+            f"spec.data {data!r} is a file path, and the service reads no path of yours: "
+            f"upload the file as `data` (curl -F data=@{Path(name).name})"
+        )
+    name = name.lower().removeprefix("builtin:")
+    close = difflib.get_close_matches(name, BUILTIN_DATASETS, n=1, cutoff=0.7)
+    if close:
+        return f"spec.data {data!r} is not a data source: did you mean 'builtin:{close[0]}'? {ask}"
+    return f"spec.data {data!r} is not a data source: {ask}"
 
 
 def data_suffix(upload: UploadFile) -> str:

@@ -136,7 +136,15 @@ def checked_api_url(api_url: str, source: str = "the API URL") -> str:
         raise ArchtreeError(
             f"{source} must be an http:// or https:// URL like {EXAMPLE_API_URL}, not {api_url!r}"
         )
-    return api_url.strip().rstrip("/")
+    given = api_url.strip()
+    extras = [what for mark, what in (("?", "a query"), ("#", "a fragment")) if mark in given]
+    if extras:
+        bare = str(url.copy_with(query=None, fragment=None)).rstrip("/")
+        raise ArchtreeError(
+            f"{source} {api_url!r} has {' and '.join(extras)}, which no API address has: give "
+            f"{bare}"
+        )
+    return given.rstrip("/")
 
 
 class ArchtreeClient:

@@ -541,7 +541,12 @@ def pruned_text(spec: dict[str, Any]) -> str:
             if sent.get("weights")
             else (" with uploaded weights")
         )
-    data = f"{sent['data']} (uploaded)" if sent.get("data") else spec["data"]
+    if sent.get("data"):
+        data = f"{sent['data']} (uploaded)"
+    elif str(spec["data"]).startswith("artifact:"):  # uploaded without a file name
+        data = "uploaded data"
+    else:
+        data = spec["data"]
     return f"{model} on {data}"
 
 
@@ -629,6 +634,12 @@ def run_delete(args: argparse.Namespace) -> int:
 
     def delete(client, job_id: str) -> None:
         job = client.job(job_id)
+        if job["status"] not in ENDED and job.get("cancel_requested"):
+            raise ArchtreeError(
+                f"job {job['id']} has not ended ({status_text(job)}): it stops within "
+                "seconds; delete it once it has (`archtree status "
+                f"{job['id']} --api {args.api}` says when)"
+            )
         if job["status"] not in ENDED:
             raise ArchtreeError(
                 f"job {job['id']} has not ended ({status_text(job)}): stop it with "

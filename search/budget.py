@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from search.errors import ArchtreeError
 
+# The largest budget in milliseconds: over a quarter of an hour for one answer, far beyond
+# any model timed here (a budget above the unpruned latency asks for no pruning anyway).
+MAX_BUDGET_MS = 1_000_000
+
 # A sign is read, so that a negative budget is told to be above zero rather than unread.
 _PATTERN = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|%)\s*$")
 
@@ -39,8 +43,10 @@ def parse_budget(text: str) -> Budget:
             "unpruned model's latency like 60%."
         )
     value, unit = float(match.group(1)), match.group(2)
-    if not math.isfinite(value):
-        raise ArchtreeError(f"the budget {text!r} is too large: give milliseconds like 8ms.")
+    if not math.isfinite(value) or (unit == "ms" and value > MAX_BUDGET_MS):
+        raise ArchtreeError(
+            f"the budget {text!r} is too large: give at most {MAX_BUDGET_MS:,} ms, like 8ms."
+        )
     if value <= 0:
         raise ArchtreeError(f"the budget must be above zero, got {text!r}.")
     if unit == "%" and value >= 100:

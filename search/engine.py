@@ -198,6 +198,31 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
                 "likely noisy timing (more --threads than free cores, other work on the "
                 "device): time with fewer threads, on a quieter device, and run again."
             )
+        defaults = SearchSettings()
+        keeping = [
+            (option, f"{option} {value:g} {what}")
+            for option, value, default, what in (
+                (
+                    "--min-width",
+                    settings.min_width_fraction,
+                    defaults.min_width_fraction,
+                    f"keeps {100 * settings.min_width_fraction:g}% of every channel group",
+                ),
+                (
+                    "--round-to",
+                    settings.round_to,
+                    defaults.round_to,
+                    "keeps widths multiples of it",
+                ),
+            )
+            if value > default
+        ]
+        if enough_ms >= baseline_ms and keeping:
+            # Not the model's fault: the settings keep too much of it to reach the budget.
+            raise ArchtreeError(
+                f"{reached}: {' and '.join(said for _, said in keeping)}. Lower "
+                f"{' or '.join(option for option, _ in keeping)} to let pruning go further."
+            )
         if enough_ms >= baseline_ms:
             # A budget that would leave room for the margin is one the unpruned model meets.
             raise ArchtreeError(
@@ -207,8 +232,12 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
                 "choose a smaller architecture."
             )
         instead = f"lower {lower}" if lower else "choose a smaller architecture"
+        # Said in the unit given: a share stays a share of the unpruned latency.
+        share = math.ceil(100 * enough_ms / baseline_ms)
+        enough = f"{share}% ({ms_text(enough_ms)} ms)" if budget.unit == "%" else None
         raise ArchtreeError(
-            f"{reached}, {why}. Give a budget of at least {ms_text(enough_ms)} ms, or {instead}."
+            f"{reached}, {why}. Give a budget of at least {enough or ms_text(enough_ms) + ' ms'}, "
+            f"or {instead}."
         )
     return state
 

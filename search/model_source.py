@@ -127,7 +127,8 @@ def unknown_source_message(source: str, prefixes: list[str]) -> str:
     if colon and rest:
         close = difflib.get_close_matches(prefix.lower(), prefixes, n=1)
         if close:
-            return f"unknown model source {source!r}: did you mean '{close[0]}:{rest}'? {forms}"
+            name = _builtin_meant(rest) or rest if close[0] == "builtin" else rest
+            return f"unknown model source {source!r}: did you mean '{close[0]}:{name}'? {forms}"
     if not colon:
         if source.lower() in builtin_names():
             meant = f"did you mean 'builtin:{source.lower()}'?"
@@ -137,10 +138,18 @@ def unknown_source_message(source: str, prefixes: list[str]) -> str:
     return f"unknown model source {source!r}; {forms}"
 
 
+def _builtin_meant(name: str) -> str | None:
+    """The builtin model `name` most likely means (`VGG`, `vgg16`: vgg), or None."""
+    close = difflib.get_close_matches(name.strip().lower(), builtin_names(), n=1)
+    return close[0] if close else None
+
+
 def _build_builtin(name: str, ref: ModelRef) -> nn.Module:
     if name not in BUILTIN_MODELS:
+        meant = _builtin_meant(name)
+        hint = f"did you mean 'builtin:{meant}'? " if meant else ""
         raise ArchtreeError(
-            f"unknown builtin model {name!r}; known: {', '.join(builtin_names())} "
+            f"unknown builtin model {name!r}; {hint}known: {', '.join(builtin_names())} "
             "(run `archtree models` to list them)"
         )
     return BUILTIN_MODELS[name].constructor(ref.num_classes, ref.in_channels)

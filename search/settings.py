@@ -21,6 +21,8 @@ MAX_TREE_SIZE = 64
 MAX_STEPS = 1_000_000
 MAX_EPOCHS = 10_000
 MAX_PROBES = 1_000
+# Far more inputs than batch-norm statistics need to settle.
+MAX_BN_SAMPLES = 1_000_000
 # Settings whose `archtree prune` option is not the name in kebab case.
 OPTION_NAMES = {"min_width_fraction": "--min-width", "move_kinds": "--moves"}
 
@@ -221,6 +223,7 @@ class SearchSettings:
                 ("final_epochs", MAX_EPOCHS, "far longer than a final fine-tune needs"),
                 ("max_probes", MAX_PROBES, "far more than a bisection needs"),
                 ("fill_probes", MAX_PROBES, "far more than a fill needs"),
+                ("bn_samples", MAX_BN_SAMPLES, "far more than batch-norm statistics need"),
             )
         ]
         for ok, message in checks:

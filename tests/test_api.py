@@ -187,6 +187,27 @@ BAD_SUBMISSIONS = {
         "rejects inputs of shape (1, 1, 1)",
     ),
     "bad device class": ({"device_class": "no spaces"}, {}, "invalid device class"),
+    "no data": (
+        {"data": None},
+        {},
+        "give the data as spec.data (builtin:mnist or builtin:digits) or upload a .npz/.pt file",
+    ),
+    "a data name without its prefix": (
+        {"data": "MNIST"},
+        {},
+        "spec.data 'MNIST' is not a data source: did you mean 'builtin:mnist'? give the data as",
+    ),
+    "a data path": (
+        {"data": "/srv/digits.npz"},
+        {},
+        "spec.data '/srv/digits.npz' is a file path, and the service reads no path of yours: "
+        "upload the file as `data` (curl -F data=@digits.npz)",
+    ),
+    "a data name of no dataset": (
+        {"data": "cifar"},
+        {},
+        "spec.data 'cifar' is not a data source: give the data as spec.data (builtin:mnist",
+    ),
     "bad search setting": ({"search": {"width": 0}}, {}, "search.width must be at least 1"),
     "a search setting past its bound": (
         {"search": {"final_epochs": 1e300}},
@@ -202,6 +223,11 @@ BAD_SUBMISSIONS = {
         {"search": {"widen_to": 1_000_000}},
         {},
         "widen_to: Input should be less than or equal to 4096",
+    ),
+    "batch-norm samples past their bound": (
+        {"search": {"bn_samples": 10**22}},
+        {},
+        "bn_samples: Input should be less than or equal to 1000000",
     ),
     "renamed search setting": (
         {"search": {"min_width_fraction": 1.5}},
@@ -641,6 +667,26 @@ def test_an_ended_job_is_deleted_with_all_the_service_keeps_of_it(
         assert again.json()["id"] != job_id
 
 
+def test_a_running_job_asked_to_cancel_is_deleted_once_it_has_stopped(
+    api_server: ApiProcess, job_store: JobStore
+):
+    with api_server.client() as http:
+        job_id = submit(http, SPEC).json()["id"]
+        job_store.set_status_if_active(job_id, "running")
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+
+        refused = http.delete(f"/v1/jobs/{job_id}")
+
+        assert refused.status_code == 409
+        assert one_line_detail(refused) == (
+            f"job {job_id} has not ended (running, cancel requested): it stops within "
+            "seconds; delete it once its status is cancelled"
+        )
+        assert job_store.get(job_id)["status"] == "running"
+        job_store.set_status_if_active(job_id, "cancelled")  # as its worker does on stopping
+        assert http.delete(f"/v1/jobs/{job_id}").status_code == 204
+
+
 def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_store: JobStore):
     jobs = job_store
 
@@ -923,7 +969,14 @@ def test_archtree_submit_sent_again_with_its_idempotency_key_gets_the_same_job(
 
 def test_names_pasted_with_spaces_around_them_are_kept_without_them(http: httpx.Client):
     pasted = {"budget": " 60% \n", "model": " builtin:vgg ", "data": "\tbuiltin:digits"}
-    answer = submit(http, SPEC | pasted | {"device_class": " api-cpu "})
+    search = SPEC["search"] | {
+        "strategy": " greedy ",
+        "importance": "l2 ",
+        "move_kinds": [" global", "uniform "],
+    }
+    answer = submit(
+        http, SPEC | pasted | {"device_class": " api-cpu ", "dtype": " float32", "search": search}
+    )
 
     assert answer.status_code == 202, answer.text
     job_id = answer.json()["id"]
@@ -934,6 +987,9 @@ def test_names_pasted_with_spaces_around_them_are_kept_without_them(http: httpx.
         "builtin:digits",
         "api-cpu",
     )
+    assert spec["dtype"] == "float32"
+    assert (spec["search"]["strategy"], spec["search"]["importance"]) == ("greedy", "l2")
+    assert spec["search"]["move_kinds"] == ["global", "uniform"]
     assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
 
 
@@ -1051,13 +1107,16 @@ def test_a_failed_jobs_results_are_refused_saying_where_its_error_is(
 def test_archtree_delete_deletes_every_job_it_can_and_names_the_others(
     http: httpx.Client, job_store: JobStore, api_server: ApiProcess, tmp_path: Path
 ):
-    first, running, last = (job_store.create(SPEC) for _ in range(3))
+    first, running, stopping, last = (job_store.create(SPEC) for _ in range(4))
     job_store.set_status_if_active(first, "cancelled")
     job_store.set_status_if_active(last, "failed")
+    job_store.set_status_if_active(stopping, "running")
+    job_store.request_cancel(stopping)
 
     result = run_archtree(
-        "delete", first, "nosuchjob", running, last, "--api", api_server.url, home=tmp_path
-    )
+        "delete", first, "nosuchjob", running, stopping, last, "--api", api_server.url,
+        home=tmp_path,
+    )  # fmt: skip
 
     assert result.returncode == 2, result.stderr
     deleted = "deleted, with its uploads, result files and events"
@@ -1067,13 +1126,15 @@ def test_archtree_delete_deletes_every_job_it_can_and_names_the_others(
         f"{api_server.url}`",
         f"archtree: error: job {running} has not ended (queued): stop it with `archtree cancel "
         f"{running} --api {api_server.url}`, then delete it once it has ended",
+        f"archtree: error: job {stopping} has not ended (running, cancel requested): it stops "
+        f"within seconds; delete it once it has (`archtree status {stopping} --api "
+        f"{api_server.url}` says when)",
     ]
-    assert [http.get(f"/v1/jobs/{job}").status_code for job in (first, running, last)] == [
-        404,
-        200,
-        404,
-    ]
+    assert [
+        http.get(f"/v1/jobs/{job}").status_code for job in (first, running, stopping, last)
+    ] == [404, 200, 200, 404]
     http.post(f"/v1/jobs/{running}/cancel")
+    job_store.set_status_if_active(stopping, "cancelled")
 
 
 def test_archtree_jobs_past_the_end_of_no_jobs_says_there_are_none(
@@ -1335,6 +1396,36 @@ def test_an_offset_past_its_bound_answers_422(params: dict[str, int], http: http
     assert http.get("/v1/jobs", params={"offset": 10**9}).json()["jobs"] == []
 
 
+def test_a_bad_query_value_is_named_as_its_parameter(http: httpx.Client):
+    answer = http.get("/v1/jobs", params={"status": ["failed", "FAILED"], "limit": "many"})
+
+    assert answer.status_code == 422
+    detail = one_line_detail(answer)
+    assert detail.startswith("limit: Input should be a valid integer"), detail
+    assert detail.endswith("(and 1 more: status)"), detail
+
+    # A parameter that takes one value, given twice: which one was meant is unknown.
+    answer = http.get("/v1/jobs?limit=1&limit=2")
+    assert answer.status_code == 422
+    assert one_line_detail(answer) == "the query parameter 'limit' is given 2 times: give it once"
+    assert http.get("/v1/jobs?status=failed&status=queued&limit=1").status_code == 200
+
+
+def test_a_submission_with_two_idempotency_keys_is_refused_and_creates_no_job(
+    http: httpx.Client,
+):
+    before = job_total(http)
+    headers = [("Idempotency-Key", "key-one"), ("Idempotency-Key", "key-two")]
+
+    answer = http.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, headers=headers)
+
+    assert answer.status_code == 422
+    assert one_line_detail(answer) == (
+        "the Idempotency-Key header is sent 2 times: send one key per submission"
+    )
+    assert job_total(http) == before
+
+
 def start_cli_agent(api: ApiProcess, device_class: str, log_dir: Path) -> subprocess.Popen:
     """`archtree agent --api URL --device-class NAME` as a child process."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -1459,9 +1550,24 @@ BAD_DEVICE_BODIES = {
     "form-encoded": (
         b'{"device_class": "x", "host": "h"}',
         "application/x-www-form-urlencoded",
-        "not a JSON object",
+        "the body is sent as application/x-www-form-urlencoded, not read as JSON",
     ),
-    "a list": (b"[]", "application/json", "not a JSON object"),
+    "plain text": (
+        b'{"device_class": "x", "host": "h"}',
+        "text/plain; charset=utf-8",
+        "the body is sent as text/plain, not read as JSON",
+    ),
+    "a list": (b"[]", "application/json", "the body is not a JSON object"),
+    "a field given twice": (
+        b'{"device_class": "api-one", "device_class": "api-two", "host": "h"}',
+        "application/json",
+        'the body gives "device_class" 2 times in one object: give each field once',
+    ),
+    "fields missing": (
+        b"{}",
+        "application/json",
+        "device_class: Field required (and 1 more: host)",
+    ),
     "not UTF-8": (b"\xff{}", "application/json", "cannot be read as JSON text (is it UTF-8?)"),
 }
 
@@ -1470,12 +1576,16 @@ BAD_DEVICE_BODIES = {
 def test_a_device_body_that_is_no_json_object_says_to_send_one(case: str, http: httpx.Client):
     body, content_type, expected = BAD_DEVICE_BODIES[case]
 
+    before = len(http.get("/v1/devices").json()["devices"])
+
     answer = http.post("/v1/devices", content=body, headers={"Content-Type": content_type})
 
     assert answer.status_code == 422
     detail = one_line_detail(answer)
     assert expected in detail
-    assert f"send a JSON object like {DEVICE_EXAMPLE}" in detail
+    if "not" in expected:
+        assert f"send a JSON object like {DEVICE_EXAMPLE}" in detail
+    assert len(http.get("/v1/devices").json()["devices"]) == before
 
 
 def test_health_readiness_and_metrics(http: httpx.Client):

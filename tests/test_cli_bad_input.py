@@ -121,6 +121,7 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
         (["--width", "100000"], None, "--width must be at most 64, far wider than any useful"),
         (["--ft-steps", "2000000"], None, "--ft-steps must be at most 1,000,000"),
         (["--round-to", "100000"], None, "--round-to must be at most 4096"),
+        (["--bn-samples", "10000000"], None, "--bn-samples must be at most 1,000,000"),
         (["--jobs", "100000"], None, "--jobs must be from 1 to 1024 (children evaluated at once)"),
         (["--train-device", "tpu"], None,
          "--train-device 'tpu' is not a training device: give auto, cpu, cuda or cuda:N"),

@@ -33,6 +33,7 @@ from archtree_cli.client import (
     SUBMIT_ATTEMPTS,
     ArchtreeClient,
 )
+from archtree_cli.service_commands import pruned_text
 from search.errors import ArchtreeError
 from tests.cli_process import ROOT, run_archtree
 from tests.http_servers import serving
@@ -346,6 +347,22 @@ def test_a_malformed_api_url_is_refused_before_any_request(
         result, "--api must be an http:// or https:// URL like http://127.0.0.1:8000", repr(api)
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("api", "said"),
+    [
+        ("http://127.0.0.1:8000?x=1", "has a query, which no API address has"),
+        ("http://127.0.0.1:8000/#jobs", "has a fragment, which no API address has"),
+        ("http://127.0.0.1:8000/?", "has a query, which no API address has"),
+    ],
+)
+def test_an_api_url_with_a_query_or_fragment_is_refused_with_the_bare_address(api: str, said: str):
+    """A query sends every request to whatever the address answers with it (the dashboard),
+    which would then be blamed for not being an Archtree API."""
+    with pytest.raises(ArchtreeError) as refused:
+        ArchtreeClient(api, source="--api")
+    assert str(refused.value) == f"--api {api!r} {said}: give http://127.0.0.1:8000"
 
 
 @pytest.mark.parametrize("job_id", ["..", "../../etc", "a/b"])
@@ -950,3 +967,31 @@ def test_a_job_id_copied_with_spaces_around_it_is_the_job(home: Path):
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout.startswith(f"job {JOB} running"), cancelled.stdout
     assert job["id"] == JOB
+
+
+@pytest.mark.parametrize(
+    ("spec", "shown"),
+    [
+        ({"model": "builtin:vgg", "data": "builtin:digits"}, "builtin:vgg on builtin:digits"),
+        (
+            {
+                "model": "builtin:vgg",
+                "weights": "artifact:jobs/0123456789ab/inputs/weights.pt",
+                "data": "artifact:jobs/0123456789ab/inputs/data.npz",
+                "upload_names": {"weights": "vgg.pt", "data": "my digits.npz"},
+            },
+            "builtin:vgg with weights vgg.pt (uploaded) on my digits.npz (uploaded)",
+        ),
+        # Uploads sent without file names: said to be uploads, not by the store's paths.
+        (
+            {
+                "model": "builtin:vgg",
+                "weights": "artifact:jobs/0123456789ab/inputs/weights.pt",
+                "data": "artifact:jobs/0123456789ab/inputs/data.npz",
+            },
+            "builtin:vgg with uploaded weights on uploaded data",
+        ),
+    ],
+)
+def test_a_job_is_shown_by_what_it_prunes_as_the_user_sent_it(spec, shown):
+    assert pruned_text(spec) == shown

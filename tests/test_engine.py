@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import replace
 
 import pytest
@@ -84,6 +85,15 @@ def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_alrea
     context = make_context(oracle=BlockedConvDevice(1), min_width_fraction=0.5)
     with pytest.raises(ArchtreeError, match=r"Give a budget of at least .* or lower --min-width\."):
         start(context, parse_budget("5%"))
+    # Where the settings keep nearly every channel, they are the reason, not the model.
+    context = make_context(oracle=BlockedConvDevice(1), min_width_fraction=0.99)
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("40%"))
+    assert "pruning its channels barely speeds" not in str(error.value)
+    assert str(error.value).endswith(
+        "(99% of the unpruned 26.656 ms): --min-width 0.99 keeps 99% of every channel group. "
+        "Lower --min-width to let pruning go further."
+    )
 
 
 class NoisyDevice(BlockedConvDevice):
@@ -122,6 +132,18 @@ def test_an_unreachable_budget_names_the_options_that_set_the_smallest_widths(se
     with pytest.raises(ArchtreeError) as error:
         start(context, parse_budget("0.002ms"))
     assert str(error.value).endswith(named)
+
+
+def test_an_unreachable_share_of_the_latency_is_answered_with_the_share_to_give():
+    context = make_context(oracle=BlockedConvDevice(1), min_width_fraction=0.5)
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("5%"))
+    given = re.search(r"Give a budget of at least (\d+)% \(([0-9.]+) ms\)", str(error.value))
+    assert given, str(error.value)
+    baseline = re.search(r"of the unpruned ([0-9.]+) ms", str(error.value))
+    share, enough_ms = int(given[1]), float(given[2])
+    assert 5 < share < 100
+    assert share - 1 < 100 * enough_ms / float(baseline[1]) <= share
 
 
 @pytest.mark.parametrize(

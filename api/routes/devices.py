@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
 
 from api.deps import ServicesDep, only_known_query_parameters, quoted
+from api.repeated_names import refuse_repeated_names
 from api.schemas import (
     INVALID,
     UNAVAILABLE,
@@ -24,6 +25,11 @@ router = APIRouter(
 )
 
 
+async def _each_field_once(request: Request) -> None:
+    """The body, read once already to validate it, gives each field once."""
+    refuse_repeated_names(await request.body(), "the body")
+
+
 @router.post(
     "",
     status_code=201,
@@ -41,7 +47,9 @@ router = APIRouter(
         },
     },
 )
-def register_device(device: DeviceIn, services: ServicesDep) -> DeviceRegistered:
+def register_device(
+    device: DeviceIn, services: ServicesDep, _: None = Depends(_each_field_once)
+) -> DeviceRegistered:
     """Called by `archtree agent`: the answer holds the device's id and the Redis its agent
     serves measurement requests from."""
     try:

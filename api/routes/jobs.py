@@ -125,6 +125,11 @@ async def submit_job(
     load and a sample runs forward), store its uploads and queue it. Nothing is kept when a
     check fails. Sent again with its Idempotency-Key, it answers the job the first created,
     `replayed` true."""
+    sent = len(request.headers.getlist("idempotency-key"))
+    if sent > 1:
+        raise HTTPException(
+            422, f"the Idempotency-Key header is sent {sent} times: send one key per submission"
+        )
     key = checked_idempotency_key(idempotency_key)
     form = await read_submission(request, services.settings)
     try:
@@ -270,6 +275,12 @@ def delete_job(job: JobDep, services: ServicesDep) -> Response:
     of it: its uploads and result files in the artifact store, its record, events and tree in
     Redis, and the Idempotency-Key it was submitted with. 409 for a job that has not ended:
     cancel it, then delete it."""
+    if job["status"] not in FINAL_STATUSES and job.get("cancel_requested"):
+        raise HTTPException(
+            status_code=409,
+            detail=f"job {job['id']} has not ended ({job['status']}, cancel requested): it "
+            "stops within seconds; delete it once its status is cancelled",
+        )
     if job["status"] not in FINAL_STATUSES:
         raise HTTPException(
             status_code=409,
