@@ -336,6 +336,11 @@ class JobProgress(BaseModel):
         "class (status waiting_for_device); null once one is online again. The job fails once "
         "it has waited ARCHTREE_DEVICE_WAIT_S since then.",
     )
+    device_wait_until: float | None = Field(
+        None,
+        description="Unix time the job fails at if no agent of its device class is online by "
+        "then (status waiting_for_device); null once one is.",
+    )
     depth: int | None = Field(None, description="Depths of the tree completed.", examples=[2])
     candidates_evaluated: int | None = Field(
         None, description="Children fine-tuned, measured and scored so far.", examples=[8]
@@ -647,11 +652,34 @@ def validation_message(errors: list[Any]) -> str:
     others are (`(and 2 more: host, threads)`)."""
     first = errors[0]
     where = _where(first)
-    # Our own validators' messages say what to do; pydantic prefixes them with their kind.
-    what = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     others = list(dict.fromkeys(_where(error) for error in errors[1:]))
     more = f" (and {len(errors) - 1} more: {', '.join(others)})" if errors[1:] else ""
+    bound = _bound_text(first)
+    if bound and where:  # as our own checks say it: search.width must be at least 1
+        return f"{where} {bound}{more}"
+    # Our own validators' messages say what to do; pydantic prefixes them with their kind.
+    what = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{where}: {what}{more}" if where else f"{what}{more}"
+
+
+# Pydantic's bounds, said as the engine's own checks say theirs.
+_BOUND_WORDS = {
+    "less_than_equal": ("le", "must be at most"),
+    "greater_than_equal": ("ge", "must be at least"),
+    "less_than": ("lt", "must be below"),
+    "greater_than": ("gt", "must be above"),
+}
+
+
+def _bound_text(error: Any) -> str | None:
+    """`must be at most 64` for a value past a bound, None for another error."""
+    words = _BOUND_WORDS.get(error.get("type", ""))
+    limit = (error.get("ctx") or {}).get(words[0]) if words else None
+    if words is None or not isinstance(limit, int | float):
+        return None
+    whole = isinstance(limit, int) or float(limit).is_integer()
+    shown = f"{int(limit):,}" if whole else f"{limit:g}"
+    return f"{words[1]} {shown}"
 
 
 def _where(error: Any) -> str:

@@ -320,8 +320,9 @@ def data_not_given(data: str) -> str:
 def data_suffix(upload: UploadFile) -> str:
     """The suffix a data upload is stored under, for the loader: the client's own .npz or .pt,
     else the one its content has (files are read by content, whatever their name): .npz for a
-    numpy archive (a zip of .npy members), .pt for anything else, which is read as a torch
-    file."""
+    numpy archive (a zip of .npy members), .pt for torch's zip format, and .data for a file
+    of another name that is no zip (a .npy array, a torch file of the older format, or no
+    data at all), which the loader reads by its content and, failing, says is neither."""
     suffix = Path(upload.filename or "").suffix.lower()
     if suffix in DATA_SUFFIXES:
         return suffix
@@ -330,7 +331,7 @@ def data_suffix(upload: UploadFile) -> str:
         with zipfile.ZipFile(upload.file) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return ".pt"
+        return ".data"
     finally:
         upload.file.seek(0)
     pickled = any(name.endswith("data.pkl") for name in names)  # torch.save's zip format

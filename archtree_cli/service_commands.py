@@ -506,11 +506,16 @@ def _device_class(client: Any, job_id: str, status: str) -> str | None:
     return job["spec"]["device_class"] if job["status"] == "waiting_for_device" else None
 
 
-def no_agent_hint(device_class: str, api: str) -> str:
-    """That no agent of `device_class` is online, and the command that starts one."""
+def no_agent_hint(device_class: str, api: str, until: float | None = None) -> str:
+    """That no agent of `device_class` is online, the command that starts one, and when the
+    job fails if none is by then (`until`, Unix time)."""
+    by = ""
+    if until is not None:
+        clock = time.strftime("%H:%M:%S", time.localtime(until))
+        by = f"; the job fails if none is online by {clock}"
     return (
         f"no agent of device class {device_class} is online; start one with "
-        f"`archtree agent --api {api} --device-class {device_class}`"
+        f"`archtree agent --api {api} --device-class {device_class}`{by}"
     )
 
 
@@ -570,7 +575,8 @@ def print_job(job: dict[str, Any], api: str) -> None:
         f"{spec['budget']} on device class {spec['device_class']}"
     )
     if job["status"] == "waiting_for_device":
-        print(f"waiting_for_device: {no_agent_hint(spec['device_class'], api)}")
+        until = progress.get("device_wait_until")
+        print(f"waiting_for_device: {no_agent_hint(spec['device_class'], api, until)}")
     for task in job.get("lost_tasks") or []:
         print(f"lost: {lost_task_text(task)}")
     # What the scores are: calibration accuracy, or fidelity when the data have no labels.

@@ -1082,9 +1082,13 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     # with the same command, which would clear the search again.
     _, stderr = stopped_at("depth 2 of at most", ("--restart",))
     assert "resuming" not in stderr and "] baseline" in stderr, stderr
-    assert stderr.strip().splitlines()[-1].endswith(
-        "the search is saved after depth 1, and the same command without --restart goes on "
-        "from there"
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "the search is saved after depth 1, and the same command without --restart goes on "
+            "from there"
+        )
     ), stderr
 
 

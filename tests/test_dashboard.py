@@ -306,7 +306,7 @@ def invalid_fields(page: Any) -> list[tuple[str, str]]:
             "Width: not a number; give one, or leave it empty for the default",
             "width",
         ),
-        ({"width": "100"}, "Width: Input should be less than or equal to 64", "width"),
+        ({"width": "100"}, "Width must be at most 64", "width"),
         (
             {"planned_steps": "2", "max_depth": "1"},
             "Max depth must be at least Planned steps (1 is below 2; give both, or a Max depth "
@@ -407,6 +407,12 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
 
     # The finished job: the whole tree, the front, the answer and its results.
     wait_for(page, lambda: visible(page, "#artifacts"), PAGE_S, "the download links")
+    # Saved under the job's id, so that two jobs' downloads keep apart.
+    assert js(page, "[...document.querySelectorAll('.downloads a')].map(a => a.download)") == [
+        f"report-{job_id}.json",
+        f"arch-{job_id}.json",
+        f"model-{job_id}.safetensors",
+    ]
     assert js(page, "window.archtree.treeNodes") == len(tree["nodes"])
     assert not visible(page, "#open-depth-legend")  # no depth in progress, none left open
     assert js(page, "document.querySelector('#tree-chart').dataset.nodes") == str(
@@ -635,7 +641,15 @@ def test_the_cancel_button_stops_a_running_job(page: Any, stack: ApiProcess):
         "a child of the depth in progress",
     )
     assert text(page, "#open-depth-label") == "depth in progress"
+    # Asked first: declined, the job runs on.
     page.find_element("id", "cancel").click()
+    asked = page.switch_to.alert
+    assert asked.text == f"Cancel job {job_id}? Its search stops and cannot go on from there."
+    asked.dismiss()
+    with stack.client() as client:
+        assert not client.get(f"/v1/jobs/{job_id}").json()["cancel_requested"]
+    page.find_element("id", "cancel").click()
+    page.switch_to.alert.accept()
     wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", 60, "cancelled")
     assert not visible(page, "#cancel") and not visible(page, "#artifacts")
     # The events list follows its own stream: it may show the cancel a moment after the status.
@@ -815,6 +829,7 @@ def test_the_keyboard_focus_stays_where_the_user_works_and_controls_are_named(
         assert js(page, f"document.querySelector('{chart}').getAttribute('role')") == "img"
         assert js(page, f"document.querySelector('{chart}').getAttribute('aria-label')")
     page.find_element("id", "cancel").click()
+    page.switch_to.alert.accept()
     wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", PAGE_S, "cancelled")
     wait_for(page, lambda: visible(page, "#delete"), PAGE_S, "the delete button")
     assert focused(page) != "BODY"
@@ -836,6 +851,12 @@ def test_a_job_waiting_for_its_device_says_which_agent_to_start(
             assert js(page, "window.archtree.status") == "waiting_for_device"
             assert text(page, "#job-status") == "waiting for a device"  # as the filter says
             assert "No agent of device class dashboard-absent is online" in shown
+            # And when the job fails if none comes: its device wait (300 s) after it began.
+            progress = client.get(f"/v1/jobs/{job_id}").json()["progress"]
+            assert progress["device_wait_until"] == pytest.approx(
+                progress["device_wait_since"] + 300
+            )
+            assert "the job goes on once one is, and fails if none is by " in shown
             command = f"archtree agent --api {stack.url} --device-class dashboard-absent"
             assert text(page, "#job-waiting code") == command
             # Nothing measured yet: no depth either.
@@ -1344,6 +1365,8 @@ def cancelled_jobs_at_page_two(
     page.find_element("id", "older").click()
     second = f"21–{count} of {count}"
     wait_for(page, lambda: text(page, "#page-info") == second, PAGE_S, "page 2")
+    # Older, disabled on the last page under the keyboard, hands it to Newer.
+    wait_for(page, lambda: js(page, "document.activeElement.id") == "newer", PAGE_S, "focus")
     return created
 
 
@@ -1358,6 +1381,10 @@ def test_the_list_page_and_filter_are_kept_when_the_top_bar_leads_back_to_them(
     wait_for(page, lambda: js(page, "window.archtree?.view") == "jobs", PAGE_S, "the jobs")
     wait_for(page, lambda: text(page, "#page-info") == "21–22 of 22", PAGE_S, "page 2 again")
     assert js(page, "document.querySelector('#status-filter').value") == "cancelled"
+    # The list opens at its top: the pager, whose Older button is disabled on this last page,
+    # takes no focus that would scroll the page down to it.
+    assert js(page, "window.scrollY") == 0
+    assert js(page, "document.activeElement.id") not in ("newer", "older")
 
 
 def test_an_unreadable_data_file_is_said_beside_the_file_input(
@@ -1397,12 +1424,12 @@ def test_the_page_says_its_values_one_way_in_words_with_code_as_code(
     page: Any, quiet_api: ApiProcess
 ):
     with quiet_api.client() as client:
-        job_id = submit(client, job_spec() | {"budget": "1e30ms"})
+        job_id = submit(client, job_spec() | {"budget": "1e5ms"})
     open_jobs_page(page, quiet_api)
     row = f'#jobs-table tr[data-job-id="{job_id}"]'
     wait_for(page, lambda: visible(page, row), PAGE_S, "the job's row")
     # A budget in milliseconds as given, not again in other words.
-    assert text(page, f"{row} td:nth-child(7)") == "1e30ms"
+    assert text(page, f"{row} td:nth-child(7)") == "1e5ms"
     # The 24-hour clock everywhere, as the event log has it.
     twelve_hour = re.compile(r"\b[AP]M\b")
     wait_for(page, lambda: text(page, "#connection").startswith("live · "), PAGE_S, "live")

@@ -434,6 +434,12 @@ def test_a_waiting_job_from_the_command_line_status_jobs_and_cancel(
             shown = archtree("status", job_id, *common)
             assert shown.returncode == 0
             assert f"job {job_id} waiting_for_device" in shown.stdout and hint in shown.stdout
+            # When it fails if no agent comes: the device wait (300 s) after it began.
+            until = client.job(job_id)["progress"]["device_wait_until"]
+            since = client.job(job_id)["progress"]["device_wait_since"]
+            assert until == pytest.approx(since + 300)
+            clock = time.strftime("%H:%M:%S", time.localtime(until))
+            assert f"{hint}; the job fails if none is online by {clock}\n" in shown.stdout
             # Ctrl-C stops the watch, not the job: it says so, and how to stop the job.
             watch.send_signal(signal.SIGINT)
             assert watch.wait(timeout=60) == 130

@@ -163,7 +163,7 @@ def _require_device(job_id: str) -> None:
     if registry.live_agents(device_class) == 0:
         raise DeviceAbsent(device_class)
     if job["progress"].get("device_wait_since") is not None:
-        services.jobs.update_progress(job_id, device_wait_since=None)
+        services.jobs.update_progress(job_id, device_wait_since=None, device_wait_until=None)
     if job["status"] == "waiting_for_device":
         services.jobs.set_status_if_active(job_id, "running")
 
@@ -179,7 +179,9 @@ def _wait_for_device(task: Task, job_id: str, device_class: str) -> None:
     since = job["progress"].get("device_wait_since")
     if since is None:
         since = now
-        services.jobs.update_progress(job_id, device_wait_since=since)
+        # When it fails if none comes: said with the wait, on the dashboard and by `status`.
+        until = since + services.settings.device_wait_s
+        services.jobs.update_progress(job_id, device_wait_since=since, device_wait_until=until)
         log.warning(
             "job %s: no agent of device class %s online; waiting without a worker",
             job_id,

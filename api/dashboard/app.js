@@ -107,9 +107,9 @@ const scoreWord = (scoredBy) => (scoredBy === "fidelity" ? "fidelity" : "score")
 const when = (unixSeconds) =>
   new Date(unixSeconds * 1000).toLocaleString([], { hourCycle: "h23" });
 // To the minute, for a table's column (the whole time on hover).
+// The month by name, so that no day reads as a month (7/12 or 12/7), and short.
 const whenShort = (unixSeconds) => new Date(unixSeconds * 1000).toLocaleString([],
-  { year: "2-digit", month: "numeric", day: "numeric", hour: "2-digit", minute: "2-digit",
-    hourCycle: "h23" });
+  { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
 const clock = (unixSeconds) =>
   new Date(unixSeconds * 1000).toLocaleTimeString([], { hourCycle: "h23" });
 const clockNow = () => clock(Date.now() / 1000);
@@ -505,11 +505,13 @@ function renderJobs(root, page, filtered, focusAfter) {
     : "";
   const newer = $("#newer", root);
   const older = $("#older", root);
+  const focused = document.activeElement;
   newer.disabled = page.offset === 0;
   older.disabled = last >= page.total;
   // A pager button disabled under the keyboard (the last or first page reached): the other one.
-  if (older.disabled) refocus(newer.disabled ? null : newer, older);
-  if (newer.disabled) refocus(older.disabled ? null : older, newer);
+  // Only then: a page that loads with nothing focused keeps its place (and its scroll).
+  if (focused === older && older.disabled && !newer.disabled) newer.focus();
+  if (focused === newer && newer.disabled && !older.disabled) older.focus();
 }
 
 const SEARCH_FIELDS = [
@@ -527,10 +529,22 @@ function setUpSubmitForm(root) {
   for (const [name, value] of formDraft) {
     if (form.elements[name]) form.elements[name].value = value;
   }
+  // The search settings' heading says how many are set (empty ones take the engine's
+  // default), and the section is open when a draft brings some back.
+  const settings = $("#submit-form details", root);
+  const countSet = () => {
+    const set = SEARCH_FIELDS.filter((name) => form.elements[name]?.value !== "").length;
+    $("summary", settings).textContent = set
+      ? `Search settings (${set} set; empty ones take the engine's default)`
+      : "Search settings (empty: the engine's default)";
+    return set;
+  };
+  if (countSet()) settings.open = true;
   form.addEventListener("input", (event) => {
     if (event.target.name && event.target.type !== "file") {
       formDraft.set(event.target.name, event.target.value);
     }
+    countSet();
   });
   const dataFile = $(".data-file", root);
   const showDataFile = () => {
@@ -564,6 +578,10 @@ function setUpSubmitForm(root) {
       }
       if (input.value !== "") search[name] = Number(input.value);
     }
+    if (!fields.model.value.trim()) {
+      return refuse(`${labelOf(fields.model)}: give the model to prune, such as builtin:vgg, ` +
+        "torchvision:resnet18 or timm:NAME", "model");
+    }
     const spec = {
       model: fields.model.value.trim(),
       budget: fields.budget.value.trim(),
@@ -582,7 +600,10 @@ function setUpSubmitForm(root) {
     const weights = fields.weights.files[0];
     if (weights) body.append("weights", weights, weights.name);
     error.hidden = true;
-    fields["submit-button"].disabled = true;
+    const button = fields["submit-button"];
+    const label = button.textContent;
+    button.disabled = true;
+    button.textContent = "Submitting…";  // an upload, or an API slow to answer, takes a while
     try {
       const created = await api("v1/jobs", { method: "POST", body });
       location.hash = `#/jobs/${created.id}`;
@@ -601,7 +622,8 @@ function setUpSubmitForm(root) {
       if (field === "data" && fields.data.value === "upload") field = "data_file";
       markField(form, field, inFormTerms(failure.message, form));
     } finally {
-      fields["submit-button"].disabled = false;
+      button.disabled = false;
+      button.textContent = label;
     }
   });
 }
@@ -627,7 +649,7 @@ function markField(form, name, message) {
   const input = name ? form.elements[name] : null;
   if (!input || !input.closest) return;
   input.setAttribute("aria-invalid", "true");
-  const note = el("span", { class: "field-error", text: message });
+  const note = el("span", { class: "field-error" }, ...withCode(message));
   input.closest("label").append(note);
   if (input.closest("details")) input.closest("details").open = true;
   input.focus();
@@ -653,6 +675,11 @@ async function describeFields(form) {
     const input = form.elements[name];
     const help = properties[name]?.description;
     if (input && help && !input.title) input.title = help;
+    // The API's upper bound, for the field's arrows and the browser's own hint (the form is
+    // checked by the API, which says what is wrong: novalidate).
+    const bounds = [properties[name], ...(properties[name]?.anyOf ?? [])];
+    const maximum = bounds.find((bound) => bound?.maximum != null)?.maximum;
+    if (input && maximum != null && !input.max) input.max = String(maximum);
   }
 }
 
@@ -674,10 +701,13 @@ function labelOf(input) {
 
 // The API's message in the form's terms: its field labels, not spec fields (search.width), cut
 // to a readable length (the API echoes what was sent).
-const MAX_MESSAGE_CHARS = 400;
+const MAX_MESSAGE_CHARS = 600;
 function inFormTerms(message, form = submitForm()) {
   const text = namedAsInForm(message, form);
-  return text.length > MAX_MESSAGE_CHARS ? `${text.slice(0, MAX_MESSAGE_CHARS - 1)}…` : text;
+  if (text.length <= MAX_MESSAGE_CHARS) return text;
+  // Cut in its middle, where an echoed value is: the advice is at its end.
+  const half = Math.floor((MAX_MESSAGE_CHARS - 1) / 2);
+  return `${text.slice(0, half)}…${text.slice(text.length - half)}`;
 }
 
 // A job's error, notes and log lines with the form's labels for the spec fields they name
@@ -692,7 +722,7 @@ function namedAsInForm(message, form = submitForm()) {
 }
 
 function showError(element, message) {
-  element.textContent = message;
+  element.replaceChildren(...withCode(message));
   element.hidden = false;
 }
 
@@ -756,15 +786,22 @@ function jobView(root, jobId) {
       deleted();
       return false;
     }
-    // An unreachable API is said once for the whole page, above it (setConnection).
-    if (error.status !== 0) {
-      showError($("#job-error", root), error.message);
+    // An unreachable API is said once for the whole page, above it (setConnection); a page
+    // that has shown nothing of the job yet says so too, where the job would be.
+    if (error.status !== 0 || !view.job) {
+      showError($("#job-error", root), error.status !== 0 ? error.message
+        : `Job ${jobId} could not be loaded yet: the API does not answer. The page asks ` +
+          "again every few seconds.");
       view.errorShown = true;
     }
     return view.ended ? ENDED_POLL_MS : true;
   });
   const stream = followEvents(view, poller);
   $("#cancel", root).addEventListener("click", async () => {
+    // Asked first, as Delete is: a search cancelled cannot go on, and may have run for hours.
+    if (!window.confirm(`Cancel job ${jobId}? Its search stops and cannot go on from there.`)) {
+      return;
+    }
     $("#cancel", root).disabled = true;
     // The button is disabled, then hidden: the keyboard goes on from the job's status.
     $("#job-status", root).focus();
@@ -870,8 +907,10 @@ function describe(event, scoreName = "score") {
   const cached = event.cached ? ", cached" : "";
   switch (event.kind) {
     case "queued": return "waiting for a worker";
-    case "status":
-      return event.error ? `${event.status}: ${namedAsInForm(event.error)}` : event.status;
+    case "status": {
+      const status = STATUS_WORDS[event.status] ?? event.status;  // as the badge says it
+      return event.error ? `${status}: ${namedAsInForm(event.error)}` : status;
+    }
     case "baseline":
       return `unpruned ${ms(event.latency_ms)}${cached}, budget ${ms(event.budget_ms)}, ` +
         score(event.score);
@@ -991,10 +1030,12 @@ function openDepthLabel(status) {
 }
 
 // What a job waiting for its device class needs: an agent of that class, started so.
-function waitingForDevice(deviceClass) {
+function waitingForDevice(deviceClass, until) {
   const command = `archtree agent --api ${location.origin} --device-class ${deviceClass}`;
+  const by = until != null ? `, and fails if none is by ${clock(until)}` : "";
   return [
-    `No agent of device class ${deviceClass} is online; the job goes on once one is. Start one with `,
+    `No agent of device class ${deviceClass} is online; the job goes on once one is${by}. ` +
+      "Start one with ",
     el("code", { text: command }),
   ];
 }
@@ -1030,7 +1071,8 @@ function renderJob(view) {
   error.replaceChildren(...(job.error ? withCode(inFormTerms(job.error)) : []));
   const waiting = $("#job-waiting", root);
   waiting.hidden = job.status !== "waiting_for_device";
-  waiting.replaceChildren(...(waiting.hidden ? [] : waitingForDevice(spec.device_class)));
+  waiting.replaceChildren(...(waiting.hidden ? []
+    : waitingForDevice(spec.device_class, progress.device_wait_until)));
   const lostTasks = job.lost_tasks ?? [];
   const lost = $("#job-lost", root);
   lost.hidden = lostTasks.length === 0;
@@ -1121,7 +1163,12 @@ function renderArtifacts(view) {
   if (!ready || box.dataset.filled) return;
   box.dataset.filled = "yes";
   $(".downloads", box).replaceChildren(...ARTIFACTS.map((name) =>
-    el("li", {}, el("a", { href: `v1/jobs/${view.id}/artifacts/${name}`, download: name, text: name }))));
+    // Saved under the job's id (report-ID.json), so that two jobs' files keep apart.
+    el("li", {}, el("a", {
+      href: `v1/jobs/${view.id}/artifacts/${name}`,
+      download: name.replace(/\.[^.]+$/, (suffix) => `-${view.id}${suffix}`),
+      text: name,
+    }))));
 }
 
 // Tooltip of a node: its move, latency, score (named `scoreName`) and the widths it changed from
@@ -1452,6 +1499,7 @@ function route() {
     unwatch();
     leave();
   };
+  window.scrollTo(0, 0); // another page: from its top, not where the last one was scrolled to
 }
 
 window.addEventListener("hashchange", route);
