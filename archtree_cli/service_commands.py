@@ -21,7 +21,7 @@ from typing import Any
 
 from archtree_cli.cli_terms import errors_in_cli_terms, in_cli_terms
 from archtree_cli.stop_signals import SignalledStop
-from search.errors import ArchtreeError
+from search.errors import ArchtreeError, first_line
 
 DEFAULT_API = "http://127.0.0.1:8000"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -256,6 +256,7 @@ def run_api(args: argparse.Namespace) -> int:
     from archtree_cli.settings import load_service_settings
 
     settings = load_service_settings()
+    check_redis_usable(settings.resolved_redis_url(), "the API")
     workers = args.workers if args.workers is not None else settings.api_workers
     if workers < 1:
         raise ArchtreeError(
@@ -289,11 +290,78 @@ def run_worker(args: argparse.Namespace) -> int:
         said = "--train-device" if given else "ARCHTREE_TRAIN_DEVICE"
         raise ArchtreeError(f"{said} {error}") from None
     service_settings.cache_clear()
+    settings = service_settings()
+    check_redis_usable(settings.resolved_redis_url(), "the worker")
+    _check_worker_folders(settings)
     from workers.celery_app import worker_main
 
     queues = args.queues.split(",") if args.queues else None
     worker_main(queues, args.concurrency, hostname=args.name)
     return 0
+
+
+def check_redis_usable(redis_url: str, who: str) -> None:
+    """ArchtreeError for a Redis that answers but can never serve `who` (a wrong or missing
+    password, a database out of range, something else at that address, TLS to a plain
+    Redis): said at start in one line, not as a traceback on every request or task. One that
+    does not answer yet is said in a warning, and `who` waits for it, as it would for a
+    restart."""
+    from urllib.parse import urlsplit
+
+    import redis
+
+    from latency.redis_connection import plain_redis_for_tls, redacted, redis_url_variable
+
+    if not redis_url:
+        return  # the settings said what to set
+    variable = redis_url_variable()
+    shown = f"{redacted(redis_url)} ({variable})"
+    said = plain_redis_for_tls(redis_url, shown)
+    if said is not None:
+        raise ArchtreeError(said)
+    try:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+        with client:
+            client.ping()
+    except redis.exceptions.InvalidResponse as error:
+        raise ArchtreeError(
+            f"{shown} answers, but not as Redis ({error}): check its host and port"
+        ) from None
+    except redis.AuthenticationError as error:
+        given = urlsplit(redis_url).password is not None
+        said = f"refuses {who}'s password ({error})" if given else "asks for a password"
+        raise ArchtreeError(
+            f"Redis at {shown} {said}: give the right one in {variable}, as "
+            "redis://:PASSWORD@HOST:6379/0"
+        ) from None
+    except redis.ResponseError as error:
+        refused = first_line(error)
+        if "NOAUTH" in refused or "authenticated" in refused:
+            refused = (
+                f"it asks for a password: give it in {variable}, as redis://:PASSWORD@HOST:6379/0"
+            )
+        raise ArchtreeError(f"Redis at {shown} refuses {who}: {refused}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        print(
+            f"archtree: warning: Redis at {shown} does not answer yet ({first_line(error)}); "
+            f"{who} waits for it",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _check_worker_folders(settings: Any) -> None:
+    """ArchtreeError, before the worker takes any task, when its artifact store or its
+    scratch folder cannot be used: each of its tasks would fail, and leave its job stuck."""
+    from archtree_cli.commands import _check_writable
+    from workers.artifact_store import ArtifactStore
+
+    ArtifactStore(settings.artifacts_url)  # says what is wrong with the store
+    _check_writable(
+        Path(settings.work_dir),
+        "ARCHTREE_WORK_DIR",
+        fix="set ARCHTREE_WORK_DIR to a folder the worker can write",
+    )
 
 
 def run_agent(args: argparse.Namespace) -> int:

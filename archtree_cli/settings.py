@@ -8,10 +8,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from archtree_cli.paths import archtree_home
+from latency.measurement_protocol import PACKAGE_NAME
 from latency.redis_connection import check_redis_url, redacted
 from search.device_names import TRAIN_DEVICE_FORMS, train_device_name
 from search.errors import ArchtreeError
@@ -115,6 +116,28 @@ class ServiceSettings(BaseSettings):
         check_redis_url(value)
         return value
 
+    @field_validator("task_lease_s")
+    @classmethod
+    def _lease_below_visibility(cls, lease_s: float, info: ValidationInfo) -> float:
+        """A task not acknowledged by the visibility timeout goes to another worker even while
+        it runs: a lease as long is never seen lost first, and a shorter timeout than a task
+        runs it twice at once."""
+        visibility_s = info.data.get("visibility_timeout_s")
+        if visibility_s is not None and lease_s >= visibility_s:
+            raise ValueError(
+                f"the task lease must be below ARCHTREE_VISIBILITY_TIMEOUT_S ({visibility_s:g} "
+                "s), which should be above the longest task (default 300 s): raise that, or "
+                "lower this (default 15 s)"
+            )
+        return lease_s
+
+    @field_validator("search_queue", "evaluate_queue")
+    @classmethod
+    def _queue_name(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("give a queue name, or leave the variable unset for the default")
+        return name.strip()
+
     @field_validator("train_device")
     @classmethod
     def _train_device_form(cls, value: str) -> str:
@@ -133,12 +156,17 @@ class ServiceSettings(BaseSettings):
         text = value.strip()
         if text.startswith("["):
             try:
-                return json.loads(text)
+                names = json.loads(text)
             except json.JSONDecodeError:
                 raise ValueError(
                     'give package names separated by commas (a,b) or as a JSON list (["a", "b"])'
                 ) from None
-        return [name.strip() for name in text.split(",") if name.strip()]
+        else:
+            names = [name.strip() for name in text.split(",") if name.strip()]
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and not PACKAGE_NAME.fullmatch(name):
+                raise ValueError(f"{name[:80]!r} is not a Python package name (like mynets.models)")
+        return names
 
     def resolved_redis_url(self) -> str:
         """The Redis URL as redis-py takes it (a unix socket as unix://PATH)."""
@@ -148,8 +176,13 @@ class ServiceSettings(BaseSettings):
         return _swap_scheme(url, "redis+socket://", "unix://")
 
     def celery_redis_url(self) -> str:
-        """The Redis URL as Celery takes it (kombu names a unix socket redis+socket://PATH)."""
-        return _swap_scheme(self.resolved_redis_url(), "unix://", "redis+socket://")
+        """The Redis URL as Celery takes it: kombu names a unix socket redis+socket://PATH,
+        and refuses a rediss:// URL that does not say how to check the server's certificate,
+        which redis-py checks by default (ssl_cert_reqs=required) and Celery is told to."""
+        url = _swap_scheme(self.resolved_redis_url(), "unix://", "redis+socket://")
+        if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+            url += ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+        return url
 
 
 def _swap_scheme(url: str, old: str, new: str) -> str:

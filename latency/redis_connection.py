@@ -89,6 +89,12 @@ def check_redis_url(url: str) -> None:
             f"{shown!r} is not a Redis URL: give one like redis://HOST:6379/0 (or rediss://, "
             "unix:///path/to/socket)"
         )
+    database = parts.path.strip("/") if parts.scheme not in _SOCKET_SCHEMES else ""
+    if database and not database.isdigit():
+        raise ValueError(
+            f"{shown!r} names database {database!r}: a Redis database is a number, as in "
+            "redis://HOST:6379/0"
+        )
     _check_options(url, parts.scheme, shown)
 
 

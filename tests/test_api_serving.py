@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import redis.asyncio
 
 from api.job_reads import read_job, read_jobs
 from tests.api_fixtures import api_env, start_api
+from tests.http_servers import serving
 from tests.redis_fixtures import ROOT, wait_until
 from workers.job_store import JobStore
 
@@ -164,6 +166,9 @@ def test_archtree_api_refuses_zero_workers_in_one_line(redis_url: str, tmp_path:
         ("api", "ARCHTREE_MAX_WEIGHTS_BYTES", "-1", "should be greater than 0"),
         ("worker", "ARCHTREE_HEARTBEAT_TTL_S", "nan", "should be a finite number"),
         ("api", "ARCHTREE_API_WORKERS", "0", "should be greater than or equal to 1"),
+        ("worker", "ARCHTREE_REDIS_URL", "redis://127.0.0.1:6379/abc", "names database 'abc'"),
+        ("worker", "ARCHTREE_SEARCH_QUEUE", " ", "give a queue name, or leave the variable"),
+        ("api", "ARCHTREE_ALLOWED_MODULES", "good,bad-name", "'bad-name' is not a Python package"),
     ],
 )
 def test_a_bad_setting_in_the_environment_is_one_line_naming_it(
@@ -184,11 +189,79 @@ def test_a_bad_setting_in_the_environment_is_one_line_naming_it(
     assert expected in finished.stderr and len(finished.stderr.splitlines()) == 1
 
 
+class _NotRedis(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("command", ["api", "worker"])
+def test_a_redis_that_answers_but_can_never_serve_is_refused_at_start(
+    command: str, redis_url: str, tmp_path: Path
+):
+    """A database out of range, or something that is not Redis at the address: one line at
+    start, not a traceback on every request or task; a Redis not started yet is waited for."""
+
+    def started(url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "archtree_cli.main", command, "--port", "1"]
+            if command == "api"
+            else [sys.executable, "-m", "archtree_cli.main", command],
+            cwd=ROOT,
+            env=api_env(url, tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out_of_range = started(redis_url.rsplit("/", 1)[0] + "/99")
+    assert out_of_range.returncode == 2, out_of_range.stderr
+    assert out_of_range.stderr.endswith(
+        f"(ARCHTREE_REDIS_URL) refuses the {'API' if command == 'api' else 'worker'}: DB index "
+        "is out of range\n"
+    ), out_of_range.stderr
+    with serving(_NotRedis) as http_url:
+        port = http_url.rsplit(":", 1)[1]
+        not_redis = started(f"redis://127.0.0.1:{port}/0")
+    assert not_redis.returncode == 2, not_redis.stderr
+    assert f"redis://127.0.0.1:{port}/0 (ARCHTREE_REDIS_URL) answers, but not as Redis" in (
+        not_redis.stderr
+    )
+    assert not_redis.stderr.endswith("check its host and port\n")
+
+
+def test_a_visibility_timeout_not_above_the_task_lease_is_refused(redis_url: str, tmp_path: Path):
+    """Else a task still running is handed to a second worker before its lease is seen lost."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "archtree_cli.main", "worker"],
+        cwd=ROOT,
+        env={**api_env(redis_url, tmp_path), "ARCHTREE_VISIBILITY_TIMEOUT_S": "5"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.startswith(
+        "archtree: error: bad setting in the environment: ARCHTREE_TASK_LEASE_S="
+    )
+    assert "the task lease must be below ARCHTREE_VISIBILITY_TIMEOUT_S (5 s)" in finished.stderr
+
+
 @pytest.mark.parametrize(
     ("command", "environment", "expected"),
     [
         (["api"], {"ARCHTREE_ARTIFACTS_URL": "/proc/archtree"}, "cannot use '/proc/archtree' as"),
         (["worker", "--queues", "evalute"], {}, "--queues: no queue 'evalute'"),
+        # A worker that could take tasks but fail every one leaves their jobs stuck: refused.
+        (["worker"], {"ARCHTREE_ARTIFACTS_URL": "/proc/archtree"}, "cannot use '/proc/archtree'"),
+        (
+            ["worker"],
+            {"ARCHTREE_WORK_DIR": "/proc/version/work"},
+            "cannot write to ARCHTREE_WORK_DIR /proc/version/work: /proc/version is a file",
+        ),
     ],
 )
 def test_an_unusable_artifact_store_or_queue_is_one_line(
