@@ -272,8 +272,28 @@ def run_api(args: argparse.Namespace) -> int:
         uvicorn.run(app, **served)
     else:
         app.state.services.close()
-        uvicorn.run("api.main:create_app", factory=True, workers=workers, **served)
+        # Each worker process ends with this one, even when it is killed (SIGKILL, the OOM
+        # killer): else they would go on serving, holding the port.
+        os.environ[API_PARENT_VARIABLE] = str(os.getpid())
+        uvicorn.run(
+            "archtree_cli.service_commands:api_worker_app", factory=True, workers=workers, **served
+        )
     return 0
+
+
+# The `archtree api` process whose uvicorn workers are to die with it (no ARCHTREE_ prefix: it
+# is no setting).
+API_PARENT_VARIABLE = "_ARCHTREE_API_PARENT_PID"
+
+
+def api_worker_app() -> Any:
+    """The app of one of `archtree api --workers N`'s processes, which dies with its parent."""
+    from api.main import create_app
+
+    parent = os.environ.get(API_PARENT_VARIABLE)
+    if parent and parent.isdigit():
+        _die_with_parent(int(parent))
+    return create_app()
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -1067,8 +1087,9 @@ def _keep_previous_logs(log_dir: Path) -> None:
 
 
 def _die_with_parent(up_pid: int) -> None:
-    """In a child of `archtree up`, before it runs: SIGKILL when `up` dies, even by SIGKILL
-    (Linux; elsewhere a no-op). Not SIGTERM: a graceful stop need not end, as a worker's warm
+    """In a child of `archtree up` (or of `archtree api --workers N`), before it runs: SIGKILL
+    when its parent dies, even by SIGKILL (Linux; elsewhere a no-op). Not SIGTERM: a graceful
+    stop need not end, as a worker's warm
     shutdown waits for its running task, which waits forever for the embedded Redis that died
     with `up`. A task killed so is handed out again (its acknowledgement comes at its end)."""
     if not sys.platform.startswith("linux"):

@@ -307,6 +307,25 @@ def test_archtree_api_stops_its_workers_on_sigint(redis_url: str, tmp_path: Path
         assert not psutil.pid_exists(int(pid)), f"API worker {pid} outlived its parent"
 
 
+def test_archtree_api_killed_takes_its_workers_with_it(redis_url: str, tmp_path: Path):
+    """Killed outright (SIGKILL, the OOM killer), it cannot stop them: they die with it, not
+    go on serving and holding the port."""
+    api = start_api(api_env(redis_url, tmp_path), tmp_path / "logs", workers=2)
+    servers = wait_until(
+        lambda: (pids := STARTUP_LINE.findall(api.output())) and len(pids) == 2 and pids,
+        30,
+        "two API worker processes",
+    )
+    api.process.kill()
+    try:
+        api.process.wait(timeout=20)
+        wait_until(
+            lambda: not any(psutil.pid_exists(int(pid)) for pid in servers), 20, "workers gone"
+        )
+    finally:
+        api.stop()
+
+
 def test_api_startup_freezes_what_it_imported_so_full_collections_skip_it(redis_url: str):
     """Without the freeze, every full collection walks torch's objects: a pause for every
     request in flight (bench/service_overhead.py measures the polling latency it costs)."""
