@@ -464,11 +464,7 @@ def run_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not ready["workers"]:
-        print(
-            "archtree: warning: no worker of the service answered: the job waits in the queue "
-            "until one runs (`archtree worker` on a machine that reaches the service's Redis)",
-            file=sys.stderr,
-        )
+        print(f"archtree: warning: {NO_WORKER}", file=sys.stderr)
     return 0
 
 
@@ -526,13 +522,35 @@ def run_status(args: argparse.Namespace) -> int:
                 elif kind == "status":
                     device_class = _device_class(client, args.job, event["status"])
                     print(status_line(event["status"], device_class, args.api), flush=True)
+                    if event["status"] == "queued":
+                        _say_if_no_worker(client)
                 else:
                     progress.emit(kind, **event)
             job = client.ended_job(args.job, on_retry=_say_retrying)
         else:
             job = client.job(args.job)
         print_job(job, args.api)
+        if not args.watch and job["status"] == "queued":
+            _say_if_no_worker(client)
     return 0 if job["status"] == "succeeded" or not args.watch else 1
+
+
+NO_WORKER = (
+    "no worker of the service answered: the job waits in the queue until one runs "
+    "(`archtree worker` on a machine that reaches the service's Redis)"
+)
+
+
+def _say_if_no_worker(client: Any) -> None:
+    """A queued job's wait, said when no worker answers the service (its /readyz): nothing
+    else would tell it from a queue that is merely busy. Nothing is said when the API cannot
+    tell."""
+    try:
+        workers = client.readiness()["workers"]
+    except (ArchtreeError, KeyError, TypeError):
+        return
+    if not workers:
+        print(f"queued: {NO_WORKER}", flush=True)
 
 
 @contextlib.contextmanager

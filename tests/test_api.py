@@ -1110,6 +1110,24 @@ def test_a_failed_jobs_results_are_refused_saying_where_its_error_is(
     )
 
 
+def test_archtree_status_of_a_queued_job_says_when_no_worker_answers(
+    job_store: JobStore, api_server: ApiProcess, tmp_path: Path
+):
+    """No worker runs beside this API: a queued job would wait for ever, and says so."""
+    job_id = job_store.create(SPEC)
+    try:
+        shown = run_archtree("status", job_id, "--api", api_server.url, home=tmp_path)
+    finally:
+        job_store.request_cancel(job_id)
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"job {job_id} queued: ")
+    assert shown.stdout.endswith(
+        "queued: no worker of the service answered: the job waits in the queue until one runs "
+        "(`archtree worker` on a machine that reaches the service's Redis)\n"
+    )
+
+
 def test_archtree_delete_deletes_every_job_it_can_and_names_the_others(
     http: httpx.Client, job_store: JobStore, api_server: ApiProcess, tmp_path: Path
 ):
