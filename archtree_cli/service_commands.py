@@ -265,6 +265,7 @@ def run_api(args: argparse.Namespace) -> int:
     # Built here even for several workers: a configuration mistake is then one line, not a
     # traceback from every worker process.
     app = create_app()
+    _check_port_free(args.host, args.port)  # one line, not uvicorn's
     # Open event streams would hold a graceful stop forever: they are cut after a short
     # grace, and their clients resume them from the last event id on the next API.
     served = {"host": args.host, "port": args.port, "timeout_graceful_shutdown": API_STOP_GRACE_S}
@@ -1186,6 +1187,11 @@ def _check_port_free(host: str, port: int) -> None:
                 raise ArchtreeError(
                     f"--host {host} is not an address of this machine: give one of its own, "
                     "127.0.0.1 for this machine only, or 0.0.0.0 for all its interfaces"
+                ) from None
+            if error.errno == errno.EACCES:
+                raise ArchtreeError(
+                    f"cannot listen on port {port} ({error.strerror}): a port below 1024 needs "
+                    "root; give another --port"
                 ) from None
             raise ArchtreeError(
                 f"port {port} on {host} is taken ({error.strerror}): stop what serves there "

@@ -307,6 +307,29 @@ def test_archtree_api_stops_its_workers_on_sigint(redis_url: str, tmp_path: Path
         assert not psutil.pid_exists(int(pid)), f"API worker {pid} outlived its parent"
 
 
+def test_archtree_api_on_a_taken_port_says_so_in_one_line(redis_url: str, tmp_path: Path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        finished = subprocess.run(
+            [sys.executable, "-m", "archtree_cli.main", "api", "--port", str(port)],
+            cwd=ROOT,
+            env=api_env(redis_url, tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stderr.startswith(f"archtree: error: port {port} on 127.0.0.1 is taken ")
+    assert finished.stderr.endswith(
+        "stop what serves there (another `archtree up` or API?), or give --port\n"
+    )
+    assert len(finished.stderr.splitlines()) == 1
+
+
 def test_archtree_api_killed_takes_its_workers_with_it(redis_url: str, tmp_path: Path):
     """Killed outright (SIGKILL, the OOM killer), it cannot stop them: they die with it, not
     go on serving and holding the port."""
