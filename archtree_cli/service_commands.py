@@ -321,12 +321,13 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_redis_usable(redis_url: str, who: str) -> None:
+def check_redis_usable(redis_url: str, who: str, waits: bool = True) -> None:
     """ArchtreeError for a Redis that answers but can never serve `who` (a wrong or missing
     password, a database out of range, something else at that address, TLS to a plain
     Redis): said at start in one line, not as a traceback on every request or task. One that
     does not answer yet is said in a warning, and `who` waits for it, as it would for a
-    restart."""
+    restart; unless `waits` is off (`archtree up`, which would start the rest on it): then
+    that is an ArchtreeError too."""
     from urllib.parse import urlsplit
 
     import redis
@@ -363,6 +364,11 @@ def check_redis_usable(redis_url: str, who: str) -> None:
             )
         raise ArchtreeError(f"Redis at {shown} refuses {who}: {refused}") from None
     except (redis.ConnectionError, redis.TimeoutError) as error:
+        if not waits:
+            raise ArchtreeError(
+                f"cannot reach Redis at {redacted(redis_url)} ({variable}; {error}): start it, "
+                f"fix {variable}, or unset it to run an embedded Redis"
+            ) from None
         print(
             f"archtree: warning: Redis at {shown} does not answer yet ({first_line(error)}); "
             f"{who} waits for it",
@@ -999,7 +1005,7 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     try:
         redis_url = load_service_settings().resolved_redis_url()
         if redis_url:
-            _check_redis_answers(redis_url)
+            check_redis_usable(redis_url, "archtree up", waits=False)
         else:
             socket_dir = _new_socket_dir(home)
             redis_url = _start_embedded_redis(stack, Path(socket_dir), home / "redis", stop)
@@ -1054,33 +1060,6 @@ def local_api_url(host: str, port: int) -> str:
     if ":" in local_host:
         local_host = f"[{local_host}]"
     return f"http://{local_host}:{port}"
-
-
-def _check_redis_answers(redis_url: str) -> None:
-    """ArchtreeError unless the Redis that ARCHTREE_REDIS_URL (or REDIS_URL) names answers:
-    said before anything starts, not by an agent that gives up a minute later."""
-    import redis
-
-    from latency.redis_connection import (
-        plain_redis_for_tls,
-        redacted,
-        redis_client,
-        redis_url_variable,
-    )
-
-    variable = redis_url_variable()
-    # Said at once: else a TLS handshake waited out for 15 s.
-    said = plain_redis_for_tls(redis_url, f"{redacted(redis_url)} ({variable})")
-    if said is not None:
-        raise ArchtreeError(said)
-    try:
-        with redis_client(redis_url, socket_connect_timeout=5, socket_timeout=5) as client:
-            client.ping()
-    except redis.RedisError as error:
-        raise ArchtreeError(
-            f"cannot reach Redis at {redacted(redis_url)} ({variable}; {error}): start it, fix "
-            f"{variable}, or unset it to run an embedded Redis"
-        ) from None
 
 
 def _new_socket_dir(home: Path) -> str:
