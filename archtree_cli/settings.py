@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from archtree_cli.paths import archtree_home
+from latency.device_registry import AGENT_HEARTBEAT_S, MIN_HEARTBEAT_TTL_S
 from latency.measurement_protocol import PACKAGE_NAME
 from latency.redis_connection import check_redis_url, redacted
 from search.device_names import TRAIN_DEVICE_FORMS, train_device_name
@@ -57,7 +58,8 @@ class ServiceSettings(BaseSettings):
         default=15.0,
         gt=0,
         allow_inf_nan=False,
-        description="An agent without a heartbeat for this long is offline.",
+        description="An agent without a heartbeat for this long is offline. Agents beat every "
+        f"{AGENT_HEARTBEAT_S:g} s; at least {MIN_HEARTBEAT_TTL_S:g} s.",
     )
     visibility_timeout_s: float = Field(
         default=300.0,
@@ -130,6 +132,17 @@ class ServiceSettings(BaseSettings):
                 "lower this (default 15 s)"
             )
         return lease_s
+
+    @field_validator("heartbeat_ttl_s")
+    @classmethod
+    def _ttl_spans_two_beats(cls, ttl_s: float) -> float:
+        if ttl_s < MIN_HEARTBEAT_TTL_S:
+            raise ValueError(
+                f"agents beat every {AGENT_HEARTBEAT_S:g} s, so a TTL under "
+                f"{MIN_HEARTBEAT_TTL_S:g} s shows live agents offline between beats: give at "
+                "least that (default 15 s)"
+            )
+        return ttl_s
 
     @field_validator("search_queue", "evaluate_queue")
     @classmethod

@@ -43,7 +43,7 @@ from redis.retry import Retry
 from archtree_cli.client import checked_api_url, plain_http_instead, without_v1
 from archtree_cli.environment import seconds_from_environment
 from archtree_cli.stop_signals import importing
-from latency.device_registry import DeviceRegistry
+from latency.device_registry import AGENT_HEARTBEAT_S, DeviceRegistry
 from latency.fingerprint import cpu_model
 from latency.harness import TimingSettings
 from latency.local_oracle import check_threads
@@ -309,7 +309,7 @@ class MeasurementAgent:
         agent_id: str | None = None,
         claim_idle_ms: int = 30000,
         block_ms: int = 1000,
-        heartbeat_s: float = 3.0,
+        heartbeat_s: float = AGENT_HEARTBEAT_S,
         registry: DeviceRegistry | None = None,
         settings: TimingSettings | None = None,
         allowed_modules: Sequence[str] = (),
@@ -1040,7 +1040,7 @@ def agent_main(
     *,
     claim_idle_ms: int = 30000,
     block_ms: int = 1000,
-    heartbeat_s: float = 3.0,
+    heartbeat_s: float = AGENT_HEARTBEAT_S,
     settings: TimingSettings | None = None,
     allowed_modules: Sequence[str] = (),
     start_wait_s: float | None = None,

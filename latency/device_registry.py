@@ -157,6 +157,12 @@ return 1
 """
 
 
+# How often an agent stamps its heartbeat. The heartbeat TTL must leave room for at least two
+# beats, or an agent busy for a moment, or one beat lost, reads as offline.
+AGENT_HEARTBEAT_S = 3.0
+MIN_HEARTBEAT_TTL_S = 2 * AGENT_HEARTBEAT_S
+
+
 class DeviceRegistry:
     """Registered measurement agents, their liveness, and the request queue per device class."""
 

@@ -719,3 +719,20 @@ def test_a_settings_validators_message_is_said_without_pydantics_prefix(monkeypa
         "bad setting in the environment: ARCHTREE_TRAIN_DEVICE='gpu0': give auto, cpu, cuda or "
         "cuda:N"
     )
+
+
+def test_a_heartbeat_ttl_shorter_than_two_beats_is_refused(monkeypatch):
+    """Agents beat every 3 s: a shorter TTL shows live agents offline between beats."""
+    from archtree_cli.settings import load_service_settings
+    from search.errors import ArchtreeError
+
+    monkeypatch.setenv("ARCHTREE_HEARTBEAT_TTL_S", "5")
+    with pytest.raises(ArchtreeError) as refused:
+        load_service_settings()
+    assert str(refused.value) == (
+        "bad setting in the environment: ARCHTREE_HEARTBEAT_TTL_S='5': agents beat every 3 s, "
+        "so a TTL under 6 s shows live agents offline between beats: give at least that "
+        "(default 15 s)"
+    )
+    monkeypatch.setenv("ARCHTREE_HEARTBEAT_TTL_S", "6")
+    assert load_service_settings().heartbeat_ttl_s == 6.0
