@@ -17,11 +17,13 @@ longer stops it: it says its last lines and exits as it would have, and a second
 at once, with code 0. Once a command has returned (`StopSignals.exit_code`), a stop while the
 interpreter shuts down (torch takes a second or two) ends the process at once with the
 command's own code: a Ctrl-C pressed because the prompt was slow to come back turned a saved
-result into a traceback or a death by signal.
+result into a traceback or a death by signal. From the interpreter's last exit handlers on,
+such a signal is ignored: past them, Python puts back the default handlers, which kill.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -97,6 +99,7 @@ class StopSignals:
         if self.exit_code is not None and self.previous:
             for signum in self.previous:
                 signal.signal(signum, functools.partial(_exit_at_once, self.exit_code))
+            atexit.register(_ignore_stops, list(self.previous))
             return
         for signum, handler in self.previous.items():
             if signal.getsignal(signum) == self.handle:
@@ -181,6 +184,16 @@ def _exit_at_once(code: int, *_: object) -> None:
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             stream.flush()
     os._exit(code)
+
+
+def _ignore_stops(signums: list[int]) -> None:
+    """Ignore stop signals from the interpreter's last exit handlers on. Past them it resets
+    every handler set from Python to the default, which ends the process by the signal; a
+    Ctrl-C while it tears down (torch's teardown takes a moment; an agent pressed twice to
+    stop) would turn the command's exit code into a death by SIGINT."""
+    for signum in signums:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _after(seconds: float, call: Callable[..., None], *args: object) -> None:

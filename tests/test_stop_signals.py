@@ -306,3 +306,36 @@ def test_a_stop_swallowed_before_the_result_was_saved_is_not_sent_again():
         signals.stopping = signal.SIGINT  # raised, and swallowed by code under the command
         work_saved()
         assert signals.saved and signals.stopping is None
+
+
+def test_a_stop_in_the_interpreters_last_teardown_leaves_the_commands_exit_code():
+    """Past its exit handlers Python puts back the default handlers: an agent stopped with
+    Ctrl-C and pressed again while torch tore down died by SIGINT (exit -2), not with 0."""
+    script = textwrap.dedent("""
+    import os, signal, sys
+    from archtree_cli.main import main
+
+    class TornDownLast:
+        def __del__(self, os=os):
+            os.write(1, b"tearing down\\n")
+            os.read(0, 1)  # until the test has sent its signal
+
+    torn_down_last = TornDownLast()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    sys.exit(main(["models"]))
+    """)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if line == b"tearing down\n":
+            break
+    assert lines[-1] == b"tearing down\n", lines
+    child.send_signal(signal.SIGINT)
+    child.stdin.close()
+    child.stdout.close()
+    assert child.wait(timeout=60) == 0, child.stderr.read()
+    assert b"resnet" in b"".join(lines)  # the command ran
