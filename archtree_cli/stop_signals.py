@@ -82,6 +82,8 @@ class StopSignals:
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 signums.append(signal.SIGINT)
             self.previous = {signum: signal.signal(signum, self.handle) for signum in signums}
+            # Registered now, to run after the exit handlers of what the command imports.
+            atexit.register(self._ignore_stops_once_returned)
             global _active
             _active = self
         return self
@@ -99,11 +101,21 @@ class StopSignals:
         if self.exit_code is not None and self.previous:
             for signum in self.previous:
                 signal.signal(signum, functools.partial(_exit_at_once, self.exit_code))
-            atexit.register(_ignore_stops, list(self.previous))
             return
         for signum, handler in self.previous.items():
             if signal.getsignal(signum) == self.handle:
                 signal.signal(signum, handler)
+
+    def _ignore_stops_once_returned(self) -> None:
+        """Ignore stop signals once the command has returned, from the interpreter's last exit
+        handlers on (the earlier ones end at once, with the command's code). Past them it puts
+        back the default handlers, which kill: a Ctrl-C while it tears down (an agent pressed
+        twice to stop) turned the command's exit code into a death by SIGINT."""
+        if self.exit_code is None:
+            return
+        for signum in self.previous:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+                signal.signal(signum, signal.SIG_IGN)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.saved:
@@ -184,16 +196,6 @@ def _exit_at_once(code: int, *_: object) -> None:
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             stream.flush()
     os._exit(code)
-
-
-def _ignore_stops(signums: list[int]) -> None:
-    """Ignore stop signals from the interpreter's last exit handlers on. Past them it resets
-    every handler set from Python to the default, which ends the process by the signal; a
-    Ctrl-C while it tears down (torch's teardown takes a moment; an agent pressed twice to
-    stop) would turn the command's exit code into a death by SIGINT."""
-    for signum in signums:
-        with contextlib.suppress(ValueError):  # not the main thread: nothing to do
-            signal.signal(signum, signal.SIG_IGN)
 
 
 def _after(seconds: float, call: Callable[..., None], *args: object) -> None:
