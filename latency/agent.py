@@ -840,9 +840,17 @@ def register_via_api(
                 f"cannot speak https with the Archtree API at {api_url} ({error}): it may "
                 f"speak plain http; give {source} {plain}"
             ) from None
+        if isinstance(error, httpx.RemoteProtocolError | httpx.ReadError) and speaks_redis(url):
+            host_port = httpx.URL(api_url).netloc.decode()
+            raise ArchtreeError(
+                f"{api_url} is a Redis server, not the Archtree API: give {source} the API's "
+                f"address (as `archtree up` prints it), or serve from this Redis with "
+                f"--redis-url redis://{host_port}/0"
+            ) from None
+        v1 = without_v1(api_url, source)
         raise ServiceUnreachable(
             f"the Archtree API at {api_url} cannot be reached ({type(error).__name__}: {error}); "
-            f"start it with `archtree up` or check {source}"
+            f"start it with `archtree up` or check {source}{f' ({v1})' if v1 else ''}"
         ) from None
     except httpx.HTTPError as error:  # an answer that cannot be read: redirects, encoding
         raise ArchtreeError(
@@ -882,6 +890,21 @@ def register_via_api(
             f"{url} did not answer with a device id and redis_url: is {api_url} an Archtree API?"
         )
     return answer
+
+
+def speaks_redis(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the server at `url`'s host and port answers a Redis PING (with PONG, or by
+    asking for a password): an address given as the API's that Redis holds closes on HTTP,
+    which would otherwise be waited for as an API not up yet."""
+    address = httpx.URL(url)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        with socket.create_connection((address.host, port), timeout=timeout_s) as connection:
+            connection.sendall(b"PING\r\n")
+            answer = connection.recv(64)
+    except OSError:
+        return False
+    return answer.startswith((b"+PONG", b"-NOAUTH", b"-WRONGPASS"))
 
 
 def agent_start_wait_s() -> float:

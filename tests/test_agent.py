@@ -768,7 +768,7 @@ class NotArchtree(BaseHTTPRequestHandler):
         pass
 
 
-def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> None:
+def test_what_waiting_would_not_heal_fails_at_once(api_server, redis_url, monkeypatch) -> None:
     def fails_at_once(expected: str, *args: Any, **options: Any) -> None:
         started = time.monotonic()
         with pytest.raises(ArchtreeError, match=expected):
@@ -831,6 +831,19 @@ def test_what_waiting_would_not_heal_fails_at_once(api_server, monkeypatch) -> N
     fails_at_once(
         f"give --api without its /v1 at the end: {api_server.url}$",
         f"{api_server.url}/v1",
+        "edge-cpu",
+    )
+    # ... and so is one of an API not up yet, once waited for.
+    with pytest.raises(ArchtreeError) as v1_closed:
+        agent_main(f"{closed}/v1", "edge-cpu", start_wait_s=0.2)
+    assert str(v1_closed.value).endswith(f"(give --api without its /v1 at the end: {closed})")
+    # Redis's address given as the API's: it closes on HTTP, which no waiting changes.
+    redis_address = redis_url.removeprefix("redis://").rsplit("/", 1)[0]
+    fails_at_once(
+        f"^http://{redis_address} is a Redis server, not the Archtree API: give --api the "
+        f"API's address .*, or serve from this Redis with --redis-url "
+        f"redis://{redis_address}/0$",
+        f"http://{redis_address}",
         "edge-cpu",
     )
     # A Redis given beside the API is reached first: a wrong one registers no device.
