@@ -289,6 +289,7 @@ class ArchtreeClient:
         failures = 0
         stream = f"the events of job {job_id} at {self.api_url}"
         heard = False
+        last_status: str | None = None
 
         def hearing(lines: Iterator[str]) -> Iterator[str]:
             nonlocal heard
@@ -313,7 +314,9 @@ class ArchtreeClient:
                         if not isinstance(event, dict):
                             raise self._not_archtree("an event is not a JSON object")
                         after = event_id
-                        ended = event.get("kind") == "status" and event.get("status") in ENDED
+                        if event.get("kind") == "status" and isinstance(event.get("status"), str):
+                            last_status = event["status"]
+                        ended = last_status in ENDED
                         yield event_id, event
                 if ended:
                     return
@@ -329,7 +332,7 @@ class ArchtreeClient:
                 give_up, what, delay_s = error, str(error), error.retry_after_s
             except NotFound:
                 if answered:  # the job was there when its events were first asked for
-                    raise JobDeleted(job_id) from None
+                    raise JobDeleted(job_id, True, last_status) from None
                 raise  # no such job
             except ValueError:
                 raise self._not_archtree("the events are not JSON") from None
@@ -576,12 +579,24 @@ class NotFound(ArchtreeError):
 
 
 class JobDeleted(NotFound):
-    """The job whose events were followed was deleted meanwhile (once it had ended)."""
+    """The job whose events were followed is no longer there: deleted meanwhile (once it had
+    ended), or, when it was last seen before its end (`last_status`), possibly lost with the
+    service's Redis (restarted without persistence, or flushed), which no client can tell
+    apart from a deletion whose final status it missed (`before_its_end`)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(
+        self, job_id: str, before_its_end: bool = False, last_status: str | None = None
+    ) -> None:
+        if not before_its_end:
+            what = "was deleted while being watched, with its events and result files"
+        else:
+            seen = f", last seen {last_status}" if last_status else ""
+            what = (
+                f"is gone from the service{seen}: it ended and was deleted meanwhile, or the "
+                "service's Redis lost it (restarted without persistence, or flushed)"
+            )
         super().__init__(
-            f"job {job_id} was deleted while being watched, with its events and result files: "
-            "nothing of it is left to show; submit it again to run it anew"
+            f"job {job_id} {what}: nothing of it is left to show; submit it again to run it anew"
         )
         self.job_id = job_id
 

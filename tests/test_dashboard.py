@@ -742,6 +742,25 @@ def test_the_jobs_list_deletes_an_ended_job_from_its_row_once_confirmed(
         client.post(f"/v1/jobs/{waiting}/cancel")
 
 
+def test_a_job_lost_with_the_services_redis_is_not_said_to_be_deleted(
+    page: Any, quiet_api: ApiProcess, redis_url: str
+):
+    """A queued job cannot be deleted: gone before its end, it may have been lost with a Redis
+    restarted without persistence, which the page cannot tell apart from a deletion whose
+    final status it missed."""
+    with quiet_api.client() as client:
+        lost = submit(client, job_spec())
+        page.get(f"{quiet_api.url}/#/jobs/{lost}")
+        wait_for(page, lambda: visible(page, "#cancel"), PAGE_S, "the queued job's page")
+        redis.Redis.from_url(f"{redis_url.rsplit('/', 1)[0]}/3").flushdb()  # its data lost
+        assert client.get(f"/v1/jobs/{lost}").status_code == 404
+        wait_for(page, lambda: visible(page, ".not-found"), PAGE_S, "the job said gone")
+        said = text(page, ".not-found")
+        gone = f"Job {lost} is gone from the service, last seen queued:"
+        assert said.startswith(f"Job gone\n\n{gone}"), said
+        assert "the service's Redis lost it" in said and "Job deleted" not in said
+
+
 def test_a_job_deleted_elsewhere_is_said_to_be_deleted_on_its_page_and_in_the_list(
     page: Any, quiet_api: ApiProcess
 ):

@@ -755,14 +755,21 @@ function jobView(root, jobId) {
   };
   window.addEventListener("resize", resize);
 
-  // The job deleted elsewhere (another tab, the API) while this page showed it.
+  // The job deleted elsewhere (another tab, the API) while this page showed it; or, when it
+  // had not ended as last seen, maybe lost with the service's Redis, which the page cannot
+  // tell apart from a deletion whose final status it missed.
   const deleted = () => {
     view.closed = true;
     poller.stop();
     stream.close();
-    root.replaceChildren(notFound(
-      `Job ${jobId} was deleted elsewhere (another page or the API): its results and events ` +
-      "are gone.", "Job deleted"));
+    const status = view.job?.status;
+    const seen = STATUS_WORDS[status] ?? status;
+    root.replaceChildren(status && !FINAL.has(status)
+      ? notFound(`Job ${jobId} is gone from the service, last seen ${seen}: ` +
+        "it ended and was deleted elsewhere, or the service's Redis lost it (restarted " +
+        "without persistence, or flushed). Submit it again to run it anew.", "Job gone")
+      : notFound(`Job ${jobId} was deleted elsewhere (another page or the API): its results ` +
+        "and events are gone.", "Job deleted"));
   };
   // Once the job has ended, nothing of it changes but its deletion elsewhere, looked for
   // every ENDED_POLL_MS.
