@@ -415,6 +415,13 @@ def test_a_job_from_the_form_grows_its_tree_live_and_ends_with_its_results(
     ]
     assert js(page, "window.archtree.treeNodes") == len(tree["nodes"])
     assert not visible(page, "#open-depth-legend")  # no depth in progress, none left open
+    # The scatter's legend names what it draws, and only that: on one line it stays readable.
+    scatter = "echarts.getInstanceByDom(document.querySelector('#scatter-chart')).getOption()"
+    legend = js(page, f"{scatter}.legend.flatMap(row => row.data)")
+    drawn = js(page, f"{scatter}.series.filter(s => s.data.length).map(s => s.name)")
+    assert legend == drawn and {"unpruned", "Pareto front", "chosen", "chosen, confirmed"} <= set(
+        legend
+    ), legend
     assert js(page, "document.querySelector('#tree-chart').dataset.nodes") == str(
         len(tree["nodes"])
     )
@@ -817,6 +824,19 @@ def test_the_keyboard_focus_stays_where_the_user_works_and_controls_are_named(
     )
     assert labels and all(label == f"Delete job {job_id}" for job_id, label in labels)
 
+    # The first Tab shows the skip link; following it takes the keyboard past the menu to the
+    # page's heading, and leaves the address (the page's route) as it was.
+    from selenium.webdriver.common.keys import Keys
+
+    address = page.current_url
+    page.find_element("tag name", "body").send_keys(Keys.TAB)
+    assert focused(page) == "A#skip-link"
+    assert js(page, "document.getElementById('skip-link').getBoundingClientRect().top") >= 0
+    page.switch_to.active_element.send_keys(Keys.ENTER)
+    assert js(page, "document.activeElement.matches('#view h1')"), focused(page)
+    assert js(page, "document.activeElement.textContent") == "Jobs"
+    assert page.current_url == address
+
     # The pager's Older, disabled on the last page: the keyboard goes on from Newer.
     page.find_element("id", "older").click()
     wait_for(page, lambda: text(page, "#page-info") == "21–22 of 22", PAGE_S, "page 2")
@@ -846,10 +866,22 @@ def test_the_keyboard_focus_stays_where_the_user_works_and_controls_are_named(
     wait_for(page, lambda: visible(page, "#cancel"), PAGE_S, "the cancel button")
     for chart in ("#tree-chart", "#scatter-chart"):
         assert js(page, f"document.querySelector('{chart}').getAttribute('role')") == "img"
-        assert js(page, f"document.querySelector('{chart}').getAttribute('aria-label')")
+    # Empty charts say why, in their middle and to a screen reader.
+    label = "document.querySelector('{}').getAttribute('aria-label')"
+    yet = "yet: the search draws them once it has measured and scored the unpruned model."
+    wait_for(page, lambda: js(page, "window.archtree.treeNote"), PAGE_S, "the tree's note")
+    assert js(page, "window.archtree.treeNote") == f"No nodes {yet}"
+    assert js(page, label.format("#tree-chart")) == f"Search tree: No nodes {yet}"
+    assert js(page, "window.archtree.scatterNote") == f"No candidates {yet}"
+    assert js(page, label.format("#scatter-chart")).endswith(f": No candidates {yet}")
+    scatter = "echarts.getInstanceByDom(document.querySelector('#scatter-chart')).getOption()"
+    assert js(page, f"{scatter}.legend.flatMap(row => row.data)") == []  # nothing drawn
     page.find_element("id", "cancel").click()
     page.switch_to.alert.accept()
     wait_for(page, lambda: js(page, "window.archtree.status") == "cancelled", PAGE_S, "cancelled")
+    assert js(page, "window.archtree.treeNote") == (
+        "No nodes: the job was cancelled before its search drew any."
+    )
     wait_for(page, lambda: visible(page, "#delete"), PAGE_S, "the delete button")
     assert focused(page) != "BODY"
     assert js(page, "document.activeElement.closest('.job-head') !== null")

@@ -32,7 +32,7 @@ const echarts = window.echarts;
 // What the page shows right now, for tests and curious operators (window.archtree).
 const live = {
   view: null, status: null, treeNodes: 0, pendingNodes: 0, unclosedNodes: 0, candidates: 0,
-  paretoPoints: 0, retunedPoints: 0,
+  paretoPoints: 0, retunedPoints: 0, treeNote: null, scatterNote: null,
 };
 window.archtree = live;
 
@@ -1207,11 +1207,32 @@ function nodeTooltip(node, rootNode, budgetMs, retuned, scoreName) {
   return lines.join("<br>");
 }
 
+// What an empty chart says in its middle: why it has nothing to draw (yet), from the job's
+// status; null once it has something.
+function emptyChartNote(status, what) {
+  const ended = { succeeded: "ended", failed: "failed", cancelled: "was cancelled" }[status];
+  if (ended) return `No ${what}: the job ${ended} before its search drew any.`;
+  return `No ${what} yet: the search draws them once it has measured and scored the unpruned model.`;
+}
+
+// The note drawn in the middle of an empty chart (an ECharts graphic), or none.
+function chartNote(note) {
+  return note == null ? [] : [{
+    type: "text", left: "center", top: "middle", silent: true,
+    style: {
+      text: note, fill: "#52606d", font: "14px sans-serif", lineHeight: 20, width: 320,
+      overflow: "break", align: "center",
+    },
+  }];
+}
+
 function renderTree(view, nodes, rootNode, chosenId) {
   const container = $("#tree-chart", view.root);
   container.dataset.nodes = String(nodes.size);
-  container.setAttribute("aria-label", `Search tree: ${counted(nodes.size, "node", "nodes")}` +
-    (chosenId && nodes.has(chosenId) ? `, answer or best so far ${chosenId}` : ""));
+  live.treeNote = rootNode ? null : emptyChartNote(view.job.status, "nodes");
+  container.setAttribute("aria-label", live.treeNote ? `Search tree: ${live.treeNote}`
+    : `Search tree: ${counted(nodes.size, "node", "nodes")}` +
+      (chosenId && nodes.has(chosenId) ? `, answer or best so far ${chosenId}` : ""));
   const shown = [...nodes.values()];
   Object.assign(live, {
     treeNodes: nodes.size,
@@ -1223,6 +1244,7 @@ function renderTree(view, nodes, rootNode, chosenId) {
   $("#open-depth-legend", view.root).hidden = FINAL.has(view.job.status) && !live.unclosedNodes;
   if (!rootNode) {
     view.treeChart.clear();
+    view.treeChart.setOption({ graphic: chartNote(live.treeNote) });
     return;
   }
   const children = new Map();
@@ -1274,7 +1296,8 @@ function renderTree(view, nodes, rootNode, chosenId) {
       leaves: { label: { position: "bottom" } },
       lineStyle: { color: "#b8c2cc", width: 1.5, curveness: 0.3 },
     }],
-  }, { replaceMerge: ["series"] });
+    graphic: [],
+  }, { replaceMerge: ["series", "graphic"] });
 }
 
 // Decimals that tell apart the latency axis's labels over a range of `span` ms (about five
@@ -1311,9 +1334,10 @@ function renderScatter(view, nodes, chosenId, final) {
   const container = $("#scatter-chart", view.root);
   container.dataset.candidates = String(candidates.length);
   container.dataset.pareto = String(front.length);
+  live.scatterNote = candidates.length ? null : emptyChartNote(view.job.status, "candidates");
   container.setAttribute("aria-label", `Candidates' latency against ${scoreWord(view.scoredBy)}: ` +
-    `${counted(candidates.length, "candidate", "candidates")}, ` +
-    `${counted(front.length, "point", "points")} on the Pareto front`);
+    (live.scatterNote ?? `${counted(candidates.length, "candidate", "candidates")}, ` +
+      `${counted(front.length, "point", "points")} on the Pareto front`));
   Object.assign(live, {
     candidates: candidates.length, paretoPoints: front.length, retunedPoints: retuned.length,
   });
@@ -1333,11 +1357,43 @@ function renderScatter(view, nodes, chosenId, final) {
   const latencies = measured.concat(budgetShown ? [budgetMs] : []);
   const span = latencies.length ? Math.max(...latencies) - Math.min(...latencies) : 0;
   const pad = span * 0.08 || 0.01;
+  const series = [
+    { name: "within budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.within },
+      data: pruned.filter((n) => n.within_budget).map(point) },
+    { name: "over budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.over },
+      data: pruned.filter((n) => !n.within_budget).map(point) },
+    { name: "unpruned", type: "scatter", symbol: "rect", symbolSize: 12,
+      itemStyle: { color: "#52606d" }, data: unpruned.map(point) },
+    { name: "Pareto front", type: "line", step: "end", symbol: "emptyCircle", symbolSize: 16, z: 1,
+      lineStyle: { color: COLORS.front, width: 2 }, itemStyle: { color: COLORS.front },
+      data: front.map(point),
+      markLine: !budgetShown ? undefined : {
+        silent: true, symbol: "none",
+        lineStyle: { type: "dashed", color: COLORS.budget },
+        // Along the line, inside the plot: above it, the label met the y axis's name.
+        label: { formatter: `budget ${ms(budgetMs)}`, position: "insideEndTop" },
+        data: [{ xAxis: budgetMs }],
+      } },
+    { name: RETUNED_SERIES, type: "scatter", symbol: "emptyCircle", symbolSize: 11, z: 2,
+      itemStyle: { color: COLORS.retuned, borderWidth: 2 },
+      data: retuned.map((node) => [node.latency_ms, view.retuned.get(node.id).after, node.id]) },
+    { name: "chosen", type: "scatter", symbol: "diamond", symbolSize: 20, z: 3,
+      itemStyle: { color: COLORS.chosen, borderColor: "#1f2933" },
+      data: chosen ? [[chosen.latency_ms, chosenScore, chosen.id]] : [] },
+    { name: CONFIRMED_SERIES, type: "scatter", symbol: "emptyDiamond", symbolSize: 20, z: 4,
+      itemStyle: { color: COLORS.chosen, borderWidth: 2 },
+      data: confirmed ? [confirmed] : [] },
+  ];
   view.scatterChart.setOption({
     animation: false,
-    grid: { top: 48, left: 56, right: 24, bottom: 48 },
-    // One line that scrolls when the chart is narrow, never over the plot.
-    legend: { top: 0, type: "scroll" },
+    grid: { top: 70, left: 56, right: 24, bottom: 48 },
+    // Two lines, never over the plot, naming only what is drawn: the candidates, then the
+    // search's ending. Each scrolls when the chart is too narrow for it (a phone).
+    legend: [series.slice(0, 4), series.slice(4)].map((row, index) => ({
+      top: index * 22,
+      type: "scroll",
+      data: row.filter((one) => one.data.length).map((one) => one.name),
+    })),
     tooltip: {
       trigger: "item",
       confine: true,
@@ -1361,34 +1417,9 @@ function renderScatter(view, nodes, chosenId, final) {
       },
     },
     yAxis: { type: "value", name: scoreName, scale: true },
-    series: [
-      { name: "within budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.within },
-        data: pruned.filter((n) => n.within_budget).map(point) },
-      { name: "over budget", type: "scatter", symbolSize: 10, itemStyle: { color: COLORS.over },
-        data: pruned.filter((n) => !n.within_budget).map(point) },
-      { name: "unpruned", type: "scatter", symbol: "rect", symbolSize: 12,
-        itemStyle: { color: "#52606d" }, data: unpruned.map(point) },
-      { name: "Pareto front", type: "line", step: "end", symbol: "emptyCircle", symbolSize: 16, z: 1,
-        lineStyle: { color: COLORS.front, width: 2 }, itemStyle: { color: COLORS.front },
-        data: front.map(point),
-        markLine: !budgetShown ? undefined : {
-          silent: true, symbol: "none",
-          lineStyle: { type: "dashed", color: COLORS.budget },
-          // Along the line, inside the plot: above it, the label met the y axis's name.
-          label: { formatter: `budget ${ms(budgetMs)}`, position: "insideEndTop" },
-          data: [{ xAxis: budgetMs }],
-        } },
-      { name: RETUNED_SERIES, type: "scatter", symbol: "emptyCircle", symbolSize: 11, z: 2,
-        itemStyle: { color: COLORS.retuned, borderWidth: 2 },
-        data: retuned.map((node) => [node.latency_ms, view.retuned.get(node.id).after, node.id]) },
-      { name: "chosen", type: "scatter", symbol: "diamond", symbolSize: 20, z: 3,
-        itemStyle: { color: COLORS.chosen, borderColor: "#1f2933" },
-        data: chosen ? [[chosen.latency_ms, chosenScore, chosen.id]] : [] },
-      { name: CONFIRMED_SERIES, type: "scatter", symbol: "emptyDiamond", symbolSize: 20, z: 4,
-        itemStyle: { color: COLORS.chosen, borderWidth: 2 },
-        data: confirmed ? [confirmed] : [] },
-    ],
-  }, { replaceMerge: ["series"] });
+    series,
+    graphic: chartNote(live.scatterNote),
+  }, { replaceMerge: ["series", "graphic"] });
 }
 
 // ---------------------------------------------------------------- devices
@@ -1508,6 +1539,15 @@ function route() {
   };
   window.scrollTo(0, 0); // another page: from its top, not where the last one was scrolled to
 }
+
+// The skip link moves the keyboard to the page's heading without touching the address, whose
+// hash is the page's route.
+$("#skip-link").addEventListener("click", (event) => {
+  event.preventDefault();
+  const target = $("#view h1") ?? $("#view");
+  target.setAttribute("tabindex", "-1");
+  target.focus();
+});
 
 window.addEventListener("hashchange", route);
 route();
