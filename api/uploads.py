@@ -119,6 +119,7 @@ class _LimitedParser(MultiPartParser):
         self.exceeded: str | None = None
         self.started: list[str] = []
         self.ended: set[str] = set()
+        self.undecodable: set[str] = set()
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
@@ -136,8 +137,16 @@ class _LimitedParser(MultiPartParser):
         super().on_part_data(data, start, end)
 
     def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None and self.exceeded is None:
+            # Starlette reads a text field its charset cannot decode as Latin-1, which would
+            # turn a UTF-8 text in another encoding into other characters without a word.
+            try:
+                bytes(part.data).decode(self._charset)
+            except (UnicodeDecodeError, LookupError):
+                self.undecodable.add(part.field_name)
         super().on_part_end()
-        self.ended.add(self._current_part.field_name)
+        self.ended.add(part.field_name)
 
 
 async def read_submission(request: Request, settings: ServiceSettings) -> Submission:
@@ -183,6 +192,12 @@ async def read_submission(request: Request, settings: ServiceSettings) -> Submis
                 detail=f"the form ends inside its {quoted(cut[0])} part, without the closing "
                 "boundary: the upload was cut off; send it again",
             )
+        if SPEC_FIELD in parser.undecodable:
+            raise HTTPException(
+                status_code=422,
+                detail=f"the `spec` field is not {parser._charset.upper()} text: send the "
+                "job's JSON in UTF-8",
+            )
         spec = form.get(SPEC_FIELD)
         if isinstance(spec, UploadFile):  # sent as a file: curl -F spec=@job.json
             spec = _decoded_spec(await spec.read())
@@ -211,7 +226,14 @@ async def _url_encoded_spec(request: Request, limits: dict[str, int]) -> str | N
         body += chunk
         if len(body) > MAX_URL_ENCODED_BYTES:
             raise too_large(SPEC_FIELD, MAX_SPEC_BYTES)
-    fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    try:
+        fields = parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPException(
+            status_code=422,
+            detail="the `spec` field is not UTF-8 text: send the job's JSON in UTF-8, "
+            "percent-encoded (curl --data-urlencode spec@job.json)",
+        ) from None
     seen: list[str] = []
     for name, _ in fields:
         check_part(name, False, seen, limits)

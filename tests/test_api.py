@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -460,6 +461,40 @@ def test_framework_form_errors_say_what_to_send(http: httpx.Client):
     assert "unexpected form field 'x'" in one_line_detail(url_encoded)
     assert cut_off.status_code == 422
     assert "the upload was cut off" in one_line_detail(cut_off)
+
+
+def test_a_spec_field_in_another_encoding_than_utf8_is_refused_not_misread(http: httpx.Client):
+    """Starlette reads a field that is not UTF-8 as Latin-1: a job would have been created
+    whatever encoding was meant, where the JSON body and a spec file are refused."""
+    latin1 = json.dumps({**SPEC, "device_class": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    before_jobs = job_total(http)
+
+    multipart = post_multipart(http, [("spec", None, latin1)])
+    url_encoded = http.post(
+        "/v1/jobs",
+        content=b"spec=" + urllib.parse.quote_from_bytes(latin1).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+
+    assert multipart.status_code == 422, multipart.text
+    assert one_line_detail(multipart) == (
+        "the `spec` field is not UTF-8 text: send the job's JSON in UTF-8"
+    )
+    assert url_encoded.status_code == 422, url_encoded.text
+    assert one_line_detail(url_encoded).startswith("the `spec` field is not UTF-8 text")
+    assert job_total(http) == before_jobs
+    # The same spec in UTF-8 is read as sent, both ways (and its device class refused as such).
+    utf8 = latin1.decode("latin-1").encode()
+    for answer in (
+        post_multipart(http, [("spec", None, utf8)]),
+        http.post(
+            "/v1/jobs",
+            content=b"spec=" + urllib.parse.quote_from_bytes(utf8).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+    ):
+        assert answer.status_code == 422, answer.text
+        assert one_line_detail(answer).startswith("invalid device class 'caf\u00e9': use")
 
 
 def test_a_spec_over_its_limit_answers_413_naming_the_spec(http: httpx.Client):
