@@ -148,14 +148,13 @@ async def only_known_query_parameters(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
-    taken = _query_parameters(route)
+    taken, lists = _query_parameters_of(route)
     unknown = [name for name in request.query_params if name not in taken]
     if unknown:
         raise HTTPException(
             status_code=422,
             detail=unknown_query_text(f"{request.method} {route.path}", unknown, taken),
         )
-    lists = _list_parameters(route)
     for name in dict.fromkeys(request.query_params):
         count = len(request.query_params.getlist(name))
         if count > 1 and name not in lists:
@@ -181,6 +180,21 @@ def unknown_query_text(request: str, unknown: list[str], taken: tuple[str, ...])
     else:
         takes = f"it takes {', '.join(taken[:-1])} and {taken[-1]}"
     return f"{request} has no query parameter{plural} {', '.join(said)}: {takes}"
+
+
+def _query_parameters_of(route: APIRoute) -> tuple[tuple[str, ...], set[str]]:
+    """The query parameters `route` reads, and those that take several values: read from its
+    dependants once, and kept on the route (which never changes, and cannot be a dict key)."""
+    known = route.__dict__.get(_QUERY_PARAMETERS)
+    if known is None:
+        known = route.__dict__[_QUERY_PARAMETERS] = (
+            _query_parameters(route),
+            _list_parameters(route),
+        )
+    return known
+
+
+_QUERY_PARAMETERS = "_archtree_query_parameters"
 
 
 def _list_parameters(route: APIRoute) -> set[str]:
