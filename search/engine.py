@@ -217,13 +217,16 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
             )
             if value > default
         ]
-        if enough_ms >= baseline_ms and keeping:
+        # The budget to give, as a share of the unpruned latency: one that rounds up to all of
+        # it is none to give (a budget of 100% asks for no pruning).
+        share = math.ceil(100 * enough_ms / baseline_ms)
+        if share >= 100 and keeping:
             # Not the model's fault: the settings keep too much of it to reach the budget.
             raise ArchtreeError(
                 f"{reached}: {' and '.join(said for _, said in keeping)}. Lower "
                 f"{' or '.join(option for option, _ in keeping)} to let pruning go further."
             )
-        if enough_ms >= baseline_ms:
+        if share >= 100:
             # A budget that would leave room for the margin is one the unpruned model meets.
             raise ArchtreeError(
                 f"{reached}: pruning its channels barely speeds this model up here, its time "
@@ -233,7 +236,6 @@ def start(context: SearchContext, budget: Budget) -> SearchState:
             )
         instead = f"lower {lower}" if lower else "choose a smaller architecture"
         # Said in the unit given: a share stays a share of the unpruned latency.
-        share = math.ceil(100 * enough_ms / baseline_ms)
         enough = f"{share}% ({ms_text(enough_ms)} ms)" if budget.unit == "%" else None
         raise ArchtreeError(
             f"{reached}, {why}. Give a budget of at least {enough or ms_text(enough_ms) + ' ms'}, "

@@ -336,6 +336,10 @@ class PrunableModel:
             root_module_types=PRUNABLE_TYPES,
         ):
             name = self._names[group[0].dep.target.module]
+            info = self.groups_by_name[name]
+            if info.min_size >= info.size:  # never narrowed: nothing to rank
+                scores[name] = np.ones(info.size)
+                continue
             values = scorer(group)
             if values is None:
                 values = torch.ones(len(group[0].idxs))
@@ -460,7 +464,9 @@ def _width_constraint(
     alone keeps its number of groups, which must divide the width: the width steps by that
     number. One over more channels than the group's (after a concatenation) keeps it whole.
     A MultiheadAttention over the group's channels splits them into its heads, which keep
-    equal widths: the width steps by its number of heads, as for a GroupNorm."""
+    equal widths: the width steps by its number of heads, as for a GroupNorm. A LayerNorm
+    over more than the group's channels (a feature map's, or a sequence's length) keeps it
+    whole."""
     multiple = 1
     for item in group:
         module = item.dep.target.module
@@ -475,6 +481,11 @@ def _width_constraint(
             depthwise = module.groups == module.in_channels == module.out_channels
             if not depthwise:
                 return f"the convolution {names[module]!r} runs in {module.groups} groups", 1
+        if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) != (size,):
+            # torch-pruning narrows a LayerNorm's last normalised dimension as the channels:
+            # sound only for one over the channels alone (channels last, a transformer's).
+            shape = "x".join(str(d) for d in module.normalized_shape)
+            return f"the LayerNorm {names[module]!r} normalises over {shape}, not its channels", 1
         if isinstance(module, nn.GroupNorm):
             name, groups = names[module], module.num_groups
             if module.num_channels != size:

@@ -213,3 +213,43 @@ class FusedQkvAttention(nn.Module):
 
 def fused_qkv_attention() -> nn.Module:
     return FusedQkvAttention()
+
+
+class FeatureMapLayerNorm(nn.Module):
+    """A LayerNorm over a whole feature map (channels, height, width) after a convolution:
+    torch-pruning narrows its last dimension, the width, as if it were the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 32, 3, padding=1)
+        self.norm = nn.LayerNorm([32, 8, 8])
+        self.mix = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.mix(torch.relu(self.norm(self.conv(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def feature_map_layer_norm() -> nn.Module:
+    return FeatureMapLayerNorm()
+
+
+class LengthLayerNorm(nn.Module):
+    """A LayerNorm over a sequence's length (8, the rows of an 8x8 image read as a sequence)
+    after a 1-d convolution of 16 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Conv1d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.mix(torch.relu(self.norm(self.conv(x.flatten(1, 2))))))
+        return self.head(x.mean(2))
+
+
+def length_layer_norm() -> nn.Module:
+    return LengthLayerNorm()

@@ -61,15 +61,19 @@ def test_unreachable_budget_stops_before_searching_and_names_the_best_reachable_
 
 
 class FixedCostDevice(BlockedConvDevice):
-    """Convolutions as on a BlockedConvDevice, plus a fixed cost 30 times the unpruned
-    model's convolutions: pruning every channel it can saves a few percent at most."""
+    """Convolutions as on a BlockedConvDevice, plus a fixed cost `times` the unpruned
+    model's convolutions (30: pruning every channel it can saves a few percent at most)."""
+
+    def __init__(self, *args, times: float = 30, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.times = times
 
     def cost_ms(self, spec):
         return super().cost_ms(spec) + self.fixed_ms
 
     def measure_reference(self, reference, *, confirm=False, refresh=False):
         self.fixed_ms = 0.0
-        self.fixed_ms = 30 * super().cost_ms(reference)
+        self.fixed_ms = self.times * super().cost_ms(reference)
         return super().measure_reference(reference, confirm=confirm, refresh=refresh)
 
 
@@ -81,6 +85,13 @@ def test_a_model_pruning_barely_speeds_up_is_told_so_not_given_a_budget_it_alrea
     assert "cannot be met on this device: the smallest model pruning can reach measures" in message
     assert "pruning its channels barely speeds this model up here" in message
     assert "--batch-size" in message and "Give a budget" not in message
+    # Nor when the budget it would need rounds up to 100%, which is refused as no pruning: the
+    # smallest model at 91% of the unpruned one, 6.6% of margin over it are just under 100%.
+    context = make_context(oracle=FixedCostDevice(1, times=10), margin=0.066)
+    with pytest.raises(ArchtreeError) as error:
+        start(context, parse_budget("5%"))
+    assert "(91% of the unpruned" in str(error.value)
+    assert "barely speeds this model up" in str(error.value), error.value
     # Where a reachable budget exists below the unpruned latency, it is the one suggested.
     context = make_context(oracle=BlockedConvDevice(1), min_width_fraction=0.5)
     with pytest.raises(ArchtreeError, match=r"Give a budget of at least .* or lower --min-width\."):

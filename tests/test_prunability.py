@@ -41,6 +41,28 @@ def test_groups_of_a_grouped_convolution_or_a_group_norm_per_channel_are_kept_wh
     }
 
 
+@pytest.mark.parametrize(
+    ("build", "normalised"),
+    [(odd_models.feature_map_layer_norm, "32x8x8"), (odd_models.length_layer_norm, "8")],
+)
+def test_a_layer_norm_over_more_or_other_than_the_channels_keeps_its_group_whole(
+    build, normalised: str
+):
+    """torch-pruning narrows a LayerNorm's last dimension as the channels: its importance
+    scoring crashed on such a group (an internal error before any timing)."""
+    model = build().eval()
+    example = torch.zeros(4, 1, 8, 8)
+    assert kept_whole(build) == {
+        "conv": f"the LayerNorm 'norm' normalises over {normalised}, not its channels"
+    }
+    pruner = PrunableModel(model, example, min_width_fraction=0.1, kept_whole=kept_whole(build))
+    importance = pruner.importance("l2")  # was: a crash inside torch-pruning
+    plan = removal_plan(Move("global"), pruner, importance, 0.5)
+    assert "conv" not in plan and plan.get("mix")
+    pruner.remove(plan)
+    assert model(example).shape == (4, 10)
+
+
 def test_a_group_norms_channels_are_pruned_in_multiples_of_its_groups():
     assert kept_whole(odd_models.group_norm_net) == {}
     model = odd_models.group_norm_net().eval()
