@@ -162,11 +162,18 @@ def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
     with values count as an `nn.MultiheadAttention`'s do. Elementwise operations,
     normalisation and pooling are not counted. For the layers `layer_macs` knows it gives
     the same numbers."""
-    with (
-        torch.no_grad(),
-        FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
-    ):
-        model(example_input)
+    # In inference torch runs a whole `nn.TransformerEncoderLayer` as one fused kernel, which
+    # FlopCounterMode counts as nothing: counted on the path of its separate products.
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with (
+            torch.no_grad(),
+            FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
+        ):
+            model(example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     # A multiply-accumulate is two floating-point operations.
     return counter.get_total_flops() / 2 / max(1, len(example_input))
 

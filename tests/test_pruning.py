@@ -143,6 +143,29 @@ def test_an_attentions_multiply_accumulates_are_counted_and_shrink_with_its_widt
     assert total_macs(model, example) == 10 * 6 * 24 + 3 * 24 + 10 * 4 * 24 * 24 + 2 * 10 * 10 * 24
 
 
+def test_a_transformer_encoder_layers_multiply_accumulates_are_counted():
+    """In inference torch runs the whole layer as one fused kernel, which counted as nothing:
+    a transformer's MACs were those of its embedding and head alone."""
+    from search.pruning import total_macs
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(6, 32)
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+            self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 10 tokens, 6)
+            return self.head(self.encoder(self.embed(x)).mean(1))
+
+    model, example = Encoder().eval(), torch.zeros(2, 10, 6)
+    # Per layer and token: 4 projections of 32x32, 2 products over 10 tokens, the MLP's two.
+    per_layer = 10 * 4 * 32 * 32 + 2 * 10 * 10 * 32 + 10 * 2 * 32 * 64
+    assert total_macs(model, example) == 10 * 6 * 32 + 2 * per_layer + 3 * 32
+    assert torch.backends.mha.get_fastpath_enabled()  # left as it was
+
+
 class HandWrittenAttention(torch.nn.Module):
     """One head of attention over 10 tokens of 6 features, written out as timm's and many
     users' models write it: its products are matrix products, no module's."""
