@@ -11,7 +11,7 @@ import re
 import sys
 import tempfile
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -717,12 +717,12 @@ def _check_activations_fit(
     available = available_memory_bytes()
     if available is None:
         return
-    per_sample = _forward_bytes_per_sample(model, shape, token_range, batch_size, available)
-    if per_sample is None:
+    memory = _forward_memory(model, shape, token_range, batch_size, available)
+    if memory is None:
         return
-    needed = FORWARD_MEMORY_MARGIN * per_sample * batch_size
+    needed = memory.needed(batch_size)
     if needed > available:
-        fits = int(available // (FORWARD_MEMORY_MARGIN * per_sample))
+        fits = memory.fits(available)
         advice = f"at most --batch-size {fits} fits" if fits else "even one sample does not fit"
         raise ArchtreeError(
             f"{source} at --batch-size {batch_size} and {shape_label} needs about "
@@ -734,13 +734,75 @@ def _check_activations_fit(
         )
 
 
+@dataclass(frozen=True)
+class ForwardMemory:
+    """The memory a forward pass takes: `per_sample` for each sample of the batch, its input
+    included, and `fixed` for the call whatever its batch (a convolution's weights laid out
+    anew for its kernel, which a wide layer makes hundreds of MB)."""
+
+    per_sample: float
+    fixed: float = 0.0
+
+    def needed(self, batch_size: int) -> float:
+        return FORWARD_MEMORY_MARGIN * (self.fixed + self.per_sample * batch_size)
+
+    def fits(self, available: float) -> int:
+        """The largest batch whose forward pass fits in `available` bytes (0: not one)."""
+        return max(0, int((available / FORWARD_MEMORY_MARGIN - self.fixed) // self.per_sample))
+
+
+def _forward_memory(
+    model, shape: tuple[int, ...], token_range: int | None, batch_size: int, available: int
+) -> ForwardMemory | None:
+    """The memory a forward pass of `model` takes (see _forward_bytes_per_sample). Where the
+    batch seems not to fit at the probe's rate per sample, the peak is measured again on twice
+    the probe: what grows with the batch is told from what each call takes once, which the
+    probe's rate alone counts again for every sample."""
+    import torch
+
+    from search.timing_input import timing_input
+
+    measured = _forward_bytes_per_sample(model, shape, token_range, batch_size, available)
+    if measured is None:
+        return None
+    per_sample, probe, grown, floor = measured
+    memory = ForwardMemory(per_sample)
+    larger = 2 * probe
+    if (
+        memory.needed(batch_size) <= available
+        or grown is None
+        or probe < PROBE_BATCH
+        or larger > batch_size
+        or larger * per_sample > available / 4
+    ):
+        return memory
+    samples = timing_input(larger, shape, token_range=token_range)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(samples)
+
+    try:
+        grown_larger = _peak_growth(forward)
+    except Exception:  # noqa: BLE001 - it ran on the probe: take the probe's rate
+        return memory
+    if grown_larger is None:
+        return memory
+    input_bytes = samples.element_size() * samples[0].numel()
+    rate = max(floor, (grown_larger - grown) / probe + input_bytes)
+    fixed = max(0.0, grown + input_bytes * probe - rate * probe)
+    fitted = ForwardMemory(rate, fixed)
+    return fitted if fitted.needed(batch_size) < memory.needed(batch_size) else memory
+
+
 def _forward_bytes_per_sample(
     model, shape: tuple[int, ...], token_range: int | None, batch_size: int, available: int
-) -> float | None:
+) -> tuple[float, int, int | None, float] | None:
     """The memory a forward pass of `model` takes per sample of the batch, its input included:
     its peak measured on min(`batch_size`, PROBE_BATCH) samples (fewer where even that might
     not fit in `available`), never below its input and largest layer output plus that output's
-    input; None when a sample fails (check_forward says why), or a TorchScript model's peak
+    input; with the probe's size, the peak's growth on it (None where not measured) and that
+    floor. None when a sample fails (check_forward says why), or a TorchScript model's peak
     cannot be measured (another's is then estimated from its layer outputs)."""
     import torch
 
@@ -770,25 +832,27 @@ def _forward_bytes_per_sample(
     input_bytes = one.element_size() * one.numel()
     floor = input_bytes + 4 * 2 * largest
     fallback = None if scripted else UNMEASURED_FACTOR * floor
+    unmeasured = None if fallback is None else (fallback, 1, None, floor)
     try:
         grown = _peak_growth(lambda: forward(one))
     except Exception:  # noqa: BLE001 - it ran once: check_forward says what is wrong
-        return fallback
+        return unmeasured
     if grown is None:
-        return fallback
+        return unmeasured
     per_sample = max(floor, grown + input_bytes)
     # A probe batch that needs at most a quarter of the memory, at one sample's rate.
     probe = min(batch_size, PROBE_BATCH, int(available // (4 * per_sample)))
-    if probe >= 2:
-        samples = timing_input(probe, shape, token_range=token_range)
-        try:
-            forward(samples[:2])  # the one-off allocations of a batched call
-            grown = _peak_growth(lambda: forward(samples))
-        except Exception:  # noqa: BLE001 - one sample at a time: check_forward says so
-            return per_sample
-        if grown is not None:
-            per_sample = max(floor, (grown + input_bytes * probe) / probe)
-    return per_sample
+    if probe < 2:
+        return per_sample, 1, grown, floor
+    samples = timing_input(probe, shape, token_range=token_range)
+    try:
+        forward(samples[:2])  # the one-off allocations of a batched call
+        grown = _peak_growth(lambda: forward(samples))
+    except Exception:  # noqa: BLE001 - one sample at a time: check_forward says so
+        return per_sample, 1, None, floor
+    if grown is None:
+        return per_sample, 1, None, floor
+    return max(floor, (grown + input_bytes * probe) / probe), probe, grown, floor
 
 
 def _peak_growth(run) -> int | None:

@@ -369,4 +369,40 @@ def test_measure_refuses_a_batch_whose_forward_pass_peaks_above_the_memory_avail
     assert needed >= 0.99 * peak  # not below the measured peak (given to 3 digits)
     fits = int(re.search(r"at most --batch-size (\d+) fits", message).group(1))
     assert 1 <= fits < batch
-    assert max(built) <= 16  # refused before the batch was built
+    assert max(built) <= 32  # refused before the batch was built: probes of 16 and 32 only
+
+
+class WideConvolution(torch.nn.Module):
+    """A 1024-channel 3x3 convolution over 4x4 inputs: each batched call lays its 36 MiB of
+    weights out anew for its kernel, whatever the batch, and each sample adds 0.2 MiB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 1024, 1)
+        self.wide = torch.nn.Conv2d(1024, 1024, 3, padding=1)
+        self.head = torch.nn.Linear(1024, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.wide(self.stem(x))).mean((2, 3)))
+
+
+def test_a_batch_is_not_refused_for_what_each_call_takes_once(monkeypatch):
+    """A forward pass's fixed part (a wide layer's weights laid out for its kernel), measured on
+    16 samples and counted again for each of the batch's, refused batches that fit: 25 GiB
+    said needed for a wide model's batch that took 1.3."""
+    import search.memory
+    from archtree_cli.commands import _check_activations_fit
+    from search.errors import ArchtreeError
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("this system does not let a process measure its peak memory")
+    monkeypatch.setattr(search.memory, "available_memory_bytes", lambda: 1024**3)
+    model = WideConvolution().eval()
+    # At 16 samples' rate, 2 GiB and more for 1024 samples; about 0.3 GiB in fact.
+    _check_activations_fit(model, (1, 4, 4), None, 1024, "module:wide", "--input-shape 1,4,4")
+    with pytest.raises(ArchtreeError) as refused:  # a batch that does not fit still does not
+        _check_activations_fit(
+            model, (1, 4, 4), None, 100_000, "module:wide", "--input-shape 1,4,4"
+        )
+    fits = int(re.search(r"at most --batch-size (\d+) fits", str(refused.value)).group(1))
+    assert 1024 < fits < 100_000
