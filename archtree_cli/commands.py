@@ -348,6 +348,9 @@ def run_prune(args: argparse.Namespace) -> int:
         )
     train_device = _train_device(args.train_device)
     _check_out_dir(args.out, args.overwrite, {"--weights": args.weights, "--data": args.data})
+    # The result found in --out now, which --overwrite replaces; one another run writes there
+    # while this one searches is kept either way, and this one goes beside it.
+    replaces = result_snapshot(Path(args.out))
     oracle = _oracle(args, quiet=args.quiet)
     notes = strategy_notes(args)
     args.saved_search = _saved_search(args, settings)
@@ -363,7 +366,8 @@ def run_prune(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         quiet=args.quiet,
         jobs=args.jobs,
-        overwrite=args.overwrite,
+        overwrite=False,
+        replaces=replaces,
         notes=notes,
         checkpoint=args.saved_search,
         restarted=args.restart,
@@ -1003,7 +1007,7 @@ def run_demo(args: argparse.Namespace) -> int:
             weights=str(weights),
             command="demo",
             train_device=device,
-            overwrite=args.overwrite,
+            overwrite=False,  # but what it found at its start (replaces), checked above
             replaces=replaces,
         )
     except ArchtreeError as error:

@@ -541,7 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for arch.json, model.safetensors, report.json; if another result lands "
         "there while the search runs, this one goes to OUT-2",
     )
-    prune.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
+    prune.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the result in --out when the search starts (one another run writes "
+        "there meanwhile is kept: this one then goes to OUT-2)",
+    )
     prune.add_argument(
         "--jobs",
         type=int,

@@ -562,12 +562,19 @@ def test_labels_that_do_not_fit_a_models_own_outputs_are_told_what_to_give(tmp_p
         assert str(error.value) == said.format(features, source=source)
 
 
-def test_a_result_written_into_out_during_the_search_is_kept(tmp_path, home):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_result_written_into_out_during_the_search_is_kept(overwrite, tmp_path, home):
+    """--overwrite replaces the result found in --out at the start, not one another run
+    writes there meanwhile: that one was lost, both runs saying they had saved theirs."""
     out = tmp_path / "out"
+    if overwrite:
+        out.mkdir()
+        (out / "report.json").write_text('{"from": "before"}')
     env = {**os.environ, "ARCHTREE_HOME": str(home), "PYTHONPATH": str(ROOT)}
     # The smallest search: what is checked is where its result goes.
     args = prune_args(tmp_path, "--model", "builtin:vgg", "--width", "1", "--branching", "1",
-                      "--select-steps", "2", "--fill-probes", "0")  # fmt: skip
+                      "--select-steps", "2", "--fill-probes", "0",
+                      *(["--overwrite"] if overwrite else []))  # fmt: skip
     search = subprocess.Popen(
         [sys.executable, "-m", "archtree_cli.main", *args],
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
