@@ -219,6 +219,17 @@ def prune(
     from search.report import build_report
 
     parsed_budget = parse_budget(budget)
+    progress = sink if sink is not None else ConsoleProgress(quiet=quiet)
+    if isinstance(progress, ConsoleProgress):
+        # Before anything is said of the search: a large model takes minutes to check and
+        # time, which its timing's progress lines alone did not say were of the unpruned one.
+        batch = getattr(oracle, "batch_size", 1)
+        resuming = checkpoint is not None and (checkpoint.folder / "state.json").exists()
+        progress.say(
+            f"checking {model}"
+            + ("" if resuming else f", then timing it unpruned at batch {batch}: the search "
+               "starts from that latency")
+        )  # fmt: skip
     try:
         inputs = load_inputs(
             model,
@@ -243,7 +254,6 @@ def prune(
         if checkpoint is not None:  # refused before the search: no empty folder left behind
             checkpoint.remove_if_unused()
         raise
-    progress = sink if sink is not None else ConsoleProgress(quiet=quiet)
     stopping = threading.Event()
 
     def stop_children() -> None:

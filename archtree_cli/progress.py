@@ -50,6 +50,10 @@ class ConsoleProgress:
         (children evaluated in parallel, finishing) must not print after its last line."""
         self.quiet = True
 
+    def say(self, text: str) -> None:
+        """A line of the command's own, stamped as the events' are."""
+        self._print(text)
+
     def _elapsed(self) -> float:
         """Seconds since the start: of the run, or of a job's first event, when replayed."""
         if self.event_time is not None and self.first_event_time is not None:

@@ -1073,6 +1073,9 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
 
     # Saved once depth 1 is done, before depth 2 starts.
     _, stderr = stopped_at("depth 2 of at most")
+    # Its first line says what the first seconds go to (a large model's take minutes).
+    first = "checking builtin:vgg, then timing it unpruned at batch 1: the search starts from"
+    assert stderr.splitlines()[0].split("] ", 1)[1] == f"{first} that latency", stderr
     assert (
         stderr.strip()
         .splitlines()[-1]
@@ -1083,12 +1086,14 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     ), stderr
     line, stderr = stopped_at("resuming the search")
     assert "baseline" not in stderr.split("resuming")[0], stderr
+    assert stderr.splitlines()[0].split("] ", 1)[1] == "checking builtin:vgg", stderr
     assert "evaluated" in line and line.endswith("going on after depth 1\n"), line
     assert "depth 1 of" not in stderr and "Traceback" not in stderr, stderr
     # --restart measures the unpruned model again instead; stopped, it is not said to go on
     # with the same command, which would clear the search again.
     _, stderr = stopped_at("depth 2 of at most", ("--restart",))
     assert "resuming" not in stderr and "] baseline" in stderr, stderr
+    assert stderr.splitlines()[0].split("] ", 1)[1].startswith(first), stderr
     assert (
         stderr.strip()
         .splitlines()[-1]
