@@ -228,7 +228,9 @@ class ConsoleProgress:
                 self._print(
                     f"{data['answer']} is well under the aim, but no group could be widened "
                     + ("or traded for another's block " if trades else "")
-                    + f"within it ({data['probes']} probes)"
+                    # --fill-probes bounds each pass: the first over the groups the answer's
+                    # last move cut, the second over any cut since the unpruned model.
+                    + f"within it ({counted(data['probes'], 'probe')} in all, over its passes)"
                 )
             else:
                 source = data.get("rebuilt_from")

@@ -477,3 +477,4 @@ def test_an_answer_no_widening_fills_trades_one_groups_block_for_anothers():
     assert "no group could be widened or traded for another's block within it" in (
         stream.getvalue()
     )
+    assert f"({filled['probes']} probes in all, over its passes)" in stream.getvalue()
