@@ -588,7 +588,7 @@ def run_measure(args: argparse.Namespace) -> int:
     print(f"p90        {stats.p90_ms:.4f} ms")
     print(f"IQR        {stats.iqr_ms:.4f} ms")
     print(f"CV         {stats.cv:.2%}")
-    print(f"runs       {stats.n}")
+    print(f"runs       {stats.n} timed, after warm-up runs (the progress lines count both)")
     if stats.launch_ms is not None:
         print(f"launch     {_launch_line(stats)}")
     if stats.cached:

@@ -96,13 +96,18 @@ def test_a_long_timing_says_how_far_it_has_got(tmp_path, monkeypatch, capsys):
     command = ["measure", "--model", "builtin:vgg", "--input-shape", "1,8,8",
                "--cache-dir", str(tmp_path)]  # fmt: skip
     assert main_here(command) == 0
-    said = capsys.readouterr().err.splitlines()
+    printed = capsys.readouterr()
+    said = printed.err.splitlines()
     assert said[0].startswith("measuring builtin:vgg at batch 1")
+    # The statistics count the timed runs, the progress the warm-up too: said so, not a
+    # count that seemed to drop from the progress's last to the summary's.
+    timed = int(re.search(r"^runs +(\d+) timed, after warm-up runs", printed.out, re.M)[1])
     runs = [int(re.match(r"  timed ([0-9,]+)", line)[1].replace(",", "")) for line in said[1:]]
     assert runs == list(range(1, len(runs) + 1)) and len(runs) >= 35
     assert said[1].startswith("  timed 1 of at least 35 runs (")
     assert said[35].startswith("  timed 35 runs (")
     assert said[35].endswith("s a run), at least 35 planned: more while their times vary")
+    assert timed < runs[-1]
     assert main_here(command) == 0  # from the cache: nothing timed, nothing said
     assert capsys.readouterr().err == ""
 
