@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
+import inspect
 import io
 import os
 import pickletools
@@ -214,11 +215,21 @@ def _build_from_module(spec: str, ref: ModelRef) -> nn.Module:
             "callable; point the source at a function or class that returns an nn.Module"
         )
     try:
+        inspect.signature(target).bind()
+    except TypeError as error:  # it takes arguments: said as such, not as its failure
+        raise ArchtreeError(
+            f"{attribute}() from {module_name!r} cannot be called with no arguments ({error}): "
+            "point the source at a function that builds the model with none, such as one that "
+            "calls it with yours"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): called to find out
+        pass
+    try:
         return target()
     except (Exception, SystemExit) as error:
         raise ArchtreeError(
             f"calling {attribute}() from {module_name!r} failed with {type(error).__name__}: "
-            f"{_first_line(error)}; it must build the model with no arguments"
+            f"{_first_line(error)}; fix it there (it is called with no arguments)"
         ) from None
 
 

@@ -145,6 +145,9 @@ def user_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             def broken():
                 raise ValueError("needs a config")
 
+            def configured(width, depth=2):
+                return tiny()
+
             NOT_CALLABLE = 3
             """
         )
@@ -180,7 +183,16 @@ def test_module_source_builds_the_user_model(user_package: str) -> None:
             ["names a file", "module:models:tiny", "PYTHONPATH=usernets archtree"],
         ),
         ("module:models.py:tiny", ["module:models:tiny", "PYTHONPATH=. archtree"]),
-        ("module:usernets.models:broken", ["needs a config", "no arguments"]),
+        # A factory that fails is told to be fixed; one that takes arguments, to be wrapped.
+        ("module:usernets.models:broken", ["needs a config", "; fix it there (it is called"]),
+        (
+            "module:usernets.models:configured",
+            [
+                "configured() from 'usernets.models' cannot be called with no arguments (missing "
+                "a required argument: 'width')",
+                "calls it with yours",
+            ],
+        ),
     ],
 )
 def test_module_source_errors(user_package: str, source: str, words: list[str]) -> None:
