@@ -257,10 +257,19 @@ def check_forward(
             _training_output(model, samples, model_source), model_source, " in training mode"
         )
         if not bool(torch.isfinite(output).all()):
+            tensors = [*model.parameters(), *model.buffers()]
+            finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+            cause = (
+                "its weights are finite, so its forward makes them on some inputs (an "
+                "overflow, of weights too large or of the inputs' scale, a log or a division "
+                "of zero): check the weights, the inputs and the forward"
+                if finite
+                else "its weights are broken (a training run that diverged?); give weights of "
+                "a finite model"
+            )
             raise ArchtreeError(
-                f"the model {model_source} outputs NaN or infinite values on {inputs_label}: its "
-                "weights are broken (a training run that diverged?); give weights of a finite "
-                "model."
+                f"the model {model_source} outputs NaN or infinite values on {inputs_label}: "
+                f"{cause}."
             )
     return output
 

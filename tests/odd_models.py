@@ -253,3 +253,20 @@ class LengthLayerNorm(nn.Module):
 
 def length_layer_norm() -> nn.Module:
     return LengthLayerNorm()
+
+
+class NanForBrightPixels(nn.Module):
+    """Finite weights, and a forward that makes NaN where an input's centre pixel is bright."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.features(x))
+        return torch.where(x[:, :1, 4, 4] > 0.5, torch.full_like(out, float("nan")), out)
+
+
+def nan_for_bright_pixels() -> nn.Module:
+    return NanForBrightPixels()

@@ -415,6 +415,17 @@ def test_finite_weights_whose_outputs_overflow_are_refused(tmp_path: Path) -> No
     with pytest.raises(ArchtreeError) as excinfo:
         load_inputs("builtin:vgg", "builtin:digits", weights=str(tmp_path / "huge.pt"))
     assert "outputs NaN or infinite values on builtin:digits" in _error(excinfo)
+    assert "its weights are finite, so its forward makes them on some inputs" in _error(excinfo)
+
+
+def test_a_forward_that_makes_nan_of_finite_weights_is_not_said_to_have_broken_ones():
+    from search.inputs import load_inputs
+
+    with pytest.raises(ArchtreeError) as excinfo:
+        load_inputs("module:tests.odd_models:nan_for_bright_pixels", "builtin:digits")
+    message = _error(excinfo)
+    assert "outputs NaN or infinite values on builtin:digits" in message
+    assert "its weights are finite" in message and "diverged" not in message
 
 
 def test_a_checkpoint_with_its_tensors_under_another_key_names_it(tmp_path: Path) -> None:
