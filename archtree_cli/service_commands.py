@@ -1003,7 +1003,8 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     cli = [sys.executable, "-m", "archtree_cli.main"]
     api_url = local_api_url(args.host, args.port)
     try:
-        redis_url = load_service_settings().resolved_redis_url()
+        settings = load_service_settings()
+        redis_url = settings.resolved_redis_url()
         if redis_url:
             check_redis_usable(redis_url, "archtree up", waits=False)
         else:
@@ -1015,6 +1016,11 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
         stack.wait_for(api, lambda: _answers(f"{api_url}/healthz"), stop)
         stack.start("worker", [*cli, "worker", "--concurrency", str(args.workers)])
         agent = [*cli, "agent", "--api", api_url, "--device-class", LOCAL_CLASS]
+        # The service builds module: sources of the packages ARCHTREE_ALLOWED_MODULES names: on
+        # one machine its agent does too, or no such job could be timed (and no agent allowing
+        # them could join the class beside it).
+        for package in settings.allowed_modules:
+            agent += ["--allow-module", package]
         stack.start("agent", agent, may_stop=True)
         _say(f"logs in {log_dir}")
         print(f"archtree up: API at {api_url} (docs {api_url}/docs); Ctrl-C stops", flush=True)

@@ -554,7 +554,9 @@ def kill_if_running(up: subprocess.Popen[str]) -> None:
 
 
 def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Path):
-    up = start_up(tmp_path, str(free_port()))
+    # The packages the service builds module: sources of: its own agent builds them too,
+    # or no such job could be timed on one machine.
+    up = start_up(tmp_path, str(free_port()), ARCHTREE_ALLOWED_MODULES="tests")
     try:
         lines = read_lines(up.stdout)
         line = lines.get(timeout=120)
@@ -562,7 +564,13 @@ def test_archtree_up_serves_then_stops_all_its_children_on_sigterm(tmp_path: Pat
         with ArchtreeClient(url) as running:
             assert running.http.get("/healthz").json() == {"status": "ok"}
             wait_until(lambda: running.devices()["devices"], AGENT_START_S, "the local agent")
-            assert running.devices()["devices"][0]["device_class"] == "local"
+            (device,) = running.devices()["devices"]
+            assert (device["device_class"], device["allowed_modules"]) == ("local", ["tests"])
+            spec = {"model": "module:tests.odd_models:group_norm_net", "data": "builtin:digits",
+                    "budget": "60%", "device_class": "local"}  # fmt: skip
+            submitted = running.http.post("/v1/jobs", data={"spec": json.dumps(spec)})
+            assert submitted.status_code == 202, submitted.text
+            running.http.post(f"/v1/jobs/{submitted.json()['id']}/cancel")
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 4  # redis, api, worker (and its pool), agent
 
