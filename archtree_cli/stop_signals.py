@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM stop a command as KeyboardInterrupt, but never in the middle of an import.
+"""Ctrl-C and SIGTERM stop a command as KeyboardInterrupt, but never in the middle of an import
+(nor of a timing process's start, see PROCESS_START).
 
 A KeyboardInterrupt raised while a library initialises (numpy's C extension, under torch's
 import, in the first second of `archtree prune`) can leave it half-loaded: the library turns
@@ -38,6 +39,10 @@ RECHECK_S = 0.02
 MAX_HOLD_S = 5.0
 REPEAT_S = 1.0
 IMPORT_MACHINERY = "<frozen importlib._bootstrap"
+# Starting a process through the timing fork server: cut between the server forking the child
+# and the parent sending it what to run, the child prints an EOFError traceback of its own
+# under the command's last line.
+PROCESS_START = ("multiprocessing/popen_forkserver.py", "multiprocessing/forkserver.py")
 
 
 class Terminated(KeyboardInterrupt):
@@ -47,9 +52,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def importing(frame: FrameType | None) -> bool:
-    """Whether the code running in `frame` runs within an import."""
+    """Whether the code running in `frame` runs within an import, or within the start of a
+    process by the fork server: where a stop must wait until it has finished."""
     while frame is not None:
-        if frame.f_code.co_filename.startswith(IMPORT_MACHINERY):
+        filename = frame.f_code.co_filename
+        if filename.startswith(IMPORT_MACHINERY) or filename.endswith(PROCESS_START):
             return True
         frame = frame.f_back
     return False

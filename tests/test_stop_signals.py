@@ -339,3 +339,19 @@ def test_a_stop_in_the_interpreters_last_teardown_leaves_the_commands_exit_code(
     child.stdout.close()
     assert child.wait(timeout=60) == 0, child.stderr.read()
     assert b"resnet" in b"".join(lines)  # the command ran
+
+
+def test_a_stop_waits_while_the_fork_server_starts_a_timing_process():
+    """Cut between the server forking a timing child and the command sending it its job, the
+    child printed an EOFError traceback under the command's one-line message."""
+    import multiprocessing.popen_forkserver
+
+    from archtree_cli.stop_signals import importing
+
+    where = {}
+    code = compile(
+        "where['frame'] = sys._getframe()", multiprocessing.popen_forkserver.__file__, "exec"
+    )
+    exec(code, {"sys": sys, "where": where})
+    assert importing(where["frame"])
+    assert not importing(sys._getframe())  # elsewhere, a stop stops at once
