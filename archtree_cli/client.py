@@ -332,7 +332,7 @@ class ArchtreeClient:
                 give_up, what, delay_s = error, str(error), error.retry_after_s
             except NotFound:
                 if answered:  # the job was there when its events were first asked for
-                    raise JobDeleted(job_id, True, last_status) from None
+                    raise JobDeleted(job_id, before_its_end=True, last_status=last_status) from None
                 raise  # no such job
             except ValueError:
                 raise self._not_archtree("the events are not JSON") from None

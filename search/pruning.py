@@ -162,8 +162,9 @@ def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
     with values count as an `nn.MultiheadAttention`'s do. Elementwise operations,
     normalisation and pooling are not counted. For the layers `layer_macs` knows it gives
     the same numbers."""
-    # In inference torch runs a whole `nn.TransformerEncoderLayer` as one fused kernel, which
-    # FlopCounterMode counts as nothing: counted on the path of its separate products.
+    # In inference torch runs `nn.MultiheadAttention`, and a whole `nn.TransformerEncoderLayer`,
+    # as fused kernels, which FlopCounterMode has no formula for: counted on the path of their
+    # separate products.
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -185,18 +186,9 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *_args, **_kwargs) -> i
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _fast_attention_flops(query_shape, key_shape, _value_shape, embed_dim, *_args, **_kwargs):
-    """Of `nn.MultiheadAttention`'s fused inference path (batch first, one kernel for it
-    all): its four projections and its two products, over (batch, tokens, width) shapes."""
-    batch, queries, keys = query_shape[0], query_shape[1], key_shape[1]
-    projections = (2 * queries + 2 * keys) * embed_dim * embed_dim
-    return 2 * batch * (projections + 2 * queries * keys * embed_dim)
-
-
 # What torch runs for attention on the CPU, counted as its other kernels are.
 CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._native_multi_head_attention: _fast_attention_flops,
 }
 
 
