@@ -893,8 +893,9 @@ for number in range(2000):
     signals = AgentStopSignals.installed()
     signal.signal(signal.SIGALRM, signals.handle)
     signals.at_once = number % 2 == 0
-    signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
     try:
+        # Set inside the try: a signal due at once may be handled as setitimer returns.
+        signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
         if signals.at_once:
             while True:
                 signals.pause(0.0005)
