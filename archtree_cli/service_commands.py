@@ -422,21 +422,8 @@ def run_submit(args: argparse.Namespace) -> int:
 
     parse_budget(args.budget)
     settings_from(args)  # refuses bad settings, and names those the strategy overrides
-    spec: dict[str, Any] = {
-        "model": args.model,
-        "budget": args.budget.strip(),
-        "device_class": args.device_class,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "num_classes": args.num_classes,
-        "allow_pickle": args.allow_pickle,
-        "search": submitted_search(args),
-    }
-    data_file = None
-    if args.data.startswith("builtin:"):
-        spec["data"] = args.data
-    else:
-        data_file = args.data
+    spec = submitted_spec(args)
+    data_file = None if "data" in spec else args.data
     args.submission_key = submission_key(args.idempotency_key)
     with api_client(args) as client, errors_in_cli_terms(args.api):
         # What an interruption from here on says (main.interrupted_note): the service may
@@ -494,6 +481,24 @@ def submitted_earlier_text(job: dict[str, Any], api: str) -> str:
         "cancelled": f"it was cancelled: {again}",
     }.get(status, f"it is {status}: follow it with: {watch_command(job_id, api)}")
     return f"job {job_id} was submitted earlier with this --idempotency-key; {what}"
+
+
+def submitted_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The job spec `submit` sends for its options; `data` only when it is builtin (a data
+    file is uploaded, as the weights are)."""
+    spec: dict[str, Any] = {
+        "model": args.model,
+        "budget": args.budget.strip(),
+        "device_class": args.device_class,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "num_classes": args.num_classes,
+        "allow_pickle": args.allow_pickle,
+        "search": submitted_search(args),
+    }
+    if args.data.startswith("builtin:"):
+        spec["data"] = args.data
+    return spec
 
 
 def submitted_search(args: argparse.Namespace) -> dict[str, Any]:
@@ -647,6 +652,43 @@ CANCEL_TAKES_EFFECT = (
 )
 
 
+def nothing_to_cancel_text(job: dict[str, Any], api: str) -> str:
+    """That a job which has ended has nothing to cancel, and the commands that do what can be
+    done with it: fetch its result, delete it, or submit it again with its own options."""
+    job_id, status = job["id"], job["status"]
+    delete = f"`archtree delete {job_id} --api {api}`"
+    if status == "succeeded":
+        instead = f"`{fetch_command(job_id, api)}` downloads its result, {delete} deletes it"
+    else:
+        instead = f"{delete} deletes it; this submits it again: {submit_command(job['spec'], api)}"
+    return f"job {job_id} has already ended ({status}): there is nothing to cancel; {instead}"
+
+
+def submit_command(spec: dict[str, Any], api: str) -> str:
+    """The `archtree submit` command that sends `spec` again: its sources (uploads by the
+    file names they were sent with), budget, device and the search options it gave."""
+    import shlex
+
+    from search.settings import option_of
+
+    sent = spec.get("upload_names") or {}
+    words = ["archtree", "submit", "--api", api, "--model", spec["model"]]
+    if spec.get("weights"):
+        words += ["--weights", sent.get("weights") or "WEIGHTS_FILE"]
+    data = str(spec["data"])
+    words += ["--data", sent.get("data") or ("DATA_FILE" if data.startswith("artifact:") else data)]
+    words += ["--budget", spec["budget"], "--device-class", spec.get("device_class", "local")]
+    for name, default in (("batch_size", 1), ("dtype", "float32"), ("num_classes", None)):
+        if spec.get(name, default) != default:
+            words += ["--" + name.replace("_", "-"), str(spec[name])]
+    if spec.get("allow_pickle"):
+        words.append("--allow-pickle")
+    for name, value in (spec.get("search") or {}).items():
+        if value is not None:
+            words += [option_of(name), ",".join(value) if isinstance(value, list) else str(value)]
+    return shlex.join(words)
+
+
 def pruned_text(spec: dict[str, Any]) -> str:
     """What the job prunes, as the user gave it: the model, with the name of the weights file
     uploaded if any, on a builtin dataset or the name of the data file uploaded (the service
@@ -726,14 +768,25 @@ def print_job(job: dict[str, Any], api: str) -> None:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
+    from archtree_cli.client import ENDED
 
     with (
         api_client(args) as client,
         _readable(args.api, args.api_source),
         errors_in_cli_terms(args.api),
     ):
-        already = client.job(args.job)["cancel_requested"]
-        job = client.cancel(args.job)
+        job = client.job(args.job)
+        if job["status"] in ENDED:
+            raise ArchtreeError(nothing_to_cancel_text(job, args.api))
+        already = job["cancel_requested"]
+        try:
+            job = client.cancel(args.job)
+        except ArchtreeError:
+            # It ended since it was read (409): said with its own commands, as above.
+            now = client.job(args.job)
+            if now["status"] not in ENDED:
+                raise
+            raise ArchtreeError(nothing_to_cancel_text(now, args.api)) from None
     if job["status"] == "cancelled":
         print(f"job {job['id']} cancelled")
     else:

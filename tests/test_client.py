@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -960,6 +961,65 @@ def test_fetch_refuses_an_empty_out_and_writes_nothing(result_api: str, home: Pa
     assert fetched.returncode == 2, fetched.stdout
     assert fetched.stderr.count("\n") == 1 and "--out is empty: give a path" in fetched.stderr
     assert sorted(ROOT.iterdir()) == before  # the command's own folder
+
+
+ENDED_SPEC = {
+    "model": "builtin:resnet",
+    "data": "artifact:jobs/4f1c2a9be07d/inputs/data.npz",
+    "weights": "artifact:jobs/4f1c2a9be07d/inputs/weights.safetensors",
+    "upload_names": {"data": "my digits.npz", "weights": "resnet.safetensors"},
+    "budget": "8ms",
+    "device_class": "jetson",
+    "batch_size": 4,
+    "dtype": "float16",
+    "num_classes": 12,
+    "allow_pickle": False,
+    "search": {"width": 2, "move_kinds": ["focused", "uniform"], "margin": 0.025, "seed": 3},
+}
+RACED = "b6d4e8f0a2c4"  # a job that ends between its read and its cancel
+
+
+class EndedJobs(BaseHTTPRequestHandler):
+    """Job JOB has failed; RACED reads running once, then failed, its cancel answered 409."""
+
+    reads: dict[str, int] = {}
+
+    def do_GET(self) -> None:
+        job_id = self.path.split("/")[3]
+        reads = type(self).reads
+        reads[job_id] = reads.get(job_id, 0) + 1
+        status = "running" if job_id == RACED and reads[job_id] == 1 else "failed"
+        job = job_record(job_id, status) | {"spec": ENDED_SPEC, "cancel_requested": False}
+        send_job(self, 200, job)
+
+    def do_POST(self) -> None:
+        detail = "job has already ended (failed): there is nothing to cancel; submit its spec "
+        send_job(self, 409, {"detail": detail + "again with POST /v1/jobs"})
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("job_id", [JOB, RACED])
+def test_cancelling_an_ended_job_gives_the_submit_that_runs_it_again(home: Path, job_id: str):
+    from archtree_cli.main import build_parser
+    from archtree_cli.service_commands import submitted_spec
+
+    with serving(EndedJobs) as api:
+        cancelled = archtree("cancel", job_id, "--api", api, home=home)
+
+    said = one_error_line(cancelled, f"job {job_id} has already ended (failed)")
+    assert f"`archtree delete {job_id} --api {api}` deletes it" in said
+    command = said.split("this submits it again: ", 1)[1]
+    words = shlex.split(command)
+    assert words[:2] == ["archtree", "submit"]
+    # The command, parsed as `archtree submit` parses it, sends the same job.
+    args = build_parser().parse_args(words[1:])
+    assert args.api == api
+    assert (args.data, args.weights) == ("my digits.npz", "resnet.safetensors")
+    resent = submitted_spec(args)
+    kept = ("model", "budget", "device_class", "batch_size", "dtype", "num_classes", "search")
+    assert {name: resent[name] for name in kept} == {name: ENDED_SPEC[name] for name in kept}
 
 
 def test_a_job_id_copied_with_spaces_around_it_is_the_job(home: Path):
