@@ -14,6 +14,7 @@ cannot be reached or does not answer in time (ARCHTREE_API_TIMEOUT_S), and a mal
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import tempfile
@@ -85,6 +86,28 @@ def api_timeout_s() -> float:
     return seconds_from_environment(API_TIMEOUT_VARIABLE, DEFAULT_API_TIMEOUT_S, zero_allowed=False)
 
 
+def checked_timeout_s(timeout_s: float) -> float:
+    """`timeout_s` once it is a number of seconds above 0 (None, for no limit, is refused: a
+    client that waits forever on an API that stopped answering hangs its caller)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+        raise TypeError(f"timeout_s must be a number of seconds, not {timeout_s!r}")
+    if not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a number of seconds above 0, not {timeout_s!r}")
+    return float(timeout_s)
+
+
+def checked_key(key: str) -> str:
+    """`key` once the API takes it as an Idempotency-Key."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, not {key!r}")
+    if not is_idempotency_key(key):
+        raise ValueError(
+            f"key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters, not "
+            f"{shown_key(key)}"
+        )
+    return key
+
+
 def without_v1(api_url: str, source: str) -> str | None:
     """What to give instead of `api_url` when it ends in /v1, which a 404 there means: the
     routes are under /v1 already (/v1/v1/jobs is nothing). None for another address."""
@@ -122,6 +145,8 @@ def plain_http_instead(error: Exception, api_url: str) -> str | None:
 def checked_api_url(api_url: str, source: str = "the API URL") -> str:
     """`api_url` without a trailing slash, once it is an http(s) URL with a host; `source`:
     where it came from, which a refusal names."""
+    if not isinstance(api_url, str):
+        raise TypeError(f"the API URL must be a str like {EXAMPLE_API_URL}, not {api_url!r}")
     try:
         url = httpx.URL(api_url.strip())
         well_formed = url.scheme in ("http", "https") and bool(url.host)
@@ -157,7 +182,7 @@ class ArchtreeClient:
         command line gives its option, --api, or an environment variable)."""
         self.source = source
         self.api_url = checked_api_url(api_url, source)
-        self.timeout_s = api_timeout_s() if timeout_s is None else timeout_s
+        self.timeout_s = api_timeout_s() if timeout_s is None else checked_timeout_s(timeout_s)
         self.http = httpx.Client(base_url=self.api_url, timeout=self.timeout_s)
 
     def __enter__(self) -> ArchtreeClient:
@@ -191,7 +216,7 @@ class ArchtreeClient:
         the last send fails so, the error is a MaybeSubmitted carrying the key: a submission
         with the same key within a day gets the job, if it was created, rather than a second.
         """
-        key = uuid.uuid4().hex if key is None else key
+        key = uuid.uuid4().hex if key is None else checked_key(key)
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             with ExitStack() as files:
                 uploads = {}
@@ -246,7 +271,8 @@ class ArchtreeClient:
         `total`, `offset`, `limit`."""
         params: dict[str, Any] = {"offset": offset, "limit": limit}
         if statuses:
-            params["status"] = list(statuses)
+            # One status given as a string is that status, not its letters.
+            params["status"] = [statuses] if isinstance(statuses, str) else list(statuses)
         return self._json("GET", "/v1/jobs", params=params)
 
     def tree(self, job_id: str) -> dict[str, Any]:
@@ -285,6 +311,8 @@ class ArchtreeClient:
         a JobDeleted.
         """
         path = _job_path(job_id, "events")
+        if after is not None and not isinstance(after, str):
+            raise TypeError(f"after must be an event id (a str) from events, not {after!r}")
         answered = False
         failures = 0
         stream = f"the events of job {job_id} at {self.api_url}"
@@ -340,6 +368,12 @@ class ArchtreeClient:
                 refused = isinstance(error, httpx.ConnectError)
                 if (refused and not answered) or not isinstance(error, httpx.TransportError):
                     raise self._failure(error) from None
+                # Nothing has answered yet, and what broke off speaks another protocol (a
+                # Redis): no API is there to resume, said at once as the other calls say it.
+                # A stall is retried: an API restarting, or too busy to answer in time.
+                stalled = isinstance(error, httpx.TimeoutException)
+                if not answered and not stalled and not self._speaks_http():
+                    raise self._not_http(error) from None
                 give_up = self._stream_failure(job_id, error, answered)
                 what = f"{stream} {self._stall(error)}"
                 if isinstance(error, httpx.TimeoutException):
@@ -391,6 +425,8 @@ class ArchtreeClient:
         a result file goes is refused. On any failure `out_dir` is left as it was.
         """
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise ArchtreeError(f"{out} is a file, not a folder: choose another out_dir")
         _check_destinations(out, overwrite)  # again before the move: it may change meanwhile
         staging = _staging_folder(out)
         try:
@@ -624,6 +660,8 @@ def _retry_after_s(answer: httpx.Response) -> float:
 def _job_path(job_id: str, *rest: str) -> str:
     """/v1/jobs/ID/...: the id quoted, so that no id reaches another route; spaces around it
     (copied with the id) are dropped."""
+    if not isinstance(job_id, str):
+        raise TypeError(f"a job id is a str, such as the `id` submit returned, not {job_id!r}")
     job_id = job_id.strip()
     if job_id.strip(".") == "" or "/" in job_id:
         raise ArchtreeError(f"{job_id!r} is not a job id: give the id `archtree submit` printed")

@@ -26,14 +26,7 @@ def save_artifacts(
 ) -> Path:
     """Write the pruned model's three files into `out_dir` (created if needed); nothing when
     its weights are not all finite (a model that answers the same to everything)."""
-    broken = next(
-        (
-            name
-            for name, value in model.state_dict().items()
-            if value.is_floating_point() and not torch.isfinite(value).all()
-        ),
-        None,
-    )
+    broken = _first_non_finite(model.state_dict())
     if broken is not None:
         raise ArchtreeError(
             f"the pruned model's {broken} holds NaN or infinite values, so no result was saved: "
@@ -72,7 +65,17 @@ def load_pruned(directory: str | Path) -> nn.Module:
 
     The base model's code must be importable here, as for `module:` sources.
     """
-    model = build_from_spec(load_result_spec(directory))
+    spec = load_result_spec(directory)
+    try:
+        model = build_from_spec(spec)
+    except ArchtreeError:
+        raise
+    except Exception as error:  # the model's code, on widths or an input arch.json set
+        raise ArchtreeError(
+            f"the model {Path(directory) / 'arch.json'} describes cannot be built and run "
+            f"({type(error).__name__}: {_shortened(error)}): the file was edited, or the "
+            f"model's code changed since; run archtree prune (or fetch) again"
+        ) from error
     weights = Path(directory) / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -81,6 +84,12 @@ def load_pruned(directory: str | Path) -> nn.Module:
             f"{weights} cannot be read ({first_line(error)}): the file is damaged or was cut "
             "short; run archtree prune (or fetch) again"
         ) from error
+    broken = _first_non_finite(state)
+    if broken is not None:  # a result is saved only with finite weights (save_artifacts)
+        raise ArchtreeError(
+            f"{weights} holds NaN or infinite values in {broken}: the file is damaged or was "
+            "edited; run archtree prune (or fetch) again"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -90,6 +99,18 @@ def load_pruned(directory: str | Path) -> nn.Module:
             "(or fetch) again"
         ) from error
     return model.eval()
+
+
+def _first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding NaN or infinity."""
+    return next(
+        (
+            name
+            for name, value in state.items()
+            if value.is_floating_point() and not torch.isfinite(value).all()
+        ),
+        None,
+    )
 
 
 def _shortened(error: BaseException, limit: int = 300) -> str:
@@ -105,7 +126,7 @@ def load_result_spec(directory: str | Path) -> ArchSpec:
     arch_path = folder / "arch.json"
     try:
         return ArchSpec.from_json(arch_path.read_text())
-    except (ValueError, KeyError, TypeError, ArchtreeError) as error:
+    except (ValueError, KeyError, TypeError, OverflowError, ArchtreeError) as error:
         raise ArchtreeError(
             f"{arch_path} is not a valid architecture spec ({error}): save the result again "
             "with `archtree prune`, or `archtree fetch` for a service job."

@@ -54,7 +54,7 @@ class ModelRef:
                 num_classes=int(data["num_classes"]),
                 in_channels=int(data["in_channels"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ArchtreeError(
                 f"invalid model reference {data!r} ({type(error).__name__}: {error}); "
                 "give source, num_classes and in_channels"

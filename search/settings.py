@@ -108,7 +108,7 @@ class SearchSettings:
         if self.strategy == "greedy":
             return replace(self, width=1)
         if self.strategy == "uniform":
-            # Its one child is the whole search: its bisection gets at least 8 probes, which
+            # Its one child is the whole search: its bisection may take up to 8 probes, which
             # the tree would spend on other children. Its answer is not filled group by
             # group: that would leave one ratio everywhere for the widths of a tree's answer,
             # and the bisection has found the widest uniform cut under the aim already.

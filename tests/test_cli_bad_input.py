@@ -546,6 +546,11 @@ def test_a_result_whose_weights_do_not_fit_or_are_cut_short_is_one_line(tmp_path
             "the shape of layer 'features.0.0' is [1, 0, 1], not a list of sizes of 1 or more",
         ),
         (lambda arch: arch | {"input_shape": None}, "its `input_shape` is null, not a list"),
+        (
+            lambda arch: arch | {"model": arch["model"] | {"num_classes": float("inf")}},
+            "invalid model reference",
+        ),
+        (lambda arch: arch | {"token_range": float("inf")}, "cannot convert float infinity"),
     ],
 )
 def test_an_arch_json_of_the_wrong_structure_is_one_line_naming_it(tmp_path, home, edit, said):
@@ -563,6 +568,54 @@ def test_an_arch_json_of_the_wrong_structure_is_one_line_naming_it(tmp_path, hom
     assert str(error.value).endswith("or `archtree fetch` for a service job.")
     measured = archtree("measure", "--model", str(folder), home=home, check=False)
     assert one_line_error(measured).startswith(f"archtree: error: {arch} is not a valid")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda arch: arch | {"model": arch["model"] | {"in_channels": 3}},  # not its weights'
+        lambda arch: arch | {"input_shape": [1, 1, 1]},  # too small for its pooling
+        lambda arch: arch | {"token_range": 5},  # token ids, for a model of images
+    ],
+)
+def test_an_arch_json_whose_model_cannot_be_built_and_run_is_one_line_naming_it(
+    tmp_path, home, edit
+):
+    from search.artifacts import load_pruned, save_artifacts
+    from search.errors import ArchtreeError
+
+    spec, model = _vgg_result_parts(seed=0)
+    folder = save_artifacts(tmp_path / "result", spec, model, {})
+    arch = folder / "arch.json"
+    arch.write_text(json.dumps(edit(json.loads(arch.read_text()))))
+
+    with pytest.raises(ArchtreeError) as error:
+        load_pruned(folder)
+    message = str(error.value)
+    assert message.startswith(f"the model {arch} describes cannot be built and run (")
+    assert "\n" not in message and message.endswith("run archtree prune (or fetch) again")
+
+
+def test_a_result_whose_weights_hold_nan_is_refused_on_loading(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from search.artifacts import load_pruned, save_artifacts
+    from search.errors import ArchtreeError
+
+    spec, model = _vgg_result_parts(seed=0)
+    folder = save_artifacts(tmp_path / "result", spec, model, {})
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(state)[-1]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(weights))
+
+    with pytest.raises(ArchtreeError) as error:
+        load_pruned(folder)
+    assert str(error.value) == (
+        f"{weights} holds NaN or infinite values in {name}: the file is damaged or was edited; "
+        "run archtree prune (or fetch) again"
+    )
 
 
 @pytest.mark.parametrize(

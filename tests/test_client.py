@@ -1062,3 +1062,52 @@ def test_a_job_id_copied_with_spaces_around_it_is_the_job(home: Path):
 )
 def test_a_job_is_shown_by_what_it_prunes_as_the_user_sent_it(spec, shown):
     assert pruned_text(spec) == shown
+
+
+def test_arguments_of_the_wrong_kind_are_refused_before_anything_is_sent(tmp_path: Path):
+    """ArchtreeClient called from Python: a wrong type or value is a TypeError or ValueError
+    that names the argument, and nothing reaches the API."""
+    asked: list[str] = []
+
+    def answer(path: str) -> Answer:
+        asked.append(path)
+        jobs = {"jobs": [], "total": 0, "offset": 0, "limit": 20}
+        return 200, "application/json", json.dumps(jobs).encode()
+
+    with pytest.raises(TypeError, match="the API URL must be a str"):
+        ArchtreeClient(8000)  # type: ignore[arg-type]
+    with serving(answering(answer)) as api:
+        for timeout_s, kind in (("5", TypeError), (0, ValueError), (float("inf"), ValueError)):
+            with pytest.raises(kind, match="timeout_s must be a number of seconds"):
+                ArchtreeClient(api, timeout_s=timeout_s)  # type: ignore[arg-type]
+        with ArchtreeClient(api, timeout_s=5) as client:
+            for call in (client.job, client.cancel, client.tree, client.delete):
+                with pytest.raises(TypeError, match="a job id is a str"):
+                    call(123)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="after must be an event id"):
+                next(client.events(JOB, after=5))  # type: ignore[arg-type]
+            for key, kind in (("a\nb", ValueError), ("é", ValueError), (5, TypeError)):
+                with pytest.raises(kind, match="key must be"):
+                    client.submit({"model": "builtin:vgg"}, key=key)  # type: ignore[arg-type]
+            (tmp_path / "taken").write_text("mine")
+            with pytest.raises(ArchtreeError, match="is a file, not a folder"):
+                client.fetch(JOB, tmp_path / "taken")
+            assert (tmp_path / "taken").read_text() == "mine"
+            assert asked == []
+            # One status given as a string is that status.
+            client.jobs(statuses="succeeded")
+    assert asked == ["/v1/jobs?offset=0&limit=20&status=succeeded"]
+
+
+def test_events_from_a_server_that_is_not_http_are_refused_at_once(redis_url: str):
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    retries: list[str] = []
+
+    with (
+        ArchtreeClient(f"http://127.0.0.1:{port}", timeout_s=5) as client,
+        pytest.raises(ArchtreeError) as raised,
+    ):
+        list(client.events(JOB, on_retry=retries.append))
+
+    assert "did not answer in HTTP" in str(raised.value), raised.value
+    assert retries == []
