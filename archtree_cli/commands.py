@@ -85,10 +85,14 @@ def _oracle(args: argparse.Namespace, quiet: bool = False):
         device_class=device_class,
         threads=args.threads,
         batch_size=args.batch_size,
-        cache=DiskLatencyCache(cache_dir),
+        cache=DiskLatencyCache(cache_dir, on_write_failure=_warn),
         fresh_process=True,
         on_runs=None if quiet else TimingProgress(say_timing_progress, TIMING_PROGRESS_EVERY_S),
     )
+
+
+def _warn(line: str) -> None:
+    print(f"archtree: warning: {line}", file=sys.stderr, flush=True)
 
 
 def _result_files(folder: Path) -> list[str]:
@@ -425,6 +429,16 @@ def _saved_search(args: argparse.Namespace, settings):
         "threads": args.threads,
     }
     checkpoint = SearchCheckpoint(archtree_home() / "searches", about)
+    if about["code"] is None and args.model.startswith("module:"):
+        # Its code cannot be read (a module in a zip archive, more than MAX_FILES of the
+        # user's files): a search saved for it could be resumed after an edit.
+        print(
+            f"archtree: note: the code of {args.model} cannot be read to tell an edit of it, so "
+            "this search is not saved to go on from where it stopped if interrupted, and its "
+            "timings are not kept in the latency cache",
+            file=sys.stderr,
+        )
+        return None
     try:
         if checkpoint.acquire():
             unreadable = None if args.restart else checkpoint.unreadable()
@@ -501,6 +515,8 @@ def print_summary(report: dict[str, Any], out: str, after_progress: bool = True)
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    import torch
+
     from search.arch_spec import spec_of
     from search.artifacts import load_pruned
     from search.data_source import MAX_CLASSES
@@ -575,7 +591,10 @@ def run_measure(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    stats = oracle.measure_reference(spec, refresh=args.fresh, on_timing=say_timing)
+    # A TorchScript module may come from a file the cache's key does not cover (the code it
+    # holds is not Python's): timed afresh each time.
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    stats = oracle.measure_reference(spec, refresh=args.fresh or scripted, on_timing=say_timing)
     fingerprint = oracle.fingerprint()
     pruned = f"{ref.source} pruned, " if result else ""
     print(f"model      {args.model} ({pruned}arch {spec.hash})")

@@ -51,11 +51,22 @@ class MemoryLatencyCache:
 
 
 class DiskLatencyCache:
-    """Results kept as one JSON file per key in `directory`; survives the process."""
+    """Results kept as one JSON file per key in `directory`; survives the process.
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    A result that cannot be written (the folder deleted and not creatable again, made
+    read-only, a folder where its file goes) is not kept, and `on_write_failure` is called
+    with a line saying so, once: the timings go on, uncached.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        on_write_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.on_write_failure = on_write_failure
+        self.write_failures = 0
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
@@ -68,12 +79,25 @@ class DiskLatencyCache:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         text = json.dumps(value, sort_keys=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # deleted since: made again
+            self._write(self._path(key), text)
+        except OSError as error:
+            self.write_failures += 1
+            if self.write_failures == 1 and self.on_write_failure is not None:
+                self.on_write_failure(
+                    f"cannot write to the latency cache {self.directory} "
+                    f"({error.strerror or error}): timings go on, but are not kept for later "
+                    "runs; check the folder, or give another --cache-dir"
+                )
+
+    def _write(self, path: Path, text: str) -> None:
         handle, temp_name = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
                 temp_file.write(text)
             # Readers in other processes see either the old file or the whole new one.
-            os.replace(temp_name, self._path(key))
+            os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
             raise
@@ -92,7 +116,7 @@ def decoded(cached: dict[str, Any] | None, decode: Callable[..., T]) -> T | None
         return None
     try:
         value = decode(cached)
-    except (TypeError, KeyError, ValueError):
+        plausible = getattr(value, "plausible", None)
+        return value if plausible is None or plausible() else None
+    except (TypeError, KeyError, ValueError, OverflowError):
         return None
-    plausible = getattr(value, "plausible", None)
-    return value if plausible is None or plausible() else None

@@ -66,12 +66,17 @@ def fingerprint_key(fingerprint: dict[str, Any]) -> str:
 
 def timing_key(
     fingerprint: dict[str, Any], candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool
-) -> str:
+) -> str | None:
     """The latency cache's key of one timing of `candidate` against `reference` on the device
     of `fingerprint`. It holds the model's code too (as this process has it): a spec names
-    the layers' widths, not what the forward does. Confirmations are kept apart, so that a
+    the layers' widths, not what the forward does. None where that code cannot be read (a
+    module imported from a zip archive): such a timing is neither kept nor reused, as it
+    could not be told from one of other code. Confirmations are kept apart, so that a
     confirm request always gets the longer timing."""
-    device = {**fingerprint, "code": code_identity(reference.model.source)}
+    code = code_identity(reference.model.source)
+    if code is None:
+        return None
+    device = {**fingerprint, "code": code}
     full_kind = f"{kind}-confirm" if confirm else kind
     return cache_key(fingerprint_key(device), candidate.hash, reference.hash, full_kind)
 

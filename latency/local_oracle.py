@@ -154,7 +154,7 @@ class LocalOracle:
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(reference, reference, "ref", confirm)
-        cached = None if refresh else self.cache.get(key)
+        cached = None if refresh or key is None else self.cache.get(key)
         stats = decoded(cached, lambda entry: TimingStats(**entry))
         if stats is not None:
             self.cache_hits += 1
@@ -164,7 +164,8 @@ class LocalOracle:
         with self.gate.timing():
             stats = self._time(reference, None, input_shape, confirm)[0]
             self.measurements += 1
-        self.cache.put(key, stats.to_dict())
+        if key is not None:
+            self.cache.put(key, stats.to_dict())
         return stats
 
     def offer_model(self, spec: ArchSpec, model: nn.Module) -> None:
@@ -190,7 +191,7 @@ class LocalOracle:
             )
         self._last_input_shape = input_shape
         key = self._key(candidate, reference, "pair", confirm)
-        hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
+        hit = None if key is None else decoded(self.cache.get(key), LatencyMeasurement.from_dict)
         if hit is not None:
             self.cache_hits += 1
             return replace(hit, cached=True)
@@ -206,7 +207,8 @@ class LocalOracle:
             reference=reference_stats,
             fingerprint=dict(self._fingerprint(input_shape)),
         )
-        self.cache.put(key, result.to_dict())
+        if key is not None:
+            self.cache.put(key, result.to_dict())
         return result
 
     def _time(
@@ -259,7 +261,9 @@ class LocalOracle:
     def _settings(self, confirm: bool) -> TimingSettings:
         return self.confirm_settings if confirm else self.settings
 
-    def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
+    def _key(
+        self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool
+    ) -> str | None:
         device = self._fingerprint(tuple(reference.input_shape))
         return timing_key(device, candidate, reference, kind, confirm)
 

@@ -125,7 +125,7 @@ class RemoteOracle:
         input_shape = tuple(reference.input_shape)
         self._last_input_shape = input_shape
         key = self._key(reference, reference, "ref", confirm)
-        cached = None if refresh else self.cache.get(key)
+        cached = None if refresh or key is None else self.cache.get(key)
         stats = decoded(cached, lambda entry: TimingStats(**entry))
         if stats is not None:
             self._count_hit()
@@ -149,7 +149,8 @@ class RemoteOracle:
                 f"an agent of device class {self.device_class} sent a malformed reply "
                 f"({error!r}): run agents of the same Archtree version as the service"
             ) from None
-        self.cache.put(key, stats.to_dict())
+        if key is not None:
+            self.cache.put(key, stats.to_dict())
         return stats
 
     def measure(
@@ -165,7 +166,7 @@ class RemoteOracle:
             )
         self._last_input_shape = input_shape
         key = self._key(candidate, reference, "pair", confirm)
-        hit = decoded(self.cache.get(key), LatencyMeasurement.from_dict)
+        hit = None if key is None else decoded(self.cache.get(key), LatencyMeasurement.from_dict)
         if hit is not None:
             self._count_hit()
             with self._lock:
@@ -192,7 +193,8 @@ class RemoteOracle:
                 f"an agent of device class {self.device_class} sent a malformed reply "
                 f"({error!r}): run agents of the same Archtree version as the service"
             ) from None
-        self.cache.put(key, replace(measurement, cached=False).to_dict())
+        if key is not None:
+            self.cache.put(key, replace(measurement, cached=False).to_dict())
         return measurement
 
     def _round_trip(self, request: MeasurementRequest, arch_hash: str) -> dict[str, Any]:
@@ -314,7 +316,9 @@ class RemoteOracle:
             "input_shape": list(input_shape) if input_shape is not None else None,
         }
 
-    def _key(self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool) -> str:
+    def _key(
+        self, candidate: ArchSpec, reference: ArchSpec, kind: str, confirm: bool
+    ) -> str | None:
         # What the class's agents time with: timings taken with other threads or another
         # runtime version (agents since replaced) are not reused.
         device = {

@@ -21,9 +21,9 @@ import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-# How many of the user's files one identity reads at most: a factory inside a large project
-# stops there rather than reading the whole tree (the first files found are the closest).
-MAX_FILES = 200
+# How many of the user's files one identity reads at most: code that imports more of them
+# has no identity (it is timed afresh each run) rather than one that misses an edit.
+MAX_FILES = 1000
 
 
 # One identity is worked out at a time: children evaluated in threads ask for it at once, and
@@ -57,7 +57,7 @@ def _identity(source: str) -> str | None:
     else:
         return None
     files = _own_files(module_name)
-    if not files:
+    if files is None:
         return None
     digest = hashlib.sha256()
     for name in sorted(files):
@@ -72,28 +72,31 @@ def _identity(source: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _own_files(module_name: str) -> dict[str, Path]:
-    """The module's source file and those of the user's modules it imports, by module name,
-    breadth first up to MAX_FILES; empty when the module's own file cannot be found."""
+def _own_files(module_name: str) -> dict[str, Path] | None:
+    """The module's source file and those of the user's modules it imports, by module name;
+    None when the module's own file cannot be found, or they are more than MAX_FILES."""
     first = _source_file(module_name)
     if first is None:
-        return {}
+        return None
     files = {module_name: first}
     queue = [module_name]
-    while queue and len(files) < MAX_FILES:
+    while queue:
         name = queue.pop(0)
         for imported in _imports(name, files[name]):
-            if imported in files or len(files) >= MAX_FILES:
+            if imported in files:
                 continue
             path = _source_file(imported)
             if path is not None and not _installed(path):
+                if len(files) == MAX_FILES:
+                    return None
                 files[imported] = path
                 queue.append(imported)
     return files
 
 
 def _source_file(module_name: str) -> Path | None:
-    """The `.py` file a module is loaded from, or None (a builtin, an extension, not found)."""
+    """The file a module is loaded from, its `.py` or, without one, its `.pyc`; None for a
+    builtin, an extension, one in a zip archive, or one not found."""
     module = sys.modules.get(module_name)
     path = getattr(module, "__file__", None) if module is not None else None
     if path is None:
@@ -102,7 +105,9 @@ def _source_file(module_name: str) -> Path | None:
         except Exception:  # a parent package that fails to import, a malformed name
             return None
         path = spec.origin if spec is not None and spec.has_location else None
-    return Path(path) if path is not None and str(path).endswith(".py") else None
+    if path is None or not str(path).endswith((".py", ".pyc")) or not Path(path).is_file():
+        return None
+    return Path(path)
 
 
 def _imports(module_name: str, path: Path) -> list[str]:

@@ -19,6 +19,14 @@ from typing import Any, Protocol
 
 from search.arch_spec import ArchSpec
 
+# No run of a model the search could time takes an hour: a cached median above it was edited.
+LONGEST_PLAUSIBLE_MS = 3_600_000.0
+
+
+def _is_number(value: object) -> bool:
+    """Whether `value` is an int or float (not a bool, which is an int to Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
 
 @dataclass
 class TimingStats:
@@ -43,13 +51,16 @@ class TimingStats:
         return out
 
     def plausible(self) -> bool:
-        """Whether these could be timings: a median above zero, no spread below zero, nothing
-        infinite or NaN (a cache entry edited or damaged may hold any number)."""
+        """Whether these could be timings: numbers, a median above zero and under an hour, no
+        spread below zero, nothing infinite or NaN, a whole number of runs (a cache entry
+        edited or damaged may hold anything)."""
         spreads = (self.p90_ms, self.iqr_ms, self.cv, self.mean_ms, self.launch_ms or 0.0)
         return (
-            math.isfinite(self.median_ms)
-            and self.median_ms > 0
+            all(_is_number(value) for value in (self.median_ms, *spreads))
+            and 0 < self.median_ms < LONGEST_PLAUSIBLE_MS
             and all(math.isfinite(value) and value >= 0 for value in spreads)
+            and isinstance(self.n, int)
+            and not isinstance(self.n, bool)
             and self.n >= 1
         )
 
@@ -78,7 +89,8 @@ class LatencyMeasurement:
     def plausible(self) -> bool:
         """Whether this could be a timing: a finite ratio above zero of plausible timings."""
         return (
-            math.isfinite(self.ratio)
+            _is_number(self.ratio)
+            and math.isfinite(self.ratio)
             and self.ratio > 0
             and self.candidate.plausible()
             and self.reference.plausible()

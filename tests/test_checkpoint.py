@@ -276,3 +276,42 @@ def test_a_saved_state_that_cannot_be_read_says_why_and_the_search_starts_afresh
     outcome = searched(again)[1]
     assert outcome.state.depth >= 2  # searched from the start, not from depth 2
     assert SearchCheckpoint(tmp_path / "other", {"model": "builtin:vgg"}).unreadable() is None
+
+
+def test_a_model_whose_code_cannot_be_read_gets_no_saved_search(tmp_path, monkeypatch, capsys):
+    """Its code cannot tell an edit (a module imported from a zip archive): a search saved
+    for it could be resumed with other code, so none is saved, and the run says so."""
+    import uuid
+    import zipfile
+
+    from archtree_cli.commands import _saved_search
+    from archtree_cli.main import build_parser, settings_from
+
+    name = f"zipped_{uuid.uuid4().hex[:8]}"
+    archive = tmp_path / "models.zip"
+    with zipfile.ZipFile(archive, "w") as packed:
+        packed.writestr(f"{name}.py", "def net():\n    return None\n")
+    monkeypatch.syspath_prepend(str(archive))
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "--model",
+            f"module:{name}:net",
+            "--data",
+            "builtin:digits",
+            "--budget",
+            "50%",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+
+    assert _saved_search(args, settings_from(args)) is None
+    said = capsys.readouterr().err
+    assert f"the code of module:{name}:net cannot be read to tell an edit of it" in said
+    assert not (tmp_path / "home" / "searches").exists()
+    args.model = "builtin:vgg"  # code read from its file: saved
+    checkpoint = _saved_search(args, settings_from(args))
+    assert checkpoint is not None and checkpoint.folder.is_dir()
+    checkpoint.release()

@@ -265,6 +265,28 @@ def test_a_cached_timing_is_not_used_once_the_models_code_has_changed(tmp_path):
     assert [cached(), cached()] == [False, True]
 
 
+def test_timings_of_code_the_cache_cannot_tell_apart_are_never_taken_from_it(tmp_path):
+    """A module imported from a zip archive (its file cannot be read to tell an edit), and a
+    TorchScript module (loaded from a file of its own, perhaps): each timing is taken anew."""
+    import zipfile
+
+    home = tmp_path / "home"
+    archive = tmp_path / "models.zip"
+    with zipfile.ZipFile(archive, "w") as packed:
+        packed.writestr("zipped_net.py", "from torch import nn\n\ndef net():\n"
+                        "    return nn.Linear(12, 3)\n")  # fmt: skip
+
+    def cached(model: str, shape: str, extra_path: Path | None = None) -> bool:
+        result = archtree("measure", "--model", model, "--input-shape", shape, home=home,
+                          extra_path=extra_path)  # fmt: skip
+        return "cached     yes" in result.stdout
+
+    assert [cached("module:zipped_net:net", "12", archive) for _ in range(2)] == [False, False]
+    scripted = "module:tests.odd_models:scripted_vgg"
+    assert [cached(scripted, "1,8,8") for _ in range(2)] == [False, False]
+    assert [cached("builtin:vgg", "1,8,8") for _ in range(2)] == [False, True]  # as before
+
+
 def test_measure_refuses_a_file_of_a_result_folder_and_says_to_give_the_folder(tmp_path, home):
     result = pruned_vgg_result(tmp_path / "pruned")
     for name in ("arch.json", "model.safetensors"):

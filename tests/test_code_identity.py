@@ -159,3 +159,45 @@ def test_threads_asking_at_once_get_one_identity(package):
     for thread in threads:
         thread.join()
     assert failures == [] and answers == [expected] * 160
+
+
+def test_code_that_cannot_be_read_whole_has_no_identity(tmp_path, monkeypatch):
+    """A module imported from a zip archive cannot be read as a file, and code spanning more
+    of the user's files than are read could change in one not read: no identity (timed afresh,
+    never taken from the latency cache), rather than one that misses an edit."""
+    import zipfile
+
+    from search import code_identity as identity_module
+
+    stem = f"usermod_{uuid.uuid4().hex[:8]}"
+    archive = tmp_path / "models.zip"
+    with zipfile.ZipFile(archive, "w") as packed:
+        packed.writestr(f"{stem}_zipped.py", "net = None\n")
+    monkeypatch.syspath_prepend(str(archive))
+    assert _read_anew(f"module:{stem}_zipped:net") is None
+
+    for index in range(4):
+        (tmp_path / f"{stem}_part{index}.py").write_text(f"P = {index}\n")
+    (tmp_path / f"{stem}_main.py").write_text(
+        "".join(f"import {stem}_part{index}\n" for index in range(4)) + "net = None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _read_anew(f"module:{stem}_main:net") is not None  # five files
+    monkeypatch.setattr(identity_module, "MAX_FILES", 4)
+    assert _read_anew(f"module:{stem}_main:net") is None
+
+
+def test_a_module_shipped_as_bytecode_alone_is_told_by_its_pyc(tmp_path, monkeypatch):
+    import py_compile
+
+    stem = f"usermod_{uuid.uuid4().hex[:8]}"
+    source = tmp_path / f"{stem}.py"
+    compiled = tmp_path / f"{stem}.pyc"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    identities = []
+    for body in ("net = None\n", "net = 1\n"):
+        source.write_text(body)
+        py_compile.compile(str(source), cfile=str(compiled))
+        source.unlink()
+        identities.append(_read_anew(f"module:{stem}:net"))
+    assert None not in identities and identities[0] != identities[1]

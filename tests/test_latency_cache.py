@@ -111,3 +111,33 @@ def test_fingerprint_key_changes_with_what_affects_timing() -> None:
         fingerprint_key(device_fingerprint("cpu", 1, 1, "float32", (3, 32, 32), "pi-5")),
     }
     assert len(keys) == 6
+
+
+def test_a_result_that_cannot_be_written_is_said_once_and_the_timings_go_on(tmp_path: Path):
+    said: list[str] = []
+    cache = DiskLatencyCache(tmp_path / "cache", on_write_failure=said.append)
+    cache.put("a", {"x": 1})
+    (cache._path("b")).mkdir()  # a folder where b's file goes
+    cache.put("b", {"x": 2})
+    cache.put("b", {"x": 3})
+    assert cache.get("a") == {"x": 1} and cache.get("b") is None
+    assert len(said) == 1 and said[0].startswith(
+        f"cannot write to the latency cache {tmp_path / 'cache'} ("
+    )
+    assert said[0].endswith("timings go on, but are not kept for later runs; check the folder, "
+                            "or give another --cache-dir")  # fmt: skip
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+def test_a_cache_folder_deleted_during_a_run_is_made_again(tmp_path: Path):
+    import shutil
+
+    said: list[str] = []
+    cache = DiskLatencyCache(tmp_path / "cache", on_write_failure=said.append)
+    shutil.rmtree(tmp_path / "cache")
+    cache.put("a", {"x": 1})
+    assert cache.get("a") == {"x": 1} and said == []
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").write_text("")  # a file where the folder was: it cannot be made
+    cache.put("b", {"x": 2})
+    assert cache.get("b") is None and len(said) == 1

@@ -127,13 +127,15 @@ def test_a_cache_entry_of_another_shape_is_measured_again(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("field", "value"),
     [("ratio", float("nan")), ("ratio", -0.5), ("median_ms", float("inf")), ("median_ms", 0.0),
-     ("cv", -1.0)],
+     ("cv", -1.0), ("median_ms", "0.27"), ("median_ms", None), ("median_ms", True),
+     ("median_ms", 1e308), ("n", "887"), ("n", 1.5)],
 )  # fmt: skip
 def test_a_cache_entry_of_numbers_no_timing_gives_is_measured_again(
-    tmp_path: Path, field: str, value: float
+    tmp_path: Path, field: str, value: object
 ) -> None:
     """A NaN taken from the cache made a search say `smallest reachable nan ms`, and saved
-    it with the search, which then failed at every resume."""
+    it with the search, which then failed at every resume; a string where a number goes
+    ended the command in an internal error."""
     import json
 
     first = make_oracle(cache=DiskLatencyCache(tmp_path))
