@@ -401,6 +401,10 @@ def _train_device(name: str) -> torch.device:
         raise ArchtreeError(f"--train-device {error}") from None
 
 
+class _NotSaved(Exception):
+    """Why a search cannot be saved, where its folder is there but cannot be cleared."""
+
+
 def _saved_search(args: argparse.Namespace, settings):
     """The checkpoint of this search under ARCHTREE_HOME, acquired, or None (said on stderr)
     when it cannot be written or another run of the same command holds it."""
@@ -427,6 +431,7 @@ def _saved_search(args: argparse.Namespace, settings):
         "device": args.device,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "train_device": args.train_device,  # where its depths were fine-tuned
     }
     checkpoint = SearchCheckpoint(archtree_home() / "searches", about)
     if about["code"] is None and args.model.startswith("module:"):
@@ -442,16 +447,33 @@ def _saved_search(args: argparse.Namespace, settings):
     try:
         if checkpoint.acquire():
             unreadable = None if args.restart else checkpoint.unreadable()
+            discarded = args.restart and (checkpoint.folder / "state.json").exists()
             if args.restart or unreadable:
-                checkpoint.clear()
+                try:
+                    checkpoint.clear()
+                except OSError as error:
+                    checkpoint.release()
+                    why = (
+                        f"the state an earlier run saved there cannot be removed: "
+                        f"{error.strerror or error}; make the folder writable, or delete it"
+                    )
+                    raise _NotSaved(why) from None
             if unreadable:
                 print(
                     f"archtree: note: the search an earlier run of this command saved in "
                     f"{checkpoint.folder} cannot be read ({unreadable}): it starts afresh",
                     file=sys.stderr,
                 )
+            if discarded:
+                print(
+                    f"archtree: note: --restart: the search an earlier run of this command "
+                    f"saved in {checkpoint.folder} is discarded; it starts afresh",
+                    file=sys.stderr,
+                )
             return checkpoint
         why = "another run of this same command is saving its search there"
+    except _NotSaved as error:
+        why = str(error)
     except OSError as error:
         why = f"{error.strerror or error}; {HOME_FIX}"
     print(

@@ -653,7 +653,10 @@ def interrupted_note(args: argparse.Namespace) -> str | None:
             "latency cache, so running the same command again does not measure them again"
         )
         checkpoint = getattr(args, "saved_search", None)
-        saved = checkpoint.saved() if checkpoint is not None else None
+        # One that could no longer be written (a full disk, a read-only folder) is not saved,
+        # whatever an earlier run left in its folder.
+        usable = checkpoint is not None and not checkpoint.disabled
+        saved = checkpoint.saved() if usable else None
         if saved is None:
             return kept
         state, _ = saved

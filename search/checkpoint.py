@@ -68,6 +68,18 @@ class SavedNodeStore(MemoryNodeStore):
                 temporary.unlink()
 
     def get(self, node_id: str) -> dict[str, Any]:
+        problem = self.unreadable(node_id)
+        if problem is not None:
+            raise ArchtreeError(
+                f"the saved search in {self.folder.parent} cannot give back the weights of "
+                f"its node {node_id} ({problem}), and is removed: the same command again "
+                "starts the search afresh"
+            )
+        return self.weights[node_id]
+
+    def unreadable(self, node_id: str) -> str | None:
+        """Why the node's weights cannot be had (read from the folder, where they are not
+        in memory yet: then kept there); None once they are in memory."""
         if node_id not in self.weights:
             try:
                 self.weights[node_id] = torch.load(
@@ -75,12 +87,8 @@ class SavedNodeStore(MemoryNodeStore):
                 )
             # An empty file (a crash before it reached the disk) raises EOFError.
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-                raise ArchtreeError(
-                    f"the saved search in {self.folder.parent} cannot give back the weights of "
-                    f"its node {node_id} ({_reason(error, 'the file is damaged')}), and is "
-                    "removed: the same command again starts the search afresh"
-                ) from None
-        return self.weights[node_id]
+                return _reason(error, "the file is damaged")
+        return None
 
     def keep_only(self, node_ids: set[str]) -> None:
         super().keep_only(node_ids)
@@ -144,14 +152,25 @@ class SearchCheckpoint:
             return None
 
     def unreadable(self) -> str | None:
-        """Why the state an earlier run saved cannot be read; None when it reads, or when
-        nothing was saved."""
+        """Why the search an earlier run saved cannot be taken up: its state cannot be read,
+        or the weights of a node it goes on from (search.engine.live_nodes) are missing or
+        damaged, as after a crash while they were written. None when it reads, or when
+        nothing was saved. The weights read are kept in the store, for the search to use."""
+        from search.engine import live_nodes
+
         if not (self.folder / "state.json").exists():
             return None
         try:
             self._checked = self._read()  # kept for `saved`: a large tree is read once
         except UNREADABLE as error:
             return _reason(error, "the file is damaged")
+        if self._checked is None:
+            return None
+        for node_id in sorted(live_nodes(self._checked[0])):
+            problem = self.nodes.unreadable(node_id)
+            if problem is not None:
+                self._checked = _NOT_READ
+                return f"the weights of its node {node_id}: {problem}"
         return None
 
     def _read(self) -> tuple[SearchState, float] | None:
@@ -189,11 +208,12 @@ class SearchCheckpoint:
         )
 
     def clear(self) -> None:
-        """Forget what was saved (to start afresh), keeping the folder and its lock."""
+        """Forget what was saved (to start afresh), keeping the folder and its lock; OSError
+        when its state cannot be removed (a folder made read-only), which would be taken up
+        again."""
         self._checked = _NOT_READ
         for path in (self.folder / "state.json", self.folder / "about.json"):
-            with contextlib.suppress(OSError):
-                path.unlink()
+            path.unlink(missing_ok=True)
         self.nodes.keep_only(set())
 
     def remove(self) -> None:

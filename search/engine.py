@@ -1001,8 +1001,10 @@ def run_search(
         tasks = plan(context, state)
         results = executor.map(partial(evaluate_child, context), tasks)
         state = advance(context, state, results)
-        context.store.keep_only(live_nodes(state))
+        # Saved before the weights it no longer uses go: a crash between the two leaves the
+        # state before, whose nodes' weights are all there still.
         _save(context, checkpoint, state, time.monotonic() - started)
+        context.store.keep_only(live_nodes(state))
     if checkpoint is not None:
         # What follows is not saved: it runs again in full on resuming, from the weights the
         # tree search left (the re-ranking's tuning would otherwise be applied twice).

@@ -247,21 +247,62 @@ def test_a_search_drops_the_weights_it_can_no_longer_use_and_ends_the_same():
     assert tree(run_search(every, BUDGET)) == tree(whole)
 
 
-@pytest.mark.parametrize("damage", [b"not weights", b""])  # b"": a crash before the write
-def test_a_saved_search_missing_weights_says_the_same_command_starts_afresh(tmp_path, damage):
+@pytest.mark.parametrize("damage", [b"not weights", b"", None])  # b"": a crash before the write
+def test_a_saved_search_missing_weights_is_said_and_started_afresh(tmp_path, damage):
     from search.errors import ArchtreeError
 
     first = interrupted(tmp_path, StopsAtDepth(2))
     state, _ = first.saved()
-    (first.nodes.folder / f"{state.frontier[0]}.pt").write_bytes(damage)
+    node = state.frontier[0]
+    weights = first.nodes.folder / f"{node}.pt"
+    if damage is None:
+        weights.unlink()
+    else:
+        weights.write_bytes(damage)
+    # Checked before the search is taken up: said, and the search starts afresh.
     again = SearchCheckpoint(tmp_path, {"model": "builtin:vgg"})
     assert again.acquire()
+    said = again.unreadable()
+    reason = "No such file or directory" if damage is None else "the file is damaged"
+    assert said == f"the weights of its node {node}: {reason}"
+    again.clear()
+    assert again.saved() is None
+    again.release()
+    # Found missing during a search (a file deleted meanwhile): the error says the same
+    # command starts afresh, as prune removes a search that ended in an error.
+    first = interrupted(tmp_path / "mid", StopsAtDepth(2))
+    (first.nodes.folder / f"{node}.pt").unlink()
+    during = SearchCheckpoint(tmp_path / "mid", {"model": "builtin:vgg"})
+    assert during.acquire()
     with pytest.raises(ArchtreeError) as failed:
-        searched(again)
-    assert f"cannot give back the weights of its node {state.frontier[0]} (" in str(failed.value)
+        searched(during)
+    assert f"cannot give back the weights of its node {node} (" in str(failed.value)
     assert str(failed.value).endswith(
         "and is removed: the same command again starts the search afresh"
-    )  # as prune removes a search that ended in an error
+    )
+
+
+class ChecksEverySave(SearchCheckpoint):
+    """Records, at each save, the nodes of the state saved before whose weights are gone:
+    what a crash at that moment would leave the next run without."""
+
+    missing: list[set[str]]
+
+    def save(self, state, elapsed_s):
+        before = self.saved()
+        if before is not None:
+            files = {path.stem for path in self.nodes.folder.glob("*.pt")}
+            self.missing.append(live_nodes(before[0]) - files)
+        return super().save(state, elapsed_s)
+
+
+def test_a_crash_at_any_save_leaves_the_weights_of_the_state_saved_before(tmp_path):
+    checkpoint = ChecksEverySave(tmp_path, {"model": "builtin:vgg"})
+    checkpoint.missing = []
+    assert checkpoint.acquire()
+    _, outcome = searched(checkpoint)
+    assert outcome.state.depth >= 3 and len(checkpoint.missing) >= 3
+    assert checkpoint.missing == [set()] * len(checkpoint.missing)
 
 
 def test_a_saved_state_that_cannot_be_read_says_why_and_the_search_starts_afresh(tmp_path):
@@ -315,3 +356,69 @@ def test_a_model_whose_code_cannot_be_read_gets_no_saved_search(tmp_path, monkey
     checkpoint = _saved_search(args, settings_from(args))
     assert checkpoint is not None and checkpoint.folder.is_dir()
     checkpoint.release()
+
+
+def test_a_saved_state_that_cannot_be_removed_leaves_the_search_unsaved(
+    tmp_path, monkeypatch, capsys
+):
+    """--restart, or a saved search that cannot be taken up, clears the state; where it
+    cannot be removed (a folder made read-only), the run goes on unsaved and says what to do,
+    rather than take up that state again or fail."""
+    from archtree_cli.commands import _saved_search
+    from archtree_cli.main import build_parser, settings_from
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
+    command = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "50%",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    args = build_parser().parse_args(command)
+    checkpoint = _saved_search(args, settings_from(args))
+    (checkpoint.folder / "state.json").write_text("{}")
+    checkpoint.release()
+    restarted = build_parser().parse_args([*command, "--restart"])
+    again = _saved_search(restarted, settings_from(restarted))
+    assert "--restart: the search an earlier run of this command saved in" in (
+        capsys.readouterr().err
+    )
+    assert again is not None and not (again.folder / "state.json").exists()
+    again.release()
+
+    (again.folder / "state.json").mkdir()  # what cannot be removed, as in a read-only folder
+    (again.folder / "state.json" / "x").write_text("")
+    assert _saved_search(restarted, settings_from(restarted)) is None
+    said = capsys.readouterr().err
+    assert (
+        f"this search is not saved in {again.folder} (the state an earlier run saved there " in said
+    )
+    assert "cannot be removed: " in said and "make the folder writable, or delete it" in said
+    assert "so it cannot go on from where it stopped if interrupted" in said
+
+
+def test_the_training_device_is_part_of_what_a_saved_search_is_for(tmp_path, monkeypatch):
+    """Fine-tuned on another device, its depths would score otherwise: not taken up."""
+    from archtree_cli.commands import _saved_search
+    from archtree_cli.main import build_parser, settings_from
+
+    monkeypatch.setenv("ARCHTREE_HOME", str(tmp_path / "home"))
+    command = ["prune", "--model", "builtin:vgg", "--data", "builtin:digits", "--budget", "50%",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    folders = []
+    for device in ("cpu", "auto"):
+        args = build_parser().parse_args([*command, "--train-device", device])
+        checkpoint = _saved_search(args, settings_from(args))
+        folders.append(checkpoint.folder)
+        checkpoint.release()
+    assert folders[0] != folders[1]
+
+
+def test_an_interruption_does_not_offer_a_search_that_could_no_longer_be_saved(tmp_path):
+    """A search whose saving failed (a full disk, a read-only folder) goes on unsaved: what an
+    earlier run left in its folder is not what Ctrl-C then says the same command goes on from."""
+    import argparse
+
+    from archtree_cli.main import interrupted_note
+
+    checkpoint = interrupted(tmp_path, StopsAtDepth(3))
+    args = argparse.Namespace(command="prune", out="out", saved_search=checkpoint, restart=False)
+    assert "the search is saved after depth 2" in interrupted_note(args)
+    checkpoint.disabled = True
+    assert "the search is saved" not in interrupted_note(args)
