@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,9 +227,23 @@ def api_client(args: argparse.Namespace):
 
 def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default %(default)s)"
+        "--host",
+        type=listen_host,
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s; 0.0.0.0 for every interface)",
     )
     parser.add_argument("--port", type=tcp_port, default=8000, help="port (default %(default)s)")
+
+
+def listen_host(text: str) -> str:
+    """argparse type of --host: an address, never empty (which would listen everywhere)."""
+    host = text.strip()
+    if not host:
+        raise argparse.ArgumentTypeError(
+            "is empty: give an address, 127.0.0.1 for this machine alone or 0.0.0.0 for every "
+            "interface"
+        )
+    return host
 
 
 def tcp_port(text: str) -> int:
@@ -257,10 +272,14 @@ def run_api(args: argparse.Namespace) -> int:
 
     settings = load_service_settings()
     check_redis_usable(settings.resolved_redis_url(), "the API")
+    from archtree_cli.settings import MAX_API_WORKERS
+
     workers = args.workers if args.workers is not None else settings.api_workers
-    if workers < 1:
+    if not 1 <= workers <= MAX_API_WORKERS:
+        said = "--workers" if args.workers is not None else "ARCHTREE_API_WORKERS"
         raise ArchtreeError(
-            f"--workers must be at least 1, not {workers} (its default is ARCHTREE_API_WORKERS)"
+            f"{said} must be from 1 to {MAX_API_WORKERS}, not {workers}: each API process is a "
+            "whole copy of the API, about 300 MB; about one per free core serves best"
         )
     # Built here even for several workers: a configuration mistake is then one line, not a
     # traceback from every worker process.
@@ -316,9 +335,33 @@ def run_worker(args: argparse.Namespace) -> int:
     _check_worker_folders(settings)
     from workers.celery_app import worker_main
 
-    queues = args.queues.split(",") if args.queues else None
+    queues = None
+    if args.queues is not None:
+        queues = [queue.strip() for queue in args.queues.split(",") if queue.strip()]
+        if not queues:
+            raise ArchtreeError(
+                f"--queues names no queue: give {settings.search_queue}, "
+                f"{settings.evaluate_queue} or both (comma-separated), or leave it out for both"
+            )
+    if args.name is not None:
+        check_worker_name(args.name)
     worker_main(queues, args.concurrency, hostname=args.name)
     return 0
+
+
+# What Celery expands in a worker name: %h (host), %n (its name), %d (domain), %i and %I (pool
+# process index), %% (a percent sign).
+_WORKER_NAME = re.compile(r"(?:[A-Za-z0-9._@-]|%[hndiI%])+")
+
+
+def check_worker_name(name: str) -> None:
+    """ArchtreeError unless `name` is a worker name Celery takes (it fails on an unknown %x
+    with a traceback)."""
+    if not _WORKER_NAME.fullmatch(name):
+        raise ArchtreeError(
+            f"--name {name!r} is not a worker name: give letters, digits, '.', '_', '-' and "
+            "'@', with %h for the host name, %n, %d, %i or %I, like w1@%h"
+        )
 
 
 def check_redis_usable(redis_url: str, who: str, waits: bool = True) -> None:
@@ -1057,6 +1100,7 @@ def _run_stack(args: argparse.Namespace, home: Path, log_dir: Path) -> int:
     api_url = local_api_url(args.host, args.port)
     try:
         settings = load_service_settings()
+        _check_worker_folders(settings)  # before anything starts, as `archtree worker` does
         redis_url = settings.resolved_redis_url()
         if redis_url:
             check_redis_usable(redis_url, "archtree up", waits=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +18,15 @@ from latency.measurement_protocol import PACKAGE_NAME
 from latency.redis_connection import check_redis_url, redacted
 from search.device_names import TRAIN_DEVICE_FORMS, train_device_name
 from search.errors import ArchtreeError
+
+# Bounds on what the settings take: past them a value is a typo (an exponent, extra zeros),
+# and some would hang or exhaust the machine (thousands of API processes, each ~300 MB).
+MAX_API_WORKERS = 64
+MAX_UPLOAD_BYTES = 1024**4  # 1 TiB
+MAX_WAIT_S = 30 * 86400.0  # a month
+MAX_HEARTBEAT_TTL_S = 86400.0  # a day: longer, an agent gone is shown online for that long
+MIN_TASK_LEASE_S = 1.0  # renewed three times a lease: shorter, running tasks read as lost
+QUEUE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class ServiceSettings(BaseSettings):
@@ -37,26 +47,35 @@ class ServiceSettings(BaseSettings):
         description="Folder or fsspec URL (s3://...) for uploads, candidate weights and results.",
     )
     max_weights_bytes: int = Field(
-        default=200 * 1024 * 1024, gt=0, description="Largest weights upload accepted (413 beyond)."
+        default=200 * 1024 * 1024,
+        gt=0,
+        le=MAX_UPLOAD_BYTES,
+        description="Largest weights upload accepted (413 beyond).",
     )
     max_data_bytes: int = Field(
-        default=500 * 1024 * 1024, gt=0, description="Largest data upload accepted (413 beyond)."
+        default=500 * 1024 * 1024,
+        gt=0,
+        le=MAX_UPLOAD_BYTES,
+        description="Largest data upload accepted (413 beyond).",
     )
     device_wait_s: float = Field(
         default=600.0,
         gt=0,
+        le=MAX_WAIT_S,
         allow_inf_nan=False,
         description="How long a job waits for a live agent of its device class before failing.",
     )
     measurement_timeout_s: float = Field(
         default=120.0,
         gt=0,
+        le=MAX_WAIT_S,
         allow_inf_nan=False,
         description="How long a worker waits for one measurement's reply.",
     )
     heartbeat_ttl_s: float = Field(
         default=15.0,
         gt=0,
+        le=MAX_HEARTBEAT_TTL_S,
         allow_inf_nan=False,
         description="An agent without a heartbeat for this long is offline. Agents beat every "
         f"{AGENT_HEARTBEAT_S:g} s; at least {MIN_HEARTBEAT_TTL_S:g} s.",
@@ -64,6 +83,7 @@ class ServiceSettings(BaseSettings):
     visibility_timeout_s: float = Field(
         default=300.0,
         gt=0,
+        le=MAX_WAIT_S,
         allow_inf_nan=False,
         description="Seconds after which a task not acknowledged (its worker died) is handed to "
         "another worker (Redis visibility timeout). Keep it above the longest task: a task "
@@ -71,7 +91,7 @@ class ServiceSettings(BaseSettings):
     )
     task_lease_s: float = Field(
         default=15.0,
-        gt=0,
+        ge=MIN_TASK_LEASE_S,
         allow_inf_nan=False,
         description="A worker renews a lease on each task it runs; a task whose lease is this "
         "old is shown as lost (its worker died) until it is handed to another worker.",
@@ -79,6 +99,7 @@ class ServiceSettings(BaseSettings):
     api_workers: int = Field(
         default=1,
         ge=1,
+        le=MAX_API_WORKERS,
         description="API processes `archtree api` starts (its --workers default). Each is a "
         "whole copy of the API, about 300 MB as it imports torch: use about one per free core.",
     )
@@ -112,10 +133,20 @@ class ServiceSettings(BaseSettings):
         description="Local scratch space of workers (copies of remote artifacts).",
     )
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "agent_redis_url")
     @classmethod
     def _redis_url_form(cls, value: str) -> str:
         check_redis_url(value)
+        return value
+
+    @field_validator("artifacts_url", "work_dir", mode="before")
+    @classmethod
+    def _not_blank(cls, value: Any) -> Any:
+        """Empty, fsspec and Path read it as the folder each process starts in."""
+        if isinstance(value, str) and value != value.strip():
+            raise ValueError("give it without spaces around it")
+        if isinstance(value, str) and not value:
+            raise ValueError("give a folder (or URL), or leave the variable unset for the default")
         return value
 
     @field_validator("task_lease_s")
@@ -149,6 +180,11 @@ class ServiceSettings(BaseSettings):
     def _queue_name(cls, name: str) -> str:
         if not name.strip():
             raise ValueError("give a queue name, or leave the variable unset for the default")
+        if not QUEUE_NAME.fullmatch(name.strip()):
+            raise ValueError(
+                "a queue name is letters, digits, '.', '_' and '-' (a worker's --queues "
+                "splits its list at commas)"
+            )
         return name.strip()
 
     @field_validator("train_device")
@@ -174,9 +210,11 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(
                     'give package names separated by commas (a,b) or as a JSON list (["a", "b"])'
                 ) from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError('give a JSON list of package names, each a string (["a", "b"])')
         else:
             names = [name.strip() for name in text.split(",") if name.strip()]
-        for name in names if isinstance(names, list) else []:
+        for name in names:
             if isinstance(name, str) and not PACKAGE_NAME.fullmatch(name):
                 raise ValueError(f"{name[:80]!r} is not a Python package name (like mynets.models)")
         return names

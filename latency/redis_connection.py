@@ -73,8 +73,10 @@ def check_redis_url(url: str) -> None:
     TypeError) with values it can read. The message shows the URL without its password."""
     if not url:
         return
-    parts = urlsplit(url)
     shown = redacted(url)
+    if url != url.strip():  # urlsplit drops leading spaces, which redis-py refuses
+        raise ValueError(f"{shown!r} has spaces around it: give the URL alone")
+    parts = urlsplit(url)
     try:
         _ = parts.port
     except ValueError as error:

@@ -150,10 +150,8 @@ def test_archtree_api_refuses_zero_workers_in_one_line(redis_url: str, tmp_path:
         timeout=60,
     )
     assert finished.returncode == 2
-    assert finished.stderr == (
-        "archtree: error: --workers must be at least 1, not 0 "
-        "(its default is ARCHTREE_API_WORKERS)\n"
-    )
+    assert finished.stderr.startswith("archtree: error: --workers must be from 1 to 64, not 0: ")
+    assert len(finished.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -169,6 +167,17 @@ def test_archtree_api_refuses_zero_workers_in_one_line(redis_url: str, tmp_path:
         ("worker", "ARCHTREE_REDIS_URL", "redis://127.0.0.1:6379/abc", "names database 'abc'"),
         ("worker", "ARCHTREE_SEARCH_QUEUE", " ", "give a queue name, or leave the variable"),
         ("api", "ARCHTREE_ALLOWED_MODULES", "good,bad-name", "'bad-name' is not a Python package"),
+        ("api", "ARCHTREE_ALLOWED_MODULES", '["a", 1]', "a JSON list of package names, each a"),
+        ("worker", "ARCHTREE_REDIS_URL", " redis://127.0.0.1:6379/0", "has spaces around it"),
+        ("api", "ARCHTREE_AGENT_REDIS_URL", "http://not-redis", "is not a Redis URL"),
+        # Read as the folder each process starts in: jobs' files scattered, or apart.
+        ("worker", "ARCHTREE_ARTIFACTS_URL", "", "give a folder (or URL), or leave the variable"),
+        ("worker", "ARCHTREE_WORK_DIR", " ", "give it without spaces around it"),
+        ("worker", "ARCHTREE_SEARCH_QUEUE", "a,b", "a queue name is letters, digits"),
+        # Thousands of API processes, each ~300 MB, exhaust the machine.
+        ("api", "ARCHTREE_API_WORKERS", "5000", "should be less than or equal to 64"),
+        ("worker", "ARCHTREE_DEVICE_WAIT_S", "1e300", "should be less than or equal to"),
+        ("worker", "ARCHTREE_TASK_LEASE_S", "0.001", "should be greater than or equal to 1"),
     ],
 )
 def test_a_bad_setting_in_the_environment_is_one_line_naming_it(
@@ -255,6 +264,9 @@ def test_a_visibility_timeout_not_above_the_task_lease_is_refused(redis_url: str
     [
         (["api"], {"ARCHTREE_ARTIFACTS_URL": "/proc/archtree"}, "cannot use '/proc/archtree' as"),
         (["worker", "--queues", "evalute"], {}, "--queues: no queue 'evalute'"),
+        (["worker", "--queues", " , "], {}, "--queues names no queue: give search, evaluate"),
+        (["worker", "--name", "a b@@%q"], {}, "--name 'a b@@%q' is not a worker name"),
+        (["api", "--workers", "5000"], {}, "--workers must be from 1 to 64, not 5000: "),
         # A worker that could take tasks but fail every one leaves their jobs stuck: refused.
         (["worker"], {"ARCHTREE_ARTIFACTS_URL": "/proc/archtree"}, "cannot use '/proc/archtree'"),
         (

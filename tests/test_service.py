@@ -632,6 +632,14 @@ def test_archtree_up_refuses_what_it_cannot_run_before_starting_anything(
         f"not speak TLS: it answered in plain Redis; give {plain.replace('hunter2', '***')} "
         "instead, or turn TLS on in that Redis"
     )
+    # A worker that could not write its files would fail every task: refused before the API.
+    scratch = {**env, "ARCHTREE_WORK_DIR": "/proc/version/work"}
+    refused = archtree("up", "--port", str(free_port()), env=scratch)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith("archtree: error: cannot write to ARCHTREE_WORK_DIR")
+    assert len(refused.stderr.splitlines()) == 1
+    empty = archtree("up", "--host", "", "--port", str(free_port()), env=env)
+    assert empty.returncode == 2 and "--host: is empty: give an address" in empty.stderr
     assert not (tmp_path / "home" / "up" / "logs" / "api.log").exists()
 
 
