@@ -391,6 +391,21 @@ def _vgg_result_parts(seed: int):
     return spec_of(model, ref, (1, 8, 8)), model
 
 
+def _loaded_after_editing_its_arch_json(tmp_path, edit) -> tuple[Path, Path, str]:
+    """A VGG result whose arch.json `edit` changed: its folder, its arch.json, and the message
+    of the ArchtreeError load_pruned raises on it."""
+    from search.artifacts import load_pruned, save_artifacts
+    from search.errors import ArchtreeError
+
+    spec, model = _vgg_result_parts(seed=0)
+    folder = save_artifacts(tmp_path / "result", spec, model, {})
+    arch = folder / "arch.json"
+    arch.write_text(json.dumps(edit(json.loads(arch.read_text()))))
+    with pytest.raises(ArchtreeError) as error:
+        load_pruned(folder)
+    return folder, arch, str(error.value)
+
+
 def test_a_result_that_cannot_be_written_whole_leaves_the_earlier_one_as_it_was(tmp_path):
     """A full disk while the result is saved: the folder keeps the result it held, with no
     file of the new one and no leftovers."""
@@ -554,18 +569,9 @@ def test_a_result_whose_weights_do_not_fit_or_are_cut_short_is_one_line(tmp_path
     ],
 )
 def test_an_arch_json_of_the_wrong_structure_is_one_line_naming_it(tmp_path, home, edit, said):
-    from search.artifacts import load_pruned, save_artifacts
-    from search.errors import ArchtreeError
-
-    spec, model = _vgg_result_parts(seed=0)
-    folder = save_artifacts(tmp_path / "result", spec, model, {})
-    arch = folder / "arch.json"
-    arch.write_text(json.dumps(edit(json.loads(arch.read_text()))))
-
-    with pytest.raises(ArchtreeError) as error:
-        load_pruned(folder)
-    assert str(error.value).startswith(f"{arch} is not a valid architecture spec ({said}")
-    assert str(error.value).endswith("or `archtree fetch` for a service job.")
+    folder, arch, message = _loaded_after_editing_its_arch_json(tmp_path, edit)
+    assert message.startswith(f"{arch} is not a valid architecture spec ({said}")
+    assert message.endswith("or `archtree fetch` for a service job.")
     measured = archtree("measure", "--model", str(folder), home=home, check=False)
     assert one_line_error(measured).startswith(f"archtree: error: {arch} is not a valid")
 
@@ -581,17 +587,7 @@ def test_an_arch_json_of_the_wrong_structure_is_one_line_naming_it(tmp_path, hom
 def test_an_arch_json_whose_model_cannot_be_built_and_run_is_one_line_naming_it(
     tmp_path, home, edit
 ):
-    from search.artifacts import load_pruned, save_artifacts
-    from search.errors import ArchtreeError
-
-    spec, model = _vgg_result_parts(seed=0)
-    folder = save_artifacts(tmp_path / "result", spec, model, {})
-    arch = folder / "arch.json"
-    arch.write_text(json.dumps(edit(json.loads(arch.read_text()))))
-
-    with pytest.raises(ArchtreeError) as error:
-        load_pruned(folder)
-    message = str(error.value)
+    _, arch, message = _loaded_after_editing_its_arch_json(tmp_path, edit)
     assert message.startswith(f"the model {arch} describes cannot be built and run (")
     assert "\n" not in message and message.endswith("run archtree prune (or fetch) again")
 
