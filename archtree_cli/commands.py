@@ -431,7 +431,8 @@ def _saved_search(args: argparse.Namespace, settings):
         "device": args.device,
         "batch_size": args.batch_size,
         "threads": args.threads,
-        "train_device": args.train_device,  # where its depths were fine-tuned
+        # Where its depths were fine-tuned (`demo` fine-tunes where torch picks).
+        "train_device": getattr(args, "train_device", None),
     }
     checkpoint = SearchCheckpoint(archtree_home() / "searches", about)
     if about["code"] is None and args.model.startswith("module:"):

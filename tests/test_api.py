@@ -767,14 +767,17 @@ def test_cancels_asked_at_once_are_recorded_once(api_server: ApiProcess, job_sto
             "succeeded",
             "fetch its results with GET /v1/jobs/{id}/artifacts/{{name}} (arch.json, "
             "model.safetensors, report.json), or delete it with DELETE /v1/jobs/{id}",
-            "fetch its results with `archtree fetch {id} --api {api} --out DIR`, or delete it "
-            "with `archtree delete {id} --api {api}`",
+            "`archtree fetch {id} --api {api} --out DIR` downloads its result, `archtree "
+            "delete {id} --api {api}` deletes it",
         ),
         (
             "cancelled",
             "delete it with DELETE /v1/jobs/{id}, or submit its spec again with POST /v1/jobs",
-            "delete it with `archtree delete {id} --api {api}`, or submit it again with "
-            "`archtree submit --api {api}`",
+            # The command that runs it again, with its own options.
+            "`archtree delete {id} --api {api}` deletes it; this submits it again: archtree "
+            "submit --api {api} --model builtin:vgg --data builtin:digits --budget 60% "
+            "--device-class api-cpu --width 2 --branching 2 --ft-steps 5 --planned-steps 2 "
+            "--max-probes 3",
         ),
     ],
 )

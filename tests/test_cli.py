@@ -1093,7 +1093,9 @@ def test_an_interrupted_prune_is_saved_and_the_same_command_goes_on_from_its_las
     # with the same command, which would clear the search again.
     _, stderr = stopped_at("depth 2 of at most", ("--restart",))
     assert "resuming" not in stderr and "] baseline" in stderr, stderr
-    assert stderr.splitlines()[0].split("] ", 1)[1].startswith(first), stderr
+    said, progress = stderr.split("\n", 1)
+    assert said.startswith("archtree: note: --restart: the search an earlier run"), stderr
+    assert progress.splitlines()[0].split("] ", 1)[1].startswith(first), stderr
     assert (
         stderr.strip()
         .splitlines()[-1]
