@@ -8,6 +8,7 @@ depthwise convs, residual adds, the next layer's inputs).
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,9 @@ def layer_macs(model: nn.Module, positions: Mapping[str, int]) -> dict[nn.Module
     return macs
 
 
+_FAST_PATH_SWITCH = threading.Lock()
+
+
 def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
     """Multiply-accumulates per sample of one forward pass on `example_input`: of every
     convolution and matrix product torch runs (torch's FlopCounterMode counts them as they
@@ -165,16 +169,19 @@ def total_macs(model: nn.Module, example_input: torch.Tensor) -> float:
     # In inference torch runs `nn.MultiheadAttention`, and a whole `nn.TransformerEncoderLayer`,
     # as fused kernels, which FlopCounterMode has no formula for: counted on the path of their
     # separate products.
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with (
-            torch.no_grad(),
-            FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
-        ):
-            model(example_input)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
+    # The switch is global: counts in threads at once (children evaluated in threads) take
+    # turns, or one would restore the other's False and leave it off for good.
+    with _FAST_PATH_SWITCH:
+        fast_path = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with (
+                torch.no_grad(),
+                FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
+            ):
+                model(example_input)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast_path)
     # A multiply-accumulate is two floating-point operations.
     return counter.get_total_flops() / 2 / max(1, len(example_input))
 
