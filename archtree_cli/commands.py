@@ -401,10 +401,6 @@ def _train_device(name: str) -> torch.device:
         raise ArchtreeError(f"--train-device {error}") from None
 
 
-class _NotSaved(Exception):
-    """Why a search cannot be saved, where its folder is there but cannot be cleared."""
-
-
 def _saved_search(args: argparse.Namespace, settings):
     """The checkpoint of this search under ARCHTREE_HOME, acquired, or None (said on stderr)
     when it cannot be written or another run of the same command holds it."""
@@ -454,11 +450,11 @@ def _saved_search(args: argparse.Namespace, settings):
                     checkpoint.clear()
                 except OSError as error:
                     checkpoint.release()
-                    why = (
+                    return _not_saved(
+                        checkpoint,
                         f"the state an earlier run saved there cannot be removed: "
-                        f"{error.strerror or error}; make the folder writable, or delete it"
+                        f"{error.strerror or error}; make the folder writable, or delete it",
                     )
-                    raise _NotSaved(why) from None
             if unreadable:
                 print(
                     f"archtree: note: the search an earlier run of this command saved in "
@@ -473,16 +469,18 @@ def _saved_search(args: argparse.Namespace, settings):
                 )
             return checkpoint
         why = "another run of this same command is saving its search there"
-    except _NotSaved as error:
-        why = str(error)
     except OSError as error:
         why = f"{error.strerror or error}; {HOME_FIX}"
+    return _not_saved(checkpoint, why)
+
+
+def _not_saved(checkpoint, why: str) -> None:
+    """Say that the search runs without `checkpoint`, and why; None, the checkpoint it has."""
     print(
         f"archtree: note: this search is not saved in {checkpoint.folder} ({why}), so it cannot "
         "go on from where it stopped if interrupted",
         file=sys.stderr,
     )
-    return None
 
 
 def print_summary(report: dict[str, Any], out: str, after_progress: bool = True) -> None:

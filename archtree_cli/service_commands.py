@@ -268,12 +268,10 @@ def run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.main import create_app
-    from archtree_cli.settings import load_service_settings
+    from archtree_cli.settings import MAX_API_WORKERS, load_service_settings
 
     settings = load_service_settings()
     check_redis_usable(settings.resolved_redis_url(), "the API")
-    from archtree_cli.settings import MAX_API_WORKERS
-
     workers = args.workers if args.workers is not None else settings.api_workers
     if not 1 <= workers <= MAX_API_WORKERS:
         said = "--workers" if args.workers is not None else "ARCHTREE_API_WORKERS"
